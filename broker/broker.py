@@ -1,0 +1,348 @@
+"""The node's broker: spreads exec requests from clients over the pool's workers.
+
+    clients (DEALER) --> [front ROUTER]  Broker  [back ROUTER] <-- workers (DEALER)
+
+Dispatch is credit based: a READY worker announces N credits and the broker
+keeps one token per free credit in a round-robin deque, so up to N requests
+wait at each worker and none sits idle during a round trip.  Requests beyond
+the credits wait in a bounded queue (full -> ``busy``).  Every request gets
+exactly one reply: the worker's, ``timeout`` at its deadline, ``killed`` when
+its worker died (learned from the replacement's READY, or from a missed
+heartbeat), or ``bad_request`` for frames that make no sense.
+"""
+from __future__ import annotations
+
+import collections
+import heapq
+import logging
+import os
+import signal
+import time
+
+import zmq
+
+from . import protocol as p
+from srw.config import Config, NodeSettings
+
+log = logging.getLogger("srw.broker")
+
+
+class Job:
+    __slots__ = ("client", "rid", "deadline", "received", "meta", "data", "worker")
+
+    def __init__(self, client, rid, deadline, received, meta, data):
+        self.client, self.rid, self.deadline = client, rid, deadline
+        self.received, self.meta, self.data = received, meta, data
+        self.worker = None
+
+
+class Worker:
+    __slots__ = ("identity", "slot", "pid", "credits", "jobs", "replied", "last_seen",
+                 "draining")
+
+    def __init__(self, identity: bytes, ready: p.Ready, now: float):
+        self.identity, self.slot, self.pid = identity, ready.slot, ready.pid
+        self.credits = ready.credits
+        self.jobs: set[bytes] = set()
+        self.replied = 0
+        self.last_seen = now
+        self.draining = False
+
+    def __repr__(self):
+        return f"worker #{self.slot} (pid {self.pid})"
+
+
+class Broker:
+    """One node's broker; ``run()`` until SIGTERM/SIGINT, then drain and return."""
+
+    def __init__(self, config: Config, node: NodeSettings, ctx: zmq.Context | None = None):
+        self.node = node
+        self.settings = config.broker
+        self.node_b, self.group_b = node.name.encode(), str(node.group).encode()
+        self.ctx = ctx or zmq.Context()
+        self.front = self._bind(zmq.ROUTER, node.broker)
+        self.back = self._bind(zmq.ROUTER, node.workers_endpoint)
+        self.workers: dict[bytes, Worker] = {}
+        self.by_slot: dict[int, Worker] = {}
+        self.tokens: collections.deque[Worker] = collections.deque()
+        self.queue: collections.OrderedDict[bytes, Job] = collections.OrderedDict()
+        self.jobs: dict[bytes, Job] = {}
+        self.deadlines: list[tuple[float, bytes]] = []
+        self.next_job = 0
+        self.served = 0
+        self.restarts = 0
+        self.latencies: collections.deque[int] = collections.deque(maxlen=2000)
+        self.stopping = False
+        self.next_heartbeat = 0.0
+
+    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        if endpoint.startswith("ipc://"):
+            path = endpoint[len("ipc://"):]
+            if len(path) > 100:
+                raise OSError(f"socket path too long for ipc (max 100 chars): {path}")
+            if os.path.exists(path):
+                os.unlink(path)  # left by a killed broker
+        sock.bind(endpoint)
+        return sock
+
+    # Main loop ---------------------------------------------------------------
+
+    def run(self) -> None:
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        os.set_blocking(wake_r, False)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop_signal)
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        poller.register(wake_r, zmq.POLLIN)
+        log.info("broker %s listening on %s, workers on %s", self.node.name,
+                 self.node.broker, self.node.workers_endpoint)
+        drain_until = None
+        while True:
+            events = dict(poller.poll(self._poll_timeout_ms()))
+            if wake_r in events:
+                os.read(wake_r, 512)
+            if self.back in events:
+                self.read_workers()
+            if self.front in events:
+                self.read_clients()
+            now = time.monotonic()
+            self.dispatch(now)
+            self.expire_jobs(now)
+            if now >= self.next_heartbeat:
+                self.heartbeat(now)
+            if self.stopping:
+                drain_until = drain_until or now + self.settings.request_timeout
+                if not self.jobs or now > drain_until:
+                    break
+        self._answer_all(p.UNAVAILABLE, f"node {self.node.name} stopped")
+        log.info("broker %s stopped after %d requests", self.node.name, self.served)
+        self.front.close()
+        self.back.close()
+
+    def _on_stop_signal(self, signum, frame):
+        self.stopping = True
+
+    def _poll_timeout_ms(self) -> int:
+        now = time.monotonic()
+        until = self.next_heartbeat
+        if self.deadlines:
+            until = min(until, self.deadlines[0][0])
+        return max(0, int((until - now) * 1000) + 1)
+
+    # Clients ----------------------------------------------------------------
+
+    def read_clients(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self.front.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.on_client(frames)
+
+    def on_client(self, frames: list[bytes]) -> None:
+        try:
+            req = p.FrontRequest.from_frames(frames)
+            meta = p.ExecMeta.from_bytes(req.meta) if req.cmd == p.EXEC else None
+        except p.ProtocolError as exc:
+            log.warning("bad request from client %s: %s", frames[0].hex(), exc)
+            if len(frames) >= 3 and len(frames[2]) <= p.MAX_RID:
+                self.reply(frames[0], frames[2], p.BAD_REQUEST, error=f"bad request: {exc}")
+            return
+        if req.cmd == p.STATUS:
+            self.reply(req.client, req.rid, p.OK, p.pack(self.status()))
+            return
+        if self.stopping:
+            self.reply(req.client, req.rid, p.UNAVAILABLE,
+                       error=f"node {self.node.name} is shutting down")
+            return
+        if len(self.queue) >= self.settings.queue_limit:
+            self.reply(req.client, req.rid, p.BUSY,
+                       error=f"node {self.node.name}: queue full ({self.settings.queue_limit} "
+                             "requests waiting); retry later or raise broker.queue_limit")
+            return
+        now = time.monotonic()
+        timeout = meta.timeout or self.settings.request_timeout
+        job_id = b"%x" % self.next_job
+        self.next_job += 1
+        job = Job(req.client, req.rid, now + timeout, time.perf_counter(), req.meta, req.data)
+        self.jobs[job_id] = job
+        self.queue[job_id] = job
+        heapq.heappush(self.deadlines, (job.deadline, job_id))
+
+    def reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
+              error: str = "") -> None:
+        try:
+            self.front.send_multipart(
+                p.reply_frames(client, rid, status, self.node_b, self.group_b, data, error),
+                zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # client gone or its queue full: nothing to do
+            log.debug("reply to %s dropped: %s", client.hex(), exc)
+
+    def finish(self, job_id: bytes, status: str, data: bytes = b"", error: str = "") -> None:
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return  # already answered (timeout) or unknown
+        self.queue.pop(job_id, None)
+        self.served += 1
+        self.latencies.append(int((time.perf_counter() - job.received) * 1e6))
+        self.reply(job.client, job.rid, status, data, error)
+
+    # Workers ----------------------------------------------------------------
+
+    def read_workers(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self.back.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self.on_worker(frames)
+            except p.ProtocolError as exc:
+                log.warning("bad frames from worker %r: %s", frames[0][:64], exc)
+
+    def on_worker(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            raise p.ProtocolError("no command frame")
+        identity, cmd = frames[0], frames[1]
+        now = time.monotonic()
+        if cmd == p.READY:
+            if len(frames) != 3:
+                raise p.ProtocolError("READY must have one meta frame")
+            self.on_ready(identity, p.Ready.from_meta(frames[2]), now)
+            return
+        worker = self.workers.get(identity)
+        if worker is None:
+            self.back.send_multipart([identity, p.REREGISTER], zmq.NOBLOCK)
+            return
+        worker.last_seen = now
+        if cmd == p.REPLY:
+            job_id, status, data, error = p.parse_worker_reply(frames)
+            worker.replied += 1
+            if job_id in worker.jobs:
+                worker.jobs.discard(job_id)
+                if not worker.draining:
+                    self.tokens.append(worker)
+                self.finish(job_id, status, data, error)
+            if worker.draining and not worker.jobs:
+                self.back.send_multipart([identity, p.BYE], zmq.NOBLOCK)
+        elif cmd == p.DRAIN:
+            worker.draining = True
+            if not worker.jobs:
+                self.back.send_multipart([identity, p.BYE], zmq.NOBLOCK)
+        elif cmd != p.HEARTBEAT:
+            raise p.ProtocolError(f"unknown worker command {cmd[:16]!r}")
+
+    def on_ready(self, identity: bytes, ready: p.Ready, now: float) -> None:
+        self.restarts = max(self.restarts, ready.restarts)
+        old = self.workers.get(identity) or self.by_slot.get(ready.slot)
+        if old is not None:
+            why = (f"worker {self.node.name}#{old.slot} (pid {old.pid}) went away: "
+                   f"{ready.reason or 'it registered again'}")
+            if ready.job in old.jobs and ready.job_status:
+                old.jobs.discard(ready.job)
+                self.finish(ready.job, ready.job_status, error=why)
+            if ready.replaces == old.pid and ready.served == old.replied:
+                self.requeue(old, old.jobs - {ready.job})
+            self.remove_worker(old, why)
+        worker = Worker(identity, ready, now)
+        self.workers[identity] = worker
+        self.by_slot[ready.slot] = worker
+        self.tokens.extend([worker] * worker.credits)
+        log.debug("%s ready with %d credits", worker, worker.credits)
+
+    def requeue(self, worker: Worker, job_ids: set[bytes]) -> None:
+        """Give a dead worker's never-started requests to the others, in order.
+
+        Safe only when every reply the dead worker sent has arrived (its
+        served count matches ours): then all it held but the one it was
+        running had not started, and cannot have had side effects."""
+        for job_id in sorted(job_ids, key=lambda j: int(j, 16), reverse=True):
+            job = self.jobs.get(job_id)
+            if job is not None:
+                job.worker = None
+                self.queue[job_id] = job
+                self.queue.move_to_end(job_id, last=False)
+        worker.jobs -= job_ids
+
+    def remove_worker(self, worker: Worker, why: str) -> None:
+        """Forget a worker; what it held is answered ``killed``, never retried."""
+        self.workers.pop(worker.identity, None)
+        if self.by_slot.get(worker.slot) is worker:
+            del self.by_slot[worker.slot]
+        if worker.jobs:
+            log.warning("%s; answering its %d request(s) 'killed'", why, len(worker.jobs))
+        for job_id in list(worker.jobs):
+            self.finish(job_id, p.KILLED, error=why)
+        worker.jobs.clear()
+        worker.draining = True  # its tokens in the deque are now stale
+
+    # Dispatch and timers --------------------------------------------------------
+
+    def dispatch(self, now: float) -> None:
+        queue, tokens, workers = self.queue, self.tokens, self.workers
+        while queue and tokens:
+            worker = tokens.popleft()
+            if worker.draining or workers.get(worker.identity) is not worker:
+                continue
+            job_id, job = queue.popitem(last=False)
+            job.worker = worker
+            worker.jobs.add(job_id)
+            self.back.send_multipart(
+                p.job_frames(worker.identity, job_id, job.deadline - now, job.meta, job.data))
+
+    def expire_jobs(self, now: float) -> None:
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, job_id = heapq.heappop(self.deadlines)
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue
+            if job.worker is None and not self.workers:
+                self.finish(job_id, p.UNAVAILABLE,
+                            error=f"node {self.node.name}: no workers are connected; "
+                                  "is the pool running?")
+            else:
+                # The pool kills the worker at this deadline too: give it no more
+                # work, so what waits behind the request can be requeued.
+                if job.worker is not None:
+                    job.worker.draining = True
+                    job.worker.jobs.discard(job_id)
+                self.finish(job_id, p.TIMEOUT,
+                            error=f"node {self.node.name}: no reply within the request's "
+                                  "deadline (broker.request_timeout or the request's timeout)")
+
+    def heartbeat(self, now: float) -> None:
+        interval = self.settings.heartbeat_interval
+        self.next_heartbeat = now + interval
+        expiry = interval * self.settings.liveness
+        for worker in list(self.workers.values()):
+            if not worker.jobs and now - worker.last_seen > expiry:
+                self.remove_worker(worker, f"{worker} missed its heartbeats")
+                continue
+            self.back.send_multipart([worker.identity, p.HEARTBEAT], zmq.NOBLOCK)
+
+    def _answer_all(self, status: str, error: str) -> None:
+        for job_id in list(self.jobs):
+            self.finish(job_id, status, error=error)
+
+    # Status ------------------------------------------------------------------
+
+    def status(self) -> dict:
+        lat = sorted(self.latencies)
+
+        def pct(q):
+            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0
+
+        return {"name": self.node.name, "group": self.node.group,
+                "workers": len(self.workers),
+                "busy": sum(1 for w in self.workers.values() if w.jobs),
+                "queued": len(self.queue), "served": self.served, "restarts": self.restarts,
+                "latency_us": {"p50": pct(0.5), "p99": pct(0.99)}}

@@ -1,0 +1,262 @@
+"""Clients of one node's broker.
+
+``Client`` is blocking, one request at a time (not thread-safe: one per
+thread).  ``AsyncClient`` keeps many requests in flight on one socket and
+matches replies to callers by request id.  Both return a ``Result`` for
+anything the node answered (per-node statuses are data) and raise
+``BrokerUnavailable`` only when no reply came at all.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+
+import zmq
+import zmq.asyncio
+
+from . import protocol as p
+from .protocol import Result
+
+__all__ = ["Client", "AsyncClient", "Result", "BrokerUnavailable"]
+
+GRACE = 2.0             # how much longer than the request's deadline a client waits
+DEFAULT_WAIT = 60.0     # when the request carries no timeout the broker's applies
+CONNECT_WAIT = 1.0      # how long a send waits for a connection to the broker
+
+
+class BrokerUnavailable(ConnectionError):
+    """No reply from the broker within the request's deadline plus a grace period."""
+
+
+def _socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 50)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    # Queue only on a live connection: a request must never wait in a pipe to a
+    # dead broker and run minutes later, after its caller gave up.
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.connect(endpoint)
+    return sock
+
+
+class _Base:
+    def __init__(self, endpoint: str, timeout: float | None = None):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._prefix = os.urandom(4)
+        self._counter = itertools.count()
+
+    def _next_rid(self) -> bytes:
+        return self._prefix + next(self._counter).to_bytes(8, "little")
+
+    def _exec_frames(self, name, data, code, timeout, cookie, id) -> tuple[bytes, list, float]:
+        timeout = timeout if timeout is not None else self.timeout
+        meta = p.ExecMeta(name=name, code=code, cookie=cookie, timeout=timeout, id=id)
+        rid = self._next_rid()
+        wait = (timeout if timeout is not None else DEFAULT_WAIT) + GRACE
+        return rid, p.request_frames(p.EXEC, rid, meta.to_bytes(), bytes(data)), wait
+
+    def _unavailable(self, wait: float) -> BrokerUnavailable:
+        return BrokerUnavailable(f"no reply from broker {self.endpoint} within {wait:.1f} s; "
+                                 "is the node running (srw serve)?")
+
+    def _unreachable(self) -> BrokerUnavailable:
+        return BrokerUnavailable(f"cannot connect to broker {self.endpoint}; "
+                                 "is the node running (srw serve)?")
+
+
+class Client(_Base):
+    """Blocking client: ``Client("tcp://127.0.0.1:1026").exec("test_script.py", b"data")``."""
+
+    def __init__(self, endpoint: str, timeout: float | None = None,
+                 ctx: zmq.Context | None = None):
+        super().__init__(endpoint, timeout)
+        self._sock = _socket(ctx or zmq.Context.instance(), endpoint)
+        self._outstanding: set[bytes] = set()    # submitted, not yet collected
+        self._early: dict[bytes, Result] = {}    # their replies that came first
+
+    def exec(self, name: str = "", data: bytes = b"", code: str = "",
+             timeout: float | None = None, cookie: str = "", id: str | None = None) -> Result:
+        return self.result(*self.submit(name, data, code, timeout, cookie, id))
+
+    def submit(self, name: str = "", data: bytes = b"", code: str = "",
+               timeout: float | None = None, cookie: str = "",
+               id: str | None = None) -> tuple[bytes, float]:
+        """Send an exec without waiting; returns (rid, wait) for ``gather``."""
+        rid, frames, wait = self._exec_frames(name, data, code, timeout, cookie, id)
+        self._send(frames)
+        self._outstanding.add(rid)
+        return rid, wait
+
+    def result(self, rid: bytes, wait: float) -> Result:
+        """The reply to a `submit`ted request; replies to others are kept for them."""
+        try:
+            if rid in self._early:
+                return self._early.pop(rid)
+            return self._wait(rid, wait)
+        finally:
+            self._outstanding.discard(rid)
+
+    def _send(self, frames: list[bytes]) -> None:
+        copy = len(frames[-1]) < 65536
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+            return
+        except zmq.Again:
+            pass  # not connected (yet): wait a little for the connection
+        if not self._sock.poll(int(CONNECT_WAIT * 1000), zmq.POLLOUT):
+            raise self._unreachable()
+        self._sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+
+    def status(self, timeout: float = 5.0) -> dict:
+        """The node's pool: workers, busy, queued, served, restarts, latency_us."""
+        rid = self._next_rid()
+        self._send(p.request_frames(p.STATUS, rid, b"", b""))
+        self._outstanding.add(rid)
+        result = self.result(rid, timeout)
+        return p.unpack_map(result.data)
+
+    def _wait(self, rid: bytes, wait: float) -> Result:
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+                if time.monotonic() >= deadline:
+                    raise self._unavailable(wait)
+                continue
+            try:
+                got, result = p.parse_reply(self._sock.recv_multipart())
+            except p.ProtocolError:
+                continue
+            if got == rid:
+                return result
+            if got in self._outstanding:
+                self._early[got] = result
+            # anything else is a late reply to an abandoned request
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _drain(self) -> None:
+        """Keep every waiting reply to an outstanding request, without blocking."""
+        while True:
+            try:
+                got, result = p.parse_reply(self._sock.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except p.ProtocolError:
+                continue
+            if got in self._outstanding:
+                self._early[got] = result
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def gather(calls: list[tuple[Client, bytes, float]]) -> list[Result | BrokerUnavailable]:
+    """Wait for the replies of requests `submit`ted to several Clients at once.
+
+    Each call is (client, rid, wait); each answer is its Result, or
+    BrokerUnavailable when that broker did not reply within `wait`.
+    """
+    start = time.monotonic()
+    answers: list[Result | BrokerUnavailable | None] = [None] * len(calls)
+    poller = zmq.Poller()
+    for client, _, _ in calls:
+        poller.register(client._sock, zmq.POLLIN)
+    waiting = {i for i in range(len(calls))}
+    while waiting:
+        now = time.monotonic()
+        for i in [i for i in waiting if now - start >= calls[i][2]]:
+            answers[i] = calls[i][0]._unavailable(calls[i][2])
+            waiting.discard(i)
+        if not waiting:
+            break
+        left = min(calls[i][2] for i in waiting) - (now - start)
+        ready = dict(poller.poll(max(1, int(left * 1000) + 1)))
+        for client in {calls[i][0] for i in waiting if calls[i][0]._sock in ready}:
+            client._drain()
+        for i in list(waiting):
+            client, rid, _ = calls[i]
+            if rid in client._early:
+                answers[i] = client._early.pop(rid)
+                client._outstanding.discard(rid)
+                waiting.discard(i)
+    for i, answer in enumerate(answers):
+        if isinstance(answer, BrokerUnavailable):
+            calls[i][0]._outstanding.discard(calls[i][1])
+    return answers
+
+
+class AsyncClient(_Base):
+    """asyncio client; many ``await client.exec(...)`` in flight on one socket."""
+
+    def __init__(self, endpoint: str, timeout: float | None = None,
+                 ctx: zmq.asyncio.Context | None = None):
+        super().__init__(endpoint, timeout)
+        self._sock = _socket(ctx or zmq.asyncio.Context.instance(), endpoint)
+        self._pending: dict[bytes, asyncio.Future] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def exec(self, name: str = "", data: bytes = b"", code: str = "",
+                   timeout: float | None = None, cookie: str = "",
+                   id: str | None = None) -> Result:
+        rid, frames, wait = self._exec_frames(name, data, code, timeout, cookie, id)
+        return await self._request(rid, frames, wait)
+
+    async def status(self, timeout: float = 5.0) -> dict:
+        rid = self._next_rid()
+        result = await self._request(rid, p.request_frames(p.STATUS, rid, b"", b""), timeout)
+        return p.unpack_map(result.data)
+
+    async def _request(self, rid: bytes, frames: list, wait: float) -> Result:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+        future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            try:
+                await self._sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                if not await self._sock.poll(int(CONNECT_WAIT * 1000), zmq.POLLOUT):
+                    raise self._unreachable() from None
+                await self._sock.send_multipart(frames, zmq.NOBLOCK)
+            return await asyncio.wait_for(future, wait)
+        except asyncio.TimeoutError:
+            raise self._unavailable(wait) from None
+        finally:
+            self._pending.pop(rid, None)
+
+    async def _read_replies(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                rid, result = p.parse_reply(frames)
+            except p.ProtocolError:
+                continue
+            future = self._pending.get(rid)
+            if future is not None and not future.done():
+                future.set_result(result)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, zmq.ZMQError):
+                pass
+        self._sock.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()

@@ -1,0 +1,81 @@
+"""Run one exec request in a fresh copy of the global context.
+
+The contract (DESIGN.md "The script's world"): the copy gets
+``__input_binary_data_tuple`` = (data,), ``__cookie_string`` and
+``__return_data`` (as python.init left it, else ""); the script content runs
+first, then the named script, in that one context; ``__return_data`` is the
+reply (str -> UTF-8, bytes as is).  Nothing a script rebinds reaches the next
+request, because each request starts from a new dict.
+"""
+from __future__ import annotations
+
+import traceback
+
+from broker import protocol as p
+
+from .scripts import ScriptCache, ScriptNameError, ScriptNotFound, compile_content
+
+
+class Executor:
+    def __init__(self, global_context: dict, scripts: ScriptCache, output_bytes: int):
+        self.template = global_context
+        self.template.setdefault("__return_data", "")
+        self.scripts = scripts
+        self.output_bytes = output_bytes
+
+    def run(self, name: str, code: str, data: bytes, cookie: str) -> tuple[str, bytes, str]:
+        """Returns (status, data, error); never raises for anything a script does."""
+        try:
+            named = self.scripts.get(name) if name else None
+            content = compile_content(code) if code else None
+        except ScriptNameError as exc:
+            return p.BAD_REQUEST, b"", str(exc)
+        except ScriptNotFound as exc:
+            return p.NOT_FOUND, b"", str(exc)
+        except SyntaxError as exc:
+            return p.SCRIPT_ERROR, b"", _format(exc, skip=0)
+        context = dict(self.template)
+        context["__input_binary_data_tuple"] = (data,)
+        context["__cookie_string"] = cookie
+        try:
+            if content is not None:
+                exec(content, context)
+            if named is not None:
+                exec(named, context)
+        except MemoryError:
+            return p.MEMORY, b"", "the script ran out of memory (sandbox memory_mb limit)"
+        except RecursionError as exc:
+            return p.SCRIPT_ERROR, b"", _format(exc, skip=1, limit=20)
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the worker stays up
+            return p.SCRIPT_ERROR, b"", _format(exc, skip=1)
+        return self._output(context.get("__return_data"))
+
+    def _output(self, value) -> tuple[str, bytes, str]:
+        if isinstance(value, str):
+            # Checked before encoding so a huge str is refused without a copy.
+            if len(value) > self.output_bytes:
+                return self._too_large(len(value))
+            value = value.encode("utf-8", "surrogateescape")
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            value = bytes(value)
+        else:
+            return (p.SCRIPT_ERROR, b"",
+                    f"__return_data must be str or bytes, not {type(value).__name__}")
+        if len(value) > self.output_bytes:
+            return self._too_large(len(value))
+        return p.OK, value, ""
+
+    def _too_large(self, size: int) -> tuple[str, bytes, str]:
+        return (p.OUTPUT_TOO_LARGE, b"",
+                f"__return_data is {size} bytes; the sandbox profile allows "
+                f"{self.output_bytes} (output_bytes)")
+
+
+def _format(exc: BaseException, skip: int, limit: int | None = None) -> str:
+    """The script's own traceback: the first `skip` frames are ours, not the script's."""
+    tb = exc.__traceback__
+    for _ in range(skip):
+        if tb is not None:
+            tb = tb.tb_next
+    lines = traceback.format_exception(type(exc), exc, tb, limit=limit)
+    return "".join(lines).rstrip()

@@ -1,0 +1,161 @@
+"""A pool worker: the child side of the fork, serving exec requests until told to go.
+
+    broker back ROUTER  <-- DEALER (identity "n1#2:<pid>") --  Worker.run()
+
+After the fork the worker applies its sandbox limits, opens its own ZeroMQ
+context (nothing ZeroMQ crosses the fork), announces READY with its credits and
+then loops: run each REQUEST through the Executor, send REPLY, heartbeat
+while idle.  If the broker goes silent it announces READY again, so a
+restarted broker gets its workers back.  On SIGTERM or after max_requests
+it sends DRAIN, finishes what the broker already gave it, and exits on BYE.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import setproctitle
+import zmq
+
+from broker import protocol as p
+from srw import logs
+from srw.config import Config, NodeSettings
+
+from . import sandbox
+from .executor import Executor
+from .profile import Profile
+from .scripts import NAME_RE
+from .slots import SlotTable
+
+log = logging.getLogger("srw.worker")
+
+
+@dataclass(frozen=True)
+class Predecessor:
+    """What the pool tells a new worker about the one it replaces (sent in READY)."""
+    pid: int = 0
+    reason: str = ""
+    job: bytes = b""
+    job_status: str = ""
+    served: int = 0
+
+
+class Worker:
+    def __init__(self, config: Config, node: NodeSettings, profile: Profile, slot: int,
+                 executor: Executor, slots: SlotTable, predecessor: Predecessor,
+                 restarts: int):
+        self.config, self.node, self.profile = config, node, profile
+        self.slot, self.pid = slot, os.getpid()
+        self.title = f"srw: worker {node.name}#{slot}"
+        self.executor, self.slots = executor, slots
+        self.predecessor, self.restarts = predecessor, restarts
+        self.hb_interval = config.broker.heartbeat_interval
+        self.silence_limit = self.hb_interval * config.broker.liveness
+        self.served = 0
+        self.stop_requested = False
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.done = False
+
+    # Lifecycle ---------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until drained; the caller leaves the process with os._exit()."""
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        setproctitle.setproctitle(f"{self.title} idle")
+        logs.retag(f"worker {self.node.name}#{self.slot}")
+        sandbox.die_with_parent()
+        sandbox.apply_limits(self.profile)
+        self.ctx = zmq.Context(io_threads=1)
+        self.sock = self._connect()
+        self.register()
+        self.slots.idle(self.slot, self.pid, 0)
+        handlers = {p.REQUEST: self.on_request, p.HEARTBEAT: self.on_heartbeat,
+                    p.REREGISTER: self.on_reregister, p.BYE: self.on_bye}
+        last_heard = next_hb = time.monotonic()
+        while not self.done:
+            if self.sock.poll(int(self.hb_interval * 1000)):
+                frames = self.sock.recv_multipart()
+                last_heard = time.monotonic()
+                handler = handlers.get(frames[0])
+                if handler is None:
+                    log.warning("%s: unknown command %r from broker", self.title, frames[0][:16])
+                else:
+                    handler(frames)
+            now = time.monotonic()
+            if now >= next_hb:
+                self.sock.send(p.HEARTBEAT)
+                next_hb = now + self.hb_interval
+            if now - last_heard > self.silence_limit and not self.draining:
+                log.info("%s: broker silent for %.1f s, registering again", self.title,
+                         now - last_heard)
+                self.register()
+                last_heard = now
+            self._maybe_drain(now)
+        self.sock.close(linger=1000)
+        self.ctx.term()
+
+    def _connect(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"{self.node.name}#{self.slot}:{self.pid}".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        sock.connect(self.node.workers_endpoint)
+        return sock
+
+    def register(self) -> None:
+        pre = self.predecessor
+        ready = p.Ready(slot=self.slot, pid=self.pid, credits=self.config.pool.credits,
+                        replaces=pre.pid, reason=pre.reason, restarts=self.restarts,
+                        job=pre.job, job_status=pre.job_status, served=pre.served)
+        self.sock.send_multipart(ready.to_frames())
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _maybe_drain(self, now: float) -> None:
+        limit = self.config.pool.max_requests
+        if not self.draining and (self.stop_requested or (limit and self.served >= limit)):
+            self.draining = True
+            self.drain_deadline = now + self.silence_limit
+            self.sock.send(p.DRAIN)
+        elif self.draining and now > self.drain_deadline:
+            self.done = True  # broker gone: nothing left to finish for it
+
+    # Commands from the broker ------------------------------------------------
+
+    def on_request(self, frames: list[bytes]) -> None:
+        started = time.perf_counter()
+        try:
+            job, budget, meta, data = p.parse_job(frames)
+        except p.ProtocolError as exc:
+            log.warning("%s: bad REQUEST from broker: %s", self.title, exc)
+            return
+        kill_at = time.monotonic() + min(budget, self.profile.wall_seconds)
+        self.slots.busy(self.slot, self.pid, kill_at, time.process_time(), self.served, job)
+        shown = meta.name if NAME_RE.fullmatch(meta.name) else "<content>" if not meta.name \
+            else "<bad name>"
+        setproctitle.setproctitle(f"{self.title} busy {shown}")
+        status, out, error = self.executor.run(meta.name, meta.code, data, meta.cookie)
+        self.sock.send_multipart(p.worker_reply_frames(job, status, out, error))
+        self.served += 1
+        self.slots.idle(self.slot, self.pid, self.served)
+        setproctitle.setproctitle(f"{self.title} idle")
+        if log.isEnabledFor(logging.INFO):
+            log.info("exec %s %d B -> %d B %s %d us", shown, len(data),
+                     len(out), status, (time.perf_counter() - started) * 1e6)
+
+    def on_heartbeat(self, frames: list[bytes]) -> None:
+        pass  # receipt alone proves the broker is alive
+
+    def on_reregister(self, frames: list[bytes]) -> None:
+        if not self.draining:
+            self.register()
+
+    def on_bye(self, frames: list[bytes]) -> None:
+        self.done = True

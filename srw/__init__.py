@@ -1,0 +1,1 @@
+"""srw: run your own Python next to your data."""

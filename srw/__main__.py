@@ -1,0 +1,5 @@
+import sys
+
+from srw.cli import main
+
+sys.exit(main())

@@ -1,0 +1,177 @@
+"""The ``srw`` command.  Every subcommand takes --config (default ./config.toml)
+and exits non-zero with a one-line reason on failure."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+from srw import config as cfg
+from srw import logs
+
+EXAMPLES = """examples:
+  srw serve                                   start the nodes of ./config.toml
+  echo -n hi | srw exec test_script.py --id 0123456789 --data -
+  srw exec '' --code '__return_data = "x" * 3'
+  srw status
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = cfg.load(args.config)
+        return args.func(config, args)
+    except cfg.ConfigError as exc:
+        print(f"srw: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one line for people; tracebacks are for bugs in the log
+        from broker.client import BrokerUnavailable
+        from storage.ring import BadId
+        if isinstance(exc, (BrokerUnavailable, BadId, ValueError, OSError)):
+            print(f"srw: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default="config.toml",
+                        help="config file (default: ./config.toml)")
+    top = argparse.ArgumentParser(
+        prog="srw", description="srw: run your own Python next to your data.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common])
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common],
+                           help="start every node of the config in the foreground")
+    serve.add_argument("--node", action="append", metavar="NAME",
+                       help="start only this node (repeatable)")
+    serve.set_defaults(func=cmd_serve)
+
+    ex = sub.add_parser("exec", parents=[common], help="run a script on the cluster",
+                        description="Run a named script (and/or --code) on the owner of "
+                        "--id/--key in each group, or on every node when neither is given. "
+                        "Prints each result's data; exits 1 if any result is not ok.")
+    ex.add_argument("name", help="script file name in the history directory ('' for none)")
+    target = ex.add_mutually_exclusive_group()
+    target.add_argument("--id", help="hex id of the target (zero-padded on the right)")
+    target.add_argument("--key", help="key whose sha512 picks the target")
+    ex.add_argument("--data", metavar="FILE|-", help="request data from a file, or - for stdin")
+    ex.add_argument("--code", default="", help="script content, run before the named script")
+    ex.add_argument("--groups", help="only these groups, e.g. 1:2")
+    ex.add_argument("--timeout", type=float, help="seconds (default: broker.request_timeout)")
+    ex.add_argument("--json", action="store_true", help="print results as a JSON array")
+    ex.set_defaults(func=cmd_exec)
+
+    status = sub.add_parser("status", parents=[common], help="show every node's pool")
+    status.set_defaults(func=cmd_status)
+
+    for role, text in (("broker", "run one node's broker alone"),
+                       ("pool", "run one node's worker pool alone")):
+        p = sub.add_parser(role, parents=[common], help=text)
+        p.add_argument("--node", required=True, metavar="NAME")
+        p.set_defaults(func=cmd_broker if role == "broker" else cmd_pool)
+    return top
+
+
+def parse_groups(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(g) for g in text.split(":")]
+    except ValueError:
+        raise ValueError(f"bad --groups {text!r}: use group numbers joined by ':', e.g. 1:2")
+
+
+def read_data(source: str | None) -> bytes:
+    if source is None:
+        return b""
+    if source == "-":
+        return sys.stdin.buffer.read()
+    with open(source, "rb") as f:
+        return f.read()
+
+
+def cmd_serve(config: cfg.Config, args) -> int:
+    from srw.serve import Supervisor
+    logs.setup(config.log, "serve")
+    nodes = [config.node(n) for n in args.node] if args.node else list(config.nodes)
+    for node in nodes:
+        os.makedirs(node.data_dir, exist_ok=True)
+    return Supervisor(config, nodes).run()
+
+
+def cmd_exec(config: cfg.Config, args) -> int:
+    from storage.client import Session
+    data = read_data(args.data)
+    with Session(config) as session:
+        results = session.exec(args.name, data, args.code, id=args.id, key=args.key,
+                               groups=parse_groups(args.groups), timeout=args.timeout)
+    if args.json:
+        print(json.dumps([r.to_json() for r in results]))
+    else:
+        for r in results:
+            sys.stdout.buffer.write(r.data)
+        sys.stdout.flush()
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        first = (r.error or "").strip().splitlines()[-1:] or [""]
+        print(f"srw: node {r.node} (group {r.group}): {r.status}: {first[0]}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_status(config: cfg.Config, args) -> int:
+    from storage.client import Session
+    with Session(config) as session:
+        nodes = session.status()
+    print(f"{'node':10} {'group':>5} {'workers':>7} {'busy':>5} {'queued':>6} "
+          f"{'served':>9} {'restarts':>8} {'p50 us':>7} {'p99 us':>7}")
+    for n in nodes:
+        if "error" in n:
+            print(f"{n['name']:10} {n['group']:>5} {n['error']}")
+            continue
+        lat = n["latency_us"]
+        print(f"{n['name']:10} {n['group']:>5} {n['workers']:>7} {n['busy']:>5} "
+              f"{n['queued']:>6} {n['served']:>9} {n['restarts']:>8} {lat['p50']:>7} "
+              f"{lat['p99']:>7}")
+    return 1 if any("error" in n for n in nodes) else 0
+
+
+def _supervised(process: str) -> None:
+    """Started by `srw serve`: die with it, never outlive it."""
+    supervisor = os.environ.get("SRW_SUPERVISOR_PID")
+    if supervisor:
+        from runtime.sandbox import die_with_parent
+        die_with_parent(signal.SIGTERM)
+        if os.getppid() != int(supervisor):
+            sys.exit(1)
+
+
+def cmd_broker(config: cfg.Config, args) -> int:
+    import setproctitle
+    from broker.broker import Broker
+    node = config.node(args.node)
+    setproctitle.setproctitle(f"srw: broker {node.name}")
+    logs.setup(config.log, f"broker {node.name}")
+    _supervised("broker")
+    os.makedirs(node.data_dir, exist_ok=True)
+    Broker(config, node).run()
+    return 0
+
+
+def cmd_pool(config: cfg.Config, args) -> int:
+    from runtime import pool
+    node = config.node(args.node)
+    logs.setup(config.log, f"pool {node.name}")
+    _supervised("pool")
+    try:
+        return pool.main(config, args.node)
+    except cfg.ConfigError as exc:
+        print(f"srw: node {node.name} refuses to start: {exc}", file=sys.stderr)
+        return pool.EXIT_REFUSED

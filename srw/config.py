@@ -1,0 +1,202 @@
+"""config.toml, defined once.
+
+Every component reads its settings from one frozen dataclass below; defaults
+live in the fields.  Unknown keys, wrong types and bad values raise
+ConfigError naming the file and the key, so a typo never passes silently.
+Relative paths are resolved against the config file's folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names file and key."""
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    workers: int = 2
+    history_dir: str = "history"
+    profile: str = "default"
+    max_requests: int = 100_000
+    credits: int = 4  # requests queued at a worker; hides the broker round trip
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    queue_limit: int = 10_000
+    request_timeout: float = 5.0
+    heartbeat_interval: float = 0.5
+    liveness: int = 4  # missed heartbeats before a peer is presumed gone
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    listen: str = "127.0.0.1:9000"
+    cookies: tuple[str, ...] = ()
+    groups: tuple[int, ...] = ()
+    max_body: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    name: str
+    group: int
+    storage: str
+    broker: str
+    data_dir: str
+    ids: tuple[str, ...] = ()
+    sync: bool = True
+
+    @property
+    def workers_endpoint(self) -> str:
+        """Where the pool's workers meet the broker: a socket file in data_dir, or
+        in /tmp under a hash of it when that path is too long for a unix socket."""
+        path = str(Path(self.data_dir) / "workers.ipc")
+        if len(path) > 100:
+            digest = hashlib.sha1(path.encode()).hexdigest()[:20]
+            path = f"/tmp/srw-{digest}.ipc"
+        return f"ipc://{path}"
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    nodes: tuple[NodeSettings, ...] = ()
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def node(self, name: str) -> NodeSettings:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        known = ", ".join(n.name for n in self.nodes)
+        raise ConfigError(f"{self.path}: no [[node]] named {name!r} (known: {known})")
+
+    @property
+    def history_dir(self) -> Path:
+        return Path(self.pool.history_dir)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SECTIONS = {"pool": PoolSettings, "broker": BrokerSettings, "proxy": ProxySettings,
+            "log": LogSettings}
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file."""
+    path = Path(path).resolve()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (pass --config PATH)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    unknown = set(raw) - set(SECTIONS) - {"node"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section or key {sorted(unknown)[0]!r}")
+    sections = {name: _build(cls, raw.get(name, {}), name, path)
+                for name, cls in SECTIONS.items()}
+    nodes_raw = raw.get("node", [])
+    if not isinstance(nodes_raw, list) or not nodes_raw:
+        raise ConfigError(f"{path}: at least one [[node]] table is needed")
+    nodes = tuple(_build(NodeSettings, t, f"node[{i}]", path) for i, t in enumerate(nodes_raw))
+    config = Config(path=path, nodes=nodes, **sections)
+    _check(config)
+    return _resolve_paths(config)
+
+
+def _build(cls, table, section: str, path: Path):
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [{section}] must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in names:
+            raise ConfigError(f"{path}: unknown key {section}.{key} (known: {', '.join(sorted(names))})")
+        values[key] = _coerce(value, hints[key], f"{section}.{key}", path)
+    try:
+        return cls(**values)
+    except TypeError:
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in values]
+        raise ConfigError(f"{path}: {section} needs key {missing[0]!r}") from None
+
+
+def _coerce(value, hint, key: str, path: Path):
+    if typing.get_origin(hint) is tuple:
+        item_type = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: {key} must be a list of {item_type.__name__}")
+        return tuple(_coerce(v, item_type, key, path) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{path}: {key} must be {hint.__name__}, not {value!r}")
+    return value
+
+
+def _check(config: Config) -> None:
+    """Values that have the right type but make no sense."""
+    p = config.path
+    rules = [
+        (config.pool.workers >= 1, "pool.workers must be at least 1"),
+        (config.pool.credits >= 1, "pool.credits must be at least 1"),
+        (config.pool.max_requests >= 0, "pool.max_requests must be 0 (no limit) or more"),
+        (config.broker.queue_limit >= 1, "broker.queue_limit must be at least 1"),
+        (config.broker.request_timeout > 0, "broker.request_timeout must be > 0 seconds"),
+        (config.broker.heartbeat_interval > 0, "broker.heartbeat_interval must be > 0 seconds"),
+        (config.broker.liveness >= 2, "broker.liveness must be at least 2"),
+        (config.log.level in LOG_LEVELS, f"log.level must be one of {', '.join(LOG_LEVELS)}"),
+        (":" in config.proxy.listen, "proxy.listen must be HOST:PORT"),
+        (config.proxy.max_body > 0, "proxy.max_body must be > 0 bytes"),
+    ]
+    names = [n.name for n in config.nodes]
+    rules.append((len(set(names)) == len(names), "node names must be unique"))
+    for node in config.nodes:
+        rules.append((node.name.isidentifier(), f"node name {node.name!r} must be a plain word"))
+        rules.append((node.group >= 1, f"node {node.name}: group must be >= 1"))
+        for key in ("storage", "broker"):
+            endpoint = getattr(node, key)
+            rules.append((endpoint.startswith(("tcp://", "ipc://")),
+                          f"node {node.name}: {key} must be a tcp:// or ipc:// address"))
+        for hex_id in node.ids:
+            rules.append((_is_hex(hex_id), f"node {node.name}: ids must be hex strings"))
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(f"{p}: {message}")
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text if len(text) % 2 == 0 else text + "0")
+    except ValueError:
+        return False
+    return bool(text)
+
+
+def _resolve_paths(config: Config) -> Config:
+    base = config.path.parent
+
+    def absolute(p: str) -> str:
+        return str((base / p).resolve()) if p else p
+
+    pool = dataclasses.replace(config.pool, history_dir=absolute(config.pool.history_dir))
+    log = dataclasses.replace(config.log, file=absolute(config.log.file))
+    nodes = tuple(dataclasses.replace(n, data_dir=absolute(n.data_dir)) for n in config.nodes)
+    return dataclasses.replace(config, pool=pool, log=log, nodes=nodes)

@@ -1,0 +1,225 @@
+"""Test harness: real srw processes on loopback, found and torn down by pid.
+
+``cluster(...)`` writes a config into tmp_path (free loopback ports, its own
+history dir), starts ``srw serve`` (or single roles), waits against a
+deadline until every pool has registered all its workers, and at teardown
+stops everything it started: SIGTERM to the supervisor, then SIGKILL to every
+process it ever saw in the tree.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from broker.client import BrokerUnavailable, Client
+
+REPO = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Poll `predicate` until it returns something truthy; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Cluster:
+    def __init__(self, root: Path, nodes: list[dict], pool: dict, broker: dict,
+                 scripts: dict[str, str], init: str | None, proxy: dict | None = None,
+                 log_level: str = "info"):
+        self.root = root
+        self.history = root / "history"
+        self.history.mkdir()
+        shipped = REPO / "history"
+        for f in shipped.iterdir():
+            if f.is_file():
+                (self.history / f.name).write_bytes(f.read_bytes())
+        for name, body in scripts.items():
+            (self.history / name).write_text(textwrap.dedent(body))
+        if init is not None:
+            (self.history / "python.init").write_text(textwrap.dedent(init))
+        self.nodes = []
+        for spec in nodes:
+            name = spec["name"]
+            self.nodes.append({
+                "name": name, "group": spec.get("group", 1),
+                "storage": f"tcp://127.0.0.1:{free_port()}",
+                "broker": f"tcp://127.0.0.1:{free_port()}",
+                "data_dir": f"var/{name}", **{k: v for k, v in spec.items() if k == "ids"}})
+        self.pool = {"workers": 2, **pool}
+        self.broker = {"request_timeout": 5.0, "heartbeat_interval": 0.2, **broker}
+        self.proxy = {"listen": f"127.0.0.1:{free_port()}", **(proxy or {})}
+        self.log_file = root / "srw.log"
+        self.path = root / "config.toml"
+        self.path.write_text(self._toml(log_level))
+        self.procs: list[subprocess.Popen] = []
+        self.seen: set[psutil.Process] = set()
+
+    def _toml(self, log_level: str) -> str:
+        def value(v):
+            if isinstance(v, bool):
+                return "true" if v else "false"
+            if isinstance(v, str):
+                return f'"{v}"'
+            if isinstance(v, (list, tuple)):
+                return "[" + ", ".join(value(x) for x in v) + "]"
+            return repr(v)
+
+        def table(name, d):
+            return f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in d.items())
+
+        parts = [table("pool", self.pool), table("broker", self.broker),
+                 table("proxy", self.proxy),
+                 table("log", {"level": log_level, "file": str(self.log_file)})]
+        parts += [table("[node]", n) for n in self.nodes]
+        return "\n".join(parts)
+
+    # Processes ---------------------------------------------------------------
+
+    def srw(self, *args: str, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "srw", *args, "--config", str(self.path)],
+                                cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, **kw)
+        self.procs.append(proc)
+        self._track(proc.pid)
+        return proc
+
+    def run(self, *args: str, input: bytes | None = None, timeout: float = 30.0):
+        """Run a short srw command to completion."""
+        return subprocess.run([sys.executable, "-m", "srw", *args, "--config", str(self.path)],
+                              cwd=self.root, input=input, capture_output=True, timeout=timeout)
+
+    def serve(self, wait: bool = True) -> subprocess.Popen:
+        proc = self.srw("serve")
+        if wait:
+            self.wait_ready(proc)
+        return proc
+
+    def wait_ready(self, proc: subprocess.Popen | None = None, workers: int | None = None):
+        want = workers or self.pool["workers"]
+        for node in self.nodes:
+            def ready():
+                if proc is not None and proc.poll() is not None:
+                    raise AssertionError(f"srw exited with {proc.returncode}: "
+                                         f"{proc.stderr.read().decode()}\n{self.log()}")
+                status = self.status(node["name"])
+                return status and status["workers"] >= want
+            wait_until(ready, READY_TIMEOUT, f"node {node['name']} with {want} workers")
+        self.track_tree()
+
+    def status(self, node: str = "n1") -> dict | None:
+        with Client(self.node(node)["broker"]) as client:
+            try:
+                return client.status(timeout=0.5)
+            except BrokerUnavailable:
+                return None
+
+    def node(self, name: str) -> dict:
+        return next(n for n in self.nodes if n["name"] == name)
+
+    def client(self, node: str = "n1", **kw) -> Client:
+        return Client(self.node(node)["broker"], **kw)
+
+    def log(self) -> str:
+        return self.log_file.read_text() if self.log_file.exists() else ""
+
+    def _track(self, pid: int) -> None:
+        try:
+            self.seen.add(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+
+    def track_tree(self) -> None:
+        for proc in self.procs:
+            try:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    self.seen.add(child)
+            except psutil.NoSuchProcess:
+                pass
+
+    def processes(self, title_prefix: str) -> list[psutil.Process]:
+        """Live processes of this cluster whose title starts with `title_prefix`."""
+        self.track_tree()
+        out = []
+        for proc in list(self.seen):
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and \
+                        " ".join(proc.cmdline()).startswith(title_prefix):
+                    out.append(proc)
+            except psutil.Error:
+                pass
+        return sorted(out, key=lambda p: p.pid)
+
+    def workers(self, node: str = "n1") -> list[psutil.Process]:
+        return self.processes(f"srw: worker {node}#")
+
+    def stop(self) -> None:
+        self.track_tree()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.seen:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            for stream in (proc.stdout, proc.stderr):
+                if stream:
+                    stream.close()
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    made: list[Cluster] = []
+
+    def make(nodes=({"name": "n1"},), pool=None, broker=None, scripts=None, init=None,
+             proxy=None, log_level="info") -> Cluster:
+        root = tmp_path / f"c{len(made)}"
+        root.mkdir()
+        cluster = Cluster(root, list(nodes), pool or {}, broker or {}, scripts or {}, init,
+                          proxy, log_level)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.stop()
+
+
+@pytest.fixture
+def node(make_cluster):
+    """One node with 2 workers, started and ready."""
+    cluster = make_cluster()
+    cluster.serve()
+    return cluster

@@ -1,0 +1,133 @@
+"""The broker under failure: restarts, garbage on both sockets, exactly one reply."""
+from __future__ import annotations
+
+import os
+import signal
+
+import msgpack
+import pytest
+import zmq
+
+from broker import protocol as p
+from broker.client import BrokerUnavailable
+
+from conftest import wait_until
+
+
+def start_node_by_roles(cluster):
+    broker = cluster.srw("broker", "--node", "n1")
+    pool = cluster.srw("pool", "--node", "n1")
+    cluster.wait_ready()
+    return broker, pool
+
+
+def test_broker_killed_and_restarted_recovers_without_restarting_pool(make_cluster):
+    cluster = make_cluster(pool={"workers": 2}, broker={"heartbeat_interval": 0.1})
+    broker, pool = start_node_by_roles(cluster)
+    workers_before = {w.pid for w in cluster.workers()}
+    with cluster.client(timeout=2.0) as c:
+        assert c.exec("echo.py", b"before").data == b"before"
+        broker.send_signal(signal.SIGKILL)
+        broker.wait(5)
+        with pytest.raises(BrokerUnavailable):
+            c.exec("echo.py", b"while down", timeout=0.5)
+        cluster.srw("broker", "--node", "n1")
+        wait_until(lambda: (cluster.status() or {}).get("workers") == 2, 15,
+                   "workers registered with the new broker")
+        assert c.exec("echo.py", b"after").data == b"after"
+    assert pool.poll() is None
+    assert {w.pid for w in cluster.workers()} == workers_before
+
+
+def raw_socket(ctx, kind, endpoint, identity=None):
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 3000)
+    if identity:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    sock.connect(endpoint)
+    return sock
+
+
+GARBAGE = [
+    [b""], [b"X"], [b"X", b"rid"], [b"\xff" * 3, b"r", b"", b""],
+    [p.EXEC, b"r1", b"not msgpack \xc1", b""],
+    [p.EXEC, b"r2", msgpack.packb([1, 2, 3]), b""],
+    [p.EXEC, b"r3", msgpack.packb({"name": 5}), b""],
+    [p.EXEC, b"r4", msgpack.packb({"nam": "x"}), b""],
+    [p.EXEC, b"r5", msgpack.packb({"name": "echo.py", "timeout": -1}), b""],
+    [p.EXEC, b"x" * 100, msgpack.packb({}), b""],
+    [p.EXEC, b"r6", msgpack.packb({}), b"", b"extra"],
+    [os.urandom(50) for _ in range(7)],
+]
+
+
+def test_garbage_on_the_front_is_answered_or_dropped(node):
+    ctx = zmq.Context()
+    try:
+        sock = raw_socket(ctx, zmq.DEALER, node.node("n1")["broker"])
+        for frames in GARBAGE:
+            sock.send_multipart(frames)
+        replies = []
+        while True:
+            try:
+                replies.append(sock.recv_multipart())
+            except zmq.Again:
+                break
+        statuses = {r[0]: r[1] for r in replies}
+        for rid in (b"r1", b"r2", b"r3", b"r4", b"r5", b"r6"):
+            assert statuses.get(rid) == b"bad_request", rid
+        with node.client() as c:
+            assert c.exec("echo.py", b"fine").data == b"fine"
+    finally:
+        ctx.destroy()
+
+
+def test_garbage_on_the_back_is_dropped(node):
+    ctx = zmq.Context()
+    try:
+        endpoint = f"ipc://{node.root / 'var/n1/workers.ipc'}"
+        from srw.config import load
+        endpoint = load(node.path).node("n1").workers_endpoint
+        fake = raw_socket(ctx, zmq.DEALER, endpoint, identity=b"intruder")
+        for frames in GARBAGE + [
+            [p.READY], [p.READY, b"\xc1"], [p.READY, msgpack.packb({"slot": 1})],
+            [p.READY, msgpack.packb({"slot": "x", "pid": 1, "credits": 5000})],
+            [p.REPLY, b"nojob", b"ok", b"", b""], [p.REPLY, b"j"], [p.HEARTBEAT, b"x"],
+            [p.DRAIN], [b"\x99"],
+        ]:
+            fake.send_multipart(frames)
+        with node.client() as c:
+            assert [c.exec("echo.py", b"%d" % i).data for i in range(20)] == \
+                [b"%d" % i for i in range(20)]
+        assert node.status()["workers"] == 2
+    finally:
+        ctx.destroy()
+
+
+def test_fake_worker_that_never_answers_cannot_steal_requests_forever(node):
+    """A peer that registers and then dies is dropped after missed heartbeats."""
+    ctx = zmq.Context()
+    try:
+        from srw.config import load
+        endpoint = load(node.path).node("n1").workers_endpoint
+        fake = raw_socket(ctx, zmq.DEALER, endpoint, identity=b"n1#99:1")
+        fake.send_multipart(p.Ready(slot=99, pid=1, credits=1).to_frames())
+        wait_until(lambda: node.status()["workers"] == 3, 5, "fake worker registered")
+        fake.close()
+        wait_until(lambda: node.status()["workers"] == 2, 10, "fake worker expired")
+        with node.client() as c:
+            assert all(c.exec("echo.py", b"x").ok for _ in range(10))
+    finally:
+        ctx.destroy()
+
+
+def test_request_timeout_answers_once(make_cluster):
+    cluster = make_cluster(pool={"workers": 1},
+                           scripts={"nap.py": "import time\ntime.sleep(1.0)\n"})
+    cluster.serve()
+    with cluster.client() as c:
+        r = c.exec("nap.py", timeout=0.3)
+        assert r.status == "timeout"
+        # the late reply of the killed (or finished) request never shows up as an answer
+        assert c.exec("echo.py", b"next", timeout=5).data == b"next"

@@ -1,0 +1,237 @@
+"""Exec end to end: real broker, pool and workers over real sockets."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from broker.client import AsyncClient
+
+from conftest import wait_until
+
+ORIGINAL_REPLY = b"its nothing I can do for you without cookies: this is some data in POST request"
+
+
+def test_cli_runs_the_2011_example(node):
+    out = node.run("exec", "test_script.py", "--id", "0123456789", "--data", "-",
+                   input=b"this is some data in POST request")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ORIGINAL_REPLY
+
+
+def test_log_line_per_exec_with_microseconds(node):
+    with node.client() as c:
+        assert c.exec("test_script.py", b"x" * 33).ok
+    line = wait_until(lambda: [l for l in node.log().splitlines()
+                               if "exec test_script.py 33 B -> 79 B ok" in l], 5, "log line")
+    assert line[0].rstrip().endswith(" us")
+
+
+def test_thousand_concurrent_requests_over_four_workers(make_cluster):
+    cluster = make_cluster(pool={"workers": 4}, log_level="warning")
+    cluster.serve()
+
+    async def main():
+        async with AsyncClient(cluster.node("n1")["broker"], timeout=30) as client:
+            tokens = [os.urandom(8).hex().encode() for _ in range(1000)]
+            results = await asyncio.gather(*(client.exec("echo.py", t) for t in tokens))
+            return tokens, results
+
+    tokens, results = asyncio.run(asyncio.wait_for(main(), 60))
+    assert [r.status for r in results] == ["ok"] * 1000
+    assert [r.data for r in results] == tokens
+    assert cluster.status()["served"] >= 1000
+
+
+def test_rebinding_a_global_does_not_leak(make_cluster):
+    cluster = make_cluster(pool={"workers": 1},
+                           init="counter = 0\nitems = []\n__return_data = 'unused'\n",
+                           scripts={"bump.py": """
+                               counter = counter + 1
+                               secret = "left behind"
+                               __return_data = str(counter)
+                           """, "look.py": """
+                               __return_data = repr((counter, 'secret' in globals()))
+                           """})
+    cluster.serve()
+    with cluster.client() as c:
+        assert [c.exec("bump.py").data for _ in range(3)] == [b"1"] * 3
+        assert c.exec("look.py").data == b"(0, False)"
+        # python.init's __return_data is the starting value
+        assert c.exec("").data == b"unused"
+
+
+def test_script_error_returns_traceback_and_worker_survives(node):
+    with node.client() as c:
+        pids = {p.pid for p in node.workers()}
+        r = c.exec("", code="def f():\n    raise KeyError('nope')\nf()\n")
+        assert r.status == "script_error"
+        assert "KeyError: 'nope'" in r.error and 'line 2, in f' in r.error
+        assert "runtime/" not in r.error  # the script's frames only
+        r = c.exec("", code="raise SystemExit(3)")
+        assert r.status == "script_error" and "SystemExit" in r.error
+        assert c.exec("echo.py", b"still here").data == b"still here"
+        assert {p.pid for p in node.workers()} == pids
+
+
+def test_bad_names_and_unknown_scripts(node):
+    with node.client() as c:
+        for name in ("../config.toml", "/etc/passwd", ".hidden", "a/b.py", "x\0y",
+                     "..", "n" * 10_000):
+            r = c.exec(name)
+            assert r.status == "bad_request", name
+            assert "plain file name" in r.error
+        r = c.exec("no_such_script.py")
+        assert r.status == "not_found" and "no_such_script.py" in r.error
+
+
+def test_return_data_types(node):
+    with node.client() as c:
+        assert c.exec("", code="__return_data = b'\\xff\\x00'").data == b"\xff\x00"
+        assert c.exec("", code="__return_data = 'h\\u00e9'").data == "hé".encode()
+        r = c.exec("", code="__return_data = 42")
+        assert r.status == "script_error" and "str or bytes" in r.error
+
+
+def test_script_content_runs_before_named_script_in_one_context(node):
+    with node.client() as c:
+        r = c.exec("test_script.py", b"data", code="__cookie_string = 'sid=1'")
+        assert r.data == b"cookie: sid=1: data"
+
+
+def test_named_script_recompiled_when_changed(node):
+    path = node.history / "changing.py"
+    with node.client() as c:
+        for version in range(3):
+            path.write_text(f"__return_data = 'v{version}' + ' ' * {version}\n")
+            assert {c.exec("changing.py").data for _ in range(4)} == \
+                {f"v{version}".encode() + b" " * version}
+
+
+def test_sigkill_of_busy_worker_answers_killed_and_refills(make_cluster):
+    cluster = make_cluster(pool={"workers": 2, "credits": 1},
+                           broker={"request_timeout": 20.0},
+                           scripts={"slow.py": "import time\ntime.sleep(10)\n"})
+    cluster.serve()
+    with cluster.client(timeout=20) as c:
+        rid, wait = c.submit("slow.py")
+        victim = wait_until(lambda: [p for p in cluster.workers()
+                                     if "busy slow.py" in " ".join(p.cmdline())], 5,
+                            "a busy worker")[0]
+        started = time.monotonic()
+        victim.send_signal(signal.SIGKILL)
+        result = c.result(rid, wait)
+        assert result.status == "killed"
+        assert "SIGKILL" in result.error
+        assert time.monotonic() - started < 3.0  # far before the 20 s deadline
+        wait_until(lambda: len(cluster.workers()) == 2 and cluster.status()["workers"] == 2,
+                   10, "pool back at 2 workers")
+        assert victim.pid not in {p.pid for p in cluster.workers()}
+        assert c.exec("echo.py", b"ok").data == b"ok"
+        assert cluster.status()["restarts"] >= 1
+
+
+def test_stopped_worker_is_noticed_and_replaced(make_cluster):
+    cluster = make_cluster(pool={"workers": 2, "credits": 2},
+                           broker={"request_timeout": 20.0},
+                           scripts={"nap.py": "import time\ntime.sleep(0.3)\n"})
+    cluster.serve()
+    with cluster.client(timeout=20) as c:
+        victim = cluster.workers()[0]
+        victim.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        pending = [c.submit("nap.py") for _ in range(6)]
+        results = [c.result(rid, wait) for rid, wait in pending]
+        assert time.monotonic() - started < 10
+        statuses = {r.status for r in results}
+        assert statuses <= {"ok", "killed"}, statuses
+        for r in results:
+            if r.status == "killed":
+                assert "SIGSTOP" in r.error
+        wait_until(lambda: cluster.status()["workers"] == 2 and len(cluster.workers()) == 2,
+                   10, "pool back at 2 workers")
+        assert victim.pid not in {p.pid for p in cluster.workers()}
+        assert all(c.exec("echo.py", b"x").ok for _ in range(4))
+
+
+def test_wall_limit_kills_the_worker_and_answers_timeout(make_cluster):
+    cluster = make_cluster(pool={"workers": 1},
+                           scripts={"spin.py": """
+                               while True:
+                                   try:
+                                       pass
+                                   except BaseException:
+                                       pass
+                           """})
+    cluster.serve()
+    with cluster.client() as c:
+        before = cluster.workers()[0].pid
+        started = time.monotonic()
+        r = c.exec("spin.py", timeout=1.0)
+        assert r.status == "timeout"
+        assert time.monotonic() - started < 3
+        wait_until(lambda: [p.pid for p in cluster.workers()] not in ([], [before]), 10,
+                   "the spinning worker replaced")
+        assert c.exec("echo.py", b"after").data == b"after"
+
+
+def test_full_queue_answers_busy(make_cluster):
+    cluster = make_cluster(pool={"workers": 1, "credits": 1}, broker={"queue_limit": 2},
+                           scripts={"nap.py": "import time\ntime.sleep(0.5)\n"})
+    cluster.serve()
+    with cluster.client(timeout=10) as c:
+        pending = [c.submit("nap.py") for _ in range(6)]
+        statuses = [c.result(rid, wait).status for rid, wait in pending]
+    assert statuses.count("busy") >= 3
+    assert statuses[0] == "ok"
+
+
+def test_worker_recycled_after_max_requests_without_losing_requests(make_cluster):
+    cluster = make_cluster(pool={"workers": 2, "max_requests": 20}, log_level="warning")
+    cluster.serve()
+
+    async def main():
+        async with AsyncClient(cluster.node("n1")["broker"], timeout=20) as client:
+            return await asyncio.gather(*(client.exec("echo.py", b"%d" % i) for i in range(200)))
+
+    results = asyncio.run(asyncio.wait_for(main(), 60))
+    assert [r.data for r in results] == [b"%d" % i for i in range(200)]
+    assert {r.status for r in results} == {"ok"}
+    assert cluster.status()["restarts"] == 0  # recycling is not a crash
+
+
+def test_raising_python_init_refuses_to_start(make_cluster):
+    cluster = make_cluster(init="x = 1\nraise RuntimeError('no database for you')\n")
+    proc = cluster.serve(wait=False)
+    code = proc.wait(30)
+    err = proc.stderr.read().decode()
+    assert code != 0
+    assert "RuntimeError: no database for you" in err
+    assert "python.init\", line 2" in err
+    assert "refuses to start" in err
+    # and it did not crash-loop: the pool ran python.init once
+    assert err.count("RuntimeError: no database for you") == 1
+
+
+def test_sighup_reloads_python_init(make_cluster):
+    cluster = make_cluster(init="version = 1\n", scripts={"v.py": "__return_data = str(version)"})
+    cluster.serve()
+    (cluster.history / "python.init").write_text("version = 2\n")
+    pool = cluster.processes("srw: pool n1")[0]
+    pool.send_signal(signal.SIGHUP)
+    with cluster.client() as c:
+        wait_until(lambda: c.exec("v.py").data == b"2", 15, "the reloaded context")
+        assert pool.is_running()
+
+
+def test_serve_stops_everything_on_sigterm(node):
+    serve = node.procs[0]
+    tree = node.processes("srw: ")
+    assert len(tree) == 4  # broker, pool, 2 workers
+    serve.send_signal(signal.SIGTERM)
+    assert serve.wait(20) == 0
+    wait_until(lambda: not any(p.is_running() and p.status() != "zombie" for p in tree), 10,
+               "every srw process gone")

@@ -1,0 +1,126 @@
+"""Fast tests of pure logic: config, ids and routing, script names, wire messages."""
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from broker import protocol as p
+from runtime.executor import Executor
+from runtime.scripts import ScriptCache, ScriptNameError, check_name
+from srw import config as cfg
+from storage.ring import BadId, Ring, key_id, parse_id
+
+NODE = """
+[[node]]
+name = "n1"
+group = 1
+storage = "tcp://127.0.0.1:1025"
+broker = "tcp://127.0.0.1:1026"
+data_dir = "var/n1"
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_config_defaults_and_relative_paths(tmp_path):
+    config = cfg.load(write(tmp_path, NODE))
+    assert config.pool.workers == 2 and config.broker.request_timeout == 5.0
+    assert config.nodes[0].data_dir == str(tmp_path / "var/n1")
+    assert config.pool.history_dir == str(tmp_path / "history")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[pool]\nworkerz = 3\n" + NODE, "unknown key pool.workerz"),
+    ("[pool]\nworkers = 'x'\n" + NODE, "pool.workers must be int"),
+    ("[pool]\nworkers = 0\n" + NODE, "pool.workers must be at least 1"),
+    ("[broker]\nrequest_timeout = -1\n" + NODE, "request_timeout"),
+    ("[bogus]\n" + NODE, "unknown section or key 'bogus'"),
+    ("[pool]\n", "at least one [[node]]"),
+    (NODE.replace('group = 1\n', ''), "needs key 'group'"),
+    (NODE + NODE, "node names must be unique"),
+    (NODE.replace("tcp://127.0.0.1:1025", "127.0.0.1:1025"), "storage must be a tcp://"),
+    ("[log]\nlevel = 'loud'\n" + NODE, "log.level must be one of"),
+    ("not toml [", "not valid TOML"),
+])
+def test_config_errors_name_the_key(tmp_path, text, words):
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.load(write(tmp_path, text))
+    assert words in str(err.value)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_ids_are_zero_padded_on_the_right():
+    assert parse_id("0123456789") == int("0123456789" + "0" * 118, 16)
+    assert parse_id("f") == 0xF << 508
+    for bad in ("", "xyz", "0" * 129, "12 34"):
+        with pytest.raises(BadId):
+            parse_id(bad)
+
+
+def test_ring_owner_is_largest_start_not_above_id(tmp_path):
+    text = "".join(NODE.replace("n1", name).replace("group = 1", f"group = {g}")
+                   .replace("1025", str(port)).replace("1026", str(port + 1))
+                   for name, g, port in (("a", 1, 2000), ("b", 1, 2002), ("c", 2, 2004)))
+    ring = Ring(cfg.load(write(tmp_path, text)))
+    assert [n.name for n in ring.targets(None, None)] == ["a", "b", "c"]
+    assert [n.name for n in ring.targets(parse_id("01"), None)] == ["a", "c"]
+    assert [n.name for n in ring.targets(parse_id("80"), None)] == ["b", "c"]
+    assert [n.name for n in ring.targets(parse_id("7f"), [1])] == ["a"]
+    assert key_id("k") == key_id(b"k")
+    with pytest.raises(ValueError):
+        ring.targets(None, [7])
+
+
+def test_explicit_ids_wrap_around(tmp_path):
+    text = (NODE.replace('data_dir = "var/n1"', 'data_dir = "var/n1"\nids = ["40", "c0"]')
+            + NODE.replace("n1", "n2").replace("1025", "1027").replace("1026", "1028")
+            .replace('data_dir = "var/n2"', 'data_dir = "var/n2"\nids = ["80"]'))
+    ring = Ring(cfg.load(write(tmp_path, text)))
+    owner = lambda h: ring.owner(1, parse_id(h)).name
+    assert [owner(h) for h in ("00", "3f", "40", "7f", "80", "bf", "c0", "ff")] == \
+        ["n1", "n1", "n1", "n1", "n2", "n2", "n1", "n1"]
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", ".hidden", "a/b", "..", "x\0",
+                                  "", "a" * 300, "a\nb", "a..b"])
+def test_bad_script_names(name):
+    with pytest.raises(ScriptNameError):
+        check_name(name)
+
+
+def test_good_script_names():
+    for name in ("test_script.py", "a-b.c", "x+1", "python.init"):
+        assert check_name(name) == name
+
+
+def test_executor_isolates_requests(tmp_path):
+    (tmp_path / "s.py").write_text("g.append(1)\nx = len(g)\n__return_data = str(x)\n")
+    ex = Executor({"g": [], "__builtins__": __builtins__}, ScriptCache(tmp_path), 100)
+    assert ex.run("s.py", "", b"", "") == ("ok", b"1", "")
+    # mutation of a shared object is visible (copy isolation), rebinding is not
+    assert ex.run("s.py", "", b"", "") == ("ok", b"2", "")
+    assert ex.run("", "__return_data = 'y' * 101", b"", "")[0] == "output_too_large"
+    assert ex.run("", "__return_data = b'y' * 100", b"", "")[0] == "ok"
+    assert ex.run("", "def (", b"", "")[0] == "script_error"
+    assert ex.run("", "x = bytearray(10**12)", b"", "")[0] == "memory"
+
+
+def test_exec_meta_validation():
+    assert p.ExecMeta.from_bytes(p.ExecMeta(name="a", timeout=1.5).to_bytes()).timeout == 1.5
+    for bad in (b"\xc1", msgpack.packb([1]), msgpack.packb({"name": 1}),
+                msgpack.packb({"timeout": 0}), msgpack.packb({"timeout": True}),
+                msgpack.packb({"what": 1})):
+        with pytest.raises(p.ProtocolError):
+            p.ExecMeta.from_bytes(bad)
+
+
+def test_reply_round_trip():
+    frames = p.reply_frames(b"client", b"rid", p.TIMEOUT, b"n1", b"2", b"d", "late")
+    rid, result = p.parse_reply(frames[1:])
+    assert rid == b"rid"
+    assert result == p.Result("n1", 2, "timeout", b"d", "late")
+    assert p.Result("n", 1, "ok", b"\xff").to_json()["data_base64"] == "/w=="
