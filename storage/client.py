@@ -14,7 +14,7 @@ from broker import protocol as p
 from broker.client import BrokerUnavailable, Client, Result, gather
 from srw import config as cfg
 
-from .ring import Ring, key_id, parse_id
+from .ring import Ring, id_hex, key_id, parse_id
 
 __all__ = ["Session", "Result"]
 
@@ -46,7 +46,7 @@ class Session:
              key: str | bytes | None = None, groups: list[int] | None = None,
              cookie: str = "", timeout: float | None = None) -> list[Result]:
         targets = self.route(id, key, groups)
-        hex_id = id if id is not None else (None if key is None else f"{key_id(key):x}")
+        hex_id = id if id is not None else (None if key is None else id_hex(key_id(key)))
         calls = []
         for node in targets:
             client = self._broker(node.name)

@@ -1,0 +1,34 @@
+# srw: `make serve` installs everything and starts the default node;
+# `make test` installs everything and runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: serve test bench system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Debian packages the tests and benches use: wget (the 2011 example),
+# redis-server (baseline in the benches), libseccomp2 (sandbox).
+system-deps:
+	@if command -v apt-get >/dev/null && { ! command -v wget >/dev/null || \
+	    ! command -v redis-server >/dev/null || ! ldconfig -p | grep -q libseccomp.so.2; }; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	        wget redis-server libseccomp2 >/dev/null; fi
+
+serve: $(STAMP)
+	$(VENV)/bin/srw serve --config config.toml
+
+test: system-deps $(STAMP)
+	$(PY) -m pytest -q
+
+bench: system-deps $(STAMP)
+	$(PY) bench/exec_bench.py
+
+clean:
+	rm -rf $(VENV) var
