@@ -27,13 +27,19 @@ from srw.config import Config, NodeSettings
 log = logging.getLogger("srw.broker")
 
 
-class Job:
-    __slots__ = ("client", "rid", "deadline", "received", "meta", "data", "worker")
+def lock_key(hex_id: str) -> str:
+    """One spelling per id: ids are zero-padded on the right, so trailing zeros vanish."""
+    return hex_id.lower().rstrip("0")
 
-    def __init__(self, client, rid, deadline, received, meta, data):
+
+class Job:
+    __slots__ = ("client", "rid", "deadline", "received", "meta", "data", "worker", "lock")
+
+    def __init__(self, client, rid, deadline, received, meta, data, lock):
         self.client, self.rid, self.deadline = client, rid, deadline
         self.received, self.meta, self.data = received, meta, data
         self.worker = None
+        self.lock = lock  # the id this job holds or waits for, or None
 
 
 class Worker:
@@ -66,6 +72,10 @@ class Broker:
         self.by_slot: dict[int, Worker] = {}
         self.tokens: collections.deque[Worker] = collections.deque()
         self.queue: collections.OrderedDict[bytes, Job] = collections.OrderedDict()
+        # Per-id locks: an exec with an id runs alone for that id on this node; the
+        # execs that come while it runs wait here in order (id -> their job ids).
+        self.locks: dict[str, collections.deque[bytes]] = {}
+        self.blocked = 0
         self.jobs: dict[bytes, Job] = {}
         self.deadlines: list[tuple[float, bytes]] = []
         self.next_job = 0
@@ -164,7 +174,7 @@ class Broker:
             self.reply(req.client, req.rid, p.UNAVAILABLE,
                        error=f"node {self.node.name} is shutting down")
             return
-        if len(self.queue) >= self.settings.queue_limit:
+        if len(self.queue) + self.blocked >= self.settings.queue_limit:
             self.reply(req.client, req.rid, p.BUSY,
                        error=f"node {self.node.name}: queue full ({self.settings.queue_limit} "
                              "requests waiting); retry later or raise broker.queue_limit")
@@ -173,10 +183,18 @@ class Broker:
         timeout = meta.timeout or self.settings.request_timeout
         job_id = b"%x" % self.next_job
         self.next_job += 1
-        job = Job(req.client, req.rid, now + timeout, time.perf_counter(), req.meta, req.data)
+        lock = lock_key(meta.id) if meta.id else None
+        job = Job(req.client, req.rid, now + timeout, time.perf_counter(), req.meta, req.data,
+                  lock)
         self.jobs[job_id] = job
-        self.queue[job_id] = job
         heapq.heappush(self.deadlines, (job.deadline, job_id))
+        if lock is not None and lock in self.locks:
+            self.locks[lock].append(job_id)
+            self.blocked += 1
+            return
+        if lock is not None:
+            self.locks[lock] = collections.deque()
+        self.queue[job_id] = job
 
     def reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
               error: str = "") -> None:
@@ -192,9 +210,30 @@ class Broker:
         if job is None:
             return  # already answered (timeout) or unknown
         self.queue.pop(job_id, None)
+        if job.lock is not None:
+            self._release(job_id, job.lock)
         self.served += 1
         self.latencies.append(int((time.perf_counter() - job.received) * 1e6))
         self.reply(job.client, job.rid, status, data, error)
+
+    def _release(self, job_id: bytes, lock: str) -> None:
+        """The lock holder finished: the next live waiter for that id holds it now."""
+        waiting = self.locks.get(lock)
+        if waiting is None:
+            return
+        if job_id in waiting:  # a waiter that timed out: it never held the lock
+            waiting.remove(job_id)
+            self.blocked -= 1
+            return
+        while waiting:
+            next_id = waiting.popleft()
+            self.blocked -= 1
+            job = self.jobs.get(next_id)
+            if job is not None:
+                self.queue[next_id] = job
+                self.queue.move_to_end(next_id, last=False)
+                return
+        del self.locks[lock]
 
     # Workers ----------------------------------------------------------------
 
@@ -344,5 +383,5 @@ class Broker:
         return {"name": self.node.name, "group": self.node.group,
                 "workers": len(self.workers),
                 "busy": sum(1 for w in self.workers.values() if w.jobs),
-                "queued": len(self.queue), "served": self.served, "restarts": self.restarts,
+                "queued": len(self.queue) + self.blocked, "served": self.served, "restarts": self.restarts,
                 "latency_us": {"p50": pct(0.5), "p99": pct(0.99)}}

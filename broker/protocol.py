@@ -45,6 +45,7 @@ REREGISTER = b"\x12"
 BYE = b"\x13"
 
 MAX_RID = 64
+_HEX = frozenset("0123456789abcdefABCDEF")
 
 # Reply statuses (DESIGN.md "Statuses").
 OK = "ok"
@@ -132,8 +133,9 @@ class ExecMeta:
                                          or isinstance(meta.timeout, bool)
                                          or not meta.timeout > 0):
             raise ProtocolError("exec meta 'timeout' must be a positive number of seconds")
-        if meta.id is not None and not isinstance(meta.id, str):
-            raise ProtocolError("exec meta 'id' must be a hex string")
+        if meta.id is not None and not (isinstance(meta.id, str) and 0 < len(meta.id) <= 128
+                                        and all(c in _HEX for c in meta.id)):
+            raise ProtocolError("exec meta 'id' must be a hex string of 1 to 128 digits")
         return meta
 
 

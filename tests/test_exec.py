@@ -235,3 +235,29 @@ def test_serve_stops_everything_on_sigterm(node):
     assert serve.wait(20) == 0
     wait_until(lambda: not any(p.is_running() and p.status() != "zombie" for p in tree), 10,
                "every srw process gone")
+
+
+def test_exec_with_an_id_holds_the_id_lock(make_cluster, tmp_path):
+    """Read-modify-write scripts on one id lose no update; other ids run in parallel."""
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    cluster = make_cluster(pool={"workers": 4}, log_level="warning", scripts={"incr.py": """
+        import time
+        path = __input_binary_data_tuple[0].decode()
+        value = int(open(path).read())
+        time.sleep(0.001)
+        open(path, "w").write(str(value + 1))
+        __return_data = str(value + 1)
+    """})
+    cluster.serve()
+
+    async def main():
+        async with AsyncClient(cluster.node("n1")["broker"], timeout=30) as client:
+            return await asyncio.gather(*(
+                client.exec("incr.py", str(counter).encode(), id="0123456789" + "0" * (i % 3))
+                for i in range(200)))
+
+    results = asyncio.run(asyncio.wait_for(main(), 60))
+    assert {r.status for r in results} == {"ok"}
+    assert counter.read_text() == "200"
+    assert sorted(int(r.data) for r in results) == list(range(1, 201))
