@@ -64,7 +64,6 @@ class Broker:
     def __init__(self, config: Config, node: NodeSettings, ctx: zmq.Context | None = None):
         self.node = node
         self.settings = config.broker
-        self.node_b, self.group_b = node.name.encode(), str(node.group).encode()
         self.ctx = ctx or zmq.Context()
         self.front = self._bind(zmq.ROUTER, node.broker)
         self.back = self._bind(zmq.ROUTER, node.workers_endpoint)
@@ -152,21 +151,20 @@ class Broker:
 
     def read_clients(self) -> None:
         for _ in range(1000):
-            try:
-                frames = self.front.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not p.readable(self.front):
                 return
-            self.on_client(frames)
+            self.on_client(p.recv_frames(self.front))
 
     def on_client(self, frames: list[bytes]) -> None:
         try:
             req = p.FrontRequest.from_frames(frames)
-            meta = p.ExecMeta.from_bytes(req.meta) if req.cmd == p.EXEC else None
         except p.ProtocolError as exc:
             log.warning("bad request from client %s: %s", frames[0].hex(), exc)
-            if len(frames) >= 3 and len(frames[2]) <= p.MAX_RID:
-                self.reply(frames[0], frames[2], p.BAD_REQUEST, error=f"bad request: {exc}")
+            rid = p.salvage_rid(frames)
+            if rid is not None:
+                self.reply(frames[0], rid, p.BAD_REQUEST, error=f"bad request: {exc}")
             return
+        meta = req.meta
         if req.cmd == p.STATUS:
             self.reply(req.client, req.rid, p.OK, p.pack(self.status()))
             return
@@ -184,8 +182,7 @@ class Broker:
         job_id = b"%x" % self.next_job
         self.next_job += 1
         lock = lock_key(meta.id) if meta.id else None
-        job = Job(req.client, req.rid, now + timeout, time.perf_counter(), req.meta, req.data,
-                  lock)
+        job = Job(req.client, req.rid, now + timeout, time.perf_counter(), meta, req.data, lock)
         self.jobs[job_id] = job
         heapq.heappush(self.deadlines, (job.deadline, job_id))
         if lock is not None and lock in self.locks:
@@ -199,9 +196,8 @@ class Broker:
     def reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
               error: str = "") -> None:
         try:
-            self.front.send_multipart(
-                p.reply_frames(client, rid, status, self.node_b, self.group_b, data, error),
-                zmq.NOBLOCK)
+            p.send_frames(self.front, p.reply_frames(client, rid, status, self.node.name,
+                                                     self.node.group, data, error), noblock=True)
         except zmq.ZMQError as exc:  # client gone or its queue full: nothing to do
             log.debug("reply to %s dropped: %s", client.hex(), exc)
 
@@ -239,10 +235,9 @@ class Broker:
 
     def read_workers(self) -> None:
         for _ in range(1000):
-            try:
-                frames = self.back.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not p.readable(self.back):
                 return
+            frames = p.recv_frames(self.back)
             try:
                 self.on_worker(frames)
             except p.ProtocolError as exc:
@@ -282,7 +277,14 @@ class Broker:
 
     def on_ready(self, identity: bytes, ready: p.Ready, now: float) -> None:
         self.restarts = max(self.restarts, ready.restarts)
-        old = self.workers.get(identity) or self.by_slot.get(ready.slot)
+        old = self.workers.get(identity)
+        if old is None and ready.replaces:
+            old = self.by_slot.get(ready.slot)
+            if old is not None and old.pid != ready.replaces:
+                old = None
+        if old is None and ready.slot in self.by_slot:
+            log.warning("slot %d claimed by pid %d and pid %d: do two pools serve node %s?",
+                        ready.slot, self.by_slot[ready.slot].pid, ready.pid, self.node.name)
         if old is not None:
             why = (f"worker {self.node.name}#{old.slot} (pid {old.pid}) went away: "
                    f"{ready.reason or 'it registered again'}")
@@ -335,8 +337,8 @@ class Broker:
             job_id, job = queue.popitem(last=False)
             job.worker = worker
             worker.jobs.add(job_id)
-            self.back.send_multipart(
-                p.job_frames(worker.identity, job_id, job.deadline - now, job.meta, job.data))
+            p.send_frames(self.back, p.job_frames(worker.identity, job_id, job.deadline - now,
+                                                  job.meta, job.data))
 
     def expire_jobs(self, now: float) -> None:
         while self.deadlines and self.deadlines[0][0] <= now:

@@ -59,7 +59,7 @@ class _Base:
         meta = p.ExecMeta(name=name, code=code, cookie=cookie, timeout=timeout, id=id)
         rid = self._next_rid()
         wait = (timeout if timeout is not None else DEFAULT_WAIT) + GRACE
-        return rid, p.request_frames(p.EXEC, rid, meta.to_bytes(), bytes(data)), wait
+        return rid, p.request_frames(p.EXEC, rid, meta.check(), bytes(data)), wait
 
     def _unavailable(self, wait: float) -> BrokerUnavailable:
         return BrokerUnavailable(f"no reply from broker {self.endpoint} within {wait:.1f} s; "
@@ -103,20 +103,19 @@ class Client(_Base):
             self._outstanding.discard(rid)
 
     def _send(self, frames: list[bytes]) -> None:
-        copy = len(frames[-1]) < 65536
         try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+            p.send_frames(self._sock, frames, noblock=True)
             return
         except zmq.Again:
             pass  # not connected (yet): wait a little for the connection
         if not self._sock.poll(int(CONNECT_WAIT * 1000), zmq.POLLOUT):
             raise self._unreachable()
-        self._sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+        p.send_frames(self._sock, frames, noblock=True)
 
     def status(self, timeout: float = 5.0) -> dict:
         """The node's pool: workers, busy, queued, served, restarts, latency_us."""
         rid = self._next_rid()
-        self._send(p.request_frames(p.STATUS, rid, b"", b""))
+        self._send(p.request_frames(p.STATUS, rid, p.ExecMeta(), b""))
         self._outstanding.add(rid)
         result = self.result(rid, timeout)
         return p.unpack_map(result.data)
@@ -130,7 +129,7 @@ class Client(_Base):
                     raise self._unavailable(wait)
                 continue
             try:
-                got, result = p.parse_reply(self._sock.recv_multipart())
+                got, result = p.parse_reply(p.recv_frames(self._sock))
             except p.ProtocolError:
                 continue
             if got == rid:
@@ -144,11 +143,9 @@ class Client(_Base):
 
     def _drain(self) -> None:
         """Keep every waiting reply to an outstanding request, without blocking."""
-        while True:
+        while p.readable(self._sock):
             try:
-                got, result = p.parse_reply(self._sock.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
+                got, result = p.parse_reply(p.recv_frames(self._sock))
             except p.ProtocolError:
                 continue
             if got in self._outstanding:
@@ -214,7 +211,7 @@ class AsyncClient(_Base):
 
     async def status(self, timeout: float = 5.0) -> dict:
         rid = self._next_rid()
-        result = await self._request(rid, p.request_frames(p.STATUS, rid, b"", b""), timeout)
+        result = await self._request(rid, p.request_frames(p.STATUS, rid, p.ExecMeta(), b""), timeout)
         return p.unpack_map(result.data)
 
     async def _request(self, rid: bytes, frames: list, wait: float) -> Result:

@@ -77,9 +77,11 @@ class Worker:
         handlers = {p.REQUEST: self.on_request, p.HEARTBEAT: self.on_heartbeat,
                     p.REREGISTER: self.on_reregister, p.BYE: self.on_bye}
         last_heard = next_hb = time.monotonic()
+        wait_ms = int(self.hb_interval * 1000)
         while not self.done:
-            if self.sock.poll(int(self.hb_interval * 1000)):
-                frames = self.sock.recv_multipart()
+            # Requests usually wait in the socket (credits): poll only when none does.
+            if p.readable(self.sock) or self.sock.poll(wait_ms):
+                frames = p.recv_frames(self.sock)
                 last_heard = time.monotonic()
                 handler = handlers.get(frames[0])
                 if handler is None:
@@ -142,7 +144,7 @@ class Worker:
             else "<bad name>"
         setproctitle.setproctitle(f"{self.title} busy {shown}")
         status, out, error = self.executor.run(meta.name, meta.code, data, meta.cookie)
-        self.sock.send_multipart(p.worker_reply_frames(job, status, out, error))
+        p.send_frames(self.sock, p.worker_reply_frames(job, status, out, error))
         self.served += 1
         self.slots.idle(self.slot, self.pid, self.served)
         setproctitle.setproctitle(f"{self.title} idle")

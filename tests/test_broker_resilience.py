@@ -49,15 +49,20 @@ def raw_socket(ctx, kind, endpoint, identity=None):
     return sock
 
 
+def header(*fields):
+    return msgpack.packb(list(fields))
+
+
 GARBAGE = [
     [b""], [b"X"], [b"X", b"rid"], [b"\xff" * 3, b"r", b"", b""],
-    [p.EXEC, b"r1", b"not msgpack \xc1", b""],
-    [p.EXEC, b"r2", msgpack.packb([1, 2, 3]), b""],
-    [p.EXEC, b"r3", msgpack.packb({"name": 5}), b""],
-    [p.EXEC, b"r4", msgpack.packb({"nam": "x"}), b""],
-    [p.EXEC, b"r5", msgpack.packb({"name": "echo.py", "timeout": -1}), b""],
-    [p.EXEC, b"x" * 100, msgpack.packb({}), b""],
-    [p.EXEC, b"r6", msgpack.packb({}), b"", b"extra"],
+    [header(1, b"r1", "x"), b""],
+    [header(1, b"r2", 5, "", "", None, None), b""],
+    [header(9, b"r3", "", "", "", None, None), b""],
+    [header(1, b"r4", "echo.py", "", "", -1, None), b""],
+    [header(1, b"r5", "", "", "", None, "zz"), b""],
+    [header(1, b"r6", "", "", "", None, None), b"", b"extra"],
+    [header(1, b"x" * 100, "", "", "", None, None), b""],
+    [msgpack.packb({"name": "x"}), b""],
     [os.urandom(50) for _ in range(7)],
 ]
 
@@ -74,9 +79,9 @@ def test_garbage_on_the_front_is_answered_or_dropped(node):
                 replies.append(sock.recv_multipart())
             except zmq.Again:
                 break
-        statuses = {r[0]: r[1] for r in replies}
+        statuses = {rid: result.status for rid, result in map(p.parse_reply, replies)}
         for rid in (b"r1", b"r2", b"r3", b"r4", b"r5", b"r6"):
-            assert statuses.get(rid) == b"bad_request", rid
+            assert statuses.get(rid) == "bad_request", rid
         with node.client() as c:
             assert c.exec("echo.py", b"fine").data == b"fine"
     finally:

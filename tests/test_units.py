@@ -109,17 +109,22 @@ def test_executor_isolates_requests(tmp_path):
     assert ex.run("", "x = bytearray(10**12)", b"", "")[0] == "memory"
 
 
-def test_exec_meta_validation():
-    assert p.ExecMeta.from_bytes(p.ExecMeta(name="a", timeout=1.5).to_bytes()).timeout == 1.5
-    for bad in (b"\xc1", msgpack.packb([1]), msgpack.packb({"name": 1}),
-                msgpack.packb({"timeout": 0}), msgpack.packb({"timeout": True}),
-                msgpack.packb({"what": 1})):
+def test_front_request_validation():
+    good = p.request_frames(p.EXEC, b"r", p.ExecMeta(name="a", timeout=1.5, id="ab"), b"d")
+    req = p.FrontRequest.from_frames([b"client", *good])
+    assert req.meta.timeout == 1.5 and req.rid == b"r" and req.data == b"d"
+    for header in ([1, b"r"], [1, b"r", 1, "", "", None, None], [1, b"r", "", "", "", 0, None],
+                   [1, b"r", "", "", "", True, None], [1, b"r", "", "", "", None, "xyz"],
+                   [7, b"r", "", "", "", None, None], [1, "r", "", "", "", None, None],
+                   {"name": "x"}):
         with pytest.raises(p.ProtocolError):
-            p.ExecMeta.from_bytes(bad)
+            p.FrontRequest.from_frames([b"client", msgpack.packb(header), b""])
+    with pytest.raises(p.ProtocolError):
+        p.FrontRequest.from_frames([b"client", b"\xc1", b""])
 
 
 def test_reply_round_trip():
-    frames = p.reply_frames(b"client", b"rid", p.TIMEOUT, b"n1", b"2", b"d", "late")
+    frames = p.reply_frames(b"client", b"rid", p.TIMEOUT, "n1", 2, b"d", "late")
     rid, result = p.parse_reply(frames[1:])
     assert rid == b"rid"
     assert result == p.Result("n1", 2, "timeout", b"d", "late")

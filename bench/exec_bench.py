@@ -1,0 +1,299 @@
+"""Exec benchmark: srw next to its baselines, all measured in one run.
+
+    python bench/exec_bench.py [--requests 20000] [--workers 2]
+
+Prints, side by side:
+  * bare pyzmq DEALER <-> ROUTER echo, one hop over ipc (the transport floor);
+  * Redis EVAL "return ARGV[1]" through redis-py (hiredis) on a unix socket,
+    against a redis-server this bench starts and stops;
+  * srw trivial exec (echo.py) through a real node: client -> broker -> worker.
+For each: p50/p99 of one-at-a-time requests, and requests/s with 64 in flight
+(pipelined on one socket).  Then memory: a python.init holding ~100 MB of
+Python objects, each worker's private memory (USS) after 1,000 requests,
+next to the parent's RSS.  Figures only; nothing here is a pass/fail test.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import zmq
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from broker import protocol as p  # noqa: E402
+from broker.client import BrokerUnavailable, Client  # noqa: E402
+
+PAYLOAD = b"x" * 100   # with the meta, ~132 bytes on the wire like the design's floors
+IN_FLIGHT = 64
+
+
+def pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def row(name: str, lat_us: list[float], rate: float) -> str:
+    return (f"{name:44} {pct(lat_us, 0.5):8.0f} {pct(lat_us, 0.99):8.0f} "
+            f"{rate:10,.0f}")
+
+
+# Transport: one round trip at a time, then IN_FLIGHT pipelined --------------------
+
+def latency(sock: zmq.Socket, frames: list[bytes], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        sock.send_multipart(frames)
+        sock.recv_multipart()
+        out.append((time.perf_counter() - t) * 1e6)
+    return out
+
+
+def throughput(sock: zmq.Socket, frames: list[bytes], n: int) -> float:
+    t = time.perf_counter()
+    sent = 0
+    for _ in range(min(IN_FLIGHT, n)):
+        sock.send_multipart(frames)
+        sent += 1
+    for _ in range(n):
+        sock.recv_multipart()
+        if sent < n:
+            sock.send_multipart(frames)
+            sent += 1
+    return n / (time.perf_counter() - t)
+
+
+ECHO_SERVER = """
+import sys, zmq
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1])
+while True:
+    s.send_multipart(s.recv_multipart())
+"""
+
+
+def bench_raw_echo(tmp: Path, n: int) -> tuple[list[float], float]:
+    endpoint = f"ipc://{tmp}/echo.ipc"
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint])
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(endpoint)
+    try:
+        latency(sock, [PAYLOAD], 500)
+        lat = latency(sock, [PAYLOAD], n // 4)
+        rate = throughput(sock, [PAYLOAD], n)
+    finally:
+        server.kill()
+        server.wait()
+        ctx.destroy(linger=0)
+    return lat, rate
+
+
+def bench_redis(tmp: Path, n: int) -> tuple[list[float], float] | None:
+    server_bin = shutil.which("redis-server")
+    if server_bin is None:
+        print("redis-server not found: install Debian's redis-server (make system-deps)")
+        return None
+    import redis
+    sock_path = str(tmp / "redis.sock")
+    server = subprocess.Popen([server_bin, "--port", "0", "--unixsocket", sock_path,
+                               "--save", "", "--appendonly", "no"],
+                              stdout=subprocess.DEVNULL)
+    try:
+        r = redis.Redis(unix_socket_path=sock_path)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        script = "return ARGV[1]"
+        sha = r.script_load(script)
+        for _ in range(500):
+            r.evalsha(sha, 0, PAYLOAD)
+        lat = []
+        for _ in range(n // 4):
+            t = time.perf_counter()
+            r.eval(script, 0, PAYLOAD)
+            lat.append((time.perf_counter() - t) * 1e6)
+        t = time.perf_counter()
+        done = 0
+        while done < n:
+            pipe = r.pipeline(transaction=False)
+            for _ in range(IN_FLIGHT):
+                pipe.eval(script, 0, PAYLOAD)
+            pipe.execute()
+            done += IN_FLIGHT
+        rate = done / (time.perf_counter() - t)
+        r.close()
+    finally:
+        server.terminate()
+        server.wait()
+    return lat, rate
+
+
+# srw ------------------------------------------------------------------------------
+
+def write_config(root: Path, workers: int, init: str | None = None) -> Path:
+    history = root / "history"
+    shutil.copytree(REPO / "history", history)
+    if init is not None:
+        (history / "python.init").write_text(init)
+    config = root / "config.toml"
+    config.write_text(f"""
+[pool]
+workers = {workers}
+history_dir = "history"
+
+[broker]
+request_timeout = 30.0
+
+[log]
+level = "warning"
+file = "srw.log"
+
+[[node]]
+name = "bench"
+group = 1
+storage = "tcp://127.0.0.1:{free_port()}"
+broker = "tcp://127.0.0.1:{free_port()}"
+data_dir = "var"
+""")
+    return config
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Node:
+    """`srw serve` on a temporary config, ready when all workers registered."""
+
+    def __init__(self, config: Path, workers: int):
+        import tomllib
+        self.endpoint = tomllib.loads(config.read_text())["node"][0]["broker"]
+        self.proc = subprocess.Popen([sys.executable, "-m", "srw", "serve", "--config",
+                                      str(config)], stdout=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 60
+        with Client(self.endpoint) as c:
+            while True:
+                try:
+                    if c.status(timeout=0.5)["workers"] >= workers:
+                        break
+                except BrokerUnavailable:
+                    pass
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"node did not start; see {config.parent}/srw.log")
+                time.sleep(0.05)
+
+    def processes(self) -> tuple[psutil.Process, list[psutil.Process]]:
+        tree = psutil.Process(self.proc.pid).children(recursive=True)
+        pool = next(p for p in tree if " ".join(p.cmdline()).startswith("srw: pool"))
+        return pool, pool.children()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def bench_srw(tmp: Path, n: int, workers: int) -> tuple[list[float], float]:
+    node = Node(write_config(tmp / "exec", workers), workers)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(node.endpoint)
+    frames = p.request_frames(p.EXEC, b"r", p.ExecMeta(name="echo.py"), PAYLOAD)
+    try:
+        reply = latency(sock, frames, 1)
+        assert reply, "no reply"
+        latency(sock, frames, 500)
+        lat = latency(sock, frames, n // 4)
+        rate = throughput(sock, frames, n)
+        sock.send_multipart(frames)
+        status = p.parse_reply(sock.recv_multipart())[1].status
+        assert status == "ok", status
+    finally:
+        ctx.destroy(linger=0)
+        node.stop()
+    return lat, rate
+
+
+BIG_INIT = """
+# ~100 MB of Python objects in the global context.
+big = [("x%07d" % i) * 3 for i in range(1_000_000)]
+table = {i: (i, str(i)) for i in range(300_000)}
+__return_data = 'unused'
+"""
+
+
+def bench_memory(tmp: Path, workers: int) -> None:
+    node = Node(write_config(tmp / "mem", workers, BIG_INIT), workers)
+    try:
+        with Client(node.endpoint, timeout=30) as c:
+            for i in range(1000):
+                r = c.exec("", code="__return_data = str(len(big) + len(table))")
+                assert r.ok, r
+        pool, workers_ps = node.processes()
+        print(f"\nmemory: python.init holding ~100 MB; after 1,000 requests")
+        print(f"  pool parent RSS {pool.memory_info().rss / 2**20:8.1f} MB")
+        for w in workers_ps:
+            info = w.memory_full_info()
+            print(f"  {' '.join(w.cmdline()):30} USS {info.uss / 2**20:6.2f} MB "
+                  f"(RSS {info.rss / 2**20:.1f} MB shared with the parent)")
+    finally:
+        node.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=20000, help="requests per throughput run")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    n = args.requests
+    print(f"exec bench: {os.cpu_count()} CPUs, {len(PAYLOAD)} B payload, "
+          f"{args.workers} workers, {IN_FLIGHT} in flight for req/s")
+    with tempfile.TemporaryDirectory(prefix="srw-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        results = {}
+        print("measuring raw pyzmq echo ...", flush=True)
+        results["raw pyzmq DEALER<->ROUTER echo, ipc"] = bench_raw_echo(tmp, n)
+        print("measuring Redis EVAL ...", flush=True)
+        redis_result = bench_redis(tmp, n)
+        if redis_result:
+            results["Redis EVAL 'return ARGV[1]' (redis-py, unix)"] = redis_result
+        print("measuring srw exec ...", flush=True)
+        results["srw exec echo.py (client->broker->worker)"] = bench_srw(tmp, n, args.workers)
+        print(f"\n{'path':44} {'p50 us':>8} {'p99 us':>8} {'req/s':>10}")
+        for name, (lat, rate) in results.items():
+            print(row(name, lat, rate))
+        srw_lat, srw_rate = results["srw exec echo.py (client->broker->worker)"]
+        if redis_result:
+            ratio = pct(srw_lat, 0.5) / pct(redis_result[0], 0.5)
+            print(f"\nsrw p50 / Redis EVAL p50 = {ratio:.2f} (target <= 2.0); "
+                  f"srw p99 = {pct(srw_lat, 0.99):.0f} us (target <= 1000); "
+                  f"srw {srw_rate:,.0f} req/s (target >= 20,000)")
+        if not args.skip_memory:
+            bench_memory(tmp, args.workers)
+
+
+if __name__ == "__main__":
+    main()
