@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test bench system-deps clean
+.PHONY: serve test bench loadtest system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,18 @@ test: system-deps $(STAMP)
 
 bench: system-deps $(STAMP)
 	$(PY) bench/exec_bench.py
+
+# Load test: starts a node from CONFIG, runs locust headless, stops the node;
+# reports in loadtest/reports/.  Exits non-zero if any request failed.
+CONFIG     ?= config.toml
+USERS      ?= 50
+DURATION   ?= 60
+TAGS       ?=
+USER_CLASS ?= ZmqUser
+KILL_EVERY ?= 0
+loadtest: $(STAMP)
+	$(PY) loadtest/run.py --config $(CONFIG) --users $(USERS) --duration $(DURATION) \
+	    --user $(USER_CLASS) --kill-every $(KILL_EVERY) $(if $(TAGS),--tags $(TAGS))
 
 clean:
 	rm -rf $(VENV) var
