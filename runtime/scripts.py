@@ -44,12 +44,12 @@ class ScriptCache:
     """Named scripts of one history directory, compiled once per file version."""
 
     def __init__(self, history_dir: str | Path):
-        self.history_dir = Path(history_dir)
+        self.history_dir = str(history_dir)
         self._cache: dict[str, tuple[int, int, CodeType]] = {}
 
     def get(self, name: str) -> CodeType:
         check_name(name)
-        path = self.history_dir / name
+        path = os.path.join(self.history_dir, name)  # per request: no pathlib
         try:
             st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
