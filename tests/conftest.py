@@ -223,3 +223,22 @@ def node(make_cluster):
     cluster = make_cluster()
     cluster.serve()
     return cluster
+
+
+# HTTP proxy --------------------------------------------------------------------
+
+def proxy_url(cluster: Cluster, path: str = "") -> str:
+    return f"http://{cluster.proxy['listen']}{path}"
+
+
+def wait_proxy(cluster: Cluster, timeout: float = READY_TIMEOUT) -> None:
+    """Wait until the proxy of `cluster` accepts connections on its listen port."""
+    host, port = cluster.proxy["listen"].rsplit(":", 1)
+
+    def accepting():
+        try:
+            socket.create_connection((host, int(port)), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+    wait_until(accepting, timeout, f"the proxy on {cluster.proxy['listen']}", interval=0.05)
