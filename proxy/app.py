@@ -244,7 +244,7 @@ def _per_group_reply(done: str, results: list[Result], missing_ok: bool) -> web.
     if failed:
         return text(HTTP_STATUS.get(failed[0].status, 500),
                     f"{done} failed in {len(failed)} of {len(results)} groups\n" + "\n".join(lines))
-    return text(200, f"{done} ({len(results)} groups)\n" + "\n".join(lines))
+    return text(200, f"{done} in {len(results)} group(s)\n" + "\n".join(lines))
 
 
 # Ping and status --------------------------------------------------------------

@@ -15,23 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import Cluster, proxy_url, wait_proxy, wait_until
+from conftest import proxy_request as request
 
 DATA = b"this is some data in POST request"
 ORIGINAL_REPLY = b"its nothing I can do for you without cookies: this is some data in POST request"
 MAX_BODY = 65536
-
-
-def request(cluster: Cluster, method: str, path: str, body: bytes | None = None,
-            headers: dict | None = None, timeout: float = 15.0):
-    """One HTTP request on a fresh connection: (status, headers, body)."""
-    host, port = cluster.proxy["listen"].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.headers, resp.read()
-    finally:
-        conn.close()
 
 
 def post(cluster: Cluster, query: str, body: bytes = DATA, headers: dict | None = None):
