@@ -29,6 +29,7 @@ test: system-deps $(STAMP)
 
 bench: system-deps $(STAMP)
 	$(PY) bench/exec_bench.py
+	$(PY) bench/http_bench.py
 
 clean:
 	rm -rf $(VENV) var

@@ -255,7 +255,7 @@ async def ping(request: web.Request) -> web.Response:
     if down:
         return text(503, "\n".join(f"node {n['name']} (group {n['group']}) does not answer: "
                                    f"{n['error']}" for n in down))
-    return text(200, f"ok: all {len(nodes)} nodes answer")
+    return text(200, f"ok: {len(nodes)} of {len(nodes)} nodes answer")
 
 
 async def status(request: web.Request) -> web.Response:

@@ -27,9 +27,11 @@ class AccessLog(AbstractAccessLogger):
     aiohttp's format-string logger, which parses its format on every line)."""
 
     def log(self, request, response, time: float) -> None:
+        size = response.content_length
         self.logger.info('%s "%s %s HTTP/%d.%d" %d %d B %d us', request.remote, request.method,
                          request.rel_url, request.version.major, request.version.minor,
-                         response.status, response.body_length, time * 1e6)
+                         response.status, response.body_length if size is None else size,
+                         time * 1e6)
 
 
 def split_listen(listen: str) -> tuple[str, int]:
