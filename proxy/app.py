@@ -208,29 +208,34 @@ def multipart_reply(results: list[Result]) -> web.Response:
 
 async def read_key(request: web.Request) -> web.Response:
     key = _name(_query(request, ("name",)), "key")
-    not_found, unavailable = storage_errors()
-    try:
-        data = await request.app[DATA].read(key)
-    except not_found:
-        raise HTTPProblem(404, f"no key {key[:80]!r} in any group") from None
-    except unavailable as exc:
-        raise HTTPProblem(503, f"cannot read {key[:80]!r}: {exc}") from None
+    data = await _storage(request.app[DATA].read(key), "read", key)
     return web.Response(body=data, content_type=OCTETS)
 
 
 async def upload_key(request: web.Request) -> web.Response:
     key = _name(_query(request, ("upload", "name")), "key")
     data = await _body(request)
-    results = await request.app[DATA].write(key, data)
+    results = await _storage(request.app[DATA].write(key, data), "write", key)
     return _per_group_reply(f"wrote {len(data)} B to {key[:80]!r}", results, missing_ok=False)
 
 
 async def remove_key(request: web.Request) -> web.Response:
     key = _name(_query(request, ("name",)), "key")
-    results = await request.app[DATA].remove(key)
+    results = await _storage(request.app[DATA].remove(key), "remove", key)
     if results and all(r.status == p.NOT_FOUND for r in results):
         raise HTTPProblem(404, f"no key {key[:80]!r} in any group")
     return _per_group_reply(f"removed {key[:80]!r}", results, missing_ok=True)
+
+
+async def _storage(call, verb: str, key: str):
+    """Await a storage call; its NotFound is a 404, StorageUnavailable a 503."""
+    not_found, unavailable = storage_errors()
+    try:
+        return await call
+    except not_found:
+        raise HTTPProblem(404, f"no key {key[:80]!r} in any group") from None
+    except unavailable as exc:
+        raise HTTPProblem(503, f"cannot {verb} {key[:80]!r}: {exc}") from None
 
 
 def _per_group_reply(done: str, results: list[Result], missing_ok: bool) -> web.Response:
