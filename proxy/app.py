@@ -146,9 +146,9 @@ async def expect_continue(request: web.Request):
         _check_length(request, request.app[CONFIG].proxy.max_body)
     except HTTPProblem as exc:
         return _problem_response(exc)
-    expect = request.headers.get("Expect", "").lower()
     if request.version != (1, 1):
         return None
+    expect = request.headers.get("Expect", "").lower()
     if expect != "100-continue":
         return text(417, f"unknown Expect: {expect[:40]!r}; only 100-continue is understood")
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -216,7 +216,8 @@ async def upload_key(request: web.Request) -> web.Response:
     key = _name(_query(request, ("upload", "name")), "key")
     data = await _body(request)
     results = await _storage(request.app[DATA].write(key, data), "write", key)
-    return _per_group_reply(f"wrote {len(data)} B to {key[:80]!r}", results, missing_ok=False)
+    return _per_group_reply(f"wrote {len(data)} B to {key[:80]!r}", f"write of {key[:80]!r}",
+                            results, {p.OK})
 
 
 async def remove_key(request: web.Request) -> web.Response:
@@ -224,7 +225,8 @@ async def remove_key(request: web.Request) -> web.Response:
     results = await _storage(request.app[DATA].remove(key), "remove", key)
     if results and all(r.status == p.NOT_FOUND for r in results):
         raise HTTPProblem(404, f"no key {key[:80]!r} in any group")
-    return _per_group_reply(f"removed {key[:80]!r}", results, missing_ok=True)
+    return _per_group_reply(f"removed {key[:80]!r}", f"remove of {key[:80]!r}", results,
+                            {p.OK, p.NOT_FOUND})
 
 
 async def _storage(call, verb: str, key: str):
@@ -238,18 +240,17 @@ async def _storage(call, verb: str, key: str):
         raise HTTPProblem(503, f"cannot {verb} {key[:80]!r}: {exc}") from None
 
 
-def _per_group_reply(done: str, results: list[Result], missing_ok: bool) -> web.Response:
-    """200 when every group did it; else the first failure's code and every group's status."""
-    ok = {p.OK, p.NOT_FOUND} if missing_ok else {p.OK}
-    failed = [r for r in results if r.status not in ok]
-    lines = [f"group {r.group} node {r.node}: {r.status}" + (f": {r.error}" if r.error else "")
-             for r in results]
+def _per_group_reply(done: str, what: str, results: list[Result], fine: set[str]):
+    """200 when every group did it; else the first failure's code. Both list every group."""
     if not results:
-        return text(503, f"{done.split()[0]} failed: no group to write to")
+        return text(503, f"{what} failed: no group serves it")
+    lines = "\n".join(f"group {r.group} node {r.node}: {r.status}"
+                      + (f": {r.error}" if r.error else "") for r in results)
+    failed = [r for r in results if r.status not in fine]
     if failed:
         return text(HTTP_STATUS.get(failed[0].status, 500),
-                    f"{done} failed in {len(failed)} of {len(results)} groups\n" + "\n".join(lines))
-    return text(200, f"{done} in {len(results)} group(s)\n" + "\n".join(lines))
+                    f"{what} failed in {len(failed)} of {len(results)} groups\n{lines}")
+    return text(200, f"{done} in {len(results)} group(s)\n{lines}")
 
 
 # Ping and status --------------------------------------------------------------
@@ -275,19 +276,17 @@ COLUMNS = ("name", "group", "workers", "busy", "queued", "served", "restarts")
 
 def status_html(nodes: list[dict]) -> str:
     head = "".join(f"<th>{c}</th>" for c in COLUMNS + ("p50 µs", "p99 µs"))
-    rows = []
+    rows = [f"<tr>{head}</tr>"]
     for n in nodes:
-        cells = [html.escape(str(n.get(c, ""))) for c in COLUMNS[:2]]
         if "error" in n:
-            cells.append(f'<td colspan="7">{html.escape(n["error"])}</td>')
-            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells[:2]) + cells[2] + "</tr>")
-            continue
-        cells += [html.escape(str(n[c])) for c in COLUMNS[2:]]
-        cells += [str(n["latency_us"]["p50"]), str(n["latency_us"]["p99"])]
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            values = [n["name"], n["group"], n["error"]]
+        else:
+            values = [n[c] for c in COLUMNS] + [n["latency_us"]["p50"], n["latency_us"]["p99"]]
+        cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in values)
+        rows.append(f"<tr>{cells}</tr>")
     return ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>srw status</title>"
             "</head><body><h1>srw status</h1>\n<table border=\"1\">\n"
-            f"<tr>{head}</tr>\n" + "\n".join(rows) + "\n</table></body></html>\n")
+            + "\n".join(rows) + "\n</table></body></html>\n")
 
 
 # Dispatch ---------------------------------------------------------------------
@@ -307,9 +306,9 @@ async def elliptics(request: web.Request) -> web.StreamResponse:
     if len(actions) > 1:
         return text(400, "give exec or upload, not both")
     action = actions[0] if actions else ""
-    handler = ACTIONS.get((request.method, action))
     if request.method == "POST" and not action:
         return text(400, "POST needs ?exec (run a script) or ?upload (write the body)")
+    handler = ACTIONS.get((request.method, action))
     if handler is None:
         return text(405, _method_hint(request.method, action), {"Allow": "GET, POST, DELETE"})
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import email.parser
 import http.client
 import json
+import signal
 import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -243,10 +244,16 @@ def test_ping_and_status(web):
     assert b"<td>n1</td>" in body
 
 
-def test_serve_runs_the_proxy_as_a_titled_child(web):
+def test_serve_runs_the_proxy_as_a_titled_child_and_restarts_it(web):
     proxies = web.processes("srw: proxy")
     assert len(proxies) == 1
     assert proxies[0].ppid() == web.procs[0].pid
+    proxies[0].send_signal(signal.SIGKILL)
+    new = wait_until(lambda: [p for p in web.processes("srw: proxy") if p.pid != proxies[0].pid],
+                     15, "a restarted proxy")
+    assert new[0].ppid() == web.procs[0].pid
+    wait_proxy(web)
+    assert post(web, "exec&name=echo.py", b"again")[:3:2] == (200, b"again")
 
 
 # Several nodes -------------------------------------------------------------------
@@ -333,6 +340,8 @@ def test_srw_proxy_alone_reports_a_node_that_is_down(make_cluster):
 
     status, _, body = request(cluster, "GET", "/ping")
     assert status == 503 and b"node n2 (group 2) does not answer" in body
+    status, _, body = request(cluster, "GET", "/status")
+    assert status == 200 and b"<td>n2</td>" in body and b"is the node running" in body
     nodes = json.loads(request(cluster, "GET", "/status",
                                headers={"Accept": "application/json"})[2])["nodes"]
     assert nodes[0]["name"] == "n1" and nodes[0]["workers"] == 2
