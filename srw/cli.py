@@ -103,7 +103,9 @@ def read_data(source: str | None) -> bytes:
 
 
 def cmd_serve(config: cfg.Config, args) -> int:
+    from proxy.cluster import allowed_groups
     from srw.serve import Child, Supervisor, child_argv
+    allowed_groups(config)  # a bad [proxy] groups stops here, not in a restart loop
     logs.setup(config.log, "serve")
     nodes = [config.node(n) for n in args.node] if args.node else list(config.nodes)
     for node in nodes:

@@ -357,3 +357,11 @@ def test_proxy_refuses_a_taken_port(make_cluster):
         out = cluster.run("proxy", timeout=30)
     assert out.returncode == 1
     assert b"cannot listen on" in out.stderr
+
+
+def test_proxy_groups_outside_the_config_refuse_to_start(make_cluster):
+    cluster = make_cluster(proxy={"groups": [1, 5]})
+    for command in ("serve", "proxy"):
+        out = cluster.run(command, timeout=30)
+        assert out.returncode == 2
+        assert b"proxy.groups lists group 5" in out.stderr
