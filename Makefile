@@ -29,6 +29,7 @@ test: system-deps $(STAMP)
 
 bench: system-deps $(STAMP)
 	$(PY) bench/exec_bench.py
+	$(PY) bench/http_bench.py
 
 # Load test: starts a node from CONFIG, runs locust headless, stops the node;
 # reports in loadtest/reports/.  Exits non-zero if any request failed.

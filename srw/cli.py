@@ -72,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="show every node's pool")
     status.set_defaults(func=cmd_status)
 
+    proxy = sub.add_parser("proxy", parents=[common],
+                           help="run the HTTP proxy alone against a running cluster")
+    proxy.set_defaults(func=cmd_proxy)
+
     for role, text in (("broker", "run one node's broker alone"),
                        ("pool", "run one node's worker pool alone")):
         p = sub.add_parser(role, parents=[common], help=text)
@@ -99,12 +103,15 @@ def read_data(source: str | None) -> bytes:
 
 
 def cmd_serve(config: cfg.Config, args) -> int:
-    from srw.serve import Supervisor
+    from proxy.cluster import allowed_groups
+    from srw.serve import Child, Supervisor, child_argv
+    allowed_groups(config)  # a bad [proxy] groups stops here, not in a restart loop
     logs.setup(config.log, "serve")
     nodes = [config.node(n) for n in args.node] if args.node else list(config.nodes)
     for node in nodes:
         os.makedirs(node.data_dir, exist_ok=True)
-    return Supervisor(config, nodes).run()
+    proxy = Child("proxy", "", child_argv("proxy", config))
+    return Supervisor(config, nodes, extra=[proxy]).run()
 
 
 def cmd_exec(config: cfg.Config, args) -> int:
@@ -175,3 +182,13 @@ def cmd_pool(config: cfg.Config, args) -> int:
     except cfg.ConfigError as exc:
         print(f"srw: node {node.name} refuses to start: {exc}", file=sys.stderr)
         return pool.EXIT_REFUSED
+
+
+def cmd_proxy(config: cfg.Config, args) -> int:
+    import setproctitle
+    setproctitle.setproctitle("srw: proxy")  # before the imports: serve's callers look for it
+    from proxy.app import make_app
+    from proxy.server import run
+    logs.setup(config.log, "proxy")
+    _supervised("proxy")
+    return run(make_app(config), config.proxy.listen)

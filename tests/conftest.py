@@ -223,3 +223,36 @@ def node(make_cluster):
     cluster = make_cluster()
     cluster.serve()
     return cluster
+
+
+# HTTP proxy --------------------------------------------------------------------
+
+def proxy_url(cluster: Cluster, path: str = "") -> str:
+    return f"http://{cluster.proxy['listen']}{path}"
+
+
+def wait_proxy(cluster: Cluster, timeout: float = READY_TIMEOUT) -> None:
+    """Wait until the proxy of `cluster` accepts connections on its listen port."""
+    host, port = cluster.proxy["listen"].rsplit(":", 1)
+
+    def accepting():
+        try:
+            socket.create_connection((host, int(port)), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+    wait_until(accepting, timeout, f"the proxy on {cluster.proxy['listen']}", interval=0.05)
+
+
+def proxy_request(cluster: Cluster, method: str, path: str, body: bytes | None = None,
+                  headers: dict | None = None, timeout: float = 15.0):
+    """One HTTP request to the proxy on a fresh connection: (status, headers, body)."""
+    import http.client
+    host, port = cluster.proxy["listen"].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()

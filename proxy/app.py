@@ -1,0 +1,359 @@
+"""HTTP front-end: the aiohttp application (DESIGN.md "HTTP proxy", "Statuses").
+
+    POST   /elliptics?exec&name=NAME[&id=HEX|&key=KEY][&groups=1:2]   run a named script
+    POST   /elliptics?upload&name=KEY                                 write the body
+    GET    /elliptics?name=KEY                                        read
+    DELETE /elliptics?name=KEY                                        remove
+    GET    /ping      200 when every configured node answers, else 503
+    GET    /status    the pools as HTML, or JSON with Accept: application/json
+
+An exec with one target answers the script's ``__return_data`` as the body;
+with several, ``multipart/mixed`` with one part per node (``X-Srw-Node``,
+``X-Srw-Group``, ``X-Srw-Status``).  A status other than ok becomes the HTTP
+code of ``HTTP_STATUS`` with a plain-text message.  HTTP clients name scripts
+only: the proxy never sends script content, and the configured cookies reach
+the script as the bound variable ``__cookie_string``, never as code.
+"""
+from __future__ import annotations
+
+import html
+import json
+import logging
+
+from aiohttp import MultipartWriter, web
+
+from broker import protocol as p
+from broker.client import Result
+from runtime.scripts import ScriptNameError, check_name
+from srw.config import Config
+from storage.ring import BadId, id_hex, key_id, parse_id
+
+from .cluster import Cluster, DataStore, storage_errors
+
+log = logging.getLogger("srw.proxy")
+
+HTTP_STATUS = {
+    p.OK: 200, p.SCRIPT_ERROR: 500, p.TIMEOUT: 504, p.MEMORY: 507, p.KILLED: 500,
+    p.OUTPUT_TOO_LARGE: 413, p.NOT_FOUND: 404, p.BAD_REQUEST: 400, p.FORBIDDEN: 403,
+    p.BUSY: 503, p.UNAVAILABLE: 503,
+}
+
+CLUSTER = web.AppKey("cluster", Cluster)
+DATA = web.AppKey("data", DataStore)
+CONFIG = web.AppKey("config", Config)
+
+OCTETS = "application/octet-stream"
+
+
+class HTTPProblem(Exception):
+    """A request we answer with `code` and a plain-text message."""
+
+    def __init__(self, code: int, message: str, close: bool = False):
+        super().__init__(message)
+        self.code, self.message, self.close = code, message, close
+
+
+def text(code: int, message: str, headers: dict | None = None) -> web.Response:
+    return web.Response(status=code, text=message.rstrip("\n") + "\n", headers=headers)
+
+
+# Query parameters -------------------------------------------------------------
+
+def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The query as a plain dict; unknown or repeated parameters are a 400."""
+    out = {}
+    for key, value in request.rel_url.query.items():
+        if key not in allowed:
+            raise HTTPProblem(400, f"unknown query parameter {key[:40]!r}; this request "
+                                   f"takes {', '.join(allowed)}")
+        if key in out:
+            raise HTTPProblem(400, f"query parameter {key!r} given twice")
+        out[key] = value
+    return out
+
+
+def _name(query: dict[str, str], what: str) -> str:
+    name = query.get("name")
+    if not name:
+        raise HTTPProblem(400, f"missing name=: give the {what}, e.g. "
+                               "/elliptics?exec&name=test_script.py")
+    return name
+
+
+def _route(cluster: Cluster, query: dict[str, str]):
+    """(targets, hex id or None) for an exec's id=, key= and groups=."""
+    if "id" in query and "key" in query:
+        raise HTTPProblem(400, "give id= or key=, not both")
+    value = hex_id = None
+    try:
+        if "id" in query:
+            value = parse_id(query["id"])
+            hex_id = query["id"]
+        elif "key" in query:
+            value = key_id(query["key"])
+            hex_id = id_hex(value)
+    except BadId as exc:
+        raise HTTPProblem(400, str(exc)) from None
+    groups = _groups(cluster, query.get("groups"))
+    return cluster.targets(value, groups), hex_id
+
+
+def _groups(cluster: Cluster, raw: str | None) -> list[int] | None:
+    if raw is None:
+        return None
+    try:
+        groups = [int(g) for g in raw.split(":")]
+    except ValueError:
+        raise HTTPProblem(400, f"bad groups={raw[:40]!r}: use group numbers joined by ':', "
+                               "e.g. groups=1:2") from None
+    unknown = [g for g in groups if g not in cluster.groups]
+    if unknown:
+        raise HTTPProblem(400, f"group {unknown[0]} is not served here (groups: "
+                               f"{', '.join(map(str, cluster.groups))})")
+    return groups
+
+
+def _cookie_string(request: web.Request, names: tuple[str, ...]) -> str:
+    """The configured cookies present in the request, as `name=value` joined by '; '."""
+    if not names:
+        return ""
+    jar = request.cookies
+    return "; ".join(f"{name}={jar[name]}" for name in names if name in jar)
+
+
+async def _body(request: web.Request) -> bytes:
+    limit = request.app[CONFIG].proxy.max_body
+    _check_length(request, limit)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:  # a chunked body that outgrew the limit
+        raise HTTPProblem(413, _too_large(limit), close=True) from None
+
+
+def _check_length(request: web.Request, limit: int) -> None:
+    if request.content_length is not None and request.content_length > limit:
+        # Answer before reading the body, and close: never drain gigabytes.
+        raise HTTPProblem(413, _too_large(limit), close=True)
+
+
+def _too_large(limit: int) -> str:
+    return f"request body larger than {limit} bytes (proxy.max_body)"
+
+
+async def expect_continue(request: web.Request):
+    """`Expect: 100-continue`: refuse an oversized body before the client sends it."""
+    try:
+        _check_length(request, request.app[CONFIG].proxy.max_body)
+    except HTTPProblem as exc:
+        return _problem_response(exc)
+    if request.version != (1, 1):
+        return None
+    expect = request.headers.get("Expect", "").lower()
+    if expect != "100-continue":
+        return text(417, f"unknown Expect: {expect[:40]!r}; only 100-continue is understood")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim line is not part of the response
+    return None
+
+
+# Exec -------------------------------------------------------------------------
+
+async def exec_script(request: web.Request) -> web.StreamResponse:
+    query = _query(request, ("exec", "name", "id", "key", "groups"))
+    name = _name(query, "script name")
+    try:
+        check_name(name)
+    except ScriptNameError as exc:
+        raise HTTPProblem(400, str(exc)) from None
+    cluster = request.app[CLUSTER]
+    targets, hex_id = _route(cluster, query)
+    data = await _body(request)
+    cookie = _cookie_string(request, request.app[CONFIG].proxy.cookies)
+    results = await cluster.exec(targets, name, data, cookie, hex_id)
+    if len(results) == 1:
+        return single_reply(results[0])
+    return multipart_reply(results)
+
+
+def _node_headers(r: Result) -> dict[str, str]:
+    return {"X-Srw-Node": r.node, "X-Srw-Group": str(r.group), "X-Srw-Status": r.status}
+
+
+def describe(r: Result) -> str:
+    """A failed result in words: status, node, then the node's own explanation."""
+    error = (r.error or "no further detail").rstrip()
+    sep = "\n" if "\n" in error else " "
+    return f"{r.status} on node {r.node} (group {r.group}):{sep}{error}\n"
+
+
+def single_reply(r: Result) -> web.Response:
+    if r.ok:
+        return web.Response(body=r.data, content_type=OCTETS, headers=_node_headers(r))
+    return text(HTTP_STATUS.get(r.status, 500), describe(r), _node_headers(r))
+
+
+def multipart_reply(results: list[Result]) -> web.Response:
+    """One part per node; the HTTP status is 200, each part carries its own status."""
+    writer = MultipartWriter("mixed")
+    for r in results:
+        if r.ok:
+            writer.append(r.data, {"Content-Type": OCTETS, **_node_headers(r)})
+        else:
+            writer.append(describe(r).encode(), {"Content-Type": "text/plain; charset=utf-8",
+                                                 **_node_headers(r)})
+    return web.Response(body=writer)
+
+
+# Data -------------------------------------------------------------------------
+
+async def read_key(request: web.Request) -> web.Response:
+    key = _name(_query(request, ("name",)), "key")
+    data = await _storage(request.app[DATA].read(key), "read", key)
+    return web.Response(body=data, content_type=OCTETS)
+
+
+async def upload_key(request: web.Request) -> web.Response:
+    key = _name(_query(request, ("upload", "name")), "key")
+    data = await _body(request)
+    results = await _storage(request.app[DATA].write(key, data), "write", key)
+    return _per_group_reply(f"wrote {len(data)} B to {key[:80]!r}", f"write of {key[:80]!r}",
+                            results, {p.OK})
+
+
+async def remove_key(request: web.Request) -> web.Response:
+    key = _name(_query(request, ("name",)), "key")
+    results = await _storage(request.app[DATA].remove(key), "remove", key)
+    if results and all(r.status == p.NOT_FOUND for r in results):
+        raise HTTPProblem(404, f"no key {key[:80]!r} in any group")
+    return _per_group_reply(f"removed {key[:80]!r}", f"remove of {key[:80]!r}", results,
+                            {p.OK, p.NOT_FOUND})
+
+
+async def _storage(call, verb: str, key: str):
+    """Await a storage call; its NotFound is a 404, StorageUnavailable a 503."""
+    not_found, unavailable = storage_errors()
+    try:
+        return await call
+    except not_found:
+        raise HTTPProblem(404, f"no key {key[:80]!r} in any group") from None
+    except unavailable as exc:
+        raise HTTPProblem(503, f"cannot {verb} {key[:80]!r}: {exc}") from None
+
+
+def _per_group_reply(done: str, what: str, results: list[Result], fine: set[str]):
+    """200 when every group did it; else the first failure's code. Both list every group."""
+    if not results:
+        return text(503, f"{what} failed: no group serves it")
+    lines = "\n".join(f"group {r.group} node {r.node}: {r.status}"
+                      + (f": {r.error}" if r.error else "") for r in results)
+    failed = [r for r in results if r.status not in fine]
+    if failed:
+        return text(HTTP_STATUS.get(failed[0].status, 500),
+                    f"{what} failed in {len(failed)} of {len(results)} groups\n{lines}")
+    return text(200, f"{done} in {len(results)} group(s)\n{lines}")
+
+
+# Ping and status --------------------------------------------------------------
+
+async def ping(request: web.Request) -> web.Response:
+    nodes = await request.app[CLUSTER].status()
+    down = [n for n in nodes if "error" in n]
+    if down:
+        return text(503, "\n".join(f"node {n['name']} (group {n['group']}) does not answer: "
+                                   f"{n['error']}" for n in down))
+    return text(200, f"ok: {len(nodes)} of {len(nodes)} nodes answer")
+
+
+async def status(request: web.Request) -> web.Response:
+    nodes = await request.app[CLUSTER].status()
+    if "application/json" in request.headers.get("Accept", ""):
+        return web.Response(text=json.dumps({"nodes": nodes}), content_type="application/json")
+    return web.Response(text=status_html(nodes), content_type="text/html")
+
+
+COLUMNS = ("name", "group", "workers", "busy", "queued", "served", "restarts")
+
+
+def status_html(nodes: list[dict]) -> str:
+    head = "".join(f"<th>{c}</th>" for c in COLUMNS + ("p50 µs", "p99 µs"))
+    rows = [f"<tr>{head}</tr>"]
+    for n in nodes:
+        if "error" in n:
+            values = [n["name"], n["group"], n["error"]]
+        else:
+            values = [n[c] for c in COLUMNS] + [n["latency_us"]["p50"], n["latency_us"]["p99"]]
+        cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in values)
+        rows.append(f"<tr>{cells}</tr>")
+    return ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>srw status</title>"
+            "</head><body><h1>srw status</h1>\n<table border=\"1\">\n"
+            + "\n".join(rows) + "\n</table></body></html>\n")
+
+
+# Dispatch ---------------------------------------------------------------------
+
+ACTIONS = {
+    ("POST", "exec"): exec_script,
+    ("POST", "upload"): upload_key,
+    ("GET", ""): read_key,
+    ("HEAD", ""): read_key,
+    ("DELETE", ""): remove_key,
+}
+
+
+async def elliptics(request: web.Request) -> web.StreamResponse:
+    query = request.rel_url.query
+    actions = [a for a in ("exec", "upload") if a in query]
+    if len(actions) > 1:
+        return text(400, "give exec or upload, not both")
+    action = actions[0] if actions else ""
+    if request.method == "POST" and not action:
+        return text(400, "POST needs ?exec (run a script) or ?upload (write the body)")
+    handler = ACTIONS.get((request.method, action))
+    if handler is None:
+        return text(405, _method_hint(request.method, action), {"Allow": "GET, POST, DELETE"})
+    try:
+        return await handler(request)
+    except HTTPProblem as exc:
+        return _problem_response(exc)
+    except Exception as exc:  # a bug or a storage failure: one answer, the details in the log
+        log.exception("%s %s failed", request.method, request.rel_url)
+        return text(500, f"internal error in the proxy: {type(exc).__name__}: {exc} "
+                         "(the proxy log has the traceback)")
+
+
+def _method_hint(method: str, action: str) -> str:
+    if action:
+        return f"{action} needs POST, not {method}"
+    return f"{method} is not supported here; use GET, POST or DELETE"
+
+
+def _problem_response(exc: HTTPProblem) -> web.Response:
+    response = text(exc.code, exc.message)
+    if exc.close:
+        response.force_close()
+    return response
+
+
+# The application --------------------------------------------------------------
+
+def make_app(config: Config) -> web.Application:
+    """The proxy's aiohttp application for `config`; clients connect at startup."""
+    app = web.Application(client_max_size=config.proxy.max_body)
+    app[CONFIG] = config
+    app[CLUSTER] = Cluster(config)
+    app[DATA] = DataStore(config)
+    app.router.add_route("*", "/elliptics", elliptics, expect_handler=expect_continue)
+    app.router.add_get("/ping", ping)
+    app.router.add_get("/status", status)
+    app.on_startup.append(_start)
+    app.on_cleanup.append(_stop)
+    return app
+
+
+async def _start(app: web.Application) -> None:
+    app[CLUSTER].start()
+
+
+async def _stop(app: web.Application) -> None:
+    await app[CLUSTER].close()
+    app[DATA].close()

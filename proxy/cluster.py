@@ -1,0 +1,136 @@
+"""The cluster as the proxy sees it: exec routing over asyncio, data calls in threads.
+
+Exec is the hot path: one ``AsyncClient`` per node (many requests in flight on
+one socket), routed with the ``Ring``, fanned out with ``asyncio.gather``.  A
+node that does not answer becomes a Result with status ``unavailable``, so an
+HTTP request always gets one answer per target.
+
+Data calls (read, write, remove) go through the blocking
+``storage.client.Session``: each runs in a small thread pool, one Session per
+thread (a Session's sockets must stay in the thread that made them).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from broker import protocol as p
+from broker.client import AsyncClient, BrokerUnavailable, Result
+from srw.config import Config, ConfigError, NodeSettings
+from storage.ring import Ring
+
+DATA_THREADS = 4
+PING_TIMEOUT = 2.0
+
+
+def allowed_groups(config: Config) -> list[int]:
+    """The groups the proxy serves: [proxy] groups, or every group of the config."""
+    known = sorted({n.group for n in config.nodes})
+    for group in config.proxy.groups:
+        if group not in known:
+            raise ConfigError(f"{config.path}: proxy.groups lists group {group}, but no "
+                              f"[[node]] is in it (groups: {', '.join(map(str, known))})")
+    return list(config.proxy.groups) or known
+
+
+class Cluster:
+    """Exec, status and ping over every node's broker; call ``start`` inside the loop."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.ring = Ring(config)
+        self.groups = allowed_groups(config)
+        self.clients: dict[str, AsyncClient] = {}
+
+    def start(self) -> None:
+        timeout = self.config.broker.request_timeout
+        self.clients = {n.name: AsyncClient(n.broker, timeout=timeout) for n in self.config.nodes}
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients.values()))
+
+    def targets(self, value: int | None, groups: list[int] | None) -> list[NodeSettings]:
+        return self.ring.targets(value, groups or self.groups)
+
+    async def exec(self, targets: list[NodeSettings], name: str, data: bytes,
+                   cookie: str, hex_id: str | None) -> list[Result]:
+        """One Result per target, in route order; never raises for a node that is down."""
+        if len(targets) == 1:  # the common case, without gather's extra task
+            return [await self._exec_one(targets[0], name, data, cookie, hex_id)]
+        return list(await asyncio.gather(
+            *(self._exec_one(n, name, data, cookie, hex_id) for n in targets)))
+
+    async def _exec_one(self, node: NodeSettings, name: str, data: bytes, cookie: str,
+                        hex_id: str | None) -> Result:
+        try:
+            return await self.clients[node.name].exec(name, data, cookie=cookie, id=hex_id)
+        except BrokerUnavailable as exc:
+            return Result(node.name, node.group, p.UNAVAILABLE, b"", str(exc))
+
+    async def status(self) -> list[dict]:
+        """Each node's pool status; a node that does not answer is {name, group, error}."""
+        return list(await asyncio.gather(*(self._status_one(n) for n in self.config.nodes)))
+
+    async def _status_one(self, node: NodeSettings) -> dict:
+        try:
+            return await self.clients[node.name].status(timeout=PING_TIMEOUT)
+        except BrokerUnavailable as exc:
+            return {"name": node.name, "group": node.group, "error": str(exc)}
+
+
+class DataStore:
+    """Read, write and remove through ``storage.client.Session``, off the event loop.
+
+    The Session sees only the groups the proxy serves, so writes go to
+    ``[proxy] groups`` (every group when that is empty).
+    """
+
+    def __init__(self, config: Config):
+        groups = set(allowed_groups(config))
+        self.config = dataclasses.replace(
+            config, nodes=tuple(n for n in config.nodes if n.group in groups))
+        self._pool = ThreadPoolExecutor(DATA_THREADS, thread_name_prefix="srw-data")
+        self._local = threading.local()
+        self._sessions = []
+        self._lock = threading.Lock()
+
+    def _session(self):
+        session = getattr(self._local, "session", None)
+        if session is None:
+            from storage.client import Session
+            session = self._local.session = Session(self.config)
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def _call(self, method: str, *args):
+        return getattr(self._session(), method)(*args)
+
+    async def read(self, key: str) -> bytes:
+        return await self._run("read", key)
+
+    async def write(self, key: str, data: bytes) -> list[Result]:
+        return await self._run("write", key, data)
+
+    async def remove(self, key: str) -> list[Result]:
+        return await self._run("remove", key)
+
+    async def _run(self, method: str, *args):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._call, method, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+
+
+def storage_errors() -> tuple[type, type]:
+    """(NotFound, StorageUnavailable) from storage.client, or their base classes
+    when this build's storage client does not define them yet."""
+    import storage.client as sc
+    return getattr(sc, "NotFound", KeyError), getattr(sc, "StorageUnavailable", ConnectionError)

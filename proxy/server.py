@@ -1,0 +1,82 @@
+"""Run an aiohttp application as the ``srw: proxy`` process.
+
+``run(app, listen)`` is the one piece of server machinery: HTTP/1.1 with
+keep-alive, an access log line per request with the time taken
+(``127.0.0.1 "POST /elliptics?exec&name=x HTTP/1.1" 200 79 B 812 us``, logger
+``srw.proxy.access`` at info), SIGTERM or SIGINT to stop (requests in flight
+are answered first).  The benchmark runs its bare handler through the same
+function, so the two are compared on equal terms.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+MAX_LINE = 64 * 1024      # request line: a 10 kB script name gets our own 400, not the parser's
+SHUTDOWN_GRACE = 3.0      # seconds for requests in flight at SIGTERM
+BACKLOG = 1024
+
+
+class AccessLog(AbstractAccessLogger):
+    """One line per request, formatted only when info is enabled (cheaper than
+    aiohttp's format-string logger, which parses its format on every line)."""
+
+    def log(self, request, response, time: float) -> None:
+        size = response.content_length
+        self.logger.info('%s "%s %s HTTP/%d.%d" %d %d B %d us', request.remote, request.method,
+                         request.rel_url, request.version.major, request.version.minor,
+                         response.status, response.body_length if size is None else size,
+                         time * 1e6)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    try:
+        return host.strip("[]") or "127.0.0.1", int(port)
+    except ValueError:
+        raise ValueError(f"bad listen address {listen!r}: use HOST:PORT") from None
+
+
+async def serve(app: web.Application, listen: str, ready=None) -> None:
+    """Serve `app` on `listen` (HOST:PORT) until SIGTERM or SIGINT."""
+    host, port = split_listen(listen)
+    runner = web.AppRunner(app, access_log=logging.getLogger("srw.proxy.access"),
+                           access_log_class=AccessLog, max_line_size=MAX_LINE,
+                           handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE,
+                           # A body the handler refused to read (413) is not drained
+                           # for seconds: the connection closes after the answer.
+                           lingering_time=0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, backlog=BACKLOG, reuse_address=True)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready:
+            ready()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run(app: web.Application, listen: str, title: str = "srw: proxy") -> int:
+    """Blocking: set the process title, serve, return an exit status."""
+    import setproctitle
+    setproctitle.setproctitle(title)
+
+    def ready():
+        print(f"{title} listening on http://{listen}", flush=True)
+
+    try:
+        asyncio.run(serve(app, listen, ready))
+    except OSError as exc:  # the port is taken, or the address is not ours
+        print(f"{title} cannot listen on {listen}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0

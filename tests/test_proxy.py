@@ -1,0 +1,367 @@
+"""HTTP proxy end to end: `srw serve` (or `srw proxy` alone) on loopback, real HTTP clients.
+
+Most tests share one node started once for this module; the multi-node, busy
+and node-down cases have clusters of their own.
+"""
+from __future__ import annotations
+
+import email.parser
+import http.client
+import json
+import signal
+import socket
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import Cluster, proxy_url, wait_proxy, wait_until
+from conftest import proxy_request as request
+
+DATA = b"this is some data in POST request"
+ORIGINAL_REPLY = b"its nothing I can do for you without cookies: this is some data in POST request"
+MAX_BODY = 65536
+
+
+def post(cluster: Cluster, query: str, body: bytes = DATA, headers: dict | None = None):
+    return request(cluster, "POST", f"/elliptics?{query}", body, headers)
+
+
+def parts(headers, body: bytes) -> list:
+    """The parts of a multipart/mixed reply, as email.message.Message objects."""
+    raw = f"Content-Type: {headers['Content-Type']}\r\n\r\n".encode() + body
+    message = email.parser.BytesParser().parsebytes(raw)
+    assert message.is_multipart()
+    return message.get_payload()
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    """One node behind `srw serve`, with two cookies configured and a short timeout."""
+    cluster = Cluster(tmp_path_factory.mktemp("proxy"), [{"name": "n1"}], {"workers": 2},
+                      {"request_timeout": 1.5},
+                      {"raise.py": "raise ValueError('boom from the script')\n",
+                       "sleep.py": "import time\ntime.sleep(30)\n"},
+                      None, {"cookies": ["session_id", "user"], "max_body": MAX_BODY})
+    try:
+        cluster.serve()
+        wait_proxy(cluster)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+# The 2011 example ----------------------------------------------------------------
+
+def test_wget_runs_the_2011_example_byte_for_byte(web):
+    url = proxy_url(web, "/elliptics?exec&name=test_script.py&id=0123456789")
+    out = subprocess.run(["wget", "-q", "-O-", "-S", f"--post-data={DATA.decode()}", url],
+                         capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ORIGINAL_REPLY
+    assert len(ORIGINAL_REPLY) == 79
+    headers = out.stderr.decode()
+    assert "HTTP/1.1 200 OK" in headers
+    assert "Content-Length: 79" in headers
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(web):
+    host, port = web.proxy["listen"].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=15)
+    try:
+        socks = set()
+        for i in range(3):
+            conn.request("POST", "/elliptics?exec&name=echo.py", body=b"round %d" % i)
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()) == (200, b"round %d" % i)
+            assert resp.headers["X-Srw-Node"] == "n1" and resp.headers["X-Srw-Status"] == "ok"
+            socks.add(id(conn.sock))
+        assert len(socks) == 1
+    finally:
+        conn.close()
+
+
+def test_access_log_line_with_time_taken(web):
+    assert post(web, "exec&name=echo.py&key=logged")[0] == 200
+    lines = wait_until(lambda: [l for l in web.log().splitlines()
+                                if '"POST /elliptics?exec&name=echo.py&key=logged HTTP/1.1" 200'
+                                in l], 5, "the access log line")
+    assert lines[0].split()[-1] == "us" and lines[0].split()[-2].isdigit()
+
+
+# Cookies -------------------------------------------------------------------------
+
+def test_configured_cookies_reach_the_script_in_config_order(web):
+    status, _, body = post(web, "exec&name=test_script.py",
+                           headers={"Cookie": "user=bob; other=x; session_id=abc"})
+    assert status == 200
+    assert body == b"cookie: session_id=abc; user=bob: " + DATA
+    # a configured cookie missing from the request is left out
+    status, _, body = post(web, "exec&name=test_script.py", headers={"Cookie": "user=bob"})
+    assert body == b"cookie: user=bob: " + DATA
+    # only unconfigured cookies: the script sees none
+    assert post(web, "exec&name=test_script.py", headers={"Cookie": "other=1"})[2] == \
+        ORIGINAL_REPLY
+
+
+def test_cookie_holding_code_comes_back_as_literal_text(web, tmp_path):
+    marker = tmp_path / "ran"
+    # A quoted cookie value: \" is a quote and \012 a newline once parsed.
+    payload = (f"x'\"\\012__return_data = 'pwned'\\012__import__('pathlib').Path("
+               f"'{marker}').write_text('ran')\\012'")
+    literal = (f"x'\"\n__return_data = 'pwned'\n__import__('pathlib').Path("
+               f"'{marker}').write_text('ran')\n'")
+    status, _, body = post(web, "exec&name=test_script.py",
+                           headers={"Cookie": f'session_id="{payload}"'})
+    assert status == 200
+    assert body.decode() == f"cookie: session_id={literal}: {DATA.decode()}"
+    assert not marker.exists()
+
+
+# Names and parameters ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../config.toml", "/etc/passwd", "..%2fconfig.toml",
+                                  "..%2F..%2Fetc%2Fpasswd", "a%00b", "n" * 10_000, ".hidden"])
+def test_name_tricks_are_refused(web, name):
+    status, _, body = post(web, f"exec&name={name}")
+    assert status == 400
+    assert b"bad script name" in body
+    assert b"[pool]" not in body and b"root:" not in body
+
+
+def test_unknown_script_is_404(web):
+    status, headers, body = post(web, "exec&name=no_such_script.py")
+    assert status == 404
+    assert headers["X-Srw-Status"] == "not_found"
+    assert b"no_such_script.py" in body
+
+
+def test_raising_script_is_500_with_the_exception(web):
+    status, headers, body = post(web, "exec&name=raise.py&id=01")
+    assert status == 500
+    assert headers["Content-Type"].startswith("text/plain")
+    assert b"script_error on node n1" in body
+    assert b"ValueError: boom from the script" in body
+
+
+@pytest.mark.parametrize("query, words", [
+    ("exec", "missing name="),
+    ("exec&name=", "missing name="),
+    ("exec&name=echo.py&id=0123&key=k", "not both"),
+    ("exec&name=echo.py&id=xyz", "bad id"),
+    ("exec&name=echo.py&id=" + "0" * 129, "bad id"),
+    ("exec&name=echo.py&groups=1:two", "bad groups"),
+    ("exec&name=echo.py&groups=7", "group 7"),
+    ("exec&name=echo.py&name=x", "given twice"),
+    ("exec&name=echo.py&code=print(1)", "unknown query parameter 'code'"),
+    ("exec&upload&name=k", "not both"),
+    ("name=k", "?exec"),
+])
+def test_bad_query_parameters_are_400(web, query, words):
+    status, _, body = post(web, query)
+    assert status == 400, body
+    assert words in body.decode()
+
+
+def test_exec_needs_post(web):
+    status, headers, body = request(web, "GET", "/elliptics?exec&name=echo.py")
+    assert status == 405 and b"exec needs POST" in body
+
+
+def test_timed_out_script_is_504(web):
+    status, headers, body = post(web, "exec&name=sleep.py")
+    assert status == 504
+    assert headers["X-Srw-Status"] == "timeout"
+    assert b"timeout on node n1" in body
+    # the watchdog replaced the sleeping worker; the node serves again
+    wait_until(lambda: (web.status() or {}).get("workers") == 2, 15, "pool back at 2 workers")
+    assert post(web, "exec&name=echo.py", b"after")[2] == b"after"
+
+
+# Body size -----------------------------------------------------------------------
+
+def _raw(cluster: Cluster, head: bytes, body: bytes = b"", timeout: float = 10.0) -> bytes:
+    """Send raw bytes and read until the proxy closes the connection."""
+    host, port = cluster.proxy["listen"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def test_body_over_max_body_is_413_without_reading_it(web):
+    # Claims 100 MB, sends 1 kB: the answer must come (and the connection close)
+    # without the proxy waiting for the rest.
+    head = (b"POST /elliptics?exec&name=echo.py HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 100000000\r\n\r\n")
+    reply = _raw(web, head, b"x" * 1024)
+    assert reply.startswith(b"HTTP/1.1 413 ")
+    assert b"proxy.max_body" in reply
+
+
+def test_chunked_body_over_max_body_is_413(web):
+    chunk = b"y" * 16384
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(6)) + b"0\r\n\r\n"
+    head = (b"POST /elliptics?exec&name=echo.py HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    reply = _raw(web, head, body)
+    assert reply.startswith(b"HTTP/1.1 413 ")
+
+
+def test_expect_continue_is_refused_before_the_body(web):
+    head = (b"POST /elliptics?exec&name=echo.py HTTP/1.1\r\nHost: x\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1))
+    reply = _raw(web, head)
+    assert reply.startswith(b"HTTP/1.1 413 ")
+    assert b"100 Continue" not in reply
+
+
+def test_body_at_the_limit_is_accepted(web):
+    status, _, body = post(web, "exec&name=echo.py", b"z" * MAX_BODY)
+    assert status == 200 and body == b"z" * MAX_BODY
+
+
+# Ping and status -----------------------------------------------------------------
+
+def test_ping_and_status(web):
+    status, _, body = request(web, "GET", "/ping")
+    assert status == 200 and body.startswith(b"ok")
+    status, headers, body = request(web, "GET", "/status",
+                                    headers={"Accept": "application/json"})
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    nodes = json.loads(body)["nodes"]
+    assert [n["name"] for n in nodes] == ["n1"]
+    assert set(nodes[0]) == {"name", "group", "workers", "busy", "queued", "served",
+                             "restarts", "latency_us"}
+    assert set(nodes[0]["latency_us"]) == {"p50", "p99"}
+    assert nodes[0]["workers"] == 2 and nodes[0]["served"] >= 1
+    status, headers, body = request(web, "GET", "/status")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert b"<td>n1</td>" in body
+
+
+def test_serve_runs_the_proxy_as_a_titled_child_and_restarts_it(web):
+    proxies = web.processes("srw: proxy")
+    assert len(proxies) == 1
+    assert proxies[0].ppid() == web.procs[0].pid
+    proxies[0].send_signal(signal.SIGKILL)
+    new = wait_until(lambda: [p for p in web.processes("srw: proxy") if p.pid != proxies[0].pid],
+                     15, "a restarted proxy")
+    assert new[0].ppid() == web.procs[0].pid
+    wait_proxy(web)
+    assert post(web, "exec&name=echo.py", b"again")[:3:2] == (200, b"again")
+
+
+# Several nodes -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """Two nodes in two groups, one worker each, room for one queued request."""
+    cluster = Cluster(tmp_path_factory.mktemp("proxy2"),
+                      [{"name": "n1", "group": 1}, {"name": "n2", "group": 2}],
+                      {"workers": 1, "credits": 1}, {"queue_limit": 1, "request_timeout": 10.0},
+                      {"nap.py": "import time\ntime.sleep(0.4)\n__return_data = 'rested'\n"},
+                      None, {})
+    try:
+        cluster.serve()
+        wait_proxy(cluster)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_exec_without_id_answers_one_part_per_node(two):
+    status, headers, body = post(two, "exec&name=test_script.py")
+    assert status == 200
+    assert headers["Content-Type"].startswith("multipart/mixed; boundary=")
+    got = [(p["X-Srw-Node"], p["X-Srw-Group"], p["X-Srw-Status"], p.get_payload(decode=True))
+           for p in parts(headers, body)]
+    assert got == [("n1", "1", "ok", ORIGINAL_REPLY), ("n2", "2", "ok", ORIGINAL_REPLY)]
+
+
+def test_exec_with_id_runs_on_the_owner_in_each_group(two):
+    status, headers, body = post(two, "exec&name=echo.py&id=0123456789", b"both")
+    assert status == 200
+    assert [(p["X-Srw-Node"], p.get_payload(decode=True)) for p in parts(headers, body)] == \
+        [("n1", b"both"), ("n2", b"both")]
+    status, headers, body = post(two, "exec&name=echo.py&id=0123456789&groups=2", b"one")
+    assert (status, body, headers["X-Srw-Node"]) == (200, b"one", "n2")
+
+
+def test_part_statuses_are_per_node(two):
+    status, headers, body = post(two, "exec&name=raise_nowhere.py")
+    assert status == 200
+    for part in parts(headers, body):
+        assert part["X-Srw-Status"] == "not_found"
+        assert b"raise_nowhere.py" in part.get_payload(decode=True)
+
+
+def test_full_queue_is_503(two):
+    def nap(_):
+        return post(two, "exec&name=nap.py&groups=1", b"")
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(nap, range(6)))
+    codes = [status for status, _, _ in answers]
+    assert codes.count(503) >= 2, codes
+    assert set(codes) <= {200, 503}
+    for status, headers, body in answers:
+        if status == 503:
+            assert headers["X-Srw-Status"] == "busy" and b"queue full" in body
+        else:
+            assert body == b"rested"
+
+
+# The proxy alone -----------------------------------------------------------------
+
+def test_srw_proxy_alone_reports_a_node_that_is_down(make_cluster):
+    """`srw proxy` against n1 started role by role; n2 of the config never runs."""
+    cluster = make_cluster(nodes=[{"name": "n1", "group": 1}, {"name": "n2", "group": 2}])
+    cluster.srw("broker", "--node", "n1")
+    cluster.srw("pool", "--node", "n1")
+    proxy = cluster.srw("proxy")
+    wait_until(lambda: (cluster.status("n1") or {}).get("workers") == 2, 30, "n1 ready")
+    wait_proxy(cluster)
+    assert [p.pid for p in cluster.processes("srw: proxy")] == [proxy.pid]
+
+    assert post(cluster, "exec&name=echo.py&groups=1", b"up")[:3:2] == (200, b"up")
+    status, headers, body = post(cluster, "exec&name=echo.py&groups=2", b"down")
+    assert status == 503 and headers["X-Srw-Status"] == "unavailable"
+    assert b"unavailable on node n2" in body and b"is the node running" in body
+
+    status, headers, body = post(cluster, "exec&name=echo.py", b"half")
+    assert status == 200
+    got = {p["X-Srw-Node"]: p["X-Srw-Status"] for p in parts(headers, body)}
+    assert got == {"n1": "ok", "n2": "unavailable"}
+
+    status, _, body = request(cluster, "GET", "/ping")
+    assert status == 503 and b"node n2 (group 2) does not answer" in body
+    status, _, body = request(cluster, "GET", "/status")
+    assert status == 200 and b"<td>n2</td>" in body and b"is the node running" in body
+    nodes = json.loads(request(cluster, "GET", "/status",
+                               headers={"Accept": "application/json"})[2])["nodes"]
+    assert nodes[0]["name"] == "n1" and nodes[0]["workers"] == 2
+    assert nodes[1]["name"] == "n2" and "error" in nodes[1]
+
+
+def test_proxy_refuses_a_taken_port(make_cluster):
+    cluster = make_cluster()
+    host, port = cluster.proxy["listen"].rsplit(":", 1)
+    with socket.socket() as taken:
+        taken.bind((host, int(port)))
+        taken.listen()
+        out = cluster.run("proxy", timeout=30)
+    assert out.returncode == 1
+    assert b"cannot listen on" in out.stderr
+
+
+def test_proxy_groups_outside_the_config_refuse_to_start(make_cluster):
+    cluster = make_cluster(proxy={"groups": [1, 5]})
+    for command in ("serve", "proxy"):
+        out = cluster.run(command, timeout=30)
+        assert out.returncode == 2
+        assert b"proxy.groups lists group 5" in out.stderr
