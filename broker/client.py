@@ -215,28 +215,43 @@ class AsyncClient(_Base):
         return p.unpack_map(result.data)
 
     async def _request(self, rid: bytes, frames: list, wait: float) -> Result:
+        loop = asyncio.get_running_loop()
         if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_replies())
-        future = asyncio.get_running_loop().create_future()
+            self._reader = loop.create_task(self._read_replies())
+        future = loop.create_future()
         self._pending[rid] = future
+        # A timer handle is much cheaper than asyncio.wait_for's wrapper per request.
+        timer = loop.call_later(wait, self._expire, rid, wait)
         try:
-            try:
-                await self._sock.send_multipart(frames, zmq.NOBLOCK)
+            try:  # the hot path: a synchronous, non-blocking send
+                p.send_frames(self._sock, frames, noblock=True)
             except zmq.Again:
                 if not await self._sock.poll(int(CONNECT_WAIT * 1000), zmq.POLLOUT):
                     raise self._unreachable() from None
-                await self._sock.send_multipart(frames, zmq.NOBLOCK)
-            return await asyncio.wait_for(future, wait)
-        except asyncio.TimeoutError:
-            raise self._unavailable(wait) from None
+                p.send_frames(self._sock, frames, noblock=True)
+            # A ZeroMQ socket's fd is edge-triggered and our send may have taken
+            # the edge of replies that came meanwhile: collect them now.
+            self._take_replies()
+            return await future
         finally:
+            timer.cancel()
             self._pending.pop(rid, None)
+
+    def _expire(self, rid: bytes, wait: float) -> None:
+        future = self._pending.get(rid)
+        if future is not None and not future.done():
+            future.set_exception(self._unavailable(wait))
 
     async def _read_replies(self) -> None:
         while True:
-            frames = await self._sock.recv_multipart()
+            await self._sock.poll(None, zmq.POLLIN)
+            self._take_replies()
+
+    def _take_replies(self) -> None:
+        """Every reply waiting on the socket, synchronously, to its caller."""
+        while p.readable(self._sock):
             try:
-                rid, result = p.parse_reply(frames)
+                rid, result = p.parse_reply(p.recv_frames(self._sock))
             except p.ProtocolError:
                 continue
             future = self._pending.get(rid)
