@@ -13,7 +13,10 @@ Session made before a fork is never used across it (see storage.handle).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
+
+import zmq
 
 from broker import protocol as p
 from broker.client import BrokerUnavailable, Client, Result, gather
@@ -60,6 +63,26 @@ class StorageClient(Client):
     def call(self, cmd: bytes, key_id: bytes = b"", data: bytes = b"",
              wait: float = DATA_TIMEOUT) -> Result:
         return self.result(*self.submit_data(cmd, key_id, data, wait))
+
+    def _wait(self, rid: bytes, wait: float) -> Result:
+        """As Client._wait, but one blocking recv with a receive timeout instead of
+        a poll and a recv: the data path is a few microseconds shorter."""
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._unavailable(wait)
+            self._sock.setsockopt(zmq.RCVTIMEO, int(left * 1000) + 1)
+            try:
+                got, result = p.parse_reply(self._sock.recv_multipart())
+            except zmq.Again:
+                continue
+            except p.ProtocolError:
+                continue
+            if got == rid:
+                return result
+            if got in self._outstanding:
+                self._early[got] = result
 
     def stat(self, timeout: float = 5.0) -> dict:
         return _unpack(self.call(sp.STAT, wait=timeout))

@@ -230,7 +230,7 @@ def test_sighup_reloads_python_init(make_cluster):
 def test_serve_stops_everything_on_sigterm(node):
     serve = node.procs[0]
     tree = node.processes("srw: ")
-    assert len(tree) == 4  # broker, pool, 2 workers
+    assert len(tree) == 5  # storage, broker, pool, 2 workers
     serve.send_signal(signal.SIGTERM)
     assert serve.wait(20) == 0
     wait_until(lambda: not any(p.is_running() and p.status() != "zombie" for p in tree), 10,
