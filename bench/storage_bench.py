@@ -126,7 +126,8 @@ def echo_server(started: Started) -> str:
             "value = b'x' * int(sys.argv[2])\n"
             "while True:\n"
             "    f = s.recv_multipart()\n"
-            "    s.send_multipart([f[0], f[2], b'ok', b'n1', b'1', value, b''])\n")
+            "    rid = f[1][65:]\n"
+            "    s.send_multipart([f[0], b'\\0' + bytes([len(rid)]) + rid, value])\n")
     started.start([sys.executable, "-c", code, endpoint, "128"])
     return endpoint
 

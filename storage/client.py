@@ -13,13 +13,15 @@ Session made before a fork is never used across it (see storage.handle).
 """
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from pathlib import Path
 
 import zmq
 
 from broker import protocol as p
-from broker.client import BrokerUnavailable, Client, Result, gather
+from broker.client import CONNECT_WAIT, BrokerUnavailable, Client, Result, gather
 from srw import config as cfg
 
 from . import protocol as sp
@@ -29,6 +31,12 @@ __all__ = ["Session", "Result", "StorageError", "NotFound", "StorageUnavailable"
            "StorageClient", "storage_ready", "config_from_remote"]
 
 DATA_TIMEOUT = 5.0    # seconds a storage node may take to answer a data call
+# A read's reply usually comes within ~100 us.  A thread that sleeps until it
+# comes pays a wake-up on top (tens of microseconds on a VM, and ZeroMQ's I/O
+# thread already costs one); looking for it without sleeping for this long
+# first cut the read p50 by a third here.  Bounded, and only for reads.
+SPIN = 0.0002
+_SPIN_COMMANDS = frozenset((sp.READ, sp.LOOKUP))
 
 
 class StorageError(Exception):
@@ -50,39 +58,80 @@ class NodeUnavailable(BrokerUnavailable):
     """One storage node did not answer; the Session turns it into a Result."""
 
 
-class StorageClient(Client):
-    """One node's storage front-end (``storage/protocol.py``); exec works too."""
+class StorageClient:
+    """One node's storage front-end (``storage/protocol.py``), blocking.
+
+    ``submit_data`` sends without waiting, ``result`` waits for that reply (so
+    a write can be sent to every group before waiting for any); ``call`` does
+    both.  Results carry the node's `name` and `group` as given.  Raises
+    NodeUnavailable when the node cannot be reached or does not reply in time.
+    For exec through a storage address use ``broker.client.Client``: the node
+    relays the broker's own messages."""
+
+    def __init__(self, endpoint: str, name: str = "", group: int = 0,
+                 ctx: zmq.Context | None = None):
+        self.endpoint, self.name, self.group = endpoint, name, group
+        self._sock = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+        for option, value in ((zmq.LINGER, 0), (zmq.RECONNECT_IVL, 50),
+                              (zmq.RECONNECT_IVL_MAX, 1000), (zmq.SNDHWM, 100_000),
+                              (zmq.RCVHWM, 100_000), (zmq.IMMEDIATE, 1)):
+            self._sock.setsockopt(option, value)  # IMMEDIATE: never queue for a dead node
+        self._sock.connect(endpoint)
+        self._prefix = os.urandom(4)
+        self._ids = itertools.count()
+        self._early: dict[bytes, Result] = {}   # replies that came before they were asked for
 
     def submit_data(self, cmd: bytes, key_id: bytes = b"", data: bytes = b"",
                     wait: float = DATA_TIMEOUT) -> tuple[bytes, float]:
-        rid = self._next_rid()
-        self._send(sp.request_frames(cmd, rid, key_id, bytes(data)))
-        self._outstanding.add(rid)
+        rid = self._prefix + next(self._ids).to_bytes(8, "little")
+        frames = sp.request_frames(cmd, rid, key_id, bytes(data))
+        copy = len(data) < 65536
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+        except zmq.Again:  # not connected (yet): wait a little for the connection
+            if not self._sock.poll(int(CONNECT_WAIT * 1000), zmq.POLLOUT):
+                raise NodeUnavailable(f"cannot connect to storage node {self.endpoint}; "
+                                      "is the node running (srw serve)?") from None
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
         return rid, wait
 
-    def call(self, cmd: bytes, key_id: bytes = b"", data: bytes = b"",
-             wait: float = DATA_TIMEOUT) -> Result:
-        return self.result(*self.submit_data(cmd, key_id, data, wait))
-
-    def _wait(self, rid: bytes, wait: float) -> Result:
-        """As Client._wait, but one blocking recv with a receive timeout instead of
-        a poll and a recv: the data path is a few microseconds shorter."""
+    def result(self, rid: bytes, wait: float, spin: bool = False) -> Result:
+        """The reply to a submitted request.  One blocking recv with a receive
+        timeout, not a poll and a recv: this is the data path.  With `spin`, first
+        look for the reply without sleeping for up to SPIN seconds (see there)."""
+        if rid in self._early:
+            return self._early.pop(rid)
+        if spin:
+            self._spin()
         deadline = time.monotonic() + wait
         while True:
             left = deadline - time.monotonic()
-            if left <= 0:
-                raise self._unavailable(wait)
-            self._sock.setsockopt(zmq.RCVTIMEO, int(left * 1000) + 1)
+            self._sock.setsockopt(zmq.RCVTIMEO, max(0, int(left * 1000) + 1))  # 0: no wait
             try:
-                got, result = p.parse_reply(self._sock.recv_multipart())
-            except zmq.Again:
+                got, status, data, error = sp.parse_reply(self._sock.recv_multipart())
+            except (zmq.Again, sp.ProtocolError):
+                if time.monotonic() >= deadline:
+                    raise NodeUnavailable(f"no reply from storage node {self.endpoint} "
+                                          f"within {wait:.1f} s; is the node running "
+                                          "(srw serve)?") from None
                 continue
-            except p.ProtocolError:
-                continue
+            result = Result(self.name, self.group, status, data, error)
             if got == rid:
                 return result
-            if got in self._outstanding:
+            if len(self._early) < 1024:  # a later request's; replies to abandoned ones age out
                 self._early[got] = result
+
+    def _spin(self) -> None:
+        clock, sock, end = time.perf_counter, self._sock, time.perf_counter() + SPIN
+        while not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN and clock() < end:
+            pass
+
+    def call(self, cmd: bytes, key_id: bytes = b"", data: bytes = b"",
+             wait: float = DATA_TIMEOUT) -> Result:
+        """Send and wait; reads and lookups spin first (they are answered in
+        tens of microseconds, writes wait for a commit)."""
+        return self.result(*self.submit_data(cmd, key_id, data, wait),
+                           spin=cmd in _SPIN_COMMANDS)
 
     def stat(self, timeout: float = 5.0) -> dict:
         return _unpack(self.call(sp.STAT, wait=timeout))
@@ -90,18 +139,20 @@ class StorageClient(Client):
     def routes(self, timeout: float = 5.0) -> dict:
         return _unpack(self.call(sp.ROUTES, wait=timeout))
 
-    def _unavailable(self, wait: float) -> NodeUnavailable:
-        return NodeUnavailable(f"no reply from storage node {self.endpoint} within "
-                               f"{wait:.1f} s; is the node running (srw serve)?")
+    def close(self) -> None:
+        self._sock.close()
 
-    def _unreachable(self) -> NodeUnavailable:
-        return NodeUnavailable(f"cannot connect to storage node {self.endpoint}; "
-                               "is the node running (srw serve)?")
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _unpack(result: Result) -> dict:
     if not result.ok:
-        raise NodeUnavailable(f"node {result.node}: {result.status}: {result.error}")
+        raise NodeUnavailable(f"storage node {result.node or '?'}: {result.status}: "
+                              f"{result.error}")
     return p.unpack_map(result.data)
 
 
@@ -148,7 +199,8 @@ class Session:
     def _store(self, name: str) -> StorageClient:
         client = self._stores.get(name)
         if client is None:
-            client = StorageClient(self.config.node(name).storage)
+            node = self.config.node(name)
+            client = StorageClient(node.storage, node.name, node.group)
             self._stores[name] = client
         return client
 
@@ -233,16 +285,28 @@ class Session:
         return value.to_bytes(sp.ID_BYTES, "big"), self.ring.targets(value, groups)
 
     def _to_all(self, cmd: bytes, key, id, groups, data: bytes = b"") -> list[Result]:
+        """Sent to every owner first, then the replies collected: the nodes work
+        in parallel, so the whole call takes the slowest node's time."""
         raw_id, targets = self._locate(key, id, groups)
         wait = self.timeout or DATA_TIMEOUT
-        calls = []
+        sent = []
         for node in targets:
             client = self._store(node.name)
             try:
-                calls.append((client, *client.submit_data(cmd, raw_id, data, wait)))
-            except BrokerUnavailable as exc:
-                calls.append(exc)
-        return self._collect(targets, calls)
+                sent.append((client, *client.submit_data(cmd, raw_id, data, wait)))
+            except NodeUnavailable as exc:
+                sent.append(exc)
+        deadline = time.monotonic() + wait
+        results = []
+        for node, call in zip(targets, sent):
+            try:
+                if isinstance(call, NodeUnavailable):
+                    raise call
+                client, rid, _ = call
+                results.append(client.result(rid, max(0.0, deadline - time.monotonic())))
+            except NodeUnavailable as exc:
+                results.append(Result(node.name, node.group, p.UNAVAILABLE, b"", str(exc)))
+        return results
 
     def _first(self, cmd: bytes, key, id, groups) -> Result:
         raw_id, targets = self._locate(key, id, groups)

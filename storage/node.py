@@ -141,7 +141,7 @@ class StorageNode:
         self.front = _socket(self.ctx, zmq.ROUTER)
         self.front.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.front.bind(node.storage)
-        self.relay = Relay(self.ctx, node, config.broker.request_timeout, self.reply)
+        self.relay = Relay(self.ctx, node, config.broker.request_timeout, self.broker_reply)
         self.node_commands = {sp.STAT: self.stat, sp.ROUTES: self.routes}
         self.stopping = False
 
@@ -207,16 +207,15 @@ class StorageNode:
     def on_frames(self, frames: list[bytes]) -> sp.StorageRequest | None:
         """A data request for the batch; everything else is answered or relayed here."""
         try:
-            if len(frames) > 1 and frames[1] in sp.RELAYED:
+            if len(frames) > 3 and frames[1] in sp.RELAYED:
                 self.relay.forward(frames)
                 return None
             req = sp.StorageRequest.from_frames(frames)
         except sp.ProtocolError as exc:
             log.warning("storage %s: bad request from client %s: %s", self.node.name,
                         frames[0].hex(), exc)
-            rid = sp.rid_of(frames)
-            if rid is not None:
-                self.reply(frames[0], rid, bp.BAD_REQUEST, error=f"bad request: {exc}")
+            self.reply(frames[0], sp.rid_of(frames), bp.BAD_REQUEST,
+                       error=f"node {self.node.name}: bad request: {exc}")
             return None
         handler = self.node_commands.get(req.cmd)
         if handler is None:
@@ -235,15 +234,21 @@ class StorageNode:
 
     def reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
               error: str = "") -> None:
+        """A storage reply (storage/protocol.py)."""
+        self.send(sp.reply_frames(client, rid, status, data, error))
+
+    def broker_reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
+                     error: str = "") -> None:
+        """A reply to a relayed exec or status, in the broker's layout."""
         self.send(bp.reply_frames(client, rid, status, self.node_b, self.group_b, data, error))
 
     def send(self, frames: list[bytes]) -> None:
         # send_multipart, without its per-frame checks and flag arithmetic: this
         # is the hot path of every reply.
-        send, copy = self.front.send, len(frames[-2]) < 65536
+        send = self.front.send
         try:
             for frame in frames[:-1]:
-                send(frame, _MORE_NOBLOCK, copy=copy)
-            send(frames[-1], _NOBLOCK)
+                send(frame, _MORE_NOBLOCK)
+            send(frames[-1], _NOBLOCK, copy=len(frames[-1]) < 65536)
         except zmq.ZMQError as exc:  # client gone or its queue full: nothing to do
             log.debug("reply to %s dropped: %s", frames[0].hex(), exc)
