@@ -14,7 +14,8 @@ them alike.  One at a time: p50 and p99 latency and ops/s; 64 in flight
 batches, one commit per batch; Redis: a pipeline of 64): ops/s, 64-request
 chunks one after another.  Everything started is stopped.
 
-Target (issue 3): srw read p50 <= 2x Redis GET p50 (TCP loopback).
+Target (issue 3): srw read p50 <= 2x Redis GET p50 (TCP loopback), checked on
+all rounds together and on each path's best round (see the note in run()).
 """
 from __future__ import annotations
 
@@ -212,10 +213,14 @@ def run(args, root: Path, started: Started) -> int:
         "redis SET aof fsync always": (lambda k: r_aof.set(k, value), write_keys),
     }
     lat = {name: [] for name in targets}
+    best = dict.fromkeys(targets, float("inf"))   # lowest p50 of a single round
     elapsed = dict.fromkeys(targets, 0.0)
     for _ in range(args.rounds):
         for name, (call, these) in targets.items():
-            elapsed[name] += one_at_a_time(call, these, lat[name])
+            this_round: list[float] = []
+            elapsed[name] += one_at_a_time(call, these, this_round)
+            lat[name] += this_round
+            best[name] = min(best[name], pct(this_round, .5))
 
     ids = [key_id(k).to_bytes(sp.ID_BYTES, "big") for k in keys]
     sync_c, nosync_c = StorageClient(sync_ep), StorageClient(nosync_ep)
@@ -234,16 +239,22 @@ def run(args, root: Path, started: Started) -> int:
 
     print(f"storage bench: {args.size}-byte values, {args.rounds} interleaved rounds, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-    print(f"{'path':28} {'ops':>6} {'p50 us':>8} {'p99 us':>8} {'ops/s':>8} "
-          f"{'ops/s, 64 in flight':>20}")
+    print(f"{'path':28} {'ops':>6} {'p50 us':>8} {'best-round p50':>15} {'p99 us':>8} "
+          f"{'ops/s':>8} {'ops/s, 64 in flight':>20}")
     for name in targets:
         n = len(lat[name])
         flight = f"{len(keys) * args.rounds / batch[name]:.0f}" if name in batch else "-"
-        print(f"{name:28} {n:>6} {pct(lat[name], .5):>8.0f} {pct(lat[name], .99):>8.0f} "
-              f"{n / elapsed[name]:>8.0f} {flight:>20}")
-    ratio = pct(lat["srw read (Session)"], .5) / pct(lat["redis GET tcp"], .5)
-    verdict = "met" if ratio <= 2.0 else "NOT met"
-    print(f"target: srw read p50 <= 2x Redis GET p50 (tcp): {ratio:.2f}x, {verdict}")
+        print(f"{name:28} {n:>6} {pct(lat[name], .5):>8.0f} {best[name]:>15.0f} "
+              f"{pct(lat[name], .99):>8.0f} {n / elapsed[name]:>8.0f} {flight:>20}")
+    # On a small VM a round trip's p50 flips between two levels with where the
+    # scheduler puts client and server; the best round compares like with like.
+    for label, ours, theirs in (
+            ("all rounds", pct(lat["srw read (Session)"], .5), pct(lat["redis GET tcp"], .5)),
+            ("best rounds", best["srw read (Session)"], best["redis GET tcp"])):
+        ratio = ours / theirs
+        verdict = "met" if ratio <= 2.0 else "NOT met"
+        print(f"target: srw read p50 <= 2x Redis GET p50 (tcp), {label}: {ratio:.2f}x, "
+              f"{verdict}")
     for closable in (sync_s, nosync_s, sync_c, nosync_c, echo):
         closable.close()
     for client in (r_tcp, r_unix, r_aof):
