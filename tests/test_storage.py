@@ -175,6 +175,9 @@ def test_storage_node_answers_bad_input_and_keeps_serving(make_cluster):
         ctx.term()
     assert storage.poll() is None
     assert "bad request" in cluster.log()
+    second = cluster.run("storage", "--node", "n1", timeout=30)  # its address is taken
+    assert second.returncode == 3 and b"refuses to start" in second.stderr
+    assert b"Address already in use" in second.stderr
 
 
 def test_exec_through_the_storage_endpoint(node):
@@ -261,3 +264,15 @@ def test_a_remote_that_does_not_answer_is_a_script_error_not_a_crash(make_cluste
         assert r.status == "script_error" and "tcp://127.0.0.1:9" in r.error
         assert c.exec("echo.py", b"alive").data == b"alive"
     assert psutil.pid_exists(cluster.workers()[0].pid)
+
+
+def test_a_full_store_fails_only_the_writes_that_do_not_fit(tmp_path, monkeypatch):
+    monkeypatch.setattr("storage.store.MAP_SIZE", 256 * 1024)
+    store = Store(tmp_path / "small", "n1", sync=False)
+    batch = [req(sp.WRITE, b"small", b"s"), req(sp.WRITE, b"big", b"b" * 1024 * 1024),
+             req(sp.READ, b"small")]
+    replies = store.apply(batch)
+    assert [r[0] for r in replies] == ["ok", "unavailable", "ok"]
+    assert "MapFullError" in replies[1][2] and "disk full" in replies[1][2]
+    assert replies[2][1] == b"s"
+    assert store.apply([req(sp.READ, b"big")])[0][0] == "not_found"
