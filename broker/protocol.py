@@ -159,6 +159,14 @@ class FrontRequest(NamedTuple):
         return cls(frames[0], cmd, rid, ExecMeta._make(header[2:]).check(), frames[2])
 
 
+def is_front_request(header: bytes) -> bool:
+    """Whether a frame can be a request header: a 7-item msgpack array starts 0x97.
+
+    Lets another ROUTER (the storage front-end) tell exec requests it relays
+    from its own commands, which start with an ASCII letter."""
+    return header[:1] == b"\x97"
+
+
 def salvage_rid(frames: list[bytes]) -> bytes | None:
     """The request id of a malformed request, if one can be read, to answer it."""
     try:

@@ -16,6 +16,9 @@ EXAMPLES = """examples:
   echo -n hi | srw exec test_script.py --id 0123456789 --data -
   srw exec '' --code '__return_data = "x" * 3'
   srw status
+  echo -n value | srw write mykey --data -
+  srw read mykey
+  srw remove mykey
 """
 
 
@@ -31,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # one line for people; tracebacks are for bugs in the log
         from broker.client import BrokerUnavailable
+        from storage.client import StorageError
         from storage.ring import BadId
-        if isinstance(exc, (BrokerUnavailable, BadId, ValueError, OSError)):
+        if isinstance(exc, (BrokerUnavailable, BadId, ValueError, OSError, StorageError)):
             print(f"srw: {exc}", file=sys.stderr)
             return 1
         raise
@@ -76,11 +80,26 @@ def parser() -> argparse.ArgumentParser:
                            help="run the HTTP proxy alone against a running cluster")
     proxy.set_defaults(func=cmd_proxy)
 
-    for role, text in (("broker", "run one node's broker alone"),
-                       ("pool", "run one node's worker pool alone")):
+    write = sub.add_parser("write", parents=[common], help="store a value in every group",
+                           description="Store the value under KEY on its owner in every "
+                           "group; exits 1 if any group did not store it.")
+    write.add_argument("key", metavar="KEY")
+    write.add_argument("--data", metavar="FILE|-", help="the value from a file, or - for stdin")
+    write.set_defaults(func=cmd_write)
+    read = sub.add_parser("read", parents=[common], help="print a value (raw bytes)")
+    read.add_argument("key", metavar="KEY")
+    read.set_defaults(func=cmd_read)
+    remove = sub.add_parser("remove", parents=[common], help="remove a key from every group")
+    remove.add_argument("key", metavar="KEY")
+    remove.set_defaults(func=cmd_remove)
+
+    roles = (("broker", "run one node's broker alone", cmd_broker),
+             ("pool", "run one node's worker pool alone", cmd_pool),
+             ("storage", "run one node's storage front-end alone", cmd_storage))
+    for role, text, func in roles:
         p = sub.add_parser(role, parents=[common], help=text)
         p.add_argument("--node", required=True, metavar="NAME")
-        p.set_defaults(func=cmd_broker if role == "broker" else cmd_pool)
+        p.set_defaults(func=func)
     return top
 
 
@@ -133,6 +152,45 @@ def cmd_exec(config: cfg.Config, args) -> int:
     return 1 if failed else 0
 
 
+def _report(results, quiet_status: str = "") -> int:
+    """Failures on stderr, one line each; exit status 1 if any."""
+    failed = [r for r in results if not r.ok and r.status != quiet_status]
+    for r in failed:
+        print(f"srw: node {r.node} (group {r.group}): {r.status}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_write(config: cfg.Config, args) -> int:
+    from storage.client import Session
+    data = read_data(args.data)
+    with Session(config) as session:
+        return _report(session.write(args.key, data))
+
+
+def cmd_read(config: cfg.Config, args) -> int:
+    from storage.client import NotFound, Session
+    with Session(config) as session:
+        try:
+            value = session.read(args.key)
+        except NotFound as exc:
+            print(f"srw: {exc}", file=sys.stderr)
+            return 1
+    sys.stdout.buffer.write(value)
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_remove(config: cfg.Config, args) -> int:
+    from broker.protocol import NOT_FOUND
+    from storage.client import Session
+    with Session(config) as session:
+        results = session.remove(args.key)
+    if all(r.status == NOT_FOUND for r in results):
+        print(f"srw: key {args.key!r} not found in any group", file=sys.stderr)
+        return 1
+    return _report(results, quiet_status=NOT_FOUND)
+
+
 def cmd_status(config: cfg.Config, args) -> int:
     from storage.client import Session
     with Session(config) as session:
@@ -177,6 +235,8 @@ def cmd_pool(config: cfg.Config, args) -> int:
     node = config.node(args.node)
     logs.setup(config.log, f"pool {node.name}")
     _supervised("pool")
+    # Where python.init's storage handles find the cluster (storage.handle).
+    os.environ["SRW_CONFIG"] = str(config.path)
     try:
         return pool.main(config, args.node)
     except cfg.ConfigError as exc:
@@ -192,3 +252,24 @@ def cmd_proxy(config: cfg.Config, args) -> int:
     logs.setup(config.log, "proxy")
     _supervised("proxy")
     return run(make_app(config), config.proxy.listen)
+
+
+EXIT_REFUSED = 3  # as the pool's: `srw serve` stops with the reason instead of restarting
+
+
+def cmd_storage(config: cfg.Config, args) -> int:
+    import setproctitle
+    from storage.node import StorageNode
+    node = config.node(args.node)
+    setproctitle.setproctitle(f"srw: storage {node.name}")
+    logs.setup(config.log, f"storage {node.name}")
+    _supervised("storage")
+    try:
+        os.makedirs(node.data_dir, exist_ok=True)
+        storage = StorageNode(config, node)
+    except Exception as exc:  # lmdb.Error, zmq.ZMQError (address in use), OSError
+        print(f"srw: node {node.name} refuses to start: storage at {node.storage}, "
+              f"store in {node.data_dir}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    storage.run()
+    return 0

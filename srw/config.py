@@ -53,6 +53,7 @@ class NodeSettings:
     data_dir: str
     ids: tuple[str, ...] = ()
     sync: bool = True
+    max_value: int = 64 * 1024 * 1024  # bytes; larger writes get output_too_large
 
     @property
     def workers_endpoint(self) -> str:
@@ -171,6 +172,7 @@ def _check(config: Config) -> None:
     for node in config.nodes:
         rules.append((node.name.isidentifier(), f"node name {node.name!r} must be a plain word"))
         rules.append((node.group >= 1, f"node {node.name}: group must be >= 1"))
+        rules.append((node.max_value >= 1, f"node {node.name}: max_value must be >= 1 byte"))
         for key in ("storage", "broker"):
             endpoint = getattr(node, key)
             rules.append((endpoint.startswith(("tcp://", "ipc://")),

@@ -7,6 +7,10 @@ restarted (the workers find it again); a pool that refuses to start (exit
 status 3: python.init failed, workers die at boot) stops the whole node set
 with that reason.  SIGTERM or Ctrl-C drains: brokers first (they answer what
 is in flight), then pools, each step bounded, SIGKILL last.
+
+Each node also has a storage process (storage/node.py, LMDB): a node is ready
+when its storage answers too; a dead one is restarted like a broker, and one
+that cannot open its store or bind its address exits 3 (refuses to start).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 
 from broker.client import BrokerUnavailable, Client
 from srw.config import Config, NodeSettings
+from storage.client import storage_ready
 
 log = logging.getLogger("srw.serve")
 
@@ -36,7 +41,7 @@ class StartError(RuntimeError):
 
 @dataclass
 class Child:
-    role: str                 # "broker", "pool" or "proxy"
+    role: str                 # "storage", "broker", "pool" or "proxy"
     node: str
     argv: list[str]
     proc: subprocess.Popen | None = None
@@ -67,6 +72,8 @@ class Supervisor:
         self.config, self.nodes = config, nodes
         self.children: list[Child] = []
         for node in nodes:
+            self.children.append(Child("storage", node.name,
+                                       child_argv("storage", config, node.name)))
             self.children.append(Child("broker", node.name, child_argv("broker", config, node.name)))
             self.children.append(Child("pool", node.name, child_argv("pool", config, node.name)))
         self.children += list(extra)
@@ -106,7 +113,8 @@ class Supervisor:
                         status = clients[name].status(timeout=0.5)
                     except BrokerUnavailable:
                         continue
-                    if status["workers"] >= self.config.pool.workers:
+                    if status["workers"] >= self.config.pool.workers and \
+                            storage_ready(pending[name].storage):
                         node = pending.pop(name)
                         print(f"srw: node {name} ready: broker {node.broker}, "
                               f"{status['workers']} workers, group {node.group}", flush=True)

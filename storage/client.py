@@ -2,21 +2,181 @@
 
 Routes by ``id`` (hex) or ``key`` (sha512) with the Ring: exec runs on the
 owner of the id in each requested group, or on every node of every group when
-no id is given, and returns one Result per node in route order.  A node that
-does not answer gives a Result with status ``unavailable``; transport
-failures of the whole call raise.
+no id is given, and returns one Result per node in route order.  Data calls
+go to the storage front-end of the owner in each group: a write or remove
+returns one Result per group, a read or lookup asks the owners group by
+group until one has the key.  A node that does not answer gives a Result
+with status ``unavailable``; only a call that no node could answer raises.
+
+Every socket is opened on first use in the process that uses it, so a
+Session made before a fork is never used across it (see storage.handle).
 """
 from __future__ import annotations
 
+import itertools
+import os
+import time
 from pathlib import Path
 
+import zmq
+
 from broker import protocol as p
-from broker.client import BrokerUnavailable, Client, Result, gather
+from broker.client import CONNECT_WAIT, BrokerUnavailable, Client, Result, gather
 from srw import config as cfg
 
+from . import protocol as sp
 from .ring import Ring, id_hex, key_id, parse_id
 
-__all__ = ["Session", "Result"]
+__all__ = ["Session", "Result", "StorageError", "NotFound", "StorageUnavailable",
+           "StorageClient", "storage_ready", "config_from_remote"]
+
+DATA_TIMEOUT = 5.0    # seconds a storage node may take to answer a data call
+# A read's reply usually comes within ~100 us.  A thread that sleeps until it
+# comes pays a wake-up on top (tens of microseconds on a VM, and ZeroMQ's I/O
+# thread already costs one); looking for it without sleeping for this long
+# first cut the read p50 by a third here.  Bounded, and only for reads.
+SPIN = 0.0002
+_SPIN_COMMANDS = frozenset((sp.READ, sp.LOOKUP))
+
+
+class StorageError(Exception):
+    """Base of the errors a data call raises; per-node statuses are data, not errors."""
+
+
+class NotFound(StorageError, KeyError):
+    """No group has the key (every owner that answered said not_found)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else "not found"
+
+
+class StorageUnavailable(StorageError, ConnectionError):
+    """No owner of the key answered (all down, or their stores failed)."""
+
+
+class NodeUnavailable(BrokerUnavailable):
+    """One storage node did not answer; the Session turns it into a Result."""
+
+
+class StorageClient:
+    """One node's storage front-end (``storage/protocol.py``), blocking.
+
+    ``submit_data`` sends without waiting, ``result`` waits for that reply (so
+    a write can be sent to every group before waiting for any); ``call`` does
+    both.  Results carry the node's `name` and `group` as given.  Raises
+    NodeUnavailable when the node cannot be reached or does not reply in time.
+    For exec through a storage address use ``broker.client.Client``: the node
+    relays the broker's own messages."""
+
+    def __init__(self, endpoint: str, name: str = "", group: int = 0,
+                 ctx: zmq.Context | None = None):
+        self.endpoint, self.name, self.group = endpoint, name, group
+        self._sock = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+        for option, value in ((zmq.LINGER, 0), (zmq.RECONNECT_IVL, 50),
+                              (zmq.RECONNECT_IVL_MAX, 1000), (zmq.SNDHWM, 100_000),
+                              (zmq.RCVHWM, 100_000), (zmq.IMMEDIATE, 1)):
+            self._sock.setsockopt(option, value)  # IMMEDIATE: never queue for a dead node
+        self._sock.connect(endpoint)
+        self._prefix = os.urandom(4)
+        self._ids = itertools.count()
+        self._early: dict[bytes, Result] = {}   # replies that came before they were asked for
+
+    def submit_data(self, cmd: bytes, key_id: bytes = b"", data: bytes = b"",
+                    wait: float = DATA_TIMEOUT) -> tuple[bytes, float]:
+        rid = self._prefix + next(self._ids).to_bytes(8, "little")
+        frames = sp.request_frames(cmd, rid, key_id, bytes(data))
+        try:
+            p.send_frames(self._sock, frames, noblock=True)
+        except zmq.Again:  # not connected (yet): wait a little for the connection
+            if not self._sock.poll(int(CONNECT_WAIT * 1000), zmq.POLLOUT):
+                raise NodeUnavailable(f"cannot connect to storage node {self.endpoint}; "
+                                      "is the node running (srw serve)?") from None
+            p.send_frames(self._sock, frames, noblock=True)
+        return rid, wait
+
+    def result(self, rid: bytes, wait: float, spin: bool = False) -> Result:
+        """The reply to a submitted request.  One blocking recv with a receive
+        timeout, not a poll and a recv: this is the data path.  With `spin`, first
+        look for the reply without sleeping for up to SPIN seconds (see there)."""
+        if rid in self._early:
+            return self._early.pop(rid)
+        if spin:
+            self._spin()
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            self._sock.setsockopt(zmq.RCVTIMEO, max(0, int(left * 1000) + 1))  # 0: no wait
+            try:
+                got, status, data, error = sp.parse_reply(p.recv_frames(self._sock))
+            except (zmq.Again, sp.ProtocolError):
+                if time.monotonic() >= deadline:
+                    raise NodeUnavailable(f"no reply from storage node {self.endpoint} "
+                                          f"within {wait:.1f} s; is the node running "
+                                          "(srw serve)?") from None
+                continue
+            result = Result(self.name, self.group, status, data, error)
+            if got == rid:
+                return result
+            if len(self._early) < 1024:  # a later request's; replies to abandoned ones age out
+                self._early[got] = result
+
+    def _spin(self) -> None:
+        clock, sock, end = time.perf_counter, self._sock, time.perf_counter() + SPIN
+        while not p.readable(sock) and clock() < end:
+            pass
+
+    def call(self, cmd: bytes, key_id: bytes = b"", data: bytes = b"",
+             wait: float = DATA_TIMEOUT) -> Result:
+        """Send and wait; reads and lookups spin first (they are answered in
+        tens of microseconds, writes wait for a commit)."""
+        return self.result(*self.submit_data(cmd, key_id, data, wait),
+                           spin=cmd in _SPIN_COMMANDS)
+
+    def stat(self, timeout: float = 5.0) -> dict:
+        return _unpack(self.call(sp.STAT, wait=timeout))
+
+    def routes(self, timeout: float = 5.0) -> dict:
+        return _unpack(self.call(sp.ROUTES, wait=timeout))
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _unpack(result: Result) -> dict:
+    if not result.ok:
+        raise NodeUnavailable(f"storage node {result.node or '?'}: {result.status}: "
+                              f"{result.error}")
+    return p.unpack_map(result.data)
+
+
+def storage_ready(endpoint: str, timeout: float = 0.5) -> bool:
+    """Whether the storage front-end at `endpoint` answers a stat within `timeout`."""
+    with StorageClient(endpoint) as client:
+        try:
+            client.stat(timeout)
+        except BrokerUnavailable:
+            return False
+    return True
+
+
+def config_from_remote(endpoint: str, timeout: float = 5.0) -> cfg.Config:
+    """The cluster as the storage node at `endpoint` knows it (its ROUTES):
+    how a client that knows one address finds every node, as Elliptics did."""
+    with StorageClient(endpoint) as client:
+        nodes = client.routes(timeout)["nodes"]
+    try:
+        settings = tuple(cfg.NodeSettings(name=n["name"], group=n["group"],
+                                          storage=n["storage"], broker=n["broker"],
+                                          data_dir="", ids=tuple(n["ids"])) for n in nodes)
+    except (KeyError, TypeError) as exc:
+        raise NodeUnavailable(f"storage node {endpoint} sent bad routes: {exc}") from None
+    return cfg.Config(path=Path(f"routes-of-{endpoint.replace('/', '')}"), nodes=settings)
 
 
 class Session:
@@ -26,12 +186,21 @@ class Session:
         self.ring = Ring(self.config)
         self.timeout = timeout
         self._brokers: dict[str, Client] = {}
+        self._stores: dict[str, StorageClient] = {}
 
     def _broker(self, name: str) -> Client:
         client = self._brokers.get(name)
         if client is None:
             client = Client(self.config.node(name).broker, timeout=self.timeout)
             self._brokers[name] = client
+        return client
+
+    def _store(self, name: str) -> StorageClient:
+        client = self._stores.get(name)
+        if client is None:
+            node = self.config.node(name)
+            client = StorageClient(node.storage, node.name, node.group)
+            self._stores[name] = client
         return client
 
     def route(self, id: str | None = None, key: str | bytes | None = None,
@@ -42,6 +211,8 @@ class Session:
         value = parse_id(id) if id is not None else key_id(key) if key is not None else None
         return self.ring.targets(value, groups)
 
+    # Exec ----------------------------------------------------------------------
+
     def exec(self, name: str = "", data: bytes = b"", code: str = "", id: str | None = None,
              key: str | bytes | None = None, groups: list[int] | None = None,
              cookie: str = "", timeout: float | None = None) -> list[Result]:
@@ -50,14 +221,112 @@ class Session:
         calls = []
         for node in targets:
             client = self._broker(node.name)
-            rid, wait = client.submit(name, data, code, timeout, cookie, hex_id)
-            calls.append((client, rid, wait))
+            try:
+                calls.append((client, *client.submit(name, data, code, timeout, cookie,
+                                                     hex_id)))
+            except BrokerUnavailable as exc:  # not even connected: answer for it
+                calls.append(exc)
+        return self._collect(targets, calls)
+
+    @staticmethod
+    def _collect(targets, calls) -> list[Result]:
+        """Results in route order; a node that did not answer is ``unavailable``."""
+        sent = [c for c in calls if not isinstance(c, BrokerUnavailable)]
+        answers = iter(gather(sent))
         results = []
-        for node, answer in zip(targets, gather(calls)):
+        for node, call in zip(targets, calls):
+            answer = call if isinstance(call, BrokerUnavailable) else next(answers)
             if isinstance(answer, BrokerUnavailable):
                 answer = Result(node.name, node.group, p.UNAVAILABLE, b"", str(answer))
             results.append(answer)
         return results
+
+    # Data --------------------------------------------------------------------
+
+    def write(self, key: str | bytes | None = None, data: bytes = b"", id: str | None = None,
+              groups: list[int] | None = None) -> list[Result]:
+        """Store `data` under the key in every group; one Result per group."""
+        return self._to_all(sp.WRITE, key, id, groups, data)
+
+    def remove(self, key: str | bytes | None = None, id: str | None = None,
+               groups: list[int] | None = None) -> list[Result]:
+        """Remove the key from every group; ``not_found`` where it was absent."""
+        return self._to_all(sp.REMOVE, key, id, groups)
+
+    def read(self, key: str | bytes | None = None, id: str | None = None,
+             groups: list[int] | None = None) -> bytes:
+        """The value, from the first group whose owner has it.
+
+        Raises NotFound when no group has it, StorageUnavailable when no owner
+        answered."""
+        return self._first(sp.READ, key, id, groups).data
+
+    def lookup(self, key: str | bytes | None = None, id: str | None = None,
+               groups: list[int] | None = None) -> dict:
+        """{"size", "mtime", "id", "node", "group"} of the key; raises like read."""
+        result = self._first(sp.LOOKUP, key, id, groups)
+        return {**p.unpack_map(result.data), "node": result.node, "group": result.group}
+
+    def stat(self) -> list[dict]:
+        """Every node's store: entries, bytes, sync; an unreachable node shows its error."""
+        out = []
+        for node in self.config.nodes:
+            try:
+                out.append(self._store(node.name).stat())
+            except BrokerUnavailable as exc:
+                out.append({"name": node.name, "group": node.group, "error": str(exc)})
+        return out
+
+    def _locate(self, key, id, groups) -> tuple[bytes, list]:
+        if (key is None) == (id is None):
+            raise ValueError("give a key or an id")
+        value = parse_id(id) if id is not None else key_id(key)
+        return value.to_bytes(sp.ID_BYTES, "big"), self.ring.targets(value, groups)
+
+    def _to_all(self, cmd: bytes, key, id, groups, data: bytes = b"") -> list[Result]:
+        """Sent to every owner first, then the replies collected: the nodes work
+        in parallel, so the whole call takes the slowest node's time."""
+        raw_id, targets = self._locate(key, id, groups)
+        wait = self.timeout or DATA_TIMEOUT
+        sent = []
+        for node in targets:
+            client = self._store(node.name)
+            try:
+                sent.append((client, *client.submit_data(cmd, raw_id, data, wait)))
+            except NodeUnavailable as exc:
+                sent.append(exc)
+        deadline = time.monotonic() + wait
+        results = []
+        for node, call in zip(targets, sent):
+            try:
+                if isinstance(call, NodeUnavailable):
+                    raise call
+                client, rid, _ = call
+                results.append(client.result(rid, max(0.0, deadline - time.monotonic())))
+            except NodeUnavailable as exc:
+                results.append(Result(node.name, node.group, p.UNAVAILABLE, b"", str(exc)))
+        return results
+
+    def _first(self, cmd: bytes, key, id, groups) -> Result:
+        raw_id, targets = self._locate(key, id, groups)
+        wait = self.timeout or DATA_TIMEOUT
+        failures = []
+        for node in targets:
+            try:
+                result = self._store(node.name).call(cmd, raw_id, wait=wait)
+            except BrokerUnavailable as exc:
+                result = Result(node.name, node.group, p.UNAVAILABLE, b"", str(exc))
+            if result.ok:
+                return result
+            failures.append(result)
+        what = f"key {key!r}" if key is not None else f"id {id}"
+        detail = "; ".join(f"{r.node} (group {r.group}): {r.status}: {r.error}"
+                           for r in failures)
+        if any(r.status == p.NOT_FOUND for r in failures):
+            raise NotFound(f"{what} not found ({detail})")
+        raise StorageUnavailable(f"no owner of {what} answered ({detail})")
+
+    # Nodes -------------------------------------------------------------------
 
     def status(self) -> list[dict]:
         """Every node's pool status; an unreachable node shows as {"name", "error"}."""
@@ -70,9 +339,10 @@ class Session:
         return out
 
     def close(self) -> None:
-        for client in self._brokers.values():
+        for client in [*self._brokers.values(), *self._stores.values()]:
             client.close()
         self._brokers.clear()
+        self._stores.clear()
 
     def __enter__(self):
         return self

@@ -256,3 +256,45 @@ def proxy_request(cluster: Cluster, method: str, path: str, body: bytes | None =
         return resp.status, resp.headers, resp.read()
     finally:
         conn.close()
+
+
+# Storage nodes and the cluster -----------------------------------------------
+
+def wait_storage(cluster: Cluster, names: list[str] | None = None,
+                 timeout: float = READY_TIMEOUT) -> None:
+    """Wait until the storage front-end of each named node (default: all) answers."""
+    from storage.client import storage_ready
+    for node in cluster.nodes:
+        if names is None or node["name"] in names:
+            wait_until(lambda: storage_ready(node["storage"], 0.5), timeout,
+                       f"storage of node {node['name']}")
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and everything below it at once: a node losing power."""
+    root = psutil.Process(proc.pid)
+    victims = [root, *root.children(recursive=True)]
+    for victim in victims:
+        try:
+            victim.kill()
+        except psutil.Error:
+            pass
+    proc.wait(5)
+
+    def gone():
+        for victim in victims:
+            try:
+                if victim.is_running() and victim.status() != psutil.STATUS_ZOMBIE:
+                    return False
+            except psutil.Error:
+                pass
+        return True
+    wait_until(gone, 10, f"every process of {proc.pid} gone")
+
+
+def set_node_keys(cluster: Cluster, name: str, **keys) -> None:
+    """Add [[node]] keys the harness does not pass (e.g. max_value, sync) to the config."""
+    cluster.node(name).update(keys)
+    log_level = next(line.split('"')[1] for line in cluster.path.read_text().splitlines()
+                     if line.startswith("level = "))
+    cluster.path.write_text(cluster._toml(log_level))

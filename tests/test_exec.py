@@ -229,9 +229,9 @@ def test_sighup_reloads_python_init(make_cluster):
 
 def test_serve_stops_everything_on_sigterm(node):
     serve = node.procs[0]
-    # broker, pool, 2 workers, and the proxy (which may still be setting its title)
-    tree = wait_until(lambda: len(t := node.processes("srw: ")) == 5 and t, 10,
-                      "broker, pool, 2 workers and proxy")
+    # storage, broker, pool, 2 workers, and the proxy (which may still be setting its title)
+    tree = wait_until(lambda: len(t := node.processes("srw: ")) == 6 and t, 10,
+                      "storage, broker, pool, 2 workers and proxy")
     serve.send_signal(signal.SIGTERM)
     assert serve.wait(20) == 0
     wait_until(lambda: not any(p.is_running() and p.status() != "zombie" for p in tree), 10,

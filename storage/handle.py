@@ -1,0 +1,147 @@
+"""A storage handle for python.init: made before the fork, connected after it.
+
+    # history/python.init
+    from storage.handle import StorageHandle
+    n = StorageHandle()                       # nothing is opened here
+
+    # a script
+    n.write_data("counter", b"1")
+    value = n.read_data("counter")
+
+python.init runs in the pool parent, which forks the workers later; ZeroMQ
+contexts and sockets must never cross a fork.  So the handle opens nothing
+when made: its first call in a process builds a Session there (and its own
+ZeroMQ context), and a call in a process other than the one that built the
+Session (a forked worker) builds a fresh one.  The parent's Session, if any,
+is kept, never closed, in the child: closing it there would act on sockets
+that belong to the parent.
+
+Where the cluster is: the remotes given to ``add_remote`` (the first storage
+node that answers tells the whole cluster, as in Elliptics), else the config
+the node runs with (``SRW_CONFIG``, set by ``srw pool``), else
+``./config.toml``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from broker import protocol as p
+
+from .client import (NodeUnavailable, Session, StorageError, StorageUnavailable,
+                     config_from_remote)
+
+__all__ = ["StorageHandle"]
+
+ENV_CONFIG = "SRW_CONFIG"
+
+log = logging.getLogger("srw.storage.handle")
+
+
+class StorageHandle:
+    def __init__(self, config: str | None = None, groups: list[int] | None = None,
+                 timeout: float | None = None, logger: logging.Logger | None = None):
+        self.config = config
+        self.groups = list(groups) if groups else None
+        self.remotes: list[str] = []
+        self.timeout = timeout
+        self.log = logger or log
+        self._session: Session | None = None
+        self._pid = 0
+        self._abandoned: list[Session] = []   # built before a fork: never used again
+        self._use_groups: list[int] | None = None
+
+    # Where the cluster is --------------------------------------------------------
+
+    def add_remote(self, endpoint: str) -> None:
+        """A storage node (``tcp://host:port``) to learn the cluster from, at first use."""
+        self.remotes.append(endpoint)
+        self._forget()
+
+    def add_groups(self, groups: list[int]) -> None:
+        """Only these groups (default: every group of the cluster)."""
+        self.groups = [int(g) for g in groups] or None
+
+    def session(self) -> Session:
+        """This process's Session, built on first use."""
+        if self._session is None or self._pid != os.getpid():
+            self._forget()
+            session = Session(self._cluster(), timeout=self.timeout)
+            self._use_groups = self._existing_groups(session)
+            self._session, self._pid = session, os.getpid()
+        return self._session
+
+    def _existing_groups(self, session: Session) -> list[int] | None:
+        """The asked-for groups the cluster has.  As in Elliptics, a group with no
+        node is no error (its copies just cannot be made): it is left out, once
+        logged; asking only for groups the cluster lacks is an error."""
+        if not self.groups:
+            return None
+        have = [g for g in self.groups if g in session.ring.groups]
+        missing = [g for g in self.groups if g not in session.ring.groups]
+        if not have:
+            session.close()
+            raise StorageError(f"none of the groups {self.groups} is in the cluster "
+                               f"(groups: {sorted(session.ring.groups)})")
+        if missing:
+            log.warning("storage handle: groups %s are not in the cluster; using %s",
+                        missing, have)
+        return have
+
+    def _forget(self) -> None:
+        if self._session is not None:
+            if self._pid == os.getpid():
+                self._session.close()
+            else:
+                self._abandoned.append(self._session)
+            self._session = None
+
+    def _cluster(self):
+        if not self.remotes:
+            return self.config or os.environ.get(ENV_CONFIG) or "config.toml"
+        errors = []
+        for endpoint in self.remotes:
+            try:
+                return config_from_remote(endpoint, self.timeout or 5.0)
+            except NodeUnavailable as exc:
+                errors.append(str(exc))
+        raise StorageUnavailable("no remote answered: " + "; ".join(errors))
+
+    # Data ----------------------------------------------------------------------
+
+    def _groups(self) -> list[int] | None:
+        self.session()
+        return self._use_groups
+
+    def read_data(self, key: str | bytes, offset: int = 0, size: int = 0) -> bytes:
+        """The value (``size`` bytes from ``offset``, 0 = to the end); raises
+        storage.client.NotFound or StorageUnavailable."""
+        data = self.session().read(key, groups=self._groups())
+        self.log.debug("read %r: %d bytes", key, len(data))
+        if offset or size:
+            return data[offset:offset + size] if size else data[offset:]
+        return data
+
+    def write_data(self, key: str | bytes, data: bytes | str) -> list:
+        """Store in every group; one Result per group.  When no group stored it,
+        raises StorageUnavailable (no owner answered) or StorageError (e.g. too large)."""
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        results = self.session().write(key, raw, groups=self._groups())
+        failed = [r for r in results if not r.ok]
+        for r in failed:
+            self.log.error("write %r to node %s (group %d): %s: %s", key, r.node, r.group,
+                           r.status, r.error)
+        if len(failed) == len(results):
+            down = all(r.status == p.UNAVAILABLE for r in failed)
+            raise (StorageUnavailable if down else StorageError)(
+                f"write of {key!r} failed in every group: "
+                + "; ".join(f"{r.node}: {r.status}: {r.error}" for r in failed))
+        return results
+
+    def remove(self, key: str | bytes) -> list:
+        """Remove from every group; one Result per group (``not_found`` where absent)."""
+        return self.session().remove(key, groups=self._groups())
+
+    def lookup(self, key: str | bytes) -> dict:
+        """{"size", "mtime", ...}; raises like read_data."""
+        return self.session().lookup(key, groups=self._groups())

@@ -1,0 +1,235 @@
+"""The node's storage front-end: data commands on LMDB, exec handed to the broker.
+
+    clients (DEALER) --> [ROUTER node.storage]  StorageNode  --> Store (LMDB, data_dir/store)
+                                                     |
+                                                   Relay [DEALER] --> node.broker
+
+Each turn of the loop reads every request already waiting (up to BATCH):
+frames that make no sense are answered ``bad_request``, exec and status go
+to the broker through the Relay, stat and routes are answered at once, and
+the data commands run as one batch in one LMDB transaction (one commit, one
+fsync for all its writes); their replies go out after the commit.  Storage
+calls never wait for an exec, so a script's own reads and writes cannot
+deadlock on the per-id lock its exec holds in the broker.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import zmq
+
+from broker import protocol as bp
+from srw.config import Config, NodeSettings
+
+from . import protocol as sp
+from .store import Store
+
+log = logging.getLogger("srw.storage")
+
+BATCH = 256          # requests read before the batch is run; bounds reply latency
+RELAY_GRACE = 1.0    # seconds past an exec's deadline before the relay answers for the
+                     # broker; shorter than the client's own grace (broker.client.GRACE)
+STATUS_WAIT = 5.0    # seconds a relayed status request may take
+STOP_WAIT = 3.0      # seconds to wait for relayed replies when stopping
+
+
+def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    return sock
+
+
+class Relay:
+    """Exec and status requests on their way to the node's broker and back.
+
+    The hop uses its own request ids (the callers' may collide); each relayed
+    request gets exactly one reply: the broker's, or ``unavailable`` when the
+    broker cannot be reached or does not answer by the request's deadline
+    plus RELAY_GRACE."""
+
+    def __init__(self, ctx: zmq.Context, node: NodeSettings, default_timeout: float, reply):
+        self.node, self.default_timeout, self.reply = node, default_timeout, reply
+        self.sock = _socket(ctx, zmq.DEALER)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a broker that is not there
+        self.sock.connect(node.broker)
+        self.pending: dict[bytes, tuple[bytes, bytes]] = {}   # hop rid -> (client, rid)
+        self.deadlines: list[tuple[float, bytes]] = []
+        self._ids = itertools.count()
+
+    def forward(self, frames: list[bytes]) -> None:
+        """[client, header, data] (a broker.protocol request) -> the broker, or ProtocolError."""
+        req = bp.FrontRequest.from_frames(frames)
+        hop = next(self._ids).to_bytes(8, "little")
+        try:
+            bp.send_frames(self.sock, bp.request_frames(req.cmd, hop, req.meta, req.data),
+                           noblock=True)
+        except zmq.Again:
+            self.reply(req.client, req.rid, bp.UNAVAILABLE,
+                       error=f"node {self.node.name}: its broker {self.node.broker} is not "
+                             "running; is the node's broker started (srw serve)?")
+            return
+        self.pending[hop] = (req.client, req.rid)
+        wait = (req.meta.timeout or self.default_timeout) if req.cmd == bp.EXEC else STATUS_WAIT
+        heapq.heappush(self.deadlines, (time.monotonic() + wait + RELAY_GRACE, hop))
+
+    def read_replies(self, send) -> None:
+        """Relay every waiting broker reply to its caller through `send`."""
+        for _ in range(1000):
+            if not bp.readable(self.sock):
+                return
+            try:
+                hop, result = bp.parse_reply(bp.recv_frames(self.sock))
+            except bp.ProtocolError:
+                continue
+            caller = self.pending.pop(hop, None)
+            if caller is not None:
+                send(bp.reply_frames(*caller, result.status, result.node, result.group,
+                                     result.data, result.error or ""))
+
+    def expire(self, now: float) -> None:
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, hop = heapq.heappop(self.deadlines)
+            caller = self.pending.pop(hop, None)
+            if caller is not None:
+                self.reply(*caller, bp.UNAVAILABLE,
+                           error=f"node {self.node.name}: no reply from its broker "
+                                 f"{self.node.broker} within the request's deadline")
+
+    def next_deadline(self) -> float | None:
+        return self.deadlines[0][0] if self.deadlines else None
+
+    def answer_all(self, error: str) -> None:
+        for client, rid in self.pending.values():
+            self.reply(client, rid, bp.UNAVAILABLE, error=error)
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class StorageNode:
+    """One node's storage front-end; ``run()`` until SIGTERM/SIGINT."""
+
+    def __init__(self, config: Config, node: NodeSettings, ctx: zmq.Context | None = None):
+        self.config, self.node = config, node
+        self.store = Store(Path(node.data_dir) / "store", node.name, node.sync, node.max_value)
+        self.ctx = ctx or zmq.Context()
+        self.front = _socket(self.ctx, zmq.ROUTER)
+        self.front.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.front.bind(node.storage)
+        self.relay = Relay(self.ctx, node, config.broker.request_timeout, self.broker_reply)
+        self.node_commands = {sp.STAT: self.stat, sp.ROUTES: self.routes}
+        self.stopping = False
+
+    # Main loop ---------------------------------------------------------------
+
+    def run(self) -> None:
+        wake_r, wake_w = os.pipe()
+        for fd in (wake_r, wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop_signal)
+        poller = zmq.Poller()
+        for sock in (self.front, self.relay.sock, wake_r):
+            poller.register(sock, zmq.POLLIN)
+        log.info("storage %s listening on %s, store %s (sync %s), exec relayed to %s",
+                 self.node.name, self.node.storage, self.store.path,
+                 "on" if self.node.sync else "off", self.node.broker)
+        stop_at = None
+        while stop_at is None or (self.relay.pending and time.monotonic() < stop_at):
+            events = dict(poller.poll(self._poll_timeout_ms()))
+            if wake_r in events:
+                os.read(wake_r, 512)
+            if self.relay.sock in events:
+                self.relay.read_replies(self.send)
+            if self.front in events:
+                self.serve_clients()
+            self.relay.expire(time.monotonic())
+            if self.stopping and stop_at is None:
+                stop_at = time.monotonic() + STOP_WAIT
+        self.relay.answer_all(f"node {self.node.name} stopped")
+        self.close()
+        log.info("storage %s stopped", self.node.name)
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _poll_timeout_ms(self) -> int:
+        deadline = self.relay.next_deadline()
+        if deadline is None:
+            return 1000
+        return max(0, min(1000, int((deadline - time.monotonic()) * 1000) + 1))
+
+    def close(self) -> None:
+        self.relay.close()
+        self.front.close()
+        self.store.close()
+
+    # Requests ----------------------------------------------------------------
+
+    def serve_clients(self) -> None:
+        batch: list[sp.StorageRequest] = []
+        front = self.front
+        while len(batch) < BATCH and bp.readable(front):
+            request = self.on_frames(bp.recv_frames(front))
+            if request is not None:
+                batch.append(request)
+        if batch:
+            for req, (status, data, error) in zip(batch, self.store.apply(batch)):
+                self.reply(req.client, req.rid, status, data, error)
+
+    def on_frames(self, frames: list[bytes]) -> sp.StorageRequest | None:
+        """A data request for the batch; everything else is answered or relayed here."""
+        try:
+            if len(frames) == 3 and bp.is_front_request(frames[1]):
+                self.relay.forward(frames)
+                return None
+            req = sp.StorageRequest.from_frames(frames)
+        except sp.ProtocolError as exc:
+            log.warning("storage %s: bad request from client %s: %s", self.node.name,
+                        frames[0].hex(), exc)
+            self.reply(frames[0], sp.rid_of(frames), bp.BAD_REQUEST,
+                       error=f"node {self.node.name}: bad request: {exc}")
+            return None
+        handler = self.node_commands.get(req.cmd)
+        if handler is None:
+            return req
+        self.reply(req.client, req.rid, bp.OK, bp.pack(handler()))
+        return None
+
+    def stat(self) -> dict:
+        return {"name": self.node.name, "group": self.node.group, **self.store.stats()}
+
+    def routes(self) -> dict:
+        """The cluster as this node's config knows it: what a client bootstraps from."""
+        return {"nodes": [{"name": n.name, "group": n.group, "storage": n.storage,
+                           "broker": n.broker, "ids": list(n.ids)}
+                          for n in self.config.nodes]}
+
+    def reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
+              error: str = "") -> None:
+        """A storage reply (storage/protocol.py)."""
+        self.send(sp.reply_frames(client, rid, status, data, error))
+
+    def broker_reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
+                     error: str = "") -> None:
+        """A reply to a relayed exec or status, in the broker's layout."""
+        self.send(bp.reply_frames(client, rid, status, self.node.name, self.node.group, data,
+                                  error))
+
+    def send(self, frames: list[bytes]) -> None:
+        try:
+            bp.send_frames(self.front, frames, noblock=True)
+        except zmq.ZMQError as exc:  # client gone or its queue full: nothing to do
+            log.debug("reply to %s dropped: %s", frames[0].hex(), exc)

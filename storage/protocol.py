@@ -1,0 +1,138 @@
+"""Wire messages of the storage front-end: defined here, once.
+
+Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
+
+    request  [head, data]
+             head  cmd (1 byte) + id (64 bytes, data commands only) + rid
+                   cmd   WRITE | READ | REMOVE | LOOKUP    data commands on one key
+                         STAT | ROUTES                     about the node (no id)
+                   id    the key's id: sha512 of the key, or a hex id zero-padded
+                   rid   client-chosen request id, echoed in the reply (<= 64 bytes)
+             data  the value for WRITE; empty otherwise
+    reply    [head, data]
+             head  status (1 byte: its index in broker.protocol.STATUSES)
+                   + len(rid) (1 byte) + rid + error (UTF-8, empty when ok)
+             READ ok     data = the value
+             LOOKUP ok   data = msgpack {"size": int, "mtime": float (Unix seconds),
+                                         "id": hex str}
+             STAT ok     data = msgpack {"name", "group", "entries", "bytes", "map_size",
+                                         "sync", "max_value"}
+             ROUTES ok   data = msgpack {"nodes": [{"name", "group", "storage",
+                                                    "broker", "ids"}, ...]}
+             statuses    ok | not_found (READ, REMOVE, LOOKUP of a missing key) |
+                         output_too_large (value above node.max_value) |
+                         bad_request (malformed frames, unknown command) |
+                         unavailable (the store failed: disk full, I/O error)
+
+Two frames, not one per field: every frame costs a send and a receive on
+both sides, and on the data path that is most of the time spent in Python.
+
+Exec relay: ``broker.protocol`` front requests ``[header, data]`` (told apart
+by ``broker.protocol.is_front_request``) sent to the storage ROUTER go to the
+node's broker with a request id of the storage node's own for the hop, and
+the broker's reply comes back with the caller's rid, so
+``broker.client.Client`` pointed at a storage address can exec.
+
+Anything else is a ProtocolError, answered ``bad_request`` (with an empty rid
+when the request id cannot be told).  A write is acknowledged only after its
+transaction committed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker import protocol as bp
+from broker.protocol import ProtocolError
+
+WRITE = b"W"
+READ = b"R"
+REMOVE = b"D"
+LOOKUP = b"L"
+STAT = b"T"
+ROUTES = b"O"
+
+DATA_COMMANDS = frozenset((WRITE, READ, REMOVE, LOOKUP))
+NODE_COMMANDS = frozenset((STAT, ROUTES))
+MUTATING = frozenset((WRITE, REMOVE))
+NAMES = {WRITE: "write", READ: "read", REMOVE: "remove", LOOKUP: "lookup",
+         STAT: "stat", ROUTES: "routes"}
+
+ID_BYTES = 64
+
+__all__ = ["ProtocolError", "StorageRequest", "request_frames", "WRITE", "READ", "REMOVE",
+           "LOOKUP", "STAT", "ROUTES"]
+
+
+_STATUS_CODE = {status: bytes([i]) for i, status in enumerate(bp.STATUSES)}
+
+
+@dataclass(frozen=True, slots=True)
+class StorageRequest:
+    """A data or node command as the storage ROUTER sees it."""
+    client: bytes
+    cmd: bytes
+    rid: bytes
+    id: bytes
+    data: bytes
+
+    @property
+    def name(self) -> str:
+        return NAMES[self.cmd]
+
+    @classmethod
+    def from_frames(cls, frames: list[bytes]) -> "StorageRequest":
+        """[identity, head, data] -> StorageRequest, or ProtocolError saying why."""
+        if len(frames) != 3:
+            raise ProtocolError(f"expected 2 frames after the identity [head, data], "
+                                f"got {len(frames) - 1}")
+        client, head, data = frames
+        cmd = head[:1]
+        if cmd in DATA_COMMANDS:
+            if len(head) < 1 + ID_BYTES:
+                raise ProtocolError(f"{NAMES[cmd]}: the head must be the command, the "
+                                    f"{ID_BYTES}-byte id (sha512 of the key) and the request "
+                                    f"id; got {len(head)} bytes")
+            key_id, rid = head[1:1 + ID_BYTES], head[1 + ID_BYTES:]
+            if cmd != WRITE and data:
+                raise ProtocolError(f"{NAMES[cmd]}: the data frame must be empty")
+        elif cmd in NODE_COMMANDS:
+            key_id, rid = b"", head[1:]
+        else:
+            raise ProtocolError(f"unknown command {cmd!r} (known: write W, read R, remove D, "
+                                "lookup L, stat T, routes O; exec and status as "
+                                "broker.protocol requests)")
+        if len(rid) > bp.MAX_RID:
+            raise ProtocolError("request id longer than 64 bytes")
+        return cls(client, cmd, rid, key_id, data)
+
+
+def request_frames(cmd: bytes, rid: bytes, key_id: bytes = b"", data: bytes = b"") -> list[bytes]:
+    """What a client sends (its DEALER adds nothing)."""
+    return [cmd + key_id + rid, data]
+
+
+def reply_frames(client: bytes, rid: bytes, status: str, data: bytes = b"",
+                 error: str = "") -> list[bytes]:
+    """What the storage node sends back through its ROUTER."""
+    return [client, _STATUS_CODE[status] + bytes([len(rid)]) + rid + error.encode(), data]
+
+
+def parse_reply(frames: list[bytes]) -> tuple[bytes, str, bytes, str | None]:
+    """A client's view of a reply: (rid, status, data, error or None)."""
+    if len(frames) != 2 or len(frames[0]) < 2:
+        raise ProtocolError("a storage reply is [head, data]")
+    head, data = frames
+    if head[0] >= len(bp.STATUSES) or len(head) < 2 + head[1]:
+        raise ProtocolError("bad storage reply head")
+    end = 2 + head[1]
+    return head[2:end], bp.STATUSES[head[0]], data, head[end:].decode(errors="replace") or None
+
+
+def rid_of(frames: list[bytes]) -> bytes:
+    """The request id of frames that failed to parse, when it can be told, else b""."""
+    if len(frames) == 3:
+        head = frames[1]
+        rid = head[1 + ID_BYTES:] if head[:1] in DATA_COMMANDS else head[1:]
+        if len(rid) <= bp.MAX_RID:
+            return rid
+    return b""

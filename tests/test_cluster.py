@@ -1,0 +1,60 @@
+"""A real cluster: three nodes in two groups, each node its own `srw serve --node`."""
+from __future__ import annotations
+
+import time
+
+from storage.client import Session
+
+from conftest import kill_tree, wait_storage
+
+NODES = [{"name": "n1", "group": 1}, {"name": "n2", "group": 1}, {"name": "n3", "group": 2}]
+
+
+def key_owned_by(session: Session, name: str) -> str:
+    """A key whose owner in group 1 is node `name`."""
+    return next(k for k in (f"key{i}" for i in range(1000))
+                if session.route(key=k, groups=[1])[0].name == name)
+
+
+def test_three_nodes_two_groups_route_replicate_and_survive_a_node(make_cluster):
+    cluster = make_cluster(nodes=NODES, pool={"workers": 1}, broker={"request_timeout": 3.0})
+    serves = {n["name"]: cluster.srw("serve", "--node", n["name"]) for n in NODES}
+    cluster.wait_ready()
+    wait_storage(cluster)
+    assert {p.cmdline()[0] for p in cluster.processes("srw: storage")} == \
+        {"srw: storage n1", "srw: storage n2", "srw: storage n3"}
+
+    with Session(cluster.path, timeout=3.0) as s:
+        everyone = s.exec("echo.py", b"all")
+        assert [(r.node, r.group, r.status, r.data) for r in everyone] == \
+            [("n1", 1, "ok", b"all"), ("n2", 1, "ok", b"all"), ("n3", 2, "ok", b"all")]
+
+        key = key_owned_by(s, "n2")
+        owners = s.exec("echo.py", b"one", key=key)
+        assert [(r.node, r.status) for r in owners] == [("n2", "ok"), ("n3", "ok")]
+        by_id = s.exec("echo.py", id="0123456789")
+        assert [r.node for r in by_id] == [s.route(id="0123456789")[0].name, "n3"]
+
+        assert [(r.node, r.group, r.status) for r in s.write(key, b"replicated")] == \
+            [("n2", 1, "ok"), ("n3", 2, "ok")]
+        assert s.read(key) == b"replicated"
+
+        kill_tree(serves["n2"])  # its supervisor, storage, broker, pool and worker
+        assert not cluster.processes("srw: storage n2")
+
+        assert s.read(key) == b"replicated"          # group 1's owner is gone: group 2
+        assert s.lookup(key)["node"] == "n3"
+        started = time.monotonic()
+        after = s.exec("echo.py", b"after")
+        elapsed = time.monotonic() - started
+        assert [(r.node, r.status) for r in after] == \
+            [("n1", "ok"), ("n2", "unavailable"), ("n3", "ok")]
+        assert "broker" in after[1].error
+        assert elapsed < 3.0 + 2.0  # within the request timeout (plus the client's grace)
+        partial = s.write(key, b"while n2 is down")
+        assert [(r.node, r.status) for r in partial] == [("n2", "unavailable"), ("n3", "ok")]
+        assert s.read(key) == b"while n2 is down"
+
+    # The CLI reads through the same routing.
+    out = cluster.run("read", key)
+    assert out.returncode == 0 and out.stdout == b"while n2 is down"
