@@ -55,7 +55,10 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common],
                            help="start every node of the config in the foreground")
     serve.add_argument("--node", action="append", metavar="NAME",
-                       help="start only this node (repeatable)")
+                       help="start only this node (repeatable); the HTTP proxy is then "
+                            "not started unless --proxy is given")
+    serve.add_argument("--proxy", action="store_true",
+                       help="with --node: start the HTTP proxy too (one per cluster)")
     serve.set_defaults(func=cmd_serve)
 
     ex = sub.add_parser("exec", parents=[common], help="run a script on the cluster",
@@ -129,8 +132,11 @@ def cmd_serve(config: cfg.Config, args) -> int:
     nodes = [config.node(n) for n in args.node] if args.node else list(config.nodes)
     for node in nodes:
         os.makedirs(node.data_dir, exist_ok=True)
-    proxy = Child("proxy", "", child_argv("proxy", config))
-    return Supervisor(config, nodes, extra=[proxy]).run()
+    # One proxy per cluster: a cluster spread over several `serve --node` processes
+    # must not start one in each (they would fight over proxy.listen).
+    with_proxy = not args.node or args.proxy
+    extra = [Child("proxy", "", child_argv("proxy", config))] if with_proxy else []
+    return Supervisor(config, nodes, extra=extra).run()
 
 
 def cmd_exec(config: cfg.Config, args) -> int:

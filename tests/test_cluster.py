@@ -48,7 +48,7 @@ def test_three_nodes_two_groups_route_replicate_and_survive_a_node(make_cluster)
         after = s.exec("echo.py", b"after")
         elapsed = time.monotonic() - started
         assert [(r.node, r.status) for r in after] == \
-            [("n1", "ok"), ("n2", "unavailable"), ("n3", "ok")]
+            [("n1", "ok"), ("n2", "unavailable"), ("n3", "ok")], after
         assert "broker" in after[1].error
         assert elapsed < 3.0 + 2.0  # within the request timeout (plus the client's grace)
         partial = s.write(key, b"while n2 is down")

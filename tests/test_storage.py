@@ -162,7 +162,7 @@ def test_storage_node_answers_bad_input_and_keeps_serving(make_cluster):
             assert (got, got_status) == (rid, status), frames
             assert words in error and "n1" in error, error
         # exec relayed to a broker that is not running: the broker's reply layout
-        sock.send_multipart([b"X", b"r6", b"not msgpack", b""])
+        sock.send_multipart(bp.request_frames(bp.EXEC, b"r6", bp.ExecMeta(name="echo.py"), b""))
         rid, result = bp.parse_reply(sock.recv_multipart())
         assert (rid, result.status, result.node) == (b"r6", "unavailable", "n1")
         assert "broker" in result.error
