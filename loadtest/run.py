@@ -34,9 +34,12 @@ from srw import config as cfg  # noqa: E402
 REPORTS = HERE / "reports"
 
 
-def start_node(config: cfg.Config) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "srw", "serve", "--config", str(config.path)],
-                            start_new_session=True)
+def start_node(config: cfg.Config, log_path: Path) -> subprocess.Popen:
+    """`srw serve` with its output (every exec at log level info) in `log_path`."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "srw", "serve", "--config",
+                                 str(config.path)], stdout=log, stderr=log,
+                                start_new_session=True)
     deadline = time.monotonic() + 60
     for node in config.nodes:
         with Client(node.broker) as client:
@@ -47,7 +50,7 @@ def start_node(config: cfg.Config) -> subprocess.Popen:
                 except BrokerUnavailable:
                     pass
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("srw serve did not become ready; see its log above")
+                    raise SystemExit(f"srw serve did not become ready; see {log_path}")
                 time.sleep(0.1)
     return proc
 
@@ -134,7 +137,7 @@ def main() -> int:
     REPORTS.mkdir(exist_ok=True)
     name = args.name or f"{args.user}-{args.tags or 'mix'}{'-kill' if args.kill_every else ''}"
     prefix = REPORTS / name
-    node = start_node(config)
+    node = start_node(config, Path(f"{prefix}-node.log"))
     killer = Killer(node, args.kill_every) if args.kill_every else None
     try:
         if killer:
@@ -173,7 +176,7 @@ def pool_size(endpoint: str) -> int:
 
 def report(prefix: Path, code: int, killer: Killer | None, full: bool,
            config: cfg.Config) -> int:
-    print(f"\nreports: {prefix}_stats.csv, {prefix}.html")
+    print(f"\nreports: {prefix}_stats.csv, {prefix}.html, node log {prefix}-node.log")
     print(f"{'name':24} {'requests':>9} {'fails':>6} {'req/s':>8} {'p50 ms':>7} "
           f"{'p95 ms':>7} {'p99 ms':>7}")
     for row in summary(prefix):
