@@ -23,6 +23,8 @@ import signal
 import struct
 import time
 
+import setproctitle
+
 from broker import protocol as p
 
 from .executor import Executor, Refused
@@ -55,8 +57,8 @@ class CopyRunner:
 
 
 class ForkRunner:
-    def __init__(self, executor: Executor, sandbox: Sandbox):
-        self.executor, self.sandbox = executor, sandbox
+    def __init__(self, executor: Executor, sandbox: Sandbox, title: str):
+        self.executor, self.sandbox, self.title = executor, sandbox, title
         self.cpu_seconds = sandbox.profile.cpu_seconds
         self.child: tuple[int, int, int] | None = None  # pid, request pipe, result pipe
 
@@ -77,6 +79,7 @@ class ForkRunner:
             try:
                 os.close(req_w)
                 os.close(res_r)
+                setproctitle.setproctitle(self.title)
                 self.sandbox.enter_child()
                 self._serve_one(req_r, res_w)
                 code = 0

@@ -50,7 +50,8 @@ SCRIPT_IMPORTS = (
     "math", "mmap", "operator", "os", "pickle", "pprint", "random", "re", "resource",
     "secrets", "select", "signal", "socket", "statistics", "string", "struct", "sys",
     "textwrap", "threading", "time", "traceback", "typing", "unicodedata", "urllib.parse",
-    "uuid", "zlib",
+    "uuid", "zlib", "encodings.idna", "encodings.ascii", "encodings.latin_1",
+    "encodings.utf_16", "encodings.utf_32", "encodings.cp1252", "encodings.punycode",
 )
 
 _libc = ctypes.CDLL(None, use_errno=True)

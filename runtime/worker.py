@@ -78,8 +78,9 @@ class Worker:
         self.executor.scripts.open_dir()
         self.sandbox.enter_worker(self.slot)
         fork = self.profile.isolation == "fork"
-        self.runner = ForkRunner(self.executor, self.sandbox) if fork else \
-            CopyRunner(self.executor)
+        self.runner = ForkRunner(self.executor, self.sandbox,
+                                 f"srw: request {self.node.name}#{self.slot}") if fork \
+            else CopyRunner(self.executor)
         self.runner.start()
         self.ctx = zmq.Context(io_threads=1)
         self.sock = self._connect()
@@ -97,6 +98,9 @@ class Worker:
                     log.warning("%s: unknown command %r from broker", self.title, frames[0][:16])
                 else:
                     handler(frames)
+                    # A long request kept us from listening, not the broker from talking:
+                    # what it sent meanwhile is queued, so count silence from here.
+                    last_heard = time.monotonic()
             now = time.monotonic()
             if now >= next_hb:
                 self.sock.send(p.HEARTBEAT)
