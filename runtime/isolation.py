@@ -4,22 +4,25 @@ copy:  the worker runs the script in a fresh copy of the global context.  A
        script that leaves threads or processes behind gets its worker recycled
        once the reply is out (the pool then kills whatever is left).
 
-fork:  worker ──fork──► child (sandboxed again, waits on a pipe)        ahead of the request
+fork:  zygote ──fork──► child (sandboxed again, warmed up, waits on a pipe)   ahead of time
+       worker: takes a ready child from the zygote
        worker: compile ──pipe──► child: exec in a copy of the context
-       worker ◄──pipe── (status, data, error) ── child exits          the worker kills its group
-       worker: reply, then fork the next child                        off the request's path
-       Nothing a script does survives its child.  The worker enforces the wall
+       worker ◄──pipe── (status, data, error); the worker replies, then kills the
+       child's group and asks the zygote for the next child
+       Nothing a script does survives its child; no fork is on a request's path.  The worker enforces the wall
        limit itself (SIGKILL to the child's group); RLIMIT_CPU stops a child
        that burns its CPU budget.
 """
 from __future__ import annotations
 
 import _thread
+import collections
+import logging
 import marshal
 import os
-import resource
 import select
 import signal
+import socket
 import struct
 import time
 
@@ -28,9 +31,12 @@ import setproctitle
 from broker import protocol as p
 
 from .executor import Executor, Refused
-from .sandbox import Sandbox
+from .sandbox import PR_SET_CHILD_SUBREAPER, Sandbox, _libc, _prctl, die_with_parent
 
+log = logging.getLogger("srw.worker")
 _LEN = struct.Struct("<Q")
+READY = 2      # children waiting per worker: back-to-back requests never wait for a fork
+RETRY = 0.05   # seconds before the zygote tries a refused fork again
 
 
 class CopyRunner:
@@ -57,45 +63,63 @@ class CopyRunner:
 
 
 class ForkRunner:
+    """fork isolation.  The worker never forks on a request's path: a zygote,
+    forked once at start, keeps READY sandboxed children and hands each over
+    (its pid and pipe ends, by SCM_RIGHTS); the worker asks for the next one
+    once it has replied."""
+
     def __init__(self, executor: Executor, sandbox: Sandbox, title: str):
         self.executor, self.sandbox, self.title = executor, sandbox, title
         self.cpu_seconds = sandbox.profile.cpu_seconds
-        self.child: tuple[int, int, int] | None = None  # pid, request pipe, result pipe
+        self.ready: collections.deque[tuple[int, int, int]] = collections.deque()  # pid, pipes
+        self.exits: dict[int, tuple[int, float]] = {}   # pid -> (wait status, CPU seconds)
+        self.current: tuple[int, int, int] | None = None  # the child of the request in hand
 
     def start(self) -> None:
-        self._fork()
-
-    def after(self) -> str:
-        if self.child is None:
-            self._fork()
-        return ""
-
-    def _fork(self) -> None:
-        req_r, req_w = os.pipe()
-        res_r, res_w = os.pipe()
+        self.zsock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
-        if pid == 0:  # the request child; it always leaves through os._exit()
+        if pid == 0:  # the zygote; it always leaves through os._exit()
             code = 1
             try:
-                os.close(req_w)
-                os.close(res_r)
-                setproctitle.setproctitle(self.title)
-                self.sandbox.enter_child()
-                self._serve_one(req_r, res_w)
+                self.zsock.close()
+                Zygote(theirs, self.executor, self.sandbox, self.title).run()
                 code = 0
             finally:
                 os._exit(code)
-        os.close(req_r)
-        os.close(res_w)
-        self.child = (pid, req_w, res_r)
+        theirs.close()
+        self.zygote = pid
 
-    def _serve_one(self, req_r: int, res_w: int) -> None:
-        request = _read_message(req_r, None)
-        if request is None:
-            return  # the worker went away
-        named, content, data, cookie = marshal.loads(request)
-        reply = self.executor.execute(named, content, data, cookie)
-        _write_message(res_w, marshal.dumps(reply))
+    def after(self) -> str:
+        """Once the reply is out: end the child and have the zygote fork its successor,
+        so neither the child's exit nor the next fork competes with the reply for CPU."""
+        if self.current is not None:
+            pid, req_w, res_r = self.current
+            self.current = None
+            os.close(req_w)
+            os.close(res_r)
+            _killpg(pid)  # the child and whatever the script started in its group
+            self.zsock.send(b"N")
+        return ""
+
+    def _receive(self, timeout: float | None) -> bool:
+        """One message from the zygote: a ready child or a child's exit.  False on timeout."""
+        if timeout is not None and not select.select([self.zsock], [], [], timeout)[0]:
+            return False
+        msg, fds, _, _ = socket.recv_fds(self.zsock, 128, 2)
+        if not msg:
+            raise RuntimeError("the zygote of this worker died")
+        kind, *fields = msg.split()
+        if kind == b"R":
+            self.ready.append((int(fields[0]), fds[0], fds[1]))
+        else:
+            self.exits[int(fields[0])] = (int(fields[1]), float(fields[2]))
+        return True
+
+    def _take(self) -> tuple[int, int, int]:
+        while not self.ready:
+            self._receive(None)
+        self.exits.clear()  # exits of earlier children nobody waits for
+        return self.ready.popleft()
 
     def run(self, name: str, code: str, data: bytes, cookie: str,
             deadline: float) -> tuple[str, bytes, str]:
@@ -103,44 +127,26 @@ class ForkRunner:
             named, content = self.executor.prepare(name, code)
         except Refused as exc:
             return exc.reply
-        pid, req_w, res_r = self.child
-        self.child = None
+        pid, req_w, res_r = self.current = self._take()
         try:
             _write_message(req_w, marshal.dumps((named, content, data, cookie)))
-            result = _read_message(res_r, deadline)
-        except BrokenPipeError:
-            result = None
+            return _reply(marshal.loads(_read_message(res_r, deadline) or b""))
+        except (ValueError, TypeError):  # the script wrote on the result pipe itself
+            return p.SCRIPT_ERROR, b"", "the script garbled its reply pipe"
         except TimeoutError:
-            result = "timeout"
-        finally:
-            os.close(req_w)
-            os.close(res_r)
-        status = self._finish(pid)
-        if result == "timeout":
+            self.after()
             return (p.TIMEOUT, b"", "request ran past its deadline (wall limit "
                     f"{self.sandbox.profile.wall_seconds:g} s or the request timeout)")
-        if result is not None:
-            return marshal.loads(result)
-        return self._died(status)
+        except (BrokenPipeError, EOFError):  # the child died before it answered
+            self.after()
+            return self._died(pid)
 
-    def _finish(self, pid: int) -> tuple[int, resource.struct_rusage | None]:
-        """Kill the child's group (whatever the script started), reap the child."""
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
+    def _died(self, pid: int) -> tuple[str, bytes, str]:
+        deadline = time.monotonic() + 5.0
+        while pid not in self.exits and self._receive(max(0.0, deadline - time.monotonic())):
             pass
-        _, status, usage = os.wait4(pid, 0)
-        while True:  # orphans the script left come back to us (child subreaper)
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-            except ChildProcessError:
-                break
-        return status, usage
-
-    def _died(self, finished) -> tuple[str, bytes, str]:
-        status, usage = finished
-        cpu = usage.ru_utime + usage.ru_stime
+        status, cpu = self.exits.pop(pid, (0, 0.0))
+        self.exits.clear()
         if os.WIFSIGNALED(status) and (os.WTERMSIG(status) == signal.SIGXCPU
                                        or cpu >= self.cpu_seconds):
             return (p.TIMEOUT, b"", f"request used more than {self.cpu_seconds:g} s of CPU "
@@ -150,6 +156,119 @@ class ForkRunner:
         else:
             how = f"exited with status {os.waitstatus_to_exitcode(status)}"
         return p.KILLED, b"", f"the request's process {how} before it answered"
+
+
+class Zygote:
+    """Forks request children ahead of time (READY of them waiting) and reaps them.
+
+    Forked from the sandboxed worker before it opened any socket or thread, so
+    its children are small, single-threaded copies.  To the worker it sends
+    ``R pid`` with the child's two pipe ends, and ``X pid status cpu`` when a
+    child exits; it forks the next child when the worker sends ``N``.
+    """
+
+    def __init__(self, sock: socket.socket, executor: Executor, sandbox: Sandbox, title: str):
+        self.sock, self.executor, self.sandbox, self.title = sock, executor, sandbox, title
+        self.children: set[int] = set()
+
+    def run(self) -> None:
+        setproctitle.setproctitle(self.title.replace("request", "zygote"))
+        die_with_parent()
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of scripts come here to be reaped
+        _libc.malloc_trim(0)  # fewer pages to copy on every fork
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.missing = READY
+        while True:
+            while self.missing and self.fork_child():
+                self.missing -= 1
+            # A fork refused for now (a script's leftovers still hold the process
+            # limit) is tried again shortly; the worker waits for its child meanwhile.
+            ready = select.select([self.sock, self.wake_r], [], [],
+                                  RETRY if self.missing else None)[0]
+            if self.wake_r in ready:
+                os.read(self.wake_r, 4096)
+                self.reap()
+            if self.sock in ready:
+                msg = self.sock.recv(16)
+                if not msg:
+                    return  # the worker is gone
+                self.missing += 1
+
+    def fork_child(self) -> bool:
+        req_r, req_w = os.pipe()
+        res_r, res_w = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.warning("%s: fork failed (%s); trying again", self.title, exc)
+            for fd in (req_r, req_w, res_r, res_w):
+                os.close(fd)
+            return False
+        if pid == 0:  # the request child; it always leaves through os._exit()
+            code = 1
+            try:
+                self.sock.close()
+                os.close(req_w)
+                os.close(res_r)
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                os.close(self.wake_r)
+                os.close(self.wake_w)
+                setproctitle.setproctitle(self.title)
+                self.sandbox.enter_child()
+                self.executor.warm_up()
+                serve_one(self.executor, req_r, res_w)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(req_r)
+        os.close(res_w)
+        self.children.add(pid)
+        socket.send_fds(self.sock, [b"R %d" % pid], [req_w, res_r])
+        os.close(req_w)
+        os.close(res_r)
+        return True
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.children:
+                self.children.discard(pid)
+                cpu = usage.ru_utime + usage.ru_stime
+                self.sock.send(b"X %d %d %.3f" % (pid, status, cpu))
+
+
+def serve_one(executor: Executor, req_r: int, res_w: int) -> None:
+    """In the request child: read one request, run it, write the reply."""
+    request = _read_message(req_r, None)
+    if request is None:
+        return  # the worker went away
+    named, content, data, cookie = marshal.loads(request)
+    reply = executor.execute(named, content, data, cookie)
+    _write_message(res_w, marshal.dumps(reply))
+    os.read(req_r, 1)  # exit once the worker has replied (EOF), not while it replies
+
+
+def _reply(value) -> tuple[str, bytes, str]:
+    status, data, error = value
+    if not (isinstance(status, str) and isinstance(data, bytes) and isinstance(error, str)):
+        raise TypeError("not a reply")
+    return status, data, error
+
+
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _write_message(fd: int, payload: bytes) -> None:
