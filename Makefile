@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test bench system-deps clean
+.PHONY: serve test bench bench-sandbox system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: system-deps $(STAMP)
 
 bench: system-deps $(STAMP)
 	$(PY) bench/exec_bench.py
+
+# What the sandbox profiles cost (no sandbox, default, strict, fork baselines).
+bench-sandbox: system-deps $(STAMP)
+	$(PY) bench/sandbox_bench.py
 
 clean:
 	rm -rf $(VENV) var
