@@ -7,8 +7,8 @@ copy:  the worker runs the script in a fresh copy of the global context.  A
 fork:  zygote ──fork──► child (sandboxed again, warmed up, waits on a pipe)   ahead of time
        worker: takes a ready child from the zygote
        worker: compile ──pipe──► child: exec in a copy of the context
-       worker ◄──pipe── (status, data, error); the worker replies, then kills the
-       child's group and asks the zygote for the next child
+       worker ◄──pipe── (status, data, error); the worker replies, then tells the
+       zygote, which kills the child's group and forks the next child 2 ms later
        Nothing a script does survives its child; no fork is on a request's path.  The worker enforces the wall
        limit itself (SIGKILL to the child's group); RLIMIT_CPU stops a child
        that burns its CPU budget.
@@ -37,6 +37,7 @@ log = logging.getLogger("srw.worker")
 _LEN = struct.Struct("<Q")
 READY = 2      # children waiting per worker: back-to-back requests never wait for a fork
 RETRY = 0.05   # seconds before the zygote tries a refused fork again
+SETTLE = 0.002  # seconds after a reply before its child is killed and the next forked
 
 
 class CopyRunner:
@@ -49,7 +50,10 @@ class CopyRunner:
 
     def run(self, name: str, code: str, data: bytes, cookie: str,
             deadline: float) -> tuple[str, bytes, str]:
-        return self.executor.run(name, code, data, cookie)
+        pid = os.getpid()
+        reply = self.executor.run(name, code, data, cookie)
+        _leave_if_forked(pid)
+        return reply
 
     def after(self) -> str:
         """Why this worker must be recycled after the request ("" = it need not)."""
@@ -90,15 +94,14 @@ class ForkRunner:
         self.zygote = pid
 
     def after(self) -> str:
-        """Once the reply is out: end the child and have the zygote fork its successor,
-        so neither the child's exit nor the next fork competes with the reply for CPU."""
+        """Once the reply is out: hand the child back to the zygote, which kills its
+        group and forks its successor a moment later (see Zygote.run)."""
         if self.current is not None:
             pid, req_w, res_r = self.current
             self.current = None
             os.close(req_w)
             os.close(res_r)
-            _killpg(pid)  # the child and whatever the script started in its group
-            self.zsock.send(b"N")
+            self.zsock.send(b"D %d" % pid)  # done: the zygote ends it and forks the next
         return ""
 
     def _receive(self, timeout: float | None) -> bool:
@@ -134,10 +137,12 @@ class ForkRunner:
         except (ValueError, TypeError):  # the script wrote on the result pipe itself
             return p.SCRIPT_ERROR, b"", "the script garbled its reply pipe"
         except TimeoutError:
+            _killpg(pid)
             self.after()
             return (p.TIMEOUT, b"", "request ran past its deadline (wall limit "
                     f"{self.sandbox.profile.wall_seconds:g} s or the request timeout)")
         except (BrokenPipeError, EOFError):  # the child died before it answered
+            _killpg(pid)
             self.after()
             return self._died(pid)
 
@@ -164,7 +169,8 @@ class Zygote:
     Forked from the sandboxed worker before it opened any socket or thread, so
     its children are small, single-threaded copies.  To the worker it sends
     ``R pid`` with the child's two pipe ends, and ``X pid status cpu`` when a
-    child exits; it forks the next child when the worker sends ``N``.
+    child exits; when the worker sends ``D pid`` (done with that child) it
+    kills the child's group and forks the next child.
     """
 
     def __init__(self, sock: socket.socket, executor: Executor, sandbox: Sandbox, title: str):
@@ -181,21 +187,35 @@ class Zygote:
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.missing = READY
+        self.due: list[tuple[float, int]] = []  # (when, pid): children to end
+        fork_at = 0.0
         while True:
-            while self.missing and self.fork_child():
-                self.missing -= 1
-            # A fork refused for now (a script's leftovers still hold the process
-            # limit) is tried again shortly; the worker waits for its child meanwhile.
-            ready = select.select([self.sock, self.wake_r], [], [],
-                                  RETRY if self.missing else None)[0]
+            now = time.monotonic()
+            while self.due and self.due[0][0] <= now:
+                _killpg(self.due.pop(0)[1])
+            if self.missing and (now >= fork_at or self.missing == READY):
+                if self.fork_child():
+                    self.missing -= 1
+                else:  # refused for now: a script's leftovers still hold the process limit
+                    fork_at = now + RETRY
+                continue
+            timers = [t for t, _ in self.due[:1]] + ([fork_at] if self.missing else [])
+            wait = max(0.0, min(timers) - now) if timers else None
+            ready = select.select([self.sock, self.wake_r], [], [], wait)[0]
             if self.wake_r in ready:
                 os.read(self.wake_r, 4096)
                 self.reap()
             if self.sock in ready:
-                msg = self.sock.recv(16)
+                msg = self.sock.recv(32)
                 if not msg:
                     return  # the worker is gone
+                # The worker has replied.  Ending the child and forking its successor
+                # cost a couple of milliseconds of CPU: done at once, they would slow
+                # the reply on its way to the client on a small machine.
+                when = time.monotonic() + SETTLE
+                self.due.append((when, int(msg.split()[1])))
                 self.missing += 1
+                fork_at = when
 
     def fork_child(self) -> bool:
         req_r, req_w = os.pipe()
@@ -252,9 +272,20 @@ def serve_one(executor: Executor, req_r: int, res_w: int) -> None:
     if request is None:
         return  # the worker went away
     named, content, data, cookie = marshal.loads(request)
+    pid = os.getpid()
     reply = executor.execute(named, content, data, cookie)
+    _leave_if_forked(pid)
     _write_message(res_w, marshal.dumps(reply))
-    os.read(req_r, 1)  # exit once the worker has replied (EOF), not while it replies
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT])
+    while True:  # the zygote kills it (and its group) once the reply is on its way
+        time.sleep(3600)
+
+
+def _leave_if_forked(pid: int) -> None:
+    """A process the script forked that returned from it must not go on as the worker
+    (or child) it is a copy of: it would answer on their sockets and pipes."""
+    if os.getpid() != pid:
+        os._exit(0)
 
 
 def _reply(value) -> tuple[str, bytes, str]:

@@ -71,8 +71,7 @@ class Worker:
 
     def run(self) -> None:
         """Serve until drained; the caller leaves the process with os._exit()."""
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self._restore_signals()
         setproctitle.setproctitle(f"{self.title} idle")
         logs.retag(f"worker {self.node.name}#{self.slot}")
         self.executor.scripts.open_dir()
@@ -130,6 +129,10 @@ class Worker:
                         job=pre.job, job_status=pre.job_status, served=pre.served)
         self.sock.send_multipart(ready.to_frames())
 
+    def _restore_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
 
@@ -162,6 +165,7 @@ class Worker:
         self.sock.send_multipart(p.worker_reply_frames(job, status, out, error))
         self.served += 1
         self.slots.idle(self.slot, self.pid, self.served)
+        self._restore_signals()  # a script in copy isolation may have changed them
         recycle = self.runner.after()
         if recycle and not self.stop_requested:
             log.warning("%s: %s; recycling this worker", self.title, recycle)

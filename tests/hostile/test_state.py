@@ -43,3 +43,27 @@ def test_thread_left_running(hostile):
                    "the worker that ran the thread replaced")
     hostile.assert_recovered()
     assert {hostile.run(COUNT_THREADS).data for _ in range(4)} == {b"1"}
+
+
+FORK_AND_RETURN = """
+import os
+os.fork()  # both copies finish the script: only the real one may answer
+__return_data = "once"
+"""
+
+IGNORE_SIGTERM = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+
+
+def test_forked_copy_returning_from_the_script(hostile):
+    r = hostile.expect("ok", FORK_AND_RETURN)
+    assert r.data == b"once"
+
+
+def test_signal_handlers_changed_by_a_script(hostile):
+    hostile.expect("ok", IGNORE_SIGTERM)
+    pool = hostile.cluster.processes("srw: pool n1")[0]
+    before = {w.pid for w in hostile.cluster.workers()}
+    pool.send_signal(1)  # SIGHUP: reload python.init and recycle every worker with SIGTERM
+    wait_until(lambda: not before & {w.pid for w in hostile.cluster.workers()}, 15,
+               "every worker recycled (none ignores SIGTERM)")
+    hostile.assert_recovered()
