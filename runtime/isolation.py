@@ -188,18 +188,20 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.missing = READY
         self.due: list[tuple[float, int]] = []  # (when, pid): children to end
-        fork_at = 0.0
+        fork_at = retry_at = 0.0
         while True:
             now = time.monotonic()
             while self.due and self.due[0][0] <= now:
                 _killpg(self.due.pop(0)[1])
-            if self.missing and (now >= fork_at or self.missing == READY):
+            # No child ready at all: fork now rather than after the settling delay.
+            next_fork = max(retry_at, fork_at if self.missing < READY else 0.0)
+            if self.missing and now >= next_fork:
                 if self.fork_child():
                     self.missing -= 1
                 else:  # refused for now: a script's leftovers still hold the process limit
-                    fork_at = now + RETRY
+                    retry_at = now + RETRY
                 continue
-            timers = [t for t, _ in self.due[:1]] + ([fork_at] if self.missing else [])
+            timers = [t for t, _ in self.due[:1]] + ([next_fork] if self.missing else [])
             wait = max(0.0, min(timers) - now) if timers else None
             ready = select.select([self.sock, self.wake_r], [], [], wait)[0]
             if self.wake_r in ready:
