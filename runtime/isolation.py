@@ -225,7 +225,8 @@ class Zygote:
         try:
             pid = os.fork()
         except OSError as exc:
-            log.warning("%s: fork failed (%s); trying again", self.title, exc)
+            log.warning("%s: fork failed (%s); trying again",
+                        self.title.replace("request", "zygote"), exc)
             for fd in (req_r, req_w, res_r, res_w):
                 os.close(fd)
             return False
