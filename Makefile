@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test bench loadtest system-deps clean
+.PHONY: serve test bench bench-sandbox loadtest system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ KILL_EVERY ?= 0
 loadtest: $(STAMP)
 	$(PY) loadtest/run.py --config $(CONFIG) --users $(USERS) --duration $(DURATION) \
 	    --user $(USER_CLASS) --kill-every $(KILL_EVERY) $(if $(TAGS),--tags $(TAGS))
+
+# What the sandbox profiles cost (no sandbox, default, strict, fork baselines).
+bench-sandbox: system-deps $(STAMP)
+	$(PY) bench/sandbox_bench.py
 
 clean:
 	rm -rf $(VENV) var

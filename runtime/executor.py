@@ -10,10 +10,19 @@ request, because each request starts from a new dict.
 from __future__ import annotations
 
 import traceback
+from types import CodeType
 
 from broker import protocol as p
 
 from .scripts import ScriptCache, ScriptNameError, ScriptNotFound, compile_content
+
+
+class Refused(Exception):
+    """A request that cannot run; `reply` is its (status, data, error)."""
+
+    def __init__(self, reply: tuple[str, bytes, str]):
+        super().__init__(reply[2])
+        self.reply = reply
 
 
 class Executor:
@@ -26,14 +35,27 @@ class Executor:
     def run(self, name: str, code: str, data: bytes, cookie: str) -> tuple[str, bytes, str]:
         """Returns (status, data, error); never raises for anything a script does."""
         try:
+            named, content = self.prepare(name, code)
+        except Refused as exc:
+            return exc.reply
+        return self.execute(named, content, data, cookie)
+
+    def prepare(self, name: str, code: str) -> tuple[CodeType | None, CodeType | None]:
+        """Compile what the request names; Refused carries the reply when it cannot."""
+        try:
             named = self.scripts.get(name) if name else None
             content = compile_content(code) if code else None
         except ScriptNameError as exc:
-            return p.BAD_REQUEST, b"", str(exc)
+            raise Refused((p.BAD_REQUEST, b"", str(exc))) from None
         except ScriptNotFound as exc:
-            return p.NOT_FOUND, b"", str(exc)
+            raise Refused((p.NOT_FOUND, b"", str(exc))) from None
         except SyntaxError as exc:
-            return p.SCRIPT_ERROR, b"", _format(exc, skip=0)
+            raise Refused((p.SCRIPT_ERROR, b"", _format(exc, skip=0))) from None
+        return named, content
+
+    def execute(self, named: CodeType | None, content: CodeType | None, data: bytes,
+                cookie: str) -> tuple[str, bytes, str]:
+        """Run compiled code in a fresh copy of the global context."""
         context = dict(self.template)
         context["__input_binary_data_tuple"] = (data,)
         context["__cookie_string"] = cookie
@@ -48,7 +70,15 @@ class Executor:
             return p.SCRIPT_ERROR, b"", _format(exc, skip=1, limit=20)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the worker stays up
             return p.SCRIPT_ERROR, b"", _format(exc, skip=1)
-        return self._output(context.get("__return_data"))
+        try:
+            return self._output(context.get("__return_data"))
+        except MemoryError:
+            return p.MEMORY, b"", "out of memory while encoding __return_data (memory_mb)"
+
+    def warm_up(self) -> None:
+        """Run an empty request once: a fresh fork pays its first page faults here,
+        ahead of time, instead of on the first real request."""
+        self.execute(None, compile_content("__return_data = b''"), b"", "")
 
     def _output(self, value) -> tuple[str, bytes, str]:
         if isinstance(value, str):

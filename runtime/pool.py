@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import signal
+import stat
 import sys
 import time
 import traceback
@@ -28,10 +29,11 @@ import psutil
 import setproctitle
 
 from broker import protocol as p
-from srw.config import Config, NodeSettings
+from srw.config import Config, ConfigError, NodeSettings
 
 from . import profile as profiles
 from .executor import Executor
+from .sandbox import PR_SET_CHILD_SUBREAPER, Sandbox, _prctl
 from .scripts import ScriptCache
 from .slots import BOOTING, BUSY, SlotTable
 from .worker import Predecessor, Worker
@@ -43,6 +45,7 @@ EXIT_WORKER_BOOT = 4   # a worker's own exit status when it cannot start
 MAX_BOOT_FAILURES = 3
 TICK = 0.05            # watchdog period, seconds
 STOP_GRACE = 5.0
+RESPAWN_WAIT = 1.0     # at most this long for a dead worker's leftovers to go first
 
 
 class InitError(Exception):
@@ -81,10 +84,14 @@ class Pool:
         self.config, self.node = config, node
         self.size = config.pool.workers
         self.profile = profiles.load(config.pool.profile, config.path.parent)
+        self.sandbox = Sandbox(self.profile, node, config.nodes.index(node), self.size,
+                               config.pool.history_dir)
+        self.endpoint = node.workers_endpoint.removeprefix("ipc://")
         self.slots = SlotTable(self.size)
         self.pids: dict[int, int] = {}                  # pid -> slot
         self.predecessors: dict[int, Predecessor] = {}  # slot -> who it replaces
         self.kill_reasons: dict[int, tuple[str, str]] = {}  # pid -> (reason, job status)
+        self.dead_at: dict[int, float] = {}             # slot -> when its worker died
         self.restarts = 0
         self.boot_failures = 0
         self.stopping = False
@@ -95,14 +102,21 @@ class Pool:
 
     def start(self) -> None:
         setproctitle.setproctitle(f"srw: pool {self.node.name}")
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)  # what a dead worker leaves behind comes to us
         self.context = run_init(Path(self.config.pool.history_dir))
         self._setup_signals()
         gc.collect()
         gc.freeze()  # children share init's objects without the GC dirtying their pages
         for slot in range(1, self.size + 1):
             self.spawn(slot)
-        log.info("pool %s: %d workers, profile %s, history %s", self.node.name, self.size,
-                 self.profile.name, self.config.pool.history_dir)
+        sb = self.sandbox
+        log.info("pool %s: %d workers, profile %s (%s isolation, network %s, %s, %s, %s), "
+                 "history %s", self.node.name, self.size, self.profile.name,
+                 self.profile.isolation, self.profile.network,
+                 f"uids {sb.uid(1)}-{sb.uid(self.size)}" if sb.drop else "no uid change",
+                 "slot cgroups" if sb.cgroups.enabled else "no cgroups",
+                 "seccomp" if self.profile.seccomp else "no seccomp",
+                 self.config.pool.history_dir)
 
     def _setup_signals(self) -> None:
         self.wake_r, wake_w = os.pipe()
@@ -129,7 +143,7 @@ class Pool:
             code = 0
             try:
                 self._child_reset()
-                Worker(self.config, self.node, self.profile, slot, executor, self.slots,
+                Worker(self.config, self.node, self.sandbox, slot, executor, self.slots,
                        predecessor, self.restarts).run()
             except BaseException:
                 traceback.print_exc()
@@ -157,6 +171,8 @@ class Pool:
             self.wait_for_signals(TICK)
             self.reap_workers()
             self.watchdog()
+            self.kill_strays()
+            self.grant_endpoint()
             if self.reload_requested:
                 self.reload()
             self.manage_workers()
@@ -195,6 +211,7 @@ class Pool:
         slot = self.pids.pop(pid, None)
         if slot is None:
             return  # a grandchild reparented to us, or already handled
+        self._kill_leftovers(pid, slot)
         _, state, _, _, served, job = self.slots.read(slot)
         reason, job_status = self.kill_reasons.pop(pid, (describe_exit(status), p.KILLED))
         planned = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
@@ -245,13 +262,52 @@ class Pool:
         except ProcessLookupError:
             pass
 
+    def _kill_leftovers(self, pid: int, slot: int) -> None:
+        """Whatever the dead worker's scripts started goes with it."""
+        try:
+            os.killpg(pid, signal.SIGKILL)  # the group outlives its leader while it has members
+        except ProcessLookupError:
+            pass
+        self.sandbox.cgroups.kill(slot)
+        self.dead_at[slot] = time.monotonic()
+
+    def kill_strays(self) -> None:
+        """SIGKILL our children that are not workers: orphans of dead workers' scripts."""
+        try:
+            with open(f"/proc/self/task/{os.getpid()}/children") as f:
+                children = [int(x) for x in f.read().split()]
+        except OSError:
+            return
+        for pid in children:
+            if pid not in self.pids:
+                self._signal(pid, signal.SIGKILL)
+
+    def grant_endpoint(self) -> None:
+        """Let the workers' group connect to the broker's socket (re-created by a
+        restarted broker with root's mode): root:group 0660."""
+        if not self.sandbox.drop:
+            return
+        try:
+            st = os.lstat(self.endpoint)
+        except FileNotFoundError:
+            return
+        if stat.S_ISSOCK(st.st_mode) and st.st_uid == 0 and \
+                (st.st_gid != self.sandbox.group or stat.S_IMODE(st.st_mode) != 0o660):
+            os.chown(self.endpoint, 0, self.sandbox.group, follow_symlinks=False)
+            os.chmod(self.endpoint, 0o660)
+
     def manage_workers(self) -> None:
         if self.stopping or self.fatal:
             return
         live = set(self.pids.values())
+        now = time.monotonic()
         for slot in range(1, self.size + 1):
-            if slot not in live:
-                self.spawn(slot)
+            if slot in live:
+                continue
+            # Leftovers still dying would count against the new worker's process limit.
+            if self.sandbox.cgroups.kill(slot) and now - self.dead_at.get(slot, 0) < RESPAWN_WAIT:
+                continue
+            self.spawn(slot)
 
     def reload(self) -> None:
         """SIGHUP: run python.init again; on success recycle every worker gracefully."""
@@ -288,7 +344,10 @@ class Pool:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-            self.pids.pop(pid, None)
+            slot = self.pids.pop(pid, None)
+            if slot is not None:
+                self._kill_leftovers(pid, slot)
+        self.sandbox.cgroups.remove()
 
     @staticmethod
     def _signal(pid: int, sig: int, group: bool = False) -> None:
@@ -303,7 +362,7 @@ def main(config: Config, node_name: str) -> int:
     try:
         pool = Pool(config, node)
         pool.start()
-    except InitError as exc:
+    except (InitError, ConfigError) as exc:
         print(f"srw: node {node.name} refuses to start: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     return pool.run()

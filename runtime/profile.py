@@ -2,8 +2,9 @@
 
 A profile name is looked up in ``sandbox_profiles/`` beside the config file,
 then in the one shipped with srw.  Every key is validated; an unknown key is
-an error, so a profile never asks for a restriction that is silently not
-enforced.
+an error naming it, so a profile never asks for a restriction that is
+silently not enforced.  What each key does, and who enforces it, is in
+README.md ("Sandbox"); sandbox.py applies them.
 """
 from __future__ import annotations
 
@@ -16,21 +17,41 @@ from srw.config import ConfigError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "sandbox_profiles"
 
+ISOLATIONS = ("copy", "fork")
+NETWORKS = ("none", "local", "any")
+
 
 @dataclass(frozen=True)
 class Profile:
     name: str
-    isolation: str = "copy"
-    wall_seconds: float = 30.0
-    cpu_seconds: float = 10.0
-    memory_mb: int = 1024
+    isolation: str = "copy"         # copy: fresh dict per request; fork: a fresh process
+    wall_seconds: float = 30.0      # pool (copy) or worker (fork) SIGKILLs past it
+    cpu_seconds: float = 10.0       # pool watchdog (copy) or RLIMIT_CPU (fork)
+    memory_mb: int = 1024           # RLIMIT_AS per process; the slot's cgroup gets twice it
     output_bytes: int = 64 * 1024 * 1024
-    open_files: int = 256
-    file_size_mb: int = 64
+    open_files: int = 256           # RLIMIT_NOFILE
+    processes: int = 32             # RLIMIT_NPROC (per slot uid) and cgroup pids.max; threads count
+    file_size_mb: int = 64          # RLIMIT_FSIZE
+    network: str = "none"           # none | local (the node's own storage and broker ports) | any
+    readable: tuple[str, ...] = ()  # paths the script may read (Landlock); "/" = everything
+    writable: tuple[str, ...] = ()  # paths the script may write (Landlock); "/" = everything
+    user: int = 0                   # when root: slot N of node k runs as uid user + 1000*k + N
+    seccomp: bool = True            # deny exec, ptrace, namespaces, mounts, io_uring, bpf, sockets
+    imports: tuple[str, ...] = ()   # modules imported before the sandbox closes (besides ours)
+
+    @property
+    def files_restricted(self) -> bool:
+        return "/" not in self.readable or "/" not in self.writable
+
+    @property
+    def uses_landlock(self) -> bool:
+        return self.files_restricted or self.network != "any"
 
 
 _POSITIVE = ("wall_seconds", "cpu_seconds", "memory_mb", "output_bytes", "open_files",
-             "file_size_mb")
+             "processes", "file_size_mb")
+_CHOICES = {"isolation": ISOLATIONS, "network": NETWORKS}
+_PATHS = ("readable", "writable")
 
 
 def find(name: str, config_dir: Path) -> Path:
@@ -50,23 +71,31 @@ def load(name: str, config_dir: Path) -> Profile:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    fields = {f.name: f for f in dataclasses.fields(Profile)} 
-    values = {}
-    for key, value in raw.items():
-        field = fields.get(key)
-        if field is None or key == "name":
-            raise ConfigError(f"{path}: unknown key {key!r} (known: "
-                              f"{', '.join(k for k in fields if k != 'name')})")
-        default = field.default
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not type(default):
-            raise ConfigError(f"{path}: {key} must be {type(default).__name__}, not {value!r}")
-        if key in _POSITIVE and not value > 0:
-            raise ConfigError(f"{path}: {key} must be > 0")
-        values[key] = value
-    profile = Profile(name=name, **values)
-    if profile.isolation != "copy":
-        raise ConfigError(f"{path}: isolation {profile.isolation!r} is not supported yet "
-                          "(only 'copy')")
-    return profile
+    values = {key: _check(path, key, value) for key, value in raw.items()}
+    for key in _PATHS:  # relative paths are relative to the profile's folder
+        values[key] = tuple(str((path.parent / p).resolve()) for p in values.get(key, ()))
+    return Profile(name=name, **values)
+
+
+def _check(path: Path, key: str, value):
+    fields = {f.name: f for f in dataclasses.fields(Profile) if f.name != "name"}
+    field = fields.get(key)
+    if field is None:
+        raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(fields)})")
+    default = field.default
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{path}: {key} must be a list of non-empty strings")
+        return tuple(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not type(default):
+        raise ConfigError(f"{path}: {key} must be {type(default).__name__}, not {value!r}")
+    if key in _POSITIVE and not value > 0:
+        raise ConfigError(f"{path}: {key} must be > 0")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"{path}: {key} must be one of {', '.join(_CHOICES[key])}, "
+                          f"not {value!r}")
+    if key == "user" and not 0 <= value < 2**31 - 100_000:
+        raise ConfigError(f"{path}: user must be a uid (0 = keep the uid srw runs as)")
+    return value

@@ -8,6 +8,7 @@ compiled script content (sent with the request) is cached by its text.
 from __future__ import annotations
 
 import functools
+import linecache
 import os
 import re
 import stat
@@ -41,26 +42,45 @@ def compile_content(code: str) -> CodeType:
 
 
 class ScriptCache:
-    """Named scripts of one history directory, compiled once per file version."""
+    """Named scripts of one history directory, compiled once per file version.
+
+    `open_dir()` (called by the worker before its sandbox closes) keeps a
+    descriptor of the directory, and files are opened relative to it: a worker
+    running as an unprivileged uid reads its scripts even when the directories
+    above the history directory are closed to that uid.
+    """
 
     def __init__(self, history_dir: str | Path):
         self.history_dir = str(history_dir)
+        self.dir_fd: int | None = None
         self._cache: dict[str, tuple[int, int, CodeType]] = {}
+
+    def open_dir(self) -> None:
+        self.dir_fd = os.open(self.history_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def _path(self, name: str):
+        # per request: plain strings, no pathlib
+        return name if self.dir_fd is not None else os.path.join(self.history_dir, name)
 
     def get(self, name: str) -> CodeType:
         check_name(name)
-        path = os.path.join(self.history_dir, name)  # per request: no pathlib
         try:
-            st = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
+            st = os.stat(self._path(name), dir_fd=self.dir_fd)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
             st = None
         if st is None or not stat.S_ISREG(st.st_mode):
             raise ScriptNotFound(f"no script {name!r} in the history directory")
         cached = self._cache.get(name)
         if cached and cached[0] == st.st_mtime_ns and cached[1] == st.st_size:
             return cached[2]
-        with open(path, "rb") as f:
+        fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        with open(fd, "rb") as f:
             source = f.read()
-        code = compile(source, str(path), "exec")
+        filename = os.path.join(self.history_dir, name)
+        code = compile(source, filename, "exec")
+        # Tracebacks show the script's lines without reading the file again (the
+        # sandbox may not let them); mtime None keeps linecache from evicting it.
+        lines = source.decode("utf-8", "replace").splitlines(keepends=True)
+        linecache.cache[filename] = (len(source), None, lines, filename)
         self._cache[name] = (st.st_mtime_ns, st.st_size, code)
         return code

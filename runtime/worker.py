@@ -2,7 +2,8 @@
 
     broker back ROUTER  <-- DEALER (identity "n1#2:<pid>") --  Worker.run()
 
-After the fork the worker applies its sandbox limits, opens its own ZeroMQ
+After the fork the worker closes its sandbox around itself (sandbox.py), opens
+its own ZeroMQ
 context (nothing ZeroMQ crosses the fork), announces READY with its credits and
 then loops: run each REQUEST through the Executor, send REPLY, heartbeat
 while idle.  If the broker goes silent it announces READY again, so a
@@ -24,9 +25,10 @@ from broker import protocol as p
 from srw import logs
 from srw.config import Config, NodeSettings
 
-from . import sandbox
 from .executor import Executor
+from .isolation import CopyRunner, ForkRunner
 from .profile import Profile
+from .sandbox import Sandbox
 from .scripts import NAME_RE
 from .slots import SlotTable
 
@@ -43,15 +45,20 @@ class Predecessor:
     served: int = 0
 
 
+FORK_BACKSTOP = 2.0  # fork isolation: the pool kills the worker only if it misses its own deadline
+
+
 class Worker:
-    def __init__(self, config: Config, node: NodeSettings, profile: Profile, slot: int,
+    def __init__(self, config: Config, node: NodeSettings, sandbox: Sandbox, slot: int,
                  executor: Executor, slots: SlotTable, predecessor: Predecessor,
                  restarts: int):
-        self.config, self.node, self.profile = config, node, profile
+        self.config, self.node, self.sandbox = config, node, sandbox
+        self.profile: Profile = sandbox.profile
         self.slot, self.pid = slot, os.getpid()
         self.title = f"srw: worker {node.name}#{slot}"
         self.executor, self.slots = executor, slots
         self.predecessor, self.restarts = predecessor, restarts
+        self.endpoint = node.workers_endpoint  # read as root: the name depends on who asks
         self.hb_interval = config.broker.heartbeat_interval
         self.silence_limit = self.hb_interval * config.broker.liveness
         self.served = 0
@@ -64,12 +71,16 @@ class Worker:
 
     def run(self) -> None:
         """Serve until drained; the caller leaves the process with os._exit()."""
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self._restore_signals()
         setproctitle.setproctitle(f"{self.title} idle")
         logs.retag(f"worker {self.node.name}#{self.slot}")
-        sandbox.die_with_parent()
-        sandbox.apply_limits(self.profile)
+        self.executor.scripts.open_dir()
+        self.sandbox.enter_worker(self.slot)
+        fork = self.profile.isolation == "fork"
+        self.runner = ForkRunner(self.executor, self.sandbox,
+                                 f"srw: request {self.node.name}#{self.slot}") if fork \
+            else CopyRunner(self.executor)
+        self.runner.start()
         self.ctx = zmq.Context(io_threads=1)
         self.sock = self._connect()
         self.register()
@@ -88,6 +99,9 @@ class Worker:
                     log.warning("%s: unknown command %r from broker", self.title, frames[0][:16])
                 else:
                     handler(frames)
+                    # A long request kept us from listening, not the broker from talking:
+                    # what it sent meanwhile is queued, so count silence from here.
+                    last_heard = time.monotonic()
             now = time.monotonic()
             if now >= next_hb:
                 self.sock.send(p.HEARTBEAT)
@@ -107,7 +121,7 @@ class Worker:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        sock.connect(self.node.workers_endpoint)
+        sock.connect(self.endpoint)
         return sock
 
     def register(self) -> None:
@@ -116,6 +130,10 @@ class Worker:
                         replaces=pre.pid, reason=pre.reason, restarts=self.restarts,
                         job=pre.job, job_status=pre.job_status, served=pre.served)
         self.sock.send_multipart(ready.to_frames())
+
+    def _restore_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
@@ -138,15 +156,22 @@ class Worker:
         except p.ProtocolError as exc:
             log.warning("%s: bad REQUEST from broker: %s", self.title, exc)
             return
-        kill_at = time.monotonic() + min(budget, self.profile.wall_seconds)
-        self.slots.busy(self.slot, self.pid, kill_at, time.process_time(), self.served, job)
+        deadline = time.monotonic() + min(budget, self.profile.wall_seconds)
+        backstop = FORK_BACKSTOP if self.profile.isolation == "fork" else 0.0
+        self.slots.busy(self.slot, self.pid, deadline + backstop, time.process_time(),
+                        self.served, job)
         shown = meta.name if NAME_RE.fullmatch(meta.name) else "<content>" if not meta.name \
             else "<bad name>"
         setproctitle.setproctitle(f"{self.title} busy {shown}")
-        status, out, error = self.executor.run(meta.name, meta.code, data, meta.cookie)
+        status, out, error = self.runner.run(meta.name, meta.code, data, meta.cookie, deadline)
         p.send_frames(self.sock, p.worker_reply_frames(job, status, out, error))
         self.served += 1
         self.slots.idle(self.slot, self.pid, self.served)
+        self._restore_signals()  # a script in copy isolation may have changed them
+        recycle = self.runner.after()
+        if recycle and not self.stop_requested:
+            log.warning("%s: %s; recycling this worker", self.title, recycle)
+            self.stop_requested = True
         setproctitle.setproctitle(f"{self.title} idle")
         if log.isEnabledFor(logging.INFO):
             log.info("exec %s %d B -> %d B %s %d us", shown, len(data),

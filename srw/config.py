@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -58,10 +59,15 @@ class NodeSettings:
     @property
     def workers_endpoint(self) -> str:
         """Where the pool's workers meet the broker: a socket file in data_dir, or
-        in /tmp under a hash of it when that path is too long for a unix socket."""
+        in /tmp under a hash of it when that path is too long for a unix socket.
+        Started as root, workers drop to unprivileged uids that may not reach
+        data_dir (nor should they read it), so the socket lives in /run instead
+        (root's, open to all for traversal); the pool lets the workers' group in."""
         path = str(Path(self.data_dir) / "workers.ipc")
-        if len(path) > 100:
-            digest = hashlib.sha1(path.encode()).hexdigest()[:20]
+        digest = hashlib.sha1(path.encode()).hexdigest()[:20]
+        if os.geteuid() == 0 and os.path.isdir("/run"):
+            path = f"/run/srw-{digest}.ipc"
+        elif len(path) > 100:
             path = f"/tmp/srw-{digest}.ipc"
         return f"ipc://{path}"
 

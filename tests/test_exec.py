@@ -242,7 +242,9 @@ def test_exec_with_an_id_holds_the_id_lock(make_cluster, tmp_path):
     """Read-modify-write scripts on one id lose no update; other ids run in parallel."""
     counter = tmp_path / "counter"
     counter.write_text("0")
-    cluster = make_cluster(pool={"workers": 4}, log_level="warning", scripts={"incr.py": """
+    # trusted: the script writes a counter file in tmp_path, which the default profile forbids
+    cluster = make_cluster(pool={"workers": 4, "profile": "trusted"}, log_level="warning",
+                           scripts={"incr.py": """
         import time
         path = __input_binary_data_tuple[0].decode()
         value = int(open(path).read())

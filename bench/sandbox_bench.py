@@ -1,0 +1,198 @@
+"""What the sandbox costs: trivial exec under no sandbox, `default` and `strict`, in one run.
+
+    python bench/sandbox_bench.py [--requests 2000] [--throughput 4000]
+
+Starts one node per profile (2 workers each, loopback, its own temp dir) and
+measures, one profile at a time, against the same broker code:
+- latency: `echo.py` with 132 bytes, one request at a time (p50, p99), back to
+  back and paced 5 ms apart;
+- throughput: the same with 64 requests in flight (AsyncClient);
+- the fork baselines, under `trusted`: a script that forks and the child
+  exits at once (end to end, one request at a time), and the same fork+exit
+  timed inside the worker.
+Targets: default p50 <= 1.10 x no sandbox; strict p50 <= 1.2 x bare fork+exit.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from broker.client import AsyncClient, BrokerUnavailable, Client  # noqa: E402
+
+DATA = b"x" * 132
+GAP = 0.005  # seconds between paced requests (the design's "low load")
+FORK_EXIT = """
+import os
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+__return_data = __input_binary_data_tuple[0]
+"""
+FORK_EXIT_TIMED = """
+import os, time
+times = []
+for _ in range(200):
+    t = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    times.append(time.perf_counter() - t)
+times.sort()
+__return_data = "%.1f %.1f" % (times[100] * 1e6, times[197] * 1e6)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Node:
+    def __init__(self, root: Path, profile: str):
+        self.root, self.profile = root, profile
+        shutil.copytree(REPO / "history", root / "history")
+        (root / "history" / "fork_exit.py").write_text(FORK_EXIT)
+        self.broker = f"tcp://127.0.0.1:{free_port()}"
+        (root / "config.toml").write_text(f"""
+[pool]
+workers = 2
+profile = "{profile}"
+[broker]
+heartbeat_interval = 0.5
+[proxy]
+listen = "127.0.0.1:{free_port()}"
+[[node]]
+name = "b{profile}"
+group = 1
+storage = "tcp://127.0.0.1:{free_port()}"
+broker = "{self.broker}"
+data_dir = "var"
+[log]
+level = "warning"
+file = "{root / 'srw.log'}"
+""")
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-m", "srw", "serve", "--config",
+                                      str(self.root / "config.toml")], cwd=self.root,
+                                     stdout=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        with Client(self.broker) as c:
+            while True:
+                try:
+                    if c.status(timeout=0.5)["workers"] == 2:
+                        break
+                except BrokerUnavailable:
+                    pass
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"node with profile {self.profile} did not start")
+                time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    s = sorted(samples)
+    return s[len(s) // 2] * 1e6, s[min(len(s) - 1, int(len(s) * 0.99))] * 1e6
+
+
+def latency(endpoint: str, n: int, name: str = "echo.py", gap: float = 0.0) -> tuple[float, float]:
+    """One request at a time; `gap` seconds between the end of one and the next."""
+    times = []
+    with Client(endpoint, timeout=30) as c:
+        for _ in range(50):
+            c.exec(name, DATA)
+        for _ in range(n):
+            if gap:
+                time.sleep(gap)
+            t = time.perf_counter()
+            r = c.exec(name, DATA)
+            times.append(time.perf_counter() - t)
+            assert r.status == "ok", (r.status, r.error)
+    return percentiles(times)
+
+
+def throughput(endpoint: str, n: int, in_flight: int = 64) -> float:
+    async def main():
+        async with AsyncClient(endpoint, timeout=60) as c:
+            sem = asyncio.Semaphore(in_flight)
+
+            async def one():
+                async with sem:
+                    r = await c.exec("echo.py", DATA)
+                    assert r.status == "ok", (r.status, r.error)
+
+            t = time.perf_counter()
+            await asyncio.gather(*(one() for _ in range(n)))
+            return n / (time.perf_counter() - t)
+
+    return asyncio.run(main())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=2000, help="sequential requests per profile")
+    ap.add_argument("--throughput", type=int, default=4000, help="requests for throughput")
+    ap.add_argument("--paced", type=int, default=400, help=f"requests {GAP * 1000:g} ms apart")
+    args = ap.parse_args()
+    rows, base = [], {}
+    with tempfile.TemporaryDirectory(prefix="srw-sandbox-bench-") as tmp:
+        for label, profile in (("no sandbox (trusted)", "trusted"), ("default", "default"),
+                               ("strict (fork)", "strict")):
+            root = Path(tmp) / profile
+            root.mkdir()
+            with Node(root, profile) as node:
+                p50, p99 = latency(node.broker, args.requests)
+                rps = throughput(node.broker, args.throughput)
+                rows.append((label, p50, p99, rps))
+                g50, g99 = latency(node.broker, args.paced, gap=GAP)
+                rows.append((f"  same, requests {GAP * 1000:g} ms apart", g50, g99, None))
+                base[profile] = p50
+                base[profile + " paced"] = g50
+                if profile == "trusted":
+                    f50, f99 = latency(node.broker, args.requests // 2, "fork_exit.py")
+                    rows.append(("trusted + fork+exit per request", f50, f99, None))
+                    g50, g99 = latency(node.broker, args.paced, "fork_exit.py", gap=GAP)
+                    rows.append((f"  same, requests {GAP * 1000:g} ms apart", g50, g99, None))
+                    base["fork"], base["fork paced"] = f50, g50
+                    with Client(node.broker, timeout=30) as c:
+                        inner = c.exec("", code=FORK_EXIT_TIMED).data.decode().split()
+                    rows.append(("  fork+exit+wait inside the worker", float(inner[0]),
+                                 float(inner[1]), None))
+                    base["inner"] = float(inner[0])
+    print(f"{'path':40} {'p50 us':>8} {'p99 us':>8} {'req/s (64 in flight)':>21}")
+    for label, p50, p99, rps in rows:
+        print(f"{label:40} {p50:8.0f} {p99:8.0f} {rps and f'{rps:21.0f}' or '-':>21}")
+    for how, key in (("back to back", ""), (f"{GAP * 1000:g} ms apart", " paced")):
+        d = base["default" + key] / base["trusted" + key]
+        s = base["strict" + key] / base["fork" + key]
+        print(f"{how}: default p50 / no sandbox p50 = {d:.2f} (target <= 1.10); "
+              f"strict p50 / fork+exit per request p50 = {s:.2f} (target <= 1.2); "
+              f"strict p50 / fork+exit+wait inside the worker = "
+              f"{base['strict' + key] / base['inner']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

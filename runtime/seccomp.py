@@ -1,0 +1,92 @@
+"""seccomp filters (libseccomp through pyseccomp): the system calls scripts never need.
+
+Filters are built in the pool parent (pyseccomp's import and libseccomp's
+set-up cost milliseconds) and loaded after the fork.  They allow everything
+by default and deny, with EPERM:
+
+- running programs (execve, execveat), ptrace and other processes' memory;
+- namespaces and mounts (unshare, setns, mount..., clone with CLONE_NEW* flags);
+  clone3 gets ENOSYS instead, so the C library falls back to clone, whose
+  flags a filter can read (threads keep working);
+- io_uring (it would open sockets past this filter), bpf, perf, userfaultfd, keys;
+- leaving the worker's process group (setsid, setpgid), so killpg reaches
+  everything a script starts;
+- sockets by network mode: "none" leaves only AF_UNIX (the worker's own
+  ZeroMQ link to its broker), "local" adds AF_INET TCP (Landlock then allows
+  only the node's own ports), "any" leaves sockets alone.  A request child in
+  fork isolation gets a second filter with no sockets at all when its profile
+  has no network.
+"""
+from __future__ import annotations
+
+import errno
+import socket
+
+import pyseccomp as sc
+
+ALWAYS_DENIED = (
+    "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev",
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "open_tree",
+    "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
+    "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "perf_event_open",
+    "userfaultfd", "keyctl", "add_key", "request_key", "kexec_load", "init_module",
+    "finit_module", "delete_module", "setsid",
+)
+CLONE_NEW = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
+             0x40000000, 0x00000080)  # NS, CGROUP, UTS, IPC, USER, PID, NET, TIME
+SOCK_TYPE_MASK = 0xF
+NOT_STREAM = (socket.SOCK_DGRAM, socket.SOCK_RAW, socket.SOCK_RDM, socket.SOCK_SEQPACKET,
+              6, 10)  # SOCK_DCCP, SOCK_PACKET
+IPPROTO_TCP = 6
+EPERM = sc.ERRNO(errno.EPERM)
+
+
+def worker_filter(network: str, may_setpgid: bool) -> sc.SyscallFilter:
+    """The filter a worker loads once, after its limits, before it serves."""
+    f = sc.SyscallFilter(sc.ALLOW)
+    for name in ALWAYS_DENIED:
+        f.add_rule(EPERM, name)
+    if not may_setpgid:
+        f.add_rule(EPERM, "setpgid")
+    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    for flag in CLONE_NEW:
+        f.add_rule(EPERM, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+    if network != "any":
+        _limit_sockets(f, allow_inet_tcp=network == "local")
+    return f
+
+
+def child_filter(network: str) -> sc.SyscallFilter:
+    """Stacked on the worker's in a fork-isolation request child: it stays in its group,
+    and without network it gets no sockets at all (not even AF_UNIX)."""
+    f = sc.SyscallFilter(sc.ALLOW)
+    f.add_rule(EPERM, "setpgid")
+    if network == "none":
+        f.add_rule(EPERM, "socket")
+        f.add_rule(EPERM, "socketpair")
+    return f
+
+
+def _limit_sockets(f: sc.SyscallFilter, allow_inet_tcp: bool) -> None:
+    f.add_rule(EPERM, "socket", sc.Arg(0, sc.EQ, socket.AF_UNSPEC))
+    f.add_rule(EPERM, "socket", sc.Arg(0, sc.GT, socket.AF_INET))
+    f.add_rule(EPERM, "listen")  # not even on AF_UNIX: scripts serve nothing
+    if not allow_inet_tcp:
+        f.add_rule(EPERM, "socket", sc.Arg(0, sc.EQ, socket.AF_INET))
+        return
+    # Landlock's port rules cover TCP only: refuse UDP, raw and SCTP/MPTCP sockets.
+    for kind in NOT_STREAM:
+        f.add_rule(EPERM, "socket", sc.Arg(0, sc.EQ, socket.AF_INET),
+                   sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, kind))
+    f.add_rule(EPERM, "socket", sc.Arg(0, sc.EQ, socket.AF_INET),
+               sc.Arg(2, sc.GT, IPPROTO_TCP))
+
+
+def available() -> bool:
+    """True when libseccomp loads and the kernel has filter mode."""
+    try:
+        sc.SyscallFilter(sc.ALLOW)
+    except OSError:
+        return False
+    with open("/proc/self/status") as f:
+        return any(line.startswith("Seccomp:") for line in f)

@@ -1,0 +1,97 @@
+"""Shared nodes for the hostile-script suite: one node per profile per module.
+
+Each node runs with the shipped profile's restrictions but small limits
+(written into the cluster's own sandbox_profiles/, which is looked up
+before the shipped one), so every hostile case ends within seconds.  The
+srw process gets a secret in its environment that no script may see.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+
+import pytest
+
+from conftest import REPO, Cluster, wait_until
+
+SECRET = "srw-test-secret-5f1c0e"
+WORKERS = 2
+SMALL_LIMITS = {"wall_seconds": 2.0, "cpu_seconds": 1.0, "memory_mb": 320,
+                "output_bytes": 1 << 20, "processes": 24, "file_size_mb": 1}
+
+
+def write_profile(cluster: Cluster, name: str) -> dict:
+    profile = tomllib.loads((REPO / "sandbox_profiles" / f"{name}.toml").read_text())
+    profile.update(SMALL_LIMITS)
+    folder = cluster.root / "sandbox_profiles"
+    folder.mkdir(exist_ok=True)
+    lines = []
+    for key, value in profile.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = f'"{value}"'
+        elif isinstance(value, list):
+            text = "[" + ", ".join(f'"{v}"' for v in value) + "]"
+        else:
+            text = repr(value)
+        lines.append(f"{key} = {text}\n")
+    (folder / f"{name}.toml").write_text("".join(lines))
+    return profile
+
+
+@dataclass
+class Hostile:
+    """A running node under one profile, and the checks every case ends with."""
+    cluster: Cluster
+    profile: str
+
+    @property
+    def fork(self) -> bool:
+        return self.profile == "strict"
+
+    def run(self, code: str = "", name: str = "", data: bytes = b"", timeout: float = 10.0):
+        with self.cluster.client(timeout=timeout + 10) as c:
+            return c.exec(name, data, code=code, timeout=timeout)
+
+    def expect(self, status: str, code: str = "", *, name: str = "", data: bytes = b"",
+               error: str | None = None):
+        """Run a hostile script, check its status, then that the node serves again at full size."""
+        r = self.run(code, name, data)
+        assert r.status == status, (r.status, r.error, r.data[:200])
+        if error is not None:
+            assert error in (r.error or ""), r.error
+        self.assert_recovered()
+        return r
+
+    def assert_recovered(self):
+        wait_until(lambda: len(self.cluster.workers()) == WORKERS
+                   and (self.cluster.status() or {}).get("workers") == WORKERS,
+                   15, f"pool back at {WORKERS} workers (and nothing else)")
+        for i in range(2 * WORKERS):
+            r = self.run(name="echo.py", data=b"next %d" % i)
+            assert (r.status, r.data) == ("ok", b"next %d" % i), (r.status, r.error)
+
+
+@pytest.fixture(scope="module", params=["default", "strict"])
+def hostile(request, tmp_path_factory):
+    yield from start(request.param, tmp_path_factory)
+
+
+def start(profile: str, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"hostile-{profile}")
+    cluster = Cluster(root, [{"name": "n1"}], {"workers": WORKERS, "credits": 1,
+                                               "profile": profile},
+                      {"request_timeout": 10.0}, {}, None, log_level="warning")
+    write_profile(cluster, profile)
+    data_dir = root / "var" / "n1"
+    data_dir.mkdir(parents=True)
+    (data_dir / "data.mdb").write_text("the node's data\n")
+    os.chmod(data_dir / "data.mdb", 0o644)
+    try:
+        proc = cluster.srw("serve", env=dict(os.environ, SRW_TEST_SECRET=SECRET))
+        cluster.wait_ready(proc)
+        yield Hostile(cluster, profile)
+    finally:
+        cluster.stop()

@@ -1,0 +1,108 @@
+"""Sandbox profiles: loading, validation, refusing what the kernel cannot enforce."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from runtime import profile as profiles
+from runtime import sandbox
+from runtime.sandbox import Features, SandboxUnavailable
+from srw.config import ConfigError
+
+EVERYTHING = Features(root=True, landlock_abi=7, seccomp=True, cgroups=True)
+
+
+def write(tmp_path, name, text):
+    folder = tmp_path / "sandbox_profiles"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.toml").write_text(text)
+
+
+@pytest.mark.parametrize("name", ["default", "strict", "trusted"])
+def test_shipped_profiles_load_and_run_here(tmp_path, name):
+    profile = profiles.load(name, tmp_path)
+    sandbox.check(profile, sandbox.probe())  # this machine has every feature they need
+
+
+def test_shipped_profiles_say_what_the_design_says(tmp_path):
+    default, strict, trusted = (profiles.load(n, tmp_path) for n in ("default", "strict", "trusted"))
+    assert (default.network, default.writable, default.isolation) == ("local", (), "copy")
+    assert (strict.network, strict.readable, strict.writable, strict.isolation) == \
+        ("none", (), (), "fork")
+    assert (trusted.network, trusted.seccomp, trusted.user, trusted.uses_landlock) == \
+        ("any", False, 0, False)
+
+
+def test_profile_beside_the_config_comes_first(tmp_path):
+    write(tmp_path, "default", "wall_seconds = 1.5\n")
+    assert profiles.load("default", tmp_path).wall_seconds == 1.5
+
+
+@pytest.mark.parametrize("text, words", [
+    ("wall_secondz = 1\n", "unknown key 'wall_secondz'"),
+    ("isolation = 'vm'\n", "isolation must be one of copy, fork"),
+    ("network = 'lan'\n", "network must be one of none, local, any"),
+    ("memory_mb = 0\n", "memory_mb must be > 0"),
+    ("processes = 'many'\n", "processes must be int"),
+    ("readable = '/usr'\n", "readable must be a list"),
+    ("seccomp = 1\n", "seccomp must be bool"),
+    ("user = -5\n", "user must be a uid"),
+    ("name = 'x'\n", "unknown key 'name'"),
+    ("wall_seconds = \n", "not valid TOML"),
+])
+def test_bad_profiles_name_the_key(tmp_path, text, words):
+    write(tmp_path, "bad", text)
+    with pytest.raises(ConfigError) as err:
+        profiles.load("bad", tmp_path)
+    assert words in str(err.value)
+    assert "bad.toml" in str(err.value)
+
+
+def test_relative_paths_are_relative_to_the_profile(tmp_path):
+    write(tmp_path, "p", "readable = ['data', '/usr']\n")
+    assert profiles.load("p", tmp_path).readable == (str(tmp_path / "sandbox_profiles/data"), "/usr")
+
+
+@pytest.mark.parametrize("features, text, words", [
+    (Features(True, 7, False, True), "seccomp = true\n", "needs seccomp"),
+    (Features(True, 0, True, True), "readable = []\n", "needs Landlock ABI 6 for file allow-lists"),
+    (Features(True, 5, True, True), "readable = ['/']\nwritable = ['/']\nnetwork = 'local'\n",
+     "network = 'local'"),
+    (Features(True, 3, True, True), "readable = ['/']\nwritable = ['/']\nnetwork = 'none'\n",
+     "this kernel has ABI 3"),
+])
+def test_a_profile_the_kernel_cannot_enforce_is_refused(tmp_path, features, text, words):
+    write(tmp_path, "p", text)
+    profile = profiles.load("p", tmp_path)
+    sandbox.check(profile, EVERYTHING)
+    with pytest.raises(SandboxUnavailable) as err:
+        sandbox.check(profile, features)
+    assert words in str(err.value) and "'p'" in str(err.value)
+
+
+def test_limits_only_needs_nothing_from_the_kernel(tmp_path):
+    sandbox.check(profiles.load("trusted", tmp_path), Features(False, 0, False, False))
+
+
+def test_node_refuses_to_start_with_a_profile_it_cannot_honour(make_cluster):
+    cluster = make_cluster(pool={"profile": "broken"})
+    write(cluster.root, "broken", "imports = ['no_such_module_for_srw']\n")
+    proc = cluster.serve(wait=False)
+    assert proc.wait(30) != 0
+    err = proc.stderr.read().decode()
+    assert "refuses to start" in err and "no_such_module_for_srw" in err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="uids per slot and cgroups need root")
+def test_workers_run_as_their_slot_uid_in_their_slot_cgroup(node):
+    workers = node.workers()
+    assert sorted(w.uids().real for w in workers) == [61001, 61002]
+    for w in workers:
+        status = open(f"/proc/{w.pid}/status").read()
+        assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
+        cgroups = open(f"/proc/{w.pid}/cgroup").read()
+        assert "memory:/srw-n1-" in cgroups and "pids:/srw-n1-" in cgroups
+    with node.client() as c:
+        r = c.exec("", code="import os\n__return_data = repr((os.getuid(), os.getgroups()))")
+        assert r.data in (b"(61001, [61000])", b"(61002, [61000])")
