@@ -19,7 +19,7 @@ that belong to the parent.
 Where the cluster is: the remotes given to ``add_remote`` (the first storage
 node that answers tells the whole cluster, as in Elliptics), else the config
 the node runs with (``SRW_CONFIG``, set by ``srw pool``), else
-``./config.toml``.
+``./config.toml``, read when the handle is made (in the pool parent).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import logging
 import os
 
 from broker import protocol as p
+from srw import config as cfg
 
 from .client import (NodeUnavailable, Session, StorageError, StorageUnavailable,
                      config_from_remote)
@@ -50,6 +51,13 @@ class StorageHandle:
         self._pid = 0
         self._abandoned: list[Session] = []   # built before a fork: never used again
         self._use_groups: list[int] | None = None
+        # Read the config now, in the pool parent: a sandboxed worker may not read
+        # the config file (it holds the node's layout, which scripts must not see).
+        self._local, self._local_error = None, None
+        try:
+            self._local = cfg.load(config or os.environ.get(ENV_CONFIG) or "config.toml")
+        except cfg.ConfigError as exc:
+            self._local_error = exc
 
     # Where the cluster is --------------------------------------------------------
 
@@ -98,7 +106,9 @@ class StorageHandle:
 
     def _cluster(self):
         if not self.remotes:
-            return self.config or os.environ.get(ENV_CONFIG) or "config.toml"
+            if self._local is None:
+                raise StorageError(f"storage handle: {self._local_error}")
+            return self._local
         errors = []
         for endpoint in self.remotes:
             try:
