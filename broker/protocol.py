@@ -81,12 +81,20 @@ def pack(obj) -> bytes:
 
 
 def unpack_map(raw: bytes) -> dict:
+    return _unpack(raw, dict, "map")
+
+
+def _unpack_list(raw: bytes) -> tuple:
+    return _unpack(raw, tuple, "array")
+
+
+def _unpack(raw: bytes, kind: type, name: str):
     try:
-        obj = msgpack.unpackb(raw, raw=False)
+        obj = msgpack.unpackb(raw, raw=False, use_list=kind is not tuple)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"meta is not msgpack: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("meta must be a msgpack map")
+        raise ProtocolError(f"not msgpack: {exc}") from None
+    if not isinstance(obj, kind):
+        raise ProtocolError(f"expected a msgpack {name}")
     return obj
 
 
@@ -196,16 +204,6 @@ def parse_reply(frames: list[bytes]) -> tuple[bytes, Result]:
         raise ProtocolError("bad reply header")
     rid, status, node, group, error = header
     return rid, Result(node, group, status, frames[1], error or None)
-
-
-def _unpack_list(raw: bytes) -> tuple:
-    try:
-        obj = msgpack.unpackb(raw, raw=False, use_list=False)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"header is not msgpack: {exc}") from None
-    if not isinstance(obj, tuple):
-        raise ProtocolError("header must be a msgpack array")
-    return obj
 
 
 # Back end --------------------------------------------------------------------

@@ -8,6 +8,7 @@ process it ever saw in the tree.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -226,6 +227,17 @@ def node(make_cluster):
 
 
 # HTTP proxy --------------------------------------------------------------------
+
+@contextlib.contextmanager
+def serving_with_proxy(cluster: Cluster):
+    """`srw serve` with its proxy up for the block; everything stopped after it."""
+    try:
+        cluster.serve()
+        wait_proxy(cluster)
+        yield cluster
+    finally:
+        cluster.stop()
+
 
 def proxy_url(cluster: Cluster, path: str = "") -> str:
     return f"http://{cluster.proxy['listen']}{path}"

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import Cluster, proxy_url, wait_proxy, wait_until
+from conftest import Cluster, proxy_url, wait_proxy, wait_until, serving_with_proxy
 from conftest import proxy_request as request
 
 DATA = b"this is some data in POST request"
@@ -43,12 +43,8 @@ def web(tmp_path_factory):
                       {"raise.py": "raise ValueError('boom from the script')\n",
                        "sleep.py": "import time\ntime.sleep(30)\n"},
                       None, {"cookies": ["session_id", "user"], "max_body": MAX_BODY})
-    try:
-        cluster.serve()
-        wait_proxy(cluster)
+    with serving_with_proxy(cluster):
         yield cluster
-    finally:
-        cluster.stop()
 
 
 # The 2011 example ----------------------------------------------------------------
@@ -266,12 +262,8 @@ def two(tmp_path_factory):
                       {"workers": 1, "credits": 1}, {"queue_limit": 1, "request_timeout": 10.0},
                       {"nap.py": "import time\ntime.sleep(0.4)\n__return_data = 'rested'\n"},
                       None, {})
-    try:
-        cluster.serve()
-        wait_proxy(cluster)
+    with serving_with_proxy(cluster):
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_exec_without_id_answers_one_part_per_node(two):

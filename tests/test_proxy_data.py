@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from conftest import Cluster, wait_proxy
+from conftest import Cluster, wait_proxy, serving_with_proxy
 from conftest import proxy_request as request
 from storage.client import Session
 
@@ -41,12 +41,8 @@ def data(tmp_path_factory):
     cluster = Cluster(tmp_path_factory.mktemp("data"),
                       [{"name": "n1", "group": 1}, {"name": "n2", "group": 2}],
                       {"workers": 1}, {}, {}, None, {"max_body": MAX_BODY})
-    try:
-        cluster.serve()
-        wait_proxy(cluster)
+    with serving_with_proxy(cluster):
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_upload_read_remove_round_trip(data):
