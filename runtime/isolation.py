@@ -46,13 +46,12 @@ class CopyRunner:
         self.threads = _thread._count()
 
     def start(self) -> None:
-        pass
+        self.pid = os.getpid()  # the worker's; getpid is a system call, once is enough
 
     def run(self, name: str, code: str, data: bytes, cookie: str,
             deadline: float) -> tuple[str, bytes, str]:
-        pid = os.getpid()
         reply = self.executor.run(name, code, data, cookie)
-        _leave_if_forked(pid)
+        _leave_if_forked(self.pid)
         return reply
 
     def after(self) -> str:

@@ -91,6 +91,7 @@ class Pool:
         self.pids: dict[int, int] = {}                  # pid -> slot
         self.predecessors: dict[int, Predecessor] = {}  # slot -> who it replaces
         self.kill_reasons: dict[int, tuple[str, str]] = {}  # pid -> (reason, job status)
+        self.cpu_base: dict[int, tuple[bytes, float]] = {}  # pid -> (job, CPU seconds then)
         self.dead_at: dict[int, float] = {}             # slot -> when its worker died
         self.restarts = 0
         self.boot_failures = 0
@@ -212,7 +213,8 @@ class Pool:
         if slot is None:
             return  # a grandchild reparented to us, or already handled
         self._kill_leftovers(pid, slot)
-        _, state, _, _, served, job = self.slots.read(slot)
+        _, state, _, served, job = self.slots.read(slot)
+        self.cpu_base.pop(pid, None)
         reason, job_status = self.kill_reasons.pop(pid, (describe_exit(status), p.KILLED))
         planned = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         if state == BOOTING and not planned:
@@ -237,13 +239,18 @@ class Pool:
         """Kill workers whose request ran past its wall deadline or CPU budget."""
         now = time.monotonic()
         for pid, slot in list(self.pids.items()):
-            wpid, state, kill_at, cpu_start, _, _ = self.slots.read(slot)
+            wpid, state, kill_at, _, job = self.slots.read(slot)
             if state != BUSY or wpid != pid or pid in self.kill_reasons:
                 continue
             if now > kill_at:
                 self.kill(pid, "request ran past its deadline (wall limit "
                                f"{self.profile.wall_seconds:g} s or the request timeout)",
                           p.TIMEOUT)
+                continue
+            # A request's CPU counts from the first tick that sees it (<= TICK late).
+            seen_job, cpu_start = self.cpu_base.get(pid, (None, 0.0))
+            if seen_job != job:
+                self.cpu_base[pid] = (job, self._cpu_used(pid))
             elif self._cpu_used(pid) - cpu_start > self.profile.cpu_seconds:
                 self.kill(pid, f"request used more than {self.profile.cpu_seconds:g} s of CPU",
                           p.TIMEOUT)

@@ -2,11 +2,12 @@
 
 Created by the pool parent before any fork (an anonymous MAP_SHARED mmap), so
 each worker writes its own record and the parent reads them all without a
-message: which request a worker runs, when it must be killed (wall deadline)
-and how much CPU it had used when the request started.  The parent's
-watchdog enforces the limits from outside, where a script cannot undo them.
+message: which request a worker runs and when it must be killed (wall
+deadline).  The parent's watchdog enforces the limits from outside, where a
+script cannot undo them; it measures a request's CPU itself (a CPU clock read
+per request costs a system call on the worker's hot path).
 
-    record: pid q | state q | kill_at d | cpu_start d | served q | job 16s
+    record: pid q | state q | kill_at d | served q | job 16s
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import mmap
 import struct
 
 BOOTING, IDLE, BUSY = 0, 1, 2
-_RECORD = struct.Struct("<qqddq16s")
+_RECORD = struct.Struct("<qqdq16s")
 
 
 class SlotTable:
@@ -26,19 +27,16 @@ class SlotTable:
         return _RECORD.size * slot
 
     def reset(self, slot: int, pid: int) -> None:
-        _RECORD.pack_into(self._mem, self._offset(slot), pid, BOOTING, 0.0, 0.0, 0, b"")
+        _RECORD.pack_into(self._mem, self._offset(slot), pid, BOOTING, 0.0, 0, b"")
 
-    def read(self, slot: int) -> tuple[int, int, float, float, int, bytes]:
-        pid, state, kill_at, cpu_start, served, job = _RECORD.unpack_from(
-            self._mem, self._offset(slot))
-        return pid, state, kill_at, cpu_start, served, job.rstrip(b"\0")
+    def read(self, slot: int) -> tuple[int, int, float, int, bytes]:
+        pid, state, kill_at, served, job = _RECORD.unpack_from(self._mem, self._offset(slot))
+        return pid, state, kill_at, served, job.rstrip(b"\0")
 
     # Called by the worker that owns the slot.
 
     def idle(self, slot: int, pid: int, served: int) -> None:
-        _RECORD.pack_into(self._mem, self._offset(slot), pid, IDLE, 0.0, 0.0, served, b"")
+        _RECORD.pack_into(self._mem, self._offset(slot), pid, IDLE, 0.0, served, b"")
 
-    def busy(self, slot: int, pid: int, kill_at: float, cpu_start: float, served: int,
-             job: bytes) -> None:
-        _RECORD.pack_into(self._mem, self._offset(slot), pid, BUSY, kill_at, cpu_start,
-                          served, job)
+    def busy(self, slot: int, pid: int, kill_at: float, served: int, job: bytes) -> None:
+        _RECORD.pack_into(self._mem, self._offset(slot), pid, BUSY, kill_at, served, job)

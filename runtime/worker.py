@@ -132,8 +132,11 @@ class Worker:
         self.sock.send_multipart(ready.to_frames())
 
     def _restore_signals(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # getsignal reads Python's own table; only a change costs a system call.
+        if signal.getsignal(signal.SIGTERM) != self._on_sigterm:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
@@ -158,8 +161,7 @@ class Worker:
             return
         deadline = time.monotonic() + min(budget, self.profile.wall_seconds)
         backstop = FORK_BACKSTOP if self.profile.isolation == "fork" else 0.0
-        self.slots.busy(self.slot, self.pid, deadline + backstop, time.process_time(),
-                        self.served, job)
+        self.slots.busy(self.slot, self.pid, deadline + backstop, self.served, job)
         shown = meta.name if NAME_RE.fullmatch(meta.name) else "<content>" if not meta.name \
             else "<bad name>"
         setproctitle.setproctitle(f"{self.title} busy {shown}")
