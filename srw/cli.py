@@ -43,13 +43,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    # --config is accepted before and after the subcommand; the subcommand's
+    # copy must not overwrite a value given before it with its default.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default="config.toml",
+    common.add_argument("--config", default=argparse.SUPPRESS,
                         help="config file (default: ./config.toml)")
     top = argparse.ArgumentParser(
         prog="srw", description="srw: run your own Python next to your data.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[common])
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--config", default="config.toml",
+                     help="config file (default: ./config.toml)")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", parents=[common],

@@ -49,3 +49,7 @@ def test_errors_are_one_line(make_cluster):
     out = subprocess.run([sys.executable, "-m", "srw", "status", "--config",
                           str(cluster.root / "missing.toml")], capture_output=True, timeout=20)
     assert out.returncode == 2 and "no such config file" in out.stderr.decode()
+    before = subprocess.run([sys.executable, "-m", "srw", "--config",
+                             str(cluster.root / "elsewhere.toml"), "status"],
+                            capture_output=True, timeout=20)
+    assert before.returncode == 2 and "elsewhere.toml" in before.stderr.decode()
