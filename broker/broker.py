@@ -49,13 +49,30 @@ class Worker:
     def __init__(self, identity: bytes, ready: p.Ready, now: float):
         self.identity, self.slot, self.pid = identity, ready.slot, ready.pid
         self.credits = ready.credits
-        self.jobs: set[bytes] = set()
+        self.jobs: dict[bytes, None] = {}  # in dispatch order, which is the order it runs them
         self.replied = 0
         self.last_seen = now
         self.draining = False
 
     def __repr__(self):
         return f"worker #{self.slot} (pid {self.pid})"
+
+
+def never_started(dead: Worker, ready: p.Ready) -> list[bytes]:
+    """The requests a dead worker held but had not begun, from its replacement's READY.
+
+    A worker runs its requests one by one in the order they were sent.  If it
+    died running one (the pool read it from the slot table), everything sent
+    after that one never started.  If it died between requests, it had
+    finished `served` of them; those whose replies we have not counted yet may
+    still be on their way, and the rest never started.  Those can go to
+    another worker: they cannot have had side effects."""
+    order = list(dead.jobs)
+    if ready.job in dead.jobs:
+        begun = order.index(ready.job) + 1
+    else:
+        begun = max(0, ready.served - dead.replied)
+    return order[begun:]
 
 
 class Broker:
@@ -262,7 +279,7 @@ class Broker:
             job_id, status, data, error = p.parse_worker_reply(frames)
             worker.replied += 1
             if job_id in worker.jobs:
-                worker.jobs.discard(job_id)
+                del worker.jobs[job_id]
                 if not worker.draining:
                     self.tokens.append(worker)
                 self.finish(job_id, status, data, error)
@@ -288,11 +305,11 @@ class Broker:
         if old is not None:
             why = (f"worker {self.node.name}#{old.slot} (pid {old.pid}) went away: "
                    f"{ready.reason or 'it registered again'}")
+            if ready.replaces == old.pid:
+                self.requeue(old, never_started(old, ready))
             if ready.job in old.jobs and ready.job_status:
-                old.jobs.discard(ready.job)
+                del old.jobs[ready.job]
                 self.finish(ready.job, ready.job_status, error=why)
-            if ready.replaces == old.pid and ready.served == old.replied:
-                self.requeue(old, old.jobs - {ready.job})
             self.remove_worker(old, why)
         worker = Worker(identity, ready, now)
         self.workers[identity] = worker
@@ -300,19 +317,15 @@ class Broker:
         self.tokens.extend([worker] * worker.credits)
         log.debug("%s ready with %d credits", worker, worker.credits)
 
-    def requeue(self, worker: Worker, job_ids: set[bytes]) -> None:
-        """Give a dead worker's never-started requests to the others, in order.
-
-        Safe only when every reply the dead worker sent has arrived (its
-        served count matches ours): then all it held but the one it was
-        running had not started, and cannot have had side effects."""
-        for job_id in sorted(job_ids, key=lambda j: int(j, 16), reverse=True):
+    def requeue(self, worker: Worker, job_ids: list[bytes]) -> None:
+        """Give a dead worker's never-started requests to the others, first in line."""
+        for job_id in reversed(job_ids):
+            worker.jobs.pop(job_id, None)
             job = self.jobs.get(job_id)
             if job is not None:
                 job.worker = None
                 self.queue[job_id] = job
                 self.queue.move_to_end(job_id, last=False)
-        worker.jobs -= job_ids
 
     def remove_worker(self, worker: Worker, why: str) -> None:
         """Forget a worker; what it held is answered ``killed``, never retried."""
@@ -336,7 +349,7 @@ class Broker:
                 continue
             job_id, job = queue.popitem(last=False)
             job.worker = worker
-            worker.jobs.add(job_id)
+            worker.jobs[job_id] = None
             p.send_frames(self.back, p.job_frames(worker.identity, job_id, job.deadline - now,
                                                   job.meta, job.data))
 
@@ -355,7 +368,7 @@ class Broker:
                 # work, so what waits behind the request can be requeued.
                 if job.worker is not None:
                     job.worker.draining = True
-                    job.worker.jobs.discard(job_id)
+                    job.worker.jobs.pop(job_id, None)
                 self.finish(job_id, p.TIMEOUT,
                             error=f"node {self.node.name}: no reply within the request's "
                                   "deadline (broker.request_timeout or the request's timeout)")

@@ -239,10 +239,14 @@ class Pool:
         """Kill workers whose request ran past its wall deadline or CPU budget."""
         now = time.monotonic()
         for pid, slot in list(self.pids.items()):
-            wpid, state, kill_at, _, job = self.slots.read(slot)
+            record = self.slots.read(slot)
+            wpid, state, kill_at, _, job = record
             if state != BUSY or wpid != pid or pid in self.kill_reasons:
                 continue
-            if now > kill_at:
+            # The worker rewrites its record every request and a read can catch it
+            # half written (BUSY with the idle record's kill_at 0): act on a record
+            # only when a second read finds it whole and the same.
+            if now > kill_at and kill_at > 0 and self.slots.read(slot) == record:
                 self.kill(pid, "request ran past its deadline (wall limit "
                                f"{self.profile.wall_seconds:g} s or the request timeout)",
                           p.TIMEOUT)
