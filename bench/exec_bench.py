@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,17 +28,13 @@ import zmq
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from common import free_port, pct  # noqa: E402
 
 from broker import protocol as p  # noqa: E402
 from broker.client import BrokerUnavailable, Client  # noqa: E402
 
 PAYLOAD = b"x" * 100   # with the meta, ~132 bytes on the wire like the design's floors
 IN_FLIGHT = 64
-
-
-def pct(samples: list[float], q: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def row(name: str, lat_us: list[float], rate: float) -> str:
@@ -174,13 +169,6 @@ data_dir = "var"
     return config
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Node:
     """`srw serve` on a temporary config, ready when all workers registered."""
 
@@ -252,7 +240,7 @@ def bench_memory(tmp: Path, workers: int) -> None:
                 r = c.exec("", code="__return_data = str(len(big) + len(table))")
                 assert r.ok, r
         pool, workers_ps = node.processes()
-        print(f"\nmemory: python.init holding ~100 MB; after 1,000 requests")
+        print("\nmemory: python.init holding ~100 MB; after 1,000 requests")
         print(f"  pool parent RSS {pool.memory_info().rss / 2**20:8.1f} MB")
         for w in workers_ps:
             info = w.memory_full_info()

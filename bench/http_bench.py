@@ -31,16 +31,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from common import free_port, wait_for  # noqa: E402
 
 DATA = b"this is some data in POST request"
 REPLY = b"its nothing I can do for you without cookies: this is some data in POST request"
 IN_FLIGHT = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(root: Path, workers: int, log_level: str) -> Path:
@@ -141,13 +136,6 @@ def summary(label: str, seconds: float, result) -> tuple[str, float]:
 
 
 # Processes ----------------------------------------------------------------------
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"bench: {what} not ready within {timeout:.0f} s")
-        time.sleep(0.05)
 
 
 def accepting(listen: str) -> bool:

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from common import free_port  # noqa: E402
 
 from broker.client import AsyncClient, BrokerUnavailable, Client  # noqa: E402
 
@@ -53,12 +53,6 @@ for _ in range(200):
 times.sort()
 __return_data = "%.1f %.1f" % (times[100] * 1e6, times[197] * 1e6)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Node:

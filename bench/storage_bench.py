@@ -23,7 +23,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,26 +33,13 @@ import redis
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from common import free_port, wait_for  # noqa: E402
 
 from storage import protocol as sp  # noqa: E402
 from storage.client import Session, StorageClient, storage_ready  # noqa: E402
 from storage.ring import key_id  # noqa: E402
 
 IN_FLIGHT = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"bench: {what} did not start within {timeout:.0f} s")
-        time.sleep(0.05)
 
 
 class Started:

@@ -9,7 +9,6 @@ process it ever saw in the tree.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import subprocess

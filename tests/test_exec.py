@@ -6,7 +6,6 @@ import os
 import signal
 import time
 
-import pytest
 
 from broker.client import AsyncClient
 

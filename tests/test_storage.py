@@ -15,11 +15,11 @@ from broker import protocol as bp
 from broker.client import AsyncClient, Client
 from libelliptics_python import elliptics_log_file
 from storage import protocol as sp
-from storage.client import NotFound, Session, StorageClient
+from storage.client import NotFound, Session
 from storage.ring import id_hex, key_id
 from storage.store import Store
 
-from conftest import kill_tree, set_node_keys, wait_storage, wait_until
+from conftest import kill_tree, set_node_keys, wait_storage
 
 POST_INIT = """\
 import sys
