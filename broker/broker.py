@@ -2,9 +2,9 @@
 
     clients (DEALER) --> [front ROUTER]  Broker  [back ROUTER] <-- workers (DEALER)
 
-Dispatch is credit based: a READY worker announces N credits and the broker
-keeps one token per free credit in a round-robin deque, so up to N requests
-wait at each worker and none sits idle during a round trip.  Requests beyond
+Dispatch is credit based: a READY worker announces N credits, so up to N
+requests wait at each worker and none sits idle during a round trip; each
+request goes to the worker holding the fewest.  Requests beyond
 the credits wait in a bounded queue (full -> ``busy``).  Every request gets
 exactly one reply: the worker's, ``timeout`` at its deadline, ``killed`` when
 its worker died (learned from the replacement's READY, or from a missed
@@ -86,7 +86,6 @@ class Broker:
         self.back = self._bind(zmq.ROUTER, node.workers_endpoint)
         self.workers: dict[bytes, Worker] = {}
         self.by_slot: dict[int, Worker] = {}
-        self.tokens: collections.deque[Worker] = collections.deque()
         self.queue: collections.OrderedDict[bytes, Job] = collections.OrderedDict()
         # Per-id locks: an exec with an id runs alone for that id on this node; the
         # execs that come while it runs wait here in order (id -> their job ids).
@@ -280,8 +279,6 @@ class Broker:
             worker.replied += 1
             if job_id in worker.jobs:
                 del worker.jobs[job_id]
-                if not worker.draining:
-                    self.tokens.append(worker)
                 self.finish(job_id, status, data, error)
             if worker.draining and not worker.jobs:
                 self.back.send_multipart([identity, p.BYE], zmq.NOBLOCK)
@@ -314,7 +311,6 @@ class Broker:
         worker = Worker(identity, ready, now)
         self.workers[identity] = worker
         self.by_slot[ready.slot] = worker
-        self.tokens.extend([worker] * worker.credits)
         log.debug("%s ready with %d credits", worker, worker.credits)
 
     def requeue(self, worker: Worker, job_ids: list[bytes]) -> None:
@@ -337,16 +333,25 @@ class Broker:
         for job_id in list(worker.jobs):
             self.finish(job_id, p.KILLED, error=why)
         worker.jobs.clear()
-        worker.draining = True  # its tokens in the deque are now stale
+        worker.draining = True  # in case something still holds it: give it nothing
 
     # Dispatch and timers --------------------------------------------------------
 
     def dispatch(self, now: float) -> None:
-        queue, tokens, workers = self.queue, self.tokens, self.workers
-        while queue and tokens:
-            worker = tokens.popleft()
-            if worker.draining or workers.get(worker.identity) is not worker:
-                continue
+        """Each waiting request to the worker holding the fewest, within its credits.
+
+        Joining the shortest queue keeps requests off a worker stuck in a slow
+        script while another has room; a scan is cheap for a pool's size."""
+        queue = self.queue
+        while queue:
+            worker, load = None, None
+            for candidate in self.workers.values():
+                held = len(candidate.jobs)
+                if held < candidate.credits and not candidate.draining and \
+                        (load is None or held < load):
+                    worker, load = candidate, held
+            if worker is None:
+                return
             job_id, job = queue.popitem(last=False)
             job.worker = worker
             worker.jobs[job_id] = None

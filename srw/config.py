@@ -26,7 +26,7 @@ class PoolSettings:
     history_dir: str = "history"
     profile: str = "default"
     max_requests: int = 100_000
-    credits: int = 4  # requests queued at a worker; hides the broker round trip
+    credits: int = 16  # requests queued at a worker; hides the broker round trip
 
 
 @dataclass(frozen=True)
