@@ -21,7 +21,7 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	        wget redis-server libseccomp2 >/dev/null; fi
 
-serve: $(STAMP)
+serve: system-deps $(STAMP)
 	$(VENV)/bin/srw serve --config config.toml
 
 test: system-deps $(STAMP)

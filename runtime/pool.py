@@ -30,6 +30,7 @@ import setproctitle
 
 from broker import protocol as p
 from srw.config import Config, ConfigError, NodeSettings
+from srw.serve import EXIT_REFUSED  # python.init failed, bad profile, workers die at boot
 
 from . import profile as profiles
 from .executor import Executor
@@ -40,7 +41,6 @@ from .worker import Predecessor, Worker
 
 log = logging.getLogger("srw.pool")
 
-EXIT_REFUSED = 3       # python.init failed, bad profile, workers die at boot
 EXIT_WORKER_BOOT = 4   # a worker's own exit status when it cannot start
 MAX_BOOT_FAILURES = 3
 TICK = 0.05            # watchdog period, seconds

@@ -10,6 +10,7 @@ import sys
 
 from srw import config as cfg
 from srw import logs
+from srw.serve import EXIT_REFUSED
 
 EXAMPLES = """examples:
   srw serve                                   start the nodes of ./config.toml
@@ -217,7 +218,7 @@ def cmd_status(config: cfg.Config, args) -> int:
     return 1 if any("error" in n for n in nodes) else 0
 
 
-def _supervised(process: str) -> None:
+def _supervised() -> None:
     """Started by `srw serve`: die with it, never outlive it."""
     supervisor = os.environ.get("SRW_SUPERVISOR_PID")
     if supervisor:
@@ -233,7 +234,7 @@ def cmd_broker(config: cfg.Config, args) -> int:
     node = config.node(args.node)
     setproctitle.setproctitle(f"srw: broker {node.name}")
     logs.setup(config.log, f"broker {node.name}")
-    _supervised("broker")
+    _supervised()
     os.makedirs(node.data_dir, exist_ok=True)
     Broker(config, node).run()
     return 0
@@ -243,14 +244,14 @@ def cmd_pool(config: cfg.Config, args) -> int:
     from runtime import pool
     node = config.node(args.node)
     logs.setup(config.log, f"pool {node.name}")
-    _supervised("pool")
+    _supervised()
     # Where python.init's storage handles find the cluster (storage.handle).
     os.environ["SRW_CONFIG"] = str(config.path)
     try:
         return pool.main(config, args.node)
     except cfg.ConfigError as exc:
         print(f"srw: node {node.name} refuses to start: {exc}", file=sys.stderr)
-        return pool.EXIT_REFUSED
+        return EXIT_REFUSED
 
 
 def cmd_proxy(config: cfg.Config, args) -> int:
@@ -259,11 +260,8 @@ def cmd_proxy(config: cfg.Config, args) -> int:
     from proxy.app import make_app
     from proxy.server import run
     logs.setup(config.log, "proxy")
-    _supervised("proxy")
+    _supervised()
     return run(make_app(config), config.proxy.listen)
-
-
-EXIT_REFUSED = 3  # as the pool's: `srw serve` stops with the reason instead of restarting
 
 
 def cmd_storage(config: cfg.Config, args) -> int:
@@ -272,7 +270,7 @@ def cmd_storage(config: cfg.Config, args) -> int:
     node = config.node(args.node)
     setproctitle.setproctitle(f"srw: storage {node.name}")
     logs.setup(config.log, f"storage {node.name}")
-    _supervised("storage")
+    _supervised()
     try:
         os.makedirs(node.data_dir, exist_ok=True)
         storage = StorageNode(config, node)

@@ -28,7 +28,7 @@ from storage.client import storage_ready
 
 log = logging.getLogger("srw.serve")
 
-EXIT_REFUSED = 3
+EXIT_REFUSED = 3  # a child that refuses to start (python.init, profile, store): stop all
 MAX_RESTARTS = 5          # per child, within RESTART_WINDOW
 RESTART_WINDOW = 60.0
 READY_TIMEOUT = 60.0
