@@ -275,11 +275,11 @@ class Broker:
             return
         worker.last_seen = now
         if cmd == p.REPLY:
-            job_id, status, data, error = p.parse_worker_reply(frames)
-            worker.replied += 1
-            if job_id in worker.jobs:
-                del worker.jobs[job_id]
-                self.finish(job_id, status, data, error)
+            for job_id, status, data, error in p.parse_replies(frames):
+                worker.replied += 1
+                if job_id in worker.jobs:
+                    del worker.jobs[job_id]
+                    self.finish(job_id, status, data, error)
             if worker.draining and not worker.jobs:
                 self.back.send_multipart([identity, p.BYE], zmq.NOBLOCK)
         elif cmd == p.DRAIN:
@@ -341,8 +341,10 @@ class Broker:
         """Each waiting request to the worker holding the fewest, within its credits.
 
         Joining the shortest queue keeps requests off a worker stuck in a slow
-        script while another has room; a scan is cheap for a pool's size."""
+        script while another has room; a scan is cheap for a pool's size.
+        Each worker gets what it was given in one message."""
         queue = self.queue
+        batches: dict[Worker, list[list]] = {}
         while queue:
             worker, load = None, None
             for candidate in self.workers.values():
@@ -351,12 +353,18 @@ class Broker:
                         (load is None or held < load):
                     worker, load = candidate, held
             if worker is None:
-                return
+                break
             job_id, job = queue.popitem(last=False)
             job.worker = worker
             worker.jobs[job_id] = None
-            p.send_frames(self.back, p.job_frames(worker.identity, job_id, job.deadline - now,
-                                                  job.meta, job.data))
+            entry = p.job_entry(job_id, job.deadline - now, job.meta, job.data)
+            batch = batches.get(worker)
+            if batch is None:
+                batches[worker] = [entry]
+            else:
+                batch.append(entry)
+        for worker, batch in batches.items():
+            p.send_frames(self.back, p.jobs_frames(worker.identity, batch))
 
     def expire_jobs(self, now: float) -> None:
         while self.deadlines and self.deadlines[0][0] <= now:

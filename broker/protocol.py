@@ -1,7 +1,10 @@
 """Wire messages between clients, the broker and workers: defined here, once.
 
 Few frames per message: each ZeroMQ frame costs ~3 us to send and receive in
-Python, more than packing a small msgpack header.
+Python, more than packing a small msgpack header.  Between the broker and a
+worker, one message carries every request (and every reply) ready at that
+moment: under load that is several per message, and each message costs the
+sender, the receiver and both I/O threads a wake-up.
 
 Front (client DEALER -> broker ROUTER; the ROUTER adds the client identity)::
 
@@ -19,11 +22,11 @@ Back (worker DEALER, identity "node#slot:pid" -> broker ROUTER)::
     worker -> broker  [READY, meta]           meta msgpack {"slot", "pid", "credits",
                                                 "replaces", "reason", "restarts",
                                                 "job", "job_status", "served"}
-                      [REPLY, header, data]   header msgpack [job, status, error]
+                      [REPLY, replies]        msgpack [[job, status, error, data], ...]
                       [HEARTBEAT]             sent while idle
                       [DRAIN]                 "give me no more work" (recycle, stop)
-    broker -> worker  [REQUEST, header, data] header msgpack [job, budget, name, code,
-                                                cookie]; budget: seconds left
+    broker -> worker  [REQUEST, jobs]         msgpack [[job, budget, name, code, cookie,
+                                                data], ...]; budget: seconds left
                       [HEARTBEAT]
                       [REREGISTER]            "I do not know you": answer with READY
                       [BYE]                   drained: the worker may exit
@@ -242,34 +245,46 @@ class Ready:
         return ready
 
 
-def job_frames(worker: bytes, job: bytes, budget: float, meta: ExecMeta,
-               data: bytes) -> list[bytes]:
-    return [worker, REQUEST, pack([job, budget, meta.name, meta.code, meta.cookie]), data]
+def job_entry(job: bytes, budget: float, meta: ExecMeta, data: bytes) -> list:
+    return [job, budget, meta.name, meta.code, meta.cookie, data]
 
 
-def worker_reply_frames(job: bytes, status: str, data: bytes, error: str) -> list[bytes]:
-    return [REPLY, pack([job, status, error]), data]
+def jobs_frames(worker: bytes, entries: list[list]) -> list[bytes]:
+    """Broker side: one REQUEST message carrying `job_entry` lists."""
+    return [worker, REQUEST, pack(entries)]
 
 
-def parse_worker_reply(frames: list[bytes]) -> tuple[bytes, str, bytes, str]:
-    """Broker side: [identity, REPLY, header, data] -> (job, status, data, error)."""
-    if len(frames) != 4:
-        raise ProtocolError("REPLY must have 2 frames after the command")
-    header = _unpack_list(frames[2])
-    if len(header) != 3 or header[1] not in _STATUS_SET or not isinstance(header[2], str):
-        raise ProtocolError("bad REPLY header")
-    return header[0], header[1], frames[3], header[2]
+def parse_jobs(frames: list[bytes]) -> list[tuple[bytes, float, ExecMeta, bytes]]:
+    """Worker side: [REQUEST, jobs] -> [(job, budget, meta, data), ...]."""
+    if len(frames) != 2:
+        raise ProtocolError("REQUEST must have 1 frame after the command")
+    jobs = []
+    for entry in _unpack_list(frames[1]):
+        if not (isinstance(entry, tuple) and len(entry) == 6 and isinstance(entry[5], bytes)):
+            raise ProtocolError("bad REQUEST entry")
+        job, budget, name, code, cookie, data = entry
+        jobs.append((job, float(budget), ExecMeta(name, code, cookie), data))
+    return jobs
 
 
-def parse_job(frames: list[bytes]) -> tuple[bytes, float, ExecMeta, bytes]:
-    """Worker side: [REQUEST, header, data] -> (job, budget, meta, data)."""
+def replies_frames(replies: list[list]) -> list[bytes]:
+    """Worker side: one REPLY message carrying [job, status, error, data] lists."""
+    return [REPLY, pack(replies)]
+
+
+def parse_replies(frames: list[bytes]) -> list[tuple[bytes, str, bytes, str]]:
+    """Broker side: [identity, REPLY, replies] -> [(job, status, data, error), ...]."""
     if len(frames) != 3:
-        raise ProtocolError("REQUEST must have 2 frames after the command")
-    header = _unpack_list(frames[1])
-    if len(header) != 5:
-        raise ProtocolError("bad REQUEST header")
-    job, budget, name, code, cookie = header
-    return job, float(budget), ExecMeta(name, code, cookie), frames[2]
+        raise ProtocolError("REPLY must have 1 frame after the command")
+    replies = []
+    for entry in _unpack_list(frames[2]):
+        if not (isinstance(entry, tuple) and len(entry) == 4 and isinstance(entry[0], bytes)
+                and isinstance(entry[1], str) and entry[1] in _STATUS_SET
+                and isinstance(entry[2], str) and isinstance(entry[3], bytes)):
+            raise ProtocolError("bad REPLY entry")
+        job, status, error, data = entry
+        replies.append((job, status, data, error))
+    return replies
 
 
 # Transport ------------------------------------------------------------------

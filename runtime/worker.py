@@ -12,6 +12,7 @@ it sends DRAIN, finishes what the broker already gave it, and exits on BYE.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -46,6 +47,7 @@ class Predecessor:
 
 
 FORK_BACKSTOP = 2.0  # fork isolation: the pool kills the worker only if it misses its own deadline
+FLUSH_AFTER = 0.0005  # seconds a finished reply may wait for the rest of its batch
 
 
 class Worker:
@@ -61,7 +63,11 @@ class Worker:
         self.endpoint = node.workers_endpoint  # read as root: the name depends on who asks
         self.hb_interval = config.broker.heartbeat_interval
         self.silence_limit = self.hb_interval * config.broker.liveness
-        self.served = 0
+        self.served = 0  # requests run, replied or not: the broker reads it after a death
+        self.jobs: collections.deque = collections.deque()  # received, not yet run
+        self.replies: list[list] = []  # finished, not yet sent
+        self.first_reply = 0.0
+        self.state = ""  # the title's last word(s)
         self.stop_requested = False
         self.draining = False
         self.drain_deadline = 0.0
@@ -72,7 +78,7 @@ class Worker:
     def run(self) -> None:
         """Serve until drained; the caller leaves the process with os._exit()."""
         self._restore_signals()
-        setproctitle.setproctitle(f"{self.title} idle")
+        self._title("idle")
         logs.retag(f"worker {self.node.name}#{self.slot}")
         self.executor.scripts.open_dir()
         self.sandbox.enter_worker(self.slot)
@@ -90,17 +96,21 @@ class Worker:
         last_heard = next_hb = time.monotonic()
         wait_ms = int(self.hb_interval * 1000)
         while not self.done:
-            # Requests usually wait in the socket (credits): poll only when none does.
-            if p.readable(self.sock) or self.sock.poll(wait_ms):
-                frames = p.recv_frames(self.sock)
+            if self.jobs:
+                self.run_next()
+                # A request kept us from listening, not the broker from talking:
+                # what it sent meanwhile is queued, so count silence from here.
                 last_heard = time.monotonic()
-                handler = handlers.get(frames[0])
-                if handler is None:
-                    log.warning("%s: unknown command %r from broker", self.title, frames[0][:16])
-                else:
-                    handler(frames)
-                    # A long request kept us from listening, not the broker from talking:
-                    # what it sent meanwhile is queued, so count silence from here.
+            else:
+                self.flush()
+                frames = self._next_message(wait_ms)
+                if frames is not None:
+                    handler = handlers.get(frames[0])
+                    if handler is None:
+                        log.warning("%s: unknown command %r from broker", self.title,
+                                    frames[0][:16])
+                    else:
+                        handler(frames)
                     last_heard = time.monotonic()
             now = time.monotonic()
             if now >= next_hb:
@@ -112,8 +122,24 @@ class Worker:
                 self.register()
                 last_heard = now
             self._maybe_drain(now)
+        self.flush()
         self.sock.close(linger=1000)
         self.ctx.term()
+
+    def _next_message(self, wait_ms: int) -> list[bytes] | None:
+        # Requests usually wait in the socket (credits): poll only when none does.
+        if not p.readable(self.sock):
+            self._title("idle")
+            if not self.sock.poll(wait_ms):
+                return None
+        return p.recv_frames(self.sock)
+
+    def _title(self, state: str) -> None:
+        # setproctitle costs a system call: only on a change, and "idle" only
+        # when the worker is about to wait.
+        if state != self.state:
+            self.state = state
+            setproctitle.setproctitle(f"{self.title} {state}")
 
     def _connect(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -153,31 +179,56 @@ class Worker:
     # Commands from the broker ------------------------------------------------
 
     def on_request(self, frames: list[bytes]) -> None:
-        started = time.perf_counter()
+        """Take the jobs of a REQUEST; they run one by one, in the order sent."""
+        received = time.monotonic()
         try:
-            job, budget, meta, data = p.parse_job(frames)
+            jobs = p.parse_jobs(frames)
         except p.ProtocolError as exc:
             log.warning("%s: bad REQUEST from broker: %s", self.title, exc)
             return
-        deadline = time.monotonic() + min(budget, self.profile.wall_seconds)
-        backstop = FORK_BACKSTOP if self.profile.isolation == "fork" else 0.0
-        self.slots.busy(self.slot, self.pid, deadline + backstop, self.served, job)
+        for job, budget, meta, data in jobs:
+            self.jobs.append((job, received + budget, meta, data))
+
+    def run_next(self) -> None:
+        job, deadline, meta, data = self.jobs.popleft()
+        started = time.perf_counter()
+        now = time.monotonic()
         shown = meta.name if NAME_RE.fullmatch(meta.name) else "<content>" if not meta.name \
             else "<bad name>"
-        setproctitle.setproctitle(f"{self.title} busy {shown}")
-        status, out, error = self.runner.run(meta.name, meta.code, data, meta.cookie, deadline)
-        p.send_frames(self.sock, p.worker_reply_frames(job, status, out, error))
+        if now >= deadline:  # the broker has answered it already
+            status, out, error = p.TIMEOUT, b"", "the request's deadline passed before it started"
+        else:
+            deadline = min(deadline, now + self.profile.wall_seconds)
+            backstop = FORK_BACKSTOP if self.profile.isolation == "fork" else 0.0
+            self.slots.busy(self.slot, self.pid, deadline + backstop, self.served, job)
+            self._title(f"busy {shown}")
+            status, out, error = self.runner.run(meta.name, meta.code, data, meta.cookie,
+                                                 deadline)
         self.served += 1
         self.slots.idle(self.slot, self.pid, self.served)
+        self.reply(job, status, out, error)
         self._restore_signals()  # a script in copy isolation may have changed them
         recycle = self.runner.after()
         if recycle and not self.stop_requested:
             log.warning("%s: %s; recycling this worker", self.title, recycle)
             self.stop_requested = True
-        setproctitle.setproctitle(f"{self.title} idle")
         if log.isEnabledFor(logging.INFO):
             log.info("exec %s %d B -> %d B %s %d us", shown, len(data),
                      len(out), status, (time.perf_counter() - started) * 1e6)
+
+    def reply(self, job: bytes, status: str, out: bytes, error: str) -> None:
+        """Replies of one batch go back together, unless the first has waited
+        FLUSH_AFTER: then a slow request never holds up the answers before it."""
+        if not self.replies:
+            self.first_reply = time.monotonic()
+        self.replies.append([job, status, error, out])
+        if not self.jobs or time.monotonic() - self.first_reply >= FLUSH_AFTER:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.replies:
+            p.send_frames(self.sock, p.replies_frames(self.replies))
+            self.replies = []
 
     def on_heartbeat(self, frames: list[bytes]) -> None:
         pass  # receipt alone proves the broker is alive

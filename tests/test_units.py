@@ -129,3 +129,19 @@ def test_reply_round_trip():
     assert rid == b"rid"
     assert result == p.Result("n1", 2, "timeout", b"d", "late")
     assert p.Result("n", 1, "ok", b"\xff").to_json()["data_base64"] == "/w=="
+
+
+def test_back_messages_carry_batches_and_refuse_bad_entries():
+    meta = p.ExecMeta(name="a.py", code="x = 1", cookie="c")
+    frames = p.jobs_frames(b"w", [p.job_entry(b"j1", 2.5, meta, b"d1"),
+                                  p.job_entry(b"j2", 1.0, meta, b"")])
+    assert p.parse_jobs(frames[1:]) == [(b"j1", 2.5, meta, b"d1"), (b"j2", 1.0, meta, b"")]
+    replies = p.replies_frames([[b"j1", p.OK, "", b"out"], [b"j2", p.TIMEOUT, "late", b""]])
+    assert p.parse_replies([b"w", *replies]) == [(b"j1", "ok", b"out", ""),
+                                                  (b"j2", "timeout", b"", "late")]
+    for entries in ([[b"j", "nonsense", "", b""]], [[b"j", {}, "", b""]],
+                    [[{}, "ok", "", b""]], [[b"j", "ok", "", "not bytes"]], {"j": 1}, [1]):
+        with pytest.raises(p.ProtocolError):
+            p.parse_replies([b"w", p.REPLY, msgpack.packb(entries)])
+    with pytest.raises(p.ProtocolError):
+        p.parse_jobs([p.REQUEST, msgpack.packb([[b"j", 1.0, "", "", ""]])])
