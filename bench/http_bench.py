@@ -71,7 +71,7 @@ def bare_server(listen: str, config_path: str) -> int:
     from proxy.server import run
     from srw import config as cfg
     from srw import logs
-    logs.setup(cfg.load(config_path).log, "bare")
+    logs.setup(cfg.load(config_path).log, "bare", buffered=True)
 
     async def constant(request: web.Request) -> web.Response:
         await request.read()

@@ -22,6 +22,7 @@ import time
 import zmq
 
 from . import protocol as p
+from srw import logs
 from srw.config import Config, NodeSettings
 
 log = logging.getLogger("srw.broker")
@@ -132,6 +133,7 @@ class Broker:
                  self.node.broker, self.node.workers_endpoint)
         drain_until = None
         while True:
+            logs.flush()  # buffered lines go out before the broker waits
             events = dict(poller.poll(self._poll_timeout_ms()))
             if wake_r in events:
                 os.read(wake_r, 512)
@@ -167,9 +169,10 @@ class Broker:
 
     def read_clients(self) -> None:
         for _ in range(1000):
-            if not p.readable(self.front):
+            frames = p.recv_frames_nowait(self.front)
+            if frames is None:
                 return
-            self.on_client(p.recv_frames(self.front))
+            self.on_client(frames)
 
     def on_client(self, frames: list[bytes]) -> None:
         try:
@@ -251,9 +254,9 @@ class Broker:
 
     def read_workers(self) -> None:
         for _ in range(1000):
-            if not p.readable(self.back):
+            frames = p.recv_frames_nowait(self.back)
+            if frames is None:
                 return
-            frames = p.recv_frames(self.back)
             try:
                 self.on_worker(frames)
             except p.ProtocolError as exc:

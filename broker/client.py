@@ -9,12 +9,12 @@ anything the node answered (per-node statuses are data) and raise
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import time
 
 import zmq
-import zmq.asyncio
 
 from . import protocol as p
 from .protocol import Result
@@ -24,6 +24,7 @@ __all__ = ["Client", "AsyncClient", "Result", "BrokerUnavailable"]
 GRACE = 2.0             # how much longer than the request's deadline a client waits
 DEFAULT_WAIT = 60.0     # when the request carries no timeout the broker's applies
 CONNECT_WAIT = 1.0      # how long a send waits for a connection to the broker
+SEND_RETRY = 0.005      # seconds between an AsyncClient's tries while it waits
 
 
 class BrokerUnavailable(ConnectionError):
@@ -143,9 +144,9 @@ class Client(_Base):
 
     def _drain(self) -> None:
         """Keep every waiting reply to an outstanding request, without blocking."""
-        while p.readable(self._sock):
+        while (frames := p.recv_frames_nowait(self._sock)) is not None:
             try:
-                got, result = p.parse_reply(p.recv_frames(self._sock))
+                got, result = p.parse_reply(frames)
             except p.ProtocolError:
                 continue
             if got in self._outstanding:
@@ -194,14 +195,22 @@ def gather(calls: list[tuple[Client, bytes, float]]) -> list[Result | BrokerUnav
 
 
 class AsyncClient(_Base):
-    """asyncio client; many ``await client.exec(...)`` in flight on one socket."""
+    """asyncio client; many ``await client.exec(...)`` in flight on one socket.
+
+    Requests made in one turn of the event loop are sent together at its end:
+    the broker then takes them in one wake-up and hands each worker its share
+    in one message, which is what keeps a busy node's cost per request low.
+    Replies are read by a reader callback on the socket's file descriptor,
+    without a task or a future per wake-up."""
 
     def __init__(self, endpoint: str, timeout: float | None = None,
-                 ctx: zmq.asyncio.Context | None = None):
+                 ctx: zmq.Context | None = None):
         super().__init__(endpoint, timeout)
-        self._sock = _socket(ctx or zmq.asyncio.Context.instance(), endpoint)
+        self._sock = _socket(ctx or zmq.Context.instance(), endpoint)
         self._pending: dict[bytes, asyncio.Future] = {}
-        self._reader: asyncio.Task | None = None
+        self._outbox: collections.deque[tuple[bytes, list]] = collections.deque()
+        self._backlog: asyncio.Task | None = None  # sends waiting for a connection
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def exec(self, name: str = "", data: bytes = b"", code: str = "",
                    timeout: float | None = None, cookie: str = "",
@@ -216,42 +225,79 @@ class AsyncClient(_Base):
 
     async def _request(self, rid: bytes, frames: list, wait: float) -> Result:
         loop = asyncio.get_running_loop()
-        if self._reader is None:
-            self._reader = loop.create_task(self._read_replies())
+        if loop is not self._loop:
+            self._attach(loop)
         future = loop.create_future()
         self._pending[rid] = future
         # A timer handle is much cheaper than asyncio.wait_for's wrapper per request.
         timer = loop.call_later(wait, self._expire, rid, wait)
+        if not self._outbox:
+            loop.call_soon(self._flush)
+        self._outbox.append((rid, frames))
         try:
-            try:  # the hot path: a synchronous, non-blocking send
-                p.send_frames(self._sock, frames, noblock=True)
-            except zmq.Again:
-                if not await self._sock.poll(int(CONNECT_WAIT * 1000), zmq.POLLOUT):
-                    raise self._unreachable() from None
-                p.send_frames(self._sock, frames, noblock=True)
-            # A ZeroMQ socket's fd is edge-triggered and our send may have taken
-            # the edge of replies that came meanwhile: collect them now.
-            self._take_replies()
             return await future
         finally:
             timer.cancel()
             self._pending.pop(rid, None)
+
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read replies in `loop` (the first one used, or a new one after it closed)."""
+        fd = self._sock.getsockopt(zmq.FD)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(fd)
+        self._loop = loop
+        loop.add_reader(fd, self._take_replies)
+
+    def _flush(self) -> None:
+        """Send the outbox with synchronous, non-blocking sends (the hot path)."""
+        outbox = self._outbox
+        while outbox and self._backlog is None:
+            rid, frames = outbox[0]
+            if rid in self._pending:  # its caller may have given up meanwhile
+                try:
+                    p.send_frames(self._sock, frames, noblock=True)
+                except zmq.Again:  # no connection yet (IMMEDIATE) or a full queue
+                    self._backlog = self._loop.create_task(self._send_backlog())
+                    break
+            outbox.popleft()
+        # The socket's fd only signals a change, and our sends may have taken
+        # the signal of replies that came meanwhile: collect them now.
+        self._take_replies()
+
+    async def _send_backlog(self) -> None:
+        """Retry the outbox for up to CONNECT_WAIT, then fail what is left."""
+        give_up = time.monotonic() + CONNECT_WAIT
+        try:
+            while self._outbox:
+                rid, frames = self._outbox[0]
+                if rid in self._pending:
+                    try:
+                        p.send_frames(self._sock, frames, noblock=True)
+                    except zmq.Again:
+                        if time.monotonic() < give_up:
+                            await asyncio.sleep(SEND_RETRY)
+                            continue
+                        for rid, _ in self._outbox:
+                            future = self._pending.get(rid)
+                            if future is not None and not future.done():
+                                future.set_exception(self._unreachable())
+                        self._outbox.clear()
+                        return
+                self._outbox.popleft()
+        finally:
+            self._backlog = None
+        self._take_replies()
 
     def _expire(self, rid: bytes, wait: float) -> None:
         future = self._pending.get(rid)
         if future is not None and not future.done():
             future.set_exception(self._unavailable(wait))
 
-    async def _read_replies(self) -> None:
-        while True:
-            await self._sock.poll(None, zmq.POLLIN)
-            self._take_replies()
-
     def _take_replies(self) -> None:
         """Every reply waiting on the socket, synchronously, to its caller."""
-        while p.readable(self._sock):
+        while (frames := p.recv_frames_nowait(self._sock)) is not None:
             try:
-                rid, result = p.parse_reply(p.recv_frames(self._sock))
+                rid, result = p.parse_reply(frames)
             except p.ProtocolError:
                 continue
             future = self._pending.get(rid)
@@ -259,12 +305,10 @@ class AsyncClient(_Base):
                 future.set_result(result)
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, zmq.ZMQError):
-                pass
+        if self._backlog is not None:
+            self._backlog.cancel()
+        if self._loop is not None and not self._sock.closed:
+            self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
         self._sock.close()
 
     async def __aenter__(self):

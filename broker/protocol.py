@@ -291,7 +291,8 @@ def parse_replies(frames: list[bytes]) -> list[tuple[bytes, str, bytes, str]]:
 # pyzmq's send_multipart/recv_multipart spend half their time building enum
 # flags; with plain ints a multipart round trip costs ~4.5 us instead of ~8.
 
-# For blocking (not asyncio) sockets only: these call the Cython socket directly.
+# These call the Cython socket directly; on an asyncio socket use them only
+# where they cannot block (noblock sends, recv after `readable`, recv_frames_nowait).
 
 _SNDMORE, _RCVMORE, _NOBLOCK, _EVENTS, _POLLIN = 2, 13, 1, 15, 1
 _send, _recv, _get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
@@ -307,6 +308,19 @@ def send_frames(sock, frames: list[bytes], noblock: bool = False) -> None:
 def recv_frames(sock) -> list[bytes]:
     """One whole message; blocks unless `readable(sock)` said one is waiting."""
     frames = [_recv(sock)]
+    while _get(sock, _RCVMORE):
+        frames.append(_recv(sock))
+    return frames
+
+
+def recv_frames_nowait(sock) -> list[bytes] | None:
+    """One whole message, or None if none waits.  Draining a socket this way costs
+    one system call at the end; `readable` costs one per message (ZMQ_EVENTS
+    polls the socket's mailbox each time)."""
+    try:
+        frames = [_recv(sock, _NOBLOCK)]
+    except zmq.Again:
+        return None
     while _get(sock, _RCVMORE):
         frames.append(_recv(sock))
     return frames

@@ -17,6 +17,8 @@ import sys
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from srw import logs
+
 MAX_LINE = 64 * 1024      # request line: a 10 kB script name gets our own 400, not the parser's
 SHUTDOWN_GRACE = 3.0      # seconds for requests in flight at SIGTERM
 BACKLOG = 1024
@@ -61,9 +63,19 @@ async def serve(app: web.Application, listen: str, ready=None) -> None:
             loop.add_signal_handler(sig, stop.set)
         if ready:
             ready()
+        flusher = loop.create_task(_flush_logs())
         await stop.wait()
+        flusher.cancel()
     finally:
         await runner.cleanup()
+        logs.flush()
+
+
+async def _flush_logs() -> None:
+    """The access log is buffered (srw.logs): write it out while requests come."""
+    while True:
+        await asyncio.sleep(logs.BUFFER_SECONDS)
+        logs.flush()
 
 
 def run(app: web.Application, listen: str, title: str = "srw: proxy") -> int:

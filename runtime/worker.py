@@ -48,6 +48,7 @@ class Predecessor:
 
 FORK_BACKSTOP = 2.0  # fork isolation: the pool kills the worker only if it misses its own deadline
 FLUSH_AFTER = 0.0005  # seconds a finished reply may wait for the rest of its batch
+IDLE_AFTER_MS = 5     # a worker waiting this long is idle: title and log lines updated
 
 
 class Worker:
@@ -79,7 +80,7 @@ class Worker:
         """Serve until drained; the caller leaves the process with os._exit()."""
         self._restore_signals()
         self._title("idle")
-        logs.retag(f"worker {self.node.name}#{self.slot}")
+        logs.retag(f"worker {self.node.name}#{self.slot}", buffered=True)
         self.executor.scripts.open_dir()
         self.sandbox.enter_worker(self.slot)
         fork = self.profile.isolation == "fork"
@@ -128,11 +129,17 @@ class Worker:
 
     def _next_message(self, wait_ms: int) -> list[bytes] | None:
         # Requests usually wait in the socket (credits): poll only when none does.
-        if not p.readable(self.sock):
-            self._title("idle")
-            if not self.sock.poll(wait_ms):
-                return None
-        return p.recv_frames(self.sock)
+        frames = p.recv_frames_nowait(self.sock)
+        if frames is None:
+            # Under steady load the next batch comes within IDLE_AFTER: only a worker
+            # that waits longer pays for the idle title and the log write.
+            if not self.sock.poll(IDLE_AFTER_MS):
+                self._title("idle")
+                logs.flush()
+                if not self.sock.poll(wait_ms):
+                    return None
+            frames = p.recv_frames_nowait(self.sock)
+        return frames
 
     def _title(self, state: str) -> None:
         # setproctitle costs a system call: only on a change, and "idle" only

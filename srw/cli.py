@@ -233,7 +233,7 @@ def cmd_broker(config: cfg.Config, args) -> int:
     from broker.broker import Broker
     node = config.node(args.node)
     setproctitle.setproctitle(f"srw: broker {node.name}")
-    logs.setup(config.log, f"broker {node.name}")
+    logs.setup(config.log, f"broker {node.name}", buffered=True)
     _supervised()
     os.makedirs(node.data_dir, exist_ok=True)
     Broker(config, node).run()
@@ -259,7 +259,7 @@ def cmd_proxy(config: cfg.Config, args) -> int:
     setproctitle.setproctitle("srw: proxy")  # before the imports: serve's callers look for it
     from proxy.app import make_app
     from proxy.server import run
-    logs.setup(config.log, "proxy")
+    logs.setup(config.log, "proxy", buffered=True)
     _supervised()
     return run(make_app(config), config.proxy.listen)
 

@@ -1,26 +1,113 @@
-"""Logging for every srw process: one format, the level and file from [log]."""
+"""Logging for every srw process: one format, the level and file from [log].
+
+A line per executed request is part of the contract, so a line must be
+cheap: records skip what we never print (caller's frame, thread and process
+names; the pid is written into the format once), the timestamp is formatted
+once a second, and the busy processes (broker, workers, proxy) buffer their
+lines and write them with one system call when they go idle (`flush`), after
+BUFFER_SECONDS, or at once for a warning or worse.
+"""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 
 from srw.config import LogSettings
 
+BUFFER_LINES = 256      # a buffered handler writes at least this often ...
+BUFFER_SECONDS = 0.2    # ... and no line waits longer than this for the next record
 
-def setup(settings: LogSettings, process: str) -> None:
-    """Log to [log] file (appended; lines from all processes interleave) or stderr."""
+# The logging HOWTO's "Optimization" switches: none of these fields is printed.
+logging._srcfile = None
+logging.logThreads = False
+logging.logProcesses = False
+logging.logMultiprocessing = False
+
+
+class LineHandler(logging.Handler):
+    """Whole lines to a file descriptor opened for appending, so the lines of
+    the node's processes interleave but never split."""
+
+    def __init__(self, fd: int, buffered: bool):
+        super().__init__()
+        self.fd, self.buffered = fd, buffered
+        self.lines: list[str] = []
+        self.oldest = 0.0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if not self.lines:
+            self.oldest = record.created
+        self.lines.append(line)
+        if (not self.buffered or record.levelno >= logging.WARNING
+                or len(self.lines) >= BUFFER_LINES
+                or record.created - self.oldest >= BUFFER_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            if not self.lines:
+                return
+            data = ("\n".join(self.lines) + "\n").encode("utf-8", "backslashreplace")
+            self.lines = []
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            pass  # a full disk or a closed stderr must not take the process down
+
+    def _forget(self) -> None:
+        self.lines = []  # the parent's lines: the parent writes them
+
+
+class LineFormatter(logging.Formatter):
+    """logging's default timestamp, `strftime` once per second instead of per line."""
+
+    def __init__(self, fmt: str):
+        super().__init__(fmt)
+        self._stamp = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if self._stamp[0] != second:
+            self._stamp = (second, time.strftime(self.default_time_format,
+                                                 self.converter(second)))
+        return f"{self._stamp[1]},{int(record.msecs):03d}"
+
+
+def setup(settings: LogSettings, process: str, buffered: bool = False) -> None:
+    """Log to [log] file (appended; lines from all processes interleave) or stderr.
+
+    A `buffered` process must call `flush()` whenever it is about to wait."""
     if settings.file:
-        handler: logging.Handler = logging.FileHandler(settings.file)
+        fd = os.open(settings.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                     0o644)
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        fd = sys.stderr.fileno()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for old in root.handlers:
+        old.flush()
+    root.handlers[:] = [LineHandler(fd, buffered)]
     root.setLevel(settings.level.upper())
     retag(process)
 
 
-def retag(process: str) -> None:
-    """A forked worker names itself in the lines it logs."""
+def retag(process: str, buffered: bool | None = None) -> None:
+    """A forked process names itself (and its pid) in the lines it logs."""
     for handler in logging.getLogger().handlers:
-        handler.setFormatter(logging.Formatter(
-            f"%(asctime)s {process}[%(process)d] %(levelname)s %(message)s"))
+        if buffered is not None and isinstance(handler, LineHandler):
+            handler.buffered = buffered
+        handler.setFormatter(LineFormatter(
+            f"%(asctime)s {process}[{os.getpid()}] %(levelname)s %(message)s"))
+
+
+def flush() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()

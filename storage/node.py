@@ -85,10 +85,11 @@ class Relay:
     def read_replies(self, send) -> None:
         """Relay every waiting broker reply to its caller through `send`."""
         for _ in range(1000):
-            if not bp.readable(self.sock):
+            frames = bp.recv_frames_nowait(self.sock)
+            if frames is None:
                 return
             try:
-                hop, result = bp.parse_reply(bp.recv_frames(self.sock))
+                hop, result = bp.parse_reply(frames)
             except bp.ProtocolError:
                 continue
             caller = self.pending.pop(hop, None)
@@ -181,8 +182,8 @@ class StorageNode:
     def serve_clients(self) -> None:
         batch: list[sp.StorageRequest] = []
         front = self.front
-        while len(batch) < BATCH and bp.readable(front):
-            request = self.on_frames(bp.recv_frames(front))
+        while len(batch) < BATCH and (frames := bp.recv_frames_nowait(front)) is not None:
+            request = self.on_frames(frames)
             if request is not None:
                 batch.append(request)
         if batch:
