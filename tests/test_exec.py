@@ -133,6 +133,43 @@ def test_sigkill_of_busy_worker_answers_killed_and_refills(make_cluster):
         assert cluster.status()["restarts"] >= 1
 
 
+def test_requests_held_behind_a_killed_request_run_elsewhere(make_cluster):
+    """A worker gets its requests in batches; when it dies running one, the
+    requests it held behind that one never started and are run by another."""
+    cluster = make_cluster(pool={"workers": 2, "credits": 8},
+                           broker={"request_timeout": 20.0},
+                           scripts={"slow.py": "import time\ntime.sleep(10)\n"})
+    cluster.serve()
+
+    async def main():
+        async with AsyncClient(cluster.node("n1")["broker"], timeout=20) as client:
+            # One event-loop turn: one message to the broker, one batch per worker.
+            slow = asyncio.ensure_future(client.exec("slow.py"))
+            echoes = [asyncio.ensure_future(client.exec("echo.py", b"%d" % i))
+                      for i in range(12)]
+            busy = []
+            for _ in range(100):  # up to 5 s for the title to show it
+                await asyncio.sleep(0.05)
+                busy = [p for p in cluster.workers()
+                        if "busy slow.py" in " ".join(p.cmdline())]
+                if busy:
+                    break
+            assert busy, "no worker ran slow.py"
+            victim = busy[0]
+            await asyncio.sleep(0.5)  # the other worker answers its share
+            held = [e for e in echoes if not e.done()]
+            started = time.monotonic()
+            victim.send_signal(signal.SIGKILL)
+            results = await asyncio.gather(slow, *echoes)
+            return held, results, time.monotonic() - started
+
+    held, results, elapsed = asyncio.run(asyncio.wait_for(main(), 60))
+    assert held, "no request waited behind slow.py: the test did not test anything"
+    assert results[0].status == "killed"
+    assert [(r.status, r.data) for r in results[1:]] == [("ok", b"%d" % i) for i in range(12)]
+    assert elapsed < 5.0  # requeued at once, not after the 20 s deadline
+
+
 def test_stopped_worker_is_noticed_and_replaced(make_cluster):
     cluster = make_cluster(pool={"workers": 2, "credits": 2},
                            broker={"request_timeout": 20.0},
