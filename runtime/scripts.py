@@ -2,7 +2,8 @@
 
 A script name is a plain file name inside the history directory: no path
 separators, no ``..``, no hidden files, no control characters.  Compiled
-named scripts are cached and recompiled when the file's mtime or size changes;
+named scripts are cached and recompiled when the file's mtime or size changes
+(looked at once per batch of requests a worker receives);
 compiled script content (sent with the request) is cached by its text.
 """
 from __future__ import annotations
@@ -54,6 +55,7 @@ class ScriptCache:
         self.history_dir = str(history_dir)
         self.dir_fd: int | None = None
         self._cache: dict[str, tuple[int, int, CodeType]] = {}
+        self._checked: set[str] = set()  # names looked up since new_batch()
 
     def open_dir(self) -> None:
         self.dir_fd = os.open(self.history_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -62,8 +64,15 @@ class ScriptCache:
         # per request: plain strings, no pathlib
         return name if self.dir_fd is not None else os.path.join(self.history_dir, name)
 
+    def new_batch(self) -> None:
+        """Requests that arrive from now on see the files as they are now: each
+        name is looked up again once (a stat per batch, not per request)."""
+        self._checked.clear()
+
     def get(self, name: str) -> CodeType:
         check_name(name)
+        if name in self._checked:
+            return self._cache[name][2]
         try:
             st = os.stat(self._path(name), dir_fd=self.dir_fd)
         except (FileNotFoundError, NotADirectoryError, PermissionError):
@@ -72,6 +81,7 @@ class ScriptCache:
             raise ScriptNotFound(f"no script {name!r} in the history directory")
         cached = self._cache.get(name)
         if cached and cached[0] == st.st_mtime_ns and cached[1] == st.st_size:
+            self._checked.add(name)
             return cached[2]
         fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir_fd)
         with open(fd, "rb") as f:
@@ -83,4 +93,5 @@ class ScriptCache:
         lines = source.decode("utf-8", "replace").splitlines(keepends=True)
         linecache.cache[filename] = (len(source), None, lines, filename)
         self._cache[name] = (st.st_mtime_ns, st.st_size, code)
+        self._checked.add(name)
         return code

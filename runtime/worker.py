@@ -12,6 +12,7 @@ it sends DRAIN, finishes what the broker already gave it, and exits on BYE.
 """
 from __future__ import annotations
 
+import _signal
 import collections
 import logging
 import os
@@ -166,9 +167,10 @@ class Worker:
 
     def _restore_signals(self) -> None:
         # getsignal reads Python's own table; only a change costs a system call.
-        if signal.getsignal(signal.SIGTERM) != self._on_sigterm:
+        # _signal's returns the raw value: signal's wraps ints in an enum, slowly.
+        if _signal.getsignal(signal.SIGTERM) != self._on_sigterm:
             signal.signal(signal.SIGTERM, self._on_sigterm)
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        if _signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -193,6 +195,7 @@ class Worker:
         except p.ProtocolError as exc:
             log.warning("%s: bad REQUEST from broker: %s", self.title, exc)
             return
+        self.executor.scripts.new_batch()
         for job, budget, meta, data in jobs:
             self.jobs.append((job, received + budget, meta, data))
 
