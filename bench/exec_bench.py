@@ -4,6 +4,8 @@
 
 Prints, side by side:
   * bare pyzmq DEALER <-> ROUTER echo, one hop over ipc (the transport floor);
+  * the same echo behind libzmq's C forwarder (zmq_proxy): the four hops an
+    exec makes, with no Python between them;
   * Redis EVAL "return ARGV[1]" through redis-py (hiredis) on a unix socket,
     against a redis-server this bench starts and stops;
   * srw trivial exec (echo.py) through a real node: client -> broker -> worker.
@@ -33,6 +35,7 @@ from common import free_port, pct  # noqa: E402
 from broker import protocol as p  # noqa: E402
 from broker.client import BrokerUnavailable, Client  # noqa: E402
 
+FLOOR = "floor: 4 hops, C relay (zmq_proxy) + echo"
 PAYLOAD = b"x" * 100   # with the meta, ~132 bytes on the wire like the design's floors
 IN_FLIGHT = 64
 
@@ -76,9 +79,25 @@ while True:
 """
 
 
-def bench_raw_echo(tmp: Path, n: int) -> tuple[list[float], float]:
+# libzmq's own forwarder (zmq_proxy, in C): two more hops with no Python between.
+RELAY = """
+import sys, zmq
+ctx = zmq.Context()
+front = ctx.socket(zmq.ROUTER); front.bind(sys.argv[1])
+back = ctx.socket(zmq.DEALER); back.connect(sys.argv[2])
+zmq.proxy(front, back)
+"""
+
+
+def bench_raw_echo(tmp: Path, n: int, relay: bool = False) -> tuple[list[float], float]:
+    """One hop each way to an echo server; with `relay`, through a C forwarder:
+    client -> relay -> echo -> relay -> client, the hops of an exec."""
     endpoint = f"ipc://{tmp}/echo.ipc"
-    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint])
+    servers = [subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint])]
+    if relay:
+        front = f"ipc://{tmp}/relay.ipc"
+        servers.append(subprocess.Popen([sys.executable, "-c", RELAY, front, endpoint]))
+        endpoint = front
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(endpoint)
@@ -87,8 +106,9 @@ def bench_raw_echo(tmp: Path, n: int) -> tuple[list[float], float]:
         lat = latency(sock, [PAYLOAD], n // 4)
         rate = throughput(sock, [PAYLOAD], n)
     finally:
-        server.kill()
-        server.wait()
+        for server in servers:
+            server.kill()
+            server.wait()
         ctx.destroy(linger=0)
     return lat, rate
 
@@ -264,6 +284,8 @@ def main() -> None:
         results = {}
         print("measuring raw pyzmq echo ...", flush=True)
         results["raw pyzmq DEALER<->ROUTER echo, ipc"] = bench_raw_echo(tmp, n)
+        print("measuring the four-hop floor ...", flush=True)
+        results[FLOOR] = bench_raw_echo(tmp, n, relay=True)
         print("measuring Redis EVAL ...", flush=True)
         redis_result = bench_redis(tmp, n)
         if redis_result:
@@ -276,7 +298,10 @@ def main() -> None:
         srw_lat, srw_rate = results["srw exec echo.py (client->broker->worker)"]
         if redis_result:
             ratio = pct(srw_lat, 0.5) / pct(redis_result[0], 0.5)
-            print(f"\nsrw p50 / Redis EVAL p50 = {ratio:.2f} (target <= 2.0); "
+            floor = pct(results[FLOOR][0], 0.5) / pct(redis_result[0], 0.5)
+            print(f"\nfour-hop floor p50 / Redis EVAL p50 = {floor:.2f}: an exec crosses four "
+                  "ZeroMQ hops (client, broker, worker, broker, client)")
+            print(f"srw p50 / Redis EVAL p50 = {ratio:.2f} (target <= 2.0); "
                   f"srw p99 = {pct(srw_lat, 0.99):.0f} us (target <= 1000); "
                   f"srw {srw_rate:,.0f} req/s (target >= 20,000)")
         if not args.skip_memory:

@@ -6,13 +6,18 @@ same server machinery (`proxy.server.serve`), then drives, one after another,
 with 64 requests in flight each:
 
     bare HTTP     POST /bare            -> constant 79 B (aiohttp client, 64 connections)
-    HTTP exec     POST /elliptics?exec&name=test_script.py&id=0123456789
+    HTTP exec     POST /elliptics?exec&name=test_script.py
                                         -> the 2011 reply, 79 B (aiohttp client, 64 connections)
-    ZeroMQ exec   AsyncClient.exec("test_script.py", id=...)   (64 in flight on one socket)
+    ZeroMQ exec   AsyncClient.exec("test_script.py")   (64 in flight on one socket)
+    ..., one id   the same two with id=0123456789, the 2011 example's: execs for one
+                  id run one at a time on its node (the per-id lock)
 
 and prints throughput and latency percentiles per path, and HTTP exec's
-throughput as a fraction of the bare handler's.  Everything it started is
-stopped at the end.  Usage: python bench/http_bench.py [--seconds 5] [--workers 2]
+throughput as a fraction of the bare handler's.  The paths take turns for
+--rounds rounds; the ratio is taken per round and its median shown.
+Everything it started is stopped at the end.
+
+Usage: python bench/http_bench.py [--seconds 5] [--rounds 3] [--workers 2]
 """
 from __future__ import annotations
 
@@ -169,6 +174,8 @@ def stop(proc: subprocess.Popen) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per path")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times each path is measured, in turn (the median is shown)")
     parser.add_argument("--workers", type=int, default=2, help="pool workers of the node")
     parser.add_argument("--log-level", default="info",
                         help="[log] level of the node and proxy (info logs every request)")
@@ -213,24 +220,37 @@ def run(args, config, bare_listen: str, procs: list[subprocess.Popen]) -> None:
         ("ZeroMQ exec, one id", lambda: zmq_path(broker, "0123456789", s)),
     ]
     print(f"srw HTTP bench: {IN_FLIGHT} in flight, {s:g} s per path after 1 s warm-up, "
-          f"{args.workers} workers, {os.cpu_count()} CPUs, 33 B request, 79 B reply, "
-          f"log level {args.log_level}")
-    print(f"{'path':34} {'requests':>8} {'req/s':>9} {'p50 us':>8} {'p99 us':>8}   "
-          "CPU us per request: load, proxy|bare, broker, workers")
-    rates = {}
-    for label, make in rows:
-        before = cpu_by_role(procs)
-        result = asyncio.run(make())
-        cpu = {role: (t - before.get(role, 0.0)) / max(1, result[0]) * 1e6
-               for role, t in cpu_by_role(procs).items()}
-        line, rates[label] = summary(label, s, result)
-        server = cpu["proxy"] + cpu["bare"]
-        print(f"{line}   {cpu['load']:>5.0f} {server:>5.0f} {cpu['broker']:>5.0f} "
-              f"{cpu['worker']:>5.0f}", flush=True)
-    ratio = rates["HTTP exec via proxy"] / rates["bare aiohttp handler (constant)"]
-    print(f"HTTP exec / bare handler throughput: {ratio:.2f} (target >= 0.6); "
-          f"HTTP exec / ZeroMQ exec: "
-          f"{rates['HTTP exec via proxy'] / rates['ZeroMQ exec (AsyncClient)']:.2f}")
+          f"{args.rounds} rounds, {args.workers} workers, {os.cpu_count()} CPUs, "
+          f"33 B request, 79 B reply, log level {args.log_level}")
+    header = (f"{'path':34} {'requests':>8} {'req/s':>9} {'p50 us':>8} {'p99 us':>8}   "
+              "CPU us per request: load, proxy|bare, broker, workers")
+    print(header)
+    measured: dict[str, list[tuple[float, str]]] = {label: [] for label, _ in rows}
+    for round_no in range(1, args.rounds + 1):
+        # Paths alternate round by round, so a slow spell of the machine
+        # does not land on one path only.
+        for label, make in rows:
+            before = cpu_by_role(procs)
+            result = asyncio.run(make())
+            cpu = {role: (t - before.get(role, 0.0)) / max(1, result[0]) * 1e6
+                   for role, t in cpu_by_role(procs).items()}
+            line, rate = summary(label, s, result)
+            server = cpu["proxy"] + cpu["bare"]
+            line = (f"{line}   {cpu['load']:>5.0f} {server:>5.0f} {cpu['broker']:>5.0f} "
+                    f"{cpu['worker']:>5.0f}")
+            measured[label].append((rate, line))
+            print(f"{line}   (round {round_no})", flush=True)
+    print(f"\nmedian round per path:\n{header}")
+    for label, runs in measured.items():
+        print(sorted(runs)[len(runs) // 2][1])
+    bare = [rate for rate, _ in measured["bare aiohttp handler (constant)"]]
+    http = [rate for rate, _ in measured["HTTP exec via proxy"]]
+    zmq_rates = [rate for rate, _ in measured["ZeroMQ exec (AsyncClient)"]]
+    ratios = sorted(h / b for h, b in zip(http, bare))
+    print(f"HTTP exec / bare handler throughput by round: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}; median {ratios[len(ratios) // 2]:.2f} "
+          f"(target >= 0.6); HTTP exec / ZeroMQ exec: "
+          f"{statistics.median(http) / statistics.median(zmq_rates):.2f}")
 
 
 def cpu_by_role(procs: list[subprocess.Popen]) -> dict[str, float]:
