@@ -34,13 +34,15 @@ def lock_key(hex_id: str) -> str:
 
 
 class Job:
-    __slots__ = ("client", "rid", "deadline", "received", "meta", "data", "worker", "lock")
+    __slots__ = ("client", "rid", "deadline", "received", "meta", "data", "worker", "lock",
+                 "batched")
 
-    def __init__(self, client, rid, deadline, received, meta, data, lock):
+    def __init__(self, client, rid, deadline, received, meta, data, lock, batched):
         self.client, self.rid, self.deadline = client, rid, deadline
         self.received, self.meta, self.data = received, meta, data
         self.worker = None
         self.lock = lock  # the id this job holds or waits for, or None
+        self.batched = batched  # the client batches: its reply waits for the turn's others
 
 
 class Worker:
@@ -93,6 +95,7 @@ class Broker:
         self.locks: dict[str, collections.deque[bytes]] = {}
         self.blocked = 0
         self.jobs: dict[bytes, Job] = {}
+        self.outbox: dict[bytes, list[list]] = {}  # client -> replies to send this turn
         self.deadlines: list[tuple[float, bytes]] = []
         self.next_job = 0
         self.served = 0
@@ -146,11 +149,13 @@ class Broker:
             self.expire_jobs(now)
             if now >= self.next_heartbeat:
                 self.heartbeat(now)
+            self.send_replies()
             if self.stopping:
                 drain_until = drain_until or now + self.settings.request_timeout
                 if not self.jobs or now > drain_until:
                     break
         self._answer_all(p.UNAVAILABLE, f"node {self.node.name} stopped")
+        self.send_replies()
         log.info("broker %s stopped after %d requests", self.node.name, self.served)
         self.front.close()
         self.back.close()
@@ -175,33 +180,53 @@ class Broker:
             self.on_client(frames)
 
     def on_client(self, frames: list[bytes]) -> None:
+        if len(frames) == 2:  # a batch
+            try:
+                requests = p.parse_batch(frames)
+            except p.ProtocolError as exc:
+                log.warning("bad batch from client %s: %s", frames[0].hex(), exc)
+                return
+            for req in requests:
+                if isinstance(req, p.FrontRequest):
+                    self.accept(req, batched=True)
+                else:
+                    self._refuse(frames[0], *req, batched=True)
+            return
         try:
             req = p.FrontRequest.from_frames(frames)
         except p.ProtocolError as exc:
-            log.warning("bad request from client %s: %s", frames[0].hex(), exc)
-            rid = p.salvage_rid(frames)
-            if rid is not None:
-                self.reply(frames[0], rid, p.BAD_REQUEST, error=f"bad request: {exc}")
+            self._refuse(frames[0], p.salvage_rid(frames), exc, batched=False)
             return
+        self.accept(req, batched=False)
+
+    def _refuse(self, client: bytes, rid: bytes | None, exc: p.ProtocolError,
+                batched: bool) -> None:
+        log.warning("bad request from client %s: %s", client.hex(), exc)
+        if rid is not None:
+            self.reply(client, rid, p.BAD_REQUEST, error=f"bad request: {exc}", batched=batched)
+
+    def accept(self, req: p.FrontRequest, batched: bool) -> None:
         meta = req.meta
         if req.cmd == p.STATUS:
-            self.reply(req.client, req.rid, p.OK, p.pack(self.status()))
+            self.reply(req.client, req.rid, p.OK, p.pack(self.status()), batched=batched)
             return
         if self.stopping:
             self.reply(req.client, req.rid, p.UNAVAILABLE,
-                       error=f"node {self.node.name} is shutting down")
+                       error=f"node {self.node.name} is shutting down", batched=batched)
             return
         if len(self.queue) + self.blocked >= self.settings.queue_limit:
             self.reply(req.client, req.rid, p.BUSY,
                        error=f"node {self.node.name}: queue full ({self.settings.queue_limit} "
-                             "requests waiting); retry later or raise broker.queue_limit")
+                             "requests waiting); retry later or raise broker.queue_limit",
+                       batched=batched)
             return
         now = time.monotonic()
         timeout = meta.timeout or self.settings.request_timeout
         job_id = b"%x" % self.next_job
         self.next_job += 1
         lock = lock_key(meta.id) if meta.id else None
-        job = Job(req.client, req.rid, now + timeout, time.perf_counter(), meta, req.data, lock)
+        job = Job(req.client, req.rid, now + timeout, time.perf_counter(), meta, req.data, lock,
+                  batched)
         self.jobs[job_id] = job
         heapq.heappush(self.deadlines, (job.deadline, job_id))
         if lock is not None and lock in self.locks:
@@ -213,12 +238,29 @@ class Broker:
         self.queue[job_id] = job
 
     def reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
-              error: str = "") -> None:
+              error: str = "", batched: bool = False) -> None:
+        """Answer now, or, to a client that batches, with its other replies of this turn."""
+        if batched:
+            entry = p.reply_entry(rid, status, self.node.name, self.node.group, data, error)
+            waiting = self.outbox.get(client)
+            if waiting is None:
+                self.outbox[client] = [entry]
+            else:
+                waiting.append(entry)
+            return
+        self._send_reply(p.reply_frames(client, rid, status, self.node.name, self.node.group,
+                                        data, error))
+
+    def send_replies(self) -> None:
+        outbox, self.outbox = self.outbox, {}
+        for client, entries in outbox.items():
+            self._send_reply(p.reply_batch_frames(client, entries))
+
+    def _send_reply(self, frames: list[bytes]) -> None:
         try:
-            p.send_frames(self.front, p.reply_frames(client, rid, status, self.node.name,
-                                                     self.node.group, data, error), noblock=True)
+            p.send_frames(self.front, frames, noblock=True)
         except zmq.ZMQError as exc:  # client gone or its queue full: nothing to do
-            log.debug("reply to %s dropped: %s", client.hex(), exc)
+            log.debug("reply to %s dropped: %s", frames[0].hex(), exc)
 
     def finish(self, job_id: bytes, status: str, data: bytes = b"", error: str = "") -> None:
         job = self.jobs.pop(job_id, None)
@@ -229,7 +271,7 @@ class Broker:
             self._release(job_id, job.lock)
         self.served += 1
         self.latencies.append(int((time.perf_counter() - job.received) * 1e6))
-        self.reply(job.client, job.rid, status, data, error)
+        self.reply(job.client, job.rid, status, data, error, job.batched)
 
     def _release(self, job_id: bytes, lock: str) -> None:
         """The lock holder finished: the next live waiter for that id holds it now."""
@@ -278,7 +320,7 @@ class Broker:
             return
         worker.last_seen = now
         if cmd == p.REPLY:
-            for job_id, status, data, error in p.parse_replies(frames):
+            for job_id, status, data, error in p.parse_worker_replies(frames):
                 worker.replied += 1
                 if job_id in worker.jobs:
                     del worker.jobs[job_id]

@@ -9,7 +9,6 @@ anything the node answered (per-node statuses are data) and raise
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import os
 import time
@@ -55,12 +54,12 @@ class _Base:
     def _next_rid(self) -> bytes:
         return self._prefix + next(self._counter).to_bytes(8, "little")
 
-    def _exec_frames(self, name, data, code, timeout, cookie, id) -> tuple[bytes, list, float]:
+    def _exec_request(self, name, data, code, timeout, cookie, id) -> tuple[tuple, float]:
+        """((EXEC, rid, meta, data), how long to wait for the reply)."""
         timeout = timeout if timeout is not None else self.timeout
         meta = p.ExecMeta(name=name, code=code, cookie=cookie, timeout=timeout, id=id)
-        rid = self._next_rid()
         wait = (timeout if timeout is not None else DEFAULT_WAIT) + GRACE
-        return rid, p.request_frames(p.EXEC, rid, meta.check(), bytes(data)), wait
+        return (p.EXEC, self._next_rid(), meta.check(), bytes(data)), wait
 
     def _unavailable(self, wait: float) -> BrokerUnavailable:
         return BrokerUnavailable(f"no reply from broker {self.endpoint} within {wait:.1f} s; "
@@ -89,8 +88,9 @@ class Client(_Base):
                timeout: float | None = None, cookie: str = "",
                id: str | None = None) -> tuple[bytes, float]:
         """Send an exec without waiting; returns (rid, wait) for ``gather``."""
-        rid, frames, wait = self._exec_frames(name, data, code, timeout, cookie, id)
-        self._send(frames)
+        request, wait = self._exec_request(name, data, code, timeout, cookie, id)
+        self._send(p.request_frames(*request))
+        rid = request[1]
         self._outstanding.add(rid)
         return rid, wait
 
@@ -197,9 +197,10 @@ def gather(calls: list[tuple[Client, bytes, float]]) -> list[Result | BrokerUnav
 class AsyncClient(_Base):
     """asyncio client; many ``await client.exec(...)`` in flight on one socket.
 
-    Requests made in one turn of the event loop are sent together at its end:
-    the broker then takes them in one wake-up and hands each worker its share
-    in one message, which is what keeps a busy node's cost per request low.
+    Requests made in one turn of the event loop are sent together at its end,
+    in one message: the broker takes them in one wake-up, hands each worker
+    its share in one message and sends their replies back in batches too, which
+    is what keeps a busy node's cost per request low.
     Replies are read by a reader callback on the socket's file descriptor,
     without a task or a future per wake-up."""
 
@@ -208,32 +209,31 @@ class AsyncClient(_Base):
         super().__init__(endpoint, timeout)
         self._sock = _socket(ctx or zmq.Context.instance(), endpoint)
         self._pending: dict[bytes, asyncio.Future] = {}
-        self._outbox: collections.deque[tuple[bytes, list]] = collections.deque()
+        self._outbox: list[tuple] = []  # (cmd, rid, meta, data) to send at the turn's end
         self._backlog: asyncio.Task | None = None  # sends waiting for a connection
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def exec(self, name: str = "", data: bytes = b"", code: str = "",
                    timeout: float | None = None, cookie: str = "",
                    id: str | None = None) -> Result:
-        rid, frames, wait = self._exec_frames(name, data, code, timeout, cookie, id)
-        return await self._request(rid, frames, wait)
+        return await self._request(*self._exec_request(name, data, code, timeout, cookie, id))
 
     async def status(self, timeout: float = 5.0) -> dict:
-        rid = self._next_rid()
-        result = await self._request(rid, p.request_frames(p.STATUS, rid, p.ExecMeta(), b""), timeout)
+        result = await self._request((p.STATUS, self._next_rid(), p.ExecMeta(), b""), timeout)
         return p.unpack_map(result.data)
 
-    async def _request(self, rid: bytes, frames: list, wait: float) -> Result:
+    async def _request(self, request: tuple, wait: float) -> Result:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._attach(loop)
+        rid = request[1]
         future = loop.create_future()
         self._pending[rid] = future
         # A timer handle is much cheaper than asyncio.wait_for's wrapper per request.
         timer = loop.call_later(wait, self._expire, rid, wait)
         if not self._outbox:
             loop.call_soon(self._flush)
-        self._outbox.append((rid, frames))
+        self._outbox.append(request)
         try:
             return await future
         finally:
@@ -249,41 +249,38 @@ class AsyncClient(_Base):
         loop.add_reader(fd, self._take_replies)
 
     def _flush(self) -> None:
-        """Send the outbox with synchronous, non-blocking sends (the hot path)."""
-        outbox = self._outbox
-        while outbox and self._backlog is None:
-            rid, frames = outbox[0]
-            if rid in self._pending:  # its caller may have given up meanwhile
-                try:
-                    p.send_frames(self._sock, frames, noblock=True)
-                except zmq.Again:  # no connection yet (IMMEDIATE) or a full queue
-                    self._backlog = self._loop.create_task(self._send_backlog())
-                    break
-            outbox.popleft()
-        # The socket's fd only signals a change, and our sends may have taken
+        """Send the outbox as one batch, synchronously and without blocking."""
+        if self._backlog is None and not self._send_outbox():
+            self._backlog = self._loop.create_task(self._send_backlog())
+        # The socket's fd only signals a change, and our send may have taken
         # the signal of replies that came meanwhile: collect them now.
         self._take_replies()
 
+    def _send_outbox(self) -> bool:
+        """False if the socket cannot take it now (no connection yet, IMMEDIATE)."""
+        # A caller may have given up meanwhile: its request is not sent.
+        batch = [request for request in self._outbox if request[1] in self._pending]
+        if batch:
+            try:
+                p.send_frames(self._sock, p.batch_frames(batch), noblock=True)
+            except zmq.Again:
+                return False
+        self._outbox.clear()
+        return True
+
     async def _send_backlog(self) -> None:
-        """Retry the outbox for up to CONNECT_WAIT, then fail what is left."""
+        """Retry the outbox for up to CONNECT_WAIT, then fail what is in it."""
         give_up = time.monotonic() + CONNECT_WAIT
         try:
-            while self._outbox:
-                rid, frames = self._outbox[0]
-                if rid in self._pending:
-                    try:
-                        p.send_frames(self._sock, frames, noblock=True)
-                    except zmq.Again:
-                        if time.monotonic() < give_up:
-                            await asyncio.sleep(SEND_RETRY)
-                            continue
-                        for rid, _ in self._outbox:
-                            future = self._pending.get(rid)
-                            if future is not None and not future.done():
-                                future.set_exception(self._unreachable())
-                        self._outbox.clear()
-                        return
-                self._outbox.popleft()
+            while not self._send_outbox():
+                if time.monotonic() >= give_up:
+                    for request in self._outbox:
+                        future = self._pending.get(request[1])
+                        if future is not None and not future.done():
+                            future.set_exception(self._unreachable())
+                    self._outbox.clear()
+                    return
+                await asyncio.sleep(SEND_RETRY)
         finally:
             self._backlog = None
         self._take_replies()
@@ -297,12 +294,13 @@ class AsyncClient(_Base):
         """Every reply waiting on the socket, synchronously, to its caller."""
         while (frames := p.recv_frames_nowait(self._sock)) is not None:
             try:
-                rid, result = p.parse_reply(frames)
+                replies = p.parse_reply_message(frames)
             except p.ProtocolError:
                 continue
-            future = self._pending.get(rid)
-            if future is not None and not future.done():
-                future.set_result(result)
+            for rid, result in replies:
+                future = self._pending.get(rid)
+                if future is not None and not future.done():
+                    future.set_result(result)
 
     async def close(self) -> None:
         if self._backlog is not None:

@@ -17,6 +17,12 @@ Front (client DEALER -> broker ROUTER; the ROUTER adds the client identity)::
     reply    [header, data]
              header  msgpack [rid, status, node, group, error]
 
+    A client may also send several requests in one message, and then gets
+    their replies in batches too (one message per broker turn):
+    requests [batch]  msgpack [[cmd, rid, name, code, cookie, timeout, id, data], ...]
+    replies  [batch]  msgpack [[rid, status, node, group, error, data], ...]
+    One frame is a batch, two frames are one request or reply.
+
 Back (worker DEALER, identity "node#slot:pid" -> broker ROUTER)::
 
     worker -> broker  [READY, meta]           meta msgpack {"slot", "pid", "credits",
@@ -159,7 +165,10 @@ class FrontRequest(NamedTuple):
     def from_frames(cls, frames: list[bytes]) -> "FrontRequest":
         if len(frames) != 3:
             raise ProtocolError(f"expected 2 frames after the identity, got {len(frames) - 1}")
-        header = _unpack_list(frames[1])
+        return cls.from_header(frames[0], _unpack_list(frames[1]), frames[2])
+
+    @classmethod
+    def from_header(cls, client: bytes, header: tuple, data: bytes) -> "FrontRequest":
         if len(header) != 7:
             raise ProtocolError("request header must have 7 fields")
         cmd, rid = header[0], header[1]
@@ -167,7 +176,25 @@ class FrontRequest(NamedTuple):
             raise ProtocolError(f"unknown command {cmd!r:.20}")
         if not isinstance(rid, bytes) or len(rid) > MAX_RID:
             raise ProtocolError("request id must be bytes, at most 64")
-        return cls(frames[0], cmd, rid, ExecMeta._make(header[2:]).check(), frames[2])
+        if not isinstance(data, bytes):
+            raise ProtocolError("request data must be bytes")
+        return cls(client, cmd, rid, ExecMeta._make(header[2:]).check(), data)
+
+
+def parse_batch(frames: list[bytes]) -> list[FrontRequest | tuple[bytes | None, ProtocolError]]:
+    """Broker side: [identity, batch] -> one FrontRequest per entry, or, for an
+    entry that is not one, (its rid if readable, the error)."""
+    entries = _unpack_list(frames[1])
+    out: list[FrontRequest | tuple[bytes | None, ProtocolError]] = []
+    for entry in entries:
+        try:
+            if not isinstance(entry, tuple) or len(entry) != 8:
+                raise ProtocolError("a batched request must have 8 fields")
+            out.append(FrontRequest.from_header(frames[0], entry[:7], entry[7]))
+        except ProtocolError as exc:
+            rid = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else None
+            out.append((rid if isinstance(rid, bytes) and len(rid) <= MAX_RID else None, exc))
+    return out
 
 
 def is_front_request(header: bytes) -> bool:
@@ -192,10 +219,25 @@ def request_frames(cmd: int, rid: bytes, meta: ExecMeta, data: bytes) -> list[by
     return [pack([cmd, rid, *meta]), data]
 
 
+def batch_frames(requests: list[tuple[int, bytes, ExecMeta, bytes]]) -> list[bytes]:
+    """Several requests, (cmd, rid, meta, data) each, in one message."""
+    return [pack([[cmd, rid, *meta, data] for cmd, rid, meta, data in requests])]
+
+
 def reply_frames(client: bytes, rid: bytes, status: str, node: str, group: int,
                  data: bytes = b"", error: str = "") -> list[bytes]:
     """What the broker sends back through its ROUTER."""
     return [client, pack([rid, status, node, group, error]), data]
+
+
+def reply_entry(rid: bytes, status: str, node: str, group: int, data: bytes,
+                error: str) -> list:
+    return [rid, status, node, group, error, data]
+
+
+def reply_batch_frames(client: bytes, entries: list[list]) -> list[bytes]:
+    """The replies to a client that batches, as `reply_entry` lists, in one message."""
+    return [client, pack(entries)]
 
 
 def parse_reply(frames: list[bytes]) -> tuple[bytes, Result]:
@@ -207,6 +249,20 @@ def parse_reply(frames: list[bytes]) -> tuple[bytes, Result]:
         raise ProtocolError("bad reply header")
     rid, status, node, group, error = header
     return rid, Result(node, group, status, frames[1], error or None)
+
+
+def parse_reply_message(frames: list[bytes]) -> list[tuple[bytes, Result]]:
+    """A batching client's view of a message: one reply, or a batch of them."""
+    if len(frames) != 1:
+        return [parse_reply(frames)]
+    out = []
+    for entry in _unpack_list(frames[0]):
+        if not (isinstance(entry, tuple) and len(entry) == 6 and isinstance(entry[1], str)
+                and entry[1] in _STATUS_SET and isinstance(entry[5], bytes)):
+            raise ProtocolError("bad reply in a batch")
+        rid, status, node, group, error, data = entry
+        out.append((rid, Result(node, group, status, data, error or None)))
+    return out
 
 
 # Back end --------------------------------------------------------------------
@@ -267,12 +323,12 @@ def parse_jobs(frames: list[bytes]) -> list[tuple[bytes, float, ExecMeta, bytes]
     return jobs
 
 
-def replies_frames(replies: list[list]) -> list[bytes]:
+def worker_replies_frames(replies: list[list]) -> list[bytes]:
     """Worker side: one REPLY message carrying [job, status, error, data] lists."""
     return [REPLY, pack(replies)]
 
 
-def parse_replies(frames: list[bytes]) -> list[tuple[bytes, str, bytes, str]]:
+def parse_worker_replies(frames: list[bytes]) -> list[tuple[bytes, str, bytes, str]]:
     """Broker side: [identity, REPLY, replies] -> [(job, status, data, error), ...]."""
     if len(frames) != 3:
         raise ProtocolError("REPLY must have 1 frame after the command")

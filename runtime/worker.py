@@ -237,7 +237,7 @@ class Worker:
 
     def flush(self) -> None:
         if self.replies:
-            p.send_frames(self.sock, p.replies_frames(self.replies))
+            p.send_frames(self.sock, p.worker_replies_frames(self.replies))
             self.replies = []
 
     def on_heartbeat(self, frames: list[bytes]) -> None:

@@ -88,6 +88,37 @@ def test_garbage_on_the_front_is_answered_or_dropped(node):
         ctx.destroy()
 
 
+def test_a_batch_is_answered_entry_by_entry(node):
+    """Requests sent as one batch get one reply each, in batches; a bad entry is
+    answered bad_request and spoils nothing else; a batch that is not msgpack,
+    or whose entries have no readable rid, is dropped."""
+    ctx = zmq.Context()
+    try:
+        sock = raw_socket(ctx, zmq.DEALER, node.node("n1")["broker"])
+        sock.send_multipart([b"\xc1 not msgpack"])
+        sock.send_multipart([msgpack.packb([[1, {"rid": 1}]] + [7] * 3)])
+        good = [[1, b"g%d" % i, "echo.py", "", "", None, None, b"%d" % i] for i in range(5)]
+        bad = [[1, b"b1", "echo.py", "", "", None, None, "data must be bytes"],
+               [1, b"b2", "echo.py", "", "", -1.0, None, b""],
+               [1, b"b3", "echo.py"],
+               [9, b"b4", "", "", "", None, None, b""]]
+        sock.send_multipart([msgpack.packb(good[:3] + bad + good[3:])])
+        replies = {}
+        while len(replies) < 9:
+            for rid, result in p.parse_reply_message(sock.recv_multipart()):  # 3 s timeout
+                assert rid not in replies, "two replies to one request"
+                replies[rid] = result
+        assert {rid: r.data for rid, r in replies.items() if rid[:1] == b"g"} == \
+            {b"g%d" % i: b"%d" % i for i in range(5)}
+        assert {rid: r.status for rid, r in replies.items() if rid[:1] == b"b"} == \
+            dict.fromkeys((b"b1", b"b2", b"b3", b"b4"), "bad_request")
+        with pytest.raises(zmq.Again):
+            sock.recv_multipart()  # nothing more: the two broken batches were dropped
+        assert node.status()["workers"] == 2
+    finally:
+        ctx.destroy()
+
+
 def test_garbage_on_the_back_is_dropped(node):
     ctx = zmq.Context()
     try:

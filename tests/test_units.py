@@ -136,12 +136,31 @@ def test_back_messages_carry_batches_and_refuse_bad_entries():
     frames = p.jobs_frames(b"w", [p.job_entry(b"j1", 2.5, meta, b"d1"),
                                   p.job_entry(b"j2", 1.0, meta, b"")])
     assert p.parse_jobs(frames[1:]) == [(b"j1", 2.5, meta, b"d1"), (b"j2", 1.0, meta, b"")]
-    replies = p.replies_frames([[b"j1", p.OK, "", b"out"], [b"j2", p.TIMEOUT, "late", b""]])
-    assert p.parse_replies([b"w", *replies]) == [(b"j1", "ok", b"out", ""),
+    replies = p.worker_replies_frames([[b"j1", p.OK, "", b"out"], [b"j2", p.TIMEOUT, "late", b""]])
+    assert p.parse_worker_replies([b"w", *replies]) == [(b"j1", "ok", b"out", ""),
                                                   (b"j2", "timeout", b"", "late")]
     for entries in ([[b"j", "nonsense", "", b""]], [[b"j", {}, "", b""]],
                     [[{}, "ok", "", b""]], [[b"j", "ok", "", "not bytes"]], {"j": 1}, [1]):
         with pytest.raises(p.ProtocolError):
-            p.parse_replies([b"w", p.REPLY, msgpack.packb(entries)])
+            p.parse_worker_replies([b"w", p.REPLY, msgpack.packb(entries)])
     with pytest.raises(p.ProtocolError):
         p.parse_jobs([p.REQUEST, msgpack.packb([[b"j", 1.0, "", "", ""]])])
+
+
+def test_front_batches_round_trip():
+    meta = p.ExecMeta(name="a.py", timeout=2.0)
+    [frame] = p.batch_frames([(p.EXEC, b"r1", meta, b"d1"), (p.STATUS, b"r2", p.ExecMeta(), b"")])
+    parsed = p.parse_batch([b"client", frame])
+    assert parsed == [p.FrontRequest(b"client", p.EXEC, b"r1", meta, b"d1"),
+                      p.FrontRequest(b"client", p.STATUS, b"r2", p.ExecMeta(), b"")]
+    rid, error = p.parse_batch([b"c", msgpack.packb([[1, b"r3", 5, "", "", None, None, b""]])])[0]
+    assert rid == b"r3" and isinstance(error, p.ProtocolError)
+    replies = p.reply_batch_frames(b"c", [p.reply_entry(b"r1", p.OK, "n1", 1, b"out", ""),
+                                          p.reply_entry(b"r2", p.BUSY, "n1", 1, b"", "full")])
+    assert p.parse_reply_message(replies[1:]) == [
+        (b"r1", p.Result("n1", 1, "ok", b"out", None)),
+        (b"r2", p.Result("n1", 1, "busy", b"", "full"))]
+    single = p.reply_frames(b"c", b"r", p.OK, "n1", 1, b"x")
+    assert p.parse_reply_message(single[1:]) == [(b"r", p.Result("n1", 1, "ok", b"x", None))]
+    with pytest.raises(p.ProtocolError):
+        p.parse_reply_message([msgpack.packb([[b"r", "nonsense", "n1", 1, "", b""]])])
