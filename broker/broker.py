@@ -27,6 +27,10 @@ from srw.config import Config, NodeSettings
 
 log = logging.getLogger("srw.broker")
 
+PACK_US = 500.0      # how long a request may wait behind others on a busy worker, not woken
+SERVICE_EWMA = 0.05  # weight of a new run time in its script's average
+SERVICE_NAMES = 1024  # scripts whose average run time is kept (then all are forgotten)
+
 
 def lock_key(hex_id: str) -> str:
     """One spelling per id: ids are zero-padded on the right, so trailing zeros vanish."""
@@ -52,13 +56,37 @@ class Worker:
     def __init__(self, identity: bytes, ready: p.Ready, now: float):
         self.identity, self.slot, self.pid = identity, ready.slot, ready.pid
         self.credits = ready.credits
-        self.jobs: dict[bytes, None] = {}  # in dispatch order, which is the order it runs them
+        # job id -> its expected run time (us), in dispatch order: the order it runs them
+        self.jobs: dict[bytes, float] = {}
         self.replied = 0
         self.last_seen = now
         self.draining = False
 
     def __repr__(self):
         return f"worker #{self.slot} (pid {self.pid})"
+
+
+def choose_worker(workers, cost_us: float) -> Worker | None:
+    """The worker for a request expected to run `cost_us`: within its credits,
+    not draining.
+
+    A short request joins a worker that already holds some, while all it holds
+    is expected to run within PACK_US: waking an idle worker costs more CPU
+    than a few short requests (~100-200 us on a small VM), and one message
+    carries them all.  Otherwise the request joins the shortest queue, which
+    keeps requests off a worker stuck in a slow script while another has room."""
+    best, best_key = None, None
+    for worker in workers:
+        held = len(worker.jobs)
+        if held >= worker.credits or worker.draining:
+            continue
+        if held and sum(worker.jobs.values()) + cost_us <= PACK_US:
+            key = (0, -held)  # awake, and the wait is short: pack
+        else:
+            key = (1, held)
+        if best_key is None or key < best_key:
+            best, best_key = worker, key
+    return best
 
 
 def never_started(dead: Worker, ready: p.Ready) -> list[bytes]:
@@ -95,6 +123,8 @@ class Broker:
         self.locks: dict[str, collections.deque[bytes]] = {}
         self.blocked = 0
         self.jobs: dict[bytes, Job] = {}
+        # Average run time per script name, us; a script never seen is not packed.
+        self.service_us: dict[str, float] = {}
         self.outbox: dict[bytes, list[list]] = {}  # client -> replies to send this turn
         self.deadlines: list[tuple[float, bytes]] = []
         self.next_job = 0
@@ -320,10 +350,13 @@ class Broker:
             return
         worker.last_seen = now
         if cmd == p.REPLY:
-            for job_id, status, data, error in p.parse_worker_replies(frames):
+            for job_id, status, data, error, run_us in p.parse_worker_replies(frames):
                 worker.replied += 1
                 if job_id in worker.jobs:
                     del worker.jobs[job_id]
+                    job = self.jobs.get(job_id)
+                    if job is not None:
+                        self.learn(job.meta.name, run_us)
                     self.finish(job_id, status, data, error)
             if worker.draining and not worker.jobs:
                 self.back.send_multipart([identity, p.BYE], zmq.NOBLOCK)
@@ -383,25 +416,19 @@ class Broker:
     # Dispatch and timers --------------------------------------------------------
 
     def dispatch(self, now: float) -> None:
-        """Each waiting request to the worker holding the fewest, within its credits.
-
-        Joining the shortest queue keeps requests off a worker stuck in a slow
-        script while another has room; a scan is cheap for a pool's size.
-        Each worker gets what it was given in one message."""
+        """Each waiting request to a worker within its credits (`choose_worker`);
+        each worker gets what it was given in one message."""
         queue = self.queue
         batches: dict[Worker, list[list]] = {}
         while queue:
-            worker, load = None, None
-            for candidate in self.workers.values():
-                held = len(candidate.jobs)
-                if held < candidate.credits and not candidate.draining and \
-                        (load is None or held < load):
-                    worker, load = candidate, held
+            job = queue[next(iter(queue))]
+            cost = self.service_us.get(job.meta.name, PACK_US)
+            worker = choose_worker(self.workers.values(), cost)
             if worker is None:
                 break
             job_id, job = queue.popitem(last=False)
             job.worker = worker
-            worker.jobs[job_id] = None
+            worker.jobs[job_id] = cost
             entry = p.job_entry(job_id, job.deadline - now, job.meta, job.data)
             batch = batches.get(worker)
             if batch is None:
@@ -410,6 +437,16 @@ class Broker:
                 batch.append(entry)
         for worker, batch in batches.items():
             p.send_frames(self.back, p.jobs_frames(worker.identity, batch))
+
+    def learn(self, name: str, run_us: float) -> None:
+        """Fold a request's run time into its script's average."""
+        average = self.service_us.get(name)
+        if average is None:
+            if len(self.service_us) >= SERVICE_NAMES:
+                self.service_us.clear()
+            self.service_us[name] = run_us
+        else:
+            self.service_us[name] = average + (run_us - average) * SERVICE_EWMA
 
     def expire_jobs(self, now: float) -> None:
         while self.deadlines and self.deadlines[0][0] <= now:

@@ -28,7 +28,8 @@ Back (worker DEALER, identity "node#slot:pid" -> broker ROUTER)::
     worker -> broker  [READY, meta]           meta msgpack {"slot", "pid", "credits",
                                                 "replaces", "reason", "restarts",
                                                 "job", "job_status", "served"}
-                      [REPLY, replies]        msgpack [[job, status, error, data], ...]
+                      [REPLY, replies]        msgpack [[job, status, error, data,
+                                                run_us], ...]; run_us: time it ran
                       [HEARTBEAT]             sent while idle
                       [DRAIN]                 "give me no more work" (recycle, stop)
     broker -> worker  [REQUEST, jobs]         msgpack [[job, budget, name, code, cookie,
@@ -324,22 +325,23 @@ def parse_jobs(frames: list[bytes]) -> list[tuple[bytes, float, ExecMeta, bytes]
 
 
 def worker_replies_frames(replies: list[list]) -> list[bytes]:
-    """Worker side: one REPLY message carrying [job, status, error, data] lists."""
+    """Worker side: one REPLY message carrying [job, status, error, data, run_us] lists."""
     return [REPLY, pack(replies)]
 
 
-def parse_worker_replies(frames: list[bytes]) -> list[tuple[bytes, str, bytes, str]]:
-    """Broker side: [identity, REPLY, replies] -> [(job, status, data, error), ...]."""
+def parse_worker_replies(frames: list[bytes]) -> list[tuple[bytes, str, bytes, str, float]]:
+    """Broker side: [identity, REPLY, replies] -> [(job, status, data, error, run_us), ...]."""
     if len(frames) != 3:
         raise ProtocolError("REPLY must have 1 frame after the command")
     replies = []
     for entry in _unpack_list(frames[2]):
-        if not (isinstance(entry, tuple) and len(entry) == 4 and isinstance(entry[0], bytes)
+        if not (isinstance(entry, tuple) and len(entry) == 5 and isinstance(entry[0], bytes)
                 and isinstance(entry[1], str) and entry[1] in _STATUS_SET
-                and isinstance(entry[2], str) and isinstance(entry[3], bytes)):
+                and isinstance(entry[2], str) and isinstance(entry[3], bytes)
+                and isinstance(entry[4], (int, float)) and 0 <= entry[4] < 1e12):
             raise ProtocolError("bad REPLY entry")
-        job, status, error, data = entry
-        replies.append((job, status, data, error))
+        job, status, error, data, run_us = entry
+        replies.append((job, status, data, error, float(run_us)))
     return replies
 
 

@@ -214,24 +214,24 @@ class Worker:
             self._title(f"busy {shown}")
             status, out, error = self.runner.run(meta.name, meta.code, data, meta.cookie,
                                                  deadline)
+        run_us = (time.perf_counter() - started) * 1e6
         self.served += 1
         self.slots.idle(self.slot, self.pid, self.served)
-        self.reply(job, status, out, error)
+        self.reply(job, status, out, error, run_us)
         self._restore_signals()  # a script in copy isolation may have changed them
         recycle = self.runner.after()
         if recycle and not self.stop_requested:
             log.warning("%s: %s; recycling this worker", self.title, recycle)
             self.stop_requested = True
         if log.isEnabledFor(logging.INFO):
-            log.info("exec %s %d B -> %d B %s %d us", shown, len(data),
-                     len(out), status, (time.perf_counter() - started) * 1e6)
+            log.info("exec %s %d B -> %d B %s %d us", shown, len(data), len(out), status, run_us)
 
-    def reply(self, job: bytes, status: str, out: bytes, error: str) -> None:
+    def reply(self, job: bytes, status: str, out: bytes, error: str, run_us: float) -> None:
         """Replies of one batch go back together, unless the first has waited
         FLUSH_AFTER: then a slow request never holds up the answers before it."""
         if not self.replies:
             self.first_reply = time.monotonic()
-        self.replies.append([job, status, error, out])
+        self.replies.append([job, status, error, out, run_us])
         if not self.jobs or time.monotonic() - self.first_reply >= FLUSH_AFTER:
             self.flush()
 

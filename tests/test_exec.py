@@ -170,6 +170,32 @@ def test_requests_held_behind_a_killed_request_run_elsewhere(make_cluster):
     assert elapsed < 5.0  # requeued at once, not after the 20 s deadline
 
 
+def test_short_requests_share_a_worker_slow_ones_spread(make_cluster):
+    """Dispatch packs requests known to be short onto a worker that is awake, but
+    never a slow or unknown script's: a burst of those still runs in parallel."""
+    cluster = make_cluster(pool={"workers": 2, "credits": 8}, log_level="warning",
+                           scripts={"nap.py": "import time\ntime.sleep(0.4)\n"})
+    cluster.serve()
+
+    async def burst(client, name, n):
+        started = time.monotonic()
+        results = await asyncio.gather(*(client.exec(name, b"%d" % i) for i in range(n)))
+        assert [(r.status, r.data) for r in results if name == "echo.py"] == \
+            [("ok", b"%d" % i) for i in range(n) if name == "echo.py"]
+        assert {r.status for r in results} == {"ok"}
+        return time.monotonic() - started
+
+    async def main():
+        async with AsyncClient(cluster.node("n1")["broker"], timeout=20) as client:
+            await burst(client, "echo.py", 300)  # echo.py is now known to be short
+            first = await burst(client, "nap.py", 4)  # never seen: not packed
+            again = await burst(client, "nap.py", 4)  # now known to be slow
+            return first, again
+
+    first, again = asyncio.run(asyncio.wait_for(main(), 60))
+    assert first < 1.4 and again < 1.4, (first, again)  # 0.8 s on two workers, 1.6 s on one
+
+
 def test_stopped_worker_is_noticed_and_replaced(make_cluster):
     cluster = make_cluster(pool={"workers": 2, "credits": 2},
                            broker={"request_timeout": 20.0},

@@ -136,11 +136,14 @@ def test_back_messages_carry_batches_and_refuse_bad_entries():
     frames = p.jobs_frames(b"w", [p.job_entry(b"j1", 2.5, meta, b"d1"),
                                   p.job_entry(b"j2", 1.0, meta, b"")])
     assert p.parse_jobs(frames[1:]) == [(b"j1", 2.5, meta, b"d1"), (b"j2", 1.0, meta, b"")]
-    replies = p.worker_replies_frames([[b"j1", p.OK, "", b"out"], [b"j2", p.TIMEOUT, "late", b""]])
-    assert p.parse_worker_replies([b"w", *replies]) == [(b"j1", "ok", b"out", ""),
-                                                  (b"j2", "timeout", b"", "late")]
-    for entries in ([[b"j", "nonsense", "", b""]], [[b"j", {}, "", b""]],
-                    [[{}, "ok", "", b""]], [[b"j", "ok", "", "not bytes"]], {"j": 1}, [1]):
+    replies = p.worker_replies_frames([[b"j1", p.OK, "", b"out", 12.5],
+                                       [b"j2", p.TIMEOUT, "late", b"", 3]])
+    assert p.parse_worker_replies([b"w", *replies]) == [(b"j1", "ok", b"out", "", 12.5),
+                                                        (b"j2", "timeout", b"", "late", 3.0)]
+    for entries in ([[b"j", "nonsense", "", b"", 1]], [[b"j", {}, "", b"", 1]],
+                    [[{}, "ok", "", b"", 1]], [[b"j", "ok", "", "not bytes", 1]],
+                    [[b"j", "ok", "", b"", -1]], [[b"j", "ok", "", b"", "1"]],
+                    [[b"j", "ok", "", b""]], {"j": 1}, [1]):
         with pytest.raises(p.ProtocolError):
             p.parse_worker_replies([b"w", p.REPLY, msgpack.packb(entries)])
     with pytest.raises(p.ProtocolError):
@@ -164,3 +167,24 @@ def test_front_batches_round_trip():
     assert p.parse_reply_message(single[1:]) == [(b"r", p.Result("n1", 1, "ok", b"x", None))]
     with pytest.raises(p.ProtocolError):
         p.parse_reply_message([msgpack.packb([[b"r", "nonsense", "n1", 1, "", b""]])])
+
+
+class _FakeWorker:
+    def __init__(self, held: int, each_us: float = 20.0, credits: int = 16,
+                 draining: bool = False):
+        self.jobs = dict.fromkeys(range(held), each_us)
+        self.credits, self.draining = credits, draining
+
+
+def test_short_requests_pack_onto_an_awake_worker_slow_ones_spread():
+    from broker.broker import PACK_US, choose_worker
+    idle, awake, full = _FakeWorker(0), _FakeWorker(3), _FakeWorker(16)
+    # a 20 us request: the worker already running some takes it (no wake-up) ...
+    assert choose_worker([idle, awake, full], 20.0) is awake
+    # ... unless what it holds would then run longer than PACK_US
+    assert choose_worker([idle, _FakeWorker(3, each_us=PACK_US / 3)], 20.0) is idle
+    # a slow request (or an unknown script's): the shortest queue
+    assert choose_worker([awake, idle], PACK_US) is idle
+    assert choose_worker([_FakeWorker(2), _FakeWorker(1)], 5000.0).jobs.keys() == {0}
+    # never a full or draining worker
+    assert choose_worker([full, _FakeWorker(0, draining=True)], 20.0) is None
