@@ -48,7 +48,6 @@ class Predecessor:
 
 
 FORK_BACKSTOP = 2.0  # fork isolation: the pool kills the worker only if it misses its own deadline
-FLUSH_AFTER = 0.0005  # seconds a finished reply may wait for the rest of its batch
 IDLE_AFTER_MS = 5     # a worker waiting this long is idle: title and log lines updated
 
 
@@ -67,8 +66,6 @@ class Worker:
         self.silence_limit = self.hb_interval * config.broker.liveness
         self.served = 0  # requests run, replied or not: the broker reads it after a death
         self.jobs: collections.deque = collections.deque()  # received, not yet run
-        self.replies: list[list] = []  # finished, not yet sent
-        self.first_reply = 0.0
         self.state = ""  # the title's last word(s)
         self.stop_requested = False
         self.draining = False
@@ -104,7 +101,6 @@ class Worker:
                 # what it sent meanwhile is queued, so count silence from here.
                 last_heard = time.monotonic()
             else:
-                self.flush()
                 frames = self._next_message(wait_ms)
                 if frames is not None:
                     handler = handlers.get(frames[0])
@@ -124,7 +120,6 @@ class Worker:
                 self.register()
                 last_heard = now
             self._maybe_drain(now)
-        self.flush()
         self.sock.close(linger=1000)
         self.ctx.term()
 
@@ -227,18 +222,10 @@ class Worker:
             log.info("exec %s %d B -> %d B %s %d us", shown, len(data), len(out), status, run_us)
 
     def reply(self, job: bytes, status: str, out: bytes, error: str, run_us: float) -> None:
-        """Replies of one batch go back together, unless the first has waited
-        FLUSH_AFTER: then a slow request never holds up the answers before it."""
-        if not self.replies:
-            self.first_reply = time.monotonic()
-        self.replies.append([job, status, error, out, run_us])
-        if not self.jobs or time.monotonic() - self.first_reply >= FLUSH_AFTER:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.replies:
-            p.send_frames(self.sock, p.worker_replies_frames(self.replies))
-            self.replies = []
+        # At once, not with the rest of the batch: batching replies measured no
+        # faster, and a reply held back would wait for a slow request after it,
+        # or die with the worker.
+        p.send_frames(self.sock, p.worker_replies_frames([[job, status, error, out, run_us]]))
 
     def on_heartbeat(self, frames: list[bytes]) -> None:
         pass  # receipt alone proves the broker is alive
