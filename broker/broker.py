@@ -3,12 +3,15 @@
     clients (DEALER) --> [front ROUTER]  Broker  [back ROUTER] <-- workers (DEALER)
 
 Dispatch is credit based: a READY worker announces N credits, so up to N
-requests wait at each worker and none sits idle during a round trip; each
-request goes to the worker holding the fewest.  Requests beyond
-the credits wait in a bounded queue (full -> ``busy``).  Every request gets
-exactly one reply: the worker's, ``timeout`` at its deadline, ``killed`` when
-its worker died (learned from the replacement's READY, or from a missed
-heartbeat), or ``bad_request`` for frames that make no sense.
+requests wait at each worker and none sits idle during a round trip; what a
+worker is given at once travels in one message.  A short request joins a
+worker that is already busy, any other the worker holding the fewest
+(`choose_worker`).  Requests beyond the credits wait in a bounded queue
+(full -> ``busy``).  A client that sends batches gets its replies in batches,
+one message per loop turn.  Every request gets exactly one reply: the
+worker's, ``timeout`` at its deadline, ``killed`` when its worker died
+(learned from the replacement's READY, or from a missed heartbeat), or
+``bad_request`` for frames that make no sense.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Wire messages between clients, the broker and workers: defined here, once.
 
 Few frames per message: each ZeroMQ frame costs ~3 us to send and receive in
-Python, more than packing a small msgpack header.  Between the broker and a
-worker, one message carries every request (and every reply) ready at that
-moment: under load that is several per message, and each message costs the
-sender, the receiver and both I/O threads a wake-up.
+Python, more than packing a small msgpack header.  Batches: the broker hands a
+worker every request it gives it at once in one message, and a client may
+send several requests in one message: each message costs the sender, the
+receiver and both I/O threads a wake-up.
 
 Front (client DEALER -> broker ROUTER; the ROUTER adds the client identity)::
 

@@ -3,10 +3,10 @@
     broker back ROUTER  <-- DEALER (identity "n1#2:<pid>") --  Worker.run()
 
 After the fork the worker closes its sandbox around itself (sandbox.py), opens
-its own ZeroMQ
-context (nothing ZeroMQ crosses the fork), announces READY with its credits and
-then loops: run each REQUEST through the Executor, send REPLY, heartbeat
-while idle.  If the broker goes silent it announces READY again, so a
+its own ZeroMQ context (nothing ZeroMQ crosses the fork), announces READY with
+its credits and then loops: take the jobs of each REQUEST (one or more), run
+them one by one in that order through the runner, send a REPLY for each as it
+ends, heartbeat while idle.  If the broker goes silent it announces READY again, so a
 restarted broker gets its workers back.  On SIGTERM or after max_requests
 it sends DRAIN, finishes what the broker already gave it, and exits on BYE.
 """
