@@ -49,6 +49,7 @@ def write_config(root: Path, workers: int, log_level: str) -> Path:
     path.write_text(f"""
 [pool]
 workers = {workers}
+max_requests = 0   # no recycling mid-run: the CPU columns sum the live processes
 
 [proxy]
 listen = "127.0.0.1:{free_port()}"
