@@ -424,12 +424,12 @@ class Broker:
         queue = self.queue
         batches: dict[Worker, list[list]] = {}
         while queue:
-            job = queue[next(iter(queue))]
+            job_id, job = next(iter(queue.items()))
             cost = self.service_us.get(job.meta.name, PACK_US)
             worker = choose_worker(self.workers.values(), cost)
             if worker is None:
                 break
-            job_id, job = queue.popitem(last=False)
+            del queue[job_id]
             job.worker = worker
             worker.jobs[job_id] = cost
             entry = p.job_entry(job_id, job.deadline - now, job.meta, job.data)
