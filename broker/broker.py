@@ -27,6 +27,7 @@ import zmq
 from . import protocol as p
 from srw import logs
 from srw.config import Config, NodeSettings
+from srw.sched import CALM_AFTER, LoadScheduling
 
 log = logging.getLogger("srw.broker")
 
@@ -136,6 +137,7 @@ class Broker:
         self.latencies: collections.deque[int] = collections.deque(maxlen=2000)
         self.stopping = False
         self.next_heartbeat = 0.0
+        self.scheduling = LoadScheduling()
 
     def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -183,6 +185,9 @@ class Broker:
             if now >= self.next_heartbeat:
                 self.heartbeat(now)
             self.send_replies()
+            # More requests in flight than workers: they queue, and taking
+            # them in fewer, larger turns matters more than a wake-up's speed.
+            self.scheduling.update(len(self.jobs) > len(self.workers), now)
             if self.stopping:
                 drain_until = drain_until or now + self.settings.request_timeout
                 if not self.jobs or now > drain_until:
@@ -201,6 +206,8 @@ class Broker:
         until = self.next_heartbeat
         if self.deadlines:
             until = min(until, self.deadlines[0][0])
+        if self.scheduling.batch:  # wake to restore the default policy when calm
+            until = min(until, now + CALM_AFTER)
         return max(0, int((until - now) * 1000) + 1)
 
     # Clients ----------------------------------------------------------------

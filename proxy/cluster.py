@@ -14,15 +14,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from broker import protocol as p
 from broker.client import AsyncClient, BrokerUnavailable, Result
 from srw.config import Config, ConfigError, NodeSettings
+from srw.sched import CALM_AFTER, LoadScheduling
 from storage.ring import Ring
 
 DATA_THREADS = 4
 PING_TIMEOUT = 2.0
+BUSY_IN_FLIGHT = 4   # execs in flight beyond which the proxy takes them in batches (srw.sched)
 
 
 def allowed_groups(config: Config) -> list[int]:
@@ -43,6 +46,8 @@ class Cluster:
         self.ring = Ring(config)
         self.groups = allowed_groups(config)
         self.clients: dict[str, AsyncClient] = {}
+        self.in_flight = 0
+        self.scheduling = LoadScheduling()
 
     def start(self) -> None:
         timeout = self.config.broker.request_timeout
@@ -57,10 +62,21 @@ class Cluster:
     async def exec(self, targets: list[NodeSettings], name: str, data: bytes,
                    cookie: str, hex_id: str | None) -> list[Result]:
         """One Result per target, in route order; never raises for a node that is down."""
-        if len(targets) == 1:  # the common case, without gather's extra task
-            return [await self._exec_one(targets[0], name, data, cookie, hex_id)]
-        return list(await asyncio.gather(
-            *(self._exec_one(n, name, data, cookie, hex_id) for n in targets)))
+        self.in_flight += 1
+        self.scheduling.update(self.in_flight > BUSY_IN_FLIGHT, time.monotonic())
+        try:
+            if len(targets) == 1:  # the common case, without gather's extra task
+                return [await self._exec_one(targets[0], name, data, cookie, hex_id)]
+            return list(await asyncio.gather(
+                *(self._exec_one(n, name, data, cookie, hex_id) for n in targets)))
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight and self.scheduling.batch:
+                asyncio.get_running_loop().call_later(CALM_AFTER, self._relax_if_idle)
+
+    def _relax_if_idle(self) -> None:
+        if not self.in_flight:
+            self.scheduling.relax()
 
     async def _exec_one(self, node: NodeSettings, name: str, data: bytes, cookie: str,
                         hex_id: str | None) -> Result:

@@ -26,6 +26,7 @@ import zmq
 from broker import protocol as p
 from srw import logs
 from srw.config import Config, NodeSettings
+from srw.sched import LoadScheduling, open_thread_list, thread_ids
 
 from .executor import Executor
 from .isolation import CopyRunner, ForkRunner
@@ -80,6 +81,7 @@ class Worker:
         self._title("idle")
         logs.retag(f"worker {self.node.name}#{self.slot}", buffered=True)
         self.executor.scripts.open_dir()
+        task_dir = open_thread_list()  # the sandbox closes /proc; ZeroMQ's thread comes after
         self.sandbox.enter_worker(self.slot)
         fork = self.profile.isolation == "fork"
         self.runner = ForkRunner(self.executor, self.sandbox,
@@ -88,6 +90,7 @@ class Worker:
         self.runner.start()
         self.ctx = zmq.Context(io_threads=1)
         self.sock = self._connect()
+        self.scheduling = LoadScheduling(thread_ids(task_dir))
         self.register()
         self.slots.idle(self.slot, self.pid, 0)
         handlers = {p.REQUEST: self.on_request, p.HEARTBEAT: self.on_heartbeat,
@@ -132,6 +135,7 @@ class Worker:
             if not self.sock.poll(IDLE_AFTER_MS):
                 self._title("idle")
                 logs.flush()
+                self.scheduling.relax()
                 if not self.sock.poll(wait_ms):
                     return None
             frames = p.recv_frames_nowait(self.sock)
@@ -193,6 +197,8 @@ class Worker:
         self.executor.scripts.new_batch()
         for job, budget, meta, data in jobs:
             self.jobs.append((job, received + budget, meta, data))
+        # A backlog: the node is loaded, so take messages in batches (srw.sched).
+        self.scheduling.update(len(self.jobs) > 1, received)
 
     def run_next(self) -> None:
         job, deadline, meta, data = self.jobs.popleft()

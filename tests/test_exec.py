@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 
 
@@ -194,6 +195,43 @@ def test_short_requests_share_a_worker_slow_ones_spread(make_cluster):
 
     first, again = asyncio.run(asyncio.wait_for(main(), 60))
     assert first < 1.4 and again < 1.4, (first, again)  # 0.8 s on two workers, 1.6 s on one
+
+
+def test_loaded_broker_and_workers_switch_to_batch_scheduling_and_back(make_cluster):
+    """With a backlog the broker and a worker run SCHED_BATCH, every thread of
+    them (srw.sched); once calm, the default policy again."""
+    cluster = make_cluster(pool={"workers": 2}, log_level="warning")
+    cluster.serve()
+    stop, failures = threading.Event(), []
+
+    def load():
+        async def main():
+            async with AsyncClient(cluster.node("n1")["broker"], timeout=30) as client:
+                for _ in range(2000):  # bounded: ~100 ms a round on this machine
+                    if stop.is_set():
+                        return
+                    results = await asyncio.gather(*(client.exec("echo.py", b"x")
+                                                     for _ in range(256)))
+                    failures.extend(r for r in results if not r.ok)
+        asyncio.run(main())
+
+    def policies(procs):
+        return {os.sched_getscheduler(t.id) for proc in procs for t in proc.threads()}
+
+    broker = cluster.processes("srw: broker n1")
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        wait_until(lambda: policies(broker) == {os.SCHED_BATCH}, 20,
+                   "the loaded broker's batch policy")
+        wait_until(lambda: any(policies([w]) == {os.SCHED_BATCH} for w in cluster.workers()),
+                   20, "a loaded worker's batch policy")
+    finally:
+        stop.set()
+        loader.join(60)
+    assert not loader.is_alive() and not failures
+    wait_until(lambda: policies(broker + cluster.workers()) == {os.SCHED_OTHER}, 10,
+               "the default policy once calm")
 
 
 def test_stopped_worker_is_noticed_and_replaced(make_cluster):

@@ -188,3 +188,38 @@ def test_short_requests_pack_onto_an_awake_worker_slow_ones_spread():
     assert choose_worker([_FakeWorker(2), _FakeWorker(1)], 5000.0).jobs.keys() == {0}
     # never a full or draining worker
     assert choose_worker([full, _FakeWorker(0, draining=True)], 20.0) is None
+
+
+def test_load_scheduling_switches_the_given_threads_by_load():
+    import os
+    import threading
+
+    from srw.sched import CALM_AFTER, LoadScheduling
+    done, started = threading.Event(), threading.Event()
+    tid = []
+
+    def idle():
+        tid.append(threading.get_native_id())
+        started.set()
+        done.wait(10)
+
+    thread = threading.Thread(target=idle)
+    thread.start()
+    try:
+        started.wait(5)
+        sched = LoadScheduling([tid[0]])
+        sched.update(True, 0.0)
+        assert os.sched_getscheduler(tid[0]) == os.SCHED_BATCH and sched.batch
+        sched.update(False, 1.0)  # calm starts: not yet
+        assert os.sched_getscheduler(tid[0]) == os.SCHED_BATCH
+        sched.update(True, 1.0 + CALM_AFTER / 2)  # busy again: calm starts over
+        sched.update(False, 2.0)
+        sched.update(False, 2.0 + 2 * CALM_AFTER)
+        assert os.sched_getscheduler(tid[0]) == os.SCHED_OTHER and not sched.batch
+        sched.update(True, 3.0)
+        sched.relax()
+        assert os.sched_getscheduler(tid[0]) == os.SCHED_OTHER
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # only the given threads
+    finally:
+        done.set()
+        thread.join(5)
