@@ -70,6 +70,21 @@ class Worker:
         return f"worker #{self.slot} (pid {self.pid})"
 
 
+class IdLock:
+    """The execs of one id on this node, which run one at a time, in order.
+
+    Its holders are all in the queue or all given to one worker (`worker`),
+    which runs them one after another; the others wait.  Giving a worker
+    the waiters of an id it already runs keeps them one at a time without a
+    round trip through the broker between them."""
+    __slots__ = ("holders", "worker", "waiting")
+
+    def __init__(self):
+        self.holders: set[bytes] = set()
+        self.worker: Worker | None = None
+        self.waiting: collections.deque[bytes] = collections.deque()
+
+
 def choose_worker(workers, cost_us: float) -> Worker | None:
     """The worker for a request expected to run `cost_us`: within its credits,
     not draining.
@@ -122,10 +137,11 @@ class Broker:
         self.workers: dict[bytes, Worker] = {}
         self.by_slot: dict[int, Worker] = {}
         self.queue: collections.OrderedDict[bytes, Job] = collections.OrderedDict()
-        # Per-id locks: an exec with an id runs alone for that id on this node; the
-        # execs that come while it runs wait here in order (id -> their job ids).
-        self.locks: dict[str, collections.deque[bytes]] = {}
-        self.blocked = 0
+        # Per-id locks: the execs of one id run one at a time on this node, in
+        # the order they came (id -> IdLock).
+        self.locks: dict[str, IdLock] = {}
+        self.blocked = 0  # execs waiting in locks
+        self.new_waiters: set[str] = set()  # locks whose holders' worker may take more
         self.jobs: dict[bytes, Job] = {}
         # Average run time per script name, us; a script never seen is not packed.
         self.service_us: dict[str, float] = {}
@@ -269,12 +285,16 @@ class Broker:
                   batched)
         self.jobs[job_id] = job
         heapq.heappush(self.deadlines, (job.deadline, job_id))
-        if lock is not None and lock in self.locks:
-            self.locks[lock].append(job_id)
-            self.blocked += 1
-            return
         if lock is not None:
-            self.locks[lock] = collections.deque()
+            id_lock = self.locks.get(lock)
+            if id_lock is None:
+                id_lock = self.locks[lock] = IdLock()
+            elif id_lock.holders:
+                id_lock.waiting.append(job_id)
+                self.blocked += 1
+                self.new_waiters.add(lock)
+                return
+            id_lock.holders.add(job_id)
         self.queue[job_id] = job
 
     def reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
@@ -314,19 +334,30 @@ class Broker:
         self.reply(job.client, job.rid, status, data, error, job.batched)
 
     def _release(self, job_id: bytes, lock: str) -> None:
-        """The lock holder finished: the next live waiter for that id holds it now."""
-        waiting = self.locks.get(lock)
-        if waiting is None:
+        """A job of this id finished: when it was the last holder, the next
+        live waiter holds the lock, first in the queue."""
+        id_lock = self.locks.get(lock)
+        if id_lock is None:
             return
-        if job_id in waiting:  # a waiter that timed out: it never held the lock
-            waiting.remove(job_id)
+        if job_id in id_lock.holders:
+            id_lock.holders.discard(job_id)
+        elif job_id in id_lock.waiting:  # a waiter that timed out: it never held the lock
+            id_lock.waiting.remove(job_id)
             self.blocked -= 1
+        if id_lock.holders and id_lock.waiting:
+            self.new_waiters.add(lock)  # their worker has room again
+        self._promote(lock, id_lock)
+
+    def _promote(self, lock: str, id_lock: IdLock) -> None:
+        if id_lock.holders:
             return
-        while waiting:
-            next_id = waiting.popleft()
+        id_lock.worker = None
+        while id_lock.waiting:
+            next_id = id_lock.waiting.popleft()
             self.blocked -= 1
             job = self.jobs.get(next_id)
             if job is not None:
+                id_lock.holders.add(next_id)
                 self.queue[next_id] = job
                 self.queue.move_to_end(next_id, last=False)
                 return
@@ -402,14 +433,28 @@ class Broker:
         log.debug("%s ready with %d credits", worker, worker.credits)
 
     def requeue(self, worker: Worker, job_ids: list[bytes]) -> None:
-        """Give a dead worker's never-started requests to the others, first in line."""
+        """Give a dead worker's never-started requests to the others, first in line.
+        Those holding an id's lock wait for it again, first in line: the lock
+        passes on only when the last of its holders there is answered."""
+        locks = set()
         for job_id in reversed(job_ids):
             worker.jobs.pop(job_id, None)
             job = self.jobs.get(job_id)
-            if job is not None:
-                job.worker = None
-                self.queue[job_id] = job
-                self.queue.move_to_end(job_id, last=False)
+            if job is None:
+                continue
+            job.worker = None
+            id_lock = self.locks.get(job.lock) if job.lock is not None else None
+            if id_lock is not None and job_id in id_lock.holders:
+                id_lock.holders.discard(job_id)
+                id_lock.waiting.appendleft(job_id)
+                self.blocked += 1
+                locks.add(job.lock)
+                continue
+            self.queue[job_id] = job
+            self.queue.move_to_end(job_id, last=False)
+        for lock in locks:
+            if lock in self.locks:
+                self._promote(lock, self.locks[lock])
 
     def remove_worker(self, worker: Worker, why: str) -> None:
         """Forget a worker; what it held is answered ``killed``, never retried."""
@@ -437,16 +482,43 @@ class Broker:
             if worker is None:
                 break
             del queue[job_id]
-            job.worker = worker
-            worker.jobs[job_id] = cost
-            entry = p.job_entry(job_id, job.deadline - now, job.meta, job.data)
-            batch = batches.get(worker)
-            if batch is None:
-                batches[worker] = [entry]
-            else:
-                batch.append(entry)
+            self._give(worker, job_id, job, cost, now, batches)
+            if job.lock is not None:
+                self.locks[job.lock].worker = worker
+                self.new_waiters.add(job.lock)
+        for lock in self.new_waiters:
+            self._chain(lock, now, batches)
+        self.new_waiters.clear()
         for worker, batch in batches.items():
             p.send_frames(self.back, p.jobs_frames(worker.identity, batch))
+
+    def _give(self, worker: Worker, job_id: bytes, job: Job, cost: float, now: float,
+              batches: dict[Worker, list[list]]) -> None:
+        job.worker = worker
+        worker.jobs[job_id] = cost
+        entry = p.job_entry(job_id, job.deadline - now, job.meta, job.data)
+        batch = batches.get(worker)
+        if batch is None:
+            batches[worker] = [entry]
+        else:
+            batch.append(entry)
+
+    def _chain(self, lock: str, now: float, batches: dict[Worker, list[list]]) -> None:
+        """An id's waiters join the worker that runs its holders, within its credits."""
+        id_lock = self.locks.get(lock)
+        if id_lock is None or id_lock.worker is None or not id_lock.holders:
+            return
+        worker = id_lock.worker
+        if self.workers.get(worker.identity) is not worker:
+            return
+        while id_lock.waiting and len(worker.jobs) < worker.credits and not worker.draining:
+            job_id = id_lock.waiting.popleft()
+            self.blocked -= 1
+            job = self.jobs.get(job_id)
+            if job is not None:
+                id_lock.holders.add(job_id)
+                self._give(worker, job_id, job, self.service_us.get(job.meta.name, PACK_US),
+                           now, batches)
 
     def learn(self, name: str, run_us: float) -> None:
         """Fold a request's run time into its script's average."""

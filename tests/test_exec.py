@@ -363,4 +363,46 @@ def test_exec_with_an_id_holds_the_id_lock(make_cluster, tmp_path):
     results = asyncio.run(asyncio.wait_for(main(), 60))
     assert {r.status for r in results} == {"ok"}
     assert counter.read_text() == "200"
-    assert sorted(int(r.data) for r in results) == list(range(1, 201))
+    # the three spellings are one id (trailing zeros): one lock, first come first served
+    assert [int(r.data) for r in results] == list(range(1, 201))
+
+
+def test_id_lock_survives_the_death_of_the_worker_running_its_execs(make_cluster, tmp_path):
+    """An id's waiting execs go to the worker that runs the id; when it dies,
+    the one it ran is answered killed and the rest still run one at a time,
+    in order, elsewhere."""
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    cluster = make_cluster(pool={"workers": 2, "credits": 8, "profile": "trusted"},
+                           broker={"request_timeout": 20.0}, log_level="warning",
+                           scripts={"slow_incr.py": """
+        import time
+        path = __input_binary_data_tuple[0].decode()
+        value = int(open(path).read())
+        time.sleep(0.3)
+        open(path, "w").write(str(value + 1))
+        __return_data = str(value + 1)
+    """})
+    cluster.serve()
+
+    async def main():
+        async with AsyncClient(cluster.node("n1")["broker"], timeout=20) as client:
+            calls = [asyncio.ensure_future(client.exec("slow_incr.py", str(counter).encode(),
+                                                       id="abc"))
+                     for _ in range(6)]
+            busy = []
+            for _ in range(100):  # up to 5 s for the title to show it
+                await asyncio.sleep(0.05)
+                busy = [p for p in cluster.workers()
+                        if "busy slow_incr.py" in " ".join(p.cmdline())]
+                if busy:
+                    break
+            assert len(busy) == 1, "the id's execs must run on one worker at a time"
+            busy[0].send_signal(signal.SIGKILL)
+            return await asyncio.gather(*calls)
+
+    results = asyncio.run(asyncio.wait_for(main(), 60))
+    statuses = [r.status for r in results]
+    assert statuses[0] == "killed" and statuses[1:] == ["ok"] * 5, statuses
+    assert [int(r.data) for r in results[1:]] == [1, 2, 3, 4, 5]
+    assert counter.read_text() == "5"
