@@ -223,3 +223,43 @@ def test_load_scheduling_switches_the_given_threads_by_load():
     finally:
         done.set()
         thread.join(5)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_broker_deadline_heap_forgets_answered_requests(tmp_path):
+    """Answered requests do not pile up in the deadline heap (a burst with long
+    deadlines would cost every later request), and a waiting one still expires."""
+    import time
+
+    import zmq
+
+    from broker.broker import DEADLINES_SLACK, Broker
+    config = cfg.load(write(tmp_path, NODE.replace("1025", str(_free_port()))
+                                      .replace("1026", str(_free_port()))))
+    ctx = zmq.Context()
+    broker = Broker(config, config.nodes[0], ctx)
+    try:
+        def request(i, timeout):
+            meta = p.ExecMeta(name="echo.py", timeout=timeout)
+            return p.FrontRequest(b"client", p.EXEC, b"%d" % i, meta, b"")
+
+        broker.accept(request(0, 0.05), batched=True)  # never answered
+        waiting = next(iter(broker.jobs))
+        for i in range(1, 10 * DEADLINES_SLACK):
+            broker.accept(request(i, 60.0), batched=True)
+            broker.finish(next(reversed(broker.jobs)), p.OK)
+        assert len(broker.jobs) == 1
+        assert len(broker.deadlines) <= 2 * len(broker.jobs) + DEADLINES_SLACK + 1
+        broker.expire_jobs(time.monotonic() + 1.0)
+        assert waiting not in broker.jobs
+        assert broker.outbox[b"client"][-1][1] == p.UNAVAILABLE  # no workers: unavailable
+    finally:
+        broker.front.close()
+        broker.back.close()
+        ctx.term()
