@@ -134,6 +134,16 @@ def test_sigkill_of_busy_worker_answers_killed_and_refills(make_cluster):
         assert cluster.status()["restarts"] >= 1
 
 
+async def workers_running(cluster, script: str) -> list:
+    """The workers whose title shows them running `script`; up to 5 s for one to."""
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        busy = [p for p in cluster.workers() if f"busy {script}" in " ".join(p.cmdline())]
+        if busy:
+            return busy
+    return []
+
+
 def test_requests_held_behind_a_killed_request_run_elsewhere(make_cluster):
     """A worker gets its requests in batches; when it dies running one, the
     requests it held behind that one never started and are run by another."""
@@ -148,13 +158,7 @@ def test_requests_held_behind_a_killed_request_run_elsewhere(make_cluster):
             slow = asyncio.ensure_future(client.exec("slow.py"))
             echoes = [asyncio.ensure_future(client.exec("echo.py", b"%d" % i))
                       for i in range(12)]
-            busy = []
-            for _ in range(100):  # up to 5 s for the title to show it
-                await asyncio.sleep(0.05)
-                busy = [p for p in cluster.workers()
-                        if "busy slow.py" in " ".join(p.cmdline())]
-                if busy:
-                    break
+            busy = await workers_running(cluster, "slow.py")
             assert busy, "no worker ran slow.py"
             victim = busy[0]
             await asyncio.sleep(0.5)  # the other worker answers its share
@@ -338,20 +342,26 @@ def test_serve_stops_everything_on_sigterm(node):
                "every srw process gone")
 
 
+def incr_script(nap: float) -> str:
+    """Read-modify-write of the counter file the data names, with a nap in between:
+    two of them running at once lose an update."""
+    return f"""
+        import time
+        path = __input_binary_data_tuple[0].decode()
+        value = int(open(path).read())
+        time.sleep({nap})
+        open(path, "w").write(str(value + 1))
+        __return_data = str(value + 1)
+    """
+
+
 def test_exec_with_an_id_holds_the_id_lock(make_cluster, tmp_path):
     """Read-modify-write scripts on one id lose no update; other ids run in parallel."""
     counter = tmp_path / "counter"
     counter.write_text("0")
     # trusted: the script writes a counter file in tmp_path, which the default profile forbids
     cluster = make_cluster(pool={"workers": 4, "profile": "trusted"}, log_level="warning",
-                           scripts={"incr.py": """
-        import time
-        path = __input_binary_data_tuple[0].decode()
-        value = int(open(path).read())
-        time.sleep(0.001)
-        open(path, "w").write(str(value + 1))
-        __return_data = str(value + 1)
-    """})
+                           scripts={"incr.py": incr_script(0.001)})
     cluster.serve()
 
     async def main():
@@ -375,14 +385,7 @@ def test_id_lock_survives_the_death_of_the_worker_running_its_execs(make_cluster
     counter.write_text("0")
     cluster = make_cluster(pool={"workers": 2, "credits": 8, "profile": "trusted"},
                            broker={"request_timeout": 20.0}, log_level="warning",
-                           scripts={"slow_incr.py": """
-        import time
-        path = __input_binary_data_tuple[0].decode()
-        value = int(open(path).read())
-        time.sleep(0.3)
-        open(path, "w").write(str(value + 1))
-        __return_data = str(value + 1)
-    """})
+                           scripts={"slow_incr.py": incr_script(0.3)})
     cluster.serve()
 
     async def main():
@@ -390,13 +393,7 @@ def test_id_lock_survives_the_death_of_the_worker_running_its_execs(make_cluster
             calls = [asyncio.ensure_future(client.exec("slow_incr.py", str(counter).encode(),
                                                        id="abc"))
                      for _ in range(6)]
-            busy = []
-            for _ in range(100):  # up to 5 s for the title to show it
-                await asyncio.sleep(0.05)
-                busy = [p for p in cluster.workers()
-                        if "busy slow_incr.py" in " ".join(p.cmdline())]
-                if busy:
-                    break
+            busy = await workers_running(cluster, "slow_incr.py")
             assert len(busy) == 1, "the id's execs must run on one worker at a time"
             busy[0].send_signal(signal.SIGKILL)
             return await asyncio.gather(*calls)
