@@ -7,11 +7,13 @@ requests wait at each worker and none sits idle during a round trip; what a
 worker is given at once travels in one message.  A short request joins a
 worker that is already busy, any other the worker holding the fewest
 (`choose_worker`).  Requests beyond the credits wait in a bounded queue
-(full -> ``busy``).  A client that sends batches gets its replies in batches,
-one message per loop turn.  Every request gets exactly one reply: the
-worker's, ``timeout`` at its deadline, ``killed`` when its worker died
-(learned from the replacement's READY, or from a missed heartbeat), or
-``bad_request`` for frames that make no sense.
+(full -> ``busy``).  Execs with the same id run one at a time, in order: the
+worker that runs one also gets those waiting for it (`IdLock`).  A client
+that sends batches gets its replies in batches, one message per loop turn.
+Every request gets exactly one reply: the worker's, ``timeout`` at its
+deadline, ``killed`` when its worker died (learned from the replacement's
+READY, or from a missed heartbeat), or ``bad_request`` for frames that make
+no sense.
 """
 from __future__ import annotations
 
