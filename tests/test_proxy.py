@@ -255,6 +255,45 @@ def test_serve_runs_the_proxy_as_a_titled_child_and_restarts_it(web):
     assert post(web, "exec&name=echo.py", b"again")[:3:2] == (200, b"again")
 
 
+def test_loaded_proxy_switches_to_batch_scheduling_and_back(web):
+    """More than a few execs in flight: every proxy thread runs SCHED_BATCH
+    (srw.sched); once calm, the default policy again."""
+    import asyncio
+    import os
+    import threading
+
+    import aiohttp
+    stop, failures = threading.Event(), []
+    url = proxy_url(web, "/elliptics?exec&name=test_script.py")
+
+    def load():
+        async def main():
+            async with aiohttp.ClientSession() as session:
+                async def one():
+                    async with session.post(url, data=DATA) as resp:
+                        if resp.status != 200 or await resp.read() != ORIGINAL_REPLY:
+                            failures.append(resp.status)
+                for _ in range(500):  # bounded: ~50 ms a round on this machine
+                    if stop.is_set():
+                        return
+                    await asyncio.gather(*(one() for _ in range(32)))
+        asyncio.run(main())
+
+    def policies():
+        return {os.sched_getscheduler(t.id) for proc in web.processes("srw: proxy")
+                for t in proc.threads()}
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        wait_until(lambda: policies() == {os.SCHED_BATCH}, 20, "the loaded proxy's batch policy")
+    finally:
+        stop.set()
+        loader.join(60)
+    assert not loader.is_alive() and not failures
+    wait_until(lambda: policies() == {os.SCHED_OTHER}, 10, "the default policy once calm")
+
+
 # Several nodes -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
