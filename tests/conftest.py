@@ -9,6 +9,7 @@ process it ever saw in the tree.
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 import socket
 import subprocess
@@ -26,10 +27,35 @@ REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 30.0
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on, below the kernel's ephemeral range.
+
+    A port from that range (what binding port 0 gives) can be taken by any
+    outgoing connection between now and the moment a node binds it: a node's
+    own connection to its neighbour once did, and the node refused to start."""
+    low, high = 20000, _ephemeral_low() - 1
+    for _ in range(1000):
+        port = random.randint(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {low}-{high}")
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):

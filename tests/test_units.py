@@ -225,13 +225,6 @@ def test_load_scheduling_switches_the_given_threads_by_load():
         thread.join(5)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_broker_deadline_heap_forgets_answered_requests(tmp_path):
     """Answered requests do not pile up in the deadline heap (a burst with long
     deadlines would cost every later request), and a waiting one still expires."""
@@ -240,8 +233,9 @@ def test_broker_deadline_heap_forgets_answered_requests(tmp_path):
     import zmq
 
     from broker.broker import DEADLINES_SLACK, Broker
-    config = cfg.load(write(tmp_path, NODE.replace("1025", str(_free_port()))
-                                      .replace("1026", str(_free_port()))))
+    from conftest import free_port
+    config = cfg.load(write(tmp_path, NODE.replace("1025", str(free_port()))
+                                      .replace("1026", str(free_port()))))
     ctx = zmq.Context()
     broker = Broker(config, config.nodes[0], ctx)
     try:
