@@ -489,7 +489,7 @@ class Broker:
         batches: dict[Worker, list[list]] = {}
         while queue:
             job_id, job = next(iter(queue.items()))
-            cost = self.service_us.get(job.meta.name, PACK_US)
+            cost = self.expected_us(job)
             worker = choose_worker(self.workers.values(), cost)
             if worker is None:
                 break
@@ -529,8 +529,11 @@ class Broker:
             job = self.jobs.get(job_id)
             if job is not None:
                 id_lock.holders.add(job_id)
-                self._give(worker, job_id, job, self.service_us.get(job.meta.name, PACK_US),
-                           now, batches)
+                self._give(worker, job_id, job, self.expected_us(job), now, batches)
+
+    def expected_us(self, job: Job) -> float:
+        """How long `job` should run: its script's average; PACK_US for one never seen."""
+        return self.service_us.get(job.meta.name, PACK_US)
 
     def learn(self, name: str, run_us: float) -> None:
         """Fold a request's run time into its script's average."""

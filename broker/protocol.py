@@ -349,8 +349,7 @@ def parse_worker_replies(frames: list[bytes]) -> list[tuple[bytes, str, bytes, s
 # pyzmq's send_multipart/recv_multipart spend half their time building enum
 # flags; with plain ints a multipart round trip costs ~4.5 us instead of ~8.
 
-# These call the Cython socket directly; on an asyncio socket use them only
-# where they cannot block (noblock sends, recv after `readable`, recv_frames_nowait).
+# These call the Cython socket directly (plain, not asyncio, sockets).
 
 _SNDMORE, _RCVMORE, _NOBLOCK, _EVENTS, _POLLIN = 2, 13, 1, 15, 1
 _send, _recv, _get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
@@ -385,5 +384,6 @@ def recv_frames_nowait(sock) -> list[bytes] | None:
 
 
 def readable(sock) -> bool:
-    """A message waits (cheaper than a NOBLOCK recv that raises zmq.Again)."""
+    """A message waits.  For a spin that mostly finds nothing: cheaper than a
+    NOBLOCK recv raising zmq.Again.  To drain a socket use `recv_frames_nowait`."""
     return bool(_get(sock, _EVENTS) & _POLLIN)

@@ -56,8 +56,8 @@ class LoadScheduling:
                     os.sched_setscheduler(int(tid), policy, os.sched_param(0))
                 except ProcessLookupError:  # a thread that just ended
                     pass
-        except OSError as exc:  # no /proc, or not allowed: stay as we are
-            log.info("scheduling policy unchanged (%s); the process keeps the default", exc)
+        except OSError as exc:  # no /proc, or not allowed: stop trying
+            log.info("cannot change the scheduling policy (%s); it stays as it is", exc)
             self.enabled = False
             return
         self.batch = batch
