@@ -1,8 +1,8 @@
 """Logging for every srw process: one format, the level and file from [log].
 
 A line per executed request is part of the contract, so a line must be
-cheap: records skip what we never print (caller's frame, thread and process
-names; the pid is written into the format once), the timestamp is formatted
+cheap: records skip the caller's frame, which we never print (the pid is
+written into the format once), the timestamp is formatted
 once a second, and the busy processes (broker, workers, proxy) buffer their
 lines and write them with one system call when they go idle (`flush`), after
 BUFFER_SECONDS, or at once for a warning or worse.
@@ -19,10 +19,11 @@ from srw.config import LogSettings
 BUFFER_LINES = 256      # a buffered handler writes at least this often ...
 BUFFER_SECONDS = 0.2    # ... and no line waits longer than this for the next record
 
-# The logging HOWTO's "Optimization" switches: none of these fields is printed.
+# Two of the logging HOWTO's "Optimization" switches: no caller lookup (a
+# formatter that prints %(lineno)d or %(funcName)s gets 0 and a placeholder) and
+# no multiprocessing lookup.  Thread and process ids stay: python.init's own
+# formatters (libelliptics_python's prints %(process)d) fail on a None.
 logging._srcfile = None
-logging.logThreads = False
-logging.logProcesses = False
 logging.logMultiprocessing = False
 
 
