@@ -556,10 +556,10 @@ class Broker:
                             error=f"node {self.node.name}: no workers are connected; "
                                   "is the pool running?")
             else:
-                # The pool kills the worker at this deadline too: give it no more
-                # work, so what waits behind the request can be requeued.
+                # The worker ends the request at this deadline too (it kills its
+                # runner, or the pool kills it in isolation none, and then what it
+                # never began is requeued): its late reply is for a request answered.
                 if job.worker is not None:
-                    job.worker.draining = True
                     job.worker.jobs.pop(job_id, None)
                 self.finish(job_id, p.TIMEOUT,
                             error=f"node {self.node.name}: no reply within the request's "

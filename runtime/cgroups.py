@@ -1,13 +1,16 @@
-"""cgroup v1 memory and pids limits, one cgroup per worker slot.
+"""cgroup v1 memory and pids limits and CPU accounting, one cgroup per worker slot.
 
     /sys/fs/cgroup/memory/srw-<node>-<pool pid>/slot<N>/memory.limit_in_bytes
     /sys/fs/cgroup/pids/srw-<node>-<pool pid>/slot<N>/pids.max
+    /sys/fs/cgroup/cpuacct/srw-<node>-<pool pid>/slot<N>/cpuacct.usage
 
 The pool parent creates them (root only; this machine's cgroup v2 has no
-memory or pids controller), each worker moves itself in before it drops its
-uid, and everything it spawns inherits the cgroup, so the limits hold for the
-slot as a whole, root or not.  After a worker dies the pool kills whatever is
-left in its slot's cgroup: nothing a script started outlives its worker.
+memory or pids controller).  What runs scripts moves itself in before it
+drops its uid (the slot's zygote, or the worker itself in isolation "none"),
+and everything it spawns inherits the cgroup, so the limits hold for the
+slot as a whole, root or not, and the worker reads the CPU that the slot's
+runners and everything they started have used.  After a worker dies the pool
+kills whatever is left in its slot's cgroup.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from pathlib import Path
 log = logging.getLogger("srw.pool")
 
 ROOT = Path("/sys/fs/cgroup")
-CONTROLLERS = ("memory", "pids")
+CONTROLLERS = ("memory", "pids", "cpuacct")
 
 
 def available() -> bool:
@@ -52,6 +55,12 @@ class SlotCgroups:
             for c in CONTROLLERS:
                 (self.path(c, slot) / "cgroup.procs").write_text(str(os.getpid()))
 
+    def cpu_usage_file(self, slot: int) -> int:
+        """A descriptor of the slot's CPU use (`cpu_seconds`), or -1 without cgroups."""
+        if not self.enabled:
+            return -1
+        return os.open(self.path("cpuacct", slot) / "cpuacct.usage", os.O_RDONLY | os.O_CLOEXEC)
+
     def kill(self, slot: int) -> int:
         """SIGKILL everything left in the slot; returns how many were signalled."""
         if not self.enabled:
@@ -65,6 +74,11 @@ class SlotCgroups:
             _kill_all(self.path("pids", slot))
         for c in CONTROLLERS:
             _rmtree(ROOT / c / self.base)
+
+
+def cpu_seconds(usage_fd: int) -> float:
+    """CPU time used in a slot's cgroup (its processes and their reaped children)."""
+    return int(os.pread(usage_fd, 32, 0)) / 1e9
 
 
 def _kill_all(path: Path) -> int:

@@ -11,47 +11,32 @@ from __future__ import annotations
 
 import traceback
 from types import CodeType
+from typing import Callable
 
 from broker import protocol as p
 
-from .scripts import ScriptCache, ScriptNameError, ScriptNotFound, compile_content
-
-
-class Refused(Exception):
-    """A request that cannot run; `reply` is its (status, data, error)."""
-
-    def __init__(self, reply: tuple[str, bytes, str]):
-        super().__init__(reply[2])
-        self.reply = reply
+from .scripts import compile_content
 
 
 class Executor:
-    def __init__(self, global_context: dict, scripts: ScriptCache, output_bytes: int):
+    def __init__(self, global_context: dict, output_bytes: int):
         self.template = global_context
         self.template.setdefault("__return_data", "")
-        self.scripts = scripts
         self.output_bytes = output_bytes
 
-    def run(self, name: str, code: str, data: bytes, cookie: str) -> tuple[str, bytes, str]:
-        """Returns (status, data, error); never raises for anything a script does."""
+    def run(self, named: Callable[[], CodeType] | None, code: str, data: bytes,
+            cookie: str) -> tuple[str, bytes, str]:
+        """Compile what the request names (`named` compiles the named script),
+        then execute it; returns (status, data, error) and never raises for
+        anything a script or its source does."""
         try:
-            named, content = self.prepare(name, code)
-        except Refused as exc:
-            return exc.reply
-        return self.execute(named, content, data, cookie)
-
-    def prepare(self, name: str, code: str) -> tuple[CodeType | None, CodeType | None]:
-        """Compile what the request names; Refused carries the reply when it cannot."""
-        try:
-            named = self.scripts.get(name) if name else None
+            named_code = named() if named is not None else None
             content = compile_content(code) if code else None
-        except ScriptNameError as exc:
-            raise Refused((p.BAD_REQUEST, b"", str(exc))) from None
-        except ScriptNotFound as exc:
-            raise Refused((p.NOT_FOUND, b"", str(exc))) from None
-        except SyntaxError as exc:
-            raise Refused((p.SCRIPT_ERROR, b"", _format(exc, skip=0))) from None
-        return named, content
+        except MemoryError:
+            return p.MEMORY, b"", "compiling the script ran out of memory (sandbox memory_mb limit)"
+        except Exception as exc:  # SyntaxError, null bytes, nesting too deep
+            return p.SCRIPT_ERROR, b"", "".join(traceback.format_exception_only(exc)).rstrip()
+        return self.execute(named_code, content, data, cookie)
 
     def execute(self, named: CodeType | None, content: CodeType | None, data: bytes,
                 cookie: str) -> tuple[str, bytes, str]:

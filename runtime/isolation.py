@@ -1,57 +1,75 @@
-"""How a worker runs one request: in itself (`copy`) or in a child (`fork`).
+"""How a worker runs one request: in itself (isolation none) or in a runner (copy, fork).
 
-copy:  the worker runs the script in a fresh copy of the global context.  A
-       script that leaves threads or processes behind gets its worker recycled
-       once the reply is out (the pool then kills whatever is left).
+none:  the worker runs the script in a fresh copy of the global context.  Only
+       for code as trusted as srw (the `trusted` profile): the script shares
+       the worker's process, its socket to the broker included.
 
-fork:  zygote ──fork──► child (sandboxed again, warmed up, waits on a pipe)   ahead of time
-       worker: takes a ready child from the zygote
-       worker: compile ──pipe──► child: exec in a copy of the context
-       worker ◄──pipe── (status, data, error); the worker replies, then tells the
-       zygote, which kills the child's group and forks the next child 2 ms later
-       Nothing a script does survives its child; no fork is on a request's path.  The worker enforces the wall
-       limit itself (SIGKILL to the child's group); RLIMIT_CPU stops a child
-       that burns its CPU budget.
+copy, fork:
+       worker (trusted) ──req pipe──► runner (sandboxed; runtime/runner.py)
+              ◄──res pipe──  one request at a time, replies checked (channel.py)
+              ◄──stdout/stderr pipe── logged line by line, marked as the sandbox's
+       The worker forks its slot's zygote (runtime/zygote.py) before it opens a
+       socket; the zygote keeps runners ready.  The worker keeps every limit:
+       it kills the runner's process group at the wall deadline, reads the
+       slot's CPU (its cgroup: the runner and all it started) every TICK and
+       kills past cpu_seconds, and reads no more reply than output_bytes.
+       copy: the runner serves request after request; the worker replaces it
+       when it breaks the protocol, dies, or is left with threads, memory or
+       anything it cannot reset (runner.Hygiene).  fork: a fresh runner for
+       every request; the zygote kills the used one and forks the next.
 """
 from __future__ import annotations
 
 import _thread
 import collections
 import logging
-import marshal
 import os
 import select
 import signal
 import socket
-import struct
 import time
+from dataclasses import dataclass, field
 
-import setproctitle
+import psutil
 
 from broker import protocol as p
 
-from .executor import Executor, Refused
-from .sandbox import PR_SET_CHILD_SUBREAPER, Sandbox, _libc, _prctl, die_with_parent
+from . import channel, zygote
+from .cgroups import cpu_seconds
+from .executor import Executor
+from .sandbox import Sandbox
+from .scripts import Script, ScriptCache
+from .slots import SlotTable
 
 log = logging.getLogger("srw.worker")
-_LEN = struct.Struct("<Q")
-READY = 2      # children waiting per worker: back-to-back requests never wait for a fork
-RETRY = 0.05   # seconds before the zygote tries a refused fork again
-SETTLE = 0.002  # seconds after a reply before its child is killed and the next forked
+
+TICK = 0.05        # seconds between CPU checks of a running request
+ZEROMQ_THREADS = 2  # a ZeroMQ context's I/O thread and reaper
+WAIT_EXIT = 5.0    # seconds to learn how a dead runner died
+LINE_MAX = 4096    # bytes of one line of script output that reach the log
+OUTPUT_BUDGET = 64 * 1024  # bytes of script output logged per request; the rest is counted
 
 
-class CopyRunner:
-    def __init__(self, executor: Executor):
-        self.executor = executor
+class ZygoteFailed(RuntimeError):
+    """The slot's zygote died or spoke nonsense: the worker cannot go on."""
+
+
+class InlineRunner:
+    """Isolation none: the script runs in the worker (trusted scripts only)."""
+
+    def __init__(self, executor: Executor, scripts: ScriptCache):
+        self.executor, self.scripts = executor, scripts
         self.threads = _thread._count()
 
     def start(self) -> None:
         self.pid = os.getpid()  # the worker's; getpid is a system call, once is enough
 
-    def run(self, name: str, code: str, data: bytes, cookie: str,
+    def run(self, script: Script | None, code: str, data: bytes, cookie: str,
             deadline: float) -> tuple[str, bytes, str]:
-        reply = self.executor.run(name, code, data, cookie)
-        _leave_if_forked(self.pid)
+        named = (lambda: self.scripts.code(script)) if script is not None else None
+        reply = self.executor.run(named, code, data, cookie)
+        if os.getpid() != self.pid:  # a copy the script forked came back from it: not us
+            os._exit(0)
         return reply
 
     def after(self) -> str:
@@ -64,272 +82,286 @@ class CopyRunner:
             return ""
         return "the script left processes behind"
 
+    def idle(self) -> None:
+        pass
 
-class ForkRunner:
-    """fork isolation.  The worker never forks on a request's path: a zygote,
-    forked once at start, keeps READY sandboxed children and hands each over
-    (its pid and pipe ends, by SCM_RIGHTS); the worker asks for the next one
-    once it has replied."""
 
-    def __init__(self, executor: Executor, sandbox: Sandbox, title: str):
-        self.executor, self.sandbox, self.title = executor, sandbox, title
-        self.cpu_seconds = sandbox.profile.cpu_seconds
-        self.ready: collections.deque[tuple[int, int, int]] = collections.deque()  # pid, pipes
-        self.exits: dict[int, tuple[int, float]] = {}   # pid -> (wait status, CPU seconds)
-        self.current: tuple[int, int, int] | None = None  # the child of the request in hand
+@dataclass
+class Runner:
+    """A runner the worker holds: its pid and the worker's ends of its pipes."""
+    pid: int
+    req_w: int
+    res_r: int
+    poller: select.poll
+    stat_fd: int = -1
+    sent: set[int] = field(default_factory=set)  # script versions it has the source of
+    vsize: int = 0  # its address space after its first request
 
-    def start(self) -> None:
+    def close(self) -> None:
+        for fd in (self.req_w, self.res_r, self.stat_fd):
+            if fd >= 0:
+                os.close(fd)
+
+
+class ProcessRunner:
+    """Copy and fork isolation: requests run in runner processes, one at a time."""
+
+    def __init__(self, sandbox: Sandbox, slot: int, node: str, history_dir: str,
+                 output_cap: int):
+        self.sandbox, self.slot, self.history_dir = sandbox, slot, history_dir
+        self.profile = sandbox.profile
+        self.reuse = self.profile.isolation == "copy"
+        self.spares = 1 if self.reuse else 2
+        self.output_cap = output_cap
+        self.title = f"srw: runner {node}#{slot}"
+        self.vsize_slack = max(64, self.profile.memory_mb // 4) << 20
+        self.ready: collections.deque[tuple[int, int, int]] = collections.deque()
+        self.exits: dict[int, tuple[int, float]] = {}  # pid -> (wait status, CPU seconds)
+        self.current: Runner | None = None
+        self.seq = 0
+
+    def start(self, executor: Executor, slots: SlotTable) -> None:
+        """Fork the zygote: call it before the worker opens any socket or sees a request."""
         self.zsock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        out_r, out_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the zygote; it always leaves through os._exit()
             code = 1
             try:
                 self.zsock.close()
-                Zygote(theirs, self.executor, self.sandbox, self.title).run()
+                os.close(out_r)
+                slots.close()  # the pool's bookkeeping is no business of the sandbox
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                zygote.start(theirs, out_w, executor, self.sandbox, self.slot,
+                             self.history_dir, self.title, self.spares, self.reuse)
                 code = 0
             finally:
                 os._exit(code)
         theirs.close()
+        os.close(out_w)
         self.zygote = pid
+        self.output = ScriptOutput(out_r, self.title.replace("srw: runner", "sandbox"))
+        self.cpu_fd = self.sandbox.cgroups.cpu_usage_file(self.slot)
 
-    def after(self) -> str:
-        """Once the reply is out: hand the child back to the zygote, which kills its
-        group and forks its successor a moment later (see Zygote.run)."""
-        if self.current is not None:
-            pid, req_w, res_r = self.current
-            self.current = None
-            os.close(req_w)
-            os.close(res_r)
-            self.zsock.send(b"D %d" % pid)  # done: the zygote ends it and forks the next
-        return ""
+    # A request ------------------------------------------------------------------
 
-    def _receive(self, timeout: float | None) -> bool:
-        """One message from the zygote: a ready child or a child's exit.  False on timeout."""
-        if timeout is not None and not select.select([self.zsock], [], [], timeout)[0]:
-            return False
-        msg, fds, _, _ = socket.recv_fds(self.zsock, 128, 2)
-        if not msg:
-            raise RuntimeError("the zygote of this worker died")
-        kind, *fields = msg.split()
-        if kind == b"R":
-            self.ready.append((int(fields[0]), fds[0], fds[1]))
-        else:
-            self.exits[int(fields[0])] = (int(fields[1]), float(fields[2]))
-        return True
-
-    def _take(self) -> tuple[int, int, int]:
-        while not self.ready:
-            self._receive(None)
-        self.exits.clear()  # exits of earlier children nobody waits for
-        return self.ready.popleft()
-
-    def run(self, name: str, code: str, data: bytes, cookie: str,
+    def run(self, script: Script | None, code: str, data: bytes, cookie: str,
             deadline: float) -> tuple[str, bytes, str]:
         try:
-            named, content = self.executor.prepare(name, code)
-        except Refused as exc:
-            return exc.reply
-        pid, req_w, res_r = self.current = self._take()
-        try:
-            _write_message(req_w, marshal.dumps((named, content, data, cookie)))
-            return _reply(marshal.loads(_read_message(res_r, deadline) or b""))
-        except (ValueError, TypeError):  # the script wrote on the result pipe itself
-            return p.SCRIPT_ERROR, b"", "the script garbled its reply pipe"
+            runner = self.current or self._take(deadline)
         except TimeoutError:
-            _killpg(pid)
-            self.after()
+            return (p.TIMEOUT, b"", "no runner was ready before the request's deadline (the "
+                    "slot's process limit may still be held by a script's leftovers)")
+        self.current = runner
+        self.seq += 1
+        self.output.new_request()
+        version, source = 0, b""
+        if script is not None:
+            version = script.version
+            source = b"" if version in runner.sent else script.source
+        try:
+            channel.send_request(runner.req_w, self.seq, version,
+                                 script.name if script else "", source, code, cookie, data,
+                                 deadline)
+            if script is not None:
+                runner.sent.add(version)
+            reply = self._wait(runner, deadline)
+        except channel.TooLarge as exc:
+            self._replace(runner, f"its reply broke output_bytes ({exc})")
+            return p.OUTPUT_TOO_LARGE, b"", str(exc)
+        except channel.Garbled as exc:
+            self._replace(runner, f"its reply broke the protocol ({exc})")
+            return (p.SCRIPT_ERROR, b"", "the script garbled its runner's reply "
+                    f"({exc}); the runner is replaced")
+        except TimeoutError:
+            self._replace(runner, "", kill=True)
             return (p.TIMEOUT, b"", "request ran past its deadline (wall limit "
-                    f"{self.sandbox.profile.wall_seconds:g} s or the request timeout)")
-        except (BrokenPipeError, EOFError):  # the child died before it answered
-            _killpg(pid)
-            self.after()
-            return self._died(pid)
+                    f"{self.profile.wall_seconds:g} s or the request timeout)")
+        except CpuExceeded:
+            self._replace(runner, "", kill=True)
+            return (p.TIMEOUT, b"", f"request used more than {self.profile.cpu_seconds:g} s "
+                    "of CPU (sandbox cpu_seconds, its child processes included)")
+        except (EOFError, BrokenPipeError):
+            self._replace(runner, "", kill=True)
+            return self._died(runner.pid)
+        if not self.reuse:
+            self._replace(runner, "")
+        else:
+            stale = self._stale(runner, reply.flags)
+            if stale:
+                self._replace(runner, stale, kill=True)
+        return reply.status, reply.data, reply.error
+
+    def _wait(self, runner: Runner, deadline: float) -> channel.Reply:
+        """The reply, while the output is logged and the CPU watched."""
+        cpu_base = None
+        next_tick = time.monotonic() + TICK
+        while True:
+            wait = min(deadline, next_tick) - time.monotonic()
+            for fd, _ in runner.poller.poll(max(0.0, wait) * 1000):
+                if fd == self.output.fd:
+                    self.output.drain()
+                else:
+                    return channel.read_reply(runner.res_r, self.seq, self.output_cap,
+                                              deadline)
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError
+            if now >= next_tick:  # a request's CPU counts from its first tick (<= TICK late)
+                used = self._cpu_used(runner.pid)
+                if cpu_base is None:
+                    cpu_base = used
+                elif used - cpu_base > self.profile.cpu_seconds:
+                    raise CpuExceeded
+                next_tick = now + TICK
+
+    def _cpu_used(self, pid: int) -> float:
+        if self.cpu_fd >= 0:  # the slot's cgroup: the runner and everything it started
+            return cpu_seconds(self.cpu_fd)
+        try:  # no cgroups (not root): the runner alone
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            return 0.0
+        return times.user + times.system + times.children_user + times.children_system
+
+    def _stale(self, runner: Runner, flags: int) -> str:
+        """Why a reused runner must go after this request ("" = it may stay).  What the
+        runner says of itself, then what the worker sees of it from outside."""
+        if flags & channel.STALE:
+            return "it was left with state it cannot reset"
+        if channel.leftover(runner.res_r):
+            return "it wrote more than its reply"
+        stat = os.pread(runner.stat_fd, 1024, 0).rsplit(b")", 1)[1].split()
+        threads, vsize = int(stat[17]), int(stat[20])
+        if threads > 1 + (ZEROMQ_THREADS if flags & channel.ZEROMQ else 0):
+            return f"the script left threads running ({threads} threads)"
+        if not runner.vsize:
+            runner.vsize = vsize
+        elif vsize > runner.vsize + self.vsize_slack:
+            return f"the script left memory mapped ({(vsize - runner.vsize) >> 20} MB more)"
+        return ""
 
     def _died(self, pid: int) -> tuple[str, bytes, str]:
-        deadline = time.monotonic() + 5.0
-        while pid not in self.exits and self._receive(max(0.0, deadline - time.monotonic())):
+        deadline = time.monotonic() + WAIT_EXIT
+        while pid not in self.exits and self._receive(deadline):
             pass
         status, cpu = self.exits.pop(pid, (0, 0.0))
-        self.exits.clear()
         if os.WIFSIGNALED(status) and (os.WTERMSIG(status) == signal.SIGXCPU
-                                       or cpu >= self.cpu_seconds):
-            return (p.TIMEOUT, b"", f"request used more than {self.cpu_seconds:g} s of CPU "
-                    "(sandbox cpu_seconds)")
+                                       or cpu >= self.profile.cpu_seconds):
+            return (p.TIMEOUT, b"", f"request used more than {self.profile.cpu_seconds:g} s "
+                    "of CPU (sandbox cpu_seconds)")
         if os.WIFSIGNALED(status):
             how = f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-        else:
+        elif os.WIFEXITED(status):
             how = f"exited with status {os.waitstatus_to_exitcode(status)}"
+        else:
+            how = "gone"
         return p.KILLED, b"", f"the request's process {how} before it answered"
 
+    # Runners from the zygote ------------------------------------------------------
 
-class Zygote:
-    """Forks request children ahead of time (READY of them waiting) and reaps them.
-
-    Forked from the sandboxed worker before it opened any socket or thread, so
-    its children are small, single-threaded copies.  To the worker it sends
-    ``R pid`` with the child's two pipe ends, and ``X pid status cpu`` when a
-    child exits; when the worker sends ``D pid`` (done with that child) it
-    kills the child's group and forks the next child.
-    """
-
-    def __init__(self, sock: socket.socket, executor: Executor, sandbox: Sandbox, title: str):
-        self.sock, self.executor, self.sandbox, self.title = sock, executor, sandbox, title
-        self.children: set[int] = set()
-
-    def run(self) -> None:
-        setproctitle.setproctitle(self.title.replace("request", "zygote"))
-        die_with_parent()
-        _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of scripts come here to be reaped
-        _libc.malloc_trim(0)  # fewer pages to copy on every fork
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_w, False)
-        signal.set_wakeup_fd(self.wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.missing = READY
-        self.due: list[tuple[float, int]] = []  # (when, pid): children to end
-        fork_at = retry_at = 0.0
-        while True:
-            now = time.monotonic()
-            while self.due and self.due[0][0] <= now:
-                _killpg(self.due.pop(0)[1])
-            # No child ready at all: fork now rather than after the settling delay.
-            next_fork = max(retry_at, fork_at if self.missing < READY else 0.0)
-            if self.missing and now >= next_fork:
-                if self.fork_child():
-                    self.missing -= 1
-                else:  # refused for now: a script's leftovers still hold the process limit
-                    retry_at = now + RETRY
-                continue
-            timers = [t for t, _ in self.due[:1]] + ([next_fork] if self.missing else [])
-            wait = max(0.0, min(timers) - now) if timers else None
-            ready = select.select([self.sock, self.wake_r], [], [], wait)[0]
-            if self.wake_r in ready:
-                os.read(self.wake_r, 4096)
-                self.reap()
-            if self.sock in ready:
-                msg = self.sock.recv(32)
-                if not msg:
-                    return  # the worker is gone
-                # The worker has replied.  Ending the child and forking its successor
-                # cost a couple of milliseconds of CPU: done at once, they would slow
-                # the reply on its way to the client on a small machine.
-                when = time.monotonic() + SETTLE
-                self.due.append((when, int(msg.split()[1])))
-                self.missing += 1
-                fork_at = when
-
-    def fork_child(self) -> bool:
-        req_r, req_w = os.pipe()
-        res_r, res_w = os.pipe()
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            log.warning("%s: fork failed (%s); trying again",
-                        self.title.replace("request", "zygote"), exc)
-            for fd in (req_r, req_w, res_r, res_w):
-                os.close(fd)
-            return False
-        if pid == 0:  # the request child; it always leaves through os._exit()
-            code = 1
-            try:
-                self.sock.close()
-                os.close(req_w)
-                os.close(res_r)
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                os.close(self.wake_r)
-                os.close(self.wake_w)
-                setproctitle.setproctitle(self.title)
-                self.sandbox.enter_child()
-                self.executor.warm_up()
-                serve_one(self.executor, req_r, res_w)
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(req_r)
-        os.close(res_w)
-        self.children.add(pid)
-        socket.send_fds(self.sock, [b"R %d" % pid], [req_w, res_r])
-        os.close(req_w)
-        os.close(res_r)
-        return True
-
-    def reap(self) -> None:
-        while True:
-            try:
-                pid, status, usage = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if pid in self.children:
-                self.children.discard(pid)
-                cpu = usage.ru_utime + usage.ru_stime
-                self.sock.send(b"X %d %d %.3f" % (pid, status, cpu))
-
-
-def serve_one(executor: Executor, req_r: int, res_w: int) -> None:
-    """In the request child: read one request, run it, write the reply."""
-    request = _read_message(req_r, None)
-    if request is None:
-        return  # the worker went away
-    named, content, data, cookie = marshal.loads(request)
-    pid = os.getpid()
-    reply = executor.execute(named, content, data, cookie)
-    _leave_if_forked(pid)
-    _write_message(res_w, marshal.dumps(reply))
-    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT])
-    while True:  # the zygote kills it (and its group) once the reply is on its way
-        time.sleep(3600)
-
-
-def _leave_if_forked(pid: int) -> None:
-    """A process the script forked that returned from it must not go on as the worker
-    (or child) it is a copy of: it would answer on their sockets and pipes."""
-    if os.getpid() != pid:
-        os._exit(0)
-
-
-def _reply(value) -> tuple[str, bytes, str]:
-    status, data, error = value
-    if not (isinstance(status, str) and isinstance(data, bytes) and isinstance(error, str)):
-        raise TypeError("not a reply")
-    return status, data, error
-
-
-def _killpg(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _write_message(fd: int, payload: bytes) -> None:
-    view = memoryview(_LEN.pack(len(payload)) + payload)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _read_message(fd: int, deadline: float | None) -> bytes | None:
-    """One length-prefixed message; None on EOF; TimeoutError past `deadline`."""
-    header = _read_exactly(fd, _LEN.size, deadline)
-    if header is None:
-        return None
-    return _read_exactly(fd, _LEN.unpack(header)[0], deadline)
-
-
-def _read_exactly(fd: int, size: int, deadline: float | None) -> bytes | None:
-    chunks, left = [], size
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    while left:
-        if deadline is not None:
-            wait = deadline - time.monotonic()
-            if wait <= 0 or not poller.poll(wait * 1000):
+    def _take(self, deadline: float) -> Runner:
+        while not self.ready:
+            if not self._receive(deadline):
                 raise TimeoutError
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+        pid, req_w, res_r = self.ready.popleft()
+        os.set_blocking(req_w, False)
+        os.set_blocking(res_r, False)
+        poller = select.poll()
+        poller.register(res_r, select.POLLIN)
+        poller.register(self.output.fd, select.POLLIN)
+        stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC) if self.reuse else -1
+        return Runner(pid, req_w, res_r, poller, stat_fd)
+
+    def _replace(self, runner: Runner, why: str, kill: bool = False) -> None:
+        """Done with this runner: the zygote ends its process group and forks the next."""
+        if kill:
+            zygote.kill_group(runner.pid)
+        if why:
+            log.info("%s (pid %d) replaced: %s", self.title.removeprefix("srw: "),
+                     runner.pid, why)
+        runner.close()
+        self.current = None
+        self.zsock.send(b"D %d" % runner.pid)
+
+    def _receive(self, deadline: float) -> bool:
+        """One message from the zygote: a ready runner or a runner's exit.  False
+        once `deadline` (monotonic) passes."""
+        wait = deadline - time.monotonic()
+        if wait <= 0 or not select.select([self.zsock], [], [], wait)[0]:
+            return False
+        msg, fds, _, _ = socket.recv_fds(self.zsock, 64, 2)
+        fields = msg.split()
+        try:
+            if not msg:
+                raise ValueError("it is gone")
+            if fields[0] == b"R" and len(fields) == 2 and len(fds) == 2:
+                self.ready.append((int(fields[1]), fds[0], fds[1]))
+                return True
+            if fields[0] == b"X" and len(fields) == 4 and not fds:
+                self.exits[int(fields[1])] = (int(fields[2]), float(fields[3]))
+                if len(self.exits) > 64:  # of runners nobody asked about
+                    self.exits.pop(next(iter(self.exits)))
+                return True
+            raise ValueError(f"unexpected message {msg[:40]!r}")
+        except ValueError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise ZygoteFailed(f"the zygote of {self.title.removeprefix('srw: runner ')} "
+                               f"failed: {exc}") from None
+
+    def after(self) -> str:
+        return ""
+
+    def idle(self) -> None:
+        """The worker is about to wait: log what the sandbox wrote meanwhile."""
+        self.output.drain()
+
+
+class CpuExceeded(Exception):
+    """The slot used more than cpu_seconds on one request."""
+
+
+class ScriptOutput:
+    """What the sandbox writes on stdout and stderr, into the node's log: line by
+    line, each marked with its slot and escaped, up to OUTPUT_BUDGET bytes per
+    request (the rest is counted), so no script can forge or flood log lines."""
+
+    def __init__(self, fd: int, label: str):
+        self.fd, self.label = fd, label
+        os.set_blocking(fd, False)
+        self.partial = b""
+        self.budget = OUTPUT_BUDGET
+        self.dropped = 0
+
+    def new_request(self) -> None:
+        if self.dropped:
+            log.info("%s: %d more bytes of output not logged", self.label, self.dropped)
+        self.budget, self.dropped = OUTPUT_BUDGET, 0
+
+    def drain(self) -> None:
+        for _ in range(64):  # at most 4 MB a call: the request's deadline still counts
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                return
+            lines = (self.partial + chunk).split(b"\n")
+            self.partial = lines.pop()
+            if len(self.partial) > LINE_MAX:
+                lines.append(self.partial)
+                self.partial = b""
+            for line in lines:
+                self._log(line)
+
+    def _log(self, line: bytes) -> None:
+        if self.budget <= 0:
+            self.dropped += len(line) + 1
+            return
+        self.budget -= len(line) + 1
+        text = line[:LINE_MAX].decode("utf-8", "backslashreplace")
+        if not text.isprintable():
+            text = "".join(ch if ch.isprintable() or ch == "\t" else repr(ch)[1:-1]
+                           for ch in text)
+        log.info("%s: %s%s", self.label, text, " [...]" if len(line) > LINE_MAX else "")

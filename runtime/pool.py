@@ -3,11 +3,16 @@
     Pool.start(): run python.init once (GC off), gc.freeze(), fork N workers
     Pool.run():   wait_for_signals -> reap_workers -> watchdog -> manage_workers
 
-Only this module calls fork, kill and waitpid.  Signal handlers only record
-(through the wakeup fd); the loop reaps, kills and respawns.  A dead worker's
-replacement tells the broker whom it replaces and why, so the broker can
-answer what the dead one held at once.  The watchdog kills a worker whose
-request is past its wall deadline or CPU budget; a script cannot undo that.
+The pool forks, kills and reaps workers (each worker forks its slot's
+zygote, which forks runners: isolation.py, zygote.py).  Signal handlers only
+record (through the wakeup fd); the loop reaps, kills and respawns.  A dead
+worker's replacement tells the broker whom it replaces and why, so the
+broker can answer what the dead one held at once.  The watchdog kills a
+worker whose request is past its deadline: in isolation "none" at the
+deadline or past the CPU budget (scripts run in the worker), otherwise only
+a backstop after the worker missed its own deadline.  Started as root, the
+pool claims a block of sandbox uids no other deployment on the host uses
+(uids.py) and gives it back when it stops.
 A failing python.init, or workers that keep dying at boot, stop the pool
 with exit status 3 (the node refuses to start) instead of looping.
 """
@@ -19,7 +24,6 @@ import logging
 import os
 import select
 import signal
-import stat
 import sys
 import time
 import traceback
@@ -33,9 +37,9 @@ from srw.config import Config, ConfigError, NodeSettings
 from srw.serve import EXIT_REFUSED  # python.init failed, bad profile, workers die at boot
 
 from . import profile as profiles
+from . import uids
 from .executor import Executor
 from .sandbox import PR_SET_CHILD_SUBREAPER, Sandbox, _prctl
-from .scripts import ScriptCache
 from .slots import BOOTING, BUSY, SlotTable
 from .worker import Predecessor, Worker
 
@@ -84,9 +88,9 @@ class Pool:
         self.config, self.node = config, node
         self.size = config.pool.workers
         self.profile = profiles.load(config.pool.profile, config.path.parent)
-        self.sandbox = Sandbox(self.profile, node, config.nodes.index(node), self.size,
-                               config.pool.history_dir)
-        self.endpoint = node.workers_endpoint.removeprefix("ipc://")
+        self.uids = self._claim_uids()
+        self.sandbox = Sandbox(self.profile, node, self.uids.first if self.uids else 0,
+                               self.size, config.pool.history_dir)
         self.slots = SlotTable(self.size)
         self.pids: dict[int, int] = {}                  # pid -> slot
         self.predecessors: dict[int, Predecessor] = {}  # slot -> who it replaces
@@ -98,6 +102,14 @@ class Pool:
         self.stopping = False
         self.reload_requested = False
         self.fatal: str | None = None
+
+    def _claim_uids(self) -> uids.Claim | None:
+        """Started as root with a profile that changes uids: a block of our own."""
+        if os.geteuid() != 0 or not self.profile.user:
+            return None
+        node = self.node
+        start = node.uids or self.profile.user
+        return uids.claim(start, node.name, str(self.config.path), bool(node.uids), self.size)
 
     # Start -------------------------------------------------------------------
 
@@ -114,7 +126,8 @@ class Pool:
         log.info("pool %s: %d workers, profile %s (%s isolation, network %s, %s, %s, %s), "
                  "history %s", self.node.name, self.size, self.profile.name,
                  self.profile.isolation, self.profile.network,
-                 f"uids {sb.uid(1)}-{sb.uid(self.size)}" if sb.drop else "no uid change",
+                 f"runner uids {sb.uid(1)}-{sb.uid(self.size)} (block {sb.uid_base}-"
+                 f"{sb.uid_base + uids.BLOCK - 1})" if sb.drop else "no uid change",
                  "slot cgroups" if sb.cgroups.enabled else "no cgroups",
                  "seccomp" if self.profile.seccomp else "no seccomp",
                  self.config.pool.history_dir)
@@ -136,16 +149,15 @@ class Pool:
 
     def spawn(self, slot: int) -> None:
         predecessor = self.predecessors.pop(slot, Predecessor())
-        executor = Executor(self.context, ScriptCache(self.config.pool.history_dir),
-                            self.profile.output_bytes)
+        executor = Executor(self.context, self.profile.output_bytes)
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the worker; it always leaves through os._exit()
             code = 0
             try:
                 self._child_reset()
-                Worker(self.config, self.node, self.sandbox, slot, executor, self.slots,
-                       predecessor, self.restarts).run()
+                code = Worker(self.config, self.node, self.sandbox, slot, executor, self.slots,
+                              predecessor, self.restarts).run()
             except BaseException:
                 traceback.print_exc()
                 code = EXIT_WORKER_BOOT
@@ -157,7 +169,12 @@ class Pool:
         self.pids[pid] = slot
 
     def _child_reset(self) -> None:
-        os.setpgid(0, 0)  # its own group: killpg reaches whatever a script spawned
+        # Its own session and group: no terminal (no script may reach the operator's
+        # through it), and killpg reaches the worker and its zygote.
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
@@ -173,7 +190,6 @@ class Pool:
             self.reap_workers()
             self.watchdog()
             self.kill_strays()
-            self.grant_endpoint()
             if self.reload_requested:
                 self.reload()
             self.manage_workers()
@@ -226,7 +242,7 @@ class Pool:
         elif not planned:
             self.restarts += 1
             self.boot_failures = 0
-            busy = f" while running request {job.decode()}" if state == BUSY else ""
+            busy = f" while running request {job.decode('ascii', 'replace')}" if state == BUSY else ""
             log.warning("worker %s#%d (pid %d) %s%s", self.node.name, slot, pid, reason, busy)
         else:
             log.debug("worker %s#%d (pid %d) exited (recycled)", self.node.name, slot, pid)
@@ -236,8 +252,10 @@ class Pool:
             served=served)
 
     def watchdog(self) -> None:
-        """Kill workers whose request ran past its wall deadline or CPU budget."""
+        """Kill workers whose request ran past its deadline (and, in isolation none,
+        its CPU budget: the worker measures its runners' CPU itself)."""
         now = time.monotonic()
+        inline = self.profile.isolation == "none"
         for pid, slot in list(self.pids.items()):
             record = self.slots.read(slot)
             wpid, state, kill_at, _, job = record
@@ -250,6 +268,8 @@ class Pool:
                 self.kill(pid, "request ran past its deadline (wall limit "
                                f"{self.profile.wall_seconds:g} s or the request timeout)",
                           p.TIMEOUT)
+                continue
+            if not inline:
                 continue
             # A request's CPU counts from the first tick that sees it (<= TICK late).
             seen_job, cpu_start = self.cpu_base.get(pid, (None, 0.0))
@@ -292,20 +312,6 @@ class Pool:
         for pid in children:
             if pid not in self.pids:
                 self._signal(pid, signal.SIGKILL)
-
-    def grant_endpoint(self) -> None:
-        """Let the workers' group connect to the broker's socket (re-created by a
-        restarted broker with root's mode): root:group 0660."""
-        if not self.sandbox.drop:
-            return
-        try:
-            st = os.lstat(self.endpoint)
-        except FileNotFoundError:
-            return
-        if stat.S_ISSOCK(st.st_mode) and st.st_uid == 0 and \
-                (st.st_gid != self.sandbox.group or stat.S_IMODE(st.st_mode) != 0o660):
-            os.chown(self.endpoint, 0, self.sandbox.group, follow_symlinks=False)
-            os.chmod(self.endpoint, 0o660)
 
     def manage_workers(self) -> None:
         if self.stopping or self.fatal:
@@ -359,6 +365,8 @@ class Pool:
             if slot is not None:
                 self._kill_leftovers(pid, slot)
         self.sandbox.cgroups.remove()
+        if self.uids:
+            self.uids.release()
 
     @staticmethod
     def _signal(pid: int, sig: int, group: bool = False) -> None:

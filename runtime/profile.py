@@ -17,14 +17,14 @@ from srw.config import ConfigError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "sandbox_profiles"
 
-ISOLATIONS = ("copy", "fork")
+ISOLATIONS = ("none", "copy", "fork")
 NETWORKS = ("none", "local", "any")
 
 
 @dataclass(frozen=True)
 class Profile:
     name: str
-    isolation: str = "copy"         # copy: fresh dict per request; fork: a fresh process
+    isolation: str = "copy"         # none: in the worker; copy: a reused runner; fork: one per request
     wall_seconds: float = 30.0      # pool (copy) or worker (fork) SIGKILLs past it
     cpu_seconds: float = 10.0       # pool watchdog (copy) or RLIMIT_CPU (fork)
     memory_mb: int = 1024           # RLIMIT_AS per process; the slot's cgroup gets twice it
@@ -74,7 +74,14 @@ def load(name: str, config_dir: Path) -> Profile:
     values = {key: _check(path, key, value) for key, value in raw.items()}
     for key in _PATHS:  # relative paths are relative to the profile's folder
         values[key] = tuple(str((path.parent / p).resolve()) for p in values.get(key, ()))
-    return Profile(name=name, **values)
+    profile = Profile(name=name, **values)
+    if profile.isolation == "none" and (profile.seccomp or profile.user or
+                                        profile.uses_landlock):
+        raise ConfigError(
+            f"{path}: isolation = \"none\" runs scripts inside the worker, which talks to "
+            "the broker for the whole node: it cannot be sandboxed (seccomp, user, network "
+            "and file limits need isolation copy or fork)")
+    return profile
 
 
 def _check(path: Path, key: str, value):

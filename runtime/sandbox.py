@@ -1,19 +1,21 @@
 """The sandbox a worker closes around itself after the fork, before it serves.
 
-    pool parent (root)                      worker, after fork            fork-isolation child
-    ------------------                      ------------------            --------------------
-    Sandbox(profile): check the kernel,     enter_worker(slot):           enter_child():
+    pool parent (root)                      zygote, forked by the worker  runner, forked by the zygote
+    ------------------                      ----------------------------  ----------------------------
+    Sandbox(profile): check the kernel,     enter_zygote(slot):           enter_runner():
     import what scripts may import,           join the slot's cgroups       parent-death signal
-    create slot cgroups, build Landlock       scrub the environment         RLIMIT_CPU per request
-    rulesets and seccomp filters              rlimits, hard = soft          nested Landlock domain
-                                              child subreaper               (the profile's files only)
-                                              drop to the slot's uid        stacked seccomp filter
-                                              parent-death signal
+    create slot cgroups, build the            scrub the environment         RLIMIT_CPU (fork isolation)
+    Landlock ruleset and seccomp filters      rlimits, hard = soft          its own process group
+                                              drop to the slot's uid        nested Landlock domain
+                                              parent-death signal           stacked seccomp filter
                                               no_new_privs, Landlock, seccomp
 
-Everything here is enforced by the kernel or by a parent, never by code the
-script could undo: rlimits cannot be raised past the hard limit by a non-root
-uid, Landlock and seccomp cannot be lifted, cgroups and uids belong to root.
+The worker itself (trusted: it talks to the broker) is never sandboxed and
+never runs a script, except in isolation "none" (the trusted profile: limits
+only, `enter_worker`).  Everything here is enforced by the kernel or by a
+parent, never by code the script could undo: rlimits cannot be raised past
+the hard limit by a non-root uid, Landlock and seccomp cannot be lifted,
+cgroups and uids belong to root.
 A profile the kernel cannot enforce raises SandboxUnavailable naming the
 missing feature, and the node does not start.
 """
@@ -37,7 +39,6 @@ from .profile import Profile
 
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 38, 36
 MB = 1024 * 1024
-UIDS_PER_NODE = 1000
 LANDLOCK_ABI_NEEDED = 6  # TCP port rules (4) and signal scoping (6)
 CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
@@ -110,85 +111,95 @@ def tcp_ports(node: NodeSettings) -> tuple[int, ...]:
 
 
 class Sandbox:
-    """Built once per pool in the parent; entered by each worker (and request child)."""
+    """Built once per pool in the parent; entered by each zygote and runner (copy and
+    fork isolation) or by the worker itself (isolation none: limits only)."""
 
-    def __init__(self, profile: Profile, node: NodeSettings, node_index: int, slots: int,
+    def __init__(self, profile: Profile, node: NodeSettings, uid_base: int, slots: int,
                  history_dir: str, features: Features | None = None):
         self.profile = profile
         self.features = features or probe()
         check(profile, self.features)
         preload(SCRIPT_IMPORTS + profile.imports)
-        self.uid_base = profile.user + UIDS_PER_NODE * node_index if profile.user else 0
-        self.drop = self.features.root and self.uid_base > 0
+        self.uid_base = uid_base
+        self.drop = self.features.root and uid_base > 0
         self.cgroups = SlotCgroups(node.name, slots, 2 * profile.memory_mb * MB,
                                    profile.processes)
-        self.worker_ruleset = self.child_ruleset = -1
-        self.worker_seccomp = self.child_seccomp = None
-        fork = profile.isolation == "fork"
-        if profile.uses_landlock:
-            abi = self.features.landlock_abi
+        self.ruleset = -1
+        self.zygote_seccomp = self.runner_seccomp = None
+        if profile.isolation == "none":
+            return
+        abi = self.features.landlock_abi
+        # Scoping alone (signals, abstract sockets) is worth having whenever the
+        # kernel has it: a runner cannot signal its zygote or another slot's.
+        if profile.uses_landlock or abi >= LANDLOCK_ABI_NEEDED:
             ports = None if profile.network == "any" else \
                 tcp_ports(node) if profile.network == "local" else ()
-            files = profile.files_restricted
-            self.worker_ruleset = landlock.ruleset(
-                abi, profile.readable + (history_dir,), profile.writable, files, ports)
-            if fork:  # the script's own domain, nested: without the history dir
-                self.child_ruleset = landlock.ruleset(
-                    abi, profile.readable, profile.writable, files, ports)
+            readable = profile.readable + ((history_dir,) if profile.isolation == "copy" else ())
+            self.ruleset = landlock.ruleset(abi, readable, profile.writable,
+                                            profile.files_restricted, ports)
         if profile.seccomp:
             from . import seccomp
-            self.worker_seccomp = seccomp.worker_filter(profile.network, may_setpgid=fork)
-            if fork:
-                self.child_seccomp = seccomp.child_filter(profile.network)
-
-    @property
-    def group(self) -> int:
-        """The node's workers' group: it may connect to the workers socket, nothing more."""
-        return self.uid_base
+            self.zygote_seccomp = seccomp.zygote_filter(profile.network)
+            self.runner_seccomp = seccomp.runner_filter(profile.network)
 
     def uid(self, slot: int) -> int:
         return self.uid_base + slot
 
-    # In the worker -----------------------------------------------------------
+    def inherited_fds(self) -> list[int]:
+        """What a zygote keeps, and a runner until it has closed its sandbox."""
+        return [self.ruleset] if self.ruleset >= 0 else []
 
-    def enter_worker(self, slot: int) -> None:
-        """Close the sandbox around this worker; call it before any socket is opened."""
+    def _limit(self, nproc: bool) -> None:
         p = self.profile
-        self.cgroups.join(slot)
-        scrub_environment()
         limits = {resource.RLIMIT_AS: p.memory_mb * MB, resource.RLIMIT_NOFILE: p.open_files,
                   resource.RLIMIT_FSIZE: p.file_size_mb * MB, resource.RLIMIT_CORE: 0}
-        if self.drop:  # RLIMIT_NPROC binds only non-root uids and counts per uid
+        if nproc:  # RLIMIT_NPROC binds only non-root uids and counts per uid
             limits[resource.RLIMIT_NPROC] = p.processes
         for which, value in limits.items():
             resource.setrlimit(which, (value, value))
-        _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans a script leaves come back to us
+
+    # Isolation none: the worker runs scripts itself -------------------------------
+
+    def enter_worker(self, slot: int) -> None:
+        """Limits on the worker itself; the profile has nothing else (profile.py)."""
+        self.cgroups.join(slot)
+        scrub_environment()
+        self._limit(nproc=False)
+        die_with_parent()
+
+    # Copy and fork isolation -----------------------------------------------------
+
+    def enter_zygote(self, slot: int) -> None:
+        """Close the sandbox around a slot's zygote, which its runners inherit."""
+        self.cgroups.join(slot)
+        scrub_environment()
+        self._limit(nproc=self.drop)
         if self.drop:
             uid = self.uid(slot)
-            os.setgroups([self.group])
+            os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
         die_with_parent()  # after the uid change, which clears it
-        if p.seccomp or p.uses_landlock:
-            _prctl(PR_SET_NO_NEW_PRIVS, 1)
-        if self.worker_ruleset >= 0:
-            landlock.restrict(self.worker_ruleset)
-            os.close(self.worker_ruleset)
-        if self.worker_seccomp is not None:
-            self.worker_seccomp.load()
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if self.ruleset >= 0:
+            landlock.restrict(self.ruleset)
+        if self.zygote_seccomp is not None:
+            self.zygote_seccomp.load()
 
-    def enter_child(self) -> None:
-        """In a fork-isolation request child: the script's own, tighter sandbox."""
+    def enter_runner(self, reuse: bool) -> None:
+        """In a runner: its own process group and a domain of its own, nested in the
+        zygote's (so it can signal neither the zygote nor another runner)."""
         die_with_parent()
-        cpu = math.ceil(self.profile.cpu_seconds)
-        # SIGXCPU at the soft limit; SIGKILL a second later if the script ignores it.
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        os.setpgid(0, 0)  # its own group: the worker kills what it started afterwards
-        if self.child_ruleset >= 0:
-            landlock.restrict(self.child_ruleset)
-            os.close(self.child_ruleset)
-        if self.child_seccomp is not None:
-            self.child_seccomp.load()
+        if not reuse:  # fork isolation: the request's whole CPU budget, from the kernel too
+            cpu = math.ceil(self.profile.cpu_seconds)
+            # SIGXCPU at the soft limit; SIGKILL a second later if the script ignores it.
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        os.setpgid(0, 0)  # its own group: killing it reaches what a script started
+        if self.ruleset >= 0:
+            landlock.restrict(self.ruleset)
+            os.close(self.ruleset)
+        if self.runner_seccomp is not None:
+            self.runner_seccomp.load()
 
 
 def preload(modules: tuple[str, ...]) -> None:

@@ -1,18 +1,20 @@
 """Script names and compiled code.
 
 A script name is a plain file name inside the history directory: no path
-separators, no ``..``, no hidden files, no control characters.  Compiled
-named scripts are cached and recompiled when the file's mtime or size changes
-(looked at once per batch of requests a worker receives);
-compiled script content (sent with the request) is cached by its text.
+separators, no ``..``, no hidden files, no control characters.  The worker reads
+named scripts and reads one again when its mtime or size changes (looked at
+once per batch of requests it receives); compiled code is cached by whoever
+runs it: by version for named scripts, by text for script content.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import linecache
 import os
 import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from types import CodeType
 
@@ -42,20 +44,42 @@ def compile_content(code: str) -> CodeType:
     return compile(code, "<script content>", "exec")
 
 
-class ScriptCache:
-    """Named scripts of one history directory, compiled once per file version.
+def compile_named(name: str, source: bytes, history_dir: str) -> CodeType:
+    """A named script's code; SyntaxError propagates.  Tracebacks show its lines
+    without reading the file again (the sandbox may not let them): the source
+    goes into linecache, with mtime None so that linecache keeps it."""
+    filename = os.path.join(history_dir, name)
+    code = compile(source, filename, "exec")
+    lines = source.decode("utf-8", "replace").splitlines(keepends=True)
+    linecache.cache[filename] = (len(source), None, lines, filename)
+    return code
 
-    `open_dir()` (called by the worker before its sandbox closes) keeps a
-    descriptor of the directory, and files are opened relative to it: a worker
-    running as an unprivileged uid reads its scripts even when the directories
-    above the history directory are closed to that uid.
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """One version of a named script: `version` is unique within the worker."""
+    name: str
+    version: int
+    source: bytes
+
+
+class ScriptCache:
+    """Named scripts of one history directory, read once per file version.
+
+    `open_dir()` keeps a descriptor of the directory and files are opened
+    relative to it.  The worker reads the sources and gives each version a
+    number; whoever runs the script compiles it (the runner, or the worker
+    itself in isolation "none", through `code`), so a script that does not
+    compile never costs the worker anything.
     """
 
     def __init__(self, history_dir: str | Path):
         self.history_dir = str(history_dir)
         self.dir_fd: int | None = None
-        self._cache: dict[str, tuple[int, int, CodeType]] = {}
+        self._cache: dict[str, tuple[int, int, Script]] = {}
         self._checked: set[str] = set()  # names looked up since new_batch()
+        self._versions = itertools.count(1)
+        self._code: dict[int, CodeType] = {}
 
     def open_dir(self) -> None:
         self.dir_fd = os.open(self.history_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -69,7 +93,7 @@ class ScriptCache:
         name is looked up again once (a stat per batch, not per request)."""
         self._checked.clear()
 
-    def get(self, name: str) -> CodeType:
+    def get(self, name: str) -> Script:
         check_name(name)
         if name in self._checked:
             return self._cache[name][2]
@@ -86,12 +110,17 @@ class ScriptCache:
         fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir_fd)
         with open(fd, "rb") as f:
             source = f.read()
-        filename = os.path.join(self.history_dir, name)
-        code = compile(source, filename, "exec")
-        # Tracebacks show the script's lines without reading the file again (the
-        # sandbox may not let them); mtime None keeps linecache from evicting it.
-        lines = source.decode("utf-8", "replace").splitlines(keepends=True)
-        linecache.cache[filename] = (len(source), None, lines, filename)
-        self._cache[name] = (st.st_mtime_ns, st.st_size, code)
+        if cached:
+            self._code.pop(cached[2].version, None)
+        script = Script(name, next(self._versions), source)
+        self._cache[name] = (st.st_mtime_ns, st.st_size, script)
         self._checked.add(name)
+        return script
+
+    def code(self, script: Script) -> CodeType:
+        """The compiled script, for a worker that runs scripts itself."""
+        code = self._code.get(script.version)
+        if code is None:
+            code = self._code[script.version] = compile_named(script.name, script.source,
+                                                              self.history_dir)
         return code

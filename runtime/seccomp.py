@@ -9,13 +9,14 @@ by default and deny, with EPERM:
   clone3 gets ENOSYS instead, so the C library falls back to clone, whose
   flags a filter can read (threads keep working);
 - io_uring (it would open sockets past this filter), bpf, perf, userfaultfd, keys;
-- leaving the worker's process group (setsid, setpgid), so killpg reaches
-  everything a script starts;
-- sockets by network mode: "none" leaves only AF_UNIX (the worker's own
-  ZeroMQ link to its broker), "local" adds AF_INET TCP (Landlock then allows
-  only the node's own ports), "any" leaves sockets alone.  A request child in
-  fork isolation gets a second filter with no sockets at all when its profile
-  has no network.
+- pushing input into a terminal (ioctl TIOCSTI, TIOCLINUX);
+- leaving the runner's process group (setsid; setpgid in the runner's own
+  filter), so killpg reaches everything a script starts;
+- sockets by network mode: "none" and "local" deny unix sockets (no script
+  may reach the broker's workers socket or the host's), "local" allows AF_INET
+  TCP (Landlock then allows only the node's own ports), "any" leaves sockets
+  alone.  The runner's own filter, stacked on the zygote's, takes every
+  socket away when its profile has no network.
 """
 from __future__ import annotations
 
@@ -39,26 +40,27 @@ NOT_STREAM = (socket.SOCK_DGRAM, socket.SOCK_RAW, socket.SOCK_RDM, socket.SOCK_S
               6, 10)  # SOCK_DCCP, SOCK_PACKET
 IPPROTO_TCP = 6
 EPERM = sc.ERRNO(errno.EPERM)
+TTY_INJECTION = (0x5412, 0x541C)  # TIOCSTI (push input into a terminal), TIOCLINUX
 
 
-def worker_filter(network: str, may_setpgid: bool) -> sc.SyscallFilter:
-    """The filter a worker loads once, after its limits, before it serves."""
+def zygote_filter(network: str) -> sc.SyscallFilter:
+    """The filter a zygote loads once, before it forks runners (they inherit it)."""
     f = sc.SyscallFilter(sc.ALLOW)
     for name in ALWAYS_DENIED:
         f.add_rule(EPERM, name)
-    if not may_setpgid:
-        f.add_rule(EPERM, "setpgid")
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
     for flag in CLONE_NEW:
         f.add_rule(EPERM, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+    for request in TTY_INJECTION:  # the ioctl number is an unsigned int: compare 32 bits
+        f.add_rule(EPERM, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
     if network != "any":
         _limit_sockets(f, allow_inet_tcp=network == "local")
     return f
 
 
-def child_filter(network: str) -> sc.SyscallFilter:
-    """Stacked on the worker's in a fork-isolation request child: it stays in its group,
-    and without network it gets no sockets at all (not even AF_UNIX)."""
+def runner_filter(network: str) -> sc.SyscallFilter:
+    """Stacked on the zygote's in a runner: it stays in its process group, and
+    without network it gets no sockets at all."""
     f = sc.SyscallFilter(sc.ALLOW)
     f.add_rule(EPERM, "setpgid")
     if network == "none":
@@ -68,9 +70,13 @@ def child_filter(network: str) -> sc.SyscallFilter:
 
 
 def _limit_sockets(f: sc.SyscallFilter, allow_inet_tcp: bool) -> None:
-    f.add_rule(EPERM, "socket", sc.Arg(0, sc.EQ, socket.AF_UNSPEC))
+    # No unix sockets: the node's own (the broker's workers socket) and the
+    # host's pathname sockets that anyone may write are out of reach, which
+    # Landlock (ABI 7) cannot say.  ZeroMQ over TCP needs none (eventfd).
+    f.add_rule(EPERM, "socket", sc.Arg(0, sc.LE, socket.AF_UNIX))
     f.add_rule(EPERM, "socket", sc.Arg(0, sc.GT, socket.AF_INET))
-    f.add_rule(EPERM, "listen")  # not even on AF_UNIX: scripts serve nothing
+    f.add_rule(EPERM, "socketpair")
+    f.add_rule(EPERM, "listen")  # scripts serve nothing
     if not allow_inet_tcp:
         f.add_rule(EPERM, "socket", sc.Arg(0, sc.EQ, socket.AF_INET))
         return

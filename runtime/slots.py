@@ -2,10 +2,12 @@
 
 Created by the pool parent before any fork (an anonymous MAP_SHARED mmap), so
 each worker writes its own record and the parent reads them all without a
-message: which request a worker runs and when it must be killed (wall
-deadline).  The parent's watchdog enforces the limits from outside, where a
-script cannot undo them; it measures a request's CPU itself (a CPU clock read
-per request costs a system call on the worker's hot path).
+message: which request a worker runs (the broker learns it when the worker
+dies) and when it must be killed.  Only trusted processes map it: a worker's
+zygote unmaps it before it closes its sandbox, so no script can write it.
+In isolation "none" the parent's watchdog enforces the wall and CPU limits
+from it; in copy and fork isolation the worker enforces them on its runner,
+and the watchdog kills a worker only past its deadline plus a backstop.
 
     record: pid q | state q | kill_at d | served q | job 16s
 """
@@ -22,6 +24,10 @@ class SlotTable:
     def __init__(self, count: int):
         self.count = count
         self._mem = mmap.mmap(-1, _RECORD.size * (count + 1))
+
+    def close(self) -> None:
+        """Unmap the table (in a process that must not see it: a zygote)."""
+        self._mem.close()
 
     def _offset(self, slot: int) -> int:
         return _RECORD.size * slot

@@ -1,14 +1,20 @@
 """A pool worker: the child side of the fork, serving exec requests until told to go.
 
     broker back ROUTER  <-- DEALER (identity "n1#2:<pid>") --  Worker.run()
+                                                                  | pipes
+                                                        runner (sandboxed, isolation.py)
 
-After the fork the worker closes its sandbox around itself (sandbox.py), opens
-its own ZeroMQ context (nothing ZeroMQ crosses the fork), announces READY with
-its credits and then loops: take the jobs of each REQUEST (one or more), run
-them one by one in that order through the runner, send a REPLY for each as it
-ends, heartbeat while idle.  If the broker goes silent it announces READY again, so a
-restarted broker gets its workers back.  On SIGTERM or after max_requests
-it sends DRAIN, finishes what the broker already gave it, and exits on BYE.
+The worker is trusted: it holds the node's socket to the broker, its slot
+record and the request's deadline, and runs no script (except in isolation
+"none", the trusted profile).  After the fork it first forks its slot's
+zygote (before any socket or request exists in it), then opens its own
+ZeroMQ context (nothing ZeroMQ crosses the fork), announces READY with its
+credits and the broker's token, and loops: take the jobs of each REQUEST
+(one or more), run them one by one in that order through the runner, send a
+REPLY for each as it ends, heartbeat while idle.  If the broker goes silent
+it announces READY again, so a restarted broker gets its workers back.  On
+SIGTERM, after max_requests or when the broker says BYE it finishes what the
+broker already gave it and exits.
 """
 from __future__ import annotations
 
@@ -29,10 +35,10 @@ from srw.config import Config, NodeSettings
 from srw.sched import LoadScheduling, open_thread_list, thread_ids
 
 from .executor import Executor
-from .isolation import CopyRunner, ForkRunner
+from .isolation import InlineRunner, ProcessRunner, ZygoteFailed
 from .profile import Profile
-from .sandbox import Sandbox
-from .scripts import NAME_RE
+from .sandbox import Sandbox, die_with_parent
+from .scripts import NAME_RE, ScriptCache, ScriptNameError, ScriptNotFound
 from .slots import SlotTable
 
 log = logging.getLogger("srw.worker")
@@ -48,8 +54,11 @@ class Predecessor:
     served: int = 0
 
 
-FORK_BACKSTOP = 2.0  # fork isolation: the pool kills the worker only if it misses its own deadline
-IDLE_AFTER_MS = 5     # a worker waiting this long is idle: title and log lines updated
+BACKSTOP = 2.0     # copy, fork: the pool kills the worker only if it misses its own deadline
+IDLE_AFTER_MS = 5  # a worker waiting this long is idle: title and log lines updated
+SEND_TIMEOUT_MS = 10_000  # a reply the broker cannot take within this: the worker goes
+EXIT_NO_SANDBOX = 5  # the worker's exit status when its zygote failed
+EXIT_NO_BROKER = 6   # ... when the broker took no reply
 
 
 class Worker:
@@ -61,6 +70,7 @@ class Worker:
         self.slot, self.pid = slot, os.getpid()
         self.title = f"srw: worker {node.name}#{slot}"
         self.executor, self.slots = executor, slots
+        self.scripts = ScriptCache(config.pool.history_dir)
         self.predecessor, self.restarts = predecessor, restarts
         self.endpoint = node.workers_endpoint  # read as root: the name depends on who asks
         self.hb_interval = config.broker.heartbeat_interval
@@ -72,22 +82,18 @@ class Worker:
         self.draining = False
         self.drain_deadline = 0.0
         self.done = False
+        self.exit_code = 0
 
     # Lifecycle ---------------------------------------------------------------
 
-    def run(self) -> None:
-        """Serve until drained; the caller leaves the process with os._exit()."""
+    def run(self) -> int:
+        """Serve until drained; returns the exit status for the caller's os._exit()."""
         self._restore_signals()
         self._title("idle")
         logs.retag(f"worker {self.node.name}#{self.slot}", buffered=True)
-        self.executor.scripts.open_dir()
-        task_dir = open_thread_list()  # the sandbox closes /proc; ZeroMQ's thread comes after
-        self.sandbox.enter_worker(self.slot)
-        fork = self.profile.isolation == "fork"
-        self.runner = ForkRunner(self.executor, self.sandbox,
-                                 f"srw: request {self.node.name}#{self.slot}") if fork \
-            else CopyRunner(self.executor)
-        self.runner.start()
+        self.runner = self._start_runner()  # first: the zygote forks from a clean worker
+        self.scripts.open_dir()
+        task_dir = open_thread_list()
         self.ctx = zmq.Context(io_threads=1)
         self.sock = self._connect()
         self.scheduling = LoadScheduling(thread_ids(task_dir))
@@ -115,7 +121,10 @@ class Worker:
                     last_heard = time.monotonic()
             now = time.monotonic()
             if now >= next_hb:
-                self.sock.send(p.HEARTBEAT)
+                try:
+                    self.sock.send(p.HEARTBEAT, zmq.NOBLOCK)
+                except zmq.Again:  # no broker connected: its silence is counted below
+                    pass
                 next_hb = now + self.hb_interval
             if now - last_heard > self.silence_limit and not self.draining:
                 log.info("%s: broker silent for %.1f s, registering again", self.title,
@@ -125,6 +134,20 @@ class Worker:
             self._maybe_drain(now)
         self.sock.close(linger=1000)
         self.ctx.term()
+        return self.exit_code
+
+    def _start_runner(self) -> InlineRunner | ProcessRunner:
+        if self.profile.isolation == "none":
+            self.sandbox.enter_worker(self.slot)  # limits only: scripts run here
+            runner = InlineRunner(self.executor, self.scripts)
+            runner.start()
+            return runner
+        die_with_parent()
+        output_cap = min(self.profile.output_bytes, _max_message(self.config) - 64 * 1024)
+        runner = ProcessRunner(self.sandbox, self.slot, self.node.name,
+                               self.config.pool.history_dir, output_cap)
+        runner.start(self.executor, self.slots)
+        return runner
 
     def _next_message(self, wait_ms: int) -> list[bytes] | None:
         # Requests usually wait in the socket (credits): poll only when none does.
@@ -134,6 +157,7 @@ class Worker:
             # that waits longer pays for the idle title and the log write.
             if not self.sock.poll(IDLE_AFTER_MS):
                 self._title("idle")
+                self.runner.idle()
                 logs.flush()
                 self.scheduling.relax()
                 if not self.sock.poll(wait_ms):
@@ -152,6 +176,8 @@ class Worker:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, f"{self.node.name}#{self.slot}:{self.pid}".encode())
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, _max_message(self.config))
+        sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         sock.connect(self.endpoint)
@@ -159,10 +185,16 @@ class Worker:
 
     def register(self) -> None:
         pre = self.predecessor
+        extra = {}
+        if hasattr(p, "read_worker_token"):  # TEMP until broker-hardening lands
+            extra = {"token": p.read_worker_token(self.endpoint), "pool": os.getppid()}
         ready = p.Ready(slot=self.slot, pid=self.pid, credits=self.config.pool.credits,
                         replaces=pre.pid, reason=pre.reason, restarts=self.restarts,
-                        job=pre.job, job_status=pre.job_status, served=pre.served)
-        self.sock.send_multipart(ready.to_frames())
+                        job=pre.job, job_status=pre.job_status, served=pre.served, **extra)
+        try:
+            p.send_frames(self.sock, ready.to_frames(), noblock=True)
+        except zmq.Again:  # not connected yet: the next silence check registers again
+            pass
 
     def _restore_signals(self) -> None:
         # getsignal reads Python's own table; only a change costs a system call.
@@ -194,7 +226,7 @@ class Worker:
         except p.ProtocolError as exc:
             log.warning("%s: bad REQUEST from broker: %s", self.title, exc)
             return
-        self.executor.scripts.new_batch()
+        self.scripts.new_batch()
         for job, budget, meta, data in jobs:
             self.jobs.append((job, received + budget, meta, data))
         # A backlog: the node is loaded, so take messages in batches (srw.sched).
@@ -209,17 +241,14 @@ class Worker:
         if now >= deadline:  # the broker has answered it already
             status, out, error = p.TIMEOUT, b"", "the request's deadline passed before it started"
         else:
-            deadline = min(deadline, now + self.profile.wall_seconds)
-            backstop = FORK_BACKSTOP if self.profile.isolation == "fork" else 0.0
-            self.slots.busy(self.slot, self.pid, deadline + backstop, self.served, job)
-            self._title(f"busy {shown}")
-            status, out, error = self.runner.run(meta.name, meta.code, data, meta.cookie,
-                                                 deadline)
+            status, out, error = self._run(job, meta, data, min(deadline,
+                                                                now + self.profile.wall_seconds))
         run_us = (time.perf_counter() - started) * 1e6
         self.served += 1
         self.slots.idle(self.slot, self.pid, self.served)
         self.reply(job, status, out, error, run_us)
-        self._restore_signals()  # a script in copy isolation may have changed them
+        if self.profile.isolation == "none":
+            self._restore_signals()  # the script ran here and may have changed them
         recycle = self.runner.after()
         if recycle and not self.stop_requested:
             log.warning("%s: %s; recycling this worker", self.title, recycle)
@@ -227,11 +256,36 @@ class Worker:
         if log.isEnabledFor(logging.INFO):
             log.info("exec %s %d B -> %d B %s %d us", shown, len(data), len(out), status, run_us)
 
+    def _run(self, job: bytes, meta: p.ExecMeta, data: bytes,
+             deadline: float) -> tuple[str, bytes, str]:
+        try:
+            script = self.scripts.get(meta.name) if meta.name else None
+        except ScriptNameError as exc:
+            return p.BAD_REQUEST, b"", str(exc)
+        except ScriptNotFound as exc:
+            return p.NOT_FOUND, b"", str(exc)
+        backstop = 0.0 if self.profile.isolation == "none" else BACKSTOP
+        self.slots.busy(self.slot, self.pid, deadline + backstop, self.served, job)
+        self._title(f"busy {meta.name or '<content>'}")
+        try:
+            return self.runner.run(script, meta.code, data, meta.cookie, deadline)
+        except ZygoteFailed as exc:  # no sandbox left to run in: this worker goes
+            log.error("%s: %s; leaving", self.title, exc)
+            self.stop_requested = self.done = True
+            self.exit_code = EXIT_NO_SANDBOX
+            return p.KILLED, b"", f"{exc}; the worker is replaced"
+
     def reply(self, job: bytes, status: str, out: bytes, error: str, run_us: float) -> None:
         # At once, not with the rest of the batch: batching replies measured no
         # faster, and a reply held back would wait for a slow request after it,
         # or die with the worker.
-        p.send_frames(self.sock, p.worker_replies_frames([[job, status, error, out, run_us]]))
+        try:
+            p.send_frames(self.sock, p.worker_replies_frames([[job, status, error, out, run_us]]))
+        except zmq.Again:  # the broker takes nothing: let the pool start a worker it knows
+            log.error("%s: the broker took no reply for %d s; leaving", self.title,
+                      SEND_TIMEOUT_MS // 1000)
+            self.stop_requested = self.done = True
+            self.exit_code = EXIT_NO_BROKER
 
     def on_heartbeat(self, frames: list[bytes]) -> None:
         pass  # receipt alone proves the broker is alive
@@ -242,3 +296,7 @@ class Worker:
 
     def on_bye(self, frames: list[bytes]) -> None:
         self.done = True
+
+
+def _max_message(config: Config) -> int:  # TEMP until broker-hardening lands
+    return getattr(config, "max_message", 1 << 30)

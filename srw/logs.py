@@ -112,3 +112,21 @@ def retag(process: str, buffered: bool | None = None) -> None:
 def flush() -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
+
+
+def to_stderr(process: str) -> None:
+    """In a sandbox process (zygote, runner), whose stderr is a pipe the worker
+    reads and logs: every record goes there, unbuffered.  Handlers python.init
+    gave its own loggers (log files, which the sandbox may not hold open) go
+    there too, keeping their formats."""
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter(f"{process}[{os.getpid()}] %(levelname)s "
+                                          "%(message)s"))
+    logging.getLogger().handlers[:] = [stderr]
+    for logger in logging.root.manager.loggerDict.values():
+        for i, handler in enumerate(getattr(logger, "handlers", [])):
+            if isinstance(handler, logging.FileHandler):
+                moved = logging.StreamHandler(sys.stderr)
+                moved.setFormatter(handler.formatter)
+                moved.setLevel(handler.level)
+                logger.handlers[i] = moved

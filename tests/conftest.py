@@ -198,7 +198,29 @@ class Cluster:
         return sorted(out, key=lambda p: p.pid)
 
     def workers(self, node: str = "n1") -> list[psutil.Process]:
-        return self.processes(f"srw: worker {node}#")
+        """The pool's workers (not a zygote a worker has just forked, which wears
+        its parent's title for a moment)."""
+        titled = self.processes(f"srw: worker {node}#")
+        pids = {w.pid for w in titled}
+        out = []
+        for worker in titled:
+            try:
+                if worker.ppid() not in pids:
+                    out.append(worker)
+            except psutil.Error:
+                pass
+        return out
+
+    def runners(self, node: str = "n1") -> list[psutil.Process]:
+        """The processes where scripts run (copy and fork isolation)."""
+        return self.processes(f"srw: runner {node}#")
+
+    def trusted_pids(self, node: str = "n1") -> dict[str, int]:
+        """The node's processes that no script may touch: pool, broker, storage, workers."""
+        pids = {role: self.processes(f"srw: {role} {node}")[0].pid
+                for role in ("pool", "broker", "storage")}
+        pids.update({f"worker{i}": w.pid for i, w in enumerate(self.workers(node), 1)})
+        return pids
 
     def stop(self) -> None:
         self.track_tree()

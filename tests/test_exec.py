@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+import psutil
 
 from broker.client import AsyncClient
 
@@ -261,7 +262,7 @@ def test_stopped_worker_is_noticed_and_replaced(make_cluster):
         assert all(c.exec("echo.py", b"x").ok for _ in range(4))
 
 
-def test_wall_limit_kills_the_worker_and_answers_timeout(make_cluster):
+def test_wall_limit_kills_the_runner_and_answers_timeout(make_cluster):
     cluster = make_cluster(pool={"workers": 1},
                            scripts={"spin.py": """
                                while True:
@@ -272,14 +273,16 @@ def test_wall_limit_kills_the_worker_and_answers_timeout(make_cluster):
                            """})
     cluster.serve()
     with cluster.client() as c:
-        before = cluster.workers()[0].pid
+        assert c.exec("echo.py", b"before").ok
+        trusted, runner = cluster.trusted_pids(), cluster.runners()[0].pid
         started = time.monotonic()
         r = c.exec("spin.py", timeout=1.0)
         assert r.status == "timeout"
         assert time.monotonic() - started < 3
-        wait_until(lambda: [p.pid for p in cluster.workers()] not in ([], [before]), 10,
-                   "the spinning worker replaced")
         assert c.exec("echo.py", b"after").data == b"after"
+        # the worker killed its runner and took a new one; nothing trusted moved
+        assert not psutil.pid_exists(runner) or psutil.Process(runner).status() == "zombie"
+        assert cluster.trusted_pids() == trusted
 
 
 def test_full_queue_answers_busy(make_cluster):
@@ -333,9 +336,10 @@ def test_sighup_reloads_python_init(make_cluster):
 
 def test_serve_stops_everything_on_sigterm(node):
     serve = node.procs[0]
-    # storage, broker, pool, 2 workers, and the proxy (which may still be setting its title)
-    tree = wait_until(lambda: len(t := node.processes("srw: ")) == 6 and t, 10,
-                      "storage, broker, pool, 2 workers and proxy")
+    # storage, broker, pool, proxy (which may still be setting its title) and, per
+    # worker, its zygote and its runner
+    tree = wait_until(lambda: len(t := node.processes("srw: ")) == 10 and t, 10,
+                      "storage, broker, pool, proxy, 2 workers, 2 zygotes, 2 runners")
     serve.send_signal(signal.SIGTERM)
     assert serve.wait(20) == 0
     wait_until(lambda: not any(p.is_running() and p.status() != "zombie" for p in tree), 10,

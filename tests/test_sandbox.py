@@ -41,7 +41,7 @@ def test_profile_beside_the_config_comes_first(tmp_path):
 
 @pytest.mark.parametrize("text, words", [
     ("wall_secondz = 1\n", "unknown key 'wall_secondz'"),
-    ("isolation = 'vm'\n", "isolation must be one of copy, fork"),
+    ("isolation = 'vm'\n", "isolation must be one of none, copy, fork"),
     ("network = 'lan'\n", "network must be one of none, local, any"),
     ("memory_mb = 0\n", "memory_mb must be > 0"),
     ("processes = 'many'\n", "processes must be int"),
@@ -95,14 +95,27 @@ def test_node_refuses_to_start_with_a_profile_it_cannot_honour(make_cluster):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="uids per slot and cgroups need root")
-def test_workers_run_as_their_slot_uid_in_their_slot_cgroup(node):
-    workers = node.workers()
-    assert sorted(w.uids().real for w in workers) == [61001, 61002]
-    for w in workers:
-        status = open(f"/proc/{w.pid}/status").read()
-        assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
-        cgroups = open(f"/proc/{w.pid}/cgroup").read()
-        assert "memory:/srw-n1-" in cgroups and "pids:/srw-n1-" in cgroups
+def test_scripts_run_as_their_slot_uid_in_their_slot_cgroup_workers_stay_out(node):
     with node.client() as c:
-        r = c.exec("", code="import os\n__return_data = repr((os.getuid(), os.getgroups()))")
-        assert r.data in (b"(61001, [61000])", b"(61002, [61000])")
+        seen = {c.exec("", code="import os\n__return_data = repr((os.getuid(), "
+                                 "os.getgroups(), os.getpid()))").data for _ in range(6)}
+    runners = node.runners()
+    assert len(runners) == 2
+    uids = sorted(r.uids().real for r in runners)
+    block = uids[0] - 1
+    assert uids == [block + 1, block + 2] and block % 1000 == 0 and block >= 61000
+    seen = [eval(x) for x in seen]
+    assert {(uid, tuple(groups)) for uid, groups, _ in seen} <= {(block + 1, ()), (block + 2, ())}
+    assert {pid for _, _, pid in seen} <= {r.pid for r in runners}
+    for runner in runners:
+        zygote = runner.parent()
+        assert zygote.cmdline()[0].startswith("srw: zygote n1#")
+        for proc in (runner, zygote):
+            status = open(f"/proc/{proc.pid}/status").read()
+            assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
+            cgroups = open(f"/proc/{proc.pid}/cgroup").read()
+            assert all(f"{c}:/srw-n1-" in cgroups for c in ("memory", "pids", "cpuacct"))
+    for worker in node.workers():  # trusted: root, no filter, outside the slot's limits
+        assert worker.uids().real == 0
+        assert "Seccomp:\t0" in open(f"/proc/{worker.pid}/status").read()
+        assert "/srw-n1-" not in open(f"/proc/{worker.pid}/cgroup").read()

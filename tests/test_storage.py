@@ -19,7 +19,7 @@ from storage.client import NotFound, Session
 from storage.ring import id_hex, key_id
 from storage.store import Store
 
-from conftest import kill_tree, set_node_keys, wait_storage
+from conftest import kill_tree, set_node_keys, wait_storage, wait_until
 
 POST_INIT = """\
 import sys
@@ -244,13 +244,14 @@ def test_the_2011_python_init_runs_with_only_its_address_changed(make_cluster):
         assert c.exec("test_script.py", b"x").data.endswith(b"without cookies: x")
     with Session(cluster.path) as s:
         assert s.read("k") == b"stored by a 2011 script"
-    assert "groups [2, 3] are not in the cluster" in cluster.log()
+    wait_until(lambda: "groups [2, 3] are not in the cluster" in cluster.log(), 5,
+               "the handle's warning in the node's log")
     # python.init made the handle in the pool parent: it opened nothing there
-    # (no ZeroMQ thread, no socket); the worker that used it connected itself.
+    # (no ZeroMQ thread, no socket); the runner that used it connected itself.
     assert parent.num_threads() == 1
     assert not parent.net_connections(kind="tcp")
-    worker = cluster.workers()[0]
-    assert any(c.raddr and c.raddr.port == int(port) for c in worker.net_connections("tcp"))
+    runner = cluster.runners()[0]
+    assert any(c.raddr and c.raddr.port == int(port) for c in runner.net_connections("tcp"))
 
 
 def test_a_remote_that_does_not_answer_is_a_script_error_not_a_crash(make_cluster):

@@ -6,7 +6,7 @@ import pytest
 
 from broker import protocol as p
 from runtime.executor import Executor
-from runtime.scripts import ScriptCache, ScriptNameError, check_name
+from runtime.scripts import ScriptCache, ScriptNameError, ScriptNotFound, check_name
 from srw import config as cfg
 from storage.ring import BadId, Ring, key_id, parse_id
 
@@ -99,14 +99,32 @@ def test_good_script_names():
 
 def test_executor_isolates_requests(tmp_path):
     (tmp_path / "s.py").write_text("g.append(1)\nx = len(g)\n__return_data = str(x)\n")
-    ex = Executor({"g": [], "__builtins__": __builtins__}, ScriptCache(tmp_path), 100)
-    assert ex.run("s.py", "", b"", "") == ("ok", b"1", "")
+    scripts = ScriptCache(tmp_path)
+    ex = Executor({"g": [], "__builtins__": __builtins__}, 100)
+    named = lambda: scripts.code(scripts.get("s.py"))  # noqa: E731
+    assert ex.run(named, "", b"", "") == ("ok", b"1", "")
     # mutation of a shared object is visible (copy isolation), rebinding is not
-    assert ex.run("s.py", "", b"", "") == ("ok", b"2", "")
-    assert ex.run("", "__return_data = 'y' * 101", b"", "")[0] == "output_too_large"
-    assert ex.run("", "__return_data = b'y' * 100", b"", "")[0] == "ok"
-    assert ex.run("", "def (", b"", "")[0] == "script_error"
-    assert ex.run("", "x = bytearray(10**12)", b"", "")[0] == "memory"
+    assert ex.run(named, "", b"", "") == ("ok", b"2", "")
+    assert ex.run(None, "__return_data = 'y' * 101", b"", "")[0] == "output_too_large"
+    assert ex.run(None, "__return_data = b'y' * 100", b"", "")[0] == "ok"
+    status, _, error = ex.run(None, "def (", b"", "")
+    assert status == "script_error" and error.startswith("  File") and "SyntaxError" in error
+    assert ex.run(None, "x = bytearray(10**12)", b"", "")[0] == "memory"
+
+
+def test_script_cache_numbers_each_version_and_rereads_a_changed_file(tmp_path):
+    path = tmp_path / "s.py"
+    path.write_text("__return_data = 1\n")
+    scripts = ScriptCache(tmp_path)
+    first = scripts.get("s.py")
+    scripts.new_batch()
+    assert scripts.get("s.py") is first  # unchanged: no second read
+    path.write_text("__return_data = 22\n")
+    scripts.new_batch()
+    second = scripts.get("s.py")
+    assert second.version != first.version and second.source == b"__return_data = 22\n"
+    with pytest.raises(ScriptNotFound):
+        scripts.get("missing.py")
 
 
 def test_front_request_validation():

@@ -57,19 +57,23 @@ class Hostile:
 
     def expect(self, status: str, code: str = "", *, name: str = "", data: bytes = b"",
                error: str | None = None):
-        """Run a hostile script, check its status, then that the node serves again at full size."""
+        """Run a hostile script and check its status; then the node's trusted processes
+        (pool, broker, storage, workers) are the same and it serves at full size."""
+        trusted = self.cluster.trusted_pids()
         r = self.run(code, name, data)
         assert r.status == status, (r.status, r.error, r.data[:200])
         if error is not None:
             assert error in (r.error or ""), r.error
-        self.assert_recovered()
+        self.assert_recovered(trusted)
         return r
 
-    def assert_recovered(self):
+    def assert_recovered(self, trusted: dict[str, int] | None = None):
         wait_until(lambda: len(self.cluster.workers()) == WORKERS
                    and (self.cluster.status() or {}).get("workers") == WORKERS,
                    15, f"pool back at {WORKERS} workers (and nothing else)")
-        for i in range(2 * WORKERS):
+        if trusted is not None:
+            assert self.cluster.trusted_pids() == trusted
+        for i in range(2 * WORKERS):  # bystanders: each gets its own reply
             r = self.run(name="echo.py", data=b"next %d" % i)
             assert (r.status, r.data) == ("ok", b"next %d" % i), (r.status, r.error)
 

@@ -1,0 +1,204 @@
+"""The pipes between a worker and its runner: one request down, one reply up.
+
+    worker --req pipe-->  runner      REQUEST  header + name, source, code, cookie, data
+    worker <--res pipe--  runner      REPLY    header + error, data
+
+    REQUEST header  <QQIIIIQ  seq, version, name_len, source_len, code_len,
+                              cookie_len, data_len
+                    version 0: no named script; else the worker's number for one
+                    version of it, whose source comes along the first time this
+                    runner gets it (source_len 0 afterwards)
+    REPLY header    <QBBHIQ   seq, status, flags, spare, error_len, data_len
+
+The worker is trusted and the runner is not: every reply is read against a
+deadline, its header is checked (the sequence number it answers, a status a
+script run can earn, lengths within the caps) before any byte after it is
+read, and nothing the runner writes is ever unpickled or unmarshalled.  A
+reply that breaks a rule is `Garbled`, and the worker replaces the runner.
+"""
+from __future__ import annotations
+
+import os
+import select
+import struct
+import time
+from dataclasses import dataclass
+
+from broker import protocol as p
+
+REQUEST = struct.Struct("<QQIIIIQ")
+REPLY = struct.Struct("<QBBHIQ")
+
+# What a script run can earn; the worker decides timeouts, kills and refusals.
+RUN_STATUSES = (p.OK, p.SCRIPT_ERROR, p.MEMORY, p.OUTPUT_TOO_LARGE)
+STATUS_CODE = {status: i for i, status in enumerate(RUN_STATUSES)}
+
+# Reply flags: what the runner says of itself once the script is done.
+STALE = 1   # it could not reset what the script left: replace it
+ZEROMQ = 2  # it holds a ZeroMQ context (a storage session): two threads of its own
+
+MAX_ERROR = 64 * 1024  # bytes of traceback a reply may carry
+CHUNK = 1 << 20
+
+
+class Garbled(Exception):
+    """A runner's reply that breaks the protocol; the runner must be replaced."""
+
+
+class TooLarge(Garbled):
+    """A reply announcing more data than output_bytes allows (never read)."""
+
+    def __init__(self, size: int, cap: int):
+        super().__init__(f"__return_data is {size} bytes; the sandbox profile allows "
+                         f"{cap} (output_bytes)")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    seq: int
+    version: int
+    name: str
+    source: bytes
+    code: str
+    cookie: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: str
+    flags: int
+    error: str
+    data: bytes
+
+
+# Worker side -----------------------------------------------------------------
+
+def send_request(fd: int, seq: int, version: int, name: str, source: bytes, code: str,
+                 cookie: str, data: bytes, deadline: float) -> None:
+    """Write one request to a non-blocking pipe; TimeoutError past `deadline`."""
+    parts = [name.encode(), source, code.encode("utf-8", "surrogatepass"),
+             cookie.encode("utf-8", "surrogatepass"), data]
+    header = REQUEST.pack(seq, version, *(len(x) for x in parts[:4]), len(data))
+    _write_all(fd, [header, *parts], deadline)
+
+
+def read_reply(fd: int, seq: int, output_cap: int, deadline: float,
+               header: bytes | None = None) -> Reply:
+    """The runner's reply to request `seq`, checked before its body is read.
+
+    `header` is the header when the caller has read it already.  Raises
+    Garbled, TimeoutError, or EOFError (the runner is gone)."""
+    raw = header if header is not None else _read_exactly(fd, REPLY.size, deadline)
+    got, status, flags, _, error_len, data_len = REPLY.unpack(raw)
+    if got != seq:
+        raise Garbled(f"reply to request {got}, expected {seq}")
+    if status >= len(RUN_STATUSES):
+        raise Garbled(f"unknown status code {status}")
+    if error_len > MAX_ERROR:
+        raise Garbled(f"a {error_len}-byte error (at most {MAX_ERROR})")
+    if data_len > output_cap:
+        raise TooLarge(data_len, output_cap)
+    error = _read_exactly(fd, error_len, deadline).decode("utf-8", "replace")
+    data = _read_exactly(fd, data_len, deadline)
+    return Reply(RUN_STATUSES[status], flags, error, data)
+
+
+def leftover(fd: int) -> bool:
+    """Whether anything follows the reply (a non-blocking pipe): a runner that
+    wrote more than one reply is replaced before its extra bytes can pass for
+    the next request's answer."""
+    try:
+        return bool(os.read(fd, 1))  # b"" is end of file: the runner has gone
+    except BlockingIOError:
+        return False
+
+
+def _write_all(fd: int, parts: list[bytes], deadline: float) -> None:
+    views = [memoryview(x) for x in parts if x]
+    poller = None
+    while views:
+        try:
+            written = os.writev(fd, views[:64])
+        except BlockingIOError:
+            written = 0
+        while written and views:
+            if written >= len(views[0]):
+                written -= len(views.pop(0))
+            else:
+                views[0] = views[0][written:]
+                written = 0
+        if views:
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+            _wait(poller, deadline)
+
+
+def _read_exactly(fd: int, size: int, deadline: float) -> bytes:
+    chunks, left = [], size
+    poller = None
+    while left:
+        try:
+            chunk = os.read(fd, min(left, CHUNK))
+        except BlockingIOError:
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+            _wait(poller, deadline)
+            continue
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _wait(poller: select.poll, deadline: float) -> None:
+    wait = deadline - time.monotonic()
+    if wait <= 0 or not poller.poll(wait * 1000):
+        raise TimeoutError
+
+
+# Runner side (blocking pipes) ------------------------------------------------------
+
+def read_request(fd: int) -> Request | None:
+    """The next request, or None when the worker has closed the pipe."""
+    try:
+        raw = _read_blocking(fd, REQUEST.size)
+    except EOFError:
+        return None
+    seq, version, *lengths = REQUEST.unpack(raw)
+    body = _read_blocking(fd, sum(lengths))
+    fields, at = [], 0
+    for length in lengths:
+        fields.append(body[at:at + length])
+        at += length
+    name, source, code, cookie, data = fields
+    return Request(seq, version, name.decode(), source, code.decode("utf-8", "surrogatepass"),
+                   cookie.decode("utf-8", "surrogatepass"), data)
+
+
+def write_reply(fd: int, seq: int, status: str, flags: int, error: str, data: bytes) -> None:
+    raw_error = error.encode("utf-8", "replace")[:MAX_ERROR]
+    header = REPLY.pack(seq, STATUS_CODE[status], flags, 0, len(raw_error), len(data))
+    views = [memoryview(x) for x in (header, raw_error, data) if x]
+    while views:
+        written = os.writev(fd, views)
+        while written and views:
+            if written >= len(views[0]):
+                written -= len(views.pop(0))
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+def _read_blocking(fd: int, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, min(left, CHUNK))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,187 @@
+"""The runner: the one kind of process in which scripts run (copy and fork isolation).
+
+A runner is forked by its slot's zygote and closes its own sandbox (nested in
+the zygote's) before it takes a request.  It holds nothing of the node's: its
+two pipes to the worker, stdin from /dev/null, stdout and stderr into a pipe
+the worker reads.  It reads one request, compiles and runs it, and writes
+one reply (runtime/channel.py).  In copy isolation it is used again: after
+each request it undoes what a script may have left behind (signal mask and
+handlers, timers) and asks to be replaced (STALE) when it cannot (changed
+rlimits or personality, threads, child processes, new descriptors).  In
+fork isolation it waits to be killed.
+
+None of this is a limit: a script can change anything in its own process,
+this code included.  Limits and deadlines live in the worker and the kernel;
+these checks only keep what one request left by accident from failing the
+next one in the same runner.
+"""
+from __future__ import annotations
+
+import _signal
+import _thread
+import logging
+import os
+import resource
+import signal
+import stat
+import sys
+import time
+
+import zmq
+
+from . import channel
+from .executor import Executor
+from .sandbox import _libc
+from .scripts import compile_named
+
+log = logging.getLogger("srw.runner")
+LIMITS = (resource.RLIMIT_AS, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE,
+          resource.RLIMIT_NPROC, resource.RLIMIT_CORE, resource.RLIMIT_CPU)
+TIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
+SIGNALS = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
+NAMED_CACHE = 256  # compiled named-script versions a runner keeps
+
+
+def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: bool) -> None:
+    """Answer requests until the worker closes the pipe (copy) or after one (fork)."""
+    pid = os.getpid()
+    hygiene = Hygiene({0, 1, 2, req_r, res_w}) if reuse else None
+    named: dict[int, object] = {}
+    while True:
+        request = channel.read_request(req_r)
+        if request is None:
+            return  # the worker is done with us
+        status, data, error = executor.run(_named(request, named, history_dir), request.code,
+                                           request.data, request.cookie)
+        _flush_stdio()
+        if os.getpid() != pid:  # a copy the script forked came back from it: not ours
+            os._exit(0)
+        flags = hygiene.check() if hygiene is not None else 0
+        channel.write_reply(res_w, request.seq, status, flags, error, data)
+        if hygiene is None:
+            break
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT])
+    while True:  # fork isolation: the zygote kills us (and our group) now
+        time.sleep(3600)
+
+
+def _named(request: channel.Request, cache: dict, history_dir: str):
+    """A compiler for the request's named script, or None; the worker sends a
+    version's source once per runner."""
+    if not request.version:
+        return None
+
+    def compile_it():
+        code = cache.get(request.version)
+        if code is None:
+            if not request.source:
+                raise LookupError(f"this runner lost script {request.name!r}; it is replaced")
+            if len(cache) >= NAMED_CACHE:
+                cache.clear()
+            code = cache[request.version] = compile_named(request.name, request.source,
+                                                           history_dir)
+        return code
+    return compile_it
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a script may have replaced or closed them
+            pass
+
+
+def zeromq_live() -> bool:
+    """Whether this process has a ZeroMQ context (a storage session): its two
+    threads (I/O and reaper) and its descriptors are expected, not leftovers."""
+    ctx = zmq.Context._instance
+    return ctx is not None and not ctx.closed and zmq.Context._instance_pid == os.getpid()
+
+
+class Hygiene:
+    """The runner's state after it started, and the check after each request."""
+
+    def __init__(self, own_fds: set[int]):
+        self.own_fds = own_fds
+        self.limits = [resource.getrlimit(r) for r in LIMITS]
+        self.personality = _libc.personality(0xFFFFFFFF)
+        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        self.handlers = {sig: _signal.getsignal(sig) for sig in SIGNALS}
+        self.threads = _thread._count()
+        self.free_fd = lowest_free_fd()
+        self.zeromq = zeromq_live()
+
+    def check(self) -> int:
+        """Undo what can be undone; flags for the reply (STALE, ZEROMQ).  Why a
+        runner is stale goes to its stderr, which the worker logs."""
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+        for timer in TIMERS:
+            signal.setitimer(timer, 0)
+        for sig, handler in self.handlers.items():
+            if _signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
+        zeromq = zeromq_live()
+        stale = self._why_stale(zeromq)
+        self.zeromq = zeromq
+        if stale:
+            log.info("runner stale after this request: %s", stale)
+        return (channel.STALE if stale else 0) | (channel.ZEROMQ if zeromq else 0)
+
+    def _why_stale(self, zeromq: bool) -> str:
+        if self._children():
+            return "the script left processes running"
+        if _thread._count() > self.threads:
+            return "the script left threads running"
+        if [resource.getrlimit(r) for r in LIMITS] != self.limits:
+            return "the script changed its resource limits"
+        if _libc.personality(0xFFFFFFFF) != self.personality:
+            return "the script changed its personality"
+        if self._new_descriptors(zeromq):
+            return "the script left files open"
+        return ""
+
+    @staticmethod
+    def _children() -> bool:
+        """Whether a process the script started still runs (exited ones are reaped)."""
+        for _ in range(64):
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return False
+            if pid == 0:
+                return True
+        return True
+
+    def _new_descriptors(self, zeromq: bool) -> bool:
+        """Descriptors opened since the last check (new ones take the lowest free
+        number): only a storage session's sockets and event descriptors may stay."""
+        if not _is_open(self.free_fd):
+            return False
+        fd = self.free_fd
+        while fd in self.own_fds or _is_open(fd):
+            if fd not in self.own_fds and not (zeromq and _zeromq_kind(fd)):
+                return True
+            fd += 1
+        self.free_fd = lowest_free_fd()
+        return False
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _zeromq_kind(fd: int) -> bool:
+    """A socket, or an anonymous inode (eventfd, epoll): what ZeroMQ opens."""
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISSOCK(mode) or stat.S_IFMT(mode) == 0
+
+
+def lowest_free_fd() -> int:
+    fd = os.dup(0)
+    os.close(fd)
+    return fd

@@ -1,0 +1,178 @@
+"""A slot's zygote: forks runners ahead of time and reaps them.
+
+    worker (trusted) ──fork, before any socket or request──► zygote (slot uid, sandboxed)
+                     ◄── "R pid" + its two pipe ends (SCM_RIGHTS) ──  forks runners:
+                     ──  "D pid": done with it ──►                     killpg, fork the next
+                     ◄── "X pid status cpu": it exited ──
+
+The zygote is forked from the worker before the worker opens any socket or
+sees any request, so what it and its runners inherit is python.init's
+context and nothing else of the node: it keeps only its socket to the
+worker, stdin from /dev/null and stdout/stderr into the worker's output
+pipe, unmaps the pool's slot table, and closes its sandbox before it forks
+anything.  It never runs a script.  It keeps `spares` runners waiting, so a
+request never waits for a fork: in fork isolation the worker is done with a
+runner after each request, in copy isolation only when it must be replaced.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+
+import setproctitle
+
+from srw import logs
+
+from . import runner
+from .executor import Executor
+from .sandbox import PR_SET_CHILD_SUBREAPER, Sandbox, _libc, _prctl, die_with_parent
+
+log = logging.getLogger("srw.zygote")
+RETRY = 0.05    # seconds before the zygote tries a refused fork again
+SETTLE = 0.002  # seconds after a request before its runner is killed and the next forked
+WARN_EVERY = 10.0  # seconds between two warnings about refused forks
+
+
+def start(sock: socket.socket, out_w: int, executor: Executor, sandbox: Sandbox, slot: int,
+          history_dir: str, title: str, spares: int, reuse: bool) -> None:
+    """In the forked zygote: keep only what it needs, close the sandbox, serve."""
+    setproctitle.setproctitle(title.replace("runner", "zygote"))
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(out_w, 1)
+    os.dup2(out_w, 2)
+    keep = {0, 1, 2, sock.fileno(), *sandbox.inherited_fds()}
+    close_all_but(keep)
+    logs.to_stderr(f"zygote {title.split()[-1]}")
+    sandbox.enter_zygote(slot)
+    Zygote(sock, executor, sandbox, history_dir, title, spares, reuse).run()
+
+
+def close_all_but(keep: set[int]) -> None:
+    """Close every descriptor not in `keep` (close_range over the gaps)."""
+    low = 0
+    for fd in sorted(keep) + [1 << 30]:
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+
+
+class Zygote:
+    def __init__(self, sock: socket.socket, executor: Executor, sandbox: Sandbox,
+                 history_dir: str, title: str, spares: int, reuse: bool):
+        self.sock, self.executor, self.sandbox = sock, executor, sandbox
+        self.history_dir, self.title = history_dir, title
+        self.spares, self.reuse = spares, reuse
+        self.children: set[int] = set()  # alive, not reaped yet
+        self.out: set[int] = set()       # forked, and the worker not done with them yet
+        self.warned_at = 0.0
+
+    def run(self) -> None:
+        die_with_parent()
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of scripts come here to be reaped
+        _libc.malloc_trim(0)  # fewer pages to copy on every fork
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        missing = self.spares
+        due: list[tuple[float, int]] = []  # (when, pid): runners to end
+        fork_at = retry_at = 0.0
+        while True:
+            now = time.monotonic()
+            while due and due[0][0] <= now:
+                kill_group(due.pop(0)[1])
+            # No runner waiting at all: fork now rather than after the settling delay.
+            next_fork = max(retry_at, fork_at if missing < self.spares else 0.0)
+            if missing and now >= next_fork:
+                if self.fork_runner():
+                    missing -= 1
+                else:  # refused for now: a script's leftovers still hold the process limit
+                    retry_at = now + RETRY
+                continue
+            timers = [t for t, _ in due[:1]] + ([next_fork] if missing else [])
+            wait = max(0.0, min(timers) - now) if timers else None
+            ready = select.select([self.sock, self.wake_r], [], [], wait)[0]
+            if self.wake_r in ready:
+                os.read(self.wake_r, 4096)
+                self.reap()
+            if self.sock in ready:
+                msg = self.sock.recv(32)
+                if not msg:
+                    return  # the worker is gone
+                pid = _done_pid(msg)
+                if pid not in self.out:
+                    continue
+                self.out.discard(pid)
+                # The worker has replied.  Ending the runner and forking its successor
+                # cost a couple of milliseconds of CPU: done at once, they would slow
+                # the reply on its way to the client on a small machine.
+                when = time.monotonic() + SETTLE
+                due.append((when, pid))
+                missing += 1
+                fork_at = when
+
+    def fork_runner(self) -> bool:
+        req_r, req_w = os.pipe()
+        res_r, res_w = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            now = time.monotonic()
+            if now - self.warned_at >= WARN_EVERY:
+                self.warned_at = now
+                log.warning("cannot fork a runner (%s); trying again every %g s", exc, RETRY)
+            for fd in (req_r, req_w, res_r, res_w):
+                os.close(fd)
+            return False
+        if pid == 0:  # the runner; it always leaves through os._exit()
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                close_all_but({0, 1, 2, req_r, res_w, *self.sandbox.inherited_fds()})
+                setproctitle.setproctitle(self.title)
+                logs.to_stderr(self.title.removeprefix("srw: "))
+                self.sandbox.enter_runner(reuse=self.reuse)
+                self.executor.warm_up()
+                runner.serve(self.executor, self.history_dir, req_r, res_w, self.reuse)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(req_r)
+        os.close(res_w)
+        self.children.add(pid)
+        self.out.add(pid)
+        socket.send_fds(self.sock, [b"R %d" % pid], [req_w, res_r])
+        os.close(req_w)
+        os.close(res_r)
+        return True
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.children:  # not orphans of scripts, which come here too
+                self.children.discard(pid)
+                cpu = usage.ru_utime + usage.ru_stime
+                self.sock.send(b"X %d %d %.3f" % (pid, status, cpu))
+
+
+def _done_pid(msg: bytes) -> int:
+    kind, _, pid = msg.partition(b" ")
+    return int(pid) if kind == b"D" and pid.isdigit() else 0
+
+
+def kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
