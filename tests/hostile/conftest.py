@@ -21,9 +21,9 @@ SMALL_LIMITS = {"wall_seconds": 2.0, "cpu_seconds": 1.0, "memory_mb": 320,
                 "output_bytes": 1 << 20, "processes": 24, "file_size_mb": 1}
 
 
-def write_profile(cluster: Cluster, name: str) -> dict:
+def write_profile(cluster: Cluster, name: str, **limits) -> dict:
     profile = tomllib.loads((REPO / "sandbox_profiles" / f"{name}.toml").read_text())
-    profile.update(SMALL_LIMITS)
+    profile.update(SMALL_LIMITS, **limits)
     folder = cluster.root / "sandbox_profiles"
     folder.mkdir(exist_ok=True)
     lines = []
