@@ -53,9 +53,11 @@ class Child:
 
     def start(self) -> None:
         env = dict(os.environ, **{SUPERVISOR_ENV: str(os.getpid())})
-        # Its own process group: Ctrl-C reaches the supervisor only, which stops
-        # the children in order.
-        self.proc = subprocess.Popen(self.argv, env=env, process_group=0)
+        # Its own session, without the operator's terminal and with stdin from
+        # /dev/null: Ctrl-C reaches the supervisor only, which stops the children
+        # in order, and nothing below can push keystrokes into that terminal.
+        self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True,
+                                     stdin=subprocess.DEVNULL)
 
     def signal(self, sig: int) -> None:
         if self.proc and self.proc.poll() is None:

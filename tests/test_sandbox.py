@@ -119,3 +119,32 @@ def test_scripts_run_as_their_slot_uid_in_their_slot_cgroup_workers_stay_out(nod
         assert worker.uids().real == 0
         assert "Seccomp:\t0" in open(f"/proc/{worker.pid}/status").read()
         assert "/srw-n1-" not in open(f"/proc/{worker.pid}/cgroup").read()
+
+
+def test_seccomp_denies_terminal_injection_even_on_a_terminal_the_script_holds():
+    """Defence in depth: a runner never holds a terminal, and if it did, TIOCSTI
+    and TIOCLINUX would be denied anyway."""
+    import ctypes
+    import errno
+    import pty
+
+    from runtime import seccomp
+    master, slave = pty.openpty()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            seccomp.zygote_filter("none").load()
+            libc = ctypes.CDLL(None, use_errno=True)
+            pushed = libc.ioctl(slave, 0x5412, ctypes.byref(ctypes.c_char(b"x")))
+            code = 0 if pushed != 0 and ctypes.get_errno() == errno.EPERM else 2
+        finally:
+            os._exit(code)
+    try:
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        os.set_blocking(slave, False)
+        with pytest.raises(BlockingIOError):
+            os.read(slave, 10)  # nothing was pushed
+    finally:
+        os.close(master)
+        os.close(slave)

@@ -339,3 +339,41 @@ def test_requests_queued_behind_a_script_are_not_in_its_reach(make_cluster, prof
     scan, victim = asyncio.run(both())
     assert (scan.status, scan.data) == ("ok", b"not found"), scan.error
     assert (victim.status, victim.data) == ("ok", QUEUED_MARKER)
+
+
+HOLD_THREADS = """
+import threading, time
+threading.stack_size(64 << 10)  # small stacks: the process limit, not memory, stops it
+started = 0
+try:
+    for _ in range(200):
+        threading.Thread(target=time.sleep, args=(3,), daemon=True).start()
+        started += 1
+except RuntimeError:
+    pass
+time.sleep(1.7)  # the wall limit here is 2 s
+__return_data = str(started)
+"""
+
+
+def test_threads_held_in_one_deployment_never_starve_another(hostile, make_cluster):
+    """RLIMIT_NPROC counts per uid across the host: with a block of uids each, a
+    script holding its slot's process limit cannot stop another deployment's
+    runners from starting."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .conftest import write_profile
+    other = make_cluster(pool={"workers": 1, "credits": 1, "profile": hostile.profile},
+                         log_level="warning")
+    write_profile(other, hostile.profile)
+    other.serve()
+    with ThreadPoolExecutor(2) as pool, other.client(timeout=10) as c:
+        bombs = [pool.submit(hostile.run, HOLD_THREADS) for _ in range(2)]  # both slots
+        time.sleep(0.4)
+        for _ in range(3):  # each kills its runner: a new one must start meanwhile
+            assert c.exec("", code="import os\nos._exit(0)").status == "killed"
+            r = c.exec("echo.py", b"still here", timeout=5)
+            assert (r.status, r.data) == ("ok", b"still here"), r.error
+        results = [b.result() for b in bombs]
+    assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
+    assert all(int(r.data) > 5 for r in results)
