@@ -44,6 +44,7 @@ from .slots import SlotTable
 log = logging.getLogger("srw.worker")
 
 TICK = 0.05        # seconds between CPU checks of a running request
+IDLE_CPU = 0.05    # seconds of CPU a reused runner may use between requests
 ZEROMQ_THREADS = 2  # a ZeroMQ context's I/O thread and reaper
 WAIT_EXIT = 5.0    # seconds to learn how a dead runner died
 LINE_MAX = 4096    # bytes of one line of script output that reach the log
@@ -96,6 +97,7 @@ class Runner:
     stat_fd: int = -1
     sent: set[int] = field(default_factory=set)  # script versions it has the source of
     vsize: int = 0  # its address space after its first request
+    idle_cpu: float | None = None  # the slot's CPU when the worker last saw it idle
 
     def close(self) -> None:
         for fd in (self.req_w, self.res_r, self.stat_fd):
@@ -147,13 +149,18 @@ class ProcessRunner:
 
     def run(self, script: Script | None, code: str, data: bytes, cookie: str,
             deadline: float) -> tuple[str, bytes, str]:
+        if self.current is not None and channel.leftover(self.current.res_r):
+            self._replace(self.current, "it wrote after its reply", kill=True)
         try:
             runner = self.current or self._take(deadline)
         except TimeoutError:
             return (p.TIMEOUT, b"", "no runner was ready before the request's deadline (the "
                     "slot's process limit may still be held by a script's leftovers)")
         self.current = runner
-        self.seq += 1
+        runner.idle_cpu = None
+        # Unpredictable, so that a script cannot write the reply to a later request
+        # (the `random` module's state is in the runner's memory too).
+        self.seq = int.from_bytes(os.urandom(8), "little")
         self.output.new_request()
         version, source = 0, b""
         if script is not None:
@@ -314,8 +321,18 @@ class ProcessRunner:
         return ""
 
     def idle(self) -> None:
-        """The worker is about to wait: log what the sandbox wrote meanwhile."""
+        """The worker is waiting: log what the sandbox wrote meanwhile, and replace a
+        reused runner that burns CPU with no request in hand (a script that
+        answered early to run on past its limits)."""
         self.output.drain()
+        runner = self.current
+        if runner is None or not self.reuse:
+            return
+        used = self._cpu_used(runner.pid)
+        if runner.idle_cpu is not None and used - runner.idle_cpu > IDLE_CPU:
+            self._replace(runner, "it used CPU with no request in hand", kill=True)
+        else:
+            runner.idle_cpu = used
 
 
 class CpuExceeded(Exception):
