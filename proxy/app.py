@@ -98,9 +98,15 @@ def _route(cluster: Cluster, query: dict[str, str]):
     return cluster.targets(value, groups), hex_id
 
 
+MAX_GROUPS_CHARS = 1024  # room for ~200 groups each named once; a group named twice runs once
+
+
 def _groups(cluster: Cluster, raw: str | None) -> list[int] | None:
     if raw is None:
         return None
+    if len(raw) > MAX_GROUPS_CHARS:
+        raise HTTPProblem(400, f"groups= is {len(raw)} characters long, at most "
+                               f"{MAX_GROUPS_CHARS}: name each group once, e.g. groups=1:2")
     try:
         groups = [int(g) for g in raw.split(":")]
     except ValueError:
@@ -110,7 +116,7 @@ def _groups(cluster: Cluster, raw: str | None) -> list[int] | None:
     if unknown:
         raise HTTPProblem(400, f"group {unknown[0]} is not served here (groups: "
                                f"{', '.join(map(str, cluster.groups))})")
-    return groups
+    return groups  # duplicates collapse in Ring.select_groups: one exec per group
 
 
 def _cookie_string(request: web.Request, names: tuple[str, ...]) -> str:

@@ -73,6 +73,9 @@ def test_ring_owner_is_largest_start_not_above_id(tmp_path):
     assert key_id("k") == key_id(b"k")
     with pytest.raises(ValueError):
         ring.targets(None, [7])
+    # a group named again is not another target; first-seen order is kept
+    assert [n.name for n in ring.targets(parse_id("01"), [2, 1, 2, 1] * 100)] == ["c", "a"]
+    assert [n.name for n in ring.targets(None, [1] * 300)] == ["a", "b"]
 
 
 def test_explicit_ids_wrap_around(tmp_path):
