@@ -43,6 +43,7 @@ class ProxySettings:
     cookies: tuple[str, ...] = ()
     groups: tuple[int, ...] = ()
     max_body: int = 64 * 1024 * 1024
+    body_timeout: float = 60.0     # s for a request's whole body, once its headers are in
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ def _check(config: Config) -> None:
         (config.log.level in LOG_LEVELS, f"log.level must be one of {', '.join(LOG_LEVELS)}"),
         (":" in config.proxy.listen, "proxy.listen must be HOST:PORT"),
         (config.proxy.max_body > 0, "proxy.max_body must be > 0 bytes"),
+        (config.proxy.body_timeout > 0, "proxy.body_timeout must be > 0 seconds"),
     ]
     names = [n.name for n in config.nodes]
     rules.append((len(set(names)) == len(names), "node names must be unique"))

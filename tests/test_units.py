@@ -31,6 +31,7 @@ def test_config_defaults_and_relative_paths(tmp_path):
     assert config.pool.workers == 2 and config.broker.request_timeout == 5.0
     assert config.nodes[0].data_dir == str(tmp_path / "var/n1")
     assert config.pool.history_dir == str(tmp_path / "history")
+    assert config.proxy.body_timeout == 60.0
 
 
 @pytest.mark.parametrize("text, words", [
@@ -44,6 +45,7 @@ def test_config_defaults_and_relative_paths(tmp_path):
     (NODE + NODE, "node names must be unique"),
     (NODE.replace("tcp://127.0.0.1:1025", "127.0.0.1:1025"), "storage must be a tcp://"),
     ("[log]\nlevel = 'loud'\n" + NODE, "log.level must be one of"),
+    ("[proxy]\nbody_timeout = -1.5\n" + NODE, "proxy.body_timeout must be > 0"),
     ("not toml [", "not valid TOML"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, words):
