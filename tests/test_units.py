@@ -31,7 +31,8 @@ def test_config_defaults_and_relative_paths(tmp_path):
     assert config.pool.workers == 2 and config.broker.request_timeout == 5.0
     assert config.nodes[0].data_dir == str(tmp_path / "var/n1")
     assert config.pool.history_dir == str(tmp_path / "history")
-    assert config.proxy.body_timeout == 60.0
+    assert (config.proxy.header_timeout, config.proxy.body_timeout,
+            config.proxy.max_connections) == (10.0, 60.0, 1000)
 
 
 @pytest.mark.parametrize("text, words", [
@@ -45,7 +46,10 @@ def test_config_defaults_and_relative_paths(tmp_path):
     (NODE + NODE, "node names must be unique"),
     (NODE.replace("tcp://127.0.0.1:1025", "127.0.0.1:1025"), "storage must be a tcp://"),
     ("[log]\nlevel = 'loud'\n" + NODE, "log.level must be one of"),
+    ("[proxy]\nheader_timeout = 0\n" + NODE, "proxy.header_timeout must be > 0"),
     ("[proxy]\nbody_timeout = -1.5\n" + NODE, "proxy.body_timeout must be > 0"),
+    ("[proxy]\nmax_connections = 0\n" + NODE, "proxy.max_connections must be at least 1"),
+    ("[proxy]\nmax_connections = 1.5\n" + NODE, "proxy.max_connections must be int"),
     ("not toml [", "not valid TOML"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, words):
