@@ -7,8 +7,10 @@ a speed goal.  Every loop is bounded in count and in time.
 """
 from __future__ import annotations
 
+import contextlib
 import email.parser
 import http.client
+import resource
 import socket
 import time
 
@@ -336,10 +338,18 @@ def test_out_of_descriptors_idle_connections_make_room_and_the_log_stays_small(m
     """max_connections above what the open-files limit allows: a failed accept
     closes the longest idle connection, and is logged at most once a second."""
     cluster = make_cluster(proxy={"header_timeout": LONG})
-    with serving_with_proxy(cluster):
+    ours = resource.getrlimit(resource.RLIMIT_NOFILE)
+    started_with = min(ours[0], 1024)
+    with contextlib.ExitStack() as stack:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (started_with, ours[1]))  # srw inherits it
+        try:
+            stack.enter_context(serving_with_proxy(cluster))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, ours)
         proxy = proxy_process(cluster)
         soft, hard = proxy.rlimit(psutil.RLIMIT_NOFILE)
-        assert soft == hard  # raised to the hard limit at start
+        assert (soft, hard) == (ours[1], ours[1])  # raised to the hard limit at start
+        assert cluster.processes("srw: broker")[0].rlimit(psutil.RLIMIT_NOFILE)[0] == started_with
         held = []
         before = cluster.log_file.stat().st_size
         try:
