@@ -16,6 +16,7 @@ the script as the bound variable ``__cookie_string``, never as code.
 """
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import logging
@@ -98,9 +99,15 @@ def _route(cluster: Cluster, query: dict[str, str]):
     return cluster.targets(value, groups), hex_id
 
 
+MAX_GROUPS_CHARS = 1024  # room for ~200 groups each named once; a group named twice runs once
+
+
 def _groups(cluster: Cluster, raw: str | None) -> list[int] | None:
     if raw is None:
         return None
+    if len(raw) > MAX_GROUPS_CHARS:
+        raise HTTPProblem(400, f"groups= is {len(raw)} characters long, at most "
+                               f"{MAX_GROUPS_CHARS}: name each group once, e.g. groups=1:2")
     try:
         groups = [int(g) for g in raw.split(":")]
     except ValueError:
@@ -110,7 +117,7 @@ def _groups(cluster: Cluster, raw: str | None) -> list[int] | None:
     if unknown:
         raise HTTPProblem(400, f"group {unknown[0]} is not served here (groups: "
                                f"{', '.join(map(str, cluster.groups))})")
-    return groups
+    return groups  # duplicates collapse in Ring.select_groups: one exec per group
 
 
 def _cookie_string(request: web.Request, names: tuple[str, ...]) -> str:
@@ -122,12 +129,19 @@ def _cookie_string(request: web.Request, names: tuple[str, ...]) -> str:
 
 
 async def _body(request: web.Request) -> bytes:
-    limit = request.app[CONFIG].proxy.max_body
-    _check_length(request, limit)
+    """The whole body, within proxy.max_body and proxy.body_timeout (else 413, 408)."""
+    settings = request.app[CONFIG].proxy
+    _check_length(request, settings.max_body)
     try:
-        return await request.read()
+        if request.content.is_eof():  # all in already (most requests): no timer to set
+            return await request.read()
+        async with asyncio.timeout(settings.body_timeout):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:  # a chunked body that outgrew the limit
-        raise HTTPProblem(413, _too_large(limit), close=True) from None
+        raise HTTPProblem(413, _too_large(settings.max_body), close=True) from None
+    except TimeoutError:
+        raise HTTPProblem(408, f"request body not complete within {settings.body_timeout:g} s "
+                               "(proxy.body_timeout)", close=True) from None
 
 
 def _check_length(request: web.Request, limit: int) -> None:

@@ -4,8 +4,10 @@
 keep-alive, an access log line per request with the time taken
 (``127.0.0.1 "POST /elliptics?exec&name=x HTTP/1.1" 200 79 B 812 us``, logger
 ``srw.proxy.access`` at info), SIGTERM or SIGINT to stop (requests in flight
-are answered first).  The benchmark runs its bare handler through the same
-function, so the two are compared on equal terms.
+are answered first), and the bounds of ``proxy.bounds`` (header timeout,
+connection cap, throttled accept errors, raised open-files limit) from the
+``[proxy]`` settings given.  The benchmark runs its bare handler through the
+same function, so the two are compared on equal terms.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from srw import logs
+from srw.config import ProxySettings
+
+from .bounds import Gate, raise_fd_limit
 
 MAX_LINE = 64 * 1024      # request line: a 10 kB script name gets our own 400, not the parser's
 SHUTDOWN_GRACE = 3.0      # seconds for requests in flight at SIGTERM
@@ -44,21 +49,29 @@ def split_listen(listen: str) -> tuple[str, int]:
         raise ValueError(f"bad listen address {listen!r}: use HOST:PORT") from None
 
 
-async def serve(app: web.Application, listen: str, ready=None) -> None:
-    """Serve `app` on `listen` (HOST:PORT) until SIGTERM or SIGINT."""
+async def serve(app: web.Application, listen: str, ready=None,
+                limits: ProxySettings | None = None) -> None:
+    """Serve `app` on `listen` (HOST:PORT) until SIGTERM or SIGINT, within the
+    header_timeout and max_connections of `limits` (default: the defaults)."""
+    limits = limits or ProxySettings()
     host, port = split_listen(listen)
-    runner = web.AppRunner(app, access_log=logging.getLogger("srw.proxy.access"),
-                           access_log_class=AccessLog, max_line_size=MAX_LINE,
-                           handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE,
-                           # A body the handler refused to read (413) is not drained
-                           # for seconds: the connection closes after the answer.
-                           lingering_time=0)
+    # The keyword arguments of each connection's web.RequestHandler (made by the gate).
+    handler_args = dict(access_log=logging.getLogger("srw.proxy.access"),
+                        access_log_class=AccessLog, max_line_size=MAX_LINE,
+                        # A body the handler refused to read (413) is not drained
+                        # for seconds: the connection closes after the answer.
+                        lingering_time=0)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
+    raise_fd_limit(limits.max_connections)
     await runner.setup()
+    loop = asyncio.get_running_loop()
+    gate = None
     try:
-        site = web.TCPSite(runner, host, port, backlog=BACKLOG, reuse_address=True)
-        await site.start()
+        # The gate listens, not a web.TCPSite; the runner's Server still
+        # manages the connections (and closes them at cleanup).
+        gate = Gate(runner.server, handler_args, limits.header_timeout, limits.max_connections)
+        await gate.listen(host, port, BACKLOG)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if ready:
@@ -67,6 +80,8 @@ async def serve(app: web.Application, listen: str, ready=None) -> None:
         await stop.wait()
         flusher.cancel()
     finally:
+        if gate is not None:
+            gate.close()  # no new connections; the runner closes and drains the rest
         await runner.cleanup()
         logs.flush()
 
@@ -78,7 +93,8 @@ async def _flush_logs() -> None:
         logs.flush()
 
 
-def run(app: web.Application, listen: str, title: str = "srw: proxy") -> int:
+def run(app: web.Application, listen: str, title: str = "srw: proxy",
+        limits: ProxySettings | None = None) -> int:
     """Blocking: set the process title, serve, return an exit status."""
     import setproctitle
     setproctitle.setproctitle(title)
@@ -87,7 +103,7 @@ def run(app: web.Application, listen: str, title: str = "srw: proxy") -> int:
         print(f"{title} listening on http://{listen}", flush=True)
 
     try:
-        asyncio.run(serve(app, listen, ready))
+        asyncio.run(serve(app, listen, ready, limits))
     except OSError as exc:  # the port is taken, or the address is not ours
         print(f"{title} cannot listen on {listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1

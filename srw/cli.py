@@ -261,7 +261,7 @@ def cmd_proxy(config: cfg.Config, args) -> int:
     from proxy.server import run
     logs.setup(config.log, "proxy", buffered=True)
     _supervised()
-    return run(make_app(config), config.proxy.listen)
+    return run(make_app(config), config.proxy.listen, limits=config.proxy)
 
 
 def cmd_storage(config: cfg.Config, args) -> int:

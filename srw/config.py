@@ -43,6 +43,9 @@ class ProxySettings:
     cookies: tuple[str, ...] = ()
     groups: tuple[int, ...] = ()
     max_body: int = 64 * 1024 * 1024
+    header_timeout: float = 10.0   # s from accept (or the last response) to a request's headers
+    body_timeout: float = 60.0     # s for a request's whole body, once its headers are in
+    max_connections: int = 1000    # open client connections; beyond it idle ones make room
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,9 @@ def _check(config: Config) -> None:
         (config.log.level in LOG_LEVELS, f"log.level must be one of {', '.join(LOG_LEVELS)}"),
         (":" in config.proxy.listen, "proxy.listen must be HOST:PORT"),
         (config.proxy.max_body > 0, "proxy.max_body must be > 0 bytes"),
+        (config.proxy.header_timeout > 0, "proxy.header_timeout must be > 0 seconds"),
+        (config.proxy.body_timeout > 0, "proxy.body_timeout must be > 0 seconds"),
+        (config.proxy.max_connections >= 1, "proxy.max_connections must be at least 1"),
     ]
     names = [n.name for n in config.nodes]
     rules.append((len(set(names)) == len(names), "node names must be unique"))

@@ -65,7 +65,7 @@ class Ring:
         if unknown:
             raise ValueError(f"no group {unknown[0]} in the config (groups: "
                              f"{', '.join(map(str, sorted(self.groups)))})")
-        return list(groups)
+        return list(dict.fromkeys(groups))  # a group named twice is still one target
 
     def targets(self, value: int | None, groups: list[int] | None) -> list[NodeSettings]:
         """The owner of `value` in each group, or every node when value is None."""

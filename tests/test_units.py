@@ -31,6 +31,8 @@ def test_config_defaults_and_relative_paths(tmp_path):
     assert config.pool.workers == 2 and config.broker.request_timeout == 5.0
     assert config.nodes[0].data_dir == str(tmp_path / "var/n1")
     assert config.pool.history_dir == str(tmp_path / "history")
+    assert (config.proxy.header_timeout, config.proxy.body_timeout,
+            config.proxy.max_connections) == (10.0, 60.0, 1000)
 
 
 @pytest.mark.parametrize("text, words", [
@@ -44,6 +46,10 @@ def test_config_defaults_and_relative_paths(tmp_path):
     (NODE + NODE, "node names must be unique"),
     (NODE.replace("tcp://127.0.0.1:1025", "127.0.0.1:1025"), "storage must be a tcp://"),
     ("[log]\nlevel = 'loud'\n" + NODE, "log.level must be one of"),
+    ("[proxy]\nheader_timeout = 0\n" + NODE, "proxy.header_timeout must be > 0"),
+    ("[proxy]\nbody_timeout = -1.5\n" + NODE, "proxy.body_timeout must be > 0"),
+    ("[proxy]\nmax_connections = 0\n" + NODE, "proxy.max_connections must be at least 1"),
+    ("[proxy]\nmax_connections = 1.5\n" + NODE, "proxy.max_connections must be int"),
     ("not toml [", "not valid TOML"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, words):
@@ -73,6 +79,9 @@ def test_ring_owner_is_largest_start_not_above_id(tmp_path):
     assert key_id("k") == key_id(b"k")
     with pytest.raises(ValueError):
         ring.targets(None, [7])
+    # a group named again is not another target; first-seen order is kept
+    assert [n.name for n in ring.targets(parse_id("01"), [2, 1, 2, 1] * 100)] == ["c", "a"]
+    assert [n.name for n in ring.targets(None, [1] * 300)] == ["a", "b"]
 
 
 def test_explicit_ids_wrap_around(tmp_path):
