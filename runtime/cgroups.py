@@ -57,9 +57,16 @@ class SlotCgroups:
 
     def cpu_usage_file(self, slot: int) -> int:
         """A descriptor of the slot's CPU use (`cpu_seconds`), or -1 without cgroups."""
+        return self._open(slot, "cpuacct", "cpuacct.usage")
+
+    def tasks_file(self, slot: int) -> int:
+        """A descriptor of the slot's task count (`read_int`), or -1 without cgroups."""
+        return self._open(slot, "pids", "pids.current")
+
+    def _open(self, slot: int, controller: str, name: str) -> int:
         if not self.enabled:
             return -1
-        return os.open(self.path("cpuacct", slot) / "cpuacct.usage", os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(self.path(controller, slot) / name, os.O_RDONLY | os.O_CLOEXEC)
 
     def kill(self, slot: int) -> int:
         """SIGKILL everything left in the slot; returns how many were signalled."""
@@ -78,7 +85,11 @@ class SlotCgroups:
 
 def cpu_seconds(usage_fd: int) -> float:
     """CPU time used in a slot's cgroup (its processes and their reaped children)."""
-    return int(os.pread(usage_fd, 32, 0)) / 1e9
+    return read_int(usage_fd) / 1e9
+
+
+def read_int(fd: int) -> int:
+    return int(os.pread(fd, 32, 0))
 
 
 def _kill_all(path: Path) -> int:

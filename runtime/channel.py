@@ -11,10 +11,12 @@
     REPLY header    <QBBHIQ   seq, status, flags, spare, error_len, data_len
 
 The worker is trusted and the runner is not: every reply is read against a
-deadline, its header is checked (the sequence number it answers, a status a
-script run can earn, lengths within the caps) before any byte after it is
-read, and nothing the runner writes is ever unpickled or unmarshalled.  A
-reply that breaks a rule is `Garbled`, and the worker replaces the runner.
+deadline, its header is checked (the sequence number it answers, which the
+worker draws at random for each request, a status a script run can earn,
+lengths within the caps) before the rest of it is read, and nothing the
+runner writes is ever unpickled or unmarshalled.  A reply that breaks a rule
+is `Garbled`, and the worker replaces the runner; so it does when more than
+the reply was waiting.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ STALE = 1   # it could not reset what the script left: replace it
 ZEROMQ = 2  # it holds a ZeroMQ context (a storage session): two threads of its own
 
 MAX_ERROR = 64 * 1024  # bytes of traceback a reply may carry
+FIRST = 64 * 1024  # a first read takes a small message whole (and stays below malloc's mmap)
 CHUNK = 1 << 20
 
 
@@ -80,17 +83,27 @@ def send_request(fd: int, seq: int, version: int, name: str, source: bytes, code
     parts = [name.encode(), source, code.encode("utf-8", "surrogatepass"),
              cookie.encode("utf-8", "surrogatepass"), data]
     header = REQUEST.pack(seq, version, *(len(x) for x in parts[:4]), len(data))
+    if len(data) + len(source) < FIRST:  # one write, usually done at once
+        message = b"".join((header, *parts))
+        try:
+            written = os.write(fd, message)
+        except BlockingIOError:
+            written = 0
+        if written < len(message):
+            _write_all(fd, [memoryview(message)[written:]], deadline)
+        return
     _write_all(fd, [header, *parts], deadline)
 
 
-def read_reply(fd: int, seq: int, output_cap: int, deadline: float,
-               header: bytes | None = None) -> Reply:
-    """The runner's reply to request `seq`, checked before its body is read.
-
-    `header` is the header when the caller has read it already.  Raises
-    Garbled, TimeoutError, or EOFError (the runner is gone)."""
-    raw = header if header is not None else _read_exactly(fd, REPLY.size, deadline)
-    got, status, flags, _, error_len, data_len = REPLY.unpack(raw)
+def read_reply(fd: int, seq: int, output_cap: int, deadline: float) -> tuple[Reply, bool]:
+    """The runner's reply to request `seq`, checked before its body is read, and
+    whether more bytes than the reply were waiting (the runner is then replaced
+    before they can pass for a later answer).  Raises Garbled, TimeoutError, or
+    EOFError (the runner is gone).  A small reply takes one read."""
+    raw = _read_some(fd, deadline)
+    while len(raw) < REPLY.size:
+        raw += _read_some(fd, deadline)
+    got, status, flags, _, error_len, data_len = REPLY.unpack_from(raw)
     if got != seq:
         raise Garbled(f"reply to request {got}, expected {seq}")
     if status >= len(RUN_STATUSES):
@@ -99,19 +112,13 @@ def read_reply(fd: int, seq: int, output_cap: int, deadline: float,
         raise Garbled(f"a {error_len}-byte error (at most {MAX_ERROR})")
     if data_len > output_cap:
         raise TooLarge(data_len, output_cap)
-    error = _read_exactly(fd, error_len, deadline).decode("utf-8", "replace")
-    data = _read_exactly(fd, data_len, deadline)
-    return Reply(RUN_STATUSES[status], flags, error, data)
-
-
-def leftover(fd: int) -> bool:
-    """Whether anything follows the reply (a non-blocking pipe): a runner that
-    wrote more than one reply is replaced before its extra bytes can pass for
-    the next request's answer."""
-    try:
-        return bool(os.read(fd, 1))  # b"" is end of file: the runner has gone
-    except BlockingIOError:
-        return False
+    end = REPLY.size + error_len + data_len
+    if len(raw) < end:
+        raw += _read_exactly(fd, end - len(raw), deadline)
+    body = memoryview(raw)
+    error = str(body[REPLY.size:REPLY.size + error_len], "utf-8", "replace")
+    return Reply(RUN_STATUSES[status], flags, error, bytes(body[REPLY.size + error_len:end])), \
+        len(raw) > end
 
 
 def _write_all(fd: int, parts: list[bytes], deadline: float) -> None:
@@ -133,6 +140,21 @@ def _write_all(fd: int, parts: list[bytes], deadline: float) -> None:
                 poller = select.poll()
                 poller.register(fd, select.POLLOUT)
             _wait(poller, deadline)
+
+
+def _read_some(fd: int, deadline: float) -> bytes:
+    """What a non-blocking pipe holds now (waiting for it until `deadline`)."""
+    while True:
+        try:
+            chunk = os.read(fd, FIRST)
+        except BlockingIOError:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            _wait(poller, deadline)
+            continue
+        if not chunk:
+            raise EOFError
+        return chunk
 
 
 def _read_exactly(fd: int, size: int, deadline: float) -> bytes:
@@ -163,16 +185,26 @@ def _wait(poller: select.poll, deadline: float) -> None:
 # Runner side (blocking pipes) ------------------------------------------------------
 
 def read_request(fd: int) -> Request | None:
-    """The next request, or None when the worker has closed the pipe."""
+    """The next request, or None when the worker has closed the pipe.  A small
+    request takes one read."""
     try:
-        raw = _read_blocking(fd, REQUEST.size)
+        raw = os.read(fd, FIRST)
+        while len(raw) < REQUEST.size:
+            more = os.read(fd, FIRST)
+            if not more:
+                raise EOFError
+            raw += more
     except EOFError:
         return None
-    seq, version, *lengths = REQUEST.unpack(raw)
-    body = _read_blocking(fd, sum(lengths))
-    fields, at = [], 0
+    if not raw:
+        return None
+    seq, version, *lengths = REQUEST.unpack_from(raw)
+    end = REQUEST.size + sum(lengths)
+    if len(raw) < end:
+        raw += _read_blocking(fd, end - len(raw))
+    fields, at = [], REQUEST.size
     for length in lengths:
-        fields.append(body[at:at + length])
+        fields.append(raw[at:at + length])
         at += length
     name, source, code, cookie, data = fields
     return Request(seq, version, name.decode(), source, code.decode("utf-8", "surrogatepass"),

@@ -23,19 +23,21 @@ from __future__ import annotations
 import _thread
 import collections
 import logging
+import math
 import os
 import select
 import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import psutil
 
 from broker import protocol as p
 
 from . import channel, zygote
-from .cgroups import cpu_seconds
+from .cgroups import cpu_seconds, read_int
 from .executor import Executor
 from .sandbox import Sandbox
 from .scripts import Script, ScriptCache
@@ -49,6 +51,7 @@ ZEROMQ_THREADS = 2  # a ZeroMQ context's I/O thread and reaper
 WAIT_EXIT = 5.0    # seconds to learn how a dead runner died
 LINE_MAX = 4096    # bytes of one line of script output that reach the log
 OUTPUT_BUDGET = 64 * 1024  # bytes of script output logged per request; the rest is counted
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class ZygoteFailed(RuntimeError):
@@ -94,13 +97,14 @@ class Runner:
     req_w: int
     res_r: int
     poller: select.poll
-    stat_fd: int = -1
+    stat_fd: int = -1   # copy isolation: its /proc/PID/stat (threads), statm (size)
+    statm_fd: int = -1
     sent: set[int] = field(default_factory=set)  # script versions it has the source of
     vsize: int = 0  # its address space after its first request
     idle_cpu: float | None = None  # the slot's CPU when the worker last saw it idle
 
     def close(self) -> None:
-        for fd in (self.req_w, self.res_r, self.stat_fd):
+        for fd in (self.req_w, self.res_r, self.stat_fd, self.statm_fd):
             if fd >= 0:
                 os.close(fd)
 
@@ -121,6 +125,9 @@ class ProcessRunner:
         self.exits: dict[int, tuple[int, float]] = {}  # pid -> (wait status, CPU seconds)
         self.current: Runner | None = None
         self.seq = 0
+        # The worker's replies held while a request runs: flush() them at flush_at.
+        self.flush: Callable[[], None] = lambda: None
+        self.flush_at = math.inf
 
     def start(self, executor: Executor, slots: SlotTable) -> None:
         """Fork the zygote: call it before the worker opens any socket or sees a request."""
@@ -144,13 +151,12 @@ class ProcessRunner:
         self.zygote = pid
         self.output = ScriptOutput(out_r, self.title.replace("srw: runner", "sandbox"))
         self.cpu_fd = self.sandbox.cgroups.cpu_usage_file(self.slot)
+        self.tasks_fd = self.sandbox.cgroups.tasks_file(self.slot)
 
     # A request ------------------------------------------------------------------
 
     def run(self, script: Script | None, code: str, data: bytes, cookie: str,
             deadline: float) -> tuple[str, bytes, str]:
-        if self.current is not None and channel.leftover(self.current.res_r):
-            self._replace(self.current, "it wrote after its reply", kill=True)
         try:
             runner = self.current or self._take(deadline)
         except TimeoutError:
@@ -172,7 +178,7 @@ class ProcessRunner:
                                  deadline)
             if script is not None:
                 runner.sent.add(version)
-            reply = self._wait(runner, deadline)
+            reply, extra = self._wait(runner, deadline)
         except channel.TooLarge as exc:
             self._replace(runner, f"its reply broke output_bytes ({exc})")
             return p.OUTPUT_TOO_LARGE, b"", str(exc)
@@ -194,17 +200,17 @@ class ProcessRunner:
         if not self.reuse:
             self._replace(runner, "")
         else:
-            stale = self._stale(runner, reply.flags)
+            stale = self._stale(runner, reply.flags, extra)
             if stale:
                 self._replace(runner, stale, kill=True)
         return reply.status, reply.data, reply.error
 
-    def _wait(self, runner: Runner, deadline: float) -> channel.Reply:
+    def _wait(self, runner: Runner, deadline: float) -> tuple[channel.Reply, bool]:
         """The reply, while the output is logged and the CPU watched."""
         cpu_base = None
         next_tick = time.monotonic() + TICK
         while True:
-            wait = min(deadline, next_tick) - time.monotonic()
+            wait = min(deadline, next_tick, self.flush_at) - time.monotonic()
             for fd, _ in runner.poller.poll(max(0.0, wait) * 1000):
                 if fd == self.output.fd:
                     self.output.drain()
@@ -212,6 +218,9 @@ class ProcessRunner:
                     return channel.read_reply(runner.res_r, self.seq, self.output_cap,
                                               deadline)
             now = time.monotonic()
+            if now >= self.flush_at:
+                self.flush_at = math.inf
+                self.flush()
             if now >= deadline:
                 raise TimeoutError
             if now >= next_tick:  # a request's CPU counts from its first tick (<= TICK late)
@@ -231,22 +240,29 @@ class ProcessRunner:
             return 0.0
         return times.user + times.system + times.children_user + times.children_system
 
-    def _stale(self, runner: Runner, flags: int) -> str:
+    def _stale(self, runner: Runner, flags: int, extra: bool) -> str:
         """Why a reused runner must go after this request ("" = it may stay).  What the
         runner says of itself, then what the worker sees of it from outside."""
         if flags & channel.STALE:
             return "it was left with state it cannot reset"
-        if channel.leftover(runner.res_r):
+        if extra:
             return "it wrote more than its reply"
-        stat = os.pread(runner.stat_fd, 1024, 0).rsplit(b")", 1)[1].split()
-        threads, vsize = int(stat[17]), int(stat[20])
-        if threads > 1 + (ZEROMQ_THREADS if flags & channel.ZEROMQ else 0):
-            return f"the script left threads running ({threads} threads)"
+        tasks = self._tasks(runner)
+        if tasks > 1 + (ZEROMQ_THREADS if flags & channel.ZEROMQ else 0):
+            return f"the script left threads or processes running ({tasks} tasks)"
+        vsize = int(os.pread(runner.statm_fd, 64, 0).split(maxsplit=1)[0]) * PAGE
         if not runner.vsize:
             runner.vsize = vsize
         elif vsize > runner.vsize + self.vsize_slack:
             return f"the script left memory mapped ({(vsize - runner.vsize) >> 20} MB more)"
         return ""
+
+    def _tasks(self, runner: Runner) -> int:
+        """The runner's threads and whatever it started: the slot's tasks in its pids
+        cgroup but the zygote, or (no cgroups) the runner's own threads."""
+        if self.tasks_fd >= 0:
+            return read_int(self.tasks_fd) - 1
+        return int(os.pread(runner.stat_fd, 1024, 0).rsplit(b")", 1)[1].split()[17])
 
     def _died(self, pid: int) -> tuple[str, bytes, str]:
         deadline = time.monotonic() + WAIT_EXIT
@@ -277,8 +293,11 @@ class ProcessRunner:
         poller = select.poll()
         poller.register(res_r, select.POLLIN)
         poller.register(self.output.fd, select.POLLIN)
-        stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC) if self.reuse else -1
-        return Runner(pid, req_w, res_r, poller, stat_fd)
+        runner = Runner(pid, req_w, res_r, poller)
+        if self.reuse:
+            runner.stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+            runner.statm_fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
+        return runner
 
     def _replace(self, runner: Runner, why: str, kill: bool = False) -> None:
         """Done with this runner: the zygote ends its process group and forks the next."""

@@ -37,15 +37,22 @@ from .scripts import compile_named
 log = logging.getLogger("srw.runner")
 LIMITS = (resource.RLIMIT_AS, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE,
           resource.RLIMIT_NPROC, resource.RLIMIT_CORE, resource.RLIMIT_CPU)
-TIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
-SIGNALS = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
+TIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)  # REAL first
+# Handlers that could act on a later request: what the runner's own calls raise
+# (SIGPIPE, SIGXFSZ), and what its timers or its children would send (the
+# timers are reset and children make it stale, but a handler is cheap to reset).
+SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGALRM, signal.SIGCHLD, signal.SIGINT,
+           signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 NAMED_CACHE = 256  # compiled named-script versions a runner keeps
 
 
-def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: bool) -> None:
-    """Answer requests until the worker closes the pipe (copy) or after one (fork)."""
+def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: bool,
+          limits_fixed: bool) -> None:
+    """Answer requests until the worker closes the pipe (copy) or after one (fork).
+    `limits_fixed`: seccomp keeps the script from changing its rlimits,
+    personality and CPU timers, so they need no check."""
     pid = os.getpid()
-    hygiene = Hygiene({0, 1, 2, req_r, res_w}) if reuse else None
+    hygiene = Hygiene({0, 1, 2, req_r, res_w}, not limits_fixed) if reuse else None
     named: dict[int, object] = {}
     while True:
         request = channel.read_request(req_r)
@@ -102,8 +109,8 @@ def zeromq_live() -> bool:
 class Hygiene:
     """The runner's state after it started, and the check after each request."""
 
-    def __init__(self, own_fds: set[int]):
-        self.own_fds = own_fds
+    def __init__(self, own_fds: set[int], check_limits: bool):
+        self.own_fds, self.check_limits = own_fds, check_limits
         self.limits = [resource.getrlimit(r) for r in LIMITS]
         self.personality = _libc.personality(0xFFFFFFFF)
         self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
@@ -116,7 +123,7 @@ class Hygiene:
         """Undo what can be undone; flags for the reply (STALE, ZEROMQ).  Why a
         runner is stale goes to its stderr, which the worker logs."""
         signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
-        for timer in TIMERS:
+        for timer in TIMERS if self.check_limits else TIMERS[:1]:
             signal.setitimer(timer, 0)
         for sig, handler in self.handlers.items():
             if _signal.getsignal(sig) is not handler:
@@ -133,10 +140,11 @@ class Hygiene:
             return "the script left processes running"
         if _thread._count() > self.threads:
             return "the script left threads running"
-        if [resource.getrlimit(r) for r in LIMITS] != self.limits:
-            return "the script changed its resource limits"
-        if _libc.personality(0xFFFFFFFF) != self.personality:
-            return "the script changed its personality"
+        if self.check_limits:
+            if [resource.getrlimit(r) for r in LIMITS] != self.limits:
+                return "the script changed its resource limits"
+            if _libc.personality(0xFFFFFFFF) != self.personality:
+                return "the script changed its personality"
         if self._new_descriptors(zeromq):
             return "the script left files open"
         return ""

@@ -10,6 +10,7 @@ by default and deny, with EPERM:
   flags a filter can read (threads keep working);
 - io_uring (it would open sockets past this filter), bpf, perf, userfaultfd, keys;
 - pushing input into a terminal (ioctl TIOCSTI, TIOCLINUX);
+- in a runner: changing its resource limits, personality or CPU-time timers;
 - leaving the runner's process group (setsid; setpgid in the runner's own
   filter), so killpg reaches everything a script starts;
 - sockets by network mode: "none" and "local" deny unix sockets (no script
@@ -41,6 +42,7 @@ NOT_STREAM = (socket.SOCK_DGRAM, socket.SOCK_RAW, socket.SOCK_RDM, socket.SOCK_S
 IPPROTO_TCP = 6
 EPERM = sc.ERRNO(errno.EPERM)
 TTY_INJECTION = (0x5412, 0x541C)  # TIOCSTI (push input into a terminal), TIOCLINUX
+PERSONALITY_QUERY = 0xFFFFFFFF
 
 
 def zygote_filter(network: str) -> sc.SyscallFilter:
@@ -59,10 +61,16 @@ def zygote_filter(network: str) -> sc.SyscallFilter:
 
 
 def runner_filter(network: str) -> sc.SyscallFilter:
-    """Stacked on the zygote's in a runner: it stays in its process group, and
-    without network it gets no sockets at all."""
+    """Stacked on the zygote's in a runner: it stays in its process group, keeps
+    its limits, personality and CPU timers (so nothing of them outlives a
+    request in a reused runner), and without network it gets no sockets."""
     f = sc.SyscallFilter(sc.ALLOW)
     f.add_rule(EPERM, "setpgid")
+    f.add_rule(EPERM, "setrlimit")
+    f.add_rule(EPERM, "prlimit64", sc.Arg(2, sc.NE, 0))  # reading a limit stays allowed
+    f.add_rule(EPERM, "personality", sc.Arg(0, sc.NE, PERSONALITY_QUERY))
+    for timer in (1, 2):  # ITIMER_VIRTUAL, ITIMER_PROF: ITIMER_REAL is reset after each request
+        f.add_rule(EPERM, "setitimer", sc.Arg(0, sc.EQ, timer))
     if network == "none":
         f.add_rule(EPERM, "socket")
         f.add_rule(EPERM, "socketpair")

@@ -57,6 +57,8 @@ class Predecessor:
 BACKSTOP = 2.0     # copy, fork: the pool kills the worker only if it misses its own deadline
 IDLE_AFTER_MS = 5  # a worker waiting this long is idle: title and log lines updated
 SEND_TIMEOUT_MS = 10_000  # a reply the broker cannot take within this: the worker goes
+REPLY_HOLD = 0.0005  # copy, fork: a reply waits at most this long to share a message
+REPLY_BATCH = 32     # ... with at most this many others
 EXIT_NO_SANDBOX = 5  # the worker's exit status when its zygote failed
 EXIT_NO_BROKER = 6   # ... when the broker took no reply
 
@@ -83,6 +85,9 @@ class Worker:
         self.drain_deadline = 0.0
         self.done = False
         self.exit_code = 0
+        self.pending: list[list] = []  # replies held to share a message (see reply)
+        self.pending_since = 0.0
+        self.hold_replies = self.profile.isolation != "none"
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -132,6 +137,7 @@ class Worker:
                 self.register()
                 last_heard = now
             self._maybe_drain(now)
+        self.flush_replies()
         self.sock.close(linger=1000)
         self.ctx.term()
         return self.exit_code
@@ -147,6 +153,7 @@ class Worker:
         runner = ProcessRunner(self.sandbox, self.slot, self.node.name,
                                self.config.pool.history_dir, output_cap)
         runner.start(self.executor, self.slots)
+        runner.flush = self.flush_replies
         return runner
 
     def _next_message(self, wait_ms: int) -> list[bytes] | None:
@@ -267,6 +274,8 @@ class Worker:
         backstop = 0.0 if self.profile.isolation == "none" else BACKSTOP
         self.slots.busy(self.slot, self.pid, deadline + backstop, self.served, job)
         self._title(f"busy {meta.name or '<content>'}")
+        if self.pending:  # held replies go out while the runner works, when due
+            self.runner.flush_at = self.pending_since + REPLY_HOLD
         try:
             return self.runner.run(script, meta.code, data, meta.cookie, deadline)
         except ZygoteFailed as exc:  # no sandbox left to run in: this worker goes
@@ -276,11 +285,24 @@ class Worker:
             return p.KILLED, b"", f"{exc}; the worker is replaced"
 
     def reply(self, job: bytes, status: str, out: bytes, error: str, run_us: float) -> None:
-        # At once, not with the rest of the batch: batching replies measured no
-        # faster, and a reply held back would wait for a slow request after it,
-        # or die with the worker.
+        """Send a reply, or in copy and fork isolation hold it while more requests
+        are queued here, for at most REPLY_HOLD: a runner's request costs a
+        round trip, and a message per reply would wake the broker (and its
+        clients) for each one.  Scripts that run in the worker (isolation
+        none) are answered at once."""
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        self.pending.append([job, status, error, out, run_us])
+        if not self.hold_replies or not self.jobs or len(self.pending) >= REPLY_BATCH \
+                or time.monotonic() - self.pending_since >= REPLY_HOLD:
+            self.flush_replies()
+
+    def flush_replies(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
         try:
-            p.send_frames(self.sock, p.worker_replies_frames([[job, status, error, out, run_us]]))
+            p.send_frames(self.sock, p.worker_replies_frames(pending))
         except zmq.Again:  # the broker takes nothing: let the pool start a worker it knows
             log.error("%s: the broker took no reply for %d s; leaving", self.title,
                       SEND_TIMEOUT_MS // 1000)

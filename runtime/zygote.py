@@ -139,7 +139,8 @@ class Zygote:
                 logs.to_stderr(self.title.removeprefix("srw: "))
                 self.sandbox.enter_runner(reuse=self.reuse)
                 self.executor.warm_up()
-                runner.serve(self.executor, self.history_dir, req_r, res_w, self.reuse)
+                runner.serve(self.executor, self.history_dir, req_r, res_w, self.reuse,
+                             limits_fixed=self.sandbox.runner_seccomp is not None)
                 code = 0
             finally:
                 os._exit(code)
