@@ -257,3 +257,30 @@ def test_broker_deadline_heap_forgets_answered_requests(tmp_path):
         broker.front.close()
         broker.back.close()
         ctx.term()
+
+
+# Config: max_message -------------------------------------------------------------
+
+def test_max_message_is_derived_from_the_largest_payload(tmp_path):
+    config = cfg.load(write(tmp_path, NODE))
+    assert config.max_message == 64 * 1024 * 1024 + 1024 * 1024
+    text = "[proxy]\nmax_body = 1000\n" + NODE.replace('data_dir = "var/n1"',
+                                                       'data_dir = "var/n1"\nmax_value = 5000000')
+    assert cfg.load(write(tmp_path, text)).max_message == 5_000_000 + 1024 * 1024
+    text = "[broker]\nmax_message = 80000000\n" + NODE
+    assert cfg.load(write(tmp_path, text)).max_message == 80_000_000
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[broker]\nmax_message = 1000\n" + NODE, "too small"),            # below proxy.max_body
+    ("[broker]\nmax_message = 67108864\n" + NODE, "too small"),        # no room for headers
+    ("[broker]\nmax_message = 2000000\n[proxy]\nmax_body = 1000\n"
+     + NODE.replace('data_dir = "var/n1"', 'data_dir = "var/n1"\nmax_value = 3000000'),
+     "too small"),                                                     # below a max_value
+    ("[broker]\nmax_message = -1\n" + NODE, "must be 0 (derived) or more"),
+    ("[broker]\nmax_message = 1.5\n" + NODE, "must be int"),
+])
+def test_max_message_too_small_names_the_key(tmp_path, text, words):
+    with pytest.raises(cfg.ConfigError, match=r"broker\.max_message") as err:
+        cfg.load(write(tmp_path, text))
+    assert words in str(err.value)
