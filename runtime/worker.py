@@ -24,6 +24,7 @@ import setproctitle
 import zmq
 
 from broker import protocol as p
+from broker import trust
 from srw import logs
 from srw.config import Config, NodeSettings
 from srw.sched import LoadScheduling, open_thread_list, thread_ids
@@ -72,6 +73,7 @@ class Worker:
         self.draining = False
         self.drain_deadline = 0.0
         self.done = False
+        self.token = self._read_token()  # interim, see register(): read as root, at fork
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -157,9 +159,22 @@ class Worker:
         sock.connect(self.endpoint)
         return sock
 
+    def _read_token(self) -> bytes:
+        try:
+            return trust.read_worker_token(self.endpoint)
+        except trust.TokenUnavailable:
+            return b""
+
     def register(self) -> None:
+        # Interim (broker-hardening), until workers register as root: the broker's
+        # token is read each time; a worker whose sandbox dropped its uid cannot
+        # read it and uses the one read at fork (none: it waits for REREGISTER).
+        token = self._read_token() or self.token
+        if not token:
+            return
         pre = self.predecessor
         ready = p.Ready(slot=self.slot, pid=self.pid, credits=self.config.pool.credits,
+                        token=token, pool=os.getppid(),
                         replaces=pre.pid, reason=pre.reason, restarts=self.restarts,
                         job=pre.job, job_status=pre.job_status, served=pre.served)
         self.sock.send_multipart(ready.to_frames())
@@ -238,6 +253,9 @@ class Worker:
 
     def on_reregister(self, frames: list[bytes]) -> None:
         if not self.draining:
+            if not self._read_token():  # interim: sandboxed, it cannot learn a new token;
+                self.done = True        # its replacement reads it at fork
+                return
             self.register()
 
     def on_bye(self, frames: list[bytes]) -> None:

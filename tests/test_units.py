@@ -1,6 +1,9 @@
 """Fast tests of pure logic: config, ids and routing, script names, wire messages."""
 from __future__ import annotations
 
+import os
+import stat
+
 import msgpack
 import pytest
 
@@ -284,3 +287,98 @@ def test_max_message_too_small_names_the_key(tmp_path, text, words):
     with pytest.raises(cfg.ConfigError, match=r"broker\.max_message") as err:
         cfg.load(write(tmp_path, text))
     assert words in str(err.value)
+
+
+# READY: every field checked ----------------------------------------------------------
+
+def _ready_meta(**fields) -> bytes:
+    meta = {"slot": 1, "pid": 1234, "credits": 16, "token": b"t" * 32, "pool": 1000,
+            "replaces": 1200, "reason": "killed by SIGKILL", "restarts": 1, "job": b"1f",
+            "job_status": "killed", "served": 7, **fields}
+    return msgpack.packb({k: v for k, v in meta.items() if v is not ...}, use_bin_type=True)
+
+
+def test_ready_round_trip_and_the_token_stays_out_of_logs():
+    ready = p.Ready(slot=2, pid=99, credits=4, token=b"s" * 32, pool=98, replaces=97,
+                    job=b"a", job_status="timeout", served=3)
+    assert p.Ready.from_meta(ready.to_frames()[1]) == ready
+    assert "sss" not in repr(ready)
+    assert p.Ready.from_meta(_ready_meta(job_status="", job=b"")).job_status == ""
+
+
+@pytest.mark.parametrize("fields", [
+    {"pid": "1234"}, {"pid": 1.0}, {"pid": True}, {"pid": 0}, {"pid": 1 << 40},
+    {"credits": 16.0}, {"credits": 0}, {"credits": 5000}, {"slot": True}, {"slot": -1},
+    {"job": [1, 2]}, {"job": "1f"}, {"job": b"j" * 65}, {"job_status": "ok"},
+    {"job_status": "script_error"}, {"job_status": 1}, {"reason": b"x"},
+    {"reason": "x" * 2000}, {"token": "t" * 32}, {"token": b"t" * 65}, {"pool": 0},
+    {"pool": None}, {"served": -1}, {"restarts": 1 << 63}, {"replaces": -5},
+    {"token": ...}, {"pool": ...}, {"slot": ...}, {"extra": 1},
+])
+def test_ready_refuses_any_field_of_the_wrong_type_or_range(fields):
+    with pytest.raises(p.ProtocolError):
+        p.Ready.from_meta(_ready_meta(**fields))
+
+
+def test_ready_refuses_what_is_not_a_map():
+    for raw in (b"\xc1", msgpack.packb([1, 2]), msgpack.packb({1: 2}),
+                msgpack.packb({b"slot": 1})):
+        with pytest.raises(p.ProtocolError):
+            p.Ready.from_meta(raw)
+
+
+# Sizes and batches ---------------------------------------------------------------------
+
+def test_batches_cut_at_the_limit_and_keep_each_peers_order():
+    batches = p.Batches(100)
+    for i, (peer, size) in enumerate([("a", 60), ("b", 10), ("a", 30), ("a", 20), ("a", 100),
+                                      ("b", 90), ("a", 150)]):
+        batches.add(peer, i, size)
+    messages = batches.messages()
+    assert [m for m in messages if m[0] == "a"] == [("a", [0, 2]), ("a", [3]), ("a", [4]),
+                                                    ("a", [6])]
+    assert [m for m in messages if m[0] == "b"] == [("b", [1, 5])]
+    assert not p.Batches(10)
+
+
+def test_request_bytes_bounds_the_packed_entries():
+    meta = p.ExecMeta(name="é.py", code="x = 'ü' * 3", cookie="a=b", id="ab" * 64)
+    data = b"d" * 1000
+    for entry in (p.job_entry(b"ffffffff", 1e9, meta, data),
+                  [1, b"r" * 64, *meta, data]):
+        assert len(msgpack.packb(entry, use_bin_type=True)) <= p.request_bytes(meta, data)
+    big = [p.job_entry(b"%x" % i, 5.0, meta, data) for i in range(100)]
+    assert len(p.jobs_frames(b"w", big)[2]) <= \
+        p.BATCH_HEADER + 100 * p.request_bytes(meta, data)
+
+
+# The worker token -----------------------------------------------------------------------
+
+def test_worker_token_file_is_fresh_private_and_never_followed(tmp_path):
+    from broker import trust
+    endpoint = f"ipc://{tmp_path}/w.ipc"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"mine")
+    os.symlink(victim, tmp_path / "w.ipc.token")  # planted: must not be written through
+    token = trust.write_worker_token(endpoint)
+    assert victim.read_bytes() == b"mine"
+    st = os.lstat(trust.token_path(endpoint))
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert len(token) == trust.TOKEN_BYTES and trust.read_worker_token(endpoint) == token
+    again = trust.write_worker_token(endpoint)
+    assert again != token and trust.read_worker_token(endpoint) == again
+    assert trust.token_matches(again, again) and not trust.token_matches(again, token)
+    assert not trust.token_matches(b"", b"")
+    (tmp_path / "w.ipc").write_bytes(b"socket")
+    trust.remove_worker_files(endpoint, token)  # a later broker's: kept
+    assert os.path.exists(tmp_path / "w.ipc") and os.path.exists(trust.token_path(endpoint))
+    trust.remove_worker_files(endpoint, again)
+    assert not os.path.lexists(tmp_path / "w.ipc")
+    assert not os.path.lexists(trust.token_path(endpoint))
+    with pytest.raises(trust.TokenUnavailable, match="is the node's broker running"):
+        trust.read_worker_token(endpoint)
+    (tmp_path / "w.ipc.token").write_bytes(b"short")
+    with pytest.raises(trust.TokenUnavailable, match="not a 32-byte token"):
+        trust.read_worker_token(endpoint)
+    with pytest.raises(ValueError):
+        trust.token_path("tcp://127.0.0.1:1")
