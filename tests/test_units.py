@@ -352,6 +352,24 @@ def test_request_bytes_bounds_the_packed_entries():
         p.BATCH_HEADER + 100 * p.request_bytes(meta, data)
 
 
+def test_clients_refuse_a_request_larger_than_max_message():
+    import asyncio
+
+    from broker.client import AsyncClient, Client
+    limit = 1 << 20
+    with Client("ipc:///nonexistent/srw.ipc", max_message=limit) as client:
+        with pytest.raises(ValueError, match="max_message"):
+            client.exec("echo.py", b"x" * limit)
+        with pytest.raises(ValueError, match="max_message"):
+            client.exec("echo.py", b"", code="#" * limit)
+
+    async def too_big():
+        async with AsyncClient("ipc:///nonexistent/srw.ipc", max_message=limit) as client:
+            await client.exec("echo.py", b"x" * limit)
+    with pytest.raises(ValueError, match="max_message"):
+        asyncio.run(too_big())
+
+
 # The worker token -----------------------------------------------------------------------
 
 def test_worker_token_file_is_fresh_private_and_never_followed(tmp_path):
