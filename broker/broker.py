@@ -12,8 +12,14 @@ worker that runs one also gets those waiting for it (`IdLock`).  A client
 that sends batches gets its replies in batches, one message per loop turn.
 Every request gets exactly one reply: the worker's, ``timeout`` at its
 deadline, ``killed`` when its worker died (learned from the replacement's
-READY, or from a missed heartbeat), or ``bad_request`` for frames that make
-no sense.
+READY, or from a missed heartbeat) or was dropped, or ``bad_request`` for
+frames that make no sense.
+
+The back socket trusts only the pool's own workers (broker/trust.py): only
+the broker's uid can connect, and a READY must carry the token the broker
+wrote beside the socket.  Whatever bytes a registered worker sends that do
+not parse, or make no sense (a reply to a job it never got), get it dropped
+and sent BYE; nothing a peer sends stops the broker.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import time
 import zmq
 
 from . import protocol as p
+from . import trust
 from srw import logs
 from srw.config import Config, NodeSettings
 from srw.sched import CALM_AFTER, LoadScheduling
@@ -37,6 +44,42 @@ PACK_US = 500.0      # how long a request may wait behind others on a busy worke
 SERVICE_EWMA = 0.05  # weight of a new run time in its script's average
 SERVICE_NAMES = 1024  # scripts whose average run time is kept (then all are forgotten)
 DEADLINES_SLACK = 1024  # answered requests' deadlines kept before the heap is rebuilt
+REREGISTER_MAX = 1024  # strangers answered REREGISTER per heartbeat tick
+WARN_EVERY = 1.0     # seconds between warnings about strangers on the back socket
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's, alive
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2][1:2] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
+class Throttle:
+    """At most one event per `interval` seconds; counts the others."""
+    __slots__ = ("interval", "next", "suppressed")
+
+    def __init__(self, interval: float):
+        self.interval, self.next, self.suppressed = interval, 0.0, 0
+
+    def allow(self, now: float) -> int | None:
+        """None to suppress this event, else how many were suppressed before it."""
+        if now < self.next:
+            self.suppressed += 1
+            return None
+        self.next = now + self.interval
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed
 
 
 def lock_key(hex_id: str) -> str:
@@ -57,20 +100,24 @@ class Job:
 
 
 class Worker:
-    __slots__ = ("identity", "slot", "pid", "credits", "jobs", "replied", "last_seen",
-                 "draining")
+    __slots__ = ("identity", "name", "slot", "pid", "pool", "credits", "jobs", "expired",
+                 "replied", "last_seen", "draining")
 
-    def __init__(self, identity: bytes, ready: p.Ready, now: float):
+    def __init__(self, identity: bytes, ready: p.Ready, now: float, node: str = ""):
         self.identity, self.slot, self.pid = identity, ready.slot, ready.pid
+        self.name = f"worker {node}#{ready.slot} (pid {ready.pid})"
+        self.pool = ready.pool
         self.credits = ready.credits
         # job id -> its expected run time (us), in dispatch order: the order it runs them
         self.jobs: dict[bytes, float] = {}
+        # jobs answered 'timeout' while it held them: its late replies are no error
+        self.expired: set[bytes] = set()
         self.replied = 0
         self.last_seen = now
         self.draining = False
 
     def __repr__(self):
-        return f"worker #{self.slot} (pid {self.pid})"
+        return self.name
 
 
 class IdLock:
@@ -135,8 +182,14 @@ class Broker:
         self.node = node
         self.settings = config.broker
         self.ctx = ctx or zmq.Context()
-        self.front = self._bind(zmq.ROUTER, node.broker)
-        self.back = self._bind(zmq.ROUTER, node.workers_endpoint)
+        self.front = self.back = None
+        self.token = b""  # written beside the back socket; removed with it when stopping
+        try:
+            self.front = self._bind(zmq.ROUTER, node.broker)
+            self.back = self._bind_back(node.workers_endpoint)
+        except BaseException:
+            self.close()
+            raise
         self.workers: dict[bytes, Worker] = {}
         self.by_slot: dict[int, Worker] = {}
         self.queue: collections.OrderedDict[bytes, Job] = collections.OrderedDict()
@@ -157,6 +210,10 @@ class Broker:
         self.stopping = False
         self.next_heartbeat = 0.0
         self.scheduling = LoadScheduling()
+        # Strangers on the back socket: answered REREGISTER once per heartbeat
+        # tick, and warned about once a second, so that a flood costs little.
+        self.reregistered: set[bytes] = set()
+        self.stranger_warnings = Throttle(WARN_EVERY)
 
     def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -164,14 +221,39 @@ class Broker:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        if endpoint.startswith("ipc://"):
-            path = endpoint[len("ipc://"):]
-            if len(path) > 100:
-                raise OSError(f"socket path too long for ipc (max 100 chars): {path}")
-            if os.path.exists(path):
-                os.unlink(path)  # left by a killed broker
-        sock.bind(endpoint)
+        try:
+            if endpoint.startswith("ipc://"):
+                path = endpoint[len("ipc://"):]
+                if len(path) > 100:
+                    raise OSError(f"socket path too long for ipc (max 100 chars): {path}")
+                if os.path.lexists(path):
+                    os.unlink(path)  # left by a killed broker
+            sock.bind(endpoint)
+        except BaseException:
+            sock.close()
+            raise
         return sock
+
+    def _bind_back(self, endpoint: str) -> zmq.Socket:
+        """The workers' socket: a fresh token beside it first (a worker that can
+        connect finds it), then the socket, which only our uid may connect to."""
+        self.token = trust.write_worker_token(endpoint)
+        mask = os.umask(0o077)
+        try:
+            sock = self._bind(zmq.ROUTER, endpoint)
+        finally:
+            os.umask(mask)
+        os.chmod(trust.socket_path(endpoint), 0o600)
+        return sock
+
+    def close(self) -> None:
+        """Close the sockets; remove the socket file and the token, if still ours."""
+        for sock in (self.front, self.back):
+            if sock is not None:
+                sock.close()
+        if self.token:
+            trust.remove_worker_files(self.node.workers_endpoint, self.token)
+            self.token = b""
 
     # Main loop ---------------------------------------------------------------
 
@@ -188,6 +270,12 @@ class Broker:
         poller.register(wake_r, zmq.POLLIN)
         log.info("broker %s listening on %s, workers on %s", self.node.name,
                  self.node.broker, self.node.workers_endpoint)
+        try:
+            self._serve(poller, wake_r)
+        finally:
+            self.close()
+
+    def _serve(self, poller: zmq.Poller, wake_r: int) -> None:
         drain_until = None
         while True:
             logs.flush()  # buffered lines go out before the broker waits
@@ -214,8 +302,6 @@ class Broker:
         self._answer_all(p.UNAVAILABLE, f"node {self.node.name} stopped")
         self.send_replies()
         log.info("broker %s stopped after %d requests", self.node.name, self.served)
-        self.front.close()
-        self.back.close()
 
     def _on_stop_signal(self, signum, frame):
         self.stopping = True
@@ -384,23 +470,19 @@ class Broker:
                 return
             try:
                 self.on_worker(frames)
-            except p.ProtocolError as exc:
-                log.warning("bad frames from worker %r: %s", frames[0][:64], exc)
+            except Exception as exc:  # whatever a peer sends, the broker goes on
+                self.reject(frames[0], exc)
 
     def on_worker(self, frames: list[bytes]) -> None:
-        if len(frames) < 2:
-            raise p.ProtocolError("no command frame")
-        identity, cmd = frames[0], frames[1]
-        now = time.monotonic()
-        if cmd == p.READY:
-            if len(frames) != 3:
-                raise p.ProtocolError("READY must have one meta frame")
-            self.on_ready(identity, p.Ready.from_meta(frames[2]), now)
-            return
+        identity = frames[0]
         worker = self.workers.get(identity)
         if worker is None:
-            self.back.send_multipart([identity, p.REREGISTER], zmq.NOBLOCK)
+            self.on_stranger(identity, frames)
             return
+        if len(frames) < 2:
+            raise p.ProtocolError("no command frame")
+        cmd = frames[1]
+        now = time.monotonic()
         worker.last_seen = now
         if cmd == p.REPLY:
             for job_id, status, data, error, run_us in p.parse_worker_replies(frames):
@@ -411,22 +493,74 @@ class Broker:
                     if job is not None:
                         self.learn(job.meta.name, run_us)
                     self.finish(job_id, status, data, error)
+                elif job_id in worker.expired:  # late: answered 'timeout' already
+                    worker.expired.discard(job_id)
+                else:
+                    raise p.ProtocolError(f"REPLY to job {job_id[:16]!r}, which it was never "
+                                          "given")
             if worker.draining and not worker.jobs:
                 self.back.send_multipart([identity, p.BYE], zmq.NOBLOCK)
+        elif len(frames) != 2 and cmd != p.READY:
+            raise p.ProtocolError(f"{len(frames) - 2} frames after command {cmd[:16]!r}")
+        elif cmd == p.HEARTBEAT:
+            pass
         elif cmd == p.DRAIN:
             worker.draining = True
             if not worker.jobs:
                 self.back.send_multipart([identity, p.BYE], zmq.NOBLOCK)
-        elif cmd != p.HEARTBEAT:
+        elif cmd == p.READY:
+            self.on_ready(identity, self._ready(frames), now)
+        else:
             raise p.ProtocolError(f"unknown worker command {cmd[:16]!r}")
 
+    def on_stranger(self, identity: bytes, frames: list[bytes]) -> None:
+        """A peer that is not a registered worker: it may register (READY with the
+        token); anything else only gets a REREGISTER, once per heartbeat tick."""
+        if len(frames) >= 2 and frames[1] == p.READY:
+            self.on_ready(identity, self._ready(frames), time.monotonic())
+        elif identity not in self.reregistered and len(self.reregistered) < REREGISTER_MAX:
+            self.reregistered.add(identity)
+            self.back.send_multipart([identity, p.REREGISTER], zmq.NOBLOCK)
+
+    def _ready(self, frames: list[bytes]) -> p.Ready:
+        if len(frames) != 3:
+            raise p.ProtocolError("READY must have one meta frame")
+        ready = p.Ready.from_meta(frames[2])
+        if not trust.token_matches(self.token, ready.token):
+            raise p.ProtocolError("READY without this broker's token")
+        return ready
+
+    def reject(self, identity: bytes, exc: Exception) -> None:
+        """What `identity` sent did not parse or made no sense: a registered worker
+        is dropped; about anyone else the broker only warns, once a second."""
+        what = f"{type(exc).__name__}: {exc}" if not isinstance(exc, p.ProtocolError) \
+            else str(exc)
+        what = what[:200]
+        worker = self.workers.get(identity)
+        if worker is not None:
+            self.drop_worker(worker, f"{worker} sent a bad message ({what})")
+            return
+        suppressed = self.stranger_warnings.allow(time.monotonic())
+        if suppressed is not None:
+            more = f" ({suppressed} more since the last warning)" if suppressed else ""
+            log.warning("node %s: ignored a message from unregistered peer %r on the workers' "
+                        "socket: %s%s", self.node.name, identity[:64], what, more)
+
     def on_ready(self, identity: bytes, ready: p.Ready, now: float) -> None:
-        self.restarts = max(self.restarts, ready.restarts)
         old = self.workers.get(identity)
+        if old is not None and (old.slot, old.pid, old.pool) != (ready.slot, ready.pid,
+                                                                  ready.pool):
+            raise p.ProtocolError(f"READY as slot {ready.slot}, pid {ready.pid}, pool "
+                                  f"{ready.pool}, registered as slot {old.slot}, pid "
+                                  f"{old.pid}, pool {old.pool}")
+        self.drop_orphans(ready.pool)
         if old is None and ready.replaces:
             old = self.by_slot.get(ready.slot)
-            if old is not None and old.pid != ready.replaces:
+            if old is not None and (old.pid != ready.replaces or old.pool != ready.pool):
                 old = None
+            elif old is not None and process_alive(old.pid):
+                raise p.ProtocolError(f"READY claims to replace {old}, which is still running")
+        self.restarts = max(self.restarts, ready.restarts)
         if old is None and ready.slot in self.by_slot:
             log.warning("slot %d claimed by pid %d and pid %d: do two pools serve node %s?",
                         ready.slot, self.by_slot[ready.slot].pid, ready.pid, self.node.name)
@@ -439,10 +573,29 @@ class Broker:
                 del old.jobs[ready.job]
                 self.finish(ready.job, ready.job_status, error=why)
             self.remove_worker(old, why)
-        worker = Worker(identity, ready, now)
+        worker = Worker(identity, ready, now, self.node.name)
         self.workers[identity] = worker
         self.by_slot[ready.slot] = worker
+        self.reregistered.discard(identity)
         log.debug("%s ready with %d credits", worker, worker.credits)
+
+    def drop_orphans(self, pool: int) -> None:
+        """Forget the workers of pools other than `pool` that are gone: a pool
+        that died (SIGKILL) took its workers with it, and its successor's are
+        registering.  Two live pools on one node keep each other's."""
+        alive: dict[int, bool] = {}
+        for other in {w.pool for w in self.workers.values()} - {pool}:
+            alive[other] = process_alive(other)
+        orphans = [w for w in self.workers.values() if w.pool != pool and not alive[w.pool]]
+        if not orphans:
+            return
+        held = sum(len(w.jobs) for w in orphans)
+        for worker in orphans:
+            self.remove_worker(worker, f"{worker}: its pool (pid {worker.pool}) is gone",
+                               quiet=True)
+        log.warning("node %s: dropped %d worker(s) of pool(s) %s, which are gone; answered "
+                    "their %d request(s) 'killed'", self.node.name, len(orphans),
+                    ", ".join(f"pid {pid}" for pid, up in alive.items() if not up), held)
 
     def requeue(self, worker: Worker, job_ids: list[bytes]) -> None:
         """Give a dead worker's never-started requests to the others, first in line.
@@ -468,17 +621,26 @@ class Broker:
             if lock in self.locks:
                 self._promote(lock, self.locks[lock])
 
-    def remove_worker(self, worker: Worker, why: str) -> None:
+    def remove_worker(self, worker: Worker, why: str, quiet: bool = False) -> None:
         """Forget a worker; what it held is answered ``killed``, never retried."""
         self.workers.pop(worker.identity, None)
         if self.by_slot.get(worker.slot) is worker:
             del self.by_slot[worker.slot]
-        if worker.jobs:
+        if worker.jobs and not quiet:
             log.warning("%s; answering its %d request(s) 'killed'", why, len(worker.jobs))
         for job_id in list(worker.jobs):
             self.finish(job_id, p.KILLED, error=why)
         worker.jobs.clear()
         worker.draining = True  # in case something still holds it: give it nothing
+
+    def drop_worker(self, worker: Worker, why: str) -> None:
+        """A worker that broke the protocol: its requests are answered ``killed``
+        and it is told BYE (it exits; its pool forks a replacement)."""
+        held = len(worker.jobs)
+        self.remove_worker(worker, why, quiet=True)
+        self.back.send_multipart([worker.identity, p.BYE], zmq.NOBLOCK)
+        log.warning("%s; dropped it, answered its %d request(s) 'killed' and sent it BYE",
+                    why, held)
 
     # Dispatch and timers --------------------------------------------------------
 
@@ -560,7 +722,8 @@ class Broker:
                 # work, so what waits behind the request can be requeued.
                 if job.worker is not None:
                     job.worker.draining = True
-                    job.worker.jobs.pop(job_id, None)
+                    if job.worker.jobs.pop(job_id, None) is not None:
+                        job.worker.expired.add(job_id)
                 self.finish(job_id, p.TIMEOUT,
                             error=f"node {self.node.name}: no reply within the request's "
                                   "deadline (broker.request_timeout or the request's timeout)")
@@ -568,11 +731,22 @@ class Broker:
     def heartbeat(self, now: float) -> None:
         interval = self.settings.heartbeat_interval
         self.next_heartbeat = now + interval
+        self.reregistered.clear()
         expiry = interval * self.settings.liveness
         for worker in list(self.workers.values()):
-            if not worker.jobs and now - worker.last_seen > expiry:
+            silent = now - worker.last_seen > expiry
+            if not worker.jobs and silent:
                 self.remove_worker(worker, f"{worker} missed its heartbeats")
                 continue
+            # A dead worker's replacement tells what it held (READY): wait for it
+            # while its pool lives, for a heartbeat expiry at most.
+            if not process_alive(worker.pid):
+                pool_gone = not process_alive(worker.pool)
+                if pool_gone or silent:
+                    self.remove_worker(worker, f"{worker} is gone, " + (
+                        f"with its pool (pid {worker.pool})" if pool_gone
+                        else "and no replacement registered"))
+                    continue
             self.back.send_multipart([worker.identity, p.HEARTBEAT], zmq.NOBLOCK)
 
     def _answer_all(self, status: str, error: str) -> None:

@@ -400,3 +400,27 @@ def test_worker_token_file_is_fresh_private_and_never_followed(tmp_path):
         trust.read_worker_token(endpoint)
     with pytest.raises(ValueError):
         trust.token_path("tcp://127.0.0.1:1")
+
+
+def test_process_alive_sees_exits_and_zombies():
+    from broker.broker import process_alive
+    assert process_alive(os.getpid())
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    import time
+    deadline = time.monotonic() + 10
+    while process_alive(pid) and time.monotonic() < deadline:  # a zombie until reaped
+        time.sleep(0.01)
+    assert not process_alive(pid)
+    os.waitpid(pid, 0)
+    assert not process_alive(pid)
+
+
+def test_throttle_counts_what_it_suppresses():
+    from broker.broker import Throttle
+    throttle = Throttle(1.0)
+    assert throttle.allow(10.0) == 0
+    assert throttle.allow(10.5) is None and throttle.allow(10.9) is None
+    assert throttle.allow(11.0) == 2
+    assert throttle.allow(11.1) is None
