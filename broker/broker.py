@@ -19,7 +19,9 @@ The back socket trusts only the pool's own workers (broker/trust.py): only
 the broker's uid can connect, and a READY must carry the token the broker
 wrote beside the socket.  Whatever bytes a registered worker sends that do
 not parse, or make no sense (a reply to a job it never got), get it dropped
-and sent BYE; nothing a peer sends stops the broker.
+and sent BYE; nothing a peer sends stops the broker.  No message in or out
+is larger than ``Config.max_message``: libzmq disconnects a peer that sends
+more, and the broker cuts its own batches to fit.
 """
 from __future__ import annotations
 
@@ -44,6 +46,13 @@ PACK_US = 500.0      # how long a request may wait behind others on a busy worke
 SERVICE_EWMA = 0.05  # weight of a new run time in its script's average
 SERVICE_NAMES = 1024  # scripts whose average run time is kept (then all are forgotten)
 DEADLINES_SLACK = 1024  # answered requests' deadlines kept before the heap is rebuilt
+FRONT_HWM = 100_000  # messages queued per client
+# Messages a worker may have queued at the broker: a worker has at most its
+# credits replies outstanding, plus a READY, a DRAIN and a heartbeat or two.
+# When they are queued libzmq stops reading from that worker (it waits, loses
+# nothing), so a worker that floods holds at most this many messages of at
+# most max_message bytes in the broker's memory.
+BACK_HWM_SLACK = 8
 REREGISTER_MAX = 1024  # strangers answered REREGISTER per heartbeat tick
 WARN_EVERY = 1.0     # seconds between warnings about strangers on the back socket
 
@@ -89,14 +98,15 @@ def lock_key(hex_id: str) -> str:
 
 class Job:
     __slots__ = ("client", "rid", "deadline", "received", "meta", "data", "worker", "lock",
-                 "batched")
+                 "batched", "size")
 
-    def __init__(self, client, rid, deadline, received, meta, data, lock, batched):
+    def __init__(self, client, rid, deadline, received, meta, data, lock, batched, size):
         self.client, self.rid, self.deadline = client, rid, deadline
         self.received, self.meta, self.data = received, meta, data
         self.worker = None
         self.lock = lock  # the id this job holds or waits for, or None
         self.batched = batched  # the client batches: its reply waits for the turn's others
+        self.size = size  # bytes it takes in a REQUEST (p.request_bytes)
 
 
 class Worker:
@@ -181,12 +191,17 @@ class Broker:
     def __init__(self, config: Config, node: NodeSettings, ctx: zmq.Context | None = None):
         self.node = node
         self.settings = config.broker
+        self.max_message = config.max_message
+        self.max_batch = p.batch_limit(self.max_message)
+        # A reply entry's bytes besides its data and error (node name included).
+        self.reply_overhead = p.ENTRY_OVERHEAD + p.text_bytes(node.name)
         self.ctx = ctx or zmq.Context()
         self.front = self.back = None
         self.token = b""  # written beside the back socket; removed with it when stopping
         try:
-            self.front = self._bind(zmq.ROUTER, node.broker)
-            self.back = self._bind_back(node.workers_endpoint)
+            self.front = self._bind(zmq.ROUTER, node.broker, FRONT_HWM)
+            self.back = self._bind_back(node.workers_endpoint,
+                                        config.pool.credits + BACK_HWM_SLACK)
         except BaseException:
             self.close()
             raise
@@ -201,7 +216,7 @@ class Broker:
         self.jobs: dict[bytes, Job] = {}
         # Average run time per script name, us; a script never seen is not packed.
         self.service_us: dict[str, float] = {}
-        self.outbox: dict[bytes, list[list]] = {}  # client -> replies to send this turn
+        self.outbox = p.Batches(self.max_batch)  # replies to clients that batch, this turn
         self.deadlines: list[tuple[float, bytes]] = []
         self.next_job = 0
         self.served = 0
@@ -215,12 +230,13 @@ class Broker:
         self.reregistered: set[bytes] = set()
         self.stranger_warnings = Throttle(WARN_EVERY)
 
-    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
+    def _bind(self, kind: int, endpoint: str, rcvhwm: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
         try:
             if endpoint.startswith("ipc://"):
                 path = endpoint[len("ipc://"):]
@@ -234,13 +250,13 @@ class Broker:
             raise
         return sock
 
-    def _bind_back(self, endpoint: str) -> zmq.Socket:
+    def _bind_back(self, endpoint: str, rcvhwm: int) -> zmq.Socket:
         """The workers' socket: a fresh token beside it first (a worker that can
         connect finds it), then the socket, which only our uid may connect to."""
         self.token = trust.write_worker_token(endpoint)
         mask = os.umask(0o077)
         try:
-            sock = self._bind(zmq.ROUTER, endpoint)
+            sock = self._bind(zmq.ROUTER, endpoint, rcvhwm)
         finally:
             os.umask(mask)
         os.chmod(trust.socket_path(endpoint), 0o600)
@@ -268,8 +284,8 @@ class Broker:
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
-        log.info("broker %s listening on %s, workers on %s", self.node.name,
-                 self.node.broker, self.node.workers_endpoint)
+        log.info("broker %s listening on %s, workers on %s, messages up to %d bytes",
+                 self.node.name, self.node.broker, self.node.workers_endpoint, self.max_message)
         try:
             self._serve(poller, wake_r)
         finally:
@@ -365,13 +381,20 @@ class Broker:
                              "requests waiting); retry later or raise broker.queue_limit",
                        batched=batched)
             return
+        size = p.request_bytes(meta, req.data)
+        if size > self.max_batch:  # it could travel to no worker
+            self.reply(req.client, req.rid, p.BAD_REQUEST,
+                       error=f"node {self.node.name}: request of {size} bytes with its headers "
+                             f"is larger than broker.max_message ({self.max_message} bytes)",
+                       batched=batched)
+            return
         now = time.monotonic()
         timeout = meta.timeout or self.settings.request_timeout
         job_id = b"%x" % self.next_job
         self.next_job += 1
         lock = lock_key(meta.id) if meta.id else None
         job = Job(req.client, req.rid, now + timeout, time.perf_counter(), meta, req.data, lock,
-                  batched)
+                  batched, size)
         self.jobs[job_id] = job
         self._track_deadline(job_id, job.deadline)
         if lock is not None:
@@ -397,22 +420,23 @@ class Broker:
 
     def reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
               error: str = "", batched: bool = False) -> None:
-        """Answer now, or, to a client that batches, with its other replies of this turn."""
+        """Answer now, or, to a client that batches, with its other replies of this
+        turn, in messages of at most max_message.  A reply too large to share one
+        goes alone, its data in a frame of its own (clients take both layouts)."""
         if batched:
-            entry = p.reply_entry(rid, status, self.node.name, self.node.group, data, error)
-            waiting = self.outbox.get(client)
-            if waiting is None:
-                self.outbox[client] = [entry]
-            else:
-                waiting.append(entry)
-            return
+            size = len(data) + 4 * len(error) + self.reply_overhead
+            if size <= self.max_batch:
+                self.outbox.add(client, p.reply_entry(rid, status, self.node.name,
+                                                      self.node.group, data, error), size)
+                return
         self._send_reply(p.reply_frames(client, rid, status, self.node.name, self.node.group,
                                         data, error))
 
     def send_replies(self) -> None:
-        outbox, self.outbox = self.outbox, {}
-        for client, entries in outbox.items():
-            self._send_reply(p.reply_batch_frames(client, entries))
+        if self.outbox:
+            outbox, self.outbox = self.outbox, p.Batches(self.max_batch)
+            for client, entries in outbox.messages():
+                self._send_reply(p.reply_batch_frames(client, entries))
 
     def _send_reply(self, frames: list[bytes]) -> None:
         try:
@@ -646,9 +670,10 @@ class Broker:
 
     def dispatch(self, now: float) -> None:
         """Each waiting request to a worker within its credits (`choose_worker`);
-        each worker gets what it was given in one message."""
+        each worker gets what it was given in one message, or in as few as
+        max_message allows."""
         queue = self.queue
-        batches: dict[Worker, list[list]] = {}
+        batches = p.Batches(self.max_batch)
         while queue:
             job_id, job = next(iter(queue.items()))
             cost = self.expected_us(job)
@@ -663,21 +688,20 @@ class Broker:
         for lock in self.new_waiters:
             self._chain(lock, now, batches)
         self.new_waiters.clear()
-        for worker, batch in batches.items():
-            p.send_frames(self.back, p.jobs_frames(worker.identity, batch))
+        if batches:
+            for worker, batch in batches.messages():
+                # Never blocks: a worker that does not read loses what passes its
+                # queue, and those requests end at their deadlines.
+                p.send_frames(self.back, p.jobs_frames(worker.identity, batch), noblock=True)
 
     def _give(self, worker: Worker, job_id: bytes, job: Job, cost: float, now: float,
-              batches: dict[Worker, list[list]]) -> None:
+              batches: p.Batches) -> None:
         job.worker = worker
         worker.jobs[job_id] = cost
-        entry = p.job_entry(job_id, job.deadline - now, job.meta, job.data)
-        batch = batches.get(worker)
-        if batch is None:
-            batches[worker] = [entry]
-        else:
-            batch.append(entry)
+        batches.add(worker, p.job_entry(job_id, job.deadline - now, job.meta, job.data),
+                    job.size)
 
-    def _chain(self, lock: str, now: float, batches: dict[Worker, list[list]]) -> None:
+    def _chain(self, lock: str, now: float, batches: p.Batches) -> None:
         """An id's waiters join the worker that runs its holders, within its credits."""
         id_lock = self.locks.get(lock)
         if id_lock is None or id_lock.worker is None or not id_lock.holders:

@@ -2,11 +2,12 @@
 
 Only the pool's own workers register (the socket is 0600, a READY needs the
 token beside it); a registered worker that sends anything that makes no sense
-is dropped and told BYE, never the broker; stale workers of a dead pool
-are not counted.
+is dropped and told BYE, never the broker; no message is larger than
+max_message; stale workers of a dead pool are not counted.
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -22,7 +23,8 @@ import zmq
 
 from broker import protocol as p
 from broker import trust
-from conftest import FakeWorker, wait_until, workers_endpoint
+from broker.client import AsyncClient, BrokerUnavailable
+from conftest import FakeWorker, set_node_keys, wait_until, workers_endpoint
 
 NOBODY = 65000  # a uid with no process and no group on this machine
 
@@ -195,6 +197,76 @@ def test_a_ready_naming_a_live_workers_request_changes_nothing(node, status, reg
     assert broker_process(node).pid == broker.pid
     wait_until(lambda: node.status()["workers"] == 2, 10, "the fake worker dropped")
     echo_all(node)
+
+
+# Message size ----------------------------------------------------------------------
+
+MAX_MESSAGE = 1024 * 1024
+SMALL = 256 * 1024  # max_body and max_value: max_message may be 1 MiB
+
+
+def small_limits(make_cluster, **kw):
+    cluster = make_cluster(broker={"max_message": MAX_MESSAGE}, proxy={"max_body": SMALL},
+                           **kw)
+    set_node_keys(cluster, "n1", max_value=SMALL)
+    return cluster
+
+
+def test_a_batch_larger_than_max_message_is_split(make_cluster):
+    """Five 600 kB requests wait for a worker; when one registers it gets them
+    all at once, in messages its socket (max_message) takes: one each."""
+    cluster = small_limits(make_cluster)
+    cluster.srw("broker", "--node", "n1")  # no pool: the fake is the only worker
+    wait_until(lambda: cluster.status() is not None, 15, "the broker")
+    datas = [bytes([i]) * 600_000 for i in range(5)]
+    with cluster.client(timeout=20, max_message=MAX_MESSAGE) as c:
+        sent = [c.submit("echo.py", data) for data in datas]
+        wait_until(lambda: cluster.status()["queued"] == 5, 10, "the requests queued")
+        with FakeWorker(cluster, max_message=MAX_MESSAGE) as fake:
+            fake.send(fake.ready(credits=8))
+            messages, jobs = 0, []
+            deadline = time.monotonic() + 20
+            while len(jobs) < 5 and time.monotonic() < deadline:
+                frames = fake.recv(deadline - time.monotonic())
+                if frames is None or frames[0] != p.REQUEST:
+                    continue
+                assert len(frames[1]) <= MAX_MESSAGE
+                messages += 1
+                jobs += p.parse_jobs(frames)
+            assert len(jobs) == 5 and messages == 5  # two never fit in one
+            for job, _, meta, data in jobs:
+                fake.send(p.worker_replies_frames([[job, "ok", "", data, 10.0]]))
+            results = [c.result(*s) for s in sent]
+    assert [r.data for r in results] == datas
+
+
+def test_messages_larger_than_max_message_never_reach_a_worker(make_cluster):
+    cluster = small_limits(make_cluster, pool={"workers": 1})
+    cluster.serve()
+    broker = broker_process(cluster)
+    big = os.urandom(MAX_MESSAGE + 1)
+    with cluster.client(max_message=MAX_MESSAGE) as c:  # refuses, sends nothing
+        with pytest.raises(ValueError, match="max_message"):
+            c.exec("echo.py", big)
+    with cluster.client(timeout=1.0) as c:  # no limit: libzmq drops its connection
+        with pytest.raises(BrokerUnavailable):
+            c.exec("echo.py", big)
+    with cluster.client() as c:
+        # Each frame within max_message, not the request with its code: refused.
+        r = c.exec("echo.py", b"d" * (MAX_MESSAGE - 1000), code="#" * 2000)
+        assert r.status == "bad_request" and "broker.max_message" in r.error
+    assert broker.is_running() and broker_process(cluster).pid == broker.pid
+
+    async def several():  # one worker: its batch is cut in six
+        async with AsyncClient(cluster.node("n1")["broker"], timeout=20,
+                               max_message=MAX_MESSAGE) as client:
+            return await asyncio.gather(*(client.exec("echo.py", bytes([i]) * 600_000)
+                                          for i in range(6)))
+    results = asyncio.run(several())
+    assert [r.data for r in results] == [bytes([i]) * 600_000 for i in range(6)]
+    echo_all(cluster)
+    log = cluster.log()
+    assert f"{len(big)} B" not in log  # no worker ran it
 
 
 # Files -------------------------------------------------------------------------

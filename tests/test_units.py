@@ -255,10 +255,11 @@ def test_broker_deadline_heap_forgets_answered_requests(tmp_path):
         assert len(broker.deadlines) <= 2 * len(broker.jobs) + DEADLINES_SLACK + 1
         broker.expire_jobs(time.monotonic() + 1.0)
         assert waiting not in broker.jobs
-        assert broker.outbox[b"client"][-1][1] == p.UNAVAILABLE  # no workers: unavailable
+        (client, entries), = broker.outbox.messages()
+        assert client == b"client"
+        assert entries[-1][1] == p.UNAVAILABLE  # no workers: unavailable
     finally:
-        broker.front.close()
-        broker.back.close()
+        broker.close()
         ctx.term()
 
 
@@ -350,6 +351,55 @@ def test_request_bytes_bounds_the_packed_entries():
     big = [p.job_entry(b"%x" % i, 5.0, meta, data) for i in range(100)]
     assert len(p.jobs_frames(b"w", big)[2]) <= \
         p.BATCH_HEADER + 100 * p.request_bytes(meta, data)
+
+
+def test_dispatch_cuts_a_workers_batch_to_max_message(tmp_path):
+    """Five 600 kB requests waiting when a worker registers: it gets them in
+    five messages (two never fit in 1 MiB); small ones still share one."""
+    import time
+
+    import zmq
+
+    from broker.broker import Broker
+    from conftest import free_port
+    text = ("[broker]\nmax_message = 1048576\n[proxy]\nmax_body = 262144\n"
+            + NODE.replace("1025", str(free_port())).replace("1026", str(free_port()))
+            .replace('data_dir = "var/n1"', 'data_dir = "var/n1"\nmax_value = 262144'))
+    config = cfg.load(write(tmp_path, text))
+    ctx = zmq.Context()
+    broker = Broker(config, config.nodes[0], ctx)
+    worker = ctx.socket(zmq.DEALER)
+    try:
+        worker.setsockopt(zmq.IDENTITY, b"w")
+        worker.setsockopt(zmq.MAXMSGSIZE, config.max_message)
+        worker.connect(config.nodes[0].workers_endpoint)
+
+        def accept(i, data):
+            broker.accept(p.FrontRequest(b"c", p.EXEC, b"%d" % i, p.ExecMeta(name="e.py"), data),
+                          batched=True)
+        for i in range(5):
+            accept(i, bytes([i]) * 600_000)
+        worker.send_multipart(p.Ready(slot=1, pid=os.getpid(), credits=16, token=broker.token,
+                                      pool=os.getppid()).to_frames())
+        deadline = time.monotonic() + 10
+        while not broker.workers and time.monotonic() < deadline:
+            broker.back.poll(100)
+            broker.read_workers()
+        assert broker.workers
+        broker.dispatch(time.monotonic())
+        for i in range(5, 10):
+            accept(i, b"small")
+        broker.dispatch(time.monotonic())
+        got = []
+        while len(got) < 6 and worker.poll(5000):
+            frames = worker.recv_multipart()
+            assert frames[0] == p.REQUEST and len(frames[1]) <= config.max_message
+            got.append([data for _, _, _, data in p.parse_jobs(frames)])
+        assert got == [[bytes([i]) * 600_000] for i in range(5)] + [[b"small"] * 5]
+    finally:
+        worker.close()
+        broker.close()
+        ctx.term()
 
 
 def test_clients_refuse_a_request_larger_than_max_message():
