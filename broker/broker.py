@@ -49,6 +49,7 @@ DEADLINES_SLACK = 1024  # answered requests' deadlines kept before the heap is r
 FRONT_HWM = 100_000  # messages queued per client
 REREGISTER_MAX = 1024  # strangers answered REREGISTER per heartbeat tick
 WARN_EVERY = 1.0     # seconds between warnings about strangers on the back socket
+REPLACEMENT_WAIT = 10.0  # seconds a dead worker of a live pool waits for its replacement
 
 
 def back_hwm(credits: int) -> int:
@@ -117,7 +118,7 @@ class Job:
 
 class Worker:
     __slots__ = ("identity", "name", "slot", "pid", "pool", "credits", "jobs", "expired",
-                 "replied", "last_seen", "draining")
+                 "replied", "last_seen", "draining", "gone_at")
 
     def __init__(self, identity: bytes, ready: p.Ready, now: float, node: str = ""):
         self.identity, self.slot, self.pid = identity, ready.slot, ready.pid
@@ -131,6 +132,7 @@ class Worker:
         self.replied = 0
         self.last_seen = now
         self.draining = False
+        self.gone_at = 0.0  # when the broker found its process gone
 
     def __repr__(self):
         return self.name
@@ -763,15 +765,18 @@ class Broker:
         self.reregistered.clear()
         expiry = interval * self.settings.liveness
         for worker in list(self.workers.values()):
-            silent = now - worker.last_seen > expiry
-            if not worker.jobs and silent:
+            if not worker.jobs and now - worker.last_seen > expiry:
                 self.remove_worker(worker, f"{worker} missed its heartbeats")
                 continue
-            # A dead worker's replacement tells what it held (READY): wait for it
-            # while its pool lives, for a heartbeat expiry at most.
+            # A dead worker's replacement tells what it held (READY): while its
+            # pool lives, wait for it (REPLACEMENT_WAIT at most), counting the
+            # dead one no more and giving it nothing.
             if not process_alive(worker.pid):
+                if not worker.gone_at:
+                    worker.gone_at = now
+                    worker.draining = True
                 pool_gone = not process_alive(worker.pool)
-                if pool_gone or silent:
+                if pool_gone or now - worker.gone_at > REPLACEMENT_WAIT:
                     self.remove_worker(worker, f"{worker} is gone, " + (
                         f"with its pool (pid {worker.pool})" if pool_gone
                         else "and no replacement registered"))
@@ -790,8 +795,9 @@ class Broker:
         def pct(q):
             return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0
 
+        live = [w for w in self.workers.values() if not w.gone_at]
         return {"name": self.node.name, "group": self.node.group,
-                "workers": len(self.workers),
-                "busy": sum(1 for w in self.workers.values() if w.jobs),
+                "workers": len(live),
+                "busy": sum(1 for w in live if w.jobs),
                 "queued": len(self.queue) + self.blocked, "served": self.served, "restarts": self.restarts,
                 "latency_us": {"p50": pct(0.5), "p99": pct(0.99)}}
