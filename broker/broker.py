@@ -12,8 +12,16 @@ worker that runs one also gets those waiting for it (`IdLock`).  A client
 that sends batches gets its replies in batches, one message per loop turn.
 Every request gets exactly one reply: the worker's, ``timeout`` at its
 deadline, ``killed`` when its worker died (learned from the replacement's
-READY, or from a missed heartbeat), or ``bad_request`` for frames that make
-no sense.
+READY, or from a missed heartbeat) or was dropped, or ``bad_request`` for
+frames that make no sense.
+
+The back socket trusts only the pool's own workers (broker/trust.py): only
+the broker's uid can connect, and a READY must carry the token the broker
+wrote beside the socket.  Whatever bytes a registered worker sends that do
+not parse, or make no sense (a reply to a job it never got), get it dropped
+and sent BYE; nothing a peer sends stops the broker.  No message in or out
+is larger than ``Config.max_message``: libzmq disconnects a peer that sends
+more, and the broker cuts its own batches to fit.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import time
 import zmq
 
 from . import protocol as p
+from . import trust
 from srw import logs
 from srw.config import Config, NodeSettings
 from srw.sched import CALM_AFTER, LoadScheduling
@@ -37,6 +46,56 @@ PACK_US = 500.0      # how long a request may wait behind others on a busy worke
 SERVICE_EWMA = 0.05  # weight of a new run time in its script's average
 SERVICE_NAMES = 1024  # scripts whose average run time is kept (then all are forgotten)
 DEADLINES_SLACK = 1024  # answered requests' deadlines kept before the heap is rebuilt
+FRONT_HWM = 100_000  # messages queued per client
+REREGISTER_MAX = 1024  # strangers answered REREGISTER per heartbeat tick
+WARN_EVERY = 1.0     # seconds between warnings about strangers on the back socket
+REPLACEMENT_WAIT = 10.0  # seconds a dead worker of a live pool waits for its replacement
+
+
+def back_hwm(credits: int) -> int:
+    """ZMQ_RCVHWM of the back socket: the messages a worker may have queued at
+    the broker.  Past that libzmq stops reading from it (it waits, loses
+    nothing), so a worker that floods holds at most this many messages of at
+    most max_message bytes in the broker's memory.  A worker has at most its
+    credits replies outstanding, plus a READY, a DRAIN and a heartbeat or two:
+    credits + 8.  Times 4, because libzmq wakes its I/O thread each time the
+    broker has read half the HWM: at credits + 8 that cost 0.5 us per request
+    (measured in process, 16 credits), at 4x nothing measurable."""
+    return 4 * (credits + 8)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's, alive
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2][1:2] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
+class Throttle:
+    """At most one event per `interval` seconds; counts the others."""
+    __slots__ = ("interval", "next", "suppressed")
+
+    def __init__(self, interval: float):
+        self.interval, self.next, self.suppressed = interval, 0.0, 0
+
+    def allow(self, now: float) -> int | None:
+        """None to suppress this event, else how many were suppressed before it."""
+        if now < self.next:
+            self.suppressed += 1
+            return None
+        self.next = now + self.interval
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed
 
 
 def lock_key(hex_id: str) -> str:
@@ -46,31 +105,37 @@ def lock_key(hex_id: str) -> str:
 
 class Job:
     __slots__ = ("client", "rid", "deadline", "received", "meta", "data", "worker", "lock",
-                 "batched")
+                 "batched", "size")
 
-    def __init__(self, client, rid, deadline, received, meta, data, lock, batched):
+    def __init__(self, client, rid, deadline, received, meta, data, lock, batched, size):
         self.client, self.rid, self.deadline = client, rid, deadline
         self.received, self.meta, self.data = received, meta, data
         self.worker = None
         self.lock = lock  # the id this job holds or waits for, or None
         self.batched = batched  # the client batches: its reply waits for the turn's others
+        self.size = size  # bytes it takes in a REQUEST (p.request_bytes)
 
 
 class Worker:
-    __slots__ = ("identity", "slot", "pid", "credits", "jobs", "replied", "last_seen",
-                 "draining")
+    __slots__ = ("identity", "name", "slot", "pid", "pool", "credits", "jobs", "expired",
+                 "replied", "last_seen", "draining", "gone_at")
 
-    def __init__(self, identity: bytes, ready: p.Ready, now: float):
+    def __init__(self, identity: bytes, ready: p.Ready, now: float, node: str = ""):
         self.identity, self.slot, self.pid = identity, ready.slot, ready.pid
+        self.name = f"worker {node}#{ready.slot} (pid {ready.pid})"
+        self.pool = ready.pool
         self.credits = ready.credits
         # job id -> its expected run time (us), in dispatch order: the order it runs them
         self.jobs: dict[bytes, float] = {}
+        # jobs answered 'timeout' while it held them: its late replies are no error
+        self.expired: set[bytes] = set()
         self.replied = 0
         self.last_seen = now
         self.draining = False
+        self.gone_at = 0.0  # when the broker found its process gone
 
     def __repr__(self):
-        return f"worker #{self.slot} (pid {self.pid})"
+        return self.name
 
 
 class IdLock:
@@ -134,9 +199,19 @@ class Broker:
     def __init__(self, config: Config, node: NodeSettings, ctx: zmq.Context | None = None):
         self.node = node
         self.settings = config.broker
+        self.max_message = config.max_message
+        self.max_batch = p.batch_limit(self.max_message)
+        # A reply entry's bytes besides its data and error (node name included).
+        self.reply_overhead = p.ENTRY_OVERHEAD + 4 * len(node.name)
         self.ctx = ctx or zmq.Context()
-        self.front = self._bind(zmq.ROUTER, node.broker)
-        self.back = self._bind(zmq.ROUTER, node.workers_endpoint)
+        self.front = self.back = None
+        self.token = b""  # written beside the back socket; removed with it when stopping
+        try:
+            self.front = self._bind(zmq.ROUTER, node.broker, FRONT_HWM)
+            self.back = self._bind_back(node.workers_endpoint, back_hwm(config.pool.credits))
+        except BaseException:
+            self.close()
+            raise
         self.workers: dict[bytes, Worker] = {}
         self.by_slot: dict[int, Worker] = {}
         self.queue: collections.OrderedDict[bytes, Job] = collections.OrderedDict()
@@ -148,7 +223,7 @@ class Broker:
         self.jobs: dict[bytes, Job] = {}
         # Average run time per script name, us; a script never seen is not packed.
         self.service_us: dict[str, float] = {}
-        self.outbox: dict[bytes, list[list]] = {}  # client -> replies to send this turn
+        self.outbox = p.Batches(self.max_batch)  # replies to clients that batch, this turn
         self.deadlines: list[tuple[float, bytes]] = []
         self.next_job = 0
         self.served = 0
@@ -157,21 +232,51 @@ class Broker:
         self.stopping = False
         self.next_heartbeat = 0.0
         self.scheduling = LoadScheduling()
+        # Strangers on the back socket: answered REREGISTER once per heartbeat
+        # tick, and warned about once a second, so that a flood costs little.
+        self.reregistered: set[bytes] = set()
+        self.stranger_warnings = Throttle(WARN_EVERY)
 
-    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
+    def _bind(self, kind: int, endpoint: str, rcvhwm: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        if endpoint.startswith("ipc://"):
-            path = endpoint[len("ipc://"):]
-            if len(path) > 100:
-                raise OSError(f"socket path too long for ipc (max 100 chars): {path}")
-            if os.path.exists(path):
-                os.unlink(path)  # left by a killed broker
-        sock.bind(endpoint)
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+        try:
+            if endpoint.startswith("ipc://"):
+                path = endpoint[len("ipc://"):]
+                if len(path) > 100:
+                    raise OSError(f"socket path too long for ipc (max 100 chars): {path}")
+                if os.path.lexists(path):
+                    os.unlink(path)  # left by a killed broker
+            sock.bind(endpoint)
+        except BaseException:
+            sock.close()
+            raise
         return sock
+
+    def _bind_back(self, endpoint: str, rcvhwm: int) -> zmq.Socket:
+        """The workers' socket: a fresh token beside it first (a worker that can
+        connect finds it), then the socket, which only our uid may connect to."""
+        self.token = trust.write_worker_token(endpoint)
+        mask = os.umask(0o077)
+        try:
+            sock = self._bind(zmq.ROUTER, endpoint, rcvhwm)
+        finally:
+            os.umask(mask)
+        os.chmod(trust.socket_path(endpoint), 0o600)
+        return sock
+
+    def close(self) -> None:
+        """Close the sockets; remove the socket file and the token, if still ours."""
+        for sock in (self.front, self.back):
+            if sock is not None:
+                sock.close()
+        if self.token:
+            trust.remove_worker_files(self.node.workers_endpoint, self.token)
+            self.token = b""
 
     # Main loop ---------------------------------------------------------------
 
@@ -186,8 +291,14 @@ class Broker:
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
-        log.info("broker %s listening on %s, workers on %s", self.node.name,
-                 self.node.broker, self.node.workers_endpoint)
+        log.info("broker %s listening on %s, workers on %s, messages up to %d bytes",
+                 self.node.name, self.node.broker, self.node.workers_endpoint, self.max_message)
+        try:
+            self._serve(poller, wake_r)
+        finally:
+            self.close()
+
+    def _serve(self, poller: zmq.Poller, wake_r: int) -> None:
         drain_until = None
         while True:
             logs.flush()  # buffered lines go out before the broker waits
@@ -214,8 +325,6 @@ class Broker:
         self._answer_all(p.UNAVAILABLE, f"node {self.node.name} stopped")
         self.send_replies()
         log.info("broker %s stopped after %d requests", self.node.name, self.served)
-        self.front.close()
-        self.back.close()
 
     def _on_stop_signal(self, signum, frame):
         self.stopping = True
@@ -279,13 +388,20 @@ class Broker:
                              "requests waiting); retry later or raise broker.queue_limit",
                        batched=batched)
             return
+        size = p.request_bytes(meta, req.data)
+        if size > self.max_batch:  # it could travel to no worker
+            self.reply(req.client, req.rid, p.BAD_REQUEST,
+                       error=f"node {self.node.name}: request of {size} bytes with its headers "
+                             f"is larger than broker.max_message ({self.max_message} bytes)",
+                       batched=batched)
+            return
         now = time.monotonic()
         timeout = meta.timeout or self.settings.request_timeout
         job_id = b"%x" % self.next_job
         self.next_job += 1
         lock = lock_key(meta.id) if meta.id else None
         job = Job(req.client, req.rid, now + timeout, time.perf_counter(), meta, req.data, lock,
-                  batched)
+                  batched, size)
         self.jobs[job_id] = job
         self._track_deadline(job_id, job.deadline)
         if lock is not None:
@@ -311,22 +427,23 @@ class Broker:
 
     def reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
               error: str = "", batched: bool = False) -> None:
-        """Answer now, or, to a client that batches, with its other replies of this turn."""
+        """Answer now, or, to a client that batches, with its other replies of this
+        turn, in messages of at most max_message.  A reply too large to share one
+        goes alone, its data in a frame of its own (clients take both layouts)."""
         if batched:
-            entry = p.reply_entry(rid, status, self.node.name, self.node.group, data, error)
-            waiting = self.outbox.get(client)
-            if waiting is None:
-                self.outbox[client] = [entry]
-            else:
-                waiting.append(entry)
-            return
+            size = len(data) + 4 * len(error) + self.reply_overhead  # at 4 bytes a character
+            if size <= self.max_batch:
+                self.outbox.add(client, p.reply_entry(rid, status, self.node.name,
+                                                      self.node.group, data, error), size)
+                return
         self._send_reply(p.reply_frames(client, rid, status, self.node.name, self.node.group,
                                         data, error))
 
     def send_replies(self) -> None:
-        outbox, self.outbox = self.outbox, {}
-        for client, entries in outbox.items():
-            self._send_reply(p.reply_batch_frames(client, entries))
+        if self.outbox:
+            outbox, self.outbox = self.outbox, p.Batches(self.max_batch)
+            for client, entries in outbox.messages():
+                self._send_reply(p.reply_batch_frames(client, entries))
 
     def _send_reply(self, frames: list[bytes]) -> None:
         try:
@@ -384,23 +501,19 @@ class Broker:
                 return
             try:
                 self.on_worker(frames)
-            except p.ProtocolError as exc:
-                log.warning("bad frames from worker %r: %s", frames[0][:64], exc)
+            except Exception as exc:  # whatever a peer sends, the broker goes on
+                self.reject(frames[0], exc)
 
     def on_worker(self, frames: list[bytes]) -> None:
-        if len(frames) < 2:
-            raise p.ProtocolError("no command frame")
-        identity, cmd = frames[0], frames[1]
-        now = time.monotonic()
-        if cmd == p.READY:
-            if len(frames) != 3:
-                raise p.ProtocolError("READY must have one meta frame")
-            self.on_ready(identity, p.Ready.from_meta(frames[2]), now)
-            return
+        identity = frames[0]
         worker = self.workers.get(identity)
         if worker is None:
-            self.back.send_multipart([identity, p.REREGISTER], zmq.NOBLOCK)
+            self.on_stranger(identity, frames)
             return
+        if len(frames) < 2:
+            raise p.ProtocolError("no command frame")
+        cmd = frames[1]
+        now = time.monotonic()
         worker.last_seen = now
         if cmd == p.REPLY:
             for job_id, status, data, error, run_us in p.parse_worker_replies(frames):
@@ -411,22 +524,74 @@ class Broker:
                     if job is not None:
                         self.learn(job.meta.name, run_us)
                     self.finish(job_id, status, data, error)
+                elif job_id in worker.expired:  # late: answered 'timeout' already
+                    worker.expired.discard(job_id)
+                else:
+                    raise p.ProtocolError(f"REPLY to job {job_id[:16]!r}, which it was never "
+                                          "given")
             if worker.draining and not worker.jobs:
                 self.back.send_multipart([identity, p.BYE], zmq.NOBLOCK)
+        elif len(frames) != 2 and cmd != p.READY:
+            raise p.ProtocolError(f"{len(frames) - 2} frames after command {cmd[:16]!r}")
+        elif cmd == p.HEARTBEAT:
+            pass
         elif cmd == p.DRAIN:
             worker.draining = True
             if not worker.jobs:
                 self.back.send_multipart([identity, p.BYE], zmq.NOBLOCK)
-        elif cmd != p.HEARTBEAT:
+        elif cmd == p.READY:
+            self.on_ready(identity, self._ready(frames), now)
+        else:
             raise p.ProtocolError(f"unknown worker command {cmd[:16]!r}")
 
+    def on_stranger(self, identity: bytes, frames: list[bytes]) -> None:
+        """A peer that is not a registered worker: it may register (READY with the
+        token); anything else only gets a REREGISTER, once per heartbeat tick."""
+        if len(frames) >= 2 and frames[1] == p.READY:
+            self.on_ready(identity, self._ready(frames), time.monotonic())
+        elif identity not in self.reregistered and len(self.reregistered) < REREGISTER_MAX:
+            self.reregistered.add(identity)
+            self.back.send_multipart([identity, p.REREGISTER], zmq.NOBLOCK)
+
+    def _ready(self, frames: list[bytes]) -> p.Ready:
+        if len(frames) != 3:
+            raise p.ProtocolError("READY must have one meta frame")
+        ready = p.Ready.from_meta(frames[2])
+        if not trust.token_matches(self.token, ready.token):
+            raise p.ProtocolError("READY without this broker's token")
+        return ready
+
+    def reject(self, identity: bytes, exc: Exception) -> None:
+        """What `identity` sent did not parse or made no sense: a registered worker
+        is dropped; about anyone else the broker only warns, once a second."""
+        what = f"{type(exc).__name__}: {exc}" if not isinstance(exc, p.ProtocolError) \
+            else str(exc)
+        what = what[:200]
+        worker = self.workers.get(identity)
+        if worker is not None:
+            self.drop_worker(worker, f"{worker} sent a bad message ({what})")
+            return
+        suppressed = self.stranger_warnings.allow(time.monotonic())
+        if suppressed is not None:
+            more = f" ({suppressed} more since the last warning)" if suppressed else ""
+            log.warning("node %s: ignored a message from unregistered peer %r on the workers' "
+                        "socket: %s%s", self.node.name, identity[:64], what, more)
+
     def on_ready(self, identity: bytes, ready: p.Ready, now: float) -> None:
-        self.restarts = max(self.restarts, ready.restarts)
         old = self.workers.get(identity)
+        if old is not None and (old.slot, old.pid, old.pool) != (ready.slot, ready.pid,
+                                                                  ready.pool):
+            raise p.ProtocolError(f"READY as slot {ready.slot}, pid {ready.pid}, pool "
+                                  f"{ready.pool}, registered as slot {old.slot}, pid "
+                                  f"{old.pid}, pool {old.pool}")
+        self.drop_orphans(ready.pool)
         if old is None and ready.replaces:
             old = self.by_slot.get(ready.slot)
-            if old is not None and old.pid != ready.replaces:
+            if old is not None and (old.pid != ready.replaces or old.pool != ready.pool):
                 old = None
+            elif old is not None and process_alive(old.pid):
+                raise p.ProtocolError(f"READY claims to replace {old}, which is still running")
+        self.restarts = max(self.restarts, ready.restarts)
         if old is None and ready.slot in self.by_slot:
             log.warning("slot %d claimed by pid %d and pid %d: do two pools serve node %s?",
                         ready.slot, self.by_slot[ready.slot].pid, ready.pid, self.node.name)
@@ -439,10 +604,29 @@ class Broker:
                 del old.jobs[ready.job]
                 self.finish(ready.job, ready.job_status, error=why)
             self.remove_worker(old, why)
-        worker = Worker(identity, ready, now)
+        worker = Worker(identity, ready, now, self.node.name)
         self.workers[identity] = worker
         self.by_slot[ready.slot] = worker
+        self.reregistered.discard(identity)
         log.debug("%s ready with %d credits", worker, worker.credits)
+
+    def drop_orphans(self, pool: int) -> None:
+        """Forget the workers of pools other than `pool` that are gone: a pool
+        that died (SIGKILL) took its workers with it, and its successor's are
+        registering.  Two live pools on one node keep each other's."""
+        alive: dict[int, bool] = {}
+        for other in {w.pool for w in self.workers.values()} - {pool}:
+            alive[other] = process_alive(other)
+        orphans = [w for w in self.workers.values() if w.pool != pool and not alive[w.pool]]
+        if not orphans:
+            return
+        held = sum(len(w.jobs) for w in orphans)
+        for worker in orphans:
+            self.remove_worker(worker, f"{worker}: its pool (pid {worker.pool}) is gone",
+                               quiet=True)
+        log.warning("node %s: dropped %d worker(s) of pool(s) %s, which are gone; answered "
+                    "their %d request(s) 'killed'", self.node.name, len(orphans),
+                    ", ".join(f"pid {pid}" for pid, up in alive.items() if not up), held)
 
     def requeue(self, worker: Worker, job_ids: list[bytes]) -> None:
         """Give a dead worker's never-started requests to the others, first in line.
@@ -468,25 +652,35 @@ class Broker:
             if lock in self.locks:
                 self._promote(lock, self.locks[lock])
 
-    def remove_worker(self, worker: Worker, why: str) -> None:
+    def remove_worker(self, worker: Worker, why: str, quiet: bool = False) -> None:
         """Forget a worker; what it held is answered ``killed``, never retried."""
         self.workers.pop(worker.identity, None)
         if self.by_slot.get(worker.slot) is worker:
             del self.by_slot[worker.slot]
-        if worker.jobs:
+        if worker.jobs and not quiet:
             log.warning("%s; answering its %d request(s) 'killed'", why, len(worker.jobs))
         for job_id in list(worker.jobs):
             self.finish(job_id, p.KILLED, error=why)
         worker.jobs.clear()
         worker.draining = True  # in case something still holds it: give it nothing
 
+    def drop_worker(self, worker: Worker, why: str) -> None:
+        """A worker that broke the protocol: its requests are answered ``killed``
+        and it is told BYE (it exits; its pool forks a replacement)."""
+        held = len(worker.jobs)
+        self.remove_worker(worker, why, quiet=True)
+        self.back.send_multipart([worker.identity, p.BYE], zmq.NOBLOCK)
+        log.warning("%s; dropped it, answered its %d request(s) 'killed' and sent it BYE",
+                    why, held)
+
     # Dispatch and timers --------------------------------------------------------
 
     def dispatch(self, now: float) -> None:
         """Each waiting request to a worker within its credits (`choose_worker`);
-        each worker gets what it was given in one message."""
+        each worker gets what it was given in one message, or in as few as
+        max_message allows."""
         queue = self.queue
-        batches: dict[Worker, list[list]] = {}
+        batches = p.Batches(self.max_batch)
         while queue:
             job_id, job = next(iter(queue.items()))
             cost = self.expected_us(job)
@@ -501,21 +695,20 @@ class Broker:
         for lock in self.new_waiters:
             self._chain(lock, now, batches)
         self.new_waiters.clear()
-        for worker, batch in batches.items():
-            p.send_frames(self.back, p.jobs_frames(worker.identity, batch))
+        if batches:
+            for worker, batch in batches.messages():
+                # Never blocks: a worker that does not read loses what passes its
+                # queue, and those requests end at their deadlines.
+                p.send_frames(self.back, p.jobs_frames(worker.identity, batch), noblock=True)
 
     def _give(self, worker: Worker, job_id: bytes, job: Job, cost: float, now: float,
-              batches: dict[Worker, list[list]]) -> None:
+              batches: p.Batches) -> None:
         job.worker = worker
         worker.jobs[job_id] = cost
-        entry = p.job_entry(job_id, job.deadline - now, job.meta, job.data)
-        batch = batches.get(worker)
-        if batch is None:
-            batches[worker] = [entry]
-        else:
-            batch.append(entry)
+        batches.add(worker, p.job_entry(job_id, job.deadline - now, job.meta, job.data),
+                    job.size)
 
-    def _chain(self, lock: str, now: float, batches: dict[Worker, list[list]]) -> None:
+    def _chain(self, lock: str, now: float, batches: p.Batches) -> None:
         """An id's waiters join the worker that runs its holders, within its credits."""
         id_lock = self.locks.get(lock)
         if id_lock is None or id_lock.worker is None or not id_lock.holders:
@@ -560,7 +753,8 @@ class Broker:
                 # runner, or the pool kills it in isolation none, and then what it
                 # never began is requeued): its late reply is for a request answered.
                 if job.worker is not None:
-                    job.worker.jobs.pop(job_id, None)
+                    if job.worker.jobs.pop(job_id, None) is not None:
+                        job.worker.expired.add(job_id)
                 self.finish(job_id, p.TIMEOUT,
                             error=f"node {self.node.name}: no reply within the request's "
                                   "deadline (broker.request_timeout or the request's timeout)")
@@ -568,11 +762,25 @@ class Broker:
     def heartbeat(self, now: float) -> None:
         interval = self.settings.heartbeat_interval
         self.next_heartbeat = now + interval
+        self.reregistered.clear()
         expiry = interval * self.settings.liveness
         for worker in list(self.workers.values()):
             if not worker.jobs and now - worker.last_seen > expiry:
                 self.remove_worker(worker, f"{worker} missed its heartbeats")
                 continue
+            # A dead worker's replacement tells what it held (READY): while its
+            # pool lives, wait for it (REPLACEMENT_WAIT at most), counting the
+            # dead one no more and giving it nothing.
+            if not process_alive(worker.pid):
+                if not worker.gone_at:
+                    worker.gone_at = now
+                    worker.draining = True
+                pool_gone = not process_alive(worker.pool)
+                if pool_gone or now - worker.gone_at > REPLACEMENT_WAIT:
+                    self.remove_worker(worker, f"{worker} is gone, " + (
+                        f"with its pool (pid {worker.pool})" if pool_gone
+                        else "and no replacement registered"))
+                    continue
             self.back.send_multipart([worker.identity, p.HEARTBEAT], zmq.NOBLOCK)
 
     def _answer_all(self, status: str, error: str) -> None:
@@ -587,8 +795,9 @@ class Broker:
         def pct(q):
             return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0
 
+        live = [w for w in self.workers.values() if not w.gone_at]
         return {"name": self.node.name, "group": self.node.group,
-                "workers": len(self.workers),
-                "busy": sum(1 for w in self.workers.values() if w.jobs),
+                "workers": len(live),
+                "busy": sum(1 for w in live if w.jobs),
                 "queued": len(self.queue) + self.blocked, "served": self.served, "restarts": self.restarts,
                 "latency_us": {"p50": pct(0.5), "p99": pct(0.99)}}

@@ -24,15 +24,21 @@ GRACE = 2.0             # how much longer than the request's deadline a client w
 DEFAULT_WAIT = 60.0     # when the request carries no timeout the broker's applies
 CONNECT_WAIT = 1.0      # how long a send waits for a connection to the broker
 SEND_RETRY = 0.005      # seconds between an AsyncClient's tries while it waits
+# An AsyncClient's batch: requests of one loop turn in one message, up to this
+# many bytes (any broker takes it); a larger request goes alone, its data in
+# a frame of its own, as Client sends it.
+BATCH_BYTES = 1024 * 1024
 
 
 class BrokerUnavailable(ConnectionError):
     """No reply from the broker within the request's deadline plus a grace period."""
 
 
-def _socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+def _socket(ctx: zmq.Context, endpoint: str, max_message: int | None) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if max_message:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message)
     sock.setsockopt(zmq.RECONNECT_IVL, 50)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -45,9 +51,11 @@ def _socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
 
 
 class _Base:
-    def __init__(self, endpoint: str, timeout: float | None = None):
+    def __init__(self, endpoint: str, timeout: float | None = None,
+                 max_message: int | None = None):
         self.endpoint = endpoint
         self.timeout = timeout
+        self.max_message = max_message
         self._prefix = os.urandom(4)
         self._counter = itertools.count()
 
@@ -59,7 +67,14 @@ class _Base:
         timeout = timeout if timeout is not None else self.timeout
         meta = p.ExecMeta(name=name, code=code, cookie=cookie, timeout=timeout, id=id)
         wait = (timeout if timeout is not None else DEFAULT_WAIT) + GRACE
-        return (p.EXEC, self._next_rid(), meta.check(), bytes(data)), wait
+        data = bytes(data)
+        if self.max_message:
+            size = p.request_bytes(meta, data)
+            if size > p.batch_limit(self.max_message):
+                raise ValueError(f"request of {size} bytes with its headers (data {len(data)}, "
+                                 f"code {len(code)} chars) is larger than max_message "
+                                 f"({self.max_message} bytes): the broker would not take it")
+        return (p.EXEC, self._next_rid(), meta.check(), data), wait
 
     def _unavailable(self, wait: float) -> BrokerUnavailable:
         return BrokerUnavailable(f"no reply from broker {self.endpoint} within {wait:.1f} s; "
@@ -71,12 +86,16 @@ class _Base:
 
 
 class Client(_Base):
-    """Blocking client: ``Client("tcp://127.0.0.1:1026").exec("test_script.py", b"data")``."""
+    """Blocking client: ``Client("tcp://127.0.0.1:1026").exec("test_script.py", b"data")``.
+
+    With `max_message` (srw's own clients pass ``Config.max_message``) its socket
+    takes no larger message, and a request the broker could not take raises
+    ValueError instead of being sent; by default there is no limit."""
 
     def __init__(self, endpoint: str, timeout: float | None = None,
-                 ctx: zmq.Context | None = None):
-        super().__init__(endpoint, timeout)
-        self._sock = _socket(ctx or zmq.Context.instance(), endpoint)
+                 ctx: zmq.Context | None = None, max_message: int | None = None):
+        super().__init__(endpoint, timeout, max_message)
+        self._sock = _socket(ctx or zmq.Context.instance(), endpoint, max_message)
         self._outstanding: set[bytes] = set()    # submitted, not yet collected
         self._early: dict[bytes, Result] = {}    # their replies that came first
 
@@ -202,12 +221,14 @@ class AsyncClient(_Base):
     its share in one message and sends their replies back in batches too, which
     is what keeps a busy node's cost per request low.
     Replies are read by a reader callback on the socket's file descriptor,
-    without a task or a future per wake-up."""
+    without a task or a future per wake-up.  A batch stays under BATCH_BYTES; a
+    larger request goes alone.  `max_message` as for Client."""
 
     def __init__(self, endpoint: str, timeout: float | None = None,
-                 ctx: zmq.Context | None = None):
-        super().__init__(endpoint, timeout)
-        self._sock = _socket(ctx or zmq.Context.instance(), endpoint)
+                 ctx: zmq.Context | None = None, max_message: int | None = None):
+        super().__init__(endpoint, timeout, max_message)
+        self._sock = _socket(ctx or zmq.Context.instance(), endpoint, max_message)
+        self._batch_bytes = min(BATCH_BYTES, p.batch_limit(max_message or BATCH_BYTES * 2))
         self._pending: dict[bytes, asyncio.Future] = {}
         self._outbox: list[tuple] = []  # (cmd, rid, meta, data) to send at the turn's end
         self._backlog: asyncio.Task | None = None  # sends waiting for a connection
@@ -257,15 +278,26 @@ class AsyncClient(_Base):
         self._take_replies()
 
     def _send_outbox(self) -> bool:
-        """False if the socket cannot take it now (no connection yet, IMMEDIATE)."""
+        """False if the socket cannot take it now (no connection yet, IMMEDIATE);
+        what was not sent stays in the outbox."""
         # A caller may have given up meanwhile: its request is not sent.
-        batch = [request for request in self._outbox if request[1] in self._pending]
-        if batch:
+        outbox = [request for request in self._outbox if request[1] in self._pending]
+        self._outbox = outbox
+        limit = self._batch_bytes
+        while outbox:
+            batch, size = [], 0
+            for request in outbox:
+                n = p.request_bytes(request[2], request[3])
+                if batch and size + n > limit:
+                    break
+                batch.append(request)
+                size += n
+            frames = p.request_frames(*batch[0]) if size > limit else p.batch_frames(batch)
             try:
-                p.send_frames(self._sock, p.batch_frames(batch), noblock=True)
+                p.send_frames(self._sock, frames, noblock=True)
             except zmq.Again:
                 return False
-        self._outbox.clear()
+            del outbox[:len(batch)]
         return True
 
     async def _send_backlog(self) -> None:

@@ -26,8 +26,10 @@ Front (client DEALER -> broker ROUTER; the ROUTER adds the client identity)::
 Back (worker DEALER, identity "node#slot:pid" -> broker ROUTER)::
 
     worker -> broker  [READY, meta]           meta msgpack {"slot", "pid", "credits",
-                                                "replaces", "reason", "restarts",
-                                                "job", "job_status", "served"}
+                                                "token", "pool", "replaces", "reason",
+                                                "restarts", "job", "job_status", "served"}
+                                              (types and ranges: Ready.from_meta;
+                                              token: broker/trust.py)
                       [REPLY, replies]        msgpack [[job, status, error, data,
                                                 run_us], ...]; run_us: time it ran
                       [HEARTBEAT]             sent while idle
@@ -38,12 +40,15 @@ Back (worker DEALER, identity "node#slot:pid" -> broker ROUTER)::
                       [REREGISTER]            "I do not know you": answer with READY
                       [BYE]                   drained: the worker may exit
 
-Anything else is a ProtocolError: the broker logs it and answers bad_request
-when it can tell whom to answer, else drops the frames.
+Anything else is a ProtocolError.  From a client: the broker logs it and
+answers bad_request when it can tell whom to answer, else drops the frames.
+From a registered worker: the broker drops the worker (its requests are
+answered killed) and sends it BYE.  From anyone else: ignored, but for a
+REREGISTER now and then.  No frame may exceed Config.max_message.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import msgpack
@@ -268,38 +273,116 @@ def parse_reply_message(frames: list[bytes]) -> list[tuple[bytes, Result]]:
 
 # Back end --------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+MAX_PID = 1 << 22       # Linux's pid_max ceiling
+MAX_SLOT = 1 << 16
+MAX_COUNT = 1 << 62
+MAX_JOB = 64            # job ids are the broker's own, a few hex digits
+MAX_REASON = 1024
+# The only statuses a dead worker's request can have earned: it was killed, or
+# the watchdog killed it at its deadline.  Never ok: the worker did not answer.
+DEATH_STATUSES = ("", KILLED, TIMEOUT)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Ready:
     slot: int
     pid: int
     credits: int
+    token: bytes = field(repr=False)  # the broker's token (broker/trust.py): who may register
+    pool: int              # pid of the pool process that forked this worker
     replaces: int = 0      # pid of the worker this one replaces, 0 if none
     reason: str = ""       # why that worker went away
     restarts: int = 0      # unplanned worker deaths in this pool so far
     job: bytes = b""       # the request that worker was running when it went away,
-    job_status: str = ""   # and the status it earned (timeout for a wall or CPU kill)
+    job_status: str = ""   # and the status it earned: killed, or timeout for a wall or CPU kill
     served: int = 0        # replies that worker had sent: tells which requests never started
 
     def to_frames(self) -> list[bytes]:
-        return [READY, pack({"slot": self.slot, "pid": self.pid, "credits": self.credits,
-                             "replaces": self.replaces, "reason": self.reason,
-                             "restarts": self.restarts, "job": self.job,
-                             "job_status": self.job_status, "served": self.served})]
+        return [READY, pack({name: getattr(self, name) for name in _READY_FIELDS})]
 
     @classmethod
     def from_meta(cls, raw: bytes) -> "Ready":
+        """Every field checked for its exact type and range; anything else is a
+        ProtocolError (bools are not ints, unknown and missing fields are errors)."""
         obj = unpack_map(raw)
-        try:
-            ready = cls(**obj)
-        except TypeError as exc:
-            raise ProtocolError(f"bad READY: {exc}") from None
-        if not (isinstance(ready.credits, int) and 1 <= ready.credits <= 1024):
-            raise ProtocolError("READY credits must be 1..1024")
-        if not isinstance(ready.slot, int) or not isinstance(ready.job, bytes):
-            raise ProtocolError("READY slot must be an int and job bytes")
-        if ready.job_status and ready.job_status not in STATUSES:
-            raise ProtocolError(f"READY job_status {ready.job_status!r} is not a status")
-        return ready
+        for key, value in obj.items():
+            rule = _READY_FIELDS.get(key) if isinstance(key, str) else None
+            if rule is None:
+                raise ProtocolError(f"READY has an unknown field {key!r:.40}")
+            kind, low, high = rule
+            if type(value) is not kind:
+                raise ProtocolError(f"READY {key} must be {kind.__name__}, "
+                                    f"not {type(value).__name__}")
+            if not low <= (value if kind is int else len(value)) <= high:
+                raise ProtocolError(f"READY {key} out of range {low}..{high}"
+                                    f"{'' if kind is int else ' in length'}")
+        missing = [name for name in _READY_REQUIRED if name not in obj]
+        if missing:
+            raise ProtocolError(f"READY without {', '.join(missing)}")
+        if obj.get("job_status", "") not in DEATH_STATUSES:
+            raise ProtocolError(f"READY job_status {obj['job_status']!r:.20} is not "
+                                "killed or timeout: a dead worker's request earned no other")
+        return cls(**obj)
+
+
+# field -> (type, lowest, highest): the value for ints, the length for str and bytes
+_READY_FIELDS = {
+    "slot": (int, 1, MAX_SLOT), "pid": (int, 1, MAX_PID), "credits": (int, 1, 1024),
+    "token": (bytes, 0, 64), "pool": (int, 1, MAX_PID), "replaces": (int, 0, MAX_PID),
+    "reason": (str, 0, MAX_REASON), "restarts": (int, 0, MAX_COUNT),
+    "job": (bytes, 0, MAX_JOB), "job_status": (str, 0, 16), "served": (int, 0, MAX_COUNT),
+}
+_READY_REQUIRED = ("slot", "pid", "credits", "token", "pool")
+
+
+# Sizes ------------------------------------------------------------------------
+# libzmq refuses any frame above ZMQ_MAXMSGSIZE (srw.config.Config.max_message),
+# so batches are cut to fit it.  Bounds, not exact sizes: cheap to compute.
+
+ENTRY_OVERHEAD = 256  # msgpack headers, ids (rid <= 64, hex id <= 128), numbers of one entry
+BATCH_HEADER = 16     # the array header of a batch, with room to spare
+
+
+def request_bytes(meta: ExecMeta, data: bytes) -> int:
+    """At most what one request takes in a client's batch or a worker's REQUEST:
+    its data, and its name, code and cookie at 4 bytes a character."""
+    return len(data) + 4 * (len(meta.name) + len(meta.code) + len(meta.cookie)) + ENTRY_OVERHEAD
+
+
+def batch_limit(max_message: int) -> int:
+    """What the entries of one batch message may add up to."""
+    return max_message - BATCH_HEADER
+
+
+class Batches:
+    """Entries for several peers, cut into messages of at most `limit` bytes each.
+
+    `add` costs one dict lookup and one comparison: batching is the hot path.
+    `messages()` gives each peer's messages in the order its entries came."""
+    __slots__ = ("limit", "open", "full")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.open: dict = {}   # peer -> [entries, bytes]
+        self.full: list = []   # (peer, entries) already at the limit, oldest first
+
+    def add(self, peer, entry, size: int) -> None:
+        pending = self.open.get(peer)
+        if pending is None:
+            self.open[peer] = [[entry], size]
+        elif pending[1] + size <= self.limit:
+            pending[0].append(entry)
+            pending[1] += size
+        else:
+            self.full.append((peer, pending[0]))
+            pending[0] = [entry]
+            pending[1] = size
+
+    def __bool__(self) -> bool:
+        return bool(self.open)
+
+    def messages(self) -> list[tuple[object, list]]:
+        return self.full + [(peer, pending[0]) for peer, pending in self.open.items()]
 
 
 def job_entry(job: bytes, budget: float, meta: ExecMeta, data: bytes) -> list:

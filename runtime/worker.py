@@ -30,6 +30,7 @@ import setproctitle
 import zmq
 
 from broker import protocol as p
+from broker import trust
 from srw import logs
 from srw.config import Config, NodeSettings
 from srw.sched import LoadScheduling, open_thread_list, thread_ids
@@ -149,7 +150,7 @@ class Worker:
             runner.start()
             return runner
         die_with_parent()
-        output_cap = min(self.profile.output_bytes, _max_message(self.config) - 64 * 1024)
+        output_cap = min(self.profile.output_bytes, self.config.max_message - 64 * 1024)
         runner = ProcessRunner(self.sandbox, self.slot, self.node.name,
                                self.config.pool.history_dir, output_cap)
         runner.start(self.executor, self.slots)
@@ -183,7 +184,7 @@ class Worker:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, f"{self.node.name}#{self.slot}:{self.pid}".encode())
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, _max_message(self.config))
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message)
         sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
@@ -191,13 +192,19 @@ class Worker:
         return sock
 
     def register(self) -> None:
+        """READY, with the token the broker wrote beside its socket (read each time:
+        a restarted broker has a new one).  No broker yet: the next silence check
+        registers again."""
+        try:
+            token = trust.read_worker_token(self.endpoint)
+        except trust.TokenUnavailable as exc:
+            log.info("%s: not registering yet: %s", self.title, exc)
+            return
         pre = self.predecessor
-        extra = {}
-        if hasattr(p, "read_worker_token"):  # TEMP until broker-hardening lands
-            extra = {"token": p.read_worker_token(self.endpoint), "pool": os.getppid()}
         ready = p.Ready(slot=self.slot, pid=self.pid, credits=self.config.pool.credits,
+                        token=token, pool=os.getppid(),
                         replaces=pre.pid, reason=pre.reason, restarts=self.restarts,
-                        job=pre.job, job_status=pre.job_status, served=pre.served, **extra)
+                        job=pre.job, job_status=pre.job_status, served=pre.served)
         try:
             p.send_frames(self.sock, ready.to_frames(), noblock=True)
         except zmq.Again:  # not connected yet: the next silence check registers again
@@ -318,7 +325,3 @@ class Worker:
 
     def on_bye(self, frames: list[bytes]) -> None:
         self.done = True
-
-
-def _max_message(config: Config) -> int:  # TEMP until broker-hardening lands
-    return getattr(config, "max_message", 1 << 30)

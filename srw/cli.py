@@ -143,10 +143,15 @@ def cmd_serve(config: cfg.Config, args) -> int:
     return Supervisor(config, nodes, extra=extra).run()
 
 
-def cmd_exec(config: cfg.Config, args) -> int:
+def _session(config: cfg.Config):
+    """The cluster, with the node's own limit on message size (Config.max_message)."""
     from storage.client import Session
+    return Session(config, max_message=config.max_message)
+
+
+def cmd_exec(config: cfg.Config, args) -> int:
     data = read_data(args.data)
-    with Session(config) as session:
+    with _session(config) as session:
         results = session.exec(args.name, data, args.code, id=args.id, key=args.key,
                                groups=parse_groups(args.groups), timeout=args.timeout)
     if args.json:
@@ -171,15 +176,14 @@ def _report(results, quiet_status: str = "") -> int:
 
 
 def cmd_write(config: cfg.Config, args) -> int:
-    from storage.client import Session
     data = read_data(args.data)
-    with Session(config) as session:
+    with _session(config) as session:
         return _report(session.write(args.key, data))
 
 
 def cmd_read(config: cfg.Config, args) -> int:
-    from storage.client import NotFound, Session
-    with Session(config) as session:
+    from storage.client import NotFound
+    with _session(config) as session:
         try:
             value = session.read(args.key)
         except NotFound as exc:
@@ -192,8 +196,7 @@ def cmd_read(config: cfg.Config, args) -> int:
 
 def cmd_remove(config: cfg.Config, args) -> int:
     from broker.protocol import NOT_FOUND
-    from storage.client import Session
-    with Session(config) as session:
+    with _session(config) as session:
         results = session.remove(args.key)
     if all(r.status == NOT_FOUND for r in results):
         print(f"srw: key {args.key!r} not found in any group", file=sys.stderr)
@@ -202,8 +205,7 @@ def cmd_remove(config: cfg.Config, args) -> int:
 
 
 def cmd_status(config: cfg.Config, args) -> int:
-    from storage.client import Session
-    with Session(config) as session:
+    with _session(config) as session:
         nodes = session.status()
     print(f"{'node':10} {'group':>5} {'workers':>7} {'busy':>5} {'queued':>6} "
           f"{'served':>9} {'restarts':>8} {'p50 us':>7} {'p99 us':>7}")

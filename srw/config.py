@@ -35,6 +35,9 @@ class BrokerSettings:
     request_timeout: float = 5.0
     heartbeat_interval: float = 0.5
     liveness: int = 4  # missed heartbeats before a peer is presumed gone
+    # Bytes: the largest ZeroMQ message (frame) any srw socket accepts; 0 derives
+    # it from proxy.max_body and the nodes' max_value (Config.max_message).
+    max_message: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,24 @@ class Config:
     def history_dir(self) -> Path:
         return Path(self.pool.history_dir)
 
+    @property
+    def largest_payload(self) -> int:
+        """The largest legitimate payload: an HTTP body, or a value a node stores."""
+        return max([self.proxy.max_body, *(n.max_value for n in self.nodes)])
 
+    @property
+    def max_message(self) -> int:
+        """The largest ZeroMQ message any srw socket accepts (ZMQ_MAXMSGSIZE, which
+        libzmq applies to each frame): [broker] max_message, or by default 1 MiB
+        above the largest legitimate payload.  A peer that sends more is
+        disconnected by libzmq before the message is read into memory."""
+        return self.broker.max_message or self.largest_payload + MIB
+
+
+MIB = 1024 * 1024
+# What a message carries besides its largest payload (a request's data, a value):
+# headers, names, cookies.  max_message must leave at least this much room.
+MESSAGE_HEADROOM = 64 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SECTIONS = {"pool": PoolSettings, "broker": BrokerSettings, "proxy": ProxySettings,
             "log": LogSettings}
@@ -179,6 +199,7 @@ def _check(config: Config) -> None:
         (config.proxy.header_timeout > 0, "proxy.header_timeout must be > 0 seconds"),
         (config.proxy.body_timeout > 0, "proxy.body_timeout must be > 0 seconds"),
         (config.proxy.max_connections >= 1, "proxy.max_connections must be at least 1"),
+        (config.broker.max_message >= 0, "broker.max_message must be 0 (derived) or more bytes"),
     ]
     names = [n.name for n in config.nodes]
     rules.append((len(set(names)) == len(names), "node names must be unique"))
@@ -195,6 +216,14 @@ def _check(config: Config) -> None:
                           f"node {node.name}: {key} must be a tcp:// or ipc:// address"))
         for hex_id in node.ids:
             rules.append((_is_hex(hex_id), f"node {node.name}: ids must be hex strings"))
+    explicit = config.broker.max_message
+    if explicit:
+        need = config.largest_payload + MESSAGE_HEADROOM
+        rules.append((explicit >= need,
+                      f"broker.max_message ({explicit} bytes) is too small: the largest of "
+                      f"proxy.max_body and the nodes' max_value ({config.largest_payload}) plus "
+                      f"{MESSAGE_HEADROOM} bytes of headers is {need}; raise it, or leave it "
+                      "out to derive it"))
     for ok, message in rules:
         if not ok:
             raise ConfigError(f"{p}: {message}")

@@ -104,7 +104,8 @@ class Supervisor:
     def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
         pending = {n.name: n for n in self.nodes}
-        clients = {n.name: Client(n.broker) for n in self.nodes}
+        clients = {n.name: Client(n.broker, max_message=self.config.max_message)
+                   for n in self.nodes}
         try:
             while pending:
                 if self.stopping:

@@ -69,12 +69,14 @@ class StorageClient:
     relays the broker's own messages."""
 
     def __init__(self, endpoint: str, name: str = "", group: int = 0,
-                 ctx: zmq.Context | None = None):
+                 ctx: zmq.Context | None = None, max_message: int | None = None):
         self.endpoint, self.name, self.group = endpoint, name, group
+        self.max_message = max_message
         self._sock = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
         for option, value in ((zmq.LINGER, 0), (zmq.RECONNECT_IVL, 50),
                               (zmq.RECONNECT_IVL_MAX, 1000), (zmq.SNDHWM, 100_000),
-                              (zmq.RCVHWM, 100_000), (zmq.IMMEDIATE, 1)):
+                              (zmq.RCVHWM, 100_000), (zmq.IMMEDIATE, 1),
+                              (zmq.MAXMSGSIZE, max_message or -1)):
             self._sock.setsockopt(option, value)  # IMMEDIATE: never queue for a dead node
         self._sock.connect(endpoint)
         self._prefix = os.urandom(4)
@@ -84,6 +86,9 @@ class StorageClient:
     def submit_data(self, cmd: bytes, key_id: bytes = b"", data: bytes = b"",
                     wait: float = DATA_TIMEOUT) -> tuple[bytes, float]:
         rid = self._prefix + next(self._ids).to_bytes(8, "little")
+        if self.max_message and len(data) > self.max_message:
+            raise ValueError(f"value of {len(data)} bytes is larger than max_message "
+                             f"({self.max_message} bytes): the storage node would not take it")
         frames = sp.request_frames(cmd, rid, key_id, bytes(data))
         try:
             p.send_frames(self._sock, frames, noblock=True)
@@ -180,18 +185,24 @@ def config_from_remote(endpoint: str, timeout: float = 5.0) -> cfg.Config:
 
 
 class Session:
+    """The cluster as one client.  With `max_message` (srw's own callers pass
+    ``Config.max_message``) its sockets take no larger message and an exec the
+    brokers could not take raises ValueError; by default there is no limit."""
+
     def __init__(self, config: str | Path | cfg.Config = "config.toml",
-                 timeout: float | None = None):
+                 timeout: float | None = None, max_message: int | None = None):
         self.config = config if isinstance(config, cfg.Config) else cfg.load(config)
         self.ring = Ring(self.config)
         self.timeout = timeout
+        self.max_message = max_message
         self._brokers: dict[str, Client] = {}
         self._stores: dict[str, StorageClient] = {}
 
     def _broker(self, name: str) -> Client:
         client = self._brokers.get(name)
         if client is None:
-            client = Client(self.config.node(name).broker, timeout=self.timeout)
+            client = Client(self.config.node(name).broker, timeout=self.timeout,
+                            max_message=self.max_message)
             self._brokers[name] = client
         return client
 
@@ -199,7 +210,8 @@ class Session:
         client = self._stores.get(name)
         if client is None:
             node = self.config.node(name)
-            client = StorageClient(node.storage, node.name, node.group)
+            client = StorageClient(node.storage, node.name, node.group,
+                                   max_message=self.max_message)
             self._stores[name] = client
         return client
 

@@ -74,7 +74,10 @@ class StorageHandle:
         """This process's Session, built on first use."""
         if self._session is None or self._pid != os.getpid():
             self._forget()
-            session = Session(self._cluster(), timeout=self.timeout)
+            cluster = self._cluster()
+            # The node's own limit when its config is known; a remote's is not.
+            limit = cluster.max_message if cluster is self._local else None
+            session = Session(cluster, timeout=self.timeout, max_message=limit)
             self._use_groups = self._existing_groups(session)
             self._session, self._pid = session, os.getpid()
         return self._session

@@ -39,11 +39,12 @@ STATUS_WAIT = 5.0    # seconds a relayed status request may take
 STOP_WAIT = 3.0      # seconds to wait for relayed replies when stopping
 
 
-def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+def _socket(ctx: zmq.Context, kind: int, max_message: int) -> zmq.Socket:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message)  # a larger message drops its sender
     return sock
 
 
@@ -55,9 +56,10 @@ class Relay:
     broker cannot be reached or does not answer by the request's deadline
     plus RELAY_GRACE."""
 
-    def __init__(self, ctx: zmq.Context, node: NodeSettings, default_timeout: float, reply):
+    def __init__(self, ctx: zmq.Context, node: NodeSettings, default_timeout: float, reply,
+                 max_message: int):
         self.node, self.default_timeout, self.reply = node, default_timeout, reply
-        self.sock = _socket(ctx, zmq.DEALER)
+        self.sock = _socket(ctx, zmq.DEALER, max_message)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 50)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a broker that is not there
@@ -125,10 +127,11 @@ class StorageNode:
         self.config, self.node = config, node
         self.store = Store(Path(node.data_dir) / "store", node.name, node.sync, node.max_value)
         self.ctx = ctx or zmq.Context()
-        self.front = _socket(self.ctx, zmq.ROUTER)
+        self.front = _socket(self.ctx, zmq.ROUTER, config.max_message)
         self.front.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.front.bind(node.storage)
-        self.relay = Relay(self.ctx, node, config.broker.request_timeout, self.broker_reply)
+        self.relay = Relay(self.ctx, node, config.broker.request_timeout, self.broker_reply,
+                           config.max_message)
         self.node_commands = {sp.STAT: self.stat, sp.ROUTES: self.routes}
         self.stopping = False
 

@@ -9,6 +9,7 @@ process it ever saw in the tree.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 import socket
@@ -357,3 +358,77 @@ def set_node_keys(cluster: Cluster, name: str, **keys) -> None:
     log_level = next(line.split('"')[1] for line in cluster.path.read_text().splitlines()
                      if line.startswith("level = "))
     cluster.path.write_text(cluster._toml(log_level))
+
+
+# A fake worker on a node's workers socket ------------------------------------
+
+def workers_endpoint(cluster: Cluster, node: str = "n1") -> str:
+    from srw.config import load
+    return load(cluster.path).node(node).workers_endpoint
+
+
+class FakeWorker:
+    """A peer on a node's workers socket that speaks the protocol by hand.
+
+    `ready(**fields)` is a READY with this broker's token (read from its file,
+    as root) and valid fields, each of which may be replaced."""
+
+    def __init__(self, cluster: Cluster, identity: bytes = b"fake#99", node: str = "n1",
+                 max_message: int | None = None):
+        import zmq
+        self.cluster, self.node = cluster, node
+        self.endpoint = workers_endpoint(cluster, node)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, identity)
+        if max_message:
+            self.sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+        self.sock.connect(self.endpoint)
+
+    def token(self) -> bytes:
+        from broker.trust import read_worker_token
+        return read_worker_token(self.endpoint)
+
+    def ready(self, **fields) -> list[bytes]:
+        import msgpack
+
+        from broker import protocol as p
+        meta = {"slot": 99, "pid": os.getpid(), "credits": 1, "token": self.token(),
+                "pool": os.getpid(), **fields}
+        return [p.READY, msgpack.packb(meta, use_bin_type=True)]
+
+    def send(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)
+
+    def register(self, workers: int, **fields) -> None:
+        """READY, then wait until the node counts `workers` workers."""
+        self.send(self.ready(**fields))
+        wait_until(lambda: (self.cluster.status(self.node) or {}).get("workers") == workers,
+                   10, f"{workers} workers with the fake one")
+
+    def recv(self, timeout: float) -> list[bytes] | None:
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        return self.sock.recv_multipart()
+
+    def wait_for(self, command: bytes, timeout: float = 10.0) -> list[list[bytes]]:
+        """Messages received until one with `command` (included); fails after `timeout`."""
+        got = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            frames = self.recv(deadline - time.monotonic())
+            if frames is not None:
+                got.append(frames)
+                if frames[0] == command:
+                    return got
+        raise AssertionError(f"no {command!r} within {timeout} s; got {[f[0] for f in got]}")
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -11,7 +11,7 @@ import zmq
 from broker import protocol as p
 from broker.client import BrokerUnavailable
 
-from conftest import wait_until
+from conftest import FakeWorker, wait_until
 
 
 def start_node_by_roles(cluster):
@@ -21,8 +21,12 @@ def start_node_by_roles(cluster):
     return broker, pool
 
 
-def test_broker_killed_and_restarted_recovers_without_restarting_pool(make_cluster):
-    cluster = make_cluster(pool={"workers": 2}, broker={"heartbeat_interval": 0.1})
+@pytest.mark.parametrize("profile", ["trusted", "default"])
+def test_broker_killed_and_restarted_recovers_without_restarting_pool(make_cluster, profile):
+    """The new broker has a new token: the workers (trusted, never sandboxed) read
+    it and register again, the same processes."""
+    cluster = make_cluster(pool={"workers": 2, "profile": profile},
+                           broker={"heartbeat_interval": 0.1})
     broker, pool = start_node_by_roles(cluster)
     workers_before = {w.pid for w in cluster.workers()}
     with cluster.client(timeout=2.0) as c:
@@ -120,42 +124,41 @@ def test_a_batch_is_answered_entry_by_entry(node):
 
 
 def test_garbage_on_the_back_is_dropped(node):
-    ctx = zmq.Context()
-    try:
-        endpoint = f"ipc://{node.root / 'var/n1/workers.ipc'}"
-        from srw.config import load
-        endpoint = load(node.path).node("n1").workers_endpoint
-        fake = raw_socket(ctx, zmq.DEALER, endpoint, identity=b"intruder")
-        for frames in GARBAGE + [
+    """An unregistered peer's frames, READYs without the token among them, are
+    ignored: it never registers, and the node keeps serving."""
+    with FakeWorker(node, identity=b"intruder") as fake:
+        good = fake.ready()
+        for frames in [
             [p.READY], [p.READY, b"\xc1"], [p.READY, msgpack.packb({"slot": 1})],
             [p.READY, msgpack.packb({"slot": "x", "pid": 1, "credits": 5000})],
+            fake.ready(token=b"\0" * 32), fake.ready(token=b""), good[:1] + good + [b"x"],
+        ]:
+            fake.send(frames)
+        # None of those registered it: its heartbeat gets "I do not know you",
+        # and nothing came before that (a worker would get HEARTBEAT, REQUEST).
+        fake.send([p.HEARTBEAT])
+        assert fake.wait_for(p.REREGISTER) == [[p.REREGISTER]]
+        for frames in GARBAGE + [
             [p.REPLY, b"nojob", b"ok", b"", b""], [p.REPLY, b"j"], [p.HEARTBEAT, b"x"],
             [p.DRAIN], [b"\x99"],
         ]:
-            fake.send_multipart(frames)
+            fake.send(frames)
         with node.client() as c:
             assert [c.exec("echo.py", b"%d" % i).data for i in range(20)] == \
                 [b"%d" % i for i in range(20)]
         assert node.status()["workers"] == 2
-    finally:
-        ctx.destroy()
 
 
 def test_fake_worker_that_never_answers_cannot_steal_requests_forever(node):
     """A peer that registers and then dies is dropped after missed heartbeats."""
-    ctx = zmq.Context()
+    fake = FakeWorker(node, identity=b"n1#99:1")
     try:
-        from srw.config import load
-        endpoint = load(node.path).node("n1").workers_endpoint
-        fake = raw_socket(ctx, zmq.DEALER, endpoint, identity=b"n1#99:1")
-        fake.send_multipart(p.Ready(slot=99, pid=1, credits=1).to_frames())
-        wait_until(lambda: node.status()["workers"] == 3, 5, "fake worker registered")
-        fake.close()
-        wait_until(lambda: node.status()["workers"] == 2, 10, "fake worker expired")
-        with node.client() as c:
-            assert all(c.exec("echo.py", b"x").ok for _ in range(10))
+        fake.register(3, pid=1)
     finally:
-        ctx.destroy()
+        fake.close()
+    wait_until(lambda: node.status()["workers"] == 2, 10, "fake worker expired")
+    with node.client() as c:
+        assert all(c.exec("echo.py", b"x").ok for _ in range(10))
 
 
 def test_request_timeout_answers_once(make_cluster):

@@ -1,6 +1,9 @@
 """Fast tests of pure logic: config, ids and routing, script names, wire messages."""
 from __future__ import annotations
 
+import os
+import stat
+
 import msgpack
 import pytest
 
@@ -279,8 +282,222 @@ def test_broker_deadline_heap_forgets_answered_requests(tmp_path):
         assert len(broker.deadlines) <= 2 * len(broker.jobs) + DEADLINES_SLACK + 1
         broker.expire_jobs(time.monotonic() + 1.0)
         assert waiting not in broker.jobs
-        assert broker.outbox[b"client"][-1][1] == p.UNAVAILABLE  # no workers: unavailable
+        (client, entries), = broker.outbox.messages()
+        assert client == b"client"
+        assert entries[-1][1] == p.UNAVAILABLE  # no workers: unavailable
     finally:
-        broker.front.close()
-        broker.back.close()
+        broker.close()
         ctx.term()
+
+
+# Config: max_message -------------------------------------------------------------
+
+def test_max_message_is_derived_from_the_largest_payload(tmp_path):
+    config = cfg.load(write(tmp_path, NODE))
+    assert config.max_message == 64 * 1024 * 1024 + 1024 * 1024
+    text = "[proxy]\nmax_body = 1000\n" + NODE.replace('data_dir = "var/n1"',
+                                                       'data_dir = "var/n1"\nmax_value = 5000000')
+    assert cfg.load(write(tmp_path, text)).max_message == 5_000_000 + 1024 * 1024
+    text = "[broker]\nmax_message = 80000000\n" + NODE
+    assert cfg.load(write(tmp_path, text)).max_message == 80_000_000
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[broker]\nmax_message = 1000\n" + NODE, "too small"),            # below proxy.max_body
+    ("[broker]\nmax_message = 67108864\n" + NODE, "too small"),        # no room for headers
+    ("[broker]\nmax_message = 2000000\n[proxy]\nmax_body = 1000\n"
+     + NODE.replace('data_dir = "var/n1"', 'data_dir = "var/n1"\nmax_value = 3000000'),
+     "too small"),                                                     # below a max_value
+    ("[broker]\nmax_message = -1\n" + NODE, "must be 0 (derived) or more"),
+    ("[broker]\nmax_message = 1.5\n" + NODE, "must be int"),
+])
+def test_max_message_too_small_names_the_key(tmp_path, text, words):
+    with pytest.raises(cfg.ConfigError, match=r"broker\.max_message") as err:
+        cfg.load(write(tmp_path, text))
+    assert words in str(err.value)
+
+
+# READY: every field checked ----------------------------------------------------------
+
+def _ready_meta(**fields) -> bytes:
+    meta = {"slot": 1, "pid": 1234, "credits": 16, "token": b"t" * 32, "pool": 1000,
+            "replaces": 1200, "reason": "killed by SIGKILL", "restarts": 1, "job": b"1f",
+            "job_status": "killed", "served": 7, **fields}
+    return msgpack.packb({k: v for k, v in meta.items() if v is not ...}, use_bin_type=True)
+
+
+def test_ready_round_trip_and_the_token_stays_out_of_logs():
+    ready = p.Ready(slot=2, pid=99, credits=4, token=b"s" * 32, pool=98, replaces=97,
+                    job=b"a", job_status="timeout", served=3)
+    assert p.Ready.from_meta(ready.to_frames()[1]) == ready
+    assert "sss" not in repr(ready)
+    assert p.Ready.from_meta(_ready_meta(job_status="", job=b"")).job_status == ""
+
+
+@pytest.mark.parametrize("fields", [
+    {"pid": "1234"}, {"pid": 1.0}, {"pid": True}, {"pid": 0}, {"pid": 1 << 40},
+    {"credits": 16.0}, {"credits": 0}, {"credits": 5000}, {"slot": True}, {"slot": -1},
+    {"job": [1, 2]}, {"job": "1f"}, {"job": b"j" * 65}, {"job_status": "ok"},
+    {"job_status": "script_error"}, {"job_status": 1}, {"reason": b"x"},
+    {"reason": "x" * 2000}, {"token": "t" * 32}, {"token": b"t" * 65}, {"pool": 0},
+    {"pool": None}, {"served": -1}, {"restarts": 1 << 63}, {"replaces": -5},
+    {"token": ...}, {"pool": ...}, {"slot": ...}, {"extra": 1},
+])
+def test_ready_refuses_any_field_of_the_wrong_type_or_range(fields):
+    with pytest.raises(p.ProtocolError):
+        p.Ready.from_meta(_ready_meta(**fields))
+
+
+def test_ready_refuses_what_is_not_a_map():
+    for raw in (b"\xc1", msgpack.packb([1, 2]), msgpack.packb({1: 2}),
+                msgpack.packb({b"slot": 1})):
+        with pytest.raises(p.ProtocolError):
+            p.Ready.from_meta(raw)
+
+
+# Sizes and batches ---------------------------------------------------------------------
+
+def test_batches_cut_at_the_limit_and_keep_each_peers_order():
+    batches = p.Batches(100)
+    for i, (peer, size) in enumerate([("a", 60), ("b", 10), ("a", 30), ("a", 20), ("a", 100),
+                                      ("b", 90), ("a", 150)]):
+        batches.add(peer, i, size)
+    messages = batches.messages()
+    assert [m for m in messages if m[0] == "a"] == [("a", [0, 2]), ("a", [3]), ("a", [4]),
+                                                    ("a", [6])]
+    assert [m for m in messages if m[0] == "b"] == [("b", [1, 5])]
+    assert not p.Batches(10)
+
+
+def test_request_bytes_bounds_the_packed_entries():
+    meta = p.ExecMeta(name="é.py", code="x = 'ü' * 3", cookie="a=b", id="ab" * 64)
+    data = b"d" * 1000
+    for entry in (p.job_entry(b"ffffffff", 1e9, meta, data),
+                  [1, b"r" * 64, *meta, data]):
+        assert len(msgpack.packb(entry, use_bin_type=True)) <= p.request_bytes(meta, data)
+    big = [p.job_entry(b"%x" % i, 5.0, meta, data) for i in range(100)]
+    assert len(p.jobs_frames(b"w", big)[2]) <= \
+        p.BATCH_HEADER + 100 * p.request_bytes(meta, data)
+
+
+def test_dispatch_cuts_a_workers_batch_to_max_message(tmp_path):
+    """Five 600 kB requests waiting when a worker registers: it gets them in
+    five messages (two never fit in 1 MiB); small ones still share one."""
+    import time
+
+    import zmq
+
+    from broker.broker import Broker
+    from conftest import free_port
+    text = ("[broker]\nmax_message = 1048576\n[proxy]\nmax_body = 262144\n"
+            + NODE.replace("1025", str(free_port())).replace("1026", str(free_port()))
+            .replace('data_dir = "var/n1"', 'data_dir = "var/n1"\nmax_value = 262144'))
+    config = cfg.load(write(tmp_path, text))
+    ctx = zmq.Context()
+    broker = Broker(config, config.nodes[0], ctx)
+    worker = ctx.socket(zmq.DEALER)
+    try:
+        worker.setsockopt(zmq.IDENTITY, b"w")
+        worker.setsockopt(zmq.MAXMSGSIZE, config.max_message)
+        worker.connect(config.nodes[0].workers_endpoint)
+
+        def accept(i, data):
+            broker.accept(p.FrontRequest(b"c", p.EXEC, b"%d" % i, p.ExecMeta(name="e.py"), data),
+                          batched=True)
+        for i in range(5):
+            accept(i, bytes([i]) * 600_000)
+        worker.send_multipart(p.Ready(slot=1, pid=os.getpid(), credits=16, token=broker.token,
+                                      pool=os.getppid()).to_frames())
+        deadline = time.monotonic() + 10
+        while not broker.workers and time.monotonic() < deadline:
+            broker.back.poll(100)
+            broker.read_workers()
+        assert broker.workers
+        broker.dispatch(time.monotonic())
+        for i in range(5, 10):
+            accept(i, b"small")
+        broker.dispatch(time.monotonic())
+        got = []
+        while len(got) < 6 and worker.poll(5000):
+            frames = worker.recv_multipart()
+            assert frames[0] == p.REQUEST and len(frames[1]) <= config.max_message
+            got.append([data for _, _, _, data in p.parse_jobs(frames)])
+        assert got == [[bytes([i]) * 600_000] for i in range(5)] + [[b"small"] * 5]
+    finally:
+        worker.close()
+        broker.close()
+        ctx.term()
+
+
+def test_clients_refuse_a_request_larger_than_max_message():
+    import asyncio
+
+    from broker.client import AsyncClient, Client
+    limit = 1 << 20
+    with Client("ipc:///nonexistent/srw.ipc", max_message=limit) as client:
+        with pytest.raises(ValueError, match="max_message"):
+            client.exec("echo.py", b"x" * limit)
+        with pytest.raises(ValueError, match="max_message"):
+            client.exec("echo.py", b"", code="#" * limit)
+
+    async def too_big():
+        async with AsyncClient("ipc:///nonexistent/srw.ipc", max_message=limit) as client:
+            await client.exec("echo.py", b"x" * limit)
+    with pytest.raises(ValueError, match="max_message"):
+        asyncio.run(too_big())
+
+
+# The worker token -----------------------------------------------------------------------
+
+def test_worker_token_file_is_fresh_private_and_never_followed(tmp_path):
+    from broker import trust
+    endpoint = f"ipc://{tmp_path}/w.ipc"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"mine")
+    os.symlink(victim, tmp_path / "w.ipc.token")  # planted: must not be written through
+    token = trust.write_worker_token(endpoint)
+    assert victim.read_bytes() == b"mine"
+    st = os.lstat(trust.token_path(endpoint))
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert len(token) == trust.TOKEN_BYTES and trust.read_worker_token(endpoint) == token
+    again = trust.write_worker_token(endpoint)
+    assert again != token and trust.read_worker_token(endpoint) == again
+    assert trust.token_matches(again, again) and not trust.token_matches(again, token)
+    assert not trust.token_matches(b"", b"")
+    (tmp_path / "w.ipc").write_bytes(b"socket")
+    trust.remove_worker_files(endpoint, token)  # a later broker's: kept
+    assert os.path.exists(tmp_path / "w.ipc") and os.path.exists(trust.token_path(endpoint))
+    trust.remove_worker_files(endpoint, again)
+    assert not os.path.lexists(tmp_path / "w.ipc")
+    assert not os.path.lexists(trust.token_path(endpoint))
+    with pytest.raises(trust.TokenUnavailable, match="is the node's broker running"):
+        trust.read_worker_token(endpoint)
+    (tmp_path / "w.ipc.token").write_bytes(b"short")
+    with pytest.raises(trust.TokenUnavailable, match="not a 32-byte token"):
+        trust.read_worker_token(endpoint)
+    with pytest.raises(ValueError):
+        trust.token_path("tcp://127.0.0.1:1")
+
+
+def test_process_alive_sees_exits_and_zombies():
+    from broker.broker import process_alive
+    assert process_alive(os.getpid())
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    import time
+    deadline = time.monotonic() + 10
+    while process_alive(pid) and time.monotonic() < deadline:  # a zombie until reaped
+        time.sleep(0.01)
+    assert not process_alive(pid)
+    os.waitpid(pid, 0)
+    assert not process_alive(pid)
+
+
+def test_throttle_counts_what_it_suppresses():
+    from broker.broker import Throttle
+    throttle = Throttle(1.0)
+    assert throttle.allow(10.0) == 0
+    assert throttle.allow(10.5) is None and throttle.allow(10.9) is None
+    assert throttle.allow(11.0) == 2
+    assert throttle.allow(11.1) is None
