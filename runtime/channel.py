@@ -126,15 +126,9 @@ def _write_all(fd: int, parts: list[bytes], deadline: float) -> None:
     poller = None
     while views:
         try:
-            written = os.writev(fd, views[:64])
+            _consume(views, os.writev(fd, views[:64]))
         except BlockingIOError:
-            written = 0
-        while written and views:
-            if written >= len(views[0]):
-                written -= len(views.pop(0))
-            else:
-                views[0] = views[0][written:]
-                written = 0
+            pass
         if views:
             if poller is None:
                 poller = select.poll()
@@ -157,7 +151,8 @@ def _read_some(fd: int, deadline: float) -> bytes:
         return chunk
 
 
-def _read_exactly(fd: int, size: int, deadline: float) -> bytes:
+def _read_exactly(fd: int, size: int, deadline: float | None) -> bytes:
+    """`size` bytes; a non-blocking pipe is waited for until `deadline`."""
     chunks, left = [], size
     poller = None
     while left:
@@ -201,7 +196,7 @@ def read_request(fd: int) -> Request | None:
     seq, version, *lengths = REQUEST.unpack_from(raw)
     end = REQUEST.size + sum(lengths)
     if len(raw) < end:
-        raw += _read_blocking(fd, end - len(raw))
+        raw += _read_exactly(fd, end - len(raw), None)
     fields, at = [], REQUEST.size
     for length in lengths:
         fields.append(raw[at:at + length])
@@ -216,21 +211,14 @@ def write_reply(fd: int, seq: int, status: str, flags: int, error: str, data: by
     header = REPLY.pack(seq, STATUS_CODE[status], flags, 0, len(raw_error), len(data))
     views = [memoryview(x) for x in (header, raw_error, data) if x]
     while views:
-        written = os.writev(fd, views)
-        while written and views:
-            if written >= len(views[0]):
-                written -= len(views.pop(0))
-            else:
-                views[0] = views[0][written:]
-                written = 0
+        _consume(views, os.writev(fd, views))
 
 
-def _read_blocking(fd: int, size: int) -> bytes:
-    chunks, left = [], size
-    while left:
-        chunk = os.read(fd, min(left, CHUNK))
-        if not chunk:
-            raise EOFError
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+def _consume(views: list[memoryview], written: int) -> None:
+    """Drop from `views` the bytes a writev wrote."""
+    while written and views:
+        if written >= len(views[0]):
+            written -= len(views.pop(0))
+        else:
+            views[0] = views[0][written:]
+            written = 0

@@ -194,9 +194,11 @@ class ProcessRunner:
             self._replace(runner, "", kill=True)
             return (p.TIMEOUT, b"", f"request used more than {self.profile.cpu_seconds:g} s "
                     "of CPU (sandbox cpu_seconds, its child processes included)")
-        except (EOFError, BrokenPipeError):
-            self._replace(runner, "", kill=True)
-            return self._died(runner.pid)
+        except (EOFError, BrokenPipeError):  # how it died first: the zygote tells it until "D"
+            zygote.kill_group(runner.pid)
+            died = self._died(runner.pid)
+            self._replace(runner, "")
+            return died
         if not self.reuse:
             self._replace(runner, "")
         else:

@@ -139,8 +139,8 @@ class Sandbox:
                                             profile.files_restricted, ports)
         if profile.seccomp:
             from . import seccomp
-            self.zygote_seccomp = seccomp.zygote_filter(profile.network)
-            self.runner_seccomp = seccomp.runner_filter(profile.network)
+            self.zygote_seccomp = seccomp.Compiled(seccomp.zygote_filter(profile.network))
+            self.runner_seccomp = seccomp.Compiled(seccomp.runner_filter(profile.network))
 
     def uid(self, slot: int) -> int:
         return self.uid_base + slot

@@ -33,7 +33,7 @@ from broker import protocol as p
 from broker import trust
 from srw import logs
 from srw.config import Config, NodeSettings
-from srw.sched import LoadScheduling, open_thread_list, thread_ids
+from srw.sched import LoadScheduling, open_thread_list, pin_to_cpu, thread_ids
 
 from .executor import Executor
 from .isolation import InlineRunner, ProcessRunner, ZygoteFailed
@@ -58,8 +58,8 @@ class Predecessor:
 BACKSTOP = 2.0     # copy, fork: the pool kills the worker only if it misses its own deadline
 IDLE_AFTER_MS = 5  # a worker waiting this long is idle: title and log lines updated
 SEND_TIMEOUT_MS = 10_000  # a reply the broker cannot take within this: the worker goes
-REPLY_HOLD = 0.0005  # copy, fork: a reply waits at most this long to share a message
-REPLY_BATCH = 32     # ... with at most this many others
+REPLY_HOLD = 0.002  # copy, fork: a reply waits at most this long to share a message
+REPLY_BATCH = 16    # ... with at most this many others
 EXIT_NO_SANDBOX = 5  # the worker's exit status when its zygote failed
 EXIT_NO_BROKER = 6   # ... when the broker took no reply
 
@@ -150,6 +150,8 @@ class Worker:
             runner.start()
             return runner
         die_with_parent()
+        if self.config.pool.pin and self.profile.isolation == "copy":
+            pin_to_cpu(self.slot)  # before the zygote: its runners inherit the CPU
         output_cap = min(self.profile.output_bytes, self.config.max_message - 64 * 1024)
         runner = ProcessRunner(self.sandbox, self.slot, self.node.name,
                                self.config.pool.history_dir, output_cap)

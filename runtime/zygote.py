@@ -3,7 +3,7 @@
     worker (trusted) ──fork, before any socket or request──► zygote (slot uid, sandboxed)
                      ◄── "R pid" + its two pipe ends (SCM_RIGHTS) ──  forks runners:
                      ──  "D pid": done with it ──►                     killpg, fork the next
-                     ◄── "X pid status cpu": it exited ──
+                     ◄── "X pid status cpu": it exited before "D" ──
 
 The zygote is forked from the worker before the worker opens any socket or
 sees any request, so what it and its runners inherit is python.init's
@@ -47,7 +47,7 @@ def start(sock: socket.socket, out_w: int, executor: Executor, sandbox: Sandbox,
     os.dup2(out_w, 2)
     keep = {0, 1, 2, sock.fileno(), *sandbox.inherited_fds()}
     close_all_but(keep)
-    logs.to_stderr(f"zygote {title.split()[-1]}")
+    logs.to_stderr(f"sandbox {title.split()[-1]}")
     sandbox.enter_zygote(slot)
     Zygote(sock, executor, sandbox, history_dir, title, spares, reuse).run()
 
@@ -136,7 +136,6 @@ class Zygote:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 close_all_but({0, 1, 2, req_r, res_w, *self.sandbox.inherited_fds()})
                 setproctitle.setproctitle(self.title)
-                logs.to_stderr(self.title.removeprefix("srw: "))
                 self.sandbox.enter_runner(reuse=self.reuse)
                 self.executor.warm_up()
                 runner.serve(self.executor, self.history_dir, req_r, res_w, self.reuse,
@@ -163,8 +162,9 @@ class Zygote:
                 return
             if pid in self.children:  # not orphans of scripts, which come here too
                 self.children.discard(pid)
-                cpu = usage.ru_utime + usage.ru_stime
-                self.sock.send(b"X %d %d %.3f" % (pid, status, cpu))
+                if pid in self.out:  # died in the worker's hands: it wants to know how
+                    cpu = usage.ru_utime + usage.ru_stime
+                    self.sock.send(b"X %d %d %.3f" % (pid, status, cpu))
 
 
 def _done_pid(msg: bytes) -> int:

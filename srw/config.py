@@ -27,6 +27,7 @@ class PoolSettings:
     profile: str = "default"
     max_requests: int = 100_000
     credits: int = 16  # requests queued at a worker; hides the broker round trip
+    pin: bool = True   # copy isolation: each worker and its runner on a CPU of their own
 
 
 @dataclass(frozen=True)

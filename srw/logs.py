@@ -116,12 +116,12 @@ def flush() -> None:
 
 def to_stderr(process: str) -> None:
     """In a sandbox process (zygote, runner), whose stderr is a pipe the worker
-    reads and logs: every record goes there, unbuffered.  Handlers python.init
-    gave its own loggers (log files, which the sandbox may not hold open) go
-    there too, keeping their formats."""
+    reads and logs: every record goes there, unbuffered, with its own pid (set
+    once in the zygote, its runners inherit it).  Handlers python.init gave its
+    own loggers (log files, which the sandbox may not hold open) go there too,
+    keeping their formats."""
     stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(logging.Formatter(f"{process}[{os.getpid()}] %(levelname)s "
-                                          "%(message)s"))
+    stderr.setFormatter(logging.Formatter(f"{process}[%(process)d] %(levelname)s %(message)s"))
     logging.getLogger().handlers[:] = [stderr]
     for logger in logging.root.manager.loggerDict.values():
         for i, handler in enumerate(getattr(logger, "handlers", [])):

@@ -103,21 +103,28 @@ def test_another_deployments_workers_socket_is_out_of_reach(hostile, tmp_path_fa
         other.close()
 
 
-FORGED_REPLY = """
+# The sequence number of the request being served, from the runner's own frames,
+# and a function writing to the reply pipe (and any other pipe but stdout/stderr).
+FIND_SEQ_AND_PIPE = """
 import os, stat, struct, sys
-# The request being served, from the runner's own frames, and the reply pipe.
 frame, seq = sys._getframe(), None
 while frame is not None:
     if "request" in frame.f_locals and hasattr(frame.f_locals["request"], "seq"):
         seq = frame.f_locals["request"].seq
     frame = frame.f_back
-header = struct.pack("<QBBHIQ", seq, *[int(x) for x in __input_binary_data_tuple[0].split()])
-for fd in range(3, 64):
-    try:
-        if stat.S_ISFIFO(os.fstat(fd).st_mode) and fd > 2:
-            os.write(fd, header)
-    except OSError:
-        pass
+
+
+def to_pipes(message):
+    for fd in range(3, 64):
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.write(fd, message)
+        except OSError:
+            pass
+"""
+
+FORGED_REPLY = FIND_SEQ_AND_PIPE + """
+to_pipes(struct.pack("<QBBHIQ", seq, *[int(x) for x in __input_binary_data_tuple[0].split()]))
 __return_data = "not this"
 """
 
@@ -133,21 +140,10 @@ def test_a_reply_written_by_the_script_is_checked_before_it_is_read(hostile, fie
     assert r.data == b""
 
 
-EXTRA_REPLY = """
-import os, stat, struct, sys
-frame, seq = sys._getframe(), None
-while frame is not None:
-    if "request" in frame.f_locals and hasattr(frame.f_locals["request"], "seq"):
-        seq = frame.f_locals["request"].seq
-    frame = frame.f_back
+EXTRA_REPLY = FIND_SEQ_AND_PIPE + """
 forged = b"forged for the next user"
 for n in (seq, seq + 1):  # its own reply, then one for the request after it
-    for fd in range(3, 64):
-        try:
-            if stat.S_ISFIFO(os.fstat(fd).st_mode):
-                os.write(fd, struct.pack("<QBBHIQ", n, 0, 0, 0, 0, len(forged)) + forged)
-        except OSError:
-            pass
+    to_pipes(struct.pack("<QBBHIQ", n, 0, 0, 0, 0, len(forged)) + forged)
 __return_data = "mine"
 """
 
@@ -166,19 +162,8 @@ def test_a_reply_forged_for_the_next_request_never_reaches_it(hostile):
     hostile.assert_recovered(trusted)
 
 
-FORGE_AND_SPIN = """
-import os, stat, struct, sys
-frame, seq = sys._getframe(), None
-while frame is not None:
-    if "request" in frame.f_locals and hasattr(frame.f_locals["request"], "seq"):
-        seq = frame.f_locals["request"].seq
-    frame = frame.f_back
-for fd in range(3, 64):
-    try:
-        if stat.S_ISFIFO(os.fstat(fd).st_mode):
-            os.write(fd, struct.pack("<QBBHIQ", seq, 0, 0, 0, 0, 5) + b"early")
-    except OSError:
-        pass
+FORGE_AND_SPIN = FIND_SEQ_AND_PIPE + """
+to_pipes(struct.pack("<QBBHIQ", seq, 0, 0, 0, 0, 5) + b"early")
 while True:  # answered already: does anything still stop it?
     pass
 """
