@@ -80,9 +80,11 @@ class Reply:
 def send_request(fd: int, seq: int, version: int, name: str, source: bytes, code: str,
                  cookie: str, data: bytes, deadline: float) -> None:
     """Write one request to a non-blocking pipe; TimeoutError past `deadline`."""
-    parts = [name.encode(), source, code.encode("utf-8", "surrogatepass"),
-             cookie.encode("utf-8", "surrogatepass"), data]
-    header = REQUEST.pack(seq, version, *(len(x) for x in parts[:4]), len(data))
+    raw_name, raw_code = name.encode(), code.encode("utf-8", "surrogatepass")
+    raw_cookie = cookie.encode("utf-8", "surrogatepass")
+    parts = (raw_name, source, raw_code, raw_cookie, data)
+    header = REQUEST.pack(seq, version, len(raw_name), len(source), len(raw_code),
+                          len(raw_cookie), len(data))
     if len(data) + len(source) < FIRST:  # one write, usually done at once
         message = b"".join((header, *parts))
         try:

@@ -47,12 +47,14 @@ NAMED_CACHE = 256  # compiled named-script versions a runner keeps
 
 
 def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: bool,
-          limits_fixed: bool) -> None:
+          limits_fixed: bool, tasks_watched: bool) -> None:
     """Answer requests until the worker closes the pipe (copy) or after one (fork).
     `limits_fixed`: seccomp keeps the script from changing its rlimits,
-    personality and CPU timers, so they need no check."""
+    personality and CPU timers, so they need no check; `tasks_watched`: the
+    worker counts the slot's tasks (processes and threads) itself."""
     pid = os.getpid()
-    hygiene = Hygiene({0, 1, 2, req_r, res_w}, not limits_fixed) if reuse else None
+    hygiene = Hygiene({0, 1, 2, req_r, res_w}, not limits_fixed, not tasks_watched) \
+        if reuse else None
     named: dict[int, object] = {}
     while True:
         request = channel.read_request(req_r)
@@ -109,8 +111,9 @@ def zeromq_live() -> bool:
 class Hygiene:
     """The runner's state after it started, and the check after each request."""
 
-    def __init__(self, own_fds: set[int], check_limits: bool):
-        self.own_fds, self.check_limits = own_fds, check_limits
+    def __init__(self, own_fds: set[int], check_limits: bool, check_children: bool):
+        self.own_fds, self.check_limits, self.check_children = \
+            own_fds, check_limits, check_children
         self.limits = [resource.getrlimit(r) for r in LIMITS]
         self.personality = _libc.personality(0xFFFFFFFF)
         self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
@@ -136,7 +139,7 @@ class Hygiene:
         return (channel.STALE if stale else 0) | (channel.ZEROMQ if zeromq else 0)
 
     def _why_stale(self, zeromq: bool) -> str:
-        if self._children():
+        if self.check_children and self._children():
             return "the script left processes running"
         if _thread._count() > self.threads:
             return "the script left threads running"

@@ -139,7 +139,8 @@ class Zygote:
                 self.sandbox.enter_runner(reuse=self.reuse)
                 self.executor.warm_up()
                 runner.serve(self.executor, self.history_dir, req_r, res_w, self.reuse,
-                             limits_fixed=self.sandbox.runner_seccomp is not None)
+                             limits_fixed=self.sandbox.runner_seccomp is not None,
+                             tasks_watched=self.sandbox.cgroups.enabled)
                 code = 0
             finally:
                 os._exit(code)
