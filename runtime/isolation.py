@@ -117,7 +117,9 @@ class ProcessRunner:
         self.sandbox, self.slot, self.history_dir = sandbox, slot, history_dir
         self.profile = sandbox.profile
         self.reuse = self.profile.isolation == "copy"
-        self.spares = 1 if self.reuse else 2
+        # fork: runners waiting, so that requests back to back do not wait for a
+        # fork (measured: 2 -> 4 took one-at-a-time p50 from 2.2 to 1.8 ms here)
+        self.spares = 1 if self.reuse else 4
         self.output_cap = output_cap
         self.title = f"srw: runner {node}#{slot}"
         self.vsize_slack = max(64, self.profile.memory_mb // 4) << 20

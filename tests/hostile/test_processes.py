@@ -119,18 +119,15 @@ def settled_leftovers(hostile) -> list:
 
 
 def leftovers(hostile) -> list[psutil.Process]:
-    """Live processes of the workers' uids that are neither workers nor (fork isolation)
-    their zygotes and the children these keep ready."""
-    workers = hostile.cluster.workers()
-    uids = {w.uids().real for w in workers} - {0}
+    """Live processes of the slots' uids other than the zygotes and the runners
+    they keep (each leads its own process group; a script's processes do not)."""
+    zygotes = hostile.cluster.processes("srw: zygote n1#")
+    uids = {z.uids().real for z in zygotes} - {0}
+    assert uids, "the slots run as uids of their own"
     rest = []
     for proc in psutil.process_iter(["uids", "status"]):
-        if proc.info["uids"] and proc.info["uids"].real in uids and proc not in workers \
+        if proc.info["uids"] and proc.info["uids"].real in uids and proc not in zygotes \
                 and proc.info["status"] != psutil.STATUS_ZOMBIE:
             rest.append(proc)
-    if hostile.fork:  # ready children lead their own group; a script's processes do not
-        zygotes = [p for p in rest if p.ppid() in {w.pid for w in workers}]
-        ready = [p for p in rest if p.ppid() in {z.pid for z in zygotes}
-                 and os.getpgid(p.pid) == p.pid]
-        rest = [p for p in rest if p not in zygotes and p not in ready]
-    return rest
+    zygote_pids = {z.pid for z in zygotes}
+    return [p for p in rest if not (p.ppid() in zygote_pids and os.getpgid(p.pid) == p.pid)]
