@@ -11,8 +11,8 @@ Prints, side by side:
   * srw trivial exec (echo.py) through a real node: client -> broker -> worker.
 For each: p50/p99 of one-at-a-time requests, and requests/s with 64 in flight
 (pipelined on one socket).  Then memory: a python.init holding ~100 MB of
-Python objects, each worker's private memory (USS) after 1,000 requests,
-next to the parent's RSS.  Figures only; nothing here is a pass/fail test.
+Python objects, the private memory (USS) of each worker, zygote and runner
+after 1,000 requests, next to the parent's RSS.  Figures only; nothing here is a pass/fail test.
 """
 from __future__ import annotations
 
@@ -213,7 +213,7 @@ class Node:
     def processes(self) -> tuple[psutil.Process, list[psutil.Process]]:
         tree = psutil.Process(self.proc.pid).children(recursive=True)
         pool = next(p for p in tree if " ".join(p.cmdline()).startswith("srw: pool"))
-        return pool, pool.children()
+        return pool, pool.children(recursive=True)  # workers, their zygotes and runners
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -260,11 +260,12 @@ def bench_memory(tmp: Path, workers: int) -> None:
                 r = c.exec("", code="__return_data = str(len(big) + len(table))")
                 assert r.ok, r
         pool, workers_ps = node.processes()
-        print("\nmemory: python.init holding ~100 MB; after 1,000 requests")
+        print("\nmemory: python.init holding ~100 MB; after 1,000 requests "
+              "(each worker, its zygote and its runner)")
         print(f"  pool parent RSS {pool.memory_info().rss / 2**20:8.1f} MB")
         for w in workers_ps:
             info = w.memory_full_info()
-            print(f"  {' '.join(w.cmdline()):30} USS {info.uss / 2**20:6.2f} MB "
+            print(f"  {' '.join(w.cmdline())[:30]:30} USS {info.uss / 2**20:6.2f} MB "
                   f"(RSS {info.rss / 2**20:.1f} MB shared with the parent)")
     finally:
         node.stop()
