@@ -224,7 +224,7 @@ def run(args, config, bare_listen: str, procs: list[subprocess.Popen]) -> None:
           f"{args.rounds} rounds, {args.workers} workers, {os.cpu_count()} CPUs, "
           f"33 B request, 79 B reply, log level {args.log_level}")
     header = (f"{'path':34} {'requests':>8} {'req/s':>9} {'p50 us':>8} {'p99 us':>8}   "
-              "CPU us per request: load, proxy|bare, broker, workers")
+              "CPU us per request: load, proxy|bare, broker, workers+runners")
     print(header)
     measured: dict[str, list[tuple[float, str]]] = {label: [] for label, _ in rows}
     for round_no in range(1, args.rounds + 1):
@@ -255,7 +255,8 @@ def run(args, config, bare_listen: str, procs: list[subprocess.Popen]) -> None:
 
 
 def cpu_by_role(procs: list[subprocess.Popen]) -> dict[str, float]:
-    """CPU seconds used so far by role: load (this process), proxy, bare, broker, worker."""
+    """CPU seconds used so far by role: load (this process), proxy, bare, broker, worker
+    (with its zygote and runners)."""
     import psutil
     out = dict.fromkeys(("load", "proxy", "bare", "broker", "worker"), 0.0)
     me = psutil.Process()
@@ -275,6 +276,8 @@ def cpu_by_role(procs: list[subprocess.Popen]) -> dict[str, float]:
         role = "load" if proc.pid == me.pid else next(
             (r for r in ("proxy", "bare", "broker", "worker") if title.startswith(f"srw: {r}")
              or title.startswith(f"srw: bench {r}")), None)
+        if title.startswith(("srw: runner", "srw: zygote")):
+            role = "worker"  # a worker's sandbox: its runners and their zygote
         if role:
             out[role] += times.user + times.system
     return out
