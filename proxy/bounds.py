@@ -27,9 +27,10 @@ so the proxy listens through its own protocol factory, a ``Gate``:
   loop (Python 3.11 here; fixed upstream by cpython gh-151615), when accept()
   fails for lack of descriptors, reports it and schedules a retry once for
   every connection waiting, and each retry does so again: measured here,
-  the failed accepts a second (and the timers) grew by ~1,000 every second.  Here a failed accept closes the longest-idle connection (its
-  descriptor serves the next accept) and pauses accepting for 10 ms, or for
-  a second when no connection is idle.
+  the failed accepts a second (and the timers) grew by ~1,000 every second.
+  Here a failed accept closes the longest-idle connection (its descriptor
+  serves the next accept) and pauses accepting for 10 ms, or for a second
+  when no connection is idle.
 - Failed accepts, the gate's own closings and malformed requests (which
   aiohttp logs as errors with a traceback each: ~40 times the bytes of a
   garbage request) are logged at most once a second, with a count of the

@@ -159,27 +159,30 @@ class ProcessRunner:
 
     def run(self, script: Script | None, code: str, data: bytes, cookie: str,
             deadline: float) -> tuple[str, bytes, str]:
-        try:
-            runner = self.current or self._take(deadline)
-        except TimeoutError:
-            return (p.TIMEOUT, b"", "no runner was ready before the request's deadline (the "
-                    "slot's process limit may still be held by a script's leftovers)")
-        self.current = runner
-        runner.idle_cpu = None
+        self.output.new_request()
         # Unpredictable, so that a script cannot write the reply to a later request
         # (the `random` module's state is in the runner's memory too).
         self.seq = int.from_bytes(os.urandom(8), "little")
-        self.output.new_request()
-        version, source = 0, b""
-        if script is not None:
-            version = script.version
-            source = b"" if version in runner.sent else script.source
+        for attempt in range(2):
+            try:
+                runner = self.current or self._take(deadline)
+            except TimeoutError:
+                return (p.TIMEOUT, b"", "no runner was ready before the request's deadline "
+                        "(the slot's process limit may still be held by a script's leftovers)")
+            self.current = runner
+            runner.idle_cpu = None
+            try:
+                self._send(runner, script, code, cookie, data, deadline)
+                break
+            except BrokenPipeError:  # it died idle, and never read this: a new runner
+                self._replace(runner, "it was gone when a request came", kill=True)
+            except TimeoutError:
+                self._replace(runner, "it took no request", kill=True)
+                return (p.TIMEOUT, b"", "request ran past its deadline before its runner "
+                        "took it")
+        else:
+            return p.KILLED, b"", "two runners in a row were gone before they took the request"
         try:
-            channel.send_request(runner.req_w, self.seq, version,
-                                 script.name if script else "", source, code, cookie, data,
-                                 deadline)
-            if script is not None:
-                runner.sent.add(version)
             reply, extra = self._wait(runner, deadline)
         except channel.TooLarge as exc:
             self._replace(runner, f"its reply broke output_bytes ({exc})")
@@ -208,6 +211,17 @@ class ProcessRunner:
             if stale:
                 self._replace(runner, stale, kill=True)
         return reply.status, reply.data, reply.error
+
+    def _send(self, runner: Runner, script: Script | None, code: str, cookie: str,
+              data: bytes, deadline: float) -> None:
+        version, source = 0, b""
+        if script is not None:
+            version = script.version
+            source = b"" if version in runner.sent else script.source
+        channel.send_request(runner.req_w, self.seq, version, script.name if script else "",
+                             source, code, cookie, data, deadline)
+        if script is not None:
+            runner.sent.add(version)
 
     def _wait(self, runner: Runner, deadline: float) -> tuple[channel.Reply, bool]:
         """The reply, while the output is logged and the CPU watched."""

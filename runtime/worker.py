@@ -10,8 +10,9 @@ record and the request's deadline, and runs no script (except in isolation
 zygote (before any socket or request exists in it), then opens its own
 ZeroMQ context (nothing ZeroMQ crosses the fork), announces READY with its
 credits and the broker's token, and loops: take the jobs of each REQUEST
-(one or more), run them one by one in that order through the runner, send a
-REPLY for each as it ends, heartbeat while idle.  If the broker goes silent
+(one or more), run them one by one in that order through the runner, reply
+to each as it ends (in copy and fork isolation several replies may share a
+REPLY, held at most REPLY_HOLD), heartbeat while idle.  If the broker goes silent
 it announces READY again, so a restarted broker gets its workers back.  On
 SIGTERM, after max_requests or when the broker says BYE it finishes what the
 broker already gave it and exits.
@@ -228,7 +229,10 @@ class Worker:
         if not self.draining and (self.stop_requested or (limit and self.served >= limit)):
             self.draining = True
             self.drain_deadline = now + self.silence_limit
-            self.sock.send(p.DRAIN)
+            try:
+                self.sock.send(p.DRAIN, zmq.NOBLOCK)
+            except zmq.Again:  # no broker: the drain deadline ends the wait
+                pass
         elif self.draining and now > self.drain_deadline:
             self.done = True  # broker gone: nothing left to finish for it
 

@@ -407,3 +407,15 @@ def test_id_lock_survives_the_death_of_the_worker_running_its_execs(make_cluster
     assert statuses[0] == "killed" and statuses[1:] == ["ok"] * 5, statuses
     assert [int(r.data) for r in results[1:]] == [1, 2, 3, 4, 5]
     assert counter.read_text() == "5"
+
+
+def test_a_runner_that_died_idle_is_replaced_before_the_next_request_reaches_it(node):
+    """The request never reached it, so it runs on a new runner: ok, not killed."""
+    with node.client() as c:
+        assert all(c.exec("echo.py", b"warm").ok for _ in range(4))
+        trusted = node.trusted_pids()
+        for runner in node.runners():
+            runner.kill()
+        replies = [c.exec("echo.py", b"after %d" % i) for i in range(4)]
+    assert [(r.status, r.data) for r in replies] == [("ok", b"after %d" % i) for i in range(4)]
+    assert node.trusted_pids() == trusted
