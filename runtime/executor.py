@@ -15,7 +15,7 @@ from typing import Callable
 
 from broker import protocol as p
 
-from .scripts import compile_content
+from .scripts import compile_content, compile_named
 
 
 class Executor:
@@ -61,9 +61,11 @@ class Executor:
             return p.MEMORY, b"", "out of memory while encoding __return_data (memory_mb)"
 
     def warm_up(self) -> None:
-        """Run an empty request once: a fresh fork pays its first page faults here,
-        ahead of time, instead of on the first real request."""
-        self.execute(None, compile_content("__return_data = b''"), b"", "")
+        """Run an empty request once, compiling as a request does: a fresh fork
+        pays its first page faults here, ahead of time, instead of on the first
+        real request."""
+        self.run(lambda: compile_named("warm-up", b"__return_data = b''", "/"),
+                 "__return_data = ''", b"", "")
 
     def _output(self, value) -> tuple[str, bytes, str]:
         if isinstance(value, str):
