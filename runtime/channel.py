@@ -138,11 +138,12 @@ def _write_all(fd: int, parts: list[bytes], deadline: float) -> None:
             _wait(poller, deadline)
 
 
-def _read_some(fd: int, deadline: float) -> bytes:
-    """What a non-blocking pipe holds now (waiting for it until `deadline`)."""
+def _read_some(fd: int, deadline: float | None, most: int = FIRST) -> bytes:
+    """What the pipe holds now, up to `most` bytes; a non-blocking pipe is waited
+    for until `deadline`."""
     while True:
         try:
-            chunk = os.read(fd, FIRST)
+            chunk = os.read(fd, most)
         except BlockingIOError:
             poller = select.poll()
             poller.register(fd, select.POLLIN)
@@ -156,18 +157,8 @@ def _read_some(fd: int, deadline: float) -> bytes:
 def _read_exactly(fd: int, size: int, deadline: float | None) -> bytes:
     """`size` bytes; a non-blocking pipe is waited for until `deadline`."""
     chunks, left = [], size
-    poller = None
     while left:
-        try:
-            chunk = os.read(fd, min(left, CHUNK))
-        except BlockingIOError:
-            if poller is None:
-                poller = select.poll()
-                poller.register(fd, select.POLLIN)
-            _wait(poller, deadline)
-            continue
-        if not chunk:
-            raise EOFError
+        chunk = _read_some(fd, deadline, min(left, CHUNK))
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
