@@ -242,7 +242,8 @@ class Pool:
         elif not planned:
             self.restarts += 1
             self.boot_failures = 0
-            busy = f" while running request {job.decode('ascii', 'replace')}" if state == BUSY else ""
+            job_id = job.decode("ascii", "replace")
+            busy = f" while running request {job_id}" if state == BUSY else ""
             log.warning("worker %s#%d (pid %d) %s%s", self.node.name, slot, pid, reason, busy)
         else:
             log.debug("worker %s#%d (pid %d) exited (recycled)", self.node.name, slot, pid)

@@ -24,7 +24,7 @@ NETWORKS = ("none", "local", "any")
 @dataclass(frozen=True)
 class Profile:
     name: str
-    isolation: str = "copy"         # none: in the worker; copy: a reused runner; fork: one per request
+    isolation: str = "copy"         # none: in the worker; copy: a reused runner; fork: fresh ones
     wall_seconds: float = 30.0      # pool (copy) or worker (fork) SIGKILLs past it
     cpu_seconds: float = 10.0       # pool watchdog (copy) or RLIMIT_CPU (fork)
     memory_mb: int = 1024           # RLIMIT_AS per process; the slot's cgroup gets twice it

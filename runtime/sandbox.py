@@ -1,4 +1,4 @@
-"""The sandbox a worker closes around itself after the fork, before it serves.
+"""The sandbox each slot's zygote, then each runner, closes around itself.
 
     pool parent (root)                      zygote, forked by the worker  runner, forked by the zygote
     ------------------                      ----------------------------  ----------------------------

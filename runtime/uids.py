@@ -3,10 +3,11 @@
 RLIMIT_NPROC counts per uid across the whole host, and a uid is what the
 kernel uses to keep one deployment's scripts from another's processes, so two
 pools must never share one.  Started as root, a pool claims a block of
-BLOCK uids (the block's first uid is its runners' group, slot N runs as
-first + N) and records the claim in REGISTRY, one file per block:
+BLOCK uids (slot N's zygote and runners run as first + N) and records the
+claim in REGISTRY, one file per block:
 
-    /run/srw/uids/61000    {"pid": 4242, "start": 1234567, "node": "n1", "config": "/srv/a/config.toml"}
+    /run/srw/uids/61000
+    {"pid": 4242, "start": 1234567, "node": "n1", "config": "/srv/a/config.toml"}
 
 A block is free when no live pool claims it (a claim whose pid is gone, or
 was reused by another process, is stale), no process on the host runs with
