@@ -47,6 +47,7 @@ log = logging.getLogger("srw.worker")
 
 TICK = 0.05        # seconds between CPU checks of a running request
 IDLE_CPU = 0.05    # seconds of CPU a reused runner may use between requests
+NAMED_VERSIONS = 256  # script versions a reused runner keeps compiled before it is replaced
 ZEROMQ_THREADS = 2  # a ZeroMQ context's I/O thread and reaper
 WAIT_EXIT = 5.0    # seconds to learn how a dead runner died
 LINE_MAX = 4096    # bytes of one line of script output that reach the log
@@ -163,6 +164,10 @@ class ProcessRunner:
         # Unpredictable, so that a script cannot write the reply to a later request
         # (the `random` module's state is in the runner's memory too).
         self.seq = int.from_bytes(os.urandom(8), "little")
+        full = self.current is not None and script is not None and \
+            script.version not in self.current.sent and len(self.current.sent) >= NAMED_VERSIONS
+        if full:  # its cache of compiled scripts is as large as it may grow
+            self._replace(self.current, f"it holds {NAMED_VERSIONS} script versions", kill=True)
         for attempt in range(2):
             try:
                 runner = self.current or self._take(deadline)

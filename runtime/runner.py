@@ -43,7 +43,6 @@ TIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)  # REAL
 # timers are reset and children make it stale, but a handler is cheap to reset).
 SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGALRM, signal.SIGCHLD, signal.SIGINT,
            signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-NAMED_CACHE = 256  # compiled named-script versions a runner keeps
 
 
 def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: bool,
@@ -76,17 +75,16 @@ def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: b
 
 def _named(request: channel.Request, cache: dict, history_dir: str):
     """A compiler for the request's named script, or None; the worker sends a
-    version's source once per runner."""
+    version's source once per runner (and replaces a runner that holds
+    isolation.NAMED_VERSIONS of them)."""
     if not request.version:
         return None
 
     def compile_it():
         code = cache.get(request.version)
         if code is None:
-            if not request.source:
-                raise LookupError(f"this runner lost script {request.name!r}; it is replaced")
-            if len(cache) >= NAMED_CACHE:
-                cache.clear()
+            if not request.source:  # only a script that emptied the cache gets here
+                raise LookupError(f"this runner lost script {request.name!r}")
             code = cache[request.version] = compile_named(request.name, request.source,
                                                            history_dir)
         return code

@@ -419,3 +419,17 @@ def test_a_runner_that_died_idle_is_replaced_before_the_next_request_reaches_it(
         replies = [c.exec("echo.py", b"after %d" % i) for i in range(4)]
     assert [(r.status, r.data) for r in replies] == [("ok", b"after %d" % i) for i in range(4)]
     assert node.trusted_pids() == trusted
+
+
+def test_a_runner_compiles_many_scripts_and_keeps_answering(make_cluster):
+    """A reused runner keeps the scripts it compiled up to a bound, then is
+    replaced: no request ever finds its script missing, the first ones again."""
+    from runtime.isolation import NAMED_VERSIONS
+    count = NAMED_VERSIONS + 8
+    cluster = make_cluster(pool={"workers": 1},
+                           scripts={f"s{i}.py": f"__return_data = '{i}'\n" for i in range(count)})
+    cluster.serve()
+    with cluster.client() as c:
+        for i in list(range(count)) + list(range(8)):
+            r = c.exec(f"s{i}.py")
+            assert (r.status, r.data) == ("ok", str(i).encode()), (i, r.error)
