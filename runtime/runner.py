@@ -118,7 +118,6 @@ class Hygiene:
         self.handlers = {sig: _signal.getsignal(sig) for sig in SIGNALS}
         self.threads = _thread._count()
         self.free_fd = lowest_free_fd()
-        self.zeromq = zeromq_live()
 
     def check(self) -> int:
         """Undo what can be undone; flags for the reply (STALE, ZEROMQ).  Why a
@@ -131,7 +130,6 @@ class Hygiene:
                 signal.signal(sig, handler)
         zeromq = zeromq_live()
         stale = self._why_stale(zeromq)
-        self.zeromq = zeromq
         if stale:
             log.info("runner stale after this request: %s", stale)
         return (channel.STALE if stale else 0) | (channel.ZEROMQ if zeromq else 0)
