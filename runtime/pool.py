@@ -33,7 +33,7 @@ import psutil
 import setproctitle
 
 from broker import protocol as p
-from srw.config import Config, ConfigError, NodeSettings
+from srw.config import MESSAGE_HEADROOM, Config, ConfigError, NodeSettings
 from srw.serve import EXIT_REFUSED  # python.init failed, bad profile, workers die at boot
 
 from . import profile as profiles
@@ -149,7 +149,10 @@ class Pool:
 
     def spawn(self, slot: int) -> None:
         predecessor = self.predecessors.pop(slot, Predecessor())
-        executor = Executor(self.context, self.profile.output_bytes)
+        # A reply must fit a message to the broker, headers and all.
+        output_bytes = min(self.profile.output_bytes,
+                           self.config.max_message - MESSAGE_HEADROOM)
+        executor = Executor(self.context, output_bytes)
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the worker; it always leaves through os._exit()

@@ -153,9 +153,8 @@ class Worker:
         die_with_parent()
         if self.config.pool.pin and self.profile.isolation == "copy":
             pin_to_cpu(self.slot)  # before the zygote: its runners inherit the CPU
-        output_cap = min(self.profile.output_bytes, self.config.max_message - 64 * 1024)
         runner = ProcessRunner(self.sandbox, self.slot, self.node.name,
-                               self.config.pool.history_dir, output_cap)
+                               self.config.pool.history_dir, self.executor.output_bytes)
         runner.start(self.executor, self.slots)
         runner.flush = self.flush_replies
         return runner

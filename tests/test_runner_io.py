@@ -1,0 +1,67 @@
+"""What comes back from a runner to its worker besides replies, and where they run."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import set_node_keys, wait_until
+
+PRINTS = r"""
+import sys
+print("plain line from a script")
+print("2026-11-29 23:59:59,000 broker n1[1] WARNING \x1b[31mforged\x07")
+sys.stderr.write("x" * 100 + "\n" + ("y" * 1000 + "\n") * 100)  # past the 64 KiB budget
+"""
+
+
+def test_script_output_reaches_the_log_marked_escaped_and_bounded(make_cluster):
+    cluster = make_cluster(pool={"workers": 1})
+    cluster.serve()
+    with cluster.client() as c:
+        assert c.exec("", code=PRINTS).ok
+        assert c.exec("echo.py", b"next").ok  # the budget's count is logged at the next request
+    log = wait_until(lambda: "more bytes of output not logged" in (t := cluster.log()) and t,
+                     10, "the dropped-output line")
+    lines = log.splitlines()
+    plain = [l for l in lines if l.endswith("sandbox n1#1: plain line from a script")]
+    assert plain and " INFO " in plain[0]
+    forged = [l for l in lines if "forged" in l]
+    assert forged and all("sandbox n1#1: 2026-11-29" in l and "\\x1b[31mforged\\x07" in l
+                          for l in forged)
+    assert not any(l.startswith("2026-11-29 23:59:59,000 broker") for l in lines)
+    logged = sum(1 for l in lines if l.endswith("y" * 1000))
+    assert 40 < logged < 100  # 64 KiB of the 100 kB, the rest counted
+
+
+def test_a_reply_larger_than_a_message_is_output_too_large_even_for_trusted(make_cluster):
+    """The trusted profile allows 256 MB of output; a reply that could not reach the
+    broker (max_message) is refused where it is made, and the worker stays."""
+    cluster = make_cluster(pool={"workers": 1, "profile": "trusted"},
+                           broker={"max_message": 2 << 20}, proxy={"max_body": 1 << 20})
+    set_node_keys(cluster, "n1", max_value=1 << 20)
+    cluster.serve()
+    worker = cluster.workers()[0].pid
+    with cluster.client(timeout=10) as c:
+        r = c.exec("", code="__return_data = b'x' * (3 << 20)")
+        assert r.status == "output_too_large" and "output_bytes" in r.error, r.error
+        assert c.exec("echo.py", b"after").data == b"after"
+    assert [w.pid for w in cluster.workers()] == [worker]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
+@pytest.mark.parametrize("pin", [True, False])
+def test_copy_isolation_pins_each_worker_and_its_runner_to_a_cpu(make_cluster, pin):
+    cluster = make_cluster(pool={"workers": 2, "pin": pin})
+    cluster.serve()
+    with cluster.client() as c:
+        assert all(c.exec("echo.py", b"x").ok for _ in range(4))
+    everything = os.sched_getaffinity(0)
+    for slot in (1, 2):
+        procs = cluster.processes(f"srw: worker n1#{slot}") + \
+            cluster.processes(f"srw: runner n1#{slot}")
+        cpus = {frozenset(os.sched_getaffinity(p.pid)) for p in procs}
+        if pin:
+            assert len(cpus) == 1 and len(next(iter(cpus))) == 1, cpus
+        else:
+            assert cpus == {frozenset(everything)}
