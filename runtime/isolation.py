@@ -234,12 +234,13 @@ class ProcessRunner:
         next_tick = time.monotonic() + TICK
         while True:
             wait = min(deadline, next_tick, self.flush_at) - time.monotonic()
-            for fd, _ in runner.poller.poll(max(0.0, wait) * 1000):
-                if fd == self.output.fd:
-                    self.output.drain()
-                else:
-                    return channel.read_reply(runner.res_r, self.seq, self.output_cap,
-                                              deadline)
+            ready = {fd for fd, _ in runner.poller.poll(max(0.0, wait) * 1000)}
+            if self.output.fd in ready:  # first: the runner wrote it before its reply
+                self.output.drain()
+            if runner.res_r in ready:
+                reply = channel.read_reply(runner.res_r, self.seq, self.output_cap, deadline)
+                self.output.report()
+                return reply
             now = time.monotonic()
             if now >= self.flush_at:
                 self.flush_at = math.inf
@@ -394,9 +395,14 @@ class ScriptOutput:
         self.dropped = 0
 
     def new_request(self) -> None:
+        self.report()
+        self.budget = OUTPUT_BUDGET
+
+    def report(self) -> None:
+        """One line for the output past the budget, once the request has replied."""
         if self.dropped:
             log.info("%s: %d more bytes of output not logged", self.label, self.dropped)
-        self.budget, self.dropped = OUTPUT_BUDGET, 0
+            self.dropped = 0
 
     def drain(self) -> None:
         for _ in range(64):  # at most 4 MB a call: the request's deadline still counts

@@ -306,8 +306,8 @@ def test_state_a_script_leaves_never_reaches_the_next_request(hostile, left):
 def test_a_reload_leaves_no_runner_of_the_old_workers(hostile):
     hostile.expect("ok", STATE["sigmask"] + "import signal\n"
                    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n")
-    old = {p.pid for p in hostile.cluster.processes("srw: ")
-           if " ".join(p.cmdline()).startswith(("srw: worker", "srw: zygote", "srw: runner"))}
+    old = {p.pid for role in ("worker", "zygote", "runner")
+           for p in hostile.cluster.processes(f"srw: {role}")}
     pool = hostile.cluster.processes("srw: pool n1")[0]
     pool.send_signal(1)  # SIGHUP: python.init again, every worker replaced
     wait_until(lambda: not old & {p.pid for p in hostile.cluster.processes("srw: ")}, 15,
