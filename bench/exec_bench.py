@@ -8,7 +8,8 @@ Prints, side by side:
     exec makes, with no Python between them;
   * Redis EVAL "return ARGV[1]" through redis-py (hiredis) on a unix socket,
     against a redis-server this bench starts and stops;
-  * srw trivial exec (echo.py) through a real node: client -> broker -> worker.
+  * srw trivial exec (echo.py) through a real node: client -> broker -> worker;
+  * the same with CurveZMQ on (keys, ZAP, encryption; README "Security").
 For each: p50/p99 of one-at-a-time requests, and requests/s with 64 in flight
 (pipelined on one socket).  Then memory: a python.init holding ~100 MB of
 Python objects, the private memory (USS) of each worker, zygote and runner
@@ -34,8 +35,12 @@ from common import free_port, pct  # noqa: E402
 
 from broker import protocol as p  # noqa: E402
 from broker.client import BrokerUnavailable, Client  # noqa: E402
+from srw import security  # noqa: E402
+from srw.config import RIGHTS  # noqa: E402
 
 FLOOR = "floor: 4 hops, C relay (zmq_proxy) + echo"
+SRW = "srw exec echo.py (client->broker->worker)"
+SRW_CURVE = "srw exec echo.py, CurveZMQ"
 PAYLOAD = b"x" * 100   # with the meta, ~132 bytes on the wire like the design's floors
 IN_FLIGHT = 64
 
@@ -161,7 +166,8 @@ def bench_redis(tmp: Path, n: int) -> tuple[list[float], float] | None:
 
 # srw ------------------------------------------------------------------------------
 
-def write_config(root: Path, workers: int, init: str | None = None) -> Path:
+def write_config(root: Path, workers: int, init: str | None = None,
+                 curve: bool = False) -> Path:
     history = root / "history"
     shutil.copytree(REPO / "history", history)
     if init is not None:
@@ -186,7 +192,21 @@ storage = "tcp://127.0.0.1:{free_port()}"
 broker = "tcp://127.0.0.1:{free_port()}"
 data_dir = "var"
 """)
+    if curve:
+        for name in ("server", "scripts", "proxy"):
+            security.write_pair(root / "keys", name)
+        security.write_pair(root / "keys" / "clients", "bench", RIGHTS)
+        config.write_text(config.read_text() + '\n[security]\ncurve = true\n'
+                          'key = "keys/clients/bench.key_secret"\n')
     return config
+
+
+def curve_of(config: Path) -> security.Credentials | None:
+    keys = config.parent / "keys"
+    if not keys.exists():
+        return None
+    return security.Credentials.from_files(keys / "clients" / "bench.key_secret",
+                                           keys / "server.key")
 
 
 class Node:
@@ -199,7 +219,8 @@ class Node:
                                       str(config)], stdout=subprocess.DEVNULL,
                                      start_new_session=True)
         deadline = time.monotonic() + 60
-        with Client(self.endpoint) as c:
+        self.curve = curve_of(config)
+        with Client(self.endpoint, curve=self.curve) as c:
             while True:
                 try:
                     if c.status(timeout=0.5)["workers"] >= workers:
@@ -223,10 +244,14 @@ class Node:
             self.proc.kill()
 
 
-def bench_srw(tmp: Path, n: int, workers: int) -> tuple[list[float], float]:
-    node = Node(write_config(tmp / "exec", workers), workers)
+def bench_srw(tmp: Path, n: int, workers: int, curve: bool = False
+              ) -> tuple[list[float], float]:
+    node = Node(write_config(tmp / ("curve" if curve else "exec"), workers, curve=curve),
+                workers)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
+    if node.curve is not None:
+        node.curve.apply(sock)
     sock.connect(node.endpoint)
     frames = p.request_frames(p.EXEC, b"r", p.ExecMeta(name="echo.py"), PAYLOAD)
     try:
@@ -292,11 +317,17 @@ def main() -> None:
         if redis_result:
             results["Redis EVAL 'return ARGV[1]' (redis-py, unix)"] = redis_result
         print("measuring srw exec ...", flush=True)
-        results["srw exec echo.py (client->broker->worker)"] = bench_srw(tmp, n, args.workers)
+        results[SRW] = bench_srw(tmp, n, args.workers)
+        print("measuring srw exec with CurveZMQ ...", flush=True)
+        results[SRW_CURVE] = bench_srw(tmp, n, args.workers, curve=True)
         print(f"\n{'path':44} {'p50 us':>8} {'p99 us':>8} {'req/s':>10}")
         for name, (lat, rate) in results.items():
             print(row(name, lat, rate))
-        srw_lat, srw_rate = results["srw exec echo.py (client->broker->worker)"]
+        srw_lat, srw_rate = results[SRW]
+        curve_lat, curve_rate = results[SRW_CURVE]
+        print(f"\ncurve p50 / plaintext p50 = {pct(curve_lat, 0.5) / pct(srw_lat, 0.5):.2f} "
+              f"(target <= 1.15); curve req/s / plaintext = {curve_rate / srw_rate:.2f} "
+              "(target >= 0.85)")
         if redis_result:
             ratio = pct(srw_lat, 0.5) / pct(redis_result[0], 0.5)
             floor = pct(results[FLOOR][0], 0.5) / pct(redis_result[0], 0.5)

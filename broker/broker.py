@@ -36,7 +36,7 @@ import zmq
 
 from . import protocol as p
 from . import trust
-from srw import logs
+from srw import logs, security
 from srw.config import Config, NodeSettings
 from srw.sched import CALM_AFTER, LoadScheduling
 
@@ -206,8 +206,12 @@ class Broker:
         self.ctx = ctx or zmq.Context()
         self.front = self.back = None
         self.token = b""  # written beside the back socket; removed with it when stopping
+        # With curve: who may connect (ZAP) and what each client may do.
+        self.keyring = security.keyring(config)
         try:
-            self.front = self._bind(zmq.ROUTER, node.broker, FRONT_HWM)
+            if self.keyring is not None:
+                self.keyring.start(self.ctx)
+            self.front = self._bind(zmq.ROUTER, node.broker, FRONT_HWM, self.keyring)
             self.back = self._bind_back(node.workers_endpoint, back_hwm(config.pool.credits))
         except BaseException:
             self.close()
@@ -237,8 +241,11 @@ class Broker:
         self.reregistered: set[bytes] = set()
         self.stranger_warnings = Throttle(WARN_EVERY)
 
-    def _bind(self, kind: int, endpoint: str, rcvhwm: int) -> zmq.Socket:
+    def _bind(self, kind: int, endpoint: str, rcvhwm: int,
+              keyring: security.Keyring | None = None) -> zmq.Socket:
         sock = self.ctx.socket(kind)
+        if keyring is not None:
+            keyring.secure(sock)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -277,6 +284,8 @@ class Broker:
         if self.token:
             trust.remove_worker_files(self.node.workers_endpoint, self.token)
             self.token = b""
+        if self.keyring is not None:
+            self.keyring.stop()
 
     # Main loop ---------------------------------------------------------------
 
@@ -341,13 +350,23 @@ class Broker:
     # Clients ----------------------------------------------------------------
 
     def read_clients(self) -> None:
+        if self.keyring is not None:
+            return self._read_clients_curve()
         for _ in range(1000):
             frames = p.recv_frames_nowait(self.front)
             if frames is None:
                 return
             self.on_client(frames)
 
-    def on_client(self, frames: list[bytes]) -> None:
+    def _read_clients_curve(self) -> None:
+        """As read_clients, each message with its sender's ZAP User-Id."""
+        for _ in range(1000):
+            got = p.recv_frames_from(self.front)
+            if got is None:
+                return
+            self.on_client(*got)
+
+    def on_client(self, frames: list[bytes], user: str | None = None) -> None:
         if len(frames) == 2:  # a batch
             try:
                 requests = p.parse_batch(frames)
@@ -356,7 +375,7 @@ class Broker:
                 return
             for req in requests:
                 if isinstance(req, p.FrontRequest):
-                    self.accept(req, batched=True)
+                    self.accept(req, batched=True, user=user)
                 else:
                     self._refuse(frames[0], *req, batched=True)
             return
@@ -365,7 +384,7 @@ class Broker:
         except p.ProtocolError as exc:
             self._refuse(frames[0], p.salvage_rid(frames), exc, batched=False)
             return
-        self.accept(req, batched=False)
+        self.accept(req, batched=False, user=user)
 
     def _refuse(self, client: bytes, rid: bytes | None, exc: p.ProtocolError,
                 batched: bool) -> None:
@@ -373,8 +392,14 @@ class Broker:
         if rid is not None:
             self.reply(client, rid, p.BAD_REQUEST, error=f"bad request: {exc}", batched=batched)
 
-    def accept(self, req: p.FrontRequest, batched: bool) -> None:
+    def accept(self, req: p.FrontRequest, batched: bool, user: str | None = None) -> None:
         meta = req.meta
+        if self.keyring is not None:
+            refusal = self.keyring.refusal(user, *security.rights_for(req.cmd == p.EXEC, meta))
+            if refusal is not None:
+                self.reply(req.client, req.rid, p.FORBIDDEN,
+                           error=f"node {self.node.name}: {refusal}", batched=batched)
+                return
         if req.cmd == p.STATUS:
             self.reply(req.client, req.rid, p.OK, p.pack(self.status()), batched=batched)
             return
@@ -760,6 +785,8 @@ class Broker:
                                   "deadline (broker.request_timeout or the request's timeout)")
 
     def heartbeat(self, now: float) -> None:
+        if self.keyring is not None:
+            self.keyring.refresh()
         interval = self.settings.heartbeat_interval
         self.next_heartbeat = now + interval
         self.reregistered.clear()

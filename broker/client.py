@@ -17,6 +17,7 @@ import zmq
 
 from . import protocol as p
 from .protocol import Result
+from srw.security import Credentials
 
 __all__ = ["Client", "AsyncClient", "Result", "BrokerUnavailable"]
 
@@ -34,8 +35,32 @@ class BrokerUnavailable(ConnectionError):
     """No reply from the broker within the request's deadline plus a grace period."""
 
 
-def _socket(ctx: zmq.Context, endpoint: str, max_message: int | None) -> zmq.Socket:
+def credentials(key: str | None, server_key: str | None,
+                given: Credentials | None = None) -> Credentials | None:
+    """A client's CurveZMQ credentials: `given`, else read from the key files
+    (both or neither: ``key`` the client's .key_secret, ``server_key`` the
+    server's public .key)."""
+    if given is not None or (key is None and server_key is None):
+        return given
+    if not (key and server_key):
+        raise ValueError("CurveZMQ needs both key (the client's NAME.key_secret) and "
+                         "server_key (the server's public server.key)")
+    return Credentials.from_files(key, server_key)
+
+
+def unreachable_hint(curve: Credentials | None) -> str:
+    """Why a connection may not be made: a CurveZMQ handshake that failed looks
+    the same to a client as a node that is down."""
+    return "is the node running (srw serve), " + (
+        "and does it know this client's key?" if curve else
+        "or does it want a client key (README \"Security\")?")
+
+
+def _socket(ctx: zmq.Context, endpoint: str, max_message: int | None,
+            curve: Credentials | None = None) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
+    if curve is not None:
+        curve.apply(sock)
     sock.setsockopt(zmq.LINGER, 0)
     if max_message:
         sock.setsockopt(zmq.MAXMSGSIZE, max_message)
@@ -52,8 +77,9 @@ def _socket(ctx: zmq.Context, endpoint: str, max_message: int | None) -> zmq.Soc
 
 class _Base:
     def __init__(self, endpoint: str, timeout: float | None = None,
-                 max_message: int | None = None):
+                 max_message: int | None = None, curve: Credentials | None = None):
         self.endpoint = endpoint
+        self.curve = curve
         self.timeout = timeout
         self.max_message = max_message
         self._prefix = os.urandom(4)
@@ -82,7 +108,7 @@ class _Base:
 
     def _unreachable(self) -> BrokerUnavailable:
         return BrokerUnavailable(f"cannot connect to broker {self.endpoint}; "
-                                 "is the node running (srw serve)?")
+                                 f"{unreachable_hint(self.curve)}")
 
 
 class Client(_Base):
@@ -90,12 +116,16 @@ class Client(_Base):
 
     With `max_message` (srw's own clients pass ``Config.max_message``) its socket
     takes no larger message, and a request the broker could not take raises
-    ValueError instead of being sent; by default there is no limit."""
+    ValueError instead of being sent; by default there is no limit.  A node
+    with CurveZMQ on needs ``key="keys/alice.key_secret",
+    server_key="keys/server.key"`` (or ``curve=`` Credentials)."""
 
     def __init__(self, endpoint: str, timeout: float | None = None,
-                 ctx: zmq.Context | None = None, max_message: int | None = None):
-        super().__init__(endpoint, timeout, max_message)
-        self._sock = _socket(ctx or zmq.Context.instance(), endpoint, max_message)
+                 ctx: zmq.Context | None = None, max_message: int | None = None,
+                 key: str | None = None, server_key: str | None = None,
+                 curve: Credentials | None = None):
+        super().__init__(endpoint, timeout, max_message, credentials(key, server_key, curve))
+        self._sock = _socket(ctx or zmq.Context.instance(), endpoint, max_message, self.curve)
         self._outstanding: set[bytes] = set()    # submitted, not yet collected
         self._early: dict[bytes, Result] = {}    # their replies that came first
 
@@ -222,12 +252,14 @@ class AsyncClient(_Base):
     is what keeps a busy node's cost per request low.
     Replies are read by a reader callback on the socket's file descriptor,
     without a task or a future per wake-up.  A batch stays under BATCH_BYTES; a
-    larger request goes alone.  `max_message` as for Client."""
+    larger request goes alone.  `max_message` and the keys as for Client."""
 
     def __init__(self, endpoint: str, timeout: float | None = None,
-                 ctx: zmq.Context | None = None, max_message: int | None = None):
-        super().__init__(endpoint, timeout, max_message)
-        self._sock = _socket(ctx or zmq.Context.instance(), endpoint, max_message)
+                 ctx: zmq.Context | None = None, max_message: int | None = None,
+                 key: str | None = None, server_key: str | None = None,
+                 curve: Credentials | None = None):
+        super().__init__(endpoint, timeout, max_message, credentials(key, server_key, curve))
+        self._sock = _socket(ctx or zmq.Context.instance(), endpoint, max_message, self.curve)
         self._batch_bytes = min(BATCH_BYTES, p.batch_limit(max_message or BATCH_BYTES * 2))
         self._pending: dict[bytes, asyncio.Future] = {}
         self._outbox: list[tuple] = []  # (cmd, rid, meta, data) to send at the turn's end

@@ -466,6 +466,22 @@ def recv_frames_nowait(sock) -> list[bytes] | None:
     return frames
 
 
+def recv_frames_from(sock) -> tuple[list[bytes], str | None] | None:
+    """Like `recv_frames_nowait`, with the ZAP User-Id of the connection the
+    message came on (srw.security: the client's public key; None without curve)."""
+    try:
+        first = _recv(sock, _NOBLOCK, False)
+    except zmq.Again:
+        return None
+    frames = [first.bytes]
+    while _get(sock, _RCVMORE):
+        frames.append(_recv(sock))
+    try:
+        return frames, first.get("User-Id")
+    except zmq.ZMQError:  # a connection without ZAP has no User-Id
+        return frames, None
+
+
 def readable(sock) -> bool:
     """A message waits.  For a spin that mostly finds nothing: cheaper than a
     NOBLOCK recv raising zmq.Again.  To drain a socket use `recv_frames_nowait`."""

@@ -26,6 +26,7 @@ from aiohttp import MultipartWriter, web
 from broker import protocol as p
 from broker.client import Result
 from runtime.scripts import ScriptNameError, check_name
+from srw import security
 from srw.config import Config
 from storage.ring import BadId, id_hex, key_id, parse_id
 
@@ -354,8 +355,9 @@ def make_app(config: Config) -> web.Application:
     """The proxy's aiohttp application for `config`; clients connect at startup."""
     app = web.Application(client_max_size=config.proxy.max_body)
     app[CONFIG] = config
-    app[CLUSTER] = Cluster(config)
-    app[DATA] = DataStore(config)
+    curve = security.role_credentials(config, "proxy")  # the proxy's own key: never "code"
+    app[CLUSTER] = Cluster(config, curve)
+    app[DATA] = DataStore(config, curve)
     app.router.add_route("*", "/elliptics", elliptics, expect_handler=expect_continue)
     app.router.add_get("/ping", ping)
     app.router.add_get("/status", status)

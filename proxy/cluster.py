@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from broker import protocol as p
 from broker.client import AsyncClient, BrokerUnavailable, Result
 from srw.config import Config, ConfigError, NodeSettings
+from srw.security import Credentials
 from srw.sched import CALM_AFTER, LoadScheduling
 from storage.ring import Ring
 
@@ -41,8 +42,9 @@ def allowed_groups(config: Config) -> list[int]:
 class Cluster:
     """Exec, status and ping over every node's broker; call ``start`` inside the loop."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, curve: Credentials | None = None):
         self.config = config
+        self.curve = curve
         self.ring = Ring(config)
         self.groups = allowed_groups(config)
         self.clients: dict[str, AsyncClient] = {}
@@ -51,7 +53,8 @@ class Cluster:
 
     def start(self) -> None:
         timeout = self.config.broker.request_timeout
-        self.clients = {n.name: AsyncClient(n.broker, timeout=timeout) for n in self.config.nodes}
+        self.clients = {n.name: AsyncClient(n.broker, timeout=timeout, curve=self.curve)
+                        for n in self.config.nodes}
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients.values()))
@@ -103,8 +106,9 @@ class DataStore:
     ``[proxy] groups`` (every group when that is empty).
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, curve: Credentials | None = None):
         groups = set(allowed_groups(config))
+        self.curve = curve
         self.config = dataclasses.replace(
             config, nodes=tuple(n for n in config.nodes if n.group in groups))
         self._pool = ThreadPoolExecutor(DATA_THREADS, thread_name_prefix="srw-data")
@@ -116,7 +120,7 @@ class DataStore:
         session = getattr(self._local, "session", None)
         if session is None:
             from storage.client import Session
-            session = self._local.session = Session(self.config)
+            session = self._local.session = Session(self.config, curve=self.curve)
             with self._lock:
                 self._sessions.append(session)
         return session

@@ -20,12 +20,16 @@ EXAMPLES = """examples:
   echo -n value | srw write mykey --data -
   srw read mykey
   srw remove mykey
+  srw keys init && srw keys new alice --rights exec,read   CurveZMQ keys (README "Security")
+  srw exec test_script.py --key keys/clients/alice.key_secret
 """
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.command == "keys":  # makes files; needs no config
+            return args.func(args)
         config = cfg.load(args.config)
         return args.func(config, args)
     except cfg.ConfigError as exc:
@@ -49,11 +53,17 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS,
                         help="config file (default: ./config.toml)")
+    common.add_argument("--key", dest="client_key", default=argparse.SUPPRESS, metavar="FILE",
+                        help="this client's CurveZMQ key, NAME.key_secret (default: the "
+                             "config's [security] key)")
     top = argparse.ArgumentParser(
         prog="srw", description="srw: run your own Python next to your data.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--config", default="config.toml",
                      help="config file (default: ./config.toml)")
+    top.add_argument("--key", dest="client_key", default=None, metavar="FILE",
+                     help="this client's CurveZMQ key, NAME.key_secret (default: the "
+                          "config's [security] key)")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", parents=[common],
@@ -72,7 +82,8 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("name", help="script file name in the history directory ('' for none)")
     target = ex.add_mutually_exclusive_group()
     target.add_argument("--id", help="hex id of the target (zero-padded on the right)")
-    target.add_argument("--key", help="key whose sha512 picks the target")
+    target.add_argument("--for", dest="for_key", metavar="KEY",
+                        help="run on the owner of this key (its sha512 picks the target)")
     ex.add_argument("--data", metavar="FILE|-", help="request data from a file, or - for stdin")
     ex.add_argument("--code", default="", help="script content, run before the named script")
     ex.add_argument("--groups", help="only these groups, e.g. 1:2")
@@ -99,6 +110,28 @@ def parser() -> argparse.ArgumentParser:
     remove = sub.add_parser("remove", parents=[common], help="remove a key from every group")
     remove.add_argument("key", metavar="KEY")
     remove.set_defaults(func=cmd_remove)
+
+    keys = sub.add_parser("keys", help="make CurveZMQ key pairs (README \"Security\")",
+                          description="Key pairs for [security] curve = true: NAME.key "
+                          "(public) and NAME.key_secret (mode 0600), pyzmq certificates.")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    init = keys_sub.add_parser("init", help="the node's own keys: server, scripts, proxy",
+                               description="Write server, scripts and proxy key pairs into "
+                               "DIR, the defaults of [security] server_key, scripts_key and "
+                               "proxy_key; refuses to overwrite any.")
+    init.add_argument("--dir", default="keys", help="folder (default: keys)")
+    init.set_defaults(func=cmd_keys_init)
+    new = keys_sub.add_parser("new", help="one key pair, e.g. a client's",
+                              description="Write NAME.key and NAME.key_secret into DIR. A "
+                              "client's public NAME.key goes into [security] clients "
+                              "(default keys/clients); give NAME.key_secret to the client.")
+    new.add_argument("name", metavar="NAME")
+    new.add_argument("--dir", default="keys/clients",
+                     help="folder (default: keys/clients, where nodes look for clients)")
+    new.add_argument("--rights", default="exec",
+                     help="comma-separated, written into the certificate: exec (named "
+                          "scripts), code (script content), read, write (default: exec)")
+    new.set_defaults(func=cmd_keys_new)
 
     roles = (("broker", "run one node's broker alone", cmd_broker),
              ("pool", "run one node's worker pool alone", cmd_pool),
@@ -134,25 +167,67 @@ def cmd_serve(config: cfg.Config, args) -> int:
     allowed_groups(config)  # a bad [proxy] groups stops here, not in a restart loop
     logs.setup(config.log, "serve")
     nodes = [config.node(n) for n in args.node] if args.node else list(config.nodes)
+    for node in nodes:  # bad keys or plain text off loopback: stop here, with the reason
+        _check_security(config, node)
     for node in nodes:
         os.makedirs(node.data_dir, exist_ok=True)
     # One proxy per cluster: a cluster spread over several `serve --node` processes
     # must not start one in each (they would fight over proxy.listen).
     with_proxy = not args.node or args.proxy
+    if with_proxy:  # with curve on, the proxy's key must be there
+        from srw import security
+        security.role_credentials(config, "proxy")
     extra = [Child("proxy", "", child_argv("proxy", config))] if with_proxy else []
     return Supervisor(config, nodes, extra=extra).run()
 
 
-def _session(config: cfg.Config):
-    """The cluster, with the node's own limit on message size (Config.max_message)."""
+def _check_security(config: cfg.Config, node: cfg.NodeSettings) -> None:
+    from srw import security
+    security.check_listen(config, node)
+    security.role_credentials(config, "node")
+
+
+def _session(config: cfg.Config, args=None):
+    """The cluster, with the node's own limit on message size (Config.max_message),
+    and the client key of --key (default: [security] key)."""
     from storage.client import Session
-    return Session(config, max_message=config.max_message)
+    return Session(config, max_message=config.max_message, key=getattr(args, "client_key", None))
+
+
+def cmd_keys_init(args) -> int:
+    from srw import security
+    for name in ("server", "scripts", "proxy"):
+        _refuse_overwrite(args.dir, name)
+    for name in ("server", "scripts", "proxy"):
+        print(f"wrote {security.write_pair(args.dir, name)} and its public {name}.key")
+    print("next: srw keys new NAME --rights exec,read (a client); then [security] curve = true")
+    return 0
+
+
+def cmd_keys_new(args) -> int:
+    from srw import security
+    try:
+        rights = security.parse_rights(args.rights)
+    except ValueError as exc:
+        print(f"srw: --rights: {exc}", file=sys.stderr)
+        return 2
+    _refuse_overwrite(args.dir, args.name)
+    secret = security.write_pair(args.dir, args.name, rights)
+    print(f"wrote {secret} (give it to the client) and {args.name}.key beside it "
+          f"(rights: {','.join(rights) or 'none'})")
+    return 0
+
+
+def _refuse_overwrite(folder: str, name: str) -> None:
+    path = os.path.join(folder, f"{name}.key_secret")
+    if os.path.exists(path):
+        raise OSError(f"{path} exists; remove it first to make a new key pair")
 
 
 def cmd_exec(config: cfg.Config, args) -> int:
     data = read_data(args.data)
-    with _session(config) as session:
-        results = session.exec(args.name, data, args.code, id=args.id, key=args.key,
+    with _session(config, args) as session:
+        results = session.exec(args.name, data, args.code, id=args.id, key=args.for_key,
                                groups=parse_groups(args.groups), timeout=args.timeout)
     if args.json:
         print(json.dumps([r.to_json() for r in results]))
@@ -177,13 +252,13 @@ def _report(results, quiet_status: str = "") -> int:
 
 def cmd_write(config: cfg.Config, args) -> int:
     data = read_data(args.data)
-    with _session(config) as session:
+    with _session(config, args) as session:
         return _report(session.write(args.key, data))
 
 
 def cmd_read(config: cfg.Config, args) -> int:
     from storage.client import NotFound
-    with _session(config) as session:
+    with _session(config, args) as session:
         try:
             value = session.read(args.key)
         except NotFound as exc:
@@ -196,7 +271,7 @@ def cmd_read(config: cfg.Config, args) -> int:
 
 def cmd_remove(config: cfg.Config, args) -> int:
     from broker.protocol import NOT_FOUND
-    with _session(config) as session:
+    with _session(config, args) as session:
         results = session.remove(args.key)
     if all(r.status == NOT_FOUND for r in results):
         print(f"srw: key {args.key!r} not found in any group", file=sys.stderr)
@@ -205,7 +280,7 @@ def cmd_remove(config: cfg.Config, args) -> int:
 
 
 def cmd_status(config: cfg.Config, args) -> int:
-    with _session(config) as session:
+    with _session(config, args) as session:
         nodes = session.status()
     print(f"{'node':10} {'group':>5} {'workers':>7} {'busy':>5} {'queued':>6} "
           f"{'served':>9} {'restarts':>8} {'p50 us':>7} {'p99 us':>7}")
@@ -237,6 +312,11 @@ def cmd_broker(config: cfg.Config, args) -> int:
     setproctitle.setproctitle(f"srw: broker {node.name}")
     logs.setup(config.log, f"broker {node.name}", buffered=True)
     _supervised()
+    try:
+        _check_security(config, node)
+    except cfg.ConfigError as exc:
+        print(f"srw: node {node.name} refuses to start: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     os.makedirs(node.data_dir, exist_ok=True)
     Broker(config, node).run()
     return 0
@@ -274,6 +354,7 @@ def cmd_storage(config: cfg.Config, args) -> int:
     logs.setup(config.log, f"storage {node.name}")
     _supervised()
     try:
+        _check_security(config, node)
         os.makedirs(node.data_dir, exist_ok=True)
         storage = StorageNode(config, node)
     except Exception as exc:  # lmdb.Error, zmq.ZMQError (address in use), OSError

@@ -81,6 +81,19 @@ class NodeSettings:
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    """CurveZMQ on every front socket and rights per client (srw/security.py)."""
+    curve: bool = False
+    server_key: str = "keys/server.key_secret"    # the nodes' key pair
+    clients: str = "keys/clients"                 # public certificates of the clients
+    scripts_key: str = "keys/scripts.key_secret"  # the storage handle's: read, write
+    proxy_key: str = "keys/proxy.key_secret"      # the HTTP proxy's
+    proxy_rights: tuple[str, ...] = ("exec", "read", "write")  # never "code"
+    key: str = ""  # the key srw's own clients (CLI, Session) use with this config
+    rights: dict[str, tuple[str, ...]] = field(default_factory=dict)  # client -> rights
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
     file: str = ""
@@ -94,6 +107,7 @@ class Config:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     nodes: tuple[NodeSettings, ...] = ()
     log: LogSettings = field(default_factory=LogSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
     def node(self, name: str) -> NodeSettings:
         for node in self.nodes:
@@ -126,7 +140,8 @@ MIB = 1024 * 1024
 MESSAGE_HEADROOM = 64 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SECTIONS = {"pool": PoolSettings, "broker": BrokerSettings, "proxy": ProxySettings,
-            "log": LogSettings}
+            "log": LogSettings, "security": SecuritySettings}
+RIGHTS = ("exec", "code", "read", "write")
 
 
 def load(path: str | Path) -> Config:
@@ -171,6 +186,12 @@ def _build(cls, table, section: str, path: Path):
 
 
 def _coerce(value, hint, key: str, path: Path):
+    if typing.get_origin(hint) is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {key} must be a table")
+        return {_coerce(k, key_type, key, path): _coerce(v, value_type, f"{key}.{k}", path)
+                for k, v in value.items()}
     if typing.get_origin(hint) is tuple:
         item_type = typing.get_args(hint)[0]
         if not isinstance(value, list):
@@ -202,6 +223,15 @@ def _check(config: Config) -> None:
         (config.proxy.max_connections >= 1, "proxy.max_connections must be at least 1"),
         (config.broker.max_message >= 0, "broker.max_message must be 0 (derived) or more bytes"),
     ]
+    security = config.security
+    rules.append(("code" not in security.proxy_rights,
+                  "security.proxy_rights may not hold \"code\": HTTP clients never send "
+                  "script content"))
+    for who, rights in [("proxy_rights", security.proxy_rights),
+                        *((f"rights.{name}", r) for name, r in security.rights.items())]:
+        for right in rights:
+            rules.append((right in RIGHTS, f"security.{who}: unknown right {right!r} "
+                                           f"(rights: {', '.join(RIGHTS)})"))
     names = [n.name for n in config.nodes]
     rules.append((len(set(names)) == len(names), "node names must be unique"))
     for node in config.nodes:
@@ -246,5 +276,8 @@ def _resolve_paths(config: Config) -> Config:
 
     pool = dataclasses.replace(config.pool, history_dir=absolute(config.pool.history_dir))
     log = dataclasses.replace(config.log, file=absolute(config.log.file))
+    sec = config.security
+    security = dataclasses.replace(sec, **{k: absolute(getattr(sec, k)) for k in (
+        "server_key", "clients", "scripts_key", "proxy_key", "key")})
     nodes = tuple(dataclasses.replace(n, data_dir=absolute(n.data_dir)) for n in config.nodes)
-    return dataclasses.replace(config, pool=pool, log=log, nodes=nodes)
+    return dataclasses.replace(config, pool=pool, log=log, nodes=nodes, security=security)

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from broker.client import BrokerUnavailable, Client
+from srw import security
 from srw.config import Config, NodeSettings
 from storage.client import storage_ready
 
@@ -104,7 +105,8 @@ class Supervisor:
     def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
         pending = {n.name: n for n in self.nodes}
-        clients = {n.name: Client(n.broker, max_message=self.config.max_message)
+        curve = security.role_credentials(self.config, "node")
+        clients = {n.name: Client(n.broker, max_message=self.config.max_message, curve=curve)
                    for n in self.nodes}
         try:
             while pending:
@@ -117,7 +119,7 @@ class Supervisor:
                     except BrokerUnavailable:
                         continue
                     if status["workers"] >= self.config.pool.workers and \
-                            storage_ready(pending[name].storage):
+                            storage_ready(pending[name].storage, curve=curve):
                         node = pending.pop(name)
                         print(f"srw: node {name} ready: broker {node.broker}, "
                               f"{status['workers']} workers, group {node.group}", flush=True)

@@ -21,8 +21,10 @@ from pathlib import Path
 import zmq
 
 from broker import protocol as p
-from broker.client import CONNECT_WAIT, BrokerUnavailable, Client, Result, gather
+from broker.client import (CONNECT_WAIT, BrokerUnavailable, Client, Result, gather,
+                           unreachable_hint)
 from srw import config as cfg
+from srw import security
 
 from . import protocol as sp
 from .ring import Ring, id_hex, key_id, parse_id
@@ -69,10 +71,14 @@ class StorageClient:
     relays the broker's own messages."""
 
     def __init__(self, endpoint: str, name: str = "", group: int = 0,
-                 ctx: zmq.Context | None = None, max_message: int | None = None):
+                 ctx: zmq.Context | None = None, max_message: int | None = None,
+                 curve: security.Credentials | None = None):
         self.endpoint, self.name, self.group = endpoint, name, group
         self.max_message = max_message
+        self.curve = curve
         self._sock = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+        if curve is not None:
+            curve.apply(self._sock)
         for option, value in ((zmq.LINGER, 0), (zmq.RECONNECT_IVL, 50),
                               (zmq.RECONNECT_IVL_MAX, 1000), (zmq.SNDHWM, 100_000),
                               (zmq.RCVHWM, 100_000), (zmq.IMMEDIATE, 1),
@@ -95,7 +101,7 @@ class StorageClient:
         except zmq.Again:  # not connected (yet): wait a little for the connection
             if not self._sock.poll(int(CONNECT_WAIT * 1000), zmq.POLLOUT):
                 raise NodeUnavailable(f"cannot connect to storage node {self.endpoint}; "
-                                      "is the node running (srw serve)?") from None
+                                      f"{unreachable_hint(self.curve)}") from None
             p.send_frames(self._sock, frames, noblock=True)
         return rid, wait
 
@@ -160,9 +166,10 @@ def _unpack(result: Result) -> dict:
     return p.unpack_map(result.data)
 
 
-def storage_ready(endpoint: str, timeout: float = 0.5) -> bool:
+def storage_ready(endpoint: str, timeout: float = 0.5,
+                  curve: security.Credentials | None = None) -> bool:
     """Whether the storage front-end at `endpoint` answers a stat within `timeout`."""
-    with StorageClient(endpoint) as client:
+    with StorageClient(endpoint, curve=curve) as client:
         try:
             client.stat(timeout)
         except BrokerUnavailable:
@@ -170,10 +177,11 @@ def storage_ready(endpoint: str, timeout: float = 0.5) -> bool:
     return True
 
 
-def config_from_remote(endpoint: str, timeout: float = 5.0) -> cfg.Config:
+def config_from_remote(endpoint: str, timeout: float = 5.0,
+                       curve: security.Credentials | None = None) -> cfg.Config:
     """The cluster as the storage node at `endpoint` knows it (its ROUTES):
     how a client that knows one address finds every node, as Elliptics did."""
-    with StorageClient(endpoint) as client:
+    with StorageClient(endpoint, curve=curve) as client:
         nodes = client.routes(timeout)["nodes"]
     try:
         settings = tuple(cfg.NodeSettings(name=n["name"], group=n["group"],
@@ -187,14 +195,21 @@ def config_from_remote(endpoint: str, timeout: float = 5.0) -> cfg.Config:
 class Session:
     """The cluster as one client.  With `max_message` (srw's own callers pass
     ``Config.max_message``) its sockets take no larger message and an exec the
-    brokers could not take raises ValueError; by default there is no limit."""
+    brokers could not take raises ValueError; by default there is no limit.
+
+    CurveZMQ: ``key`` (the client's .key_secret) and ``server_key`` (the
+    server's public .key), or ``curve`` Credentials; by default the config's
+    ``[security] key`` when its curve is on (srw.security.client_credentials)."""
 
     def __init__(self, config: str | Path | cfg.Config = "config.toml",
-                 timeout: float | None = None, max_message: int | None = None):
+                 timeout: float | None = None, max_message: int | None = None,
+                 key: str | None = None, server_key: str | None = None,
+                 curve: security.Credentials | None = None):
         self.config = config if isinstance(config, cfg.Config) else cfg.load(config)
         self.ring = Ring(self.config)
         self.timeout = timeout
         self.max_message = max_message
+        self.curve = curve or security.client_credentials(self.config, key, server_key)
         self._brokers: dict[str, Client] = {}
         self._stores: dict[str, StorageClient] = {}
 
@@ -202,7 +217,7 @@ class Session:
         client = self._brokers.get(name)
         if client is None:
             client = Client(self.config.node(name).broker, timeout=self.timeout,
-                            max_message=self.max_message)
+                            max_message=self.max_message, curve=self.curve)
             self._brokers[name] = client
         return client
 
@@ -211,7 +226,7 @@ class Session:
         if client is None:
             node = self.config.node(name)
             client = StorageClient(node.storage, node.name, node.group,
-                                   max_message=self.max_message)
+                                   max_message=self.max_message, curve=self.curve)
             self._stores[name] = client
         return client
 

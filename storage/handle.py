@@ -20,6 +20,11 @@ Where the cluster is: the remotes given to ``add_remote`` (the first storage
 node that answers tells the whole cluster, as in Elliptics), else the config
 the node runs with (``SRW_CONFIG``, set by ``srw pool``), else
 ``./config.toml``, read when the handle is made (in the pool parent).
+
+With CurveZMQ on, the handle connects with the node's scripts key
+(``[security] scripts_key``, read here in the pool parent): it may read and
+write, nothing more.  Every script can see that key; it is no secret from
+them, and it opens nothing a script could not already do.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import os
 
 from broker import protocol as p
 from srw import config as cfg
+from srw import security
 
 from .client import (NodeUnavailable, Session, StorageError, StorageUnavailable,
                      config_from_remote)
@@ -53,11 +59,12 @@ class StorageHandle:
         self._use_groups: list[int] | None = None
         # Read the config now, in the pool parent: a sandboxed worker may not read
         # the config file (it holds the node's layout, which scripts must not see).
-        self._local, self._local_error = None, None
+        self._local, self._local_error, self._curve = None, None, None
         try:
             self._local = cfg.load(config or os.environ.get(ENV_CONFIG) or "config.toml")
-        except cfg.ConfigError as exc:
-            self._local_error = exc
+            self._curve = security.role_credentials(self._local, "scripts")
+        except cfg.ConfigError as exc:  # no config, or curve on and no scripts key
+            self._local, self._local_error = None, exc
 
     # Where the cluster is --------------------------------------------------------
 
@@ -77,7 +84,8 @@ class StorageHandle:
             cluster = self._cluster()
             # The node's own limit when its config is known; a remote's is not.
             limit = cluster.max_message if cluster is self._local else None
-            session = Session(cluster, timeout=self.timeout, max_message=limit)
+            session = Session(cluster, timeout=self.timeout, max_message=limit,
+                              curve=self._curve)
             self._use_groups = self._existing_groups(session)
             self._session, self._pid = session, os.getpid()
         return self._session
@@ -115,7 +123,7 @@ class StorageHandle:
         errors = []
         for endpoint in self.remotes:
             try:
-                return config_from_remote(endpoint, self.timeout or 5.0)
+                return config_from_remote(endpoint, self.timeout or 5.0, self._curve)
             except NodeUnavailable as exc:
                 errors.append(str(exc))
         raise StorageUnavailable("no remote answered: " + "; ".join(errors))

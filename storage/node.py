@@ -25,6 +25,7 @@ from pathlib import Path
 import zmq
 
 from broker import protocol as bp
+from srw import security
 from srw.config import Config, NodeSettings
 
 from . import protocol as sp
@@ -57,20 +58,21 @@ class Relay:
     plus RELAY_GRACE."""
 
     def __init__(self, ctx: zmq.Context, node: NodeSettings, default_timeout: float, reply,
-                 max_message: int):
+                 max_message: int, credentials: security.Credentials | None = None):
         self.node, self.default_timeout, self.reply = node, default_timeout, reply
         self.sock = _socket(ctx, zmq.DEALER, max_message)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 50)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a broker that is not there
+        if credentials is not None:  # the node's own key: the broker trusts what we relay
+            credentials.apply(self.sock)
         self.sock.connect(node.broker)
         self.pending: dict[bytes, tuple[bytes, bytes]] = {}   # hop rid -> (client, rid)
         self.deadlines: list[tuple[float, bytes]] = []
         self._ids = itertools.count()
 
-    def forward(self, frames: list[bytes]) -> None:
-        """[client, header, data] (a broker.protocol request) -> the broker, or ProtocolError."""
-        req = bp.FrontRequest.from_frames(frames)
+    def forward(self, req: bp.FrontRequest) -> None:
+        """A broker.protocol request -> the broker."""
         hop = next(self._ids).to_bytes(8, "little")
         try:
             bp.send_frames(self.sock, bp.request_frames(req.cmd, hop, req.meta, req.data),
@@ -127,11 +129,16 @@ class StorageNode:
         self.config, self.node = config, node
         self.store = Store(Path(node.data_dir) / "store", node.name, node.sync, node.max_value)
         self.ctx = ctx or zmq.Context()
+        # With curve: who may connect (ZAP) and what each client may do.
+        self.keyring = security.keyring(config)
         self.front = _socket(self.ctx, zmq.ROUTER, config.max_message)
         self.front.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if self.keyring is not None:
+            self.keyring.start(self.ctx)
+            self.keyring.secure(self.front)
         self.front.bind(node.storage)
         self.relay = Relay(self.ctx, node, config.broker.request_timeout, self.broker_reply,
-                           config.max_message)
+                           config.max_message, security.role_credentials(config, "node"))
         self.node_commands = {sp.STAT: self.stat, sp.ROUTES: self.routes}
         self.stopping = False
 
@@ -160,6 +167,8 @@ class StorageNode:
             if self.front in events:
                 self.serve_clients()
             self.relay.expire(time.monotonic())
+            if self.keyring is not None:
+                self.keyring.refresh()
             if self.stopping and stop_at is None:
                 stop_at = time.monotonic() + STOP_WAIT
         self.relay.answer_all(f"node {self.node.name} stopped")
@@ -179,25 +188,33 @@ class StorageNode:
         self.relay.close()
         self.front.close()
         self.store.close()
+        if self.keyring is not None:
+            self.keyring.stop()
 
     # Requests ----------------------------------------------------------------
 
     def serve_clients(self) -> None:
         batch: list[sp.StorageRequest] = []
-        front = self.front
-        while len(batch) < BATCH and (frames := bp.recv_frames_nowait(front)) is not None:
-            request = self.on_frames(frames)
+        front, user = self.front, None
+        while len(batch) < BATCH:
+            if self.keyring is None:
+                frames = bp.recv_frames_nowait(front)
+            else:  # with its sender's ZAP User-Id
+                frames, user = bp.recv_frames_from(front) or (None, None)
+            if frames is None:
+                break
+            request = self.on_frames(frames, user)
             if request is not None:
                 batch.append(request)
         if batch:
             for req, (status, data, error) in zip(batch, self.store.apply(batch)):
                 self.reply(req.client, req.rid, status, data, error)
 
-    def on_frames(self, frames: list[bytes]) -> sp.StorageRequest | None:
+    def on_frames(self, frames: list[bytes], user: str | None = None) -> sp.StorageRequest | None:
         """A data request for the batch; everything else is answered or relayed here."""
         try:
             if len(frames) == 3 and bp.is_front_request(frames[1]):
-                self.relay.forward(frames)
+                self.relay_exec(bp.FrontRequest.from_frames(frames), user)
                 return None
             req = sp.StorageRequest.from_frames(frames)
         except sp.ProtocolError as exc:
@@ -206,11 +223,29 @@ class StorageNode:
             self.reply(frames[0], sp.rid_of(frames), bp.BAD_REQUEST,
                        error=f"node {self.node.name}: bad request: {exc}")
             return None
+        if self.keyring is not None:
+            right = "write" if req.cmd in sp.MUTATING else "read"
+            refusal = self.keyring.refusal(user, (right,), req.name)
+            if refusal is not None:
+                self.reply(req.client, req.rid, bp.FORBIDDEN,
+                           error=f"node {self.node.name}: {refusal}")
+                return None
         handler = self.node_commands.get(req.cmd)
         if handler is None:
             return req
         self.reply(req.client, req.rid, bp.OK, bp.pack(handler()))
         return None
+
+    def relay_exec(self, req: bp.FrontRequest, user: str | None) -> None:
+        """An exec or status for the broker, once the caller's rights allow it."""
+        if self.keyring is not None:
+            needed, what = security.rights_for(req.cmd == bp.EXEC, req.meta)
+            refusal = self.keyring.refusal(user, needed, what)
+            if refusal is not None:
+                self.broker_reply(req.client, req.rid, bp.FORBIDDEN,
+                                  error=f"node {self.node.name}: {refusal}")
+                return
+        self.relay.forward(req)
 
     def stat(self) -> dict:
         return {"name": self.node.name, "group": self.node.group, **self.store.stats()}

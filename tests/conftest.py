@@ -23,6 +23,8 @@ import psutil
 import pytest
 
 from broker.client import BrokerUnavailable, Client
+from srw import security as sec
+from srw.config import RIGHTS
 
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 30.0
@@ -74,8 +76,16 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
 class Cluster:
     def __init__(self, root: Path, nodes: list[dict], pool: dict, broker: dict,
                  scripts: dict[str, str], init: str | None, proxy: dict | None = None,
-                 log_level: str = "info"):
+                 log_level: str = "info", security: dict | None = None):
         self.root = root
+        # CurveZMQ: the node's keys and an "admin" client with every right, which
+        # the harness itself uses (status, client()).
+        self.security = None
+        if security is not None:
+            for name in ("server", "scripts", "proxy"):
+                sec.write_pair(root / "keys", name)
+            self.add_client("admin", RIGHTS)
+            self.security = {"curve": True, **security}
         self.history = root / "history"
         self.history.mkdir()
         shipped = REPO / "history"
@@ -119,6 +129,10 @@ class Cluster:
         parts = [table("pool", self.pool), table("broker", self.broker),
                  table("proxy", self.proxy),
                  table("log", {"level": log_level, "file": str(self.log_file)})]
+        if self.security is not None:
+            parts.append(table("security", {k: v for k, v in self.security.items()
+                                            if k != "rights"}))
+            parts.append(table("security.rights", self.security.get("rights", {})))
         parts += [table("[node]", n) for n in self.nodes]
         return "\n".join(parts)
 
@@ -155,8 +169,20 @@ class Cluster:
             wait_until(ready, READY_TIMEOUT, f"node {node['name']} with {want} workers")
         self.track_tree()
 
+    def add_client(self, name: str, rights: tuple[str, ...] | None) -> Path:
+        """A client key pair in keys/clients; returns its .key_secret."""
+        return sec.write_pair(self.root / "keys" / "clients", name, rights)
+
+    def curve(self, client: str = "admin") -> sec.Credentials | None:
+        """A client's credentials, when the cluster runs with CurveZMQ."""
+        if self.security is None:
+            return None
+        keys = self.root / "keys"
+        return sec.Credentials.from_files(keys / "clients" / f"{client}.key_secret",
+                                          keys / "server.key")
+
     def status(self, node: str = "n1") -> dict | None:
-        with Client(self.node(node)["broker"]) as client:
+        with Client(self.node(node)["broker"], curve=self.curve()) as client:
             try:
                 return client.status(timeout=0.5)
             except BrokerUnavailable:
@@ -166,7 +192,7 @@ class Cluster:
         return next(n for n in self.nodes if n["name"] == name)
 
     def client(self, node: str = "n1", **kw) -> Client:
-        return Client(self.node(node)["broker"], **kw)
+        return Client(self.node(node)["broker"], **{"curve": self.curve(), **kw})
 
     def log(self) -> str:
         return self.log_file.read_text() if self.log_file.exists() else ""
@@ -253,11 +279,11 @@ def make_cluster(tmp_path):
     made: list[Cluster] = []
 
     def make(nodes=({"name": "n1"},), pool=None, broker=None, scripts=None, init=None,
-             proxy=None, log_level="info") -> Cluster:
+             proxy=None, log_level="info", security=None) -> Cluster:
         root = tmp_path / f"c{len(made)}"
         root.mkdir()
         cluster = Cluster(root, list(nodes), pool or {}, broker or {}, scripts or {}, init,
-                          proxy, log_level)
+                          proxy, log_level, security)
         made.append(cluster)
         return cluster
 
