@@ -133,18 +133,19 @@ def answers(client: Client) -> bool:
 
 def test_removing_a_certificate_locks_its_client_out_without_a_restart(cluster):
     secret = cluster.add_client("erin", ("exec", "read"))
-    keys = cluster.root / "keys"
-    curve = sec.Credentials.from_files(secret, keys / "server.key")
-    with Client(cluster.node("n1")["broker"], timeout=3, curve=curve) as client:
+    server_key = str(cluster.root / "keys" / "server.key")
+    with Client(cluster.node("n1")["broker"], timeout=3, key=str(secret),
+                server_key=server_key) as client:
         # Added while the node runs: admitted within the rescan, not after a restart.
         wait_until(lambda: answers(client), 5, "erin admitted")
-        (keys / "clients" / "erin.key").unlink()
+        (cluster.root / "keys" / "clients" / "erin.key").unlink()
         removed = time.monotonic()
         wait_until(lambda: client.exec("mark.py", b"k-erin").status == p.FORBIDDEN, 5,
                    "erin's open connection refused")
         assert time.monotonic() - removed < 5.0
         assert "not (or no longer) authorized" in client.exec("mark.py", b"k-erin").error
-    with Client(cluster.node("n2")["broker"], timeout=0.5, curve=curve) as fresh:
+    with Client(cluster.node("n2")["broker"], timeout=0.5, key=str(secret),
+                server_key=server_key) as fresh:
         with pytest.raises(BrokerUnavailable):
             fresh.exec("mark.py", b"k-erin")
 
