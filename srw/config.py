@@ -139,6 +139,9 @@ MIB = 1024 * 1024
 # headers, names, cookies.  max_message must leave at least this much room.
 MESSAGE_HEADROOM = 64 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Set by `srw serve` for its children: a nonce per start, which the broker's
+# status and the storage's stat repeat, so serve knows it hears its own nodes.
+START_ENV = "SRW_START"
 SECTIONS = {"pool": PoolSettings, "broker": BrokerSettings, "proxy": ProxySettings,
             "log": LogSettings, "security": SecuritySettings}
 RIGHTS = ("exec", "code", "read", "write")
@@ -216,7 +219,6 @@ def _check(config: Config) -> None:
         (config.broker.heartbeat_interval > 0, "broker.heartbeat_interval must be > 0 seconds"),
         (config.broker.liveness >= 2, "broker.liveness must be at least 2"),
         (config.log.level in LOG_LEVELS, f"log.level must be one of {', '.join(LOG_LEVELS)}"),
-        (":" in config.proxy.listen, "proxy.listen must be HOST:PORT"),
         (config.proxy.max_body > 0, "proxy.max_body must be > 0 bytes"),
         (config.proxy.header_timeout > 0, "proxy.header_timeout must be > 0 seconds"),
         (config.proxy.body_timeout > 0, "proxy.body_timeout must be > 0 seconds"),
@@ -232,8 +234,16 @@ def _check(config: Config) -> None:
         for right in rights:
             rules.append((right in RIGHTS, f"security.{who}: unknown right {right!r} "
                                            f"(rights: {', '.join(RIGHTS)})"))
+    rules.append(_address_rule("proxy.listen", config.proxy.listen, "HOST:PORT"))
     names = [n.name for n in config.nodes]
-    rules.append((len(set(names)) == len(names), "node names must be unique"))
+    twice = _repeated(names)
+    rules.append((not twice, f"node name {twice!r} is used twice; node names must be unique"))
+    endpoints = [(f"node {n.name}: {key}", getattr(n, key)) for n in config.nodes
+                 for key in ("storage", "broker")]
+    endpoints.append(("proxy.listen", f"tcp://{config.proxy.listen}"))
+    taken = _repeated([e for _, e in endpoints])
+    rules.append((not taken, f"{' and '.join(w for w, e in endpoints if e == taken)} "
+                             f"use the same address {taken}; give each its own"))
     for node in config.nodes:
         rules.append((node.name.isidentifier(), f"node name {node.name!r} must be a plain word"))
         rules.append((node.group >= 1, f"node {node.name}: group must be >= 1"))
@@ -243,6 +253,9 @@ def _check(config: Config) -> None:
                       "from 1000 up"))
         for key in ("storage", "broker"):
             endpoint = getattr(node, key)
+            if endpoint.startswith("tcp://"):
+                rules.append(_address_rule(f"node {node.name}: {key}", endpoint[len("tcp://"):],
+                                           "tcp://HOST:PORT"))
             rules.append((endpoint.startswith(("tcp://", "ipc://")),
                           f"node {node.name}: {key} must be a tcp:// or ipc:// address"))
         for hex_id in node.ids:
@@ -258,6 +271,23 @@ def _check(config: Config) -> None:
     for ok, message in rules:
         if not ok:
             raise ConfigError(f"{p}: {message}")
+
+
+def _repeated(items: list) -> object | None:
+    """The first item that occurs twice, or None."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
+
+
+def _address_rule(what: str, address: str, form: str) -> tuple[bool, str]:
+    """HOST:PORT with a port from 1 to 65535 ("*" for any host is allowed)."""
+    host, _, port = address.rpartition(":")
+    ok = bool(host) and port.isdigit() and 1 <= int(port) <= 65535
+    return ok, f"{what} is {address!r}: it must be {form} with a port from 1 to 65535"
 
 
 def _is_hex(text: str) -> bool:

@@ -46,7 +46,14 @@ def test_config_defaults_and_relative_paths(tmp_path):
     ("[bogus]\n" + NODE, "unknown section or key 'bogus'"),
     ("[pool]\n", "at least one [[node]]"),
     (NODE.replace('group = 1\n', ''), "needs key 'group'"),
-    (NODE + NODE, "node names must be unique"),
+    (NODE + NODE, "node name 'n1' is used twice"),
+    (NODE + NODE.replace("n1", "n2"), "node n1: storage and node n2: storage use the same "
+                                      "address tcp://127.0.0.1:1025"),
+    (NODE.replace("1025", "1O25"), "node n1: storage is '127.0.0.1:1O25': it must be "
+                                   "tcp://HOST:PORT with a port from 1 to 65535"),
+    (NODE.replace("1025", "70000"), "with a port from 1 to 65535"),
+    ("[proxy]\nlisten = '127.0.0.1'\n" + NODE, "proxy.listen is '127.0.0.1': it must be"),
+    ("[proxy]\nlisten = '127.0.0.1:1026'\n" + NODE, "node n1: broker and proxy.listen use"),
     (NODE.replace("tcp://127.0.0.1:1025", "127.0.0.1:1025"), "storage must be a tcp://"),
     ("[log]\nlevel = 'loud'\n" + NODE, "log.level must be one of"),
     ("[proxy]\nheader_timeout = 0\n" + NODE, "proxy.header_timeout must be > 0"),
