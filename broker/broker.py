@@ -37,7 +37,7 @@ import zmq
 from . import protocol as p
 from . import trust
 from srw import logs, security
-from srw.config import Config, NodeSettings
+from srw.config import START_ENV, Config, NodeSettings
 from srw.sched import CALM_AFTER, LoadScheduling
 
 log = logging.getLogger("srw.broker")
@@ -827,4 +827,5 @@ class Broker:
                 "workers": len(live),
                 "busy": sum(1 for w in live if w.jobs),
                 "queued": len(self.queue) + self.blocked, "served": self.served, "restarts": self.restarts,
-                "latency_us": {"p50": pct(0.5), "p99": pct(0.99)}}
+                "latency_us": {"p50": pct(0.5), "p99": pct(0.99)},
+                "start": os.environ.get(START_ENV, "")}

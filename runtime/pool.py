@@ -33,6 +33,7 @@ import psutil
 import setproctitle
 
 from broker import protocol as p
+from srw import logs
 from srw.config import MESSAGE_HEADROOM, Config, ConfigError, NodeSettings
 from srw.serve import EXIT_REFUSED  # python.init failed, bad profile, workers die at boot
 
@@ -138,7 +139,8 @@ class Pool:
         os.set_blocking(wake_w, False)
         self.wake_w = wake_w
         signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                    signal.SIGUSR1):
             signal.signal(sig, self._record_signal)
 
     def _record_signal(self, signum, frame) -> None:
@@ -146,6 +148,10 @@ class Pool:
             self.stopping = True
         elif signum == signal.SIGHUP:
             self.reload_requested = True
+        elif signum == signal.SIGUSR1:  # logrotate: our log file, and the workers'
+            logs.reopen()
+            for pid in list(self.pids):
+                self._signal(pid, signal.SIGUSR1)
 
     def spawn(self, slot: int) -> None:
         predecessor = self.predecessors.pop(slot, Predecessor())
@@ -181,6 +187,7 @@ class Pool:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, logs.on_reopen_signal)
         os.close(self.wake_r)
         os.close(self.wake_w)
 

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from srw import __version__
 from srw import config as cfg
 from srw import logs
 from srw.serve import EXIT_REFUSED
@@ -61,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--config", default="config.toml",
                      help="config file (default: ./config.toml)")
+    top.add_argument("--version", action="version", version=f"srw {__version__}")
     top.add_argument("--key", dest="client_key", default=None, metavar="FILE",
                      help="this client's CurveZMQ key, NAME.key_secret (default: the "
                           "config's [security] key)")
@@ -167,6 +169,7 @@ def cmd_serve(config: cfg.Config, args) -> int:
     allowed_groups(config)  # a bad [proxy] groups stops here, not in a restart loop
     logs.setup(config.log, "serve")
     nodes = [config.node(n) for n in args.node] if args.node else list(config.nodes)
+    _check_history(config)
     for node in nodes:  # bad keys or plain text off loopback: stop here, with the reason
         _check_security(config, node)
     for node in nodes:
@@ -178,7 +181,14 @@ def cmd_serve(config: cfg.Config, args) -> int:
         from srw import security
         security.role_credentials(config, "proxy")
     extra = [Child("proxy", "", child_argv("proxy", config))] if with_proxy else []
-    return Supervisor(config, nodes, extra=extra).run()
+    return Supervisor(config, nodes, extra=extra).run(with_proxy)
+
+
+def _check_history(config: cfg.Config) -> None:
+    if not os.path.isdir(config.pool.history_dir):
+        raise cfg.ConfigError(f"{config.path}: pool.history_dir {config.pool.history_dir} is "
+                              "not a directory; it holds python.init and the scripts clients "
+                              "name (create it, or point pool.history_dir at it)")
 
 
 def _check_security(config: cfg.Config, node: cfg.NodeSettings) -> None:
@@ -237,9 +247,22 @@ def cmd_exec(config: cfg.Config, args) -> int:
         sys.stdout.flush()
     failed = [r for r in results if not r.ok]
     for r in failed:
-        first = (r.error or "").strip().splitlines()[-1:] or [""]
-        print(f"srw: node {r.node} (group {r.group}): {r.status}: {first[0]}", file=sys.stderr)
+        print(f"srw: node {r.node} (group {r.group}): {r.status}: {summary(r.error or '')}",
+              file=sys.stderr)
     return 1 if failed else 0
+
+
+def summary(error: str) -> str:
+    """A script's traceback in one line: its last line, and where it was raised."""
+    lines = error.strip().splitlines()
+    if not lines:
+        return ""
+    frames = [line.strip() for line in lines if line.startswith('  File "')]
+    if not frames:
+        return lines[-1]
+    # '  File "/srv/history/name.py", line 3, in <module>' -> name.py, line 3
+    path, _, rest = frames[-1][len('File "'):].partition('", ')
+    return f"{lines[-1]} ({os.path.basename(path)}, {rest.split(', in ')[0]})"
 
 
 def _report(results, quiet_status: str = "") -> int:
@@ -296,7 +319,9 @@ def cmd_status(config: cfg.Config, args) -> int:
 
 
 def _supervised() -> None:
-    """Started by `srw serve`: die with it, never outlive it."""
+    """Started by `srw serve`: die with it, never outlive it.  SIGHUP reloads
+    only a pool (which sets its own handler); it must not stop the other roles."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     supervisor = os.environ.get("SRW_SUPERVISOR_PID")
     if supervisor:
         from runtime.sandbox import die_with_parent
@@ -330,6 +355,7 @@ def cmd_pool(config: cfg.Config, args) -> int:
     # Where python.init's storage handles find the cluster (storage.handle).
     os.environ["SRW_CONFIG"] = str(config.path)
     try:
+        _check_history(config)
         return pool.main(config, args.node)
     except cfg.ConfigError as exc:
         print(f"srw: node {node.name} refuses to start: {exc}", file=sys.stderr)

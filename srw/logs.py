@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -25,6 +26,9 @@ BUFFER_SECONDS = 0.2    # ... and no line waits longer than this for the next re
 # formatters (libelliptics_python's prints %(process)d) fail on a None.
 logging._srcfile = None
 logging.logMultiprocessing = False
+
+_FILE_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+_path = ""  # the [log] file this process writes, for `reopen`
 
 
 class LineHandler(logging.Handler):
@@ -87,9 +91,11 @@ def setup(settings: LogSettings, process: str, buffered: bool = False) -> None:
     """Log to [log] file (appended; lines from all processes interleave) or stderr.
 
     A `buffered` process must call `flush()` whenever it is about to wait."""
+    global _path
+    _path = settings.file
     if settings.file:
-        fd = os.open(settings.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                     0o644)
+        fd = os.open(settings.file, _FILE_FLAGS, 0o644)
+        signal.signal(signal.SIGUSR1, on_reopen_signal)
     else:
         fd = sys.stderr.fileno()
     root = logging.getLogger()
@@ -109,6 +115,28 @@ def retag(process: str, buffered: bool | None = None) -> None:
             f"%(asctime)s {process}[{os.getpid()}] %(levelname)s %(message)s"))
 
 
+def reopen() -> None:
+    """The log file again, under the same descriptor (logrotate moved the old
+    one away): what is buffered goes to the old file, what follows to the new."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, LineHandler)]
+    if not _path or not handlers:
+        return
+    try:
+        fd = os.open(_path, _FILE_FLAGS, 0o644)
+    except OSError as exc:
+        logging.getLogger("srw.logs").error("cannot reopen the log file %s: %s", _path, exc)
+        return
+    for handler in handlers:
+        handler.flush()
+        os.dup2(fd, handler.fd, inheritable=False)
+    os.close(fd)
+
+
+def on_reopen_signal(signum, frame) -> None:
+    """SIGUSR1 in every srw process that logs to a file: `reopen`."""
+    reopen()
+
+
 def flush() -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
@@ -120,6 +148,8 @@ def to_stderr(process: str) -> None:
     once in the zygote, its runners inherit it).  Handlers python.init gave its
     own loggers (log files, which the sandbox may not hold open) go there too,
     keeping their formats."""
+    global _path
+    _path = ""  # nothing here to reopen
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setFormatter(logging.Formatter(f"{process}[%(process)d] %(levelname)s %(message)s"))
     logging.getLogger().handlers[:] = [stderr]

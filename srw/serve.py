@@ -17,14 +17,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
+import psutil
+
 from broker.client import BrokerUnavailable, Client
-from srw import security
-from srw.config import Config, NodeSettings
+from srw import logs, security
+from srw.config import START_ENV, Config, NodeSettings
 from storage.client import storage_ready
 
 log = logging.getLogger("srw.serve")
@@ -47,13 +50,14 @@ class Child:
     argv: list[str]
     proc: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         return f"{self.role} {self.node}" if self.node else self.role
 
     def start(self) -> None:
-        env = dict(os.environ, **{SUPERVISOR_ENV: str(os.getpid())})
+        env = dict(os.environ, **{SUPERVISOR_ENV: str(os.getpid())}, **self.env)
         # Its own session, without the operator's terminal and with stdin from
         # /dev/null: Ctrl-C reaches the supervisor only, which stops the children
         # in order, and nothing below can push keystrokes into that terminal.
@@ -63,6 +67,19 @@ class Child:
     def signal(self, sig: int) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
+
+
+def _holder(port: int) -> str:
+    """Who listens on `port`, as far as this user may see; what to do."""
+    try:
+        for conn in psutil.net_connections("tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN \
+                    and conn.pid:
+                name = " ".join(psutil.Process(conn.pid).cmdline()).replace("\n", " ")[:60]
+                return f"pid {conn.pid} ({name}) listens on it; stop it or change the port"
+    except (psutil.Error, OSError):
+        pass
+    return "another process listens on it; stop it or change the port"
 
 
 def child_argv(role: str, config: Config, node: str = "") -> list[str]:
@@ -80,12 +97,19 @@ class Supervisor:
             self.children.append(Child("broker", node.name, child_argv("broker", config, node.name)))
             self.children.append(Child("pool", node.name, child_argv("pool", config, node.name)))
         self.children += list(extra)
+        self.start_id = os.urandom(8).hex()  # our children answer with it (START_ENV)
+        for child in self.children:
+            child.env[START_ENV] = self.start_id
         self.stopping = False
 
-    def run(self) -> int:
+    def run(self, with_proxy: bool = False) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        signal.signal(signal.SIGUSR1, self._on_reopen)
+        signal.signal(signal.SIGQUIT, self._on_quit)
         try:
+            self.check_ports(with_proxy)
             for child in self.children:
                 child.start()
             self.wait_ready()
@@ -101,6 +125,27 @@ class Supervisor:
 
     def _on_stop(self, signum, frame) -> None:
         self.stopping = True
+
+    def _on_reload(self, signum, frame) -> None:
+        """HUP: every pool runs python.init again and recycles its workers (a failing
+        python.init keeps the old ones); the other roles have nothing to reload."""
+        log.info("SIGHUP: reloading python.init in every pool")
+        for child in self.children:
+            if child.role == "pool":
+                child.signal(signal.SIGHUP)
+
+    def _on_reopen(self, signum, frame) -> None:
+        """USR1 (logrotate): every process opens the log file again."""
+        logs.reopen()
+        for child in self.children:
+            child.signal(signal.SIGUSR1)
+
+    def _on_quit(self, signum, frame) -> None:
+        """QUIT: stop at once, answering nothing more (TERM drains)."""
+        print("srw: SIGQUIT: stopping at once", file=sys.stderr, flush=True)
+        for child in self.children:
+            child.signal(signal.SIGKILL)
+        os._exit(0)  # the workers die with their pools (die_with_parent)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -118,11 +163,14 @@ class Supervisor:
                         status = clients[name].status(timeout=0.5)
                     except BrokerUnavailable:
                         continue
-                    if status["workers"] >= self.config.pool.workers and \
-                            storage_ready(pending[name].storage, curve=curve):
+                    if status.get("start") == self.start_id and \
+                            status["workers"] >= self.config.pool.workers and \
+                            storage_ready(pending[name].storage, curve=curve, start=self.start_id):
                         node = pending.pop(name)
-                        print(f"srw: node {name} ready: broker {node.broker}, "
-                              f"{status['workers']} workers, group {node.group}", flush=True)
+                        line = (f"node {name} ready: broker {node.broker}, "
+                                f"{status['workers']} workers, group {node.group}")
+                        print(f"srw: {line}", flush=True)
+                        log.info("%s", line)
                 if time.monotonic() > deadline:
                     raise StartError(f"nodes {', '.join(pending)} not ready within "
                                      f"{READY_TIMEOUT:.0f} s; see the log above")
@@ -130,6 +178,26 @@ class Supervisor:
         finally:
             for client in clients.values():
                 client.close()
+
+    def check_ports(self, with_proxy: bool) -> None:
+        """Every TCP address we are about to listen on is free: one taken by another
+        process stops us now, with one line, before a child fails on it."""
+        addresses = [(f"node {n.name}: {key}", getattr(n, key)[len("tcp://"):])
+                     for n in self.nodes for key in ("storage", "broker")
+                     if getattr(n, key).startswith("tcp://")]
+        if with_proxy:
+            addresses.append(("proxy.listen", self.config.proxy.listen))
+        for what, address in addresses:
+            host, port = address.rsplit(":", 1)
+            host = host.strip("[]")
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(("" if host == "*" else host, int(port)))
+                except OSError as exc:
+                    raise StartError(f"{what} {address}: cannot listen there ({exc.strerror}); "
+                                     f"{_holder(int(port))}") from None
 
     def watch_children(self) -> None:
         for child in self.children:

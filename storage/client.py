@@ -167,14 +167,15 @@ def _unpack(result: Result) -> dict:
 
 
 def storage_ready(endpoint: str, timeout: float = 0.5,
-                  curve: security.Credentials | None = None) -> bool:
-    """Whether the storage front-end at `endpoint` answers a stat within `timeout`."""
+                  curve: security.Credentials | None = None, start: str | None = None) -> bool:
+    """Whether the storage front-end at `endpoint` answers a stat within `timeout`
+    (and, given `start`, is the one `srw serve` started with that nonce)."""
     with StorageClient(endpoint, curve=curve) as client:
         try:
-            client.stat(timeout)
+            stat = client.stat(timeout)
         except BrokerUnavailable:
             return False
-    return True
+    return start is None or stat.get("start") == start
 
 
 def config_from_remote(endpoint: str, timeout: float = 5.0,

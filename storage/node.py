@@ -26,7 +26,7 @@ import zmq
 
 from broker import protocol as bp
 from srw import security
-from srw.config import Config, NodeSettings
+from srw.config import START_ENV, Config, NodeSettings
 
 from . import protocol as sp
 from .store import Store
@@ -248,7 +248,8 @@ class StorageNode:
         self.relay.forward(req)
 
     def stat(self) -> dict:
-        return {"name": self.node.name, "group": self.node.group, **self.store.stats()}
+        return {"name": self.node.name, "group": self.node.group, **self.store.stats(),
+                "start": os.environ.get(START_ENV, "")}
 
     def routes(self) -> dict:
         """The cluster as this node's config knows it: what a client bootstraps from."""

@@ -16,7 +16,7 @@ def test_exec_json_and_exit_codes(node):
     out = node.run("exec", "", "--code", "raise ValueError('nope')")
     assert out.returncode == 1
     assert out.stderr.decode().strip() == \
-        "srw: node n1 (group 1): script_error: ValueError: nope"
+        "srw: node n1 (group 1): script_error: ValueError: nope (<script content>, line 1)"
 
 
 def test_exec_reads_data_from_a_file(node, tmp_path):
