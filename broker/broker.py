@@ -277,10 +277,11 @@ class Broker:
         return sock
 
     def close(self) -> None:
-        """Close the sockets; remove the socket file and the token, if still ours."""
+        """Close the sockets; remove the socket file and the token, if still ours.
+        The last replies to clients still get up to STOP_LINGER to leave."""
         for sock in (self.front, self.back):
             if sock is not None:
-                sock.close()
+                sock.close(linger=int(p.STOP_LINGER * 1000) if sock is self.front else 0)
         if self.token:
             trust.remove_worker_files(self.node.workers_endpoint, self.token)
             self.token = b""

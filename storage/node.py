@@ -186,7 +186,7 @@ class StorageNode:
 
     def close(self) -> None:
         self.relay.close()
-        self.front.close()
+        self.front.close(linger=int(bp.STOP_LINGER * 1000))  # the last replies still leave
         self.store.close()
         if self.keyring is not None:
             self.keyring.stop()
