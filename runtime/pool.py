@@ -91,7 +91,7 @@ class Pool:
         self.profile = profiles.load(config.pool.profile, config.path.parent)
         self.uids = self._claim_uids()
         self.sandbox = Sandbox(self.profile, node, self.uids.first if self.uids else 0,
-                               self.size, config.pool.history_dir)
+                               self.size, config.pool.history_dir, cluster=config.nodes)
         self.slots = SlotTable(self.size)
         self.pids: dict[int, int] = {}                  # pid -> slot
         self.predecessors: dict[int, Predecessor] = {}  # slot -> who it replaces

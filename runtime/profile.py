@@ -32,7 +32,7 @@ class Profile:
     open_files: int = 256           # RLIMIT_NOFILE
     processes: int = 32             # RLIMIT_NPROC (per slot uid) and cgroup pids.max; threads count
     file_size_mb: int = 64          # RLIMIT_FSIZE
-    network: str = "none"           # none | local (the node's own storage and broker ports) | any
+    network: str = "none"           # none | local (own broker, every node's storage port) | any
     readable: tuple[str, ...] = ()  # paths the script may read (Landlock); "/" = everything
     writable: tuple[str, ...] = ()  # paths the script may write (Landlock); "/" = everything
     user: int = 0                   # when root: slot N of node k runs as uid user + 1000*k + N

@@ -99,13 +99,15 @@ def check(profile: Profile, features: Features) -> None:
             f"{'ABI %d' % features.landlock_abi if features.landlock_abi else 'no Landlock'}")
 
 
-def tcp_ports(node: NodeSettings) -> tuple[int, ...]:
-    """The node's own TCP endpoints (storage and broker): all `network = "local"` allows."""
+def tcp_ports(node: NodeSettings, cluster: tuple[NodeSettings, ...] = ()) -> tuple[int, ...]:
+    """What `network = "local"` allows: the node's own storage and broker, and the
+    storage of every node of the cluster (a script's store handle writes to every
+    group, as a 2011 script did)."""
     ports = []
-    for endpoint in (node.storage, node.broker):
+    for endpoint in (node.storage, node.broker, *(n.storage for n in cluster)):
         if endpoint.startswith("tcp://"):
             port = urllib.parse.urlsplit(endpoint).port
-            if port:
+            if port and port not in ports:
                 ports.append(port)
     return tuple(ports)
 
@@ -115,7 +117,8 @@ class Sandbox:
     fork isolation) or by the worker itself (isolation none: limits only)."""
 
     def __init__(self, profile: Profile, node: NodeSettings, uid_base: int, slots: int,
-                 history_dir: str, features: Features | None = None):
+                 history_dir: str, features: Features | None = None,
+                 cluster: tuple[NodeSettings, ...] = ()):
         self.profile = profile
         self.features = features or probe()
         check(profile, self.features)
@@ -133,7 +136,7 @@ class Sandbox:
         # kernel has it: a runner cannot signal its zygote or another slot's.
         if profile.uses_landlock or abi >= LANDLOCK_ABI_NEEDED:
             ports = None if profile.network == "any" else \
-                tcp_ports(node) if profile.network == "local" else ()
+                tcp_ports(node, cluster) if profile.network == "local" else ()
             readable = profile.readable + ((history_dir,) if profile.isolation == "copy" else ())
             self.ruleset = landlock.ruleset(abi, readable, profile.writable,
                                             profile.files_restricted, ports)

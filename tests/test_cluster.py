@@ -8,6 +8,21 @@ from storage.client import Session
 from conftest import kill_tree, wait_storage
 
 NODES = [{"name": "n1", "group": 1}, {"name": "n2", "group": 1}, {"name": "n3", "group": 2}]
+INIT = """
+from storage.handle import StorageHandle
+n = StorageHandle()
+"""
+# Under the default profile (network "local"), a script reaches every node's
+# storage (its handle writes every group), and no other node's broker.
+REPLICATE = """
+import socket
+n.write_data("from-a-script", b"in every group")
+try:
+    socket.create_connection(("127.0.0.1", {broker}), timeout=2).close()
+    __return_data = "reached another node's broker"
+except PermissionError:
+    __return_data = "denied"
+"""
 
 
 def key_owned_by(session: Session, name: str) -> str:
@@ -17,7 +32,8 @@ def key_owned_by(session: Session, name: str) -> str:
 
 
 def test_three_nodes_two_groups_route_replicate_and_survive_a_node(make_cluster):
-    cluster = make_cluster(nodes=NODES, pool={"workers": 1}, broker={"request_timeout": 3.0})
+    cluster = make_cluster(nodes=NODES, pool={"workers": 1}, broker={"request_timeout": 3.0},
+                           init=INIT)
     serves = {n["name"]: cluster.srw("serve", "--node", n["name"]) for n in NODES}
     cluster.wait_ready()
     wait_storage(cluster)
@@ -38,6 +54,13 @@ def test_three_nodes_two_groups_route_replicate_and_survive_a_node(make_cluster)
         assert [(r.node, r.group, r.status) for r in s.write(key, b"replicated")] == \
             [("n2", 1, "ok"), ("n3", 2, "ok")]
         assert s.read(key) == b"replicated"
+
+        n3_broker = cluster.node("n3")["broker"].rsplit(":", 1)[1]
+        [script] = s.exec("", code=REPLICATE.format(broker=n3_broker),
+                          key=key_owned_by(s, "n1"), groups=[1])
+        assert (script.node, script.status, script.data) == ("n1", "ok", b"denied"), script
+        assert s.read("from-a-script", groups=[2]) == b"in every group"
+        assert s.read("from-a-script", groups=[1]) == b"in every group"
 
         kill_tree(serves["n2"])  # its supervisor, storage, broker, pool and worker
         assert not cluster.processes("srw: storage n2")
