@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ import mfusepy
 from .client import Entry, FsClient, FsError
 
 BLOCK = 4096
+# fuse_main's status when its loop ended on SIGINT, SIGTERM or SIGHUP (libfuse3
+# helper.c: any non-zero loop result becomes 8); the mount is gone by then.
+ENDED_BY_SIGNAL = 8
 
 
 @dataclass
@@ -166,6 +170,13 @@ def mount(session_factory, mountpoint: str) -> int:
                       mountpoint)
     with session_factory() as session:
         operations = SrwOperations(FsClient(session))
-        mfusepy.FUSE(operations, mountpoint, foreground=True, nothreads=True,
-                     fsname="srw", default_permissions=False)
+        try:
+            mfusepy.FUSE(operations, mountpoint, foreground=True, nothreads=True,
+                         fsname="srw", default_permissions=False)
+        except RuntimeError as exc:   # fuse_main's non-zero status
+            if exc.args == (ENDED_BY_SIGNAL,):
+                return 0              # Ctrl-C or SIGTERM: libfuse has unmounted
+            print(f"srw: {mountpoint}: libfuse could not serve it (fuse_main: {exc}); "
+                  "its reason is on the line above", file=sys.stderr)
+            return 1
     return 0
