@@ -173,8 +173,8 @@ class FsClient:
             if result.status != p.UNAVAILABLE:
                 break
         if not result.ok:
-            raise FsError(errno.EIO, f"{path}: {result.status}: "
-                          f"{(result.error or '').strip().splitlines()[-1:]}")
+            last = (result.error or "").strip().splitlines()[-1:] or [""]
+            raise FsError(errno.EIO, f"{path}: {result.status}: {last[0]}")
         reply = msgpack.unpackb(result.data, raw=False)
         if reply["err"]:
             raise FsError(getattr(errno, reply["err"]), path)

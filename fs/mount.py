@@ -10,6 +10,8 @@ of the whole file and one exec for its size, at flush.  Ctrl-C or
 from __future__ import annotations
 
 import errno
+import functools
+import logging
 import os
 import stat
 import sys
@@ -18,12 +20,34 @@ from dataclasses import dataclass
 
 import mfusepy
 
+from broker.client import BrokerUnavailable
+from storage.client import StorageError
+
 from .client import Entry, FsClient, FsError
 
 BLOCK = 4096
+log = logging.getLogger("srw.fs.mount")
 # fuse_main's status when its loop ended on SIGINT, SIGTERM or SIGHUP (libfuse3
 # helper.c: any non-zero loop result becomes 8); the mount is gone by then.
 ENDED_BY_SIGNAL = 8
+
+
+def storage_errors_as_eio(cls):
+    """A node that does not answer is EIO to the caller (and a line in the log),
+    not the EINVAL mfusepy gives an OSError without an errno."""
+    def wrap(method):
+        @functools.wraps(method)
+        def call(self, path, *args):
+            try:
+                return method(self, path, *args)
+            except (StorageError, BrokerUnavailable) as exc:
+                log.error("%s %s: %s", method.__name__, path, exc)
+                raise FsError(errno.EIO, path) from None
+        return call
+    for name, method in list(vars(cls).items()):
+        if callable(method) and not name.startswith("_"):
+            setattr(cls, name, wrap(method))
+    return cls
 
 
 @dataclass
@@ -34,6 +58,7 @@ class OpenFile:
     dirty: bool = False
 
 
+@storage_errors_as_eio
 class SrwOperations(mfusepy.Operations):
     use_ns = True   # utimens in nanoseconds
 
@@ -97,8 +122,9 @@ class SrwOperations(mfusepy.Operations):
 
     # Files -------------------------------------------------------------------------
 
-    def create(self, path, mode, fi=None):
-        return self._open(path, self.fs.create(path, stat.S_IMODE(mode)), bytearray())
+    def create(self, path, mode, flags=0):
+        entry = self.fs.create(path, stat.S_IMODE(mode), exclusive=bool(flags & os.O_EXCL))
+        return self._open(path, entry, bytearray())
 
     def open(self, path, flags):
         entry = self.fs.stat(path)
@@ -168,6 +194,7 @@ def mount(session_factory, mountpoint: str) -> int:
     if not os.path.isdir(mountpoint):
         raise FsError(errno.ENOTDIR if os.path.exists(mountpoint) else errno.ENOENT,
                       mountpoint)
+    logging.basicConfig(level=logging.WARNING, format="srw mount: %(message)s")
     with session_factory() as session:
         operations = SrwOperations(FsClient(session))
         try:

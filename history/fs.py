@@ -114,10 +114,15 @@ def op_kill(ino, d, r):
     return {"err": ""}
 
 
+def same_entry(d, r):
+    """The entry at r["name"] if it is still r["ino"] (not replaced meanwhile)."""
+    old = d["e"].get(r["name"])
+    return old if old is not None and old[0] == r["ino"] else None
+
+
 def op_drop(ino, d, r):
     """rmdir, step 2, on the parent: forget the (dead) directory's entry."""
-    old = d["e"].get(r["name"])
-    if old is None or old[0] != r["ino"]:
+    if same_entry(d, r) is None:
         return {"err": "ENOENT"}
     del d["e"][r["name"]]
     save(ino, d)
@@ -125,8 +130,8 @@ def op_drop(ino, d, r):
 
 
 def op_setattr(ino, d, r):
-    old = d["e"].get(r["name"])
-    if old is None or old[0] != r["ino"]:
+    old = same_entry(d, r)
+    if old is None:
         return {"err": "ENOENT"}
     for field, index in (("size", SIZE), ("mode", MODE), ("mtime", MTIME)):
         if r.get(field) is not None:

@@ -108,7 +108,7 @@ class SrwTree:
 
 NAMES = ["a", "b", "c"]
 paths = st.lists(st.sampled_from(NAMES), min_size=1, max_size=3).map("/".join)
-RANDOM_OPS = settings(max_examples=6, stateful_step_count=30, deadline=None,
+RANDOM_OPS = settings(max_examples=20, stateful_step_count=30, deadline=None,
                       derandomize=True)
 
 

@@ -111,6 +111,24 @@ def test_a_half_done_rename_is_finished_by_the_next_reader(fs):
     assert fs.readdir("/dst") == {}
 
 
+def test_an_applied_rename_is_applied_once(fs):
+    """A client that died after `apply`: a second apply (a recoverer) must not
+    add the entry again, even after it moved on in the target."""
+    fs.mkdir("/once1")
+    fs.mkdir("/once2")
+    entry = fs.write_file("/once1/f", b"once")
+    src, dst = fs.stat("/once1").ino, fs.stat("/once2").ino
+    fs.call(src, "take", "/once1/f", name="f", iid="i2", to=dst, to_name="g",
+            replace_ino=None)
+    assert fs.call(dst, "apply", "", iid="i2", src=src)["result"] == ""
+    fs.rename("/once2/g", "/once2/h")
+    assert fs.call(dst, "apply", "", iid="i2", src=src)["result"] == ""
+    assert fs.readdir("/once2") == {"h": entry}
+    assert fs.readdir("/once1") == {}           # the reader finished it
+    assert not fs.directory(src)["i"] and not fs.directory(dst)["a"]
+    assert fs.readdir("/once2") == {"h": entry}
+
+
 def test_a_refused_rename_puts_the_entry_back(fs):
     fs.mkdir("/r1")
     fs.mkdir("/r2")

@@ -56,6 +56,16 @@ def mnt(cluster):
         assert proc.wait(15) == 0 and unmounted.returncode == 0, unmounted.stderr
 
 
+def in_threads(work, count: int) -> None:
+    """work(i) in `count` threads at once; each must finish within 60 s."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a thread is still running"
+
+
 def sh(script: str, cwd: Path) -> str:
     out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd,
                          capture_output=True, timeout=60)
@@ -88,14 +98,23 @@ def test_200_concurrent_creates_through_the_kernel(mnt):
     def create(i):
         for k in range(25):
             (mnt / "many" / f"f{i}-{k}").write_bytes(b"%d" % k)
-    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads)
+    in_threads(create, 8)
     assert sorted(os.listdir(mnt / "many")) == \
         sorted(f"f{i}-{k}" for i in range(8) for k in range(25))
+
+
+def test_exclusive_creates_of_one_name_have_one_winner(mnt):
+    (mnt / "excl").mkdir()
+    won = []
+
+    def create(i):
+        try:
+            os.close(os.open(mnt / "excl" / "one", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            won.append(i)
+        except FileExistsError:
+            pass
+    in_threads(create, 8)
+    assert len(won) == 1 and os.listdir(mnt / "excl") == ["one"]
 
 
 def test_renames_both_ways_through_the_kernel(mnt):
@@ -115,12 +134,7 @@ def test_renames_both_ways_through_the_kernel(mnt):
                 os.rename(src / name, dst / name)
             except FileNotFoundError:  # it is on the other side
                 pass
-    threads = [threading.Thread(target=shuffle, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads)
+    in_threads(shuffle, 4)
     found = os.listdir(left) + os.listdir(right)
     assert sorted(found) == sorted(files)
     for side in (left, right):
