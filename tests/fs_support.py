@@ -3,6 +3,7 @@ module, and one random-operations machine run against two trees at once."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from hypothesis import settings
@@ -29,6 +30,26 @@ def start_cluster(root: Path, groups: int) -> Cluster:
         cluster.stop()
         raise
     return cluster
+
+
+def in_threads(work, count: int) -> None:
+    """work(i) in `count` threads at once; each must finish within 60 s, and an
+    exception in any fails the caller."""
+    errors, start = [], threading.Barrier(count)
+
+    def run(i):
+        try:
+            start.wait(10)
+            work(i)
+        except Exception as exc:  # reported below, in the test's thread
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a thread is still running"
+    assert not errors, errors
 
 
 # Two trees driven by the same operations ------------------------------------------

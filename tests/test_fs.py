@@ -6,7 +6,6 @@ import errno
 import itertools
 import random
 import tempfile
-import threading
 from pathlib import Path
 
 import msgpack
@@ -16,7 +15,7 @@ from hypothesis.stateful import run_state_machine_as_test
 from fs.client import FsClient, FsError
 from storage.client import Session
 
-from fs_support import SameTree, LocalTree, RANDOM_OPS, SrwTree, start_cluster
+from fs_support import RANDOM_OPS, LocalTree, SameTree, SrwTree, in_threads, start_cluster
 
 THREADS = 8
 
@@ -34,30 +33,18 @@ def fs(cluster):
         yield FsClient(session)
 
 
-def in_threads(cluster, work, count: int = THREADS) -> None:
-    """Run work(fs, i) in `count` threads at once, each with its own Session."""
-    errors, start = [], threading.Barrier(count)
-
+def with_clients(cluster, work, count: int = THREADS) -> None:
+    """work(fs, i) in `count` threads at once, each with a Session of its own
+    (a Session is not thread-safe)."""
     def run(i):
-        try:
-            with Session(cluster.path) as session:
-                client = FsClient(session)
-                start.wait(10)
-                work(client, i)
-        except Exception as exc:  # reported below, in the test's thread
-            errors.append(exc)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a worker thread is still running"
-    assert not errors, errors
+        with Session(cluster.path) as session:
+            work(FsClient(session), i)
+    in_threads(run, count)
 
 
 def test_200_concurrent_creates_leave_200_entries_in_every_group(cluster, fs):
     fs.mkdir("/many")
-    in_threads(cluster, lambda c, i: [c.create(f"/many/f{i}-{k}", exclusive=True)
+    with_clients(cluster, lambda c, i: [c.create(f"/many/f{i}-{k}", exclusive=True)
                                       for k in range(200 // THREADS)])
     names = set(fs.readdir("/many"))
     assert names == {f"f{i}-{k}" for i in range(THREADS) for k in range(200 // THREADS)}
@@ -83,7 +70,7 @@ def test_concurrent_renames_both_ways_leave_each_file_in_one_place(cluster, fs):
                 client.rename(f"/{src}/{name}", f"/{dst}/{name}")
             except FsError as exc:  # another thread moved it first
                 assert exc.errno == errno.ENOENT
-    in_threads(cluster, shuffle, 6)
+    with_clients(cluster, shuffle, 6)
 
     left, right = fs.readdir("/left"), fs.readdir("/right")
     assert sorted([*left, *right]) == sorted(files)

@@ -8,14 +8,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
 from hypothesis.stateful import run_state_machine_as_test
 
 from conftest import wait_until
-from fs_support import RANDOM_OPS, LocalTree, SameTree, start_cluster
+from fs_support import RANDOM_OPS, LocalTree, SameTree, in_threads, start_cluster
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"),
@@ -54,16 +53,6 @@ def mnt(cluster):
         if unmounted.returncode:    # busy: detach it so nothing is left behind
             subprocess.run(["fusermount3", "-uz", str(where)], timeout=15)
         assert proc.wait(15) == 0 and unmounted.returncode == 0, unmounted.stderr
-
-
-def in_threads(work, count: int) -> None:
-    """work(i) in `count` threads at once; each must finish within 60 s."""
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a thread is still running"
 
 
 def sh(script: str, cwd: Path) -> str:
