@@ -14,12 +14,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages the tests and benches use: wget (the 2011 example),
-# redis-server (baseline in the benches), libseccomp2 (sandbox).
+# redis-server (baseline in the benches), libseccomp2 (sandbox), fuse3 and
+# libfuse3-3 (`srw mount`: fusermount3 and the library mfusepy loads).
 system-deps:
 	@if command -v apt-get >/dev/null && { ! command -v wget >/dev/null || \
-	    ! command -v redis-server >/dev/null || ! ldconfig -p | grep -q libseccomp.so.2; }; then \
+	    ! command -v redis-server >/dev/null || ! ldconfig -p | grep -q libseccomp.so.2 || \
+	    ! command -v fusermount3 >/dev/null || ! ldconfig -p | grep -q libfuse3.so.3; }; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	        wget redis-server libseccomp2 >/dev/null; fi
+	        wget redis-server libseccomp2 fuse3 libfuse3-3 >/dev/null; fi
 
 serve: system-deps $(STAMP)
 	$(VENV)/bin/srw serve --config config.toml

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -36,36 +35,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from common import free_port, wait_for  # noqa: E402
+from common import free_port, wait_for, write_config  # noqa: E402
 
 DATA = b"this is some data in POST request"
 REPLY = b"its nothing I can do for you without cookies: this is some data in POST request"
 IN_FLIGHT = 64
-
-
-def write_config(root: Path, workers: int, log_level: str) -> Path:
-    shutil.copytree(REPO / "history", root / "history")
-    path = root / "config.toml"
-    path.write_text(f"""
-[pool]
-workers = {workers}
-max_requests = 0   # no recycling mid-run: the CPU columns sum the live processes
-
-[proxy]
-listen = "127.0.0.1:{free_port()}"
-
-[[node]]
-name = "n1"
-group = 1
-storage = "tcp://127.0.0.1:{free_port()}"
-broker = "tcp://127.0.0.1:{free_port()}"
-data_dir = "var/n1"
-
-[log]
-level = "{log_level}"
-file = "{root / 'srw.log'}"
-""")
-    return path
 
 
 # The bare handler, run by a child process of the bench ------------------------------

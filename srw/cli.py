@@ -142,6 +142,9 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(role, parents=[common], help=text)
         p.add_argument("--node", required=True, metavar="NAME")
         p.set_defaults(func=func)
+
+    from fs.cli import register  # `srw fs ...` and `srw mount`
+    register(sub, common, _session)
     return top
 
 

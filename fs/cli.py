@@ -1,0 +1,118 @@
+"""``srw fs ...`` and ``srw mount``: registered by srw/cli.py through ``register``.
+
+A failed operation prints one line, ``srw: PATH: <strerror>``, and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import stat
+import sys
+import time
+
+from .client import Entry, FsClient, FsError
+
+
+def register(sub, common: argparse.ArgumentParser, session_factory) -> None:
+    """Add ``fs`` (with its commands) and ``mount`` to srw's subparsers;
+    `session_factory(config, args)` builds the Session (srw.cli._session: --key)."""
+    fs = sub.add_parser("fs", parents=[common], help="the cluster as directories and files")
+    cmds = fs.add_subparsers(dest="fs_command", required=True, metavar="FS_COMMAND")
+    for name, text, func, nargs in COMMANDS:
+        cmd = cmds.add_parser(name, parents=[common], help=text)
+        cmd.add_argument("paths", nargs=nargs, metavar="PATH")
+        if name == "ls":
+            cmd.add_argument("-l", dest="long", action="store_true", help="mode, size, mtime")
+        cmd.set_defaults(func=_run(func, session_factory))
+    mount = sub.add_parser("mount", parents=[common], help="mount the tree with FUSE",
+                           description="Mount the cluster's tree at MOUNTPOINT in the "
+                           "foreground; Ctrl-C or fusermount3 -u MOUNTPOINT unmounts.")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mount.set_defaults(func=_mount(session_factory))
+
+
+def _run(func, session_factory):
+    def command(config, args) -> int:
+        with session_factory(config, args) as session:
+            return _one_line(lambda: func(FsClient(session), args) or 0)
+    return command
+
+
+def _mount(session_factory):
+    def command(config, args) -> int:
+        from .mount import mount
+        return _one_line(lambda: mount(lambda: session_factory(config, args), args.mountpoint))
+    return command
+
+
+def _one_line(call) -> int:
+    """Run `call`; an FsError becomes ``srw: PATH: <strerror>`` and exit status 1."""
+    try:
+        return call()
+    except FsError as exc:
+        print(f"srw: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+def cmd_mkdir(fs: FsClient, args) -> None:
+    for path in args.paths:
+        fs.mkdir(path)
+
+
+def cmd_rmdir(fs: FsClient, args) -> None:
+    for path in args.paths:
+        fs.rmdir(path)
+
+
+def cmd_rm(fs: FsClient, args) -> None:
+    for path in args.paths:
+        fs.unlink(path)
+
+
+def cmd_mv(fs: FsClient, args) -> None:
+    fs.rename(*args.paths)
+
+
+def cmd_put(fs: FsClient, args) -> None:
+    """put LOCAL PATH: a local file (- for stdin) into the tree."""
+    local, path = args.paths
+    try:
+        data = sys.stdin.buffer.read() if local == "-" else open(local, "rb").read()
+    except OSError as exc:
+        raise FsError(exc.errno, local) from None
+    fs.write_file(path, data)
+
+
+def cmd_get(fs: FsClient, args) -> None:
+    """get PATH: the file's contents on stdout."""
+    sys.stdout.buffer.write(fs.read_file(args.paths[0]))
+    sys.stdout.flush()
+
+
+def cmd_stat(fs: FsClient, args) -> None:
+    for path in args.paths:
+        print(f"{path}: {describe(fs.stat(path))}")
+
+
+def cmd_ls(fs: FsClient, args) -> None:
+    for path in args.paths or ["/"]:
+        entry = fs.stat(path)
+        listing = fs.readdir(path) if entry.is_dir else {path.rsplit("/", 1)[-1]: entry}
+        for name in sorted(listing):
+            print(f"{describe(listing[name])} {name}" if args.long else name)
+
+
+def describe(entry: Entry) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.mtime))
+    return f"{stat.filemode(entry.st_mode)} {entry.size:>10} {when}"
+
+
+COMMANDS = (
+    ("mkdir", "make directories", cmd_mkdir, "+"),
+    ("rmdir", "remove empty directories", cmd_rmdir, "+"),
+    ("ls", "list directories (-l: mode, size, mtime)", cmd_ls, "*"),
+    ("put", "put LOCAL PATH: store a local file (- for stdin)", cmd_put, 2),
+    ("get", "get PATH: print a file's contents", cmd_get, 1),
+    ("rm", "remove files", cmd_rm, "+"),
+    ("mv", "mv OLD NEW: rename, within or across directories", cmd_mv, 2),
+    ("stat", "mode, size and mtime of paths", cmd_stat, "+"),
+)

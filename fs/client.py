@@ -1,0 +1,287 @@
+"""``FsClient``: a POSIX-like tree of directories and files over a ``Session``.
+
+Paths are resolved by reading directory objects (no lock: each is written
+whole); every change is one exec of ``history/fs.py`` on the directory it
+changes (``key="fs:d:<ino>"``, so the node's per-id lock serializes the
+changes to one directory).  The format and the rename protocol are in that
+script's header.  Errors are ``FsError``, an OSError with the usual errno.
+
+    with Session(config) as session:
+        fs = FsClient(session)
+        fs.mkdir("/a")
+        fs.write_file("/a/f", b"hello")
+        fs.rename("/a/f", "/g")
+        fs.readdir("/")          # {"a": Entry(...), "g": Entry(...)}
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from typing import NamedTuple
+
+import msgpack
+
+from broker import protocol as p
+from storage.client import NotFound, Session
+
+__all__ = ["FsClient", "FsError", "Entry", "ROOT", "SCRIPT"]
+
+SCRIPT = "fs.py"
+ROOT = "root"
+DIR, DATA = "fs:d:", "fs:f:"
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+class FsError(OSError):
+    """An operation's errno, with the path it concerns."""
+
+    def __init__(self, code: int, path: str):
+        super().__init__(code, os.strerror(code), path)
+
+
+class Entry(NamedTuple):
+    ino: str
+    kind: str          # "f" or "d"
+    mode: int          # permission bits
+    size: int
+    mtime: float
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "d"
+
+    @property
+    def st_mode(self) -> int:
+        return (stat.S_IFDIR if self.is_dir else stat.S_IFREG) | self.mode
+
+
+ROOT_ENTRY = Entry(ROOT, "d", 0o755, 0, 0.0)
+
+
+def split_path(path: str) -> list[str]:
+    """The path's components, ``.`` and ``..`` resolved; EINVAL, ENAMETOOLONG or
+    ENOENT (``..`` above the root) for a path no directory could hold."""
+    if "\0" in path:
+        raise FsError(errno.EINVAL, path)
+    if len(path.encode("utf-8", "surrogateescape")) > PATH_MAX:
+        raise FsError(errno.ENAMETOOLONG, path)
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise FsError(errno.ENOENT, path)   # would leave the filesystem
+            parts.pop()
+            continue
+        try:
+            size = len(part.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise FsError(errno.EINVAL, path) from None
+        if size > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG, path)
+        parts.append(part)
+    return parts
+
+
+def new_ino() -> str:
+    return os.urandom(8).hex()
+
+
+class FsClient:
+    """The tree of one cluster.  Not thread-safe (one Session)."""
+
+    def __init__(self, session: Session, script: str = SCRIPT):
+        self.session, self.script = session, script
+        self.groups = sorted(session.ring.groups)   # execs go to the first that answers
+
+    # Reading ---------------------------------------------------------------------
+
+    def directory(self, ino: str) -> dict:
+        """A directory's object as last written (an absent one is empty)."""
+        try:
+            return msgpack.unpackb(self.session.read(DIR + ino), raw=False)
+        except NotFound:
+            return {"e": {}, "i": {}, "a": {}, "dead": False}
+
+    def walk(self, path: str, follow_last: bool = True) -> tuple[list[str], Entry]:
+        """(components, entry) of an existing path; ENOENT / ENOTDIR on the way."""
+        parts = split_path(path)
+        entry = ROOT_ENTRY
+        for part in parts if follow_last else parts[:-1]:
+            if not entry.is_dir:
+                raise FsError(errno.ENOTDIR, path)
+            raw = self._entries(entry.ino, path).get(part)
+            if raw is None:
+                raise FsError(errno.ENOENT, path)
+            entry = Entry(*raw)
+        return parts, entry
+
+    def _entries(self, ino: str, path: str) -> dict:
+        d = self.directory(ino)
+        if d["dead"]:
+            raise FsError(errno.ENOENT, path)
+        return d["e"]
+
+    def parent(self, path: str) -> tuple[Entry, str]:
+        """(parent directory entry, last name) of a path that may not exist yet."""
+        parts, parent = self.walk(path, follow_last=False)
+        if not parts:
+            raise FsError(errno.EEXIST, path)       # the root itself
+        if not parent.is_dir:
+            raise FsError(errno.ENOTDIR, path)
+        return parent, parts[-1]
+
+    def stat(self, path: str) -> Entry:
+        return self.walk(path)[1]
+
+    def readdir(self, path: str) -> dict[str, Entry]:
+        """Name -> Entry; half-done renames out of this directory are finished first."""
+        entry = self.stat(path)
+        if not entry.is_dir:
+            raise FsError(errno.ENOTDIR, path)
+        d = self.directory(entry.ino)
+        if d["i"]:
+            self.recover(entry.ino, d["i"])
+            d = self.directory(entry.ino)
+        if d["dead"]:
+            raise FsError(errno.ENOENT, path)
+        return {name: Entry(*raw) for name, raw in d["e"].items()}
+
+    def read_file(self, path: str) -> bytes:
+        entry = self.stat(path)
+        if entry.is_dir:
+            raise FsError(errno.EISDIR, path)
+        return self.read_data(entry.ino)
+
+    def read_data(self, ino: str) -> bytes:
+        try:
+            return self.session.read(DATA + ino)
+        except NotFound:
+            return b""     # never written: empty
+
+    # Changing ----------------------------------------------------------------------
+
+    def call(self, ino: str, op: str, path: str, /, **args) -> dict:
+        """One exec of the script on directory `ino`; its errno raised as FsError."""
+        data = msgpack.packb({"op": op, "dir": ino, **args})
+        result = None
+        for group in self.groups:
+            result = self.session.exec(self.script, data, key=DIR + ino, groups=[group])[0]
+            if result.status != p.UNAVAILABLE:
+                break
+        if not result.ok:
+            last = (result.error or "").strip().splitlines()[-1:] or [""]
+            raise FsError(errno.EIO, f"{path}: {result.status}: {last[0]}")
+        reply = msgpack.unpackb(result.data, raw=False)
+        if reply["err"]:
+            raise FsError(getattr(errno, reply["err"]), path)
+        return reply
+
+    def mkdir(self, path: str, mode: int = 0o755) -> Entry:
+        parent, name = self.parent(path)
+        entry = Entry(new_ino(), "d", mode & 0o7777, 0, time.time())
+        self.call(parent.ino, "mkdir", path, name=name, entry=list(entry))
+        return entry
+
+    def create(self, path: str, mode: int = 0o644, exclusive: bool = False) -> Entry:
+        """The file at `path`, made empty if it did not exist (EEXIST if `exclusive`)."""
+        parent, name = self.parent(path)
+        entry = [new_ino(), "f", mode & 0o7777, 0, time.time()]
+        reply = self.call(parent.ino, "create", path, name=name, entry=entry,
+                          excl=exclusive)
+        return Entry(*reply["entry"])
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> Entry:
+        """Create or replace the file's contents: data first, then its size."""
+        entry = self.create(path, mode)
+        return self.write_data(path, entry, data)
+
+    def write_data(self, path: str, entry: Entry, data: bytes) -> Entry:
+        failed = [r for r in self.session.write(DATA + entry.ino, bytes(data)) if not r.ok]
+        if len(failed) == len(self.groups):
+            raise FsError(errno.EIO, f"{path}: {failed[0].status}: {failed[0].error}")
+        return self.setattr(path, entry, size=len(data), mtime=time.time())
+
+    def setattr(self, path: str, entry: Entry, **fields) -> Entry:
+        parent, name = self.parent(path)
+        reply = self.call(parent.ino, "setattr", path, name=name, ino=entry.ino, **fields)
+        return Entry(*reply["entry"])
+
+    def unlink(self, path: str) -> None:
+        parent, name = self.parent(path)
+        self.call(parent.ino, "unlink", path, name=name)
+
+    def rmdir(self, path: str) -> None:
+        """Mark the directory dead if empty (no create can land in it after),
+        then drop its entry from the parent."""
+        parent, name = self.parent(path)
+        entry = self.stat(path)
+        if not entry.is_dir:
+            raise FsError(errno.ENOTDIR, path)
+        self.call(entry.ino, "kill", path)
+        self.call(parent.ino, "drop", path, name=name, ino=entry.ino)
+
+    def rename(self, old: str, new: str) -> None:
+        src_parent, name = self.parent(old)
+        dst_parent, to_name = self.parent(new)
+        entry = self.stat(old)
+        if entry.is_dir:
+            self._refuse_cycle(new, entry)
+        replace_ino = self._replaceable(new, entry)
+        if src_parent.ino == dst_parent.ino:
+            self.call(src_parent.ino, "rename", old, name=name, to_name=to_name,
+                      replace_ino=replace_ino)
+            return
+        iid = new_ino() + new_ino()
+        self.call(src_parent.ino, "take", old, name=name, iid=iid, to=dst_parent.ino,
+                  to_name=to_name, replace_ino=replace_ino)
+        rejected = self.recover(src_parent.ino, {iid: [name, list(entry), dst_parent.ino,
+                                                       to_name, replace_ino]})[iid]
+        if rejected:
+            raise FsError(getattr(errno, rejected), new)
+
+    def _replaceable(self, new: str, entry: Entry) -> str | None:
+        """The ino of an empty directory at `new` that the move may replace (made
+        dead first, so nothing lands in it); the errno when it cannot be replaced."""
+        try:
+            target = self.stat(new)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+        if not target.is_dir or target.ino == entry.ino:
+            if entry.is_dir and not target.is_dir:
+                raise FsError(errno.ENOTDIR, new)
+            return None
+        if not entry.is_dir:
+            raise FsError(errno.EISDIR, new)
+        self.call(target.ino, "kill", new)
+        return target.ino
+
+    def _refuse_cycle(self, new: str, entry: Entry) -> None:
+        """A directory cannot move into itself.  Checked here, not under a lock:
+        two concurrent moves of directories into each other are not refused."""
+        parts = split_path(new)[:-1]
+        node = ROOT_ENTRY
+        for part in parts:
+            raw = self.directory(node.ino)["e"].get(part)
+            if raw is None:
+                return
+            node = Entry(*raw)
+            if node.ino == entry.ino:
+                raise FsError(errno.EINVAL, new)
+
+    def recover(self, src: str, intents: dict) -> dict[str, str]:
+        """Finish renames out of directory `src`: apply on the target, drop the
+        intent (putting the entry back if the target refused), forget.  Returns
+        each intent's errno name ("" when applied or already finished)."""
+        results = {}
+        for iid, (_name, _entry, to, _to_name, _replace) in intents.items():
+            result = self.call(to, "apply", "", iid=iid, src=src)["result"]
+            self.call(src, "finish", "", iid=iid, rejected=bool(result))
+            self.call(to, "forget", "", iid=iid)
+            results[iid] = result or ""
+        return results

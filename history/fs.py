@@ -1,0 +1,209 @@
+# Directories as server-side scripts: one op on one directory per exec.
+#
+# The client (fs/client.py) execs this script with key="fs:d:<ino>" of the
+# directory it changes, in one group, so the node's per-id lock serializes
+# every change to that directory; the script reads the directory object, changes
+# it and writes it back to every group through `fs_store` (python.init).  A
+# script never execs and never waits for another directory's lock: it only
+# reads other directories' objects, which are written whole, so a read sees one
+# version or the next.
+#
+# Request (msgpack map): {"op": OP, "dir": INO, ...args}.  Reply (msgpack map):
+# {"err": ""} or {"err": "ENOENT"} (an errno name), plus op results.
+#
+# Directory object under "fs:d:<ino>" (absent = empty directory):
+#   {"e": {name: [ino, kind "f"|"d", mode, size, mtime]},
+#    "i": {iid: [name, entry, to_ino, to_name, replace_ino]}   renames out, half done
+#    "a": {iid: err}                                            renames in, applied
+#    "dead": bool}                                              removed (rmdir)
+# File contents live under "fs:f:<ino>", never moved by a rename.
+#
+# Rename across directories, S/name -> T/to_name (intent id `iid`, random):
+#   1. take   on S: move the entry out of S's entries into S's intents, in one write.
+#   2. apply  on T: if S no longer holds the intent (read, no lock), or T already
+#      recorded iid, do nothing; else add the entry (or reject with an errno) and
+#      record iid in T's applied set, in one write.
+#   3. finish on S: drop the intent; if T rejected it, put the entry back.
+#   4. forget on T: drop iid from T's applied set.
+# Steps 2-4 are the recovery too: anyone who sees an intent in S (a reader, a
+# later rename) runs them again.  Why the entry is never lost nor doubled: it is
+# always in exactly one of S's entries, S's intents or T's entries.  Step 2 adds
+# it to T at most once: while S holds the intent, T's applied record stops a
+# second apply; once step 3 has dropped the intent, step 2 sees it gone in S.
+# Step 4 only runs after step 3, so no apply can find neither.  Each step is
+# one exec holding one lock, so opposite renames never deadlock.
+import msgpack
+
+DIR, DATA = "fs:d:", "fs:f:"
+KIND, SIZE, MODE, MTIME = 1, 3, 2, 4
+
+
+def load(ino):
+    try:
+        return msgpack.unpackb(fs_store.read_data(DIR + ino), raw=False)
+    except KeyError:
+        return {"e": {}, "i": {}, "a": {}, "dead": False}
+
+
+def save(ino, d):
+    fs_store.write_data(DIR + ino, msgpack.packb(d))
+
+
+def conflict(d, to_name, entry, replace_ino):
+    """The errno a move of `entry` onto `to_name` gets, "" when it may go."""
+    old = d["e"].get(to_name)
+    if old is None or old[0] == entry[0]:
+        return ""
+    if old[KIND] == "d":
+        if entry[KIND] != "d":
+            return "EISDIR"
+        return "" if old[0] == replace_ino else "ENOTEMPTY"
+    return "ENOTDIR" if entry[KIND] == "d" else ""
+
+
+def put(d, to_name, entry):
+    """Place `entry` at `to_name`; a file it replaces loses its contents."""
+    old = d["e"].get(to_name)
+    if old is not None and old[KIND] == "f" and old[0] != entry[0]:
+        fs_store.remove(DATA + old[0])
+    d["e"][to_name] = entry
+
+
+def op_mkdir(ino, d, r):
+    if d["dead"]:
+        return {"err": "ENOENT"}
+    if r["name"] in d["e"]:
+        return {"err": "EEXIST"}
+    d["e"][r["name"]] = r["entry"]
+    save(ino, d)
+    return {"err": ""}
+
+
+def op_create(ino, d, r):
+    if d["dead"]:
+        return {"err": "ENOENT"}
+    old = d["e"].get(r["name"])
+    if old is not None:
+        if r["excl"]:
+            return {"err": "EEXIST"}
+        return {"err": "EISDIR"} if old[KIND] == "d" else {"err": "", "entry": old}
+    d["e"][r["name"]] = r["entry"]
+    save(ino, d)
+    return {"err": "", "entry": r["entry"]}
+
+
+def op_unlink(ino, d, r):
+    old = d["e"].get(r["name"])
+    if old is None:
+        return {"err": "ENOENT"}
+    if old[KIND] == "d":
+        return {"err": "EISDIR"}
+    del d["e"][r["name"]]
+    save(ino, d)
+    fs_store.remove(DATA + old[0])
+    return {"err": ""}
+
+
+def op_kill(ino, d, r):
+    """rmdir, step 1, on the directory itself: refuse new entries from now on."""
+    if d["e"] or d["i"]:
+        return {"err": "ENOTEMPTY"}
+    if not d["dead"]:
+        d["dead"] = True
+        save(ino, d)
+    return {"err": ""}
+
+
+def same_entry(d, r):
+    """The entry at r["name"] if it is still r["ino"] (not replaced meanwhile)."""
+    old = d["e"].get(r["name"])
+    return old if old is not None and old[0] == r["ino"] else None
+
+
+def op_drop(ino, d, r):
+    """rmdir, step 2, on the parent: forget the (dead) directory's entry."""
+    if same_entry(d, r) is None:
+        return {"err": "ENOENT"}
+    del d["e"][r["name"]]
+    save(ino, d)
+    return {"err": ""}
+
+
+def op_setattr(ino, d, r):
+    old = same_entry(d, r)
+    if old is None:
+        return {"err": "ENOENT"}
+    for field, index in (("size", SIZE), ("mode", MODE), ("mtime", MTIME)):
+        if r.get(field) is not None:
+            old[index] = r[field]
+    save(ino, d)
+    return {"err": "", "entry": old}
+
+
+def op_rename(ino, d, r):
+    """Within one directory: one write, atomic."""
+    entry = d["e"].get(r["name"])
+    if entry is None:
+        return {"err": "ENOENT"}
+    err = conflict(d, r["to_name"], entry, r.get("replace_ino"))
+    if err or r["name"] == r["to_name"]:
+        return {"err": err}
+    del d["e"][r["name"]]
+    put(d, r["to_name"], entry)
+    save(ino, d)
+    return {"err": ""}
+
+
+def op_take(ino, d, r):
+    entry = d["e"].pop(r["name"], None)
+    if entry is None:
+        return {"err": "ENOENT"}
+    d["i"][r["iid"]] = [r["name"], entry, r["to"], r["to_name"], r.get("replace_ino")]
+    save(ino, d)
+    return {"err": ""}
+
+
+def op_apply(ino, d, r):
+    iid = r["iid"]
+    if iid in d["a"]:
+        return {"err": "", "result": d["a"][iid]}
+    intent = load(r["src"])["i"].get(iid)
+    if intent is None:                      # finished and dropped already
+        return {"err": "", "result": None}
+    name, entry, _to, to_name, replace_ino = intent
+    err = "ENOENT" if d["dead"] else conflict(d, to_name, entry, replace_ino)
+    if not err:
+        put(d, to_name, entry)
+    d["a"][iid] = err
+    save(ino, d)
+    return {"err": "", "result": err}
+
+
+def op_finish(ino, d, r):
+    intent = d["i"].pop(r["iid"], None)
+    if intent is None:
+        return {"err": ""}
+    if r["rejected"]:                       # put it back, under another name if taken
+        name, entry = intent[0], intent[1]
+        if name in d["e"]:
+            name = "%s.srw-restored-%s" % (name, r["iid"][:8])
+        d["e"][name] = entry
+    save(ino, d)
+    return {"err": ""}
+
+
+def op_forget(ino, d, r):
+    if r["iid"] in d["a"]:
+        del d["a"][r["iid"]]
+        save(ino, d)
+    return {"err": ""}
+
+
+OPS = {name[3:]: f for name, f in list(globals().items()) if name.startswith("op_")}
+
+request = msgpack.unpackb(__input_binary_data_tuple[0], raw=False)
+handler = OPS.get(request.get("op"))
+if handler is None:
+    __return_data = msgpack.packb({"err": "EINVAL"})
+else:
+    __return_data = msgpack.packb(handler(request["dir"], load(request["dir"]), request))

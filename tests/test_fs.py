@@ -1,0 +1,185 @@
+"""Directories as server-side scripts (history/fs.py, fs/client.py, `srw fs`),
+on one started two-group cluster shared by the module (groups are replicas)."""
+from __future__ import annotations
+
+import errno
+import itertools
+import random
+import tempfile
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis.stateful import run_state_machine_as_test
+
+from fs.client import FsClient, FsError
+from storage.client import Session
+
+from fs_support import RANDOM_OPS, LocalTree, SameTree, SrwTree, in_threads, start_cluster
+
+THREADS = 8
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = start_cluster(tmp_path_factory.mktemp("fs"), groups=2)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def fs(cluster):
+    with Session(cluster.path) as session:
+        yield FsClient(session)
+
+
+def with_clients(cluster, work, count: int = THREADS) -> None:
+    """work(fs, i) in `count` threads at once, each with a Session of its own
+    (a Session is not thread-safe)."""
+    def run(i):
+        with Session(cluster.path) as session:
+            work(FsClient(session), i)
+    in_threads(run, count)
+
+
+def test_200_concurrent_creates_leave_200_entries_in_every_group(cluster, fs):
+    fs.mkdir("/many")
+    with_clients(cluster, lambda c, i: [c.create(f"/many/f{i}-{k}", exclusive=True)
+                                      for k in range(200 // THREADS)])
+    names = set(fs.readdir("/many"))
+    assert names == {f"f{i}-{k}" for i in range(THREADS) for k in range(200 // THREADS)}
+    ino = fs.stat("/many").ino
+    replicas = [msgpack.unpackb(fs.session.read(f"fs:d:{ino}", groups=[g]), raw=False)
+                for g in (1, 2)]
+    assert replicas[0] == replicas[1] and len(replicas[1]["e"]) == 200
+
+
+def test_concurrent_renames_both_ways_leave_each_file_in_one_place(cluster, fs):
+    fs.mkdir("/left")
+    fs.mkdir("/right")
+    files = [f"x{i}" for i in range(24)]
+    for i, name in enumerate(files):
+        fs.write_file(f"/{'left' if i % 2 else 'right'}/{name}", name.encode())
+
+    def shuffle(client, i):
+        rng = random.Random(i)
+        for _ in range(25):
+            name = rng.choice(files)
+            src, dst = ("left", "right") if rng.random() < 0.5 else ("right", "left")
+            try:
+                client.rename(f"/{src}/{name}", f"/{dst}/{name}")
+            except FsError as exc:  # another thread moved it first
+                assert exc.errno == errno.ENOENT
+    with_clients(cluster, shuffle, 6)
+
+    left, right = fs.readdir("/left"), fs.readdir("/right")
+    assert sorted([*left, *right]) == sorted(files)
+    for listing in (left, right):
+        for name, entry in listing.items():
+            assert fs.read_data(entry.ino) == name.encode()
+    assert not fs.directory(fs.stat("/left").ino)["i"]
+    assert not fs.directory(fs.stat("/right").ino)["a"]
+
+
+def test_a_half_done_rename_is_finished_by_the_next_reader(fs):
+    """A client that died after `take`: the entry is in the source's intents
+    only, and a readdir of the source finishes the move."""
+    fs.mkdir("/src")
+    fs.mkdir("/dst")
+    entry = fs.write_file("/src/f", b"moving")
+    src, dst = fs.stat("/src").ino, fs.stat("/dst").ino
+    fs.call(src, "take", "/src/f", name="f", iid="i1", to=dst, to_name="g", replace_ino=None)
+    assert "f" not in fs.directory(src)["e"]
+    assert fs.readdir("/src") == {}
+    assert fs.readdir("/dst") == {"g": entry}
+    # A late apply of the same intent (a second recoverer) adds nothing.
+    assert fs.call(dst, "apply", "", iid="i1", src=src)["result"] is None
+    fs.unlink("/dst/g")
+    assert fs.readdir("/dst") == {}
+
+
+def test_an_applied_rename_is_applied_once(fs):
+    """A client that died after `apply`: a second apply (a recoverer) must not
+    add the entry again, even after it moved on in the target."""
+    fs.mkdir("/once1")
+    fs.mkdir("/once2")
+    entry = fs.write_file("/once1/f", b"once")
+    src, dst = fs.stat("/once1").ino, fs.stat("/once2").ino
+    fs.call(src, "take", "/once1/f", name="f", iid="i2", to=dst, to_name="g",
+            replace_ino=None)
+    assert fs.call(dst, "apply", "", iid="i2", src=src)["result"] == ""
+    fs.rename("/once2/g", "/once2/h")
+    assert fs.call(dst, "apply", "", iid="i2", src=src)["result"] == ""
+    assert fs.readdir("/once2") == {"h": entry}
+    assert fs.readdir("/once1") == {}           # the reader finished it
+    assert not fs.directory(src)["i"] and not fs.directory(dst)["a"]
+    assert fs.readdir("/once2") == {"h": entry}
+
+
+def test_a_refused_rename_puts_the_entry_back(fs):
+    fs.mkdir("/r1")
+    fs.mkdir("/r2")
+    fs.mkdir("/r2/full")
+    fs.mkdir("/r2/full/inside")
+    fs.mkdir("/r1/d")
+    with pytest.raises(FsError) as refused:
+        fs.rename("/r1/d", "/r2/full")
+    assert refused.value.errno == errno.ENOTEMPTY
+    assert set(fs.readdir("/r1")) == {"d"}
+    with pytest.raises(FsError) as into_itself:
+        fs.rename("/r2", "/r2/full/inside/r2")
+    assert into_itself.value.errno == errno.EINVAL
+
+
+def test_random_operations_give_the_tree_a_local_directory_gets(cluster, fs, tmp_path):
+    count = itertools.count()
+
+    def trees():
+        n = next(count)
+        local = Path(tempfile.mkdtemp(dir=tmp_path))
+        fs.mkdir(f"/random{n}")
+        return LocalTree(local), SrwTree(fs, f"/random{n}")
+
+    machine = type("SrwLikeLocal", (SameTree,), {"make_trees": staticmethod(trees),
+                                                  "outcomes": []})
+    run_state_machine_as_test(machine, settings=RANDOM_OPS)
+    assert len(machine.outcomes) >= 100 and machine.outcomes.count("ok") >= 20, \
+        sorted(set(machine.outcomes))
+
+
+BAD = [
+    (["mkdir", "/bad/../.."], "No such file or directory"),
+    (["mkdir", "/bad/" + "n" * 256], "File name too long"),
+    (["mkdir", "/bad/missing/child"], "No such file or directory"),
+    (["mkdir", "/bad/file/child"], "Not a directory"),
+    (["mkdir", "/bad"], "File exists"),
+    (["rmdir", "/bad"], "Directory not empty"),
+    (["rm", "/bad/dir"], "Is a directory"),
+    (["get", "/bad/dir"], "Is a directory"),
+    (["mv", "/bad/dir", "/bad/file"], "Not a directory"),
+]
+
+
+def test_bad_input_is_one_line_and_exit_1(cluster, fs):
+    fs.mkdir("/bad")
+    fs.mkdir("/bad/dir")
+    fs.write_file("/bad/file", b"")
+    for args, reason in BAD:
+        out = cluster.run("fs", *args)
+        assert out.returncode == 1, (args, out)
+        assert out.stderr.decode() == f"srw: {args[-1]}: {reason}\n", args
+    with pytest.raises(FsError) as nul:
+        fs.mkdir("/bad/a\0b")
+    assert nul.value.errno == errno.EINVAL
+
+
+def test_cli_put_ls_get_mv_stat(cluster, tmp_path):
+    local = tmp_path / "local"
+    local.write_bytes(b"\x00binary\xff" * 1000)
+    steps = [("mkdir", "/cli"), ("put", str(local), "/cli/f"), ("mv", "/cli/f", "/cli/g")]
+    for step in steps:
+        assert cluster.run("fs", *step).returncode == 0, step
+    assert cluster.run("fs", "get", "/cli/g").stdout == local.read_bytes()
+    listing = cluster.run("fs", "ls", "-l", "/cli").stdout.decode()
+    assert listing.split()[:2] == ["-rw-r--r--", "8000"] and listing.endswith(" g\n")
+    assert cluster.run("fs", "stat", "/cli").stdout.decode().startswith("/cli: drwxr-xr-x")
