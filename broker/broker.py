@@ -203,6 +203,7 @@ class Broker:
         self.max_batch = p.batch_limit(self.max_message)
         # A reply entry's bytes besides its data and error (node name included).
         self.reply_overhead = p.ENTRY_OVERHEAD + 4 * len(node.name)
+        self.own_ctx = ctx is None  # ours to terminate when stopping
         self.ctx = ctx or zmq.Context()
         self.front = self.back = None
         self.token = b""  # written beside the back socket; removed with it when stopping
@@ -287,6 +288,10 @@ class Broker:
             self.token = b""
         if self.keyring is not None:
             self.keyring.stop()
+        if self.own_ctx:
+            # Waits (up to the linger) until the last replies left: pyzmq does not
+            # terminate a context at interpreter exit, and what was queued is lost.
+            self.ctx.term()
 
     # Main loop ---------------------------------------------------------------
 

@@ -128,6 +128,7 @@ class StorageNode:
     def __init__(self, config: Config, node: NodeSettings, ctx: zmq.Context | None = None):
         self.config, self.node = config, node
         self.store = Store(Path(node.data_dir) / "store", node.name, node.sync, node.max_value)
+        self.own_ctx = ctx is None  # ours to terminate when stopping
         self.ctx = ctx or zmq.Context()
         # With curve: who may connect (ZAP) and what each client may do.
         self.keyring = security.keyring(config)
@@ -190,6 +191,8 @@ class StorageNode:
         self.store.close()
         if self.keyring is not None:
             self.keyring.stop()
+        if self.own_ctx:
+            self.ctx.term()  # the last replies leave first (see Broker.close)
 
     # Requests ----------------------------------------------------------------
 
