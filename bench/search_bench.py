@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,7 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from common import free_port, pct, wait_for  # noqa: E402
+from common import pct, wait_for  # noqa: E402
+from http_bench import stop, write_config  # noqa: E402
 
 SEED = 2011
 VOCABULARY = 30_000
@@ -173,27 +172,7 @@ def tantivy_direct(root: Path, docs: list[str], qs: list[str]) -> str:
 # srw -------------------------------------------------------------------------
 
 def srw_cluster(root: Path):
-    config = root / "config.toml"
-    history = root / "history"
-    shutil.copytree(REPO / "history", history)
-    config.write_text(f"""[pool]
-workers = 2
-history_dir = "history"
-
-[proxy]
-listen = "127.0.0.1:{free_port()}"
-
-[log]
-level = "warning"
-file = "srw.log"
-
-[[node]]
-name = "n1"
-group = 1
-storage = "tcp://127.0.0.1:{free_port()}"
-broker = "tcp://127.0.0.1:{free_port()}"
-data_dir = "var/n1"
-""")
+    config = write_config(root, workers=2, log_level="warning")
     proc = subprocess.Popen([sys.executable, "-m", "srw", "serve", "--config", str(config)],
                             cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -221,12 +200,7 @@ def srw_run(root: Path, docs: list[str], qs: list[str]) -> str:
         total, lat = timed_in_flight(lambda q: session().search(q, 10), qs)
         return row("srw (1 node, 2 workers)", len(docs), index_s, total, lat)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _answers(session) -> bool:
