@@ -343,7 +343,7 @@ async def elliptics(request: web.Request) -> web.StreamResponse:
     query = request.rel_url.query
     actions = [a for a in ("exec", "upload", "search") if a in query]
     if len(actions) > 1:
-        return text(400, "give one of exec, upload and search")
+        return text(400, f"give {actions[0]} or {actions[1]}, not both")
     action = actions[0] if actions else ""
     if request.method == "POST" and not action:
         return text(400, "POST needs ?exec (run a script) or ?upload (write the body)")
