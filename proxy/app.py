@@ -1,7 +1,8 @@
 """HTTP front-end: the aiohttp application (DESIGN.md "HTTP proxy", "Statuses").
 
     POST   /elliptics?exec&name=NAME[&id=HEX|&key=KEY][&groups=1:2]   run a named script
-    POST   /elliptics?upload&name=KEY                                 write the body
+    POST   /elliptics?upload&name=KEY[&index=1]                       write (and index) the body
+    GET    /elliptics?search=QUERY[&limit=N]                          full-text search, JSON
     GET    /elliptics?name=KEY                                        read
     DELETE /elliptics?name=KEY                                        remove
     GET    /ping      200 when every configured node answers, else 503
@@ -228,9 +229,13 @@ async def read_key(request: web.Request) -> web.Response:
 
 
 async def upload_key(request: web.Request) -> web.Response:
-    key = _name(_query(request, ("upload", "name")), "key")
+    query = _query(request, ("upload", "name", "index"))
+    key = _name(query, "key")
+    if query.get("index", "0") not in ("0", "1"):
+        raise HTTPProblem(400, "index= must be 1 (index the body for search) or 0")
     data = await _body(request)
-    results = await _storage(request.app[DATA].write(key, data), "write", key)
+    results = await _storage(request.app[DATA].write(key, data, query.get("index") == "1"),
+                             "write", key)
     return _per_group_reply(f"wrote {len(data)} B to {key[:80]!r}", f"write of {key[:80]!r}",
                             results, {p.OK})
 
@@ -242,6 +247,24 @@ async def remove_key(request: web.Request) -> web.Response:
         raise HTTPProblem(404, f"no key {key[:80]!r} in any group")
     return _per_group_reply(f"removed {key[:80]!r}", f"remove of {key[:80]!r}", results,
                             {p.OK, p.NOT_FOUND})
+
+
+async def search(request: web.Request) -> web.Response:
+    """JSON [{"key", "score", "snippet"}], best first; 400 for a query that cannot be parsed."""
+    query = _query(request, ("search", "limit"))
+    terms = query["search"]
+    if not terms.strip():
+        raise HTTPProblem(400, "search= is empty: give words, \"a phrase\" or a prefix*")
+    try:
+        limit = int(query.get("limit", "10"))
+    except ValueError:
+        raise HTTPProblem(400, f"bad limit={query['limit'][:20]!r}: give a number") from None
+    try:
+        hits = await _storage(request.app[DATA].search(terms, limit), "search", terms)
+    except ValueError as exc:  # BadQuery, or a limit out of range
+        raise HTTPProblem(400, str(exc)) from None
+    return web.Response(text=json.dumps(hits, ensure_ascii=False),
+                        content_type="application/json")
 
 
 async def _storage(call, verb: str, key: str):
@@ -310,6 +333,7 @@ ACTIONS = {
     ("POST", "exec"): exec_script,
     ("POST", "upload"): upload_key,
     ("GET", ""): read_key,
+    ("GET", "search"): search,
     ("HEAD", ""): read_key,
     ("DELETE", ""): remove_key,
 }
@@ -317,9 +341,9 @@ ACTIONS = {
 
 async def elliptics(request: web.Request) -> web.StreamResponse:
     query = request.rel_url.query
-    actions = [a for a in ("exec", "upload") if a in query]
+    actions = [a for a in ("exec", "upload", "search") if a in query]
     if len(actions) > 1:
-        return text(400, "give exec or upload, not both")
+        return text(400, f"give {actions[0]} or {actions[1]}, not both")
     action = actions[0] if actions else ""
     if request.method == "POST" and not action:
         return text(400, "POST needs ?exec (run a script) or ?upload (write the body)")
@@ -338,7 +362,7 @@ async def elliptics(request: web.Request) -> web.StreamResponse:
 
 def _method_hint(method: str, action: str) -> str:
     if action:
-        return f"{action} needs POST, not {method}"
+        return f"{action} needs {'GET' if action == 'search' else 'POST'}, not {method}"
     return f"{method} is not supported here; use GET, POST or DELETE"
 
 

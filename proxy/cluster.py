@@ -131,8 +131,11 @@ class DataStore:
     async def read(self, key: str) -> bytes:
         return await self._run("read", key)
 
-    async def write(self, key: str, data: bytes) -> list[Result]:
-        return await self._run("write", key, data)
+    async def write(self, key: str, data: bytes, index: bool = False) -> list[Result]:
+        return await self._run("write", key, data, None, None, index)
+
+    async def search(self, query: str, limit: int) -> list[dict]:
+        return await self._run("search", query, limit)
 
     async def remove(self, key: str) -> list[Result]:
         return await self._run("remove", key)

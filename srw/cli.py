@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   echo -n value | srw write mykey --data -
   srw read mykey
   srw remove mykey
+  srw write doc1 --data notes.txt --index && srw search '"exact phrase" OR pref*'
   srw keys init && srw keys new alice --rights exec,read   CurveZMQ keys (README "Security")
   srw exec test_script.py --key keys/clients/alice.key_secret
 """
@@ -105,7 +106,18 @@ def parser() -> argparse.ArgumentParser:
                            "group; exits 1 if any group did not store it.")
     write.add_argument("key", metavar="KEY")
     write.add_argument("--data", metavar="FILE|-", help="the value from a file, or - for stdin")
+    write.add_argument("--index", action="store_true",
+                       help="also index the value for full-text search (history/index.py)")
     write.set_defaults(func=cmd_write)
+    search = sub.add_parser("search", parents=[common], help="full-text search of indexed values",
+                            description="Search every node's index (SQLite FTS5 syntax: words, "
+                            "\"a phrase\", prefix*, OR, NOT); best first. Prints score, key "
+                            "and snippet per hit, or a JSON array with --json.")
+    search.add_argument("query", metavar="QUERY")
+    search.add_argument("--limit", type=int, default=10, help="hits at most (default 10)")
+    search.add_argument("--json", action="store_true",
+                        help='print [{"key", "score", "snippet"}, ...]')
+    search.set_defaults(func=cmd_search)
     read = sub.add_parser("read", parents=[common], help="print a value (raw bytes)")
     read.add_argument("key", metavar="KEY")
     read.set_defaults(func=cmd_read)
@@ -279,7 +291,27 @@ def _report(results, quiet_status: str = "") -> int:
 def cmd_write(config: cfg.Config, args) -> int:
     data = read_data(args.data)
     with _session(config, args) as session:
-        return _report(session.write(args.key, data))
+        results = session.write(args.key, data, index=args.index)
+    for r in results:
+        if r.ok and r.data:  # an indexed write that was stored but not indexed says why
+            print(f"srw: node {r.node} (group {r.group}): {r.data.decode()}", file=sys.stderr)
+    return _report(results)
+
+
+def cmd_search(config: cfg.Config, args) -> int:
+    from storage.client import BadQuery
+    with _session(config, args) as session:
+        try:
+            hits = session.search(args.query, args.limit)
+        except BadQuery as exc:
+            print(f"srw: bad_request: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(hits, ensure_ascii=False))
+    else:
+        for hit in hits:
+            print(f"{hit['score']:.3f}\t{hit['key']}\t{hit['snippet']}")
+    return 0
 
 
 def cmd_read(config: cfg.Config, args) -> int:
@@ -357,6 +389,7 @@ def cmd_pool(config: cfg.Config, args) -> int:
     _supervised()
     # Where python.init's storage handles find the cluster (storage.handle).
     os.environ["SRW_CONFIG"] = str(config.path)
+    os.environ["SRW_NODE"] = node.name   # and whose index n.search asks
     try:
         _check_history(config)
         return pool.main(config, args.node)

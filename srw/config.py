@@ -62,6 +62,7 @@ class NodeSettings:
     ids: tuple[str, ...] = ()
     sync: bool = True
     max_value: int = 64 * 1024 * 1024  # bytes; larger writes get output_too_large
+    max_index_bytes: int = 1024 * 1024  # bytes; larger indexed writes get output_too_large
     uids: int = 0  # first uid of the node's sandbox uid block; 0 = find a free one
 
     @property
@@ -248,6 +249,8 @@ def _check(config: Config) -> None:
         rules.append((node.name.isidentifier(), f"node name {node.name!r} must be a plain word"))
         rules.append((node.group >= 1, f"node {node.name}: group must be >= 1"))
         rules.append((node.max_value >= 1, f"node {node.name}: max_value must be >= 1 byte"))
+        rules.append((node.max_index_bytes >= 1,
+                      f"node {node.name}: max_index_bytes must be >= 1 byte"))
         rules.append((node.uids == 0 or 1000 <= node.uids < 2**31 - 2000,
                       f"node {node.name}: uids must be 0 (find a free block) or a uid "
                       "from 1000 up"))

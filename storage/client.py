@@ -14,10 +14,12 @@ Session made before a fork is never used across it (see storage.handle).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 from pathlib import Path
 
+import msgpack
 import zmq
 
 from broker import protocol as p
@@ -27,12 +29,15 @@ from srw import config as cfg
 from srw import security
 
 from . import protocol as sp
+from .fulltext import SEARCH_SCRIPT, BadQuery
 from .ring import Ring, id_hex, key_id, parse_id
 
 __all__ = ["Session", "Result", "StorageError", "NotFound", "StorageUnavailable",
-           "StorageClient", "storage_ready", "config_from_remote"]
+           "StorageClient", "storage_ready", "config_from_remote", "BadQuery"]
 
 DATA_TIMEOUT = 5.0    # seconds a storage node may take to answer a data call
+INDEX_GRACE = 2.0     # an indexed write also waits for the node's indexing exec, whose
+                      # relay gives up 1 s past broker.request_timeout
 # A read's reply usually comes within ~100 us.  A thread that sleeps until it
 # comes pays a wake-up on top (tens of microseconds on a VM, and ZeroMQ's I/O
 # thread already costs one); looking for it without sleeping for this long
@@ -149,6 +154,16 @@ class StorageClient:
     def routes(self, timeout: float = 5.0) -> dict:
         return _unpack(self.call(sp.ROUTES, wait=timeout))
 
+    def search(self, query: str, limit: int, timeout: float = DATA_TIMEOUT) -> list[dict]:
+        """This node's full-text hits, best first; BadQuery for a query it cannot parse."""
+        result = self.call(sp.SEARCH, data=sp.search_data(query, limit), wait=timeout)
+        if result.status == p.BAD_REQUEST:
+            raise BadQuery(result.error or "bad query")
+        if not result.ok:
+            raise NodeUnavailable(f"storage node {self.name or self.endpoint}: "
+                                  f"{result.status}: {result.error}")
+        return msgpack.unpackb(result.data, raw=False)
+
     def close(self) -> None:
         self._sock.close()
 
@@ -191,6 +206,27 @@ def config_from_remote(endpoint: str, timeout: float = 5.0,
     except (KeyError, TypeError) as exc:
         raise NodeUnavailable(f"storage node {endpoint} sent bad routes: {exc}") from None
     return cfg.Config(path=Path(f"routes-of-{endpoint.replace('/', '')}"), nodes=settings)
+
+
+def merge_hits(results: list[Result], limit: int) -> list[dict]:
+    """The search script's replies of every node -> the best `limit` hits, each key
+    once.  Replicas give a key several scores (BM25 depends on each node's
+    documents); the best one stands for it."""
+    best: dict[str, dict] = {}
+    failures = []
+    for r in results:
+        if not r.ok:
+            failures.append(f"{r.node} (group {r.group}): {r.status}: {r.error}")
+            continue
+        hits = json.loads(r.data)
+        if isinstance(hits, dict):  # {"error": why the query cannot be parsed}
+            raise BadQuery(hits.get("error") or "bad query")
+        for hit in hits:
+            if hit["key"] not in best or hit["score"] > best[hit["key"]]["score"]:
+                best[hit["key"]] = hit
+    if failures and len(failures) == len(results):
+        raise StorageUnavailable("no node answered the search: " + "; ".join(failures))
+    return sorted(best.values(), key=lambda h: (-h["score"], h["key"]))[:limit]
 
 
 class Session:
@@ -272,9 +308,34 @@ class Session:
     # Data --------------------------------------------------------------------
 
     def write(self, key: str | bytes | None = None, data: bytes = b"", id: str | None = None,
-              groups: list[int] | None = None) -> list[Result]:
-        """Store `data` under the key in every group; one Result per group."""
-        return self._to_all(sp.WRITE, key, id, groups, data)
+              groups: list[int] | None = None, index: bool = False) -> list[Result]:
+        """Store `data` under the key in every group; one Result per group.
+
+        With `index`, each group's owner also runs its indexing script on the
+        value and answers once the text is in its full-text index (a Result's
+        data says why when it was not: binary content); above the node's
+        max_index_bytes nothing is stored (``output_too_large``)."""
+        if not index:
+            return self._to_all(sp.WRITE, key, id, groups, data)
+        if key is None:
+            raise ValueError("an indexed write needs the key (search answers with keys)")
+        raw_key = key.encode() if isinstance(key, str) else bytes(key)
+        wait = self.timeout or DATA_TIMEOUT + self.config.broker.request_timeout + INDEX_GRACE
+        return self._to_all(sp.INDEXED_WRITE, key, None, groups,
+                            sp.indexed_value(raw_key, data), wait)
+
+    def search(self, query: str, limit: int = 10, groups: list[int] | None = None,
+               timeout: float | None = None) -> list[dict]:
+        """Full-text search: the search script on every node, hits merged by score.
+
+        Returns [{"key", "score", "snippet"}], best first, each key once (the
+        best of its replicas).  Raises BadQuery (a ValueError) for a query the
+        index cannot parse, StorageUnavailable when no node answered."""
+        if not isinstance(limit, int) or not 0 < limit <= sp.MAX_HITS:
+            raise ValueError(f"limit must be 1 to {sp.MAX_HITS}, not {limit!r}")
+        request = json.dumps({"query": query, "limit": limit}).encode()
+        return merge_hits(self.exec(SEARCH_SCRIPT, request, groups=groups, timeout=timeout),
+                          limit)
 
     def remove(self, key: str | bytes | None = None, id: str | None = None,
                groups: list[int] | None = None) -> list[Result]:
@@ -311,11 +372,12 @@ class Session:
         value = parse_id(id) if id is not None else key_id(key)
         return value.to_bytes(sp.ID_BYTES, "big"), self.ring.targets(value, groups)
 
-    def _to_all(self, cmd: bytes, key, id, groups, data: bytes = b"") -> list[Result]:
+    def _to_all(self, cmd: bytes, key, id, groups, data: bytes = b"",
+                wait: float | None = None) -> list[Result]:
         """Sent to every owner first, then the replies collected: the nodes work
         in parallel, so the whole call takes the slowest node's time."""
         raw_id, targets = self._locate(key, id, groups)
-        wait = self.timeout or DATA_TIMEOUT
+        wait = wait or self.timeout or DATA_TIMEOUT
         sent = []
         for node in targets:
             client = self._store(node.name)

@@ -35,12 +35,13 @@ from broker import protocol as p
 from srw import config as cfg
 from srw import security
 
-from .client import (NodeUnavailable, Session, StorageError, StorageUnavailable,
-                     config_from_remote)
+from .client import (NodeUnavailable, Session, StorageClient, StorageError,
+                     StorageUnavailable, config_from_remote)
 
 __all__ = ["StorageHandle"]
 
 ENV_CONFIG = "SRW_CONFIG"
+ENV_NODE = "SRW_NODE"     # the node whose pool made the handle: n.search asks its index
 
 log = logging.getLogger("srw.storage.handle")
 
@@ -55,7 +56,10 @@ class StorageHandle:
         self.log = logger or log
         self._session: Session | None = None
         self._pid = 0
-        self._abandoned: list[Session] = []   # built before a fork: never used again
+        self._abandoned: list = []   # built before a fork: never used again
+        self._node = os.environ.get(ENV_NODE)
+        self._own_store: StorageClient | None = None
+        self._own_pid = 0
         self._use_groups: list[int] | None = None
         # Read the config now, in the pool parent: a sandboxed worker may not read
         # the config file (it holds the node's layout, which scripts must not see).
@@ -166,3 +170,26 @@ class StorageHandle:
     def lookup(self, key: str | bytes) -> dict:
         """{"size", "mtime", ...}; raises like read_data."""
         return self.session().lookup(key, groups=self._groups())
+
+    # This node's full-text index -------------------------------------------------
+
+    def search(self, query: str, limit: int = 10) -> list[dict]:
+        """This node's hits for `query` (FTS5 syntax), best first:
+        [{"key", "score", "snippet"}].  Raises storage.fulltext.BadQuery (a
+        ValueError) for a query the index cannot parse."""
+        return self._own_node().search(query, limit, self.timeout or 5.0)
+
+    def _own_node(self) -> StorageClient:
+        """The storage node of the pool that made this handle, whatever the remotes."""
+        if self._own_store is None or self._own_pid != os.getpid():
+            if self._own_store is not None:  # another process's (before a fork): left alone
+                self._abandoned.append(self._own_store)
+            if self._local is None or self._node is None:
+                raise StorageError("n.search works in scripts run by a node (srw serve): "
+                                   f"{self._local_error or 'no node named in ' + ENV_NODE}")
+            node = self._local.node(self._node)
+            self._own_store = StorageClient(node.storage, node.name, node.group,
+                                            max_message=self._local.max_message,
+                                            curve=self._curve)
+            self._own_pid = os.getpid()
+        return self._own_store

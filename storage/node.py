@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -29,7 +30,9 @@ from srw import security
 from srw.config import START_ENV, Config, NodeSettings
 
 from . import protocol as sp
-from .store import Store
+from .fulltext import FullText
+from .indexer import Indexer
+from .store import DEFERRED, Store
 
 log = logging.getLogger("srw.storage")
 
@@ -67,24 +70,47 @@ class Relay:
         if credentials is not None:  # the node's own key: the broker trusts what we relay
             credentials.apply(self.sock)
         self.sock.connect(node.broker)
-        self.pending: dict[bytes, tuple[bytes, bytes]] = {}   # hop rid -> (client, rid)
+        # hop rid -> (client, rid), or the callback of the node's own request
+        self.pending: dict[bytes, tuple[bytes, bytes] | Callable[[bp.Result], None]] = {}
         self.deadlines: list[tuple[float, bytes]] = []
         self._ids = itertools.count()
 
     def forward(self, req: bp.FrontRequest) -> None:
         """A broker.protocol request -> the broker."""
+        if not self._send(req.cmd, req.meta, req.data, (req.client, req.rid)):
+            self.reply(req.client, req.rid, bp.UNAVAILABLE, error=self._no_broker())
+
+    def exec(self, meta: bp.ExecMeta, data: bytes, on_reply) -> None:
+        """The node's own exec (indexing); `on_reply(Result)` gets exactly one answer."""
+        if not self._send(bp.EXEC, meta, data, on_reply):
+            on_reply(self._unavailable(self._no_broker()))
+
+    def _send(self, cmd: int, meta: bp.ExecMeta, data: bytes, caller) -> bool:
         hop = next(self._ids).to_bytes(8, "little")
         try:
-            bp.send_frames(self.sock, bp.request_frames(req.cmd, hop, req.meta, req.data),
-                           noblock=True)
+            bp.send_frames(self.sock, bp.request_frames(cmd, hop, meta, data), noblock=True)
         except zmq.Again:
-            self.reply(req.client, req.rid, bp.UNAVAILABLE,
-                       error=f"node {self.node.name}: its broker {self.node.broker} is not "
-                             "running; is the node's broker started (srw serve)?")
-            return
-        self.pending[hop] = (req.client, req.rid)
-        wait = (req.meta.timeout or self.default_timeout) if req.cmd == bp.EXEC else STATUS_WAIT
+            return False
+        self.pending[hop] = caller
+        wait = (meta.timeout or self.default_timeout) if cmd == bp.EXEC else STATUS_WAIT
         heapq.heappush(self.deadlines, (time.monotonic() + wait + RELAY_GRACE, hop))
+        return True
+
+    def _no_broker(self) -> str:
+        return (f"node {self.node.name}: its broker {self.node.broker} is not running; is "
+                "the node's broker started (srw serve)?")
+
+    def _unavailable(self, error: str) -> bp.Result:
+        return bp.Result(self.node.name, self.node.group, bp.UNAVAILABLE, b"", error)
+
+    def _answer(self, caller, result: bp.Result, send=None) -> None:
+        if callable(caller):
+            caller(result)
+        elif send is not None:
+            send(bp.reply_frames(*caller, result.status, result.node, result.group,
+                                 result.data, result.error or ""))
+        else:
+            self.reply(*caller, result.status, error=result.error or "")
 
     def read_replies(self, send) -> None:
         """Relay every waiting broker reply to its caller through `send`."""
@@ -98,25 +124,24 @@ class Relay:
                 continue
             caller = self.pending.pop(hop, None)
             if caller is not None:
-                send(bp.reply_frames(*caller, result.status, result.node, result.group,
-                                     result.data, result.error or ""))
+                self._answer(caller, result, send)
 
     def expire(self, now: float) -> None:
         while self.deadlines and self.deadlines[0][0] <= now:
             _, hop = heapq.heappop(self.deadlines)
             caller = self.pending.pop(hop, None)
             if caller is not None:
-                self.reply(*caller, bp.UNAVAILABLE,
-                           error=f"node {self.node.name}: no reply from its broker "
-                                 f"{self.node.broker} within the request's deadline")
+                self._answer(caller, self._unavailable(
+                    f"node {self.node.name}: no reply from its broker {self.node.broker} "
+                    "within the request's deadline"))
 
     def next_deadline(self) -> float | None:
         return self.deadlines[0][0] if self.deadlines else None
 
     def answer_all(self, error: str) -> None:
-        for client, rid in self.pending.values():
-            self.reply(client, rid, bp.UNAVAILABLE, error=error)
-        self.pending.clear()
+        callers, self.pending = list(self.pending.values()), {}
+        for caller in callers:
+            self._answer(caller, self._unavailable(error))
 
     def close(self) -> None:
         self.sock.close()
@@ -127,7 +152,9 @@ class StorageNode:
 
     def __init__(self, config: Config, node: NodeSettings, ctx: zmq.Context | None = None):
         self.config, self.node = config, node
-        self.store = Store(Path(node.data_dir) / "store", node.name, node.sync, node.max_value)
+        self.store = Store(Path(node.data_dir) / "store", node.name, node.sync, node.max_value,
+                           node.max_index_bytes)
+        self.fulltext = FullText(Path(node.data_dir) / "index.sqlite", node.sync)
         self.own_ctx = ctx is None  # ours to terminate when stopping
         self.ctx = ctx or zmq.Context()
         # With curve: who may connect (ZAP) and what each client may do.
@@ -140,7 +167,10 @@ class StorageNode:
         self.front.bind(node.storage)
         self.relay = Relay(self.ctx, node, config.broker.request_timeout, self.broker_reply,
                            config.max_message, security.role_credentials(config, "node"))
-        self.node_commands = {sp.STAT: self.stat, sp.ROUTES: self.routes}
+        self.indexer = Indexer(self.store, self.fulltext, node.name, self.relay.exec,
+                               self.reply)
+        self.node_commands = {sp.STAT: self.stat, sp.ROUTES: self.routes,
+                              sp.SEARCH: self.search}
         self.stopping = False
 
     # Main loop ---------------------------------------------------------------
@@ -158,6 +188,7 @@ class StorageNode:
         log.info("storage %s listening on %s, store %s (sync %s), exec relayed to %s",
                  self.node.name, self.node.storage, self.store.path,
                  "on" if self.node.sync else "off", self.node.broker)
+        self.indexer.reconcile()
         stop_at = None
         while stop_at is None or (self.relay.pending and time.monotonic() < stop_at):
             events = dict(poller.poll(self._poll_timeout_ms()))
@@ -167,12 +198,16 @@ class StorageNode:
                 self.relay.read_replies(self.send)
             if self.front in events:
                 self.serve_clients()
-            self.relay.expire(time.monotonic())
+            now = time.monotonic()
+            self.relay.expire(now)
+            self.indexer.flush(now)   # script replies (and expired ones) -> one FTS5 commit
+            self.indexer.tick(now)
             if self.keyring is not None:
                 self.keyring.refresh()
             if self.stopping and stop_at is None:
                 stop_at = time.monotonic() + STOP_WAIT
         self.relay.answer_all(f"node {self.node.name} stopped")
+        self.indexer.flush(time.monotonic())
         self.close()
         log.info("storage %s stopped", self.node.name)
 
@@ -180,7 +215,9 @@ class StorageNode:
         self.stopping = True
 
     def _poll_timeout_ms(self) -> int:
-        deadline = self.relay.next_deadline()
+        wakes = [t for t in (self.relay.next_deadline(), self.indexer.next_wake())
+                 if t is not None]
+        deadline = min(wakes, default=None)
         if deadline is None:
             return 1000
         return max(0, min(1000, int((deadline - time.monotonic()) * 1000) + 1))
@@ -188,6 +225,7 @@ class StorageNode:
     def close(self) -> None:
         self.relay.close()
         self.front.close(linger=int(bp.STOP_LINGER * 1000))  # the last replies still leave
+        self.fulltext.close()
         self.store.close()
         if self.keyring is not None:
             self.keyring.stop()
@@ -210,8 +248,11 @@ class StorageNode:
             if request is not None:
                 batch.append(request)
         if batch:
-            for req, (status, data, error) in zip(batch, self.store.apply(batch)):
-                self.reply(req.client, req.rid, status, data, error)
+            replies = self.store.apply(batch)
+            self.indexer.after_batch(self.store.changes)  # before any writer is answered
+            for req, reply in zip(batch, replies):
+                if reply is not DEFERRED:  # an indexed write is answered by the indexer
+                    self.reply(req.client, req.rid, *reply)
 
     def on_frames(self, frames: list[bytes], user: str | None = None) -> sp.StorageRequest | None:
         """A data request for the batch; everything else is answered or relayed here."""
@@ -236,7 +277,7 @@ class StorageNode:
         handler = self.node_commands.get(req.cmd)
         if handler is None:
             return req
-        self.reply(req.client, req.rid, bp.OK, bp.pack(handler()))
+        self.reply(req.client, req.rid, *handler(req))
         return None
 
     def relay_exec(self, req: bp.FrontRequest, user: str | None) -> None:
@@ -250,15 +291,24 @@ class StorageNode:
                 return
         self.relay.forward(req)
 
-    def stat(self) -> dict:
-        return {"name": self.node.name, "group": self.node.group, **self.store.stats(),
-                "start": os.environ.get(START_ENV, "")}
+    def stat(self, req: sp.StorageRequest):
+        return bp.OK, bp.pack({"name": self.node.name, "group": self.node.group,
+                               **self.store.stats(), "indexed": self.fulltext.count(),
+                               "start": os.environ.get(START_ENV, "")}), ""
 
-    def routes(self) -> dict:
+    def routes(self, req: sp.StorageRequest):
         """The cluster as this node's config knows it: what a client bootstraps from."""
-        return {"nodes": [{"name": n.name, "group": n.group, "storage": n.storage,
-                           "broker": n.broker, "ids": list(n.ids)}
-                          for n in self.config.nodes]}
+        return bp.OK, bp.pack({"nodes": [{"name": n.name, "group": n.group,
+                                          "storage": n.storage, "broker": n.broker,
+                                          "ids": list(n.ids)} for n in self.config.nodes]}), ""
+
+    def search(self, req: sp.StorageRequest):
+        """This node's index, best first (storage/fulltext.py has the query syntax)."""
+        try:
+            query, limit = sp.parse_search(req.data)
+        except sp.ProtocolError as exc:
+            return bp.BAD_REQUEST, b"", f"node {self.node.name}: {exc}"
+        return self.indexer.search(query, limit)
 
     def reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
               error: str = "") -> None:

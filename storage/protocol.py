@@ -5,10 +5,13 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
     request  [head, data]
              head  cmd (1 byte) + id (64 bytes, data commands only) + rid
                    cmd   WRITE | READ | REMOVE | LOOKUP    data commands on one key
-                         STAT | ROUTES                     about the node (no id)
+                         INDEXED_WRITE                     a write the node indexes
+                         STAT | ROUTES | SEARCH            about the node (no id)
                    id    the key's id: sha512 of the key, or a hex id zero-padded
                    rid   client-chosen request id, echoed in the reply (<= 64 bytes)
-             data  the value for WRITE; empty otherwise
+             data  the value for WRITE; for INDEXED_WRITE len(key) (2 bytes, big-endian)
+                   + key + value, sha512(key) being the id; for SEARCH msgpack
+                   {"query": str, "limit": int}; empty otherwise
     reply    [head, data]
              head  status (1 byte: its index in broker.protocol.STATUSES)
                    + len(rid) (1 byte) + rid + error (UTF-8, empty when ok)
@@ -16,12 +19,16 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
              LOOKUP ok   data = msgpack {"size": int, "mtime": float (Unix seconds),
                                          "id": hex str}
              STAT ok     data = msgpack {"name", "group", "entries", "bytes", "map_size",
-                                         "sync", "max_value"}
+                                         "sync", "max_value", "indexed"}
              ROUTES ok   data = msgpack {"nodes": [{"name", "group", "storage",
                                                     "broker", "ids"}, ...]}
+             INDEXED_WRITE ok   data = b"" (indexed) or why it was not (e.g. binary)
+             SEARCH ok   data = msgpack [{"key", "score", "snippet"}, ...], best first
              statuses    ok | not_found (READ, REMOVE, LOOKUP of a missing key) |
-                         output_too_large (value above node.max_value) |
-                         bad_request (malformed frames, unknown command) |
+                         output_too_large (value above node.max_value, or an indexed
+                         one above node.max_index_bytes) |
+                         bad_request (malformed frames, unknown command, a query the
+                         index cannot parse) |
                          unavailable (the store failed: disk full, I/O error)
 
 Two frames, not one per field: every frame costs a send and a receive on
@@ -35,7 +42,8 @@ the broker's reply comes back with the caller's rid, so
 
 Anything else is a ProtocolError, answered ``bad_request`` (with an empty rid
 when the request id cannot be told).  A write is acknowledged only after its
-transaction committed.
+transaction committed; an indexed write only once the node's indexing script
+ran on the value and the index committed its row (storage/node.py).
 """
 from __future__ import annotations
 
@@ -50,17 +58,21 @@ REMOVE = b"D"
 LOOKUP = b"L"
 STAT = b"T"
 ROUTES = b"O"
+INDEXED_WRITE = b"I"
+SEARCH = b"S"
 
-DATA_COMMANDS = frozenset((WRITE, READ, REMOVE, LOOKUP))
-NODE_COMMANDS = frozenset((STAT, ROUTES))
-MUTATING = frozenset((WRITE, REMOVE))
+DATA_COMMANDS = frozenset((WRITE, READ, REMOVE, LOOKUP, INDEXED_WRITE))
+NODE_COMMANDS = frozenset((STAT, ROUTES, SEARCH))
+MUTATING = frozenset((WRITE, REMOVE, INDEXED_WRITE))
+WITH_DATA = frozenset((WRITE, INDEXED_WRITE))
 NAMES = {WRITE: "write", READ: "read", REMOVE: "remove", LOOKUP: "lookup",
-         STAT: "stat", ROUTES: "routes"}
+         STAT: "stat", ROUTES: "routes", INDEXED_WRITE: "indexed write", SEARCH: "search"}
 
 ID_BYTES = 64
+MAX_HITS = 1000     # results one SEARCH may ask for
 
 __all__ = ["ProtocolError", "StorageRequest", "request_frames", "WRITE", "READ", "REMOVE",
-           "LOOKUP", "STAT", "ROUTES"]
+           "LOOKUP", "STAT", "ROUTES", "INDEXED_WRITE", "SEARCH"]
 
 
 _STATUS_CODE = {status: bytes([i]) for i, status in enumerate(bp.STATUSES)}
@@ -93,17 +105,50 @@ class StorageRequest:
                                     f"{ID_BYTES}-byte id (sha512 of the key) and the request "
                                     f"id; got {len(head)} bytes")
             key_id, rid = head[1:1 + ID_BYTES], head[1 + ID_BYTES:]
-            if cmd != WRITE and data:
+            if cmd not in WITH_DATA and data:
                 raise ProtocolError(f"{NAMES[cmd]}: the data frame must be empty")
         elif cmd in NODE_COMMANDS:
             key_id, rid = b"", head[1:]
         else:
             raise ProtocolError(f"unknown command {cmd!r} (known: write W, read R, remove D, "
-                                "lookup L, stat T, routes O; exec and status as "
-                                "broker.protocol requests)")
+                                "lookup L, indexed write I, stat T, routes O, search S; "
+                                "exec and status as broker.protocol requests)")
         if len(rid) > bp.MAX_RID:
             raise ProtocolError("request id longer than 64 bytes")
         return cls(client, cmd, rid, key_id, data)
+
+
+def indexed_value(key: bytes, value: bytes) -> bytes:
+    """The data frame of an INDEXED_WRITE."""
+    if len(key) > 0xFFFF:
+        raise ValueError(f"key of {len(key)} bytes is too long to index (at most 65535)")
+    return len(key).to_bytes(2, "big") + key + value
+
+
+def split_indexed(data: bytes) -> tuple[bytes, bytes]:
+    """(key, value) of an INDEXED_WRITE's data frame, or ProtocolError."""
+    size = int.from_bytes(data[:2], "big")
+    if len(data) < 2 + size or not size:
+        raise ProtocolError("indexed write: the data must be len(key) (2 bytes), the key "
+                            "and the value")
+    return bytes(data[2:2 + size]), data[2 + size:]
+
+
+def search_data(query: str, limit: int) -> bytes:
+    """The data frame of a SEARCH."""
+    return bp.pack({"query": query, "limit": limit})
+
+
+def parse_search(data: bytes) -> tuple[str, int]:
+    """(query, limit) of a SEARCH's data frame, or ProtocolError."""
+    try:
+        fields = bp.unpack_map(data)
+    except ProtocolError:
+        raise ProtocolError("search: the data must be msgpack {query, limit}") from None
+    query, limit = fields.get("query"), fields.get("limit")
+    if not isinstance(query, str) or not isinstance(limit, int) or not 0 < limit <= MAX_HITS:
+        raise ProtocolError(f"search: query must be text and limit 1 to {MAX_HITS}")
+    return query, limit
 
 
 def request_frames(cmd: bytes, rid: bytes, key_id: bytes = b"", data: bytes = b"") -> list[bytes]:

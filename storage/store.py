@@ -12,14 +12,23 @@ which survives a process crash but not a power cut).  If the shared
 transaction fails (disk full, I/O error) every request is redone alone, so
 only the requests that fail get an error.
 
+Indexed values (INDEXED_WRITE) also get a row in the ``fulltext`` sub-database,
+written in the same transaction as the value: id -> the value's version (its
+mtime in nanoseconds) and the key.  It says what the full-text index must
+hold, so the index can be checked against it after a crash; a plain write or
+a remove of the id deletes the row in its own transaction.  ``changes``
+tells the caller, after each ``apply``, what the full-text index must do.
+
 The environment is opened by the storage process itself, after any fork,
 and never handed to a child.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
@@ -35,38 +44,97 @@ MAP_SIZE = 1 << 40
 _HEADER = struct.Struct(">Q")
 
 Reply = tuple[str, bytes, str]   # (status, data, error)
+DEFERRED: Reply = ("", b"", "")   # an indexed write: answered once its text is indexed
+FULLTEXT_DB = b"fulltext"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexJob:
+    """An indexed value waiting for its text: the request (None at start-up)."""
+    id: bytes
+    key: bytes
+    version: int
+    value: bytes
+    request: StorageRequest | None = None
+
+
+@dataclass
+class Changes:
+    """What the full-text index must do after a batch committed."""
+    to_index: list[IndexJob] = field(default_factory=list)
+    dropped: list[bytes] = field(default_factory=list)   # ids no longer indexed
 
 
 class Store:
     def __init__(self, path: str | Path, name: str, sync: bool = True,
-                 max_value: int = 64 * 1024 * 1024):
+                 max_value: int = 64 * 1024 * 1024, max_index_bytes: int = 1024 * 1024):
         os.makedirs(path, exist_ok=True)
         self.path, self.name, self.sync, self.max_value = str(path), name, sync, max_value
+        self.max_index_bytes = max_index_bytes
         self.env = lmdb.open(self.path, map_size=MAP_SIZE, subdir=True, sync=sync,
-                             metasync=sync, max_dbs=0)
+                             metasync=sync, max_dbs=1)
         self.env.reader_check()  # reader slots left behind by a killed process
+        self.fulltext = self.env.open_db(FULLTEXT_DB)
+        self.changes = Changes()
+        self._batch_changes = Changes()
         self._handlers = {sp.WRITE: self._write, sp.READ: self._read,
-                          sp.REMOVE: self._remove, sp.LOOKUP: self._lookup}
+                          sp.REMOVE: self._remove, sp.LOOKUP: self._lookup,
+                          sp.INDEXED_WRITE: self._indexed_write}
 
     def apply(self, requests: list[StorageRequest]) -> list[Reply]:
-        """One reply per request, in order; never raises for a store failure."""
+        """One reply per request, in order (DEFERRED for an indexed write, which
+        ``changes.to_index`` lists); never raises for a store failure."""
+        self.changes = Changes()
+        return self._apply(requests)
+
+    def _apply(self, requests: list[StorageRequest]) -> list[Reply]:
         write = any(r.cmd in sp.MUTATING for r in requests)
+        self._batch_changes = Changes()
         try:
             with self.env.begin(write=write, buffers=True) as txn:
                 replies = [self._handlers[r.cmd](txn, r) for r in requests]
-            return replies  # the commit (and fsync) happened when the block closed
+            # The commit (and fsync) happened when the block closed.
+            self.changes.to_index += self._batch_changes.to_index
+            self.changes.dropped += self._batch_changes.dropped
+            return replies
         except lmdb.Error as exc:
             if len(requests) == 1:
                 return [(bp.UNAVAILABLE, b"",
                          f"node {self.name}: the store failed ({type(exc).__name__}: {exc}); "
                          "is the disk full?")]
             # The failed transaction was aborted: nothing of it is stored.
-            return [self.apply([r])[0] for r in requests]
+            return [self._apply([r])[0] for r in requests]
+
+    # The full-text rows -----------------------------------------------------------
+
+    def indexed(self) -> dict[bytes, tuple[int, bytes]]:
+        """id -> (version, key) of every indexed value: what the index must hold."""
+        out = {}
+        with self.env.begin(db=self.fulltext) as txn:
+            for key_id, row in txn.cursor():
+                out[key_id] = (_HEADER.unpack(row[:_HEADER.size])[0], row[_HEADER.size:])
+        return out
+
+    def is_current(self, key_id: bytes, version: int) -> bool:
+        """Whether the value of `key_id` is still the indexed one of that version."""
+        with self.env.begin(db=self.fulltext) as txn:
+            row = txn.get(key_id)
+        return row is not None and _HEADER.unpack(row[:_HEADER.size])[0] == version
+
+    def job(self, key_id: bytes) -> IndexJob | None:
+        """The indexed value of `key_id` as an IndexJob (start-up re-indexing)."""
+        with self.env.begin() as txn:
+            row, value = txn.get(key_id, db=self.fulltext), txn.get(key_id)
+        if row is None or value is None:
+            return None
+        (version,) = _HEADER.unpack(row[:_HEADER.size])
+        return IndexJob(key_id, row[_HEADER.size:], version, value[_HEADER.size:])
 
     def stats(self) -> dict:
         stat = self.env.stat()
         pages = stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
-        return {"entries": stat["entries"], "bytes": pages * stat["psize"],
+        # The main database also holds the name of the fulltext sub-database.
+        return {"entries": stat["entries"] - 1, "bytes": pages * stat["psize"],
                 "map_size": self.env.info()["map_size"], "sync": self.sync,
                 "max_value": self.max_value}
 
@@ -75,13 +143,45 @@ class Store:
 
     # Handlers: (txn, request) -> Reply ------------------------------------------
 
-    def _write(self, txn, req: StorageRequest) -> Reply:
-        if len(req.data) > self.max_value:
+    def _too_large(self, value) -> Reply | None:
+        if len(value) > self.max_value:
             return (bp.OUTPUT_TOO_LARGE, b"",
-                    f"value is {len(req.data)} bytes; node {self.name} stores at most "
+                    f"value is {len(value)} bytes; node {self.name} stores at most "
                     f"{self.max_value} (node.max_value)")
+        return None
+
+    def _write(self, txn, req: StorageRequest) -> Reply:
+        refused = self._too_large(req.data)
+        if refused:
+            return refused
         txn.put(req.id, _HEADER.pack(time.time_ns()) + req.data)
+        self._unindex(txn, req.id)
         return bp.OK, b"", ""
+
+    def _indexed_write(self, txn, req: StorageRequest) -> Reply:
+        try:
+            key, value = sp.split_indexed(req.data)
+        except sp.ProtocolError as exc:
+            return bp.BAD_REQUEST, b"", f"node {self.name}: {exc}"
+        if hashlib.sha512(key).digest() != bytes(req.id):
+            return bp.BAD_REQUEST, b"", f"node {self.name}: indexed write: the id is not sha512(key)"
+        if len(value) > self.max_index_bytes:
+            return (bp.OUTPUT_TOO_LARGE, b"",
+                    f"document is {len(value)} bytes; node {self.name} indexes at most "
+                    f"{self.max_index_bytes} (node.max_index_bytes); nothing was stored")
+        refused = self._too_large(value)
+        if refused:
+            return refused
+        version = time.time_ns()
+        txn.put(req.id, _HEADER.pack(version) + value)
+        txn.put(req.id, _HEADER.pack(version) + key, db=self.fulltext)
+        self._batch_changes.to_index.append(IndexJob(bytes(req.id), key, version,
+                                                     bytes(value), req))
+        return DEFERRED
+
+    def _unindex(self, txn, key_id) -> None:
+        if txn.delete(key_id, db=self.fulltext):
+            self._batch_changes.dropped.append(bytes(key_id))
 
     def _read(self, txn, req: StorageRequest) -> Reply:
         value = txn.get(req.id)
@@ -92,6 +192,7 @@ class Store:
     def _remove(self, txn, req: StorageRequest) -> Reply:
         if not txn.delete(req.id):
             return self._missing(req)
+        self._unindex(txn, req.id)
         return bp.OK, b"", ""
 
     def _lookup(self, txn, req: StorageRequest) -> Reply:
