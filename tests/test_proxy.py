@@ -235,7 +235,7 @@ def test_ping_and_status(web):
     nodes = json.loads(body)["nodes"]
     assert [n["name"] for n in nodes] == ["n1"]
     assert set(nodes[0]) == {"name", "group", "workers", "busy", "queued", "served",
-                             "restarts", "latency_us"}
+                             "restarts", "latency_us", "start"}
     assert set(nodes[0]["latency_us"]) == {"p50", "p99"}
     assert nodes[0]["workers"] == 2 and nodes[0]["served"] >= 1
     status, headers, body = request(web, "GET", "/status")

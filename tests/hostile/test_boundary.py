@@ -194,7 +194,9 @@ def test_a_script_that_answers_early_is_still_stopped(hostile):
 def test_compile_bombs_are_compiled_by_the_runner(hostile, bomb):
     trusted = hostile.cluster.trusted_pids()
     r = hostile.run(bomb)
-    assert r.status in ("ok", "script_error", "memory", "killed"), (r.status, r.error)
+    # The 3-million-item constant takes about the profile's 1 s of CPU to compile:
+    # on a slow moment the runner is stopped at its limit, which is a pass too.
+    assert r.status in ("ok", "script_error", "memory", "killed", "timeout"), (r.status, r.error)
     hostile.assert_recovered(trusted)
 
 
