@@ -37,6 +37,7 @@ import zmq
 from . import protocol as p
 from . import trust
 from srw import logs, security
+from srw.logs import Throttle
 from srw.config import START_ENV, Config, NodeSettings
 from srw.sched import CALM_AFTER, LoadScheduling
 
@@ -79,23 +80,6 @@ def process_alive(pid: int) -> bool:
         return False
     except OSError:
         return True
-
-
-class Throttle:
-    """At most one event per `interval` seconds; counts the others."""
-    __slots__ = ("interval", "next", "suppressed")
-
-    def __init__(self, interval: float):
-        self.interval, self.next, self.suppressed = interval, 0.0, 0
-
-    def allow(self, now: float) -> int | None:
-        """None to suppress this event, else how many were suppressed before it."""
-        if now < self.next:
-            self.suppressed += 1
-            return None
-        self.next = now + self.interval
-        suppressed, self.suppressed = self.suppressed, 0
-        return suppressed
 
 
 def lock_key(hex_id: str) -> str:

@@ -87,6 +87,23 @@ class LineFormatter(logging.Formatter):
         return f"{self._stamp[1]},{int(record.msecs):03d}"
 
 
+class Throttle:
+    """At most one event per `interval` seconds; counts the others."""
+    __slots__ = ("interval", "next", "suppressed")
+
+    def __init__(self, interval: float):
+        self.interval, self.next, self.suppressed = interval, 0.0, 0
+
+    def allow(self, now: float) -> int | None:
+        """None to suppress this event, else how many were suppressed before it."""
+        if now < self.next:
+            self.suppressed += 1
+            return None
+        self.next = now + self.interval
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed
+
+
 def setup(settings: LogSettings, process: str, buffered: bool = False) -> None:
     """Log to [log] file (appended; lines from all processes interleave) or stderr.
 

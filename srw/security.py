@@ -39,12 +39,14 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from srw.config import RIGHTS, Config, ConfigError, NodeSettings, SecuritySettings
+from srw.logs import Throttle
 
 log = logging.getLogger("srw.security")
 
 DOMAIN = "srw"          # the ZAP domain of srw's server sockets
 RESCAN = 1.0            # seconds between scans of the clients folder
 RESCAN_SOON = 0.2       # an unknown key rescans it at once, at most this often
+WARN_EVERY = 1.0        # seconds between warnings about refused keys (clients retry)
 SECRET_SUFFIX = "_secret"
 
 
@@ -205,6 +207,7 @@ class Keyring:
         self._scanned = 0.0
         self._signature: tuple = ()
         self._auth: ThreadAuthenticator | None = None
+        self._refusals = Throttle(WARN_EVERY)
         self.refresh(force=True)
 
     def secure(self, sock: zmq.Socket) -> None:
@@ -230,8 +233,9 @@ class Keyring:
         if self.identity(user) is None and time.monotonic() - self._scanned > RESCAN_SOON:
             self.refresh(force=True)  # a certificate just added need not wait for the loop
         known = self.identity(user) is not None
-        if not known:
-            log.warning("refused a connection: unknown client key %s", key[:8].decode())
+        if not known and (suppressed := self._refusals.allow(time.monotonic())) is not None:
+            log.warning("refused a connection: unknown client key %s (%d more refusals "
+                        "since the last warning)", key[:8].decode(), suppressed)
         return known
 
     def identity(self, user_id: str | None) -> Identity | None:

@@ -502,7 +502,7 @@ def test_process_alive_sees_exits_and_zombies():
 
 
 def test_throttle_counts_what_it_suppresses():
-    from broker.broker import Throttle
+    from srw.logs import Throttle
     throttle = Throttle(1.0)
     assert throttle.allow(10.0) == 0
     assert throttle.allow(10.5) is None and throttle.allow(10.9) is None
