@@ -106,7 +106,8 @@ class Indexer:
         for job, result, tries in done:
             current = self.store.is_current(job.id, job.version)
             if current and result.ok and result.data:
-                text = result.data.decode(errors="replace")
+                # The script's answer, bounded like the documents themselves.
+                text = result.data[:self.store.max_index_bytes].decode(errors="replace")
                 puts.append((job.id, job.key.decode(errors="replace"), job.version, text))
             answers.append((job, result, tries, current))
         self.fulltext.apply(puts, [])

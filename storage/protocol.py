@@ -70,6 +70,7 @@ NAMES = {WRITE: "write", READ: "read", REMOVE: "remove", LOOKUP: "lookup",
 
 ID_BYTES = 64
 MAX_HITS = 1000     # results one SEARCH may ask for
+MAX_QUERY = 4096    # characters of a SEARCH's query: a query runs in the storage loop
 
 __all__ = ["ProtocolError", "StorageRequest", "request_frames", "WRITE", "READ", "REMOVE",
            "LOOKUP", "STAT", "ROUTES", "INDEXED_WRITE", "SEARCH"]
@@ -148,6 +149,9 @@ def parse_search(data: bytes) -> tuple[str, int]:
     query, limit = fields.get("query"), fields.get("limit")
     if not isinstance(query, str) or not isinstance(limit, int) or not 0 < limit <= MAX_HITS:
         raise ProtocolError(f"search: query must be text and limit 1 to {MAX_HITS}")
+    if len(query) > MAX_QUERY:
+        raise ProtocolError(f"search: the query is {len(query)} characters; at most "
+                            f"{MAX_QUERY}")
     return query, limit
 
 

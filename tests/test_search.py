@@ -143,6 +143,8 @@ def test_bad_query_is_a_bad_request_with_the_reason(fts):
     assert out.returncode == 1 and b"bad_request" in out.stderr, out.stderr
     assert http_search(fts, "   ")[0] == 400
     assert http_search(fts, "x", limit=0)[0] == 400
+    status, _, body = http_search(fts, "word " * 1000)
+    assert status == 400 and b"at most 4096" in body
 
 
 def test_binary_content_is_stored_but_not_indexed(fts):
@@ -169,6 +171,20 @@ def test_too_large_document_is_refused(fts):
     assert status == 413 and b"max_index_bytes" in body
     assert s.search("narwhal") == []
     assert all(r.ok for r in s.write("big-doc", big))  # unindexed, the value fits max_value
+
+
+def test_what_the_index_script_answers_is_bounded_like_a_document(fts):
+    """The script's answer enters the trusted storage process: at most
+    max_index_bytes of it are indexed, whatever the script returns."""
+    index = fts.history / "index.py"
+    shipped = index.read_text()
+    index.write_text(f"__return_data = 'headword ' + 'pad ' * {MAX_INDEX} + 'tailword'\n")
+    try:
+        indexed(fts.session, "inflated", "a small document")
+        assert keys(fts.session.search("headword")) == ["inflated"]
+        assert fts.session.search("tailword") == []
+    finally:
+        index.write_text(shipped)
 
 
 def test_sigkill_during_indexing_loses_no_acknowledged_document(make_cluster):
