@@ -108,6 +108,8 @@ def test_a_client_without_the_code_right_gets_forbidden_and_nothing_runs(cluster
     with Client(cluster.node("n1")["broker"], timeout=3, curve=cluster.curve("reader")) as c:
         result = c.exec("mark.py", key.encode())
     assert result.status == p.FORBIDDEN and "lacks the 'exec' right" in result.error
+    with Client(cluster.node("n1")["broker"], timeout=3, curve=cluster.curve("reader")) as c:
+        assert c.status()["workers"] == 1  # a known key needs no right for status
     assert not ran(cluster, key)
 
 
