@@ -298,7 +298,7 @@ class Broker:
             self.close()
 
     def _serve(self, poller: zmq.Poller, wake_r: int) -> None:
-        drain_until = None
+        drain_until = close_at = None
         while True:
             logs.flush()  # buffered lines go out before the broker waits
             events = dict(poller.poll(self._poll_timeout_ms()))
@@ -319,10 +319,14 @@ class Broker:
             self.scheduling.update(len(self.jobs) > len(self.workers), now)
             if self.stopping:
                 drain_until = drain_until or now + self.settings.request_timeout
-                if not self.jobs or now > drain_until:
+                if self.jobs and now > drain_until:
+                    self._answer_all(p.UNAVAILABLE, f"node {self.node.name} stopped")
+                    self.send_replies()
+                # Answered: stay connected a moment, so that clients read the last
+                # replies before the connection drops (see STOP_LINGER).
+                close_at = close_at or (None if self.jobs else now + p.STOP_LINGER)
+                if close_at is not None and now >= close_at:
                     break
-        self._answer_all(p.UNAVAILABLE, f"node {self.node.name} stopped")
-        self.send_replies()
         log.info("broker %s stopped after %d requests", self.node.name, self.served)
 
     def _on_stop_signal(self, signum, frame):

@@ -435,7 +435,10 @@ def parse_worker_replies(frames: list[bytes]) -> list[tuple[bytes, str, bytes, s
 # These call the Cython socket directly (plain, not asyncio, sockets).
 
 _SNDMORE, _RCVMORE, _NOBLOCK, _EVENTS, _POLLIN = 2, 13, 1, 15, 1
-STOP_LINGER = 1.0  # seconds a stopping node's last replies may take to leave its sockets
+# Seconds a stopping node keeps its client sockets open after its last replies,
+# and then lets them take to leave: a client socket with ZMQ_IMMEDIATE (srw's)
+# drops what it has not read yet when its connection closes.
+STOP_LINGER = 1.0
 _send, _recv, _get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
 
 

@@ -189,8 +189,8 @@ class StorageNode:
                  self.node.name, self.node.storage, self.store.path,
                  "on" if self.node.sync else "off", self.node.broker)
         self.indexer.reconcile()
-        stop_at = None
-        while stop_at is None or (self.relay.pending and time.monotonic() < stop_at):
+        stop_at = close_at = None
+        while close_at is None or time.monotonic() < close_at:
             events = dict(poller.poll(self._poll_timeout_ms()))
             if wake_r in events:
                 os.read(wake_r, 512)
@@ -205,8 +205,13 @@ class StorageNode:
             if self.keyring is not None:
                 self.keyring.refresh()
             if self.stopping and stop_at is None:
-                stop_at = time.monotonic() + STOP_WAIT
-        self.relay.answer_all(f"node {self.node.name} stopped")
+                stop_at = now + STOP_WAIT
+            # Relayed replies in, then a moment for clients to read the last
+            # replies before the connection drops (bp.STOP_LINGER).
+            if stop_at is not None and close_at is None and \
+                    (not self.relay.pending or now >= stop_at):
+                self.relay.answer_all(f"node {self.node.name} stopped")
+                close_at = now + bp.STOP_LINGER
         self.indexer.flush(time.monotonic())
         self.close()
         log.info("storage %s stopped", self.node.name)
