@@ -219,6 +219,7 @@ class Broker:
         self.restarts = 0
         self.latencies: collections.deque[int] = collections.deque(maxlen=2000)
         self.stopping = False
+        self.close_at: float | None = None  # stopping, answered: when the sockets close
         self.next_heartbeat = 0.0
         self.scheduling = LoadScheduling()
         # Strangers on the back socket: answered REREGISTER once per heartbeat
@@ -298,7 +299,7 @@ class Broker:
             self.close()
 
     def _serve(self, poller: zmq.Poller, wake_r: int) -> None:
-        drain_until = close_at = None
+        drain_until = None
         while True:
             logs.flush()  # buffered lines go out before the broker waits
             events = dict(poller.poll(self._poll_timeout_ms()))
@@ -324,8 +325,8 @@ class Broker:
                     self.send_replies()
                 # Answered: stay connected a moment, so that clients read the last
                 # replies before the connection drops (see STOP_LINGER).
-                close_at = close_at or (None if self.jobs else now + p.STOP_LINGER)
-                if close_at is not None and now >= close_at:
+                self.close_at = self.close_at or (None if self.jobs else now + p.STOP_LINGER)
+                if self.close_at is not None and now >= self.close_at:
                     break
         log.info("broker %s stopped after %d requests", self.node.name, self.served)
 
@@ -334,7 +335,7 @@ class Broker:
 
     def _poll_timeout_ms(self) -> int:
         now = time.monotonic()
-        until = self.next_heartbeat
+        until = min(self.next_heartbeat, self.close_at or self.next_heartbeat)
         if self.deadlines:
             until = min(until, self.deadlines[0][0])
         if self.scheduling.batch:  # wake to restore the default policy when calm

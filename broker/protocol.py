@@ -438,7 +438,7 @@ _SNDMORE, _RCVMORE, _NOBLOCK, _EVENTS, _POLLIN = 2, 13, 1, 15, 1
 # Seconds a stopping node keeps its client sockets open after its last replies,
 # and then lets them take to leave: a client socket with ZMQ_IMMEDIATE (srw's)
 # drops what it has not read yet when its connection closes.
-STOP_LINGER = 1.0
+STOP_LINGER = 0.25
 _send, _recv, _get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
 
 

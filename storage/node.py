@@ -172,6 +172,7 @@ class StorageNode:
         self.node_commands = {sp.STAT: self.stat, sp.ROUTES: self.routes,
                               sp.SEARCH: self.search}
         self.stopping = False
+        self.close_at: float | None = None  # stopping, answered: when the sockets close
 
     # Main loop ---------------------------------------------------------------
 
@@ -189,8 +190,8 @@ class StorageNode:
                  self.node.name, self.node.storage, self.store.path,
                  "on" if self.node.sync else "off", self.node.broker)
         self.indexer.reconcile()
-        stop_at = close_at = None
-        while close_at is None or time.monotonic() < close_at:
+        stop_at = None
+        while self.close_at is None or time.monotonic() < self.close_at:
             events = dict(poller.poll(self._poll_timeout_ms()))
             if wake_r in events:
                 os.read(wake_r, 512)
@@ -208,10 +209,10 @@ class StorageNode:
                 stop_at = now + STOP_WAIT
             # Relayed replies in, then a moment for clients to read the last
             # replies before the connection drops (bp.STOP_LINGER).
-            if stop_at is not None and close_at is None and \
+            if stop_at is not None and self.close_at is None and \
                     (not self.relay.pending or now >= stop_at):
                 self.relay.answer_all(f"node {self.node.name} stopped")
-                close_at = now + bp.STOP_LINGER
+                self.close_at = now + bp.STOP_LINGER
         self.indexer.flush(time.monotonic())
         self.close()
         log.info("storage %s stopped", self.node.name)
@@ -220,8 +221,8 @@ class StorageNode:
         self.stopping = True
 
     def _poll_timeout_ms(self) -> int:
-        wakes = [t for t in (self.relay.next_deadline(), self.indexer.next_wake())
-                 if t is not None]
+        wakes = [t for t in (self.relay.next_deadline(), self.indexer.next_wake(),
+                             self.close_at) if t is not None]
         deadline = min(wakes, default=None)
         if deadline is None:
             return 1000
