@@ -817,7 +817,8 @@ class Broker:
         def pct(q):
             return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0
 
-        live = [w for w in self.workers.values() if not w.gone_at]
+        # Draining workers are on their way out (recycled, retired by a reload or TTOU).
+        live = [w for w in self.workers.values() if not w.gone_at and not w.draining]
         return {"name": self.node.name, "group": self.node.group,
                 "workers": len(live),
                 "busy": sum(1 for w in live if w.jobs),
