@@ -15,6 +15,15 @@ pool claims a block of sandbox uids no other deployment on the host uses
 (uids.py) and gives it back when it stops.
 A failing python.init, or workers that keep dying at boot, stop the pool
 with exit status 3 (the node refuses to start) instead of looping.
+
+Live changes, like gunicorn's: SIGHUP re-reads the config and python.init
+and rolls the pool (a worker of the new generation is READY before one of
+the old retires; a failing python.init or config keeps the old workers);
+SIGTTIN and SIGTTOU add or retire one worker; ``size N`` on the control pipe
+that ``srw serve`` hands over (CONTROL_FD_ENV) sets the size.  The pool owns
+twice its ceiling of slots (PoolSettings.slots), so a full pool can roll.
+A retired worker drains: the broker gives it nothing more and it exits
+once it has answered what it holds.
 """
 from __future__ import annotations
 
@@ -34,7 +43,8 @@ import setproctitle
 
 from broker import protocol as p
 from srw import logs
-from srw.config import MESSAGE_HEADROOM, Config, ConfigError, NodeSettings
+from srw import config as configs
+from srw.config import CONTROL_FD_ENV, MESSAGE_HEADROOM, Config, ConfigError, NodeSettings
 from srw.serve import EXIT_REFUSED  # python.init failed, bad profile, workers die at boot
 
 from . import profile as profiles
@@ -77,6 +87,20 @@ def run_init(history_dir: Path) -> dict:
     return context
 
 
+def _control_pipe() -> int:
+    """The read end of the pipe `srw serve` passed us, non-blocking; -1 if none."""
+    value = os.environ.pop(CONTROL_FD_ENV, "")
+    if not value.isdigit():
+        return -1
+    fd = int(value)
+    try:
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+    except OSError:
+        return -1
+    return fd
+
+
 def describe_exit(status: int) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -87,13 +111,18 @@ def describe_exit(status: int) -> str:
 class Pool:
     def __init__(self, config: Config, node: NodeSettings):
         self.config, self.node = config, node
-        self.size = config.pool.workers
+        self.size = config.pool.workers                 # live workers wanted
+        self.slot_count = config.pool.slots
         self.profile = profiles.load(config.pool.profile, config.path.parent)
         self.uids = self._claim_uids()
         self.sandbox = Sandbox(self.profile, node, self.uids.first if self.uids else 0,
-                               self.size, config.pool.history_dir, cluster=config.nodes)
-        self.slots = SlotTable(self.size)
+                               self.slot_count, config.pool.history_dir, cluster=config.nodes)
+        self.slots = SlotTable(self.slot_count)
         self.pids: dict[int, int] = {}                  # pid -> slot
+        self.generation = 0                             # python.init's; a reload adds one
+        self.generations: dict[int, int] = {}           # pid -> generation it was forked in
+        self.retiring: set[int] = set()                 # pids told to drain and exit
+        self.respawn: set[int] = set()                  # slots whose worker died unasked
         self.predecessors: dict[int, Predecessor] = {}  # slot -> who it replaces
         self.kill_reasons: dict[int, tuple[str, str]] = {}  # pid -> (reason, job status)
         self.cpu_base: dict[int, tuple[bytes, float]] = {}  # pid -> (job, CPU seconds then)
@@ -102,6 +131,9 @@ class Pool:
         self.boot_failures = 0
         self.stopping = False
         self.reload_requested = False
+        self.resize_steps: list[int] = []  # TTIN +1, TTOU -1, in order, by the handler
+        self.control = _control_pipe()  # fd, or -1 when started alone
+        self.control_buf = b""
         self.fatal: str | None = None
 
     def _claim_uids(self) -> uids.Claim | None:
@@ -110,7 +142,8 @@ class Pool:
             return None
         node = self.node
         start = node.uids or self.profile.user
-        return uids.claim(start, node.name, str(self.config.path), bool(node.uids), self.size)
+        return uids.claim(start, node.name, str(self.config.path), bool(node.uids),
+                          self.slot_count)
 
     # Start -------------------------------------------------------------------
 
@@ -127,7 +160,7 @@ class Pool:
         log.info("pool %s: %d workers, profile %s (%s isolation, network %s, %s, %s, %s), "
                  "history %s", self.node.name, self.size, self.profile.name,
                  self.profile.isolation, self.profile.network,
-                 f"runner uids {sb.uid(1)}-{sb.uid(self.size)} (block {sb.uid_base}-"
+                 f"runner uids {sb.uid(1)}-{sb.uid(self.slot_count)} (block {sb.uid_base}-"
                  f"{sb.uid_base + uids.BLOCK - 1})" if sb.drop else "no uid change",
                  "slot cgroups" if sb.cgroups.enabled else "no cgroups",
                  "seccomp" if self.profile.seccomp else "no seccomp",
@@ -140,7 +173,7 @@ class Pool:
         self.wake_w = wake_w
         signal.set_wakeup_fd(wake_w)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                    signal.SIGUSR1):
+                    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, self._record_signal)
 
     def _record_signal(self, signum, frame) -> None:
@@ -148,6 +181,8 @@ class Pool:
             self.stopping = True
         elif signum == signal.SIGHUP:
             self.reload_requested = True
+        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+            self.resize_steps.append(1 if signum == signal.SIGTTIN else -1)
         elif signum == signal.SIGUSR1:  # logrotate: our log file, and the workers'
             logs.reopen()
             for pid in list(self.pids):
@@ -176,6 +211,8 @@ class Pool:
                 os._exit(code)
         self.slots.reset(slot, pid)
         self.pids[pid] = slot
+        self.generations[pid] = self.generation
+        self.respawn.discard(slot)
 
     def _child_reset(self) -> None:
         # Its own session and group: no terminal (no script may reach the operator's
@@ -187,9 +224,13 @@ class Pool:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
+        for sig in (signal.SIGTTIN, signal.SIGTTOU):  # the pool's business; default: stop
+            signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, logs.on_reopen_signal)
         os.close(self.wake_r)
         os.close(self.wake_w)
+        if self.control >= 0:
+            os.close(self.control)
 
     # Main loop ---------------------------------------------------------------
 
@@ -197,11 +238,14 @@ class Pool:
         """Serve until SIGTERM/SIGINT; returns the process exit status."""
         while not self.stopping and self.fatal is None:
             self.wait_for_signals(TICK)
+            self.read_control()
             self.reap_workers()
             self.watchdog()
             self.kill_strays()
             if self.reload_requested:
                 self.reload()
+            while self.resize_steps:  # one by one: each clamped as it comes
+                self.resize(self.size + self.resize_steps.pop(0))
             self.manage_workers()
         self.stop()
         if self.fatal:
@@ -210,15 +254,37 @@ class Pool:
         return 0
 
     def wait_for_signals(self, timeout: float) -> None:
+        fds = [self.wake_r] + ([self.control] if self.control >= 0 else [])
         try:
-            ready, _, _ = select.select([self.wake_r], [], [], timeout)
+            ready, _, _ = select.select(fds, [], [], timeout)
         except InterruptedError:
             return
-        if ready:
+        if self.wake_r in ready:
             try:
                 os.read(self.wake_r, 4096)
             except BlockingIOError:
                 pass
+
+    def read_control(self) -> None:
+        """Commands from `srw serve` on the control pipe: ``size N``, one per line."""
+        if self.control < 0:
+            return
+        try:
+            chunk = os.read(self.control, 4096)
+        except BlockingIOError:
+            return
+        if not chunk:  # serve closed its end
+            os.close(self.control)
+            self.control = -1
+            return
+        *lines, self.control_buf = (self.control_buf + chunk).split(b"\n")
+        self.control_buf = self.control_buf[-4096:]
+        for line in lines:
+            word, _, arg = line.decode("ascii", "replace").strip().partition(" ")
+            if word == "size" and arg.isdigit():
+                self.resize(int(arg))
+            else:
+                log.warning("pool %s: unknown control command %r", self.node.name, line[:80])
 
     def reap_workers(self) -> None:
         while True:
@@ -239,10 +305,16 @@ class Pool:
         if slot is None:
             return  # a grandchild reparented to us, or already handled
         self._kill_leftovers(pid, slot)
+        self.generations.pop(pid, None)
         _, state, _, served, job = self.slots.read(slot)
         self.cpu_base.pop(pid, None)
         reason, job_status = self.kill_reasons.pop(pid, (describe_exit(status), p.KILLED))
-        planned = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        # Retired: we asked it to go (SIGTERM kills one still booting: ours too).
+        retired = pid in self.retiring and (
+            clean or (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM))
+        planned = retired or clean
+        self.retiring.discard(pid)
         if state == BOOTING and not planned:
             self.boot_failures += 1
             log.error("worker %s#%d (pid %d) died at boot: %s", self.node.name, slot, pid, reason)
@@ -256,9 +328,12 @@ class Pool:
             busy = f" while running request {job_id}" if state == BUSY else ""
             log.warning("worker %s#%d (pid %d) %s%s", self.node.name, slot, pid, reason, busy)
         else:
-            log.debug("worker %s#%d (pid %d) exited (recycled)", self.node.name, slot, pid)
+            log.debug("worker %s#%d (pid %d) exited (%s)", self.node.name, slot, pid,
+                      "retired" if retired else "recycled")
+        if not retired:
+            self.respawn.add(slot)  # its replacement goes here, to tell the broker
         self.predecessors[slot] = Predecessor(
-            pid=pid, reason=reason if not planned else "recycled",
+            pid=pid, reason=reason if not planned else "retired" if retired else "recycled",
             job=job if state == BUSY else b"", job_status=job_status if state == BUSY else "",
             served=served)
 
@@ -324,34 +399,98 @@ class Pool:
             if pid not in self.pids:
                 self._signal(pid, signal.SIGKILL)
 
+    def current(self) -> list[int]:
+        """Workers of this generation that are not retiring."""
+        return [pid for pid, gen in self.generations.items()
+                if gen == self.generation and pid not in self.retiring]
+
     def manage_workers(self) -> None:
         if self.stopping or self.fatal:
             return
-        live = set(self.pids.values())
+        self.retire_extra()
+        missing = self.size - len(self.current())
         now = time.monotonic()
-        for slot in range(1, self.size + 1):
-            if slot in live:
-                continue
+        for slot in self.free_slots():
+            if missing <= 0:
+                break
+            missing -= 1
             # Leftovers still dying would count against the new worker's process limit.
             if self.sandbox.cgroups.kill(slot) and now - self.dead_at.get(slot, 0) < RESPAWN_WAIT:
                 continue
             self.spawn(slot)
 
+    def free_slots(self) -> list[int]:
+        """Slots without a worker: first those whose worker died unasked (its
+        replacement there tells the broker what it held), then the lowest."""
+        used = set(self.pids.values())
+        free = [s for s in range(1, self.slot_count + 1) if s not in used]
+        return sorted(free, key=lambda s: (s not in self.respawn, s))
+
+    def retire_extra(self) -> None:
+        """Rolling: an old worker retires for each new one READY beyond the size.
+        Shrinking: the workers beyond the size retire, idle ones and high slots first."""
+        old = [pid for pid, gen in self.generations.items()
+               if gen != self.generation and pid not in self.retiring]
+        current = self.current()
+        ready = [pid for pid in current if self.slots.read(self.pids[pid])[1] != BOOTING]
+        for pid in old[:max(0, len(ready) + len(old) - self.size)]:
+            self.retire(pid)
+        if len(current) > self.size:  # booting ones are left to finish booting first
+            by_preference = sorted(ready, key=lambda pid: (
+                self.slots.read(self.pids[pid])[1] == BUSY, -self.pids[pid]))
+            for pid in by_preference[:len(current) - self.size]:
+                self.retire(pid)
+
+    def retire(self, pid: int) -> None:
+        """SIGTERM: the worker drains (DRAIN to the broker), then exits 0."""
+        self.retiring.add(pid)
+        self._signal(pid, signal.SIGTERM)
+
+    def resize(self, size: int) -> None:
+        wanted, ceiling = size, self.config.pool.ceiling
+        size = max(1, min(size, ceiling))
+        if size != wanted:
+            log.warning("pool %s: %d workers asked; the pool takes 1 to %d (pool.max_workers)",
+                        self.node.name, wanted, ceiling)
+        if size != self.size:
+            log.info("pool %s: resized from %d to %d workers", self.node.name, self.size, size)
+        self.size = size
+
     def reload(self) -> None:
-        """SIGHUP: run python.init again; on success recycle every worker gracefully."""
+        """SIGHUP: read the config and run python.init again; on success roll the
+        pool to the new generation (manage_workers).  A failure keeps the old."""
         self.reload_requested = False
         try:
-            context = run_init(Path(self.config.pool.history_dir))
-        except InitError as exc:
-            log.error("reload refused, keeping the old global context: %s", exc)
+            config = self._reread_config()
+            context = run_init(Path(config.pool.history_dir))
+        except (ConfigError, InitError) as exc:
+            log.error("pool %s: reload refused, keeping the old workers: %s",
+                      self.node.name, exc)
             return
         gc.unfreeze()
         self.context = context
         gc.collect()
         gc.freeze()
-        log.info("pool %s: python.init reloaded; recycling workers", self.node.name)
-        for pid in list(self.pids):
-            os.kill(pid, signal.SIGTERM)
+        if config.pool.workers != self.config.pool.workers:
+            self.resize(config.pool.workers)
+        self.config = config
+        self.generation += 1
+        log.info("pool %s: python.init reloaded; rolling %d workers to generation %d",
+                 self.node.name, self.size, self.generation)
+
+    def _reread_config(self) -> Config:
+        """The config file again; what the sandbox was built from must not change."""
+        config = configs.load(self.config.path)
+        fixed = [("pool.profile", lambda c: c.pool.profile),
+                 ("pool.history_dir", lambda c: c.pool.history_dir),
+                 ("pool.max_workers", lambda c: c.pool.ceiling),
+                 (f"node {self.node.name}", lambda c: c.node(self.node.name)),
+                 ("the node list", lambda c: c.nodes)]
+        for what, value in fixed:
+            if value(config) != value(self.config):
+                raise ConfigError(f"{what} changed in {config.path}; that takes a restart "
+                                  "(srw stop, then srw serve)")
+        return config
 
     # Stop --------------------------------------------------------------------
 

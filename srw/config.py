@@ -28,6 +28,17 @@ class PoolSettings:
     max_requests: int = 100_000
     credits: int = 16  # requests queued at a worker; hides the broker round trip
     pin: bool = True   # copy isolation: each worker and its runner on a CPU of their own
+    max_workers: int = 0  # the most TTIN / `srw resize` may grow a pool to; 0: 4 x workers
+
+    @property
+    def ceiling(self) -> int:
+        # A pool's slots share one block of 1000 sandbox uids (runtime/uids.py).
+        return self.max_workers or max(self.workers, min(4 * self.workers, 499))
+
+    @property
+    def slots(self) -> int:
+        """Slots a pool owns: room for a full pool and its replacement during a reload."""
+        return 2 * self.ceiling
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,13 @@ class SecuritySettings:
 
 
 @dataclass(frozen=True)
+class ServeSettings:
+    """`srw serve` as a service: its pid file and the socket `srw reload|resize|stop` use."""
+    pidfile: str = ""               # "" = none
+    control: str = "var/srw.ctl"    # unix socket, mode 0600; "" = none (srw/control.py)
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
     file: str = ""
@@ -109,6 +127,7 @@ class Config:
     nodes: tuple[NodeSettings, ...] = ()
     log: LogSettings = field(default_factory=LogSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
 
     def node(self, name: str) -> NodeSettings:
         for node in self.nodes:
@@ -143,8 +162,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # Set by `srw serve` for its children: a nonce per start, which the broker's
 # status and the storage's stat repeat, so serve knows it hears its own nodes.
 START_ENV = "SRW_START"
+# Set by `srw serve` for a pool: the fd of a pipe it writes ``size N`` lines to.
+CONTROL_FD_ENV = "SRW_CONTROL_FD"
 SECTIONS = {"pool": PoolSettings, "broker": BrokerSettings, "proxy": ProxySettings,
-            "log": LogSettings, "security": SecuritySettings}
+            "log": LogSettings, "security": SecuritySettings, "serve": ServeSettings}
 RIGHTS = ("exec", "code", "read", "write")
 
 
@@ -155,6 +176,10 @@ def load(path: str | Path) -> Config:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file (pass --config PATH)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory; pass --config PATH/config.toml") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     unknown = set(raw) - set(SECTIONS) - {"node"}
@@ -212,8 +237,10 @@ def _check(config: Config) -> None:
     """Values that have the right type but make no sense."""
     p = config.path
     rules = [
-        (config.pool.workers >= 1, "pool.workers must be at least 1"),
+        (1 <= config.pool.workers < 500, "pool.workers must be from 1 to 499"),
         (config.pool.credits >= 1, "pool.credits must be at least 1"),
+        (config.pool.max_workers == 0 or config.pool.workers <= config.pool.max_workers < 500,
+         "pool.max_workers must be 0 (4 x workers) or from pool.workers to 499"),
         (config.pool.max_requests >= 0, "pool.max_requests must be 0 (no limit) or more"),
         (config.broker.queue_limit >= 1, "broker.queue_limit must be at least 1"),
         (config.broker.request_timeout > 0, "broker.request_timeout must be > 0 seconds"),
@@ -313,4 +340,7 @@ def _resolve_paths(config: Config) -> Config:
     security = dataclasses.replace(sec, **{k: absolute(getattr(sec, k)) for k in (
         "server_key", "clients", "scripts_key", "proxy_key", "key")})
     nodes = tuple(dataclasses.replace(n, data_dir=absolute(n.data_dir)) for n in config.nodes)
-    return dataclasses.replace(config, pool=pool, log=log, nodes=nodes, security=security)
+    serve = dataclasses.replace(config.serve, pidfile=absolute(config.serve.pidfile),
+                                control=absolute(config.serve.control))
+    return dataclasses.replace(config, pool=pool, log=log, nodes=nodes, security=security,
+                               serve=serve)

@@ -41,7 +41,7 @@ def test_config_defaults_and_relative_paths(tmp_path):
 @pytest.mark.parametrize("text, words", [
     ("[pool]\nworkerz = 3\n" + NODE, "unknown key pool.workerz"),
     ("[pool]\nworkers = 'x'\n" + NODE, "pool.workers must be int"),
-    ("[pool]\nworkers = 0\n" + NODE, "pool.workers must be at least 1"),
+    ("[pool]\nworkers = 0\n" + NODE, "pool.workers must be from 1 to 499"),
     ("[broker]\nrequest_timeout = -1\n" + NODE, "request_timeout"),
     ("[bogus]\n" + NODE, "unknown section or key 'bogus'"),
     ("[pool]\n", "at least one [[node]]"),
