@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 from srw import __version__
 from srw import config as cfg
@@ -96,6 +97,31 @@ def parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", parents=[common], help="show every node's pool")
     status.set_defaults(func=cmd_status)
+
+    reload = sub.add_parser("reload", parents=[common], help="roll every pool (like SIGHUP)",
+                            description="Ask the running `srw serve` of this config (through "
+                            "[serve] control) to re-read the config and python.init and roll "
+                            "every pool: a new worker is READY before an old one retires. A "
+                            "failing python.init or config keeps the old workers (the log "
+                            "says why).")
+    reload.set_defaults(func=cmd_reload)
+    resize = sub.add_parser("resize", parents=[common], help="set the live worker count",
+                            description="Set each pool (or --node's) to N workers without a "
+                            "restart (TTIN/TTOU add or retire one); waits until the nodes "
+                            "report N live workers. A pool restarted later starts at "
+                            "pool.workers again.")
+    resize.add_argument("size", type=int, metavar="N")
+    resize.add_argument("--node", metavar="NAME", default="", help="only this node")
+    resize.add_argument("--wait", type=float, default=30.0,
+                        help="seconds to wait for the new size (default 30; 0: do not wait)")
+    resize.set_defaults(func=cmd_resize)
+    stop = sub.add_parser("stop", parents=[common], help="stop the running srw serve",
+                          description="Stop the `srw serve` of this config like SIGTERM: "
+                          "new requests get 'unavailable', those in flight are answered, "
+                          "then every process exits. Waits until it has.")
+    stop.add_argument("--wait", type=float, default=60.0,
+                      help="seconds to wait for it to exit (default 60)")
+    stop.set_defaults(func=cmd_stop)
 
     proxy = sub.add_parser("proxy", parents=[common],
                            help="run the HTTP proxy alone against a running cluster")
@@ -196,7 +222,7 @@ def cmd_serve(config: cfg.Config, args) -> int:
         from srw import security
         security.role_credentials(config, "proxy")
     extra = [Child("proxy", "", child_argv("proxy", config))] if with_proxy else []
-    return Supervisor(config, nodes, extra=extra).run(with_proxy)
+    return Supervisor(config, nodes, extra=extra, every_node=not args.node).run(with_proxy)
 
 
 def _check_history(config: cfg.Config) -> None:
@@ -353,10 +379,85 @@ def cmd_status(config: cfg.Config, args) -> int:
     return 1 if any("error" in n for n in nodes) else 0
 
 
+def _control(config: cfg.Config, command: str) -> list[str]:
+    """Send a command to every running `srw serve` of this config (srw/control.py);
+    the replies that say ok.  Raises ValueError with the reason when none does."""
+    from srw.control import ControlUnavailable, send, socket_path, socket_paths
+    if not config.serve.control:
+        raise ValueError(f"{config.path}: [serve] control is off; use signals instead "
+                         "(HUP reload, TTIN/TTOU resize, TERM stop)")
+    paths = socket_paths(config)
+    if not paths:
+        raise ValueError(f"no srw serve of {config.path} is running (no control socket "
+                         f"at {socket_path(config)})")
+    ok, errors = [], []
+    for path in paths:
+        try:
+            reply = send(path, command)
+        except ControlUnavailable as exc:
+            errors.append(str(exc))
+            continue
+        (ok if reply.startswith("ok") else errors).append(reply.removeprefix("ok: ")
+                                                          .removeprefix("error: "))
+    if not ok:
+        raise ValueError("; ".join(errors))
+    return ok
+
+
+def cmd_reload(config: cfg.Config, args) -> int:
+    for reply in _control(config, "reload"):
+        print(f"srw: {reply}")
+    return 0
+
+
+def cmd_resize(config: cfg.Config, args) -> int:
+    for reply in _control(config, f"resize {args.size} {args.node}".strip()):
+        print(f"srw: {reply}", flush=True)
+    deadline = time.monotonic() + args.wait
+    with _session(config, args) as session:
+        while args.wait > 0:
+            nodes = [n for n in session.status() if n["name"] == (args.node or n["name"])]
+            sizes = {n["name"]: n.get("workers") for n in nodes}
+            if all(size == args.size for size in sizes.values()):
+                print(f"srw: {len(sizes)} node(s) at {args.size} live workers")
+                return 0
+            if time.monotonic() > deadline:
+                print(f"srw: not every node at {args.size} workers after {args.wait:g} s: "
+                      + ", ".join(f"{k} {v}" for k, v in sizes.items()), file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+    return 0
+
+
+def cmd_stop(config: cfg.Config, args) -> int:
+    deadline = time.monotonic() + args.wait
+    for reply in _control(config, "stop"):
+        pid = int(reply.rsplit("pid ", 1)[1].rstrip(")"))
+        print(f"srw: {reply}; waiting for it to answer what is in flight and exit", flush=True)
+        while _running(pid):
+            if time.monotonic() > deadline:
+                print(f"srw: pid {pid} still runs after {args.wait:g} s", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+    print("srw: stopped")
+    return 0
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (which waits for its parent, not for us)."""
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _supervised() -> None:
-    """Started by `srw serve`: die with it, never outlive it.  SIGHUP reloads
-    only a pool (which sets its own handler); it must not stop the other roles."""
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    """Started by `srw serve`: die with it, never outlive it.  SIGHUP, TTIN and
+    TTOU concern only a pool (which sets its own handlers); they must not stop
+    (or, TTIN/TTOU's default, suspend) the other roles."""
+    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
     supervisor = os.environ.get("SRW_SUPERVISOR_PID")
     if supervisor:
         from runtime.sandbox import die_with_parent

@@ -11,6 +11,11 @@ is in flight), then pools, each step bounded, SIGKILL last.
 Each node also has a storage process (storage/node.py, LMDB): a node is ready
 when its storage answers too; a dead one is restarted like a broker, and one
 that cannot open its store or bind its address exits 3 (refuses to start).
+
+As a service: HUP rolls every pool, TTIN/TTOU add or retire a worker per
+node, USR1 reopens logs, QUIT stops at once; the control socket (srw/control.py)
+takes the same from `srw reload|resize|stop`; [serve] pidfile holds our pid;
+under systemd (Type=notify) we report READY=1 and STOPPING=1.
 """
 from __future__ import annotations
 
@@ -22,12 +27,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 
 from broker.client import BrokerUnavailable, Client
 from srw import logs, security
-from srw.config import START_ENV, Config, NodeSettings
+from srw.config import CONTROL_FD_ENV, START_ENV, Config, NodeSettings
+from srw.control import COMMANDS, ControlServer, ControlUnavailable, socket_path
 from storage.client import storage_ready
 
 log = logging.getLogger("srw.serve")
@@ -51,6 +58,7 @@ class Child:
     proc: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    control: int = -1         # a pool's: the write end of its control pipe
 
     @property
     def label(self) -> str:
@@ -58,11 +66,29 @@ class Child:
 
     def start(self) -> None:
         env = dict(os.environ, **{SUPERVISOR_ENV: str(os.getpid())}, **self.env)
+        pass_fds = ()
+        if self.role == "pool":  # `size N` lines reach the pool through a pipe of its own
+            if self.control >= 0:
+                os.close(self.control)
+            read_end, self.control = os.pipe()
+            os.set_blocking(self.control, False)
+            env[CONTROL_FD_ENV], pass_fds = str(read_end), (read_end,)
         # Its own session, without the operator's terminal and with stdin from
         # /dev/null: Ctrl-C reaches the supervisor only, which stops the children
         # in order, and nothing below can push keystrokes into that terminal.
-        self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True,
-                                     stdin=subprocess.DEVNULL)
+        try:
+            self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True,
+                                         stdin=subprocess.DEVNULL, pass_fds=pass_fds)
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
+
+    def tell(self, line: str) -> bool:
+        """A line on the control pipe (pools only); False if it cannot take it now."""
+        try:
+            return os.write(self.control, line.encode() + b"\n") > 0
+        except (BlockingIOError, BrokenPipeError, OSError):
+            return False
 
     def signal(self, sig: int) -> None:
         if self.proc and self.proc.poll() is None:
@@ -88,8 +114,10 @@ def child_argv(role: str, config: Config, node: str = "") -> list[str]:
 
 
 class Supervisor:
-    def __init__(self, config: Config, nodes: list[NodeSettings], extra: list[Child] = ()):
+    def __init__(self, config: Config, nodes: list[NodeSettings], extra: list[Child] = (),
+                 every_node: bool = True):
         self.config, self.nodes = config, nodes
+        self.every_node = every_node  # else `serve --node`: its control socket is per node
         self.children: list[Child] = []
         for node in nodes:
             self.children.append(Child("storage", node.name,
@@ -101,6 +129,8 @@ class Supervisor:
         for child in self.children:
             child.env[START_ENV] = self.start_id
         self.stopping = False
+        self.control: ControlServer | None = None
+        self.notify_socket = os.environ.pop("NOTIFY_SOCKET", "")  # ours, not the children's
 
     def run(self, with_proxy: bool = False) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -108,20 +138,96 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._on_reload)
         signal.signal(signal.SIGUSR1, self._on_reopen)
         signal.signal(signal.SIGQUIT, self._on_quit)
+        for sig in (signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, self._on_resize_signal)
         try:
             self.check_ports(with_proxy)
+            self.open_control()
             for child in self.children:
                 child.start()
             self.wait_ready()
+            self.notify("READY=1\nSTATUS=" + ", ".join(n.name for n in self.nodes) + " ready")
             while not self.stopping:
                 self.watch_children()
-                time.sleep(0.1)
+                if self.control is not None:
+                    self.control.poll(0.1)
+                else:
+                    time.sleep(0.1)
             return 0
         except StartError as exc:
             print(f"srw: {exc}", file=sys.stderr)
             return 1
         finally:
+            self.notify("STOPPING=1")
             self.stop()
+            self.close_control()
+
+    def notify(self, state: str) -> None:
+        """sd_notify: tell systemd (Type=notify) our state.  Five lines over a
+        datagram socket; libsystemd's bindings would need a C build."""
+        address = self.notify_socket
+        if not address:
+            return
+        if address.startswith("@"):
+            address = "\0" + address[1:]  # an abstract socket
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.sendto(state.encode(), address)
+            except OSError as exc:
+                log.warning("cannot notify systemd on %s: %s", self.notify_socket, exc)
+
+    # The control socket and the pid file --------------------------------------
+
+    def open_control(self) -> None:
+        settings = self.config.serve
+        if settings.pidfile:
+            tmp = f"{settings.pidfile}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            os.replace(tmp, settings.pidfile)  # never a half-written pid
+        if settings.control:
+            try:
+                path = socket_path(self.config, "" if self.every_node else self.nodes[0].name)
+                self.control = ControlServer(path, self.on_command)
+            except ControlUnavailable as exc:
+                raise StartError(f"[serve] control: {exc}") from None
+
+    def close_control(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        pidfile = self.config.serve.pidfile
+        try:
+            if pidfile and Path(pidfile).read_text().strip() == str(os.getpid()):
+                os.unlink(pidfile)
+        except OSError:
+            pass
+
+    def on_command(self, words: list[str]) -> str:
+        """One command from the control socket (srw/control.py); the reply line."""
+        command, args = words[0], words[1:]
+        if command == "reload" and not args:
+            self._on_reload(signal.SIGHUP, None)
+            return ("ok: every pool re-reads the config and python.init and rolls its "
+                    "workers; a failure keeps the old ones (see the log)")
+        if command == "stop" and not args:
+            self.stopping = True
+            return f"ok: stopping (pid {os.getpid()})"
+        if command == "resize" and 1 <= len(args) <= 2 and args[0].isdigit():
+            return self.resize(int(args[0]), args[1] if len(args) == 2 else "")
+        return f"error: unknown command {' '.join(words)[:80]!r}; commands: {COMMANDS}"
+
+    def resize(self, size: int, node: str) -> str:
+        ceiling = self.config.pool.ceiling
+        if not 1 <= size <= ceiling:
+            return f"error: a pool takes 1 to {ceiling} workers (pool.max_workers)"
+        names = [n.name for n in self.nodes]
+        if node and node not in names:
+            return f"error: no node {node!r} here (nodes: {', '.join(names)})"
+        pools = [c for c in self.children if c.role == "pool" and c.node in (node or c.node)]
+        failed = [c.node for c in pools if not c.tell(f"size {size}")]
+        if failed:
+            return f"error: the pool of {', '.join(failed)} did not take the command"
+        return f"ok: {', '.join(c.node for c in pools)} resizing to {size} workers"
 
     def _on_stop(self, signum, frame) -> None:
         self.stopping = True
@@ -133,6 +239,12 @@ class Supervisor:
         for child in self.children:
             if child.role == "pool":
                 child.signal(signal.SIGHUP)
+
+    def _on_resize_signal(self, signum, frame) -> None:
+        """TTIN / TTOU: each pool adds / retires one worker."""
+        for child in self.children:
+            if child.role == "pool":
+                child.signal(signum)
 
     def _on_reopen(self, signum, frame) -> None:
         """USR1 (logrotate): every process opens the log file again."""

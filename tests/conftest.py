@@ -76,8 +76,10 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
 class Cluster:
     def __init__(self, root: Path, nodes: list[dict], pool: dict, broker: dict,
                  scripts: dict[str, str], init: str | None, proxy: dict | None = None,
-                 log_level: str = "info", security: dict | None = None):
+                 log_level: str = "info", security: dict | None = None,
+                 serve: dict | None = None):
         self.root = root
+        self.serve_settings = serve
         # CurveZMQ: the node's keys and an "admin" client with every right, which
         # the harness itself uses (status, client()).
         self.security = None
@@ -133,6 +135,8 @@ class Cluster:
             parts.append(table("security", {k: v for k, v in self.security.items()
                                             if k != "rights"}))
             parts.append(table("security.rights", self.security.get("rights", {})))
+        if self.serve_settings:
+            parts.append(table("serve", self.serve_settings))
         parts += [table("[node]", n) for n in self.nodes]
         return "\n".join(parts)
 
@@ -279,11 +283,11 @@ def make_cluster(tmp_path):
     made: list[Cluster] = []
 
     def make(nodes=({"name": "n1"},), pool=None, broker=None, scripts=None, init=None,
-             proxy=None, log_level="info", security=None) -> Cluster:
+             proxy=None, log_level="info", security=None, serve=None) -> Cluster:
         root = tmp_path / f"c{len(made)}"
         root.mkdir()
         cluster = Cluster(root, list(nodes), pool or {}, broker or {}, scripts or {}, init,
-                          proxy, log_level, security)
+                          proxy, log_level, security, serve)
         made.append(cluster)
         return cluster
 

@@ -49,6 +49,9 @@ def test_errors_are_one_line(make_cluster):
     out = subprocess.run([sys.executable, "-m", "srw", "status", "--config",
                           str(cluster.root / "missing.toml")], capture_output=True, timeout=20)
     assert out.returncode == 2 and "no such config file" in out.stderr.decode()
+    out = subprocess.run([sys.executable, "-m", "srw", "status", "--config", str(cluster.root)],
+                         capture_output=True, timeout=20)
+    assert out.returncode == 2 and "is a directory; pass --config" in out.stderr.decode()
     before = subprocess.run([sys.executable, "-m", "srw", "--config",
                              str(cluster.root / "elsewhere.toml"), "status"],
                             capture_output=True, timeout=20)

@@ -1,14 +1,21 @@
 """Operating `srw serve` as one would gunicorn: signals, start-up checks, messages."""
 from __future__ import annotations
 
+import errno
+import http.client
+import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 
 import psutil
 
-from conftest import wait_until
+from conftest import wait_proxy, wait_until
 
 INIT = """
 generation = {generation}
@@ -116,3 +123,153 @@ def test_term_under_load_answers_every_request(make_cluster):
     statuses = {r.status for r in results}
     assert statuses <= {"ok", "unavailable"} and "ok" in statuses, statuses
     assert serve.wait(15) == 0
+
+
+class SteadyLoad:
+    """A ZeroMQ client and an HTTP client exec'ing which.py back to back until
+    stopped (60 s at most); every outcome recorded: the data, or what failed."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.outcomes: list[tuple[str, str]] = []  # (via, data or failure)
+        self.done = threading.Event()
+        self.threads = [threading.Thread(target=self._zmq), threading.Thread(target=self._http)]
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        wait_until(lambda: {v for v, _ in self.outcomes} == {"zmq", "http"}, 20, "both clients")
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def _running(self, deadline: float) -> bool:
+        return not self.done.is_set() and time.monotonic() < deadline
+
+    def _zmq(self):
+        deadline = time.monotonic() + 60
+        with self.cluster.client(timeout=10) as client:
+            while self._running(deadline):
+                try:
+                    r = client.exec("which.py")
+                    outcome = r.data.decode() if r.ok else f"{r.status}: {r.error}"
+                except Exception as exc:  # recorded, and the test fails on it
+                    outcome = f"{type(exc).__name__}: {exc}"
+                self.outcomes.append(("zmq", outcome))
+
+    def _http(self):
+        deadline = time.monotonic() + 60
+        host, port = self.cluster.proxy["listen"].rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        while self._running(deadline):
+            try:
+                conn.request("POST", "/elliptics?exec&name=which.py&id=00", body=b"")
+                resp = conn.getresponse()
+                body = resp.read().decode()
+                outcome = body if resp.status == 200 else f"HTTP {resp.status}: {body}"
+            except (OSError, http.client.HTTPException) as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+                conn.close()
+            self.outcomes.append(("http", outcome))
+        conn.close()
+
+    def failures(self) -> list:
+        return [o for o in self.outcomes if not o[1].isdigit()]
+
+    def last(self, count: int) -> set[str]:
+        return {outcome for _, outcome in self.outcomes[-count:]}
+
+
+def connect_as(uid: int, path: str) -> int:
+    """Connect to a unix socket from a child running as `uid`: 0, or the errno."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            socket.socket(socket.AF_UNIX).connect(path)
+        except OSError as exc:
+            code = exc.errno or 255
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def live_workers(cluster) -> int:
+    """The node's live worker count, as the proxy's /status (JSON) shows it."""
+    url = f"http://{cluster.proxy['listen']}/status?format=json"
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        return json.load(resp)["nodes"][0]["workers"]
+
+
+def test_reload_resize_and_stop_under_load_fail_nothing(make_cluster):
+    """HUP rolls the pool (new workers READY before old ones retire), TTIN/TTOU
+    and `srw resize` change the live count both ways, `srw reload` and `srw
+    stop` reach serve through its control socket: under steady ZeroMQ and HTTP
+    load, not one request fails.  serve tells systemd READY=1 and STOPPING=1."""
+    cluster = make_cluster(init=INIT.format(generation=1), scripts={"which.py": WHICH},
+                           pool={"workers": 2, "max_workers": 3},
+                           serve={"pidfile": "srw.pid"})
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(cluster.root / "notify"))
+    notify.settimeout(30)
+    serve = cluster.srw("serve", env=dict(os.environ, NOTIFY_SOCKET=str(cluster.root / "notify")))
+    cluster.wait_ready(serve)
+    wait_proxy(cluster)
+    assert notify.recv(4096).startswith(b"READY=1")
+    assert (cluster.root / "srw.pid").read_text() == f"{serve.pid}\n"
+    with SteadyLoad(cluster) as load:
+        old = {w.pid for w in cluster.workers()}
+        (cluster.history / "python.init").write_text(INIT.format(generation=2))
+        with cluster.client() as watcher:
+            serve.send_signal(signal.SIGHUP)
+            live = []
+
+            def rolled():  # the broker's count of live workers, every few ms
+                live.append(watcher.status(timeout=5)["workers"])
+                return load.last(10) == {"2"} and not old & {w.pid for w in cluster.workers()}
+            wait_until(rolled, 20, "every worker of generation 2", 0.002)
+        assert min(live) >= 2, live  # the old ones retired only as new ones were READY
+
+        serve.send_signal(signal.SIGTTIN)
+        wait_until(lambda: live_workers(cluster) == 3, 10, "3 live workers after TTIN")
+        serve.send_signal(signal.SIGTTIN)  # beyond pool.max_workers: stays at 3
+        serve.send_signal(signal.SIGTTOU)
+        wait_until(lambda: live_workers(cluster) == 2, 10, "2 live workers after TTOU")
+        done = cluster.run("resize", "1")
+        assert done.returncode == 0, done.stderr
+        assert b"1 node(s) at 1 live workers" in done.stdout
+        assert len(cluster.workers()) == 1 or wait_until(
+            lambda: len(cluster.workers()) == 1, 10, "the retired workers gone")
+
+        control = cluster.root / "var" / "srw.ctl"
+        assert control.stat().st_mode & 0o777 == 0o600
+        if os.geteuid() == 0:  # another uid (a script's, say) cannot reach it
+            assert connect_as(65534, str(control)) == errno.EACCES
+        (cluster.history / "python.init").write_text(INIT.format(generation=3))
+        done = cluster.run("reload")
+        assert done.returncode == 0 and b"rolls its workers" in done.stdout, done.stderr
+        wait_until(lambda: load.last(10) == {"3"}, 20, "generation 3")
+        (cluster.history / "python.init").write_text("raise SystemExit('broken init')")
+        assert cluster.run("reload").returncode == 0
+        wait_until(lambda: "reload refused, keeping the old workers" in cluster.log(), 10,
+                   "the refused reload in the log")
+        time.sleep(0.5)
+    assert load.last(10) == {"3"}
+    assert not load.failures(), load.failures()[:5]
+    assert len(load.outcomes) > 100
+    assert cluster.run("resize", "9").stderr.startswith(b"srw: a pool takes 1 to 3 workers")
+
+    done = cluster.run("stop", timeout=60)
+    assert done.returncode == 0 and done.stdout.endswith(b"srw: stopped\n"), done
+    assert serve.wait(5) == 0
+    assert notify.recv(4096) == b"STOPPING=1"
+    assert not (cluster.root / "srw.pid").exists()
+    done = cluster.run("reload")
+    assert done.returncode == 1 and b"no srw serve" in done.stderr
+    notify.close()
