@@ -273,7 +273,9 @@ class Worker:
             log.warning("%s: %s; recycling this worker", self.title, recycle)
             self.stop_requested = True
         if log.isEnabledFor(logging.INFO):
-            log.info("exec %s %d B -> %d B %s %d us", shown, len(data), len(out), status, run_us)
+            # The broker's id of the request: its warnings about it use the same.
+            log.info("exec %s %d B -> %d B %s %d us req %s", shown, len(data), len(out), status,
+                     run_us, job.decode("ascii", "replace"))
 
     def _run(self, job: bytes, meta: p.ExecMeta, data: bytes,
              deadline: float) -> tuple[str, bytes, str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import threading
 import time
@@ -22,12 +23,12 @@ def test_cli_runs_the_2011_example(node):
     assert out.stdout == ORIGINAL_REPLY
 
 
-def test_log_line_per_exec_with_microseconds(node):
+def test_log_line_per_exec_with_microseconds_and_request_id(node):
     with node.client() as c:
         assert c.exec("test_script.py", b"x" * 33).ok
     line = wait_until(lambda: [l for l in node.log().splitlines()
                                if "exec test_script.py 33 B -> 79 B ok" in l], 5, "log line")
-    assert line[0].rstrip().endswith(" us")
+    assert re.search(r" \d+ us req [0-9a-f]+$", line[0].rstrip()), line[0]
 
 
 def test_thousand_concurrent_requests_over_four_workers(make_cluster):
