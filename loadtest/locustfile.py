@@ -12,10 +12,12 @@ With no --tags every task runs, weighted as a mix (mostly trivial).
 Settings come from the environment:
     SRW_CONFIG   config file whose first node the ZeroMQ user targets (config.toml)
     SRW_BROKER   broker endpoint, instead of reading SRW_CONFIG
+    SRW_FAILURES_FILE  where to write the final failures as JSON at the end
 Every non-ok result is reported to locust as a failure named by its status.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -111,3 +113,17 @@ class HttpUser(FastHttpUser):
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
             elif expect is not None and response.content != expect:
                 response.failure("wrong reply data")
+
+
+@events.quit.add_listener
+def save_failures(**kw):
+    """The final failures, for loadtest/run.py: the CSV is a periodic snapshot."""
+    path = os.environ.get("SRW_FAILURES_FILE")
+    runner = getattr(save_failures, "environment", None) and save_failures.environment.runner
+    if path and runner is not None:
+        Path(path).write_text(json.dumps(list(runner.stats.serialize_errors().values())))
+
+
+@events.init.add_listener
+def remember_environment(environment, **kw):
+    save_failures.environment = environment

@@ -4,8 +4,10 @@
                            [--user ZmqUser|HttpUser] [--kill-every 2]
 
 Steps: start `srw serve` on the config, wait until every pool is full, run
-locust headless (CSV and HTML reports under loadtest/reports/), stop the
-node, print a summary.  Exits non-zero if any request failed, or, with
+locust headless with a progress line every few seconds, stop the node, print
+a summary from locust's final stats.  Each run gets its own folder,
+loadtest/reports/<time>-<name>/: CSV and HTML reports, final.json and the
+node's log.  Exits non-zero if any request failed, or, with
 --kill-every S (SIGKILL a random busy-or-idle worker every S seconds), if a
 request failed for any reason other than its worker being killed, if more
 requests failed than the killed workers could hold (kills x [pool] credits),
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import random
 import signal
 import subprocess
@@ -32,6 +35,7 @@ from broker.client import BrokerUnavailable, Client  # noqa: E402
 from srw import config as cfg  # noqa: E402
 
 REPORTS = HERE / "reports"
+PROGRESS_EVERY = 5.0  # seconds between progress lines
 
 
 def start_node(config: cfg.Config, log_path: Path) -> subprocess.Popen:
@@ -95,33 +99,89 @@ class Killer(threading.Thread):
                     pass
 
 
-def run_locust(args, config: cfg.Config, prefix: Path) -> int:
+def run_locust(args, config: cfg.Config, folder: Path) -> int:
+    prefix = folder / "locust"
     cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless",
            "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{args.duration}s",
            "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary",
-           "--stop-timeout", "15", args.user]
+           "--json-file", str(folder / "final"), "--stop-timeout", "15", args.user]
     if args.tags:
         cmd += ["--tags", *args.tags.split(",")]
     if args.user == "HttpUser":
         cmd += ["--host", f"http://{config.proxy.listen}"]
-    env = {"SRW_CONFIG": str(config.path), **dict(__import__("os").environ)}
-    return subprocess.run(cmd, env=env, timeout=args.duration + 120).returncode
+    env = {"SRW_CONFIG": str(config.path), "SRW_FAILURES_FILE": str(folder / "failures.json"),
+           **dict(__import__("os").environ)}
+    with (folder / "locust.out").open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        started = time.monotonic()
+        deadline = started + args.duration + 120
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    raise SystemExit(f"locust did not finish; see {folder / 'locust.out'}")
+                time.sleep(PROGRESS_EVERY)
+                print(progress(prefix, time.monotonic() - started, args.duration), flush=True)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc.returncode
 
 
-def failures(prefix: Path) -> dict[str, int]:
-    path = Path(f"{prefix}_failures.csv")
+def progress(prefix: Path, elapsed: float, duration: int) -> str:
+    """One line from the newest row of locust's stats history."""
+    path = Path(f"{prefix}_stats_history.csv")
+    rows = []
+    if path.exists():
+        with path.open() as f:
+            rows = [r for r in csv.DictReader(f) if r.get("Name") == "Aggregated"]
+    head = f"[{min(elapsed, duration):4.0f}/{duration} s]"
+    if not rows or rows[-1]["Total Request Count"] == "0":
+        return f"{head} starting users"
+    r = rows[-1]
+    return (f"{head} {r['User Count']} users, {r['Total Request Count']} requests, "
+            f"{r['Total Failure Count']} failed, {float(r['Requests/s']):.0f} req/s now, "
+            f"p50 {r['50%']} ms, p99 {r['99%']} ms")
+
+
+def failures(folder: Path) -> dict[str, int]:
+    """Final failure counts by reason (failures.json, from the locustfile): the last
+    line of each error, which for a traceback is the exception itself."""
+    path = folder / "failures.json"
     if not path.exists():
         return {}
     counts: dict[str, int] = {}
-    with path.open() as f:
-        for row in csv.DictReader(f):  # one row per (request name, error)
-            counts[row["Error"]] = counts.get(row["Error"], 0) + int(row["Occurrences"])
+    for entry in json.loads(path.read_text()):  # one per (request name, error)
+        lines = [line for line in str(entry["error"]).splitlines() if line.strip()]
+        reason = lines[-1].strip() if lines else "(no message)"
+        counts[reason] = counts.get(reason, 0) + int(entry["occurrences"])
     return counts
 
 
-def summary(prefix: Path) -> list[dict]:
-    with Path(f"{prefix}_stats.csv").open() as f:
-        return list(csv.DictReader(f))
+def summary(folder: Path) -> list[dict]:
+    """Per request name, from locust's final stats (final.json): count, failures,
+    rate and percentiles."""
+    rows = []
+    for entry in json.loads((folder / "final.json").read_text()):
+        times = sorted((float(ms), n) for ms, n in entry["response_times"].items())
+        span = max(entry["last_request_timestamp"] - entry["start_time"], 1e-9)
+        rows.append({"name": entry["name"], "requests": entry["num_requests"],
+                     "fails": entry["num_failures"],
+                     "rate": entry["num_requests"] / span,
+                     **{f"p{q}": percentile(times, entry["num_requests"], q / 100)
+                        for q in (50, 95, 99)}})
+    return rows
+
+
+def percentile(times: list[tuple[float, int]], count: int, q: float) -> float:
+    """The q-quantile of a histogram (locust keeps response times rounded, in ms)."""
+    seen = 0
+    for ms, n in times:
+        seen += n
+        if seen >= q * count:
+            return ms
+    return times[-1][0] if times else 0.0
 
 
 def main() -> int:
@@ -137,22 +197,24 @@ def main() -> int:
     ap.add_argument("--name", default="", help="report file prefix (default: from options)")
     args = ap.parse_args()
     config = cfg.load(args.config)
-    REPORTS.mkdir(exist_ok=True)
     name = args.name or f"{args.user}-{args.tags or 'mix'}{'-kill' if args.kill_every else ''}"
-    prefix = REPORTS / name
-    node = start_node(config, Path(f"{prefix}-node.log"))
+    folder = REPORTS / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    folder.mkdir(parents=True)
+    print(f"srw load test {name}: {args.users} users for {args.duration} s; reports in "
+          f"{folder}", flush=True)
+    node = start_node(config, folder / "node.log")
     killer = Killer(node, args.kill_every) if args.kill_every else None
     try:
         if killer:
             killer.start()
-        code = run_locust(args, config, prefix)
+        code = run_locust(args, config, folder)
         if killer:
             killer.stopped.set()
             killer.join()
         full = wait_full(node, config)
     finally:
         stop_node(node)
-    return report(prefix, code, killer, full, config)
+    return report(folder, code, killer, full, config)
 
 
 def wait_full(node: subprocess.Popen, config: cfg.Config) -> bool:
@@ -177,15 +239,15 @@ def pool_size(endpoint: str) -> int:
             return -1
 
 
-def report(prefix: Path, code: int, killer: Killer | None, full: bool,
+def report(folder: Path, code: int, killer: Killer | None, full: bool,
            config: cfg.Config) -> int:
-    print(f"\nreports: {prefix}_stats.csv, {prefix}.html, node log {prefix}-node.log")
+    print(f"\nreports in {folder}: locust.html, locust_stats.csv, final.json, node.log")
     print(f"{'name':24} {'requests':>9} {'fails':>6} {'req/s':>8} {'p50 ms':>7} "
           f"{'p95 ms':>7} {'p99 ms':>7}")
-    for row in summary(prefix):
-        print(f"{row['Name']:24} {row['Request Count']:>9} {row['Failure Count']:>6} "
-              f"{float(row['Requests/s']):8.0f} {row['50%']:>7} {row['95%']:>7} {row['99%']:>7}")
-    fails = failures(prefix)
+    for row in summary(folder):
+        print(f"{row['name']:24} {row['requests']:>9} {row['fails']:>6} {row['rate']:8.0f} "
+              f"{row['p50']:>7g} {row['p95']:>7g} {row['p99']:>7g}")
+    fails = failures(folder)
     total = sum(fails.values())
     for error, count in fails.items():
         print(f"  failure x{count}: {error[:150]}")
