@@ -311,8 +311,8 @@ class Pool:
         reason, job_status = self.kill_reasons.pop(pid, (describe_exit(status), p.KILLED))
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         # Retired: we asked it to go (SIGTERM kills one still booting: ours too).
-        retired = pid in self.retiring and (
-            clean or (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM))
+        retired = pid in self.retiring and (clean or (
+            os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGTERM, signal.SIGUSR2)))
         planned = retired or clean
         self.retiring.discard(pid)
         if state == BOOTING and not planned:
@@ -495,10 +495,12 @@ class Pool:
     # Stop --------------------------------------------------------------------
 
     def stop(self) -> None:
-        """SIGTERM, wait up to STOP_GRACE, SIGKILL, final reap."""
+        """SIGUSR2 (finish what you hold and go: the broker stopped first), wait up
+        to STOP_GRACE, SIGKILL, final reap."""
         for pid in list(self.pids):
             log.debug("stopping worker pid %d", pid)
-            self._signal(pid, signal.SIGTERM)
+            self.retiring.add(pid)
+            self._signal(pid, signal.SIGUSR2)
         deadline = time.monotonic() + STOP_GRACE
         while self.pids and time.monotonic() < deadline:
             self.wait_for_signals(TICK)

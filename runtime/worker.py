@@ -15,7 +15,8 @@ to each as it ends (in copy and fork isolation several replies may share a
 REPLY, held at most REPLY_HOLD), heartbeat while idle.  If the broker goes silent
 it announces READY again, so a restarted broker gets its workers back.  On
 SIGTERM, after max_requests or when the broker says BYE it finishes what the
-broker already gave it and exits.
+broker already gave it and exits.  On SIGUSR2 (the pool stops, its broker
+already stopped) it finishes what it holds and exits without that handshake.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ REPLY_HOLD = 0.002  # copy, fork: a reply waits at most this long to share a mes
 REPLY_BATCH = 16    # ... with at most this many others
 EXIT_NO_SANDBOX = 5  # the worker's exit status when its zygote failed
 EXIT_NO_BROKER = 6   # ... when the broker took no reply
+LEAVE_LINGER_MS = 100
 
 
 class Worker:
@@ -83,6 +85,7 @@ class Worker:
         self.jobs: collections.deque = collections.deque()  # received, not yet run
         self.state = ""  # the title's last word(s)
         self.stop_requested = False
+        self.leave = False  # SIGUSR2: the pool stops; no drain handshake
         self.draining = False
         self.drain_deadline = 0.0
         self.done = False
@@ -104,8 +107,8 @@ class Worker:
         self.ctx = zmq.Context(io_threads=1)
         self.sock = self._connect()
         self.scheduling = LoadScheduling(thread_ids(task_dir))
-        self.register()
-        self.slots.idle(self.slot, self.pid, 0)
+        self.register()  # the slot says BOOTING until the broker answers (below)
+        registered = False
         handlers = {p.REQUEST: self.on_request, p.HEARTBEAT: self.on_heartbeat,
                     p.REREGISTER: self.on_reregister, p.BYE: self.on_bye}
         last_heard = next_hb = time.monotonic()
@@ -118,6 +121,9 @@ class Worker:
                 last_heard = time.monotonic()
             else:
                 frames = self._next_message(wait_ms)
+                if frames is not None and not registered:
+                    self.slots.idle(self.slot, self.pid, self.served)  # the pool sees us up
+                    registered = True
                 if frames is not None:
                     handler = handlers.get(frames[0])
                     if handler is None:
@@ -140,7 +146,9 @@ class Worker:
                 last_heard = now
             self._maybe_drain(now)
         self.flush_replies()
-        self.sock.close(linger=1000)
+        # Replies flushed above may still be on their way; a broker that is gone
+        # takes none, so leaving waits less for them.
+        self.sock.close(linger=LEAVE_LINGER_MS if self.leave else 1000)
         self.ctx.term()
         return self.exit_code
 
@@ -219,13 +227,23 @@ class Worker:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         if _signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if _signal.getsignal(signal.SIGUSR2) != self._on_sigusr2:
+            signal.signal(signal.SIGUSR2, self._on_sigusr2)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
 
+    def _on_sigusr2(self, signum, frame) -> None:
+        """The pool stops, after the broker did (srw serve stops brokers first and
+        waits for their last replies): finish what is here and go, with no DRAIN
+        for a broker that is not there to answer it."""
+        self.stop_requested = self.leave = True
+
     def _maybe_drain(self, now: float) -> None:
         limit = self.config.pool.max_requests
-        if not self.draining and (self.stop_requested or (limit and self.served >= limit)):
+        if self.leave and not self.jobs:
+            self.done = True
+        elif not self.draining and (self.stop_requested or (limit and self.served >= limit)):
             self.draining = True
             self.drain_deadline = now + self.silence_limit
             try:
