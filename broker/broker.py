@@ -628,6 +628,9 @@ class Broker:
         self.workers[identity] = worker
         self.by_slot[ready.slot] = worker
         self.reregistered.discard(identity)
+        # At once, not at the next beat: the worker counts as started (for its
+        # pool, which retires an old worker for it during a reload) only then.
+        self.back.send_multipart([identity, p.HEARTBEAT], zmq.NOBLOCK)
         log.debug("%s ready with %d credits", worker, worker.credits)
 
     def drop_orphans(self, pool: int) -> None:

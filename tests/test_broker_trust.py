@@ -64,7 +64,7 @@ def test_registering_takes_the_token_from_beside_the_socket(node):
         fake.register(3)
         fake.send([p.HEARTBEAT])
         fake.send([p.DRAIN])  # it holds nothing: drained at once
-        assert [f[0] for f in fake.wait_for(p.BYE)] in ([p.BYE], [p.HEARTBEAT, p.BYE])
+        assert {f[0] for f in fake.wait_for(p.BYE)[:-1]} <= {p.HEARTBEAT}  # then BYE
     echo_all(node)
 
 
