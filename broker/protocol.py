@@ -36,7 +36,7 @@ Back (worker DEALER, identity "node#slot:pid" -> broker ROUTER)::
                       [DRAIN]                 "give me no more work" (recycle, stop)
     broker -> worker  [REQUEST, jobs]         msgpack [[job, budget, name, code, cookie,
                                                 data], ...]; budget: seconds left
-                      [HEARTBEAT]
+                      [HEARTBEAT]             also at once after a READY it took
                       [REREGISTER]            "I do not know you": answer with READY
                       [BYE]                   drained: the worker may exit
 
