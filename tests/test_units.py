@@ -427,6 +427,8 @@ def test_dispatch_cuts_a_workers_batch_to_max_message(tmp_path):
         got = []
         while len(got) < 6 and worker.poll(5000):
             frames = worker.recv_multipart()
+            if frames[0] == p.HEARTBEAT:  # the broker's answer to READY
+                continue
             assert frames[0] == p.REQUEST and len(frames[1]) <= config.max_message
             got.append([data for _, _, _, data in p.parse_jobs(frames)])
         assert got == [[bytes([i]) * 600_000] for i in range(5)] + [[b"small"] * 5]
