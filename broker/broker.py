@@ -8,7 +8,7 @@ worker is given at once travels in one message.  A short request joins a
 worker that is already busy, any other the worker holding the fewest
 (`choose_worker`).  Requests beyond the credits wait in a bounded queue
 (full -> ``busy``).  Execs with the same id run one at a time, in order: the
-worker that runs one also gets those waiting for it (`IdLock`).  A client
+worker that runs one also gets those waiting for it (broker/idlocks.py).  A client
 that sends batches gets its replies in batches, one message per loop turn.
 Every request gets exactly one reply: the worker's, ``timeout`` at its
 deadline, ``killed`` when its worker died (learned from the replacement's
@@ -36,6 +36,7 @@ import zmq
 
 from . import protocol as p
 from . import trust
+from .idlocks import IdLocks
 from srw import logs, security
 from srw.logs import Throttle
 from srw.config import START_ENV, Config, NodeSettings
@@ -122,21 +123,6 @@ class Worker:
         return self.name
 
 
-class IdLock:
-    """The execs of one id on this node, which run one at a time, in order.
-
-    Its holders are all in the queue or all given to one worker (`worker`),
-    which runs them one after another; the others wait.  Giving a worker
-    the waiters of an id it already runs keeps them one at a time without a
-    round trip through the broker between them."""
-    __slots__ = ("holders", "worker", "waiting")
-
-    def __init__(self):
-        self.holders: set[bytes] = set()
-        self.worker: Worker | None = None
-        self.waiting: collections.deque[bytes] = collections.deque()
-
-
 def choose_worker(workers, cost_us: float) -> Worker | None:
     """The worker for a request expected to run `cost_us`: within its credits,
     not draining.
@@ -204,11 +190,8 @@ class Broker:
         self.workers: dict[bytes, Worker] = {}
         self.by_slot: dict[int, Worker] = {}
         self.queue: collections.OrderedDict[bytes, Job] = collections.OrderedDict()
-        # Per-id locks: the execs of one id run one at a time on this node, in
-        # the order they came (id -> IdLock).
-        self.locks: dict[str, IdLock] = {}
-        self.blocked = 0  # execs waiting in locks
-        self.new_waiters: set[str] = set()  # locks whose holders' worker may take more
+        # The execs of one id run one at a time on this node, in the order they came.
+        self.locks: IdLocks[Worker] = IdLocks()
         self.jobs: dict[bytes, Job] = {}
         # Average run time per script name, us; a script never seen is not packed.
         self.service_us: dict[str, float] = {}
@@ -402,7 +385,7 @@ class Broker:
             self.reply(req.client, req.rid, p.UNAVAILABLE,
                        error=f"node {self.node.name} is shutting down", batched=batched)
             return
-        if len(self.queue) + self.blocked >= self.settings.queue_limit:
+        if len(self.queue) + self.locks.blocked >= self.settings.queue_limit:
             self.reply(req.client, req.rid, p.BUSY,
                        error=f"node {self.node.name}: queue full ({self.settings.queue_limit} "
                              "requests waiting); retry later or raise broker.queue_limit",
@@ -424,16 +407,8 @@ class Broker:
                   batched, size)
         self.jobs[job_id] = job
         self._track_deadline(job_id, job.deadline)
-        if lock is not None:
-            id_lock = self.locks.get(lock)
-            if id_lock is None:
-                id_lock = self.locks[lock] = IdLock()
-            elif id_lock.holders:
-                id_lock.waiting.append(job_id)
-                self.blocked += 1
-                self.new_waiters.add(lock)
-                return
-            id_lock.holders.add(job_id)
+        if lock is not None and not self.locks.arrive(lock, job_id):
+            return  # it waits for the execs of its id before it
         self.queue[job_id] = job
 
     def _track_deadline(self, job_id: bytes, deadline: float) -> None:
@@ -477,40 +452,16 @@ class Broker:
             return  # already answered (timeout) or unknown
         self.queue.pop(job_id, None)
         if job.lock is not None:
-            self._release(job_id, job.lock)
+            self._queue_first(self.locks.release(job.lock, job_id, self.jobs.__contains__))
         self.served += 1
         self.latencies.append(int((time.perf_counter() - job.received) * 1e6))
         self.reply(job.client, job.rid, status, data, error, job.batched)
 
-    def _release(self, job_id: bytes, lock: str) -> None:
-        """A job of this id finished: when it was the last holder, the next
-        live waiter holds the lock, first in the queue."""
-        id_lock = self.locks.get(lock)
-        if id_lock is None:
-            return
-        if job_id in id_lock.holders:
-            id_lock.holders.discard(job_id)
-        elif job_id in id_lock.waiting:  # a waiter that timed out: it never held the lock
-            id_lock.waiting.remove(job_id)
-            self.blocked -= 1
-        if id_lock.holders and id_lock.waiting:
-            self.new_waiters.add(lock)  # their worker has room again
-        self._promote(lock, id_lock)
-
-    def _promote(self, lock: str, id_lock: IdLock) -> None:
-        if id_lock.holders:
-            return
-        id_lock.worker = None
-        while id_lock.waiting:
-            next_id = id_lock.waiting.popleft()
-            self.blocked -= 1
-            job = self.jobs.get(next_id)
-            if job is not None:
-                id_lock.holders.add(next_id)
-                self.queue[next_id] = job
-                self.queue.move_to_end(next_id, last=False)
-                return
-        del self.locks[lock]
+    def _queue_first(self, job_id: bytes | None) -> None:
+        """A job that now holds its id's lock goes first in the queue."""
+        if job_id is not None:
+            self.queue[job_id] = self.jobs[job_id]
+            self.queue.move_to_end(job_id, last=False)
 
     # Workers ----------------------------------------------------------------
 
@@ -662,18 +613,12 @@ class Broker:
             if job is None:
                 continue
             job.worker = None
-            id_lock = self.locks.get(job.lock) if job.lock is not None else None
-            if id_lock is not None and job_id in id_lock.holders:
-                id_lock.holders.discard(job_id)
-                id_lock.waiting.appendleft(job_id)
-                self.blocked += 1
+            if job.lock is not None and self.locks.wait_again(job.lock, job_id):
                 locks.add(job.lock)
                 continue
-            self.queue[job_id] = job
-            self.queue.move_to_end(job_id, last=False)
+            self._queue_first(job_id)
         for lock in locks:
-            if lock in self.locks:
-                self._promote(lock, self.locks[lock])
+            self._queue_first(self.locks.promote(lock, self.jobs.__contains__))
 
     def remove_worker(self, worker: Worker, why: str, quiet: bool = False) -> None:
         """Forget a worker; what it held is answered ``killed``, never retried."""
@@ -713,11 +658,9 @@ class Broker:
             del queue[job_id]
             self._give(worker, job_id, job, cost, now, batches)
             if job.lock is not None:
-                self.locks[job.lock].worker = worker
-                self.new_waiters.add(job.lock)
-        for lock in self.new_waiters:
+                self.locks.given(job.lock, worker)
+        for lock in self.locks.joinable():
             self._chain(lock, now, batches)
-        self.new_waiters.clear()
         if batches:
             for worker, batch in batches.messages():
                 # Never blocks: a worker that does not read loses what passes its
@@ -733,19 +676,15 @@ class Broker:
 
     def _chain(self, lock: str, now: float, batches: p.Batches) -> None:
         """An id's waiters join the worker that runs its holders, within its credits."""
-        id_lock = self.locks.get(lock)
-        if id_lock is None or id_lock.worker is None or not id_lock.holders:
+        worker = self.locks.worker_of(lock)
+        if worker is None or self.workers.get(worker.identity) is not worker:
             return
-        worker = id_lock.worker
-        if self.workers.get(worker.identity) is not worker:
-            return
-        while id_lock.waiting and len(worker.jobs) < worker.credits and not worker.draining:
-            job_id = id_lock.waiting.popleft()
-            self.blocked -= 1
-            job = self.jobs.get(job_id)
-            if job is not None:
-                id_lock.holders.add(job_id)
-                self._give(worker, job_id, job, self.expected_us(job), now, batches)
+        while len(worker.jobs) < worker.credits and not worker.draining:
+            job_id = self.locks.take_waiter(lock, self.jobs.__contains__)
+            if job_id is None:
+                return
+            job = self.jobs[job_id]
+            self._give(worker, job_id, job, self.expected_us(job), now, batches)
 
     def expected_us(self, job: Job) -> float:
         """How long `job` should run: its script's average; PACK_US for one never seen."""
@@ -825,6 +764,6 @@ class Broker:
         return {"name": self.node.name, "group": self.node.group,
                 "workers": len(live),
                 "busy": sum(1 for w in live if w.jobs),
-                "queued": len(self.queue) + self.blocked, "served": self.served, "restarts": self.restarts,
+                "queued": len(self.queue) + self.locks.blocked, "served": self.served, "restarts": self.restarts,
                 "latency_us": {"p50": pct(0.5), "p99": pct(0.99)},
                 "start": os.environ.get(START_ENV, "")}
