@@ -105,7 +105,10 @@ def describe_exit(status: int) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         return f"killed by {signal.Signals(sig).name}"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+    code = os.waitstatus_to_exitcode(status)
+    if code == EXIT_WORKER_BOOT:
+        return f"could not start (exit status {code}; its traceback is above)"
+    return f"exited with status {code}"
 
 
 class Pool:

@@ -137,10 +137,6 @@ class Config:
         raise ConfigError(f"{self.path}: no [[node]] named {name!r} (known: {known})")
 
     @property
-    def history_dir(self) -> Path:
-        return Path(self.pool.history_dir)
-
-    @property
     def largest_payload(self) -> int:
         """The largest legitimate payload: an HTTP body, or a value a node stores."""
         return max([self.proxy.max_body, *(n.max_value for n in self.nodes)])
