@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   echo -n hi | srw exec test_script.py --id 0123456789 --data -
   srw exec '' --code '__return_data = "x" * 3'
   srw status
+  srw reload / srw resize 4 / srw stop      a running serve, through its control socket
   echo -n value | srw write mykey --data -
   srw read mykey
   srw remove mykey
