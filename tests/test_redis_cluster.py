@@ -17,7 +17,7 @@ from srw import config as cfg
 from storage.client import Session
 from storage.ring import BadId
 
-from conftest import REPO, Cluster, proxy_request, wait_proxy
+from conftest import REPO, Cluster, proxy_request, wait_proxy, wait_until
 from redis_support import RedisNodes
 
 NODE_TIMEOUT = 2.0  # s, --cluster-node-timeout
@@ -36,6 +36,7 @@ keys = json.loads(__input_binary_data_tuple[0])
 __return_data = json.dumps({k: n.read_data(k).decode() for k in keys})
 """,
     # One side effect per request: INCR its own key, and say whether a replica has it.
+    "down.py": "raise ClusterUnavailable('a Redis node is down (on purpose)')\n",
     "count.py": """
 key = __input_binary_data_tuple[0].decode()
 value = n.redis.incr(key)
@@ -175,6 +176,20 @@ def test_default_script_reads_keys_of_every_shard(rc):
     assert removed.ok
     with pytest.raises(KeyError):
         session.read(keys[1])
+
+
+def test_store_down_in_a_script_is_unavailable_and_rereads_the_slot_map(rc):
+    redis, srw, session = rc
+    key = key_in(redis.shards()[2])
+    session.router.refresh()
+    assert not session.router.due()
+    [result] = session.exec("down.py", key=key)
+    assert result.status == p.UNAVAILABLE and "on purpose" in result.error
+    # A master may have failed over: the map is read again at the next route, at
+    # most REFRESH_AFTER (0.1 s) after the last read, not REFRESH_EVERY (5 s).
+    wait_until(session.router.due, 1.0, "the slot map to be due")
+    [result] = session.exec("where.py", key=key)
+    assert result.ok and not session.router.due()
 
 
 def test_exec_by_id_is_refused_with_a_reason(rc):
