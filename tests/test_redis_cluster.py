@@ -178,6 +178,17 @@ def test_default_script_reads_keys_of_every_shard(rc):
         session.read(keys[1])
 
 
+def test_http_data_calls_reach_redis(rc):
+    redis, srw, session = rc
+    wait_proxy(srw)
+    status, _, _ = proxy_request(srw, "POST", "/elliptics?upload&name=via-http", b"from curl")
+    assert status == 200
+    assert session.read("via-http") == b"from curl"
+    assert proxy_request(srw, "GET", "/elliptics?name=via-http")[::2] == (200, b"from curl")
+    assert proxy_request(srw, "DELETE", "/elliptics?name=via-http")[0] == 200
+    assert proxy_request(srw, "GET", "/elliptics?name=via-http")[0] == 404
+
+
 def test_store_down_in_a_script_is_unavailable_and_rereads_the_slot_map(rc):
     redis, srw, session = rc
     key = key_in(redis.shards()[2])
