@@ -408,7 +408,7 @@ class Session:
         return self._redis
 
     def _redis_key(self, key, id, groups) -> str | bytes:
-        self.router.route(None, key, groups)  # refuses groups other than 1
+        self.router.check_groups(groups)
         if id is not None or key is None:
             raise ValueError('give the key: with cluster.engine = "redis-cluster" data is '
                              "found by key, not by id")

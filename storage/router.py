@@ -180,10 +180,7 @@ class SlotRouter:
     def route(self, id: str | None = None, key: str | bytes | None = None,
               groups: list[int] | None = None, refresh: bool = True) -> Route:
         _check_key(id, key)
-        unknown = [g for g in groups or () if g != 1]
-        if unknown:
-            raise ValueError(f"no group {unknown[0]}: with cluster.engine = \"redis-cluster\" "
-                             "there is one group, 1 (Redis replicates each shard)")
+        self.check_groups(groups)
         if id is not None:
             raise BadId(f"exec by id ({id[:40]}) needs cluster.engine = \"lmdb\": in a Redis "
                         "Cluster give the key (--for KEY, key=) so its slot can be found")
@@ -192,6 +189,13 @@ class SlotRouter:
         if refresh and self.due():
             self.refresh()
         return self._by_slot(key)
+
+    @staticmethod
+    def check_groups(groups: list[int] | None) -> None:
+        unknown = [g for g in groups or () if g != 1]
+        if unknown:
+            raise ValueError(f"no group {unknown[0]}: with cluster.engine = \"redis-cluster\" "
+                             "there is one group, 1 (Redis replicates each shard)")
 
     def _by_slot(self, key: str | bytes) -> Route:
         raw = key.encode() if isinstance(key, str) else bytes(key)
