@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test bench bench-sandbox loadtest system-deps clean
+.PHONY: serve test bench bench-sandbox loadtest system-deps clean cluster cluster-stop
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,15 @@ loadtest: $(STAMP)
 # What the sandbox profiles cost (no sandbox, default, strict, fork baselines).
 bench-sandbox: system-deps $(STAMP)
 	$(PY) bench/sandbox_bench.py
+
+# Six Redis nodes (3 masters, 3 replicas, 127.0.0.1:7000-7005) and six srw
+# nodes beside them, plus the proxy (127.0.0.1:9100), in the background; data
+# and logs under var/redis-cluster/.  README "Redis Cluster".
+cluster: system-deps $(STAMP)
+	SRW=$(VENV)/bin/srw examples/redis-cluster/cluster.sh start
+
+cluster-stop:
+	SRW=$(VENV)/bin/srw examples/redis-cluster/cluster.sh stop
 
 clean:
 	rm -rf $(VENV) var

@@ -91,6 +91,13 @@ class ProtocolError(ValueError):
     """Frames that do not form a message of this protocol."""
 
 
+class Unavailable(ConnectionError):
+    """The store a script called could not be reached (a Redis node down, a
+    failover under way).  Raised out of a script, it answers the exec
+    ``unavailable`` instead of ``script_error``: the caller may retry, and knows
+    the script may or may not have had its effect."""
+
+
 def pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -121,6 +128,7 @@ class Result:
     status: str
     data: bytes = b""
     error: str | None = None
+    redis: str = ""  # redis-cluster: HOST:PORT of the Redis node beside the srw node
 
     @property
     def ok(self) -> bool:
@@ -128,6 +136,8 @@ class Result:
 
     def to_json(self) -> dict:
         out = {"node": self.node, "group": self.group, "status": self.status}
+        if self.redis:
+            out["redis"] = self.redis
         try:
             out["data"] = self.data.decode()
         except UnicodeDecodeError:

@@ -29,7 +29,8 @@ from broker.client import Result
 from runtime.scripts import ScriptNameError, check_name
 from srw import security
 from srw.config import Config
-from storage.ring import BadId, id_hex, key_id, parse_id
+from storage.ring import BadId, parse_id
+from storage.router import Route
 
 from .cluster import Cluster, DataStore, storage_errors
 
@@ -83,22 +84,20 @@ def _name(query: dict[str, str], what: str) -> str:
     return name
 
 
-def _route(cluster: Cluster, query: dict[str, str]):
-    """(targets, hex id or None) for an exec's id=, key= and groups=."""
+def _route(cluster: Cluster, query: dict[str, str]) -> Route:
+    """Where an exec's id=, key= and groups= send it (storage/router.py)."""
     if "id" in query and "key" in query:
         raise HTTPProblem(400, "give id= or key=, not both")
-    value = hex_id = None
-    try:
-        if "id" in query:
-            value = parse_id(query["id"])
-            hex_id = query["id"]
-        elif "key" in query:
-            value = key_id(query["key"])
-            hex_id = id_hex(value)
-    except BadId as exc:
-        raise HTTPProblem(400, str(exc)) from None
+    if "id" in query:
+        try:  # checked before groups=, as it always was
+            parse_id(query["id"])
+        except BadId as exc:
+            raise HTTPProblem(400, str(exc)) from None
     groups = _groups(cluster, query.get("groups"))
-    return cluster.targets(value, groups), hex_id
+    try:
+        return cluster.route(query.get("id"), query.get("key"), groups)
+    except BadId as exc:  # redis-cluster: an exec by id
+        raise HTTPProblem(400, str(exc)) from None
 
 
 MAX_GROUPS_CHARS = 1024  # room for ~200 groups each named once; a group named twice runs once
@@ -182,10 +181,10 @@ async def exec_script(request: web.Request) -> web.StreamResponse:
     except ScriptNameError as exc:
         raise HTTPProblem(400, str(exc)) from None
     cluster = request.app[CLUSTER]
-    targets, hex_id = _route(cluster, query)
+    route = _route(cluster, query)
     data = await _body(request)
     cookie = _cookie_string(request, request.app[CONFIG].proxy.cookies)
-    results = await cluster.exec(targets, name, data, cookie, hex_id)
+    results = await cluster.exec(route, name, data, cookie)
     if len(results) == 1:
         return single_reply(results[0])
     return multipart_reply(results)

@@ -1,7 +1,9 @@
 """The cluster as the proxy sees it: exec routing over asyncio, data calls in threads.
 
 Exec is the hot path: one ``AsyncClient`` per node (many requests in flight on
-one socket), routed with the ``Ring``, fanned out with ``asyncio.gather``.  A
+one socket), routed by the engine's router (storage/router.py, as ``Session``
+routes), fanned out with ``asyncio.gather``.  In redis-cluster mode a task
+re-reads the slot map in a thread when it is due, so no request waits on Redis.  A
 node that does not answer becomes a Result with status ``unavailable``, so an
 HTTP request always gets one answer per target.
 
@@ -22,11 +24,12 @@ from broker.client import AsyncClient, BrokerUnavailable, Result
 from srw.config import Config, ConfigError, NodeSettings
 from srw.security import Credentials
 from srw.sched import CALM_AFTER, LoadScheduling
-from storage.ring import Ring
+from storage.router import Route, make_router
 
 DATA_THREADS = 4
 PING_TIMEOUT = 2.0
 BUSY_IN_FLIGHT = 4   # execs in flight beyond which the proxy takes them in batches (srw.sched)
+SLOT_MAP_CHECK = 0.05  # s between looks at whether the slot map is due (redis-cluster)
 
 
 def allowed_groups(config: Config) -> list[int]:
@@ -45,33 +48,53 @@ class Cluster:
     def __init__(self, config: Config, curve: Credentials | None = None):
         self.config = config
         self.curve = curve
-        self.ring = Ring(config)
+        self.router = make_router(config)
         self.groups = allowed_groups(config)
         self.clients: dict[str, AsyncClient] = {}
         self.in_flight = 0
         self.scheduling = LoadScheduling()
+        self._slot_map_task: asyncio.Task | None = None
 
     def start(self) -> None:
         timeout = self.config.broker.request_timeout
         self.clients = {n.name: AsyncClient(n.broker, timeout=timeout, curve=self.curve)
                         for n in self.config.nodes}
+        if self.config.cluster.redis:
+            self.router.refresh()  # at start-up, before the first request
+            self._slot_map_task = asyncio.get_running_loop().create_task(self._keep_slot_map())
+
+    async def _keep_slot_map(self) -> None:
+        while True:
+            if self.router.due():
+                await asyncio.to_thread(self.router.refresh)
+            await asyncio.sleep(SLOT_MAP_CHECK)
 
     async def close(self) -> None:
+        if self._slot_map_task is not None:
+            self._slot_map_task.cancel()
         await asyncio.gather(*(c.close() for c in self.clients.values()))
 
-    def targets(self, value: int | None, groups: list[int] | None) -> list[NodeSettings]:
-        return self.ring.targets(value, groups or self.groups)
+    def route(self, id: str | None, key: str | None, groups: list[int] | None) -> Route:
+        """Raises BadId (a ValueError) for an id it cannot route."""
+        return self.router.route(id, key, groups or self.groups, refresh=False)
 
-    async def exec(self, targets: list[NodeSettings], name: str, data: bytes,
-                   cookie: str, hex_id: str | None) -> list[Result]:
+    async def exec(self, route: Route, name: str, data: bytes, cookie: str) -> list[Result]:
         """One Result per target, in route order; never raises for a node that is down."""
+        targets, hex_id = route.nodes, route.hex_id
+        if not targets:  # redis-cluster: nothing beside the key's master now
+            self.router.stale()
+            return [Result("", 1, p.UNAVAILABLE, b"", route.error, route.redis)]
         self.in_flight += 1
         self.scheduling.update(self.in_flight > BUSY_IN_FLIGHT, time.monotonic())
         try:
             if len(targets) == 1:  # the common case, without gather's extra task
-                return [await self._exec_one(targets[0], name, data, cookie, hex_id)]
-            return list(await asyncio.gather(
-                *(self._exec_one(n, name, data, cookie, hex_id) for n in targets)))
+                results = [await self._exec_one(targets[0], name, data, cookie, hex_id)]
+            else:
+                results = list(await asyncio.gather(
+                    *(self._exec_one(n, name, data, cookie, hex_id) for n in targets)))
+            if hex_id is not None and any(r.status == p.UNAVAILABLE for r in results):
+                self.router.stale()  # its master may have failed over
+            return results
         finally:
             self.in_flight -= 1
             if not self.in_flight and self.scheduling.batch:
@@ -84,9 +107,10 @@ class Cluster:
     async def _exec_one(self, node: NodeSettings, name: str, data: bytes, cookie: str,
                         hex_id: str | None) -> Result:
         try:
-            return await self.clients[node.name].exec(name, data, cookie=cookie, id=hex_id)
+            result = await self.clients[node.name].exec(name, data, cookie=cookie, id=hex_id)
         except BrokerUnavailable as exc:
-            return Result(node.name, node.group, p.UNAVAILABLE, b"", str(exc))
+            result = Result(node.name, node.group, p.UNAVAILABLE, b"", str(exc))
+        return dataclasses.replace(result, redis=node.redis) if node.redis else result
 
     async def status(self) -> list[dict]:
         """Each node's pool status; a node that does not answer is {name, group, error}."""

@@ -53,6 +53,8 @@ class Executor:
             return p.MEMORY, b"", "the script ran out of memory (sandbox memory_mb limit)"
         except RecursionError as exc:
             return p.SCRIPT_ERROR, b"", _format(exc, skip=1, limit=20)
+        except p.Unavailable as exc:  # the store, not the script, failed: callers may retry
+            return p.UNAVAILABLE, b"", _format(exc, skip=1)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the worker stays up
             return p.SCRIPT_ERROR, b"", _format(exc, skip=1)
         try:

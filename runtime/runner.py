@@ -106,6 +106,14 @@ def zeromq_live() -> bool:
     return ctx is not None and not ctx.closed and zmq.Context._instance_pid == os.getpid()
 
 
+def redis_live() -> bool:
+    """Whether the storage handle holds a Redis Cluster client here (redis-cluster
+    mode): its connections stay open from one request to the next, on purpose.
+    Looked up, not imported: lmdb mode never loads redis."""
+    store = sys.modules.get("storage.redis_store")
+    return store is not None and store.client_in_this_process()
+
+
 class Hygiene:
     """The runner's state after it started, and the check after each request."""
 
@@ -129,12 +137,12 @@ class Hygiene:
             if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
         zeromq = zeromq_live()
-        stale = self._why_stale(zeromq)
+        stale = self._why_stale(zeromq or redis_live())
         if stale:
             log.info("runner stale after this request: %s", stale)
         return (channel.STALE if stale else 0) | (channel.ZEROMQ if zeromq else 0)
 
-    def _why_stale(self, zeromq: bool) -> str:
+    def _why_stale(self, session: bool) -> str:
         if self.check_children and self._children():
             return "the script left processes running"
         if _thread._count() > self.threads:
@@ -144,7 +152,7 @@ class Hygiene:
                 return "the script changed its resource limits"
             if _libc.personality(0xFFFFFFFF) != self.personality:
                 return "the script changed its personality"
-        if self._new_descriptors(zeromq):
+        if self._new_descriptors(session):
             return "the script left files open"
         return ""
 
@@ -160,14 +168,14 @@ class Hygiene:
                 return True
         return True
 
-    def _new_descriptors(self, zeromq: bool) -> bool:
+    def _new_descriptors(self, session: bool) -> bool:
         """Descriptors opened since the last check (new ones take the lowest free
         number): only a storage session's sockets and event descriptors may stay."""
         if not _is_open(self.free_fd):
             return False
         fd = self.free_fd
         while fd in self.own_fds or _is_open(fd):
-            if fd not in self.own_fds and not (zeromq and _zeromq_kind(fd)):
+            if fd not in self.own_fds and not (session and _session_kind(fd)):
                 return True
             fd += 1
         self.free_fd = lowest_free_fd()
@@ -182,8 +190,8 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-def _zeromq_kind(fd: int) -> bool:
-    """A socket, or an anonymous inode (eventfd, epoll): what ZeroMQ opens."""
+def _session_kind(fd: int) -> bool:
+    """A socket, or an anonymous inode (eventfd, epoll): what ZeroMQ and redis-py open."""
     mode = os.fstat(fd).st_mode
     return stat.S_ISSOCK(mode) or stat.S_IFMT(mode) == 0
 

@@ -102,9 +102,14 @@ def check(profile: Profile, features: Features) -> None:
 def tcp_ports(node: NodeSettings, cluster: tuple[NodeSettings, ...] = ()) -> tuple[int, ...]:
     """What `network = "local"` allows: the node's own storage and broker, and the
     storage of every node of the cluster (a script's store handle writes to every
-    group, as a 2011 script did)."""
+    group, as a 2011 script did).  In redis-cluster mode: the broker and the Redis
+    nodes the config names (cluster.seeds and every node's redis).  Landlock rules
+    are by port and fixed when the sandbox closes, so a Redis node the cluster
+    gains later on another port is out of reach until it is in the config and the
+    pool restarted (README "Redis Cluster")."""
+    redis = tuple(f"tcp://{address}" for address in node.cluster_redis)
     ports = []
-    for endpoint in (node.storage, node.broker, *(n.storage for n in cluster)):
+    for endpoint in (node.storage, node.broker, *(n.storage for n in cluster), *redis):
         if endpoint.startswith("tcp://"):
             port = urllib.parse.urlsplit(endpoint).port
             if port and port not in ports:

@@ -514,6 +514,10 @@ def cmd_storage(config: cfg.Config, args) -> int:
     import setproctitle
     from storage.node import StorageNode
     node = config.node(args.node)
+    if config.cluster.redis:
+        print(f'srw: node {node.name} has no storage role with cluster.engine = '
+              f'"redis-cluster": its data is in Redis ({node.redis})', file=sys.stderr)
+        return EXIT_REFUSED
     setproctitle.setproctitle(f"srw: storage {node.name}")
     logs.setup(config.log, f"storage {node.name}")
     _supervised()

@@ -63,18 +63,40 @@ class ProxySettings:
     max_connections: int = 1000    # open client connections; beyond it idle ones make room
 
 
+ENGINES = ("lmdb", "redis-cluster")
+LMDB, REDIS_CLUSTER = ENGINES
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Where the data lives: srw's own LMDB store per node, routed by the Ring
+    (storage/ring.py), or a Redis Cluster that srw nodes sit beside, routed by
+    its slot map (storage/router.py)."""
+    engine: str = LMDB
+    seeds: tuple[str, ...] = ()  # redis-cluster: Redis nodes to learn the cluster from
+
+    @property
+    def redis(self) -> bool:
+        return self.engine == REDIS_CLUSTER
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     name: str
     group: int
-    storage: str
     broker: str
-    data_dir: str
+    data_dir: str      # the workers' socket; lmdb: also the store (data_dir/store)
+    storage: str = ""  # lmdb: the storage front-end; required there, unused in redis-cluster
+    redis: str = ""    # redis-cluster: HOST:PORT of the Redis node this node sits beside
     ids: tuple[str, ...] = ()
     sync: bool = True
     max_value: int = 64 * 1024 * 1024  # bytes; larger writes get output_too_large
     max_index_bytes: int = 1024 * 1024  # bytes; larger indexed writes get output_too_large
     uids: int = 0  # first uid of the node's sandbox uid block; 0 = find a free one
+    # Derived at load, never written in a config: in redis-cluster mode the Redis
+    # nodes the node's scripts may reach (cluster.seeds and every node's redis).
+    # It lives here because the sandbox is built from the node and the node list.
+    cluster_redis: tuple[str, ...] = field(default=(), metadata={"derived": True})
 
     @property
     def workers_endpoint(self) -> str:
@@ -128,6 +150,7 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     def node(self, name: str) -> NodeSettings:
         for node in self.nodes:
@@ -161,7 +184,8 @@ START_ENV = "SRW_START"
 # Set by `srw serve` for a pool: the fd of a pipe it writes ``size N`` lines to.
 CONTROL_FD_ENV = "SRW_CONTROL_FD"
 SECTIONS = {"pool": PoolSettings, "broker": BrokerSettings, "proxy": ProxySettings,
-            "log": LogSettings, "security": SecuritySettings, "serve": ServeSettings}
+            "log": LogSettings, "security": SecuritySettings, "serve": ServeSettings,
+            "cluster": ClusterSettings}
 RIGHTS = ("exec", "code", "read", "write")
 
 
@@ -189,14 +213,14 @@ def load(path: str | Path) -> Config:
     nodes = tuple(_build(NodeSettings, t, f"node[{i}]", path) for i, t in enumerate(nodes_raw))
     config = Config(path=path, nodes=nodes, **sections)
     _check(config)
-    return _resolve_paths(config)
+    return _resolve_paths(_derive(config))
 
 
 def _build(cls, table, section: str, path: Path):
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [{section}] must be a table")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
     values = {}
     for key, value in table.items():
         if key not in names:
@@ -249,6 +273,7 @@ def _check(config: Config) -> None:
         (config.proxy.max_connections >= 1, "proxy.max_connections must be at least 1"),
         (config.broker.max_message >= 0, "broker.max_message must be 0 (derived) or more bytes"),
     ]
+    rules += _cluster_rules(config)  # first: a missing storage address before its form
     security = config.security
     rules.append(("code" not in security.proxy_rights,
                   "security.proxy_rights may not hold \"code\": HTTP clients never send "
@@ -263,7 +288,7 @@ def _check(config: Config) -> None:
     twice = _repeated(names)
     rules.append((not twice, f"node name {twice!r} is used twice; node names must be unique"))
     endpoints = [(f"node {n.name}: {key}", getattr(n, key)) for n in config.nodes
-                 for key in ("storage", "broker")]
+                 for key in ("storage", "broker") if getattr(n, key)]
     endpoints.append(("proxy.listen", f"tcp://{config.proxy.listen}"))
     taken = _repeated([e for _, e in endpoints])
     rules.append((not taken, f"{' and '.join(w for w, e in endpoints if e == taken)} "
@@ -277,7 +302,7 @@ def _check(config: Config) -> None:
         rules.append((node.uids == 0 or 1000 <= node.uids < 2**31 - 2000,
                       f"node {node.name}: uids must be 0 (find a free block) or a uid "
                       "from 1000 up"))
-        for key in ("storage", "broker"):
+        for key in ("broker",) if config.cluster.redis else ("storage", "broker"):
             endpoint = getattr(node, key)
             if endpoint.startswith("tcp://"):
                 rules.append(_address_rule(f"node {node.name}: {key}", endpoint[len("tcp://"):],
@@ -297,6 +322,47 @@ def _check(config: Config) -> None:
     for ok, message in rules:
         if not ok:
             raise ConfigError(f"{p}: {message}")
+
+
+def _cluster_rules(config: Config) -> list[tuple[bool, str]]:
+    """[cluster] and what each engine needs of a [[node]]."""
+    cluster = config.cluster
+    if cluster.engine not in ENGINES:
+        return [(False, f"cluster.engine is {cluster.engine!r}: it must be "
+                        f"{' or '.join(map(repr, ENGINES))}")]
+    if not cluster.redis:
+        rules = [(not cluster.seeds, 'cluster.seeds is for cluster.engine = "redis-cluster"')]
+        for i, node in enumerate(config.nodes):
+            rules.append((not node.redis, f'node {node.name}: redis is for cluster.engine = '
+                                          '"redis-cluster"; lmdb nodes have a storage address'))
+            rules.append((bool(node.storage), f"node[{i}] needs key 'storage'"))
+        return rules
+    rules = [(bool(cluster.seeds), 'cluster.seeds is empty: cluster.engine = "redis-cluster" '
+                                   'needs at least one Redis node, e.g. ["127.0.0.1:7000"]')]
+    rules += [_address_rule("cluster.seeds", seed, "HOST:PORT") for seed in cluster.seeds]
+    for node in config.nodes:
+        rules.append((bool(node.redis), f'node {node.name}: redis is missing: with cluster.'
+                                        'engine = "redis-cluster" each [[node]] names the '
+                                        'Redis node it sits beside, redis = "HOST:PORT"'))
+        if node.redis:
+            rules.append(_address_rule(f"node {node.name}: redis", node.redis, "HOST:PORT"))
+        rules.append((not node.storage, f"node {node.name}: storage is not used with "
+                                        'cluster.engine = "redis-cluster" (the data is in '
+                                        "Redis); remove it"))
+        # Redis Cluster replicates each shard itself: srw's groups would be a second,
+        # unsynchronised replication on top (README "Redis Cluster").
+        rules.append((node.group == 1, f"node {node.name}: group must be 1 with "
+                                       'cluster.engine = "redis-cluster" (Redis replicates)'))
+    return rules
+
+
+def _derive(config: Config) -> Config:
+    """Fill the derived fields (NodeSettings.cluster_redis)."""
+    if not config.cluster.redis:
+        return config
+    reachable = tuple(dict.fromkeys([*config.cluster.seeds, *(n.redis for n in config.nodes)]))
+    return dataclasses.replace(config, nodes=tuple(
+        dataclasses.replace(n, cluster_redis=reachable) for n in config.nodes))
 
 
 def _repeated(items: list) -> object | None:

@@ -11,6 +11,8 @@ is in flight), then pools, each step bounded, SIGKILL last.
 Each node also has a storage process (storage/node.py, LMDB): a node is ready
 when its storage answers too; a dead one is restarted like a broker, and one
 that cannot open its store or bind its address exits 3 (refuses to start).
+With ``[cluster] engine = "redis-cluster"`` the data is in Redis, which srw
+neither starts nor watches: a node is its broker and pool only.
 
 As a service: HUP rolls every pool, TTIN/TTOU add or retire a worker per
 node, USR1 reopens logs, QUIT stops at once; the control socket (srw/control.py)
@@ -120,8 +122,9 @@ class Supervisor:
         self.every_node = every_node  # else `serve --node`: its control socket is per node
         self.children: list[Child] = []
         for node in nodes:
-            self.children.append(Child("storage", node.name,
-                                       child_argv("storage", config, node.name)))
+            if not config.cluster.redis:
+                self.children.append(Child("storage", node.name,
+                                           child_argv("storage", config, node.name)))
             self.children.append(Child("broker", node.name, child_argv("broker", config, node.name)))
             self.children.append(Child("pool", node.name, child_argv("pool", config, node.name)))
         self.children += list(extra)
@@ -277,10 +280,12 @@ class Supervisor:
                         continue
                     if status.get("start") == self.start_id and \
                             status["workers"] >= self.config.pool.workers and \
-                            storage_ready(pending[name].storage, curve=curve, start=self.start_id):
+                            self._storage_ready(pending[name], curve):
                         node = pending.pop(name)
                         line = (f"node {name} ready: broker {node.broker}, "
-                                f"{status['workers']} workers, group {node.group}")
+                                f"{status['workers']} workers, "
+                                + (f"beside redis {node.redis}" if node.redis
+                                   else f"group {node.group}"))
                         print(f"srw: {line}", flush=True)
                         log.info("%s", line)
                 if time.monotonic() > deadline:
@@ -290,6 +295,11 @@ class Supervisor:
         finally:
             for client in clients.values():
                 client.close()
+
+    def _storage_ready(self, node: NodeSettings, curve) -> bool:
+        """lmdb: the node's own storage answers; redis-cluster: nothing of ours to ask."""
+        return self.config.cluster.redis or \
+            storage_ready(node.storage, curve=curve, start=self.start_id)
 
     def check_ports(self, with_proxy: bool) -> None:
         """Every TCP address we are about to listen on is free: one taken by another

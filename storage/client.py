@@ -13,6 +13,7 @@ Session made before a fork is never used across it (see storage.handle).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -30,7 +31,8 @@ from srw import security
 
 from . import protocol as sp
 from .fulltext import SEARCH_SCRIPT, BadQuery
-from .ring import Ring, id_hex, key_id, parse_id
+from .ring import Ring, key_id, parse_id
+from .router import make_router
 
 __all__ = ["Session", "Result", "StorageError", "NotFound", "StorageUnavailable",
            "StorageClient", "storage_ready", "config_from_remote", "BadQuery"]
@@ -243,12 +245,14 @@ class Session:
                  key: str | None = None, server_key: str | None = None,
                  curve: security.Credentials | None = None):
         self.config = config if isinstance(config, cfg.Config) else cfg.load(config)
-        self.ring = Ring(self.config)
+        self.router = make_router(self.config)
+        self.ring = Ring(self.config)  # lmdb data calls: the owners of a key's id
         self.timeout = timeout
         self.max_message = max_message
         self.curve = curve or security.client_credentials(self.config, key, server_key)
         self._brokers: dict[str, Client] = {}
         self._stores: dict[str, StorageClient] = {}
+        self._redis = None  # redis-cluster data calls: a RedisStore, made at first use
 
     def _broker(self, name: str) -> Client:
         client = self._brokers.get(name)
@@ -269,32 +273,35 @@ class Session:
 
     def route(self, id: str | None = None, key: str | bytes | None = None,
               groups: list[int] | None = None):
-        """The nodes a request goes to, in route order."""
-        if id is not None and key is not None:
-            raise ValueError("give id or key, not both")
-        value = parse_id(id) if id is not None else key_id(key) if key is not None else None
-        return self.ring.targets(value, groups)
+        """The nodes a request goes to, in route order (storage/router.py)."""
+        return self.router.route(id, key, groups).nodes
 
     # Exec ----------------------------------------------------------------------
 
     def exec(self, name: str = "", data: bytes = b"", code: str = "", id: str | None = None,
              key: str | bytes | None = None, groups: list[int] | None = None,
              cookie: str = "", timeout: float | None = None) -> list[Result]:
-        targets = self.route(id, key, groups)
-        hex_id = id if id is not None else (None if key is None else id_hex(key_id(key)))
+        route = self.router.route(id, key, groups)
+        if not route.nodes:  # redis-cluster: no srw node beside the key's master now
+            self.router.stale()
+            return [Result("", 1, p.UNAVAILABLE, b"", route.error, route.redis)]
         calls = []
-        for node in targets:
+        for node in route.nodes:
             client = self._broker(node.name)
             try:
                 calls.append((client, *client.submit(name, data, code, timeout, cookie,
-                                                     hex_id)))
+                                                     route.hex_id)))
             except BrokerUnavailable as exc:  # not even connected: answer for it
                 calls.append(exc)
-        return self._collect(targets, calls)
+        results = self._collect(route.nodes, calls)
+        if key is not None and any(r.status == p.UNAVAILABLE for r in results):
+            self.router.stale()  # its master may have failed over: read the map again
+        return results
 
     @staticmethod
     def _collect(targets, calls) -> list[Result]:
-        """Results in route order; a node that did not answer is ``unavailable``."""
+        """Results in route order; a node that did not answer is ``unavailable``.
+        In redis-cluster mode each names the Redis node beside its srw node."""
         sent = [c for c in calls if not isinstance(c, BrokerUnavailable)]
         answers = iter(gather(sent))
         results = []
@@ -302,7 +309,8 @@ class Session:
             answer = call if isinstance(call, BrokerUnavailable) else next(answers)
             if isinstance(answer, BrokerUnavailable):
                 answer = Result(node.name, node.group, p.UNAVAILABLE, b"", str(answer))
-            results.append(answer)
+            results.append(dataclasses.replace(answer, redis=node.redis) if node.redis
+                           else answer)
         return results
 
     # Data --------------------------------------------------------------------
@@ -315,6 +323,11 @@ class Session:
         value and answers once the text is in its full-text index (a Result's
         data says why when it was not: binary content); above the node's
         max_index_bytes nothing is stored (``output_too_large``)."""
+        if self._redis_mode:
+            if index:
+                raise StorageError('indexed writes need cluster.engine = "lmdb" (the '
+                                   "full-text index lives in each node's storage process)")
+            return [self._redis_call("write", key, id, groups, bytes(data))]
         if not index:
             return self._to_all(sp.WRITE, key, id, groups, data)
         if key is None:
@@ -331,6 +344,8 @@ class Session:
         Returns [{"key", "score", "snippet"}], best first, each key once (the
         best of its replicas).  Raises BadQuery (a ValueError) for a query the
         index cannot parse, StorageUnavailable when no node answered."""
+        if self._redis_mode:
+            raise StorageError('search needs cluster.engine = "lmdb"')
         if not isinstance(limit, int) or not 0 < limit <= sp.MAX_HITS:
             raise ValueError(f"limit must be 1 to {sp.MAX_HITS}, not {limit!r}")
         request = json.dumps({"query": query, "limit": limit}).encode()
@@ -340,6 +355,8 @@ class Session:
     def remove(self, key: str | bytes | None = None, id: str | None = None,
                groups: list[int] | None = None) -> list[Result]:
         """Remove the key from every group; ``not_found`` where it was absent."""
+        if self._redis_mode:
+            return [self._redis_call("remove", key, id, groups)]
         return self._to_all(sp.REMOVE, key, id, groups)
 
     def read(self, key: str | bytes | None = None, id: str | None = None,
@@ -348,16 +365,28 @@ class Session:
 
         Raises NotFound when no group has it, StorageUnavailable when no owner
         answered."""
+        if self._redis_mode:
+            return self._redis_store().read(self._redis_key(key, id, groups))
         return self._first(sp.READ, key, id, groups).data
 
     def lookup(self, key: str | bytes | None = None, id: str | None = None,
                groups: list[int] | None = None) -> dict:
-        """{"size", "mtime", "id", "node", "group"} of the key; raises like read."""
+        """{"size", "mtime", "id", "node", "group"} of the key; raises like read.
+        In redis-cluster mode {"size", "node", "group", "redis"}: Redis keeps no mtime."""
+        if self._redis_mode:
+            size = self._redis_store().size(self._redis_key(key, id, groups))
+            route = self.router.route(key=key)
+            return {"size": size, "node": route.nodes[0].name if route.nodes else "",
+                    "group": 1, "redis": route.redis}
         result = self._first(sp.LOOKUP, key, id, groups)
         return {**p.unpack_map(result.data), "node": result.node, "group": result.group}
 
     def stat(self) -> list[dict]:
         """Every node's store: entries, bytes, sync; an unreachable node shows its error."""
+        if self._redis_mode:
+            return [{"name": n.name, "group": n.group, "redis": n.redis,
+                     "error": "no srw store: the data is in Redis (INFO keyspace there)"}
+                    for n in self.config.nodes]
         out = []
         for node in self.config.nodes:
             try:
@@ -365,6 +394,39 @@ class Session:
             except BrokerUnavailable as exc:
                 out.append({"name": node.name, "group": node.group, "error": str(exc)})
         return out
+
+    # Data in a Redis Cluster (storage/redis_store.py) ----------------------------
+
+    @property
+    def _redis_mode(self) -> bool:
+        return self.config.cluster.redis
+
+    def _redis_store(self):
+        if self._redis is None:
+            from .redis_store import RedisStore
+            self._redis = RedisStore(self.router.ask, self.timeout)
+        return self._redis
+
+    def _redis_key(self, key, id, groups) -> str | bytes:
+        self.router.check_groups(groups)
+        if id is not None or key is None:
+            raise ValueError('give the key: with cluster.engine = "redis-cluster" data is '
+                             "found by key, not by id")
+        return key
+
+    def _redis_call(self, method: str, key, id, groups, *args) -> Result:
+        """write or remove; one Result, named for the srw node beside the key's master."""
+        key = self._redis_key(key, id, groups)
+        route = self.router.route(key=key)
+        node = route.nodes[0].name if route.nodes else ""
+        try:
+            found = getattr(self._redis_store(), method)(key, *args)
+        except StorageUnavailable as exc:
+            self.router.stale()
+            return Result(node, 1, p.UNAVAILABLE, b"", str(exc), route.redis)
+        if found is False:
+            return Result(node, 1, p.NOT_FOUND, b"", f"key {key!r} not found", route.redis)
+        return Result(node, 1, p.OK, b"", None, route.redis)
 
     def _locate(self, key, id, groups) -> tuple[bytes, list]:
         if (key is None) == (id is None):
@@ -431,6 +493,8 @@ class Session:
     def close(self) -> None:
         for client in [*self._brokers.values(), *self._stores.values()]:
             client.close()
+        if self._redis is not None:
+            self._redis.close()
         self._brokers.clear()
         self._stores.clear()
 

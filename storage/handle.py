@@ -21,6 +21,14 @@ node that answers tells the whole cluster, as in Elliptics), else the config
 the node runs with (``SRW_CONFIG``, set by ``srw pool``), else
 ``./config.toml``, read when the handle is made (in the pool parent).
 
+With ``[cluster] engine = "redis-cluster"`` the handle needs no address at
+all: it reaches every key of the Redis Cluster through a redis-py cluster
+client (storage/redis_store.py) that starts from the node's own Redis
+(``[[node]] redis`` of ``SRW_NODE``) and ``cluster.seeds``, built at the first
+call in each process like the Session.  ``add_remote`` and ``add_groups`` are
+accepted and ignored there (Redis replicates each shard itself); ``n.redis`` is
+the client itself, for any other command.
+
 With CurveZMQ on, the handle connects with the node's scripts key
 (``[security] scripts_key``, read here in the pool parent): it may read and
 write, nothing more.  Every script can see that key; it is no secret from
@@ -69,6 +77,27 @@ class StorageHandle:
             self._curve = security.role_credentials(self._local, "scripts")
         except cfg.ConfigError as exc:  # no config, or curve on and no scripts key
             self._local, self._local_error = None, exc
+        self._redis = self._redis_store()
+
+    def _redis_store(self):
+        """The Redis Cluster store in redis-cluster mode, else None.  Imported here,
+        in the pool parent: a sandboxed runner may not read the modules' files."""
+        if self._local is None or not self._local.cluster.redis:
+            return None
+        from .redis_store import RedisStore
+        own = [self._local.node(self._node).redis] if self._node else []
+        return RedisStore(own + list(self._local.cluster.seeds), self.timeout)
+
+    @property
+    def redis(self):
+        """The redis-py ``RedisCluster`` of this process (redis-cluster mode only);
+        a node down raises storage.redis_store.ClusterUnavailable."""
+        if self._redis is None:
+            raise StorageError('n.redis needs [cluster] engine = "redis-cluster"')
+        return self._redis.client
+
+    def _redis_result(self) -> list:
+        return [p.Result(self._node or "", 1, p.OK)]
 
     # Where the cluster is --------------------------------------------------------
 
@@ -141,7 +170,10 @@ class StorageHandle:
     def read_data(self, key: str | bytes, offset: int = 0, size: int = 0) -> bytes:
         """The value (``size`` bytes from ``offset``, 0 = to the end); raises
         storage.client.NotFound or StorageUnavailable."""
-        data = self.session().read(key, groups=self._groups())
+        if self._redis is not None:
+            data = self._redis.read(key)
+        else:
+            data = self.session().read(key, groups=self._groups())
         self.log.debug("read %r: %d bytes", key, len(data))
         if offset or size:
             return data[offset:offset + size] if size else data[offset:]
@@ -151,6 +183,9 @@ class StorageHandle:
         """Store in every group; one Result per group.  When no group stored it,
         raises StorageUnavailable (no owner answered) or StorageError (e.g. too large)."""
         raw = data.encode() if isinstance(data, str) else bytes(data)
+        if self._redis is not None:  # raises ClusterUnavailable when its master is down
+            self._redis.write(key, raw)
+            return self._redis_result()
         results = self.session().write(key, raw, groups=self._groups())
         failed = [r for r in results if not r.ok]
         for r in failed:
@@ -165,10 +200,17 @@ class StorageHandle:
 
     def remove(self, key: str | bytes) -> list:
         """Remove from every group; one Result per group (``not_found`` where absent)."""
+        if self._redis is not None:
+            if self._redis.remove(key):
+                return self._redis_result()
+            return [p.Result(self._node or "", 1, p.NOT_FOUND, b"", f"key {key!r} not found")]
         return self.session().remove(key, groups=self._groups())
 
     def lookup(self, key: str | bytes) -> dict:
-        """{"size", "mtime", ...}; raises like read_data."""
+        """{"size", "mtime", ...}; raises like read_data.  Redis keeps no mtime:
+        there, {"size"} only."""
+        if self._redis is not None:
+            return {"size": self._redis.size(key)}
         return self.session().lookup(key, groups=self._groups())
 
     # This node's full-text index -------------------------------------------------
@@ -181,6 +223,9 @@ class StorageHandle:
 
     def _own_node(self) -> StorageClient:
         """The storage node of the pool that made this handle, whatever the remotes."""
+        if self._redis is not None:
+            raise StorageError('n.search needs [cluster] engine = "lmdb" (the full-text '
+                               "index lives in each node's storage process)")
         if self._own_store is None or self._own_pid != os.getpid():
             if self._own_store is not None:  # another process's (before a fork): left alone
                 self._abandoned.append(self._own_store)

@@ -77,9 +77,10 @@ class Cluster:
     def __init__(self, root: Path, nodes: list[dict], pool: dict, broker: dict,
                  scripts: dict[str, str], init: str | None, proxy: dict | None = None,
                  log_level: str = "info", security: dict | None = None,
-                 serve: dict | None = None):
+                 serve: dict | None = None, cluster: dict | None = None):
         self.root = root
         self.serve_settings = serve
+        self.cluster_settings = cluster  # [cluster]: engine, seeds
         # CurveZMQ: the node's keys and an "admin" client with every right, which
         # the harness itself uses (status, client()).
         self.security = None
@@ -101,9 +102,11 @@ class Cluster:
         self.nodes = []
         for spec in nodes:
             name = spec["name"]
+            # A node beside a Redis node (spec "redis") has no storage of its own.
+            store = {"redis": spec["redis"]} if "redis" in spec else \
+                {"storage": f"tcp://127.0.0.1:{free_port()}"}
             self.nodes.append({
-                "name": name, "group": spec.get("group", 1),
-                "storage": f"tcp://127.0.0.1:{free_port()}",
+                "name": name, "group": spec.get("group", 1), **store,
                 "broker": f"tcp://127.0.0.1:{free_port()}",
                 "data_dir": f"var/{name}", **{k: v for k, v in spec.items() if k == "ids"}})
         self.pool = {"workers": 2, **pool}
@@ -137,6 +140,8 @@ class Cluster:
             parts.append(table("security.rights", self.security.get("rights", {})))
         if self.serve_settings:
             parts.append(table("serve", self.serve_settings))
+        if self.cluster_settings:
+            parts.append(table("cluster", self.cluster_settings))
         parts += [table("[node]", n) for n in self.nodes]
         return "\n".join(parts)
 

@@ -1,0 +1,129 @@
+"""Redis Cluster as the store (``[cluster] engine = "redis-cluster"``).
+
+``RedisStore`` is one process's way into the cluster: a redis-py
+``RedisCluster`` client built at the first call in that process (a client
+never crosses a fork: its sockets would then be shared with the parent), from
+the node's own Redis address first and then ``cluster.seeds``.  Both the
+scripts' handle (storage/handle.py) and ``Session`` (CLI, Python API, proxy
+data calls) use it, so a key means the same value from everywhere.
+
+At most once.  redis-py would resend a command after a connection error, on
+the refreshed slot map: after a master is killed that is the promoted
+replica, which may already have the write (INCR twice).  So the client makes
+no such retry; it still follows MOVED and ASK (those say the command was not
+run), and refreshes its slot map after any error.  A command that meets a
+node down raises ``ClusterUnavailable`` (a ``StorageUnavailable`` and a
+``broker.protocol.Unavailable``): out of a script, the exec is answered
+``unavailable``, and its effect may or may not have happened.
+"""
+from __future__ import annotations
+
+import os
+
+from redis import exceptions as rx
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
+
+from broker import protocol as p
+
+from .client import NotFound, StorageError, StorageUnavailable
+from .router import split_address
+
+__all__ = ["RedisStore", "ClusterUnavailable"]
+
+CONNECT_TIMEOUT = 1.0   # s; on loopback a live node accepts in microseconds
+COMMAND_TIMEOUT = 5.0   # s; like a storage node's DATA_TIMEOUT
+
+# What redis-py raises when the cluster, not the command, is at fault.
+DOWN = (rx.ConnectionError, rx.TimeoutError, rx.ClusterDownError, rx.TryAgainError,
+        rx.MasterDownError, rx.SlotNotCoveredError, rx.ClusterError)
+
+
+_built_in = 0  # the pid that last built a client: its sockets are no script's leftovers
+
+
+def client_in_this_process() -> bool:
+    """Whether a handle built its cluster client in this process (runtime/runner.py
+    then lets its sockets stay open between requests, like a ZeroMQ session's)."""
+    return _built_in == os.getpid()
+
+
+class ClusterUnavailable(StorageUnavailable, p.Unavailable, rx.ConnectionError):
+    """A Redis node the command needed is down, or the cluster is failing over.
+    Also a redis ConnectionError, so scripts written against redis-py catch it."""
+
+
+class _Cluster(RedisCluster):
+    """RedisCluster whose commands raise ClusterUnavailable for a node down."""
+
+    def execute_command(self, *args, **kwargs):
+        try:
+            return super().execute_command(*args, **kwargs)
+        except ClusterUnavailable:
+            raise
+        except DOWN as exc:
+            raise ClusterUnavailable(f"redis cluster: {args[0] if args else '?'}: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+
+
+class RedisStore:
+    """read, write, remove on the cluster; ``client`` for anything else."""
+
+    def __init__(self, addresses: list[str] | tuple[str, ...], timeout: float | None = None):
+        if not addresses:
+            raise StorageError("redis-cluster: no Redis node to start from (cluster.seeds)")
+        self.addresses = list(dict.fromkeys(addresses))
+        self.timeout = timeout or COMMAND_TIMEOUT
+        self._client: _Cluster | None = None
+        self._pid = 0
+        self._abandoned: list = []  # another process's clients: kept, never closed here
+
+    @property
+    def client(self) -> RedisCluster:
+        """This process's cluster client, built (and the slot map read) on first use."""
+        if self._client is None or self._pid != os.getpid():
+            if self._client is not None:
+                # Closing it would shut sockets the parent still uses; GC would too.
+                self._abandoned.append(self._client)
+            global _built_in
+            self._client, self._pid = self._connect(), os.getpid()
+            _built_in = self._pid
+        return self._client
+
+    def live(self) -> bool:
+        """Whether this process holds a client (its sockets are expected, not leaks)."""
+        return self._client is not None and self._pid == os.getpid()
+
+    def _connect(self) -> _Cluster:
+        nodes = [ClusterNode(*split_address(a)) for a in self.addresses]
+        try:
+            return _Cluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 0),
+                            socket_connect_timeout=CONNECT_TIMEOUT,
+                            socket_timeout=self.timeout)
+        except (rx.RedisClusterException, *DOWN) as exc:
+            raise ClusterUnavailable(f"no Redis node of {', '.join(self.addresses)} "
+                                     f"answered: {exc}") from exc
+
+    def read(self, key: str | bytes) -> bytes:
+        value = self.client.get(key)
+        if value is None:
+            raise NotFound(f"key {key!r} not found")
+        return value
+
+    def write(self, key: str | bytes, data: bytes) -> None:
+        self.client.set(key, data)
+
+    def remove(self, key: str | bytes) -> bool:
+        """Whether the key was there."""
+        return bool(self.client.delete(key))
+
+    def size(self, key: str | bytes) -> int:
+        if not self.client.exists(key):
+            raise NotFound(f"key {key!r} not found")
+        return self.client.strlen(key)
+
+    def close(self) -> None:
+        if self.live():
+            self._client.close()
+        self._client = None

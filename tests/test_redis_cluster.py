@@ -1,0 +1,287 @@
+"""srw beside a real Redis Cluster (cluster.engine = "redis-cluster").
+
+One six-node Redis Cluster (3 masters, 3 replicas) and six srw nodes, one
+beside each Redis node, for the whole module; the failover test kills a
+master and so runs last.  Scripts run under the default profile.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from broker import protocol as p
+from srw import config as cfg
+from storage.client import Session
+from storage.ring import BadId
+
+from conftest import REPO, Cluster, proxy_request, wait_proxy, wait_until
+from redis_support import RedisNodes
+
+NODE_TIMEOUT = 2.0  # s, --cluster-node-timeout
+
+# The shipped python.init (it names no address), plus what the tests' scripts use.
+INIT = (REPO / "history" / "python.init").read_text() + """
+import os
+from storage.redis_store import ClusterUnavailable
+NODE = os.environ.get("SRW_NODE", "")
+"""
+SCRIPTS = {
+    "where.py": "__return_data = NODE\n",
+    # Reads keys that live on any shard, through the handle.
+    "read_many.py": """
+keys = json.loads(__input_binary_data_tuple[0])
+__return_data = json.dumps({k: n.read_data(k).decode() for k in keys})
+""",
+    # One side effect per request: INCR its own key, and say whether a replica has it.
+    "down.py": "raise ClusterUnavailable('a Redis node is down (on purpose)')\n",
+    "count.py": """
+key = __input_binary_data_tuple[0].decode()
+value = n.redis.incr(key)
+replicas = n.redis.wait(1, 50, target_nodes=n.redis.get_node_from_key(key))
+__return_data = json.dumps([NODE, value, replicas])
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def rc(tmp_path_factory):
+    """(redis nodes, srw cluster, session): everything stopped at the end, by pid."""
+    root = tmp_path_factory.mktemp("rc")
+    redis = RedisNodes(root / "redis", node_timeout_ms=int(NODE_TIMEOUT * 1000))
+    srw = None
+    try:
+        redis.start()
+        nodes = [{"name": f"r{i}", "redis": a} for i, a in enumerate(redis.addresses)]
+        (root / "srw").mkdir()
+        srw = Cluster(root / "srw", nodes, {"workers": 1}, {"request_timeout": 5.0}, SCRIPTS,
+                      INIT, cluster={"engine": "redis-cluster", "seeds": redis.addresses[:3]})
+        srw.serve()
+        with Session(srw.path) as session:
+            yield redis, srw, session
+    finally:
+        if srw is not None:
+            srw.stop()
+        redis.stop()
+
+
+def beside(srw: Cluster, address: str) -> str:
+    """The srw node beside the Redis node at `address`."""
+    return next(n["name"] for n in srw.nodes if n["redis"] == address)
+
+
+def key_in(shard: dict, prefix: str = "k") -> str:
+    """A key whose slot the shard owns (redis.crc: the slot CLUSTER KEYSLOT gives)."""
+    from redis.crc import key_slot
+    ranges = list(zip(shard["slots"][::2], shard["slots"][1::2]))
+    return next(k for k in (f"{prefix}{i}" for i in range(100_000))
+                if any(a <= key_slot(k.encode()) <= b for a, b in ranges))
+
+
+# Config ---------------------------------------------------------------------
+
+NODE = '[[node]]\nname = "n1"\ngroup = 1\nbroker = "tcp://127.0.0.1:1026"\ndata_dir = "v"\n'
+REDIS = '[cluster]\nengine = "redis-cluster"\nseeds = ["127.0.0.1:7000"]\n'
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[cluster]\nengine = "etcd"\n' + NODE, "cluster.engine is 'etcd': it must be 'lmdb' or "
+                                            "'redis-cluster'"),
+    ('[cluster]\nengine = "redis-cluster"\n' + NODE + 'redis = "127.0.0.1:7000"\n',
+     "cluster.seeds is empty"),
+    (REDIS + NODE, "node n1: redis is missing"),
+    (REDIS + NODE + 'redis = "127.0.0.1"\n', "node n1: redis is '127.0.0.1': it must be "
+                                             "HOST:PORT"),
+    (REDIS.replace("7000", "70000") + NODE + 'redis = "127.0.0.1:7000"\n',
+     "cluster.seeds is '127.0.0.1:70000'"),
+    (REDIS + NODE + 'redis = "127.0.0.1:7000"\nstorage = "tcp://127.0.0.1:1025"\n',
+     "node n1: storage is not used with"),
+    (NODE + 'redis = "127.0.0.1:7000"\n', 'node n1: redis is for cluster.engine = '
+                                          '"redis-cluster"'),
+    (NODE, "node[0] needs key 'storage'"),
+    (REDIS + NODE + 'redis = "127.0.0.1:7000"\ncluster_redis = []\n',
+     "unknown key node[0].cluster_redis"),
+])
+def test_cluster_config_errors_name_the_key(tmp_path, text, words):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.load(path)
+    assert words in str(err.value) and str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_redis_cluster_config_and_the_sandbox_ports(tmp_path):
+    from runtime.sandbox import tcp_ports
+    path = tmp_path / "config.toml"
+    path.write_text(REDIS + NODE + 'redis = "127.0.0.1:7001"\n'
+                    + NODE.replace("n1", "n2").replace("1026", "1027")
+                    + 'redis = "127.0.0.1:7002"\n')
+    config = cfg.load(path)
+    assert config.cluster.engine == "redis-cluster" and config.nodes[0].storage == ""
+    # network = "local": the node's broker, the seeds and every node's Redis node.
+    assert tcp_ports(config.nodes[0], config.nodes) == (1026, 7000, 7001, 7002)
+
+
+# The cluster ----------------------------------------------------------------
+
+def test_exec_by_key_runs_beside_the_master_of_its_slot(rc):
+    redis, srw, session = rc
+    for shard in redis.shards():
+        key = key_in(shard)
+        assert session.router.route(key=key).redis == shard["master"]
+        assert redis.keyslot(key) in range(shard["slots"][0], shard["slots"][1] + 1)
+        [result] = session.exec("where.py", key=key)
+        assert result.ok, result.error
+        assert result.data.decode() == result.node == beside(srw, shard["master"])
+        assert result.redis == shard["master"]
+        # Hash tags: the slot is the tag's, as CLUSTER KEYSLOT says.
+        tagged = "{%s}:anything" % key
+        assert redis.keyslot(tagged) == redis.keyslot(key)
+        assert session.route(key=tagged)[0].name == result.node
+    # The proxy routes with the same router.
+    wait_proxy(srw)
+    shard = redis.shards()[1]
+    status, headers, body = proxy_request(
+        srw, "POST", f"/elliptics?exec&name=where.py&key={key_in(shard)}")
+    assert (status, body.decode()) == (200, beside(srw, shard["master"]))
+    # Without a key: every srw node, each naming its Redis node.
+    everywhere = session.exec("where.py")
+    assert [(r.node, r.redis) for r in everywhere] == [(n["name"], n["redis"]) for n in srw.nodes]
+
+
+def test_keys_of_many_slots_match_cluster_keyslot(rc):
+    redis, srw, session = rc
+    from redis.crc import key_slot
+    for key in ("a", "user:1000", "{user1000}.following", "x{}y", "\u00e9t\u00e9", "k" * 300):
+        assert key_slot(key.encode()) == redis.keyslot(key)
+
+
+def test_default_script_reads_keys_of_every_shard(rc):
+    redis, srw, session = rc
+    shards = redis.shards()
+    keys = [key_in(s, "data") for s in shards]
+    for key in keys:
+        [written] = session.write(key, f"value of {key}".encode())
+        assert written.ok and written.redis in [s["master"] for s in shards]
+    assert session.read(keys[2]) == f"value of {keys[2]}".encode()
+    for _ in range(3):  # the runner keeps its Redis connections from one request to the next
+        [result] = session.exec("read_many.py", json.dumps(keys).encode(), key=keys[0])
+        assert result.ok, result.error
+        assert json.loads(result.data) == {k: f"value of {k}" for k in keys}
+    assert "left files open" not in srw.log()
+    [removed] = session.remove(keys[1])
+    assert removed.ok
+    with pytest.raises(KeyError):
+        session.read(keys[1])
+
+
+def test_http_data_calls_reach_redis(rc):
+    redis, srw, session = rc
+    wait_proxy(srw)
+    status, _, _ = proxy_request(srw, "POST", "/elliptics?upload&name=via-http", b"from curl")
+    assert status == 200
+    assert session.read("via-http") == b"from curl"
+    assert proxy_request(srw, "GET", "/elliptics?name=via-http")[::2] == (200, b"from curl")
+    assert proxy_request(srw, "DELETE", "/elliptics?name=via-http")[0] == 200
+    assert proxy_request(srw, "GET", "/elliptics?name=via-http")[0] == 404
+
+
+def test_store_down_in_a_script_is_unavailable_and_rereads_the_slot_map(rc):
+    redis, srw, session = rc
+    key = key_in(redis.shards()[2])
+    session.router.refresh()
+    assert not session.router.due()
+    [result] = session.exec("down.py", key=key)
+    assert result.status == p.UNAVAILABLE and "on purpose" in result.error
+    # A master may have failed over: the map is read again at the next route, at
+    # most REFRESH_AFTER (0.1 s) after the last read, not REFRESH_EVERY (5 s).
+    wait_until(session.router.due, 1.0, "the slot map to be due")
+    [result] = session.exec("where.py", key=key)
+    assert result.ok and not session.router.due()
+
+
+def test_exec_by_id_is_refused_with_a_reason(rc):
+    redis, srw, session = rc
+    with pytest.raises(BadId, match="exec by id .* needs cluster.engine"):
+        session.exec("where.py", id="0123456789")
+    done = srw.run("exec", "where.py", "--id", "0123456789")
+    assert done.returncode != 0
+    assert b"give the key" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    status, _, body = proxy_request(srw, "POST", "/elliptics?exec&name=where.py&id=01")
+    assert status == 400 and b"give the key" in body
+
+
+def test_master_killed_during_execs_fails_over_beside_the_replica(rc):
+    """Every exec answered ok or unavailable, none run twice, no write a replica
+    acknowledged lost, and the shard's execs run beside the promoted replica as
+    soon as Redis promoted it (FOLLOW_WITHIN), within cluster-node-timeout + 2 s of
+    the kill when Redis's own failover allows it (see FAILOVER_SLACK)."""
+    redis, srw, session = rc
+    shard = redis.shards()[0]
+    master, replica = shard["master"], shard["replicas"][0]
+    log, killed_at = stream_with_a_kill(redis, session, shard, kill_after=20)
+    statuses = {r.status for _, _, r in log}
+    assert statuses <= {p.OK, p.UNAVAILABLE}, [r for _, _, r in log if not r.ok][:3]
+    assert all(r.ok and r.node == beside(srw, master) for s, _, r in log if s is None)
+    # Once Redis promoted the replica, srw follows at once and stays there.
+    promoted = redis.promoted_at(replica) - killed_at
+    late = [r for s, _, r in log if s is not None and s > promoted + FOLLOW_WITHIN]
+    assert late and all(r.ok and r.node == beside(srw, replica) and r.redis == replica
+                        for r in late), [(r.node, r.status, r.error) for r in late][:3]
+    first_ok = min(s for s, _, r in log if s is not None and r.ok)
+    print(f"\nfailover: Redis promoted the replica {promoted:.2f} s after the kill, "
+          f"srw ran beside it {first_ok:.2f} s after; {len(log)} execs, "
+          f"{sum(1 for *_, r in log if not r.ok)} unavailable")
+    assert first_ok <= NODE_TIMEOUT + 2.0 + FAILOVER_SLACK
+    assert_each_ran_at_most_once(redis, srw, replica, log)
+
+
+# s from Redis's promotion to srw's first exec beside the new master (measured
+# 0.2-0.3 s: the router reads CLUSTER SHARDS again 0.1 s after an unavailable).
+FOLLOW_WITHIN = 1.0
+# Redis itself promotes a replica 1.3-2.3 s past cluster-node-timeout here (failure
+# detection takes up to 1.5 x the timeout, then an election delay of 0.5-1 s), so
+# "timeout + 2 s" measured from the kill is Redis's bound as much as srw's.
+FAILOVER_SLACK = 1.0
+
+
+def stream_with_a_kill(redis, session, shard, kill_after: int):
+    """Execs by key, one at a time, on keys of `shard`; its master SIGKILLed after
+    `kill_after` of them; until 10 execs ran past timeout + 3 s.  Returns
+    ([(seconds since the kill or None, key, Result)], when it was killed)."""
+    tag = key_in(shard, "t")
+    log, killed_at = [], None
+    deadline = time.monotonic() + 30
+    for i in range(100_000):
+        assert time.monotonic() < deadline, "the stream never settled"
+        key = "{%s}:%d" % (tag, i)
+        if i == kill_after:
+            redis.kill(shard["master"])
+            killed_at = time.time()
+        [result] = session.exec("count.py", key.encode(), key=key)
+        since = None if killed_at is None else time.time() - killed_at
+        log.append((since, key, result))
+        if sum(1 for s, _, _ in log if s and s > NODE_TIMEOUT + 3.0) >= 10:
+            return log, killed_at
+        time.sleep(0.01)  # a steady stream, not a spin
+
+
+def assert_each_ran_at_most_once(redis, srw, replica, log) -> None:
+    """Each key belongs to one exec: a count of 2 means it ran twice."""
+    from storage.redis_store import RedisStore
+    store = RedisStore([replica, *redis.addresses])
+    try:
+        for since, key, result in log:
+            stored = int(store.client.get(key) or 0)
+            assert stored <= 1, f"{key} ran {stored} times"
+            if result.ok:
+                node, value, replicas = json.loads(result.data)
+                assert value == 1
+                # Acknowledged by a replica (or by the promoted one itself): never lost.
+                if replicas >= 1 or node == beside(srw, replica):
+                    assert stored == 1, f"{key}: acknowledged, then lost"
+    finally:
+        store.close()
