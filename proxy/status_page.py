@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import time
 
 from broker.stats import bucket_quantile, uptime_text
@@ -92,11 +93,15 @@ def table(head, rows, kind: str, attrs: list[str] | None = None) -> str:
     """A table whose rows have class `kind`; text cells left, numbers right."""
     out = ["<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
     for i, row in enumerate(rows):
-        cells = "".join(
-            f'<td class="{esc(str(h)).replace(" ", "-")}{"" if number(v) else " text"}">'
-            f"{esc(v)}</td>" for h, v in zip(head, row))
+        cells = "".join(f'<td class="{column(h)}{"" if number(v) else " text"}">{esc(v)}</td>'
+                        for h, v in zip(head, row))
         out.append(f'<tr class="{kind}"{attrs[i] if attrs else ""}>{cells}</tr>')
     return "".join(out) + "</table>"
+
+
+def column(head: str) -> str:
+    """A cell's class from its column's heading: "sandbox USS" -> "sandbox-uss"."""
+    return re.sub(r"[^a-z0-9]+", "-", head.lower().replace("µ", "u")).strip("-")
 
 
 def number(v) -> bool:
