@@ -307,20 +307,27 @@ async def ping(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     try:
-        query = _query(request, ("refresh", "format"))
-        refresh = status_page.parse_refresh(query.get("refresh"))
-        kind = query.get("format") or (
-            "json" if "application/json" in request.headers.get("Accept", "") else "html")
-        if kind not in ("json", "html"):
-            raise ValueError(f"bad format={kind[:20]!r}: give json or html")
+        kind, refresh = _status_view(request)
     except HTTPProblem as exc:
         return _problem_response(exc)
-    except ValueError as exc:
-        return text(400, str(exc))
     nodes = await request.app[CLUSTER].status()
     if kind == "json":
         return web.Response(text=status_page.status_json(nodes), content_type="application/json")
     return web.Response(text=status_page.status_html(nodes, refresh), content_type="text/html")
+
+
+def _status_view(request: web.Request) -> tuple[str, int]:
+    """("json" or "html", seconds between reloads) from the query and Accept."""
+    query = _query(request, ("refresh", "format"))
+    try:
+        refresh = status_page.parse_refresh(query.get("refresh"))
+    except ValueError as exc:
+        raise HTTPProblem(400, str(exc)) from None
+    wants_json = "application/json" in request.headers.get("Accept", "")
+    kind = query.get("format") or ("json" if wants_json else "html")
+    if kind not in ("json", "html"):
+        raise HTTPProblem(400, f"bad format={kind[:20]!r}: give json or html")
+    return kind, refresh
 
 
 async def prometheus(request: web.Request) -> web.Response:

@@ -21,13 +21,13 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 NODE = ["node", "group"]
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
-# The proxy's HTTP requests: (method, route, code) -> count.  Bounded labels:
-# a method outside METHODS counts as "other", a path with no route as "other".
-RequestCounts = collections.Counter
+RequestCounts = collections.Counter  # (method, route, code) -> requests answered
 
 
 def count_requests(counts: RequestCounts):
-    """A middleware that counts every request the application answers."""
+    """A middleware that counts every request the application answers.  Labels
+    stay bounded: a method outside METHODS and a path with no route count as
+    "other" (any client can send any method and path)."""
     @web.middleware
     async def middleware(request: web.Request, handler):
         code = 500
