@@ -33,6 +33,9 @@ MEMORY_TTL = 5.0         # seconds a worker's measured memory is reused (WorkerM
 # Pool reasons (runtime/pool.py) whose short cause is not their first words.
 CAUSE_PREFIXES = (("request ran past its deadline", "timeout"),
                   ("request used more than", "cpu limit"))
+# A worker retired by a reload or a resize has no successor; a later worker that
+# happens to take its slot is no restart.
+NOT_RESTARTS = frozenset({"retired"})
 
 
 class ScriptStats:
@@ -79,6 +82,8 @@ class ExecStats:
     def restarted(self, reason: str) -> None:
         """A worker was replaced; `reason` is its replacement's READY reason."""
         cause = restart_cause(reason)
+        if cause in NOT_RESTARTS:
+            return
         if cause not in self.restart_causes and len(self.restart_causes) >= MAX_CAUSES:
             cause = "other"
         self.restart_causes[cause] = self.restart_causes.get(cause, 0) + 1

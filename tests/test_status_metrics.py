@@ -58,6 +58,8 @@ def test_restart_causes_are_short_and_bounded():
     assert restart_cause("stopped by SIGSTOP; killed by the pool") == "stopped by SIGSTOP"
     assert restart_cause("recycled") == "recycled" and restart_cause("") == "unknown"
     s = ExecStats()
+    s.restarted("retired")  # by a reload or resize: no successor, no restart
+    assert s.restart_causes == {}
     for i in range(stats.MAX_CAUSES + 5):
         s.restarted(f"exited with status {i}")
     assert len(s.restart_causes) == stats.MAX_CAUSES + 1 and s.restart_causes["other"] == 5
