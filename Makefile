@@ -15,13 +15,16 @@ $(STAMP): pyproject.toml
 
 # Debian packages the tests and benches use: wget (the 2011 example),
 # redis-server (baseline in the benches), libseccomp2 (sandbox), fuse3 and
-# libfuse3-3 (`srw mount`: fusermount3 and the library mfusepy loads).
+# libfuse3-3 (`srw mount`: fusermount3 and the library mfusepy loads),
+# chromium and chromium-driver (the status page test's headless browser).
 system-deps:
 	@if command -v apt-get >/dev/null && { ! command -v wget >/dev/null || \
 	    ! command -v redis-server >/dev/null || ! ldconfig -p | grep -q libseccomp.so.2 || \
-	    ! command -v fusermount3 >/dev/null || ! ldconfig -p | grep -q libfuse3.so.3; }; then \
+	    ! command -v fusermount3 >/dev/null || ! ldconfig -p | grep -q libfuse3.so.3 || \
+	    ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	        wget redis-server libseccomp2 fuse3 libfuse3-3 >/dev/null; fi
+	        wget redis-server libseccomp2 fuse3 libfuse3-3 chromium chromium-driver \
+	        >/dev/null; fi
 
 serve: system-deps $(STAMP)
 	$(VENV)/bin/srw serve --config config.toml

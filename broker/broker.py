@@ -37,7 +37,8 @@ import zmq
 from . import protocol as p
 from . import trust
 from .idlocks import IdLocks
-from srw import logs, security
+from .stats import CONTENT, ExecStats, WorkerMemory
+from srw import __version__, logs, security
 from srw.logs import Throttle
 from srw.config import START_ENV, Config, NodeSettings
 from srw.sched import CALM_AFTER, LoadScheduling
@@ -200,7 +201,9 @@ class Broker:
         self.next_job = 0
         self.served = 0
         self.restarts = 0
-        self.latencies: collections.deque[int] = collections.deque(maxlen=2000)
+        self.stats = ExecStats()
+        self.memory = WorkerMemory()
+        self.started = time.monotonic()
         self.stopping = False
         self.close_at: float | None = None  # stopping, answered: when the sockets close
         self.next_heartbeat = 0.0
@@ -454,7 +457,7 @@ class Broker:
         if job.lock is not None:
             self._queue_first(self.locks.release(job.lock, job_id, self.jobs.__contains__))
         self.served += 1
-        self.latencies.append(int((time.perf_counter() - job.received) * 1e6))
+        self.stats.record(job.meta.name, status, int((time.perf_counter() - job.received) * 1e6))
         self.reply(job.client, job.rid, status, data, error, job.batched)
 
     def _queue_first(self, job_id: bytes | None) -> None:
@@ -571,6 +574,7 @@ class Broker:
                    f"{ready.reason or 'it registered again'}")
             if ready.replaces == old.pid:
                 self.requeue(old, never_started(old, ready))
+                self.stats.restarted(ready.reason)
             if ready.job in old.jobs and ready.job_status:
                 del old.jobs[ready.job]
                 self.finish(ready.job, ready.job_status, error=why)
@@ -754,16 +758,31 @@ class Broker:
     # Status ------------------------------------------------------------------
 
     def status(self) -> dict:
-        lat = sorted(self.latencies)
-
-        def pct(q):
-            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0
-
+        """The node's status (docs/DESIGN.md "Status"): pool counts, a row per
+        worker, per-script counters and the latency window."""
         # Draining workers are on their way out (recycled, retired by a reload or TTOU).
         live = [w for w in self.workers.values() if not w.gone_at and not w.draining]
-        return {"name": self.node.name, "group": self.node.group,
+        return {"name": self.node.name, "group": self.node.group, "version": __version__,
+                "uptime": round(time.monotonic() - self.started, 3),
                 "workers": len(live),
                 "busy": sum(1 for w in live if w.jobs),
-                "queued": len(self.queue) + self.locks.blocked, "served": self.served, "restarts": self.restarts,
-                "latency_us": {"p50": pct(0.5), "p99": pct(0.99)},
+                "queued": len(self.queue) + self.locks.blocked, "served": self.served,
+                "restarts": self.restarts,
+                **self.stats.snapshot(),
+                "worker_rows": self.worker_rows(),
                 "start": os.environ.get(START_ENV, "")}
+
+    def worker_rows(self) -> list[dict]:
+        workers = sorted(self.workers.values(), key=lambda w: w.slot)
+        memory = self.memory.of([w.pid for w in workers])
+        rows = []
+        for w in workers:
+            state = ("gone" if w.gone_at else "draining" if w.draining
+                     else "busy" if w.jobs else "idle")
+            running = self.jobs.get(next(iter(w.jobs), b""))  # it runs its jobs in order
+            rows.append({"pid": w.pid, "slot": w.slot, "state": state, "served": w.replied,
+                         "held": len(w.jobs),
+                         "script": (running.meta.name or CONTENT) if running else "",
+                         "uss": memory.get(w.pid, (None, None))[0],
+                         "sandbox_uss": memory.get(w.pid, (None, None))[1]})
+        return rows

@@ -6,7 +6,9 @@
     GET    /elliptics?name=KEY                                        read
     DELETE /elliptics?name=KEY                                        remove
     GET    /ping      200 when every configured node answers, else 503
-    GET    /status    the pools as HTML, or JSON with Accept: application/json
+    GET    /status    the nodes and their workers as HTML reloading itself every
+                      ?refresh=N s, or JSON (Accept: application/json or ?format=json)
+    GET    /metrics   Prometheus metrics of every node and of the proxy (proxy/metrics.py)
 
 An exec with one target answers the script's ``__return_data`` as the body;
 with several, ``multipart/mixed`` with one part per node (``X-Srw-Node``,
@@ -18,7 +20,6 @@ the script as the bound variable ``__cookie_string``, never as code.
 from __future__ import annotations
 
 import asyncio
-import html
 import json
 import logging
 
@@ -32,6 +33,7 @@ from srw.config import Config
 from storage.ring import BadId, parse_id
 from storage.router import Route
 
+from . import metrics, status_page
 from .cluster import Cluster, DataStore, storage_errors
 
 log = logging.getLogger("srw.proxy")
@@ -45,6 +47,7 @@ HTTP_STATUS = {
 CLUSTER = web.AppKey("cluster", Cluster)
 DATA = web.AppKey("data", DataStore)
 CONFIG = web.AppKey("config", Config)
+REQUESTS = web.AppKey("requests", metrics.RequestCounts)
 
 OCTETS = "application/octet-stream"
 
@@ -302,28 +305,33 @@ async def ping(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
+    try:
+        kind, refresh = _status_view(request)
+    except HTTPProblem as exc:
+        return _problem_response(exc)
     nodes = await request.app[CLUSTER].status()
-    if "application/json" in request.headers.get("Accept", ""):
-        return web.Response(text=json.dumps({"nodes": nodes}), content_type="application/json")
-    return web.Response(text=status_html(nodes), content_type="text/html")
+    if kind == "json":
+        return web.Response(text=status_page.status_json(nodes), content_type="application/json")
+    return web.Response(text=status_page.status_html(nodes, refresh), content_type="text/html")
 
 
-COLUMNS = ("name", "group", "workers", "busy", "queued", "served", "restarts")
+def _status_view(request: web.Request) -> tuple[str, int]:
+    """("json" or "html", seconds between reloads) from the query and Accept."""
+    query = _query(request, ("refresh", "format"))
+    try:
+        refresh = status_page.parse_refresh(query.get("refresh"))
+    except ValueError as exc:
+        raise HTTPProblem(400, str(exc)) from None
+    wants_json = "application/json" in request.headers.get("Accept", "")
+    kind = query.get("format") or ("json" if wants_json else "html")
+    if kind not in ("json", "html"):
+        raise HTTPProblem(400, f"bad format={kind[:20]!r}: give json or html")
+    return kind, refresh
 
 
-def status_html(nodes: list[dict]) -> str:
-    head = "".join(f"<th>{c}</th>" for c in COLUMNS + ("p50 µs", "p99 µs"))
-    rows = [f"<tr>{head}</tr>"]
-    for n in nodes:
-        if "error" in n:
-            values = [n["name"], n["group"], n["error"]]
-        else:
-            values = [n[c] for c in COLUMNS] + [n["latency_us"]["p50"], n["latency_us"]["p99"]]
-        cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in values)
-        rows.append(f"<tr>{cells}</tr>")
-    return ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>srw status</title>"
-            "</head><body><h1>srw status</h1>\n<table border=\"1\">\n"
-            + "\n".join(rows) + "\n</table></body></html>\n")
+async def prometheus(request: web.Request) -> web.Response:
+    nodes = await request.app[CLUSTER].status()
+    return metrics.exposition(nodes, request.app[REQUESTS])
 
 
 # Dispatch ---------------------------------------------------------------------
@@ -376,14 +384,18 @@ def _problem_response(exc: HTTPProblem) -> web.Response:
 
 def make_app(config: Config) -> web.Application:
     """The proxy's aiohttp application for `config`; clients connect at startup."""
-    app = web.Application(client_max_size=config.proxy.max_body)
+    requests = metrics.RequestCounts()
+    app = web.Application(client_max_size=config.proxy.max_body,
+                          middlewares=[metrics.count_requests(requests)])
     app[CONFIG] = config
+    app[REQUESTS] = requests
     curve = security.role_credentials(config, "proxy")  # the proxy's own key: never "code"
     app[CLUSTER] = Cluster(config, curve)
     app[DATA] = DataStore(config, curve)
     app.router.add_route("*", "/elliptics", elliptics, expect_handler=expect_continue)
     app.router.add_get("/ping", ping)
     app.router.add_get("/status", status)
+    app.router.add_get("/metrics", prometheus)
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     return app

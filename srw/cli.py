@@ -18,7 +18,7 @@ EXAMPLES = """examples:
   srw serve                                   start the nodes of ./config.toml
   echo -n hi | srw exec test_script.py --id 0123456789 --data -
   srw exec '' --code '__return_data = "x" * 3'
-  srw status
+  srw status --scripts                        pools, workers and executions per script
   srw reload / srw resize 4 / srw stop      a running serve, through its control socket
   echo -n value | srw write mykey --data -
   srw read mykey
@@ -97,6 +97,9 @@ def parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_exec)
 
     status = sub.add_parser("status", parents=[common], help="show every node's pool")
+    status.add_argument("--scripts", action="store_true",
+                        help="also each node's executions per script, by status, with "
+                             "p50/p99 of their ok replies")
     status.set_defaults(func=cmd_status)
 
     reload = sub.add_parser("reload", parents=[common], help="roll every pool (like SIGHUP)",
@@ -365,10 +368,11 @@ def cmd_remove(config: cfg.Config, args) -> int:
 
 
 def cmd_status(config: cfg.Config, args) -> int:
+    from broker.stats import uptime_text
     with _session(config, args) as session:
         nodes = session.status()
     print(f"{'node':10} {'group':>5} {'workers':>7} {'busy':>5} {'queued':>6} "
-          f"{'served':>9} {'restarts':>8} {'p50 us':>7} {'p99 us':>7}")
+          f"{'served':>9} {'restarts':>8} {'p50 us':>7} {'p99 us':>7}  uptime")
     for n in nodes:
         if "error" in n:
             print(f"{n['name']:10} {n['group']:>5} {n['error']}")
@@ -376,8 +380,31 @@ def cmd_status(config: cfg.Config, args) -> int:
         lat = n["latency_us"]
         print(f"{n['name']:10} {n['group']:>5} {n['workers']:>7} {n['busy']:>5} "
               f"{n['queued']:>6} {n['served']:>9} {n['restarts']:>8} {lat['p50']:>7} "
-              f"{lat['p99']:>7}")
+              f"{lat['p99']:>7}  {uptime_text(n['uptime'])}")
+    print("p50/p99: of each node's last ok replies (up to 2000); errors and timeouts are "
+          "counted, not timed")
+    if args.scripts:
+        for n in nodes:
+            if "error" not in n:
+                _print_scripts(n)
     return 1 if any("error" in n for n in nodes) else 0
+
+
+def _print_scripts(node: dict) -> None:
+    """A node's per-script table; p50/p99 estimated from its latency buckets."""
+    from broker.stats import bucket_quantile
+    print(f"\nnode {node['name']} (group {node['group']}): scripts since its broker started, "
+          "p50/p99 of ok replies from latency buckets")
+    print(f"{'script':30} {'execs':>9} {'ok':>9} {'p50 us':>8} {'p99 us':>8}  other statuses")
+    bounds = node["latency_buckets_us"]
+    for name, s in sorted(node["scripts"].items()):
+        statuses = s["statuses"]
+        p50, p99 = (bucket_quantile(s["buckets"], bounds, q) for q in (0.5, 0.99))
+        others = ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()) if k != "ok")
+        shown = name if name.isprintable() else ascii(name)  # names come from clients
+        print(f"{shown:30} {sum(statuses.values()):>9} {statuses.get('ok', 0):>9} "
+              f"{'-' if p50 is None else p50:>8} {'-' if p99 is None else p99:>8}  "
+              f"{others or '-'}")
 
 
 def _control(config: cfg.Config, command: str) -> list[str]:

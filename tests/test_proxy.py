@@ -234,13 +234,15 @@ def test_ping_and_status(web):
     assert status == 200 and headers["Content-Type"].startswith("application/json")
     nodes = json.loads(body)["nodes"]
     assert [n["name"] for n in nodes] == ["n1"]
-    assert set(nodes[0]) == {"name", "group", "workers", "busy", "queued", "served",
-                             "restarts", "latency_us", "start"}
+    assert set(nodes[0]) == {"name", "group", "version", "uptime", "workers", "busy",
+                             "queued", "served", "restarts", "latency_us", "latency_window",
+                             "statuses", "restart_causes", "latency_buckets_us", "scripts",
+                             "worker_rows", "start"}
     assert set(nodes[0]["latency_us"]) == {"p50", "p99"}
     assert nodes[0]["workers"] == 2 and nodes[0]["served"] >= 1
     status, headers, body = request(web, "GET", "/status")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert b"<td>n1</td>" in body
+    assert b"node n1 (group 1)" in body
 
 
 def test_serve_runs_the_proxy_as_a_titled_child_and_restarts_it(web):
@@ -375,7 +377,7 @@ def test_srw_proxy_alone_reports_a_node_that_is_down(make_cluster):
     status, _, body = request(cluster, "GET", "/ping")
     assert status == 503 and b"node n2 (group 2) does not answer" in body
     status, _, body = request(cluster, "GET", "/status")
-    assert status == 200 and b"<td>n2</td>" in body and b"is the node running" in body
+    assert status == 200 and b"node n2 (group 2)" in body and b"is the node running" in body
     nodes = json.loads(request(cluster, "GET", "/status",
                                headers={"Accept": "application/json"})[2])["nodes"]
     assert nodes[0]["name"] == "n1" and nodes[0]["workers"] == 2

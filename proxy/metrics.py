@@ -1,0 +1,134 @@
+"""Prometheus metrics on the proxy: ``GET /metrics``, built per scrape.
+
+    scrape -> Cluster.status() (every node's broker, in parallel) -> NodesCollector
+           -> a fresh CollectorRegistry -> prometheus_client's text format
+
+Nothing is kept between scrapes but the proxy's own request counter: the
+brokers count (broker/stats.py) and each scrape turns their status into
+metric families, so a node's counters live and reset with its broker (its
+``srw_uptime_seconds`` tells when).  A node that does not answer is
+``srw_node_up 0`` and contributes nothing else.
+"""
+from __future__ import annotations
+
+import collections
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+NODE = ["node", "group"]
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+RequestCounts = collections.Counter  # (method, route, code) -> requests answered
+
+
+def count_requests(counts: RequestCounts):
+    """A middleware that counts every request the application answers.  Labels
+    stay bounded: a method outside METHODS and a path with no route count as
+    "other" (any client can send any method and path)."""
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        code = 500
+        try:
+            response = await handler(request)
+            code = response.status
+            return response
+        except web.HTTPException as exc:
+            code = exc.status
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            path = resource.canonical if resource is not None else "other"
+            method = request.method if request.method in METHODS else "other"
+            counts[(method, path, str(code))] += 1
+    return middleware
+
+
+class NodesCollector:
+    """Metric families from one scrape's node statuses and the request counts."""
+
+    def __init__(self, nodes: list[dict], requests: RequestCounts):
+        self.nodes, self.requests = nodes, requests
+
+    def collect(self):
+        families = node_families()
+        for node in self.nodes:
+            add_node(families, node)
+        yield from families.values()
+        http = CounterMetricFamily("srw_proxy_http_requests", "HTTP requests the proxy "
+                                   "answered, by method, route and code",
+                                   labels=["method", "path", "code"])
+        for (method, path, code), n in sorted(self.requests.items()):
+            http.add_metric([method, path, code], n)
+        yield http
+
+
+def node_families() -> dict:
+    g, c = GaugeMetricFamily, CounterMetricFamily
+    return {
+        "up": g("srw_node_up", "1 when the node's broker answered this scrape", labels=NODE),
+        "info": g("srw_node_info", "the node's srw version", labels=NODE + ["version"]),
+        "uptime": g("srw_uptime_seconds", "seconds since the node's broker started",
+                    labels=NODE),
+        "execs": c("srw_executions", "exec requests answered, by script and status "
+                   "(<content>: script content with no name; <other>: past 1000 names)",
+                   labels=NODE + ["script", "status"]),
+        "latency": HistogramMetricFamily("srw_exec_latency_seconds", "time from the "
+                                         "broker's receipt to its reply, ok replies only",
+                                         labels=NODE + ["script"]),
+        "queued": g("srw_queue_depth", "requests waiting for a worker or an id's lock",
+                    labels=NODE),
+        "workers": g("srw_workers", "live workers (neither gone nor draining)", labels=NODE),
+        "busy": g("srw_workers_busy", "live workers holding requests", labels=NODE),
+        "restarts": c("srw_worker_restarts", "workers replaced, by cause (recycled "
+                      "included), as the broker learned from the replacements",
+                      labels=NODE + ["cause"]),
+        "uss": g("srw_worker_uss_bytes", "private memory of each worker (process=worker) "
+                 "and of its zygote and runners (process=sandbox)",
+                 labels=NODE + ["slot", "pid", "process"]),
+    }
+
+
+def add_node(families: dict, node: dict) -> None:
+    labels = [node["name"], str(node["group"])]
+    up = "error" not in node
+    families["up"].add_metric(labels, 1 if up else 0)
+    if not up:
+        return
+    families["info"].add_metric(labels + [node["version"]], 1)
+    families["uptime"].add_metric(labels, node["uptime"])
+    for key in ("queued", "workers", "busy"):
+        families[key].add_metric(labels, node[key])
+    for cause, n in node["restart_causes"].items():
+        families["restarts"].add_metric(labels + [cause], n)
+    bounds = node["latency_buckets_us"]
+    for script, stats in node["scripts"].items():
+        for status, n in stats["statuses"].items():
+            families["execs"].add_metric(labels + [script, status], n)
+        families["latency"].add_metric(labels + [script], cumulative(stats["buckets"], bounds),
+                                       stats["sum_us"] / 1e6)
+    for row in node["worker_rows"]:
+        for process, key in (("worker", "uss"), ("sandbox", "sandbox_uss")):
+            if row[key] is not None:
+                families["uss"].add_metric(labels + [str(row["slot"]), str(row["pid"]),
+                                                     process], row[key])
+
+
+def cumulative(buckets: list[int], bounds_us: list[int]) -> list[tuple[str, int]]:
+    """Per-bucket counts (the last +Inf) as Prometheus' cumulative (le, count) pairs."""
+    out, total = [], 0
+    for bound, count in zip([*(f"{b / 1e6:g}" for b in bounds_us), "+Inf"], buckets):
+        total += count
+        out.append((bound, total))
+    return out
+
+
+def exposition(nodes: list[dict], requests: RequestCounts) -> web.Response:
+    """The /metrics response for one scrape."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodesCollector(nodes, requests))
+    # The 0.0.4 text format: what every Prometheus version scrapes.
+    return web.Response(body=generate_latest(registry),
+                        headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
