@@ -33,10 +33,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from common import free_port, pct  # noqa: E402
 
-from broker import protocol as p  # noqa: E402
+from core import protocol as p  # noqa: E402
 from broker.client import BrokerUnavailable, Client  # noqa: E402
-from srw import security  # noqa: E402
-from srw.config import RIGHTS  # noqa: E402
+from core import security  # noqa: E402
+from core.config import RIGHTS  # noqa: E402
 
 FLOOR = "floor: 4 hops, C relay (zmq_proxy) + echo"
 SRW = "srw exec echo.py (client->broker->worker)"

@@ -49,8 +49,8 @@ def bare_server(listen: str, config_path: str) -> int:
     from aiohttp import web
 
     from proxy.server import run
-    from srw import config as cfg
-    from srw import logs
+    from core import config as cfg
+    from core import logs
     logs.setup(cfg.load(config_path).log, "bare", buffered=True)
 
     async def constant(request: web.Request) -> web.Response:
@@ -160,7 +160,7 @@ def main() -> int:
     if args.bare_server:
         return bare_server(*args.bare_server)
 
-    from srw import config as cfg
+    from core import config as cfg
     with tempfile.TemporaryDirectory(prefix="srw-http-bench-") as tmp:
         config = cfg.load(write_config(Path(tmp), args.workers, args.log_level))
         node = config.nodes[0]

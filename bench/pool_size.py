@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exec_bench import IN_FLIGHT, Node, pct, write_config  # noqa: E402
 
-from broker import protocol as p  # noqa: E402
+from core import protocol as p  # noqa: E402
 
 SCENARIOS = {"trivial": ("echo.py", b"x" * 100), "cpu 5ms": ("cpu_5ms.py", b"")}
 

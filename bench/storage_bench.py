@@ -37,7 +37,7 @@ from common import free_port, wait_for  # noqa: E402
 
 from storage import protocol as sp  # noqa: E402
 from storage.client import Session, StorageClient, storage_ready  # noqa: E402
-from storage.ring import key_id  # noqa: E402
+from core.ids import key_id  # noqa: E402
 
 IN_FLIGHT = 64
 

@@ -15,7 +15,7 @@ deadline, ``killed`` when its worker died (learned from the replacement's
 READY, or from a missed heartbeat) or was dropped, or ``bad_request`` for
 frames that make no sense.
 
-The back socket trusts only the pool's own workers (broker/trust.py): only
+The back socket trusts only the pool's own workers (core/trust.py): only
 the broker's uid can connect, and a READY must carry the token the broker
 wrote beside the socket.  Whatever bytes a registered worker sends that do
 not parse, or make no sense (a reply to a job it never got), get it dropped
@@ -34,14 +34,16 @@ import time
 
 import zmq
 
-from . import protocol as p
-from . import trust
+from core import protocol as p
+from core import trust
 from .idlocks import IdLocks
 from .stats import CONTENT, ExecStats, WorkerMemory
-from srw import __version__, logs, security
-from srw.logs import Throttle
-from srw.config import START_ENV, Config, NodeSettings
-from srw.sched import CALM_AFTER, LoadScheduling
+from core import __version__, logs, security
+from core.logs import Throttle
+from core.config import START_ENV, Config, NodeSettings
+from core.ids import lock_key
+from core import timeouts
+from core.sched import CALM_AFTER, LoadScheduling
 
 log = logging.getLogger("srw.broker")
 
@@ -82,11 +84,6 @@ def process_alive(pid: int) -> bool:
         return False
     except OSError:
         return True
-
-
-def lock_key(hex_id: str) -> str:
-    """One spelling per id: ids are zero-padded on the right, so trailing zeros vanish."""
-    return hex_id.lower().rstrip("0")
 
 
 class Job:
@@ -253,7 +250,7 @@ class Broker:
         The last replies to clients still get up to STOP_LINGER to leave."""
         for sock in (self.front, self.back):
             if sock is not None:
-                sock.close(linger=int(p.STOP_LINGER * 1000) if sock is self.front else 0)
+                sock.close(linger=int(timeouts.STOP_LINGER * 1000) if sock is self.front else 0)
         if self.token:
             trust.remove_worker_files(self.node.workers_endpoint, self.token)
             self.token = b""
@@ -311,7 +308,7 @@ class Broker:
                     self.send_replies()
                 # Answered: stay connected a moment, so that clients read the last
                 # replies before the connection drops (see STOP_LINGER).
-                self.close_at = self.close_at or (None if self.jobs else now + p.STOP_LINGER)
+                self.close_at = self.close_at or (None if self.jobs else now + timeouts.STOP_LINGER)
                 if self.close_at is not None and now >= self.close_at:
                     break
         log.info("broker %s stopped after %d requests", self.node.name, self.served)

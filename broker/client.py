@@ -15,13 +15,13 @@ import time
 
 import zmq
 
-from . import protocol as p
-from .protocol import Result
-from srw.security import Credentials
+from core import protocol as p
+from core.protocol import Result
+from core import timeouts
+from core.security import Credentials
 
 __all__ = ["Client", "AsyncClient", "Result", "BrokerUnavailable"]
 
-GRACE = 2.0             # how much longer than the request's deadline a client waits
 DEFAULT_WAIT = 60.0     # when the request carries no timeout the broker's applies
 CONNECT_WAIT = 1.0      # how long a send waits for a connection to the broker
 SEND_RETRY = 0.005      # seconds between an AsyncClient's tries while it waits
@@ -92,7 +92,7 @@ class _Base:
         """((EXEC, rid, meta, data), how long to wait for the reply)."""
         timeout = timeout if timeout is not None else self.timeout
         meta = p.ExecMeta(name=name, code=code, cookie=cookie, timeout=timeout, id=id)
-        wait = (timeout if timeout is not None else DEFAULT_WAIT) + GRACE
+        wait = (timeout if timeout is not None else DEFAULT_WAIT) + timeouts.CLIENT_GRACE
         data = bytes(data)
         if self.max_message:
             size = p.request_bytes(meta, data)

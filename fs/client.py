@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import msgpack
 
-from broker import protocol as p
+from core import protocol as p
 from storage.client import NotFound, Session
 
 __all__ = ["FsClient", "FsError", "Entry", "ROOT", "SCRIPT"]

@@ -28,7 +28,7 @@ from locust import FastHttpUser, TaskSet, User, between, events, tag, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from broker.client import BrokerUnavailable, Client  # noqa: E402
-from srw import config as cfg  # noqa: E402
+from core import config as cfg  # noqa: E402
 
 TRIVIAL = b"t" * 32
 PAYLOAD = os.urandom(5 * 1024).hex().encode()  # 10 kB of printable bytes

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from broker.client import BrokerUnavailable, Client  # noqa: E402
-from srw import config as cfg  # noqa: E402
+from core import config as cfg  # noqa: E402
 
 REPORTS = HERE / "reports"
 PROGRESS_EVERY = 5.0  # seconds between progress lines

@@ -25,12 +25,12 @@ import logging
 
 from aiohttp import MultipartWriter, web
 
-from broker import protocol as p
+from core import protocol as p
 from broker.client import Result
 from runtime.scripts import ScriptNameError, check_name
-from srw import security
-from srw.config import Config
-from storage.ring import BadId, parse_id
+from core import security
+from core.config import Config
+from core.ids import BadId, parse_id
 from storage.router import Route
 
 from . import metrics, status_page

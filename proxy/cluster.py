@@ -19,16 +19,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from broker import protocol as p
+from core import protocol as p
 from broker.client import AsyncClient, BrokerUnavailable, Result
-from srw.config import Config, ConfigError, NodeSettings
-from srw.security import Credentials
-from srw.sched import CALM_AFTER, LoadScheduling
+from core.config import Config, ConfigError, NodeSettings
+from core.security import Credentials
+from core.sched import CALM_AFTER, LoadScheduling
 from storage.router import Route, make_router
 
 DATA_THREADS = 4
 PING_TIMEOUT = 2.0
-BUSY_IN_FLIGHT = 4   # execs in flight beyond which the proxy takes them in batches (srw.sched)
+BUSY_IN_FLIGHT = 4   # execs in flight beyond which the proxy takes them in batches (core.sched)
 SLOT_MAP_CHECK = 0.05  # s between looks at whether the slot map is due (redis-cluster)
 
 

@@ -19,13 +19,12 @@ import sys
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from srw import logs
-from srw.config import ProxySettings
+from core import logs, timeouts
+from core.config import ProxySettings
 
 from .bounds import Gate, raise_fd_limit
 
 MAX_LINE = 64 * 1024      # request line: a 10 kB script name gets our own 400, not the parser's
-SHUTDOWN_GRACE = 3.0      # seconds for requests in flight at SIGTERM
 BACKLOG = 1024
 
 
@@ -61,7 +60,7 @@ async def serve(app: web.Application, listen: str, ready=None,
                         # A body the handler refused to read (413) is not drained
                         # for seconds: the connection closes after the answer.
                         lingering_time=0)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=timeouts.PROXY_SHUTDOWN)
     raise_fd_limit(limits.max_connections)
     await runner.setup()
     loop = asyncio.get_running_loop()
@@ -87,7 +86,7 @@ async def serve(app: web.Application, listen: str, ready=None,
 
 
 async def _flush_logs() -> None:
-    """The access log is buffered (srw.logs): write it out while requests come."""
+    """The access log is buffered (core.logs): write it out while requests come."""
     while True:
         await asyncio.sleep(logs.BUFFER_SECONDS)
         logs.flush()

@@ -14,7 +14,7 @@ import re
 import time
 
 from broker.stats import bucket_quantile, uptime_text
-from srw import __version__
+from core import __version__
 
 DEFAULT_REFRESH = 5
 MAX_REFRESH = 3600

@@ -26,14 +26,14 @@ import struct
 import time
 from dataclasses import dataclass
 
-from broker import protocol as p
+from core import statuses
 
 REQUEST = struct.Struct("<QQIIIIQ")
 REPLY = struct.Struct("<QBBHIQ")
 
 # What a script run can earn; the worker decides timeouts, kills and refusals.
-RUN_STATUSES = (p.OK, p.SCRIPT_ERROR, p.MEMORY, p.OUTPUT_TOO_LARGE,
-                p.UNAVAILABLE)  # a script's store was down (protocol.Unavailable)
+RUN_STATUSES = (statuses.OK, statuses.SCRIPT_ERROR, statuses.MEMORY, statuses.OUTPUT_TOO_LARGE,
+                statuses.UNAVAILABLE)  # a script's store was down (protocol.Unavailable)
 STATUS_CODE = {status: i for i, status in enumerate(RUN_STATUSES)}
 
 # Reply flags: what the runner says of itself once the script is done.

@@ -13,7 +13,7 @@ import traceback
 from types import CodeType
 from typing import Callable
 
-from broker import protocol as p
+from core import statuses
 
 from .scripts import compile_content, compile_named
 
@@ -33,9 +33,11 @@ class Executor:
             named_code = named() if named is not None else None
             content = compile_content(code) if code else None
         except MemoryError:
-            return p.MEMORY, b"", "compiling the script ran out of memory (sandbox memory_mb limit)"
+            return (statuses.MEMORY, b"",
+                    "compiling the script ran out of memory (sandbox memory_mb limit)")
         except Exception as exc:  # SyntaxError, null bytes, nesting too deep
-            return p.SCRIPT_ERROR, b"", "".join(traceback.format_exception_only(exc)).rstrip()
+            return (statuses.SCRIPT_ERROR, b"",
+                    "".join(traceback.format_exception_only(exc)).rstrip())
         return self.execute(named_code, content, data, cookie)
 
     def execute(self, named: CodeType | None, content: CodeType | None, data: bytes,
@@ -50,17 +52,17 @@ class Executor:
             if named is not None:
                 exec(named, context)
         except MemoryError:
-            return p.MEMORY, b"", "the script ran out of memory (sandbox memory_mb limit)"
+            return statuses.MEMORY, b"", "the script ran out of memory (sandbox memory_mb limit)"
         except RecursionError as exc:
-            return p.SCRIPT_ERROR, b"", _format(exc, skip=1, limit=20)
-        except p.Unavailable as exc:  # the store, not the script, failed: callers may retry
-            return p.UNAVAILABLE, b"", _format(exc, skip=1)
+            return statuses.SCRIPT_ERROR, b"", _format(exc, skip=1, limit=20)
+        except statuses.Unavailable as exc:  # the store, not the script, failed: callers may retry
+            return statuses.UNAVAILABLE, b"", _format(exc, skip=1)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the worker stays up
-            return p.SCRIPT_ERROR, b"", _format(exc, skip=1)
+            return statuses.SCRIPT_ERROR, b"", _format(exc, skip=1)
         try:
             return self._output(context.get("__return_data"))
         except MemoryError:
-            return p.MEMORY, b"", "out of memory while encoding __return_data (memory_mb)"
+            return statuses.MEMORY, b"", "out of memory while encoding __return_data (memory_mb)"
 
     def warm_up(self) -> None:
         """Run an empty request once, compiling as a request does: a fresh fork
@@ -78,14 +80,14 @@ class Executor:
         elif isinstance(value, (bytes, bytearray, memoryview)):
             value = bytes(value)
         else:
-            return (p.SCRIPT_ERROR, b"",
+            return (statuses.SCRIPT_ERROR, b"",
                     f"__return_data must be str or bytes, not {type(value).__name__}")
         if len(value) > self.output_bytes:
             return self._too_large(len(value))
-        return p.OK, value, ""
+        return statuses.OK, value, ""
 
     def _too_large(self, size: int) -> tuple[str, bytes, str]:
-        return (p.OUTPUT_TOO_LARGE, b"",
+        return (statuses.OUTPUT_TOO_LARGE, b"",
                 f"__return_data is {size} bytes; the sandbox profile allows "
                 f"{self.output_bytes} (output_bytes)")
 

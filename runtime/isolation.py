@@ -34,7 +34,7 @@ from typing import Callable
 
 import psutil
 
-from broker import protocol as p
+from core import protocol as p
 
 from . import channel, zygote
 from .cgroups import cpu_seconds, read_int

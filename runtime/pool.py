@@ -41,11 +41,11 @@ from pathlib import Path
 import psutil
 import setproctitle
 
-from broker import protocol as p
-from srw import logs
-from srw import config as configs
-from srw.config import CONTROL_FD_ENV, MESSAGE_HEADROOM, Config, ConfigError, NodeSettings
-from srw.serve import EXIT_REFUSED  # python.init failed, bad profile, workers die at boot
+from core import protocol as p
+from core import logs
+from core import config as configs
+from core.config import CONTROL_FD_ENV, MESSAGE_HEADROOM, Config, ConfigError, NodeSettings
+from core import exits, timeouts
 
 from . import profile as profiles
 from . import uids
@@ -56,10 +56,8 @@ from .worker import Predecessor, Worker
 
 log = logging.getLogger("srw.pool")
 
-EXIT_WORKER_BOOT = 4   # a worker's own exit status when it cannot start
 MAX_BOOT_FAILURES = 3
 TICK = 0.05            # watchdog period, seconds
-STOP_GRACE = 5.0
 RESPAWN_WAIT = 1.0     # at most this long for a dead worker's leftovers to go first
 
 
@@ -106,7 +104,7 @@ def describe_exit(status: int) -> str:
         sig = os.WTERMSIG(status)
         return f"killed by {signal.Signals(sig).name}"
     code = os.waitstatus_to_exitcode(status)
-    if code == EXIT_WORKER_BOOT:
+    if code == exits.WORKER_BOOT:
         return f"could not start (exit status {code}; its traceback is above)"
     return f"exited with status {code}"
 
@@ -207,7 +205,7 @@ class Pool:
                               predecessor, self.restarts).run()
             except BaseException:
                 traceback.print_exc()
-                code = EXIT_WORKER_BOOT
+                code = exits.WORKER_BOOT
             finally:
                 logging.shutdown()
                 sys.stderr.flush()
@@ -253,7 +251,7 @@ class Pool:
         self.stop()
         if self.fatal:
             log.error("pool %s: %s", self.node.name, self.fatal)
-            return EXIT_REFUSED
+            return exits.REFUSED
         return 0
 
     def wait_for_signals(self, timeout: float) -> None:
@@ -499,17 +497,18 @@ class Pool:
 
     def stop(self) -> None:
         """SIGUSR2 (finish what you hold and go: the broker stopped first), wait up
-        to STOP_GRACE, SIGKILL, final reap."""
+        to timeouts.POOL_STOP, SIGKILL, final reap."""
         for pid in list(self.pids):
             log.debug("stopping worker pid %d", pid)
             self.retiring.add(pid)
             self._signal(pid, signal.SIGUSR2)
-        deadline = time.monotonic() + STOP_GRACE
+        deadline = time.monotonic() + timeouts.POOL_STOP
         while self.pids and time.monotonic() < deadline:
             self.wait_for_signals(TICK)
             self.reap_workers()
         for pid in list(self.pids):
-            log.warning("worker pid %d did not stop within %.0f s; SIGKILL", pid, STOP_GRACE)
+            log.warning("worker pid %d did not stop within %.0f s; SIGKILL", pid,
+                        timeouts.POOL_STOP)
             self._signal(pid, signal.SIGKILL, group=True)
         while self.pids:
             try:
@@ -538,5 +537,5 @@ def main(config: Config, node_name: str) -> int:
         pool.start()
     except (InitError, ConfigError) as exc:
         print(f"srw: node {node.name} refuses to start: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+        return exits.REFUSED
     return pool.run()

@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from srw.config import ConfigError
+from core.config import ConfigError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "sandbox_profiles"
 

@@ -31,7 +31,7 @@ import signal
 import urllib.parse
 from dataclasses import dataclass
 
-from srw.config import ConfigError, NodeSettings
+from core.config import ConfigError, NodeSettings
 
 from . import landlock
 from .cgroups import SlotCgroups

@@ -25,7 +25,7 @@ import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
-from srw.config import ConfigError
+from core.config import ConfigError
 
 REGISTRY = Path("/run/srw/uids")
 BLOCK = 1000

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import setproctitle
 import zmq
 
-from broker import protocol as p
-from broker import trust
-from srw import logs
-from srw.config import Config, NodeSettings
-from srw.sched import LoadScheduling, open_thread_list, pin_to_cpu, thread_ids
+from core import protocol as p
+from core import trust
+from core import exits, logs, timeouts
+from core.config import Config, NodeSettings
+from core.sched import LoadScheduling, open_thread_list, pin_to_cpu, thread_ids
 
 from .executor import Executor
 from .isolation import InlineRunner, ProcessRunner, ZygoteFailed
@@ -57,13 +57,10 @@ class Predecessor:
     served: int = 0
 
 
-BACKSTOP = 2.0     # copy, fork: the pool kills the worker only if it misses its own deadline
 IDLE_AFTER_MS = 5  # a worker waiting this long is idle: title and log lines updated
 SEND_TIMEOUT_MS = 10_000  # a reply the broker cannot take within this: the worker goes
 REPLY_HOLD = 0.002  # copy, fork: a reply waits at most this long to share a message
 REPLY_BATCH = 16    # ... with at most this many others
-EXIT_NO_SANDBOX = 5  # the worker's exit status when its zygote failed
-EXIT_NO_BROKER = 6   # ... when the broker took no reply
 LEAVE_LINGER_MS = 100
 
 
@@ -266,7 +263,7 @@ class Worker:
         self.scripts.new_batch()
         for job, budget, meta, data in jobs:
             self.jobs.append((job, received + budget, meta, data))
-        # A backlog: the node is loaded, so take messages in batches (srw.sched).
+        # A backlog: the node is loaded, so take messages in batches (core.sched).
         self.scheduling.update(len(self.jobs) > 1, received)
 
     def run_next(self) -> None:
@@ -303,7 +300,7 @@ class Worker:
             return p.BAD_REQUEST, b"", str(exc)
         except ScriptNotFound as exc:
             return p.NOT_FOUND, b"", str(exc)
-        backstop = 0.0 if self.profile.isolation == "none" else BACKSTOP
+        backstop = 0.0 if self.profile.isolation == "none" else timeouts.WORKER_BACKSTOP
         self.slots.busy(self.slot, self.pid, deadline + backstop, self.served, job)
         self._title(f"busy {meta.name or '<content>'}")
         if self.pending:  # held replies go out while the runner works, when due
@@ -313,7 +310,7 @@ class Worker:
         except ZygoteFailed as exc:  # no sandbox left to run in: this worker goes
             log.error("%s: %s; leaving", self.title, exc)
             self.stop_requested = self.done = True
-            self.exit_code = EXIT_NO_SANDBOX
+            self.exit_code = exits.NO_SANDBOX
             return p.KILLED, b"", f"{exc}; the worker is replaced"
 
     def reply(self, job: bytes, status: str, out: bytes, error: str, run_us: float) -> None:
@@ -339,7 +336,7 @@ class Worker:
             log.error("%s: the broker took no reply for %d s; leaving", self.title,
                       SEND_TIMEOUT_MS // 1000)
             self.stop_requested = self.done = True
-            self.exit_code = EXIT_NO_BROKER
+            self.exit_code = exits.NO_BROKER
 
     def on_heartbeat(self, frames: list[bytes]) -> None:
         pass  # receipt alone proves the broker is alive

@@ -25,7 +25,7 @@ import time
 
 import setproctitle
 
-from srw import logs
+from core import logs
 
 from . import runner
 from .executor import Executor

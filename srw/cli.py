@@ -9,10 +9,10 @@ import signal
 import sys
 import time
 
-from srw import __version__
-from srw import config as cfg
-from srw import logs
-from srw.serve import EXIT_REFUSED
+from core import __version__
+from core import config as cfg
+from core import logs
+from core import exits
 
 EXAMPLES = """examples:
   srw serve                                   start the nodes of ./config.toml
@@ -38,16 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(config, args)
     except cfg.ConfigError as exc:
         print(f"srw: {exc}", file=sys.stderr)
-        return 2
+        return exits.CONFIG
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one line for people; tracebacks are for bugs in the log
         from broker.client import BrokerUnavailable
         from storage.client import StorageError
-        from storage.ring import BadId
+        from core.ids import BadId
         if isinstance(exc, (BrokerUnavailable, BadId, ValueError, OSError, StorageError)):
             print(f"srw: {exc}", file=sys.stderr)
-            return 1
+            return exits.FAILED
         raise
 
 
@@ -223,7 +223,7 @@ def cmd_serve(config: cfg.Config, args) -> int:
     # must not start one in each (they would fight over proxy.listen).
     with_proxy = not args.node or args.proxy
     if with_proxy:  # with curve on, the proxy's key must be there
-        from srw import security
+        from core import security
         security.role_credentials(config, "proxy")
     extra = [Child("proxy", "", child_argv("proxy", config))] if with_proxy else []
     return Supervisor(config, nodes, extra=extra, every_node=not args.node).run(with_proxy)
@@ -237,7 +237,7 @@ def _check_history(config: cfg.Config) -> None:
 
 
 def _check_security(config: cfg.Config, node: cfg.NodeSettings) -> None:
-    from srw import security
+    from core import security
     security.check_listen(config, node)
     security.role_credentials(config, "node")
 
@@ -250,7 +250,7 @@ def _session(config: cfg.Config, args=None):
 
 
 def cmd_keys_init(args) -> int:
-    from srw import security
+    from core import security
     for name in ("server", "scripts", "proxy"):
         _refuse_overwrite(args.dir, name)
     for name in ("server", "scripts", "proxy"):
@@ -260,7 +260,7 @@ def cmd_keys_init(args) -> int:
 
 
 def cmd_keys_new(args) -> int:
-    from srw import security
+    from core import security
     try:
         rights = security.parse_rights(args.rights)
     except ValueError as exc:
@@ -358,7 +358,7 @@ def cmd_read(config: cfg.Config, args) -> int:
 
 
 def cmd_remove(config: cfg.Config, args) -> int:
-    from broker.protocol import NOT_FOUND
+    from core.protocol import NOT_FOUND
     with _session(config, args) as session:
         results = session.remove(args.key)
     if all(r.status == NOT_FOUND for r in results):
@@ -505,7 +505,7 @@ def cmd_broker(config: cfg.Config, args) -> int:
         _check_security(config, node)
     except cfg.ConfigError as exc:
         print(f"srw: node {node.name} refuses to start: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+        return exits.REFUSED
     os.makedirs(node.data_dir, exist_ok=True)
     Broker(config, node).run()
     return 0
@@ -524,7 +524,7 @@ def cmd_pool(config: cfg.Config, args) -> int:
         return pool.main(config, args.node)
     except cfg.ConfigError as exc:
         print(f"srw: node {node.name} refuses to start: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+        return exits.REFUSED
 
 
 def cmd_proxy(config: cfg.Config, args) -> int:
@@ -544,7 +544,7 @@ def cmd_storage(config: cfg.Config, args) -> int:
     if config.cluster.redis:
         print(f'srw: node {node.name} has no storage role with cluster.engine = '
               f'"redis-cluster": its data is in Redis ({node.redis})', file=sys.stderr)
-        return EXIT_REFUSED
+        return exits.REFUSED
     setproctitle.setproctitle(f"srw: storage {node.name}")
     logs.setup(config.log, f"storage {node.name}")
     _supervised()
@@ -555,6 +555,6 @@ def cmd_storage(config: cfg.Config, args) -> int:
     except Exception as exc:  # lmdb.Error, zmq.ZMQError (address in use), OSError
         print(f"srw: node {node.name} refuses to start: storage at {node.storage}, "
               f"store in {node.data_dir}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+        return exits.REFUSED
     storage.run()
     return 0

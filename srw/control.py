@@ -21,7 +21,7 @@ import struct
 from pathlib import Path
 from typing import Callable
 
-from srw.config import Config
+from core.config import Config
 
 MAX_LINE = 256
 READ_TIMEOUT = 1.0  # s a connected peer has to send its line

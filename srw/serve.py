@@ -34,14 +34,13 @@ from pathlib import Path
 import psutil
 
 from broker.client import BrokerUnavailable, Client
-from srw import logs, security
-from srw.config import CONTROL_FD_ENV, START_ENV, Config, NodeSettings
+from core import exits, logs, security, timeouts
+from core.config import CONTROL_FD_ENV, START_ENV, Config, NodeSettings
 from srw.control import COMMANDS, ControlServer, ControlUnavailable, socket_path
 from storage.client import storage_ready
 
 log = logging.getLogger("srw.serve")
 
-EXIT_REFUSED = 3  # a child that refuses to start (python.init, profile, store): stop all
 MAX_RESTARTS = 5          # per child, within RESTART_WINDOW
 RESTART_WINDOW = 60.0
 READY_TIMEOUT = 60.0
@@ -159,7 +158,7 @@ class Supervisor:
             return 0
         except StartError as exc:
             print(f"srw: {exc}", file=sys.stderr)
-            return 1
+            return exits.FAILED
         finally:
             self.notify("STOPPING=1")
             self.stop()
@@ -326,7 +325,7 @@ class Supervisor:
             code = child.proc.poll() if child.proc else None
             if code is None or self.stopping:
                 continue
-            if code == EXIT_REFUSED:
+            if code == exits.REFUSED:
                 raise StartError(f"node {child.node} refuses to start ({child.label} exited; "
                                  "the reason is above)")
             now = time.monotonic()
@@ -340,8 +339,9 @@ class Supervisor:
 
     def stop(self) -> None:
         """Drain brokers, then stop pools and the rest; SIGKILL what stays."""
-        grace = self.config.broker.request_timeout + 2.0
-        for roles, wait in ((("proxy",), 5.0), (("broker",), grace), (("pool", "storage"), 8.0)):
+        for roles, wait in ((("proxy",), timeouts.SERVE_PROXY_WAIT),
+                            (("broker",), timeouts.broker_drain(self.config)),
+                            (("pool", "storage"), timeouts.SERVE_STOP_WAIT)):
             group = [c for c in self.children if c.role in roles]
             for child in group:
                 child.signal(signal.SIGTERM)

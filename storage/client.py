@@ -23,23 +23,23 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from broker import protocol as p
+from core import protocol as p
 from broker.client import (CONNECT_WAIT, BrokerUnavailable, Client, Result, gather,
                            unreachable_hint)
-from srw import config as cfg
-from srw import security
+from core import config as cfg
+from core import security, timeouts
 
 from . import protocol as sp
 from .fulltext import SEARCH_SCRIPT, BadQuery
-from .ring import Ring, key_id, parse_id
+from core.ids import key_id, parse_id
+
+from .ring import Ring
 from .router import make_router
 
 __all__ = ["Session", "Result", "StorageError", "NotFound", "StorageUnavailable",
            "StorageClient", "storage_ready", "config_from_remote", "BadQuery"]
 
 DATA_TIMEOUT = 5.0    # seconds a storage node may take to answer a data call
-INDEX_GRACE = 2.0     # an indexed write also waits for the node's indexing exec, whose
-                      # relay gives up 1 s past broker.request_timeout
 # A read's reply usually comes within ~100 us.  A thread that sleeps until it
 # comes pays a wake-up on top (tens of microseconds on a VM, and ZeroMQ's I/O
 # thread already costs one); looking for it without sleeping for this long
@@ -238,7 +238,7 @@ class Session:
 
     CurveZMQ: ``key`` (the client's .key_secret) and ``server_key`` (the
     server's public .key), or ``curve`` Credentials; by default the config's
-    ``[security] key`` when its curve is on (srw.security.client_credentials)."""
+    ``[security] key`` when its curve is on (core.security.client_credentials)."""
 
     def __init__(self, config: str | Path | cfg.Config = "config.toml",
                  timeout: float | None = None, max_message: int | None = None,
@@ -333,7 +333,7 @@ class Session:
         if key is None:
             raise ValueError("an indexed write needs the key (search answers with keys)")
         raw_key = key.encode() if isinstance(key, str) else bytes(key)
-        wait = self.timeout or DATA_TIMEOUT + self.config.broker.request_timeout + INDEX_GRACE
+        wait = self.timeout or DATA_TIMEOUT + self.config.broker.request_timeout + timeouts.INDEX_GRACE
         return self._to_all(sp.INDEXED_WRITE, key, None, groups,
                             sp.indexed_value(raw_key, data), wait)
 

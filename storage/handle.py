@@ -39,9 +39,9 @@ from __future__ import annotations
 import logging
 import os
 
-from broker import protocol as p
-from srw import config as cfg
-from srw import security
+from core import protocol as p
+from core import config as cfg
+from core import security
 
 from .client import (NodeUnavailable, Session, StorageClient, StorageError,
                      StorageUnavailable, config_from_remote)

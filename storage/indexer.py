@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 
-from broker import protocol as bp
+from core import protocol as bp
 
 from .fulltext import INDEX_SCRIPT, BadQuery, FullText
 from .store import Changes, IndexJob, Reply, Store

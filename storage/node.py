@@ -25,9 +25,9 @@ from pathlib import Path
 
 import zmq
 
-from broker import protocol as bp
-from srw import security
-from srw.config import START_ENV, Config, NodeSettings
+from core import protocol as bp
+from core import security, timeouts
+from core.config import START_ENV, Config, NodeSettings
 
 from . import protocol as sp
 from .fulltext import FullText
@@ -37,10 +37,7 @@ from .store import DEFERRED, Store
 log = logging.getLogger("srw.storage")
 
 BATCH = 256          # requests read before the batch is run; bounds reply latency
-RELAY_GRACE = 1.0    # seconds past an exec's deadline before the relay answers for the
-                     # broker; shorter than the client's own grace (broker.client.GRACE)
 STATUS_WAIT = 5.0    # seconds a relayed status request may take
-STOP_WAIT = 3.0      # seconds to wait for relayed replies when stopping
 
 
 def _socket(ctx: zmq.Context, kind: int, max_message: int) -> zmq.Socket:
@@ -58,7 +55,7 @@ class Relay:
     The hop uses its own request ids (the callers' may collide); each relayed
     request gets exactly one reply: the broker's, or ``unavailable`` when the
     broker cannot be reached or does not answer by the request's deadline
-    plus RELAY_GRACE."""
+    plus timeouts.RELAY_GRACE."""
 
     def __init__(self, ctx: zmq.Context, node: NodeSettings, default_timeout: float, reply,
                  max_message: int, credentials: security.Credentials | None = None):
@@ -76,7 +73,7 @@ class Relay:
         self._ids = itertools.count()
 
     def forward(self, req: bp.FrontRequest) -> None:
-        """A broker.protocol request -> the broker."""
+        """A core.protocol request -> the broker."""
         if not self._send(req.cmd, req.meta, req.data, (req.client, req.rid)):
             self.reply(req.client, req.rid, bp.UNAVAILABLE, error=self._no_broker())
 
@@ -93,7 +90,7 @@ class Relay:
             return False
         self.pending[hop] = caller
         wait = (meta.timeout or self.default_timeout) if cmd == bp.EXEC else STATUS_WAIT
-        heapq.heappush(self.deadlines, (time.monotonic() + wait + RELAY_GRACE, hop))
+        heapq.heappush(self.deadlines, (time.monotonic() + wait + timeouts.RELAY_GRACE, hop))
         return True
 
     def _no_broker(self) -> str:
@@ -206,13 +203,13 @@ class StorageNode:
             if self.keyring is not None:
                 self.keyring.refresh()
             if self.stopping and stop_at is None:
-                stop_at = now + STOP_WAIT
+                stop_at = now + timeouts.STORAGE_STOP
             # Relayed replies in, then a moment for clients to read the last
-            # replies before the connection drops (bp.STOP_LINGER).
+            # replies before the connection drops (timeouts.STOP_LINGER).
             if stop_at is not None and self.close_at is None and \
                     (not self.relay.pending or now >= stop_at):
                 self.relay.answer_all(f"node {self.node.name} stopped")
-                self.close_at = now + bp.STOP_LINGER
+                self.close_at = now + timeouts.STOP_LINGER
         self.indexer.flush(time.monotonic())
         self.close()
         log.info("storage %s stopped", self.node.name)
@@ -230,7 +227,7 @@ class StorageNode:
 
     def close(self) -> None:
         self.relay.close()
-        self.front.close(linger=int(bp.STOP_LINGER * 1000))  # the last replies still leave
+        self.front.close(linger=int(timeouts.STOP_LINGER * 1000))  # the last replies still leave
         self.fulltext.close()
         self.store.close()
         if self.keyring is not None:

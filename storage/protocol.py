@@ -13,7 +13,7 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
                    + key + value, sha512(key) being the id; for SEARCH msgpack
                    {"query": str, "limit": int}; empty otherwise
     reply    [head, data]
-             head  status (1 byte: its index in broker.protocol.STATUSES)
+             head  status (1 byte: its index in core.protocol.STATUSES)
                    + len(rid) (1 byte) + rid + error (UTF-8, empty when ok)
              READ ok     data = the value
              LOOKUP ok   data = msgpack {"size": int, "mtime": float (Unix seconds),
@@ -34,8 +34,8 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
 Two frames, not one per field: every frame costs a send and a receive on
 both sides, and on the data path that is most of the time spent in Python.
 
-Exec relay: ``broker.protocol`` front requests ``[header, data]`` (told apart
-by ``broker.protocol.is_front_request``) sent to the storage ROUTER go to the
+Exec relay: ``core.protocol`` front requests ``[header, data]`` (told apart
+by ``core.protocol.is_front_request``) sent to the storage ROUTER go to the
 node's broker with a request id of the storage node's own for the hop, and
 the broker's reply comes back with the caller's rid, so
 ``broker.client.Client`` pointed at a storage address can exec.
@@ -49,8 +49,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker import protocol as bp
-from broker.protocol import ProtocolError
+from core import protocol as bp
+from core.protocol import ProtocolError
 
 WRITE = b"W"
 READ = b"R"
@@ -113,7 +113,7 @@ class StorageRequest:
         else:
             raise ProtocolError(f"unknown command {cmd!r} (known: write W, read R, remove D, "
                                 "lookup L, indexed write I, stat T, routes O, search S; "
-                                "exec and status as broker.protocol requests)")
+                                "exec and status as core.protocol requests)")
         if len(rid) > bp.MAX_RID:
             raise ProtocolError("request id longer than 64 bytes")
         return cls(client, cmd, rid, key_id, data)

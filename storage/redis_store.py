@@ -13,7 +13,7 @@ replica, which may already have the write (INCR twice).  So the client makes
 no such retry; it still follows MOVED and ASK (those say the command was not
 run), and refreshes its slot map after any error.  A command that meets a
 node down raises ``ClusterUnavailable`` (a ``StorageUnavailable`` and a
-``broker.protocol.Unavailable``): out of a script, the exec is answered
+``core.protocol.Unavailable``): out of a script, the exec is answered
 ``unavailable``, and its effect may or may not have happened.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from broker import protocol as p
+from core import protocol as p
 
 from .client import NotFound, StorageError, StorageUnavailable
 from .router import split_address

@@ -8,34 +8,9 @@ the largest start when the id is below every start.
 from __future__ import annotations
 
 import bisect
-import hashlib
 
-from srw.config import Config, NodeSettings
-
-ID_BITS = 512
-ID_HEX = ID_BITS // 4
-
-
-class BadId(ValueError):
-    """Not a hex id of at most 128 digits."""
-
-
-def parse_id(hex_id: str) -> int:
-    """A hex id names the most significant bytes; shorter ids are zero-padded on the right."""
-    text = hex_id.strip().lower()
-    if not text or len(text) > ID_HEX or any(c not in "0123456789abcdef" for c in text):
-        raise BadId(f"bad id {hex_id[:40]!r}: give up to {ID_HEX} hex digits, e.g. 0123456789")
-    return int(text.ljust(ID_HEX, "0"), 16)
-
-
-def key_id(key: str | bytes) -> int:
-    raw = key.encode() if isinstance(key, str) else key
-    return int.from_bytes(hashlib.sha512(raw).digest(), "big")
-
-
-def id_hex(value: int) -> str:
-    return f"{value:0{ID_HEX}x}"
-
+from core.config import Config, NodeSettings
+from core.ids import ID_BITS, parse_id
 
 class Ring:
     def __init__(self, config: Config):

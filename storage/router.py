@@ -31,9 +31,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from srw.config import Config, NodeSettings
+from core.config import Config, NodeSettings
 
-from .ring import BadId, Ring, id_hex, key_id, parse_id
+from core.ids import BadId, id_hex, key_id, parse_id
+
+from .ring import Ring
 
 __all__ = ["Route", "make_router", "RingRouter", "SlotRouter", "SLOTS", "split_address"]
 
@@ -57,7 +59,7 @@ class Route:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """HOST:PORT (as srw.config checked it) -> (host, port)."""
+    """HOST:PORT (as core.config checked it) -> (host, port)."""
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import lmdb
 
-from broker import protocol as bp
+from core import protocol as bp
 
 from . import protocol as sp
 from .protocol import StorageRequest

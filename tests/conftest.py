@@ -23,8 +23,8 @@ import psutil
 import pytest
 
 from broker.client import BrokerUnavailable, Client
-from srw import security as sec
-from srw.config import RIGHTS
+from core import security as sec
+from core.config import RIGHTS
 
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 30.0
@@ -398,7 +398,7 @@ def set_node_keys(cluster: Cluster, name: str, **keys) -> None:
 # A fake worker on a node's workers socket ------------------------------------
 
 def workers_endpoint(cluster: Cluster, node: str = "n1") -> str:
-    from srw.config import load
+    from core.config import load
     return load(cluster.path).node(node).workers_endpoint
 
 
@@ -422,13 +422,13 @@ class FakeWorker:
         self.sock.connect(self.endpoint)
 
     def token(self) -> bytes:
-        from broker.trust import read_worker_token
+        from core.trust import read_worker_token
         return read_worker_token(self.endpoint)
 
     def ready(self, **fields) -> list[bytes]:
         import msgpack
 
-        from broker import protocol as p
+        from core import protocol as p
         meta = {"slot": 99, "pid": os.getpid(), "credits": 1, "token": self.token(),
                 "pool": os.getpid(), **fields}
         return [p.READY, msgpack.packb(meta, use_bin_type=True)]

@@ -9,7 +9,7 @@ import msgpack
 import pytest
 import zmq
 
-from broker import protocol as p
+from core import protocol as p
 from broker.client import BrokerUnavailable
 
 from conftest import FakeWorker, wait_until

@@ -21,8 +21,8 @@ import psutil
 import pytest
 import zmq
 
-from broker import protocol as p
-from broker import trust
+from core import protocol as p
+from core import trust
 from broker.client import AsyncClient, BrokerUnavailable
 from conftest import FakeWorker, set_node_keys, wait_until, workers_endpoint
 

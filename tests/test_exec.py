@@ -204,7 +204,7 @@ def test_short_requests_share_a_worker_slow_ones_spread(make_cluster):
 
 def test_loaded_broker_and_workers_switch_to_batch_scheduling_and_back(make_cluster):
     """With a backlog the broker and a worker run SCHED_BATCH, every thread of
-    them (srw.sched); once calm, the default policy again."""
+    them (core.sched); once calm, the default policy again."""
     cluster = make_cluster(pool={"workers": 2}, log_level="warning")
     cluster.serve()
     stop, failures = threading.Event(), []

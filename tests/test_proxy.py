@@ -146,6 +146,7 @@ def test_raising_script_is_500_with_the_exception(web):
     ("exec&name=echo.py&id=0123&key=k", "not both"),
     ("exec&name=echo.py&id=xyz", "bad id"),
     ("exec&name=echo.py&id=" + "0" * 129, "bad id"),
+    ("exec&name=echo.py&id=%200123", "bad id"),  # one validator: the wire's, the ring's
     ("exec&name=echo.py&groups=1:two", "bad groups"),
     ("exec&name=echo.py&groups=7", "group 7"),
     ("exec&name=echo.py&name=x", "given twice"),
@@ -259,7 +260,7 @@ def test_serve_runs_the_proxy_as_a_titled_child_and_restarts_it(web):
 
 def test_loaded_proxy_switches_to_batch_scheduling_and_back(web):
     """More than a few execs in flight: every proxy thread runs SCHED_BATCH
-    (srw.sched); once calm, the default policy again."""
+    (core.sched); once calm, the default policy again."""
     import asyncio
     import os
     import threading

@@ -90,7 +90,7 @@ def test_upload_goes_to_the_proxy_groups_only(make_cluster):
     status, _, body = upload(cluster, "only-two", b"2")
     assert status == 200, body
     assert b"group 2 node n2: ok" in body and b"group 1" not in body
-    from srw import config as cfg
+    from core import config as cfg
     from storage.client import NotFound
     config = cfg.load(cluster.path)
     group1 = dataclasses.replace(config, nodes=tuple(n for n in config.nodes if n.group == 1))

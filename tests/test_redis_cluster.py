@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from broker import protocol as p
-from srw import config as cfg
+from core import protocol as p
+from core import config as cfg
 from storage.client import Session
-from storage.ring import BadId
+from core.ids import BadId
 
 from conftest import REPO, Cluster, proxy_request, wait_proxy, wait_until
 from redis_support import RedisNodes

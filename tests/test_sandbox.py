@@ -8,7 +8,7 @@ import pytest
 from runtime import profile as profiles
 from runtime import sandbox
 from runtime.sandbox import Features, SandboxUnavailable
-from srw.config import ConfigError
+from core.config import ConfigError
 
 EVERYTHING = Features(root=True, landlock_abi=7, seccomp=True, cgroups=True)
 

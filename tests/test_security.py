@@ -14,10 +14,10 @@ import uuid
 import pytest
 import zmq
 
-from broker import protocol as p
+from core import protocol as p
 from broker.client import BrokerUnavailable, Client
-from srw import config as cfg
-from srw import security as sec
+from core import config as cfg
+from core import security as sec
 from storage.client import NodeUnavailable, NotFound, Session, StorageClient
 
 from conftest import Cluster, proxy_url, wait_proxy, wait_until

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import srw
+import core
 from broker import stats
 from broker.stats import ExecStats, bucket_quantile, restart_cause
 from conftest import Cluster, proxy_url, serving_with_proxy, wait_proxy, wait_until
@@ -128,7 +128,7 @@ def test_metrics_count_executions_by_script_and_status(web):
                   code="200") - sample(before, "srw_proxy_http_requests_total", method="POST",
                                        path="/elliptics", code="200") == 7
     assert sample(after, "srw_node_up", **node) == 1
-    assert sample(after, "srw_node_info", **node, version=srw.__version__) == 1
+    assert sample(after, "srw_node_info", **node, version=core.__version__) == 1
     assert sample(after, "srw_uptime_seconds", **node) > sample(before, "srw_uptime_seconds",
                                                                 **node) > 0
     assert sample(after, "srw_workers", **node) == 2
@@ -154,9 +154,9 @@ def test_a_replaced_worker_is_counted_by_cause(web):
 
 def test_status_json_has_version_uptime_window_and_a_row_per_worker(web):
     first = node_status(web)
-    assert first["version"] == srw.__version__
+    assert first["version"] == core.__version__
     status, _, body = request(web, "GET", "/status", headers={"Accept": "application/json"})
-    assert json.loads(body)["version"] == srw.__version__
+    assert json.loads(body)["version"] == core.__version__
     rows = first["worker_rows"]
     assert {r["pid"] for r in rows} == worker_pids(web)
     assert sorted(r["slot"] for r in rows) == [1, 2]
@@ -284,7 +284,7 @@ def test_status_page_in_a_browser_shows_workers_and_refreshes_itself(web, browse
     shown = page()
     assert set(shown) == worker_pids(web)
     heading = browser.find_element(By.CSS_SELECTOR, "section[data-node=n1] h2").text
-    assert heading == "node n1 (group 1)" and srw.__version__ in browser.page_source
+    assert heading == "node n1 (group 1)" and core.__version__ in browser.page_source
     browser.execute_script("window.loadedBefore = true")  # gone once the page reloads
     with web.client(timeout=5) as client:
         for i in range(10):

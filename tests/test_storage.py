@@ -11,12 +11,12 @@ import psutil
 import pytest
 import zmq
 
-from broker import protocol as bp
+from core import protocol as bp
 from broker.client import AsyncClient, Client
 from libelliptics_python import elliptics_log_file
 from storage import protocol as sp
 from storage.client import NotFound, Session
-from storage.ring import id_hex, key_id
+from core.ids import id_hex, key_id
 from storage.store import Store
 
 from conftest import kill_tree, set_node_keys, wait_storage, wait_until

@@ -7,11 +7,12 @@ import stat
 import msgpack
 import pytest
 
-from broker import protocol as p
+from core import protocol as p
 from runtime.executor import Executor
 from runtime.scripts import ScriptCache, ScriptNameError, ScriptNotFound, check_name
-from srw import config as cfg
-from storage.ring import BadId, Ring, key_id, parse_id
+from core import config as cfg
+from core.ids import BadId, key_id, parse_id
+from storage.ring import Ring
 
 NODE = """
 [[node]]
@@ -231,7 +232,7 @@ def test_load_scheduling_switches_the_given_threads_by_load():
     import os
     import threading
 
-    from srw.sched import CALM_AFTER, LoadScheduling
+    from core.sched import CALM_AFTER, LoadScheduling
     done, started = threading.Event(), threading.Event()
     tid = []
 
@@ -459,7 +460,7 @@ def test_clients_refuse_a_request_larger_than_max_message():
 # The worker token -----------------------------------------------------------------------
 
 def test_worker_token_file_is_fresh_private_and_never_followed(tmp_path):
-    from broker import trust
+    from core import trust
     endpoint = f"ipc://{tmp_path}/w.ipc"
     victim = tmp_path / "victim"
     victim.write_bytes(b"mine")
@@ -504,7 +505,7 @@ def test_process_alive_sees_exits_and_zombies():
 
 
 def test_throttle_counts_what_it_suppresses():
-    from srw.logs import Throttle
+    from core.logs import Throttle
     throttle = Throttle(1.0)
     assert throttle.allow(10.0) == 0
     assert throttle.allow(10.5) is None and throttle.allow(10.9) is None

@@ -70,7 +70,7 @@ __return_data = " ".join(out)
 
 
 def workers_socket(cluster) -> str:
-    from srw.config import load
+    from core.config import load
     return load(cluster.path).node("n1").workers_endpoint.removeprefix("ipc://")
 
 

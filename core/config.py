@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .ids import BadId, check_id
+
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names file and key."""
@@ -116,7 +118,7 @@ class NodeSettings:
 
 @dataclass(frozen=True)
 class SecuritySettings:
-    """CurveZMQ on every front socket and rights per client (srw/security.py)."""
+    """CurveZMQ on every front socket and rights per client (core/security.py)."""
     curve: bool = False
     server_key: str = "keys/server.key_secret"    # the nodes' key pair
     clients: str = "keys/clients"                 # public certificates of the clients
@@ -310,7 +312,7 @@ def _check(config: Config) -> None:
             rules.append((endpoint.startswith(("tcp://", "ipc://")),
                           f"node {node.name}: {key} must be a tcp:// or ipc:// address"))
         for hex_id in node.ids:
-            rules.append((_is_hex(hex_id), f"node {node.name}: ids must be hex strings"))
+            rules.append((_is_id(hex_id), f"node {node.name}: ids must be 1 to 128 hex digits"))
     explicit = config.broker.max_message
     if explicit:
         need = config.largest_payload + MESSAGE_HEADROOM
@@ -382,12 +384,12 @@ def _address_rule(what: str, address: str, form: str) -> tuple[bool, str]:
     return ok, f"{what} is {address!r}: it must be {form} with a port from 1 to 65535"
 
 
-def _is_hex(text: str) -> bool:
+def _is_id(text: str) -> bool:
     try:
-        bytes.fromhex(text if len(text) % 2 == 0 else text + "0")
-    except ValueError:
+        check_id(text)
+    except BadId:
         return False
-    return bool(text)
+    return True
 
 
 def _resolve_paths(config: Config) -> Config:

@@ -38,8 +38,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from srw.config import RIGHTS, Config, ConfigError, NodeSettings, SecuritySettings
-from srw.logs import Throttle
+from core.config import RIGHTS, Config, ConfigError, NodeSettings, SecuritySettings
+from core.logs import Throttle
 
 log = logging.getLogger("srw.security")
 
@@ -292,7 +292,7 @@ class Keyring:
 
 def rights_for(is_exec: bool, meta) -> tuple[tuple[str, ...], str]:
     """(the rights a request needs, what it does) for Keyring.refusal; `meta`
-    is a broker.protocol.ExecMeta.  A status request needs only a known key."""
+    is a core.protocol.ExecMeta.  A status request needs only a known key."""
     if not is_exec:
         return (), "ask for status"
     if meta.code:

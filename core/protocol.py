@@ -29,7 +29,7 @@ Back (worker DEALER, identity "node#slot:pid" -> broker ROUTER)::
                                                 "token", "pool", "replaces", "reason",
                                                 "restarts", "job", "job_status", "served"}
                                               (types and ranges: Ready.from_meta;
-                                              token: broker/trust.py)
+                                              token: core/trust.py)
                       [REPLY, replies]        msgpack [[job, status, error, data,
                                                 run_us], ...]; run_us: time it ran
                       [HEARTBEAT]             sent while idle
@@ -54,6 +54,11 @@ from typing import NamedTuple
 import msgpack
 import zmq
 
+from .ids import BadId, check_id
+from .statuses import (BAD_REQUEST, BUSY, FORBIDDEN, KILLED, MEMORY, NOT_FOUND, OK,  # noqa: F401
+                       OUTPUT_TOO_LARGE, SCRIPT_ERROR, STATUSES, TIMEOUT, UNAVAILABLE,
+                       Result, Unavailable)
+
 # Front commands.
 EXEC = 1
 STATUS = 2
@@ -68,34 +73,13 @@ REREGISTER = b"\x12"
 BYE = b"\x13"
 
 MAX_RID = 64
-_HEX = frozenset("0123456789abcdefABCDEF")
 
-# Reply statuses (DESIGN.md "Statuses").
-OK = "ok"
-SCRIPT_ERROR = "script_error"
-TIMEOUT = "timeout"
-MEMORY = "memory"
-KILLED = "killed"
-OUTPUT_TOO_LARGE = "output_too_large"
-NOT_FOUND = "not_found"
-BAD_REQUEST = "bad_request"
-FORBIDDEN = "forbidden"
-BUSY = "busy"
-UNAVAILABLE = "unavailable"
-STATUSES = (OK, SCRIPT_ERROR, TIMEOUT, MEMORY, KILLED, OUTPUT_TOO_LARGE, NOT_FOUND,
-            BAD_REQUEST, FORBIDDEN, BUSY, UNAVAILABLE)
+# The status vocabulary and Result are core/statuses.py's; the protocol carries them.
 _STATUS_SET = frozenset(STATUSES)
 
 
 class ProtocolError(ValueError):
     """Frames that do not form a message of this protocol."""
-
-
-class Unavailable(ConnectionError):
-    """The store a script called could not be reached (a Redis node down, a
-    failover under way).  Raised out of a script, it answers the exec
-    ``unavailable`` instead of ``script_error``: the caller may retry, and knows
-    the script may or may not have had its effect."""
 
 
 def pack(obj) -> bytes:
@@ -120,33 +104,6 @@ def _unpack(raw: bytes, kind: type, name: str):
     return obj
 
 
-@dataclass(frozen=True, slots=True)
-class Result:
-    """One node's answer to one request."""
-    node: str
-    group: int
-    status: str
-    data: bytes = b""
-    error: str | None = None
-    redis: str = ""  # redis-cluster: HOST:PORT of the Redis node beside the srw node
-
-    @property
-    def ok(self) -> bool:
-        return self.status == OK
-
-    def to_json(self) -> dict:
-        out = {"node": self.node, "group": self.group, "status": self.status}
-        if self.redis:
-            out["redis"] = self.redis
-        try:
-            out["data"] = self.data.decode()
-        except UnicodeDecodeError:
-            import base64
-            out["data_base64"] = base64.b64encode(self.data).decode()
-        out["error"] = self.error
-        return out
-
-
 class ExecMeta(NamedTuple):
     """What an exec request asks for, besides its data."""
     name: str = ""
@@ -163,9 +120,11 @@ class ExecMeta(NamedTuple):
         if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool)
                               or not t > 0):
             raise ProtocolError("exec timeout must be a positive number of seconds")
-        if self.id is not None and not (isinstance(self.id, str) and 0 < len(self.id) <= 128
-                                        and all(c in _HEX for c in self.id)):
-            raise ProtocolError("exec id must be a hex string of 1 to 128 digits")
+        if self.id is not None:
+            try:
+                check_id(self.id)
+            except BadId as exc:
+                raise ProtocolError(f"exec id: {exc}") from None
         return self
 
 
@@ -298,7 +257,7 @@ class Ready:
     slot: int
     pid: int
     credits: int
-    token: bytes = field(repr=False)  # the broker's token (broker/trust.py): who may register
+    token: bytes = field(repr=False)  # the broker's token (core/trust.py): who may register
     pool: int              # pid of the pool process that forked this worker
     replaces: int = 0      # pid of the worker this one replaces, 0 if none
     reason: str = ""       # why that worker went away
@@ -346,7 +305,7 @@ _READY_REQUIRED = ("slot", "pid", "credits", "token", "pool")
 
 
 # Sizes ------------------------------------------------------------------------
-# libzmq refuses any frame above ZMQ_MAXMSGSIZE (srw.config.Config.max_message),
+# libzmq refuses any frame above ZMQ_MAXMSGSIZE (core.config.Config.max_message),
 # so batches are cut to fit it.  Bounds, not exact sizes: cheap to compute.
 
 ENTRY_OVERHEAD = 256  # msgpack headers, ids (rid <= 64, hex id <= 128), numbers of one entry
@@ -445,10 +404,6 @@ def parse_worker_replies(frames: list[bytes]) -> list[tuple[bytes, str, bytes, s
 # These call the Cython socket directly (plain, not asyncio, sockets).
 
 _SNDMORE, _RCVMORE, _NOBLOCK, _EVENTS, _POLLIN = 2, 13, 1, 15, 1
-# Seconds a stopping node keeps its client sockets open after its last replies,
-# and then lets them take to leave: a client socket with ZMQ_IMMEDIATE (srw's)
-# drops what it has not read yet when its connection closes.
-STOP_LINGER = 0.25
 _send, _recv, _get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
 
 
@@ -482,7 +437,7 @@ def recv_frames_nowait(sock) -> list[bytes] | None:
 
 def recv_frames_from(sock) -> tuple[list[bytes], str | None] | None:
     """Like `recv_frames_nowait`, with the ZAP User-Id of the connection the
-    message came on (srw.security: the client's public key; None without curve)."""
+    message came on (core.security: the client's public key; None without curve)."""
     try:
         first = _recv(sock, _NOBLOCK, False)
     except zmq.Again:

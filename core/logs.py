@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from srw.config import LogSettings
+from core.config import LogSettings
 
 BUFFER_LINES = 256      # a buffered handler writes at least this often ...
 BUFFER_SECONDS = 0.2    # ... and no line waits longer than this for the next record
