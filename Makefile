@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages the tests and benches use: wget (the 2011 example),
-# redis-server (baseline in the benches), libseccomp2 (sandbox), fuse3 and
+# redis-server and its redis-cli (bench baseline; [cluster] engine = "redis-cluster"
+# and its tests), libseccomp2 (sandbox), fuse3 and
 # libfuse3-3 (`srw mount`: fusermount3 and the library mfusepy loads),
 # chromium and chromium-driver (the status page test's headless browser).
 system-deps:
