@@ -2,14 +2,16 @@
 
     clients (DEALER) --> [front ROUTER]  Broker  [back ROUTER] <-- workers (DEALER)
 
-Dispatch is credit based: a READY worker announces N credits, so up to N
-requests wait at each worker and none sits idle during a round trip; what a
-worker is given at once travels in one message.  A short request joins a
-worker that is already busy, any other the worker holding the fewest
+The broker keeps the sockets, the timers (heartbeats, the stop) and who may
+connect and register; what runs where is the Dispatcher's (broker/dispatch.py,
+no sockets).  Dispatch is credit based: a READY worker announces N credits, so
+up to N requests wait at each worker and none sits idle during a round trip;
+what a worker is given at once travels in one message.  A short request joins
+a worker that is already busy, any other the worker holding the fewest
 (`choose_worker`).  Requests beyond the credits wait in a bounded queue
 (full -> ``busy``).  Execs with the same id run one at a time, in order: the
-worker that runs one also gets those waiting for it (broker/idlocks.py).  A client
-that sends batches gets its replies in batches, one message per loop turn.
+worker that runs one also gets those waiting for it (broker/idlocks.py).  A
+client that sends batches gets its replies in batches, one message per loop turn.
 Every request gets exactly one reply: the worker's, ``timeout`` at its
 deadline, ``killed`` when its worker died (learned from the replacement's
 READY, or from a missed heartbeat) or was dropped, or ``bad_request`` for
@@ -25,8 +27,6 @@ more, and the broker cuts its own batches to fit.
 """
 from __future__ import annotations
 
-import collections
-import heapq
 import logging
 import os
 import signal
@@ -34,23 +34,17 @@ import time
 
 import zmq
 
+from core import __version__, logs, security, timeouts, trust
 from core import protocol as p
-from core import trust
-from .idlocks import IdLocks
-from .stats import CONTENT, ExecStats, WorkerMemory
-from core import __version__, logs, security
-from core.logs import Throttle
 from core.config import START_ENV, Config, NodeSettings
-from core.ids import lock_key
-from core import timeouts
+from core.logs import Throttle
 from core.sched import CALM_AFTER, LoadScheduling
+
+from .dispatch import Dispatcher, Job, Worker, never_started
+from .stats import CONTENT, ExecStats, WorkerMemory
 
 log = logging.getLogger("srw.broker")
 
-PACK_US = 500.0      # how long a request may wait behind others on a busy worker, not woken
-SERVICE_EWMA = 0.05  # weight of a new run time in its script's average
-SERVICE_NAMES = 1024  # scripts whose average run time is kept (then all are forgotten)
-DEADLINES_SLACK = 1024  # answered requests' deadlines kept before the heap is rebuilt
 FRONT_HWM = 100_000  # messages queued per client
 REREGISTER_MAX = 1024  # strangers answered REREGISTER per heartbeat tick
 WARN_EVERY = 1.0     # seconds between warnings about strangers on the back socket
@@ -86,81 +80,6 @@ def process_alive(pid: int) -> bool:
         return True
 
 
-class Job:
-    __slots__ = ("client", "rid", "deadline", "received", "meta", "data", "worker", "lock",
-                 "batched", "size")
-
-    def __init__(self, client, rid, deadline, received, meta, data, lock, batched, size):
-        self.client, self.rid, self.deadline = client, rid, deadline
-        self.received, self.meta, self.data = received, meta, data
-        self.worker = None
-        self.lock = lock  # the id this job holds or waits for, or None
-        self.batched = batched  # the client batches: its reply waits for the turn's others
-        self.size = size  # bytes it takes in a REQUEST (p.request_bytes)
-
-
-class Worker:
-    __slots__ = ("identity", "name", "slot", "pid", "pool", "credits", "jobs", "expired",
-                 "replied", "last_seen", "draining", "gone_at")
-
-    def __init__(self, identity: bytes, ready: p.Ready, now: float, node: str = ""):
-        self.identity, self.slot, self.pid = identity, ready.slot, ready.pid
-        self.name = f"worker {node}#{ready.slot} (pid {ready.pid})"
-        self.pool = ready.pool
-        self.credits = ready.credits
-        # job id -> its expected run time (us), in dispatch order: the order it runs them
-        self.jobs: dict[bytes, float] = {}
-        # jobs answered 'timeout' while it held them: its late replies are no error
-        self.expired: set[bytes] = set()
-        self.replied = 0
-        self.last_seen = now
-        self.draining = False
-        self.gone_at = 0.0  # when the broker found its process gone
-
-    def __repr__(self):
-        return self.name
-
-
-def choose_worker(workers, cost_us: float) -> Worker | None:
-    """The worker for a request expected to run `cost_us`: within its credits,
-    not draining.
-
-    A short request joins a worker that already holds some, while all it holds
-    is expected to run within PACK_US: waking an idle worker costs more CPU
-    than a few short requests (~100-200 us on a small VM), and one message
-    carries them all.  Otherwise the request joins the shortest queue, which
-    keeps requests off a worker stuck in a slow script while another has room."""
-    best, best_key = None, None
-    for worker in workers:
-        held = len(worker.jobs)
-        if held >= worker.credits or worker.draining:
-            continue
-        if held and sum(worker.jobs.values()) + cost_us <= PACK_US:
-            key = (0, -held)  # awake, and the wait is short: pack
-        else:
-            key = (1, held)
-        if best_key is None or key < best_key:
-            best, best_key = worker, key
-    return best
-
-
-def never_started(dead: Worker, ready: p.Ready) -> list[bytes]:
-    """The requests a dead worker held but had not begun, from its replacement's READY.
-
-    A worker runs its requests one by one in the order they were sent.  If it
-    died running one (the pool read it from the slot table), everything sent
-    after that one never started.  If it died between requests, it had
-    finished `served` of them; those whose replies we have not counted yet may
-    still be on their way, and the rest never started.  Those can go to
-    another worker: they cannot have had side effects."""
-    order = list(dead.jobs)
-    if ready.job in dead.jobs:
-        begun = order.index(ready.job) + 1
-    else:
-        begun = max(0, ready.served - dead.replied)
-    return order[begun:]
-
-
 class Broker:
     """One node's broker; ``run()`` until SIGTERM/SIGINT, then drain and return."""
 
@@ -185,18 +104,10 @@ class Broker:
         except BaseException:
             self.close()
             raise
-        self.workers: dict[bytes, Worker] = {}
-        self.by_slot: dict[int, Worker] = {}
-        self.queue: collections.OrderedDict[bytes, Job] = collections.OrderedDict()
-        # The execs of one id run one at a time on this node, in the order they came.
-        self.locks: IdLocks[Worker] = IdLocks()
-        self.jobs: dict[bytes, Job] = {}
-        # Average run time per script name, us; a script never seen is not packed.
-        self.service_us: dict[str, float] = {}
+        self.d = Dispatcher(node.name, self.max_batch, self._answer)
+        # The dispatcher's registry and jobs, read here (status, heartbeats, stop).
+        self.workers, self.jobs = self.d.workers, self.d.jobs
         self.outbox = p.Batches(self.max_batch)  # replies to clients that batch, this turn
-        self.deadlines: list[tuple[float, bytes]] = []
-        self.next_job = 0
-        self.served = 0
         self.restarts = 0
         self.stats = ExecStats()
         self.memory = WorkerMemory()
@@ -294,7 +205,7 @@ class Broker:
                 self.read_clients()
             now = time.monotonic()
             self.dispatch(now)
-            self.expire_jobs(now)
+            self.d.expire(now)
             if now >= self.next_heartbeat:
                 self.heartbeat(now)
             self.send_replies()
@@ -304,14 +215,14 @@ class Broker:
             if self.stopping:
                 drain_until = drain_until or now + self.settings.request_timeout
                 if self.jobs and now > drain_until:
-                    self._answer_all(p.UNAVAILABLE, f"node {self.node.name} stopped")
+                    self.d.answer_all(p.UNAVAILABLE, f"node {self.node.name} stopped")
                     self.send_replies()
                 # Answered: stay connected a moment, so that clients read the last
                 # replies before the connection drops (see STOP_LINGER).
                 self.close_at = self.close_at or (None if self.jobs else now + timeouts.STOP_LINGER)
                 if self.close_at is not None and now >= self.close_at:
                     break
-        log.info("broker %s stopped after %d requests", self.node.name, self.served)
+        log.info("broker %s stopped after %d requests", self.node.name, self.d.served)
 
     def _on_stop_signal(self, signum, frame):
         self.stopping = True
@@ -319,8 +230,9 @@ class Broker:
     def _poll_timeout_ms(self) -> int:
         now = time.monotonic()
         until = min(self.next_heartbeat, self.close_at or self.next_heartbeat)
-        if self.deadlines:
-            until = min(until, self.deadlines[0][0])
+        deadline = self.d.next_deadline()
+        if deadline is not None:
+            until = min(until, deadline)
         if self.scheduling.batch:  # wake to restore the default policy when calm
             until = min(until, now + CALM_AFTER)
         return max(0, int((until - now) * 1000) + 1)
@@ -385,7 +297,7 @@ class Broker:
             self.reply(req.client, req.rid, p.UNAVAILABLE,
                        error=f"node {self.node.name} is shutting down", batched=batched)
             return
-        if len(self.queue) + self.locks.blocked >= self.settings.queue_limit:
+        if self.d.waiting >= self.settings.queue_limit:
             self.reply(req.client, req.rid, p.BUSY,
                        error=f"node {self.node.name}: queue full ({self.settings.queue_limit} "
                              "requests waiting); retry later or raise broker.queue_limit",
@@ -398,27 +310,13 @@ class Broker:
                              f"is larger than broker.max_message ({self.max_message} bytes)",
                        batched=batched)
             return
-        now = time.monotonic()
-        timeout = meta.timeout or self.settings.request_timeout
-        job_id = b"%x" % self.next_job
-        self.next_job += 1
-        lock = lock_key(meta.id) if meta.id else None
-        job = Job(req.client, req.rid, now + timeout, time.perf_counter(), meta, req.data, lock,
-                  batched, size)
-        self.jobs[job_id] = job
-        self._track_deadline(job_id, job.deadline)
-        if lock is not None and not self.locks.arrive(lock, job_id):
-            return  # it waits for the execs of its id before it
-        self.queue[job_id] = job
+        deadline = time.monotonic() + (meta.timeout or self.settings.request_timeout)
+        self.d.admit(req.client, req.rid, meta, req.data, size, deadline, batched)
 
-    def _track_deadline(self, job_id: bytes, deadline: float) -> None:
-        heapq.heappush(self.deadlines, (deadline, job_id))
-        # An answered request's deadline stays in the heap until it passes: after
-        # a burst with long deadlines the broker would pop them for seconds, a
-        # few per request (~10 us of CPU per request measured). Keep it small.
-        if len(self.deadlines) > 2 * len(self.jobs) + DEADLINES_SLACK:
-            self.deadlines = [(job.deadline, i) for i, job in self.jobs.items()]
-            heapq.heapify(self.deadlines)
+    def _answer(self, job: Job, status: str, data: bytes, error: str) -> None:
+        """The dispatcher's answer to a job: counted, then sent (or batched)."""
+        self.stats.record(job.meta.name, status, int((time.perf_counter() - job.received) * 1e6))
+        self.reply(job.client, job.rid, status, data, error, job.batched)
 
     def reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
               error: str = "", batched: bool = False) -> None:
@@ -446,23 +344,6 @@ class Broker:
         except zmq.ZMQError as exc:  # client gone or its queue full: nothing to do
             log.debug("reply to %s dropped: %s", frames[0].hex(), exc)
 
-    def finish(self, job_id: bytes, status: str, data: bytes = b"", error: str = "") -> None:
-        job = self.jobs.pop(job_id, None)
-        if job is None:
-            return  # already answered (timeout) or unknown
-        self.queue.pop(job_id, None)
-        if job.lock is not None:
-            self._queue_first(self.locks.release(job.lock, job_id, self.jobs.__contains__))
-        self.served += 1
-        self.stats.record(job.meta.name, status, int((time.perf_counter() - job.received) * 1e6))
-        self.reply(job.client, job.rid, status, data, error, job.batched)
-
-    def _queue_first(self, job_id: bytes | None) -> None:
-        """A job that now holds its id's lock goes first in the queue."""
-        if job_id is not None:
-            self.queue[job_id] = self.jobs[job_id]
-            self.queue.move_to_end(job_id, last=False)
-
     # Workers ----------------------------------------------------------------
 
     def read_workers(self) -> None:
@@ -488,18 +369,7 @@ class Broker:
         worker.last_seen = now
         if cmd == p.REPLY:
             for job_id, status, data, error, run_us in p.parse_worker_replies(frames):
-                worker.replied += 1
-                if job_id in worker.jobs:
-                    del worker.jobs[job_id]
-                    job = self.jobs.get(job_id)
-                    if job is not None:
-                        self.learn(job.meta.name, run_us)
-                    self.finish(job_id, status, data, error)
-                elif job_id in worker.expired:  # late: answered 'timeout' already
-                    worker.expired.discard(job_id)
-                else:
-                    raise p.ProtocolError(f"REPLY to job {job_id[:16]!r}, which it was never "
-                                          "given")
+                self.d.replied(worker, job_id, status, data, error, run_us)
             if worker.draining and not worker.jobs:
                 self.back.send_multipart([identity, p.BYE], zmq.NOBLOCK)
         elif len(frames) != 2 and cmd != p.READY:
@@ -557,28 +427,28 @@ class Broker:
                                   f"{old.pid}, pool {old.pool}")
         self.drop_orphans(ready.pool)
         if old is None and ready.replaces:
-            old = self.by_slot.get(ready.slot)
+            old = self.d.by_slot.get(ready.slot)
             if old is not None and (old.pid != ready.replaces or old.pool != ready.pool):
                 old = None
             elif old is not None and process_alive(old.pid):
                 raise p.ProtocolError(f"READY claims to replace {old}, which is still running")
         self.restarts = max(self.restarts, ready.restarts)
-        if old is None and ready.slot in self.by_slot:
+        if old is None and ready.slot in self.d.by_slot:
             log.warning("slot %d claimed by pid %d and pid %d: do two pools serve node %s?",
-                        ready.slot, self.by_slot[ready.slot].pid, ready.pid, self.node.name)
+                        ready.slot, self.d.by_slot[ready.slot].pid, ready.pid, self.node.name)
         if old is not None:
             why = (f"worker {self.node.name}#{old.slot} (pid {old.pid}) went away: "
                    f"{ready.reason or 'it registered again'}")
             if ready.replaces == old.pid:
-                self.requeue(old, never_started(old, ready))
+                self.d.requeue(old, never_started(old, ready))
                 self.stats.restarted(ready.reason)
             if ready.job in old.jobs and ready.job_status:
                 del old.jobs[ready.job]
-                self.finish(ready.job, ready.job_status, error=why)
-            self.remove_worker(old, why)
+                self.d.finish(ready.job, ready.job_status, error=why)
+            self.d.remove_worker(old, why)
         worker = Worker(identity, ready, now, self.node.name)
         self.workers[identity] = worker
-        self.by_slot[ready.slot] = worker
+        self.d.by_slot[ready.slot] = worker
         self.reregistered.discard(identity)
         # At once, not at the next beat: the worker counts as started (for its
         # pool, which retires an old worker for it during a reload) only then.
@@ -597,47 +467,17 @@ class Broker:
             return
         held = sum(len(w.jobs) for w in orphans)
         for worker in orphans:
-            self.remove_worker(worker, f"{worker}: its pool (pid {worker.pool}) is gone",
+            self.d.remove_worker(worker, f"{worker}: its pool (pid {worker.pool}) is gone",
                                quiet=True)
         log.warning("node %s: dropped %d worker(s) of pool(s) %s, which are gone; answered "
                     "their %d request(s) 'killed'", self.node.name, len(orphans),
                     ", ".join(f"pid {pid}" for pid, up in alive.items() if not up), held)
 
-    def requeue(self, worker: Worker, job_ids: list[bytes]) -> None:
-        """Give a dead worker's never-started requests to the others, first in line.
-        Those holding an id's lock wait for it again, first in line: the lock
-        passes on only when the last of its holders there is answered."""
-        locks = set()
-        for job_id in reversed(job_ids):
-            worker.jobs.pop(job_id, None)
-            job = self.jobs.get(job_id)
-            if job is None:
-                continue
-            job.worker = None
-            if job.lock is not None and self.locks.wait_again(job.lock, job_id):
-                locks.add(job.lock)
-                continue
-            self._queue_first(job_id)
-        for lock in locks:
-            self._queue_first(self.locks.promote(lock, self.jobs.__contains__))
-
-    def remove_worker(self, worker: Worker, why: str, quiet: bool = False) -> None:
-        """Forget a worker; what it held is answered ``killed``, never retried."""
-        self.workers.pop(worker.identity, None)
-        if self.by_slot.get(worker.slot) is worker:
-            del self.by_slot[worker.slot]
-        if worker.jobs and not quiet:
-            log.warning("%s; answering its %d request(s) 'killed'", why, len(worker.jobs))
-        for job_id in list(worker.jobs):
-            self.finish(job_id, p.KILLED, error=why)
-        worker.jobs.clear()
-        worker.draining = True  # in case something still holds it: give it nothing
-
     def drop_worker(self, worker: Worker, why: str) -> None:
         """A worker that broke the protocol: its requests are answered ``killed``
         and it is told BYE (it exits; its pool forks a replacement)."""
         held = len(worker.jobs)
-        self.remove_worker(worker, why, quiet=True)
+        self.d.remove_worker(worker, why, quiet=True)
         self.back.send_multipart([worker.identity, p.BYE], zmq.NOBLOCK)
         log.warning("%s; dropped it, answered its %d request(s) 'killed' and sent it BYE",
                     why, held)
@@ -645,82 +485,10 @@ class Broker:
     # Dispatch and timers --------------------------------------------------------
 
     def dispatch(self, now: float) -> None:
-        """Each waiting request to a worker within its credits (`choose_worker`);
-        each worker gets what it was given in one message, or in as few as
-        max_message allows."""
-        queue = self.queue
-        batches = p.Batches(self.max_batch)
-        while queue:
-            job_id, job = next(iter(queue.items()))
-            cost = self.expected_us(job)
-            worker = choose_worker(self.workers.values(), cost)
-            if worker is None:
-                break
-            del queue[job_id]
-            self._give(worker, job_id, job, cost, now, batches)
-            if job.lock is not None:
-                self.locks.given(job.lock, worker)
-        for lock in self.locks.joinable():
-            self._chain(lock, now, batches)
-        if batches:
-            for worker, batch in batches.messages():
-                # Never blocks: a worker that does not read loses what passes its
-                # queue, and those requests end at their deadlines.
-                p.send_frames(self.back, p.jobs_frames(worker.identity, batch), noblock=True)
-
-    def _give(self, worker: Worker, job_id: bytes, job: Job, cost: float, now: float,
-              batches: p.Batches) -> None:
-        job.worker = worker
-        worker.jobs[job_id] = cost
-        batches.add(worker, p.job_entry(job_id, job.deadline - now, job.meta, job.data),
-                    job.size)
-
-    def _chain(self, lock: str, now: float, batches: p.Batches) -> None:
-        """An id's waiters join the worker that runs its holders, within its credits."""
-        worker = self.locks.worker_of(lock)
-        if worker is None or self.workers.get(worker.identity) is not worker:
-            return
-        while len(worker.jobs) < worker.credits and not worker.draining:
-            job_id = self.locks.take_waiter(lock, self.jobs.__contains__)
-            if job_id is None:
-                return
-            job = self.jobs[job_id]
-            self._give(worker, job_id, job, self.expected_us(job), now, batches)
-
-    def expected_us(self, job: Job) -> float:
-        """How long `job` should run: its script's average; PACK_US for one never seen."""
-        return self.service_us.get(job.meta.name, PACK_US)
-
-    def learn(self, name: str, run_us: float) -> None:
-        """Fold a request's run time into its script's average."""
-        average = self.service_us.get(name)
-        if average is None:
-            if len(self.service_us) >= SERVICE_NAMES:
-                self.service_us.clear()
-            self.service_us[name] = run_us
-        else:
-            self.service_us[name] = average + (run_us - average) * SERVICE_EWMA
-
-    def expire_jobs(self, now: float) -> None:
-        while self.deadlines and self.deadlines[0][0] <= now:
-            _, job_id = heapq.heappop(self.deadlines)
-            job = self.jobs.get(job_id)
-            if job is None:
-                continue
-            if job.worker is None and not self.workers:
-                self.finish(job_id, p.UNAVAILABLE,
-                            error=f"node {self.node.name}: no workers are connected; "
-                                  "is the pool running?")
-            else:
-                # The worker ends the request at this deadline too (it kills its
-                # runner, or the pool kills it in isolation none, and then what it
-                # never began is requeued): its late reply is for a request answered.
-                if job.worker is not None:
-                    if job.worker.jobs.pop(job_id, None) is not None:
-                        job.worker.expired.add(job_id)
-                self.finish(job_id, p.TIMEOUT,
-                            error=f"node {self.node.name}: no reply within the request's "
-                                  "deadline (broker.request_timeout or the request's timeout)")
+        for worker, batch in self.d.dispatch(now).messages():
+            # Never blocks: a worker that does not read loses what passes its
+            # queue, and those requests end at their deadlines.
+            p.send_frames(self.back, p.jobs_frames(worker.identity, batch), noblock=True)
 
     def heartbeat(self, now: float) -> None:
         if self.keyring is not None:
@@ -731,7 +499,7 @@ class Broker:
         expiry = interval * self.settings.liveness
         for worker in list(self.workers.values()):
             if not worker.jobs and now - worker.last_seen > expiry:
-                self.remove_worker(worker, f"{worker} missed its heartbeats")
+                self.d.remove_worker(worker, f"{worker} missed its heartbeats")
                 continue
             # A dead worker's replacement tells what it held (READY): while its
             # pool lives, wait for it (REPLACEMENT_WAIT at most), counting the
@@ -742,15 +510,11 @@ class Broker:
                     worker.draining = True
                 pool_gone = not process_alive(worker.pool)
                 if pool_gone or now - worker.gone_at > REPLACEMENT_WAIT:
-                    self.remove_worker(worker, f"{worker} is gone, " + (
+                    self.d.remove_worker(worker, f"{worker} is gone, " + (
                         f"with its pool (pid {worker.pool})" if pool_gone
                         else "and no replacement registered"))
                     continue
             self.back.send_multipart([worker.identity, p.HEARTBEAT], zmq.NOBLOCK)
-
-    def _answer_all(self, status: str, error: str) -> None:
-        for job_id in list(self.jobs):
-            self.finish(job_id, status, error=error)
 
     # Status ------------------------------------------------------------------
 
@@ -763,7 +527,7 @@ class Broker:
                 "uptime": round(time.monotonic() - self.started, 3),
                 "workers": len(live),
                 "busy": sum(1 for w in live if w.jobs),
-                "queued": len(self.queue) + self.locks.blocked, "served": self.served,
+                "queued": self.d.waiting, "served": self.d.served,
                 "restarts": self.restarts,
                 **self.stats.snapshot(),
                 "worker_rows": self.worker_rows(),

@@ -215,7 +215,7 @@ class _FakeWorker:
 
 
 def test_short_requests_pack_onto_an_awake_worker_slow_ones_spread():
-    from broker.broker import PACK_US, choose_worker
+    from broker.dispatch import PACK_US, choose_worker
     idle, awake, full = _FakeWorker(0), _FakeWorker(3), _FakeWorker(16)
     # a 20 us request: the worker already running some takes it (no wake-up) ...
     assert choose_worker([idle, awake, full], 20.0) is awake
@@ -270,7 +270,8 @@ def test_broker_deadline_heap_forgets_answered_requests(tmp_path):
 
     import zmq
 
-    from broker.broker import DEADLINES_SLACK, Broker
+    from broker.broker import Broker
+    from broker.dispatch import DEADLINES_SLACK
     from conftest import free_port
     config = cfg.load(write(tmp_path, NODE.replace("1025", str(free_port()))
                                       .replace("1026", str(free_port()))))
@@ -285,10 +286,10 @@ def test_broker_deadline_heap_forgets_answered_requests(tmp_path):
         waiting = next(iter(broker.jobs))
         for i in range(1, 10 * DEADLINES_SLACK):
             broker.accept(request(i, 60.0), batched=True)
-            broker.finish(next(reversed(broker.jobs)), p.OK)
+            broker.d.finish(next(reversed(broker.jobs)), p.OK)
         assert len(broker.jobs) == 1
-        assert len(broker.deadlines) <= 2 * len(broker.jobs) + DEADLINES_SLACK + 1
-        broker.expire_jobs(time.monotonic() + 1.0)
+        assert len(broker.d.deadlines) <= 2 * len(broker.jobs) + DEADLINES_SLACK + 1
+        broker.d.expire(time.monotonic() + 1.0)
         assert waiting not in broker.jobs
         (client, entries), = broker.outbox.messages()
         assert client == b"client"

@@ -1,0 +1,300 @@
+"""The broker's jobs and workers, with no sockets and no clock of its own.
+
+    admit(...)  -> job id          a request becomes a job: queued, or waiting for its id
+    dispatch(now) -> Batches       queued jobs to workers within their credits
+    replied(worker, job, ...)      a worker's reply: the job is answered
+    expire(now)                    jobs past their deadline are answered timeout
+    requeue / remove_worker        a worker died: what it never began goes to others,
+                                   what it held is answered killed
+Every job is answered exactly once, through the `answer` callback the broker
+gives (it sends the reply).  The execs of one id run one at a time, in arrival
+order (broker/idlocks.py).  The broker keeps the sockets, the timers and who
+may register; tests/test_dispatch.py drives this class alone.
+"""
+from __future__ import annotations
+
+import collections
+import heapq
+import logging
+import time
+from typing import Callable
+
+from core import protocol as p
+from core.ids import lock_key
+
+from .idlocks import IdLocks
+
+log = logging.getLogger("srw.broker")
+
+PACK_US = 500.0      # how long a request may wait behind others on a busy worker, not woken
+SERVICE_EWMA = 0.05  # weight of a new run time in its script's average
+SERVICE_NAMES = 1024  # scripts whose average run time is kept (then all are forgotten)
+DEADLINES_SLACK = 1024  # answered requests' deadlines kept before the heap is rebuilt
+
+class Job:
+    __slots__ = ("client", "rid", "deadline", "received", "meta", "data", "worker", "lock",
+                 "batched", "size")
+
+    def __init__(self, client, rid, deadline, received, meta, data, lock, batched, size):
+        self.client, self.rid, self.deadline = client, rid, deadline
+        self.received, self.meta, self.data = received, meta, data
+        self.worker = None
+        self.lock = lock  # the id this job holds or waits for, or None
+        self.batched = batched  # the client batches: its reply waits for the turn's others
+        self.size = size  # bytes it takes in a REQUEST (p.request_bytes)
+
+
+class Worker:
+    __slots__ = ("identity", "name", "slot", "pid", "pool", "credits", "jobs", "expired",
+                 "replied", "last_seen", "draining", "gone_at")
+
+    def __init__(self, identity: bytes, ready: p.Ready, now: float, node: str = ""):
+        self.identity, self.slot, self.pid = identity, ready.slot, ready.pid
+        self.name = f"worker {node}#{ready.slot} (pid {ready.pid})"
+        self.pool = ready.pool
+        self.credits = ready.credits
+        # job id -> its expected run time (us), in dispatch order: the order it runs them
+        self.jobs: dict[bytes, float] = {}
+        # jobs answered 'timeout' while it held them: its late replies are no error
+        self.expired: set[bytes] = set()
+        self.replied = 0
+        self.last_seen = now
+        self.draining = False
+        self.gone_at = 0.0  # when the broker found its process gone
+
+    def __repr__(self):
+        return self.name
+
+
+def choose_worker(workers, cost_us: float) -> Worker | None:
+    """The worker for a request expected to run `cost_us`: within its credits,
+    not draining.
+
+    A short request joins a worker that already holds some, while all it holds
+    is expected to run within PACK_US: waking an idle worker costs more CPU
+    than a few short requests (~100-200 us on a small VM), and one message
+    carries them all.  Otherwise the request joins the shortest queue, which
+    keeps requests off a worker stuck in a slow script while another has room."""
+    best, best_key = None, None
+    for worker in workers:
+        held = len(worker.jobs)
+        if held >= worker.credits or worker.draining:
+            continue
+        if held and sum(worker.jobs.values()) + cost_us <= PACK_US:
+            key = (0, -held)  # awake, and the wait is short: pack
+        else:
+            key = (1, held)
+        if best_key is None or key < best_key:
+            best, best_key = worker, key
+    return best
+
+
+def never_started(dead: Worker, ready: p.Ready) -> list[bytes]:
+    """The requests a dead worker held but had not begun, from its replacement's READY.
+
+    A worker runs its requests one by one in the order they were sent.  If it
+    died running one (the pool read it from the slot table), everything sent
+    after that one never started.  If it died between requests, it had
+    finished `served` of them; those whose replies we have not counted yet may
+    still be on their way, and the rest never started.  Those can go to
+    another worker: they cannot have had side effects."""
+    order = list(dead.jobs)
+    if ready.job in dead.jobs:
+        begun = order.index(ready.job) + 1
+    else:
+        begun = max(0, ready.served - dead.replied)
+    return order[begun:]
+
+
+
+
+class Dispatcher:
+    def __init__(self, node: str, max_batch: int,
+                 answer: Callable[["Job", str, bytes, str], None]):
+        self.node, self.max_batch, self.answer = node, max_batch, answer
+        self.workers: dict[bytes, Worker] = {}
+        self.by_slot: dict[int, Worker] = {}
+        self.queue: collections.OrderedDict[bytes, Job] = collections.OrderedDict()
+        # The execs of one id run one at a time on this node, in the order they came.
+        self.locks: IdLocks[Worker] = IdLocks()
+        self.jobs: dict[bytes, Job] = {}
+        # Average run time per script name, us; a script never seen is not packed.
+        self.service_us: dict[str, float] = {}
+        self.deadlines: list[tuple[float, bytes]] = []
+        self.next_job = 0
+        self.served = 0
+
+    @property
+    def waiting(self) -> int:
+        """Jobs no worker holds yet: queued, or waiting for their id."""
+        return len(self.queue) + self.locks.blocked
+
+    def next_deadline(self) -> float | None:
+        return self.deadlines[0][0] if self.deadlines else None
+
+    # Jobs --------------------------------------------------------------------
+
+    def admit(self, client: bytes, rid: bytes, meta: p.ExecMeta, data: bytes, size: int,
+              deadline: float, batched: bool) -> bytes:
+        job_id = b"%x" % self.next_job
+        self.next_job += 1
+        lock = lock_key(meta.id) if meta.id else None
+        job = Job(client, rid, deadline, time.perf_counter(), meta, data, lock, batched, size)
+        self.jobs[job_id] = job
+        self._track_deadline(job_id, job.deadline)
+        if lock is None or self.locks.arrive(lock, job_id):
+            self.queue[job_id] = job
+        return job_id  # else it waits for the execs of its id before it
+
+    def _track_deadline(self, job_id: bytes, deadline: float) -> None:
+        heapq.heappush(self.deadlines, (deadline, job_id))
+        # An answered request's deadline stays in the heap until it passes: after
+        # a burst with long deadlines the broker would pop them for seconds, a
+        # few per request (~10 us of CPU per request measured). Keep it small.
+        if len(self.deadlines) > 2 * len(self.jobs) + DEADLINES_SLACK:
+            self.deadlines = [(job.deadline, i) for i, job in self.jobs.items()]
+            heapq.heapify(self.deadlines)
+
+    def finish(self, job_id: bytes, status: str, data: bytes = b"", error: str = "") -> None:
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return  # already answered (timeout) or unknown
+        self.queue.pop(job_id, None)
+        if job.lock is not None:
+            self._queue_first(self.locks.release(job.lock, job_id, self.jobs.__contains__))
+        self.served += 1
+        self.answer(job, status, data, error)
+
+    def _queue_first(self, job_id: bytes | None) -> None:
+        """A job that now holds its id's lock goes first in the queue."""
+        if job_id is not None:
+            self.queue[job_id] = self.jobs[job_id]
+            self.queue.move_to_end(job_id, last=False)
+
+    # Workers ---------------------------------------------------------------
+
+    def requeue(self, worker: Worker, job_ids: list[bytes]) -> None:
+        """Give a dead worker's never-started requests to the others, first in line.
+        Those holding an id's lock wait for it again, first in line: the lock
+        passes on only when the last of its holders there is answered."""
+        locks = set()
+        for job_id in reversed(job_ids):
+            worker.jobs.pop(job_id, None)
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue
+            job.worker = None
+            if job.lock is not None and self.locks.wait_again(job.lock, job_id):
+                locks.add(job.lock)
+                continue
+            self._queue_first(job_id)
+        for lock in locks:
+            self._queue_first(self.locks.promote(lock, self.jobs.__contains__))
+
+    def remove_worker(self, worker: Worker, why: str, quiet: bool = False) -> None:
+        """Forget a worker; what it held is answered ``killed``, never retried."""
+        self.workers.pop(worker.identity, None)
+        if self.by_slot.get(worker.slot) is worker:
+            del self.by_slot[worker.slot]
+        if worker.jobs and not quiet:
+            log.warning("%s; answering its %d request(s) 'killed'", why, len(worker.jobs))
+        for job_id in list(worker.jobs):
+            self.finish(job_id, p.KILLED, error=why)
+        worker.jobs.clear()
+        worker.draining = True  # in case something still holds it: give it nothing
+
+    # Dispatch and deadlines ------------------------------------------------
+
+    def dispatch(self, now: float) -> p.Batches:
+        """Each waiting request to a worker within its credits (`choose_worker`),
+        in batches: each worker gets what it was given in one message, or in as
+        few as max_message allows."""
+        queue = self.queue
+        batches = p.Batches(self.max_batch)
+        while queue:
+            job_id, job = next(iter(queue.items()))
+            cost = self.expected_us(job)
+            worker = choose_worker(self.workers.values(), cost)
+            if worker is None:
+                break
+            del queue[job_id]
+            self._give(worker, job_id, job, cost, now, batches)
+            if job.lock is not None:
+                self.locks.given(job.lock, worker)
+        for lock in self.locks.joinable():
+            self._chain(lock, now, batches)
+        return batches
+
+    def _give(self, worker: Worker, job_id: bytes, job: Job, cost: float, now: float,
+              batches: p.Batches) -> None:
+        job.worker = worker
+        worker.jobs[job_id] = cost
+        batches.add(worker, p.job_entry(job_id, job.deadline - now, job.meta, job.data),
+                    job.size)
+
+    def _chain(self, lock: str, now: float, batches: p.Batches) -> None:
+        """An id's waiters join the worker that runs its holders, within its credits."""
+        worker = self.locks.worker_of(lock)
+        if worker is None or self.workers.get(worker.identity) is not worker:
+            return
+        while len(worker.jobs) < worker.credits and not worker.draining:
+            job_id = self.locks.take_waiter(lock, self.jobs.__contains__)
+            if job_id is None:
+                return
+            job = self.jobs[job_id]
+            self._give(worker, job_id, job, self.expected_us(job), now, batches)
+
+    def expected_us(self, job: Job) -> float:
+        """How long `job` should run: its script's average; PACK_US for one never seen."""
+        return self.service_us.get(job.meta.name, PACK_US)
+
+    def learn(self, name: str, run_us: float) -> None:
+        """Fold a request's run time into its script's average."""
+        average = self.service_us.get(name)
+        if average is None:
+            if len(self.service_us) >= SERVICE_NAMES:
+                self.service_us.clear()
+            self.service_us[name] = run_us
+        else:
+            self.service_us[name] = average + (run_us - average) * SERVICE_EWMA
+
+    def expire(self, now: float) -> None:
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, job_id = heapq.heappop(self.deadlines)
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue
+            if job.worker is None and not self.workers:
+                self.finish(job_id, p.UNAVAILABLE,
+                            error=f"node {self.node}: no workers are connected; "
+                                  "is the pool running?")
+            else:
+                # The worker ends the request at this deadline too (it kills its
+                # runner, or the pool kills it in isolation none, and then what it
+                # never began is requeued): its late reply is for a request answered.
+                if job.worker is not None:
+                    if job.worker.jobs.pop(job_id, None) is not None:
+                        job.worker.expired.add(job_id)
+                self.finish(job_id, p.TIMEOUT,
+                            error=f"node {self.node}: no reply within the request's "
+                                  "deadline (broker.request_timeout or the request's timeout)")
+
+    def answer_all(self, status: str, error: str) -> None:
+        for job_id in list(self.jobs):
+            self.finish(job_id, status, error=error)
+
+    def replied(self, worker: Worker, job_id: bytes, status: str, data: bytes, error: str,
+                run_us: float) -> None:
+        """One entry of a worker's REPLY.  Raises ProtocolError for a job it was
+        never given (one answered timeout while it held it is no error)."""
+        worker.replied += 1
+        if job_id in worker.jobs:
+            del worker.jobs[job_id]
+            job = self.jobs.get(job_id)
+            if job is not None:
+                self.learn(job.meta.name, run_us)
+            self.finish(job_id, status, data, error)
+        elif job_id in worker.expired:  # late: answered 'timeout' already
+            worker.expired.discard(job_id)
+        else:
+            raise p.ProtocolError(f"REPLY to job {job_id[:16]!r}, which it was never given")
