@@ -214,6 +214,23 @@ def test_exec_by_id_is_refused_with_a_reason(rc):
     assert status == 400 and b"give the key" in body
 
 
+def test_scripts_push_reaches_every_node_through_redis(rc, tmp_path):
+    redis, srw, session = rc
+    script = tmp_path / "pushed.py"
+    script.write_text('__return_data = "pushed " + NODE')
+    out = srw.run("scripts", "push", str(script))
+    assert out.returncode == 0 and b"pushed.py: version 1" in out.stdout, out.stderr
+    from srw.pushed import KEY, unpack
+    assert unpack(session.read(KEY))["pushed.py"].version == 1  # kept in Redis itself
+    results = session.exec("pushed.py")  # this host's serve synced before push returned
+    assert sorted((r.node, r.status, r.data) for r in results) == \
+        [(n["name"], "ok", f"pushed {n['name']}".encode()) for n in srw.nodes]
+    listed = srw.run("scripts", "list", "--json")
+    shown = json.loads(listed.stdout)
+    assert listed.returncode == 0 and len({json.dumps(v["pushed.py"]) for v in shown.values()}) == 1
+    assert len(shown) == 6 and shown["r0"]["pushed.py"][0] == 1
+
+
 def test_master_killed_during_execs_fails_over_beside_the_replica(rc):
     """Every exec answered ok or unavailable, none run twice, no write a replica
     acknowledged lost, and the shard's execs run beside the promoted replica as
