@@ -161,7 +161,7 @@ def sync_dir(history_dir: str | Path, scripts: dict[str, Pushed]) -> list[str]:
             continue
         _replace(path, script.content)
         changed.append(name)
-    if changed or not (folder / MANIFEST).exists():
+    if changed or (scripts and not (folder / MANIFEST).exists()):
         listed = {name: [s.version, s.sha256] for name, s in sorted(scripts.items())}
         _replace(folder / MANIFEST, manifest_source(str(folder), listed).encode())
     return changed
