@@ -113,16 +113,21 @@ class SlotMap:
     epoch: int = -1        # cluster_current_epoch as `source` saw it, before the shards
 
 
-def read_slot_map(address: str, timeout: float = ASK_TIMEOUT) -> SlotMap:
-    """CLUSTER SHARDS of the Redis node at `address`.  Raises redis errors."""
+def _connect(address: str, timeout: float):
+    """A plain connection to one Redis node, for the router's own questions."""
     from redis import Redis  # redis-cluster mode only: lmdb never loads redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
     host, port = split_address(address)
     # No retry: redis-py's default backs off 1, 2, 4 s on a dead node, while the
     # next address would answer at once (measured: a route stalled 3.6 s).
-    with Redis(host, port, socket_timeout=timeout, socket_connect_timeout=timeout,
-               retry=Retry(NoBackoff(), 0), decode_responses=True) as conn:
+    return Redis(host, port, socket_timeout=timeout, socket_connect_timeout=timeout,
+                 retry=Retry(NoBackoff(), 0), decode_responses=True)
+
+
+def read_slot_map(address: str, timeout: float = ASK_TIMEOUT) -> SlotMap:
+    """CLUSTER SHARDS of the Redis node at `address`.  Raises redis errors."""
+    with _connect(address, timeout) as conn:
         epoch = _epoch(conn)  # first: a move between the two shows at the next check
         shards = conn.execute_command("CLUSTER", "SHARDS")
     slot_map = SlotMap(source=address, epoch=epoch)
@@ -148,12 +153,7 @@ def _epoch(conn) -> int:
 
 def read_epoch(address: str, timeout: float = ASK_TIMEOUT) -> int:
     """The cluster's config epoch as the Redis node at `address` sees it."""
-    from redis import Redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-    host, port = split_address(address)
-    with Redis(host, port, socket_timeout=timeout, socket_connect_timeout=timeout,
-               retry=Retry(NoBackoff(), 0), decode_responses=True) as conn:
+    with _connect(address, timeout) as conn:
         return _epoch(conn)
 
 
