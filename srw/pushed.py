@@ -5,7 +5,8 @@
                                   (lmdb: on every node's own store; redis: one key)
                               └─► "sync" on each control socket of this host
     srw serve  ── every SYNC_EVERY s, and on "sync" ──► reads the map from the store
-                  (lmdb: its own node's; redis: the cluster) ──► history dir:
+                  (lmdb: its own nodes', and every CATCH_UP_EVERY s the others'
+                  too, keeping a newer one; redis: the cluster) ──► history dir:
                   temp file + rename per changed script, then srw_scripts.py
                   (the manifest); python.init changed → its pools roll (SIGHUP)
     srw scripts list ── exec srw_scripts.py on every node ──► {name: [version, sha256]}
@@ -51,6 +52,7 @@ MANIFEST = "srw_scripts.py"     # written by the sync; `srw scripts list` execs 
 MAX_SCRIPT = 1 << 20            # bytes of one script
 MAX_SCRIPTS = 256
 SYNC_EVERY = 2.0                # s between a node's reads of the key
+CATCH_UP_EVERY = 30.0           # lmdb: s between reads of the other nodes' copies
 STORE_TIMEOUT = 2.0             # s a sync waits for the store
 
 
@@ -242,23 +244,29 @@ class ScriptStore:
             merged = merge(self.read(), files)
             self._redis_store().write(KEY, pack(merged))
             return merged, []
+        maps, _ = self.maps(self.config.nodes)  # a node down: its write says so below
+        merged = merge(newest(maps), files)
+        raw = pack(merged)
+        errors = [e for e in (self.write(node, raw) for node in self.config.nodes) if e]
+        return merged, errors
+
+    def maps(self, nodes: list[NodeSettings]) -> tuple[list[dict], list[str]]:
+        """lmdb: the maps of those of `nodes` that answered, and why the others did not."""
         maps, errors = [], []
-        for node in self.config.nodes:
+        for node in nodes:
             try:
                 maps.append(self.read(node))
-            except (StorageError, PushError) as exc:  # say so, push to the rest
+            except (StorageError, PushError) as exc:
                 errors.append(f"{node.name}: {exc}")
-        merged = merge(newest(maps), files)
-        raw, errors = pack(merged), []
-        for node in self.config.nodes:
-            try:
-                result = self._store(node).call(sp.WRITE, _key_id(), raw, wait=self.timeout)
-            except NodeUnavailable as exc:
-                errors.append(f"{node.name}: {exc}")
-                continue
-            if not result.ok:
-                errors.append(f"{node.name}: {result.status}: {result.error}")
-        return merged, errors
+        return maps, errors
+
+    def write(self, node: NodeSettings, raw: bytes) -> str:
+        """lmdb: the packed map onto `node`'s store; why not, or ""."""
+        try:
+            result = self._store(node).call(sp.WRITE, _key_id(), raw, wait=self.timeout)
+        except NodeUnavailable as exc:
+            return f"{node.name}: {exc}"
+        return "" if result.ok else f"{node.name}: {result.status}: {result.error}"
 
     def _read_raw(self, node: NodeSettings) -> bytes:
         if self.config.cluster.redis:
@@ -309,23 +317,18 @@ class NodeSync:
         self.config, self.nodes = config, nodes
         self.store = ScriptStore(config, curve, timeout=0.5)
         self.next = 0.0          # time.monotonic() of the next sync
+        self.next_catch_up = 0.0  # lmdb: of the next look at the other nodes' copies
         self._last_error = ""
 
-    def sync(self) -> list[str]:
+    def sync(self, catch_up: bool = False) -> list[str]:
         """One sync now; the names that changed.  Raises StorageError, PushError,
-        OSError (each logged once by `poll`)."""
+        OSError (each logged once by `poll`).  lmdb, with `catch_up`: also read the
+        other nodes' copies, and keep a newer one in our own stores (we missed a
+        push while we were down)."""
         if self.config.cluster.redis:
             scripts = self.store.read()
         else:
-            maps, errors = [], []
-            for node in self.nodes:
-                try:
-                    maps.append(self.store.read(node))
-                except (StorageError, PushError) as exc:
-                    errors.append(f"{node.name}: {exc}")
-            if not maps:
-                raise StorageUnavailable("; ".join(errors))
-            scripts = newest(maps)
+            scripts = self._lmdb_scripts(catch_up)
         changed = sync_dir(self.config.pool.history_dir, scripts)
         for name in changed:
             log.info("pushed script %s: version %d (sha256 %s) now in %s", name,
@@ -334,13 +337,32 @@ class NodeSync:
         self._last_error = ""
         return changed
 
+    def _lmdb_scripts(self, catch_up: bool) -> dict[str, Pushed]:
+        own, errors = self.store.maps(self.nodes)
+        if not own:
+            raise StorageUnavailable("; ".join(errors))
+        scripts = newest(own)
+        if catch_up:
+            others, _ = self.store.maps([n for n in self.config.nodes if n not in self.nodes])
+            everyone = newest([scripts, *others])
+            if everyone != scripts:
+                log.info("pushed scripts: a newer copy on another node; keeping it here")
+                for node in self.nodes:
+                    if error := self.store.write(node, pack(everyone)):
+                        log.warning("pushed scripts: %s", error)
+                scripts = everyone
+        return scripts
+
     def poll(self, now: float) -> list[str]:
         """Sync when due; errors are logged (once while they repeat), never raised."""
         if now < self.next:
             return []
         self.next = now + SYNC_EVERY
+        catch_up = now >= self.next_catch_up
+        if catch_up:
+            self.next_catch_up = now + CATCH_UP_EVERY
         try:
-            return self.sync()
+            return self.sync(catch_up)
         except (StorageError, PushError, OSError) as exc:
             if str(exc) != self._last_error:
                 log.warning("script sync: %s", exc)

@@ -12,7 +12,7 @@ import pytest
 from srw import pushed
 from storage.client import Session
 
-from conftest import wait_storage, wait_until
+from conftest import kill_tree, wait_storage, wait_until
 
 NODES = [{"name": "n1", "group": 1}, {"name": "n2", "group": 2}]
 INIT_V2 = """
@@ -26,8 +26,9 @@ def second_host(cluster) -> tuple[subprocess.Popen, str]:
     """Node n2 served as if on another host: its own config copy and history dir
     (and control socket), so it learns of a push only from the store."""
     host = cluster.root / "host2"
-    host.mkdir()
-    shutil.copytree(cluster.history, host / "history")
+    if not host.exists():
+        host.mkdir()
+        shutil.copytree(cluster.history, host / "history")
     config = host / "config.toml"
     config.write_text(cluster.path.read_text())
     proc = subprocess.Popen([sys.executable, "-m", "srw", "serve", "--node", "n2",
@@ -45,7 +46,7 @@ def test_push_reaches_every_node_and_list_shows_its_hash(make_cluster, tmp_path)
     cluster = make_cluster(nodes=NODES, pool={"workers": 1},
                            scripts={"ver.py": '__return_data = "v1"'})
     cluster.srw("serve", "--node", "n1")
-    _, history2 = second_host(cluster)
+    n2, history2 = second_host(cluster)
     cluster.wait_ready()
     wait_storage(cluster)
 
@@ -92,6 +93,18 @@ def test_push_reaches_every_node_and_list_shows_its_hash(make_cluster, tmp_path)
     script.write_text('__return_data = "v3"')
     bumped = cluster.run("scripts", "push", str(script))
     assert b"ver.py: version 2," in bumped.stdout, bumped.stdout
+
+    # A node down during a push says so (exit 1), and takes the push when it is
+    # back: its serve reads the other nodes' copies at start (CATCH_UP_EVERY).
+    kill_tree(n2)
+    script.write_text('__return_data = "v4"')
+    missed = cluster.run("scripts", "push", str(script))
+    assert missed.returncode == 1 and b"not stored on n2: " in missed.stderr, missed.stderr
+    second_host(cluster)
+    cluster.wait_ready()
+    with Session(cluster.path, timeout=5.0) as s:
+        wait_until(lambda: each_node(s, "ver.py") == {"n1": ("ok", b"v4"), "n2": ("ok", b"v4")},
+                   10.0, "n2 to catch up with the push it missed")
 
 
 @pytest.mark.parametrize("name, words", [
