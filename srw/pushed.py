@@ -4,7 +4,8 @@
                                   {name: [name, version, sha256, content]}
                                   (lmdb: on every node's own store; redis: one key)
                               └─► "sync" on each control socket of this host
-    srw serve  ── every SYNC_EVERY s, and on "sync" ──► reads the map from the store
+    srw serve  ── every SYNC_EVERY s (when the stamp, the map's sha256 written
+                  after it, moved), and on "sync" ──► reads the map from the store
                   (lmdb: its own nodes', and every CATCH_UP_EVERY s the others'
                   too, keeping a newer one; redis: the cluster) ──► history dir:
                   temp file + rename per changed script, then srw_scripts.py
@@ -47,6 +48,7 @@ from storage.client import (NodeUnavailable, NotFound, StorageClient, StorageErr
 log = logging.getLogger("srw.pushed")
 
 KEY = "srw:scripts"
+STAMP = "srw:scripts:stamp"     # sha256 of the map, written after it: what nodes poll
 INIT = "python.init"
 MANIFEST = "srw_scripts.py"     # written by the sync; `srw scripts list` execs it
 MAX_SCRIPT = 1 << 20            # bytes of one script
@@ -242,7 +244,9 @@ class ScriptStore:
             check(name, content)
         if self.config.cluster.redis:
             merged = merge(self.read(), files)
-            self._redis_store().write(KEY, pack(merged))
+            raw = pack(merged)
+            self._redis_store().write(KEY, raw)
+            self._redis_store().write(STAMP, _stamp(raw))
             return merged, []
         maps, _ = self.maps(self.config.nodes)  # a node down: its write says so below
         merged = merge(newest(maps), files)
@@ -261,22 +265,34 @@ class ScriptStore:
         return maps, errors
 
     def write(self, node: NodeSettings, raw: bytes) -> str:
-        """lmdb: the packed map onto `node`'s store; why not, or ""."""
-        try:
-            result = self._store(node).call(sp.WRITE, _key_id(), raw, wait=self.timeout)
-        except NodeUnavailable as exc:
-            return f"{node.name}: {exc}"
-        return "" if result.ok else f"{node.name}: {result.status}: {result.error}"
+        """lmdb: the packed map onto `node`'s store, then its stamp; why not, or ""."""
+        for key, value in ((KEY, raw), (STAMP, _stamp(raw))):
+            try:
+                result = self._store(node).call(sp.WRITE, _key_id(key), value,
+                                                wait=self.timeout)
+            except NodeUnavailable as exc:
+                return f"{node.name}: {exc}"
+            if not result.ok:
+                return f"{node.name}: {result.status}: {result.error}"
+        return ""
 
-    def _read_raw(self, node: NodeSettings) -> bytes:
-        if self.config.cluster.redis:
-            return self._redis_store().read(KEY)
+    def stamp(self, node: NodeSettings | None = None) -> bytes:
+        """The stamp of the map as `node` (lmdb) or the cluster (redis) has it; b""
+        when nothing was pushed.  Raises StorageError."""
         try:
-            result = self._store(node).call(sp.READ, _key_id(), wait=self.timeout)
+            return self._read_raw(node or self.config.nodes[0], STAMP)
+        except NotFound:
+            return b""
+
+    def _read_raw(self, node: NodeSettings, key: str = KEY) -> bytes:
+        if self.config.cluster.redis:
+            return self._redis_store().read(key)
+        try:
+            result = self._store(node).call(sp.READ, _key_id(key), wait=self.timeout)
         except NodeUnavailable as exc:
             raise StorageUnavailable(str(exc)) from None
         if result.status == "not_found":
-            raise NotFound(KEY)
+            raise NotFound(key)
         if not result.ok:
             raise StorageUnavailable(f"{node.name}: {result.status}: {result.error}")
         return result.data
@@ -305,8 +321,12 @@ class ScriptStore:
             self._redis = None
 
 
-def _key_id() -> bytes:
-    return hashlib.sha512(KEY.encode()).digest()
+def _key_id(key: str) -> bytes:
+    return hashlib.sha512(key.encode()).digest()
+
+
+def _stamp(raw: bytes) -> bytes:
+    return hashlib.sha256(raw).hexdigest().encode()
 
 
 class NodeSync:
@@ -319,12 +339,18 @@ class NodeSync:
         self.next = 0.0          # time.monotonic() of the next sync
         self.next_catch_up = 0.0  # lmdb: of the next look at the other nodes' copies
         self._last_error = ""
+        self._synced: tuple = ()  # the stamps the last sync read
 
-    def sync(self, catch_up: bool = False) -> list[str]:
+    def sync(self, catch_up: bool = False, if_changed: bool = False) -> list[str]:
         """One sync now; the names that changed.  Raises StorageError, PushError,
-        OSError (each logged once by `poll`).  lmdb, with `catch_up`: also read the
-        other nodes' copies, and keep a newer one in our own stores (we missed a
-        push while we were down)."""
+        OSError (each logged once by `poll`).  With `if_changed`, nothing is read
+        but the stamps while they have not moved.  lmdb, with `catch_up`: also
+        read the other nodes' copies, and keep a newer one in our own stores (we
+        missed a push while we were down)."""
+        stamps = tuple(self.store.stamp(n) for n in self.nodes) \
+            if not self.config.cluster.redis else (self.store.stamp(),)
+        if if_changed and not catch_up and stamps == self._synced:
+            return []
         if self.config.cluster.redis:
             scripts = self.store.read()
         else:
@@ -334,7 +360,7 @@ class NodeSync:
             log.info("pushed script %s: version %d (sha256 %s) now in %s", name,
                      scripts[name].version, scripts[name].sha256[:12],
                      self.config.pool.history_dir)
-        self._last_error = ""
+        self._last_error, self._synced = "", stamps
         return changed
 
     def _lmdb_scripts(self, catch_up: bool) -> dict[str, Pushed]:
@@ -362,7 +388,7 @@ class NodeSync:
         if catch_up:
             self.next_catch_up = now + CATCH_UP_EVERY
         try:
-            return self.sync(catch_up)
+            return self.sync(catch_up, if_changed=True)
         except (StorageError, PushError, OSError) as exc:
             if str(exc) != self._last_error:
                 log.warning("script sync: %s", exc)
