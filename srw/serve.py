@@ -18,6 +18,10 @@ As a service: HUP rolls every pool, TTIN/TTOU add or retire a worker per
 node, USR1 reopens logs, QUIT stops at once; the control socket (srw/control.py)
 takes the same from `srw reload|resize|stop`; [serve] pidfile holds our pid;
 under systemd (Type=notify) we report READY=1 and STOPPING=1.
+
+Scripts pushed into the cluster (`srw scripts push`, srw/pushed.py) reach the
+history dir from here: the loop checks the store every 2 s, and the control
+socket's `sync` does it at once; a new python.init rolls the pools as HUP does.
 """
 from __future__ import annotations
 
@@ -38,8 +42,7 @@ from srw import logs, security
 from srw.config import CONTROL_FD_ENV, START_ENV, Config, NodeSettings
 from srw.control import COMMANDS, ControlServer, ControlUnavailable, socket_path
 from srw.pushed import INIT, NodeSync, PushError
-from storage.client import StorageError
-from storage.client import storage_ready
+from storage.client import StorageError, storage_ready
 
 log = logging.getLogger("srw.serve")
 
