@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   srw exec '' --code '__return_data = "x" * 3'
   srw status --scripts                        pools, workers and executions per script
   srw reload / srw resize 4 / srw stop      a running serve, through its control socket
+  srw scripts push history/count.py && srw scripts list   scripts kept in the cluster
   echo -n value | srw write mykey --data -
   srw read mykey
   srw remove mykey
@@ -126,6 +127,26 @@ def parser() -> argparse.ArgumentParser:
     stop.add_argument("--wait", type=float, default=60.0,
                       help="seconds to wait for it to exit (default 60)")
     stop.set_defaults(func=cmd_stop)
+
+    scripts = sub.add_parser("scripts", help="named scripts kept in the cluster itself",
+                             description="push: store scripts (and python.init) in the "
+                             "cluster, versioned; every node's serve writes them into its "
+                             "history dir within 2 s (at once for the serves of this host), "
+                             "and rolls its pools for a new python.init. list: each node's "
+                             "version and sha256 of each pushed script, as on its disk.")
+    scripts_sub = scripts.add_subparsers(dest="scripts_command", required=True,
+                                         metavar="ACTION")
+    push = scripts_sub.add_parser("push", parents=[common], help="store scripts in the cluster")
+    push.add_argument("files", nargs="+", metavar="FILE",
+                      help="stored under its file name (a plain script name)")
+    push.add_argument("--init", action="store_true",
+                      help="FILE (one) is python.init, whatever its name")
+    push.set_defaults(func=cmd_scripts_push)
+    listing = scripts_sub.add_parser("list", parents=[common],
+                                     help="each node's pushed scripts: version and sha256")
+    listing.add_argument("--json", action="store_true",
+                         help='print {node: {name: [version, sha256]} or {"error": ...}}')
+    listing.set_defaults(func=cmd_scripts_list)
 
     proxy = sub.add_parser("proxy", parents=[common],
                            help="run the HTTP proxy alone against a running cluster")
@@ -430,6 +451,65 @@ def _control(config: cfg.Config, command: str) -> list[str]:
     if not ok:
         raise ValueError("; ".join(errors))
     return ok
+
+
+def cmd_scripts_push(config: cfg.Config, args) -> int:
+    from srw import pushed, security
+    if args.init and len(args.files) != 1:
+        raise ValueError("--init takes one FILE: the python.init to push")
+    files = {}
+    for path in args.files:
+        name = pushed.INIT if args.init else os.path.basename(path)
+        if os.path.getsize(path) > pushed.MAX_SCRIPT:  # before reading it whole
+            raise ValueError(f"{path}: larger than {pushed.MAX_SCRIPT} bytes")
+        with open(path, "rb") as f:
+            files[name] = f.read()
+        pushed.check(name, files[name])
+    store = pushed.ScriptStore(config, security.client_credentials(config, args.client_key),
+                               timeout=5.0)
+    try:
+        merged, errors = store.push(files)
+    finally:
+        store.close()
+    for name in files:
+        script = merged[name]
+        print(f"{name}: version {script.version}, sha256 {script.sha256}")
+    for error in errors:
+        print(f"srw: not stored on {error}", file=sys.stderr)
+    try:
+        for reply in _control(config, "sync"):
+            print(f"srw: {reply}")
+    except ValueError as exc:  # no serve of this config here: the nodes poll
+        print(f"srw: {exc}; running nodes take it within {pushed.SYNC_EVERY:g} s")
+    return 1 if errors else 0
+
+
+def cmd_scripts_list(config: cfg.Config, args) -> int:
+    from srw import pushed
+    with _session(config, args) as session:
+        results = session.exec(pushed.MANIFEST)
+    shown, failed = {}, 0
+    for r in results:
+        if r.status == "not_found":  # nothing pushed has reached this node
+            shown[r.node] = {}
+            continue
+        try:
+            shown[r.node] = json.loads(r.data) if r.ok else {"error": f"{r.status}: "
+                                                               f"{summary(r.error or '')}"}
+        except ValueError:
+            shown[r.node] = {"error": "the node's manifest answered no JSON"}
+        failed += "error" in shown[r.node]
+    if args.json:
+        print(json.dumps(shown))
+        return 1 if failed else 0
+    print(f"{'node':12} {'script':30} {'version':>7}  sha256")
+    for node, scripts in shown.items():
+        if "error" in scripts:
+            print(f"{node:12} {'-':30} {'-':>7}  {scripts['error']}")
+            continue
+        for name, (version, digest) in sorted(scripts.items()):
+            print(f"{node:12} {name:30} {version:>7}  {digest}")
+    return 1 if failed else 0
 
 
 def cmd_reload(config: cfg.Config, args) -> int:

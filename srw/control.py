@@ -9,6 +9,8 @@ connection, one line each way:
     reload                  -> "ok: ..."     every pool re-reads config and python.init, rolls
     resize N [NODE]         -> "ok: ..."     pools (or NODE's) to N workers
     stop                    -> "ok: ... pid" drain and stop, like SIGTERM
+    sync                    -> "ok: ..."     the pushed scripts into the history dir now
+                                             (srw/pushed.py; python.init changed: reload)
     anything else           -> "error: ..."
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from core.config import Config
 
 MAX_LINE = 256
 READ_TIMEOUT = 1.0  # s a connected peer has to send its line
-COMMANDS = "reload, resize N [NODE], stop"
+COMMANDS = "reload, resize N [NODE], stop, sync"
 
 
 def socket_path(config: Config, node: str = "") -> str:

@@ -18,6 +18,10 @@ As a service: HUP rolls every pool, TTIN/TTOU add or retire a worker per
 node, USR1 reopens logs, QUIT stops at once; the control socket (srw/control.py)
 takes the same from `srw reload|resize|stop`; [serve] pidfile holds our pid;
 under systemd (Type=notify) we report READY=1 and STOPPING=1.
+
+Scripts pushed into the cluster (`srw scripts push`, srw/pushed.py) reach the
+history dir from here: the loop checks the store every 2 s, and the control
+socket's `sync` does it at once; a new python.init rolls the pools as HUP does.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ from broker.client import BrokerUnavailable, Client
 from core import exits, logs, security, timeouts
 from core.config import CONTROL_FD_ENV, START_ENV, Config, NodeSettings
 from srw.control import COMMANDS, ControlServer, ControlUnavailable, socket_path
-from storage.client import storage_ready
+from srw.pushed import INIT, NodeSync, PushError
+from storage.client import StorageError, storage_ready
 
 log = logging.getLogger("srw.serve")
 
@@ -133,6 +138,7 @@ class Supervisor:
         self.stopping = False
         self.control: ControlServer | None = None
         self.notify_socket = os.environ.pop("NOTIFY_SOCKET", "")  # ours, not the children's
+        self.scripts = NodeSync(config, nodes, security.role_credentials(config, "node"))
 
     def run(self, with_proxy: bool = False) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -151,6 +157,7 @@ class Supervisor:
             self.notify("READY=1\nSTATUS=" + ", ".join(n.name for n in self.nodes) + " ready")
             while not self.stopping:
                 self.watch_children()
+                self.took_scripts(self.scripts.poll(time.monotonic()))
                 if self.control is not None:
                     self.control.poll(0.1)
                 else:
@@ -163,6 +170,7 @@ class Supervisor:
             self.notify("STOPPING=1")
             self.stop()
             self.close_control()
+            self.scripts.close()
 
     def notify(self, state: str) -> None:
         """sd_notify: tell systemd (Type=notify) our state.  Five lines over a
@@ -216,7 +224,25 @@ class Supervisor:
             return f"ok: stopping (pid {os.getpid()})"
         if command == "resize" and 1 <= len(args) <= 2 and args[0].isdigit():
             return self.resize(int(args[0]), args[1] if len(args) == 2 else "")
+        if command == "sync" and not args:
+            return self.sync_scripts()
         return f"error: unknown command {' '.join(words)[:80]!r}; commands: {COMMANDS}"
+
+    def sync_scripts(self) -> str:
+        """`sync`: the pushed scripts into the history dir now (srw/pushed.py)."""
+        try:
+            changed = self.scripts.sync()
+        except (StorageError, PushError, OSError) as exc:
+            return f"error: script sync: {exc}"
+        self.took_scripts(changed)
+        nodes = ", ".join(n.name for n in self.nodes)
+        return f"ok: {nodes}: " + (f"took {', '.join(changed)}" if changed else "up to date")
+
+    def took_scripts(self, changed: list[str]) -> None:
+        """A new python.init rolls the pools (as HUP); other scripts need nothing:
+        a worker reads a script again when its file changes."""
+        if INIT in changed:
+            self._on_reload(signal.SIGHUP, None)
 
     def resize(self, size: int, node: str) -> str:
         ceiling = self.config.pool.ceiling

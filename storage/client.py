@@ -63,6 +63,20 @@ class StorageUnavailable(StorageError, ConnectionError):
     """No owner of the key answered (all down, or their stores failed)."""
 
 
+class ReplicaWriteFailed(StorageError):
+    """A write that some groups stored and others did not: the value is on fewer
+    replicas than asked.  ``failed`` and ``stored`` are the Results of each side
+    (one per group); the caller decides whether to write again."""
+
+    def __init__(self, key, failed: list, stored: list):
+        self.key, self.failed, self.stored = key, list(failed), list(stored)
+        super().__init__(
+            f"write of {key!r} failed in group(s) "
+            f"{', '.join(str(r.group) for r in self.failed)} ("
+            + "; ".join(f"{r.node}: {r.status}: {r.error}" for r in self.failed)
+            + f"); stored in group(s) {', '.join(str(r.group) for r in self.stored)}")
+
+
 class NodeUnavailable(BrokerUnavailable):
     """One storage node did not answer; the Session turns it into a Result."""
 

@@ -43,8 +43,8 @@ from core import protocol as p
 from core import config as cfg
 from core import security
 
-from .client import (NodeUnavailable, Session, StorageClient, StorageError,
-                     StorageUnavailable, config_from_remote)
+from .client import (NodeUnavailable, ReplicaWriteFailed, Session, StorageClient,
+                     StorageError, StorageUnavailable, config_from_remote)
 
 __all__ = ["StorageHandle"]
 
@@ -180,23 +180,30 @@ class StorageHandle:
         return data
 
     def write_data(self, key: str | bytes, data: bytes | str) -> list:
-        """Store in every group; one Result per group.  When no group stored it,
-        raises StorageUnavailable (no owner answered) or StorageError (e.g. too large)."""
+        """Store in every group; one Result per group, all ok.  A write that any
+        group did not store raises: ReplicaWriteFailed (a StorageError naming the
+        groups that failed and those that stored it) when some stored it, else
+        StorageUnavailable (no owner answered) or StorageError (e.g. too large).
+        So a script that lets it out is answered non-ok, not ``ok`` with fewer
+        copies than asked."""
         raw = data.encode() if isinstance(data, str) else bytes(data)
         if self._redis is not None:  # raises ClusterUnavailable when its master is down
             self._redis.write(key, raw)
             return self._redis_result()
         results = self.session().write(key, raw, groups=self._groups())
         failed = [r for r in results if not r.ok]
+        if not failed:
+            return results
         for r in failed:
             self.log.error("write %r to node %s (group %d): %s: %s", key, r.node, r.group,
                            r.status, r.error)
-        if len(failed) == len(results):
-            down = all(r.status == p.UNAVAILABLE for r in failed)
-            raise (StorageUnavailable if down else StorageError)(
-                f"write of {key!r} failed in every group: "
-                + "; ".join(f"{r.node}: {r.status}: {r.error}" for r in failed))
-        return results
+        stored = [r for r in results if r.ok]
+        if stored:
+            raise ReplicaWriteFailed(key, failed, stored)
+        down = all(r.status == p.UNAVAILABLE for r in failed)
+        raise (StorageUnavailable if down else StorageError)(
+            f"write of {key!r} failed in every group: "
+            + "; ".join(f"{r.node}: {r.status}: {r.error}" for r in failed))
 
     def remove(self, key: str | bytes) -> list:
         """Remove from every group; one Result per group (``not_found`` where absent)."""

@@ -21,6 +21,14 @@ not ids, and an id names no key whose slot could be found.
 The slot map is read from any reachable Redis node (the node list's redis
 addresses, then cluster.seeds) every REFRESH_EVERY seconds, and sooner after
 ``stale()`` (a caller saw ``unavailable``: a master may have failed over).
+Between reads, every EPOCH_EVERY seconds, the router asks the node it read
+the map from for the cluster's config epoch (CLUSTER INFO, a small reply);
+Redis bumps it at every failover and every finished slot move (SETSLOT NODE),
+so a moved slot is followed within about EPOCH_EVERY plus the cluster bus's
+gossip delay, instead of REFRESH_EVERY.  Until then an exec may still run
+beside the old master: its script's Redis calls follow MOVED/ASK to the new
+owner (redis-py), so it reads and writes the right data, only from one hop
+further away.
 ``route`` refreshes inline when the map is due; the proxy calls ``refresh``
 from a thread instead, so its event loop never waits on a Redis node.
 """
@@ -42,6 +50,7 @@ __all__ = ["Route", "make_router", "RingRouter", "SlotRouter", "SLOTS", "split_a
 SLOTS = 16384
 REFRESH_EVERY = 5.0    # s between slot-map reads when nothing went wrong
 REFRESH_AFTER = 0.1    # s: the soonest a refresh follows the previous one after stale()
+EPOCH_EVERY = 0.5      # s between config-epoch checks (CLUSTER INFO) between map reads
 ASK_TIMEOUT = 0.5      # s per Redis node asked for CLUSTER SHARDS
 
 log = logging.getLogger("srw.storage.router")
@@ -103,20 +112,27 @@ class SlotMap:
     owner: list[str] = field(default_factory=lambda: [""] * SLOTS)
     failing: set[str] = field(default_factory=set)
     source: str = ""
+    epoch: int = -1        # cluster_current_epoch as `source` saw it, before the shards
 
 
-def read_slot_map(address: str, timeout: float = ASK_TIMEOUT) -> SlotMap:
-    """CLUSTER SHARDS of the Redis node at `address`.  Raises redis errors."""
+def _connect(address: str, timeout: float):
+    """A plain connection to one Redis node, for the router's own questions."""
     from redis import Redis  # redis-cluster mode only: lmdb never loads redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
     host, port = split_address(address)
     # No retry: redis-py's default backs off 1, 2, 4 s on a dead node, while the
     # next address would answer at once (measured: a route stalled 3.6 s).
-    with Redis(host, port, socket_timeout=timeout, socket_connect_timeout=timeout,
-               retry=Retry(NoBackoff(), 0), decode_responses=True) as conn:
+    return Redis(host, port, socket_timeout=timeout, socket_connect_timeout=timeout,
+                 retry=Retry(NoBackoff(), 0), decode_responses=True)
+
+
+def read_slot_map(address: str, timeout: float = ASK_TIMEOUT) -> SlotMap:
+    """CLUSTER SHARDS of the Redis node at `address`.  Raises redis errors."""
+    with _connect(address, timeout) as conn:
+        epoch = _epoch(conn)  # first: a move between the two shows at the next check
         shards = conn.execute_command("CLUSTER", "SHARDS")
-    slot_map = SlotMap(source=address)
+    slot_map = SlotMap(source=address, epoch=epoch)
     for shard in shards:
         master = next((n for n in shard["nodes"] if n["role"] == "master"), None)
         ranges = shard["slots"]
@@ -128,6 +144,19 @@ def read_slot_map(address: str, timeout: float = ASK_TIMEOUT) -> SlotMap:
         for start, end in zip(ranges[::2], ranges[1::2]):
             slot_map.owner[start:end + 1] = [where] * (end - start + 1)
     return slot_map
+
+
+def _epoch(conn) -> int:
+    """cluster_current_epoch from CLUSTER INFO (lines of "field:value")."""
+    info = conn.execute_command("CLUSTER", "INFO")
+    line = next(l for l in info.splitlines() if l.startswith("cluster_current_epoch:"))
+    return int(line.split(":", 1)[1])
+
+
+def read_epoch(address: str, timeout: float = ASK_TIMEOUT) -> int:
+    """The cluster's config epoch as the Redis node at `address` sees it."""
+    with _connect(address, timeout) as conn:
+        return _epoch(conn)
 
 
 class SlotRouter:
@@ -146,14 +175,17 @@ class SlotRouter:
         self.map: SlotMap | None = None
         self.error = ""             # why the last refresh failed, "" when it worked
         self._fetched = -float("inf")
+        self._checked = -float("inf")   # the last epoch check (or map read)
         self._tried = -float("inf")
         self._lock = threading.Lock()  # the proxy refreshes from a thread
 
     # The slot map -----------------------------------------------------------------
 
     def due(self) -> bool:
+        """Whether `refresh` has something to do: the map, or just the epoch, is due."""
         now = time.monotonic()
-        return now - self._fetched >= self.refresh_every and now - self._tried >= REFRESH_AFTER
+        return now - self._tried >= REFRESH_AFTER and \
+            (now - self._fetched >= self.refresh_every or now - self._checked >= EPOCH_EVERY)
 
     def stale(self) -> None:
         """A caller met a node down: read the map again at the next chance."""
@@ -163,16 +195,25 @@ class SlotRouter:
         """Read the slot map from the first Redis node that answers; keep the old
         one (and say why in ``error``) when none does."""
         with self._lock:
-            self._tried = time.monotonic()
+            self._tried = now = time.monotonic()
+            if self.map is not None and now - self._fetched < self.refresh_every:
+                self._checked = now
+                try:
+                    if read_epoch(self.map.source) == self.map.epoch:
+                        return
+                except (self._redis_error, OSError, StopIteration, ValueError):
+                    pass  # that node is gone: read the map from any
             errors = []
             last = self.map.source if self.map else ""  # it answered last time: first
             for address in sorted(self.ask, key=lambda a: a != last):
                 try:
                     self.map = read_slot_map(address)
-                except (self._redis_error, OSError, KeyError, TypeError) as exc:
+                except (self._redis_error, OSError, KeyError, TypeError, StopIteration,
+                        ValueError) as exc:
                     errors.append(f"{address}: {exc}")
                     continue
-                self._fetched, self.error = time.monotonic(), ""
+                self._fetched = self._checked = time.monotonic()
+                self.error = ""
                 return
             self.error = "no Redis node answered CLUSTER SHARDS (" + "; ".join(errors) + ")"
             log.warning("slot map: %s", self.error)

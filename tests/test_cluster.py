@@ -81,3 +81,31 @@ def test_three_nodes_two_groups_route_replicate_and_survive_a_node(make_cluster)
     # The CLI reads through the same routing.
     out = cluster.run("read", key)
     assert out.returncode == 0 and out.stdout == b"while n2 is down"
+
+
+WRITE_BOTH = """
+from storage.handle import StorageHandle
+n = StorageHandle(timeout=1.0)
+"""
+
+
+def test_a_write_that_a_group_did_not_store_is_a_non_ok_exec(make_cluster):
+    """Two groups, group 2's node down: a script's write stores in group 1 only,
+    and its exec says so (not `ok`), naming both sides."""
+    nodes = [{"name": "n1", "group": 1}, {"name": "n2", "group": 2}]
+    cluster = make_cluster(nodes=nodes, pool={"workers": 1}, broker={"request_timeout": 5.0},
+                           init=WRITE_BOTH)
+    serves = {n["name"]: cluster.srw("serve", "--node", n["name"]) for n in nodes}
+    cluster.wait_ready()
+    wait_storage(cluster)
+    kill_tree(serves["n2"])
+    assert not cluster.processes("srw: storage n2")
+
+    with Session(cluster.path, timeout=5.0) as s:
+        [result] = s.exec("", code='n.write_data("half", b"only in group 1")',
+                          key="half", groups=[1])
+        assert (result.node, result.status) == ("n1", "script_error"), result
+        assert "ReplicaWriteFailed" in result.error
+        assert "failed in group(s) 2 (n2: unavailable" in result.error, result.error
+        assert "stored in group(s) 1" in result.error, result.error
+        assert s.read("half", groups=[1]) == b"only in group 1"

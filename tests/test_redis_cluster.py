@@ -37,6 +37,13 @@ __return_data = json.dumps({k: n.read_data(k).decode() for k in keys})
 """,
     # One side effect per request: INCR its own key, and say whether a replica has it.
     "down.py": "raise ClusterUnavailable('a Redis node is down (on purpose)')\n",
+    # Its own key once, and the slot's shared counter: lost or doubled updates show.
+    "reshard.py": """
+key = __input_binary_data_tuple[0].decode()
+mine = n.redis.incr(key)
+n.redis.incr(key.split("}")[0] + "}:total")
+__return_data = json.dumps([NODE, mine])
+""",
     "count.py": """
 key = __input_binary_data_tuple[0].decode()
 value = n.redis.incr(key)
@@ -212,6 +219,95 @@ def test_exec_by_id_is_refused_with_a_reason(rc):
     assert b"give the key" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     status, _, body = proxy_request(srw, "POST", "/elliptics?exec&name=where.py&id=01")
     assert status == 400 and b"give the key" in body
+
+
+def test_scripts_push_reaches_every_node_through_redis(rc, tmp_path):
+    redis, srw, session = rc
+    script = tmp_path / "pushed.py"
+    script.write_text('__return_data = "pushed " + NODE')
+    out = srw.run("scripts", "push", str(script))
+    assert out.returncode == 0 and b"pushed.py: version 1" in out.stdout, out.stderr
+    from srw.pushed import KEY, unpack
+    assert unpack(session.read(KEY))["pushed.py"].version == 1  # kept in Redis itself
+    results = session.exec("pushed.py")  # this host's serve synced before push returned
+    assert sorted((r.node, r.status, r.data) for r in results) == \
+        [(n["name"], "ok", f"pushed {n['name']}".encode()) for n in srw.nodes]
+    listed = srw.run("scripts", "list", "--json")
+    shown = json.loads(listed.stdout)
+    assert listed.returncode == 0 and len({json.dumps(v["pushed.py"]) for v in shown.values()}) == 1
+    assert len(shown) == 6 and shown["r0"]["pushed.py"][0] == 1
+
+
+def test_execs_follow_a_slot_moved_under_load(rc):
+    """`redis-cli --cluster reshard` moves a slot (its keys by MIGRATE) while
+    execs on keys of that slot stream in: each is answered ok and its Redis
+    calls reach the slot's owner of the moment (no update lost or doubled); the
+    execs run beside the new master within FOLLOW_MOVE: the router sees the
+    config epoch the move bumped (EPOCH_EVERY) and reads the map again."""
+    import subprocess
+    import threading
+    from redis.crc import key_slot
+    redis, srw, _ = rc
+    source, target = redis.shards()[1], redis.shards()[2]
+    slot = source["slots"][0]   # reshard moves a source's lowest slots first
+    tag = next(t for t in (f"m{i}" for i in range(100_000)) if key_slot(t.encode()) == slot)
+    with redis.conn(int(target["master"].rsplit(":", 1)[1])) as r:
+        target_id = r.execute_command("CLUSTER", "MYID")
+    with redis.conn(int(source["master"].rsplit(":", 1)[1])) as r:
+        source_id = r.execute_command("CLUSTER", "MYID")
+
+    log, stop, moved = [], threading.Event(), {}
+
+    def stream():
+        with Session(srw.path, timeout=5.0) as s:
+            for i in range(100_000):
+                if stop.is_set():
+                    return
+                key = "{%s}:%d" % (tag, i)
+                [result] = s.exec("reshard.py", key.encode(), key=key)
+                log.append((time.monotonic(), key, result))
+                time.sleep(0.005)
+    thread = threading.Thread(target=stream)
+    thread.start()
+    try:
+        wait_until(lambda: len(log) >= 20, 10, "execs before the move")
+        started = time.monotonic()
+        subprocess.run(["redis-cli", "--cluster", "reshard", target["master"],
+                        "--cluster-from", source_id, "--cluster-to", target_id,
+                        "--cluster-slots", "1", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=30)
+        moved["at"] = time.monotonic()
+        assert slot in _slots(redis, target["master"])
+        wait_until(lambda: log[-1][0] > moved["at"] + FOLLOW_MOVE + 1.0, 15,
+                   "execs past the router's next map read")
+    finally:
+        stop.set()
+        thread.join(10)
+    old, new = beside(srw, source["master"]), beside(srw, target["master"])
+    assert {r.status for _, _, r in log} == {p.OK}, [r for *_, r in log if not r.ok][:3]
+    assert all(r.node == old for t, _, r in log if t < started)
+    settled = [r for t, _, r in log if t > moved["at"] + FOLLOW_MOVE]
+    assert settled and all(r.node == new and r.redis == target["master"] for r in settled), \
+        [(r.node, r.redis) for r in settled if r.node != new][:3]
+    with redis.conn(int(target["master"].rsplit(":", 1)[1])) as r:
+        assert int(r.get("{%s}:total" % tag)) == len(log)      # no update lost or doubled
+        assert all(int(r.get(key)) == 1 for _, key, _ in log)   # each exec ran once
+    late = [t - moved["at"] for t, _, r in log if t > moved["at"] and r.node == old]
+    print(f"\nreshard: slot {slot} moved in {moved['at'] - started:.2f} s under "
+          f"{len(log)} execs; {len(late)} ran beside the old master after the move, the "
+          f"last {max(late, default=0):.2f} s after it (their Redis calls followed MOVED)")
+
+
+# s from a finished slot move to srw running its execs beside the new master:
+# EPOCH_EVERY (0.5 s) plus the cluster bus spreading the new epoch to the node
+# the router asks (within cluster-node-timeout / 2 = 1 s here).
+FOLLOW_MOVE = 2.0
+
+
+def _slots(redis, master: str) -> set[int]:
+    shard = next(s for s in redis.shards() if s["master"] == master)
+    return {i for a, b in zip(shard["slots"][::2], shard["slots"][1::2])
+            for i in range(a, b + 1)}
 
 
 def test_master_killed_during_execs_fails_over_beside_the_replica(rc):

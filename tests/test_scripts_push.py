@@ -1,0 +1,147 @@
+"""`srw scripts push` / `srw scripts list`: scripts kept in the cluster reach
+every node's history dir without a restart (srw/pushed.py)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from srw import pushed
+from storage.client import Session
+
+from conftest import kill_tree, wait_storage, wait_until
+
+NODES = [{"name": "n1", "group": 1}, {"name": "n2", "group": 2}]
+INIT_V2 = """
+from storage.handle import StorageHandle
+n = StorageHandle()
+GREETING = "from the pushed python.init"
+"""
+
+
+def second_host(cluster) -> tuple[subprocess.Popen, str]:
+    """Node n2 served as if on another host: its own config copy and history dir
+    (and control socket), so it learns of a push only from the store."""
+    host = cluster.root / "host2"
+    if not host.exists():
+        host.mkdir()
+        shutil.copytree(cluster.history, host / "history")
+    config = host / "config.toml"
+    config.write_text(cluster.path.read_text())
+    proc = subprocess.Popen([sys.executable, "-m", "srw", "serve", "--node", "n2",
+                             "--config", str(config)], cwd=host, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    cluster.procs.append(proc)
+    return proc, str(host / "history")
+
+
+def each_node(session: Session, name: str) -> dict[str, tuple[str, bytes]]:
+    return {r.node: (r.status, r.data) for r in session.exec(name)}
+
+
+def test_push_reaches_every_node_and_list_shows_its_hash(make_cluster, tmp_path):
+    cluster = make_cluster(nodes=NODES, pool={"workers": 1},
+                           scripts={"ver.py": '__return_data = "v1"'})
+    cluster.srw("serve", "--node", "n1")
+    n2, history2 = second_host(cluster)
+    cluster.wait_ready()
+    wait_storage(cluster)
+
+    script = tmp_path / "ver.py"
+    script.write_text('__return_data = "v2 " + str(globals().get("GREETING"))')
+    init = tmp_path / "my.init"
+    init.write_text(INIT_V2)
+    pushed_ok = cluster.run("scripts", "push", str(script))
+    assert pushed_ok.returncode == 0, pushed_ok.stderr
+    assert b"ver.py: version 1, sha256 " in pushed_ok.stdout
+    assert b"srw: n1: " in pushed_ok.stdout   # this host's serve synced before it answered
+
+    with Session(cluster.path, timeout=5.0) as s:
+        [at_once] = s.exec("ver.py", key="k", groups=[1])
+        assert (at_once.node, at_once.data) == ("n1", b"v2 None")
+        # n2 polls the store: bounded by the sync period (2 s), plus slack.
+        wait_until(lambda: each_node(s, "ver.py") == {"n1": ("ok", b"v2 None"),
+                                                      "n2": ("ok", b"v2 None")},
+                   10.0, "the pushed ver.py on both nodes")
+        pids = {w.pid for w in cluster.workers("n1") + cluster.workers("n2")}
+
+        out = cluster.run("scripts", "push", "--init", str(init))
+        assert out.returncode == 0 and b"python.init: version 1" in out.stdout, out.stderr
+        wait_until(lambda: each_node(s, "ver.py") == {
+            "n1": ("ok", b"v2 from the pushed python.init"),
+            "n2": ("ok", b"v2 from the pushed python.init")},
+            15.0, "the pushed python.init in both pools")
+        # A rolling reload, not a restart: the pools stayed, the workers were replaced.
+        assert len(cluster.processes("srw: pool n1")) == 1
+        assert pids.isdisjoint(w.pid for w in cluster.workers("n1") + cluster.workers("n2"))
+
+    listed = cluster.run("scripts", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    shown = json.loads(listed.stdout)
+    digest = pushed.Pushed.make("ver.py", script.read_bytes(), 1).sha256
+    assert shown["n1"]["ver.py"] == shown["n2"]["ver.py"] == [1, digest]
+    assert shown["n1"]["python.init"] == shown["n2"]["python.init"]
+    assert shown["n1"]["python.init"][0] == 1
+    assert open(f"{history2}/ver.py", "rb").read() == script.read_bytes()
+
+    # Pushing the same content again keeps its version; a change bumps it.
+    again = cluster.run("scripts", "push", str(script))
+    assert b"ver.py: version 1," in again.stdout
+    script.write_text('__return_data = "v3"')
+    bumped = cluster.run("scripts", "push", str(script))
+    assert b"ver.py: version 2," in bumped.stdout, bumped.stdout
+
+    # A node down during a push says so (exit 1), and takes the push when it is
+    # back: its serve reads the other nodes' copies at start (CATCH_UP_EVERY).
+    kill_tree(n2)
+    script.write_text('__return_data = "v4"')
+    missed = cluster.run("scripts", "push", str(script))
+    assert missed.returncode == 1 and b"not stored on n2: " in missed.stderr, missed.stderr
+    second_host(cluster)
+    cluster.wait_ready()
+    with Session(cluster.path, timeout=5.0) as s:
+        wait_until(lambda: each_node(s, "ver.py") == {"n1": ("ok", b"v4"), "n2": ("ok", b"v4")},
+                   10.0, "n2 to catch up with the push it missed")
+
+
+@pytest.mark.parametrize("name, words", [
+    (".hidden", b"bad script name"),
+    ("a..b", b"bad script name"),
+    ("srw_scripts.py", b"srw's own"),
+])
+def test_push_refuses_a_bad_name(make_cluster, tmp_path, name, words):
+    cluster = make_cluster(nodes=[{"name": "n1"}])
+    path = tmp_path / name
+    path.write_text("__return_data = 1")
+    out = cluster.run("scripts", "push", str(path))
+    assert out.returncode == 1
+    assert out.stderr.startswith(b"srw: ") and words in out.stderr, out.stderr
+    assert out.stderr.count(b"\n") == 1
+
+
+def test_push_refuses_a_large_script(make_cluster, tmp_path):
+    cluster = make_cluster(nodes=[{"name": "n1"}])
+    path = tmp_path / "big.py"
+    path.write_bytes(b"#" * (pushed.MAX_SCRIPT + 1))
+    out = cluster.run("scripts", "push", str(path))
+    assert out.returncode == 1 and b"larger than" in out.stderr, out.stderr
+
+
+def test_stored_scripts_are_checked_like_hostile_input():
+    good = pushed.Pushed.make("a.py", b"x = 1", 3)
+    assert pushed.unpack(pushed.pack({"a.py": good})) == {"a.py": good}
+    for bad, words in [
+        ({"a.py": ["a.py", 1, "0" * 64, b"x = 1"]}, "sha256"),
+        ({"../x": ["../x", 1, good.sha256, b"x = 1"]}, "bad script name"),
+        ({"b.py": good.to_list()}, "names itself"),
+        ({"a.py": ["a.py", -1, good.sha256, b"x = 1"]}, "wrong types"),
+        ([1, 2], "not a map"),
+    ]:
+        import msgpack
+        with pytest.raises(pushed.PushError, match=words):
+            pushed.unpack(msgpack.packb(bad, use_bin_type=True))
+    with pytest.raises(pushed.PushError):
+        pushed.unpack(b"\xc1garbage")
