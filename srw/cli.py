@@ -454,7 +454,8 @@ def _control(config: cfg.Config, command: str) -> list[str]:
 
 
 def cmd_scripts_push(config: cfg.Config, args) -> int:
-    from srw import pushed, security
+    from core import security
+    from srw import pushed
     if args.init and len(args.files) != 1:
         raise ValueError("--init takes one FILE: the python.init to push")
     files = {}
