@@ -55,8 +55,9 @@ class Worker:
         self.credits = ready.credits
         # job id -> its expected run time (us), in dispatch order: the order it runs them
         self.jobs: dict[bytes, float] = {}
-        # jobs answered 'timeout' while it held them: its late replies are no error
-        self.expired: set[bytes] = set()
+        # jobs answered 'timeout' while it held them -> the id lock each still
+        # holds (None: no id): its late reply is no error, and frees the lock
+        self.expired: dict[bytes, str | None] = {}
         self.replied = 0
         self.last_seen = now
         self.draining = False
@@ -155,15 +156,19 @@ class Dispatcher:
             self.deadlines = [(job.deadline, i) for i, job in self.jobs.items()]
             heapq.heapify(self.deadlines)
 
-    def finish(self, job_id: bytes, status: str, data: bytes = b"", error: str = "") -> None:
+    def finish(self, job_id: bytes, status: str, data: bytes = b"", error: str = "",
+               keep_lock: bool = False) -> None:
         job = self.jobs.pop(job_id, None)
         if job is None:
             return  # already answered (timeout) or unknown
         self.queue.pop(job_id, None)
-        if job.lock is not None:
-            self._queue_first(self.locks.release(job.lock, job_id, self.jobs.__contains__))
+        if job.lock is not None and not keep_lock:
+            self._release(job.lock, job_id)
         self.served += 1
         self.answer(job, status, data, error)
+
+    def _release(self, lock: str, job_id: bytes) -> None:
+        self._queue_first(self.locks.release(lock, job_id, self.jobs.__contains__))
 
     def _queue_first(self, job_id: bytes | None) -> None:
         """A job that now holds its id's lock goes first in the queue."""
@@ -201,6 +206,10 @@ class Dispatcher:
         for job_id in list(worker.jobs):
             self.finish(job_id, p.KILLED, error=why)
         worker.jobs.clear()
+        for job_id, lock in worker.expired.items():  # it runs nothing any more
+            if lock is not None:
+                self._release(lock, job_id)
+        worker.expired.clear()
         worker.draining = True  # in case something still holds it: give it nothing
 
     # Dispatch and deadlines ------------------------------------------------
@@ -272,10 +281,13 @@ class Dispatcher:
                 # The worker ends the request at this deadline too (it kills its
                 # runner, or the pool kills it in isolation none, and then what it
                 # never began is requeued): its late reply is for a request answered.
-                if job.worker is not None:
-                    if job.worker.jobs.pop(job_id, None) is not None:
-                        job.worker.expired.add(job_id)
-                self.finish(job_id, p.TIMEOUT,
+                # Its id stays locked until that reply (or the worker's end): the
+                # worker's clock runs from when the request reached it, a little
+                # later, and the next exec of the id must not start before it stops.
+                held = job.worker is not None and job.worker.jobs.pop(job_id, None) is not None
+                if held:
+                    job.worker.expired[job_id] = job.lock
+                self.finish(job_id, p.TIMEOUT, keep_lock=held,
                             error=f"node {self.node}: no reply within the request's "
                                   "deadline (broker.request_timeout or the request's timeout)")
 
@@ -295,6 +307,8 @@ class Dispatcher:
                 self.learn(job.meta.name, run_us)
             self.finish(job_id, status, data, error)
         elif job_id in worker.expired:  # late: answered 'timeout' already
-            worker.expired.discard(job_id)
+            lock = worker.expired.pop(job_id)
+            if lock is not None:
+                self._release(lock, job_id)
         else:
             raise p.ProtocolError(f"REPLY to job {job_id[:16]!r}, which it was never given")

@@ -32,7 +32,6 @@ class Node(RuleBasedStateMachine):
         for slot in (1, 2):
             self.register(slot)
         self.id_of: dict[bytes, str | None] = {}
-        self.deadline_of: dict[bytes, float] = {}
         self.arrived: dict[str, list[bytes]] = collections.defaultdict(list)
         self.started: dict[str, list[bytes]] = collections.defaultdict(list)
 
@@ -48,19 +47,18 @@ class Node(RuleBasedStateMachine):
         return worker
 
     def start(self, job: bytes) -> None:
-        """A worker begins `job`, unless its deadline passed: the worker keeps the
-        broker's deadline too (the request's budget) and runs nothing past it."""
-        if self.id_of[job] is not None and self.deadline_of[job] > self.clock:
+        """A worker runs `job`, even one the broker has answered timeout: the
+        worker's clock started when the request reached it, a little later."""
+        if self.id_of[job] is not None:
             self.started[self.id_of[job]].append(job)
 
-    @rule(id=st.sampled_from(IDS), timeout=st.floats(0.5, 30.0))
+    @rule(id=st.sampled_from(IDS), timeout=st.floats(0.5, 5.0))
     def request(self, id, timeout):
         meta = p.ExecMeta(name="echo.py", id=id)
         job = self.d.admit(b"client", b"", meta, b"", 64, self.clock + timeout, False)
         # The rid is the job id, so answers can be told apart.
         self.d.jobs[job].rid = job
         self.id_of[job] = id
-        self.deadline_of[job] = self.clock + timeout
         if id is not None:
             self.arrived[id].append(job)
 
@@ -142,4 +140,4 @@ class Node(RuleBasedStateMachine):
 
 
 TestNode = Node.TestCase
-TestNode.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestNode.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
