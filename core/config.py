@@ -126,6 +126,9 @@ class SecuritySettings:
     proxy_key: str = "keys/proxy.key_secret"      # the HTTP proxy's
     proxy_rights: tuple[str, ...] = ("exec", "read", "write")  # never "code"
     key: str = ""  # the key srw's own clients (CLI, Session) use with this config
+    # Signs `srw scripts push`'s map: scripts may write the store, so nodes take
+    # only a map signed with this secret (srw/pushed.py); `srw keys init` writes it.
+    push_secret: str = "keys/push.secret"
     rights: dict[str, tuple[str, ...]] = field(default_factory=dict)  # client -> rights
 
 
@@ -402,7 +405,7 @@ def _resolve_paths(config: Config) -> Config:
     log = dataclasses.replace(config.log, file=absolute(config.log.file))
     sec = config.security
     security = dataclasses.replace(sec, **{k: absolute(getattr(sec, k)) for k in (
-        "server_key", "clients", "scripts_key", "proxy_key", "key")})
+        "server_key", "clients", "scripts_key", "proxy_key", "key", "push_secret")})
     nodes = tuple(dataclasses.replace(n, data_dir=absolute(n.data_dir)) for n in config.nodes)
     serve = dataclasses.replace(config.serve, pidfile=absolute(config.serve.pidfile),
                                 control=absolute(config.serve.control))

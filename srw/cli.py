@@ -274,8 +274,13 @@ def cmd_keys_init(args) -> int:
     from core import security
     for name in ("server", "scripts", "proxy"):
         _refuse_overwrite(args.dir, name)
+    secret = os.path.join(args.dir, "push.secret")
+    if os.path.exists(secret):
+        raise OSError(f"{secret} exists; remove it first to make a new one")
     for name in ("server", "scripts", "proxy"):
         print(f"wrote {security.write_pair(args.dir, name)} and its public {name}.key")
+    print(f"wrote {security.write_secret(secret)} (signs `srw scripts push`; give every node "
+          "and pusher the same file)")
     print("next: srw keys new NAME --rights exec,read (a client); then [security] curve = true")
     return 0
 

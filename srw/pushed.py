@@ -23,14 +23,20 @@ the new version, never half of one (it reads a script again when its mtime
 or size changes).  A set of scripts pushed together is not replaced as one:
 for a moment a node may run the new version of one and the old of another.
 
-Everything read from the store is treated as hostile: names must be plain
-script names (runtime/scripts.py), contents at most MAX_SCRIPT bytes and
+Everything read from the store is treated as hostile.  Scripts may write the
+store (their handle has read and write; in redis-cluster mode `n.redis` reaches
+every key), and python.init runs in the trusted pool, outside any sandbox: so
+the map is stored sealed, an HMAC-SHA256 under `[security] push_secret` (a file
+only the operator's pushers and nodes hold; `srw keys init` writes it) before
+it, and a node checks the seal before it parses anything.  Then names must be
+plain script names (runtime/scripts.py), contents at most MAX_SCRIPT bytes and
 match their sha256, the map at most MAX_SCRIPTS entries.
 """
 from __future__ import annotations
 
 import ast
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -56,6 +62,7 @@ MAX_SCRIPTS = 256
 SYNC_EVERY = 2.0                # s between a node's reads of the key
 CATCH_UP_EVERY = 30.0           # lmdb: s between reads of the other nodes' copies
 STORE_TIMEOUT = 2.0             # s a sync waits for the store
+SEAL = b"srw-push-1 "            # then the HMAC (64 hex digits), a newline, the packed map
 
 
 class PushError(ValueError):
@@ -124,6 +131,36 @@ def unpack(raw: bytes) -> dict[str, Pushed]:
             raise PushError(f"stored script {name!r} names itself {script.name!r}")
         scripts[name] = script
     return scripts
+
+
+def load_secret(config: Config) -> bytes:
+    """The push secret; PushError (saying what to do) when it is missing or short."""
+    path = config.security.push_secret
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise PushError(f"no push secret at {path} ({exc.strerror}): run `srw keys init` "
+                        "(it writes keys/push.secret), or point [security] push_secret at "
+                        "the file, the same on every node and pusher") from None
+    if len(secret) < 32:
+        raise PushError(f"{path}: a push secret needs at least 32 characters")
+    return secret
+
+
+def seal(raw: bytes, secret: bytes) -> bytes:
+    return SEAL + hmac.new(secret, raw, hashlib.sha256).hexdigest().encode() + b"\n" + raw
+
+
+def unseal(value: bytes, secret: bytes) -> bytes:
+    """The packed map inside `value`; PushError unless it carries our seal."""
+    head = len(SEAL) + 64 + 1
+    if not (value.startswith(SEAL) and len(value) >= head and value[head - 1:head] == b"\n"):
+        raise PushError("the stored scripts are not sealed; pushed by `srw scripts push`?")
+    mac, raw = value[len(SEAL):head - 1], value[head:]
+    if not hmac.compare_digest(mac, hmac.new(secret, raw, hashlib.sha256).hexdigest().encode()):
+        raise PushError("the stored scripts' seal does not match [security] push_secret: "
+                        "not written by a pusher holding it; ignored")
+    return raw
 
 
 def merge(current: dict[str, Pushed], files: dict[str, bytes]) -> dict[str, Pushed]:
@@ -225,6 +262,7 @@ class ScriptStore:
 
     def __init__(self, config: Config, curve=None, timeout: float = STORE_TIMEOUT):
         self.config, self.curve, self.timeout = config, curve, timeout
+        self.secret = load_secret(config)
         self._redis = None
         self._stores: dict = {}
 
@@ -232,10 +270,10 @@ class ScriptStore:
         """The map as `node` sees it (lmdb; default the first node), or the cluster's
         (redis).  Raises StorageError, PushError."""
         try:
-            raw = self._read_raw(node or self.config.nodes[0])
+            value = self._read_raw(node or self.config.nodes[0])
         except NotFound:
             return {}
-        return unpack(raw)
+        return unpack(unseal(value, self.secret))
 
     def push(self, files: dict[str, bytes]) -> tuple[dict[str, Pushed], list[str]]:
         """Store `files` (name -> content) with the next versions; returns the
@@ -244,14 +282,13 @@ class ScriptStore:
             check(name, content)
         if self.config.cluster.redis:
             merged = merge(self.read(), files)
-            raw = pack(merged)
-            self._redis_store().write(KEY, raw)
-            self._redis_store().write(STAMP, _stamp(raw))
+            value = seal(pack(merged), self.secret)
+            self._redis_store().write(KEY, value)
+            self._redis_store().write(STAMP, _stamp(value))
             return merged, []
         maps, _ = self.maps(self.config.nodes)  # a node down: its write says so below
         merged = merge(newest(maps), files)
-        raw = pack(merged)
-        errors = [e for e in (self.write(node, raw) for node in self.config.nodes) if e]
+        errors = [e for e in (self.write(node, merged) for node in self.config.nodes) if e]
         return merged, errors
 
     def maps(self, nodes: list[NodeSettings]) -> tuple[list[dict], list[str]]:
@@ -264,9 +301,10 @@ class ScriptStore:
                 errors.append(f"{node.name}: {exc}")
         return maps, errors
 
-    def write(self, node: NodeSettings, raw: bytes) -> str:
-        """lmdb: the packed map onto `node`'s store, then its stamp; why not, or ""."""
-        for key, value in ((KEY, raw), (STAMP, _stamp(raw))):
+    def write(self, node: NodeSettings, scripts: dict[str, Pushed]) -> str:
+        """lmdb: the sealed map onto `node`'s store, then its stamp; why not, or ""."""
+        sealed = seal(pack(scripts), self.secret)
+        for key, value in ((KEY, sealed), (STAMP, _stamp(sealed))):
             try:
                 result = self._store(node).call(sp.WRITE, _key_id(key), value,
                                                 wait=self.timeout)
@@ -335,7 +373,12 @@ class NodeSync:
 
     def __init__(self, config: Config, nodes: list[NodeSettings], curve=None):
         self.config, self.nodes = config, nodes
-        self.store = ScriptStore(config, curve, timeout=0.5)
+        try:
+            self.store: ScriptStore | None = ScriptStore(config, curve, timeout=0.5)
+            self.off = ""
+        except PushError as exc:  # no secret: nothing pushed can be trusted, so none is taken
+            self.store, self.off = None, str(exc)
+            log.info("pushed scripts are off: %s", exc)
         self.next = 0.0          # time.monotonic() of the next sync
         self.next_catch_up = 0.0  # lmdb: of the next look at the other nodes' copies
         self._last_error = ""
@@ -347,6 +390,8 @@ class NodeSync:
         but the stamps while they have not moved.  lmdb, with `catch_up`: also
         read the other nodes' copies, and keep a newer one in our own stores (we
         missed a push while we were down)."""
+        if self.store is None:
+            raise PushError(self.off)
         stamps = tuple(self.store.stamp(n) for n in self.nodes) \
             if not self.config.cluster.redis else (self.store.stamp(),)
         if if_changed and not catch_up and stamps == self._synced:
@@ -367,6 +412,8 @@ class NodeSync:
         own, errors = self.store.maps(self.nodes)
         if not own:
             raise StorageUnavailable("; ".join(errors))
+        if errors:  # e.g. a map in one store that is not sealed: said, and left out
+            log.warning("pushed scripts: %s", "; ".join(errors))
         scripts = newest(own)
         if catch_up:
             others, _ = self.store.maps([n for n in self.config.nodes if n not in self.nodes])
@@ -374,14 +421,14 @@ class NodeSync:
             if everyone != scripts:
                 log.info("pushed scripts: a newer copy on another node; keeping it here")
                 for node in self.nodes:
-                    if error := self.store.write(node, pack(everyone)):
+                    if error := self.store.write(node, everyone):
                         log.warning("pushed scripts: %s", error)
                 scripts = everyone
         return scripts
 
     def poll(self, now: float) -> list[str]:
         """Sync when due; errors are logged (once while they repeat), never raised."""
-        if now < self.next:
+        if now < self.next or self.store is None:
             return []
         self.next = now + SYNC_EVERY
         catch_up = now >= self.next_catch_up
@@ -396,4 +443,5 @@ class NodeSync:
             return []
 
     def close(self) -> None:
-        self.store.close()
+        if self.store is not None:
+            self.store.close()

@@ -89,6 +89,8 @@ class Cluster:
                 sec.write_pair(root / "keys", name)
             self.add_client("admin", RIGHTS)
             self.security = {"curve": True, **security}
+        # The secret that seals `srw scripts push`'s map (srw/pushed.py).
+        sec.write_secret(root / "keys" / "push.secret")
         self.history = root / "history"
         self.history.mkdir()
         shipped = REPO / "history"

@@ -227,8 +227,10 @@ def test_scripts_push_reaches_every_node_through_redis(rc, tmp_path):
     script.write_text('__return_data = "pushed " + NODE')
     out = srw.run("scripts", "push", str(script))
     assert out.returncode == 0 and b"pushed.py: version 1" in out.stdout, out.stderr
-    from srw.pushed import KEY, unpack
-    assert unpack(session.read(KEY))["pushed.py"].version == 1  # kept in Redis itself
+    from core.config import load
+    from srw.pushed import KEY, load_secret, unpack, unseal
+    stored = unseal(session.read(KEY), load_secret(load(srw.path)))  # kept in Redis, sealed
+    assert unpack(stored)["pushed.py"].version == 1
     results = session.exec("pushed.py")  # this host's serve synced before push returned
     assert sorted((r.node, r.status, r.data) for r in results) == \
         [(n["name"], "ok", f"pushed {n['name']}".encode()) for n in srw.nodes]

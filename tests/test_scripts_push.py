@@ -29,6 +29,7 @@ def second_host(cluster) -> tuple[subprocess.Popen, str]:
     if not host.exists():
         host.mkdir()
         shutil.copytree(cluster.history, host / "history")
+        shutil.copytree(cluster.root / "keys", host / "keys")  # the same push secret
     config = host / "config.toml"
     config.write_text(cluster.path.read_text())
     proc = subprocess.Popen([sys.executable, "-m", "srw", "serve", "--node", "n2",
@@ -145,3 +146,35 @@ def test_stored_scripts_are_checked_like_hostile_input():
             pushed.unpack(msgpack.packb(bad, use_bin_type=True))
     with pytest.raises(pushed.PushError):
         pushed.unpack(b"\xc1garbage")
+
+
+FORGE = """
+stamp, value = __input_binary_data_tuple[0].split(b"\\n", 1)
+n.write_data("srw:scripts", value)          # a script may write any key of the store...
+n.write_data("srw:scripts:stamp", stamp)
+__return_data = "written"
+"""
+
+
+@pytest.mark.parametrize("sealed_with", [None, b"a guess at the secret, 32+ chars long"])
+def test_a_map_a_script_wrote_never_reaches_the_history_dir(make_cluster, sealed_with):
+    """...but python.init runs in the trusted pool, outside the sandbox: a node
+    takes only a map sealed with [security] push_secret, which scripts cannot read."""
+    import hashlib
+
+    from srw.control import send, socket_path
+    cluster = make_cluster(nodes=NODES, pool={"workers": 1}, scripts={"forge.py": FORGE})
+    cluster.serve()
+    init = b"import os\nos.system('id > /tmp/srw-forged-init')\n"
+    forged = pushed.pack({"python.init": pushed.Pushed.make("python.init", init, 99)})
+    value = forged if sealed_with is None else pushed.seal(forged, sealed_with)
+    stamp = hashlib.sha256(value).hexdigest().encode()
+    with cluster.client(timeout=10) as client:
+        r = client.exec("forge.py", stamp + b"\n" + value)
+    assert (r.status, r.data) == ("ok", b"written"), r  # the store took it
+    before = (cluster.history / "python.init").read_bytes()
+    from core.config import load
+    reply = send(socket_path(load(cluster.path)), "sync")
+    assert "python.init" not in reply, reply
+    assert (cluster.history / "python.init").read_bytes() == before
+    assert "seal" in cluster.log() and "n1:" in cluster.log()
