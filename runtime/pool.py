@@ -410,6 +410,8 @@ class Pool:
             return
         self.retire_extra()
         missing = self.size - len(self.current())
+        if missing <= 0:
+            return
         now = time.monotonic()
         for slot in self.free_slots():
             if missing <= 0:
