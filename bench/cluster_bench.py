@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from common import free_port, pct, wait_for  # noqa: E402
+from core import redis_auth  # noqa: E402
 
 IN_FLIGHT = 64
 VALUE = b"v" * 100
@@ -60,23 +62,28 @@ class Layout:
         self.redis: list[subprocess.Popen] = []
         self.serve: subprocess.Popen | None = None
         self.config = root / "config.toml"
+        # Redis's ACL as `srw keys redis` makes it: srw logs in as the user srw; the
+        # bench's own EVAL baseline as the default user (srw's user may not EVAL).
+        redis_auth.write_secrets(root / "keys")
+        self.admin = redis_auth.admin_password(root / "keys")
 
     def start(self) -> None:
         for port in self.ports:
             folder = self.root / f"redis-{port}"
             folder.mkdir()
             self.redis.append(subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                ["redis-server", str(self.root / "keys" / redis_auth.CONF), "--port", str(port), "--bind", "127.0.0.1",
                  "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                  "--cluster-port", str(free_port()), "--dir", str(folder), "--save", "",
                  "--appendonly", "no", "--logfile", str(folder / "redis.log")],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True))
         for port in self.ports:
-            wait_for(lambda: _ping(port), 10, f"redis-server on {port}")
+            wait_for(lambda: _ping(port, self.admin), 10, f"redis-server on {port}")
         subprocess.run(["redis-cli", "--cluster", "create", *self.addresses,
                         "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=30)
+                       check=True, capture_output=True, timeout=30,
+                       env={**os.environ, "REDISCLI_AUTH": self.admin})
         wait_for(self._cluster_ok, 30, "cluster_state:ok on every node")
         self._write_config()
         self.serve = subprocess.Popen(
@@ -88,7 +95,7 @@ class Layout:
     def _cluster_ok(self) -> bool:
         from redis import Redis
         for port in self.ports:
-            with Redis("127.0.0.1", port, decode_responses=True) as r:
+            with Redis("127.0.0.1", port, password=self.admin, decode_responses=True) as r:
                 if "cluster_state:ok" not in r.execute_command("CLUSTER", "INFO"):
                     return False
         return True
@@ -162,10 +169,10 @@ file = "{self.root / 'srw.log'}"
             proc.wait(5)
 
 
-def _ping(port: int) -> bool:
+def _ping(port: int, password: str) -> bool:
     from redis import Redis
     try:
-        with Redis("127.0.0.1", port, socket_connect_timeout=0.5) as r:
+        with Redis("127.0.0.1", port, password=password, socket_connect_timeout=0.5) as r:
             return r.ping()
     except Exception:  # redis ConnectionError while it starts
         return False
@@ -187,10 +194,10 @@ def cpu_seconds(roles: dict[str, list[psutil.Process]]) -> dict[str, float]:
     return out
 
 
-def eval_latency(addresses: list[str], keys: list[str], n: int) -> list[float]:
+def eval_latency(addresses: list[str], password: str, keys: list[str], n: int) -> list[float]:
     from redis.cluster import ClusterNode, RedisCluster
     host, port = addresses[0].rsplit(":", 1)
-    rc = RedisCluster(startup_nodes=[ClusterNode(host, int(port))])
+    rc = RedisCluster(startup_nodes=[ClusterNode(host, int(port))], password=password)
     try:
         out = []
         for i in range(n):
@@ -202,10 +209,10 @@ def eval_latency(addresses: list[str], keys: list[str], n: int) -> list[float]:
         rc.close()
 
 
-async def eval_rate(addresses: list[str], keys: list[str], n: int) -> float:
+async def eval_rate(addresses: list[str], password: str, keys: list[str], n: int) -> float:
     from redis.asyncio.cluster import ClusterNode, RedisCluster
     host, port = addresses[0].rsplit(":", 1)
-    rc = RedisCluster(startup_nodes=[ClusterNode(host, int(port))],
+    rc = RedisCluster(startup_nodes=[ClusterNode(host, int(port))], password=password,
                       max_connections=IN_FLIGHT * 2)
     await rc.initialize()
     counter = iter(range(n))
@@ -275,13 +282,14 @@ def main() -> None:
         layout.start()
         from redis.cluster import ClusterNode, RedisCluster
         host, port = layout.addresses[0].rsplit(":", 1)
-        with RedisCluster(startup_nodes=[ClusterNode(host, int(port))]) as rc:
+        with RedisCluster(startup_nodes=[ClusterNode(host, int(port))],
+                          password=layout.admin) as rc:
             for key in keys:
                 rc.set(key, VALUE)
         n, n_rate = args.requests, args.requests * 3
         # Warm-up: each worker's cluster client, compiled scripts, connections.
         srw_latency(layout.config, "get.py", keys, 200)
-        eval_latency(layout.addresses, keys, 200)
+        eval_latency(layout.addresses, layout.admin, keys, 200)
 
         print(f"cluster bench: {args.masters} Redis masters, one srw node (1 worker, "
               f"default profile) beside each; {len(keys)} keys of {len(VALUE)} bytes; "
@@ -298,11 +306,11 @@ def main() -> None:
             after = cpu_seconds(roles)
             cpu[label] = {r: (after[r] - before[r]) / n_rate * 1e6 for r in roles}
             print(row(label, lat, rate), flush=True)
-        lat = eval_latency(layout.addresses, keys, n)
+        lat = eval_latency(layout.addresses, layout.admin, keys, n)
         roles = {k: v for k, v in layout.processes().items()
                  if k in ("redis-server", "client (this bench)")}
         before = cpu_seconds(roles)
-        rate = asyncio.run(eval_rate(layout.addresses, keys, n_rate))
+        rate = asyncio.run(eval_rate(layout.addresses, layout.admin, keys, n_rate))
         after = cpu_seconds(roles)
         label = "EVAL GET via redis-py RedisCluster"
         cpu[label] = {r: (after[r] - before[r]) / n_rate * 1e6 for r in roles}

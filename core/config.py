@@ -129,6 +129,10 @@ class SecuritySettings:
     # Signs `srw scripts push`'s map: scripts may write the store, so nodes take
     # only a map signed with this secret (srw/pushed.py); `srw keys init` writes it.
     push_secret: str = "keys/push.secret"
+    # redis-cluster: the Redis user srw and its scripts log in as, and its password
+    # (core/redis_auth.py; `srw keys redis` writes it and the Redis nodes' redis.conf).
+    redis_user: str = "srw"
+    redis_secret: str = "keys/redis.secret"
     rights: dict[str, tuple[str, ...]] = field(default_factory=dict)  # client -> rights
 
 
@@ -283,6 +287,8 @@ def _check(config: Config) -> None:
     rules.append(("code" not in security.proxy_rights,
                   "security.proxy_rights may not hold \"code\": HTTP clients never send "
                   "script content"))
+    rules.append((plain_name(security.redis_user),
+                  f"security.redis_user {security.redis_user!r}: letters, digits, - and _ only"))
     for who, rights in [("proxy_rights", security.proxy_rights),
                         *((f"rights.{name}", r) for name, r in security.rights.items())]:
         for right in rights:
@@ -395,6 +401,11 @@ def _is_id(text: str) -> bool:
     return True
 
 
+def plain_name(name: str) -> bool:
+    """Letters, digits, - and _ (a Redis user name that goes into redis.conf as is)."""
+    return bool(name) and name.isascii() and name.replace("-", "").replace("_", "").isalnum()
+
+
 def _resolve_paths(config: Config) -> Config:
     base = config.path.parent
 
@@ -405,7 +416,8 @@ def _resolve_paths(config: Config) -> Config:
     log = dataclasses.replace(config.log, file=absolute(config.log.file))
     sec = config.security
     security = dataclasses.replace(sec, **{k: absolute(getattr(sec, k)) for k in (
-        "server_key", "clients", "scripts_key", "proxy_key", "key", "push_secret")})
+        "server_key", "clients", "scripts_key", "proxy_key", "key", "push_secret",
+        "redis_secret")})
     nodes = tuple(dataclasses.replace(n, data_dir=absolute(n.data_dir)) for n in config.nodes)
     serve = dataclasses.replace(config.serve, pidfile=absolute(config.serve.pidfile),
                                 control=absolute(config.serve.control))

@@ -180,12 +180,26 @@ def parser() -> argparse.ArgumentParser:
                           description="Key pairs for [security] curve = true: NAME.key "
                           "(public) and NAME.key_secret (mode 0600), pyzmq certificates.")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    init = keys_sub.add_parser("init", help="the node's own keys: server, scripts, proxy",
-                               description="Write server, scripts and proxy key pairs into "
-                               "DIR, the defaults of [security] server_key, scripts_key and "
-                               "proxy_key; refuses to overwrite any.")
+    init = keys_sub.add_parser("init", help="the node's own keys and secrets: server, scripts, "
+                               "proxy, push.secret, Redis passwords",
+                               description="Write server, scripts and proxy key pairs, "
+                               "push.secret and the Redis passwords (as `srw keys redis`) into "
+                               "DIR, the defaults of [security] server_key, scripts_key, "
+                               "proxy_key, push_secret and redis_secret; refuses to overwrite "
+                               "any.")
     init.add_argument("--dir", default="keys", help="folder (default: keys)")
     init.set_defaults(func=cmd_keys_init)
+    redis = keys_sub.add_parser(
+        "redis", help="Redis passwords and the redis.conf every Redis node starts with",
+        description="For cluster.engine = \"redis-cluster\": write redis.secret (the password "
+        "of the Redis user srw and its scripts log in as: no admin, dangerous or Lua commands), "
+        "redis-admin.secret (Redis's default user: the operator's, for redis-cli; no srw process "
+        "reads it) and redis.conf (start each Redis node with it: redis-server DIR/redis.conf "
+        "--port 7000 ...), mode 0600; refuses to overwrite any.")
+    redis.add_argument("--dir", default="keys", help="folder (default: keys)")
+    redis.add_argument("--user", default="srw",
+                       help="the Redis user srw logs in as ([security] redis_user; default: srw)")
+    redis.set_defaults(func=cmd_keys_redis)
     new = keys_sub.add_parser("new", help="one key pair, e.g. a client's",
                               description="Write NAME.key and NAME.key_secret into DIR. A "
                               "client's public NAME.key goes into [security] clients "
@@ -271,18 +285,34 @@ def _session(config: cfg.Config, args=None):
 
 
 def cmd_keys_init(args) -> int:
-    from core import security
+    from core import redis_auth, security
     for name in ("server", "scripts", "proxy"):
         _refuse_overwrite(args.dir, name)
     secret = os.path.join(args.dir, "push.secret")
-    if os.path.exists(secret):
-        raise OSError(f"{secret} exists; remove it first to make a new one")
+    for path in (secret, *(os.path.join(args.dir, f) for f in (
+            redis_auth.SECRET, redis_auth.ADMIN_SECRET, redis_auth.CONF))):
+        if os.path.exists(path):
+            raise OSError(f"{path} exists; remove it first to make a new one")
     for name in ("server", "scripts", "proxy"):
         print(f"wrote {security.write_pair(args.dir, name)} and its public {name}.key")
     print(f"wrote {security.write_secret(secret)} (signs `srw scripts push`; give every node "
           "and pusher the same file)")
+    _write_redis_secrets(args.dir, "srw")
     print("next: srw keys new NAME --rights exec,read (a client); then [security] curve = true")
     return 0
+
+
+def cmd_keys_redis(args) -> int:
+    _write_redis_secrets(args.dir, args.user)
+    return 0
+
+
+def _write_redis_secrets(folder: str, user: str) -> None:
+    from core import redis_auth
+    secret, admin, conf = redis_auth.write_secrets(folder, user)
+    print(f"wrote {secret} (Redis user {user}: srw and its scripts), {admin} (Redis's "
+          f"default user: yours, for REDISCLI_AUTH) and {conf} (start every Redis node with "
+          "it first: redis-server " + str(conf) + " --port ...)")
 
 
 def cmd_keys_new(args) -> int:

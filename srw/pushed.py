@@ -345,9 +345,11 @@ class ScriptStore:
 
     def _redis_store(self):
         if self._redis is None:
+            from core import redis_auth
             from storage.redis_store import RedisStore
             own = [n.redis for n in self.config.nodes if n.redis]
-            self._redis = RedisStore(list(self.config.cluster.seeds) + own, self.timeout)
+            self._redis = RedisStore(list(self.config.cluster.seeds) + own,
+                                     redis_auth.credentials(self.config), self.timeout)
         return self._redis
 
     def close(self) -> None:

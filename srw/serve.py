@@ -38,7 +38,7 @@ from pathlib import Path
 import psutil
 
 from broker.client import BrokerUnavailable, Client
-from core import exits, logs, security, timeouts
+from core import exits, logs, redis_auth, security, timeouts
 from core.config import CONTROL_FD_ENV, START_ENV, Config, NodeSettings
 from srw.control import COMMANDS, ControlServer, ControlUnavailable, socket_path
 from srw.pushed import INIT, NodeSync, PushError
@@ -139,6 +139,8 @@ class Supervisor:
         self.control: ControlServer | None = None
         self.notify_socket = os.environ.pop("NOTIFY_SOCKET", "")  # ours, not the children's
         self.scripts = NodeSync(config, nodes, security.role_credentials(config, "node"))
+        if config.cluster.redis:  # no Redis password: say what to do once, not per pool
+            redis_auth.credentials(config)
 
     def run(self, with_proxy: bool = False) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -418,7 +418,7 @@ class Session:
     def _redis_store(self):
         if self._redis is None:
             from .redis_store import RedisStore
-            self._redis = RedisStore(self.router.ask, self.timeout)
+            self._redis = RedisStore(self.router.ask, self.router.auth, self.timeout)
         return self._redis
 
     def _redis_key(self, key, id, groups) -> str | bytes:

@@ -70,11 +70,14 @@ class _Cluster(RedisCluster):
 class RedisStore:
     """read, write, remove on the cluster; ``client`` for anything else."""
 
-    def __init__(self, addresses: list[str] | tuple[str, ...], timeout: float | None = None):
+    def __init__(self, addresses: list[str] | tuple[str, ...], auth: tuple[str, str],
+                 timeout: float | None = None):
+        """`auth`: (user, password) to log in with (core/redis_auth.py)."""
         if not addresses:
             raise StorageError("redis-cluster: no Redis node to start from (cluster.seeds)")
         self.addresses = list(dict.fromkeys(addresses))
         self.timeout = timeout or COMMAND_TIMEOUT
+        self.auth = auth
         self._client: _Cluster | None = None
         self._pid = 0
         self._abandoned: list = []  # another process's clients: kept, never closed here
@@ -99,6 +102,7 @@ class RedisStore:
         nodes = [ClusterNode(*split_address(a)) for a in self.addresses]
         try:
             return _Cluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 0),
+                            username=self.auth[0], password=self.auth[1],
                             socket_connect_timeout=CONNECT_TIMEOUT,
                             socket_timeout=self.timeout)
         except (rx.RedisClusterException, *DOWN) as exc:

@@ -39,6 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from core import redis_auth
 from core.config import Config, NodeSettings
 
 from core.ids import BadId, id_hex, key_id, parse_id
@@ -115,21 +116,23 @@ class SlotMap:
     epoch: int = -1        # cluster_current_epoch as `source` saw it, before the shards
 
 
-def _connect(address: str, timeout: float):
-    """A plain connection to one Redis node, for the router's own questions."""
+def _connect(address: str, auth: tuple[str, str], timeout: float):
+    """A plain connection to one Redis node, for the router's own questions,
+    logged in as `auth` (user, password: core/redis_auth.py)."""
     from redis import Redis  # redis-cluster mode only: lmdb never loads redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
     host, port = split_address(address)
     # No retry: redis-py's default backs off 1, 2, 4 s on a dead node, while the
     # next address would answer at once (measured: a route stalled 3.6 s).
-    return Redis(host, port, socket_timeout=timeout, socket_connect_timeout=timeout,
-                 retry=Retry(NoBackoff(), 0), decode_responses=True)
+    return Redis(host, port, username=auth[0], password=auth[1], socket_timeout=timeout,
+                 socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+                 decode_responses=True)
 
 
-def read_slot_map(address: str, timeout: float = ASK_TIMEOUT) -> SlotMap:
+def read_slot_map(address: str, auth: tuple[str, str], timeout: float = ASK_TIMEOUT) -> SlotMap:
     """CLUSTER SHARDS of the Redis node at `address`.  Raises redis errors."""
-    with _connect(address, timeout) as conn:
+    with _connect(address, auth, timeout) as conn:
         epoch = _epoch(conn)  # first: a move between the two shows at the next check
         shards = conn.execute_command("CLUSTER", "SHARDS")
     slot_map = SlotMap(source=address, epoch=epoch)
@@ -153,9 +156,9 @@ def _epoch(conn) -> int:
     return int(line.split(":", 1)[1])
 
 
-def read_epoch(address: str, timeout: float = ASK_TIMEOUT) -> int:
+def read_epoch(address: str, auth: tuple[str, str], timeout: float = ASK_TIMEOUT) -> int:
     """The cluster's config epoch as the Redis node at `address` sees it."""
-    with _connect(address, timeout) as conn:
+    with _connect(address, auth, timeout) as conn:
         return _epoch(conn)
 
 
@@ -172,6 +175,7 @@ class SlotRouter:
         self.ask = list(dict.fromkeys([*(n.redis for n in config.nodes),
                                        *config.cluster.seeds]))
         self.refresh_every = refresh_every
+        self.auth = redis_auth.credentials(config)  # ConfigError when there is no secret
         self.map: SlotMap | None = None
         self.error = ""             # why the last refresh failed, "" when it worked
         self._fetched = -float("inf")
@@ -199,7 +203,7 @@ class SlotRouter:
             if self.map is not None and now - self._fetched < self.refresh_every:
                 self._checked = now
                 try:
-                    if read_epoch(self.map.source) == self.map.epoch:
+                    if read_epoch(self.map.source, self.auth) == self.map.epoch:
                         return
                 except (self._redis_error, OSError, StopIteration, ValueError):
                     pass  # that node is gone: read the map from any
@@ -207,7 +211,7 @@ class SlotRouter:
             last = self.map.source if self.map else ""  # it answered last time: first
             for address in sorted(self.ask, key=lambda a: a != last):
                 try:
-                    self.map = read_slot_map(address)
+                    self.map = read_slot_map(address, self.auth)
                 except (self._redis_error, OSError, KeyError, TypeError, StopIteration,
                         ValueError) as exc:
                     errors.append(f"{address}: {exc}")

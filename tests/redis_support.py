@@ -1,7 +1,9 @@
 """A real Redis Cluster for tests: redis-server processes on free loopback ports.
 
-``RedisNodes(root, 6).start()`` starts six ``redis-server --cluster-enabled
-yes`` (data, config and log under `root`), joins them with ``redis-cli
+``RedisNodes(root, keys, 6).start()`` writes the Redis passwords and
+redis.conf into `keys` (as `srw keys redis` does; kept when there), starts six
+``redis-server keys/redis.conf --cluster-enabled yes`` (data, config and log
+under `root`), joins them with ``redis-cli
 --cluster create --cluster-replicas 1`` (3 masters, 3 replicas), and waits,
 against a deadline, until every node says ``cluster_state:ok`` and every
 replica's link to its master is up (before that a replica cannot take over:
@@ -11,6 +13,7 @@ throw-away.
 from __future__ import annotations
 
 import datetime
+import os
 import signal
 import subprocess
 import time
@@ -19,13 +22,19 @@ from pathlib import Path
 from redis import Redis
 
 from conftest import free_port, wait_until
+from core import redis_auth
 
 READY_TIMEOUT = 30.0
 
 
 class RedisNodes:
-    def __init__(self, root: Path, count: int = 6, node_timeout_ms: int = 2000):
+    def __init__(self, root: Path, keys: Path, count: int = 6, node_timeout_ms: int = 2000):
         self.root, self.count, self.node_timeout_ms = root, count, node_timeout_ms
+        if not (keys / redis_auth.CONF).exists():
+            redis_auth.write_secrets(keys)
+        self.conf = keys / redis_auth.CONF
+        self.admin = redis_auth.admin_password(keys)   # the operator's: the tests' own
+        self.cli_env = {**os.environ, "REDISCLI_AUTH": self.admin}  # redis-cli logs in
         self.ports = [free_port() for _ in range(count)]
         self.procs: dict[int, subprocess.Popen] = {}
 
@@ -33,9 +42,10 @@ class RedisNodes:
     def addresses(self) -> list[str]:
         return [f"127.0.0.1:{port}" for port in self.ports]
 
-    def conn(self, port: int) -> Redis:
-        return Redis("127.0.0.1", port, socket_timeout=2, socket_connect_timeout=1,
-                     decode_responses=True)
+    def conn(self, port: int, password: str | None = None, **kw) -> Redis:
+        """A connection as Redis's default user (the operator), or as `password` says."""
+        return Redis("127.0.0.1", port, password=self.admin if password is None else password,
+                     socket_timeout=2, socket_connect_timeout=1, decode_responses=True, **kw)
 
     def start(self) -> "RedisNodes":
         for port in self.ports:
@@ -44,7 +54,7 @@ class RedisNodes:
             wait_until(lambda: self._answers(port), 10, f"redis-server on {port}")
         subprocess.run(["redis-cli", "--cluster", "create", *self.addresses,
                         "--cluster-replicas", "1", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=READY_TIMEOUT)
+                       check=True, capture_output=True, timeout=READY_TIMEOUT, env=self.cli_env)
         wait_until(self._ready, READY_TIMEOUT, "cluster_state:ok and every replica synced",
                    interval=0.1)
         return self
@@ -54,7 +64,7 @@ class RedisNodes:
         folder.mkdir(parents=True)
         # The bus port is set (not port + 10000, maybe taken) and diskless sync
         # starts at once (its default 5 s delay would hold every replica back).
-        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+        argv = ["redis-server", str(self.conf), "--port", str(port), "--bind", "127.0.0.1",
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-port", str(free_port()), "--dir", str(folder),
                 "--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0",

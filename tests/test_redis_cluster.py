@@ -6,6 +6,7 @@ master and so runs last.  Scripts run under the default profile.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -44,6 +45,39 @@ mine = n.redis.incr(key)
 n.redis.incr(key.split("}")[0] + "}:total")
 __return_data = json.dumps([NODE, mine])
 """,
+    # What a hostile script tries against Redis: each attempt's error class, or "ran".
+    "admin.py": """
+import redis
+asked = json.loads(__input_binary_data_tuple[0])
+host, port = asked["redis"].split(":")
+secret_files = asked["files"]
+def login(**password):  # one try: redis-py retries a refused AUTH with backoff
+    return redis.Redis(host, int(port), retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+                       socket_timeout=1, **password).ping()
+def attempt(call):
+    try:
+        call()
+        return "ran"
+    except Exception as exc:
+        return type(exc).__name__ + ": " + str(exc)[:60]
+attempts = {
+    "config get": lambda: n.redis.execute_command("CONFIG", "GET", "maxmemory",
+                                                  target_nodes="primaries"),
+    "config set": lambda: n.redis.execute_command("CONFIG", "SET", "dir", "/tmp",
+                                                  target_nodes="primaries"),
+    "flushall": lambda: n.redis.flushall(),
+    "eval": lambda: n.redis.eval("return 1", 1, "k"),
+    "cluster reset": lambda: n.redis.execute_command("CLUSTER", "RESET",
+                                                     target_nodes="primaries"),
+    "acl setuser": lambda: n.redis.execute_command("ACL", "SETUSER", "srw", "+@all",
+                                                   target_nodes="primaries"),
+    "auth default": lambda: login(password="0" * 64),
+    "no auth": lambda: login(),
+    "set and get": lambda: n.redis.set("{admin}:k", b"v") and n.redis.get("{admin}:k"),
+}
+attempts.update({"read " + f: (lambda f=f: open(f).read()) for f in secret_files})
+__return_data = json.dumps({what: attempt(call) for what, call in attempts.items()})
+""",
     "count.py": """
 key = __input_binary_data_tuple[0].decode()
 value = n.redis.incr(key)
@@ -57,12 +91,13 @@ __return_data = json.dumps([NODE, value, replicas])
 def rc(tmp_path_factory):
     """(redis nodes, srw cluster, session): everything stopped at the end, by pid."""
     root = tmp_path_factory.mktemp("rc")
-    redis = RedisNodes(root / "redis", node_timeout_ms=int(NODE_TIMEOUT * 1000))
+    # The Redis passwords where the srw config's [security] redis_secret looks.
+    redis = RedisNodes(root / "redis", root / "srw" / "keys",
+                       node_timeout_ms=int(NODE_TIMEOUT * 1000))
     srw = None
     try:
         redis.start()
         nodes = [{"name": f"r{i}", "redis": a} for i, a in enumerate(redis.addresses)]
-        (root / "srw").mkdir()
         srw = Cluster(root / "srw", nodes, {"workers": 1}, {"request_timeout": 5.0}, SCRIPTS,
                       INIT, cluster={"engine": "redis-cluster", "seeds": redis.addresses[:3]})
         srw.serve()
@@ -130,6 +165,37 @@ def test_redis_cluster_config_and_the_sandbox_ports(tmp_path):
     assert config.cluster.engine == "redis-cluster" and config.nodes[0].storage == ""
     # network = "local": the node's broker, the seeds and every node's Redis node.
     assert tcp_ports(config.nodes[0], config.nodes) == (1026, 7000, 7001, 7002)
+
+
+def test_keys_redis_writes_the_passwords_and_serve_wants_them(tmp_path):
+    """`srw keys redis`: two passwords and redis.conf, mode 0600, never overwritten;
+    redis.conf gives the srw user the hash of its password, never the password.
+    `srw serve` in redis-cluster mode without the password says what to do."""
+    import subprocess
+    import sys
+    from core import redis_auth
+
+    def srw(*args):
+        return subprocess.run([sys.executable, "-m", "srw", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=30)
+    (tmp_path / "history").mkdir()
+    (tmp_path / "config.toml").write_text(REDIS + NODE + 'redis = "127.0.0.1:7000"\n')
+    refused = srw("serve", "--config", "config.toml")
+    assert refused.returncode == 2 and "run `srw keys redis`" in refused.stderr
+    assert srw("keys", "redis").returncode == 0
+    files = {f.name: f for f in (tmp_path / "keys").iterdir()}
+    assert sorted(files) == ["redis-admin.secret", "redis.conf", "redis.secret"]
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files.values())
+    user, password = redis_auth.credentials(cfg.load(tmp_path / "config.toml"))
+    admin = files["redis-admin.secret"].read_text().strip()
+    conf = files["redis.conf"].read_text()
+    assert user == "srw" and password != admin and password not in conf
+    assert f"requirepass {admin}\nmasterauth {admin}\n" in conf
+    assert f"user srw on #{hashlib.sha256(password.encode()).hexdigest()} " \
+           "~* &* +@all -@admin -@dangerous -@scripting\n" in conf
+    again = srw("keys", "redis")
+    assert again.returncode == 1 and "exists; remove" in again.stderr
+    assert files["redis.secret"].read_text().strip() == password
 
 
 # The cluster ----------------------------------------------------------------
@@ -210,6 +276,35 @@ def test_store_down_in_a_script_is_unavailable_and_rereads_the_slot_map(rc):
     assert result.ok and not session.router.due()
 
 
+def test_scripts_cannot_administer_redis(rc):
+    """A default-profile script logs in as the Redis user srw: key commands run,
+    admin, dangerous and Lua commands get NOPERM, a guessed default password and
+    no password are refused, and the files that hold the passwords are out of
+    reach.  The same CONFIG GET as Redis's default user (the operator) works."""
+    redis, srw, session = rc
+    keys = srw.root / "keys"
+    secrets = [str(keys / f) for f in ("redis-admin.secret", "redis.secret", "redis.conf")]
+    master = redis.shards()[0]["master"]
+    asked = json.dumps({"redis": master, "files": secrets}).encode()
+    [result] = session.exec("admin.py", asked, key=key_in(redis.shards()[0]))
+    assert result.ok, result.error
+    seen = json.loads(result.data)
+    assert seen.pop("set and get") == "ran"
+    for what in ("config get", "config set", "flushall", "eval", "cluster reset",
+                 "acl setuser"):
+        assert seen.pop(what).startswith("NoPermissionError"), (what, seen)
+    assert seen.pop("auth default").startswith("AuthenticationError: invalid username-password")
+    assert seen.pop("no auth").startswith("AuthenticationError")
+    assert all(why.startswith("PermissionError") for why in seen.values()), seen
+    assert len(seen) == 3
+    with redis.conn(int(master.rsplit(":", 1)[1])) as admin:
+        assert admin.config_get("dir")["dir"] == str(redis.root / f"redis-{master.rsplit(':', 1)[1]}")
+        assert admin.execute_command("ACL", "DRYRUN", "srw", "SHUTDOWN").startswith(
+            "This user has no permissions")
+    with pytest.raises(Exception, match="invalid username-password"):
+        redis.conn(int(master.rsplit(":", 1)[1]), password="guess").ping()
+
+
 def test_exec_by_id_is_refused_with_a_reason(rc):
     redis, srw, session = rc
     with pytest.raises(BadId, match="exec by id .* needs cluster.engine"):
@@ -277,7 +372,7 @@ def test_execs_follow_a_slot_moved_under_load(rc):
         subprocess.run(["redis-cli", "--cluster", "reshard", target["master"],
                         "--cluster-from", source_id, "--cluster-to", target_id,
                         "--cluster-slots", "1", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=30)
+                       check=True, capture_output=True, timeout=30, env=redis.cli_env)
         moved["at"] = time.monotonic()
         assert slot in _slots(redis, target["master"])
         wait_until(lambda: log[-1][0] > moved["at"] + FOLLOW_MOVE + 1.0, 15,
@@ -370,7 +465,7 @@ def stream_with_a_kill(redis, session, shard, kill_after: int):
 def assert_each_ran_at_most_once(redis, srw, replica, log) -> None:
     """Each key belongs to one exec: a count of 2 means it ran twice."""
     from storage.redis_store import RedisStore
-    store = RedisStore([replica, *redis.addresses])
+    store = RedisStore([replica, *redis.addresses], ("default", redis.admin))
     try:
         for since, key, result in log:
             stored = int(store.client.get(key) or 0)

@@ -2,7 +2,12 @@
 # `make cluster` / `make cluster-stop`: a six-node Redis Cluster (3 masters,
 # 3 replicas) on 127.0.0.1:7000-7005 and `srw serve` beside it, six srw nodes
 # and the HTTP proxy, from examples/redis-cluster/config.toml.  Everything
-# lives under var/redis-cluster/ (data, logs, pid files).
+# lives under var/redis-cluster/ (data, logs, pid files, and keys/: the
+# Redis passwords, redis.conf and the push secret, written once by
+# `srw keys init`).  Every Redis node starts with keys/redis.conf: its default
+# user (yours; redis-cli gets it from REDISCLI_AUTH here) has a password no
+# srw process reads, and srw and its scripts log in as the user srw, which
+# has no admin, dangerous or Lua commands (README "Redis Cluster").
 #
 #   cluster.sh start    start what is not running yet; returns once all is ready
 #   cluster.sh stop     srw first (it drains), then the Redis nodes
@@ -11,10 +16,11 @@
 set -eu
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-VAR="$HERE/../../var/redis-cluster"
+VAR="$(cd "$HERE/../.." && pwd)/var/redis-cluster"
 CONFIG="$HERE/config.toml"
 SRW=${SRW:-srw}
 PORTS="7000 7001 7002 7003 7004 7005"
+KEYS="$VAR/keys"
 
 # Poll a command until its output contains a word; give up after $3 seconds.
 wait_for() {
@@ -29,6 +35,15 @@ wait_for() {
     done
 }
 
+make_keys() {
+    if [ ! -f "$KEYS/redis.conf" ]; then
+        mkdir -p "$VAR"
+        "$SRW" keys init --dir "$KEYS"
+    fi
+    REDISCLI_AUTH=$(cat "$KEYS/redis-admin.secret")
+    export REDISCLI_AUTH
+}
+
 start_redis() {
     for port in $PORTS; do
         dir="$VAR/redis-$port"
@@ -39,7 +54,7 @@ start_redis() {
         # Diskless sync with no delay: a replica is in sync (able to take over)
         # within a second instead of after the default 5 s.  The append-only
         # file keeps the data across cluster-stop / cluster.
-        redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
+        redis-server "$KEYS/redis.conf" --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
             --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
             --dir "$dir" --save '' --appendonly yes --repl-diskless-sync-delay 0 \
             --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
@@ -79,6 +94,10 @@ start_srw() {
 }
 
 stop_all() {
+    if [ -f "$KEYS/redis-admin.secret" ]; then
+        REDISCLI_AUTH=$(cat "$KEYS/redis-admin.secret")
+        export REDISCLI_AUTH
+    fi
     if [ -f "$VAR/srw.pid" ]; then
         "$SRW" stop --config "$CONFIG" || true
     fi
@@ -90,6 +109,7 @@ stop_all() {
 
 case "${1:-}" in
     start)
+        make_keys
         start_redis
         join_redis
         start_srw
