@@ -270,14 +270,18 @@ async def search(request: web.Request) -> web.Response:
 
 
 async def _storage(call, verb: str, key: str):
-    """Await a storage call; its NotFound is a 404, StorageUnavailable a 503."""
-    not_found, unavailable = storage_errors()
+    """Await a storage call; its NotFound is a 404, StorageUnavailable a 503, any
+    other StorageError (redis-cluster: a script stored a list there, or more
+    than the proxy reads) a 502."""
+    not_found, unavailable, refused = storage_errors()
     try:
         return await call
     except not_found:
         raise HTTPProblem(404, f"no key {key[:80]!r} in any group") from None
     except unavailable as exc:
         raise HTTPProblem(503, f"cannot {verb} {key[:80]!r}: {exc}") from None
+    except refused as exc:
+        raise HTTPProblem(502, f"cannot {verb} {key[:80]!r}: {exc}") from None
 
 
 def _per_group_reply(done: str, what: str, results: list[Result], fine: set[str]):

@@ -176,8 +176,7 @@ class DataStore:
             self._sessions.clear()
 
 
-def storage_errors() -> tuple[type, type]:
-    """(NotFound, StorageUnavailable) from storage.client, or their base classes
-    when this build's storage client does not define them yet."""
-    import storage.client as sc
-    return getattr(sc, "NotFound", KeyError), getattr(sc, "StorageUnavailable", ConnectionError)
+def storage_errors() -> tuple[type, type, type]:
+    """(NotFound, StorageUnavailable, StorageError) from storage.client."""
+    from storage.client import NotFound, StorageError, StorageUnavailable
+    return NotFound, StorageUnavailable, StorageError

@@ -504,7 +504,7 @@ def cmd_scripts_push(config: cfg.Config, args) -> int:
     store = pushed.ScriptStore(config, security.client_credentials(config, args.client_key),
                                timeout=5.0)
     try:
-        merged, errors = store.push(files)
+        merged, errors, replaced = store.push(files)
     finally:
         store.close()
     for name in files:
@@ -512,6 +512,9 @@ def cmd_scripts_push(config: cfg.Config, args) -> int:
         print(f"{name}: version {script.version}, sha256 {script.sha256}")
     for error in errors:
         print(f"srw: not stored on {error}", file=sys.stderr)
+    for why in replaced:
+        print(f"srw: replaced a stored map that could not be read ({why}); push again the "
+              "scripts it held", file=sys.stderr)
     try:
         for reply in _control(config, "sync"):
             print(f"srw: {reply}")

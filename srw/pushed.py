@@ -59,6 +59,7 @@ INIT = "python.init"
 MANIFEST = "srw_scripts.py"     # written by the sync; `srw scripts list` execs it
 MAX_SCRIPT = 1 << 20            # bytes of one script
 MAX_SCRIPTS = 256
+MAX_MAP = 16 << 20              # bytes of the sealed map: the most a node reads
 SYNC_EVERY = 2.0                # s between a node's reads of the key
 CATCH_UP_EVERY = 30.0           # lmdb: s between reads of the other nodes' copies
 STORE_TIMEOUT = 2.0             # s a sync waits for the store
@@ -275,21 +276,33 @@ class ScriptStore:
             return {}
         return unpack(unseal(value, self.secret))
 
-    def push(self, files: dict[str, bytes]) -> tuple[dict[str, Pushed], list[str]]:
+    def push(self, files: dict[str, bytes]) -> tuple[dict[str, Pushed], list[str], list[str]]:
         """Store `files` (name -> content) with the next versions; returns the
-        merged map and, in lmdb mode, the nodes that did not take it (why)."""
+        merged map, in lmdb mode the nodes that did not take it (why), and the
+        stored maps that could not be read and are replaced (why: a script may
+        have written the key; the scripts they held keep their files on the
+        nodes, but leave the map until pushed again)."""
         for name, content in files.items():
             check(name, content)
         if self.config.cluster.redis:
-            merged = merge(self.read(), files)
-            value = seal(pack(merged), self.secret)
+            try:
+                current, replaced = self.read(), []
+            except StorageUnavailable:
+                raise
+            except (StorageError, PushError) as exc:
+                current, replaced = {}, [f"{KEY}: {exc}"]
+            merged = merge(current, files)
+            value = self._sealed(merged)
             self._redis_store().write(KEY, value)
             self._redis_store().write(STAMP, _stamp(value))
-            return merged, []
-        maps, _ = self.maps(self.config.nodes)  # a node down: its write says so below
+            return merged, [], replaced
+        maps, unread = self.maps(self.config.nodes)
         merged = merge(newest(maps), files)
         errors = [e for e in (self.write(node, merged) for node in self.config.nodes) if e]
-        return merged, errors
+        # A node down is in both lists: its write says so.
+        replaced = [e for e in unread if e.split(":", 1)[0] not in
+                    {error.split(":", 1)[0] for error in errors}]
+        return merged, errors, replaced
 
     def maps(self, nodes: list[NodeSettings]) -> tuple[list[dict], list[str]]:
         """lmdb: the maps of those of `nodes` that answered, and why the others did not."""
@@ -303,7 +316,7 @@ class ScriptStore:
 
     def write(self, node: NodeSettings, scripts: dict[str, Pushed]) -> str:
         """lmdb: the sealed map onto `node`'s store, then its stamp; why not, or ""."""
-        sealed = seal(pack(scripts), self.secret)
+        sealed = self._sealed(scripts)
         for key, value in ((KEY, sealed), (STAMP, _stamp(sealed))):
             try:
                 result = self._store(node).call(sp.WRITE, _key_id(key), value,
@@ -313,6 +326,13 @@ class ScriptStore:
             if not result.ok:
                 return f"{node.name}: {result.status}: {result.error}"
         return ""
+
+    def _sealed(self, scripts: dict[str, Pushed]) -> bytes:
+        value = seal(pack(scripts), self.secret)
+        if len(value) > MAX_MAP:
+            raise PushError(f"the pushed scripts together take {len(value)} bytes; at most "
+                            f"{MAX_MAP}")
+        return value
 
     def stamp(self, node: NodeSettings | None = None) -> bytes:
         """The stamp of the map as `node` (lmdb) or the cluster (redis) has it; b""
@@ -349,7 +369,8 @@ class ScriptStore:
             from storage.redis_store import RedisStore
             own = [n.redis for n in self.config.nodes if n.redis]
             self._redis = RedisStore(list(self.config.cluster.seeds) + own,
-                                     redis_auth.credentials(self.config), self.timeout)
+                                     redis_auth.credentials(self.config), self.timeout,
+                                     max_value=MAX_MAP)
         return self._redis
 
     def close(self) -> None:
@@ -441,6 +462,11 @@ class NodeSync:
         except (StorageError, PushError, OSError) as exc:
             if str(exc) != self._last_error:
                 log.warning("script sync: %s", exc)
+                self._last_error = str(exc)
+            return []
+        except Exception as exc:  # a bug here, or data we did not foresee: serve lives on
+            if str(exc) != self._last_error:
+                log.exception("script sync failed")
                 self._last_error = str(exc)
             return []
 

@@ -418,7 +418,8 @@ class Session:
     def _redis_store(self):
         if self._redis is None:
             from .redis_store import RedisStore
-            self._redis = RedisStore(self.router.ask, self.router.auth, self.timeout)
+            self._redis = RedisStore(self.router.ask, self.router.auth, self.timeout,
+                                     max_value=self.config.largest_payload)
         return self._redis
 
     def _redis_key(self, key, id, groups) -> str | bytes:

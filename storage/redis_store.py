@@ -15,9 +15,16 @@ run), and refreshes its slot map after any error.  A command that meets a
 node down raises ``ClusterUnavailable`` (a ``StorageUnavailable`` and a
 ``core.protocol.Unavailable``): out of a script, the exec is answered
 ``unavailable``, and its effect may or may not have happened.
+
+Hostile values.  Scripts write any key, so what ``read`` meets may be a list
+where a string was expected, or a 512 MB string: a wrong type is a
+StorageError like any other, and with ``max_value`` set (the trusted
+readers: Session, the proxy, scripts push) no more than that is ever read
+(GETRANGE), so no script can make a trusted process allocate what it likes.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 from redis import exceptions as rx
@@ -54,6 +61,16 @@ class ClusterUnavailable(StorageUnavailable, p.Unavailable, rx.ConnectionError):
     Also a redis ConnectionError, so scripts written against redis-py catch it."""
 
 
+@contextlib.contextmanager
+def _refused(key):
+    """Redis refusing a command (WRONGTYPE: a script stored a list there; NOPERM)
+    is a StorageError, which every caller of the store handles."""
+    try:
+        yield
+    except rx.ResponseError as exc:
+        raise StorageError(f"key {key!r}: redis: {exc}") from None
+
+
 class _Cluster(RedisCluster):
     """RedisCluster whose commands raise ClusterUnavailable for a node down."""
 
@@ -71,13 +88,15 @@ class RedisStore:
     """read, write, remove on the cluster; ``client`` for anything else."""
 
     def __init__(self, addresses: list[str] | tuple[str, ...], auth: tuple[str, str],
-                 timeout: float | None = None):
-        """`auth`: (user, password) to log in with (core/redis_auth.py)."""
+                 timeout: float | None = None, max_value: int | None = None):
+        """`auth`: (user, password) to log in with (core/redis_auth.py); `max_value`:
+        the most bytes `read` returns (None: any)."""
         if not addresses:
             raise StorageError("redis-cluster: no Redis node to start from (cluster.seeds)")
         self.addresses = list(dict.fromkeys(addresses))
         self.timeout = timeout or COMMAND_TIMEOUT
         self.auth = auth
+        self.max_value = max_value
         self._client: _Cluster | None = None
         self._pid = 0
         self._abandoned: list = []  # another process's clients: kept, never closed here
@@ -110,22 +129,34 @@ class RedisStore:
                                      f"answered: {exc}") from exc
 
     def read(self, key: str | bytes) -> bytes:
-        value = self.client.get(key)
+        with _refused(key):
+            if self.max_value is None:
+                value = self.client.get(key)
+            else:  # one byte more than allowed tells it is too large, and no more is read
+                value = self.client.getrange(key, 0, self.max_value)
+                if not value and not self.client.exists(key):
+                    value = None
         if value is None:
             raise NotFound(f"key {key!r} not found")
+        if self.max_value is not None and len(value) > self.max_value:
+            raise StorageError(f"key {key!r} holds more than {self.max_value} bytes, the most "
+                               "this reader takes")
         return value
 
     def write(self, key: str | bytes, data: bytes) -> None:
-        self.client.set(key, data)
+        with _refused(key):
+            self.client.set(key, data)
 
     def remove(self, key: str | bytes) -> bool:
         """Whether the key was there."""
-        return bool(self.client.delete(key))
+        with _refused(key):
+            return bool(self.client.delete(key))
 
     def size(self, key: str | bytes) -> int:
-        if not self.client.exists(key):
-            raise NotFound(f"key {key!r} not found")
-        return self.client.strlen(key)
+        with _refused(key):
+            if not self.client.exists(key):
+                raise NotFound(f"key {key!r} not found")
+            return self.client.strlen(key)
 
     def close(self) -> None:
         if self.live():

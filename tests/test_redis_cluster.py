@@ -15,7 +15,7 @@ import pytest
 
 from core import protocol as p
 from core import config as cfg
-from storage.client import Session
+from storage.client import Session, StorageError
 from core.ids import BadId
 
 from conftest import REPO, Cluster, proxy_request, wait_proxy, wait_until
@@ -77,6 +77,16 @@ attempts = {
 }
 attempts.update({"read " + f: (lambda f=f: open(f).read()) for f in secret_files})
 __return_data = json.dumps({what: attempt(call) for what, call in attempts.items()})
+""",
+    # A hostile script spoils the pushed-scripts key for every node's serve.
+    "spoil.py": """
+how = __input_binary_data_tuple[0].decode()
+n.redis.delete("srw:scripts")
+if how == "a list":
+    n.redis.lpush("srw:scripts", "x")
+else:
+    n.redis.setrange("srw:scripts", 17_000_000, "x")   # 17 MB, past srw.pushed.MAX_MAP
+n.redis.set("srw:scripts:stamp", how)
 """,
     "count.py": """
 key = __input_binary_data_tuple[0].decode()
@@ -260,6 +270,18 @@ def test_http_data_calls_reach_redis(rc):
     assert proxy_request(srw, "GET", "/elliptics?name=via-http")[::2] == (200, b"from curl")
     assert proxy_request(srw, "DELETE", "/elliptics?name=via-http")[0] == 200
     assert proxy_request(srw, "GET", "/elliptics?name=via-http")[0] == 404
+    # What scripts may leave in a key: a list, or more than the proxy reads (GETRANGE:
+    # no more than that crosses into the proxy).  Each read is a 502 that says why.
+    largest = cfg.load(srw.path).largest_payload
+    [spoiled] = session.exec("", code=f"n.redis.lpush('a-list', 'x')\n"
+                                      f"n.redis.setrange('too-big', {largest}, 'x')", key="x")
+    assert spoiled.ok, spoiled.error
+    for key, why in (("a-list", b"WRONGTYPE"), ("too-big", b"holds more than")):
+        status, _, body = proxy_request(srw, "GET", f"/elliptics?name={key}")
+        assert status == 502 and why in body, (status, body)
+        with pytest.raises(StorageError, match=why.decode()):
+            session.read(key)
+    assert proxy_request(srw, "DELETE", "/elliptics?name=too-big")[0] == 200
 
 
 def test_store_down_in_a_script_is_unavailable_and_rereads_the_slot_map(rc):
@@ -333,6 +355,27 @@ def test_scripts_push_reaches_every_node_through_redis(rc, tmp_path):
     shown = json.loads(listed.stdout)
     assert listed.returncode == 0 and len({json.dumps(v["pushed.py"]) for v in shown.values()}) == 1
     assert len(shown) == 6 and shown["r0"]["pushed.py"][0] == 1
+
+
+def test_a_spoiled_scripts_key_costs_serve_nothing(rc, tmp_path):
+    """Scripts can write any key, the pushed map's too: a list where the map
+    should be, or a 17 MB string.  Every serve says why it took nothing, reads
+    no more than MAX_MAP, and goes on serving; the next push repairs the key."""
+    redis, srw, session = rc
+    serve = srw.procs[0]
+    for how, said in (("a list", "WRONGTYPE"), ("huge", "holds more than")):
+        written = len(srw.log())
+        [result] = session.exec("spoil.py", how.encode(), key="spoil")
+        assert result.ok, result.error
+        wait_until(lambda: said in srw.log()[written:], 10, f"serve's log to name {said!r}")
+        assert serve.poll() is None
+        assert session.exec("where.py", key="after")[0].ok
+    script = tmp_path / "pushed.py"
+    script.write_text('__return_data = "repaired " + NODE')
+    out = srw.run("scripts", "push", str(script))
+    assert out.returncode == 0 and b"replaced a stored map that could not be read" in out.stderr
+    assert {r.data for r in session.exec("pushed.py")} == \
+        {f"repaired {n['name']}".encode() for n in srw.nodes}
 
 
 def test_execs_follow_a_slot_moved_under_load(rc):
