@@ -30,6 +30,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,9 @@ class Keyring:
         self._signature: tuple = ()
         self._auth: ThreadAuthenticator | None = None
         self._refusals = Throttle(WARN_EVERY)
+        # The ZAP thread's forced rescan and the node loop's both write the table: one
+        # at a time, or a slower scan of the old folder could put back a removed key.
+        self._scan_lock = threading.Lock()
         self.refresh(force=True)
 
     def secure(self, sock: zmq.Socket) -> None:
@@ -254,6 +258,10 @@ class Keyring:
         return self.fixed.get(user_id) or self.clients.get(user_id)
 
     def refresh(self, force: bool = False) -> None:
+        with self._scan_lock:
+            self._refresh(force)
+
+    def _refresh(self, force: bool) -> None:
         now = time.monotonic()
         if not force and now - self._scanned < RESCAN:
             return
