@@ -343,8 +343,8 @@ class ScriptStore:
             return b""
 
     def _read_raw(self, node: NodeSettings, key: str = KEY) -> bytes:
-        if self.config.cluster.redis:
-            return self._redis_store().read(key)
+        if self.config.cluster.redis:  # a stamp is 64 hex digits; a script may store more
+            return self._redis_store().read(key, None if key == KEY else len(_stamp(b"")))
         try:
             result = self._store(node).call(sp.READ, _key_id(key), wait=self.timeout)
         except NodeUnavailable as exc:

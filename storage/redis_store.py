@@ -128,19 +128,22 @@ class RedisStore:
             raise ClusterUnavailable(f"no Redis node of {', '.join(self.addresses)} "
                                      f"answered: {exc}") from exc
 
-    def read(self, key: str | bytes) -> bytes:
+    def read(self, key: str | bytes, max_bytes: int | None = None) -> bytes:
+        """The value; StorageError when it holds more than `max_bytes` (default
+        ``max_value``), of which no more than one byte past is read."""
+        limit = max_bytes if max_bytes is not None else self.max_value
         with _refused(key):
-            if self.max_value is None:
+            if limit is None:
                 value = self.client.get(key)
             else:  # one byte more than allowed tells it is too large, and no more is read
-                value = self.client.getrange(key, 0, self.max_value)
+                value = self.client.getrange(key, 0, limit)
                 if not value and not self.client.exists(key):
                     value = None
         if value is None:
             raise NotFound(f"key {key!r} not found")
-        if self.max_value is not None and len(value) > self.max_value:
-            raise StorageError(f"key {key!r} holds more than {self.max_value} bytes, the most "
-                               "this reader takes")
+        if limit is not None and len(value) > limit:
+            raise StorageError(f"key {key!r} holds more than {limit} bytes, the most this "
+                               "reader takes")
         return value
 
     def write(self, key: str | bytes, data: bytes) -> None:

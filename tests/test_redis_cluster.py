@@ -87,6 +87,8 @@ if how == "a list":
 else:
     n.redis.setrange("srw:scripts", 17_000_000, "x")   # 17 MB, past srw.pushed.MAX_MAP
 n.redis.set("srw:scripts:stamp", how)
+if how == "a long stamp":
+    n.redis.setrange("srw:scripts:stamp", 1_000_000, "x")
 """,
     "count.py": """
 key = __input_binary_data_tuple[0].decode()
@@ -363,7 +365,8 @@ def test_a_spoiled_scripts_key_costs_serve_nothing(rc, tmp_path):
     no more than MAX_MAP, and goes on serving; the next push repairs the key."""
     redis, srw, session = rc
     serve = srw.procs[0]
-    for how, said in (("a list", "WRONGTYPE"), ("huge", "holds more than")):
+    for how, said in (("a list", "WRONGTYPE"), ("huge", "holds more than 16777216"),
+                      ("a long stamp", "stamp' holds more than 64 bytes")):
         written = len(srw.log())
         [result] = session.exec("spoil.py", how.encode(), key="spoil")
         assert result.ok, result.error
