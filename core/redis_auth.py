@@ -52,6 +52,8 @@ def write_secrets(folder: str | Path, user: str = "srw") -> list[Path]:
     _write(paths[1], admin + "\n")
     _write(paths[2], "# Written by `srw keys redis`.  Start every Redis node of the cluster with\n"
                      "# it first: redis-server redis.conf --port 7000 ...  (core/redis_auth.py)\n"
+                     "# Scripts may write any key: give each node a maxmemory (with\n"
+                     "# maxmemory-policy noeviction), or a script can fill its memory.\n"
                      f"requirepass {admin}\nmasterauth {admin}\n"
                      f"user {user} on #{digest} {RIGHTS}\n")
     return paths

@@ -53,8 +53,10 @@ start_redis() {
         fi
         # Diskless sync with no delay: a replica is in sync (able to take over)
         # within a second instead of after the default 5 s.  The append-only
-        # file keeps the data across cluster-stop / cluster.
+        # file keeps the data across cluster-stop / cluster.  maxmemory: scripts
+        # may write any key; past it, writes fail (noeviction) instead of the host.
         redis-server "$KEYS/redis.conf" --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
+            --maxmemory 256mb --maxmemory-policy noeviction \
             --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
             --dir "$dir" --save '' --appendonly yes --repl-diskless-sync-delay 0 \
             --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
