@@ -23,16 +23,15 @@ with the SHA-256 of its password.  All three are mode 0600.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from core.config import Config, ConfigError, plain_name
+from core.secrets import read_secret, write_secret
 
 SECRET = "redis.secret"            # the srw user's password
 ADMIN_SECRET = "redis-admin.secret"  # the default user's: the operator's, never srw's
 CONF = "redis.conf"                # what each redis-server is started with
 RIGHTS = "~* &* +@all -@admin -@dangerous -@scripting"
-MIN_PASSWORD = 32
 
 
 def write_secrets(folder: str | Path, user: str = "srw") -> list[Path]:
@@ -45,12 +44,11 @@ def write_secrets(folder: str | Path, user: str = "srw") -> list[Path]:
         if path.exists():
             raise OSError(f"{path} exists; remove {', '.join(p.name for p in paths)} "
                           "first to make new Redis passwords")
-    folder.mkdir(parents=True, exist_ok=True)
-    password, admin = os.urandom(32).hex(), os.urandom(32).hex()
+    write_secret(paths[0])
+    write_secret(paths[1])
+    password, admin = (read_secret(p, "Redis password", "", OSError) for p in paths[:2])
     digest = hashlib.sha256(password.encode()).hexdigest()
-    _write(paths[0], password + "\n")
-    _write(paths[1], admin + "\n")
-    _write(paths[2], "# Written by `srw keys redis`.  Start every Redis node of the cluster with\n"
+    write_secret(paths[2], "# Written by `srw keys redis`.  Start every Redis node of the cluster with\n"
                      "# it first: redis-server redis.conf --port 7000 ...  (core/redis_auth.py)\n"
                      "# Scripts may write any key: give each node a maxmemory (with\n"
                      "# maxmemory-policy noeviction), or a script can fill its memory.\n"
@@ -59,28 +57,16 @@ def write_secrets(folder: str | Path, user: str = "srw") -> list[Path]:
     return paths
 
 
-def _write(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-
-
 def credentials(config: Config) -> tuple[str, str]:
     """(user, password) srw logs in to Redis with; ConfigError saying what to do
     when the secret is missing or short."""
-    path = config.security.redis_secret
-    try:
-        password = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"no Redis password at {path} ({exc.strerror}): run `srw keys redis` "
-                          "(it writes keys/redis.secret and keys/redis.conf, which every Redis "
-                          "node starts with), or point [security] redis_secret at the file "
-                          "(README \"Redis Cluster\")") from None
-    if len(password) < MIN_PASSWORD:
-        raise ConfigError(f"{path}: a Redis password needs at least {MIN_PASSWORD} characters")
+    password = read_secret(
+        config.security.redis_secret, "Redis password", "run `srw keys redis` (it writes "
+        "keys/redis.secret and keys/redis.conf, which every Redis node starts with), or point "
+        "[security] redis_secret at the file (README \"Redis Cluster\")", ConfigError)
     return config.security.redis_user, password
 
 
 def admin_password(folder: str | Path) -> str:
     """The default user's password, for the operator's tools (redis-cli, tests)."""
-    return (Path(folder) / ADMIN_SECRET).read_text().strip()
+    return read_secret(Path(folder) / ADMIN_SECRET, "Redis admin password", "", OSError)

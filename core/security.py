@@ -96,16 +96,6 @@ def write_pair(folder: str | Path, name: str, rights: tuple[str, ...] | None = N
     return Path(secret)
 
 
-def write_secret(path: str | Path) -> Path:
-    """32 random bytes, hex, in a new file of mode 0600 (refuses to overwrite)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(os.urandom(32).hex() + "\n")
-    return path
-
-
 def certificate_rights(path: Path) -> tuple[str, ...] | None:
     """The ``rights`` entry of a certificate's metadata section, if any.  pyzmq
     writes the metadata but its loader returns only the keys."""

@@ -285,7 +285,7 @@ def _session(config: cfg.Config, args=None):
 
 
 def cmd_keys_init(args) -> int:
-    from core import redis_auth, security
+    from core import redis_auth, secrets, security
     for name in ("server", "scripts", "proxy"):
         _refuse_overwrite(args.dir, name)
     secret = os.path.join(args.dir, "push.secret")
@@ -295,7 +295,7 @@ def cmd_keys_init(args) -> int:
             raise OSError(f"{path} exists; remove it first to make a new one")
     for name in ("server", "scripts", "proxy"):
         print(f"wrote {security.write_pair(args.dir, name)} and its public {name}.key")
-    print(f"wrote {security.write_secret(secret)} (signs `srw scripts push`; give every node "
+    print(f"wrote {secrets.write_secret(secret)} (signs `srw scripts push`; give every node "
           "and pusher the same file)")
     _write_redis_secrets(args.dir, "srw")
     print("next: srw keys new NAME --rights exec,read (a client); then [security] curve = true")

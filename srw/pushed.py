@@ -47,6 +47,7 @@ import msgpack
 
 from runtime.scripts import ScriptNameError, check_name
 from core.config import Config, NodeSettings
+from core.secrets import read_secret
 from storage import protocol as sp
 from storage.client import (NodeUnavailable, NotFound, StorageClient, StorageError,
                             StorageUnavailable)
@@ -136,16 +137,10 @@ def unpack(raw: bytes) -> dict[str, Pushed]:
 
 def load_secret(config: Config) -> bytes:
     """The push secret; PushError (saying what to do) when it is missing or short."""
-    path = config.security.push_secret
-    try:
-        secret = Path(path).read_bytes().strip()
-    except OSError as exc:
-        raise PushError(f"no push secret at {path} ({exc.strerror}): run `srw keys init` "
-                        "(it writes keys/push.secret), or point [security] push_secret at "
-                        "the file, the same on every node and pusher") from None
-    if len(secret) < 32:
-        raise PushError(f"{path}: a push secret needs at least 32 characters")
-    return secret
+    return read_secret(config.security.push_secret, "push secret",
+                       "run `srw keys init` (it writes keys/push.secret), or point [security] "
+                       "push_secret at the file, the same on every node and pusher",
+                       PushError).encode()
 
 
 def seal(raw: bytes, secret: bytes) -> bytes:

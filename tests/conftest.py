@@ -25,6 +25,7 @@ import pytest
 from broker.client import BrokerUnavailable, Client
 from core import security as sec
 from core.config import RIGHTS
+from core.secrets import write_secret
 
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 30.0
@@ -90,7 +91,7 @@ class Cluster:
             self.add_client("admin", RIGHTS)
             self.security = {"curve": True, **security}
         # The secret that seals `srw scripts push`'s map (srw/pushed.py).
-        sec.write_secret(root / "keys" / "push.secret")
+        write_secret(root / "keys" / "push.secret")
         self.history = root / "history"
         self.history.mkdir()
         shipped = REPO / "history"
