@@ -23,6 +23,7 @@ with the SHA-256 of its password.  All three are mode 0600.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from core.config import Config, ConfigError, plain_name
@@ -44,17 +45,21 @@ def write_secrets(folder: str | Path, user: str = "srw") -> list[Path]:
         if path.exists():
             raise OSError(f"{path} exists; remove {', '.join(p.name for p in paths)} "
                           "first to make new Redis passwords")
-    write_secret(paths[0])
-    write_secret(paths[1])
-    password, admin = (read_secret(p, "Redis password", "", OSError) for p in paths[:2])
-    digest = hashlib.sha256(password.encode()).hexdigest()
-    write_secret(paths[2], "# Written by `srw keys redis`.  Start every Redis node of the cluster with\n"
-                     "# it first: redis-server redis.conf --port 7000 ...  (core/redis_auth.py)\n"
-                     "# Scripts may write any key: give each node a maxmemory (with\n"
-                     "# maxmemory-policy noeviction), or a script can fill its memory.\n"
-                     f"requirepass {admin}\nmasterauth {admin}\n"
-                     f"user {user} on #{digest} {RIGHTS}\n")
+    password, admin = os.urandom(32).hex(), os.urandom(32).hex()
+    write_secret(paths[0], password + "\n")
+    write_secret(paths[1], admin + "\n")
+    write_secret(paths[2], _redis_conf(user, password, admin))
     return paths
+
+
+def _redis_conf(user: str, password: str, admin: str) -> str:
+    digest = hashlib.sha256(password.encode()).hexdigest()  # redis.conf holds no srw password
+    return ("# Written by `srw keys redis`.  Start every Redis node of the cluster with\n"
+            "# it first: redis-server redis.conf --port 7000 ...  (core/redis_auth.py)\n"
+            "# Scripts may write any key: give each node a maxmemory (with\n"
+            "# maxmemory-policy noeviction), or a script can fill its memory.\n"
+            f"requirepass {admin}\nmasterauth {admin}\n"
+            f"user {user} on #{digest} {RIGHTS}\n")
 
 
 def credentials(config: Config) -> tuple[str, str]:

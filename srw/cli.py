@@ -312,7 +312,7 @@ def _write_redis_secrets(folder: str, user: str) -> None:
     secret, admin, conf = redis_auth.write_secrets(folder, user)
     print(f"wrote {secret} (Redis user {user}: srw and its scripts), {admin} (Redis's "
           f"default user: yours, for REDISCLI_AUTH) and {conf} (start every Redis node with "
-          "it first: redis-server " + str(conf) + " --port ...)")
+          f"it first: redis-server {conf} --port ...)")
 
 
 def cmd_keys_new(args) -> int:
