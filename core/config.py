@@ -192,6 +192,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 START_ENV = "SRW_START"
 # Set by `srw serve` for a pool: the fd of a pipe it writes ``size N`` lines to.
 CONTROL_FD_ENV = "SRW_CONTROL_FD"
+# Set by `srw serve` for a pool it restarts: start at the size the last one had.
+RESUME_ENV = "SRW_POOL_RESUME"
 SECTIONS = {"pool": PoolSettings, "broker": BrokerSettings, "proxy": ProxySettings,
             "log": LogSettings, "security": SecuritySettings, "serve": ServeSettings,
             "cluster": ClusterSettings}

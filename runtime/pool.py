@@ -44,7 +44,8 @@ import setproctitle
 from core import protocol as p
 from core import logs
 from core import config as configs
-from core.config import CONTROL_FD_ENV, MESSAGE_HEADROOM, Config, ConfigError, NodeSettings
+from core.config import (CONTROL_FD_ENV, MESSAGE_HEADROOM, RESUME_ENV, Config, ConfigError,
+                         NodeSettings)
 from core import exits, timeouts
 
 from . import profile as profiles
@@ -59,6 +60,7 @@ log = logging.getLogger("srw.pool")
 MAX_BOOT_FAILURES = 3
 TICK = 0.05            # watchdog period, seconds
 RESPAWN_WAIT = 1.0     # at most this long for a dead worker's leftovers to go first
+SIZE_FILE = "pool.size"  # in data_dir: the size now, which a pool serve restarts resumes
 
 
 class InitError(Exception):
@@ -112,7 +114,7 @@ def describe_exit(status: int) -> str:
 class Pool:
     def __init__(self, config: Config, node: NodeSettings):
         self.config, self.node = config, node
-        self.size = config.pool.workers                 # live workers wanted
+        self.size = self._resumed_size() or config.pool.workers  # live workers wanted
         self.slot_count = config.pool.slots
         self.profile = profiles.load(config.pool.profile, config.path.parent)
         self.uids = self._claim_uids()
@@ -155,6 +157,7 @@ class Pool:
         self._setup_signals()
         gc.collect()
         gc.freeze()  # children share init's objects without the GC dirtying their pages
+        self._save_size()
         for slot in range(1, self.size + 1):
             self.spawn(slot)
         sb = self.sandbox
@@ -458,6 +461,33 @@ class Pool:
         if size != self.size:
             log.info("pool %s: resized from %d to %d workers", self.node.name, self.size, size)
         self.size = size
+        self._save_size()
+
+    def _size_file(self) -> Path:
+        return Path(self.node.data_dir) / SIZE_FILE
+
+    def _save_size(self) -> None:
+        """Where a pool serve restarts finds the size (TTIN/TTOU, `srw resize`)."""
+        path = self._size_file()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".tmp").write_text(f"{self.size}\n")
+            path.with_suffix(".tmp").replace(path)
+        except OSError as exc:
+            log.warning("pool %s: cannot keep its size in %s (%s); a restart starts at "
+                        "pool.workers", self.node.name, path, exc.strerror)
+
+    def _resumed_size(self) -> int | None:
+        """Restarted by `srw serve` (RESUME_ENV): the size the pool before had."""
+        if not os.environ.get(RESUME_ENV):
+            return None
+        try:
+            size = int(self._size_file().read_text())
+        except (OSError, ValueError):
+            return None
+        size = max(1, min(size, self.config.pool.ceiling))
+        log.info("pool %s: restarted at %d workers, the size before", self.node.name, size)
+        return size
 
     def reload(self) -> None:
         """SIGHUP: read the config and run python.init again; on success roll the

@@ -39,7 +39,7 @@ import psutil
 
 from broker.client import BrokerUnavailable, Client
 from core import exits, logs, redis_auth, security, timeouts
-from core.config import CONTROL_FD_ENV, START_ENV, Config, NodeSettings
+from core.config import CONTROL_FD_ENV, RESUME_ENV, START_ENV, Config, NodeSettings
 from srw.control import COMMANDS, ControlServer, ControlUnavailable, socket_path
 from srw.pushed import INIT, NodeSync, PushError
 from storage.client import StorageError, storage_ready
@@ -363,6 +363,8 @@ class Supervisor:
                                  f"{RESTART_WINDOW:.0f} s; giving up")
             print(f"srw: {child.label} exited with status {code}; restarting it",
                   file=sys.stderr, flush=True)
+            if child.role == "pool":  # at the size it had (TTIN/TTOU, srw resize)
+                child.env[RESUME_ENV] = "1"
             child.start()
 
     def stop(self) -> None:

@@ -273,3 +273,37 @@ def test_reload_resize_and_stop_under_load_fail_nothing(make_cluster):
     done = cluster.run("reload")
     assert done.returncode == 1 and b"no srw serve" in done.stderr
     notify.close()
+
+
+def test_a_pool_serve_restarts_keeps_the_size_it_was_given(make_cluster):
+    """TTIN and `srw resize` change a pool's size; when the pool dies and serve
+    starts it again, it comes back at that size, not at pool.workers."""
+    cluster = make_cluster(pool={"workers": 1, "max_workers": 4})
+    serve = cluster.serve()
+    with cluster.client(timeout=5) as client:
+        serve.send_signal(signal.SIGTTIN)
+        wait_until(lambda: client.status()["workers"] == 2, 10, "2 workers after TTIN")
+        done = cluster.run("resize", "3", "--wait", "10")
+        assert done.returncode == 0, done.stderr
+        [pool] = pools(serve)
+        pool.kill()
+        wait_until(lambda: [p.pid for p in pools(serve)] not in ([], [pool.pid]), 10,
+                   "serve to start the pool again")
+        wait_until(lambda: client.status()["workers"] == 3 and client.exec("echo.py").ok,
+                   20, "the restarted pool at 3 workers")
+        time.sleep(0.5)  # and no more than that
+        assert client.status()["workers"] == 3
+    assert "restarted at 3 workers, the size before" in cluster.log()
+    assert serve.poll() is None
+
+
+def pools(serve) -> list[psutil.Process]:
+    """serve's live pool processes (a dead one waiting to be reaped is left out)."""
+    found = []
+    for child in psutil.Process(serve.pid).children():
+        try:
+            if child.cmdline()[0].startswith("srw: pool"):
+                found.append(child)
+        except (psutil.Error, IndexError):
+            pass
+    return found
