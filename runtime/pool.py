@@ -111,6 +111,19 @@ def describe_exit(status: int) -> str:
     return f"exited with status {code}"
 
 
+def read_size(path: Path, ceiling: int) -> int | None:
+    """The pool size kept in `path`, clamped to 1..ceiling; None when the file is
+    missing or holds anything but a short number (at most 17 bytes are read)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(17)
+        if len(text) > 16:
+            return None
+        return max(1, min(int(text.decode("ascii").strip()), ceiling))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
 class Pool:
     def __init__(self, config: Config, node: NodeSettings):
         self.config, self.node = config, node
@@ -481,11 +494,9 @@ class Pool:
         """Restarted by `srw serve` (RESUME_ENV): the size the pool before had."""
         if not os.environ.get(RESUME_ENV):
             return None
-        try:
-            size = int(self._size_file().read_text())
-        except (OSError, ValueError):
+        size = read_size(self._size_file(), self.config.pool.ceiling)
+        if size is None:
             return None
-        size = max(1, min(size, self.config.pool.ceiling))
         log.info("pool %s: restarted at %d workers, the size before", self.node.name, size)
         return size
 

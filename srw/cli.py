@@ -113,8 +113,8 @@ def parser() -> argparse.ArgumentParser:
     resize = sub.add_parser("resize", parents=[common], help="set the live worker count",
                             description="Set each pool (or --node's) to N workers without a "
                             "restart (TTIN/TTOU add or retire one); waits until the nodes "
-                            "report N live workers. A pool restarted later starts at "
-                            "pool.workers again.")
+                            "report N live workers. A pool serve restarts after a crash "
+                            "keeps N; the next `srw serve` starts at pool.workers.")
     resize.add_argument("size", type=int, metavar="N")
     resize.add_argument("--node", metavar="NAME", default="", help="only this node")
     resize.add_argument("--wait", type=float, default=30.0,

@@ -512,3 +512,14 @@ def test_throttle_counts_what_it_suppresses():
     assert throttle.allow(10.5) is None and throttle.allow(10.9) is None
     assert throttle.allow(11.0) == 2
     assert throttle.allow(11.1) is None
+
+
+@pytest.mark.parametrize("content, size", [
+    (b"3\n", 3), (b"0\n", 1), (b"999\n", 8), (b"", None), (b"three", None),
+    (b"\xff\xfe", None), (b"1" * 10_000, None), (None, None)])
+def test_a_kept_pool_size_is_a_small_clamped_number_or_nothing(tmp_path, content, size):
+    from runtime.pool import read_size
+    path = tmp_path / "pool.size"
+    if content is not None:
+        path.write_bytes(content)
+    assert read_size(path, ceiling=8) == size
