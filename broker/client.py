@@ -77,13 +77,27 @@ def _socket(ctx: zmq.Context, endpoint: str, max_message: int | None,
 
 class _Base:
     def __init__(self, endpoint: str, timeout: float | None = None,
-                 max_message: int | None = None, curve: Credentials | None = None):
+                 max_message: int | None = None, curve: Credentials | None = None,
+                 ctx: zmq.Context | None = None):
         self.endpoint = endpoint
         self.curve = curve
         self.timeout = timeout
         self.max_message = max_message
+        self._ctx = ctx or zmq.Context.instance()
+        self._sock = _socket(self._ctx, endpoint, max_message, curve)
         self._prefix = os.urandom(4)
         self._counter = itertools.count()
+
+    def _renew_refused_socket(self) -> None:
+        """After CONNECT_WAIT without a connection, with CurveZMQ: a new socket for
+        the next request.  libzmq (4.3.5) never reconnects a socket whose handshake
+        the node refused, so a client whose key the node learns later (a
+        certificate added at run time) would stay locked out on the old one.
+        """
+        if self.curve is None:
+            return
+        self._sock.close()
+        self._sock = _socket(self._ctx, self.endpoint, self.max_message, self.curve)
 
     def _next_rid(self) -> bytes:
         return self._prefix + next(self._counter).to_bytes(8, "little")
@@ -124,8 +138,8 @@ class Client(_Base):
                  ctx: zmq.Context | None = None, max_message: int | None = None,
                  key: str | None = None, server_key: str | None = None,
                  curve: Credentials | None = None):
-        super().__init__(endpoint, timeout, max_message, credentials(key, server_key, curve))
-        self._sock = _socket(ctx or zmq.Context.instance(), endpoint, max_message, self.curve)
+        super().__init__(endpoint, timeout, max_message, credentials(key, server_key, curve),
+                         ctx)
         self._outstanding: set[bytes] = set()    # submitted, not yet collected
         self._early: dict[bytes, Result] = {}    # their replies that came first
 
@@ -159,6 +173,7 @@ class Client(_Base):
         except zmq.Again:
             pass  # not connected (yet): wait a little for the connection
         if not self._sock.poll(int(CONNECT_WAIT * 1000), zmq.POLLOUT):
+            self._renew_refused_socket()
             raise self._unreachable()
         p.send_frames(self._sock, frames, noblock=True)
 
@@ -258,8 +273,8 @@ class AsyncClient(_Base):
                  ctx: zmq.Context | None = None, max_message: int | None = None,
                  key: str | None = None, server_key: str | None = None,
                  curve: Credentials | None = None):
-        super().__init__(endpoint, timeout, max_message, credentials(key, server_key, curve))
-        self._sock = _socket(ctx or zmq.Context.instance(), endpoint, max_message, self.curve)
+        super().__init__(endpoint, timeout, max_message, credentials(key, server_key, curve),
+                         ctx)
         self._batch_bytes = min(BATCH_BYTES, p.batch_limit(max_message or BATCH_BYTES * 2))
         self._pending: dict[bytes, asyncio.Future] = {}
         self._outbox: list[tuple] = []  # (cmd, rid, meta, data) to send at the turn's end
@@ -343,11 +358,22 @@ class AsyncClient(_Base):
                         if future is not None and not future.done():
                             future.set_exception(self._unreachable())
                     self._outbox.clear()
+                    self._renew_in_loop()
                     return
                 await asyncio.sleep(SEND_RETRY)
         finally:
             self._backlog = None
         self._take_replies()
+
+    def _renew_in_loop(self) -> None:
+        """_renew_refused_socket, with the reader moved to the new socket.  Replies
+        still owed on the old one are lost: with no connection they could come only
+        after it came back."""
+        if self.curve is None:
+            return
+        self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
+        self._renew_refused_socket()
+        self._loop.add_reader(self._sock.getsockopt(zmq.FD), self._take_replies)
 
     def _expire(self, rid: bytes, wait: float) -> None:
         future = self._pending.get(rid)
