@@ -34,6 +34,7 @@ from typing import Callable
 
 import psutil
 
+from core import exits
 from core import protocol as p
 
 from . import channel, zygote
@@ -50,6 +51,7 @@ IDLE_CPU = 0.05    # seconds of CPU a reused runner may use between requests
 NAMED_VERSIONS = 256  # script versions a reused runner keeps compiled before it is replaced
 ZEROMQ_THREADS = 2  # a ZeroMQ context's I/O thread and reaper
 WAIT_EXIT = 5.0    # seconds to learn how a dead runner died
+CPU_SLACK = 0.1    # seconds: how far below RLIMIT_CPU the kernel's rusage may say it acted
 LINE_MAX = 4096    # bytes of one line of script output that reach the log
 OUTPUT_BUDGET = 64 * 1024  # bytes of script output logged per request; the rest is counted
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -160,6 +162,23 @@ class ProcessRunner:
 
     def run(self, script: Script | None, code: str, data: bytes, cookie: str,
             deadline: float) -> tuple[str, bytes, str]:
+        """(status, data, error) of one request.  Whatever the runner did, only the
+        runner pays: a failure to make sense of it replaces the runner, and the
+        worker answers the request and goes on (ZygoteFailed alone ends it)."""
+        try:
+            return self._run(script, code, data, cookie, deadline)
+        except ZygoteFailed:
+            raise
+        except Exception:
+            log.exception("%s: failed to handle its runner; replacing it",
+                          self.title.removeprefix("srw: "))
+            if self.current is not None:
+                self._replace(self.current, "the worker could not make sense of it", kill=True)
+            return (p.KILLED, b"", "the worker could not make sense of what the request's "
+                    "runner did; the runner is replaced")
+
+    def _run(self, script: Script | None, code: str, data: bytes, cookie: str,
+             deadline: float) -> tuple[str, bytes, str]:
         self.output.new_request()
         # Unpredictable, so that a script cannot write the reply to a later request
         # (the `random` module's state is in the runner's memory too).
@@ -271,10 +290,13 @@ class ProcessRunner:
             return "it was left with state it cannot reset"
         if extra:
             return "it wrote more than its reply"
-        tasks = self._tasks(runner)
+        try:
+            tasks = self._tasks(runner)
+            vsize = int(os.pread(runner.statm_fd, 64, 0).split(maxsplit=1)[0]) * PAGE
+        except (OSError, ValueError, IndexError):  # ESRCH: it replied, then went
+            return "it is gone (a process it left wrote its reply)"
         if tasks > 1 + (ZEROMQ_THREADS if flags & channel.ZEROMQ else 0):
             return f"the script left threads or processes running ({tasks} tasks)"
-        vsize = int(os.pread(runner.statm_fd, 64, 0).split(maxsplit=1)[0]) * PAGE
         if not runner.vsize:
             runner.vsize = vsize
         elif vsize > runner.vsize + self.vsize_slack:
@@ -292,18 +314,16 @@ class ProcessRunner:
         deadline = time.monotonic() + WAIT_EXIT
         while pid not in self.exits and self._receive(deadline):
             pass
-        status, cpu = self.exits.pop(pid, (0, 0.0))
-        if os.WIFSIGNALED(status) and (os.WTERMSIG(status) == signal.SIGXCPU
-                                       or cpu >= self.profile.cpu_seconds):
+        if pid not in self.exits:
+            return p.KILLED, b"", "the request's process ended before it answered"
+        status, cpu = self.exits.pop(pid)
+        # Past its CPU budget (RLIMIT_CPU's SIGXCPU in fork isolation): judged by the
+        # CPU it used, not by the signal, which a script can send itself.  The kernel
+        # counts CPU in ticks and reports it a little short of the limit it enforced.
+        if os.WIFSIGNALED(status) and cpu >= self.profile.cpu_seconds - CPU_SLACK:
             return (p.TIMEOUT, b"", f"request used more than {self.profile.cpu_seconds:g} s "
                     "of CPU (sandbox cpu_seconds)")
-        if os.WIFSIGNALED(status):
-            how = f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-        elif os.WIFEXITED(status):
-            how = f"exited with status {os.waitstatus_to_exitcode(status)}"
-        else:
-            how = "gone"
-        return p.KILLED, b"", f"the request's process {how} before it answered"
+        return p.KILLED, b"", f"the request's process {exits.describe(status)} before it answered"
 
     # Runners from the zygote ------------------------------------------------------
 
@@ -319,8 +339,12 @@ class ProcessRunner:
         poller.register(self.output.fd, select.POLLIN)
         runner = Runner(pid, req_w, res_r, poller)
         if self.reuse:
-            runner.stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-            runner.statm_fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                runner.stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+                runner.statm_fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:  # it died waiting: the next one
+                self._replace(runner, "it was gone before it was taken", kill=True)
+                return self._take(deadline)
         return runner
 
     def _replace(self, runner: Runner, why: str, kill: bool = False) -> None:
@@ -349,7 +373,10 @@ class ProcessRunner:
                 self.ready.append((int(fields[1]), fds[0], fds[1]))
                 return True
             if fields[0] == b"X" and len(fields) == 4 and not fds:
-                self.exits[int(fields[1])] = (int(fields[2]), float(fields[3]))
+                pid, status, cpu = int(fields[1]), int(fields[2]), float(fields[3])
+                if not 0 <= status <= exits.MAX_WAIT_STATUS or not 0 <= cpu < math.inf:
+                    raise ValueError(f"unexpected message {msg[:40]!r}")
+                self.exits[pid] = (status, cpu)
                 if len(self.exits) > 64:  # of runners nobody asked about
                     self.exits.pop(next(iter(self.exits)))
                 return True

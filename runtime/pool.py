@@ -102,13 +102,13 @@ def _control_pipe() -> int:
 
 
 def describe_exit(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        return f"killed by {signal.Signals(sig).name}"
-    code = os.waitstatus_to_exitcode(status)
-    if code == exits.WORKER_BOOT:
-        return f"could not start (exit status {code}; its traceback is above)"
-    return f"exited with status {code}"
+    if os.WIFEXITED(status):
+        code = os.WEXITSTATUS(status)
+        if code == exits.WORKER_BOOT:
+            return f"could not start (exit status {code}; its traceback is in the log)"
+        if code == exits.WORKER_FAILED:
+            return f"failed while serving (exit status {code}; its traceback is in the log)"
+    return exits.describe(status)
 
 
 def read_size(path: Path, ceiling: int) -> int | None:
@@ -214,14 +214,17 @@ class Pool:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the worker; it always leaves through os._exit()
-            code = 0
+            code, worker = 0, None
             try:
                 self._child_reset()
-                code = Worker(self.config, self.node, self.sandbox, slot, executor, self.slots,
-                              predecessor, self.restarts).run()
+                worker = Worker(self.config, self.node, self.sandbox, slot, executor,
+                                self.slots, predecessor, self.restarts)
+                code = worker.run()
             except BaseException:
-                traceback.print_exc()
-                code = exits.WORKER_BOOT
+                serving = worker is not None and worker.registered
+                log.exception("worker %s#%d (pid %d) %s", self.node.name, slot, os.getpid(),
+                              "failed while serving" if serving else "could not start")
+                code = exits.WORKER_FAILED if serving else exits.WORKER_BOOT
             finally:
                 logging.shutdown()
                 sys.stderr.flush()
@@ -312,8 +315,7 @@ class Pool:
             if pid == 0:
                 return
             if os.WIFSTOPPED(status):
-                sig = signal.Signals(os.WSTOPSIG(status)).name
-                self.kill(pid, f"stopped by {sig}; killed by the pool", p.KILLED)
+                self.kill(pid, f"{exits.describe(status)}; killed by the pool", p.KILLED)
                 continue
             self.on_exit(pid, status)
 

@@ -86,6 +86,7 @@ class Worker:
         self.draining = False
         self.drain_deadline = 0.0
         self.done = False
+        self.registered = False  # the broker has answered our READY: we are serving
         self.exit_code = 0
         self.pending: list[list] = []  # replies held to share a message (see reply)
         self.pending_since = 0.0
@@ -105,7 +106,6 @@ class Worker:
         self.sock = self._connect()
         self.scheduling = LoadScheduling(thread_ids(task_dir))
         self.register()  # the slot says BOOTING until the broker answers (below)
-        registered = False
         handlers = {p.REQUEST: self.on_request, p.HEARTBEAT: self.on_heartbeat,
                     p.REREGISTER: self.on_reregister, p.BYE: self.on_bye}
         last_heard = next_hb = time.monotonic()
@@ -118,9 +118,9 @@ class Worker:
                 last_heard = time.monotonic()
             else:
                 frames = self._next_message(wait_ms)
-                if frames is not None and not registered:
+                if frames is not None and not self.registered:
                     self.slots.idle(self.slot, self.pid, self.served)  # the pool sees us up
-                    registered = True
+                    self.registered = True
                 if frames is not None:
                     handler = handlers.get(frames[0])
                     if handler is None:
