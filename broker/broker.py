@@ -286,10 +286,13 @@ class Broker:
         meta = req.meta
         if self.keyring is not None:
             refusal = self.keyring.refusal(user, *security.rights_for(req.cmd == p.EXEC, meta))
+            if refusal is None and meta.caller is not None and not self.keyring.is_node(user):
+                refusal = "only a node of the cluster may name the caller it relays for"
             if refusal is not None:
                 self.reply(req.client, req.rid, p.FORBIDDEN,
                            error=f"node {self.node.name}: {refusal}", batched=batched)
                 return
+        meta = meta._replace(caller=self.caller(user, meta.caller))
         if req.cmd == p.STATUS:
             self.reply(req.client, req.rid, p.OK, p.pack(self.status()), batched=batched)
             return
@@ -312,6 +315,17 @@ class Broker:
             return
         deadline = time.monotonic() + (meta.timeout or self.settings.request_timeout)
         self.d.admit(req.client, req.rid, meta, req.data, size, deadline, batched)
+
+    def caller(self, user: str | None, relayed: str | None) -> str:
+        """Who an exec runs for (its runners are that caller's alone: a tenant is a
+        caller and its code).  With curve: the client key the ZAP handler admitted,
+        or, from a node's own key, the caller that node relays for, else the node
+        itself (its indexing).  Without curve no one is authenticated: "local"."""
+        if self.keyring is None:
+            return p.LOCAL_CALLER
+        if self.keyring.is_node(user):
+            return relayed or f"node:{self.node.name}"
+        return user or p.LOCAL_CALLER
 
     def _answer(self, job: Job, status: str, data: bytes, error: str) -> None:
         """The dispatcher's answer to a job: counted, then sent (or batched)."""
@@ -368,8 +382,11 @@ class Broker:
         now = time.monotonic()
         worker.last_seen = now
         if cmd == p.REPLY:
-            for job_id, status, data, error, run_us in p.parse_worker_replies(frames):
+            for job_id, status, data, error, run_us, warm, hit in \
+                    p.parse_worker_replies(frames):
                 self.d.replied(worker, job_id, status, data, error, run_us)
+                worker.warm = warm
+                self.stats.found_warm(hit)
             if worker.draining and not worker.jobs:
                 self.back.send_multipart([identity, p.BYE], zmq.NOBLOCK)
         elif len(frames) != 2 and cmd != p.READY:
@@ -527,6 +544,7 @@ class Broker:
                 "uptime": round(time.monotonic() - self.started, 3),
                 "workers": len(live),
                 "busy": sum(1 for w in live if w.jobs),
+                "warm_runners": sum(w.warm for w in live),
                 "queued": self.d.waiting, "served": self.d.served,
                 "restarts": self.restarts,
                 **self.stats.snapshot(),
@@ -545,5 +563,6 @@ class Broker:
                          "held": len(w.jobs),
                          "script": (running.meta.name or CONTENT) if running else "",
                          "uss": memory.get(w.pid, (None, None))[0],
-                         "sandbox_uss": memory.get(w.pid, (None, None))[1]})
+                         "sandbox_uss": memory.get(w.pid, (None, None))[1],
+                         "warm_runners": w.warm})
         return rows

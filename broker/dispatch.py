@@ -46,7 +46,7 @@ class Job:
 
 class Worker:
     __slots__ = ("identity", "name", "slot", "pid", "pool", "credits", "jobs", "expired",
-                 "replied", "last_seen", "draining", "gone_at")
+                 "replied", "last_seen", "draining", "gone_at", "warm")
 
     def __init__(self, identity: bytes, ready: p.Ready, now: float, node: str = ""):
         self.identity, self.slot, self.pid = identity, ready.slot, ready.pid
@@ -62,6 +62,7 @@ class Worker:
         self.last_seen = now
         self.draining = False
         self.gone_at = 0.0  # when the broker found its process gone
+        self.warm = 0  # runners it keeps warm, as its last REPLY said
 
     def __repr__(self):
         return self.name

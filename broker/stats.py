@@ -62,6 +62,10 @@ class ExecStats:
         self.max_scripts = max_scripts
         self.ok_latencies: collections.deque[int] = collections.deque(maxlen=window)
         self.restart_causes: dict[str, int] = {}
+        self.warm = {"found": 0, "missed": 0}  # execs that found a warm runner, or not
+
+    def found_warm(self, hit: bool) -> None:
+        self.warm["found" if hit else "missed"] += 1
 
     def record(self, name: str, status: str, latency_us: int) -> None:
         stats = self.scripts.get(name or CONTENT)
@@ -100,6 +104,7 @@ class ExecStats:
                                    "limit": self.ok_latencies.maxlen},
                 "statuses": totals,
                 "restart_causes": dict(self.restart_causes),
+                "warm_execs": dict(self.warm),
                 "latency_buckets_us": list(BUCKETS_US),
                 "scripts": {name: s.as_dict() for name, s in self.scripts.items()}}
 

@@ -9,17 +9,21 @@ receiver and both I/O threads a wake-up.
 Front (client DEALER -> broker ROUTER; the ROUTER adds the client identity)::
 
     request  [header, data]
-             header  msgpack [cmd, rid, name, code, cookie, timeout, id]
+             header  msgpack [cmd, rid, name, code, cookie, timeout, id(, caller)]
                      cmd      EXEC | STATUS
                      rid      client-chosen request id (bytes, <= 64), echoed back
                      name, code, cookie   str; timeout float|None; id hex str|None
+                     caller   only in what a node relays (the storage front): the
+                              caller it authenticated; the broker takes it from
+                              node keys alone (README "Sandbox", callers)
              data    the request's binary data, never decoded by the broker
     reply    [header, data]
              header  msgpack [rid, status, node, group, error]
 
     A client may also send several requests in one message, and then gets
     their replies in batches too (one message per broker turn):
-    requests [batch]  msgpack [[cmd, rid, name, code, cookie, timeout, id, data], ...]
+    requests [batch]  msgpack [[cmd, rid, name, code, cookie, timeout, id(, caller), data],
+                               ...]
     replies  [batch]  msgpack [[rid, status, node, group, error, data], ...]
     One frame is a batch, two frames are one request or reply.
 
@@ -31,11 +35,15 @@ Back (worker DEALER, identity "node#slot:pid" -> broker ROUTER)::
                                               (types and ranges: Ready.from_meta;
                                               token: core/trust.py)
                       [REPLY, replies]        msgpack [[job, status, error, data,
-                                                run_us], ...]; run_us: time it ran
+                                                run_us, warm, hit], ...]; run_us: time
+                                                it ran; warm: runners it keeps warm
+                                                after it; hit: it found one warm
                       [HEARTBEAT]             sent while idle
                       [DRAIN]                 "give me no more work" (recycle, stop)
     broker -> worker  [REQUEST, jobs]         msgpack [[job, budget, name, code, cookie,
-                                                data], ...]; budget: seconds left
+                                                caller, data], ...]; budget: seconds
+                                                left; caller: who sent it (a tenant's
+                                                first half: runtime/tenants.py)
                       [HEARTBEAT]             also at once after a READY it took
                       [REREGISTER]            "I do not know you": answer with READY
                       [BYE]                   drained: the worker may exit
@@ -73,6 +81,8 @@ REREGISTER = b"\x12"
 BYE = b"\x13"
 
 MAX_RID = 64
+MAX_CALLER = 128  # characters of a caller: a z85 public key (40), "node:NAME", "local"
+LOCAL_CALLER = "local"  # every caller without curve: no one is authenticated
 
 # The status vocabulary and Result are core/statuses.py's; the protocol carries them.
 _STATUS_SET = frozenset(STATUSES)
@@ -111,6 +121,7 @@ class ExecMeta(NamedTuple):
     cookie: str = ""
     timeout: float | None = None
     id: str | None = None
+    caller: str | None = None  # set by a relaying node; the broker decides (broker.py)
 
     def check(self) -> "ExecMeta":
         if not (isinstance(self.name, str) and isinstance(self.code, str)
@@ -125,7 +136,14 @@ class ExecMeta(NamedTuple):
                 check_id(self.id)
             except BadId as exc:
                 raise ProtocolError(f"exec id: {exc}") from None
+        if self.caller is not None and not (isinstance(self.caller, str) and self.caller.isascii()
+                                            and 0 < len(self.caller) <= MAX_CALLER):
+            raise ProtocolError(f"exec caller must be 1 to {MAX_CALLER} ASCII characters")
         return self
+
+    def to_list(self) -> list:
+        """The header fields after cmd and rid: caller only when there is one."""
+        return list(self if self.caller is not None else self[:5])
 
 
 class FrontRequest(NamedTuple):
@@ -144,8 +162,8 @@ class FrontRequest(NamedTuple):
 
     @classmethod
     def from_header(cls, client: bytes, header: tuple, data: bytes) -> "FrontRequest":
-        if len(header) != 7:
-            raise ProtocolError("request header must have 7 fields")
+        if len(header) not in (7, 8):
+            raise ProtocolError("request header must have 7 fields (8 with a caller)")
         cmd, rid = header[0], header[1]
         if cmd not in (EXEC, STATUS):
             raise ProtocolError(f"unknown command {cmd!r:.20}")
@@ -153,7 +171,7 @@ class FrontRequest(NamedTuple):
             raise ProtocolError("request id must be bytes, at most 64")
         if not isinstance(data, bytes):
             raise ProtocolError("request data must be bytes")
-        return cls(client, cmd, rid, ExecMeta._make(header[2:]).check(), data)
+        return cls(client, cmd, rid, ExecMeta(*header[2:]).check(), data)
 
 
 def parse_batch(frames: list[bytes]) -> list[FrontRequest | tuple[bytes | None, ProtocolError]]:
@@ -163,9 +181,9 @@ def parse_batch(frames: list[bytes]) -> list[FrontRequest | tuple[bytes | None, 
     out: list[FrontRequest | tuple[bytes | None, ProtocolError]] = []
     for entry in entries:
         try:
-            if not isinstance(entry, tuple) or len(entry) != 8:
-                raise ProtocolError("a batched request must have 8 fields")
-            out.append(FrontRequest.from_header(frames[0], entry[:7], entry[7]))
+            if not isinstance(entry, tuple) or len(entry) not in (8, 9):
+                raise ProtocolError("a batched request must have 8 fields (9 with a caller)")
+            out.append(FrontRequest.from_header(frames[0], entry[:-1], entry[-1]))
         except ProtocolError as exc:
             rid = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else None
             out.append((rid if isinstance(rid, bytes) and len(rid) <= MAX_RID else None, exc))
@@ -173,11 +191,12 @@ def parse_batch(frames: list[bytes]) -> list[FrontRequest | tuple[bytes | None, 
 
 
 def is_front_request(header: bytes) -> bool:
-    """Whether a frame can be a request header: a 7-item msgpack array starts 0x97.
+    """Whether a frame can be a request header: a 7- or 8-item msgpack array starts
+    0x97 or 0x98.
 
     Lets another ROUTER (the storage front-end) tell exec requests it relays
     from its own commands, which start with an ASCII letter."""
-    return header[:1] == b"\x97"
+    return header[:1] in (b"\x97", b"\x98")
 
 
 def salvage_rid(frames: list[bytes]) -> bytes | None:
@@ -191,12 +210,12 @@ def salvage_rid(frames: list[bytes]) -> bytes | None:
 
 def request_frames(cmd: int, rid: bytes, meta: ExecMeta, data: bytes) -> list[bytes]:
     """What a client sends (its DEALER adds nothing)."""
-    return [pack([cmd, rid, *meta]), data]
+    return [pack([cmd, rid, *meta.to_list()]), data]
 
 
 def batch_frames(requests: list[tuple[int, bytes, ExecMeta, bytes]]) -> list[bytes]:
     """Several requests, (cmd, rid, meta, data) each, in one message."""
-    return [pack([[cmd, rid, *meta, data] for cmd, rid, meta, data in requests])]
+    return [pack([[cmd, rid, *meta.to_list(), data] for cmd, rid, meta, data in requests])]
 
 
 def reply_frames(client: bytes, rid: bytes, status: str, node: str, group: int,
@@ -308,7 +327,8 @@ _READY_REQUIRED = ("slot", "pid", "credits", "token", "pool")
 # libzmq refuses any frame above ZMQ_MAXMSGSIZE (core.config.Config.max_message),
 # so batches are cut to fit it.  Bounds, not exact sizes: cheap to compute.
 
-ENTRY_OVERHEAD = 256  # msgpack headers, ids (rid <= 64, hex id <= 128), numbers of one entry
+# msgpack headers, ids (rid <= 64, hex id <= 128), caller (<= 128), numbers of one entry
+ENTRY_OVERHEAD = 256 + MAX_CALLER
 BATCH_HEADER = 16     # the array header of a batch, with room to spare
 
 
@@ -355,7 +375,7 @@ class Batches:
 
 
 def job_entry(job: bytes, budget: float, meta: ExecMeta, data: bytes) -> list:
-    return [job, budget, meta.name, meta.code, meta.cookie, data]
+    return [job, budget, meta.name, meta.code, meta.cookie, meta.caller, data]
 
 
 def jobs_frames(worker: bytes, entries: list[list]) -> list[bytes]:
@@ -369,31 +389,40 @@ def parse_jobs(frames: list[bytes]) -> list[tuple[bytes, float, ExecMeta, bytes]
         raise ProtocolError("REQUEST must have 1 frame after the command")
     jobs = []
     for entry in _unpack_list(frames[1]):
-        if not (isinstance(entry, tuple) and len(entry) == 6 and isinstance(entry[5], bytes)):
+        if not (isinstance(entry, tuple) and len(entry) == 7 and isinstance(entry[5], str)
+                and isinstance(entry[6], bytes)):
             raise ProtocolError("bad REQUEST entry")
-        job, budget, name, code, cookie, data = entry
-        jobs.append((job, float(budget), ExecMeta(name, code, cookie), data))
+        job, budget, name, code, cookie, caller, data = entry
+        jobs.append((job, float(budget), ExecMeta(name, code, cookie, caller=caller), data))
     return jobs
 
 
+MAX_WARM = 1000  # warm runners a worker may say it keeps
+
+
 def worker_replies_frames(replies: list[list]) -> list[bytes]:
-    """Worker side: one REPLY message carrying [job, status, error, data, run_us] lists."""
+    """Worker side: one REPLY message carrying [job, status, error, data, run_us, warm,
+    hit] lists."""
     return [REPLY, pack(replies)]
 
 
-def parse_worker_replies(frames: list[bytes]) -> list[tuple[bytes, str, bytes, str, float]]:
-    """Broker side: [identity, REPLY, replies] -> [(job, status, data, error, run_us), ...]."""
+def parse_worker_replies(frames: list[bytes]) -> list[tuple[bytes, str, bytes, str, float,
+                                                             int, bool]]:
+    """Broker side: [identity, REPLY, replies] -> [(job, status, data, error, run_us,
+    warm, hit), ...]."""
     if len(frames) != 3:
         raise ProtocolError("REPLY must have 1 frame after the command")
     replies = []
     for entry in _unpack_list(frames[2]):
-        if not (isinstance(entry, tuple) and len(entry) == 5 and isinstance(entry[0], bytes)
+        if not (isinstance(entry, tuple) and len(entry) == 7 and isinstance(entry[0], bytes)
                 and isinstance(entry[1], str) and entry[1] in _STATUS_SET
                 and isinstance(entry[2], str) and isinstance(entry[3], bytes)
-                and isinstance(entry[4], (int, float)) and 0 <= entry[4] < 1e12):
+                and isinstance(entry[4], (int, float)) and 0 <= entry[4] < 1e12
+                and type(entry[5]) is int and 0 <= entry[5] <= MAX_WARM
+                and type(entry[6]) is bool):
             raise ProtocolError("bad REPLY entry")
-        job, status, error, data, run_us = entry
-        replies.append((job, status, data, error, float(run_us)))
+        job, status, error, data, run_us, warm, hit = entry
+        replies.append((job, status, data, error, float(run_us), warm, hit))
     return replies
 
 

@@ -284,6 +284,10 @@ class Keyring:
                                          for i in clients.values()) or "none")
         return clients
 
+    def is_node(self, user_id: str | None) -> bool:
+        """Whether the key is the nodes' own (what a storage front relays with)."""
+        return user_id is not None and user_id == self.public.decode()
+
     def refusal(self, user_id: str | None, needed: tuple[str, ...], what: str) -> str | None:
         """None if the caller may do `what`; else the message of a ``forbidden`` reply."""
         identity = self.identity(user_id)

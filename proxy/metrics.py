@@ -85,6 +85,10 @@ def node_families() -> dict:
         "restarts": c("srw_worker_restarts", "workers replaced, by cause (recycled "
                       "included), as the broker learned from the replacements",
                       labels=NODE + ["cause"]),
+        "warm": g("srw_warm_runners", "runners kept warm for their tenant (copy isolation)",
+                  labels=NODE),
+        "warm_execs": c("srw_warm_execs", "execs that found their tenant's runner warm "
+                        "(found=yes) or took a fresh one (found=no)", labels=NODE + ["found"]),
         "uss": g("srw_worker_uss_bytes", "private memory of each worker (process=worker) "
                  "and of its zygote and runners (process=sandbox)",
                  labels=NODE + ["slot", "pid", "process"]),
@@ -101,6 +105,9 @@ def add_node(families: dict, node: dict) -> None:
     families["uptime"].add_metric(labels, node["uptime"])
     for key in ("queued", "workers", "busy"):
         families[key].add_metric(labels, node[key])
+    families["warm"].add_metric(labels, node["warm_runners"])
+    for found, key in (("yes", "found"), ("no", "missed")):
+        families["warm_execs"].add_metric(labels + [found], node["warm_execs"][key])
     for cause, n in node["restart_causes"].items():
         families["restarts"].add_metric(labels + [cause], n)
     bounds = node["latency_buckets_us"]

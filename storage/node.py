@@ -292,6 +292,8 @@ class StorageNode:
                 self.broker_reply(req.client, req.rid, bp.FORBIDDEN,
                                   error=f"node {self.node.name}: {refusal}")
                 return
+            # The broker sees our key: it runs the exec for the caller we name.
+            req = req._replace(meta=req.meta._replace(caller=user))
         self.relay.forward(req)
 
     def stat(self, req: sp.StorageRequest):

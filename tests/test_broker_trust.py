@@ -235,7 +235,7 @@ def test_a_batch_larger_than_max_message_is_split(make_cluster):
                 jobs += p.parse_jobs(frames)
             assert len(jobs) == 5 and messages == 5  # two never fit in one
             for job, _, meta, data in jobs:
-                fake.send(p.worker_replies_frames([[job, "ok", "", data, 10.0]]))
+                fake.send(p.worker_replies_frames([[job, "ok", "", data, 10.0, 0, False]]))
             results = [c.result(*s) for s in sent]
     assert [r.data for r in results] == datas
 

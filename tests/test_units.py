@@ -170,22 +170,26 @@ def test_reply_round_trip():
 
 
 def test_back_messages_carry_batches_and_refuse_bad_entries():
-    meta = p.ExecMeta(name="a.py", code="x = 1", cookie="c")
+    meta = p.ExecMeta(name="a.py", code="x = 1", cookie="c", caller="local")
     frames = p.jobs_frames(b"w", [p.job_entry(b"j1", 2.5, meta, b"d1"),
                                   p.job_entry(b"j2", 1.0, meta, b"")])
     assert p.parse_jobs(frames[1:]) == [(b"j1", 2.5, meta, b"d1"), (b"j2", 1.0, meta, b"")]
-    replies = p.worker_replies_frames([[b"j1", p.OK, "", b"out", 12.5],
-                                       [b"j2", p.TIMEOUT, "late", b"", 3]])
-    assert p.parse_worker_replies([b"w", *replies]) == [(b"j1", "ok", b"out", "", 12.5),
-                                                        (b"j2", "timeout", b"", "late", 3.0)]
-    for entries in ([[b"j", "nonsense", "", b"", 1]], [[b"j", {}, "", b"", 1]],
-                    [[{}, "ok", "", b"", 1]], [[b"j", "ok", "", "not bytes", 1]],
-                    [[b"j", "ok", "", b"", -1]], [[b"j", "ok", "", b"", "1"]],
+    replies = p.worker_replies_frames([[b"j1", p.OK, "", b"out", 12.5, 3, True],
+                                       [b"j2", p.TIMEOUT, "late", b"", 3, 0, False]])
+    assert p.parse_worker_replies([b"w", *replies]) == [
+        (b"j1", "ok", b"out", "", 12.5, 3, True), (b"j2", "timeout", b"", "late", 3.0, 0, False)]
+    for entries in ([[b"j", "nonsense", "", b"", 1, 0, False]], [[b"j", {}, "", b"", 1, 0, False]],
+                    [[{}, "ok", "", b"", 1, 0, False]], [[b"j", "ok", "", "not bytes", 1, 0, False]],
+                    [[b"j", "ok", "", b"", -1, 0, False]], [[b"j", "ok", "", b"", "1", 0, False]],
+                    [[b"j", "ok", "", b"", 1, -1, False]], [[b"j", "ok", "", b"", 1, 10**6, True]],
+                    [[b"j", "ok", "", b"", 1, True, True]], [[b"j", "ok", "", b"", 1, 0, 1]],
                     [[b"j", "ok", "", b""]], {"j": 1}, [1]):
         with pytest.raises(p.ProtocolError):
             p.parse_worker_replies([b"w", p.REPLY, msgpack.packb(entries)])
     with pytest.raises(p.ProtocolError):
         p.parse_jobs([p.REQUEST, msgpack.packb([[b"j", 1.0, "", "", ""]])])
+    with pytest.raises(p.ProtocolError):  # a job with no caller
+        p.parse_jobs([p.REQUEST, msgpack.packb([[b"j", 1.0, "", "", "", None, b""]])])
 
 
 def test_front_batches_round_trip():
