@@ -31,6 +31,8 @@ class PoolSettings:
     credits: int = 16  # requests queued at a worker; hides the broker round trip
     pin: bool = True   # copy isolation: each worker and its runner on a CPU of their own
     max_workers: int = 0  # the most TTIN / `srw resize` may grow a pool to; 0: 4 x workers
+    warm_runners: int = 8     # copy isolation: runners kept warm per worker, one per tenant
+    warm_per_caller: int = 4  # ... of which one caller may hold at most this many
 
     @property
     def ceiling(self) -> int:
@@ -273,6 +275,9 @@ def _check(config: Config) -> None:
         (config.pool.max_workers == 0 or config.pool.workers <= config.pool.max_workers < 500,
          "pool.max_workers must be 0 (4 x workers) or from pool.workers to 499"),
         (config.pool.max_requests >= 0, "pool.max_requests must be 0 (no limit) or more"),
+        (1 <= config.pool.warm_runners <= 64, "pool.warm_runners must be from 1 to 64"),
+        (1 <= config.pool.warm_per_caller <= config.pool.warm_runners,
+         "pool.warm_per_caller must be from 1 to pool.warm_runners"),
         (config.broker.queue_limit >= 1, "broker.queue_limit must be at least 1"),
         (config.broker.request_timeout > 0, "broker.request_timeout must be > 0 seconds"),
         (config.broker.heartbeat_interval > 0, "broker.heartbeat_interval must be > 0 seconds"),

@@ -1,16 +1,19 @@
-"""cgroup v1 memory and pids limits and CPU accounting, one cgroup per worker slot.
+"""cgroup v1 memory and pids limits and CPU accounting: a cgroup per worker slot,
+and one per runner seat inside it.
 
-    /sys/fs/cgroup/memory/srw-<node>-<pool pid>/slot<N>/memory.limit_in_bytes
-    /sys/fs/cgroup/pids/srw-<node>-<pool pid>/slot<N>/pids.max
-    /sys/fs/cgroup/cpuacct/srw-<node>-<pool pid>/slot<N>/cpuacct.usage
+    /sys/fs/cgroup/memory/srw-<node>-<pool pid>/slot<N>/seat<J>/memory.limit_in_bytes
+    /sys/fs/cgroup/pids/srw-<node>-<pool pid>/slot<N>/seat<J>/pids.max
+    /sys/fs/cgroup/cpuacct/srw-<node>-<pool pid>/slot<N>/seat<J>/cpuacct.usage
 
 The pool parent creates them (root only; this machine's cgroup v2 has no
-memory or pids controller).  What runs scripts moves itself in before it
-drops its uid (the slot's zygote, or the worker itself in isolation "none"),
-and everything it spawns inherits the cgroup, so the limits hold for the
-slot as a whole, root or not, and the worker reads the CPU that the slot's
-runners and everything they started have used.  After a worker dies the pool
-kills whatever is left in its slot's cgroup.
+memory or pids controller).  A slot's zygote sits in the slot's cgroup; each
+runner it forks moves itself into a free seat's cgroup (through descriptors
+the zygote opened before its sandbox closed) before it drops to the seat's
+uid, and everything the runner spawns inherits the seat.  So the limits, the
+CPU the worker reads and the count of tasks left behind are each runner's
+own: a runner of one tenant cannot starve another's.  In isolation "none"
+the worker itself joins the slot's cgroup, which then carries the limits.
+After a worker dies the pool kills whatever is left in its slot's cgroups.
 """
 from __future__ import annotations
 
@@ -33,21 +36,31 @@ def available() -> bool:
 class SlotCgroups:
     """The cgroups of one pool; every method is safe to call when unavailable."""
 
-    def __init__(self, node: str, slots: int, memory_bytes: int, pids: int):
+    def __init__(self, node: str, slots: int, memory_bytes: int, pids: int, seats: int):
+        """`seats`: runner cgroups per slot, each with the limits (0: none; the
+        slot itself has them: for a worker that runs scripts itself, and for
+        fork isolation, where a runner serves one request and moving each into
+        cgroups of its own would cost more than its fork)."""
         self.enabled = available()
         self.base = f"srw-{node}-{os.getpid()}"
-        self.slots = slots
+        self.slots, self.seats = slots, seats
         if not self.enabled:
             return
         remove_stale()
         for slot in range(1, slots + 1):
             for c in CONTROLLERS:
                 self.path(c, slot).mkdir(parents=True, exist_ok=True)
-            (self.path("memory", slot) / "memory.limit_in_bytes").write_text(str(memory_bytes))
-            (self.path("pids", slot) / "pids.max").write_text(str(pids))
+            for seat in range(seats):
+                for c in CONTROLLERS:
+                    self.path(c, slot, seat).mkdir(exist_ok=True)
+            for seat in range(seats) if seats else [None]:
+                (self.path("memory", slot, seat) / "memory.limit_in_bytes").write_text(
+                    str(memory_bytes))
+                (self.path("pids", slot, seat) / "pids.max").write_text(str(pids))
 
-    def path(self, controller: str, slot: int) -> Path:
-        return ROOT / controller / self.base / f"slot{slot}"
+    def path(self, controller: str, slot: int, seat: int | None = None) -> Path:
+        path = ROOT / controller / self.base / f"slot{slot}"
+        return path if seat is None else path / f"seat{seat}"
 
     def join(self, slot: int) -> None:
         """Called by the worker itself, while still root."""
@@ -55,18 +68,32 @@ class SlotCgroups:
             for c in CONTROLLERS:
                 (self.path(c, slot) / "cgroup.procs").write_text(str(os.getpid()))
 
-    def cpu_usage_file(self, slot: int) -> int:
-        """A descriptor of the slot's CPU use (`cpu_seconds`), or -1 without cgroups."""
-        return self._open(slot, "cpuacct", "cpuacct.usage")
+    def seat_doors(self, slot: int, count: int) -> list[tuple[int, tuple[int, ...]]]:
+        """Per seat, (its task count, its cgroup.procs files) as descriptors, or
+        (-1, ()) without seat cgroups: opened by the zygote before its sandbox
+        closes, so that it can tell an empty seat and a runner can move itself
+        in (by writing "0")."""
+        if not self.enabled or not self.seats:
+            return [(-1, ()) for _ in range(count)]
+        return [(self.tasks_file(slot, seat),
+                 tuple(os.open(self.path(c, slot, seat) / "cgroup.procs",
+                               os.O_WRONLY | os.O_CLOEXEC) for c in CONTROLLERS))
+                for seat in range(self.seats)]
 
-    def tasks_file(self, slot: int) -> int:
-        """A descriptor of the slot's task count (`read_int`), or -1 without cgroups."""
-        return self._open(slot, "pids", "pids.current")
+    def cpu_usage_file(self, slot: int, seat: int) -> int:
+        """A descriptor of a seat's CPU use (`cpu_seconds`; the slot's without seat
+        cgroups), or -1 without cgroups."""
+        return self._open(slot, seat, "cpuacct", "cpuacct.usage")
 
-    def _open(self, slot: int, controller: str, name: str) -> int:
+    def tasks_file(self, slot: int, seat: int) -> int:
+        """A descriptor of a seat's task count (`read_int`), or -1 without seat cgroups."""
+        return self._open(slot, seat, "pids", "pids.current") if self.seats else -1
+
+    def _open(self, slot: int, seat: int, controller: str, name: str) -> int:
         if not self.enabled:
             return -1
-        return os.open(self.path(controller, slot) / name, os.O_RDONLY | os.O_CLOEXEC)
+        path = self.path(controller, slot, seat if self.seats else None) / name
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
     def kill(self, slot: int) -> int:
         """SIGKILL everything left in the slot; returns how many were signalled."""
@@ -93,8 +120,10 @@ def read_int(fd: int) -> int:
 
 
 def _kill_all(path: Path) -> int:
+    """SIGKILL every process in the cgroup and the cgroups below it."""
     try:
         pids = [int(x) for x in (path / "cgroup.procs").read_text().split()]
+        below = [child for child in path.iterdir() if child.is_dir()]
     except OSError:
         return 0
     for pid in pids:
@@ -102,7 +131,7 @@ def _kill_all(path: Path) -> int:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return len(pids)
+    return len(pids) + sum(_kill_all(child) for child in below)
 
 
 def _rmtree(path: Path) -> None:

@@ -11,12 +11,16 @@ copy, fork:
        The worker forks its slot's zygote (runtime/zygote.py) before it opens a
        socket; the zygote keeps runners ready.  The worker keeps every limit:
        it kills the runner's process group at the wall deadline, reads the
-       slot's CPU (its cgroup: the runner and all it started) every TICK and
+       runner's CPU (its cgroup: the runner and all it started) every TICK and
        kills past cpu_seconds, and reads no more reply than output_bytes.
-       copy: the runner serves request after request; the worker replaces it
-       when it breaks the protocol, dies, or is left with threads, memory or
-       anything it cannot reset (runner.Hygiene).  fork: a fresh runner for
-       every request; the zygote kills the used one and forks the next.
+       copy: a runner serves one tenant (a caller running one piece of code,
+       runtime/tenants.py), request after request; the worker keeps up to
+       `warm_runners` of them warm and replaces one when it breaks the
+       protocol, dies, or is left with threads, memory or anything it cannot
+       reset (runner.Hygiene).  fork: a fresh runner for every request; the
+       zygote kills the used one and forks the next.  Each runner has a seat
+       of its own in its slot: its own uid and cgroups (zygote.py), so limits,
+       CPU and leftovers are counted per runner.
 """
 from __future__ import annotations
 
@@ -43,12 +47,12 @@ from .executor import Executor
 from .sandbox import Sandbox
 from .scripts import Script, ScriptCache
 from .slots import SlotTable
+from .tenants import WarmRunners, tenant
 
 log = logging.getLogger("srw.worker")
 
 TICK = 0.05        # seconds between CPU checks of a running request
 IDLE_CPU = 0.05    # seconds of CPU a reused runner may use between requests
-NAMED_VERSIONS = 256  # script versions a reused runner keeps compiled before it is replaced
 ZEROMQ_THREADS = 2  # a ZeroMQ context's I/O thread and reaper
 WAIT_EXIT = 5.0    # seconds to learn how a dead runner died
 CPU_SLACK = 0.1    # seconds: how far below RLIMIT_CPU the kernel's rusage may say it acted
@@ -72,12 +76,15 @@ class InlineRunner:
         self.pid = os.getpid()  # the worker's; getpid is a system call, once is enough
 
     def run(self, script: Script | None, code: str, data: bytes, cookie: str,
-            deadline: float) -> tuple[str, bytes, str]:
+            deadline: float, caller: str) -> tuple[str, bytes, str]:
         named = (lambda: self.scripts.code(script)) if script is not None else None
         reply = self.executor.run(named, code, data, cookie)
         if os.getpid() != self.pid:  # a copy the script forked came back from it: not us
             os._exit(0)
         return reply
+
+    def warm_state(self) -> tuple[int, bool]:
+        return 0, False
 
     def after(self) -> str:
         """Why this worker must be recycled after the request ("" = it need not)."""
@@ -93,21 +100,42 @@ class InlineRunner:
         pass
 
 
-@dataclass
+COPY_SPARES = 1    # copy: a runner waiting for a new tenant
+# fork: runners waiting, so that requests back to back do not wait for a fork
+# (measured: 2 -> 4 took one-at-a-time p50 from 2.2 to 1.8 ms here)
+FORK_SPARES = 4
+DYING_SEATS = 4    # seats for runners killed and not yet gone (their leftovers)
+
+
+def seats(isolation: str, warm: int) -> int:
+    """Runners a slot may have at once, each with a uid and cgroups of its own:
+    the warm ones, the one at work, the spares, and the dying."""
+    if isolation == "none":
+        return 0
+    if isolation == "copy":
+        return warm + 1 + COPY_SPARES + DYING_SEATS
+    return 1 + FORK_SPARES + 2 * DYING_SEATS  # one killed after each request
+
+
+@dataclass(eq=False)
 class Runner:
-    """A runner the worker holds: its pid and the worker's ends of its pipes."""
+    """A runner the worker holds: its pid, seat and the worker's ends of its pipes."""
     pid: int
+    seat: int
     req_w: int
     res_r: int
     poller: select.poll
     stat_fd: int = -1   # copy isolation: its /proc/PID/stat (threads), statm (size)
     statm_fd: int = -1
+    cpu_fd: int = -1    # its seat's cgroup: CPU used and tasks (-1 without cgroups)
+    tasks_fd: int = -1
     sent: set[int] = field(default_factory=set)  # script versions it has the source of
     vsize: int = 0  # its address space after its first request
-    idle_cpu: float | None = None  # the slot's CPU when the worker last saw it idle
+    idle_cpu: float | None = None  # its CPU when the worker last saw it idle
 
     def close(self) -> None:
-        for fd in (self.req_w, self.res_r, self.stat_fd, self.statm_fd):
+        for fd in (self.req_w, self.res_r, self.stat_fd, self.statm_fd, self.cpu_fd,
+                   self.tasks_fd):
             if fd >= 0:
                 os.close(fd)
 
@@ -116,19 +144,19 @@ class ProcessRunner:
     """Copy and fork isolation: requests run in runner processes, one at a time."""
 
     def __init__(self, sandbox: Sandbox, slot: int, node: str, history_dir: str,
-                 output_cap: int):
+                 output_cap: int, warm: int = 8, warm_per_caller: int = 4):
         self.sandbox, self.slot, self.history_dir = sandbox, slot, history_dir
         self.profile = sandbox.profile
         self.reuse = self.profile.isolation == "copy"
-        # fork: runners waiting, so that requests back to back do not wait for a
-        # fork (measured: 2 -> 4 took one-at-a-time p50 from 2.2 to 1.8 ms here)
-        self.spares = 1 if self.reuse else 4
+        self.spares = COPY_SPARES if self.reuse else FORK_SPARES
+        self.warm: WarmRunners[Runner] = WarmRunners(warm, warm_per_caller)
         self.output_cap = output_cap
         self.title = f"srw: runner {node}#{slot}"
         self.vsize_slack = max(64, self.profile.memory_mb // 4) << 20
-        self.ready: collections.deque[tuple[int, int, int]] = collections.deque()
+        self.ready: collections.deque[tuple[int, int, int, int]] = collections.deque()
         self.exits: dict[int, tuple[int, float]] = {}  # pid -> (wait status, CPU seconds)
         self.current: Runner | None = None
+        self.found_warm = False
         self.seq = 0
         # The worker's replies held while a request runs: flush() them at flush_at.
         self.flush: Callable[[], None] = lambda: None
@@ -155,18 +183,16 @@ class ProcessRunner:
         os.close(out_w)
         self.zygote = pid
         self.output = ScriptOutput(out_r, self.title.replace("srw: runner", "sandbox"))
-        self.cpu_fd = self.sandbox.cgroups.cpu_usage_file(self.slot)
-        self.tasks_fd = self.sandbox.cgroups.tasks_file(self.slot)
 
     # A request ------------------------------------------------------------------
 
     def run(self, script: Script | None, code: str, data: bytes, cookie: str,
-            deadline: float) -> tuple[str, bytes, str]:
+            deadline: float, caller: str) -> tuple[str, bytes, str]:
         """(status, data, error) of one request.  Whatever the runner did, only the
         runner pays: a failure to make sense of it replaces the runner, and the
         worker answers the request and goes on (ZygoteFailed alone ends it)."""
         try:
-            return self._run(script, code, data, cookie, deadline)
+            return self._run(script, code, data, cookie, deadline, caller)
         except ZygoteFailed:
             raise
         except Exception:
@@ -178,16 +204,16 @@ class ProcessRunner:
                     "runner did; the runner is replaced")
 
     def _run(self, script: Script | None, code: str, data: bytes, cookie: str,
-             deadline: float) -> tuple[str, bytes, str]:
+             deadline: float, caller: str) -> tuple[str, bytes, str]:
         self.output.new_request()
         # Unpredictable, so that a script cannot write the reply to a later request
         # (the `random` module's state is in the runner's memory too).
         self.seq = int.from_bytes(os.urandom(8), "little")
-        full = self.current is not None and script is not None and \
-            script.version not in self.current.sent and len(self.current.sent) >= NAMED_VERSIONS
-        if full:  # its cache of compiled scripts is as large as it may grow
-            self._replace(self.current, f"it holds {NAMED_VERSIONS} script versions", kill=True)
-        for attempt in range(2):
+        key = tenant(caller, script.name if script else "", script.sha256 if script else b"",
+                     code) if self.reuse else None
+        self.current = self.warm.take(key) if key is not None else None
+        self.found_warm = self.current is not None
+        for attempt in range(2 + self.spares):  # a warm one and the spares may have died idle
             try:
                 runner = self.current or self._take(deadline)
             except TimeoutError:
@@ -205,7 +231,7 @@ class ProcessRunner:
                 return (p.TIMEOUT, b"", "request ran past its deadline before its runner "
                         "took it")
         else:
-            return p.KILLED, b"", "two runners in a row were gone before they took the request"
+            return p.KILLED, b"", "every runner tried was gone before it took the request"
         try:
             reply, extra = self._wait(runner, deadline)
         except channel.TooLarge as exc:
@@ -234,7 +260,16 @@ class ProcessRunner:
             stale = self._stale(runner, reply.flags, extra)
             if stale:
                 self._replace(runner, stale, kill=True)
+            else:
+                self._keep_warm(key, runner)
         return reply.status, reply.data, reply.error
+
+    def _keep_warm(self, key, runner: Runner) -> None:
+        """The runner waits for its tenant's next request; past the caps, another
+        goes (runtime/tenants.py)."""
+        self.current = None
+        for old in self.warm.keep(key, runner):
+            self._replace(old, "", kill=True)
 
     def _send(self, runner: Runner, script: Script | None, code: str, cookie: str,
               data: bytes, deadline: float) -> None:
@@ -267,18 +302,18 @@ class ProcessRunner:
             if now >= deadline:
                 raise TimeoutError
             if now >= next_tick:  # a request's CPU counts from its first tick (<= TICK late)
-                used = self._cpu_used(runner.pid)
+                used = self._cpu_used(runner)
                 if cpu_base is None:
                     cpu_base = used
                 elif used - cpu_base > self.profile.cpu_seconds:
                     raise CpuExceeded
                 next_tick = now + TICK
 
-    def _cpu_used(self, pid: int) -> float:
-        if self.cpu_fd >= 0:  # the slot's cgroup: the runner and everything it started
-            return cpu_seconds(self.cpu_fd)
+    def _cpu_used(self, runner: Runner) -> float:
+        if runner.cpu_fd >= 0:  # its seat's cgroup: the runner and everything it started
+            return cpu_seconds(runner.cpu_fd)
         try:  # no cgroups (not root): the runner alone
-            times = psutil.Process(pid).cpu_times()
+            times = psutil.Process(runner.pid).cpu_times()
         except psutil.Error:
             return 0.0
         return times.user + times.system + times.children_user + times.children_system
@@ -304,10 +339,10 @@ class ProcessRunner:
         return ""
 
     def _tasks(self, runner: Runner) -> int:
-        """The runner's threads and whatever it started: the slot's tasks in its pids
-        cgroup but the zygote, or (no cgroups) the runner's own threads."""
-        if self.tasks_fd >= 0:
-            return read_int(self.tasks_fd) - 1
+        """The runner's threads and whatever it started: the tasks in its seat's pids
+        cgroup, or (no cgroups) the runner's own threads."""
+        if runner.tasks_fd >= 0:
+            return read_int(runner.tasks_fd)
         return int(os.pread(runner.stat_fd, 1024, 0).rsplit(b")", 1)[1].split()[17])
 
     def _died(self, pid: int) -> tuple[str, bytes, str]:
@@ -331,13 +366,17 @@ class ProcessRunner:
         while not self.ready:
             if not self._receive(deadline):
                 raise TimeoutError
-        pid, req_w, res_r = self.ready.popleft()
+        pid, seat, req_w, res_r = self.ready.popleft()
+        self.zsock.send(b"T %d" % pid)  # the zygote forks a spare in its place
         os.set_blocking(req_w, False)
         os.set_blocking(res_r, False)
         poller = select.poll()
         poller.register(res_r, select.POLLIN)
         poller.register(self.output.fd, select.POLLIN)
-        runner = Runner(pid, req_w, res_r, poller)
+        runner = Runner(pid, seat, req_w, res_r, poller)
+        cgroups = self.sandbox.cgroups
+        runner.cpu_fd = cgroups.cpu_usage_file(self.slot, seat)
+        runner.tasks_fd = cgroups.tasks_file(self.slot, seat)
         if self.reuse:
             try:
                 runner.stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
@@ -369,8 +408,11 @@ class ProcessRunner:
         try:
             if not msg:
                 raise ValueError("it is gone")
-            if fields[0] == b"R" and len(fields) == 2 and len(fds) == 2:
-                self.ready.append((int(fields[1]), fds[0], fds[1]))
+            if fields[0] == b"R" and len(fields) == 3 and len(fds) == 2:
+                seat = int(fields[2])
+                if not 0 <= seat < max(1, self.sandbox.seats):
+                    raise ValueError(f"unexpected message {msg[:40]!r}")
+                self.ready.append((int(fields[1]), seat, fds[0], fds[1]))
                 return True
             if fields[0] == b"X" and len(fields) == 4 and not fds:
                 pid, status, cpu = int(fields[1]), int(fields[2]), float(fields[3])
@@ -390,19 +432,24 @@ class ProcessRunner:
     def after(self) -> str:
         return ""
 
+    def warm_state(self) -> tuple[int, bool]:
+        """(runners kept warm, whether the last request found its tenant's warm)."""
+        return len(self.warm), self.found_warm
+
     def idle(self) -> None:
         """The worker is waiting: log what the sandbox wrote meanwhile, and replace a
-        reused runner that burns CPU with no request in hand (a script that
+        warm runner that burns CPU with no request in hand (a script that
         answered early to run on past its limits)."""
         self.output.drain()
-        runner = self.current
-        if runner is None or not self.reuse:
-            return
-        used = self._cpu_used(runner.pid)
-        if runner.idle_cpu is not None and used - runner.idle_cpu > IDLE_CPU:
-            self._replace(runner, "it used CPU with no request in hand", kill=True)
-        else:
+        burning = []
+        for runner in self.warm.values():
+            used = self._cpu_used(runner)
+            if runner.idle_cpu is not None and used - runner.idle_cpu > IDLE_CPU:
+                burning.append(runner)
             runner.idle_cpu = used
+        for runner in burning:
+            self.warm.discard(runner)
+            self._replace(runner, "it used CPU with no request in hand", kill=True)
 
 
 class CpuExceeded(Exception):

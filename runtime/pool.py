@@ -51,6 +51,7 @@ from core import exits, timeouts
 from . import profile as profiles
 from . import uids
 from .executor import Executor
+from .isolation import seats as runner_seats
 from .sandbox import PR_SET_CHILD_SUBREAPER, Sandbox, _prctl
 from .slots import BOOTING, BUSY, SlotTable
 from .worker import Predecessor, Worker
@@ -130,9 +131,11 @@ class Pool:
         self.size = self._resumed_size() or config.pool.workers  # live workers wanted
         self.slot_count = config.pool.slots
         self.profile = profiles.load(config.pool.profile, config.path.parent)
-        self.uids = self._claim_uids()
+        seats = runner_seats(self.profile.isolation, config.pool.warm_runners)
+        self.uids = self._claim_uids(1 + self.slot_count * seats)
         self.sandbox = Sandbox(self.profile, node, self.uids.first if self.uids else 0,
-                               self.slot_count, config.pool.history_dir, cluster=config.nodes)
+                               self.slot_count, config.pool.history_dir, cluster=config.nodes,
+                               seats=seats)
         self.slots = SlotTable(self.slot_count)
         self.pids: dict[int, int] = {}                  # pid -> slot
         self.generation = 0                             # python.init's; a reload adds one
@@ -152,14 +155,13 @@ class Pool:
         self.control_buf = b""
         self.fatal: str | None = None
 
-    def _claim_uids(self) -> uids.Claim | None:
-        """Started as root with a profile that changes uids: a block of our own."""
-        if os.geteuid() != 0 or not self.profile.user:
+    def _claim_uids(self, count: int) -> uids.Claim | None:
+        """Started as root with a profile that changes uids: `count` of our own."""
+        if os.geteuid() != 0 or not self.profile.user or self.profile.isolation == "none":
             return None
         node = self.node
         start = node.uids or self.profile.user
-        return uids.claim(start, node.name, str(self.config.path), bool(node.uids),
-                          self.slot_count)
+        return uids.claim(start, node.name, str(self.config.path), bool(node.uids), count)
 
     # Start -------------------------------------------------------------------
 
@@ -177,8 +179,8 @@ class Pool:
         log.info("pool %s: %d workers, profile %s (%s isolation, network %s, %s, %s, %s), "
                  "history %s", self.node.name, self.size, self.profile.name,
                  self.profile.isolation, self.profile.network,
-                 f"runner uids {sb.uid(1)}-{sb.uid(self.slot_count)} (block {sb.uid_base}-"
-                 f"{sb.uid_base + uids.BLOCK - 1})" if sb.drop else "no uid change",
+                 f"a uid per runner, {sb.uid(1, 0)}-{sb.uid(self.slot_count, sb.seats - 1)} "
+                 f"(claimed {self.uids.first}-{self.uids.last})" if sb.drop else "no uid change",
                  "slot cgroups" if sb.cgroups.enabled else "no cgroups",
                  "seccomp" if self.profile.seccomp else "no seccomp",
                  self.config.pool.history_dir)

@@ -1,14 +1,22 @@
 """The sandbox each slot's zygote, then each runner, closes around itself.
 
-    pool parent (root)                      zygote, forked by the worker  runner, forked by the zygote
-    ------------------                      ----------------------------  ----------------------------
-    Sandbox(profile): check the kernel,     enter_zygote(slot):           enter_runner():
-    import what scripts may import,           join the slot's cgroups       parent-death signal
-    create slot cgroups, build the            scrub the environment         RLIMIT_CPU (fork isolation)
-    Landlock ruleset and seccomp filters      rlimits, hard = soft          its own process group
-                                              drop to the slot's uid        nested Landlock domain
-                                              parent-death signal           stacked seccomp filter
-                                              no_new_privs, Landlock, seccomp
+    pool parent (root)                  zygote, forked by the worker    runner, forked by the zygote
+    ------------------                  ----------------------------    ----------------------------
+    Sandbox(profile): check the kernel, enter_zygote(slot):             (moves into its seat's cgroups)
+    import what scripts may import,       join the slot's cgroups       enter_runner(slot, seat):
+    create slot and seat cgroups,         scrub the environment           drop to the seat's own uid
+    build the Landlock ruleset and        rlimits, hard = soft            RLIMIT_NPROC of that uid
+    seccomp filters                       keep only CAP_SETUID,           parent-death signal
+                                            CAP_SETGID, CAP_KILL          RLIMIT_CPU (fork isolation)
+                                          parent-death signal             its own process group
+                                          no_new_privs, Landlock,         nested Landlock domain
+                                            seccomp                       stacked seccomp filter
+
+The zygote keeps uid 0 with those three capabilities alone, so that each
+runner it forks can take a uid of its own (a seat's: a tenant's runner never
+shares a uid, or a cgroup, with another's).  It never runs a script, takes
+input from its worker alone, and no runner can signal, trace or read it
+(Landlock's scoping, another uid).
 
 The worker itself (trusted: it talks to the broker) is never sandboxed and
 never runs a script, except in isolation "none" (the trusted profile: limits
@@ -123,15 +131,17 @@ class Sandbox:
 
     def __init__(self, profile: Profile, node: NodeSettings, uid_base: int, slots: int,
                  history_dir: str, features: Features | None = None,
-                 cluster: tuple[NodeSettings, ...] = ()):
+                 cluster: tuple[NodeSettings, ...] = (), seats: int = 0):
+        """`seats`: runners a slot may have at once (isolation.seats), each with a
+        uid and cgroups of its own; 0 in isolation none."""
         self.profile = profile
         self.features = features or probe()
         check(profile, self.features)
         preload(SCRIPT_IMPORTS + profile.imports)
-        self.uid_base = uid_base
+        self.uid_base, self.seats = uid_base, seats
         self.drop = self.features.root and uid_base > 0
         self.cgroups = SlotCgroups(node.name, slots, 2 * profile.memory_mb * MB,
-                                   profile.processes)
+                                   profile.processes, seats if profile.isolation == "copy" else 0)
         self.ruleset = -1
         self.zygote_seccomp = self.runner_seccomp = None
         if profile.isolation == "none":
@@ -150,8 +160,12 @@ class Sandbox:
             self.zygote_seccomp = seccomp.Compiled(seccomp.zygote_filter(profile.network))
             self.runner_seccomp = seccomp.Compiled(seccomp.runner_filter(profile.network))
 
-    def uid(self, slot: int) -> int:
-        return self.uid_base + slot
+    def uid(self, slot: int, seat: int) -> int:
+        """Seat `seat` of slot `slot` (from 1): the block's first uid is left unused."""
+        return self.uid_base + 1 + (slot - 1) * self.seats + seat
+
+    def uids_needed(self, slots: int) -> int:
+        return 1 + slots * self.seats
 
     def inherited_fds(self) -> list[int]:
         """What a zygote keeps, and a runner until it has closed its sandbox."""
@@ -181,23 +195,28 @@ class Sandbox:
         """Close the sandbox around a slot's zygote, which its runners inherit."""
         self.cgroups.join(slot)
         scrub_environment()
-        self._limit(nproc=self.drop)
-        if self.drop:
-            uid = self.uid(slot)
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-        die_with_parent()  # after the uid change, which clears it
+        self._limit(nproc=False)
+        if self.drop:  # what giving each runner a uid of its own takes, and no more
+            keep_capabilities(CAP_SETUID, CAP_SETGID, CAP_KILL)
+        die_with_parent()
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
         if self.ruleset >= 0:
             landlock.restrict(self.ruleset)
         if self.zygote_seccomp is not None:
             self.zygote_seccomp.load()
 
-    def enter_runner(self, reuse: bool) -> None:
-        """In a runner: its own process group and a domain of its own, nested in the
-        zygote's (so it can signal neither the zygote nor another runner)."""
-        die_with_parent()
+    def enter_runner(self, reuse: bool, slot: int, seat: int) -> None:
+        """In a runner: the seat's uid, its own process group and a Landlock domain
+        of its own, nested in the zygote's (so it can signal neither the zygote
+        nor another runner)."""
+        if self.drop:
+            uid = self.uid(slot, seat)
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)  # every capability goes with uid 0
+            p = self.profile.processes  # counted per uid: this runner and what it starts
+            resource.setrlimit(resource.RLIMIT_NPROC, (p, p))
+        die_with_parent()  # after the uid change, which clears it
         if not reuse:  # fork isolation: the request's whole CPU budget, from the kernel too
             cpu = math.ceil(self.profile.cpu_seconds)
             # SIGXCPU at the soft limit; SIGKILL a second later if the script ignores it.
@@ -235,6 +254,27 @@ def scrub_environment() -> None:
     os.environ._data.clear()  # os.environb shares this dict
     for key, value in CLEAN_ENV.items():
         os.environ[key] = value
+
+
+CAP_KILL, CAP_SETGID, CAP_SETUID = 5, 6, 7
+PR_CAPBSET_DROP = 24
+CAPABILITY_VERSION_3 = 0x20080522
+
+
+def keep_capabilities(*keep: int) -> None:
+    """Drop every capability but `keep`: from the bounding set (so no exec could
+    bring one back) and from the effective and permitted sets (capset(2))."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if cap not in keep:
+            _prctl(PR_CAPBSET_DROP, cap)
+    mask = sum(1 << cap for cap in keep)  # all below 32
+    header = (ctypes.c_uint32 * 2)(CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(mask, mask, 0, 0, 0, 0)  # effective, permitted, inheritable
+    if _libc.capset(header, data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset failed: {os.strerror(err)}")
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:

@@ -9,6 +9,7 @@ runs it: by version for named scripts, by text for script content.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import linecache
 import os
@@ -57,10 +58,12 @@ def compile_named(name: str, source: bytes, history_dir: str) -> CodeType:
 
 @dataclass(frozen=True, slots=True)
 class Script:
-    """One version of a named script: `version` is unique within the worker."""
+    """One version of a named script: `version` is unique within the worker;
+    `sha256` names its bytes in a tenant (runtime/tenants.py)."""
     name: str
     version: int
     source: bytes
+    sha256: bytes
 
 
 class ScriptCache:
@@ -112,7 +115,7 @@ class ScriptCache:
             source = f.read()
         if cached:
             self._code.pop(cached[2].version, None)
-        script = Script(name, next(self._versions), source)
+        script = Script(name, next(self._versions), source, hashlib.sha256(source).digest())
         self._cache[name] = (st.st_mtime_ns, st.st_size, script)
         self._checked.add(name)
         return script

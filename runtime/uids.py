@@ -1,10 +1,11 @@
 """Sandbox uids per deployment: each pool claims a block no one else on the host uses.
 
 RLIMIT_NPROC counts per uid across the whole host, and a uid is what the
-kernel uses to keep one deployment's scripts from another's processes, so two
-pools must never share one.  Started as root, a pool claims a block of
-BLOCK uids (slot N's zygote and runners run as first + N) and records the
-claim in REGISTRY, one file per block:
+kernel uses to keep one deployment's scripts from another's processes (and
+one runner's from another's: every runner has a uid of its own,
+Sandbox.uid), so two pools must never share one.  Started as root, a pool
+claims as many consecutive blocks of BLOCK uids as its runners need and
+records the claim in REGISTRY, one file per block:
 
     /run/srw/uids/61000
     {"pid": 4242, "start": 1234567, "node": "n1", "config": "/srv/a/config.toml"}
@@ -39,41 +40,50 @@ class UidsUnavailable(ConfigError):
 @dataclass(frozen=True)
 class Claim:
     first: int
-    path: Path
+    paths: tuple[Path, ...]  # one per block
 
-    def uid(self, slot: int) -> int:
-        return self.first + slot
+    @property
+    def last(self) -> int:
+        return self.first + len(self.paths) * BLOCK - 1
 
     def release(self) -> None:
         """Forget the claim if it is still ours (a later pool may have taken it over)."""
-        try:
-            if json.loads(self.path.read_text()).get("pid") == os.getpid():
-                self.path.unlink()
-        except (OSError, ValueError):
-            pass
+        for path in self.paths:
+            try:
+                if json.loads(path.read_text()).get("pid") == os.getpid():
+                    path.unlink()
+            except (OSError, ValueError):
+                pass
 
 
-def claim(start: int, node: str, config: str, exact: bool, slots: int,
+def claim(start: int, node: str, config: str, exact: bool, count: int,
           registry: Path = REGISTRY) -> Claim:
-    """Claim the first free block at or above `start` (or exactly `start`)."""
-    if slots >= BLOCK:
-        raise UidsUnavailable(f"{slots} workers need more than {BLOCK - 1} uids per node")
+    """Claim the first free run of blocks holding `count` uids at or above `start`
+    (or exactly at `start`)."""
+    blocks = -(-count // BLOCK)
+    if start + blocks * BLOCK > MAX_UID:
+        raise UidsUnavailable(f"node {node}: {count} sandbox uids from {start} do not fit "
+                              f"below uid {MAX_UID}")
     registry.mkdir(parents=True, exist_ok=True, mode=0o755)
     with open(registry / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         running = _uids_in_use()
         first = start
-        while first <= MAX_UID:
-            holder = _holder(registry / str(first), first, running)
+        while first + blocks * BLOCK <= MAX_UID:
+            starts = range(first, first + blocks * BLOCK, BLOCK)
+            holder = next((h for b in starts
+                           if (h := _holder(registry / str(b), b, running)) is not None), None)
             if holder is None:
-                return _record(registry / str(first), first, node, config)
+                return Claim(first, tuple(_record(registry / str(b), node, config)
+                                          for b in starts))
             if exact:
                 raise UidsUnavailable(
-                    f"node {node}: sandbox uids {first}-{first + BLOCK - 1} are in use "
-                    f"by {holder}; give the node another `uids` (or remove the key to "
+                    f"node {node}: sandbox uids {first}-{first + blocks * BLOCK - 1} are in "
+                    f"use by {holder}; give the node another `uids` (or remove the key to "
                     "have a free block found)")
             first += BLOCK
-    raise UidsUnavailable(f"node {node}: no free block of {BLOCK} sandbox uids above {start}")
+    raise UidsUnavailable(f"node {node}: no {blocks} free blocks of {BLOCK} sandbox uids "
+                          f"above {start}")
 
 
 def _holder(path: Path, first: int, running: dict[int, int]) -> str | None:
@@ -99,13 +109,13 @@ def _holder(path: Path, first: int, running: dict[int, int]) -> str | None:
     return None
 
 
-def _record(path: Path, first: int, node: str, config: str) -> Claim:
+def _record(path: Path, node: str, config: str) -> Path:
     pid = os.getpid()
     tmp = path.with_name(f".{path.name}.{pid}")
     tmp.write_text(json.dumps({"pid": pid, "start": _start_time(pid), "node": node,
                                "config": config}))
     os.replace(tmp, path)
-    return Claim(first, path)
+    return path
 
 
 def _alive(record: dict) -> bool:

@@ -158,8 +158,10 @@ class Worker:
         die_with_parent()
         if self.config.pool.pin and self.profile.isolation == "copy":
             pin_to_cpu(self.slot)  # before the zygote: its runners inherit the CPU
-        runner = ProcessRunner(self.sandbox, self.slot, self.node.name,
-                               self.config.pool.history_dir, self.executor.output_bytes)
+        pool = self.config.pool
+        runner = ProcessRunner(self.sandbox, self.slot, self.node.name, pool.history_dir,
+                               self.executor.output_bytes, pool.warm_runners,
+                               pool.warm_per_caller)
         runner.start(self.executor, self.slots)
         runner.flush = self.flush_replies
         return runner
@@ -306,7 +308,8 @@ class Worker:
         if self.pending:  # held replies go out while the runner works, when due
             self.runner.flush_at = self.pending_since + REPLY_HOLD
         try:
-            return self.runner.run(script, meta.code, data, meta.cookie, deadline)
+            return self.runner.run(script, meta.code, data, meta.cookie, deadline,
+                                   meta.caller or p.LOCAL_CALLER)
         except ZygoteFailed as exc:  # no sandbox left to run in: this worker goes
             log.error("%s: %s; leaving", self.title, exc)
             self.stop_requested = self.done = True
@@ -321,7 +324,7 @@ class Worker:
         none) are answered at once."""
         if not self.pending:
             self.pending_since = time.monotonic()
-        self.pending.append([job, status, error, out, run_us])
+        self.pending.append([job, status, error, out, run_us, *self.runner.warm_state()])
         if not self.hold_replies or not self.jobs or len(self.pending) >= REPLY_BATCH \
                 or time.monotonic() - self.pending_since >= REPLY_HOLD:
             self.flush_replies()

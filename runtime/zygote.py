@@ -1,9 +1,9 @@
 """A slot's zygote: forks runners ahead of time and reaps them.
 
-    worker (trusted) ──fork, before any socket or request──► zygote (slot uid, sandboxed)
-                     ◄── "R pid" + its two pipe ends (SCM_RIGHTS) ──  forks runners:
-                     ──  "D pid": done with it ──►                     killpg, fork the next
-                     ◄── "X pid status cpu": it exited before "D" ──
+    worker (trusted) ──fork, before any socket or request──► zygote (sandboxed)
+                     ◄── "R pid seat" + its two pipe ends (SCM_RIGHTS) ──  forks runners,
+                     ──  "T pid": taken, "D pid": done with it ──►         each in a seat:
+                     ◄── "X pid status cpu": it exited before "D" ──       killpg, fork the next
 
 The zygote is forked from the worker before the worker opens any socket or
 sees any request, so what it and its runners inherit is python.init's
@@ -12,12 +12,20 @@ worker, stdin from /dev/null and stdout/stderr into the worker's output
 pipe, unmaps the pool's slot table, and closes its sandbox before it forks
 anything.  It never runs a script.  It keeps `spares` runners waiting, so a
 request never waits for a fork: in fork isolation the worker is done with a
-runner after each request, in copy isolation only when it must be replaced.
+runner after each request, in copy isolation when it must be replaced or is
+no longer kept warm for its tenant (runtime/tenants.py).
+
+Seats: each runner takes a free seat of the slot, and with it the seat's uid
+and cgroups (sandbox.py, cgroups.py); a seat is free once its runner is
+reaped and nothing it started is left in its cgroup, so two runners never
+share a uid or a cgroup, not even with a dead one's leftovers.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -45,11 +53,31 @@ def start(sock: socket.socket, out_w: int, executor: Executor, sandbox: Sandbox,
     os.dup2(devnull, 0)
     os.dup2(out_w, 1)
     os.dup2(out_w, 2)
-    keep = {0, 1, 2, sock.fileno(), *sandbox.inherited_fds()}
+    seats = out_of_the_way(sandbox.cgroups.seat_doors(slot, sandbox.seats))
+    keep = {0, 1, 2, sock.fileno(), *sandbox.inherited_fds(),
+            *(fd for tasks, doors in seats for fd in (tasks, *doors) if fd >= 0)}
     close_all_but(keep)
     logs.to_stderr(f"sandbox {title.split()[-1]}")
     sandbox.enter_zygote(slot)
-    Zygote(sock, executor, sandbox, history_dir, title, spares, reuse).run()
+    Zygote(sock, executor, sandbox, slot, seats, history_dir, title, spares, reuse).run()
+
+
+def out_of_the_way(seats: list[tuple[int, tuple[int, ...]]]) -> list[tuple[int, tuple[int, ...]]]:
+    """The seats' descriptors moved to the top of what the process may open, so
+    that the pipes of runners keep low numbers: a runner's open_files limit
+    (RLIMIT_NOFILE, set after these are open) counts descriptor numbers."""
+    # At most 1024: a larger table would be copied with every runner's fork.
+    floor = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1024) - 4 * len(seats) - 16
+    if floor < 256:
+        return seats
+
+    def move(fd: int) -> int:
+        if fd < 0:
+            return fd
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
+        os.close(fd)
+        return high
+    return [(move(tasks), tuple(map(move, doors))) for tasks, doors in seats]
 
 
 def close_all_but(keep: set[int]) -> None:
@@ -62,13 +90,16 @@ def close_all_but(keep: set[int]) -> None:
 
 
 class Zygote:
-    def __init__(self, sock: socket.socket, executor: Executor, sandbox: Sandbox,
-                 history_dir: str, title: str, spares: int, reuse: bool):
-        self.sock, self.executor, self.sandbox = sock, executor, sandbox
+    def __init__(self, sock: socket.socket, executor: Executor, sandbox: Sandbox, slot: int,
+                 seats: list[tuple[int, tuple[int, ...]]], history_dir: str, title: str,
+                 spares: int, reuse: bool):
+        self.sock, self.executor, self.sandbox, self.slot = sock, executor, sandbox, slot
         self.history_dir, self.title = history_dir, title
         self.spares, self.reuse = spares, reuse
-        self.children: set[int] = set()  # alive, not reaped yet
+        self.seats = seats                       # (task count fd, cgroup.procs fds) per seat
+        self.children: dict[int, int] = {}       # runner pid -> its seat: alive, not reaped
         self.out: set[int] = set()       # forked, and the worker not done with them yet
+        self.taken: set[int] = set()     # ... of which the worker took these from the spares
         self.warned_at = 0.0
 
     def run(self) -> None:
@@ -104,28 +135,42 @@ class Zygote:
                 msg = self.sock.recv(32)
                 if not msg:
                     return  # the worker is gone
-                pid = _done_pid(msg)
-                if pid not in self.out:
+                kind, pid = _parse(msg)
+                if pid not in self.out or (kind == b"T" and pid in self.taken):
                     continue
-                self.out.discard(pid)
-                # The worker has replied.  Ending the runner and forking its successor
-                # cost a couple of milliseconds of CPU: done at once, they would slow
-                # the reply on its way to the client on a small machine.
+                # Ending a runner and forking one cost a couple of milliseconds of CPU:
+                # done at once, they would slow the reply on its way to the client on
+                # a small machine.
                 when = time.monotonic() + SETTLE
-                due.append((when, pid))
-                missing += 1
-                fork_at = when
+                if kind == b"T":  # the worker took it: a spare to fork in its place
+                    self.taken.add(pid)
+                    missing += 1
+                    fork_at = when
+                else:  # "D": done with it
+                    self.out.discard(pid)
+                    self.taken.discard(pid)
+                    due.append((when, pid))
+
+    def free_seat(self) -> int | None:
+        """A seat with no runner and nothing left in its cgroup (a seat's task
+        count reads from a descriptor opened before the sandbox closed)."""
+        taken = set(self.children.values())
+        for seat, (tasks, _) in enumerate(self.seats):
+            if seat not in taken and (tasks < 0 or int(os.pread(tasks, 32, 0)) == 0):
+                return seat
+        return None
 
     def fork_runner(self) -> bool:
+        seat = self.free_seat()
+        if seat is None:
+            self._warn("no free seat (a runner's leftovers are still dying)")
+            return False
         req_r, req_w = os.pipe()
         res_r, res_w = os.pipe()
         try:
             pid = os.fork()
         except OSError as exc:
-            now = time.monotonic()
-            if now - self.warned_at >= WARN_EVERY:
-                self.warned_at = now
-                log.warning("cannot fork a runner (%s); trying again every %g s", exc, RETRY)
+            self._warn(f"cannot fork a runner ({exc})")
             for fd in (req_r, req_w, res_r, res_w):
                 os.close(fd)
             return False
@@ -134,9 +179,11 @@ class Zygote:
             try:
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for door in self.seats[seat][1]:  # into the seat's cgroups, still as root
+                    os.write(door, b"0")
                 close_all_but({0, 1, 2, req_r, res_w, *self.sandbox.inherited_fds()})
                 setproctitle.setproctitle(self.title)
-                self.sandbox.enter_runner(reuse=self.reuse)
+                self.sandbox.enter_runner(self.reuse, self.slot, seat)
                 self.executor.warm_up()
                 runner.serve(self.executor, self.history_dir, req_r, res_w, self.reuse,
                              limits_fixed=self.sandbox.runner_seccomp is not None,
@@ -146,12 +193,18 @@ class Zygote:
                 os._exit(code)
         os.close(req_r)
         os.close(res_w)
-        self.children.add(pid)
+        self.children[pid] = seat
         self.out.add(pid)
-        socket.send_fds(self.sock, [b"R %d" % pid], [req_w, res_r])
+        socket.send_fds(self.sock, [b"R %d %d" % (pid, seat)], [req_w, res_r])
         os.close(req_w)
         os.close(res_r)
         return True
+
+    def _warn(self, what: str) -> None:
+        now = time.monotonic()
+        if now - self.warned_at >= WARN_EVERY:
+            self.warned_at = now
+            log.warning("%s; trying again every %g s", what, RETRY)
 
     def reap(self) -> None:
         while True:
@@ -162,15 +215,16 @@ class Zygote:
             if pid == 0:
                 return
             if pid in self.children:  # not orphans of scripts, which come here too
-                self.children.discard(pid)
+                del self.children[pid]
                 if pid in self.out:  # died in the worker's hands: it wants to know how
                     cpu = usage.ru_utime + usage.ru_stime
                     self.sock.send(b"X %d %d %.3f" % (pid, status, cpu))
 
 
-def _done_pid(msg: bytes) -> int:
+def _parse(msg: bytes) -> tuple[bytes, int]:
+    """("T" taken | "D" done, pid) of a message from the worker; pid 0 if it is not one."""
     kind, _, pid = msg.partition(b" ")
-    return int(pid) if kind == b"D" and pid.isdigit() else 0
+    return kind, int(pid) if kind in (b"T", b"D") and pid.isdigit() else 0
 
 
 def kill_group(pid: int) -> None:

@@ -8,6 +8,8 @@ import signal
 import threading
 import time
 
+import psutil
+
 
 from broker.client import AsyncClient
 
@@ -274,15 +276,16 @@ def test_wall_limit_kills_the_runner_and_answers_timeout(make_cluster):
     cluster.serve()
     with cluster.client() as c:
         assert c.exec("echo.py", b"before").ok
-        trusted, runner = cluster.trusted_pids(), cluster.runners()[0].pid
+        trusted, runners = cluster.trusted_pids(), {r.pid for r in cluster.runners()}
         started = time.monotonic()
         r = c.exec("spin.py", timeout=1.0)
         assert r.status == "timeout"
         assert time.monotonic() - started < 3
         assert c.exec("echo.py", b"after").data == b"after"
-        # the worker killed its runner and took a new one; nothing trusted moved
-        wait_until(lambda: runner not in {r.pid for r in cluster.runners()}, 5,
-                   "the spinning runner gone")
+        # the worker killed the spinning runner (spin.py's tenant took the spare) and
+        # kept echo.py's warm one; nothing trusted moved
+        wait_until(lambda: len(runners - {r.pid for r in cluster.runners()}) == 1, 5,
+                   "the spinning runner gone, echo.py's kept")
         assert cluster.trusted_pids() == trusted
 
 
@@ -415,22 +418,26 @@ def test_a_runner_that_died_idle_is_replaced_before_the_next_request_reaches_it(
     with node.client() as c:
         assert all(c.exec("echo.py", b"warm").ok for _ in range(4))
         trusted = node.trusted_pids()
-        for runner in node.runners():
+        runners = node.runners()  # the warm ones and the spares
+        for runner in runners:
             runner.kill()
+        psutil.wait_procs(runners, timeout=5)  # SIGKILL lands a moment later
         replies = [c.exec("echo.py", b"after %d" % i) for i in range(4)]
     assert [(r.status, r.data) for r in replies] == [("ok", b"after %d" % i) for i in range(4)]
     assert node.trusted_pids() == trusted
 
 
-def test_a_runner_compiles_many_scripts_and_keeps_answering(make_cluster):
-    """A reused runner keeps the scripts it compiled up to a bound, then is
-    replaced: no request ever finds its script missing, the first ones again."""
-    from runtime.isolation import NAMED_VERSIONS
-    count = NAMED_VERSIONS + 8
-    cluster = make_cluster(pool={"workers": 1},
+def test_many_scripts_each_get_a_runner_and_the_warm_ones_stay_bounded(make_cluster):
+    """A runner per tenant: more scripts than warm runners all answer, the first
+    ones again after they were evicted, and the warm ones stay at the cap."""
+    count = 8
+    cluster = make_cluster(pool={"workers": 1, "warm_runners": 3, "warm_per_caller": 3},
                            scripts={f"s{i}.py": f"__return_data = '{i}'\n" for i in range(count)})
     cluster.serve()
     with cluster.client() as c:
-        for i in list(range(count)) + list(range(8)):
+        for i in list(range(count)) + list(range(3)):
             r = c.exec(f"s{i}.py")
             assert (r.status, r.data) == ("ok", str(i).encode()), (i, r.error)
+    status = cluster.status()
+    assert status["warm_runners"] == 3 and status["warm_execs"] == {"found": 0, "missed": 11}
+    assert len(cluster.runners()) <= 3 + 1 + 4  # warm, a spare, some still dying

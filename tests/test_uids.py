@@ -19,7 +19,11 @@ def test_each_claim_gets_its_own_block(tmp_path):
     a = uids.claim(FREE, "n1", "/a/config.toml", False, 2, registry=tmp_path)
     b = uids.claim(FREE, "n1", "/b/config.toml", False, 2, registry=tmp_path)
     assert (a.first, b.first) == (FREE, FREE + BLOCK)
-    assert a.uid(2) == FREE + 2
+    big = uids.claim(FREE, "n3", "/d/config.toml", False, 2 * BLOCK + 1, registry=tmp_path)
+    assert (big.first, big.last) == (FREE + 2 * BLOCK, FREE + 5 * BLOCK - 1)  # 3 blocks
+    assert all((tmp_path / str(FREE + k * BLOCK)).exists() for k in range(2, 5))
+    big.release()
+    assert not any((tmp_path / str(FREE + k * BLOCK)).exists() for k in range(2, 5))
     record = json.loads((tmp_path / str(FREE)).read_text())
     assert (record["pid"], record["node"], record["config"]) == (os.getpid(), "n1",
                                                                  "/a/config.toml")

@@ -119,14 +119,15 @@ def settled_leftovers(hostile) -> list:
 
 
 def leftovers(hostile) -> list[psutil.Process]:
-    """Live processes of the slots' uids other than the zygotes and the runners
-    they keep (each leads its own process group; a script's processes do not)."""
+    """Live processes of the node's sandbox uids other than the runners the
+    zygotes keep (each leads its own process group; a script's processes do not)."""
     zygotes = hostile.cluster.processes("srw: zygote n1#")
-    uids = {z.uids().real for z in zygotes} - {0}
-    assert uids, "the slots run as uids of their own"
+    runner_uids = {r.uids().real for r in hostile.cluster.runners()} - {0}
+    assert runner_uids, "the runners run as uids of their own"
+    block = min(runner_uids) // 1000 * 1000  # the node's block of sandbox uids
     rest = []
     for proc in psutil.process_iter(["uids", "status"]):
-        if proc.info["uids"] and proc.info["uids"].real in uids and proc not in zygotes \
+        if proc.info["uids"] and block <= proc.info["uids"].real < block + 1000 \
                 and proc.info["status"] != psutil.STATUS_ZOMBIE:
             rest.append(proc)
     zygote_pids = {z.pid for z in zygotes}

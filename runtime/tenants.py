@@ -1,0 +1,98 @@
+"""Tenants: whom a warm runner may serve (copy isolation).
+
+A tenant is (caller, digest).  The caller is who the broker says sent the
+request (a CurveZMQ client key, the caller a node relays for, "node:NAME" for
+a node's own execs, "local" without curve: broker.Broker.caller).  The digest
+is a SHA-256 over the request's script content, the script name and the
+bytes of the named script as this worker resolved them (so a push, or an
+edit of the file, makes a new tenant); a worker belongs to one generation of
+python.init, so a reload's new workers start with no warm runners at all.
+
+A runner serves one tenant only: whatever a script leaves behind in it (a
+hook, a thread, a changed module) meets only later requests of the same
+caller running the same code.  WarmRunners keeps a worker's runners between
+requests: at most `per_caller` for one caller (past it, that caller's least
+recently used goes), and at most `most` in all (past it, the least recently
+used of the caller holding the most goes; at a tie, the caller just served).
+So a caller cycling fresh contents evicts its own warm runners, and another
+caller's only while that one holds more than it does.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Generic, TypeVar
+
+Runner = TypeVar("Runner")
+Tenant = tuple[str, bytes]
+
+
+def tenant(caller: str, name: str, source_sha256: bytes, code: str) -> Tenant:
+    """(caller, digest) of a request; `source_sha256` is the named script's
+    (b"" when the request names none)."""
+    h = hashlib.sha256()
+    for part in (name.encode(), source_sha256, code.encode("utf-8", "surrogatepass")):
+        h.update(len(part).to_bytes(8, "little"))  # lengths first: no two splits alike
+        h.update(part)
+    return caller, h.digest()
+
+
+class WarmRunners(Generic[Runner]):
+    """Runners by tenant, least recently used first."""
+
+    def __init__(self, most: int, per_caller: int):
+        self.most, self.per_caller = most, per_caller
+        self.runners: OrderedDict[Tenant, Runner] = OrderedDict()
+        self.callers: dict[str, int] = {}  # caller -> its warm runners
+        self.hits = self.misses = 0
+
+    def take(self, key: Tenant) -> Runner | None:
+        """The tenant's warm runner, out of the set while it runs (None: none warm)."""
+        runner = self.runners.pop(key, None)
+        if runner is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._count(key[0], -1)
+        return runner
+
+    def keep(self, key: Tenant, runner: Runner) -> list[Runner]:
+        """Keep `runner` warm for `key`; returns the runners evicted to make room."""
+        self.runners[key] = runner
+        self._count(key[0], +1)
+        evicted = []
+        while self.callers[key[0]] > self.per_caller:
+            evicted.append(self._evict(key[0]))
+        while len(self.runners) > self.most:  # the busiest caller pays, this one at a tie
+            most = max(self.callers.values())
+            busiest = key[0] if self.callers.get(key[0]) == most else \
+                next(k[0] for k in self.runners if self.callers[k[0]] == most)
+            evicted.append(self._evict(busiest))
+        return evicted
+
+    def discard(self, runner: Runner) -> None:
+        """Forget `runner` (it is being replaced)."""
+        for key, held in self.runners.items():
+            if held is runner:
+                del self.runners[key]
+                self._count(key[0], -1)
+                return
+
+    def __len__(self) -> int:
+        return len(self.runners)
+
+    def values(self) -> list[Runner]:
+        return list(self.runners.values())
+
+    def _evict(self, caller: str) -> Runner:
+        """The caller's least recently used runner."""
+        key = next(k for k in self.runners if k[0] == caller)
+        self._count(caller, -1)
+        return self.runners.pop(key)
+
+    def _count(self, caller: str, step: int) -> None:
+        left = self.callers.get(caller, 0) + step
+        if left:
+            self.callers[caller] = left
+        else:
+            self.callers.pop(caller, None)

@@ -1,0 +1,153 @@
+"""A runner per tenant: one caller's script never meets another caller's request.
+
+A tenant is (caller, digest of the code): a runner serves one tenant only.
+The hook below is what a hostile caller plants: a module that outlives the
+request in its runner and records every later request it sees there."""
+from __future__ import annotations
+
+import ast
+import os
+
+import psutil
+import pytest
+
+from conftest import Cluster, proxy_request, wait_proxy
+
+HOOK = """
+import os, sys
+seen = sys.modules.setdefault("planted_hook", [])  # outlives the request in this runner
+seen.append(__input_binary_data_tuple[0].decode())
+__return_data = repr((os.getpid(), seen))
+"""
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a uid and cgroup per runner need root")
+
+
+def planted(result) -> tuple[int, list[str]]:
+    assert result.status == "ok", (result.status, result.error)
+    return ast.literal_eval(result.data.decode())
+
+
+@pytest.fixture(scope="module")
+def curve_node(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("tenants-curve"), [{"name": "n1"}],
+                      {"workers": 1, "warm_runners": 3, "warm_per_caller": 2}, {},
+                      {"hook.py": HOOK}, None, security={})
+    cluster.add_client("alice", ("exec", "code"))
+    cluster.add_client("bob", ("exec", "code"))
+    cluster.srw("serve")
+    cluster.wait_ready()
+    wait_proxy(cluster)
+    yield cluster
+    cluster.stop()
+
+
+def test_callers_never_share_a_runner_with_curve(curve_node):
+    """Same code, named or sent, from alice, bob and the proxy: three tenants."""
+    c = curve_node
+    with c.client(curve=c.curve("alice")) as alice, c.client(curve=c.curve("bob")) as bob:
+        for run in (lambda who, data: who.exec("", data, code=HOOK),
+                    lambda who, data: who.exec("hook.py", data)):
+            a_pid, a_seen = planted(run(alice, b"alice 1"))
+            b_pid, b_seen = planted(run(bob, b"bob 1"))
+            assert b_seen == ["bob 1"] and b_pid != a_pid
+            assert planted(run(alice, b"alice 2")) == (a_pid, ["alice 1", "alice 2"])
+            assert planted(run(bob, b"bob 2")) == (b_pid, ["bob 1", "bob 2"])
+        status, _, body = proxy_request(c, "POST", "/elliptics?exec&name=hook.py", b"http 1")
+        assert status == 200
+        http_pid, http_seen = ast.literal_eval(body.decode())
+        assert http_seen == ["http 1"] and http_pid not in (a_pid, b_pid)
+
+
+def test_a_caller_cycling_code_evicts_only_its_own_warm_runners(curve_node):
+    c = curve_node
+    with c.client(curve=c.curve("alice")) as alice, c.client(curve=c.curve("bob")) as bob:
+        b_pid, _ = planted(bob.exec("", b"bob before", code=HOOK + "# bob's\n"))
+        for i in range(5):  # past warm_per_caller (2), and past warm_runners (3)
+            planted(alice.exec("", b"alice %d" % i, code=HOOK + f"# {i}\n"))
+        pid, seen = planted(bob.exec("", b"bob after", code=HOOK + "# bob's\n"))
+        assert (pid, seen) == (b_pid, ["bob before", "bob after"])
+        status = c.status()
+    assert status["warm_runners"] <= 3
+    assert status["warm_execs"]["found"] >= 1 and status["warm_execs"]["missed"] >= 6
+
+
+def test_without_curve_code_keeps_callers_apart(make_cluster):
+    """Every caller is "local": a runner serves one piece of code, whoever sends it."""
+    cluster = make_cluster(pool={"workers": 1}, scripts={"hook.py": HOOK})
+    cluster.serve()
+    with cluster.client() as c:
+        pid, _ = planted(c.exec("", b"x 1", code=HOOK))
+        other_pid, seen = planted(c.exec("", b"y 1", code=HOOK + "# another\n"))
+        assert seen == ["y 1"] and other_pid != pid
+        named_pid, seen = planted(c.exec("hook.py", b"z 1"))
+        assert seen == ["z 1"] and named_pid not in (pid, other_pid)
+        assert planted(c.exec("", b"x 2", code=HOOK)) == (pid, ["x 1", "x 2"])
+
+
+PROBE = """
+import ctypes, errno, os, signal
+target = int(__input_binary_data_tuple[0])
+out = []
+for sig in (0, signal.SIGSTOP, signal.SIGKILL):
+    try:
+        os.kill(target, sig)
+        out.append("signalled")
+    except OSError as exc:
+        out.append(errno.errorcode[exc.errno])
+libc = ctypes.CDLL(None, use_errno=True)
+PTRACE_ATTACH = 16
+out.append("traced" if libc.ptrace(PTRACE_ATTACH, target, 0, 0) == 0
+           else errno.errorcode[ctypes.get_errno()])
+for name in ("mem", "environ", "status", "cmdline"):
+    try:
+        with open("/proc/%d/%s" % (target, name), "rb") as f:
+            f.read(1)
+        out.append("read")
+    except OSError as exc:
+        out.append(errno.errorcode[exc.errno])
+__return_data = " ".join(out)
+"""
+
+
+@needs_root
+def test_another_tenants_warm_runner_is_out_of_reach(make_cluster):
+    """Signal, ptrace and /proc of a warm runner of the same slot, from another
+    tenant: refused; the two run as different uids in different cgroups."""
+    cluster = make_cluster(pool={"workers": 1})
+    cluster.serve()
+    with cluster.client() as c:
+        victim, _ = planted(c.exec("", b"victim", code=HOOK))
+        r = c.exec("", str(victim).encode(), code=PROBE)
+        assert r.status == "ok", r.error
+        signals, trace, files = r.data.decode().split()[:3], r.data.split()[3], r.data.split()[4:]
+        assert signals == ["EPERM"] * 3, r.data
+        assert trace != b"traced" and all(f != b"read" for f in files), r.data
+        assert planted(c.exec("", b"victim again", code=HOOK)) == (victim,
+                                                                   ["victim", "victim again"])
+    runners = cluster.runners()
+    assert len({r.uids().real for r in runners}) == len(runners) > 1
+    assert all(r.uids().real != 0 for r in runners)
+    cgroups = [cgroup_of(r.pid, "pids") for r in runners]
+    assert len(set(cgroups)) == len(cgroups) and all("/seat" in g for g in cgroups), cgroups
+
+
+def cgroup_of(pid: int, controller: str) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if controller in controllers.split(","):
+                return path
+    return ""
+
+
+def test_runners_are_counted_in_status(make_cluster):
+    cluster = make_cluster(pool={"workers": 1})
+    cluster.serve()
+    with cluster.client() as c:
+        for i in range(3):
+            assert c.exec("echo.py", b"%d" % i).ok
+    status = cluster.status()
+    assert status["warm_runners"] == 1 and status["worker_rows"][0]["warm_runners"] == 1
+    assert status["warm_execs"] == {"found": 2, "missed": 1}
+    assert psutil.pid_exists(cluster.workers()[0].pid)
