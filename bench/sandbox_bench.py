@@ -1,6 +1,6 @@
 """What the sandbox costs: trivial exec under no sandbox, `default` and `strict`, in one run.
 
-    python bench/sandbox_bench.py [--requests 2000] [--throughput 4000]
+    python bench/sandbox_bench.py [--requests 2000] [--throughput 4000] [--baseline DIR]
 
 Starts one node per profile (2 workers each, loopback, its own temp dir) and
 measures, one profile at a time, against the same broker code:
@@ -9,7 +9,13 @@ measures, one profile at a time, against the same broker code:
 - throughput: the same with 64 requests in flight (AsyncClient);
 - the fork baselines, under `trusted`: a script that forks and the child
   exits at once (end to end, one request at a time), and the same fork+exit
-  timed inside the worker.
+  timed inside the worker;
+- tenants under `default` (a runner per caller and code: README "Sandbox"):
+  throughput of script content from 1, 4 and 64 tenants interleaved, with
+  the share of requests that found their tenant's runner warm, and the
+  private memory per warm runner and per worker slot.  With `--baseline DIR`
+  (a checkout of another commit, e.g. `git worktree add DIR HEAD~3`) the same
+  rows run against that code too, in turns with ours.
 Targets (issue 11, the trust boundary): default p50 <= 1.25 x trusted and
 default throughput >= 0.8 x trusted; strict p50 <= 1.5 ms and >= 1,000 execs/s.
 These are benchmark figures, not test asserts.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -58,8 +65,8 @@ __return_data = "%.1f %.1f" % (times[100] * 1e6, times[197] * 1e6)
 
 
 class Node:
-    def __init__(self, root: Path, profile: str):
-        self.root, self.profile = root, profile
+    def __init__(self, root: Path, profile: str, code: Path = REPO):
+        self.root, self.profile, self.code = root, profile, code
         shutil.copytree(REPO / "history", root / "history")
         (root / "history" / "fork_exit.py").write_text(FORK_EXIT)
         self.broker = f"tcp://127.0.0.1:{free_port()}"
@@ -83,9 +90,11 @@ file = "{root / 'srw.log'}"
 """)
 
     def __enter__(self):
+        env = dict(os.environ, PYTHONPATH=str(self.code))  # before the editable install
         self.proc = subprocess.Popen([sys.executable, "-m", "srw", "serve", "--config",
                                       str(self.root / "config.toml")], cwd=self.root,
-                                     stdout=subprocess.DEVNULL, start_new_session=True)
+                                     stdout=subprocess.DEVNULL, start_new_session=True,
+                                     env=env)
         deadline = time.monotonic() + 60
         with Client(self.broker) as c:
             while True:
@@ -146,11 +155,64 @@ def throughput(endpoint: str, n: int, in_flight: int = 64) -> float:
     return asyncio.run(main())
 
 
+TENANT_CODE = "__return_data = __input_binary_data_tuple[0]  # tenant %d\n"
+
+
+def tenants_throughput(endpoint: str, n: int, tenants: int, in_flight: int = 64) -> float:
+    """Script content from `tenants` tenants in turn (one caller, several codes)."""
+    async def main():
+        async with AsyncClient(endpoint, timeout=60) as c:
+            sem = asyncio.Semaphore(in_flight)
+
+            async def one(i):
+                async with sem:
+                    r = await c.exec("", DATA, code=TENANT_CODE % (i % tenants))
+                    assert r.status == "ok", (r.status, r.error)
+
+            for i in range(2 * tenants):  # each tenant seen once: warm where it can be
+                await one(i)
+            t = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(n)))
+            return n / (time.perf_counter() - t)
+
+    return asyncio.run(main())
+
+
+def warm_figures(endpoint: str) -> tuple[dict, float | None, float | None]:
+    """(warm_execs counts, USS per warm runner, sandbox USS per worker slot) in bytes."""
+    with Client(endpoint) as c:
+        status = c.status()
+    rows = status.get("worker_rows", [])
+    sandbox = [r["sandbox_uss"] for r in rows if r.get("sandbox_uss")]
+    warm = sum(r.get("warm_runners", 0) for r in rows)
+    per_slot = sum(sandbox) / len(sandbox) if sandbox else None
+    per_runner = sum(sandbox) / warm if warm and sandbox else None
+    return status.get("warm_execs", {}), per_runner, per_slot
+
+
+def tenant_rows(nodes: list[tuple[str, str]], n: int) -> list[tuple]:
+    """Rows of (label, req/s, warm share) for each node and tenant count, in turns."""
+    out = []
+    for tenants in (1, 4, 64):
+        for label, endpoint in nodes:
+            before, _, _ = warm_figures(endpoint)
+            rps = tenants_throughput(endpoint, n, tenants)
+            after, per_runner, per_slot = warm_figures(endpoint)
+            found = after.get("found", 0) - before.get("found", 0)
+            missed = after.get("missed", 0) - before.get("missed", 0)
+            share = found / (found + missed) if found + missed else None
+            out.append((f"{label}, {tenants} tenant{'s' * (tenants > 1)}", rps, share,
+                        per_runner, per_slot))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=2000, help="sequential requests per profile")
     ap.add_argument("--throughput", type=int, default=4000, help="requests for throughput")
     ap.add_argument("--paced", type=int, default=400, help=f"requests {GAP * 1000:g} ms apart")
+    ap.add_argument("--baseline", type=Path, help="another checkout to run the tenant rows "
+                    "against, in turns with this one")
     args = ap.parse_args()
     rows, base, rates = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="srw-sandbox-bench-") as tmp:
@@ -177,6 +239,15 @@ def main() -> int:
                     rows.append(("  fork+exit+wait inside the worker", float(inner[0]),
                                  float(inner[1]), None))
                     base["inner"] = float(inner[0])
+        root = Path(tmp) / "tenants"
+        root.mkdir()
+        (root / "base").mkdir()
+        with contextlib.ExitStack() as stack:
+            nodes = [("default", stack.enter_context(Node(root, "default")).broker)]
+            if args.baseline:
+                old = stack.enter_context(Node(root / "base", "default", args.baseline))
+                nodes.append((f"default @ {args.baseline.name}", old.broker))
+            tenant_table = tenant_rows(nodes, args.throughput)
     print(f"{'path':40} {'p50 us':>8} {'p99 us':>8} {'req/s (64 in flight)':>21}")
     for label, p50, p99, rps in rows:
         print(f"{label:40} {p50:8.0f} {p99:8.0f} {rps and f'{rps:21.0f}' or '-':>21}")
@@ -187,6 +258,19 @@ def main() -> int:
               f"per request p50 = {base['strict' + key] / base['fork' + key]:.2f}")
     print(f"64 in flight: default / trusted = {rates['default'] / rates['trusted']:.2f} "
           f"(target >= 0.8); strict {rates['strict']:.0f} execs/s (target >= 1000)")
+    print(f"\n{'script content, 64 in flight':40} {'req/s':>8} {'warm':>6} "
+          f"{'USS/warm runner':>16} {'sandbox USS/slot':>17}")
+    for label, rps, share, per_runner, per_slot in tenant_table:
+        print(f"{label:40} {rps:8.0f} {f'{share:.0%}' if share is not None else '-':>6} "
+              f"{f'{per_runner / 2**20:.1f} MB' if per_runner else '-':>16} "
+              f"{f'{per_slot / 2**20:.1f} MB' if per_slot else '-':>17}")
+    one = {label.rsplit(",", 1)[0]: rps for label, rps, *_ in tenant_table if label.endswith(" 1 tenant")}
+    for label, rps, *_ in tenant_table:
+        node = label.rsplit(",", 1)[0]
+        if not label.endswith(" 1 tenant"):
+            print(f"{label}: {rps / one[node]:.2f} x its 1 tenant")
+    print(f"targets (issue 23): 4 tenants >= 0.8 x 1 tenant; 64 tenants >= strict "
+          f"({rates['strict']:.0f}/s); 1 tenant >= 0.95 x the baseline's")
     return 0
 
 
