@@ -53,7 +53,7 @@ def load(ino):
     try:
         d = msgpack.unpackb(raw, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise Bad("%s%s does not decode: %s" % (DIR, ino, str(exc)[:80]))
+        raise Bad("%s%s does not decode: %s" % (DIR, ino, (str(exc) or type(exc).__name__)[:80]))
     if not (isinstance(d, dict) and len(d) == 4 and isinstance(d.get("e"), dict)
             and isinstance(d.get("i"), dict) and isinstance(d.get("a"), dict)
             and isinstance(d.get("dead"), bool)):
