@@ -84,8 +84,8 @@ def new_ino() -> str:
 
 def bad(path: str, why: str) -> FsError:
     """EIO for `path`: a value in the store, or the script's reply, is not what it
-    should be; `why` (which key, what is wrong) goes to the log."""
-    log.warning("%s", why)
+    should be; `why` (which key, what is wrong) goes to the log, on one line."""
+    log.warning("%s", shape.one_line(why))
     return FsError(errno.EIO, path)
 
 
@@ -154,7 +154,7 @@ class FsClient:
             raise FsError(errno.ENOTDIR, path)
         d = self.directory(entry.ino, path)
         if d["i"]:
-            self.recover(entry.ino, d["i"])
+            self.recover(entry.ino, d["i"], path)
             d = self.directory(entry.ino, path)
         if d["dead"]:
             raise FsError(errno.ENOENT, path)
@@ -268,7 +268,7 @@ class FsClient:
         self.call(src_parent.ino, "take", old, name=name, iid=iid, to=dst_parent.ino,
                   to_name=to_name, replace_ino=replace_ino)
         rejected = self.recover(src_parent.ino, {iid: [name, list(entry), dst_parent.ino,
-                                                       to_name, replace_ino]})[iid]
+                                                       to_name, replace_ino]}, old)[iid]
         if rejected:
             raise FsError(getattr(errno, rejected), new)
 
@@ -303,14 +303,15 @@ class FsClient:
             if node.ino == entry.ino:
                 raise FsError(errno.EINVAL, new)
 
-    def recover(self, src: str, intents: dict) -> dict[str, str]:
-        """Finish renames out of directory `src`: apply on the target, drop the
-        intent (putting the entry back if the target refused), forget.  Returns
-        each intent's errno name ("" when applied or already finished)."""
+    def recover(self, src: str, intents: dict, path: str = "") -> dict[str, str]:
+        """Finish renames out of directory `src` (at `path`, for errors): apply
+        on the target, drop the intent (putting the entry back if the target
+        refused), forget.  Returns each intent's errno name ("" when applied or
+        already finished)."""
         results = {}
         for iid, (_name, _entry, to, _to_name, _replace) in intents.items():
-            result = self.call(to, "apply", "", iid=iid, src=src)["result"]
-            self.call(src, "finish", "", iid=iid, rejected=bool(result))
-            self.call(to, "forget", "", iid=iid)
+            result = self.call(to, "apply", path, iid=iid, src=src)["result"]
+            self.call(src, "finish", path, iid=iid, rejected=bool(result))
+            self.call(to, "forget", path, iid=iid)
             results[iid] = result or ""
         return results

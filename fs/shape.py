@@ -23,7 +23,7 @@ from typing import NamedTuple
 import msgpack
 
 __all__ = ["BadShape", "Entry", "directory", "entry", "listing", "intent", "reply",
-           "name_ok", "show_names", "NAME_MAX", "MAX_ENTRIES"]
+           "name_ok", "one_line", "show_names", "NAME_MAX", "MAX_ENTRIES"]
 
 NAME_MAX = 255
 # Entries (or intents) in one directory.  An entry FsClient writes takes at
@@ -171,6 +171,14 @@ def name_ok(name: str) -> bool:
         return len(name.encode("utf-8")) <= NAME_MAX
     except UnicodeEncodeError:   # a lone surrogate: no UTF-8 file name
         return False
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` cut to `limit` characters, anything unprintable escaped: a hostile
+    string cannot break a log line in two or reach the terminal raw."""
+    text = text[:limit]
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def show_names(names: list, limit: int = 3) -> str:

@@ -13,6 +13,7 @@ import textwrap
 import msgpack
 import pytest
 
+from fs import shape
 from fs.client import FsClient, FsError
 from storage.client import NotFound, Session
 
@@ -267,3 +268,36 @@ REPLIES = {
 def test_a_hostile_script_reply_is_eio(session, case):
     liar = FsClient(session, script="liar.py")
     eio(lambda: liar.call("root", "mkdir", "/p", reply=REPLIES[case]))
+
+
+@pytest.mark.parametrize("fields", [{"mtime": 1e300}, {"mtime": float("nan")},
+                                    {"mode": 0o77777}, {"size": -1}])
+def test_setattr_refuses_what_an_entry_cannot_hold(fs, tree, fields):
+    """Else the client would write an entry every reader then finds bad (EIO)."""
+    with pytest.raises(FsError) as refused:
+        fs.setattr("/sub/f", fs.stat("/sub/f"), **fields)
+    assert refused.value.errno == errno.EINVAL
+    assert set(fs.readdir("/sub")) == {"f"}
+
+
+@needs_fuse
+def test_every_mtime_the_kernel_can_give_is_kept(fs, tree, mnt):
+    """utimens carries int64 nanoseconds: all of them fit an entry's mtime."""
+    for ns in (2 ** 63 - 1, -2 ** 63, 0):
+        os.utime(mnt / "sub" / "f", ns=(0, ns))
+        assert fs.stat("/sub/f").mtime == pytest.approx(ns / 1e9)
+    assert os.listdir(mnt / "sub") == ["f"]
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("a", True), (".hidden", True), ("...", True), ("n" * 255, True), ("n" * 256, False),
+    ("\u00e9" * 127, True), ("\u00e9" * 128, False),            # 2 bytes each
+    ("\U0001f600" * 63, True), ("\U0001f600" * 64, False),      # 4 bytes each
+    ("", False), (".", False), ("..", False), ("x/y", False), ("a\x00b", False)])
+def test_a_name_is_held_by_its_utf8_bytes(name, ok):
+    assert shape.name_ok(name) is ok
+
+
+def test_a_hostile_string_stays_one_printable_log_line():
+    line = shape.one_line("a\nb\x1b[31m\u202e" + "x" * 1000)
+    assert line.isprintable() and len(line) < 350 and line.startswith("a\\nb\\x1b[31m")
