@@ -26,10 +26,10 @@ __all__ = ["BadShape", "Entry", "directory", "entry", "listing", "intent", "repl
            "name_ok", "one_line", "show_names", "NAME_MAX", "MAX_ENTRIES"]
 
 NAME_MAX = 255
-# Entries (or intents) in one directory.  An entry FsClient writes takes at
-# least 36 bytes, so a directory reaches the default max_value (64 MiB) at
-# ~1.9 million entries, well before this; the limit stops a small value from
-# decoding into a huge map.
+# Entries (or intents) in one directory.  An entry FsClient writes takes over
+# 30 msgpack bytes, so a directory reaches the default max_value (64 MiB) at
+# about 2 million entries, before this; the limit stops a value of 2-byte pairs
+# from decoding into a map of 30 million.
 MAX_ENTRIES = 1 << 22
 # Seconds either side of 1970 (the years 1425 to 2514): wider than anything the
 # kernel's utimens can give (int64 nanoseconds), narrow enough for localtime().
@@ -104,8 +104,8 @@ def listing(entries: dict) -> tuple[dict[str, Entry], list[str]]:
 
 
 def _entry_ok(value) -> bool:
-    """The check of `entry`, as one expression: a listing runs it on every entry
-    (~1 us each; a NaN fails the range test)."""
+    """The check of `entry`, kept to type tests and comparisons: a listing runs
+    it on every entry (~1 us each).  A NaN fails the range test."""
     if type(value) is not list or len(value) != 5:
         return False
     ino, kind, mode, size, mtime = value
