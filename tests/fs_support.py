@@ -44,6 +44,10 @@ def mount(cluster: Cluster, where: Path) -> subprocess.Popen:
                                  f"{proc.stderr.read().decode()}")
         return os.path.ismount(where)
     wait_until(mounted, 15, f"the mount at {where}", interval=0.05)
+    # It logs a line per EIO: drain its stderr (into proc.log) so that a full
+    # pipe never stops it.
+    proc.log = []
+    threading.Thread(target=lambda: proc.log.extend(proc.stderr), daemon=True).start()
     return proc
 
 

@@ -17,6 +17,7 @@ from fs import shape
 from fs.client import FsClient, FsError
 from storage.client import NotFound, Session
 
+from conftest import wait_until
 from fs_support import mount, needs_fuse, start_cluster, unmount
 
 # A script that answers whatever reply the request carries: the client must
@@ -113,13 +114,23 @@ def fs(session):
 
 
 @pytest.fixture(scope="module")
-def mnt(cluster, tree):
+def mounted(cluster, tree):
+    """(mount point, the `srw mount` process: its log lines in .log)."""
     where = cluster.root / "mnt"
     proc = mount(cluster, where)
     try:
-        yield where
+        yield where, proc
     finally:
         unmount(proc, where)
+
+
+@pytest.fixture
+def mnt(mounted):
+    return mounted[0]
+
+
+def logged(proc, text: str) -> bool:
+    return any(text.encode() in line for line in list(proc.log))
 
 
 @contextlib.contextmanager
@@ -172,7 +183,8 @@ def test_a_hostile_directory_value_is_eio_for_the_client(session, tree, fs, case
 
 @needs_fuse
 @pytest.mark.parametrize("case", list(HOSTILE))
-def test_a_hostile_directory_value_is_eio_in_the_mount(session, tree, mnt, case):
+def test_a_hostile_directory_value_is_eio_in_the_mount(session, tree, mounted, case):
+    mnt, proc = mounted
     value, _scope = HOSTILE[case]
     for where in PLANTED:
         with planted(session, tree[where], value):
@@ -183,6 +195,8 @@ def test_a_hostile_directory_value_is_eio_in_the_mount(session, tree, mnt, case)
                 assert set(os.listdir(mnt)) == {"sub", "other", "third"}
     assert os.listdir(mnt / "sub") == ["f"]
     assert (mnt / "sub" / "f").read_bytes() == b"hello"
+    wait_until(lambda: logged(proc, tree["/sub"]), 5, "the reason in the mount's log")
+    assert not logged(proc, "Traceback"), b"".join(proc.log).decode()
 
 
 def with_bad_names(fs: FsClient, where: str = "/sub") -> bytes:
@@ -211,10 +225,12 @@ def test_names_no_directory_can_hold_are_skipped_with_one_log_line(session, tree
 
 
 @needs_fuse
-def test_the_mount_skips_names_no_directory_can_hold(session, tree, fs, mnt):
+def test_the_mount_skips_names_no_directory_can_hold(session, tree, fs, mounted):
+    mnt, proc = mounted
     with planted(session, tree["/sub"], with_bad_names(fs)):
         assert os.listdir(mnt / "sub") == ["f"]
         assert (mnt / "sub" / "f").read_bytes() == b"hello"
+    wait_until(lambda: logged(proc, "names no directory can hold"), 5, "the mount's log line")
 
 
 def run_at_once(cluster, commands: list[list[str]]) -> list[tuple[int, str, str]]:

@@ -129,5 +129,5 @@ def test_ctrl_c_unmounts(cluster):
     where = cluster.root / "second"
     proc = mount(cluster, where)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(15) == 0, proc.stderr.read().decode()
+    assert proc.wait(15) == 0, b"".join(proc.log).decode()
     assert not os.path.ismount(where)
