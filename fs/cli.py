@@ -1,10 +1,13 @@
 """``srw fs ...`` and ``srw mount``: registered by srw/cli.py through ``register``.
 
-A failed operation prints one line, ``srw: PATH: <strerror>``, and exits 1.
+A failed operation prints one line, ``srw: PATH: <strerror>``, and exits 1; an
+EIO from a value in the store that is not what it should be has its reason on
+the line before (``srw: fs:d:<ino>: ...``, from the client's log).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import stat
 import sys
 import time
@@ -32,6 +35,7 @@ def register(sub, common: argparse.ArgumentParser, session_factory) -> None:
 
 def _run(func, session_factory):
     def command(config, args) -> int:
+        logging.basicConfig(level=logging.WARNING, format="srw: %(message)s")
         with session_factory(config, args) as session:
             return _one_line(lambda: func(FsClient(session), args) or 0)
     return command

@@ -6,6 +6,11 @@ changes (``key="fs:d:<ino>"``, so the node's per-id lock serializes the
 changes to one directory).  The format and the rename protocol are in that
 script's header.  Errors are ``FsError``, an OSError with the usual errno.
 
+What the store holds and what the script answers are hostile (anyone with the
+``write`` right can write ``fs:d:<ino>``): each is checked by ``fs.shape``
+before it is used; a value of the wrong shape is EIO, with its reason in the
+log, and a name no directory can hold is left out of listings.
+
     with Session(config) as session:
         fs = FsClient(session)
         fs.mkdir("/a")
@@ -16,22 +21,25 @@ script's header.  Errors are ``FsError``, an OSError with the usual errno.
 from __future__ import annotations
 
 import errno
+import logging
 import os
-import stat
 import time
-from typing import NamedTuple
 
 import msgpack
 
 from core import protocol as p
 from storage.client import NotFound, Session
 
+from . import shape
+from .shape import NAME_MAX, Entry
+
 __all__ = ["FsClient", "FsError", "Entry", "ROOT", "SCRIPT"]
 
 SCRIPT = "fs.py"
 ROOT = "root"
 DIR, DATA = "fs:d:", "fs:f:"
-NAME_MAX, PATH_MAX = 255, 4096
+PATH_MAX = 4096
+log = logging.getLogger("srw.fs")
 
 
 class FsError(OSError):
@@ -39,22 +47,6 @@ class FsError(OSError):
 
     def __init__(self, code: int, path: str):
         super().__init__(code, os.strerror(code), path)
-
-
-class Entry(NamedTuple):
-    ino: str
-    kind: str          # "f" or "d"
-    mode: int          # permission bits
-    size: int
-    mtime: float
-
-    @property
-    def is_dir(self) -> bool:
-        return self.kind == "d"
-
-    @property
-    def st_mode(self) -> int:
-        return (stat.S_IFDIR if self.is_dir else stat.S_IFREG) | self.mode
 
 
 ROOT_ENTRY = Entry(ROOT, "d", 0o755, 0, 0.0)
@@ -90,6 +82,13 @@ def new_ino() -> str:
     return os.urandom(8).hex()
 
 
+def bad(path: str, why: str) -> FsError:
+    """EIO for `path`: a value in the store, or the script's reply, is not what it
+    should be; `why` (which key, what is wrong) goes to the log, on one line."""
+    log.warning("%s", shape.one_line(why))
+    return FsError(errno.EIO, path)
+
+
 class FsClient:
     """The tree of one cluster.  Not thread-safe (one Session)."""
 
@@ -99,12 +98,22 @@ class FsClient:
 
     # Reading ---------------------------------------------------------------------
 
-    def directory(self, ino: str) -> dict:
-        """A directory's object as last written (an absent one is empty)."""
+    def directory(self, ino: str, path: str = "") -> dict:
+        """A directory's object as last written (an absent one is empty), its
+        shape checked (``shape.directory``: not yet each entry); EIO if it is not one."""
         try:
-            return msgpack.unpackb(self.session.read(DIR + ino), raw=False)
+            return shape.directory(self.session.read(DIR + ino))
         except NotFound:
             return {"e": {}, "i": {}, "a": {}, "dead": False}
+        except shape.BadShape as exc:
+            raise bad(path, f"{DIR}{ino}: {exc}") from None
+
+    def entry(self, raw, ino: str, name: str, path: str) -> Entry:
+        """Directory `ino`'s entry `name` as an Entry; EIO if it is not one."""
+        try:
+            return shape.entry(raw)
+        except shape.BadShape as exc:
+            raise bad(path, f"{DIR}{ino}: {name!r}: {exc}") from None
 
     def walk(self, path: str, follow_last: bool = True) -> tuple[list[str], Entry]:
         """(components, entry) of an existing path; ENOENT / ENOTDIR on the way."""
@@ -116,11 +125,11 @@ class FsClient:
             raw = self._entries(entry.ino, path).get(part)
             if raw is None:
                 raise FsError(errno.ENOENT, path)
-            entry = Entry(*raw)
+            entry = self.entry(raw, entry.ino, part, path)
         return parts, entry
 
     def _entries(self, ino: str, path: str) -> dict:
-        d = self.directory(ino)
+        d = self.directory(ino, path)
         if d["dead"]:
             raise FsError(errno.ENOENT, path)
         return d["e"]
@@ -138,17 +147,25 @@ class FsClient:
         return self.walk(path)[1]
 
     def readdir(self, path: str) -> dict[str, Entry]:
-        """Name -> Entry; half-done renames out of this directory are finished first."""
+        """Name -> Entry; half-done renames out of this directory are finished
+        first.  A name no directory can hold is left out, with a line in the log."""
         entry = self.stat(path)
         if not entry.is_dir:
             raise FsError(errno.ENOTDIR, path)
-        d = self.directory(entry.ino)
+        d = self.directory(entry.ino, path)
         if d["i"]:
-            self.recover(entry.ino, d["i"])
-            d = self.directory(entry.ino)
+            self.recover(entry.ino, d["i"], path)
+            d = self.directory(entry.ino, path)
         if d["dead"]:
             raise FsError(errno.ENOENT, path)
-        return {name: Entry(*raw) for name, raw in d["e"].items()}
+        try:
+            listing, skipped = shape.listing(d["e"])
+        except shape.BadShape as exc:
+            raise bad(path, f"{DIR}{entry.ino}: {exc}") from None
+        if skipped:
+            log.warning("%s%s: %d names no directory can hold left out of the listing: %s",
+                        DIR, entry.ino, len(skipped), shape.show_names(skipped))
+        return listing
 
     def read_file(self, path: str) -> bytes:
         entry = self.stat(path)
@@ -175,7 +192,12 @@ class FsClient:
         if not result.ok:
             last = (result.error or "").strip().splitlines()[-1:] or [""]
             raise FsError(errno.EIO, f"{path}: {result.status}: {last[0]}")
-        reply = msgpack.unpackb(result.data, raw=False)
+        try:
+            reply = shape.reply(result.data)
+        except shape.BadShape as exc:
+            raise bad(path, f"{self.script} on {DIR}{ino}: {exc}") from None
+        if reply["err"] == "EIO":
+            raise bad(path, reply.get("why") or f"{self.script} on {DIR}{ino}: EIO")
         if reply["err"]:
             raise FsError(getattr(errno, reply["err"]), path)
         return reply
@@ -192,7 +214,7 @@ class FsClient:
         entry = [new_ino(), "f", mode & 0o7777, 0, time.time()]
         reply = self.call(parent.ino, "create", path, name=name, entry=entry,
                           excl=exclusive)
-        return Entry(*reply["entry"])
+        return reply["entry"]
 
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> Entry:
         """Create or replace the file's contents: data first, then its size."""
@@ -206,9 +228,16 @@ class FsClient:
         return self.setattr(path, entry, size=len(data), mtime=time.time())
 
     def setattr(self, path: str, entry: Entry, **fields) -> Entry:
+        """Change size, mode or mtime; EINVAL for a value an entry cannot hold
+        (readers would find the directory's entry bad and answer EIO)."""
+        fields = {k: v for k, v in fields.items() if v is not None}
+        try:
+            shape.entry(list(entry._replace(**fields)))
+        except shape.BadShape:
+            raise FsError(errno.EINVAL, path) from None
         parent, name = self.parent(path)
         reply = self.call(parent.ino, "setattr", path, name=name, ino=entry.ino, **fields)
-        return Entry(*reply["entry"])
+        return reply["entry"]
 
     def unlink(self, path: str) -> None:
         parent, name = self.parent(path)
@@ -239,7 +268,7 @@ class FsClient:
         self.call(src_parent.ino, "take", old, name=name, iid=iid, to=dst_parent.ino,
                   to_name=to_name, replace_ino=replace_ino)
         rejected = self.recover(src_parent.ino, {iid: [name, list(entry), dst_parent.ino,
-                                                       to_name, replace_ino]})[iid]
+                                                       to_name, replace_ino]}, old)[iid]
         if rejected:
             raise FsError(getattr(errno, rejected), new)
 
@@ -267,21 +296,22 @@ class FsClient:
         parts = split_path(new)[:-1]
         node = ROOT_ENTRY
         for part in parts:
-            raw = self.directory(node.ino)["e"].get(part)
+            raw = self.directory(node.ino, new)["e"].get(part)
             if raw is None:
                 return
-            node = Entry(*raw)
+            node = self.entry(raw, node.ino, part, new)
             if node.ino == entry.ino:
                 raise FsError(errno.EINVAL, new)
 
-    def recover(self, src: str, intents: dict) -> dict[str, str]:
-        """Finish renames out of directory `src`: apply on the target, drop the
-        intent (putting the entry back if the target refused), forget.  Returns
-        each intent's errno name ("" when applied or already finished)."""
+    def recover(self, src: str, intents: dict, path: str = "") -> dict[str, str]:
+        """Finish renames out of directory `src` (at `path`, for errors): apply
+        on the target, drop the intent (putting the entry back if the target
+        refused), forget.  Returns each intent's errno name ("" when applied or
+        already finished)."""
         results = {}
         for iid, (_name, _entry, to, _to_name, _replace) in intents.items():
-            result = self.call(to, "apply", "", iid=iid, src=src)["result"]
-            self.call(src, "finish", "", iid=iid, rejected=bool(result))
-            self.call(to, "forget", "", iid=iid)
+            result = self.call(to, "apply", path, iid=iid, src=src)["result"]
+            self.call(src, "finish", path, iid=iid, rejected=bool(result))
+            self.call(to, "forget", path, iid=iid)
             results[iid] = result or ""
         return results

@@ -6,6 +6,8 @@ round trip anyway.  An open file's contents are held in memory from its first
 read or write to its flush (close-to-open, as NFS): a write is one store write
 of the whole file and one exec for its size, at flush.  Ctrl-C or
 ``fusermount3 -u MOUNTPOINT`` unmounts; libfuse returns and the Session closes.
+A directory value in the store that is not one is EIO (FsClient checks every
+value it reads, ``fs/shape.py``; the reason goes to this process's log).
 """
 from __future__ import annotations
 

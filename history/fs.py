@@ -9,7 +9,10 @@
 # version or the next.
 #
 # Request (msgpack map): {"op": OP, "dir": INO, ...args}.  Reply (msgpack map):
-# {"err": ""} or {"err": "ENOENT"} (an errno name), plus op results.
+# {"err": ""} or {"err": "ENOENT"} (an errno name), plus op results.  A stored
+# value this script cannot use (anyone with the write right can write fs:d:*)
+# is {"err": "EIO", "why": "..."}: the object and each entry or intent an op
+# touches are checked here, cheaply; readers check everything (fs/shape.py).
 #
 # Directory object under "fs:d:<ino>" (absent = empty directory):
 #   {"e": {name: [ino, kind "f"|"d", mode, size, mtime]},
@@ -38,11 +41,51 @@ DIR, DATA = "fs:d:", "fs:f:"
 KIND, SIZE, MODE, MTIME = 1, 3, 2, 4
 
 
+class Bad(Exception):
+    """A stored value that is not what it should be: the exec answers EIO."""
+
+
 def load(ino):
     try:
-        return msgpack.unpackb(fs_store.read_data(DIR + ino), raw=False)
+        raw = fs_store.read_data(DIR + ino)
     except KeyError:
         return {"e": {}, "i": {}, "a": {}, "dead": False}
+    try:
+        d = msgpack.unpackb(raw, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise Bad("%s%s does not decode: %s" % (DIR, ino, (str(exc) or type(exc).__name__)[:80]))
+    if not (isinstance(d, dict) and len(d) == 4 and isinstance(d.get("e"), dict)
+            and isinstance(d.get("i"), dict) and isinstance(d.get("a"), dict)
+            and isinstance(d.get("dead"), bool)):
+        raise Bad("%s%s is not a directory object" % (DIR, ino))
+    return d
+
+
+def checked(entry, what):
+    """`entry` if it looks like [ino, kind, mode, size, mtime] (the fields this
+    script reads), else Bad."""
+    if not (isinstance(entry, list) and len(entry) == 5 and isinstance(entry[0], str)
+            and entry[KIND] in ("f", "d")):
+        raise Bad("%s is not [ino, kind, mode, size, mtime]" % what)
+    return entry
+
+
+def entry_at(d, name):
+    """The entry under `name`, None when there is none."""
+    old = d["e"].get(name)
+    return None if old is None else checked(old, "entry %r" % name[:40])
+
+
+def intent_at(d, iid):
+    """The intent `iid` ([name, entry, to, to_name, replace]), None when there is none."""
+    intent = d["i"].get(iid)
+    if intent is None:
+        return None
+    if not (isinstance(intent, list) and len(intent) == 5 and isinstance(intent[0], str)
+            and isinstance(intent[3], str)):
+        raise Bad("intent %r is not [name, entry, to, to_name, replace]" % iid[:40])
+    checked(intent[1], "intent %r's entry" % iid[:40])
+    return intent
 
 
 def save(ino, d):
@@ -51,7 +94,7 @@ def save(ino, d):
 
 def conflict(d, to_name, entry, replace_ino):
     """The errno a move of `entry` onto `to_name` gets, "" when it may go."""
-    old = d["e"].get(to_name)
+    old = entry_at(d, to_name)
     if old is None or old[0] == entry[0]:
         return ""
     if old[KIND] == "d":
@@ -63,7 +106,7 @@ def conflict(d, to_name, entry, replace_ino):
 
 def put(d, to_name, entry):
     """Place `entry` at `to_name`; a file it replaces loses its contents."""
-    old = d["e"].get(to_name)
+    old = entry_at(d, to_name)
     if old is not None and old[KIND] == "f" and old[0] != entry[0]:
         fs_store.remove(DATA + old[0])
     d["e"][to_name] = entry
@@ -82,7 +125,7 @@ def op_mkdir(ino, d, r):
 def op_create(ino, d, r):
     if d["dead"]:
         return {"err": "ENOENT"}
-    old = d["e"].get(r["name"])
+    old = entry_at(d, r["name"])
     if old is not None:
         if r["excl"]:
             return {"err": "EEXIST"}
@@ -93,7 +136,7 @@ def op_create(ino, d, r):
 
 
 def op_unlink(ino, d, r):
-    old = d["e"].get(r["name"])
+    old = entry_at(d, r["name"])
     if old is None:
         return {"err": "ENOENT"}
     if old[KIND] == "d":
@@ -116,7 +159,7 @@ def op_kill(ino, d, r):
 
 def same_entry(d, r):
     """The entry at r["name"] if it is still r["ino"] (not replaced meanwhile)."""
-    old = d["e"].get(r["name"])
+    old = entry_at(d, r["name"])
     return old if old is not None and old[0] == r["ino"] else None
 
 
@@ -142,7 +185,7 @@ def op_setattr(ino, d, r):
 
 def op_rename(ino, d, r):
     """Within one directory: one write, atomic."""
-    entry = d["e"].get(r["name"])
+    entry = entry_at(d, r["name"])
     if entry is None:
         return {"err": "ENOENT"}
     err = conflict(d, r["to_name"], entry, r.get("replace_ino"))
@@ -155,9 +198,10 @@ def op_rename(ino, d, r):
 
 
 def op_take(ino, d, r):
-    entry = d["e"].pop(r["name"], None)
+    entry = entry_at(d, r["name"])
     if entry is None:
         return {"err": "ENOENT"}
+    del d["e"][r["name"]]
     d["i"][r["iid"]] = [r["name"], entry, r["to"], r["to_name"], r.get("replace_ino")]
     save(ino, d)
     return {"err": ""}
@@ -167,7 +211,7 @@ def op_apply(ino, d, r):
     iid = r["iid"]
     if iid in d["a"]:
         return {"err": "", "result": d["a"][iid]}
-    intent = load(r["src"])["i"].get(iid)
+    intent = intent_at(load(r["src"]), iid)
     if intent is None:                      # finished and dropped already
         return {"err": "", "result": None}
     name, entry, _to, to_name, replace_ino = intent
@@ -180,9 +224,10 @@ def op_apply(ino, d, r):
 
 
 def op_finish(ino, d, r):
-    intent = d["i"].pop(r["iid"], None)
+    intent = intent_at(d, r["iid"])
     if intent is None:
         return {"err": ""}
+    del d["i"][r["iid"]]
     if r["rejected"]:                       # put it back, under another name if taken
         name, entry = intent[0], intent[1]
         if name in d["e"]:
@@ -201,9 +246,15 @@ def op_forget(ino, d, r):
 
 OPS = {name[3:]: f for name, f in list(globals().items()) if name.startswith("op_")}
 
-request = msgpack.unpackb(__input_binary_data_tuple[0], raw=False)
-handler = OPS.get(request.get("op"))
-if handler is None:
-    __return_data = msgpack.packb({"err": "EINVAL"})
-else:
-    __return_data = msgpack.packb(handler(request["dir"], load(request["dir"]), request))
+
+def answer(request):
+    handler = OPS.get(request.get("op"))
+    if handler is None:
+        return {"err": "EINVAL"}
+    try:
+        return handler(request["dir"], load(request["dir"]), request)
+    except Bad as exc:
+        return {"err": "EIO", "why": "%s on %s%s: %s" % (request["op"], DIR, request["dir"], exc)}
+
+
+__return_data = msgpack.packb(answer(msgpack.unpackb(__input_binary_data_tuple[0], raw=False)))

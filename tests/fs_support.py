@@ -1,28 +1,63 @@
-"""Shared by test_fs.py and test_fs_mount.py: a started cluster for a whole
-module, and one random-operations machine run against two trees at once."""
+"""Shared by the test_fs*.py modules: a started cluster for a whole module, a
+mount, and one random-operations machine run against two trees at once."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import threading
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from conftest import Cluster
+from conftest import Cluster, wait_until
 
-def start_cluster(root: Path, groups: int) -> Cluster:
+needs_fuse = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"),
+    reason="FUSE is not available here: no /dev/fuse or no fusermount3 (make system-deps)")
+
+
+def start_cluster(root: Path, groups: int, scripts: dict[str, str] | None = None) -> Cluster:
     """Under the shipped default profile: its network "local" reaches every node's
     storage port, so the directory scripts write each directory to every group."""
     nodes = [{"name": f"n{g}", "group": g} for g in range(1, groups + 1)]
-    cluster = Cluster(root, nodes, {"workers": 2}, {}, {}, None)
+    cluster = Cluster(root, nodes, {"workers": 2}, {}, scripts or {}, None)
     try:
         cluster.serve()
     except BaseException:
         cluster.stop()
         raise
     return cluster
+
+
+def mount(cluster: Cluster, where: Path) -> subprocess.Popen:
+    """`srw mount` at `where` (made here), once the kernel shows it mounted."""
+    where.mkdir()
+    proc = cluster.srw("mount", str(where))
+
+    def mounted():
+        if proc.poll() is not None:
+            raise AssertionError(f"srw mount exited {proc.returncode}: "
+                                 f"{proc.stderr.read().decode()}")
+        return os.path.ismount(where)
+    wait_until(mounted, 15, f"the mount at {where}", interval=0.05)
+    # It logs a line per EIO: drain its stderr (into proc.log) so that a full
+    # pipe never stops it.
+    proc.log = []
+    threading.Thread(target=lambda: proc.log.extend(proc.stderr), daemon=True).start()
+    return proc
+
+
+def unmount(proc: subprocess.Popen, where: Path) -> None:
+    """fusermount3 -u, and `srw mount` exits 0 (a busy mount is detached, and fails)."""
+    unmounted = subprocess.run(["fusermount3", "-u", str(where)], capture_output=True,
+                               timeout=15)
+    if unmounted.returncode:    # busy: detach it so nothing is left behind
+        subprocess.run(["fusermount3", "-uz", str(where)], timeout=15)
+    assert proc.wait(15) == 0 and unmounted.returncode == 0, unmounted.stderr
 
 
 def in_threads(work, count: int) -> None:

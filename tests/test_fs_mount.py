@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -13,25 +12,10 @@ from pathlib import Path
 import pytest
 from hypothesis.stateful import run_state_machine_as_test
 
-from conftest import wait_until
-from fs_support import RANDOM_OPS, LocalTree, SameTree, in_threads, start_cluster
+from fs_support import (RANDOM_OPS, LocalTree, SameTree, in_threads, mount, needs_fuse,
+                        start_cluster, unmount)
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"),
-    reason="FUSE is not available here: no /dev/fuse or no fusermount3 (make system-deps)")
-
-
-def mount(cluster, where: Path) -> subprocess.Popen:
-    where.mkdir()
-    proc = cluster.srw("mount", str(where))
-
-    def mounted():
-        if proc.poll() is not None:
-            raise AssertionError(f"srw mount exited {proc.returncode}: "
-                                 f"{proc.stderr.read().decode()}")
-        return os.path.ismount(where)
-    wait_until(mounted, 15, f"the mount at {where}", interval=0.05)
-    return proc
+pytestmark = needs_fuse
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +32,7 @@ def mnt(cluster):
     try:
         yield where
     finally:
-        unmounted = subprocess.run(["fusermount3", "-u", str(where)], capture_output=True,
-                                   timeout=15)
-        if unmounted.returncode:    # busy: detach it so nothing is left behind
-            subprocess.run(["fusermount3", "-uz", str(where)], timeout=15)
-        assert proc.wait(15) == 0 and unmounted.returncode == 0, unmounted.stderr
+        unmount(proc, where)
 
 
 def sh(script: str, cwd: Path) -> str:
@@ -149,5 +129,5 @@ def test_ctrl_c_unmounts(cluster):
     where = cluster.root / "second"
     proc = mount(cluster, where)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(15) == 0, proc.stderr.read().decode()
+    assert proc.wait(15) == 0, b"".join(proc.log).decode()
     assert not os.path.ismount(where)

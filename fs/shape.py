@@ -1,0 +1,222 @@
+"""The shape of what FsClient reads: directory objects and the script's replies.
+
+Directory objects live under ``fs:d:<ino>`` in the same store that every
+script and client with the ``write`` right can write, so each one is hostile
+until this module has checked it; ``history/fs.py``'s reply is checked too.
+A value of the wrong shape raises ``BadShape`` saying what is wrong (FsClient
+turns it into EIO).  The format is in ``history/fs.py``'s header.
+
+Entries are checked where they are used, so a lookup costs one entry's check,
+not the directory's: ``entry`` for the one a path step takes, ``listing`` for
+all of them.  A name no directory can hold (empty, ``.``, ``..``, a ``/`` or
+NUL inside, over NAME_MAX bytes) is skipped by ``listing`` and can never be
+looked up (``FsClient``'s paths never have such a component), so a hostile
+writer cannot make ``ls`` show ``..`` or ``x/y``.
+"""
+from __future__ import annotations
+
+import errno
+import re
+import stat
+from typing import NamedTuple
+
+import msgpack
+
+__all__ = ["BadShape", "Entry", "directory", "entry", "listing", "intent", "reply",
+           "name_ok", "one_line", "show_names", "NAME_MAX", "MAX_ENTRIES"]
+
+NAME_MAX = 255
+# Entries (or intents) in one directory.  An entry FsClient writes takes over
+# 30 msgpack bytes, so a directory reaches the default max_value (64 MiB) at
+# about 2 million entries, before this; the limit stops a value of 2-byte pairs
+# from decoding into a map of 30 million.
+MAX_ENTRIES = 1 << 22
+# Seconds either side of 1970 (the years 1425 to 2514): wider than anything the
+# kernel's utimens can give (int64 nanoseconds), narrow enough for localtime().
+MTIME_LIMIT = 2 ** 34
+SIZE_LIMIT = 2 ** 63            # st_size is an off_t
+INO = re.compile(r"root|[0-9a-f]{16}")        # ROOT, or FsClient's new_ino()
+IID = re.compile(r"[0-9A-Za-z_-]{1,64}")      # a rename's intent id
+ERRNO_NAMES = frozenset(name for name in dir(errno) if name.startswith("E"))
+FIELDS = ("e", "i", "a", "dead")
+
+
+class BadShape(ValueError):
+    """A value that is not what the tree needs; the message says what is wrong."""
+
+
+class Entry(NamedTuple):
+    ino: str
+    kind: str          # "f" or "d"
+    mode: int          # permission bits
+    size: int
+    mtime: float
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "d"
+
+    @property
+    def st_mode(self) -> int:
+        return (stat.S_IFDIR if self.is_dir else stat.S_IFREG) | self.mode
+
+
+def directory(raw: bytes) -> dict:
+    """The directory object in `raw`: its four fields of the right types, its
+    intents and applied renames checked (there are few: renames in flight).
+    Its entries are only known to be a map: check them with `entry`/`listing`."""
+    d = _unpack(raw, "a directory object")
+    if not isinstance(d, dict) or d.keys() != set(FIELDS):
+        raise BadShape(f"not a directory object: {_show(d)}, not a map of {', '.join(FIELDS)}")
+    if not (isinstance(d["e"], dict) and isinstance(d["i"], dict)
+            and isinstance(d["a"], dict) and isinstance(d["dead"], bool)):
+        raise BadShape("a directory's e, i, a are not maps or its dead is not a bool")
+    for iid, value in d["i"].items():
+        _iid(iid)
+        intent(value)
+    for iid, err in d["a"].items():
+        _iid(iid)
+        _errno_name(err, f"applied rename {iid}")
+    return d
+
+
+def entry(value) -> Entry:
+    """[ino, kind, mode, size, mtime] as an Entry, each field checked."""
+    if not _entry_ok(value):
+        raise BadShape(_entry_fault(value))
+    return Entry(*value)
+
+
+def listing(entries: dict) -> tuple[dict[str, Entry], list[str]]:
+    """(name -> Entry, names skipped) of a directory's entries: every entry
+    checked; a name no directory can hold is skipped, not an error."""
+    out, skipped = {}, []
+    for name, value in entries.items():
+        if type(name) is not str:
+            raise BadShape(f"an entry's name is {_show(name)}, not a string")
+        if not name_ok(name):
+            skipped.append(name)
+        elif _entry_ok(value):
+            out[name] = Entry(*value)
+        else:
+            raise BadShape(f"{_show(name)}: {_entry_fault(value)}")
+    return out, skipped
+
+
+def _entry_ok(value) -> bool:
+    """The check of `entry`, kept to type tests and comparisons: a listing runs
+    it on every entry (~1 us each).  A NaN fails the range test."""
+    if type(value) is not list or len(value) != 5:
+        return False
+    ino, kind, mode, size, mtime = value
+    return (type(ino) is str and INO.fullmatch(ino) is not None
+            and (kind == "f" or kind == "d")
+            and type(mode) is int and 0 <= mode <= 0o7777
+            and type(size) is int and 0 <= size < SIZE_LIMIT
+            and type(mtime) in (float, int) and -MTIME_LIMIT < mtime < MTIME_LIMIT)
+
+
+def _entry_fault(value) -> str:
+    """What is wrong with an entry `_entry_ok` refused."""
+    if not (isinstance(value, list) and len(value) == 5):
+        return f"an entry is {_show(value)}, not [ino, kind, mode, size, mtime]"
+    ino, kind, mode, size, mtime = value
+    if not (type(ino) is str and INO.fullmatch(ino)):
+        return f"an entry's ino is {_show(ino)}, not 'root' or 16 hex digits"
+    if kind not in ("f", "d"):
+        return f"an entry's kind is {_show(kind)}, not 'f' or 'd'"
+    if not (type(mode) is int and 0 <= mode <= 0o7777):
+        return f"an entry's mode is {_show(mode)}, not 0 to 0o7777"
+    if not (type(size) is int and 0 <= size < SIZE_LIMIT):
+        return f"an entry's size is {_show(size)}, not 0 to 2**63-1"
+    return f"an entry's mtime is {_show(mtime)}, not seconds within 2**34 of 1970"
+
+
+def intent(value) -> list:
+    """[name, entry, to_ino, to_name, replace_ino]: a rename out, half done."""
+    if not (isinstance(value, list) and len(value) == 5):
+        raise BadShape(f"an intent is {_show(value)}, not [name, entry, to, to_name, replace]")
+    name, moved, to, to_name, replace = value
+    if not (isinstance(name, str) and isinstance(to_name, str)):
+        raise BadShape("an intent's names are not strings")
+    _ino(to)
+    if replace is not None:
+        _ino(replace)
+    return [name, entry(moved), to, to_name, replace]
+
+
+def reply(raw: bytes) -> dict:
+    """The script's reply: {"err": "" or an errno name}, plus "entry" (an Entry),
+    "result" (None, "" or an errno name) and "why" (a string) when present."""
+    r = _unpack(raw, "a reply")
+    if not isinstance(r, dict) or "err" not in r:
+        raise BadShape(f"the reply is {_show(r)}, not a map with err")
+    _errno_name(r["err"], "the reply's err")
+    if "entry" in r:
+        r["entry"] = entry(r["entry"])
+    if r.get("result") is not None:
+        _errno_name(r["result"], "the reply's result")
+    if not isinstance(r.get("why", ""), str):
+        raise BadShape("the reply's why is not a string")
+    return r
+
+
+def name_ok(name: str) -> bool:
+    """Whether a directory may hold `name` (what split_path lets through)."""
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        return False
+    if len(name) <= NAME_MAX // 4:   # 4 bytes a character at most; msgpack's are UTF-8
+        return True
+    try:
+        return len(name.encode("utf-8")) <= NAME_MAX
+    except UnicodeEncodeError:   # a lone surrogate: no UTF-8 file name
+        return False
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` cut to `limit` characters, anything unprintable escaped: a hostile
+    string cannot break a log line in two or reach the terminal raw."""
+    text = text[:limit]
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def show_names(names: list, limit: int = 3) -> str:
+    """A few of `names`, each cut short and printable, for one log line."""
+    shown = ", ".join(_show(name) for name in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# Fields ---------------------------------------------------------------------------
+
+def _unpack(raw: bytes, what: str):
+    try:
+        return msgpack.unpackb(raw, raw=False, max_array_len=5, max_map_len=MAX_ENTRIES)
+    except Exception as exc:  # msgpack raises several unrelated types
+        why = str(exc) or type(exc).__name__
+        raise BadShape(f"not {what}: the msgpack does not decode ({_show(why, 80)})") from None
+
+
+def _ino(value) -> None:
+    if not (isinstance(value, str) and INO.fullmatch(value)):
+        raise BadShape(f"an ino is {_show(value)}, not 'root' or 16 hex digits")
+
+
+def _iid(value) -> None:
+    if not (isinstance(value, str) and IID.fullmatch(value)):
+        raise BadShape(f"an intent id is {_show(value)}, not 1 to 64 letters and digits")
+
+
+def _errno_name(value, what: str) -> None:
+    if not (isinstance(value, str) and (value == "" or value in ERRNO_NAMES)):
+        raise BadShape(f"{what} is {_show(value)}, not an errno name")
+
+
+def _show(value, limit: int = 40) -> str:
+    """A short, printable account of a hostile value for a message."""
+    if isinstance(value, (dict, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    if isinstance(value, (str, bytes)) and len(value) > limit:   # huge: cut before repr
+        return repr(value[:limit]) + f"... ({len(value)} long)"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
