@@ -504,23 +504,28 @@ def cmd_scripts_push(config: cfg.Config, args) -> int:
     store = pushed.ScriptStore(config, security.client_credentials(config, args.client_key),
                                timeout=5.0)
     try:
-        merged, errors, replaced = store.push(files)
+        stored, errors, replaced = store.push(files)
     finally:
         store.close()
     for name in files:
-        script = merged[name]
+        script = stored.scripts[name]
         print(f"{name}: version {script.version}, sha256 {script.sha256}")
+    print(f"sequence {stored.seq}")
     for error in errors:
         print(f"srw: not stored on {error}", file=sys.stderr)
     for why in replaced:
         print(f"srw: replaced a stored map that could not be read ({why}); push again the "
               "scripts it held", file=sys.stderr)
     try:
-        for reply in _control(config, "sync"):
-            print(f"srw: {reply}")
+        replies = _control(config, "sync")
     except ValueError as exc:  # no serve of this config here: the nodes poll
         print(f"srw: {exc}; running nodes take it within {pushed.SYNC_EVERY:g} s")
-    return 1 if errors else 0
+        return 1 if errors else 0
+    behind = 0
+    for reply in replies:  # "NODES: sequence N, ...": a node that refused it says why
+        print(f"srw: {reply}")
+        behind += f"sequence {stored.seq}," not in reply
+    return 1 if errors or behind else 0
 
 
 def cmd_scripts_list(config: cfg.Config, args) -> int:
@@ -530,24 +535,26 @@ def cmd_scripts_list(config: cfg.Config, args) -> int:
     shown, failed = {}, 0
     for r in results:
         if r.status == "not_found":  # nothing pushed has reached this node
-            shown[r.node] = {}
+            shown[r.node] = {"sequence": 0, "scripts": {}}
             continue
         try:
             shown[r.node] = json.loads(r.data) if r.ok else {"error": f"{r.status}: "
                                                                f"{summary(r.error or '')}"}
-        except ValueError:
-            shown[r.node] = {"error": "the node's manifest answered no JSON"}
+            if r.ok and not {"sequence", "scripts"} <= set(shown[r.node]):
+                shown[r.node] = {"error": "the node's manifest is of an older srw; push again"}
+        except (ValueError, TypeError):
+            shown[r.node] = {"error": "the node's manifest answered no JSON object"}
         failed += "error" in shown[r.node]
     if args.json:
         print(json.dumps(shown))
         return 1 if failed else 0
-    print(f"{'node':12} {'script':30} {'version':>7}  sha256")
-    for node, scripts in shown.items():
-        if "error" in scripts:
-            print(f"{node:12} {'-':30} {'-':>7}  {scripts['error']}")
+    print(f"{'node':12} {'sequence':>8} {'script':30} {'version':>7}  sha256")
+    for node, taken in shown.items():
+        if "error" in taken:
+            print(f"{node:12} {'-':>8} {'-':30} {'-':>7}  {taken['error']}")
             continue
-        for name, (version, digest) in sorted(scripts.items()):
-            print(f"{node:12} {name:30} {version:>7}  {digest}")
+        for name, (version, digest) in sorted(taken["scripts"].items()):
+            print(f"{node:12} {taken['sequence']:>8} {name:30} {version:>7}  {digest}")
     return 1 if failed else 0
 
 

@@ -1,8 +1,9 @@
 """Named scripts kept in the cluster itself: ``srw scripts push`` and each node's sync.
 
-    srw scripts push FILE...  ──► the store, key "srw:scripts": one msgpack map
-                                  {name: [name, version, sha256, content]}
-                                  (lmdb: on every node's own store; redis: one key)
+    srw scripts push FILE...  ──► the store, key "srw:scripts": one sealed msgpack
+                                  [sequence, {name: [name, version, sha256, content]}]
+                                  (lmdb: on every node's own store, each by WRITE_IF;
+                                  redis: one key, by WATCH/MULTI/EXEC)
                               └─► "sync" on each control socket of this host
     srw serve  ── every SYNC_EVERY s (when the stamp, the map's sha256 written
                   after it, moved), and on "sync" ──► reads the map from the store
@@ -31,6 +32,16 @@ only the operator's pushers and nodes hold; `srw keys init` writes it) before
 it, and a node checks the seal before it parses anything.  Then names must be
 plain script names (runtime/scripts.py), contents at most MAX_SCRIPT bytes and
 match their sha256, the map at most MAX_SCRIPTS entries.
+
+The seal covers the content, not its age: a script can copy a sealed map
+and write it back after the next push.  So the sealed bytes carry a sequence
+that only grows (each push stores the one it read plus one, by compare-and-set
+so two pushes cannot take the same), and a node takes a map only if its
+sequence is higher than the one it took last, or the same map again.  It
+keeps that sequence and the map's sha256 in data_dir/pushed.seq (STATE), so
+a restart does not forget it.  Anything else (an older map, another map of
+the same sequence, no map at all: a script may delete the key) is logged once
+and changes nothing on the node: it keeps running what it took.
 """
 from __future__ import annotations
 
@@ -64,11 +75,28 @@ MAX_MAP = 16 << 20              # bytes of the sealed map: the most a node reads
 SYNC_EVERY = 2.0                # s between a node's reads of the key
 CATCH_UP_EVERY = 30.0           # lmdb: s between reads of the other nodes' copies
 STORE_TIMEOUT = 2.0             # s a sync waits for the store
-SEAL = b"srw-push-1 "            # then the HMAC (64 hex digits), a newline, the packed map
+SEAL = b"srw-push-2 "            # then the HMAC (64 hex digits), a newline, the packed map
+OLD_SEALS = (b"srw-push-1 ",)   # no sequence inside: refused
+MAX_SEQ = (1 << 63) - 1
+STATE = "pushed.seq"            # in each node's data_dir: "SEQUENCE SHA256\n", the map it took
+MAX_STATE = 128                 # bytes of STATE read at most
 
 
 class PushError(ValueError):
     """A script that cannot be pushed, or a map from the store that does not parse."""
+
+
+class PushConflict(PushError):
+    """Another push stored its map between our read and our write."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A map as read from the store, its seal checked: `stamp` is the sha256 (hex)
+    of the sealed value, as the stamp key holds it."""
+    seq: int
+    scripts: dict
+    stamp: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,18 +140,24 @@ def check(name: str, content: bytes) -> None:
         raise PushError(f"script {name!r} has {len(content)} bytes; at most {MAX_SCRIPT}")
 
 
-def pack(scripts: dict[str, Pushed]) -> bytes:
-    return msgpack.packb({name: s.to_list() for name, s in sorted(scripts.items())},
+def pack(seq: int, scripts: dict[str, Pushed]) -> bytes:
+    return msgpack.packb([seq, {name: s.to_list() for name, s in sorted(scripts.items())}],
                          use_bin_type=True)
 
 
-def unpack(raw: bytes) -> dict[str, Pushed]:
+def unpack(raw: bytes) -> tuple[int, dict[str, Pushed]]:
+    """(sequence, scripts) of a packed map."""
     try:
-        data = msgpack.unpackb(raw, raw=False, max_bin_len=MAX_SCRIPT,
-                               max_str_len=MAX_SCRIPT, max_map_len=MAX_SCRIPTS,
-                               max_array_len=4)
+        outer = msgpack.unpackb(raw, raw=False, max_bin_len=MAX_SCRIPT,
+                                max_str_len=MAX_SCRIPT, max_map_len=MAX_SCRIPTS,
+                                max_array_len=4)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise PushError(f"the stored scripts do not parse: {exc}") from None
+    if not (isinstance(outer, list) and len(outer) == 2):
+        raise PushError("the stored scripts are not [sequence, map]")
+    seq, data = outer
+    if not (isinstance(seq, int) and 0 < seq <= MAX_SEQ):
+        raise PushError(f"the stored scripts' sequence is not 1 to {MAX_SEQ}")
     if not isinstance(data, dict):
         raise PushError("the stored scripts are not a map")
     scripts = {}
@@ -132,7 +166,7 @@ def unpack(raw: bytes) -> dict[str, Pushed]:
         if script.name != name:
             raise PushError(f"stored script {name!r} names itself {script.name!r}")
         scripts[name] = script
-    return scripts
+    return seq, scripts
 
 
 def load_secret(config: Config) -> bytes:
@@ -149,6 +183,9 @@ def seal(raw: bytes, secret: bytes) -> bytes:
 
 def unseal(value: bytes, secret: bytes) -> bytes:
     """The packed map inside `value`; PushError unless it carries our seal."""
+    if value.startswith(OLD_SEALS):
+        raise PushError(f"the stored scripts are of an older format ({value[:10].decode()}, "
+                        "no sequence); refused: run `srw scripts push` again")
     head = len(SEAL) + 64 + 1
     if not (value.startswith(SEAL) and len(value) >= head and value[head - 1:head] == b"\n"):
         raise PushError("the stored scripts are not sealed; pushed by `srw scripts push`?")
@@ -157,6 +194,12 @@ def unseal(value: bytes, secret: bytes) -> bytes:
         raise PushError("the stored scripts' seal does not match [security] push_secret: "
                         "not written by a pusher holding it; ignored")
     return raw
+
+
+def open_map(value: bytes, secret: bytes) -> Stored:
+    """The map in a stored value; PushError unless sealed with `secret` and sound."""
+    seq, scripts = unpack(unseal(value, secret))
+    return Stored(seq, scripts, _stamp(value).decode())
 
 
 def merge(current: dict[str, Pushed], files: dict[str, bytes]) -> dict[str, Pushed]:
@@ -173,24 +216,58 @@ def merge(current: dict[str, Pushed], files: dict[str, bytes]) -> dict[str, Push
     return merged
 
 
-def newest(maps: list[dict[str, Pushed]]) -> dict[str, Pushed]:
-    """Per name, the highest version among several nodes' maps (lmdb: a node that
-    missed a push has an older map)."""
-    out: dict[str, Pushed] = {}
-    for scripts in maps:
-        for name, script in scripts.items():
-            if name not in out or script.version > out[name].version:
-                out[name] = script
-    return out
+def newest(maps: list[Stored]) -> Stored | None:
+    """The map of the highest sequence (lmdb: a node that missed a push has an
+    older one); a tie, which only a split push leaves, goes to the higher stamp,
+    the same on every node."""
+    return max(maps, key=lambda m: (m.seq, m.stamp), default=None)
+
+
+# What a node took --------------------------------------------------------------
+
+def read_state(data_dir: str | Path) -> tuple[int, str]:
+    """(sequence, sha256) of the map this node took last, (0, "") when none.  Read
+    as hostile input: a short file of one number and one hash, else ignored."""
+    path = Path(data_dir) / STATE
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_STATE + 1)
+    except FileNotFoundError:
+        return 0, ""
+    except OSError as exc:
+        log.warning("pushed scripts: cannot read %s (%s); ignored", path, exc)
+        return 0, ""
+    words = text.split() if len(text) <= MAX_STATE else []
+    if len(words) == 2 and words[0].isdigit() and len(words[0]) <= 19 and \
+            len(words[1]) == 64 and all(c in b"0123456789abcdef" for c in words[1]) and \
+            int(words[0]) <= MAX_SEQ:
+        return int(words[0]), words[1].decode()
+    log.warning("pushed scripts: %s is not \"SEQUENCE SHA256\"; ignored", path)
+    return 0, ""
+
+
+def write_state(data_dir: str | Path, seq: int, stamp: str) -> None:
+    _replace(Path(data_dir) / STATE, f"{seq} {stamp}\n".encode())
+
+
+def refusal(found: Stored, seq: int, stamp: str) -> str:
+    """Why a node that took (seq, stamp) must not take `found`, or ""."""
+    if found.seq < seq:
+        return (f"sequence {found.seq} is older than the {seq} this node took (a copy "
+                "written back by a script or a client?); refused")
+    if found.seq == seq and found.stamp != stamp:
+        return (f"sequence {found.seq} with another content than the map this node took "
+                f"(sha256 {stamp[:12]}); refused")
+    return ""
 
 
 # The history directory ---------------------------------------------------------
 
-def sync_dir(history_dir: str | Path, scripts: dict[str, Pushed]) -> list[str]:
-    """Bring `history_dir` to `scripts`; the names whose file changed.  Each file
-    is replaced whole (temp file + rename); the manifest last."""
+def sync_dir(history_dir: str | Path, scripts: dict[str, Pushed], seq: int = 0) -> list[str]:
+    """Bring `history_dir` to `scripts` (pushed as sequence `seq`); the names whose
+    file changed.  Each file is replaced whole (temp file + rename); the manifest last."""
     folder = Path(history_dir)
-    versions = _manifest_versions(folder)
+    listed_seq, versions = _manifest(folder)
     changed = []
     for name, script in sorted(scripts.items()):
         path = folder / name
@@ -198,9 +275,9 @@ def sync_dir(history_dir: str | Path, scripts: dict[str, Pushed]) -> list[str]:
             continue
         _replace(path, script.content)
         changed.append(name)
-    if changed or (scripts and not (folder / MANIFEST).exists()):
+    if changed or listed_seq != seq or (scripts and not (folder / MANIFEST).exists()):
         listed = {name: [s.version, s.sha256] for name, s in sorted(scripts.items())}
-        _replace(folder / MANIFEST, manifest_source(str(folder), listed).encode())
+        _replace(folder / MANIFEST, manifest_source(str(folder), listed, seq).encode())
     return changed
 
 
@@ -220,14 +297,16 @@ def _replace(path: Path, content: bytes) -> None:
     os.replace(tmp, path)
 
 
-def manifest_source(history_dir: str, listed: dict[str, list]) -> str:
-    """srw_scripts.py: answers {name: [version, sha256]} for what is on this node's
-    disk: the hash of each file read now (where the sandbox lets the script read
-    its history dir), else the one the sync wrote it with."""
+def manifest_source(history_dir: str, listed: dict[str, list], seq: int) -> str:
+    """srw_scripts.py: answers {"sequence": N, "scripts": {name: [version, sha256]}}
+    for what is on this node's disk: the hash of each file read now (where the
+    sandbox lets the script read its history dir), else the one the sync wrote
+    it with; N is the sequence of the map the sync took."""
     return (
         "# Written by srw's script sync (srw/pushed.py); `srw scripts list` runs it.\n"
         "import hashlib, json, os\n"
         f"_dir = {history_dir!r}\n"
+        f"_sequence = {int(seq)}\n"
         f"_listed = json.loads({json.dumps(listed)!r})\n"
         "_seen = {}\n"
         "for _name, (_version, _sha) in _listed.items():\n"
@@ -237,17 +316,19 @@ def manifest_source(history_dir: str, listed: dict[str, list]) -> str:
         "    except OSError:\n"
         "        pass\n"
         "    _seen[_name] = [_version, _sha]\n"
-        "__return_data = json.dumps(_seen)\n")
+        "__return_data = json.dumps({'sequence': _sequence, 'scripts': _seen})\n")
 
 
-def _manifest_versions(folder: Path) -> dict[str, list]:
-    """What the last sync wrote, from its manifest; {} when there is none."""
+def _manifest(folder: Path) -> tuple[int, dict[str, list]]:
+    """(sequence, {name: [version, sha256]}) the last sync wrote in its manifest;
+    (0, {}) when there is none (or it is of an older srw, without a sequence)."""
     try:
-        text = (folder / MANIFEST).read_text()
-        line = next(l for l in text.splitlines() if l.startswith("_listed = "))
-        return json.loads(ast.literal_eval(line[len("_listed = json.loads("):-1]))
+        lines = (folder / MANIFEST).read_text().splitlines()
+        seq = int(next(l for l in lines if l.startswith("_sequence = "))[len("_sequence = "):])
+        line = next(l for l in lines if l.startswith("_listed = "))
+        return seq, json.loads(ast.literal_eval(line[len("_listed = json.loads("):-1]))
     except (OSError, StopIteration, ValueError, SyntaxError, TypeError):
-        return {}
+        return 0, {}
 
 
 # The store -------------------------------------------------------------------
@@ -262,68 +343,114 @@ class ScriptStore:
         self._redis = None
         self._stores: dict = {}
 
-    def read(self, node: NodeSettings | None = None) -> dict[str, Pushed]:
+    def read(self, node: NodeSettings | None = None) -> Stored | None:
         """The map as `node` sees it (lmdb; default the first node), or the cluster's
-        (redis).  Raises StorageError, PushError."""
-        try:
-            value = self._read_raw(node or self.config.nodes[0])
-        except NotFound:
-            return {}
-        return unpack(unseal(value, self.secret))
+        (redis); None when none is stored.  Raises StorageError, PushError."""
+        value = self.read_raw(node)
+        return None if value is None else open_map(value, self.secret)
 
-    def push(self, files: dict[str, bytes]) -> tuple[dict[str, Pushed], list[str], list[str]]:
-        """Store `files` (name -> content) with the next versions; returns the
-        merged map, in lmdb mode the nodes that did not take it (why), and the
-        stored maps that could not be read and are replaced (why: a script may
-        have written the key; the scripts they held keep their files on the
-        nodes, but leave the map until pushed again)."""
+    def read_raw(self, node: NodeSettings | None = None) -> bytes | None:
+        """The stored value, unchecked; None when there is none.  Raises StorageError."""
+        try:
+            return self._read_raw(node or self.config.nodes[0])
+        except NotFound:
+            return None
+
+    def push(self, files: dict[str, bytes]) -> tuple[Stored, list[str], list[str]]:
+        """Store `files` (name -> content) with the next versions, as the stored
+        sequence plus one; returns the map stored, in lmdb mode the nodes that did
+        not take it (why), and the stored maps that could not be read and are
+        replaced (why: a script may have written the key; the scripts they held
+        keep their files on the nodes, but leave the map until pushed again).
+        Raises PushConflict when another push wrote between our read and our
+        write: then nothing of ours is stored."""
         for name, content in files.items():
             check(name, content)
         if self.config.cluster.redis:
+            return self._push_redis(files)
+        return self._push_lmdb(files)
+
+    def _next(self, current: Stored | None, files: dict[str, bytes]) -> tuple[Stored, bytes]:
+        """The map after `current` with `files` pushed, and its sealed value."""
+        seq = (current.seq if current else 0) + 1
+        if seq > MAX_SEQ:
+            raise PushError(f"the stored sequence is {MAX_SEQ}, the most there is")
+        merged = merge(current.scripts if current else {}, files)
+        value = self._sealed(seq, merged)
+        return Stored(seq, merged, _stamp(value).decode()), value
+
+    def _push_redis(self, files: dict[str, bytes]) -> tuple[Stored, list[str], list[str]]:
+        made: list[Stored] = []
+        replaced: list[str] = []
+
+        def next_value() -> bytes:  # read while the key is watched
             try:
-                current, replaced = self.read(), []
+                current = self.read()
             except StorageUnavailable:
                 raise
             except (StorageError, PushError) as exc:
-                current, replaced = {}, [f"{KEY}: {exc}"]
-            merged = merge(current, files)
-            value = self._sealed(merged)
-            self._redis_store().write(KEY, value)
-            self._redis_store().write(STAMP, _stamp(value))
-            return merged, [], replaced
-        maps, unread = self.maps(self.config.nodes)
-        merged = merge(newest(maps), files)
-        errors = [e for e in (self.write(node, merged) for node in self.config.nodes) if e]
-        # A node down is in both lists: its write says so.
-        replaced = [e for e in unread if e.split(":", 1)[0] not in
-                    {error.split(":", 1)[0] for error in errors}]
-        return merged, errors, replaced
+                current, replaced[:] = None, [f"{KEY}: {exc}"]
+            stored, value = self._next(current, files)
+            made.append(stored)
+            return value
 
-    def maps(self, nodes: list[NodeSettings]) -> tuple[list[dict], list[str]]:
-        """lmdb: the maps of those of `nodes` that answered, and why the others did not."""
-        maps, errors = [], []
-        for node in nodes:
+        if not self._redis_store().write_watched(KEY, next_value):
+            raise PushConflict(f"another push took sequence {made[-1].seq}; run push again")
+        self._redis_store().write(STAMP, made[-1].stamp.encode())
+        return made[-1], [], replaced
+
+    def _push_lmdb(self, files: dict[str, bytes]) -> tuple[Stored, list[str], list[str]]:
+        raws, errors, replaced, maps = {}, [], [], []
+        for node in self.config.nodes:
             try:
-                maps.append(self.read(node))
-            except (StorageError, PushError) as exc:
+                raws[node.name] = raw = self.read_raw(node)
+            except StorageError as exc:
                 errors.append(f"{node.name}: {exc}")
-        return maps, errors
-
-    def write(self, node: NodeSettings, scripts: dict[str, Pushed]) -> str:
-        """lmdb: the sealed map onto `node`'s store, then its stamp; why not, or ""."""
-        sealed = self._sealed(scripts)
-        for key, value in ((KEY, sealed), (STAMP, _stamp(sealed))):
+                continue
+            if raw is not None:
+                try:
+                    maps.append(open_map(raw, self.secret))
+                except PushError as exc:
+                    replaced.append(f"{node.name}: {exc}")
+        stored, value = self._next(newest(maps), files)
+        # Every pusher writes the nodes in config order: the first one that
+        # answers decides which of two racing pushes takes the sequence.
+        first = True
+        for node in self.config.nodes:
+            if node.name not in raws:
+                continue
             try:
-                result = self._store(node).call(sp.WRITE, _key_id(key), value,
-                                                wait=self.timeout)
-            except NodeUnavailable as exc:
-                return f"{node.name}: {exc}"
-            if not result.ok:
-                return f"{node.name}: {result.status}: {result.error}"
-        return ""
+                if error := self.write_if(node, value, raws[node.name]):
+                    errors.append(error)
+            except PushConflict as exc:
+                if first:
+                    raise PushConflict(f"another push took sequence {stored.seq}; run push "
+                                       "again") from None
+                errors.append(str(exc))
+            first = False
+        return stored, errors, replaced
 
-    def _sealed(self, scripts: dict[str, Pushed]) -> bytes:
-        value = seal(pack(scripts), self.secret)
+    def write_if(self, node: NodeSettings, value: bytes, read: bytes | None) -> str:
+        """lmdb: `value` onto `node`'s store if it still holds `read` (None: no map),
+        then its stamp; why not, or "".  Raises PushConflict when another value
+        came first (not when it is this very value)."""
+        expected = None if read is None else hashlib.sha256(read).digest()
+        try:
+            result = self._store(node).call(sp.WRITE_IF, _key_id(KEY),
+                                            sp.write_if_data(expected, value), wait=self.timeout)
+            if result.status == "busy" and result.data != _stamp(value):
+                raise PushConflict(f"{node.name}: another writer changed {KEY} since it was "
+                                   "read; not stored")
+            if not result.ok and result.status != "busy":
+                return f"{node.name}: {result.status}: {result.error}"
+            result = self._store(node).call(sp.WRITE, _key_id(STAMP), _stamp(value),
+                                            wait=self.timeout)
+        except NodeUnavailable as exc:
+            return f"{node.name}: {exc}"
+        return "" if result.ok else f"{node.name}: {result.status}: {result.error}"
+
+    def _sealed(self, seq: int, scripts: dict[str, Pushed]) -> bytes:
+        value = seal(pack(seq, scripts), self.secret)
         if len(value) > MAX_MAP:
             raise PushError(f"the pushed scripts together take {len(value)} bytes; at most "
                             f"{MAX_MAP}")
@@ -387,7 +514,8 @@ def _stamp(raw: bytes) -> bytes:
 
 class NodeSync:
     """What `srw serve` runs for its nodes: read the map from the store, write it
-    into the history dir, and say which pools must roll (python.init changed)."""
+    into the history dir, and say which pools must roll (python.init changed).
+    A map older than the one taken last (data_dir/STATE) is refused."""
 
     def __init__(self, config: Config, nodes: list[NodeSettings], curve=None):
         self.config, self.nodes = config, nodes
@@ -401,6 +529,10 @@ class NodeSync:
         self.next_catch_up = 0.0  # lmdb: of the next look at the other nodes' copies
         self._last_error = ""
         self._synced: tuple = ()  # the stamps the last sync read
+        # (sequence, sha256) of the map taken last: the highest any of our nodes kept.
+        self.taken = max((read_state(n.data_dir) for n in nodes), default=(0, ""))
+        self.notes: list[str] = []  # what the last sync refused or missed
+        self._noted: set[str] = set()  # logged once each, while they last
 
     def sync(self, catch_up: bool = False, if_changed: bool = False) -> list[str]:
         """One sync now; the names that changed.  Raises StorageError, PushError,
@@ -414,35 +546,95 @@ class NodeSync:
             if not self.config.cluster.redis else (self.store.stamp(),)
         if if_changed and not catch_up and stamps == self._synced:
             return []
-        if self.config.cluster.redis:
-            scripts = self.store.read()
-        else:
-            scripts = self._lmdb_scripts(catch_up)
-        changed = sync_dir(self.config.pool.history_dir, scripts)
-        for name in changed:
-            log.info("pushed script %s: version %d (sha256 %s) now in %s", name,
-                     scripts[name].version, scripts[name].sha256[:12],
-                     self.config.pool.history_dir)
+        notes: list[str] = []
+        found = self._redis_map(notes) if self.config.cluster.redis else \
+            self._lmdb_maps(catch_up, notes)
+        usable = []
+        for source, stored in found:
+            if stored is None:
+                if self.taken[0]:
+                    notes.append(f"{source}: no map under {KEY} (removed by a script or a "
+                                 f"client?); keeping sequence {self.taken[0]}")
+            elif why := refusal(stored, *self.taken):
+                notes.append(f"{source}: {why}")
+            else:
+                usable.append(stored)
+        best = newest(usable)
+        changed = [] if best is None else self._take(best)
+        self._note(notes)
         self._last_error, self._synced = "", stamps
         return changed
 
-    def _lmdb_scripts(self, catch_up: bool) -> dict[str, Pushed]:
-        own, errors = self.store.maps(self.nodes)
-        if not own:
-            raise StorageUnavailable("; ".join(errors))
-        if errors:  # e.g. a map in one store that is not sealed: said, and left out
-            log.warning("pushed scripts: %s", "; ".join(errors))
-        scripts = newest(own)
+    def _take(self, stored: Stored) -> list[str]:
+        changed = sync_dir(self.config.pool.history_dir, stored.scripts, stored.seq)
+        for name in changed:
+            log.info("pushed script %s: version %d (sha256 %s, sequence %d) now in %s", name,
+                     stored.scripts[name].version, stored.scripts[name].sha256[:12],
+                     stored.seq, self.config.pool.history_dir)
+        if (stored.seq, stored.stamp) != self.taken:  # after the files: a crash redoes them
+            for node in self.nodes:
+                write_state(node.data_dir, stored.seq, stored.stamp)
+            self.taken = (stored.seq, stored.stamp)
+        return changed
+
+    def _note(self, notes: list[str]) -> None:
+        for note in notes:
+            if note not in self._noted:
+                log.warning("pushed scripts: %s", note)
+        self.notes, self._noted = notes, set(notes)
+
+    def _redis_map(self, notes: list[str]) -> list[tuple[str, Stored | None]]:
+        try:
+            return [("redis", self.store.read())]
+        except StorageUnavailable:
+            raise
+        except (StorageError, PushError) as exc:  # a script wrote the key: said, nothing taken
+            notes.append(f"redis: {exc}")
+            return []
+
+    def _lmdb_maps(self, catch_up: bool, notes: list[str]) -> list[tuple[str, Stored | None]]:
+        own, raws, down = [], {}, []
+        for node in self.nodes:
+            try:
+                raws[node.name] = raw = self.store.read_raw(node)
+                own.append((node.name, None if raw is None else open_map(raw, self.store.secret)))
+            except StorageUnavailable as exc:
+                down.append(f"{node.name}: {exc}")
+            except (StorageError, PushError) as exc:  # e.g. not sealed: said, and left out
+                notes.append(f"{node.name}: {exc}")
+        if not raws and down:
+            raise StorageUnavailable("; ".join(down))
         if catch_up:
-            others, _ = self.store.maps([n for n in self.config.nodes if n not in self.nodes])
-            everyone = newest([scripts, *others])
-            if everyone != scripts:
-                log.info("pushed scripts: a newer copy on another node; keeping it here")
+            others = self._others()
+            mine = newest([m for _, m in own if m is not None])
+            if others is not None and (mine is None or others[0].seq > mine.seq):
+                log.info("pushed scripts: a newer copy (sequence %d) on another node; "
+                         "keeping it here", others[0].seq)
                 for node in self.nodes:
-                    if error := self.store.write(node, everyone):
-                        log.warning("pushed scripts: %s", error)
-                scripts = everyone
-        return scripts
+                    if node.name in raws:
+                        try:
+                            if error := self.store.write_if(node, others[1], raws[node.name]):
+                                log.warning("pushed scripts: %s", error)
+                        except PushConflict as exc:  # a push came meanwhile: next sync
+                            log.info("pushed scripts: %s", exc)
+                own.append(("catch-up", others[0]))
+        return own
+
+    def _others(self) -> tuple[Stored, bytes] | None:
+        """lmdb: the newest map on the other nodes we may take, with its value."""
+        best = None
+        for node in self.config.nodes:
+            if node in self.nodes:
+                continue
+            try:
+                raw = self.store.read_raw(node)
+                stored = None if raw is None else open_map(raw, self.store.secret)
+            except (StorageError, PushError):
+                continue
+            if stored is not None and not refusal(stored, *self.taken) and \
+                    (best is None or (stored.seq, stored.stamp) > (best[0].seq, best[0].stamp)):
+                best = (stored, raw)
+        return best
 
     def poll(self, now: float) -> list[str]:
         """Sync when due; errors are logged (once while they repeat), never raised."""

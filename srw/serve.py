@@ -238,7 +238,9 @@ class Supervisor:
             return f"error: script sync: {exc}"
         self.took_scripts(changed)
         nodes = ", ".join(n.name for n in self.nodes)
-        return f"ok: {nodes}: " + (f"took {', '.join(changed)}" if changed else "up to date")
+        said = f"took {', '.join(changed)}" if changed else "up to date"
+        refused = "".join(f"; {note}" for note in self.scripts.notes)
+        return f"ok: {nodes}: sequence {self.scripts.taken[0]}, {said}{refused}"
 
     def took_scripts(self, changed: list[str]) -> None:
         """A new python.init rolls the pools (as HUP); other scripts need nothing:

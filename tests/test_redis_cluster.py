@@ -349,14 +349,14 @@ def test_scripts_push_reaches_every_node_through_redis(rc, tmp_path):
     from core.config import load
     from srw.pushed import KEY, load_secret, unpack, unseal
     stored = unseal(session.read(KEY), load_secret(load(srw.path)))  # kept in Redis, sealed
-    assert unpack(stored)["pushed.py"].version == 1
+    assert unpack(stored)[1]["pushed.py"].version == 1
     results = session.exec("pushed.py")  # this host's serve synced before push returned
     assert sorted((r.node, r.status, r.data) for r in results) == \
         [(n["name"], "ok", f"pushed {n['name']}".encode()) for n in srw.nodes]
     listed = srw.run("scripts", "list", "--json")
     shown = json.loads(listed.stdout)
-    assert listed.returncode == 0 and len({json.dumps(v["pushed.py"]) for v in shown.values()}) == 1
-    assert len(shown) == 6 and shown["r0"]["pushed.py"][0] == 1
+    assert listed.returncode == 0 and len({json.dumps(v) for v in shown.values()}) == 1
+    assert len(shown) == 6 and shown["r0"]["scripts"]["pushed.py"][0] == 1
 
 
 def test_a_spoiled_scripts_key_costs_serve_nothing(rc, tmp_path):

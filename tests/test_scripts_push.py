@@ -83,9 +83,10 @@ def test_push_reaches_every_node_and_list_shows_its_hash(make_cluster, tmp_path)
     assert listed.returncode == 0, listed.stderr
     shown = json.loads(listed.stdout)
     digest = pushed.Pushed.make("ver.py", script.read_bytes(), 1).sha256
-    assert shown["n1"]["ver.py"] == shown["n2"]["ver.py"] == [1, digest]
-    assert shown["n1"]["python.init"] == shown["n2"]["python.init"]
-    assert shown["n1"]["python.init"][0] == 1
+    assert shown["n1"]["scripts"]["ver.py"] == shown["n2"]["scripts"]["ver.py"] == [1, digest]
+    assert shown["n1"]["scripts"]["python.init"] == shown["n2"]["scripts"]["python.init"]
+    assert shown["n1"]["scripts"]["python.init"][0] == 1
+    assert shown["n1"]["sequence"] == shown["n2"]["sequence"] == 2
     assert open(f"{history2}/ver.py", "rb").read() == script.read_bytes()
 
     # Pushing the same content again keeps its version; a change bumps it.
@@ -133,13 +134,17 @@ def test_push_refuses_a_large_script(make_cluster, tmp_path):
 
 def test_stored_scripts_are_checked_like_hostile_input():
     good = pushed.Pushed.make("a.py", b"x = 1", 3)
-    assert pushed.unpack(pushed.pack({"a.py": good})) == {"a.py": good}
+    assert pushed.unpack(pushed.pack(7, {"a.py": good})) == (7, {"a.py": good})
     for bad, words in [
-        ({"a.py": ["a.py", 1, "0" * 64, b"x = 1"]}, "sha256"),
-        ({"../x": ["../x", 1, good.sha256, b"x = 1"]}, "bad script name"),
-        ({"b.py": good.to_list()}, "names itself"),
-        ({"a.py": ["a.py", -1, good.sha256, b"x = 1"]}, "wrong types"),
-        ([1, 2], "not a map"),
+        ([1, {"a.py": ["a.py", 1, "0" * 64, b"x = 1"]}], "sha256"),
+        ([1, {"../x": ["../x", 1, good.sha256, b"x = 1"]}], "bad script name"),
+        ([1, {"b.py": good.to_list()}], "names itself"),
+        ([1, {"a.py": ["a.py", -1, good.sha256, b"x = 1"]}], "wrong types"),
+        ([1, [1, 2]], "not a map"),
+        ({"a.py": good.to_list()}, "not \\[sequence, map\\]"),
+        ([0, {}], "sequence is not 1"),
+        ([1 << 63, {}], "sequence is not 1"),
+        (["1", {}], "sequence is not 1"),
     ]:
         import msgpack
         with pytest.raises(pushed.PushError, match=words):
@@ -166,7 +171,7 @@ def test_a_map_a_script_wrote_never_reaches_the_history_dir(make_cluster, sealed
     cluster = make_cluster(nodes=NODES, pool={"workers": 1}, scripts={"forge.py": FORGE})
     cluster.serve()
     init = b"import os\nos.system('id > /tmp/srw-forged-init')\n"
-    forged = pushed.pack({"python.init": pushed.Pushed.make("python.init", init, 99)})
+    forged = pushed.pack(99, {"python.init": pushed.Pushed.make("python.init", init, 99)})
     value = forged if sealed_with is None else pushed.seal(forged, sealed_with)
     stamp = hashlib.sha256(value).hexdigest().encode()
     with cluster.client(timeout=10) as client:
