@@ -420,15 +420,36 @@ class ScriptStore:
             if node.name not in raws:
                 continue
             try:
-                if error := self.write_if(node, value, raws[node.name]):
-                    errors.append(error)
-            except PushConflict as exc:
+                error = self.write_if(node, value, raws[node.name])
+            except PushConflict:
                 if first:
                     raise PushConflict(f"another push took sequence {stored.seq}; run push "
                                        "again") from None
-                errors.append(str(exc))
+                error = self._write_over_older(node, stored, value)
+            if error:
+                errors.append(error)
             first = False
         return stored, errors, replaced
+
+    def _write_over_older(self, node: NodeSettings, stored: Stored, value: bytes) -> str:
+        """lmdb: `node` changed since we read it (a push that came after ours wrote
+        it first, or a node's catch-up): write over it while it holds an older map."""
+        for _ in range(3):
+            try:
+                raw = self.read_raw(node)
+                held = None if raw is None else open_map(raw, self.secret)
+            except StorageError as exc:
+                return f"{node.name}: {exc}"
+            except PushError:
+                held = None  # a value no node takes: ours replaces it
+            if held is not None and (held.seq, held.stamp) >= (stored.seq, stored.stamp):
+                return "" if held.stamp == stored.stamp else \
+                    f"{node.name}: holds a newer push (sequence {held.seq})"
+            try:
+                return self.write_if(node, value, raw)
+            except PushConflict:
+                continue
+        return f"{node.name}: {KEY} kept changing while we wrote it"
 
     def write_if(self, node: NodeSettings, value: bytes, read: bytes | None) -> str:
         """lmdb: `value` onto `node`'s store if it still holds `read` (None: no map),

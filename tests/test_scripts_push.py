@@ -183,3 +183,150 @@ def test_a_map_a_script_wrote_never_reaches_the_history_dir(make_cluster, sealed
     assert "python.init" not in reply, reply
     assert (cluster.history / "python.init").read_bytes() == before
     assert "seal" in cluster.log() and "n1:" in cluster.log()
+
+
+# A script that copies the sealed map and its stamp, and later writes the copy back.
+REPLAY = """
+what = __input_binary_data_tuple[0].decode()
+if what == "save":
+    n.write_data("saved:map", n.read_data("srw:scripts"))
+    n.write_data("saved:stamp", n.read_data("srw:scripts:stamp"))
+elif what == "replay":
+    n.write_data("srw:scripts", n.read_data("saved:map"))
+    n.write_data("srw:scripts:stamp", n.read_data("saved:stamp"))
+elif what == "delete":
+    n.remove("srw:scripts")
+    n.remove("srw:scripts:stamp")
+__return_data = what
+"""
+
+
+def run_replay(cluster, what: str) -> None:
+    with cluster.client(timeout=10) as client:
+        r = client.exec("replay.py", what.encode())
+    assert (r.status, r.data) == ("ok", what.encode()), r
+
+
+def sync_now(cluster) -> str:
+    from core.config import load
+    from srw.control import send, socket_path
+    return send(socket_path(load(cluster.path)), "sync")
+
+
+def push(cluster, path, content: str) -> bytes:
+    path.write_text(content)
+    out = cluster.run("scripts", "push", str(path))
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_a_replayed_older_map_is_refused_also_after_a_restart(make_cluster, tmp_path):
+    """A script copies the sealed map of sequence 1, the operator pushes sequence
+    2, the script writes the copy back: the seal matches, but the node took 2
+    and refuses 1, says so once, and still after a restart of `srw serve`."""
+    cluster = make_cluster(pool={"workers": 1}, scripts={"replay.py": REPLAY})
+    cluster.serve()
+    script = tmp_path / "ver.py"
+    assert b"sequence 1" in push(cluster, script, '__return_data = "v1"')
+    run_replay(cluster, "save")
+    assert b"sequence 2" in push(cluster, script, '__return_data = "v2"')
+    run_replay(cluster, "replay")
+
+    said = "sequence 1 is older than the 2 this node took"
+    reply = sync_now(cluster)
+    assert said in reply and reply.startswith("ok: n1: sequence 2, up to date"), reply
+    sync_now(cluster)
+    assert (cluster.history / "ver.py").read_text() == '__return_data = "v2"'
+    assert cluster.log().count(said) == 1   # once, not at every sync
+    with cluster.client(timeout=10) as client:
+        assert client.exec("ver.py").data == b"v2"
+
+    cluster.stop()      # the copy of sequence 1 is still in the store; serve forgets nothing
+    cluster.serve()
+    wait_until(lambda: cluster.log().count(said) == 2, 10.0, "the restarted serve's refusal")
+    assert (cluster.history / "ver.py").read_text() == '__return_data = "v2"'
+    with cluster.client(timeout=10) as client:
+        assert client.exec("ver.py").data == b"v2"
+    listed = json.loads(cluster.run("scripts", "list", "--json").stdout)
+    assert listed["n1"]["sequence"] == 2 and listed["n1"]["scripts"]["ver.py"][0] == 2
+
+
+def test_a_removed_map_changes_nothing_on_the_node(make_cluster, tmp_path):
+    cluster = make_cluster(pool={"workers": 1}, scripts={"replay.py": REPLAY})
+    cluster.serve()
+    script = tmp_path / "ver.py"
+    push(cluster, script, '__return_data = "v1"')
+    push(cluster, script, '__return_data = "v2"')
+    run_replay(cluster, "delete")
+    said = "no map under srw:scripts"
+    for _ in range(3):
+        reply = sync_now(cluster)
+        assert reply.startswith("ok: n1: sequence 2, up to date"), reply
+    assert (cluster.history / "ver.py").read_text() == '__return_data = "v2"'
+    assert cluster.log().count(said) == 1, cluster.log()
+    with cluster.client(timeout=10) as client:
+        assert client.exec("ver.py").data == b"v2"
+
+
+def test_two_pushes_racing_never_take_the_same_sequence(make_cluster):
+    """Two pushers both read sequence N, then both write N + 1 by compare-and-set:
+    the storage nodes let exactly one of them, and the other stores nothing."""
+    import threading
+    from core.config import load
+    cluster = make_cluster(nodes=NODES)
+    cluster.serve()
+    config = load(cluster.path)
+    barrier = threading.Barrier(2, timeout=10)
+
+    class ReadThenWait(pushed.ScriptStore):
+        def _next(self, current, files):  # both have read before either writes
+            made = super()._next(current, files)
+            barrier.wait()
+            return made
+
+    for round_ in range(1, 4):
+        outcome = {}
+
+        def push_one(name: str) -> None:
+            store = ReadThenWait(config, timeout=5.0)
+            try:
+                outcome[name] = store.push({name: f"x = {round_}".encode()})
+            except pushed.PushConflict as exc:
+                outcome[name] = str(exc)
+            finally:
+                store.close()
+
+        threads = [threading.Thread(target=push_one, args=(f"p{i}.py",)) for i in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        [(winner, (stored, errors, _))] = [(k, v) for k, v in outcome.items()
+                                           if not isinstance(v, str)]
+        [lost] = [v for v in outcome.values() if isinstance(v, str)]
+        assert stored.seq == round_ and errors == []
+        assert lost == f"another push took sequence {round_}; run push again"
+        store = pushed.ScriptStore(config)
+        on_nodes = [store.read(node) for node in config.nodes]
+        store.close()
+        assert on_nodes == [stored, stored]  # the loser wrote nowhere
+
+
+def test_write_if_compares_and_sets_in_one_transaction(node):
+    """The storage command under the push: written only over the value expected."""
+    import hashlib
+
+    from storage import protocol as sp
+    from storage.client import StorageClient
+    key = hashlib.sha512(b"cas").digest()
+    with StorageClient(node.node("n1")["storage"]) as client:
+        def write_if(expected, value):
+            return client.call(sp.WRITE_IF, key, sp.write_if_data(expected, value))
+        assert write_if(None, b"one").ok                        # must not exist: it did not
+        refused = write_if(None, b"two")
+        assert refused.status == "busy" and refused.data == hashlib.sha256(b"one").hexdigest().encode()
+        assert write_if(hashlib.sha256(b"one").digest(), b"two").ok
+        assert write_if(hashlib.sha256(b"one").digest(), b"three").status == "busy"
+        assert client.call(sp.READ, key).data == b"two"
+        bad = client.call(sp.WRITE_IF, key, b"\x05abc")
+        assert bad.status == "bad_request" and "len(expected)" in bad.error
