@@ -501,10 +501,11 @@ def cmd_scripts_push(config: cfg.Config, args) -> int:
         with open(path, "rb") as f:
             files[name] = f.read()
         pushed.check(name, files[name])
+    floor = _pushed_floor(config, args)
     store = pushed.ScriptStore(config, security.client_credentials(config, args.client_key),
                                timeout=5.0)
     try:
-        stored, errors, replaced = store.push(files)
+        stored, errors, replaced = store.push(files, floor)
     finally:
         store.close()
     for name in files:
@@ -526,6 +527,21 @@ def cmd_scripts_push(config: cfg.Config, args) -> int:
         print(f"srw: {reply}")
         behind += f"sequence {stored.seq}," not in reply
     return 1 if errors or behind else 0
+
+
+def _pushed_floor(config: cfg.Config, args) -> tuple[int, str]:
+    """The newest (sequence, map sha256) the running nodes took, from their
+    manifests: a push must not build on an older map (srw/pushed.py)."""
+    from broker.client import BrokerUnavailable
+    from srw import pushed
+    from storage.client import StorageError
+    try:
+        with _session(config, args) as session:
+            results = session.exec(pushed.MANIFEST, timeout=5.0)
+    except (BrokerUnavailable, StorageError, OSError) as exc:  # what the store holds is all we know
+        print(f"srw: could not ask the nodes which map they run ({exc})", file=sys.stderr)
+        return 0, ""
+    return max((pushed.taken_by(r.data) for r in results if r.ok), default=(0, ""))
 
 
 def cmd_scripts_list(config: cfg.Config, args) -> int:

@@ -38,10 +38,13 @@ and write it back after the next push.  So the sealed bytes carry a sequence
 that only grows (each push stores the one it read plus one, by compare-and-set
 so two pushes cannot take the same), and a node takes a map only if its
 sequence is higher than the one it took last, or the same map again.  It
-keeps that sequence and the map's sha256 in data_dir/pushed.seq (STATE), so
-a restart does not forget it.  Anything else (an older map, another map of
-the same sequence, no map at all: a script may delete the key) is logged once
-and changes nothing on the node: it keeps running what it took.
+keeps that sequence and the map's sha256 in data_dir/pushed.seq, so a
+restart does not forget it (srw/pushsync.py).  Anything else (an older map,
+another map of the same sequence, no map at all: a script may delete the
+key) is logged once and changes nothing on the node: it keeps running what
+it took, and puts that map back in the store.  A pusher, too, refuses to
+build on a map older than the one the nodes took (their manifests say which):
+a replayed map must not come back under a new sequence.
 """
 from __future__ import annotations
 
@@ -49,7 +52,6 @@ import ast
 import hashlib
 import hmac
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +64,6 @@ from core.secrets import read_secret
 from storage import protocol as sp
 from storage.client import (NodeUnavailable, NotFound, StorageClient, StorageError,
                             StorageUnavailable)
-
-log = logging.getLogger("srw.pushed")
 
 KEY = "srw:scripts"
 STAMP = "srw:scripts:stamp"     # sha256 of the map, written after it: what nodes poll
@@ -78,8 +78,6 @@ STORE_TIMEOUT = 2.0             # s a sync waits for the store
 SEAL = b"srw-push-2 "            # then the HMAC (64 hex digits), a newline, the packed map
 OLD_SEALS = (b"srw-push-1 ",)   # no sequence inside: refused
 MAX_SEQ = (1 << 63) - 1
-STATE = "pushed.seq"            # in each node's data_dir: "SEQUENCE SHA256\n", the map it took
-MAX_STATE = 128                 # bytes of STATE read at most
 
 
 class PushError(ValueError):
@@ -223,31 +221,17 @@ def newest(maps: list[Stored]) -> Stored | None:
     return max(maps, key=lambda m: (m.seq, m.stamp), default=None)
 
 
-# What a node took --------------------------------------------------------------
+# What a node may take --------------------------------------------------------
 
-def read_state(data_dir: str | Path) -> tuple[int, str]:
-    """(sequence, sha256) of the map this node took last, (0, "") when none.  Read
-    as hostile input: a short file of one number and one hash, else ignored."""
-    path = Path(data_dir) / STATE
-    try:
-        with open(path, "rb") as f:
-            text = f.read(MAX_STATE + 1)
-    except FileNotFoundError:
-        return 0, ""
-    except OSError as exc:
-        log.warning("pushed scripts: cannot read %s (%s); ignored", path, exc)
-        return 0, ""
-    words = text.split() if len(text) <= MAX_STATE else []
-    if len(words) == 2 and words[0].isdigit() and len(words[0]) <= 19 and \
-            len(words[1]) == 64 and all(c in b"0123456789abcdef" for c in words[1]) and \
-            int(words[0]) <= MAX_SEQ:
-        return int(words[0]), words[1].decode()
-    log.warning("pushed scripts: %s is not \"SEQUENCE SHA256\"; ignored", path)
-    return 0, ""
-
-
-def write_state(data_dir: str | Path, seq: int, stamp: str) -> None:
-    _replace(Path(data_dir) / STATE, f"{seq} {stamp}\n".encode())
+def check_base(current: Stored | None, floor: tuple[int, str]) -> None:
+    """PushError when a push would build on a map older than `floor`, the one a
+    node took: a replayed map must not come back under a new sequence."""
+    if floor[0] and (current is None or refusal(current, *floor)):
+        held = "no map" if current is None else f"a map of sequence {current.seq}"
+        raise PushError(f"the store holds {held}, not the sequence {floor[0]} the nodes took: "
+                        "a script or a client removed or replaced it, so nothing was pushed; "
+                        f"the nodes put theirs back within {SYNC_EVERY:g} s, run push again "
+                        "then")
 
 
 def refusal(found: Stored, seq: int, stamp: str) -> str:
@@ -263,21 +247,21 @@ def refusal(found: Stored, seq: int, stamp: str) -> str:
 
 # The history directory ---------------------------------------------------------
 
-def sync_dir(history_dir: str | Path, scripts: dict[str, Pushed], seq: int = 0) -> list[str]:
-    """Bring `history_dir` to `scripts` (pushed as sequence `seq`); the names whose
-    file changed.  Each file is replaced whole (temp file + rename); the manifest last."""
+def sync_dir(history_dir: str | Path, stored: Stored) -> list[str]:
+    """Bring `history_dir` to the map `stored`; the names whose file changed.  Each
+    file is replaced whole (temp file + rename); the manifest last."""
     folder = Path(history_dir)
-    listed_seq, versions = _manifest(folder)
+    taken, versions = _manifest(folder)
     changed = []
-    for name, script in sorted(scripts.items()):
+    for name, script in sorted(stored.scripts.items()):
         path = folder / name
         if versions.get(name) == [script.version, script.sha256] and _sha256(path) == script.sha256:
             continue
-        _replace(path, script.content)
+        replace_file(path, script.content)
         changed.append(name)
-    if changed or listed_seq != seq or (scripts and not (folder / MANIFEST).exists()):
-        listed = {name: [s.version, s.sha256] for name, s in sorted(scripts.items())}
-        _replace(folder / MANIFEST, manifest_source(str(folder), listed, seq).encode())
+    if changed or taken != [stored.seq, stored.stamp]:
+        listed = {name: [s.version, s.sha256] for name, s in sorted(stored.scripts.items())}
+        replace_file(folder / MANIFEST, manifest_source(str(folder), listed, stored).encode())
     return changed
 
 
@@ -288,7 +272,7 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
-def _replace(path: Path, content: bytes) -> None:
+def replace_file(path: Path, content: bytes) -> None:
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # hidden: never a script name
     with open(tmp, "wb") as f:
         f.write(content)
@@ -297,16 +281,16 @@ def _replace(path: Path, content: bytes) -> None:
     os.replace(tmp, path)
 
 
-def manifest_source(history_dir: str, listed: dict[str, list], seq: int) -> str:
-    """srw_scripts.py: answers {"sequence": N, "scripts": {name: [version, sha256]}}
-    for what is on this node's disk: the hash of each file read now (where the
-    sandbox lets the script read its history dir), else the one the sync wrote
-    it with; N is the sequence of the map the sync took."""
+def manifest_source(history_dir: str, listed: dict[str, list], stored: Stored) -> str:
+    """srw_scripts.py: answers {"sequence": N, "map_sha256": the map's stamp,
+    "scripts": {name: [version, sha256]}} for what is on this node's disk: the
+    hash of each file read now (where the sandbox lets the script read its
+    history dir), else the one the sync wrote it with."""
     return (
         "# Written by srw's script sync (srw/pushed.py); `srw scripts list` runs it.\n"
         "import hashlib, json, os\n"
         f"_dir = {history_dir!r}\n"
-        f"_sequence = {int(seq)}\n"
+        f"_taken = json.loads({json.dumps([stored.seq, stored.stamp])!r})\n"
         f"_listed = json.loads({json.dumps(listed)!r})\n"
         "_seen = {}\n"
         "for _name, (_version, _sha) in _listed.items():\n"
@@ -316,19 +300,36 @@ def manifest_source(history_dir: str, listed: dict[str, list], seq: int) -> str:
         "    except OSError:\n"
         "        pass\n"
         "    _seen[_name] = [_version, _sha]\n"
-        "__return_data = json.dumps({'sequence': _sequence, 'scripts': _seen})\n")
+        "__return_data = json.dumps({'sequence': _taken[0], 'map_sha256': _taken[1],\n"
+        "                            'scripts': _seen})\n")
 
 
-def _manifest(folder: Path) -> tuple[int, dict[str, list]]:
-    """(sequence, {name: [version, sha256]}) the last sync wrote in its manifest;
-    (0, {}) when there is none (or it is of an older srw, without a sequence)."""
+def _manifest(folder: Path) -> tuple[list, dict[str, list]]:
+    """([sequence, stamp], {name: [version, sha256]}) the last sync wrote in its
+    manifest; ([], {}) when there is none (or it is of an older srw)."""
     try:
-        lines = (folder / MANIFEST).read_text().splitlines()
-        seq = int(next(l for l in lines if l.startswith("_sequence = "))[len("_sequence = "):])
-        line = next(l for l in lines if l.startswith("_listed = "))
-        return seq, json.loads(ast.literal_eval(line[len("_listed = json.loads("):-1]))
-    except (OSError, StopIteration, ValueError, SyntaxError, TypeError):
-        return 0, {}
+        found = {}
+        for line in (folder / MANIFEST).read_text().splitlines():
+            for name in ("_taken", "_listed"):
+                if line.startswith(f"{name} = json.loads("):
+                    found[name] = json.loads(ast.literal_eval(line[len(name) + 14:-1]))
+        return found["_taken"], found["_listed"]
+    except (OSError, KeyError, ValueError, SyntaxError, TypeError):
+        return [], {}
+
+
+def taken_by(answer: bytes) -> tuple[int, str]:
+    """(sequence, stamp) from a node's manifest answer (`srw scripts list`), read
+    as hostile: (0, "") unless it is a sound one."""
+    try:
+        shown = json.loads(answer)
+        seq, stamp = shown["sequence"], shown["map_sha256"]
+    except (ValueError, TypeError, KeyError):
+        return 0, ""
+    if isinstance(seq, int) and 0 < seq <= MAX_SEQ and isinstance(stamp, str) and \
+            len(stamp) == 64 and all(c in "0123456789abcdef" for c in stamp):
+        return seq, stamp
+    return 0, ""
 
 
 # The store -------------------------------------------------------------------
@@ -356,19 +357,21 @@ class ScriptStore:
         except NotFound:
             return None
 
-    def push(self, files: dict[str, bytes]) -> tuple[Stored, list[str], list[str]]:
+    def push(self, files: dict[str, bytes], floor: tuple[int, str] = (0, "")
+             ) -> tuple[Stored, list[str], list[str]]:
         """Store `files` (name -> content) with the next versions, as the stored
         sequence plus one; returns the map stored, in lmdb mode the nodes that did
         not take it (why), and the stored maps that could not be read and are
         replaced (why: a script may have written the key; the scripts they held
         keep their files on the nodes, but leave the map until pushed again).
         Raises PushConflict when another push wrote between our read and our
-        write: then nothing of ours is stored."""
+        write: then nothing of ours is stored; PushError when the stored map is
+        older than `floor`, the (sequence, stamp) some node took."""
         for name, content in files.items():
             check(name, content)
         if self.config.cluster.redis:
-            return self._push_redis(files)
-        return self._push_lmdb(files)
+            return self._push_redis(files, floor)
+        return self._push_lmdb(files, floor)
 
     def _next(self, current: Stored | None, files: dict[str, bytes]) -> tuple[Stored, bytes]:
         """The map after `current` with `files` pushed, and its sealed value."""
@@ -379,7 +382,8 @@ class ScriptStore:
         value = self._sealed(seq, merged)
         return Stored(seq, merged, _stamp(value).decode()), value
 
-    def _push_redis(self, files: dict[str, bytes]) -> tuple[Stored, list[str], list[str]]:
+    def _push_redis(self, files: dict[str, bytes], floor: tuple[int, str]
+                    ) -> tuple[Stored, list[str], list[str]]:
         made: list[Stored] = []
         replaced: list[str] = []
 
@@ -390,6 +394,7 @@ class ScriptStore:
                 raise
             except (StorageError, PushError) as exc:
                 current, replaced[:] = None, [f"{KEY}: {exc}"]
+            check_base(current, floor)
             stored, value = self._next(current, files)
             made.append(stored)
             return value
@@ -399,7 +404,8 @@ class ScriptStore:
         self._redis_store().write(STAMP, made[-1].stamp.encode())
         return made[-1], [], replaced
 
-    def _push_lmdb(self, files: dict[str, bytes]) -> tuple[Stored, list[str], list[str]]:
+    def _push_lmdb(self, files: dict[str, bytes], floor: tuple[int, str]
+                   ) -> tuple[Stored, list[str], list[str]]:
         raws, errors, replaced, maps = {}, [], [], []
         for node in self.config.nodes:
             try:
@@ -412,6 +418,7 @@ class ScriptStore:
                     maps.append(open_map(raw, self.secret))
                 except PushError as exc:
                     replaced.append(f"{node.name}: {exc}")
+        check_base(newest(maps), floor)
         stored, value = self._next(newest(maps), files)
         # Every pusher writes the nodes in config order: the first one that
         # answers decides which of two racing pushes takes the sequence.
@@ -469,6 +476,37 @@ class ScriptStore:
         except NodeUnavailable as exc:
             return f"{node.name}: {exc}"
         return "" if result.ok else f"{node.name}: {result.status}: {result.error}"
+
+    def put_back(self, node: NodeSettings | None, value: bytes, seen: bytes | None) -> str:
+        """A node's sync: `value`, the map it took, into the store again over a map
+        it refused (lmdb: `node`'s store, if it still holds `seen`; redis: the key,
+        while it holds no map a node may take).  What happened, for its log."""
+        if not self.config.cluster.redis:
+            try:
+                error = self.write_if(node, value, seen)
+            except PushConflict:
+                return "a push came meanwhile"
+            return error or "put back the map this node took"
+        taken = open_map(value, self.secret)
+
+        def still_refused() -> bytes:
+            try:
+                current = self.read()
+            except (StorageUnavailable, PushConflict):
+                raise
+            except (StorageError, PushError):
+                return value
+            if current is not None and not refusal(current, taken.seq, taken.stamp):
+                raise PushConflict("a push came meanwhile")
+            return value
+
+        try:
+            if not self._redis_store().write_watched(KEY, still_refused):
+                return "a push came meanwhile"
+        except PushConflict as exc:
+            return str(exc)
+        self._redis_store().write(STAMP, _stamp(value))
+        return "put back the map this node took"
 
     def _sealed(self, seq: int, scripts: dict[str, Pushed]) -> bytes:
         value = seal(pack(seq, scripts), self.secret)
@@ -531,153 +569,3 @@ def _key_id(key: str) -> bytes:
 
 def _stamp(raw: bytes) -> bytes:
     return hashlib.sha256(raw).hexdigest().encode()
-
-
-class NodeSync:
-    """What `srw serve` runs for its nodes: read the map from the store, write it
-    into the history dir, and say which pools must roll (python.init changed).
-    A map older than the one taken last (data_dir/STATE) is refused."""
-
-    def __init__(self, config: Config, nodes: list[NodeSettings], curve=None):
-        self.config, self.nodes = config, nodes
-        try:
-            self.store: ScriptStore | None = ScriptStore(config, curve, timeout=0.5)
-            self.off = ""
-        except PushError as exc:  # no secret: nothing pushed can be trusted, so none is taken
-            self.store, self.off = None, str(exc)
-            log.info("pushed scripts are off: %s", exc)
-        self.next = 0.0          # time.monotonic() of the next sync
-        self.next_catch_up = 0.0  # lmdb: of the next look at the other nodes' copies
-        self._last_error = ""
-        self._synced: tuple = ()  # the stamps the last sync read
-        # (sequence, sha256) of the map taken last: the highest any of our nodes kept.
-        self.taken = max((read_state(n.data_dir) for n in nodes), default=(0, ""))
-        self.notes: list[str] = []  # what the last sync refused or missed
-        self._noted: set[str] = set()  # logged once each, while they last
-
-    def sync(self, catch_up: bool = False, if_changed: bool = False) -> list[str]:
-        """One sync now; the names that changed.  Raises StorageError, PushError,
-        OSError (each logged once by `poll`).  With `if_changed`, nothing is read
-        but the stamps while they have not moved.  lmdb, with `catch_up`: also
-        read the other nodes' copies, and keep a newer one in our own stores (we
-        missed a push while we were down)."""
-        if self.store is None:
-            raise PushError(self.off)
-        stamps = tuple(self.store.stamp(n) for n in self.nodes) \
-            if not self.config.cluster.redis else (self.store.stamp(),)
-        if if_changed and not catch_up and stamps == self._synced:
-            return []
-        notes: list[str] = []
-        found = self._redis_map(notes) if self.config.cluster.redis else \
-            self._lmdb_maps(catch_up, notes)
-        usable = []
-        for source, stored in found:
-            if stored is None:
-                if self.taken[0]:
-                    notes.append(f"{source}: no map under {KEY} (removed by a script or a "
-                                 f"client?); keeping sequence {self.taken[0]}")
-            elif why := refusal(stored, *self.taken):
-                notes.append(f"{source}: {why}")
-            else:
-                usable.append(stored)
-        best = newest(usable)
-        changed = [] if best is None else self._take(best)
-        self._note(notes)
-        self._last_error, self._synced = "", stamps
-        return changed
-
-    def _take(self, stored: Stored) -> list[str]:
-        changed = sync_dir(self.config.pool.history_dir, stored.scripts, stored.seq)
-        for name in changed:
-            log.info("pushed script %s: version %d (sha256 %s, sequence %d) now in %s", name,
-                     stored.scripts[name].version, stored.scripts[name].sha256[:12],
-                     stored.seq, self.config.pool.history_dir)
-        if (stored.seq, stored.stamp) != self.taken:  # after the files: a crash redoes them
-            for node in self.nodes:
-                write_state(node.data_dir, stored.seq, stored.stamp)
-            self.taken = (stored.seq, stored.stamp)
-        return changed
-
-    def _note(self, notes: list[str]) -> None:
-        for note in notes:
-            if note not in self._noted:
-                log.warning("pushed scripts: %s", note)
-        self.notes, self._noted = notes, set(notes)
-
-    def _redis_map(self, notes: list[str]) -> list[tuple[str, Stored | None]]:
-        try:
-            return [("redis", self.store.read())]
-        except StorageUnavailable:
-            raise
-        except (StorageError, PushError) as exc:  # a script wrote the key: said, nothing taken
-            notes.append(f"redis: {exc}")
-            return []
-
-    def _lmdb_maps(self, catch_up: bool, notes: list[str]) -> list[tuple[str, Stored | None]]:
-        own, raws, down = [], {}, []
-        for node in self.nodes:
-            try:
-                raws[node.name] = raw = self.store.read_raw(node)
-                own.append((node.name, None if raw is None else open_map(raw, self.store.secret)))
-            except StorageUnavailable as exc:
-                down.append(f"{node.name}: {exc}")
-            except (StorageError, PushError) as exc:  # e.g. not sealed: said, and left out
-                notes.append(f"{node.name}: {exc}")
-        if not raws and down:
-            raise StorageUnavailable("; ".join(down))
-        if catch_up:
-            others = self._others()
-            mine = newest([m for _, m in own if m is not None])
-            if others is not None and (mine is None or others[0].seq > mine.seq):
-                log.info("pushed scripts: a newer copy (sequence %d) on another node; "
-                         "keeping it here", others[0].seq)
-                for node in self.nodes:
-                    if node.name in raws:
-                        try:
-                            if error := self.store.write_if(node, others[1], raws[node.name]):
-                                log.warning("pushed scripts: %s", error)
-                        except PushConflict as exc:  # a push came meanwhile: next sync
-                            log.info("pushed scripts: %s", exc)
-                own.append(("catch-up", others[0]))
-        return own
-
-    def _others(self) -> tuple[Stored, bytes] | None:
-        """lmdb: the newest map on the other nodes we may take, with its value."""
-        best = None
-        for node in self.config.nodes:
-            if node in self.nodes:
-                continue
-            try:
-                raw = self.store.read_raw(node)
-                stored = None if raw is None else open_map(raw, self.store.secret)
-            except (StorageError, PushError):
-                continue
-            if stored is not None and not refusal(stored, *self.taken) and \
-                    (best is None or (stored.seq, stored.stamp) > (best[0].seq, best[0].stamp)):
-                best = (stored, raw)
-        return best
-
-    def poll(self, now: float) -> list[str]:
-        """Sync when due; errors are logged (once while they repeat), never raised."""
-        if now < self.next or self.store is None:
-            return []
-        self.next = now + SYNC_EVERY
-        catch_up = now >= self.next_catch_up
-        if catch_up:
-            self.next_catch_up = now + CATCH_UP_EVERY
-        try:
-            return self.sync(catch_up, if_changed=True)
-        except (StorageError, PushError, OSError) as exc:
-            if str(exc) != self._last_error:
-                log.warning("script sync: %s", exc)
-                self._last_error = str(exc)
-            return []
-        except Exception as exc:  # a bug here, or data we did not foresee: serve lives on
-            if str(exc) != self._last_error:
-                log.exception("script sync failed")
-                self._last_error = str(exc)
-            return []
-
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.close()

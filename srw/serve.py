@@ -41,7 +41,8 @@ from broker.client import BrokerUnavailable, Client
 from core import exits, logs, redis_auth, security, timeouts
 from core.config import CONTROL_FD_ENV, RESUME_ENV, START_ENV, Config, NodeSettings
 from srw.control import COMMANDS, ControlServer, ControlUnavailable, socket_path
-from srw.pushed import INIT, NodeSync, PushError
+from srw.pushed import INIT, PushError
+from srw.pushsync import NodeSync
 from storage.client import StorageError, storage_ready
 
 log = logging.getLogger("srw.serve")

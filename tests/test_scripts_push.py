@@ -235,20 +235,43 @@ def test_a_replayed_older_map_is_refused_also_after_a_restart(make_cluster, tmp_
     said = "sequence 1 is older than the 2 this node took"
     reply = sync_now(cluster)
     assert said in reply and reply.startswith("ok: n1: sequence 2, up to date"), reply
+    assert "put back the map this node took" in reply, reply
     sync_now(cluster)
     assert (cluster.history / "ver.py").read_text() == '__return_data = "v2"'
     assert cluster.log().count(said) == 1   # once, not at every sync
     with cluster.client(timeout=10) as client:
         assert client.exec("ver.py").data == b"v2"
+    # The node put its map back, so the next push builds on it, not on the copy.
+    assert b"sequence 3" in push(cluster, script, '__return_data = "v3"')
 
-    cluster.stop()      # the copy of sequence 1 is still in the store; serve forgets nothing
+    # Stopped, the copy of sequence 1 written into its store: serve forgets nothing.
+    with Session(cluster.path, timeout=5.0) as s:
+        copy = s.read("saved:map"), s.read("saved:stamp")
+    cluster.stop()
+    write_store(cluster, {"srw:scripts": copy[0], "srw:scripts:stamp": copy[1]})
     cluster.serve()
-    wait_until(lambda: cluster.log().count(said) == 2, 10.0, "the restarted serve's refusal")
-    assert (cluster.history / "ver.py").read_text() == '__return_data = "v2"'
+    said = "sequence 1 is older than the 3 this node took"
+    wait_until(lambda: said in cluster.log(), 10.0, "the restarted serve's refusal")
+    assert (cluster.history / "ver.py").read_text() == '__return_data = "v3"'
     with cluster.client(timeout=10) as client:
-        assert client.exec("ver.py").data == b"v2"
+        assert client.exec("ver.py").data == b"v3"
     listed = json.loads(cluster.run("scripts", "list", "--json").stdout)
-    assert listed["n1"]["sequence"] == 2 and listed["n1"]["scripts"]["ver.py"][0] == 2
+    assert listed["n1"]["sequence"] == 3 and listed["n1"]["scripts"]["ver.py"][0] == 3
+
+
+def write_store(cluster, values: dict[str, bytes], node: str = "n1") -> None:
+    """Write into a stopped node's LMDB store, as its storage process would."""
+    import hashlib
+
+    from storage import protocol as sp
+    from storage.store import Store
+    store = Store(cluster.root / "var" / node / "store", node)
+    try:
+        replies = store.apply([sp.StorageRequest(b"", sp.WRITE, b"", hashlib.sha512(k.encode())
+                                                 .digest(), v) for k, v in values.items()])
+        assert all(r[0] == "ok" for r in replies), replies
+    finally:
+        store.close()
 
 
 def test_a_removed_map_changes_nothing_on_the_node(make_cluster, tmp_path):
@@ -330,3 +353,21 @@ def test_write_if_compares_and_sets_in_one_transaction(node):
         assert client.call(sp.READ, key).data == b"two"
         bad = client.call(sp.WRITE_IF, key, b"\x05abc")
         assert bad.status == "bad_request" and "len(expected)" in bad.error
+
+
+def test_a_push_never_builds_on_a_map_older_than_the_nodes_took(node):
+    """Else a replayed map would come back under a new sequence, with its old
+    python.init beside the pushed file."""
+    from core.config import load
+    store = pushed.ScriptStore(load(node.path))
+    try:
+        first, _, _ = store.push({"a.py": b"x = 1"})
+        second, _, _ = store.push({"a.py": b"x = 2"})
+        assert (first.seq, second.seq) == (1, 2)
+        for floor in ((3, second.stamp), (2, first.stamp)):
+            with pytest.raises(pushed.PushError, match="not the sequence .* the nodes took"):
+                store.push({"b.py": b"y = 1"}, floor)
+        assert store.read() == second
+        assert store.push({"b.py": b"y = 1"}, (2, second.stamp))[0].seq == 3
+    finally:
+        store.close()
