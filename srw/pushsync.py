@@ -96,8 +96,9 @@ class NodeSync:
         missed a push while we were down)."""
         if self.store is None:
             raise PushError(self.off)
-        stamps = tuple(self.store.stamp(n) for n in self.nodes) \
-            if not self.config.cluster.redis else (self.store.stamp(),)
+        notes: list[str] = []
+        stamps = tuple(self._stamp(node, notes) for node in
+                       ([None] if self.config.cluster.redis else self.nodes))
         if if_changed and not catch_up and stamps == self._synced:
             return []
         copies = [self._redis_copy()] if self.config.cluster.redis else \
@@ -108,9 +109,21 @@ class NodeSync:
             (refused if why else usable).append((copy, why))
         best = newest([copy.stored for copy, _ in usable if copy.stored is not None])
         changed = [] if best is None else self._take(best)
-        self._note([f"{copy.source}: {why}{self._put_back(copy)}" for copy, why in refused])
+        self._note(notes + [f"{copy.source}: {why}{self._put_back(copy)}"
+                            for copy, why in refused])
         self._last_error, self._synced = "", stamps
         return changed
+
+    def _stamp(self, node: NodeSettings | None, notes: list[str]) -> bytes:
+        """The stamp, or what stands for one a script spoiled (it only says when to
+        read the map; the put-back mends it)."""
+        try:
+            return self.store.stamp(node)
+        except StorageUnavailable:
+            raise
+        except StorageError as exc:
+            notes.append(f"{node.name if node else 'redis'}: {exc}")
+            return b"?" + str(exc).encode()
 
     def _refusal(self, stored: Stored | None) -> str:
         if stored is None:
@@ -138,7 +151,8 @@ class NodeSync:
 
     def _put_back(self, copy: Copy) -> str:
         """Over a refused copy in our store, the map we took; what happened."""
-        if not (self.taken[0] and copy.readable and copy.source != "catch-up"):
+        if not (self.taken[0] and copy.source != "catch-up") or \
+                (copy.node is not None and not copy.readable):  # lmdb: compares with raw
             return ""
         kept = self._kept()
         if kept is None:

@@ -12,7 +12,8 @@ import pytest
 from srw import pushed
 from storage.client import Session
 
-from conftest import kill_tree, wait_storage, wait_until
+from conftest import (kill_tree, proxy_request, serving_with_proxy, wait_storage,
+                      wait_until)
 
 NODES = [{"name": "n1", "group": 1}, {"name": "n2", "group": 2}]
 INIT_V2 = """
@@ -257,6 +258,24 @@ def test_a_replayed_older_map_is_refused_also_after_a_restart(make_cluster, tmp_
         assert client.exec("ver.py").data == b"v3"
     listed = json.loads(cluster.run("scripts", "list", "--json").stdout)
     assert listed["n1"]["sequence"] == 3 and listed["n1"]["scripts"]["ver.py"][0] == 3
+
+
+def test_a_map_replayed_over_http_is_refused(make_cluster, tmp_path):
+    """The same replay by an HTTP client: upload&name=srw:scripts."""
+    cluster = make_cluster(pool={"workers": 1})
+    with serving_with_proxy(cluster):
+        script = tmp_path / "ver.py"
+        push(cluster, script, '__return_data = "v1"')
+        with Session(cluster.path, timeout=5.0) as s:
+            copy = s.read("srw:scripts"), s.read("srw:scripts:stamp")
+        push(cluster, script, '__return_data = "v2"')
+        for key, value in zip(("srw:scripts", "srw:scripts:stamp"), copy):
+            status, _, body = proxy_request(cluster, "POST", f"/elliptics?upload&name={key}",
+                                            value)
+            assert status == 200, body
+        reply = sync_now(cluster)
+        assert "sequence 1 is older than the 2 this node took" in reply, reply
+        assert (cluster.history / "ver.py").read_text() == '__return_data = "v2"'
 
 
 def write_store(cluster, values: dict[str, bytes], node: str = "n1") -> None:
