@@ -515,8 +515,8 @@ def cmd_scripts_push(config: cfg.Config, args) -> int:
     for error in errors:
         print(f"srw: not stored on {error}", file=sys.stderr)
     for why in replaced:
-        print(f"srw: replaced a stored map that could not be read ({why}); push again the "
-              "scripts it held", file=sys.stderr)
+        print(f"srw: replaced a stored map this push could not build on ({why}); push "
+              "again the other scripts it held (the nodes keep running them)", file=sys.stderr)
     try:
         replies = _control(config, "sync")
     except ValueError as exc:  # no serve of this config here: the nodes poll

@@ -42,9 +42,9 @@ keeps that sequence and the map's sha256 in data_dir/pushed.seq, so a
 restart does not forget it (srw/pushsync.py).  Anything else (an older map,
 another map of the same sequence, no map at all: a script may delete the
 key) is logged once and changes nothing on the node: it keeps running what
-it took, and puts that map back in the store.  A pusher, too, refuses to
-build on a map older than the one the nodes took (their manifests say which):
-a replayed map must not come back under a new sequence.
+it took, and puts that map back in the store.  A pusher, too, never builds on
+a map older than the one the nodes took (their manifests say which): a
+replayed map's old scripts must not come back under a new sequence.
 """
 from __future__ import annotations
 
@@ -223,15 +223,17 @@ def newest(maps: list[Stored]) -> Stored | None:
 
 # What a node may take --------------------------------------------------------
 
-def check_base(current: Stored | None, floor: tuple[int, str]) -> None:
-    """PushError when a push would build on a map older than `floor`, the one a
-    node took: a replayed map must not come back under a new sequence."""
+def base(current: Stored | None, floor: tuple[int, str]) -> tuple[Stored | None, str]:
+    """What a push builds on: the stored map, unless it is older than `floor`, the
+    (sequence, stamp) a node took: then no map, at the sequence after the floor
+    (a replayed map's old scripts must not come back under a new sequence), and
+    why, for the pusher to say."""
     if floor[0] and (current is None or refusal(current, *floor)):
         held = "no map" if current is None else f"a map of sequence {current.seq}"
-        raise PushError(f"the store holds {held}, not the sequence {floor[0]} the nodes took: "
-                        "a script or a client removed or replaced it, so nothing was pushed; "
-                        f"the nodes put theirs back within {SYNC_EVERY:g} s, run push again "
-                        "then")
+        return Stored(floor[0], {}, ""), (f"{KEY}: the store holds {held}, not the sequence "
+                                          f"{floor[0]} the nodes took (removed or written "
+                                          "back by a script or a client?)")
+    return current, ""
 
 
 def refusal(found: Stored, seq: int, stamp: str) -> str:
@@ -361,12 +363,12 @@ class ScriptStore:
              ) -> tuple[Stored, list[str], list[str]]:
         """Store `files` (name -> content) with the next versions, as the stored
         sequence plus one; returns the map stored, in lmdb mode the nodes that did
-        not take it (why), and the stored maps that could not be read and are
-        replaced (why: a script may have written the key; the scripts they held
-        keep their files on the nodes, but leave the map until pushed again).
-        Raises PushConflict when another push wrote between our read and our
-        write: then nothing of ours is stored; PushError when the stored map is
-        older than `floor`, the (sequence, stamp) some node took."""
+        not take it (why), and the stored maps that are not built on and are
+        replaced (why: a script may have written the key, or written back an
+        older map than `floor`, the (sequence, stamp) a node took; the scripts
+        they held keep their files on the nodes, but leave the map until pushed
+        again).  Raises PushConflict when another push wrote between our read
+        and our write: then nothing of ours is stored."""
         for name, content in files.items():
             check(name, content)
         if self.config.cluster.redis:
@@ -394,7 +396,8 @@ class ScriptStore:
                 raise
             except (StorageError, PushError) as exc:
                 current, replaced[:] = None, [f"{KEY}: {exc}"]
-            check_base(current, floor)
+            current, why = base(current, floor)
+            replaced[:] = [why] if why else replaced
             stored, value = self._next(current, files)
             made.append(stored)
             return value
@@ -418,8 +421,9 @@ class ScriptStore:
                     maps.append(open_map(raw, self.secret))
                 except PushError as exc:
                     replaced.append(f"{node.name}: {exc}")
-        check_base(newest(maps), floor)
-        stored, value = self._next(newest(maps), files)
+        current, why = base(newest(maps), floor)
+        stored, value = self._next(current, files)
+        replaced += [why] if why else []
         # Every pusher writes the nodes in config order: the first one that
         # answers decides which of two racing pushes takes the sequence.
         first = True

@@ -376,17 +376,20 @@ def test_write_if_compares_and_sets_in_one_transaction(node):
 
 def test_a_push_never_builds_on_a_map_older_than_the_nodes_took(node):
     """Else a replayed map would come back under a new sequence, with its old
-    python.init beside the pushed file."""
+    python.init beside the pushed file: it starts from no map, after theirs."""
     from core.config import load
     store = pushed.ScriptStore(load(node.path))
     try:
         first, _, _ = store.push({"a.py": b"x = 1"})
         second, _, _ = store.push({"a.py": b"x = 2"})
         assert (first.seq, second.seq) == (1, 2)
-        for floor in ((3, second.stamp), (2, first.stamp)):
-            with pytest.raises(pushed.PushError, match="not the sequence .* the nodes took"):
-                store.push({"b.py": b"y = 1"}, floor)
-        assert store.read() == second
-        assert store.push({"b.py": b"y = 1"}, (2, second.stamp))[0].seq == 3
+        for floor, held in (((3, "0" * 64), 2), ((4, "0" * 64), 4)):  # older; other content
+            stored, errors, replaced = store.push({"b.py": b"y = 1"}, floor)
+            assert (stored.seq, sorted(stored.scripts), errors) == (floor[0] + 1, ["b.py"], [])
+            [why] = replaced
+            assert f"a map of sequence {held}, not the sequence {floor[0]} the nodes took" in why
+        latest = store.read()
+        stored, _, replaced = store.push({"c.py": b"z = 1"}, (latest.seq, latest.stamp))
+        assert replaced == [] and sorted(stored.scripts) == ["b.py", "c.py"]
     finally:
         store.close()
