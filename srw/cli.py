@@ -541,6 +541,9 @@ def _pushed_floor(config: cfg.Config, args) -> tuple[int, str]:
     except (BrokerUnavailable, StorageError, OSError) as exc:  # what the store holds is all we know
         print(f"srw: could not ask the nodes which map they run ({exc})", file=sys.stderr)
         return 0, ""
+    silent = [r.node for r in results if not r.ok and r.status != "not_found"]
+    if silent:  # those may have taken a newer map than the store shows
+        print(f"srw: {', '.join(silent)} did not say which map they run", file=sys.stderr)
     return max((pushed.taken_by(r.data) for r in results if r.ok), default=(0, ""))
 
 

@@ -138,16 +138,13 @@ class NodeSync:
                      stored.scripts[name].version, stored.scripts[name].sha256[:12],
                      stored.seq, self.config.pool.history_dir)
         if (stored.seq, stored.stamp) != self.taken:  # after the files: a crash redoes them
-            value = self._value_of(stored)
+            value = self._values.get(stored.stamp)  # the sealed bytes this sync read
             for node in self.nodes:
                 if value is not None:
                     replace_file(Path(node.data_dir) / KEPT, value)
                 replace_file(Path(node.data_dir) / STATE, f"{stored.seq} {stored.stamp}\n".encode())
             self.taken = (stored.seq, stored.stamp)
         return changed
-
-    def _value_of(self, stored: Stored) -> bytes | None:
-        return self._values.get(stored.stamp)
 
     def _put_back(self, copy: Copy) -> str:
         """Over a refused copy in our store, the map we took; what happened."""
