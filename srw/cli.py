@@ -132,8 +132,10 @@ def parser() -> argparse.ArgumentParser:
                              description="push: store scripts (and python.init) in the "
                              "cluster, versioned; every node's serve writes them into its "
                              "history dir within 2 s (at once for the serves of this host), "
-                             "and rolls its pools for a new python.init. list: each node's "
-                             "version and sha256 of each pushed script, as on its disk.")
+                             "and rolls its pools for a new python.init; each push takes the "
+                             "next sequence, and a node never takes an older one. list: each "
+                             "node's sequence, and the version and sha256 of each pushed "
+                             "script, as on its disk.")
     scripts_sub = scripts.add_subparsers(dest="scripts_command", required=True,
                                          metavar="ACTION")
     push = scripts_sub.add_parser("push", parents=[common], help="store scripts in the cluster")
@@ -143,9 +145,11 @@ def parser() -> argparse.ArgumentParser:
                       help="FILE (one) is python.init, whatever its name")
     push.set_defaults(func=cmd_scripts_push)
     listing = scripts_sub.add_parser("list", parents=[common],
-                                     help="each node's pushed scripts: version and sha256")
+                                     help="each node's pushed scripts: sequence, version "
+                                          "and sha256")
     listing.add_argument("--json", action="store_true",
-                         help='print {node: {name: [version, sha256]} or {"error": ...}}')
+                         help='print {node: {"sequence", "map_sha256", "scripts": {name: '
+                              '[version, sha256]}} or {"error": ...}}')
     listing.set_defaults(func=cmd_scripts_list)
 
     proxy = sub.add_parser("proxy", parents=[common],
@@ -559,6 +563,8 @@ def cmd_scripts_list(config: cfg.Config, args) -> int:
         try:
             shown[r.node] = json.loads(r.data) if r.ok else {"error": f"{r.status}: "
                                                                f"{summary(r.error or '')}"}
+            if r.ok and not isinstance(shown[r.node], dict):
+                raise TypeError("not an object")
             if r.ok and not {"sequence", "scripts"} <= set(shown[r.node]):
                 shown[r.node] = {"error": "the node's manifest is of an older srw; push again"}
         except (ValueError, TypeError):

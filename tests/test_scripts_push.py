@@ -366,7 +366,8 @@ def test_write_if_compares_and_sets_in_one_transaction(node):
             return client.call(sp.WRITE_IF, key, sp.write_if_data(expected, value))
         assert write_if(None, b"one").ok                        # must not exist: it did not
         refused = write_if(None, b"two")
-        assert refused.status == "busy" and refused.data == hashlib.sha256(b"one").hexdigest().encode()
+        assert (refused.status, refused.data) == ("busy", hashlib.sha256(b"one").hexdigest()
+                                                  .encode())
         assert write_if(hashlib.sha256(b"one").digest(), b"two").ok
         assert write_if(hashlib.sha256(b"one").digest(), b"three").status == "busy"
         assert client.call(sp.READ, key).data == b"two"
