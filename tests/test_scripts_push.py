@@ -394,3 +394,24 @@ def test_a_push_never_builds_on_a_map_older_than_the_nodes_took(node):
         assert replaced == [] and sorted(stored.scripts) == ["b.py", "c.py"]
     finally:
         store.close()
+
+
+def test_the_state_file_is_read_as_hostile_input(tmp_path, caplog):
+    """data_dir/pushed.seq: one short number and one sha256; else ignored, said."""
+    from srw.pushsync import STATE, read_state
+    good = "ab" * 32
+    assert read_state(tmp_path) == (0, "")            # none yet: nothing taken
+    for text, want in [
+        (f"7 {good}\n", (7, good)),
+        (f"7 {good}", (7, good)),
+        (f"-7 {good}\n", (0, "")),
+        (f"7 {good.upper()}\n", (0, "")),
+        (f"{1 << 63} {good}\n", (0, "")),              # past the largest sequence
+        ("7" * 30 + f" {good}\n", (0, "")),
+        (f"7 {good} extra\n", (0, "")),
+        (f"7 {good}\n" + " " * 200, (0, "")),          # longer than MAX_STATE
+        ("\xff\xfe garbage", (0, "")),
+    ]:
+        (tmp_path / STATE).write_bytes(text.encode("utf-8", "surrogateescape"))
+        assert read_state(tmp_path) == want, text
+    assert caplog.text.count("is not \"SEQUENCE SHA256\"; ignored") == 7
