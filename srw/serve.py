@@ -20,7 +20,8 @@ takes the same from `srw reload|resize|stop`; [serve] pidfile holds our pid;
 under systemd (Type=notify) we report READY=1 and STOPPING=1.
 
 Scripts pushed into the cluster (`srw scripts push`, srw/pushed.py) reach the
-history dir from here: the loop checks the store every 2 s, and the control
+history dir from here (srw/pushsync.py: never an older map than the one taken):
+the loop checks the store every 2 s, and the control
 socket's `sync` does it at once; a new python.init rolls the pools as HUP does.
 """
 from __future__ import annotations
