@@ -305,9 +305,27 @@ def test_a_removed_map_changes_nothing_on_the_node(make_cluster, tmp_path):
         reply = sync_now(cluster)
         assert reply.startswith("ok: n1: sequence 2, up to date"), reply
     assert (cluster.history / "ver.py").read_text() == '__return_data = "v2"'
-    assert cluster.log().count(said) == 1, cluster.log()
+    assert cluster.log().count(said) == 1, cluster.log()   # and the map was put back
     with cluster.client(timeout=10) as client:
         assert client.exec("ver.py").data == b"v2"
+
+    # A node that lost its copy cannot put the map back: it still keeps its
+    # scripts, says so once (not at every sync), and the next push starts from
+    # no map, after the sequence the node took.
+    (cluster.root / "var" / "n1" / "pushed.map").unlink()
+    run_replay(cluster, "delete")
+    lost = "no copy of sequence 2 in pushed.map to put back"
+    for _ in range(3):
+        assert lost in sync_now(cluster)
+    assert cluster.log().count(lost) == 1, cluster.log()
+    assert (cluster.history / "ver.py").read_text() == '__return_data = "v2"'
+    other = tmp_path / "other.py"
+    other.write_text('__return_data = "other"')
+    out = cluster.run("scripts", "push", str(other))
+    assert out.returncode == 0 and b"sequence 3" in out.stdout, out.stderr
+    assert b"the store holds no map, not the sequence 2 the nodes took" in out.stderr
+    assert b"srw: n1: sequence 3, took other.py\n" in out.stdout
+    assert (cluster.history / "ver.py").read_text() == '__return_data = "v2"'
 
 
 def test_two_pushes_racing_never_take_the_same_sequence(make_cluster):
