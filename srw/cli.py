@@ -132,8 +132,10 @@ def parser() -> argparse.ArgumentParser:
                              description="push: store scripts (and python.init) in the "
                              "cluster, versioned; every node's serve writes them into its "
                              "history dir within 2 s (at once for the serves of this host), "
-                             "and rolls its pools for a new python.init. list: each node's "
-                             "version and sha256 of each pushed script, as on its disk.")
+                             "and rolls its pools for a new python.init; each push takes the "
+                             "next sequence, and a node never takes an older one. list: each "
+                             "node's sequence, and the version and sha256 of each pushed "
+                             "script, as on its disk.")
     scripts_sub = scripts.add_subparsers(dest="scripts_command", required=True,
                                          metavar="ACTION")
     push = scripts_sub.add_parser("push", parents=[common], help="store scripts in the cluster")
@@ -143,9 +145,11 @@ def parser() -> argparse.ArgumentParser:
                       help="FILE (one) is python.init, whatever its name")
     push.set_defaults(func=cmd_scripts_push)
     listing = scripts_sub.add_parser("list", parents=[common],
-                                     help="each node's pushed scripts: version and sha256")
+                                     help="each node's pushed scripts: sequence, version "
+                                          "and sha256")
     listing.add_argument("--json", action="store_true",
-                         help='print {node: {name: [version, sha256]} or {"error": ...}}')
+                         help='print {node: {"sequence", "map_sha256", "scripts": {name: '
+                              '[version, sha256]}} or {"error": ...}}')
     listing.set_defaults(func=cmd_scripts_list)
 
     proxy = sub.add_parser("proxy", parents=[common],
@@ -501,26 +505,50 @@ def cmd_scripts_push(config: cfg.Config, args) -> int:
         with open(path, "rb") as f:
             files[name] = f.read()
         pushed.check(name, files[name])
+    floor = _pushed_floor(config, args)
     store = pushed.ScriptStore(config, security.client_credentials(config, args.client_key),
                                timeout=5.0)
     try:
-        merged, errors, replaced = store.push(files)
+        stored, errors, replaced = store.push(files, floor)
     finally:
         store.close()
     for name in files:
-        script = merged[name]
+        script = stored.scripts[name]
         print(f"{name}: version {script.version}, sha256 {script.sha256}")
+    print(f"sequence {stored.seq}")
     for error in errors:
         print(f"srw: not stored on {error}", file=sys.stderr)
     for why in replaced:
-        print(f"srw: replaced a stored map that could not be read ({why}); push again the "
-              "scripts it held", file=sys.stderr)
+        print(f"srw: replaced a stored map this push could not build on ({why}); push "
+              "again the other scripts it held (the nodes keep running them)", file=sys.stderr)
     try:
-        for reply in _control(config, "sync"):
-            print(f"srw: {reply}")
+        replies = _control(config, "sync")
     except ValueError as exc:  # no serve of this config here: the nodes poll
         print(f"srw: {exc}; running nodes take it within {pushed.SYNC_EVERY:g} s")
-    return 1 if errors else 0
+        return 1 if errors else 0
+    behind = 0
+    for reply in replies:  # "NODES: sequence N, ...": a node that refused it says why
+        print(f"srw: {reply}")
+        behind += f"sequence {stored.seq}," not in reply
+    return 1 if errors or behind else 0
+
+
+def _pushed_floor(config: cfg.Config, args) -> tuple[int, str]:
+    """The newest (sequence, map sha256) the running nodes took, from their
+    manifests: a push must not build on an older map (srw/pushed.py)."""
+    from broker.client import BrokerUnavailable
+    from srw import pushed
+    from storage.client import StorageError
+    try:
+        with _session(config, args) as session:
+            results = session.exec(pushed.MANIFEST, timeout=5.0)
+    except (BrokerUnavailable, StorageError, OSError) as exc:  # what the store holds is all we know
+        print(f"srw: could not ask the nodes which map they run ({exc})", file=sys.stderr)
+        return 0, ""
+    silent = [r.node for r in results if not r.ok and r.status != "not_found"]
+    if silent:  # those may have taken a newer map than the store shows
+        print(f"srw: {', '.join(silent)} did not say which map they run", file=sys.stderr)
+    return max((pushed.taken_by(r.data) for r in results if r.ok), default=(0, ""))
 
 
 def cmd_scripts_list(config: cfg.Config, args) -> int:
@@ -530,24 +558,28 @@ def cmd_scripts_list(config: cfg.Config, args) -> int:
     shown, failed = {}, 0
     for r in results:
         if r.status == "not_found":  # nothing pushed has reached this node
-            shown[r.node] = {}
+            shown[r.node] = {"sequence": 0, "scripts": {}}
             continue
         try:
             shown[r.node] = json.loads(r.data) if r.ok else {"error": f"{r.status}: "
                                                                f"{summary(r.error or '')}"}
-        except ValueError:
-            shown[r.node] = {"error": "the node's manifest answered no JSON"}
+            if r.ok and not isinstance(shown[r.node], dict):
+                raise TypeError("not an object")
+            if r.ok and not {"sequence", "scripts"} <= set(shown[r.node]):
+                shown[r.node] = {"error": "the node's manifest is of an older srw; push again"}
+        except (ValueError, TypeError):
+            shown[r.node] = {"error": "the node's manifest answered no JSON object"}
         failed += "error" in shown[r.node]
     if args.json:
         print(json.dumps(shown))
         return 1 if failed else 0
-    print(f"{'node':12} {'script':30} {'version':>7}  sha256")
-    for node, scripts in shown.items():
-        if "error" in scripts:
-            print(f"{node:12} {'-':30} {'-':>7}  {scripts['error']}")
+    print(f"{'node':12} {'sequence':>8} {'script':30} {'version':>7}  sha256")
+    for node, taken in shown.items():
+        if "error" in taken:
+            print(f"{node:12} {'-':>8} {'-':30} {'-':>7}  {taken['error']}")
             continue
-        for name, (version, digest) in sorted(scripts.items()):
-            print(f"{node:12} {name:30} {version:>7}  {digest}")
+        for name, (version, digest) in sorted(taken["scripts"].items()):
+            print(f"{node:12} {taken['sequence']:>8} {name:30} {version:>7}  {digest}")
     return 1 if failed else 0
 
 

@@ -9,8 +9,9 @@ connection, one line each way:
     reload                  -> "ok: ..."     every pool re-reads config and python.init, rolls
     resize N [NODE]         -> "ok: ..."     pools (or NODE's) to N workers
     stop                    -> "ok: ... pid" drain and stop, like SIGTERM
-    sync                    -> "ok: ..."     the pushed scripts into the history dir now
-                                             (srw/pushed.py; python.init changed: reload)
+    sync                    -> "ok: NODES: sequence N, took NAMES|up to date[; refused ...]"
+                                             the pushed scripts into the history dir now
+                                             (srw/pushsync.py; python.init changed: reload)
     anything else           -> "error: ..."
 """
 from __future__ import annotations

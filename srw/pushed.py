@@ -1,8 +1,9 @@
 """Named scripts kept in the cluster itself: ``srw scripts push`` and each node's sync.
 
-    srw scripts push FILE...  ──► the store, key "srw:scripts": one msgpack map
-                                  {name: [name, version, sha256, content]}
-                                  (lmdb: on every node's own store; redis: one key)
+    srw scripts push FILE...  ──► the store, key "srw:scripts": one sealed msgpack
+                                  [sequence, {name: [name, version, sha256, content]}]
+                                  (lmdb: on every node's own store, each by WRITE_IF;
+                                  redis: one key, by WATCH/MULTI/EXEC)
                               └─► "sync" on each control socket of this host
     srw serve  ── every SYNC_EVERY s (when the stamp, the map's sha256 written
                   after it, moved), and on "sync" ──► reads the map from the store
@@ -31,6 +32,19 @@ only the operator's pushers and nodes hold; `srw keys init` writes it) before
 it, and a node checks the seal before it parses anything.  Then names must be
 plain script names (runtime/scripts.py), contents at most MAX_SCRIPT bytes and
 match their sha256, the map at most MAX_SCRIPTS entries.
+
+The seal covers the content, not its age: a script can copy a sealed map
+and write it back after the next push.  So the sealed bytes carry a sequence
+that only grows (each push stores the one it read plus one, by compare-and-set
+so two pushes cannot take the same), and a node takes a map only if its
+sequence is higher than the one it took last, or the same map again.  It
+keeps that sequence and the map's sha256 in data_dir/pushed.seq, so a
+restart does not forget it (srw/pushsync.py).  Anything else (an older map,
+another map of the same sequence, no map at all: a script may delete the
+key) is logged once and changes nothing on the node: it keeps running what
+it took, and puts that map back in the store.  A pusher, too, never builds on
+a map older than the one the nodes took (their manifests say which): a
+replayed map's old scripts must not come back under a new sequence.
 """
 from __future__ import annotations
 
@@ -38,7 +52,6 @@ import ast
 import hashlib
 import hmac
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +65,6 @@ from storage import protocol as sp
 from storage.client import (NodeUnavailable, NotFound, StorageClient, StorageError,
                             StorageUnavailable)
 
-log = logging.getLogger("srw.pushed")
-
 KEY = "srw:scripts"
 STAMP = "srw:scripts:stamp"     # sha256 of the map, written after it: what nodes poll
 INIT = "python.init"
@@ -64,11 +75,26 @@ MAX_MAP = 16 << 20              # bytes of the sealed map: the most a node reads
 SYNC_EVERY = 2.0                # s between a node's reads of the key
 CATCH_UP_EVERY = 30.0           # lmdb: s between reads of the other nodes' copies
 STORE_TIMEOUT = 2.0             # s a sync waits for the store
-SEAL = b"srw-push-1 "            # then the HMAC (64 hex digits), a newline, the packed map
+SEAL = b"srw-push-2 "            # then the HMAC (64 hex digits), a newline, the packed map
+OLD_SEALS = (b"srw-push-1 ",)   # no sequence inside: refused
+MAX_SEQ = (1 << 63) - 1
 
 
 class PushError(ValueError):
     """A script that cannot be pushed, or a map from the store that does not parse."""
+
+
+class PushConflict(PushError):
+    """Another push stored its map between our read and our write."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A map as read from the store, its seal checked: `stamp` is the sha256 (hex)
+    of the sealed value, as the stamp key holds it."""
+    seq: int
+    scripts: dict
+    stamp: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,18 +138,24 @@ def check(name: str, content: bytes) -> None:
         raise PushError(f"script {name!r} has {len(content)} bytes; at most {MAX_SCRIPT}")
 
 
-def pack(scripts: dict[str, Pushed]) -> bytes:
-    return msgpack.packb({name: s.to_list() for name, s in sorted(scripts.items())},
+def pack(seq: int, scripts: dict[str, Pushed]) -> bytes:
+    return msgpack.packb([seq, {name: s.to_list() for name, s in sorted(scripts.items())}],
                          use_bin_type=True)
 
 
-def unpack(raw: bytes) -> dict[str, Pushed]:
+def unpack(raw: bytes) -> tuple[int, dict[str, Pushed]]:
+    """(sequence, scripts) of a packed map."""
     try:
-        data = msgpack.unpackb(raw, raw=False, max_bin_len=MAX_SCRIPT,
-                               max_str_len=MAX_SCRIPT, max_map_len=MAX_SCRIPTS,
-                               max_array_len=4)
+        outer = msgpack.unpackb(raw, raw=False, max_bin_len=MAX_SCRIPT,
+                                max_str_len=MAX_SCRIPT, max_map_len=MAX_SCRIPTS,
+                                max_array_len=4)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise PushError(f"the stored scripts do not parse: {exc}") from None
+    if not (isinstance(outer, list) and len(outer) == 2):
+        raise PushError("the stored scripts are not [sequence, map]")
+    seq, data = outer
+    if not (isinstance(seq, int) and 0 < seq <= MAX_SEQ):
+        raise PushError(f"the stored scripts' sequence is not 1 to {MAX_SEQ}")
     if not isinstance(data, dict):
         raise PushError("the stored scripts are not a map")
     scripts = {}
@@ -132,7 +164,7 @@ def unpack(raw: bytes) -> dict[str, Pushed]:
         if script.name != name:
             raise PushError(f"stored script {name!r} names itself {script.name!r}")
         scripts[name] = script
-    return scripts
+    return seq, scripts
 
 
 def load_secret(config: Config) -> bytes:
@@ -149,6 +181,9 @@ def seal(raw: bytes, secret: bytes) -> bytes:
 
 def unseal(value: bytes, secret: bytes) -> bytes:
     """The packed map inside `value`; PushError unless it carries our seal."""
+    if value.startswith(OLD_SEALS):
+        raise PushError(f"the stored scripts are of an older format ({value[:10].decode()}, "
+                        "no sequence); refused: run `srw scripts push` again")
     head = len(SEAL) + 64 + 1
     if not (value.startswith(SEAL) and len(value) >= head and value[head - 1:head] == b"\n"):
         raise PushError("the stored scripts are not sealed; pushed by `srw scripts push`?")
@@ -157,6 +192,12 @@ def unseal(value: bytes, secret: bytes) -> bytes:
         raise PushError("the stored scripts' seal does not match [security] push_secret: "
                         "not written by a pusher holding it; ignored")
     return raw
+
+
+def open_map(value: bytes, secret: bytes) -> Stored:
+    """The map in a stored value; PushError unless sealed with `secret` and sound."""
+    seq, scripts = unpack(unseal(value, secret))
+    return Stored(seq, scripts, _stamp(value).decode())
 
 
 def merge(current: dict[str, Pushed], files: dict[str, bytes]) -> dict[str, Pushed]:
@@ -173,34 +214,56 @@ def merge(current: dict[str, Pushed], files: dict[str, bytes]) -> dict[str, Push
     return merged
 
 
-def newest(maps: list[dict[str, Pushed]]) -> dict[str, Pushed]:
-    """Per name, the highest version among several nodes' maps (lmdb: a node that
-    missed a push has an older map)."""
-    out: dict[str, Pushed] = {}
-    for scripts in maps:
-        for name, script in scripts.items():
-            if name not in out or script.version > out[name].version:
-                out[name] = script
-    return out
+def newest(maps: list[Stored]) -> Stored | None:
+    """The map of the highest sequence (lmdb: a node that missed a push has an
+    older one); a tie, which only a split push leaves, goes to the higher stamp,
+    the same on every node."""
+    return max(maps, key=lambda m: (m.seq, m.stamp), default=None)
+
+
+# What a node may take --------------------------------------------------------
+
+def base(current: Stored | None, floor: tuple[int, str]) -> tuple[Stored | None, str]:
+    """What a push builds on: the stored map, unless it is older than `floor`, the
+    (sequence, stamp) a node took: then no map, at the sequence after the floor
+    (a replayed map's old scripts must not come back under a new sequence), and
+    why, for the pusher to say."""
+    if floor[0] and (current is None or refusal(current, *floor)):
+        held = "no map" if current is None else f"a map of sequence {current.seq}"
+        return Stored(floor[0], {}, ""), (f"{KEY}: the store holds {held}, not the sequence "
+                                          f"{floor[0]} the nodes took (removed or written "
+                                          "back by a script or a client?)")
+    return current, ""
+
+
+def refusal(found: Stored, seq: int, stamp: str) -> str:
+    """Why a node that took (seq, stamp) must not take `found`, or ""."""
+    if found.seq < seq:
+        return (f"sequence {found.seq} is older than the {seq} this node took (a copy "
+                "written back by a script or a client?); refused")
+    if found.seq == seq and found.stamp != stamp:
+        return (f"sequence {found.seq} with another content than the map this node took "
+                f"(sha256 {stamp[:12]}); refused")
+    return ""
 
 
 # The history directory ---------------------------------------------------------
 
-def sync_dir(history_dir: str | Path, scripts: dict[str, Pushed]) -> list[str]:
-    """Bring `history_dir` to `scripts`; the names whose file changed.  Each file
-    is replaced whole (temp file + rename); the manifest last."""
+def sync_dir(history_dir: str | Path, stored: Stored) -> list[str]:
+    """Bring `history_dir` to the map `stored`; the names whose file changed.  Each
+    file is replaced whole (temp file + rename); the manifest last."""
     folder = Path(history_dir)
-    versions = _manifest_versions(folder)
+    taken, versions = _manifest(folder)
     changed = []
-    for name, script in sorted(scripts.items()):
+    for name, script in sorted(stored.scripts.items()):
         path = folder / name
         if versions.get(name) == [script.version, script.sha256] and _sha256(path) == script.sha256:
             continue
-        _replace(path, script.content)
+        replace_file(path, script.content)
         changed.append(name)
-    if changed or (scripts and not (folder / MANIFEST).exists()):
-        listed = {name: [s.version, s.sha256] for name, s in sorted(scripts.items())}
-        _replace(folder / MANIFEST, manifest_source(str(folder), listed).encode())
+    if changed or taken != [stored.seq, stored.stamp]:
+        listed = {name: [s.version, s.sha256] for name, s in sorted(stored.scripts.items())}
+        replace_file(folder / MANIFEST, manifest_source(str(folder), listed, stored).encode())
     return changed
 
 
@@ -211,7 +274,7 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
-def _replace(path: Path, content: bytes) -> None:
+def replace_file(path: Path, content: bytes) -> None:
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # hidden: never a script name
     with open(tmp, "wb") as f:
         f.write(content)
@@ -220,14 +283,16 @@ def _replace(path: Path, content: bytes) -> None:
     os.replace(tmp, path)
 
 
-def manifest_source(history_dir: str, listed: dict[str, list]) -> str:
-    """srw_scripts.py: answers {name: [version, sha256]} for what is on this node's
-    disk: the hash of each file read now (where the sandbox lets the script read
-    its history dir), else the one the sync wrote it with."""
+def manifest_source(history_dir: str, listed: dict[str, list], stored: Stored) -> str:
+    """srw_scripts.py: answers {"sequence": N, "map_sha256": the map's stamp,
+    "scripts": {name: [version, sha256]}} for what is on this node's disk: the
+    hash of each file read now (where the sandbox lets the script read its
+    history dir), else the one the sync wrote it with."""
     return (
         "# Written by srw's script sync (srw/pushed.py); `srw scripts list` runs it.\n"
         "import hashlib, json, os\n"
         f"_dir = {history_dir!r}\n"
+        f"_taken = json.loads({json.dumps([stored.seq, stored.stamp])!r})\n"
         f"_listed = json.loads({json.dumps(listed)!r})\n"
         "_seen = {}\n"
         "for _name, (_version, _sha) in _listed.items():\n"
@@ -237,17 +302,36 @@ def manifest_source(history_dir: str, listed: dict[str, list]) -> str:
         "    except OSError:\n"
         "        pass\n"
         "    _seen[_name] = [_version, _sha]\n"
-        "__return_data = json.dumps(_seen)\n")
+        "__return_data = json.dumps({'sequence': _taken[0], 'map_sha256': _taken[1],\n"
+        "                            'scripts': _seen})\n")
 
 
-def _manifest_versions(folder: Path) -> dict[str, list]:
-    """What the last sync wrote, from its manifest; {} when there is none."""
+def _manifest(folder: Path) -> tuple[list, dict[str, list]]:
+    """([sequence, stamp], {name: [version, sha256]}) the last sync wrote in its
+    manifest; ([], {}) when there is none (or it is of an older srw)."""
     try:
-        text = (folder / MANIFEST).read_text()
-        line = next(l for l in text.splitlines() if l.startswith("_listed = "))
-        return json.loads(ast.literal_eval(line[len("_listed = json.loads("):-1]))
-    except (OSError, StopIteration, ValueError, SyntaxError, TypeError):
-        return {}
+        found = {}
+        for line in (folder / MANIFEST).read_text().splitlines():
+            for name in ("_taken", "_listed"):
+                if line.startswith(f"{name} = json.loads("):
+                    found[name] = json.loads(ast.literal_eval(line[len(name) + 14:-1]))
+        return found["_taken"], found["_listed"]
+    except (OSError, KeyError, ValueError, SyntaxError, TypeError):
+        return [], {}
+
+
+def taken_by(answer: bytes) -> tuple[int, str]:
+    """(sequence, stamp) from a node's manifest answer (`srw scripts list`), read
+    as hostile: (0, "") unless it is a sound one."""
+    try:
+        shown = json.loads(answer)
+        seq, stamp = shown["sequence"], shown["map_sha256"]
+    except (ValueError, TypeError, KeyError):
+        return 0, ""
+    if isinstance(seq, int) and 0 < seq <= MAX_SEQ and isinstance(stamp, str) and \
+            len(stamp) == 64 and all(c in "0123456789abcdef" for c in stamp):
+        return seq, stamp
+    return 0, ""
 
 
 # The store -------------------------------------------------------------------
@@ -262,68 +346,174 @@ class ScriptStore:
         self._redis = None
         self._stores: dict = {}
 
-    def read(self, node: NodeSettings | None = None) -> dict[str, Pushed]:
+    def read(self, node: NodeSettings | None = None) -> Stored | None:
         """The map as `node` sees it (lmdb; default the first node), or the cluster's
-        (redis).  Raises StorageError, PushError."""
-        try:
-            value = self._read_raw(node or self.config.nodes[0])
-        except NotFound:
-            return {}
-        return unpack(unseal(value, self.secret))
+        (redis); None when none is stored.  Raises StorageError, PushError."""
+        value = self.read_raw(node)
+        return None if value is None else open_map(value, self.secret)
 
-    def push(self, files: dict[str, bytes]) -> tuple[dict[str, Pushed], list[str], list[str]]:
-        """Store `files` (name -> content) with the next versions; returns the
-        merged map, in lmdb mode the nodes that did not take it (why), and the
-        stored maps that could not be read and are replaced (why: a script may
-        have written the key; the scripts they held keep their files on the
-        nodes, but leave the map until pushed again)."""
+    def read_raw(self, node: NodeSettings | None = None) -> bytes | None:
+        """The stored value, unchecked; None when there is none.  Raises StorageError."""
+        try:
+            return self._read_raw(node or self.config.nodes[0])
+        except NotFound:
+            return None
+
+    def push(self, files: dict[str, bytes], floor: tuple[int, str] = (0, "")
+             ) -> tuple[Stored, list[str], list[str]]:
+        """Store `files` (name -> content) with the next versions, as the stored
+        sequence plus one; returns the map stored, in lmdb mode the nodes that did
+        not take it (why), and the stored maps that are not built on and are
+        replaced (why: a script may have written the key, or written back an
+        older map than `floor`, the (sequence, stamp) a node took; the scripts
+        they held keep their files on the nodes, but leave the map until pushed
+        again).  Raises PushConflict when another push wrote between our read
+        and our write: then nothing of ours is stored."""
         for name, content in files.items():
             check(name, content)
         if self.config.cluster.redis:
+            return self._push_redis(files, floor)
+        return self._push_lmdb(files, floor)
+
+    def _next(self, current: Stored | None, files: dict[str, bytes]) -> tuple[Stored, bytes]:
+        """The map after `current` with `files` pushed, and its sealed value."""
+        seq = (current.seq if current else 0) + 1
+        if seq > MAX_SEQ:
+            raise PushError(f"the stored sequence is {MAX_SEQ}, the most there is")
+        merged = merge(current.scripts if current else {}, files)
+        value = self._sealed(seq, merged)
+        return Stored(seq, merged, _stamp(value).decode()), value
+
+    def _push_redis(self, files: dict[str, bytes], floor: tuple[int, str]
+                    ) -> tuple[Stored, list[str], list[str]]:
+        made: list[Stored] = []
+        replaced: list[str] = []
+
+        def next_value() -> bytes:  # read while the key is watched
             try:
-                current, replaced = self.read(), []
+                current = self.read()
             except StorageUnavailable:
                 raise
             except (StorageError, PushError) as exc:
-                current, replaced = {}, [f"{KEY}: {exc}"]
-            merged = merge(current, files)
-            value = self._sealed(merged)
-            self._redis_store().write(KEY, value)
-            self._redis_store().write(STAMP, _stamp(value))
-            return merged, [], replaced
-        maps, unread = self.maps(self.config.nodes)
-        merged = merge(newest(maps), files)
-        errors = [e for e in (self.write(node, merged) for node in self.config.nodes) if e]
-        # A node down is in both lists: its write says so.
-        replaced = [e for e in unread if e.split(":", 1)[0] not in
-                    {error.split(":", 1)[0] for error in errors}]
-        return merged, errors, replaced
+                current, replaced[:] = None, [f"{KEY}: {exc}"]
+            current, why = base(current, floor)
+            replaced[:] = [why] if why else replaced
+            stored, value = self._next(current, files)
+            made.append(stored)
+            return value
 
-    def maps(self, nodes: list[NodeSettings]) -> tuple[list[dict], list[str]]:
-        """lmdb: the maps of those of `nodes` that answered, and why the others did not."""
-        maps, errors = [], []
-        for node in nodes:
+        if not self._redis_store().write_watched(KEY, next_value):
+            raise PushConflict(f"another push took sequence {made[-1].seq}; run push again")
+        self._redis_store().write(STAMP, made[-1].stamp.encode())
+        return made[-1], [], replaced
+
+    def _push_lmdb(self, files: dict[str, bytes], floor: tuple[int, str]
+                   ) -> tuple[Stored, list[str], list[str]]:
+        raws, errors, replaced, maps = {}, [], [], []
+        for node in self.config.nodes:
             try:
-                maps.append(self.read(node))
-            except (StorageError, PushError) as exc:
+                raws[node.name] = raw = self.read_raw(node)
+            except StorageError as exc:
                 errors.append(f"{node.name}: {exc}")
-        return maps, errors
-
-    def write(self, node: NodeSettings, scripts: dict[str, Pushed]) -> str:
-        """lmdb: the sealed map onto `node`'s store, then its stamp; why not, or ""."""
-        sealed = self._sealed(scripts)
-        for key, value in ((KEY, sealed), (STAMP, _stamp(sealed))):
+                continue
+            if raw is not None:
+                try:
+                    maps.append(open_map(raw, self.secret))
+                except PushError as exc:
+                    replaced.append(f"{node.name}: {exc}")
+        current, why = base(newest(maps), floor)
+        stored, value = self._next(current, files)
+        replaced += [why] if why else []
+        # Every pusher writes the nodes in config order: the first one that
+        # answers decides which of two racing pushes takes the sequence.
+        first = True
+        for node in self.config.nodes:
+            if node.name not in raws:
+                continue
             try:
-                result = self._store(node).call(sp.WRITE, _key_id(key), value,
-                                                wait=self.timeout)
-            except NodeUnavailable as exc:
-                return f"{node.name}: {exc}"
-            if not result.ok:
-                return f"{node.name}: {result.status}: {result.error}"
-        return ""
+                error = self.write_if(node, value, raws[node.name])
+            except PushConflict:
+                if first:
+                    raise PushConflict(f"another push took sequence {stored.seq}; run push "
+                                       "again") from None
+                error = self._write_over_older(node, stored, value)
+            if error:
+                errors.append(error)
+            first = False
+        return stored, errors, replaced
 
-    def _sealed(self, scripts: dict[str, Pushed]) -> bytes:
-        value = seal(pack(scripts), self.secret)
+    def _write_over_older(self, node: NodeSettings, stored: Stored, value: bytes) -> str:
+        """lmdb: `node` changed since we read it (a push that came after ours wrote
+        it first, or a node's catch-up): write over it while it holds an older map."""
+        for _ in range(3):
+            try:
+                raw = self.read_raw(node)
+                held = None if raw is None else open_map(raw, self.secret)
+            except StorageError as exc:
+                return f"{node.name}: {exc}"
+            except PushError:
+                held = None  # a value no node takes: ours replaces it
+            if held is not None and (held.seq, held.stamp) >= (stored.seq, stored.stamp):
+                return "" if held.stamp == stored.stamp else \
+                    f"{node.name}: holds a newer push (sequence {held.seq})"
+            try:
+                return self.write_if(node, value, raw)
+            except PushConflict:
+                continue
+        return f"{node.name}: {KEY} kept changing while we wrote it"
+
+    def write_if(self, node: NodeSettings, value: bytes, read: bytes | None) -> str:
+        """lmdb: `value` onto `node`'s store if it still holds `read` (None: no map),
+        then its stamp; why not, or "".  Raises PushConflict when another value
+        came first (not when it is this very value)."""
+        expected = None if read is None else hashlib.sha256(read).digest()
+        try:
+            result = self._store(node).call(sp.WRITE_IF, _key_id(KEY),
+                                            sp.write_if_data(expected, value), wait=self.timeout)
+            if result.status == "busy" and result.data != _stamp(value):
+                raise PushConflict(f"{node.name}: another writer changed {KEY} since it was "
+                                   "read; not stored")
+            if not result.ok and result.status != "busy":
+                return f"{node.name}: {result.status}: {result.error}"
+            result = self._store(node).call(sp.WRITE, _key_id(STAMP), _stamp(value),
+                                            wait=self.timeout)
+        except NodeUnavailable as exc:
+            return f"{node.name}: {exc}"
+        return "" if result.ok else f"{node.name}: {result.status}: {result.error}"
+
+    def put_back(self, node: NodeSettings | None, value: bytes, seen: bytes | None) -> str:
+        """A node's sync: `value`, the map it took, into the store again over a map
+        it refused (lmdb: `node`'s store, if it still holds `seen`; redis: the key,
+        while it holds no map a node may take).  What happened, for its log."""
+        if not self.config.cluster.redis:
+            try:
+                error = self.write_if(node, value, seen)
+            except PushConflict:
+                return "a push came meanwhile"
+            return error or "put back the map this node took"
+        taken = open_map(value, self.secret)
+
+        def still_refused() -> bytes:
+            try:
+                current = self.read()
+            except (StorageUnavailable, PushConflict):
+                raise
+            except (StorageError, PushError):
+                return value
+            if current is not None and not refusal(current, taken.seq, taken.stamp):
+                raise PushConflict("a push came meanwhile")
+            return value
+
+        try:
+            if not self._redis_store().write_watched(KEY, still_refused):
+                return "a push came meanwhile"
+        except PushConflict as exc:
+            return str(exc)
+        self._redis_store().write(STAMP, _stamp(value))
+        return "put back the map this node took"
+
+    def _sealed(self, seq: int, scripts: dict[str, Pushed]) -> bytes:
+        value = seal(pack(seq, scripts), self.secret)
         if len(value) > MAX_MAP:
             raise PushError(f"the pushed scripts together take {len(value)} bytes; at most "
                             f"{MAX_MAP}")
@@ -383,88 +573,3 @@ def _key_id(key: str) -> bytes:
 
 def _stamp(raw: bytes) -> bytes:
     return hashlib.sha256(raw).hexdigest().encode()
-
-
-class NodeSync:
-    """What `srw serve` runs for its nodes: read the map from the store, write it
-    into the history dir, and say which pools must roll (python.init changed)."""
-
-    def __init__(self, config: Config, nodes: list[NodeSettings], curve=None):
-        self.config, self.nodes = config, nodes
-        try:
-            self.store: ScriptStore | None = ScriptStore(config, curve, timeout=0.5)
-            self.off = ""
-        except PushError as exc:  # no secret: nothing pushed can be trusted, so none is taken
-            self.store, self.off = None, str(exc)
-            log.info("pushed scripts are off: %s", exc)
-        self.next = 0.0          # time.monotonic() of the next sync
-        self.next_catch_up = 0.0  # lmdb: of the next look at the other nodes' copies
-        self._last_error = ""
-        self._synced: tuple = ()  # the stamps the last sync read
-
-    def sync(self, catch_up: bool = False, if_changed: bool = False) -> list[str]:
-        """One sync now; the names that changed.  Raises StorageError, PushError,
-        OSError (each logged once by `poll`).  With `if_changed`, nothing is read
-        but the stamps while they have not moved.  lmdb, with `catch_up`: also
-        read the other nodes' copies, and keep a newer one in our own stores (we
-        missed a push while we were down)."""
-        if self.store is None:
-            raise PushError(self.off)
-        stamps = tuple(self.store.stamp(n) for n in self.nodes) \
-            if not self.config.cluster.redis else (self.store.stamp(),)
-        if if_changed and not catch_up and stamps == self._synced:
-            return []
-        if self.config.cluster.redis:
-            scripts = self.store.read()
-        else:
-            scripts = self._lmdb_scripts(catch_up)
-        changed = sync_dir(self.config.pool.history_dir, scripts)
-        for name in changed:
-            log.info("pushed script %s: version %d (sha256 %s) now in %s", name,
-                     scripts[name].version, scripts[name].sha256[:12],
-                     self.config.pool.history_dir)
-        self._last_error, self._synced = "", stamps
-        return changed
-
-    def _lmdb_scripts(self, catch_up: bool) -> dict[str, Pushed]:
-        own, errors = self.store.maps(self.nodes)
-        if not own:
-            raise StorageUnavailable("; ".join(errors))
-        if errors:  # e.g. a map in one store that is not sealed: said, and left out
-            log.warning("pushed scripts: %s", "; ".join(errors))
-        scripts = newest(own)
-        if catch_up:
-            others, _ = self.store.maps([n for n in self.config.nodes if n not in self.nodes])
-            everyone = newest([scripts, *others])
-            if everyone != scripts:
-                log.info("pushed scripts: a newer copy on another node; keeping it here")
-                for node in self.nodes:
-                    if error := self.store.write(node, everyone):
-                        log.warning("pushed scripts: %s", error)
-                scripts = everyone
-        return scripts
-
-    def poll(self, now: float) -> list[str]:
-        """Sync when due; errors are logged (once while they repeat), never raised."""
-        if now < self.next or self.store is None:
-            return []
-        self.next = now + SYNC_EVERY
-        catch_up = now >= self.next_catch_up
-        if catch_up:
-            self.next_catch_up = now + CATCH_UP_EVERY
-        try:
-            return self.sync(catch_up, if_changed=True)
-        except (StorageError, PushError, OSError) as exc:
-            if str(exc) != self._last_error:
-                log.warning("script sync: %s", exc)
-                self._last_error = str(exc)
-            return []
-        except Exception as exc:  # a bug here, or data we did not foresee: serve lives on
-            if str(exc) != self._last_error:
-                log.exception("script sync failed")
-                self._last_error = str(exc)
-            return []
-
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.close()

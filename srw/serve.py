@@ -20,7 +20,8 @@ takes the same from `srw reload|resize|stop`; [serve] pidfile holds our pid;
 under systemd (Type=notify) we report READY=1 and STOPPING=1.
 
 Scripts pushed into the cluster (`srw scripts push`, srw/pushed.py) reach the
-history dir from here: the loop checks the store every 2 s, and the control
+history dir from here (srw/pushsync.py: never an older map than the one taken):
+the loop checks the store every 2 s, and the control
 socket's `sync` does it at once; a new python.init rolls the pools as HUP does.
 """
 from __future__ import annotations
@@ -41,7 +42,8 @@ from broker.client import BrokerUnavailable, Client
 from core import exits, logs, redis_auth, security, timeouts
 from core.config import CONTROL_FD_ENV, RESUME_ENV, START_ENV, Config, NodeSettings
 from srw.control import COMMANDS, ControlServer, ControlUnavailable, socket_path
-from srw.pushed import INIT, NodeSync, PushError
+from srw.pushed import INIT, PushError
+from srw.pushsync import NodeSync
 from storage.client import StorageError, storage_ready
 
 log = logging.getLogger("srw.serve")
@@ -238,7 +240,9 @@ class Supervisor:
             return f"error: script sync: {exc}"
         self.took_scripts(changed)
         nodes = ", ".join(n.name for n in self.nodes)
-        return f"ok: {nodes}: " + (f"took {', '.join(changed)}" if changed else "up to date")
+        said = f"took {', '.join(changed)}" if changed else "up to date"
+        refused = "".join(f"; {note}" for note in self.scripts.notes)
+        return f"ok: {nodes}: sequence {self.scripts.taken[0]}, {said}{refused}"
 
     def took_scripts(self, changed: list[str]) -> None:
         """A new python.init rolls the pools (as HUP); other scripts need nothing:

@@ -6,11 +6,16 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
              head  cmd (1 byte) + id (64 bytes, data commands only) + rid
                    cmd   WRITE | READ | REMOVE | LOOKUP    data commands on one key
                          INDEXED_WRITE                     a write the node indexes
+                         WRITE_IF                          a write only if the value is
+                                                           still the one the caller read
                          STAT | ROUTES | SEARCH            about the node (no id)
                    id    the key's id: sha512 of the key, or a hex id zero-padded
                    rid   client-chosen request id, echoed in the reply (<= 64 bytes)
              data  the value for WRITE; for INDEXED_WRITE len(key) (2 bytes, big-endian)
-                   + key + value, sha512(key) being the id; for SEARCH msgpack
+                   + key + value, sha512(key) being the id; for WRITE_IF len(expected)
+                   (1 byte: 0 or 32) + expected + value, expected being the sha256
+                   (32 bytes) of the value the caller read, empty for "must not
+                   exist"; for SEARCH msgpack
                    {"query": str, "limit": int}; empty otherwise
     reply    [head, data]
              head  status (1 byte: its index in core.protocol.STATUSES)
@@ -23,6 +28,11 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
              ROUTES ok   data = msgpack {"nodes": [{"name", "group", "storage",
                                                     "broker", "ids"}, ...]}
              INDEXED_WRITE ok   data = b"" (indexed) or why it was not (e.g. binary)
+             WRITE_IF busy      nothing written: the stored value is not the expected
+                                one; data = sha256 hex of the stored value (b"" when
+                                there is none).  Checked and written in one LMDB write
+                                transaction, so two callers that read the same value
+                                cannot both write (compare-and-set)
              SEARCH ok   data = msgpack [{"key", "score", "snippet"}, ...], best first
              statuses    ok | not_found (READ, REMOVE, LOOKUP of a missing key) |
                          output_too_large (value above node.max_value, or an indexed
@@ -60,20 +70,22 @@ STAT = b"T"
 ROUTES = b"O"
 INDEXED_WRITE = b"I"
 SEARCH = b"S"
+WRITE_IF = b"C"
 
-DATA_COMMANDS = frozenset((WRITE, READ, REMOVE, LOOKUP, INDEXED_WRITE))
+DATA_COMMANDS = frozenset((WRITE, READ, REMOVE, LOOKUP, INDEXED_WRITE, WRITE_IF))
 NODE_COMMANDS = frozenset((STAT, ROUTES, SEARCH))
-MUTATING = frozenset((WRITE, REMOVE, INDEXED_WRITE))
-WITH_DATA = frozenset((WRITE, INDEXED_WRITE))
+MUTATING = frozenset((WRITE, REMOVE, INDEXED_WRITE, WRITE_IF))
+WITH_DATA = frozenset((WRITE, INDEXED_WRITE, WRITE_IF))
 NAMES = {WRITE: "write", READ: "read", REMOVE: "remove", LOOKUP: "lookup",
-         STAT: "stat", ROUTES: "routes", INDEXED_WRITE: "indexed write", SEARCH: "search"}
+         STAT: "stat", ROUTES: "routes", INDEXED_WRITE: "indexed write", SEARCH: "search",
+         WRITE_IF: "write-if"}
 
 ID_BYTES = 64
 MAX_HITS = 1000     # results one SEARCH may ask for
 MAX_QUERY = 4096    # characters of a SEARCH's query: a query runs in the storage loop
 
 __all__ = ["ProtocolError", "StorageRequest", "request_frames", "WRITE", "READ", "REMOVE",
-           "LOOKUP", "STAT", "ROUTES", "INDEXED_WRITE", "SEARCH"]
+           "LOOKUP", "STAT", "ROUTES", "INDEXED_WRITE", "SEARCH", "WRITE_IF"]
 
 
 _STATUS_CODE = {status: bytes([i]) for i, status in enumerate(bp.STATUSES)}
@@ -112,8 +124,8 @@ class StorageRequest:
             key_id, rid = b"", head[1:]
         else:
             raise ProtocolError(f"unknown command {cmd!r} (known: write W, read R, remove D, "
-                                "lookup L, indexed write I, stat T, routes O, search S; "
-                                "exec and status as core.protocol requests)")
+                                "lookup L, indexed write I, write-if C, stat T, routes O, "
+                                "search S; exec and status as core.protocol requests)")
         if len(rid) > bp.MAX_RID:
             raise ProtocolError("request id longer than 64 bytes")
         return cls(client, cmd, rid, key_id, data)
@@ -133,6 +145,24 @@ def split_indexed(data: bytes) -> tuple[bytes, bytes]:
         raise ProtocolError("indexed write: the data must be len(key) (2 bytes), the key "
                             "and the value")
     return bytes(data[2:2 + size]), data[2 + size:]
+
+
+def write_if_data(expected: bytes | None, value: bytes) -> bytes:
+    """The data frame of a WRITE_IF: `expected` is the sha256 digest of the value
+    read (32 bytes), or None when the key must not exist."""
+    expected = expected or b""
+    if len(expected) not in (0, 32):
+        raise ValueError("write-if: expected is a sha256 digest (32 bytes) or nothing")
+    return bytes([len(expected)]) + expected + value
+
+
+def split_write_if(data: bytes) -> tuple[bytes | None, bytes]:
+    """(expected digest or None, value) of a WRITE_IF's data frame, or ProtocolError."""
+    size = data[0] if data else -1
+    if size not in (0, 32) or len(data) < 1 + size:
+        raise ProtocolError("write-if: the data must be len(expected) (1 byte, 0 or 32), "
+                            "the expected value's sha256 and the value")
+    return (bytes(data[1:1 + size]) or None), data[1 + size:]
 
 
 def search_data(query: str, limit: int) -> bytes:

@@ -150,6 +150,27 @@ class RedisStore:
         with _refused(key):
             self.client.set(key, data)
 
+    def write_watched(self, key: str | bytes, make) -> bool:
+        """Compare-and-set: `make()` (which reads what it needs) gives the value,
+        written only if no one wrote `key` since it was watched, before `make` ran
+        (WATCH/MULTI/EXEC on the key's master: the srw user may run no Lua).
+        Whether it was written."""
+        with _refused(key):
+            try:
+                master = self.client.get_redis_connection(self.client.get_node_from_key(key))
+                with master.pipeline(transaction=True) as pipe:
+                    pipe.watch(key)
+                    value = make()
+                    pipe.multi()
+                    pipe.set(key, value)
+                    pipe.execute()
+                return True
+            except rx.WatchError:
+                return False
+            except DOWN as exc:
+                raise ClusterUnavailable(f"redis cluster: write {key!r}: "
+                                         f"{type(exc).__name__}: {exc}") from exc
+
     def remove(self, key: str | bytes) -> bool:
         """Whether the key was there."""
         with _refused(key):

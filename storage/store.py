@@ -79,7 +79,7 @@ class Store:
         self._batch_changes = Changes()
         self._handlers = {sp.WRITE: self._write, sp.READ: self._read,
                           sp.REMOVE: self._remove, sp.LOOKUP: self._lookup,
-                          sp.INDEXED_WRITE: self._indexed_write}
+                          sp.INDEXED_WRITE: self._indexed_write, sp.WRITE_IF: self._write_if}
 
     def apply(self, requests: list[StorageRequest]) -> list[Reply]:
         """One reply per request, in order (DEFERRED for an indexed write, which
@@ -157,6 +157,20 @@ class Store:
         txn.put(req.id, _HEADER.pack(time.time_ns()) + req.data)
         self._unindex(txn, req.id)
         return bp.OK, b"", ""
+
+    def _write_if(self, txn, req: StorageRequest) -> Reply:
+        """Compare-and-set: compared and written in this one write transaction."""
+        try:
+            expected, value = sp.split_write_if(req.data)
+        except sp.ProtocolError as exc:
+            return bp.BAD_REQUEST, b"", f"node {self.name}: {exc}"
+        stored = txn.get(req.id)
+        now = None if stored is None else hashlib.sha256(stored[_HEADER.size:]).digest()
+        if now != expected:
+            return (bp.BUSY, now.hex().encode() if now else b"",
+                    f"node {self.name}: write-if: the stored value is not the one expected "
+                    f"(another writer came first); nothing written")
+        return self._write(txn, StorageRequest(req.client, req.cmd, req.rid, req.id, value))
 
     def _indexed_write(self, txn, req: StorageRequest) -> Reply:
         try:

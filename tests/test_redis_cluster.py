@@ -349,20 +349,20 @@ def test_scripts_push_reaches_every_node_through_redis(rc, tmp_path):
     from core.config import load
     from srw.pushed import KEY, load_secret, unpack, unseal
     stored = unseal(session.read(KEY), load_secret(load(srw.path)))  # kept in Redis, sealed
-    assert unpack(stored)["pushed.py"].version == 1
+    assert unpack(stored)[1]["pushed.py"].version == 1
     results = session.exec("pushed.py")  # this host's serve synced before push returned
     assert sorted((r.node, r.status, r.data) for r in results) == \
         [(n["name"], "ok", f"pushed {n['name']}".encode()) for n in srw.nodes]
     listed = srw.run("scripts", "list", "--json")
     shown = json.loads(listed.stdout)
-    assert listed.returncode == 0 and len({json.dumps(v["pushed.py"]) for v in shown.values()}) == 1
-    assert len(shown) == 6 and shown["r0"]["pushed.py"][0] == 1
+    assert listed.returncode == 0 and len({json.dumps(v) for v in shown.values()}) == 1
+    assert len(shown) == 6 and shown["r0"]["scripts"]["pushed.py"][0] == 1
 
 
 def test_a_spoiled_scripts_key_costs_serve_nothing(rc, tmp_path):
     """Scripts can write any key, the pushed map's too: a list where the map
     should be, or a 17 MB string.  Every serve says why it took nothing, reads
-    no more than MAX_MAP, and goes on serving; the next push repairs the key."""
+    no more than MAX_MAP, goes on serving, and puts back the map it took."""
     redis, srw, session = rc
     serve = srw.procs[0]
     for how, said in (("a list", "WRONGTYPE"), ("huge", "holds more than 16777216"),
@@ -373,12 +373,76 @@ def test_a_spoiled_scripts_key_costs_serve_nothing(rc, tmp_path):
         wait_until(lambda: said in srw.log()[written:], 10, f"serve's log to name {said!r}")
         assert serve.poll() is None
         assert session.exec("where.py", key="after")[0].ok
+        if how != "a long stamp":  # a stamp only says when to read the map: it stays
+            assert "put back the map this node took" in srw.log()[written:]
     script = tmp_path / "pushed.py"
     script.write_text('__return_data = "repaired " + NODE')
     out = srw.run("scripts", "push", str(script))
-    assert out.returncode == 0 and b"replaced a stored map that could not be read" in out.stderr
+    assert out.returncode == 0, out.stderr
     assert {r.data for r in session.exec("pushed.py")} == \
         {f"repaired {n['name']}".encode() for n in srw.nodes}
+
+
+def test_an_older_scripts_map_is_refused_and_pushes_compare_and_set(rc, tmp_path):
+    """A sealed map written back after a newer push (by anyone who may write the
+    key: scripts, HTTP clients, here the test's session) is refused, logged and
+    put back; two pushes that read the same sequence: WATCH/MULTI/EXEC lets one
+    write it, and the other stores nothing."""
+    import threading
+    from srw import pushed
+    redis, srw, session = rc
+    script = tmp_path / "pushed.py"
+    script.write_text('__return_data = "old " + NODE')
+    assert srw.run("scripts", "push", str(script)).returncode == 0
+    copy = session.read(pushed.KEY), session.read(pushed.STAMP)
+    config = cfg.load(srw.path)
+    seq = pushed.open_map(copy[0], pushed.load_secret(config)).seq
+    script.write_text('__return_data = "new " + NODE')
+    out = srw.run("scripts", "push", str(script))
+    assert out.returncode == 0 and f"sequence {seq + 1}".encode() in out.stdout, out.stderr
+    newer = session.read(pushed.KEY)
+    written = len(srw.log())
+    session.write(pushed.KEY, copy[0])
+    session.write(pushed.STAMP, copy[1])
+    said = f"sequence {seq} is older than the {seq + 1} this node took"
+    wait_until(lambda: said in srw.log()[written:], 10, "serve's refusal in its log")
+    wait_until(lambda: session.read(pushed.KEY) == newer, 10, "the newer map put back")
+    assert {r.data for r in session.exec("pushed.py")} == \
+        {f"new {n['name']}".encode() for n in srw.nodes}
+
+    barrier = threading.Barrier(2, timeout=10)
+
+    class ReadThenWait(pushed.ScriptStore):
+        def _next(self, current, files):  # both have read before either writes
+            made = super()._next(current, files)
+            barrier.wait()
+            return made
+
+    outcome = {}
+
+    def push_one(name: str) -> None:
+        store = ReadThenWait(config, timeout=5.0)
+        try:
+            outcome[name] = store.push({name: b"x = 1"})[0]
+        except pushed.PushConflict as exc:
+            outcome[name] = str(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=push_one, args=(f"p{i}.py",)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    [stored] = [v for v in outcome.values() if not isinstance(v, str)]
+    [lost] = [v for v in outcome.values() if isinstance(v, str)]
+    assert stored.seq == seq + 2
+    assert lost == f"another push took sequence {seq + 2}; run push again"
+    store = pushed.ScriptStore(config)
+    try:
+        assert store.read() == stored
+    finally:
+        store.close()
 
 
 def test_execs_follow_a_slot_moved_under_load(rc):

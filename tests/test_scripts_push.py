@@ -12,7 +12,8 @@ import pytest
 from srw import pushed
 from storage.client import Session
 
-from conftest import kill_tree, wait_storage, wait_until
+from conftest import (kill_tree, proxy_request, serving_with_proxy, wait_storage,
+                      wait_until)
 
 NODES = [{"name": "n1", "group": 1}, {"name": "n2", "group": 2}]
 INIT_V2 = """
@@ -83,9 +84,10 @@ def test_push_reaches_every_node_and_list_shows_its_hash(make_cluster, tmp_path)
     assert listed.returncode == 0, listed.stderr
     shown = json.loads(listed.stdout)
     digest = pushed.Pushed.make("ver.py", script.read_bytes(), 1).sha256
-    assert shown["n1"]["ver.py"] == shown["n2"]["ver.py"] == [1, digest]
-    assert shown["n1"]["python.init"] == shown["n2"]["python.init"]
-    assert shown["n1"]["python.init"][0] == 1
+    assert shown["n1"]["scripts"]["ver.py"] == shown["n2"]["scripts"]["ver.py"] == [1, digest]
+    assert shown["n1"]["scripts"]["python.init"] == shown["n2"]["scripts"]["python.init"]
+    assert shown["n1"]["scripts"]["python.init"][0] == 1
+    assert shown["n1"]["sequence"] == shown["n2"]["sequence"] == 2
     assert open(f"{history2}/ver.py", "rb").read() == script.read_bytes()
 
     # Pushing the same content again keeps its version; a change bumps it.
@@ -133,13 +135,17 @@ def test_push_refuses_a_large_script(make_cluster, tmp_path):
 
 def test_stored_scripts_are_checked_like_hostile_input():
     good = pushed.Pushed.make("a.py", b"x = 1", 3)
-    assert pushed.unpack(pushed.pack({"a.py": good})) == {"a.py": good}
+    assert pushed.unpack(pushed.pack(7, {"a.py": good})) == (7, {"a.py": good})
     for bad, words in [
-        ({"a.py": ["a.py", 1, "0" * 64, b"x = 1"]}, "sha256"),
-        ({"../x": ["../x", 1, good.sha256, b"x = 1"]}, "bad script name"),
-        ({"b.py": good.to_list()}, "names itself"),
-        ({"a.py": ["a.py", -1, good.sha256, b"x = 1"]}, "wrong types"),
-        ([1, 2], "not a map"),
+        ([1, {"a.py": ["a.py", 1, "0" * 64, b"x = 1"]}], "sha256"),
+        ([1, {"../x": ["../x", 1, good.sha256, b"x = 1"]}], "bad script name"),
+        ([1, {"b.py": good.to_list()}], "names itself"),
+        ([1, {"a.py": ["a.py", -1, good.sha256, b"x = 1"]}], "wrong types"),
+        ([1, [1, 2]], "not a map"),
+        ({"a.py": good.to_list()}, "not \\[sequence, map\\]"),
+        ([0, {}], "sequence is not 1"),
+        ([1 << 63, {}], "sequence is not 1"),
+        (["1", {}], "sequence is not 1"),
     ]:
         import msgpack
         with pytest.raises(pushed.PushError, match=words):
@@ -166,7 +172,7 @@ def test_a_map_a_script_wrote_never_reaches_the_history_dir(make_cluster, sealed
     cluster = make_cluster(nodes=NODES, pool={"workers": 1}, scripts={"forge.py": FORGE})
     cluster.serve()
     init = b"import os\nos.system('id > /tmp/srw-forged-init')\n"
-    forged = pushed.pack({"python.init": pushed.Pushed.make("python.init", init, 99)})
+    forged = pushed.pack(99, {"python.init": pushed.Pushed.make("python.init", init, 99)})
     value = forged if sealed_with is None else pushed.seal(forged, sealed_with)
     stamp = hashlib.sha256(value).hexdigest().encode()
     with cluster.client(timeout=10) as client:
@@ -178,3 +184,252 @@ def test_a_map_a_script_wrote_never_reaches_the_history_dir(make_cluster, sealed
     assert "python.init" not in reply, reply
     assert (cluster.history / "python.init").read_bytes() == before
     assert "seal" in cluster.log() and "n1:" in cluster.log()
+
+
+# A script that copies the sealed map and its stamp, and later writes the copy back.
+REPLAY = """
+what = __input_binary_data_tuple[0].decode()
+if what == "save":
+    n.write_data("saved:map", n.read_data("srw:scripts"))
+    n.write_data("saved:stamp", n.read_data("srw:scripts:stamp"))
+elif what == "replay":
+    n.write_data("srw:scripts", n.read_data("saved:map"))
+    n.write_data("srw:scripts:stamp", n.read_data("saved:stamp"))
+elif what == "delete":
+    n.remove("srw:scripts")
+    n.remove("srw:scripts:stamp")
+__return_data = what
+"""
+
+
+def run_replay(cluster, what: str) -> None:
+    with cluster.client(timeout=10) as client:
+        r = client.exec("replay.py", what.encode())
+    assert (r.status, r.data) == ("ok", what.encode()), r
+
+
+def sync_now(cluster) -> str:
+    from core.config import load
+    from srw.control import send, socket_path
+    return send(socket_path(load(cluster.path)), "sync")
+
+
+def push(cluster, path, content: str) -> bytes:
+    path.write_text(content)
+    out = cluster.run("scripts", "push", str(path))
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_a_replayed_older_map_is_refused_also_after_a_restart(make_cluster, tmp_path):
+    """A script copies the sealed map of sequence 1, the operator pushes sequence
+    2, the script writes the copy back: the seal matches, but the node took 2
+    and refuses 1, says so once, and still after a restart of `srw serve`."""
+    cluster = make_cluster(pool={"workers": 1}, scripts={"replay.py": REPLAY})
+    cluster.serve()
+    script = tmp_path / "ver.py"
+    assert b"sequence 1" in push(cluster, script, '__return_data = "v1"')
+    run_replay(cluster, "save")
+    assert b"sequence 2" in push(cluster, script, '__return_data = "v2"')
+    run_replay(cluster, "replay")
+
+    said = "sequence 1 is older than the 2 this node took"
+    reply = sync_now(cluster)
+    assert said in reply and reply.startswith("ok: n1: sequence 2, up to date"), reply
+    assert "put back the map this node took" in reply, reply
+    sync_now(cluster)
+    assert (cluster.history / "ver.py").read_text() == '__return_data = "v2"'
+    assert cluster.log().count(said) == 1   # once, not at every sync
+    with cluster.client(timeout=10) as client:
+        assert client.exec("ver.py").data == b"v2"
+    # The node put its map back, so the next push builds on it, not on the copy.
+    assert b"sequence 3" in push(cluster, script, '__return_data = "v3"')
+
+    # Stopped, the copy of sequence 1 written into its store: serve forgets nothing.
+    with Session(cluster.path, timeout=5.0) as s:
+        copy = s.read("saved:map"), s.read("saved:stamp")
+    cluster.stop()
+    write_store(cluster, {"srw:scripts": copy[0], "srw:scripts:stamp": copy[1]})
+    cluster.serve()
+    said = "sequence 1 is older than the 3 this node took"
+    wait_until(lambda: said in cluster.log(), 10.0, "the restarted serve's refusal")
+    assert (cluster.history / "ver.py").read_text() == '__return_data = "v3"'
+    with cluster.client(timeout=10) as client:
+        assert client.exec("ver.py").data == b"v3"
+    listed = json.loads(cluster.run("scripts", "list", "--json").stdout)
+    assert listed["n1"]["sequence"] == 3 and listed["n1"]["scripts"]["ver.py"][0] == 3
+
+
+def test_a_map_replayed_over_http_is_refused(make_cluster, tmp_path):
+    """The same replay by an HTTP client: upload&name=srw:scripts."""
+    cluster = make_cluster(pool={"workers": 1})
+    with serving_with_proxy(cluster):
+        script = tmp_path / "ver.py"
+        push(cluster, script, '__return_data = "v1"')
+        with Session(cluster.path, timeout=5.0) as s:
+            copy = s.read("srw:scripts"), s.read("srw:scripts:stamp")
+        push(cluster, script, '__return_data = "v2"')
+        for key, value in zip(("srw:scripts", "srw:scripts:stamp"), copy):
+            status, _, body = proxy_request(cluster, "POST", f"/elliptics?upload&name={key}",
+                                            value)
+            assert status == 200, body
+        reply = sync_now(cluster)
+        assert "sequence 1 is older than the 2 this node took" in reply, reply
+        assert (cluster.history / "ver.py").read_text() == '__return_data = "v2"'
+
+
+def write_store(cluster, values: dict[str, bytes], node: str = "n1") -> None:
+    """Write into a stopped node's LMDB store, as its storage process would."""
+    import hashlib
+
+    from storage import protocol as sp
+    from storage.store import Store
+    store = Store(cluster.root / "var" / node / "store", node)
+    try:
+        replies = store.apply([sp.StorageRequest(b"", sp.WRITE, b"", hashlib.sha512(k.encode())
+                                                 .digest(), v) for k, v in values.items()])
+        assert all(r[0] == "ok" for r in replies), replies
+    finally:
+        store.close()
+
+
+def test_a_removed_map_changes_nothing_on_the_node(make_cluster, tmp_path):
+    cluster = make_cluster(pool={"workers": 1}, scripts={"replay.py": REPLAY})
+    cluster.serve()
+    script = tmp_path / "ver.py"
+    push(cluster, script, '__return_data = "v1"')
+    push(cluster, script, '__return_data = "v2"')
+    run_replay(cluster, "delete")
+    said = "no map under srw:scripts"
+    for _ in range(3):
+        reply = sync_now(cluster)
+        assert reply.startswith("ok: n1: sequence 2, up to date"), reply
+    assert (cluster.history / "ver.py").read_text() == '__return_data = "v2"'
+    assert cluster.log().count(said) == 1, cluster.log()   # and the map was put back
+    with cluster.client(timeout=10) as client:
+        assert client.exec("ver.py").data == b"v2"
+
+    # A node that lost its copy cannot put the map back: it still keeps its
+    # scripts, says so once (not at every sync), and the next push starts from
+    # no map, after the sequence the node took.
+    (cluster.root / "var" / "n1" / "pushed.map").unlink()
+    run_replay(cluster, "delete")
+    lost = "no copy of sequence 2 in pushed.map to put back"
+    for _ in range(3):
+        assert lost in sync_now(cluster)
+    assert cluster.log().count(lost) == 1, cluster.log()
+    assert (cluster.history / "ver.py").read_text() == '__return_data = "v2"'
+    other = tmp_path / "other.py"
+    other.write_text('__return_data = "other"')
+    out = cluster.run("scripts", "push", str(other))
+    assert out.returncode == 0 and b"sequence 3" in out.stdout, out.stderr
+    assert b"the store holds no map, not the sequence 2 the nodes took" in out.stderr
+    assert b"srw: n1: sequence 3, took other.py\n" in out.stdout
+    assert (cluster.history / "ver.py").read_text() == '__return_data = "v2"'
+
+
+def test_two_pushes_racing_never_take_the_same_sequence(make_cluster):
+    """Two pushers both read sequence N, then both write N + 1 by compare-and-set:
+    the storage nodes let exactly one of them, and the other stores nothing."""
+    import threading
+    from core.config import load
+    cluster = make_cluster(nodes=NODES)
+    cluster.serve()
+    config = load(cluster.path)
+    barrier = threading.Barrier(2, timeout=10)
+
+    class ReadThenWait(pushed.ScriptStore):
+        def _next(self, current, files):  # both have read before either writes
+            made = super()._next(current, files)
+            barrier.wait()
+            return made
+
+    for round_ in range(1, 4):
+        outcome = {}
+
+        def push_one(name: str) -> None:
+            store = ReadThenWait(config, timeout=5.0)
+            try:
+                outcome[name] = store.push({name: f"x = {round_}".encode()})
+            except pushed.PushConflict as exc:
+                outcome[name] = str(exc)
+            finally:
+                store.close()
+
+        threads = [threading.Thread(target=push_one, args=(f"p{i}.py",)) for i in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        [(winner, (stored, errors, _))] = [(k, v) for k, v in outcome.items()
+                                           if not isinstance(v, str)]
+        [lost] = [v for v in outcome.values() if isinstance(v, str)]
+        assert stored.seq == round_ and errors == []
+        assert lost == f"another push took sequence {round_}; run push again"
+        store = pushed.ScriptStore(config)
+        on_nodes = [store.read(node) for node in config.nodes]
+        store.close()
+        assert on_nodes == [stored, stored]  # the loser wrote nowhere
+
+
+def test_write_if_compares_and_sets_in_one_transaction(node):
+    """The storage command under the push: written only over the value expected."""
+    import hashlib
+
+    from storage import protocol as sp
+    from storage.client import StorageClient
+    key = hashlib.sha512(b"cas").digest()
+    with StorageClient(node.node("n1")["storage"]) as client:
+        def write_if(expected, value):
+            return client.call(sp.WRITE_IF, key, sp.write_if_data(expected, value))
+        assert write_if(None, b"one").ok                        # must not exist: it did not
+        refused = write_if(None, b"two")
+        assert (refused.status, refused.data) == ("busy", hashlib.sha256(b"one").hexdigest()
+                                                  .encode())
+        assert write_if(hashlib.sha256(b"one").digest(), b"two").ok
+        assert write_if(hashlib.sha256(b"one").digest(), b"three").status == "busy"
+        assert client.call(sp.READ, key).data == b"two"
+        bad = client.call(sp.WRITE_IF, key, b"\x05abc")
+        assert bad.status == "bad_request" and "len(expected)" in bad.error
+
+
+def test_a_push_never_builds_on_a_map_older_than_the_nodes_took(node):
+    """Else a replayed map would come back under a new sequence, with its old
+    python.init beside the pushed file: it starts from no map, after theirs."""
+    from core.config import load
+    store = pushed.ScriptStore(load(node.path))
+    try:
+        first, _, _ = store.push({"a.py": b"x = 1"})
+        second, _, _ = store.push({"a.py": b"x = 2"})
+        assert (first.seq, second.seq) == (1, 2)
+        for floor, held in (((3, "0" * 64), 2), ((4, "0" * 64), 4)):  # older; other content
+            stored, errors, replaced = store.push({"b.py": b"y = 1"}, floor)
+            assert (stored.seq, sorted(stored.scripts), errors) == (floor[0] + 1, ["b.py"], [])
+            [why] = replaced
+            assert f"a map of sequence {held}, not the sequence {floor[0]} the nodes took" in why
+        latest = store.read()
+        stored, _, replaced = store.push({"c.py": b"z = 1"}, (latest.seq, latest.stamp))
+        assert replaced == [] and sorted(stored.scripts) == ["b.py", "c.py"]
+    finally:
+        store.close()
+
+
+def test_the_state_file_is_read_as_hostile_input(tmp_path, caplog):
+    """data_dir/pushed.seq: one short number and one sha256; else ignored, said."""
+    from srw.pushsync import STATE, read_state
+    good = "ab" * 32
+    assert read_state(tmp_path) == (0, "")            # none yet: nothing taken
+    for text, want in [
+        (f"7 {good}\n", (7, good)),
+        (f"7 {good}", (7, good)),
+        (f"-7 {good}\n", (0, "")),
+        (f"7 {good.upper()}\n", (0, "")),
+        (f"{1 << 63} {good}\n", (0, "")),              # past the largest sequence
+        ("7" * 30 + f" {good}\n", (0, "")),
+        (f"7 {good} extra\n", (0, "")),
+        (f"7 {good}\n" + " " * 200, (0, "")),          # longer than MAX_STATE
+        ("\xff\xfe garbage", (0, "")),
+    ]:
+        (tmp_path / STATE).write_bytes(text.encode("utf-8", "surrogateescape"))
+        assert read_state(tmp_path) == want, text
+    assert caplog.text.count("is not \"SEQUENCE SHA256\"; ignored") == 7
