@@ -123,6 +123,10 @@ def test_term_under_load_answers_every_request(make_cluster):
     statuses = {r.status for r in results}
     assert statuses <= {"ok", "unavailable"} and "ok" in statuses, statuses
     assert serve.wait(15) == 0
+    # Every exec a worker ran has its line, written before the worker left
+    # (the pool stops its workers with SIGUSR2 once the broker stopped).
+    lines = cluster.log().count("INFO exec slow.py 0 B -> 4 B ok")
+    assert sum(r.status == "ok" for r in results) <= lines <= len(results)
 
 
 class SteadyLoad:
