@@ -7,11 +7,16 @@ Prints, side by side:
   * the same echo behind libzmq's C forwarder (zmq_proxy): the four hops an
     exec makes, with no Python between them;
   * Redis EVAL "return ARGV[1]" through redis-py (hiredis) on a unix socket,
-    against a redis-server this bench starts and stops;
-  * srw trivial exec (echo.py) through a real node: client -> broker -> worker;
+    against a redis-server this bench starts and stops: 64 in flight as a
+    synchronous pipeline, and as 64 `redis.asyncio` coroutines sharing one
+    connection pool (each its own EVAL, no pipeline: how a server calls it);
+  * srw trivial exec (echo.py) through a real node: client -> broker -> worker,
+    on the shipped settings (`info`: a log line per exec, to a file) and with
+    `warning` (no line per exec); the nodes run side by side and take turns
+    (--rounds), so their ratio comes from the same moments of the machine;
   * the same with CurveZMQ on (keys, ZAP, encryption; README "Security").
 For each: p50/p99 of one-at-a-time requests, and requests/s with 64 in flight
-(pipelined on one socket).  Then memory: a python.init holding ~100 MB of
+(pipelined on one socket; an srw row gives its best round).  Then memory: a python.init holding ~100 MB of
 Python objects, the private memory (USS) of each worker, zygote and runner
 after 1,000 requests, next to the parent's RSS.  Figures only; nothing here is a pass/fail test.
 """
@@ -39,8 +44,11 @@ from core import security  # noqa: E402
 from core.config import RIGHTS  # noqa: E402
 
 FLOOR = "floor: 4 hops, C relay (zmq_proxy) + echo"
-SRW = "srw exec echo.py (client->broker->worker)"
+SRW = "srw exec echo.py, log warning"
+SRW_INFO = "srw exec echo.py, shipped (log info, file)"
 SRW_CURVE = "srw exec echo.py, CurveZMQ"
+REDIS = "Redis EVAL (redis-py pipeline, unix)"
+REDIS_ASYNC = "Redis EVAL (redis.asyncio, 64 coroutines)"
 PAYLOAD = b"x" * 100   # with the meta, ~132 bytes on the wire like the design's floors
 IN_FLIGHT = 64
 
@@ -118,18 +126,16 @@ def bench_raw_echo(tmp: Path, n: int, relay: bool = False) -> tuple[list[float],
     return lat, rate
 
 
-def bench_redis(tmp: Path, n: int) -> tuple[list[float], float] | None:
-    server_bin = shutil.which("redis-server")
-    if server_bin is None:
-        print("redis-server not found: install Debian's redis-server (make system-deps)")
-        return None
-    import redis
-    sock_path = str(tmp / "redis.sock")
-    server = subprocess.Popen([server_bin, "--port", "0", "--unixsocket", sock_path,
-                               "--save", "", "--appendonly", "no"],
-                              stdout=subprocess.DEVNULL)
-    try:
-        r = redis.Redis(unix_socket_path=sock_path)
+class RedisServer:
+    """A redis-server on a unix socket in `tmp`, no persistence; stopped by `stop`."""
+
+    def __init__(self, server_bin: str, tmp: Path):
+        import redis
+        self.path = str(tmp / "redis.sock")
+        self.proc = subprocess.Popen([server_bin, "--port", "0", "--unixsocket", self.path,
+                                      "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL)
+        r = redis.Redis(unix_socket_path=self.path)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -137,37 +143,79 @@ def bench_redis(tmp: Path, n: int) -> tuple[list[float], float] | None:
                 break
             except redis.ConnectionError:
                 if time.monotonic() > deadline:
+                    self.stop()
                     raise
                 time.sleep(0.02)
-        script = "return ARGV[1]"
-        sha = r.script_load(script)
+        r.close()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+SCRIPT = "return ARGV[1]"
+
+
+def bench_redis(server: RedisServer, n: int) -> tuple[list[float], float]:
+    """redis-py, blocking: one at a time, then IN_FLIGHT per pipeline."""
+    import redis
+    r = redis.Redis(unix_socket_path=server.path)
+    sha = r.script_load(SCRIPT)
+    for _ in range(500):
+        r.evalsha(sha, 0, PAYLOAD)
+    lat = []
+    for _ in range(n // 4):
+        t = time.perf_counter()
+        r.eval(SCRIPT, 0, PAYLOAD)
+        lat.append((time.perf_counter() - t) * 1e6)
+    t = time.perf_counter()
+    done = 0
+    while done < n:
+        pipe = r.pipeline(transaction=False)
+        for _ in range(IN_FLIGHT):
+            pipe.eval(SCRIPT, 0, PAYLOAD)
+        pipe.execute()
+        done += IN_FLIGHT
+    rate = done / (time.perf_counter() - t)
+    r.close()
+    return lat, rate
+
+
+def bench_redis_async(server: RedisServer, n: int) -> tuple[list[float], float]:
+    """redis.asyncio (hiredis parser): one at a time, then IN_FLIGHT coroutines
+    each awaiting its own EVAL on one connection pool (a connection each), the
+    way an asyncio server calls Redis."""
+    import asyncio
+
+    import redis.asyncio
+
+    async def measure() -> tuple[list[float], float]:
+        r = redis.asyncio.Redis(unix_socket_path=server.path)
         for _ in range(500):
-            r.evalsha(sha, 0, PAYLOAD)
+            await r.eval(SCRIPT, 0, PAYLOAD)
         lat = []
         for _ in range(n // 4):
             t = time.perf_counter()
-            r.eval(script, 0, PAYLOAD)
+            await r.eval(SCRIPT, 0, PAYLOAD)
             lat.append((time.perf_counter() - t) * 1e6)
+
+        async def caller(count: int) -> None:
+            for _ in range(count):
+                await r.eval(SCRIPT, 0, PAYLOAD)
+        await asyncio.gather(*(caller(1) for _ in range(IN_FLIGHT)))  # opens the connections
+        each = n // IN_FLIGHT
         t = time.perf_counter()
-        done = 0
-        while done < n:
-            pipe = r.pipeline(transaction=False)
-            for _ in range(IN_FLIGHT):
-                pipe.eval(script, 0, PAYLOAD)
-            pipe.execute()
-            done += IN_FLIGHT
-        rate = done / (time.perf_counter() - t)
-        r.close()
-    finally:
-        server.terminate()
-        server.wait()
-    return lat, rate
+        await asyncio.gather(*(caller(each) for _ in range(IN_FLIGHT)))
+        rate = each * IN_FLIGHT / (time.perf_counter() - t)
+        await r.aclose()
+        return lat, rate
+    return asyncio.run(measure())
 
 
 # srw ------------------------------------------------------------------------------
 
 def write_config(root: Path, workers: int, init: str | None = None,
-                 curve: bool = False) -> Path:
+                 curve: bool = False, level: str = "warning") -> Path:
     history = root / "history"
     shutil.copytree(REPO / "history", history)
     if init is not None:
@@ -181,8 +229,11 @@ history_dir = "history"
 [broker]
 request_timeout = 30.0
 
+[proxy]
+listen = "127.0.0.1:{free_port()}"  # nodes side by side: a port each
+
 [log]
-level = "warning"
+level = "{level}"
 file = "srw.log"
 
 [[node]]
@@ -244,29 +295,74 @@ class Node:
             self.proc.kill()
 
 
-def bench_srw(tmp: Path, n: int, workers: int, curve: bool = False
-              ) -> tuple[list[float], float]:
-    node = Node(write_config(tmp / ("curve" if curve else "exec"), workers, curve=curve),
-                workers)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    if node.curve is not None:
-        node.curve.apply(sock)
-    sock.connect(node.endpoint)
-    frames = p.request_frames(p.EXEC, b"r", p.ExecMeta(name="echo.py"), PAYLOAD)
-    try:
-        reply = latency(sock, frames, 1)
-        assert reply, "no reply"
-        latency(sock, frames, 500)
-        lat = latency(sock, frames, n // 4)
-        rate = throughput(sock, frames, n)
-        sock.send_multipart(frames)
-        status = p.parse_reply(sock.recv_multipart())[1].status
+class Exec:
+    """A DEALER to a started node, sending echo.py execs."""
+
+    def __init__(self, node: Node):
+        self.node, self.ctx = node, zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        if node.curve is not None:
+            node.curve.apply(self.sock)
+        self.sock.connect(node.endpoint)
+        self.frames = p.request_frames(p.EXEC, b"r", p.ExecMeta(name="echo.py"), PAYLOAD)
+        latency(self.sock, self.frames, 500)  # warm: connections, script cache, runners
+        serve = psutil.Process(node.proc.pid)
+        self.tree = [serve] + serve.children(recursive=True)
+        self.cpu_us: list[float] = []  # CPU per exec in the node's processes, by round
+
+    def cpu(self) -> float:
+        """CPU seconds the node's processes have used: less sensitive than req/s to
+        what else runs on the machine."""
+        total = 0.0
+        for proc in self.tree:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        return total
+
+    def latency(self, n: int) -> list[float]:
+        return latency(self.sock, self.frames, n)
+
+    def throughput(self, n: int) -> float:
+        cpu = self.cpu()
+        rate = throughput(self.sock, self.frames, n)
+        self.cpu_us.append((self.cpu() - cpu) / n * 1e6)
+        self.sock.send_multipart(self.frames)
+        status = p.parse_reply(self.sock.recv_multipart())[1].status
         assert status == "ok", status
+        return rate
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+        self.node.stop()
+
+
+def bench_srw(tmp: Path, n: int, workers: int, rounds: int, variants: dict[str, dict]
+              ) -> dict[str, tuple[list[float], list[float], list[float]]]:
+    """Each variant (name: write_config keywords) on its own node, all started
+    at once; they take turns, `rounds` times, in the reverse order every other
+    round: latency, then throughput.
+    Returns name: (latencies, the rate of each round, CPU us per exec by round)."""
+    execs: dict[str, Exec] = {}
+    try:
+        for name, kwargs in variants.items():
+            root = tmp / f"node{len(execs)}"
+            execs[name] = Exec(Node(write_config(root, workers, **kwargs), workers))
+        results = {v: ([], [], ex.cpu_us) for v, ex in execs.items()}
+        for i in range(rounds):
+            for name, ex in list(execs.items())[::-1 if i % 2 else 1]:
+                results[name][0].extend(ex.latency(n // 4 // rounds))
+                results[name][1].append(ex.throughput(n))
+        return results
     finally:
-        ctx.destroy(linger=0)
-        node.stop()
-    return lat, rate
+        for ex in execs.values():
+            ex.close()
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 BIG_INIT = """
@@ -300,7 +396,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=20000, help="requests per throughput run")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="turns the srw nodes take")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--only-srw", action="store_true",
+                    help="srw info and warning, redis.asyncio: a quicker A/B")
     args = ap.parse_args()
     n = args.requests
     print(f"exec bench: {os.cpu_count()} CPUs, {len(PAYLOAD)} B payload, "
@@ -308,36 +407,67 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="srw-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         results = {}
-        print("measuring raw pyzmq echo ...", flush=True)
-        results["raw pyzmq DEALER<->ROUTER echo, ipc"] = bench_raw_echo(tmp, n)
-        print("measuring the four-hop floor ...", flush=True)
-        results[FLOOR] = bench_raw_echo(tmp, n, relay=True)
-        print("measuring Redis EVAL ...", flush=True)
-        redis_result = bench_redis(tmp, n)
-        if redis_result:
-            results["Redis EVAL 'return ARGV[1]' (redis-py, unix)"] = redis_result
-        print("measuring srw exec ...", flush=True)
-        results[SRW] = bench_srw(tmp, n, args.workers)
-        print("measuring srw exec with CurveZMQ ...", flush=True)
-        results[SRW_CURVE] = bench_srw(tmp, n, args.workers, curve=True)
+        if not args.only_srw:
+            print("measuring raw pyzmq echo ...", flush=True)
+            results["raw pyzmq DEALER<->ROUTER echo, ipc"] = bench_raw_echo(tmp, n)
+            print("measuring the four-hop floor ...", flush=True)
+            results[FLOOR] = bench_raw_echo(tmp, n, relay=True)
+        server_bin = shutil.which("redis-server")
+        if server_bin is None:
+            print("redis-server not found: install Debian's redis-server (make system-deps)")
+        else:
+            print("measuring Redis EVAL ...", flush=True)
+            server = RedisServer(server_bin, tmp)
+            try:
+                if not args.only_srw:
+                    results[REDIS] = bench_redis(server, n)
+                results[REDIS_ASYNC] = bench_redis_async(server, n)
+            finally:
+                server.stop()
+        print(f"measuring srw exec, {args.rounds} rounds ...", flush=True)
+        variants = {SRW_INFO: {"level": "info"}, SRW: {}}
+        if not args.only_srw:
+            variants[SRW_CURVE] = {"curve": True}
+        srw = bench_srw(tmp, n, args.workers, args.rounds, variants)
+        for name, (lat, rates, _) in srw.items():
+            results[name] = (lat, max(rates))
         print(f"\n{'path':44} {'p50 us':>8} {'p99 us':>8} {'req/s':>10}")
         for name, (lat, rate) in results.items():
             print(row(name, lat, rate))
-        srw_lat, srw_rate = results[SRW]
-        curve_lat, curve_rate = results[SRW_CURVE]
-        print(f"\ncurve p50 / plaintext p50 = {pct(curve_lat, 0.5) / pct(srw_lat, 0.5):.2f} "
-              f"(target <= 1.15); curve req/s / plaintext = {curve_rate / srw_rate:.2f} "
-              "(target >= 0.85)")
-        if redis_result:
-            ratio = pct(srw_lat, 0.5) / pct(redis_result[0], 0.5)
-            floor = pct(results[FLOOR][0], 0.5) / pct(redis_result[0], 0.5)
-            print(f"\nfour-hop floor p50 / Redis EVAL p50 = {floor:.2f}: an exec crosses four "
-                  "ZeroMQ hops (client, broker, worker, broker, client)")
-            print(f"srw p50 / Redis EVAL p50 = {ratio:.2f} (target <= 2.0); "
-                  f"srw p99 = {pct(srw_lat, 0.99):.0f} us (target <= 1000); "
-                  f"srw {srw_rate:,.0f} req/s (target >= 20,000)")
-        if not args.skip_memory:
+        report_ratios(results, srw)
+        if not args.skip_memory and not args.only_srw:
             bench_memory(tmp, args.workers)
+
+
+def report_ratios(results: dict, srw: dict) -> None:
+    by_round = [i / w for i, w in zip(srw[SRW_INFO][1], srw[SRW][1])]
+    print(f"\ninfo / warning req/s by round: {', '.join(f'{r:.3f}' for r in by_round)}; "
+          f"median {median(by_round):.3f} (target >= 0.97: the exec line costs <= 3%)")
+    for name, (_, _, cpu) in srw.items():
+        print(f"CPU us per exec, all the node's processes, by round: "
+              f"{', '.join(f'{c:.0f}' for c in cpu)} ({name})")
+    cpu = [i / w for i, w in zip(srw[SRW_INFO][2], srw[SRW][2])]
+    print(f"info / warning CPU per exec by round: {', '.join(f'{r:.3f}' for r in cpu)}; "
+          f"median {median(cpu):.3f}")
+    srw_lat, srw_rate = results[SRW]
+    if SRW_CURVE in srw:
+        curve = [c / w for c, w in zip(srw[SRW_CURVE][1], srw[SRW][1])]
+        print(f"curve p50 / plaintext p50 = "
+              f"{pct(results[SRW_CURVE][0], 0.5) / pct(srw_lat, 0.5):.2f} (target <= 1.15); "
+              f"curve req/s / plaintext by round: {', '.join(f'{r:.2f}' for r in curve)} "
+              "(target >= 0.85)")
+    if REDIS_ASYNC in results:
+        async_rate = results[REDIS_ASYNC][1]
+        print(f"srw req/s / redis.asyncio EVAL req/s: shipped (info) "
+              f"{results[SRW_INFO][1] / async_rate:.2f}, warning {srw_rate / async_rate:.2f}")
+    if REDIS in results:
+        redis_lat = results[REDIS][0]
+        floor = pct(results[FLOOR][0], 0.5) / pct(redis_lat, 0.5)
+        print(f"four-hop floor p50 / Redis EVAL p50 = {floor:.2f}: an exec crosses four "
+              "ZeroMQ hops (client, broker, worker, broker, client)")
+        print(f"srw p50 / Redis EVAL p50 = {pct(srw_lat, 0.5) / pct(redis_lat, 0.5):.2f} "
+              f"(target <= 2.0); srw p99 = {pct(srw_lat, 0.99):.0f} us (target <= 1000); "
+              f"srw {srw_rate:,.0f} req/s (target >= 20,000)")
 
 
 if __name__ == "__main__":

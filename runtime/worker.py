@@ -45,6 +45,8 @@ from .scripts import NAME_RE, ScriptCache, ScriptNameError, ScriptNotFound
 from .slots import SlotTable
 
 log = logging.getLogger("srw.worker")
+# The line per exec (README): the broker's id of the request ends it, as in its warnings.
+exec_line = logs.HotLine(log, "exec %s %d B -> %d B %s %d us req %s")
 
 
 @dataclass(frozen=True)
@@ -289,10 +291,7 @@ class Worker:
         if recycle and not self.stop_requested:
             log.warning("%s: %s; recycling this worker", self.title, recycle)
             self.stop_requested = True
-        if log.isEnabledFor(logging.INFO):
-            # The broker's id of the request: its warnings about it use the same.
-            log.info("exec %s %d B -> %d B %s %d us req %s", shown, len(data), len(out), status,
-                     run_us, job.decode("ascii", "replace"))
+        exec_line(shown, len(data), len(out), status, run_us, job.decode("ascii", "replace"))
 
     def _run(self, job: bytes, meta: p.ExecMeta, data: bytes,
              deadline: float) -> tuple[str, bytes, str]:

@@ -26,11 +26,21 @@ def test_cli_runs_the_2011_example(node):
 
 
 def test_log_line_per_exec_with_microseconds_and_request_id(node):
+    """One line per exec at info (the worker's HotLine), in the file once the
+    worker goes idle: no other request comes to push it out."""
     with node.client() as c:
-        assert c.exec("test_script.py", b"x" * 33).ok
-    line = wait_until(lambda: [l for l in node.log().splitlines()
-                               if "exec test_script.py 33 B -> 79 B ok" in l], 5, "log line")
-    assert re.search(r" \d+ us req [0-9a-f]+$", line[0].rstrip()), line[0]
+        for size in range(33, 43):
+            assert c.exec("test_script.py", b"x" * size).ok
+    expected = [f"exec test_script.py {size} B -> {size + 46} B ok" for size in range(33, 43)]
+
+    def all_lines():
+        lines = node.log().splitlines()
+        return all(any(e in line for line in lines) for e in expected) and lines
+    lines = wait_until(all_lines, 5, "a log line per exec")
+    for e in expected:
+        [line] = [line for line in lines if e in line]  # once each
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} worker n1#\d\[\d+\] INFO "
+                            + re.escape(e) + r" \d+ us req [0-9a-f]+", line), line
 
 
 def test_thousand_concurrent_requests_over_four_workers(make_cluster):

@@ -5,6 +5,7 @@ import errno
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,6 +49,39 @@ def test_hup_reloads_python_init_and_usr1_reopens_the_log(make_cluster):
             return "exec which.py" in cluster.log_file.read_text()
         wait_until(workers_log_there, 10, "the workers' lines in the new log file", 0.2)
         assert serve.poll() is None
+    rotations_under_load_lose_no_line(cluster, serve)
+
+
+def rotations_under_load_lose_no_line(cluster, serve):
+    """Two rotations while two clients exec 300 requests: each request's line is
+    in one of the files, once (a line buffered at the signal goes to the new file)."""
+    sizes = {"a": range(1000, 1150), "b": range(2000, 2150)}
+    done = []
+
+    def load(which):
+        with cluster.client(timeout=10) as client:
+            for size in sizes[which]:
+                done.append(client.exec("echo.py", b"x" * size).ok)
+    threads = [threading.Thread(target=load, args=(w,)) for w in sizes]
+    for thread in threads:
+        thread.start()
+    for n, suffix in ((100, ".2"), (200, ".3")):
+        wait_until(lambda: len(done) >= n, 30, f"{n} execs")
+        cluster.log_file.rename(cluster.log_file.with_name(f"srw{suffix}"))
+        serve.send_signal(signal.SIGUSR1)
+    for thread in threads:
+        thread.join(30)
+    assert len(done) == 300 and all(done)
+    expected = [size for r in sizes.values() for size in r]
+    files = [cluster.log_file.with_name(name) for name in ("srw.2", "srw.3", "srw.log")]
+
+    def logged():
+        text = "".join(f.read_text() for f in files if f.exists())
+        return sorted(int(m) for m in re.findall(r"INFO exec echo\.py (\d+) B ", text))
+    wait_until(lambda: set(logged()) >= set(expected), 10, "every exec's line")
+    assert logged() == expected  # and none twice
+    assert all(f.exists() and "INFO exec echo.py" in f.read_text() for f in files), \
+        "a rotation came after the load"
 
 
 def test_quit_stops_every_process_at_once(make_cluster):
@@ -123,6 +157,10 @@ def test_term_under_load_answers_every_request(make_cluster):
     statuses = {r.status for r in results}
     assert statuses <= {"ok", "unavailable"} and "ok" in statuses, statuses
     assert serve.wait(15) == 0
+    # Every exec a worker ran has its line, written before the worker left
+    # (the pool stops its workers with SIGUSR2 once the broker stopped).
+    lines = cluster.log().count("INFO exec slow.py 0 B -> 4 B ok")
+    assert sum(r.status == "ok" for r in results) <= lines <= len(results)
 
 
 class SteadyLoad:
