@@ -17,14 +17,17 @@ $(STAMP): pyproject.toml
 # redis-server and its redis-cli (bench baseline; [cluster] engine = "redis-cluster"
 # and its tests), libseccomp2 (sandbox), fuse3 and
 # libfuse3-3 (`srw mount`: fusermount3 and the library mfusepy loads),
-# chromium and chromium-driver (the status page test's headless browser).
+# chromium and chromium-driver (the status page test's headless browser),
+# wrk (bench/http_bench.py's C load generator: the aiohttp client spends more
+# CPU per request than the handlers it measures, so it caps their figures).
 system-deps:
 	@if command -v apt-get >/dev/null && { ! command -v wget >/dev/null || \
 	    ! command -v redis-server >/dev/null || ! ldconfig -p | grep -q libseccomp.so.2 || \
 	    ! command -v fusermount3 >/dev/null || ! ldconfig -p | grep -q libfuse3.so.3 || \
-	    ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }; then \
+	    ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || \
+	    ! command -v wrk >/dev/null; }; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	        wget redis-server libseccomp2 fuse3 libfuse3-3 chromium chromium-driver \
+	        wget redis-server libseccomp2 fuse3 libfuse3-3 chromium chromium-driver wrk \
 	        >/dev/null; fi
 
 serve: system-deps $(STAMP)

@@ -1,21 +1,29 @@
-"""HTTP exec next to its baselines, in one run.
+"""HTTP exec next to its baselines, in one run, driven by wrk and by an aiohttp client.
 
 Starts its own node and proxy (`srw serve` on a temporary config with free
-loopback ports) and a bare aiohttp handler that answers a constant through the
-same server machinery (`proxy.server.serve`), then drives, one after another,
-with 64 requests in flight each:
+loopback ports), a redis-server, and two baseline handlers served through the
+same server machinery as the proxy (`proxy.server.run`, same logging):
 
-    bare HTTP     POST /bare            -> constant 79 B (aiohttp client, 64 connections)
-    HTTP exec     POST /elliptics?exec&name=test_script.py
-                                        -> the 2011 reply, 79 B (aiohttp client, 64 connections)
-    ZeroMQ exec   AsyncClient.exec("test_script.py")   (64 in flight on one socket)
-    ..., one id   the same two with id=0123456789, the 2011 example's: execs for one
-                  id run one at a time on its node (the per-id lock)
+    bare HTTP        POST /bare  -> constant 79 B
+    aiohttp+Redis    POST /redis -> redis.asyncio (hiredis) EVAL "return ARGV[1]" 0 <reply>,
+                                    its 79 B answer as the body: what a user would write
+                                    instead of a server-side script
+    HTTP exec        POST /elliptics?exec&name=test_script.py -> the 2011 reply, 79 B
+    ..., one id      the same with id=0123456789, the 2011 example's: execs for one id
+                     run one at a time on its node (the per-id lock)
 
-and prints throughput and latency percentiles per path, and HTTP exec's
-throughput as a fraction of the bare handler's.  The paths take turns for
---rounds rounds; the ratio is taken per round and its median shown.
-Everything it started is stopped at the end.
+Each HTTP path is driven by two clients, 64 connections each:
+
+    wrk      Debian's C load generator (2 threads, a Lua script for the POST and the
+             percentiles): costs little CPU, so the servers' own cost shows
+    aiohttp  one Python process, 64 requests in flight: ~220 us of CPU per request,
+             more than the bare handler, so it caps that baseline
+
+and the ZeroMQ paths by `AsyncClient` (64 in flight on one socket).  Per path:
+req/s, p50/p99 latency and the CPU time per request of each server process
+(read from /proc before and after).  The paths take turns for --rounds rounds;
+ratios are taken per round and the median round is shown.  Everything it
+started is stopped at the end.
 
 Usage: python bench/http_bench.py [--seconds 5] [--rounds 3] [--workers 2]
 """
@@ -24,6 +32,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import shutil
 import signal
 import socket
 import statistics
@@ -31,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,32 +51,93 @@ from common import free_port, wait_for, write_config  # noqa: E402
 DATA = b"this is some data in POST request"
 REPLY = b"its nothing I can do for you without cookies: this is some data in POST request"
 IN_FLIGHT = 64
+WRK_THREADS = 2
+ROLES = ("load", "proxy", "bare", "redis handler", "redis-server", "broker", "worker")
+
+# The POST and a `done` hook printing what the bench reads (latencies in us).
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = "%s"
+wrk.headers["Content-Type"] = "application/octet-stream"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("SRW-BENCH %%d %%d %%d %%d %%d\\n", summary.requests,
+    summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+""" % DATA.decode()
 
 
-# The bare handler, run by a child process of the bench ------------------------------
+# The baseline handlers, each run by a child process of the bench ---------------------
 
-def bare_server(listen: str, config_path: str) -> int:
-    """The baseline: a constant reply, through proxy.server.run with the proxy's logging."""
+def baseline_server(kind: str, listen: str, config_path: str, redis_port: str) -> int:
+    """bare: a constant reply; redis: the reply from a Redis EVAL.  Both through
+    proxy.server.run with the proxy's logging."""
     from aiohttp import web
 
     from proxy.server import run
     from core import config as cfg
     from core import logs
-    logs.setup(cfg.load(config_path).log, "bare", buffered=True)
+    logs.setup(cfg.load(config_path).log, kind, buffered=True)
+    app = web.Application()
 
     async def constant(request: web.Request) -> web.Response:
         await request.read()
         return web.Response(body=REPLY, content_type="application/octet-stream")
 
-    app = web.Application()
-    app.router.add_post("/bare", constant)
-    return run(app, listen, title="srw: bench bare handler")
+    async def evaluate(request: web.Request) -> web.Response:
+        data = await request.read()
+        reply = await request.app[REDIS].eval("return ARGV[1]", 0, REPLY[:-len(DATA)] + data)
+        return web.Response(body=reply, content_type="application/octet-stream")
+
+    if kind == "bare":
+        app.router.add_post("/bare", constant)
+    else:
+        import redis.asyncio
+        REDIS = web.AppKey("redis", redis.asyncio.Redis)
+
+        async def connect(app):
+            app[REDIS] = redis.asyncio.Redis(host="127.0.0.1", port=int(redis_port))
+            yield
+            await app[REDIS].aclose()
+        app.cleanup_ctx.append(connect)
+        app.router.add_post("/redis", evaluate)
+    return run(app, listen, title=f"srw: bench {kind} handler")
 
 
 # Load ---------------------------------------------------------------------------
 
-async def drive(call, seconds: float) -> tuple[int, list[float]]:
-    """Keep IN_FLIGHT calls running for `seconds` (after a 1 s warm-up); (count, latencies)."""
+class Run:
+    """One path's measured seconds: requests answered, latency percentiles (us),
+    and the load generator's CPU seconds (None: read with the servers' CPU)."""
+
+    def __init__(self, requests: int, seconds: float, p50: float, p99: float,
+                 load_cpu: float | None = None):
+        self.requests, self.seconds, self.p50, self.p99 = requests, seconds, p50, p99
+        self.load_cpu = load_cpu
+
+
+def wrk_path(url: str, seconds: float, script: Path, started) -> Run:
+    """wrk for 1 s (warm-up), then for `seconds`; its CPU from its rusage."""
+    wrk = shutil.which("wrk")
+    base = [wrk, f"-t{WRK_THREADS}", f"-c{IN_FLIGHT}", "-s", str(script), "--timeout", "10s"]
+    subprocess.run([*base, "-d1s", url], stdout=subprocess.DEVNULL, check=True, timeout=30)
+    started()
+    proc = subprocess.Popen([*base, f"-d{seconds:g}s", url], stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    found = re.search(r"^SRW-BENCH (\d+) (\d+) (\d+) (\d+) (\d+)$", out, re.M)
+    if proc.returncode or not found:
+        raise RuntimeError(f"wrk {url}: exit {proc.returncode}\n{out}")
+    requests, duration_us, p50, p99, errors = map(int, found.groups())
+    if errors:
+        raise RuntimeError(f"wrk {url}: {errors} errors or non-2xx replies\n{out}")
+    return Run(requests, duration_us / 1e6, p50, p99, usage.ru_utime + usage.ru_stime)
+
+
+async def drive(call, seconds: float, started) -> Run:
+    """Keep IN_FLIGHT calls running for `seconds` (after a 1 s warm-up)."""
     latencies: list[float] = []
     warm_until = time.perf_counter() + 1.0
     stop_at = warm_until + seconds
@@ -80,11 +152,17 @@ async def drive(call, seconds: float) -> tuple[int, list[float]]:
             if start >= warm_until:
                 latencies.append(end - start)
 
-    await asyncio.gather(*(loop() for _ in range(IN_FLIGHT)))
-    return len(latencies), latencies
+    async def mark():
+        await asyncio.sleep(warm_until - time.perf_counter())
+        started()
+
+    await asyncio.gather(mark(), *(loop() for _ in range(IN_FLIGHT)))
+    latencies.sort()
+    return Run(len(latencies), seconds, statistics.median(latencies) * 1e6,
+               latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e6)
 
 
-async def http_path(url: str, seconds: float):
+async def http_path(url: str, seconds: float, started) -> Run:
     import aiohttp
     connector = aiohttp.TCPConnector(limit=IN_FLIGHT)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -93,26 +171,25 @@ async def http_path(url: str, seconds: float):
                 body = await resp.read()
             if resp.status != 200 or body != REPLY:
                 raise RuntimeError(f"{url}: {resp.status} {body[:200]!r}")
-        return await drive(call, seconds)
+        return await drive(call, seconds, started)
 
 
-async def zmq_path(endpoint: str, hex_id: str | None, seconds: float):
+async def zmq_path(endpoint: str, hex_id: str | None, seconds: float, started) -> Run:
     from broker.client import AsyncClient
     async with AsyncClient(endpoint, timeout=10) as client:
         async def call():
             r = await client.exec("test_script.py", DATA, id=hex_id)
             if not r.ok or r.data != REPLY:
                 raise RuntimeError(f"zmq exec: {r.status} {r.error}")
-        return await drive(call, seconds)
+        return await drive(call, seconds, started)
 
 
-def summary(label: str, seconds: float, result) -> tuple[str, float]:
-    count, lat = result
-    lat.sort()
-    p50 = statistics.median(lat) * 1e6
-    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e6
-    rate = count / seconds
-    return f"{label:34} {count:>8} {rate:>9.0f} {p50:>8.0f} {p99:>8.0f}", rate
+def check_reply(url: str) -> None:
+    """wrk counts statuses, not bodies: one request first, its body checked."""
+    with urllib.request.urlopen(urllib.request.Request(url, data=DATA), timeout=10) as resp:
+        body = resp.read()
+    if body != REPLY:
+        raise RuntimeError(f"{url}: {body[:200]!r}")
 
 
 # Processes ----------------------------------------------------------------------
@@ -154,85 +231,139 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="pool workers of the node")
     parser.add_argument("--log-level", default="info",
                         help="[log] level of the node and proxy (info logs every request)")
-    parser.add_argument("--bare-server", nargs=2, metavar=("HOST:PORT", "CONFIG"),
+    parser.add_argument("--clients", default="wrk,aiohttp,zmq",
+                        help="which load generators, comma-separated (wrk, aiohttp, zmq)")
+    parser.add_argument("--baseline", nargs=4, metavar=("KIND", "HOST:PORT", "CONFIG", "REDIS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.bare_server:
-        return bare_server(*args.bare_server)
+    if args.baseline:
+        return baseline_server(*args.baseline)
+    clients = args.clients.split(",")
+    for tool in (["wrk"] if "wrk" in clients else []) + ["redis-server"]:
+        if shutil.which(tool) is None:
+            raise SystemExit(f"bench: {tool} not found: install Debian's {tool} "
+                             "(make system-deps)")
 
     from core import config as cfg
     with tempfile.TemporaryDirectory(prefix="srw-http-bench-") as tmp:
         config = cfg.load(write_config(Path(tmp), args.workers, args.log_level))
         node = config.nodes[0]
-        bare_listen = f"127.0.0.1:{free_port()}"
+        listen = {kind: f"127.0.0.1:{free_port()}" for kind in ("bare", "redis")}
+        redis_port = str(free_port())
         procs = []
         try:
             procs.append(subprocess.Popen([sys.executable, "-m", "srw", "serve", "--config",
                                            str(config.path)], cwd=tmp, process_group=0,
                                           stdout=subprocess.DEVNULL))
-            procs.append(subprocess.Popen([sys.executable, __file__, "--bare-server", bare_listen,
-                                           str(config.path)], process_group=0,
-                                          stdout=subprocess.DEVNULL))
+            procs.append(subprocess.Popen(["redis-server", "--port", redis_port, "--bind",
+                                           "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                          cwd=tmp, process_group=0, stdout=subprocess.DEVNULL))
+            for kind in ("bare", "redis"):
+                procs.append(subprocess.Popen(
+                    [sys.executable, __file__, "--baseline", kind, listen[kind],
+                     str(config.path), redis_port], process_group=0,
+                    stdout=subprocess.DEVNULL))
             wait_for(lambda: node_ready(node.broker, args.workers), 60, "node n1")
             wait_for(lambda: accepting(config.proxy.listen), 30, "the proxy")
-            wait_for(lambda: accepting(bare_listen), 30, "the bare handler")
-            run(args, config, bare_listen, procs)
+            for kind in ("bare", "redis"):
+                wait_for(lambda: accepting(listen[kind]), 30, f"the {kind} handler")
+            script = Path(tmp) / "post.lua"
+            script.write_text(WRK_SCRIPT)
+            run(args, clients, config, listen, script, procs)
         finally:
             for proc in procs:
                 stop(proc)
     return 0
 
 
-def run(args, config, bare_listen: str, procs: list[subprocess.Popen]) -> None:
-    proxy = f"http://{config.proxy.listen}/elliptics?exec&name=test_script.py"
-    broker = config.nodes[0].broker
-    s = args.seconds
-    rows = [
-        ("bare aiohttp handler (constant)", lambda: http_path(f"http://{bare_listen}/bare", s)),
-        ("HTTP exec via proxy", lambda: http_path(proxy, s)),
-        ("ZeroMQ exec (AsyncClient)", lambda: zmq_path(broker, None, s)),
-        ("HTTP exec, one id (2011 example)", lambda: http_path(proxy + "&id=0123456789", s)),
-        ("ZeroMQ exec, one id", lambda: zmq_path(broker, "0123456789", s)),
-    ]
-    print(f"srw HTTP bench: {IN_FLIGHT} in flight, {s:g} s per path after 1 s warm-up, "
-          f"{args.rounds} rounds, {args.workers} workers, {os.cpu_count()} CPUs, "
-          f"33 B request, 79 B reply, log level {args.log_level}")
-    header = (f"{'path':34} {'requests':>8} {'req/s':>9} {'p50 us':>8} {'p99 us':>8}   "
-              "CPU us per request: load, proxy|bare, broker, workers+runners")
-    print(header)
-    measured: dict[str, list[tuple[float, str]]] = {label: [] for label, _ in rows}
+BARE, REDIS, EXEC = ("bare aiohttp handler (constant)", "aiohttp + Redis EVAL handler",
+                     "HTTP exec via proxy")
+
+
+def paths(clients: list[str], config, listen: dict, script: Path, s: float) -> list:
+    """(client, label, url or None, measure(started) -> Run) for every path, in run order."""
+    exec_url = f"http://{config.proxy.listen}/elliptics?exec&name=test_script.py"
+    urls = [(BARE, f"http://{listen['bare']}/bare"), (REDIS, f"http://{listen['redis']}/redis"),
+            (EXEC, exec_url), ("HTTP exec, one id (2011 example)", exec_url + "&id=0123456789")]
+    out = []
+    for label, url in urls:
+        if "wrk" in clients:
+            out.append(("wrk", label, url,
+                        lambda started, url=url: wrk_path(url, s, script, started)))
+        if "aiohttp" in clients:
+            out.append(("aiohttp", label, url,
+                        lambda started, url=url: asyncio.run(http_path(url, s, started))))
+    if "zmq" in clients:
+        broker = config.nodes[0].broker
+        for label, hex_id in (("ZeroMQ exec (AsyncClient)", None),
+                              ("ZeroMQ exec, one id", "0123456789")):
+            out.append(("zmq", label, None, lambda started, hex_id=hex_id: asyncio.run(
+                zmq_path(broker, hex_id, s, started))))
+    return out
+
+
+HEADER = (f"{'client':7} {'path':33} {'requests':>8} {'req/s':>7} {'p50 us':>7} {'p99 us':>7}"
+          "   CPU us per request: load, front (proxy|handler), redis-server, broker, "
+          "workers+runners")
+
+
+def run(args, clients: list[str], config, listen: dict, script: Path,
+        procs: list[subprocess.Popen]) -> None:
+    todo = paths(clients, config, listen, script, args.seconds)
+    print(f"srw HTTP bench: {IN_FLIGHT} connections or in flight, {args.seconds:g} s per path "
+          f"after 1 s warm-up, {args.rounds} rounds, {args.workers} workers, "
+          f"{os.cpu_count()} CPUs, 33 B request, 79 B reply, log level {args.log_level}; "
+          f"wrk {WRK_THREADS} threads")
+    print(HEADER)
+    for url in {url for _, _, url, _ in todo if url}:
+        check_reply(url)
+    measured: dict[tuple[str, str], list[dict]] = {}
     for round_no in range(1, args.rounds + 1):
         # Paths alternate round by round, so a slow spell of the machine
         # does not land on one path only.
-        for label, make in rows:
-            before = cpu_by_role(procs)
-            result = asyncio.run(make())
-            cpu = {role: (t - before.get(role, 0.0)) / max(1, result[0]) * 1e6
-                   for role, t in cpu_by_role(procs).items()}
-            line, rate = summary(label, s, result)
-            server = cpu["proxy"] + cpu["bare"]
-            line = (f"{line}   {cpu['load']:>5.0f} {server:>5.0f} {cpu['broker']:>5.0f} "
-                    f"{cpu['worker']:>5.0f}")
-            measured[label].append((rate, line))
-            print(f"{line}   (round {round_no})", flush=True)
-    print(f"\nmedian round per path:\n{header}")
-    for label, runs in measured.items():
-        print(sorted(runs)[len(runs) // 2][1])
-    bare = [rate for rate, _ in measured["bare aiohttp handler (constant)"]]
-    http = [rate for rate, _ in measured["HTTP exec via proxy"]]
-    zmq_rates = [rate for rate, _ in measured["ZeroMQ exec (AsyncClient)"]]
-    ratios = sorted(h / b for h, b in zip(http, bare))
-    print(f"HTTP exec / bare handler throughput by round: "
-          f"{', '.join(f'{r:.2f}' for r in ratios)}; median {ratios[len(ratios) // 2]:.2f} "
-          f"(target >= 0.6); HTTP exec / ZeroMQ exec: "
-          f"{statistics.median(http) / statistics.median(zmq_rates):.2f}")
+        for client, label, _, measure in todo:
+            before = {}
+            result = measure(lambda: before.update(cpu_by_role(procs)))
+            after = cpu_by_role(procs)
+            cpu = {role: (after[role] - before[role]) / max(1, result.requests) * 1e6
+                   for role in ROLES}
+            if result.load_cpu is not None:
+                cpu["load"] = result.load_cpu / max(1, result.requests) * 1e6
+            row = {"rate": result.requests / result.seconds, "cpu": cpu,
+                   "front": cpu["proxy"] + cpu["bare"] + cpu["redis handler"]}
+            row["line"] = (f"{client:7} {label:33} {result.requests:>8} {row['rate']:>7.0f} "
+                           f"{result.p50:>7.0f} {result.p99:>7.0f}   {cpu['load']:>5.0f} "
+                           f"{row['front']:>5.0f} {cpu['redis-server']:>5.0f} "
+                           f"{cpu['broker']:>5.0f} {cpu['worker']:>5.0f}")
+            measured.setdefault((client, label), []).append(row)
+            print(f"{row['line']}   (round {round_no})", flush=True)
+    print(f"\nmedian round per path:\n{HEADER}")
+    for runs in measured.values():
+        print(sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]["line"])
+    for client in ("wrk", "aiohttp"):
+        if (client, EXEC) in measured:
+            print_ratios(client, measured)
+
+
+def print_ratios(client: str, measured: dict) -> None:
+    """The issue's targets, per round (same-run ratios), and their medians."""
+    exec_, bare, redis_ = (measured[(client, label)] for label in (EXEC, BARE, REDIS))
+    for name, target, values in (
+            ("HTTP exec / aiohttp+Redis req/s", ">= 1.0",
+             [e["rate"] / r["rate"] for e, r in zip(exec_, redis_)]),
+            ("HTTP exec / bare handler req/s", ">= 0.6",
+             [e["rate"] / b["rate"] for e, b in zip(exec_, bare)]),
+            ("proxy CPU / bare handler CPU per request", "<= 1.5",
+             [e["cpu"]["proxy"] / b["cpu"]["bare"] for e, b in zip(exec_, bare)])):
+        print(f"{client}: {name}: by round {', '.join(f'{v:.2f}' for v in values)}; median "
+              f"{statistics.median(values):.2f} (target {target})")
 
 
 def cpu_by_role(procs: list[subprocess.Popen]) -> dict[str, float]:
-    """CPU seconds used so far by role: load (this process), proxy, bare, broker, worker
-    (with its zygote and runners)."""
+    """CPU seconds used so far by role: load (this process), proxy, bare, redis handler,
+    redis-server, broker, worker (with its zygote and runners)."""
     import psutil
-    out = dict.fromkeys(("load", "proxy", "bare", "broker", "worker"), 0.0)
+    out = dict.fromkeys(ROLES, 0.0)
     me = psutil.Process()
     tree = [me]
     for proc in procs:
@@ -244,14 +375,20 @@ def cpu_by_role(procs: list[subprocess.Popen]) -> dict[str, float]:
     for proc in tree:
         try:
             title = " ".join(proc.cmdline())
+            name = proc.name()
             times = proc.cpu_times()
         except psutil.Error:
             continue
         role = "load" if proc.pid == me.pid else next(
-            (r for r in ("proxy", "bare", "broker", "worker") if title.startswith(f"srw: {r}")
-             or title.startswith(f"srw: bench {r}")), None)
+            (r for r in ("proxy", "broker", "worker") if title.startswith(f"srw: {r}")), None)
         if title.startswith(("srw: runner", "srw: zygote")):
             role = "worker"  # a worker's sandbox: its runners and their zygote
+        elif title.startswith("srw: bench bare"):
+            role = "bare"
+        elif title.startswith("srw: bench redis"):
+            role = "redis handler"
+        elif name.startswith("redis-server"):
+            role = "redis-server"
         if role:
             out[role] += times.user + times.system
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,12 +25,14 @@ from broker.client import AsyncClient, BrokerUnavailable, Result
 from core.config import Config, ConfigError, NodeSettings
 from core.security import Credentials
 from core.sched import CALM_AFTER, LoadScheduling
-from storage.router import Route, make_router
+from storage.router import RingRouter, Route, make_router
 
 DATA_THREADS = 4
 PING_TIMEOUT = 2.0
 BUSY_IN_FLIGHT = 4   # execs in flight beyond which the proxy takes them in batches (core.sched)
 SLOT_MAP_CHECK = 0.05  # s between looks at whether the slot map is due (redis-cluster)
+ROUTES_KEPT = 4096     # lmdb: routes remembered by (id, key, groups); a ring never changes
+ROUTE_KEY_KEPT = 256   # ... for keys up to this long: memory stays bounded whatever clients send
 
 
 def allowed_groups(config: Config) -> list[int]:
@@ -54,6 +57,10 @@ class Cluster:
         self.in_flight = 0
         self.scheduling = LoadScheduling()
         self._slot_map_task: asyncio.Task | None = None
+        # lmdb: the ring is the config, so a route is the same every time (and
+        # working it out cost ~10 us an exec); a slot map changes, so no cache.
+        self._kept_route = (functools.lru_cache(ROUTES_KEPT)(self._route)
+                            if isinstance(self.router, RingRouter) else None)
 
     def start(self) -> None:
         timeout = self.config.broker.request_timeout
@@ -76,7 +83,13 @@ class Cluster:
 
     def route(self, id: str | None, key: str | None, groups: list[int] | None) -> Route:
         """Raises BadId (a ValueError) for an id it cannot route."""
-        return self.router.route(id, key, groups or self.groups, refresh=False)
+        groups = tuple(groups or self.groups)
+        if self._kept_route is not None and (key is None or len(key) <= ROUTE_KEY_KEPT):
+            return self._kept_route(id, key, groups)
+        return self._route(id, key, groups)
+
+    def _route(self, id: str | None, key: str | None, groups: tuple[int, ...]) -> Route:
+        return self.router.route(id, key, list(groups), refresh=False)
 
     async def exec(self, route: Route, name: str, data: bytes, cookie: str) -> list[Result]:
         """One Result per target, in route order; never raises for a node that is down."""

@@ -12,6 +12,7 @@ same function, so the two are compared on equal terms.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -26,6 +27,11 @@ from .bounds import Gate, raise_fd_limit
 
 MAX_LINE = 64 * 1024      # request line: a 10 kB script name gets our own 400, not the parser's
 BACKLOG = 1024
+# Objects the collector lets accumulate before a young collection (Python's default: 700).
+# A request's objects go by reference counting; the default still ran a collection
+# every ~70 HTTP execs, ~20 us CPU per exec in all (measured with gc.callbacks under
+# wrk); at 20,000 none ran in 13k requests, and cyclic garbage stays bounded.
+GC_THRESHOLD = 20_000
 
 
 class AccessLog(AbstractAccessLogger):
@@ -101,6 +107,10 @@ def run(app: web.Application, listen: str, title: str = "srw: proxy",
     def ready():
         print(f"{title} listening on http://{listen}", flush=True)
 
+    # What start-up made (modules, the app) lives as long as the process: out of
+    # the collector's way; and young collections far less often (GC_THRESHOLD).
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD)
     try:
         asyncio.run(serve(app, listen, ready, limits))
     except OSError as exc:  # the port is taken, or the address is not ours

@@ -402,3 +402,26 @@ def test_proxy_groups_outside_the_config_refuse_to_start(make_cluster):
         out = cluster.run(command, timeout=30)
         assert out.returncode == 2
         assert b"proxy.groups lists group 5" in out.stderr
+
+
+def test_kept_routes_are_the_routers_for_every_id_key_and_groups(make_cluster):
+    """The proxy remembers lmdb routes (proxy/cluster.py); each must be the one the
+    router gives, for ids, keys and groups= alike, long keys (not kept) included."""
+    from core import config as cfg
+    from proxy.cluster import ROUTE_KEY_KEPT
+    from proxy.cluster import Cluster as ProxyCluster
+    cluster = make_cluster(nodes=[{"name": "a1", "group": 1}, {"name": "a2", "group": 1},
+                                  {"name": "b1", "group": 2}, {"name": "b2", "group": 2}])
+    proxy = ProxyCluster(cfg.load(cluster.path))
+    asks = [(None, None, None), (None, None, [2]), (None, None, [2, 1])]
+    asks += [(f"{i:x}" * 8, None, groups) for i in range(16) for groups in (None, [1], [2])]
+    asks += [(None, key, groups) for key in ("k", "other key", "k" * (ROUTE_KEY_KEPT + 1))
+             for groups in (None, [2])]
+    for _ in range(2):  # the second time from what the proxy kept
+        for id, key, groups in asks:
+            kept = proxy.route(id, key, groups)
+            fresh = proxy.router.route(id, key, groups or proxy.groups, refresh=False)
+            assert [n.name for n in kept.nodes] == [n.name for n in fresh.nodes], (id, key, groups)
+            assert kept.hex_id == fresh.hex_id
+    owners = {proxy.route(f"{i:x}" * 8, None, [1]).nodes[0].name for i in range(16)}
+    assert owners == {"a1", "a2"}  # the ids do land on different nodes
