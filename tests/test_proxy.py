@@ -166,14 +166,15 @@ def test_exec_needs_post(web):
 
 
 def test_timed_out_script_is_504(web):
-    trusted = web.trusted_pids()
+    trusted, runners = web.trusted_pids(), {r.pid for r in web.runners()}
     status, headers, body = post(web, "exec&name=sleep.py")
     assert status == 504
     assert headers["X-Srw-Status"] == "timeout"
     assert b"timeout on node n1" in body
-    # the worker kills the sleeping runner (just after the broker's answer) and
-    # takes a new one: the node serves again with the same two workers
-    wait_until(lambda: len(web.runners()) == 2, 15, "the sleeping runner replaced")
+    # the worker kills the sleeping runner (a spare sleep.py's tenant took, just
+    # after the broker's answer): the node serves again with the same two workers
+    wait_until(lambda: runners - {r.pid for r in web.runners()}, 15,
+               "the sleeping runner gone")
     assert [post(web, "exec&name=echo.py", b"after")[2] for _ in range(4)] == [b"after"] * 4
     assert web.trusted_pids() == trusted
 
@@ -236,6 +237,7 @@ def test_ping_and_status(web):
     nodes = json.loads(body)["nodes"]
     assert [n["name"] for n in nodes] == ["n1"]
     assert set(nodes[0]) == {"name", "group", "version", "uptime", "workers", "busy",
+                             "warm_runners", "warm_execs",
                              "queued", "served", "restarts", "latency_us", "latency_window",
                              "statuses", "restart_causes", "latency_buckets_us", "scripts",
                              "worker_rows", "start"}
