@@ -46,17 +46,28 @@ class SlotCgroups:
         self.slots, self.seats = slots, seats
         if not self.enabled:
             return
+        self.limits = {"memory": ("memory.limit_in_bytes", memory_bytes),
+                       "pids": ("pids.max", pids)}
         remove_stale()
         for slot in range(1, slots + 1):
             for c in CONTROLLERS:
                 self.path(c, slot).mkdir(parents=True, exist_ok=True)
-            for seat in range(seats):
-                for c in CONTROLLERS:
-                    self.path(c, slot, seat).mkdir(exist_ok=True)
-            for seat in range(seats) if seats else [None]:
-                (self.path("memory", slot, seat) / "memory.limit_in_bytes").write_text(
-                    str(memory_bytes))
-                (self.path("pids", slot, seat) / "pids.max").write_text(str(pids))
+            if not seats:
+                self._limit(slot, None)
+
+    def make_seats(self, slot: int) -> None:
+        """The slot's seat cgroups, by its worker before it forks its zygote: only
+        slots in use pay for them (a cgroup costs ~0.2 ms to make, ~0.8 to remove)."""
+        if not self.enabled:
+            return
+        for seat in range(self.seats):
+            for c in CONTROLLERS:
+                self.path(c, slot, seat).mkdir(exist_ok=True)
+            self._limit(slot, seat)
+
+    def _limit(self, slot: int, seat: int | None) -> None:
+        for controller, (name, value) in self.limits.items():
+            (self.path(controller, slot, seat) / name).write_text(str(value))
 
     def path(self, controller: str, slot: int, seat: int | None = None) -> Path:
         path = ROOT / controller / self.base / f"slot{slot}"

@@ -164,6 +164,7 @@ class ProcessRunner:
 
     def start(self, executor: Executor, slots: SlotTable) -> None:
         """Fork the zygote: call it before the worker opens any socket or sees a request."""
+        self.sandbox.cgroups.make_seats(self.slot)
         self.zsock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         out_r, out_w = os.pipe()
         pid = os.fork()
