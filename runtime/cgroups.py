@@ -40,7 +40,8 @@ class SlotCgroups:
         """`seats`: runner cgroups per slot, each with the limits (0: none; the
         slot itself has them: for a worker that runs scripts itself, and for
         fork isolation, where a runner serves one request and moving each into
-        cgroups of its own would cost more than its fork)."""
+        cgroups of its own would add about a third to its fork: three moves
+        0.4 ms, a fork 1.1-1.25 ms, measured here)."""
         self.enabled = available()
         self.base = f"srw-{node}-{os.getpid()}"
         self.slots, self.seats = slots, seats
