@@ -27,15 +27,15 @@ class Profile:
     isolation: str = "copy"         # none: in the worker; copy: a reused runner; fork: fresh ones
     wall_seconds: float = 30.0      # pool (copy) or worker (fork) SIGKILLs past it
     cpu_seconds: float = 10.0       # pool watchdog (copy) or RLIMIT_CPU (fork)
-    memory_mb: int = 1024           # RLIMIT_AS per process; the slot's cgroup gets twice it
+    memory_mb: int = 1024           # RLIMIT_AS per process; a runner's cgroup gets twice it
     output_bytes: int = 64 * 1024 * 1024
     open_files: int = 256           # RLIMIT_NOFILE
-    processes: int = 32             # RLIMIT_NPROC (per slot uid) and cgroup pids.max; threads count
+    processes: int = 32             # RLIMIT_NPROC (per runner uid) and cgroup pids.max; threads count
     file_size_mb: int = 64          # RLIMIT_FSIZE
     network: str = "none"           # none | local (own broker, every node's storage port) | any
     readable: tuple[str, ...] = ()  # paths the script may read (Landlock); "/" = everything
     writable: tuple[str, ...] = ()  # paths the script may write (Landlock); "/" = everything
-    user: int = 0                   # when root: slot N of node k runs as uid user + 1000*k + N
+    user: int = 0                   # when root: runner uids come from a block at or above it
     seccomp: bool = True            # deny exec, ptrace, namespaces, mounts, io_uring, bpf, sockets
     imports: tuple[str, ...] = ()   # modules imported before the sandbox closes (besides ours)
 
