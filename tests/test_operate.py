@@ -80,7 +80,9 @@ def rotations_under_load_lose_no_line(cluster, serve):
         return sorted(int(m) for m in re.findall(r"INFO exec echo\.py (\d+) B ", text))
     wait_until(lambda: set(logged()) >= set(expected), 10, "every exec's line")
     assert logged() == expected  # and none twice
-    assert all(f.exists() and "INFO exec echo.py" in f.read_text() for f in files), \
+    # The rotations came during the load: lines in more than one file (which ones
+    # depends on when the 0.1 s buffers were written).
+    assert sum(f.exists() and "INFO exec echo.py" in f.read_text() for f in files) >= 2, \
         "a rotation came after the load"
 
 
