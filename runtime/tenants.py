@@ -44,16 +44,12 @@ class WarmRunners(Generic[Runner]):
         self.most, self.per_caller = most, per_caller
         self.runners: OrderedDict[Tenant, Runner] = OrderedDict()
         self.callers: dict[str, int] = {}  # caller -> its warm runners
-        self.hits = self.misses = 0
 
     def take(self, key: Tenant) -> Runner | None:
         """The tenant's warm runner, out of the set while it runs (None: none warm)."""
         runner = self.runners.pop(key, None)
-        if runner is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._count(key[0], -1)
+        if runner is not None:
+            self._count(key[0], -1)
         return runner
 
     def keep(self, key: Tenant, runner: Runner) -> list[Runner]:

@@ -527,3 +527,24 @@ def test_a_kept_pool_size_is_a_small_clamped_number_or_nothing(tmp_path, content
     if content is not None:
         path.write_bytes(content)
     assert read_size(path, ceiling=8) == size
+
+
+def test_warm_runners_a_caller_cycling_code_evicts_its_own():
+    from runtime.tenants import WarmRunners, tenant
+    warm = WarmRunners(most=3, per_caller=2)
+    assert warm.keep(tenant("bob", "", b"", "b"), "bob's") == []
+    evicted = []
+    for i in range(5):
+        evicted += warm.keep(tenant("alice", "", b"", str(i)), f"alice {i}")
+    assert evicted == ["alice 0", "alice 1", "alice 2"] and len(warm) == 3
+    assert warm.take(tenant("bob", "", b"", "b")) == "bob's"
+    assert warm.take(tenant("bob", "", b"", "b")) is None  # out while it runs
+    # past `most` at a tie, the caller just served gives one up; else the busiest
+    warm = WarmRunners(most=2, per_caller=2)
+    warm.keep(tenant("a", "", b"", "1"), "a1")
+    warm.keep(tenant("b", "", b"", "1"), "b1")
+    assert warm.keep(tenant("c", "", b"", "1"), "c1") == ["c1"]
+    warm.keep(tenant("a", "", b"", "2"), "a2")
+    assert sorted(warm.values()) == ["a2", "b1"]  # a held the most: its oldest went
+    assert tenant("x", "n", b"", "c") != tenant("y", "n", b"", "c")  # the caller counts
+    assert tenant("x", "ab", b"", "") != tenant("x", "a", b"", "b")  # no two splits alike
