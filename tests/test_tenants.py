@@ -151,3 +151,28 @@ def test_runners_are_counted_in_status(make_cluster):
     assert status["warm_runners"] == 1 and status["worker_rows"][0]["warm_runners"] == 1
     assert status["warm_execs"] == {"found": 2, "missed": 1}
     assert psutil.pid_exists(cluster.workers()[0].pid)
+
+
+def test_only_a_node_may_name_the_caller_it_relays_for(curve_node):
+    """The relay field is hostile input from anyone but the nodes' own key:
+    alice naming bob as the caller is refused, and nothing runs."""
+    import zmq
+
+    from core import protocol as p
+    c = curve_node
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    c.curve("alice").apply(sock)
+    sock.connect(c.node("n1")["broker"])
+    try:
+        bob = c.curve("bob").public.decode()
+        meta = p.ExecMeta(code=HOOK, caller=bob)
+        sock.send_multipart(p.request_frames(p.EXEC, b"r1", meta, b"as bob"))
+        assert sock.poll(10_000)
+        rid, result = p.parse_reply(sock.recv_multipart())
+        assert (rid, result.status) == (b"r1", "forbidden")
+        assert "only a node" in result.error
+    finally:
+        sock.close()
+        ctx.term()

@@ -548,3 +548,12 @@ def test_warm_runners_a_caller_cycling_code_evicts_its_own():
     assert sorted(warm.values()) == ["a2", "b1"]  # a held the most: its oldest went
     assert tenant("x", "n", b"", "c") != tenant("y", "n", b"", "c")  # the caller counts
     assert tenant("x", "ab", b"", "") != tenant("x", "a", b"", "b")  # no two splits alike
+
+
+def test_an_exec_caller_is_short_ascii_or_refused():
+    good = p.request_frames(p.EXEC, b"r", p.ExecMeta(name="a", caller="node:n1"), b"")
+    assert p.FrontRequest.from_frames([b"c", *good]).meta.caller == "node:n1"
+    for caller in ("", "x" * (p.MAX_CALLER + 1), "é", 5, b"k"):
+        frames = [b"c", msgpack.packb([p.EXEC, b"r", "a", "", "", None, None, caller]), b""]
+        with pytest.raises(p.ProtocolError):
+            p.FrontRequest.from_frames(frames)
