@@ -184,6 +184,10 @@ class ProcessRunner:
         os.close(out_w)
         self.zygote = pid
         self.output = ScriptOutput(out_r, self.title.replace("srw: runner", "sandbox"))
+        # No seat cgroups (fork isolation): every runner's CPU is read from the
+        # slot's cgroup, opened once rather than for each request's runner.
+        cgroups = self.sandbox.cgroups
+        self.slot_cpu_fd = -1 if cgroups.seats else cgroups.cpu_usage_file(self.slot, 0)
 
     # A request ------------------------------------------------------------------
 
@@ -311,8 +315,9 @@ class ProcessRunner:
                 next_tick = now + TICK
 
     def _cpu_used(self, runner: Runner) -> float:
-        if runner.cpu_fd >= 0:  # its seat's cgroup: the runner and everything it started
-            return cpu_seconds(runner.cpu_fd)
+        fd = runner.cpu_fd if runner.cpu_fd >= 0 else self.slot_cpu_fd
+        if fd >= 0:  # its cgroup (seat or slot): the runner and everything it started
+            return cpu_seconds(fd)
         try:  # no cgroups (not root): the runner alone
             times = psutil.Process(runner.pid).cpu_times()
         except psutil.Error:
@@ -378,8 +383,9 @@ class ProcessRunner:
         poller.register(self.output.fd, select.POLLIN)
         runner = Runner(pid, seat, req_w, res_r, poller)
         cgroups = self.sandbox.cgroups
-        runner.cpu_fd = cgroups.cpu_usage_file(self.slot, seat)
-        runner.tasks_fd = cgroups.tasks_file(self.slot, seat)
+        if cgroups.seats:
+            runner.cpu_fd = cgroups.cpu_usage_file(self.slot, seat)
+            runner.tasks_fd = cgroups.tasks_file(self.slot, seat)
         if self.reuse:
             try:
                 runner.stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
