@@ -15,6 +15,7 @@ import time
 
 import zmq
 
+from core import loop
 from core import protocol as p
 from core.protocol import Result
 from core import timeouts
@@ -58,21 +59,7 @@ def unreachable_hint(curve: Credentials | None) -> str:
 
 def _socket(ctx: zmq.Context, endpoint: str, max_message: int | None,
             curve: Credentials | None = None) -> zmq.Socket:
-    sock = ctx.socket(zmq.DEALER)
-    if curve is not None:
-        curve.apply(sock)
-    sock.setsockopt(zmq.LINGER, 0)
-    if max_message:
-        sock.setsockopt(zmq.MAXMSGSIZE, max_message)
-    sock.setsockopt(zmq.RECONNECT_IVL, 50)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-    sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.setsockopt(zmq.RCVHWM, 100_000)
-    # Queue only on a live connection: a request must never wait in a pipe to a
-    # dead broker and run minutes later, after its caller gave up.
-    sock.setsockopt(zmq.IMMEDIATE, 1)
-    sock.connect(endpoint)
-    return sock
+    return loop.client_socket(ctx, endpoint, max_message, curve and curve.apply)
 
 
 class _Base:

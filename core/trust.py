@@ -20,6 +20,8 @@ import os
 import secrets
 import stat
 
+from core import loop
+
 TOKEN_BYTES = 32
 TOKEN_SUFFIX = ".token"
 
@@ -89,6 +91,20 @@ def write_worker_token(endpoint: str) -> bytes:
             view = view[os.write(fd, view):]
     finally:
         os.close(fd)
+    return token
+
+
+def bind_workers_socket(sock, endpoint: str) -> bytes:
+    """Broker side, at start: a fresh token beside `endpoint` first (a worker
+    that can connect finds it), then `sock` bound there so that only our uid
+    may connect.  Returns the token."""
+    token = write_worker_token(endpoint)
+    mask = os.umask(0o077)
+    try:
+        loop.bind(sock, endpoint)
+    finally:
+        os.umask(mask)
+    os.chmod(socket_path(endpoint), 0o600)
     return token
 
 

@@ -46,7 +46,7 @@ from core import logs
 from core import config as configs
 from core.config import (CONTROL_FD_ENV, MESSAGE_HEADROOM, RESUME_ENV, Config, ConfigError,
                          NodeSettings)
-from core import exits, timeouts
+from core import exits, loop, timeouts
 
 from . import profile as profiles
 from . import uids
@@ -186,14 +186,9 @@ class Pool:
                  self.config.pool.history_dir)
 
     def _setup_signals(self) -> None:
-        self.wake_r, wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(wake_w, False)
-        self.wake_w = wake_w
-        signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
-            signal.signal(sig, self._record_signal)
+        self.wake_r, self.wake_w = loop.wake_on_signals(
+            self._record_signal, (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                  signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU))
 
     def _record_signal(self, signum, frame) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):

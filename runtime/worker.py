@@ -33,7 +33,7 @@ import zmq
 
 from core import protocol as p
 from core import trust
-from core import exits, logs, timeouts
+from core import exits, logs, loop, timeouts
 from core.config import Config, NodeSettings
 from core.sched import LoadScheduling, open_thread_list, pin_to_cpu, thread_ids
 
@@ -192,13 +192,9 @@ class Worker:
             setproctitle.setproctitle(f"{self.title} {state}")
 
     def _connect(self) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, f"{self.node.name}#{self.slot}:{self.pid}".encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message)
-        sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
-        sock.setsockopt(zmq.RECONNECT_IVL, 50)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        sock = loop.socket(self.ctx, zmq.DEALER, self.config.max_message,
+                           IDENTITY=f"{self.node.name}#{self.slot}:{self.pid}".encode(),
+                           SNDTIMEO=SEND_TIMEOUT_MS, RECONNECT_IVL=50, RECONNECT_IVL_MAX=500)
         sock.connect(self.endpoint)
         return sock
 

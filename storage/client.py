@@ -23,6 +23,7 @@ from pathlib import Path
 import msgpack
 import zmq
 
+from core import loop
 from core import protocol as p
 from broker.client import (CONNECT_WAIT, BrokerUnavailable, Client, Result, gather,
                            unreachable_hint)
@@ -97,15 +98,8 @@ class StorageClient:
         self.endpoint, self.name, self.group = endpoint, name, group
         self.max_message = max_message
         self.curve = curve
-        self._sock = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
-        if curve is not None:
-            curve.apply(self._sock)
-        for option, value in ((zmq.LINGER, 0), (zmq.RECONNECT_IVL, 50),
-                              (zmq.RECONNECT_IVL_MAX, 1000), (zmq.SNDHWM, 100_000),
-                              (zmq.RCVHWM, 100_000), (zmq.IMMEDIATE, 1),
-                              (zmq.MAXMSGSIZE, max_message or -1)):
-            self._sock.setsockopt(option, value)  # IMMEDIATE: never queue for a dead node
-        self._sock.connect(endpoint)
+        self._sock = loop.client_socket(ctx or zmq.Context.instance(), endpoint, max_message,
+                                        curve and curve.apply)
         self._prefix = os.urandom(4)
         self._ids = itertools.count()
         self._early: dict[bytes, Result] = {}   # replies that came before they were asked for

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import zmq
 
+from core import loop
 from core import protocol as bp
 from core import security, timeouts
 from core.config import START_ENV, Config, NodeSettings
@@ -40,15 +41,6 @@ BATCH = 256          # requests read before the batch is run; bounds reply laten
 STATUS_WAIT = 5.0    # seconds a relayed status request may take
 
 
-def _socket(ctx: zmq.Context, kind: int, max_message: int) -> zmq.Socket:
-    sock = ctx.socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.setsockopt(zmq.RCVHWM, 100_000)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_message)  # a larger message drops its sender
-    return sock
-
-
 class Relay:
     """Exec and status requests on their way to the node's broker and back.
 
@@ -60,7 +52,7 @@ class Relay:
     def __init__(self, ctx: zmq.Context, node: NodeSettings, default_timeout: float, reply,
                  max_message: int, credentials: security.Credentials | None = None):
         self.node, self.default_timeout, self.reply = node, default_timeout, reply
-        self.sock = _socket(ctx, zmq.DEALER, max_message)
+        self.sock = loop.socket(ctx, zmq.DEALER, max_message)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 50)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a broker that is not there
@@ -156,7 +148,7 @@ class StorageNode:
         self.ctx = ctx or zmq.Context()
         # With curve: who may connect (ZAP) and what each client may do.
         self.keyring = security.keyring(config)
-        self.front = _socket(self.ctx, zmq.ROUTER, config.max_message)
+        self.front = loop.socket(self.ctx, zmq.ROUTER, config.max_message)
         self.front.setsockopt(zmq.ROUTER_MANDATORY, 0)
         if self.keyring is not None:
             self.keyring.start(self.ctx)
@@ -174,12 +166,7 @@ class StorageNode:
     # Main loop ---------------------------------------------------------------
 
     def run(self) -> None:
-        wake_r, wake_w = os.pipe()
-        for fd in (wake_r, wake_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_stop_signal)
+        wake_r, _ = loop.wake_on_signals(self._on_stop_signal, (signal.SIGTERM, signal.SIGINT))
         poller = zmq.Poller()
         for sock in (self.front, self.relay.sock, wake_r):
             poller.register(sock, zmq.POLLIN)
