@@ -34,21 +34,19 @@ import time
 
 import zmq
 
-from core import __version__, logs, security, timeouts, trust
+from core import __version__, logs, loop, security, timeouts, trust
 from core import protocol as p
 from core.config import START_ENV, Config, NodeSettings
 from core.logs import Throttle
 from core.sched import CALM_AFTER, LoadScheduling
 
-from .dispatch import Dispatcher, Job, Worker, never_started
-from .stats import CONTENT, ExecStats, WorkerMemory
+from .dispatch import Dispatcher, Job, Worker
+from .stats import ExecStats, WorkerMemory, worker_rows
 
 log = logging.getLogger("srw.broker")
 
 FRONT_HWM = 100_000  # messages queued per client
-REREGISTER_MAX = 1024  # strangers answered REREGISTER per heartbeat tick
 WARN_EVERY = 1.0     # seconds between warnings about strangers on the back socket
-REPLACEMENT_WAIT = 10.0  # seconds a dead worker of a live pool waits for its replacement
 
 
 def back_hwm(credits: int) -> int:
@@ -61,23 +59,6 @@ def back_hwm(credits: int) -> int:
     broker has read half the HWM: at credits + 8 that cost 0.5 us per request
     (measured in process, 16 credits), at 4x nothing measurable."""
     return 4 * (credits + 8)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether `pid` is a process that has not exited (a zombie has)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's, alive
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2][1:2] != b"Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
 
 
 class Broker:
@@ -99,12 +80,17 @@ class Broker:
         try:
             if self.keyring is not None:
                 self.keyring.start(self.ctx)
-            self.front = self._bind(zmq.ROUTER, node.broker, FRONT_HWM, self.keyring)
-            self.back = self._bind_back(node.workers_endpoint, back_hwm(config.pool.credits))
+            self.front = loop.socket(self.ctx, zmq.ROUTER, self.max_message, rcvhwm=FRONT_HWM,
+                                     secure=self.keyring and self.keyring.secure,
+                                     ROUTER_MANDATORY=0)
+            loop.bind(self.front, node.broker)
+            self.back = loop.socket(self.ctx, zmq.ROUTER, self.max_message, ROUTER_MANDATORY=0,
+                                    rcvhwm=back_hwm(config.pool.credits))
+            self.token = trust.bind_workers_socket(self.back, node.workers_endpoint)
         except BaseException:
             self.close()
             raise
-        self.d = Dispatcher(node.name, self.max_batch, self._answer)
+        self.d = Dispatcher(node.name, self.max_batch, self._answer, self.settings.queue_limit)
         # The dispatcher's registry and jobs, read here (status, heartbeats, stop).
         self.workers, self.jobs = self.d.workers, self.d.jobs
         self.outbox = p.Batches(self.max_batch)  # replies to clients that batch, this turn
@@ -116,45 +102,9 @@ class Broker:
         self.close_at: float | None = None  # stopping, answered: when the sockets close
         self.next_heartbeat = 0.0
         self.scheduling = LoadScheduling()
-        # Strangers on the back socket: answered REREGISTER once per heartbeat
-        # tick, and warned about once a second, so that a flood costs little.
-        self.reregistered: set[bytes] = set()
+        # Strangers on the back socket are warned about once a second (and answered
+        # REREGISTER once per heartbeat tick: Dispatcher.stranger).
         self.stranger_warnings = Throttle(WARN_EVERY)
-
-    def _bind(self, kind: int, endpoint: str, rcvhwm: int,
-              keyring: security.Keyring | None = None) -> zmq.Socket:
-        sock = self.ctx.socket(kind)
-        if keyring is not None:
-            keyring.secure(sock)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
-        try:
-            if endpoint.startswith("ipc://"):
-                path = endpoint[len("ipc://"):]
-                if len(path) > 100:
-                    raise OSError(f"socket path too long for ipc (max 100 chars): {path}")
-                if os.path.lexists(path):
-                    os.unlink(path)  # left by a killed broker
-            sock.bind(endpoint)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    def _bind_back(self, endpoint: str, rcvhwm: int) -> zmq.Socket:
-        """The workers' socket: a fresh token beside it first (a worker that can
-        connect finds it), then the socket, which only our uid may connect to."""
-        self.token = trust.write_worker_token(endpoint)
-        mask = os.umask(0o077)
-        try:
-            sock = self._bind(zmq.ROUTER, endpoint, rcvhwm)
-        finally:
-            os.umask(mask)
-        os.chmod(trust.socket_path(endpoint), 0o600)
-        return sock
 
     def close(self) -> None:
         """Close the sockets; remove the socket file and the token, if still ours.
@@ -175,12 +125,7 @@ class Broker:
     # Main loop ---------------------------------------------------------------
 
     def run(self) -> None:
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        os.set_blocking(wake_r, False)
-        signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_stop_signal)
+        wake_r, _ = loop.wake_on_signals(self._on_stop_signal, (signal.SIGTERM, signal.SIGINT))
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
@@ -240,21 +185,13 @@ class Broker:
     # Clients ----------------------------------------------------------------
 
     def read_clients(self) -> None:
-        if self.keyring is not None:
-            return self._read_clients_curve()
+        """Up to 1000 messages; under curve each with its sender's ZAP User-Id."""
+        curve = self.keyring is not None
         for _ in range(1000):
-            frames = p.recv_frames_nowait(self.front)
-            if frames is None:
-                return
-            self.on_client(frames)
-
-    def _read_clients_curve(self) -> None:
-        """As read_clients, each message with its sender's ZAP User-Id."""
-        for _ in range(1000):
-            got = p.recv_frames_from(self.front)
+            got = p.recv_frames_from(self.front) if curve else p.recv_frames_nowait(self.front)
             if got is None:
                 return
-            self.on_client(*got)
+            self.on_client(*got) if curve else self.on_client(got)
 
     def on_client(self, frames: list[bytes], user: str | None = None) -> None:
         if len(frames) == 2:  # a batch
@@ -285,14 +222,13 @@ class Broker:
     def accept(self, req: p.FrontRequest, batched: bool, user: str | None = None) -> None:
         meta = req.meta
         if self.keyring is not None:
-            refusal = self.keyring.refusal(user, *security.rights_for(req.cmd == p.EXEC, meta))
-            if refusal is None and meta.caller is not None and not self.keyring.is_node(user):
-                refusal = "only a node of the cluster may name the caller it relays for"
+            refusal = self.keyring.request_refusal(user, req.cmd == p.EXEC, meta)
             if refusal is not None:
                 self.reply(req.client, req.rid, p.FORBIDDEN,
                            error=f"node {self.node.name}: {refusal}", batched=batched)
                 return
-        meta = meta._replace(caller=self.caller(user, meta.caller))
+        meta = meta._replace(caller=security.caller(self.keyring, user, meta.caller,
+                                                    self.node.name))
         if req.cmd == p.STATUS:
             self.reply(req.client, req.rid, p.OK, p.pack(self.status()), batched=batched)
             return
@@ -300,32 +236,13 @@ class Broker:
             self.reply(req.client, req.rid, p.UNAVAILABLE,
                        error=f"node {self.node.name} is shutting down", batched=batched)
             return
-        if self.d.waiting >= self.settings.queue_limit:
-            self.reply(req.client, req.rid, p.BUSY,
-                       error=f"node {self.node.name}: queue full ({self.settings.queue_limit} "
-                             "requests waiting); retry later or raise broker.queue_limit",
-                       batched=batched)
-            return
         size = p.request_bytes(meta, req.data)
-        if size > self.max_batch:  # it could travel to no worker
-            self.reply(req.client, req.rid, p.BAD_REQUEST,
-                       error=f"node {self.node.name}: request of {size} bytes with its headers "
-                             f"is larger than broker.max_message ({self.max_message} bytes)",
-                       batched=batched)
+        refused = self.d.refusal(size)
+        if refused is not None:
+            self.reply(req.client, req.rid, refused[0], error=refused[1], batched=batched)
             return
         deadline = time.monotonic() + (meta.timeout or self.settings.request_timeout)
         self.d.admit(req.client, req.rid, meta, req.data, size, deadline, batched)
-
-    def caller(self, user: str | None, relayed: str | None) -> str:
-        """Who an exec runs for (its runners are that caller's alone: a tenant is a
-        caller and its code).  With curve: the client key the ZAP handler admitted,
-        or, from a node's own key, the caller that node relays for, else the node
-        itself (its indexing).  Without curve no one is authenticated: "local"."""
-        if self.keyring is None:
-            return p.LOCAL_CALLER
-        if self.keyring.is_node(user):
-            return relayed or f"node:{self.node.name}"
-        return user or p.LOCAL_CALLER
 
     def _answer(self, job: Job, status: str, data: bytes, error: str) -> None:
         """The dispatcher's answer to a job: counted, then sent (or batched)."""
@@ -407,8 +324,7 @@ class Broker:
         token); anything else only gets a REREGISTER, once per heartbeat tick."""
         if len(frames) >= 2 and frames[1] == p.READY:
             self.on_ready(identity, self._ready(frames), time.monotonic())
-        elif identity not in self.reregistered and len(self.reregistered) < REREGISTER_MAX:
-            self.reregistered.add(identity)
+        elif self.d.stranger(identity):
             self.back.send_multipart([identity, p.REREGISTER], zmq.NOBLOCK)
 
     def _ready(self, frames: list[bytes]) -> p.Ready:
@@ -436,65 +352,20 @@ class Broker:
                         "socket: %s%s", self.node.name, identity[:64], what, more)
 
     def on_ready(self, identity: bytes, ready: p.Ready, now: float) -> None:
-        old = self.workers.get(identity)
-        if old is not None and (old.slot, old.pid, old.pool) != (ready.slot, ready.pid,
-                                                                  ready.pool):
-            raise p.ProtocolError(f"READY as slot {ready.slot}, pid {ready.pid}, pool "
-                                  f"{ready.pool}, registered as slot {old.slot}, pid "
-                                  f"{old.pid}, pool {old.pool}")
-        self.drop_orphans(ready.pool)
-        if old is None and ready.replaces:
-            old = self.d.by_slot.get(ready.slot)
-            if old is not None and (old.pid != ready.replaces or old.pool != ready.pool):
-                old = None
-            elif old is not None and process_alive(old.pid):
-                raise p.ProtocolError(f"READY claims to replace {old}, which is still running")
+        worker, restarted = self.d.register(identity, ready, now)
         self.restarts = max(self.restarts, ready.restarts)
-        if old is None and ready.slot in self.d.by_slot:
-            log.warning("slot %d claimed by pid %d and pid %d: do two pools serve node %s?",
-                        ready.slot, self.d.by_slot[ready.slot].pid, ready.pid, self.node.name)
-        if old is not None:
-            why = (f"worker {self.node.name}#{old.slot} (pid {old.pid}) went away: "
-                   f"{ready.reason or 'it registered again'}")
-            if ready.replaces == old.pid:
-                self.d.requeue(old, never_started(old, ready))
-                self.stats.restarted(ready.reason)
-            if ready.job in old.jobs and ready.job_status:
-                del old.jobs[ready.job]
-                self.d.finish(ready.job, ready.job_status, error=why)
-            self.d.remove_worker(old, why)
-        worker = Worker(identity, ready, now, self.node.name)
-        self.workers[identity] = worker
-        self.d.by_slot[ready.slot] = worker
-        self.reregistered.discard(identity)
+        if restarted:
+            self.stats.restarted(ready.reason)
         # At once, not at the next beat: the worker counts as started (for its
         # pool, which retires an old worker for it during a reload) only then.
         self.back.send_multipart([identity, p.HEARTBEAT], zmq.NOBLOCK)
         log.debug("%s ready with %d credits", worker, worker.credits)
 
-    def drop_orphans(self, pool: int) -> None:
-        """Forget the workers of pools other than `pool` that are gone: a pool
-        that died (SIGKILL) took its workers with it, and its successor's are
-        registering.  Two live pools on one node keep each other's."""
-        alive: dict[int, bool] = {}
-        for other in {w.pool for w in self.workers.values()} - {pool}:
-            alive[other] = process_alive(other)
-        orphans = [w for w in self.workers.values() if w.pool != pool and not alive[w.pool]]
-        if not orphans:
-            return
-        held = sum(len(w.jobs) for w in orphans)
-        for worker in orphans:
-            self.d.remove_worker(worker, f"{worker}: its pool (pid {worker.pool}) is gone",
-                               quiet=True)
-        log.warning("node %s: dropped %d worker(s) of pool(s) %s, which are gone; answered "
-                    "their %d request(s) 'killed'", self.node.name, len(orphans),
-                    ", ".join(f"pid {pid}" for pid, up in alive.items() if not up), held)
-
     def drop_worker(self, worker: Worker, why: str) -> None:
         """A worker that broke the protocol: its requests are answered ``killed``
         and it is told BYE (it exits; its pool forks a replacement)."""
         held = len(worker.jobs)
-        self.d.remove_worker(worker, why, quiet=True)
+        self.d.gone(worker, why, quiet=True)
         self.back.send_multipart([worker.identity, p.BYE], zmq.NOBLOCK)
         log.warning("%s; dropped it, answered its %d request(s) 'killed' and sent it BYE",
                     why, held)
@@ -512,25 +383,7 @@ class Broker:
             self.keyring.refresh()
         interval = self.settings.heartbeat_interval
         self.next_heartbeat = now + interval
-        self.reregistered.clear()
-        expiry = interval * self.settings.liveness
-        for worker in list(self.workers.values()):
-            if not worker.jobs and now - worker.last_seen > expiry:
-                self.d.remove_worker(worker, f"{worker} missed its heartbeats")
-                continue
-            # A dead worker's replacement tells what it held (READY): while its
-            # pool lives, wait for it (REPLACEMENT_WAIT at most), counting the
-            # dead one no more and giving it nothing.
-            if not process_alive(worker.pid):
-                if not worker.gone_at:
-                    worker.gone_at = now
-                    worker.draining = True
-                pool_gone = not process_alive(worker.pool)
-                if pool_gone or now - worker.gone_at > REPLACEMENT_WAIT:
-                    self.d.remove_worker(worker, f"{worker} is gone, " + (
-                        f"with its pool (pid {worker.pool})" if pool_gone
-                        else "and no replacement registered"))
-                    continue
+        for worker in self.d.check_liveness(now, interval * self.settings.liveness):
             self.back.send_multipart([worker.identity, p.HEARTBEAT], zmq.NOBLOCK)
 
     # Status ------------------------------------------------------------------
@@ -538,31 +391,9 @@ class Broker:
     def status(self) -> dict:
         """The node's status (docs/DESIGN.md "Status"): pool counts, a row per
         worker, per-script counters and the latency window."""
-        # Draining workers are on their way out (recycled, retired by a reload or TTOU).
-        live = [w for w in self.workers.values() if not w.gone_at and not w.draining]
         return {"name": self.node.name, "group": self.node.group, "version": __version__,
                 "uptime": round(time.monotonic() - self.started, 3),
-                "workers": len(live),
-                "busy": sum(1 for w in live if w.jobs),
-                "warm_runners": sum(w.warm for w in live),
-                "queued": self.d.waiting, "served": self.d.served,
-                "restarts": self.restarts,
+                **self.d.counts(), "restarts": self.restarts,
                 **self.stats.snapshot(),
-                "worker_rows": self.worker_rows(),
+                "worker_rows": worker_rows(self.workers.values(), self.jobs, self.memory),
                 "start": os.environ.get(START_ENV, "")}
-
-    def worker_rows(self) -> list[dict]:
-        workers = sorted(self.workers.values(), key=lambda w: w.slot)
-        memory = self.memory.of([w.pid for w in workers])
-        rows = []
-        for w in workers:
-            state = ("gone" if w.gone_at else "draining" if w.draining
-                     else "busy" if w.jobs else "idle")
-            running = self.jobs.get(next(iter(w.jobs), b""))  # it runs its jobs in order
-            rows.append({"pid": w.pid, "slot": w.slot, "state": state, "served": w.replied,
-                         "held": len(w.jobs),
-                         "script": (running.meta.name or CONTENT) if running else "",
-                         "uss": memory.get(w.pid, (None, None))[0],
-                         "sandbox_uss": memory.get(w.pid, (None, None))[1],
-                         "warm_runners": w.warm})
-        return rows

@@ -4,12 +4,16 @@
     dispatch(now) -> Batches       queued jobs to workers within their credits
     replied(worker, job, ...)      a worker's reply: the job is answered
     expire(now)                    jobs past their deadline are answered timeout
-    requeue / remove_worker        a worker died: what it never began goes to others,
-                                   what it held is answered killed
+    register(identity, ready, now) a worker's READY; one that replaces a dead worker
+                                   hands over (`replaced`): what the dead one never
+                                   began goes to others, what it held is answered killed
+    gone(worker, why)              a worker dropped: what it held is answered killed
+    check_liveness(now, expiry)    a heartbeat tick: silent and dead workers are gone
 Every job is answered exactly once, through the `answer` callback the broker
 gives (it sends the reply).  The execs of one id run one at a time, in arrival
-order (broker/idlocks.py).  The broker keeps the sockets, the timers and who
-may register; tests/test_dispatch.py drives this class alone.
+order (broker/idlocks.py).  The broker keeps the sockets, the timers and the
+token a READY must carry; tests/test_dispatch.py drives this class alone, with
+the same registration calls the broker makes.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import time
 from typing import Callable
 
 from core import protocol as p
+from core.exits import process_alive
 from core.ids import lock_key
 
 from .idlocks import IdLocks
@@ -29,7 +34,9 @@ log = logging.getLogger("srw.broker")
 PACK_US = 500.0      # how long a request may wait behind others on a busy worker, not woken
 SERVICE_EWMA = 0.05  # weight of a new run time in its script's average
 SERVICE_NAMES = 1024  # scripts whose average run time is kept (then all are forgotten)
+REREGISTER_MAX = 1024  # strangers answered REREGISTER per heartbeat tick
 DEADLINES_SLACK = 1024  # answered requests' deadlines kept before the heap is rebuilt
+REPLACEMENT_WAIT = 10.0  # seconds a dead worker of a live pool waits for its replacement
 
 class Job:
     __slots__ = ("client", "rid", "deadline", "received", "meta", "data", "worker", "lock",
@@ -108,12 +115,13 @@ def never_started(dead: Worker, ready: p.Ready) -> list[bytes]:
     return order[begun:]
 
 
-
-
 class Dispatcher:
     def __init__(self, node: str, max_batch: int,
-                 answer: Callable[["Job", str, bytes, str], None]):
+                 answer: Callable[["Job", str, bytes, str], None], queue_limit: int = 10_000,
+                 alive: Callable[[int], bool] = process_alive):
         self.node, self.max_batch, self.answer = node, max_batch, answer
+        self.queue_limit = queue_limit
+        self.alive = alive  # whether a pid runs (a test's clock plays processes too)
         self.workers: dict[bytes, Worker] = {}
         self.by_slot: dict[int, Worker] = {}
         self.queue: collections.OrderedDict[bytes, Job] = collections.OrderedDict()
@@ -125,6 +133,9 @@ class Dispatcher:
         self.deadlines: list[tuple[float, bytes]] = []
         self.next_job = 0
         self.served = 0
+        # Peers not registered that were told to register again this heartbeat tick:
+        # once per tick each, so that a flood of strangers costs little.
+        self.reregistered: set[bytes] = set()
 
     @property
     def waiting(self) -> int:
@@ -135,6 +146,18 @@ class Dispatcher:
         return self.deadlines[0][0] if self.deadlines else None
 
     # Jobs --------------------------------------------------------------------
+
+    def refusal(self, size: int) -> tuple[str, str] | None:
+        """(status, error) if a request of `size` bytes (p.request_bytes) cannot
+        be admitted: the queue is full, or it could travel to no worker."""
+        if self.waiting >= self.queue_limit:
+            return p.BUSY, (f"node {self.node}: queue full ({self.queue_limit} requests "
+                            "waiting); retry later or raise broker.queue_limit")
+        if size > self.max_batch:
+            return p.BAD_REQUEST, (f"node {self.node}: request of {size} bytes with its "
+                                   f"headers is larger than broker.max_message allows "
+                                   f"({self.max_batch} bytes)")
+        return None
 
     def admit(self, client: bytes, rid: bytes, meta: p.ExecMeta, data: bytes, size: int,
               deadline: float, batched: bool) -> bytes:
@@ -197,7 +220,7 @@ class Dispatcher:
         for lock in locks:
             self._queue_first(self.locks.promote(lock, self.jobs.__contains__))
 
-    def remove_worker(self, worker: Worker, why: str, quiet: bool = False) -> None:
+    def gone(self, worker: Worker, why: str, quiet: bool = False) -> None:
         """Forget a worker; what it held is answered ``killed``, never retried."""
         self.workers.pop(worker.identity, None)
         if self.by_slot.get(worker.slot) is worker:
@@ -212,6 +235,108 @@ class Dispatcher:
                 self._release(lock, job_id)
         worker.expired.clear()
         worker.draining = True  # in case something still holds it: give it nothing
+
+    # Registry ----------------------------------------------------------------
+
+    def register(self, identity: bytes, ready: p.Ready, now: float) -> tuple[Worker, bool]:
+        """A worker's READY: (the worker registered, whether it replaces a dead
+        one of its slot).  Raises ProtocolError for a READY that makes no sense:
+        another slot or pid than it registered with, or the replacement of a
+        worker that still runs."""
+        old = self.workers.get(identity)
+        if old is not None and (old.slot, old.pid, old.pool) != (ready.slot, ready.pid,
+                                                                  ready.pool):
+            raise p.ProtocolError(f"READY as slot {ready.slot}, pid {ready.pid}, pool "
+                                  f"{ready.pool}, registered as slot {old.slot}, pid "
+                                  f"{old.pid}, pool {old.pool}")
+        self.drop_orphans(ready.pool)
+        if old is None and ready.replaces:
+            old = self.by_slot.get(ready.slot)
+            if old is not None and (old.pid != ready.replaces or old.pool != ready.pool):
+                old = None
+            elif old is not None and self.alive(old.pid):
+                raise p.ProtocolError(f"READY claims to replace {old}, which is still running")
+        if old is None and ready.slot in self.by_slot:
+            log.warning("slot %d claimed by pid %d and pid %d: do two pools serve node %s?",
+                        ready.slot, self.by_slot[ready.slot].pid, ready.pid, self.node)
+        restarted = old is not None and ready.replaces == old.pid
+        if old is not None:
+            self.replaced(old, ready)
+        worker = Worker(identity, ready, now, self.node)
+        self.reregistered.discard(identity)
+        self.workers[identity] = worker
+        self.by_slot[ready.slot] = worker
+        return worker, restarted
+
+    def replaced(self, old: Worker, ready: p.Ready) -> None:
+        """`ready` takes `old`'s place.  If it replaces a dead `old`, its READY
+        tells what `old` was running (answered with the status the pool saw)
+        and so what it never began (given to others); the rest is answered killed."""
+        why = (f"worker {self.node}#{old.slot} (pid {old.pid}) went away: "
+               f"{ready.reason or 'it registered again'}")
+        if ready.replaces == old.pid:
+            self.requeue(old, never_started(old, ready))
+        if ready.job in old.jobs and ready.job_status:
+            del old.jobs[ready.job]
+            self.finish(ready.job, ready.job_status, error=why)
+        self.gone(old, why)
+
+    def stranger(self, identity: bytes) -> bool:
+        """Whether to tell `identity`, not registered, to register again: once a
+        heartbeat tick, for at most REREGISTER_MAX peers."""
+        if identity in self.reregistered or len(self.reregistered) >= REREGISTER_MAX:
+            return False
+        self.reregistered.add(identity)
+        return True
+
+    def counts(self) -> dict:
+        """The pool's counts for the status.  Draining workers are on their way
+        out (recycled, retired by a reload or TTOU)."""
+        live = [w for w in self.workers.values() if not w.gone_at and not w.draining]
+        return {"workers": len(live), "busy": sum(1 for w in live if w.jobs),
+                "warm_runners": sum(w.warm for w in live),
+                "queued": self.waiting, "served": self.served}
+
+    def drop_orphans(self, pool: int) -> None:
+        """Forget the workers of pools other than `pool` that are gone: a pool
+        that died (SIGKILL) took its workers with it, and its successor's are
+        registering.  Two live pools on one node keep each other's."""
+        alive = {other: self.alive(other)
+                 for other in {w.pool for w in self.workers.values()} - {pool}}
+        orphans = [w for w in self.workers.values() if w.pool != pool and not alive[w.pool]]
+        if not orphans:
+            return
+        held = sum(len(w.jobs) for w in orphans)
+        for worker in orphans:
+            self.gone(worker, f"{worker}: its pool (pid {worker.pool}) is gone", quiet=True)
+        log.warning("node %s: dropped %d worker(s) of pool(s) %s, which are gone; answered "
+                    "their %d request(s) 'killed'", self.node, len(orphans),
+                    ", ".join(f"pid {pid}" for pid, up in alive.items() if not up), held)
+
+    def check_liveness(self, now: float, expiry: float) -> list[Worker]:
+        """A heartbeat tick: forget the workers silent for `expiry` seconds with
+        nothing held, and the dead ones no replacement came for; the others,
+        to send a heartbeat to.  A dead worker's replacement tells what it held
+        (READY): while its pool lives, wait for it (REPLACEMENT_WAIT at most),
+        counting the dead one no more and giving it nothing."""
+        self.reregistered.clear()
+        beat = []
+        for worker in list(self.workers.values()):
+            if not worker.jobs and now - worker.last_seen > expiry:
+                self.gone(worker, f"{worker} missed its heartbeats")
+                continue
+            if not self.alive(worker.pid):
+                if not worker.gone_at:
+                    worker.gone_at = now
+                    worker.draining = True
+                pool_gone = not self.alive(worker.pool)
+                if pool_gone or now - worker.gone_at > REPLACEMENT_WAIT:
+                    self.gone(worker, f"{worker} is gone, " + (
+                        f"with its pool (pid {worker.pool})" if pool_gone
+                        else "and no replacement registered"))
+                    continue
+            beat.append(worker)
+        return beat
 
     # Dispatch and deadlines ------------------------------------------------
 

@@ -172,6 +172,23 @@ class WorkerMemory:
         return self.figures
 
 
+def worker_rows(workers, jobs: dict, memory: WorkerMemory) -> list[dict]:
+    """A row per worker for the status (`jobs`: the broker's, by job id)."""
+    workers = sorted(workers, key=lambda w: w.slot)
+    measured = memory.of([w.pid for w in workers])
+    rows = []
+    for w in workers:
+        state = ("gone" if w.gone_at else "draining" if w.draining
+                 else "busy" if w.jobs else "idle")
+        running = jobs.get(next(iter(w.jobs), b""))  # it runs its jobs in order
+        uss, sandbox_uss = measured.get(w.pid, (None, None))
+        rows.append({"pid": w.pid, "slot": w.slot, "state": state, "served": w.replied,
+                     "held": len(w.jobs),
+                     "script": (running.meta.name or CONTENT) if running else "",
+                     "uss": uss, "sandbox_uss": sandbox_uss, "warm_runners": w.warm})
+    return rows
+
+
 def measure(pids: list[int]) -> dict[int, tuple[int | None, int | None]]:
     """pid -> (its USS, the USS of all its descendants), in bytes; None where
     a process could not be read (gone, or not ours)."""

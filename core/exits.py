@@ -18,6 +18,23 @@ WORKER_FAILED = 7  # a worker that was serving raised (its traceback is in the l
 MAX_WAIT_STATUS = 0xFFFF  # what waitpid can report; anything else is not a status
 
 
+def process_alive(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's, alive
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2][1:2] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
 def signal_name(signum: int) -> str:
     """SIGKILL, SIGRTMIN+6, or "signal 99": never raises (signal.Signals does
     for real-time signals and numbers it does not know)."""

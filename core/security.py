@@ -41,6 +41,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from core.config import RIGHTS, Config, ConfigError, NodeSettings, SecuritySettings
 from core.logs import Throttle
+from core.protocol import LOCAL_CALLER
 
 log = logging.getLogger("srw.security")
 
@@ -288,6 +289,14 @@ class Keyring:
         """Whether the key is the nodes' own (what a storage front relays with)."""
         return user_id is not None and user_id == self.public.decode()
 
+    def request_refusal(self, user_id: str | None, is_exec: bool, meta) -> str | None:
+        """None if the caller may send this exec or status request (`meta`: its
+        core.protocol.ExecMeta); else the message of a ``forbidden`` reply."""
+        refusal = self.refusal(user_id, *rights_for(is_exec, meta))
+        if refusal is None and meta.caller is not None and not self.is_node(user_id):
+            return "only a node of the cluster may name the caller it relays for"
+        return refusal
+
     def refusal(self, user_id: str | None, needed: tuple[str, ...], what: str) -> str | None:
         """None if the caller may do `what`; else the message of a ``forbidden`` reply."""
         identity = self.identity(user_id)
@@ -300,6 +309,18 @@ class Keyring:
         return (f"client {identity.name!r} may not {what}: it lacks the {missing[0]!r} right "
                 f"(grant it with rights in its certificate's metadata, or [security.rights] "
                 f"{identity.name} = [...] in the node's config)")
+
+
+def caller(keyring: Keyring | None, user: str | None, relayed: str | None, node: str) -> str:
+    """Who an exec runs for (its runners are that caller's alone: a tenant is a
+    caller and its code).  With curve: the client key the ZAP handler admitted,
+    or, from a node's own key, the caller that node relays for, else the node
+    itself (its indexing).  Without curve no one is authenticated: "local"."""
+    if keyring is None:
+        return LOCAL_CALLER
+    if keyring.is_node(user):
+        return relayed or f"node:{node}"
+    return user or LOCAL_CALLER
 
 
 def rights_for(is_exec: bool, meta) -> tuple[tuple[str, ...], str]:

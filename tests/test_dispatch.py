@@ -1,7 +1,9 @@
 """broker/dispatch.py alone: a hypothesis state machine plays clients, workers
 and the clock against the Dispatcher (no sockets) and checks what the broker
 promises: every request is answered exactly once, none is lost when workers
-die, and the execs of one id run one at a time, in the order they came."""
+die, and the execs of one id run one at a time, in the order they came.
+Workers register, die, vanish and miss heartbeats through the Dispatcher's own
+registry calls (register, check_liveness), the ones the Broker makes."""
 from __future__ import annotations
 
 import collections
@@ -10,7 +12,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from broker.dispatch import Dispatcher, Worker, never_started
+import pytest
+
+from broker.dispatch import REPLACEMENT_WAIT, Dispatcher, Worker
 from core import protocol as p
 
 CREDITS = 3
@@ -25,7 +29,9 @@ class Node(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.answers: collections.Counter[bytes] = collections.Counter()
-        self.d = Dispatcher("n1", 1 << 20, self.answer)
+        self.statuses: dict[bytes, str] = {}
+        self.live = {1}  # pids that run: the pool's, and its workers'
+        self.d = Dispatcher("n1", 1 << 20, self.answer, alive=self.live.__contains__)
         self.clock = 0.0
         self.pids = iter(range(100, 10_000))
         self.runs: dict[bytes, list[bytes]] = {}  # worker -> jobs sent to it, in order
@@ -37,14 +43,24 @@ class Node(RuleBasedStateMachine):
 
     def answer(self, job, status, data, error) -> None:
         self.answers[job.rid] += 1
+        self.statuses[job.rid] = status
 
     def register(self, slot: int, **fields) -> Worker:
         pid = next(self.pids)
-        worker = Worker(b"w%d" % pid, ready(slot, pid, **fields), self.clock, "n1")
-        self.d.workers[worker.identity] = worker
-        self.d.by_slot[slot] = worker
+        self.live.add(pid)
+        worker, _ = self.d.register(b"w%d" % pid, ready(slot, pid, **fields), self.clock)
         self.runs[worker.identity] = []
         return worker
+
+    def beat(self) -> None:
+        """A heartbeat tick (live workers were heard from); a worker the
+        dispatcher forgot gets nothing more."""
+        for worker in self.d.workers.values():
+            if worker.pid in self.live:
+                worker.last_seen = self.clock
+        self.d.check_liveness(self.clock, 3.0)
+        for identity in set(self.runs) - set(self.d.workers):
+            del self.runs[identity]
 
     def start(self, job: bytes) -> None:
         """A worker runs `job`, even one the broker has answered timeout: the
@@ -81,6 +97,7 @@ class Node(RuleBasedStateMachine):
     def time_passes(self, step):
         self.clock += step
         self.d.expire(self.clock)
+        self.beat()
 
     @precondition(lambda self: any(self.runs.values()))
     @rule(data=st.data(), began=st.booleans())
@@ -89,19 +106,45 @@ class Node(RuleBasedStateMachine):
         from the slot table; the broker requeues what never began."""
         identity = data.draw(st.sampled_from(sorted(i for i, jobs in self.runs.items() if jobs)))
         dead = self.d.workers[identity]
+        self.live.discard(dead.pid)
         sent = self.runs.pop(identity)
         running = sent[0] if began else b""
         if began:
             self.start(running)
-        fields = dict(replaces=dead.pid, reason="killed by SIGKILL", job=running,
+        self.register(dead.slot, replaces=dead.pid, reason="killed by SIGKILL", job=running,
                       job_status=p.KILLED if began else "", served=dead.replied)
-        replacement = ready(dead.slot, 0, **fields)
-        self.d.requeue(dead, never_started(dead, replacement))
-        if running in dead.jobs:
-            del dead.jobs[running]
-            self.d.finish(running, p.KILLED, error="its worker died")
-        self.d.remove_worker(dead, "died")
+        assert identity not in self.d.workers
+        never_began = sent[1:] if began else sent
+        assert not [job for job in never_began if self.statuses.get(job) == p.KILLED], \
+            "a request its worker never began was answered killed, not given to another"
+
+    @precondition(lambda self: self.d.workers)
+    @rule(data=st.data())
+    def worker_vanishes(self, data):
+        """A worker dies and no replacement registers: after REPLACEMENT_WAIT a
+        heartbeat tick forgets it (what it held is answered killed); a new
+        worker takes the slot later."""
+        identity = data.draw(st.sampled_from(sorted(self.d.workers)))
+        dead = self.d.workers[identity]
+        self.live.discard(dead.pid)
+        self.beat()
+        assert identity in self.d.workers and dead.draining  # given nothing more
+        self.clock += REPLACEMENT_WAIT + 0.1
+        self.d.expire(self.clock)
+        self.beat()
+        assert identity not in self.d.workers
+        self.runs.pop(identity, None)
         self.register(dead.slot)
+
+    @precondition(lambda self: self.d.workers)
+    @rule(data=st.data())
+    def a_running_worker_is_not_replaced(self, data):
+        """A READY that claims to replace a worker that still runs is refused."""
+        live = self.d.workers[data.draw(st.sampled_from(sorted(self.d.workers)))]
+        with pytest.raises(p.ProtocolError):
+            self.d.register(b"impostor", ready(live.slot, 99_999, replaces=live.pid),
+                            self.clock)
+        assert self.d.by_slot[live.slot] is live
 
     @invariant()
     def answered_at_most_once(self):
@@ -140,4 +183,4 @@ class Node(RuleBasedStateMachine):
 
 
 TestNode = Node.TestCase
-TestNode.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+TestNode.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)

@@ -495,7 +495,7 @@ def test_worker_token_file_is_fresh_private_and_never_followed(tmp_path):
 
 
 def test_process_alive_sees_exits_and_zombies():
-    from broker.broker import process_alive
+    from core.exits import process_alive
     assert process_alive(os.getpid())
     pid = os.fork()
     if pid == 0:
