@@ -189,13 +189,22 @@ MIB = 1024 * 1024
 # headers, names, cookies.  max_message must leave at least this much room.
 MESSAGE_HEADROOM = 64 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# The environment srw's processes hand their children, all of it:
 # Set by `srw serve` for its children: a nonce per start, which the broker's
 # status and the storage's stat repeat, so serve knows it hears its own nodes.
 START_ENV = "SRW_START"
+# Set by `srw serve` for its children: its pid (`srw pool` under serve leaves
+# the slow stop to it).
+SUPERVISOR_ENV = "SRW_SUPERVISOR_PID"
 # Set by `srw serve` for a pool: the fd of a pipe it writes ``size N`` lines to.
 CONTROL_FD_ENV = "SRW_CONTROL_FD"
 # Set by `srw serve` for a pool it restarts: start at the size the last one had.
 RESUME_ENV = "SRW_POOL_RESUME"
+# Set by `srw pool` for python.init: the config the node runs with, and the
+# node's name (a storage handle made there finds the cluster and asks this
+# node's index for n.search).
+CONFIG_ENV = "SRW_CONFIG"
+NODE_ENV = "SRW_NODE"
 SECTIONS = {"pool": PoolSettings, "broker": BrokerSettings, "proxy": ProxySettings,
             "log": LogSettings, "security": SecuritySettings, "serve": ServeSettings,
             "cluster": ClusterSettings}

@@ -637,7 +637,7 @@ def _supervised() -> None:
     (or, TTIN/TTOU's default, suspend) the other roles."""
     for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)
-    supervisor = os.environ.get("SRW_SUPERVISOR_PID")
+    supervisor = os.environ.get(cfg.SUPERVISOR_ENV)
     if supervisor:
         from runtime.sandbox import die_with_parent
         die_with_parent(signal.SIGTERM)
@@ -668,8 +668,8 @@ def cmd_pool(config: cfg.Config, args) -> int:
     logs.setup(config.log, f"pool {node.name}")
     _supervised()
     # Where python.init's storage handles find the cluster (storage.handle).
-    os.environ["SRW_CONFIG"] = str(config.path)
-    os.environ["SRW_NODE"] = node.name   # and whose index n.search asks
+    os.environ[cfg.CONFIG_ENV] = str(config.path)
+    os.environ[cfg.NODE_ENV] = node.name   # and whose index n.search asks
     try:
         _check_history(config)
         return pool.main(config, args.node)

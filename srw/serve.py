@@ -40,7 +40,8 @@ import psutil
 
 from broker.client import BrokerUnavailable, Client
 from core import exits, logs, redis_auth, security, timeouts
-from core.config import CONTROL_FD_ENV, RESUME_ENV, START_ENV, Config, NodeSettings
+from core.config import (CONTROL_FD_ENV, RESUME_ENV, START_ENV, SUPERVISOR_ENV, Config,
+                         NodeSettings)
 from srw.control import COMMANDS, ControlServer, ControlUnavailable, socket_path
 from srw.pushed import INIT, PushError
 from srw.pushsync import NodeSync
@@ -51,7 +52,6 @@ log = logging.getLogger("srw.serve")
 MAX_RESTARTS = 5          # per child, within RESTART_WINDOW
 RESTART_WINDOW = 60.0
 READY_TIMEOUT = 60.0
-SUPERVISOR_ENV = "SRW_SUPERVISOR_PID"
 
 
 class StartError(RuntimeError):

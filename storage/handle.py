@@ -50,8 +50,6 @@ from .client import (NodeUnavailable, ReplicaWriteFailed, Session, StorageClient
 
 __all__ = ["StorageHandle"]
 
-ENV_CONFIG = "SRW_CONFIG"
-ENV_NODE = "SRW_NODE"     # the node whose pool made the handle: n.search asks its index
 
 log = logging.getLogger("srw.storage.handle")
 
@@ -67,7 +65,7 @@ class StorageHandle:
         self._session: Session | None = None
         self._pid = 0
         self._abandoned: list = []   # built before a fork: never used again
-        self._node = os.environ.get(ENV_NODE)
+        self._node = os.environ.get(cfg.NODE_ENV)
         self._own_store: StorageClient | None = None
         self._own_pid = 0
         self._use_groups: list[int] | None = None
@@ -75,7 +73,7 @@ class StorageHandle:
         # the config file (it holds the node's layout, which scripts must not see).
         self._local, self._local_error, self._curve = None, None, None
         try:
-            self._local = cfg.load(config or os.environ.get(ENV_CONFIG) or "config.toml")
+            self._local = cfg.load(config or os.environ.get(cfg.CONFIG_ENV) or "config.toml")
             self._curve = security.role_credentials(self._local, "scripts")
         except cfg.ConfigError as exc:  # no config, or curve on and no scripts key
             self._local, self._local_error = None, exc
@@ -243,7 +241,7 @@ class StorageHandle:
                 self._abandoned.append(self._own_store)
             if self._local is None or self._node is None:
                 raise StorageError("n.search works in scripts run by a node (srw serve): "
-                                   f"{self._local_error or 'no node named in ' + ENV_NODE}")
+                                   f"{self._local_error or 'no node named in ' + cfg.NODE_ENV}")
             node = self._local.node(self._node)
             self._own_store = StorageClient(node.storage, node.name, node.group,
                                             max_message=self._local.max_message,
