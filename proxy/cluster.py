@@ -64,7 +64,9 @@ class Cluster:
 
     def start(self) -> None:
         timeout = self.config.broker.request_timeout
-        self.clients = {n.name: AsyncClient(n.broker, timeout=timeout, curve=self.curve)
+        # max_message as every srw socket (the config keeps it above max_body).
+        self.clients = {n.name: AsyncClient(n.broker, timeout=timeout, curve=self.curve,
+                                            max_message=self.config.max_message)
                         for n in self.config.nodes}
         if self.config.cluster.redis:
             self.router.refresh()  # at start-up, before the first request

@@ -24,9 +24,9 @@ NETWORKS = ("none", "local", "any")
 @dataclass(frozen=True)
 class Profile:
     name: str
-    isolation: str = "copy"         # none: in the worker; copy: a reused runner; fork: fresh ones
-    wall_seconds: float = 30.0      # pool (copy) or worker (fork) SIGKILLs past it
-    cpu_seconds: float = 10.0       # pool watchdog (copy) or RLIMIT_CPU (fork)
+    isolation: str = "copy"         # none: in the worker; copy: a runner per tenant; fork: fresh ones
+    wall_seconds: float = 30.0      # the worker SIGKILLs the runner past it (none: the pool, the worker)
+    cpu_seconds: float = 10.0       # the worker reads the runner's cgroup (copy), RLIMIT_CPU (fork)
     memory_mb: int = 1024           # RLIMIT_AS per process; a runner's cgroup gets twice it
     output_bytes: int = 64 * 1024 * 1024
     open_files: int = 256           # RLIMIT_NOFILE

@@ -57,10 +57,12 @@ def test_core_imports_nothing_of_the_project_but_core():
 
 
 def test_the_executor_does_not_load_the_wire_protocol():
-    """What runs next to scripts needs the statuses, not ZeroMQ."""
+    """What runs next to scripts (runtime/executor.py) loads neither ZeroMQ nor
+    the broker's wire messages nor msgpack: a script finds none of them loaded."""
     import subprocess
     import sys
-    code = "import sys, runtime.executor; print('zmq' in sys.modules)"
+    code = ("import sys, runtime.executor; "
+            "print([m for m in ('zmq', 'core.protocol', 'msgpack') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=30)
-    assert out.stdout.strip() == "False", out.stderr
+    assert out.stdout.strip() == "[]", out.stderr
