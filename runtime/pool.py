@@ -53,8 +53,9 @@ from . import uids
 from .executor import Executor
 from .isolation import seats as runner_seats
 from .sandbox import PR_SET_CHILD_SUBREAPER, Sandbox, _prctl
+from .roster import Roster, WorkerRecord
 from .slots import BOOTING, BUSY, SlotTable
-from .worker import Predecessor, Worker
+from .worker import Worker
 
 log = logging.getLogger("srw.pool")
 
@@ -102,16 +103,6 @@ def _control_pipe() -> int:
     return fd
 
 
-def describe_exit(status: int) -> str:
-    if os.WIFEXITED(status):
-        code = os.WEXITSTATUS(status)
-        if code == exits.WORKER_BOOT:
-            return f"could not start (exit status {code}; its traceback is in the log)"
-        if code == exits.WORKER_FAILED:
-            return f"failed while serving (exit status {code}; its traceback is in the log)"
-    return exits.describe(status)
-
-
 def read_size(path: Path, ceiling: int) -> int | None:
     """The pool size kept in `path`, clamped to 1..ceiling; None when the file is
     missing or holds anything but a short number (at most 17 bytes are read)."""
@@ -136,20 +127,14 @@ class Pool:
         self.sandbox = Sandbox(self.profile, node, self.uids.first if self.uids else 0,
                                self.slot_count, config.pool.history_dir, cluster=config.nodes,
                                seats=seats)
-        self.slots = SlotTable(self.slot_count)
-        self.pids: dict[int, int] = {}                  # pid -> slot
-        self.generation = 0                             # python.init's; a reload adds one
-        self.generations: dict[int, int] = {}           # pid -> generation it was forked in
-        self.retiring: set[int] = set()                 # pids told to drain and exit
-        self.respawn: set[int] = set()                  # slots whose worker died unasked
-        self.predecessors: dict[int, Predecessor] = {}  # slot -> who it replaces
-        self.kill_reasons: dict[int, tuple[str, str]] = {}  # pid -> (reason, job status)
-        self.cpu_base: dict[int, tuple[bytes, float]] = {}  # pid -> (job, CPU seconds then)
-        self.dead_at: dict[int, float] = {}             # slot -> when its worker died
+        self.slots = SlotTable(self.slot_count)   # what workers write; shared memory
+        self.roster = Roster(self.slot_count)     # a record per worker and per slot
+        self.generation = 0                       # python.init's; a reload adds one
         self.restarts = 0
         self.boot_failures = 0
         self.stopping = False
         self.reload_requested = False
+        self.reopen_requested = False
         self.resize_steps: list[int] = []  # TTIN +1, TTOU -1, in order, by the handler
         self.control = _control_pipe()  # fd, or -1 when started alone
         self.control_buf = b""
@@ -197,17 +182,22 @@ class Pool:
             self.reload_requested = True
         elif signum in (signal.SIGTTIN, signal.SIGTTOU):
             self.resize_steps.append(1 if signum == signal.SIGTTIN else -1)
-        elif signum == signal.SIGUSR1:  # logrotate: our log file, and the workers'
-            logs.reopen()
-            for pid in list(self.pids):
-                self._signal(pid, signal.SIGUSR1)
+        elif signum == signal.SIGUSR1:
+            self.reopen_requested = True
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate): our log file, and the workers'."""
+        self.reopen_requested = False
+        logs.reopen()
+        for pid in list(self.roster.workers):
+            self._signal(pid, signal.SIGUSR1)
 
     def spawn(self, slot: int) -> None:
-        predecessor = self.predecessors.pop(slot, Predecessor())
         # A reply must fit a message to the broker, headers and all.
         output_bytes = min(self.profile.output_bytes,
                            self.config.max_message - MESSAGE_HEADROOM)
         executor = Executor(self.context, output_bytes)
+        predecessor = self.roster.slots[slot].predecessor
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the worker; it always leaves through os._exit()
@@ -227,9 +217,7 @@ class Pool:
                 sys.stderr.flush()
                 os._exit(code)
         self.slots.reset(slot, pid)
-        self.pids[pid] = slot
-        self.generations[pid] = self.generation
-        self.respawn.discard(slot)
+        self.roster.spawned(slot, pid, self.generation)
 
     def _child_reset(self) -> None:
         # Its own session and group: no terminal (no script may reach the operator's
@@ -256,6 +244,8 @@ class Pool:
         while not self.stopping and self.fatal is None:
             self.wait_for_signals(TICK)
             self.read_control()
+            if self.reopen_requested:
+                self.reopen_logs()
             self.reap_workers()
             self.watchdog()
             self.kill_strays()
@@ -312,74 +302,63 @@ class Pool:
             if pid == 0:
                 return
             if os.WIFSTOPPED(status):
-                self.kill(pid, f"{exits.describe(status)}; killed by the pool", p.KILLED)
+                if pid in self.roster.workers:
+                    self.kill(self.roster.workers[pid], f"{exits.describe(status)}; killed by "
+                              "the pool", p.KILLED)
+                else:
+                    self._signal(pid, signal.SIGKILL)
                 continue
             self.on_exit(pid, status)
 
     def on_exit(self, pid: int, status: int) -> None:
-        slot = self.pids.pop(pid, None)
-        if slot is None:
+        record = self.roster.workers.get(pid)
+        if record is None:
             return  # a grandchild reparented to us, or already handled
-        self._kill_leftovers(pid, slot)
-        self.generations.pop(pid, None)
-        _, state, _, served, job = self.slots.read(slot)
-        self.cpu_base.pop(pid, None)
-        reason, job_status = self.kill_reasons.pop(pid, (describe_exit(status), p.KILLED))
-        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        # Retired: we asked it to go (SIGTERM kills one still booting: ours too).
-        retired = pid in self.retiring and (clean or (
-            os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGTERM, signal.SIGUSR2)))
-        planned = retired or clean
-        self.retiring.discard(pid)
-        if state == BOOTING and not planned:
+        self._kill_leftovers(pid, record.slot)
+        _, state, _, served, job = self.slots.read(record.slot)
+        end = self.roster.exited(pid, status, state, served, job, time.monotonic())
+        where = f"worker {self.node.name}#{record.slot} (pid {pid})"
+        if state == BOOTING and not end.planned:
             self.boot_failures += 1
-            log.error("worker %s#%d (pid %d) died at boot: %s", self.node.name, slot, pid, reason)
+            log.error("%s died at boot: %s", where, end.reason)
             if self.boot_failures >= MAX_BOOT_FAILURES:
                 self.fatal = (f"{self.boot_failures} workers in a row died at boot "
-                              f"(last: {reason}); see the errors above")
-        elif not planned:
+                              f"(last: {end.reason}); see the errors above")
+        elif not end.planned:
             self.restarts += 1
             self.boot_failures = 0
-            job_id = job.decode("ascii", "replace")
-            busy = f" while running request {job_id}" if state == BUSY else ""
-            log.warning("worker %s#%d (pid %d) %s%s", self.node.name, slot, pid, reason, busy)
+            busy = f" while running request {job.decode('ascii', 'replace')}" \
+                if state == BUSY else ""
+            log.warning("%s %s%s", where, end.reason, busy)
         else:
-            log.debug("worker %s#%d (pid %d) exited (%s)", self.node.name, slot, pid,
-                      "retired" if retired else "recycled")
-        if not retired:
-            self.respawn.add(slot)  # its replacement goes here, to tell the broker
-        self.predecessors[slot] = Predecessor(
-            pid=pid, reason=reason if not planned else "retired" if retired else "recycled",
-            job=job if state == BUSY else b"", job_status=job_status if state == BUSY else "",
-            served=served)
+            log.debug("%s exited (%s)", where, "retired" if end.retired else "recycled")
 
     def watchdog(self) -> None:
         """Kill workers whose request ran past its deadline (and, in isolation none,
         its CPU budget: the worker measures its runners' CPU itself)."""
         now = time.monotonic()
         inline = self.profile.isolation == "none"
-        for pid, slot in list(self.pids.items()):
-            record = self.slots.read(slot)
+        for worker in list(self.roster.workers.values()):
+            record = self.slots.read(worker.slot)
             wpid, state, kill_at, _, job = record
-            if state != BUSY or wpid != pid or pid in self.kill_reasons:
+            if state != BUSY or wpid != worker.pid or worker.kill is not None:
                 continue
             # The worker rewrites its record every request and a read can catch it
             # half written (BUSY with the idle record's kill_at 0): act on a record
             # only when a second read finds it whole and the same.
-            if now > kill_at and kill_at > 0 and self.slots.read(slot) == record:
-                self.kill(pid, "request ran past its deadline (wall limit "
-                               f"{self.profile.wall_seconds:g} s or the request timeout)",
+            if now > kill_at and kill_at > 0 and self.slots.read(worker.slot) == record:
+                self.kill(worker, "request ran past its deadline (wall limit "
+                                  f"{self.profile.wall_seconds:g} s or the request timeout)",
                           p.TIMEOUT)
                 continue
             if not inline:
                 continue
             # A request's CPU counts from the first tick that sees it (<= TICK late).
-            seen_job, cpu_start = self.cpu_base.get(pid, (None, 0.0))
-            if seen_job != job:
-                self.cpu_base[pid] = (job, self._cpu_used(pid))
-            elif self._cpu_used(pid) - cpu_start > self.profile.cpu_seconds:
-                self.kill(pid, f"request used more than {self.profile.cpu_seconds:g} s of CPU",
-                          p.TIMEOUT)
+            if worker.cpu_job != job:
+                worker.cpu_job, worker.cpu_start = job, self._cpu_used(worker.pid)
+            elif self._cpu_used(worker.pid) - worker.cpu_start > self.profile.cpu_seconds:
+                self.kill(worker, f"request used more than {self.profile.cpu_seconds:g} s "
+                                  "of CPU", p.TIMEOUT)
 
     def _cpu_used(self, pid: int) -> float:
         try:
@@ -388,12 +367,9 @@ class Pool:
             return 0.0
         return times.user + times.system
 
-    def kill(self, pid: int, reason: str, job_status: str) -> None:
-        self.kill_reasons[pid] = (reason, job_status)
-        try:
-            os.killpg(pid, signal.SIGKILL)  # the worker and anything it spawned
-        except ProcessLookupError:
-            pass
+    def kill(self, worker: WorkerRecord, reason: str, job_status: str) -> None:
+        worker.kill = (reason, job_status)
+        self._signal(worker.pid, signal.SIGKILL, group=True)  # the worker and what it spawned
 
     def _kill_leftovers(self, pid: int, slot: int) -> None:
         """Whatever the dead worker's scripts started goes with it."""
@@ -402,7 +378,6 @@ class Pool:
         except ProcessLookupError:
             pass
         self.sandbox.cgroups.kill(slot)
-        self.dead_at[slot] = time.monotonic()
 
     def kill_strays(self) -> None:
         """SIGKILL our children that are not workers: orphans of dead workers' scripts."""
@@ -412,57 +387,31 @@ class Pool:
         except OSError:
             return
         for pid in children:
-            if pid not in self.pids:
+            if pid not in self.roster.workers:
                 self._signal(pid, signal.SIGKILL)
-
-    def current(self) -> list[int]:
-        """Workers of this generation that are not retiring."""
-        return [pid for pid, gen in self.generations.items()
-                if gen == self.generation and pid not in self.retiring]
 
     def manage_workers(self) -> None:
         if self.stopping or self.fatal:
             return
         self.retire_extra()
-        missing = self.size - len(self.current())
-        if missing <= 0:
-            return
         now = time.monotonic()
-        for slot in self.free_slots():
-            if missing <= 0:
-                break
-            missing -= 1
+        for slot in self.roster.to_spawn(self.generation, self.size):
             # Leftovers still dying would count against the new worker's process limit.
-            if self.sandbox.cgroups.kill(slot) and now - self.dead_at.get(slot, 0) < RESPAWN_WAIT:
+            dead_at = self.roster.slots[slot].dead_at
+            if self.sandbox.cgroups.kill(slot) and now - dead_at < RESPAWN_WAIT:
                 continue
             self.spawn(slot)
 
-    def free_slots(self) -> list[int]:
-        """Slots without a worker: first those whose worker died unasked (its
-        replacement there tells the broker what it held), then the lowest."""
-        used = set(self.pids.values())
-        free = [s for s in range(1, self.slot_count + 1) if s not in used]
-        return sorted(free, key=lambda s: (s not in self.respawn, s))
-
     def retire_extra(self) -> None:
-        """Rolling: an old worker retires for each new one READY beyond the size.
-        Shrinking: the workers beyond the size retire, idle ones and high slots first."""
-        old = [pid for pid, gen in self.generations.items()
-               if gen != self.generation and pid not in self.retiring]
-        current = self.current()
-        ready = [pid for pid in current if self.slots.read(self.pids[pid])[1] != BOOTING]
-        for pid in old[:max(0, len(ready) + len(old) - self.size)]:
-            self.retire(pid)
-        if len(current) > self.size:  # booting ones are left to finish booting first
-            by_preference = sorted(ready, key=lambda pid: (
-                self.slots.read(self.pids[pid])[1] == BUSY, -self.pids[pid]))
-            for pid in by_preference[:len(current) - self.size]:
-                self.retire(pid)
+        """Roster.to_retire: rolling to a new generation, or shrinking."""
+        for worker in self.roster.to_retire(self.generation, self.size,
+                                            lambda slot: self.slots.read(slot)[1]):
+            self.retire(worker.pid)
 
     def retire(self, pid: int) -> None:
         """SIGTERM: the worker drains (DRAIN to the broker), then exits 0."""
-        self.retiring.add(pid)
-        self._signal(pid, signal.SIGTERM)
+        if self.roster.retire(pid):
+            self._signal(pid, signal.SIGTERM)
 
     def resize(self, size: int) -> None:
         wanted, ceiling = size, self.config.pool.ceiling
@@ -540,26 +489,27 @@ class Pool:
     def stop(self) -> None:
         """SIGUSR2 (finish what you hold and go: the broker stopped first), wait up
         to timeouts.POOL_STOP, SIGKILL, final reap."""
-        for pid in list(self.pids):
+        workers = self.roster.workers
+        for pid in list(workers):
             log.debug("stopping worker pid %d", pid)
-            self.retiring.add(pid)
+            self.roster.retire(pid)
             self._signal(pid, signal.SIGUSR2)
         deadline = time.monotonic() + timeouts.POOL_STOP
-        while self.pids and time.monotonic() < deadline:
+        while workers and time.monotonic() < deadline:
             self.wait_for_signals(TICK)
             self.reap_workers()
-        for pid in list(self.pids):
+        for pid in list(workers):
             log.warning("worker pid %d did not stop within %.0f s; SIGKILL", pid,
                         timeouts.POOL_STOP)
             self._signal(pid, signal.SIGKILL, group=True)
-        while self.pids:
+        while workers:
             try:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-            slot = self.pids.pop(pid, None)
-            if slot is not None:
-                self._kill_leftovers(pid, slot)
+            if pid in workers:
+                self._kill_leftovers(pid, workers[pid].slot)
+                self.roster.exited(pid, status, 0, 0, b"", time.monotonic())
         self.sandbox.cgroups.remove()
         if self.uids:
             self.uids.release()

@@ -26,7 +26,6 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
 
 import setproctitle
 import zmq
@@ -42,21 +41,12 @@ from .isolation import InlineRunner, ProcessRunner, ZygoteFailed
 from .profile import Profile
 from .sandbox import Sandbox, die_with_parent
 from .scripts import NAME_RE, ScriptCache, ScriptNameError, ScriptNotFound
+from .roster import Predecessor
 from .slots import SlotTable
 
 log = logging.getLogger("srw.worker")
 # The line per exec (README): the broker's id of the request ends it, as in its warnings.
 exec_line = logs.HotLine(log, "exec %s %d B -> %d B %s %d us req %s")
-
-
-@dataclass(frozen=True)
-class Predecessor:
-    """What the pool tells a new worker about the one it replaces (sent in READY)."""
-    pid: int = 0
-    reason: str = ""
-    job: bytes = b""
-    job_status: str = ""
-    served: int = 0
 
 
 IDLE_AFTER_MS = 5  # a worker waiting this long is idle: title and log lines updated
