@@ -36,7 +36,7 @@ import zmq
 
 from core import __version__, logs, security, timeouts, trust
 from core import protocol as p
-from core.config import START_ENV, Config, NodeSettings
+from core.config import RIGHTS, START_ENV, Config, NodeSettings
 from core.logs import Throttle
 from core.sched import CALM_AFTER, LoadScheduling
 
@@ -292,7 +292,8 @@ class Broker:
                 self.reply(req.client, req.rid, p.FORBIDDEN,
                            error=f"node {self.node.name}: {refusal}", batched=batched)
                 return
-        meta = meta._replace(caller=self.caller(user, meta.caller))
+        caller = self.caller(user, meta.caller)
+        meta = meta._replace(caller=caller, rights=self.rights_of(caller))
         if req.cmd == p.STATUS:
             self.reply(req.client, req.rid, p.OK, p.pack(self.status()), batched=batched)
             return
@@ -326,6 +327,17 @@ class Broker:
         if self.keyring.is_node(user):
             return relayed or f"node:{self.node.name}"
         return user or p.LOCAL_CALLER
+
+    def rights_of(self, caller: str) -> tuple[str, ...]:
+        """What the caller's scripts may do in the store (core/capability.py): its
+        identity's rights; none for the node's own execs (indexing needs no store
+        call); every right without curve, where no capability is checked."""
+        if self.keyring is None:
+            return RIGHTS
+        identity = self.keyring.identity(caller)
+        if identity is None or identity.name == "node":  # node:NAME, or a removed key
+            return ()
+        return tuple(r for r in RIGHTS if r in identity.rights)
 
     def _answer(self, job: Job, status: str, data: bytes, error: str) -> None:
         """The dispatcher's answer to a job: counted, then sent (or batched)."""

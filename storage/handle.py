@@ -32,9 +32,11 @@ the client itself, for any other command, logged in as the Redis user srw
 refuses it admin, dangerous and Lua commands (core/redis_auth.py).
 
 With CurveZMQ on, the handle connects with the node's scripts key
-(``[security] scripts_key``, read here in the pool parent): it may read and
-write, nothing more.  Every script can see that key; it is no secret from
-them, and it opens nothing a script could not already do.
+(``[security] scripts_key``, read here in the pool parent).  Every script can
+see that key; it is no secret from them, and alone it may do nothing: every
+call carries the running request's capability (core/capability.py), which
+grants its caller's rights (or a definer script's) until the request is
+answered.  A call the capability does not allow raises Forbidden.
 """
 from __future__ import annotations
 
@@ -43,12 +45,12 @@ import os
 
 from core import protocol as p
 from core import config as cfg
-from core import security
+from core import capability, security
 
-from .client import (NodeUnavailable, ReplicaWriteFailed, Session, StorageClient,
+from .client import (Forbidden, NodeUnavailable, ReplicaWriteFailed, Session, StorageClient,
                      StorageError, StorageUnavailable, config_from_remote)
 
-__all__ = ["StorageHandle"]
+__all__ = ["StorageHandle", "Forbidden"]
 
 ENV_CONFIG = "SRW_CONFIG"
 ENV_NODE = "SRW_NODE"     # the node whose pool made the handle: n.search asks its index
@@ -80,6 +82,8 @@ class StorageHandle:
         except cfg.ConfigError as exc:  # no config, or curve on and no scripts key
             self._local, self._local_error = None, exc
         self._redis = self._redis_store()
+        # With curve, each call carries the running request's capability.
+        self._capability = capability.current if self._curve is not None else None
 
     def _redis_store(self):
         """The Redis Cluster store in redis-cluster mode, else None.  Imported here,
@@ -123,7 +127,7 @@ class StorageHandle:
             # The node's own limit when its config is known; a remote's is not.
             limit = cluster.max_message if cluster is self._local else None
             session = Session(cluster, timeout=self.timeout, max_message=limit,
-                              curve=self._curve)
+                              curve=self._curve, capability=self._capability)
             self._use_groups = self._existing_groups(session)
             self._session, self._pid = session, os.getpid()
         return self._session
@@ -161,7 +165,8 @@ class StorageHandle:
         errors = []
         for endpoint in self.remotes:
             try:
-                return config_from_remote(endpoint, self.timeout or 5.0, self._curve)
+                return config_from_remote(endpoint, self.timeout or 5.0, self._curve,
+                                          self._capability)
             except NodeUnavailable as exc:
                 errors.append(str(exc))
         raise StorageUnavailable("no remote answered: " + "; ".join(errors))
@@ -203,6 +208,8 @@ class StorageHandle:
             self.log.error("write %r to node %s (group %d): %s: %s", key, r.node, r.group,
                            r.status, r.error)
         stored = [r for r in results if r.ok]
+        if any(r.status == p.FORBIDDEN for r in failed):
+            raise Forbidden(f"write of {key!r}: forbidden: {failed[0].error}")
         if stored:
             raise ReplicaWriteFailed(key, failed, stored)
         down = all(r.status == p.UNAVAILABLE for r in failed)
@@ -216,7 +223,11 @@ class StorageHandle:
             if self._redis.remove(key):
                 return self._redis_result()
             return [p.Result(self._node or "", 1, p.NOT_FOUND, b"", f"key {key!r} not found")]
-        return self.session().remove(key, groups=self._groups())
+        results = self.session().remove(key, groups=self._groups())
+        refused = [r for r in results if r.status == p.FORBIDDEN]
+        if refused:
+            raise Forbidden(f"remove of {key!r}: forbidden: {refused[0].error}")
+        return results
 
     def lookup(self, key: str | bytes) -> dict:
         """{"size", "mtime", ...}; raises like read_data.  Redis keeps no mtime:
@@ -247,6 +258,6 @@ class StorageHandle:
             node = self._local.node(self._node)
             self._own_store = StorageClient(node.storage, node.name, node.group,
                                             max_message=self._local.max_message,
-                                            curve=self._curve)
+                                            curve=self._curve, capability=self._capability)
             self._own_pid = os.getpid()
         return self._own_store
