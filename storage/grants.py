@@ -33,11 +33,17 @@ from . import protocol as sp
 
 log = logging.getLogger("srw.storage")
 
+# Tokens whose MAC was checked, kept so that a script's next calls skip it
+# (measured: verify 6.6 us, a dict lookup well under 1); deadline and
+# revocation are still checked on every call.
+VERIFIED = 4096
+
 
 class Grants:
     def __init__(self, ctx: zmq.Context, config: Config, node: NodeSettings,
                  keyring: security.Keyring):
         self.key = cap.derive_key(keyring.secret)
+        self.verified: dict[bytes, cap.Capability] = {}  # token -> what its MAC proved
         self.revoked: set[bytes] = set()
         self.expiry: list[tuple[float, bytes]] = []   # (deadline, id), soonest first
         self.outgoing: list[tuple[bytes, float]] = []  # to pass on at the end of the turn
@@ -59,12 +65,19 @@ class Grants:
         if not req.capability:
             return (f"a script's {req.name} needs its request's capability (the storage "
                     "handle sends it; with curve on, the scripts key alone may do nothing)")
-        try:
-            grant = cap.verify(self.key, req.capability)
-        except cap.Refused as exc:
-            return f"capability refused: {exc}"
-        except Exception:  # the MAC matched, yet it does not parse: a node of another version
-            return "capability refused: unreadable"
+        grant = self.verified.get(req.capability)
+        if grant is None:
+            try:
+                grant = cap.verify(self.key, req.capability)
+            except cap.Refused as exc:
+                return f"capability refused: {exc}"
+            except Exception:  # the MAC matched, yet it does not parse: another version's
+                return "capability refused: unreadable"
+            if len(self.verified) >= VERIFIED:
+                self.verified.clear()
+            self.verified[req.capability] = grant
+        elif time.time() > grant.deadline:
+            return "capability refused: the capability's request is past its deadline"
         if grant.id in self.revoked:
             return ("capability refused: its request was already answered (a script's "
                     "leftover or copy may not act after its request)")
