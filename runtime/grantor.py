@@ -47,10 +47,12 @@ class Grantor:
         self.sock.connect(node.storage)
 
     @classmethod
-    def for_config(cls, config: Config, node: NodeSettings, ctx: zmq.Context) -> Grantor | None:
-        """None without curve (no one is authenticated: no capabilities) and in
-        redis-cluster mode (no storage front checks them there)."""
-        if not config.security.curve or config.cluster.redis:
+    def for_config(cls, config: Config, node: NodeSettings, ctx: zmq.Context,
+                   network: str) -> Grantor | None:
+        """None without curve (no one is authenticated: no capabilities), in
+        redis-cluster mode (no storage front checks them there), and when the
+        profile's network is none (no script reaches a store)."""
+        if not config.security.curve or config.cluster.redis or network == "none":
             return None
         return cls(config, node, ctx)
 

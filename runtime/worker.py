@@ -109,7 +109,8 @@ class Worker:
         task_dir = open_thread_list()
         self.ctx = zmq.Context(io_threads=1)
         # After the zygote's fork: no runner holds the MAC key (runtime/grantor.py).
-        self.grantor = Grantor.for_config(self.config, self.node, self.ctx)
+        self.grantor = Grantor.for_config(self.config, self.node, self.ctx,
+                                          self.profile.network)
         self.sock = self._connect()
         self.scheduling = LoadScheduling(thread_ids(task_dir))
         self.register()  # the slot says BOOTING until the broker answers (below)
