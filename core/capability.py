@@ -18,6 +18,9 @@ Token: msgpack [VERSION, id, node, job, caller, rights, deadline] + MAC (32
 bytes); id 8 random bytes (what revocation names), rights a bit mask of
 core.config.RIGHTS, deadline Unix seconds (nodes' clocks must agree).
 
+In redis-cluster mode there is no front to check a token: CURRENT holds the
+login of the Redis user for the request's rights instead (redis_grant).
+
 The worker puts the request's token in CURRENT before the script runs (the
 runner, or the worker itself under isolation none); the storage handle sends
 it.  A script can overwrite CURRENT, but only with a token it was given: an
@@ -54,6 +57,27 @@ CURRENT = b""      # the token of the request this process runs now (b"": none)
 def current() -> bytes:
     """The running request's token (what the storage handle sends)."""
     return CURRENT
+
+
+# Redis-cluster mode has no storage front to check tokens: a request's
+# "capability" is then the login of the Redis user its rights call for
+# (core/redis_auth.py script_login), which the handle logs in with.
+REDIS_LOGIN = b"redis-login\0"
+
+
+def redis_grant(login: tuple[str, str] | None) -> bytes:
+    if login is None:
+        return b""
+    return REDIS_LOGIN + login[0].encode() + b"\0" + login[1].encode()
+
+
+def redis_login() -> tuple[str, str] | None:
+    """The running request's Redis login, None when its caller may neither read
+    nor write (or no request is running)."""
+    if not CURRENT.startswith(REDIS_LOGIN):
+        return None
+    user, _, password = CURRENT[len(REDIS_LOGIN):].partition(b"\0")
+    return user.decode(), password.decode()
 
 
 class Refused(ValueError):

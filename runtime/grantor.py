@@ -1,5 +1,6 @@
 """The worker's side of capabilities (core/capability.py): one per request,
-revoked once its reply is sent.
+revoked once its reply is sent (lmdb, curve on); in redis-cluster mode, the
+login of the Redis user the request's rights call for (RedisGrantor).
 
     Worker.run_next --grant()--> token --> runner (REQUEST) --> store calls
     Worker.flush_replies --revoke()--> [DEALER, node key] --> own storage front
@@ -22,7 +23,7 @@ import time
 
 import zmq
 
-from core import capability, security
+from core import capability, redis_auth, security
 from core import protocol as p
 from core.config import Config, NodeSettings
 
@@ -34,6 +35,8 @@ STORAGE_REVOKE = capability.REVOKE
 
 
 class Grantor:
+    """lmdb, curve on: signed tokens, revoked once answered (storage/grants.py)."""
+
     def __init__(self, config: Config, node: NodeSettings, ctx: zmq.Context):
         _, secret = security.load_pair(config.security.server_key, "[security] server_key")
         self.key = capability.derive_key(secret)
@@ -49,23 +52,31 @@ class Grantor:
     @classmethod
     def for_config(cls, config: Config, node: NodeSettings, ctx: zmq.Context,
                    network: str) -> Grantor | None:
-        """None without curve (no one is authenticated: no capabilities), in
-        redis-cluster mode (no storage front checks them there), and when the
-        profile's network is none (no script reaches a store)."""
-        if not config.security.curve or config.cluster.redis or network == "none":
+        """A RedisGrantor in redis-cluster mode; None when the profile's network
+        is none (no script reaches a store) and, in lmdb mode, without curve
+        (no one is authenticated: every caller has every right)."""
+        if network == "none":
+            return None
+        if config.cluster.redis:
+            return RedisGrantor(config)
+        if not config.security.curve:
             return None
         return cls(config, node, ctx)
 
     def grant(self, job: bytes, meta: p.ExecMeta, script: Script | None,
               deadline: float) -> tuple[bytes, tuple[bytes, float]]:
         """(token, revocation entry) for one request; `deadline` is monotonic."""
-        rights = meta.rights
-        if script is not None and not meta.code:
-            rights = self._definer(script) or rights
+        rights = self.rights(meta, script)
         wall = time.time() + (deadline - time.monotonic())
         token, cap_id = capability.mint(self.key, self.node, job, meta.caller or "",
                                         rights, wall)
         return token, (cap_id, wall)
+
+    def rights(self, meta: p.ExecMeta, script: Script | None) -> tuple[str, ...]:
+        """The caller's, or a definer script's (see the module's docstring)."""
+        if script is not None and not meta.code:
+            return self._definer(script) or meta.rights
+        return meta.rights
 
     def _definer(self, script: Script) -> tuple[str, ...] | None:
         definer = self.definers.get(script.name)
@@ -94,3 +105,25 @@ class Grantor:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class RedisGrantor(Grantor):
+    """redis-cluster mode: no front checks tokens, so a request's grant is the
+    login of the Redis user its rights call for (core/redis_auth.py).  A runner
+    keeps it for its tenant's later requests: nothing revokes it."""
+
+    def __init__(self, config: Config):
+        self.definers = config.security.definers
+        self.warned = set()
+        self.credentials = redis_auth.credentials(config)  # after the zygote's fork
+
+    def grant(self, job: bytes, meta: p.ExecMeta, script: Script | None,
+              deadline: float) -> tuple[bytes, None]:
+        login = redis_auth.script_login(self.credentials, self.rights(meta, script))
+        return capability.redis_grant(login), None
+
+    def revoke(self, answered: list) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -335,7 +335,7 @@ class Worker:
         if not self.pending:
             self.pending_since = time.monotonic()
         self.pending.append([job, status, error, out, run_us, *self.runner.warm_state()])
-        if self.granted is not None:
+        if self.granted is not None:  # (redis-cluster mode: nothing to revoke)
             self.answered.append(self.granted)
             self.granted = None
         if not self.hold_replies or not self.jobs or len(self.pending) >= REPLY_BATCH \

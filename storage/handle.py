@@ -27,9 +27,10 @@ client (storage/redis_store.py) that starts from the node's own Redis
 (``[[node]] redis`` of ``SRW_NODE``) and ``cluster.seeds``, built at the first
 call in each process like the Session.  ``add_remote`` and ``add_groups`` are
 accepted and ignored there (Redis replicates each shard itself); ``n.redis`` is
-the client itself, for any other command, logged in as the Redis user srw
-(``[security] redis_secret``, read here in the pool parent): Redis's ACL
-refuses it admin, dangerous and Lua commands (core/redis_auth.py).
+the client itself, for any other command, logged in as the Redis user the
+request's rights call for (srw-read or srw-write, handed to the runner with
+the request: core/redis_auth.py); Redis's ACL refuses them admin, dangerous
+and Lua commands, and srw-read every write.
 
 With CurveZMQ on, the handle connects with the node's scripts key
 (``[security] scripts_key``, read here in the pool parent).  Every script can
@@ -90,12 +91,12 @@ class StorageHandle:
         in the pool parent: a sandboxed runner may not read the modules' files."""
         if self._local is None or not self._local.cluster.redis:
             return None
-        from core import redis_auth
         from .redis_store import RedisStore
         own = [self._local.node(self._node).redis] if self._node else []
-        # The password is read here, before the fork: no sandbox may read keys/.
-        return RedisStore(own + list(self._local.cluster.seeds),
-                          redis_auth.credentials(self._local), self.timeout)
+        # No password here: each request hands its runner the login of the Redis
+        # user its rights call for (runtime/grantor.py), which no sandbox could read.
+        return RedisStore(own + list(self._local.cluster.seeds), capability.redis_login,
+                          self.timeout)
 
     @property
     def redis(self):

@@ -204,3 +204,50 @@ def test_a_forged_or_altered_capability_is_refused(cluster):
     answer = write_with(cluster, "n1", b"", key)
     assert answer.status == p.FORBIDDEN and "needs its request's capability" in answer.error
     assert stored(cluster, key, 1) is None
+
+
+# Redis-cluster mode: per-rights Redis users, handed to each tenant's runner ------
+
+@pytest.fixture(scope="module")
+def redis_srw(tmp_path_factory):
+    """One srw node with curve beside a six-node Redis Cluster; stopped by pid."""
+    from redis_support import RedisNodes
+    root = tmp_path_factory.mktemp("caps-redis")
+    redis = RedisNodes(root / "redis", root / "srw" / "keys")
+    srw = None
+    try:
+        redis.start()
+        srw = Cluster(root / "srw", [{"name": "r0", "redis": redis.addresses[0]}],
+                      {"workers": 1}, {}, SCRIPTS, INIT, security={},
+                      cluster={"engine": "redis-cluster", "seeds": redis.addresses[:3]})
+        with open(srw.path, "a") as f:
+            f.write(f'\n[security.definers]\n"definer.py" = {{ sha256 = "{sha256(WRITE)}", '
+                    'rights = ["read", "write"] }\n')
+        for name, rights in (("execonly", ("exec",)), ("reader", ("exec", "read")),
+                             ("writer", ("exec", "read", "write"))):
+            srw.add_client(name, rights)
+        srw.serve()
+        yield srw
+    finally:
+        if srw is not None:
+            srw.stop()
+        redis.stop()
+
+
+def test_redis_scripts_log_in_as_the_user_their_rights_call_for(redis_srw):
+    c = redis_srw
+    key = new_key()
+    result = run(c, "execonly", "write.py", key, node="r0")
+    assert result.status == p.SCRIPT_ERROR and "may neither read nor write" in result.error
+    result = run(c, "reader", "write.py", key, node="r0")
+    assert result.status == p.SCRIPT_ERROR and "Forbidden" in result.error
+    assert "no permissions to run the 'set' command" in result.error
+    result = run(c, "writer", "write.py", key, node="r0")
+    assert result.status == p.OK, result.error
+    result = run(c, "reader", "read.py", key, node="r0")
+    assert (result.status, result.data) == (p.OK, b"written")
+    other = new_key()
+    result = run(c, "execonly", "definer.py", other, node="r0")
+    assert result.status == p.OK, result.error
+    result = run(c, "writer", "read.py", other, node="r0")
+    assert (result.status, result.data) == (p.OK, b"written")
