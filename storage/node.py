@@ -296,10 +296,10 @@ class StorageNode:
     def refusal(self, req: sp.StorageRequest, user: str | None) -> str | None:
         """None if the sender may do this; else the message of a ``forbidden`` reply.
         The scripts key acts only through a capability (storage/grants.py)."""
-        identity = self.keyring.identity(user)
         if req.cmd in sp.REVOCATIONS:
             return None if self.keyring.is_node(user) else \
                 "only the nodes' own key may revoke capabilities"
+        identity = self.keyring.identity(user)
         if identity is not None and identity.name == "scripts":
             return self.grants.refusal(req)
         right = "write" if req.cmd in sp.MUTATING else "read"

@@ -27,6 +27,7 @@ from core.ids import key_id
 from conftest import Cluster, wait_until
 
 INIT = """
+import json
 from storage.handle import StorageHandle
 n = StorageHandle()
 """
@@ -204,6 +205,22 @@ def test_a_forged_or_altered_capability_is_refused(cluster):
     answer = write_with(cluster, "n1", b"", key)
     assert answer.status == p.FORBIDDEN and "needs its request's capability" in answer.error
     assert stored(cluster, key, 1) is None
+    with scripts_store(cluster, "n1", token) as store:  # nor may a script revoke others'
+        answer = store.call(sp.REVOKE, data=sp.revoke_data([(b"\0" * 8, time.time() + 60)]))
+    assert answer.status == p.FORBIDDEN and "only the nodes' own key" in answer.error
+
+
+def test_the_nodes_own_indexing_needs_no_store_rights_and_search_needs_read(cluster):
+    """index.py runs as node:NAME with no rights; a search's script reads this
+    node's index, so its caller needs exec and read."""
+    key, word = new_key(), f"w{uuid.uuid4().hex[:12]}"
+    with Session(cluster.path, timeout=5.0, curve=cluster.curve()) as s:
+        assert all(r.ok for r in s.write(key, f"hello {word}".encode(), index=True))
+    with Session(cluster.path, timeout=5.0, curve=cluster.curve("reader")) as s:
+        assert [hit["key"] for hit in s.search(word)] == [key]
+    with Session(cluster.path, timeout=5.0, curve=cluster.curve("execonly")) as s:
+        with pytest.raises(Exception, match="may not search"):
+            s.search(word)
 
 
 # Redis-cluster mode: per-rights Redis users, handed to each tenant's runner ------
