@@ -227,8 +227,8 @@ class Broker:
                 self.reply(req.client, req.rid, p.FORBIDDEN,
                            error=f"node {self.node.name}: {refusal}", batched=batched)
                 return
-        meta = meta._replace(caller=security.caller(self.keyring, user, meta.caller,
-                                                    self.node.name))
+        caller = security.caller(self.keyring, user, meta.caller, self.node.name)
+        meta = meta._replace(caller=caller, rights=security.rights_of(self.keyring, caller))
         if req.cmd == p.STATUS:
             self.reply(req.client, req.rid, p.OK, p.pack(self.status()), batched=batched)
             return

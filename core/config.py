@@ -119,6 +119,15 @@ class NodeSettings:
 
 
 @dataclass(frozen=True)
+class DefinerSettings:
+    """A definer script: run with these rights instead of its caller's while its
+    bytes are the ones named (a push of new content drops the grant until the
+    operator renews `sha256`).  README "Sandbox", core/capability.py."""
+    sha256: str
+    rights: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SecuritySettings:
     """CurveZMQ on every front socket and rights per client (core/security.py)."""
     curve: bool = False
@@ -136,6 +145,8 @@ class SecuritySettings:
     redis_user: str = "srw"
     redis_secret: str = "keys/redis.secret"
     rights: dict[str, tuple[str, ...]] = field(default_factory=dict)  # client -> rights
+    # script name -> {sha256, rights}: scripts that act with rights of their own
+    definers: dict[str, DefinerSettings] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -268,6 +279,8 @@ def _coerce(value, hint, key: str, path: Path):
         if not isinstance(value, list):
             raise ConfigError(f"{path}: {key} must be a list of {item_type.__name__}")
         return tuple(_coerce(v, item_type, key, path) for v in value)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key, path)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -305,8 +318,15 @@ def _check(config: Config) -> None:
                   "script content"))
     rules.append((plain_name(security.redis_user),
                   f"security.redis_user {security.redis_user!r}: letters, digits, - and _ only"))
+    for name, definer in security.definers.items():
+        rules.append((len(definer.sha256) == 64 and all(c in "0123456789abcdef"
+                                                        for c in definer.sha256),
+                      f"security.definers.{name}.sha256 must be the script's SHA-256 in "
+                      "64 lower-case hex digits (sha256sum history/NAME)"))
     for who, rights in [("proxy_rights", security.proxy_rights),
-                        *((f"rights.{name}", r) for name, r in security.rights.items())]:
+                        *((f"rights.{name}", r) for name, r in security.rights.items()),
+                        *((f"definers.{name}.rights", d.rights)
+                          for name, d in security.definers.items())]:
         for right in rights:
             rules.append((right in RIGHTS, f"security.{who}: unknown right {right!r} "
                                            f"(rights: {', '.join(RIGHTS)})"))

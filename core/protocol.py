@@ -41,9 +41,12 @@ Back (worker DEALER, identity "node#slot:pid" -> broker ROUTER)::
                       [HEARTBEAT]             sent while idle
                       [DRAIN]                 "give me no more work" (recycle, stop)
     broker -> worker  [REQUEST, jobs]         msgpack [[job, budget, name, code, cookie,
-                                                caller, data], ...]; budget: seconds
-                                                left; caller: who sent it (a tenant's
-                                                first half: runtime/tenants.py)
+                                                caller, rights, data], ...]; budget:
+                                                seconds left; caller: who sent it (a
+                                                tenant's first half: runtime/tenants.py);
+                                                rights: the caller's, a list of
+                                                core.config.RIGHTS (what its script's
+                                                store calls may do: core/capability.py)
                       [HEARTBEAT]             also at once after a READY it took
                       [REREGISTER]            "I do not know you": answer with READY
                       [BYE]                   drained: the worker may exit
@@ -62,6 +65,7 @@ from typing import NamedTuple
 import msgpack
 import zmq
 
+from .config import RIGHTS
 from .ids import BadId, check_id
 from .statuses import (BAD_REQUEST, BUSY, FORBIDDEN, KILLED, MEMORY, NOT_FOUND, OK,  # noqa: F401
                        OUTPUT_TOO_LARGE, SCRIPT_ERROR, STATUSES, TIMEOUT, UNAVAILABLE,
@@ -84,6 +88,8 @@ MAX_RID = 64
 MAX_CALLER = 128  # characters of a caller: a z85 public key (40), "node:NAME", "local"
 LOCAL_CALLER = "local"  # every caller without curve: no one is authenticated
 
+_RIGHTS = frozenset(RIGHTS)
+
 # The status vocabulary and Result are core/statuses.py's; the protocol carries them.
 _STATUS_SET = frozenset(STATUSES)
 
@@ -98,6 +104,11 @@ def pack(obj) -> bytes:
 
 def unpack_map(raw: bytes) -> dict:
     return _unpack(raw, dict, "map")
+
+
+def unpack_list(raw: bytes) -> tuple:
+    """A msgpack array (as tuples), or ProtocolError."""
+    return _unpack_list(raw)
 
 
 def _unpack_list(raw: bytes) -> tuple:
@@ -122,6 +133,8 @@ class ExecMeta(NamedTuple):
     timeout: float | None = None
     id: str | None = None
     caller: str | None = None  # set by a relaying node; the broker decides (broker.py)
+    # Never on the front wire: the broker's, from the caller's identity, for the worker
+    rights: tuple[str, ...] = ()
 
     def check(self) -> "ExecMeta":
         if not (isinstance(self.name, str) and isinstance(self.code, str)
@@ -143,7 +156,7 @@ class ExecMeta(NamedTuple):
 
     def to_list(self) -> list:
         """The header fields after cmd and rid: caller only when there is one."""
-        return list(self if self.caller is not None else self[:5])
+        return list(self[:6] if self.caller is not None else self[:5])
 
 
 class FrontRequest(NamedTuple):
@@ -327,8 +340,9 @@ _READY_REQUIRED = ("slot", "pid", "credits", "token", "pool")
 # libzmq refuses any frame above ZMQ_MAXMSGSIZE (core.config.Config.max_message),
 # so batches are cut to fit it.  Bounds, not exact sizes: cheap to compute.
 
-# msgpack headers, ids (rid <= 64, hex id <= 128), caller (<= 128), numbers of one entry
-ENTRY_OVERHEAD = 256 + MAX_CALLER
+# msgpack headers, ids (rid <= 64, hex id <= 128), caller (<= 128), rights (<= 32),
+# numbers of one entry
+ENTRY_OVERHEAD = 256 + MAX_CALLER + 32
 BATCH_HEADER = 16     # the array header of a batch, with room to spare
 
 
@@ -375,7 +389,7 @@ class Batches:
 
 
 def job_entry(job: bytes, budget: float, meta: ExecMeta, data: bytes) -> list:
-    return [job, budget, meta.name, meta.code, meta.cookie, meta.caller, data]
+    return [job, budget, meta.name, meta.code, meta.cookie, meta.caller, list(meta.rights), data]
 
 
 def jobs_frames(worker: bytes, entries: list[list]) -> list[bytes]:
@@ -389,11 +403,13 @@ def parse_jobs(frames: list[bytes]) -> list[tuple[bytes, float, ExecMeta, bytes]
         raise ProtocolError("REQUEST must have 1 frame after the command")
     jobs = []
     for entry in _unpack_list(frames[1]):
-        if not (isinstance(entry, tuple) and len(entry) == 7 and isinstance(entry[5], str)
-                and isinstance(entry[6], bytes)):
+        if not (isinstance(entry, tuple) and len(entry) == 8 and isinstance(entry[5], str)
+                and isinstance(entry[6], tuple) and isinstance(entry[7], bytes)
+                and all(r in _RIGHTS for r in entry[6])):
             raise ProtocolError("bad REQUEST entry")
-        job, budget, name, code, cookie, caller, data = entry
-        jobs.append((job, float(budget), ExecMeta(name, code, cookie, caller=caller), data))
+        job, budget, name, code, cookie, caller, rights, data = entry
+        jobs.append((job, float(budget), ExecMeta(name, code, cookie, caller=caller,
+                                                  rights=rights), data))
     return jobs
 
 

@@ -7,13 +7,18 @@ ports), so Redis's own ACL is the limit, not anything in srw's code:
               MIGRATE, replication).  Its password is ``redis-admin.secret``,
               which no srw process reads; redis-cli takes it from
               REDISCLI_AUTH, replicas from ``masterauth``.
-    srw       every srw process (router, Session, proxy, scripts push) and
-              every script: all key and channel commands, none of @admin,
+    srw       every trusted srw process (router, Session, proxy, scripts
+              push): all key and channel commands, none of @admin,
               @dangerous (FLUSHALL, KEYS, MIGRATE, INFO, CLIENT KILL, ...) or
               @scripting (a Lua loop would stop the whole shard).  Its
-              password is ``[security] redis_secret``; the pool parent reads
-              it before the fork, so scripts can read it from memory: it gives
-              them nothing they do not already have.
+              password is ``[security] redis_secret``, which no runner holds.
+    srw-write scripts whose caller may write: what srw may.
+    srw-read  scripts whose caller may read only: what srw may but @write.
+              Their passwords are derived from srw's (HMAC-SHA256 with the
+              user's name); a worker reads srw's after it forked its zygote
+              and hands a runner the login its tenant's rights call for
+              (script_login).  A runner keeps it for its later requests: the
+              weaker promise of redis-cluster mode (README "Sandbox").
 
 ``write_secrets`` makes both passwords and ``redis.conf``, the file each
 redis-server is started with (``redis-server keys/redis.conf --port ...``):
@@ -23,6 +28,7 @@ with the SHA-256 of its password.  All three are mode 0600.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 from pathlib import Path
 
@@ -33,6 +39,8 @@ SECRET = "redis.secret"            # the srw user's password
 ADMIN_SECRET = "redis-admin.secret"  # the default user's: the operator's, never srw's
 CONF = "redis.conf"                # what each redis-server is started with
 RIGHTS = "~* &* +@all -@admin -@dangerous -@scripting"
+# The scripts' users: suffix of redis_user -> its rules.
+SCRIPT_USERS = {"write": RIGHTS, "read": RIGHTS + " -@write"}
 
 
 def write_secrets(folder: str | Path, user: str = "srw") -> list[Path]:
@@ -54,12 +62,32 @@ def write_secrets(folder: str | Path, user: str = "srw") -> list[Path]:
 
 def _redis_conf(user: str, password: str, admin: str) -> str:
     digest = hashlib.sha256(password.encode()).hexdigest()  # redis.conf holds no srw password
+    scripts = "".join(
+        f"user {user}-{kind} on "
+        f"#{hashlib.sha256(script_password(password, f'{user}-{kind}').encode()).hexdigest()} "
+        f"{rules}\n" for kind, rules in SCRIPT_USERS.items())
     return ("# Written by `srw keys redis`.  Start every Redis node of the cluster with\n"
             "# it first: redis-server redis.conf --port 7000 ...  (core/redis_auth.py)\n"
             "# Scripts may write any key: give each node a maxmemory (with\n"
             "# maxmemory-policy noeviction), or a script can fill its memory.\n"
             f"requirepass {admin}\nmasterauth {admin}\n"
-            f"user {user} on #{digest} {RIGHTS}\n")
+            f"user {user} on #{digest} {RIGHTS}\n" + scripts)
+
+
+def script_password(password: str, name: str) -> str:
+    """A scripts user's password: derived from srw's, so no more files to keep."""
+    return hmac.new(password.encode(), name.encode(), hashlib.sha256).hexdigest()
+
+
+def script_login(credentials: tuple[str, str], rights) -> tuple[str, str] | None:
+    """(user, password) for scripts run with `rights`, None when they may neither
+    read nor write.  `write` alone gets srw-write, which can read too: Redis's
+    categories do not split the two cleanly."""
+    user, password = credentials
+    kind = "write" if "write" in rights else "read" if "read" in rights else None
+    if kind is None:
+        return None
+    return f"{user}-{kind}", script_password(password, f"{user}-{kind}")
 
 
 def credentials(config: Config) -> tuple[str, str]:

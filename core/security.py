@@ -323,6 +323,18 @@ def caller(keyring: Keyring | None, user: str | None, relayed: str | None, node:
     return user or LOCAL_CALLER
 
 
+def rights_of(keyring: Keyring | None, caller: str) -> tuple[str, ...]:
+    """What the caller's scripts may do in the store (core/capability.py): its
+    identity's rights; none for the node's own execs (indexing needs no store
+    call); every right without curve, where no capability is checked."""
+    if keyring is None:
+        return RIGHTS
+    identity = keyring.identity(caller)
+    if identity is None or identity.name == "node":  # node:NAME, or a removed key
+        return ()
+    return tuple(r for r in RIGHTS if r in identity.rights)
+
+
 def rights_for(is_exec: bool, meta) -> tuple[tuple[str, ...], str]:
     """(the rights a request needs, what it does) for Keyring.refusal; `meta`
     is a core.protocol.ExecMeta.  A status request needs only a known key."""

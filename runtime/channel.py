@@ -1,10 +1,13 @@
 """The pipes between a worker and its runner: one request down, one reply up.
 
-    worker --req pipe-->  runner      REQUEST  header + name, source, code, cookie, data
+    worker --req pipe-->  runner      REQUEST  header + name, source, code, cookie,
+                                               capability, data
     worker <--res pipe--  runner      REPLY    header + error, data
 
-    REQUEST header  <QQIIIIQ  seq, version, name_len, source_len, code_len,
-                              cookie_len, data_len
+    REQUEST header  <QQIIIIIQ seq, version, name_len, source_len, code_len,
+                              cookie_len, capability_len, data_len
+                    capability: the request's token (core/capability.py), b""
+                    without curve
                     version 0: no named script; else the worker's number for one
                     version of it, whose source comes along the first time this
                     runner gets it (source_len 0 afterwards)
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 
 from core import statuses
 
-REQUEST = struct.Struct("<QQIIIIQ")
+REQUEST = struct.Struct("<QQIIIIIQ")
 REPLY = struct.Struct("<QBBHIQ")
 
 # What a script run can earn; the worker decides timeouts, kills and refusals.
@@ -65,6 +68,7 @@ class Request:
     source: bytes
     code: str
     cookie: str
+    capability: bytes
     data: bytes
 
 
@@ -79,13 +83,13 @@ class Reply:
 # Worker side -----------------------------------------------------------------
 
 def send_request(fd: int, seq: int, version: int, name: str, source: bytes, code: str,
-                 cookie: str, data: bytes, deadline: float) -> None:
+                 cookie: str, capability: bytes, data: bytes, deadline: float) -> None:
     """Write one request to a non-blocking pipe; TimeoutError past `deadline`."""
     raw_name, raw_code = name.encode(), code.encode("utf-8", "surrogatepass")
     raw_cookie = cookie.encode("utf-8", "surrogatepass")
-    parts = (raw_name, source, raw_code, raw_cookie, data)
+    parts = (raw_name, source, raw_code, raw_cookie, capability, data)
     header = REQUEST.pack(seq, version, len(raw_name), len(source), len(raw_code),
-                          len(raw_cookie), len(data))
+                          len(raw_cookie), len(capability), len(data))
     if len(data) + len(source) < FIRST:  # one write, usually done at once
         message = b"".join((header, *parts))
         try:
@@ -195,9 +199,9 @@ def read_request(fd: int) -> Request | None:
     for length in lengths:
         fields.append(raw[at:at + length])
         at += length
-    name, source, code, cookie, data = fields
+    name, source, code, cookie, capability, data = fields
     return Request(seq, version, name.decode(), source, code.decode("utf-8", "surrogatepass"),
-                   cookie.decode("utf-8", "surrogatepass"), data)
+                   cookie.decode("utf-8", "surrogatepass"), capability, data)
 
 
 def write_reply(fd: int, seq: int, status: str, flags: int, error: str, data: bytes) -> None:

@@ -38,7 +38,7 @@ from typing import Callable
 
 import psutil
 
-from core import exits
+from core import capability, exits
 from core import protocol as p
 
 from . import channel, zygote
@@ -76,9 +76,13 @@ class InlineRunner:
         self.pid = os.getpid()  # the worker's; getpid is a system call, once is enough
 
     def run(self, script: Script | None, code: str, data: bytes, cookie: str,
-            deadline: float, caller: str) -> tuple[str, bytes, str]:
+            deadline: float, caller: str, grant: bytes = b"") -> tuple[str, bytes, str]:
         named = (lambda: self.scripts.code(script)) if script is not None else None
-        reply = self.executor.run(named, code, data, cookie)
+        capability.CURRENT = grant  # trusted scripts: they could mint their own anyway
+        try:
+            reply = self.executor.run(named, code, data, cookie)
+        finally:
+            capability.CURRENT = b""
         if os.getpid() != self.pid:  # a copy the script forked came back from it: not us
             os._exit(0)
         return reply
@@ -192,12 +196,12 @@ class ProcessRunner:
     # A request ------------------------------------------------------------------
 
     def run(self, script: Script | None, code: str, data: bytes, cookie: str,
-            deadline: float, caller: str) -> tuple[str, bytes, str]:
-        """(status, data, error) of one request.  Whatever the runner did, only the
+            deadline: float, caller: str, grant: bytes = b"") -> tuple[str, bytes, str]:
+        """(status, data, error) of one request; `grant` is its capability token.  Whatever the runner did, only the
         runner pays: a failure to make sense of it replaces the runner, and the
         worker answers the request and goes on (ZygoteFailed alone ends it)."""
         try:
-            return self._run(script, code, data, cookie, deadline, caller)
+            return self._run(script, code, data, cookie, deadline, caller, grant)
         except ZygoteFailed:
             raise
         except Exception:
@@ -209,7 +213,7 @@ class ProcessRunner:
                     "runner did; the runner is replaced")
 
     def _run(self, script: Script | None, code: str, data: bytes, cookie: str,
-             deadline: float, caller: str) -> tuple[str, bytes, str]:
+             deadline: float, caller: str, grant: bytes) -> tuple[str, bytes, str]:
         self.output.new_request()
         # Unpredictable, so that a script cannot write the reply to a later request
         # (the `random` module's state is in the runner's memory too).
@@ -227,7 +231,7 @@ class ProcessRunner:
             self.current = runner
             runner.idle_cpu = None
             try:
-                self._send(runner, script, code, cookie, data, deadline)
+                self._send(runner, script, code, cookie, grant, data, deadline)
                 break
             except BrokenPipeError:  # it died idle, and never read this: a new runner
                 self._replace(runner, "it was gone when a request came", kill=True)
@@ -277,13 +281,13 @@ class ProcessRunner:
             self._replace(old, "", kill=True)
 
     def _send(self, runner: Runner, script: Script | None, code: str, cookie: str,
-              data: bytes, deadline: float) -> None:
+              grant: bytes, data: bytes, deadline: float) -> None:
         version, source = 0, b""
         if script is not None:
             version = script.version
             source = b"" if version in runner.sent else script.source
         channel.send_request(runner.req_w, self.seq, version, script.name if script else "",
-                             source, code, cookie, data, deadline)
+                             source, code, cookie, grant, data, deadline)
         if script is not None:
             runner.sent.add(version)
 

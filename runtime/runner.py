@@ -29,6 +29,8 @@ import time
 
 import zmq
 
+from core import capability
+
 from . import channel
 from .executor import Executor
 from .sandbox import _libc
@@ -59,8 +61,10 @@ def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: b
         request = channel.read_request(req_r)
         if request is None:
             return  # the worker is done with us
+        capability.CURRENT = request.capability  # what the script's store calls carry
         status, data, error = executor.run(_named(request, named, history_dir), request.code,
                                            request.data, request.cookie)
+        capability.CURRENT = b""
         _flush_stdio()
         if os.getpid() != pid:  # a copy the script forked came back from it: not ours
             os._exit(0)

@@ -37,6 +37,7 @@ from core.config import Config, NodeSettings
 from core.sched import LoadScheduling, open_thread_list, pin_to_cpu, thread_ids
 
 from .executor import Executor
+from .grantor import Grantor
 from .isolation import InlineRunner, ProcessRunner, ZygoteFailed
 from .profile import Profile
 from .sandbox import Sandbox, die_with_parent
@@ -81,6 +82,8 @@ class Worker:
         self.registered = False  # the broker has answered our READY: we are serving
         self.exit_code = 0
         self.pending: list[list] = []  # replies held to share a message (see reply)
+        self.answered: list = []  # their capabilities, revoked as they are sent
+        self.granted = None  # the running request's (id, deadline), for self.answered
         self.pending_since = 0.0
         self.hold_replies = self.profile.isolation != "none"
 
@@ -95,6 +98,9 @@ class Worker:
         self.scripts.open_dir()
         task_dir = open_thread_list()
         self.ctx = zmq.Context(io_threads=1)
+        # After the zygote's fork: no runner holds the MAC key (runtime/grantor.py).
+        self.grantor = Grantor.for_config(self.config, self.node, self.ctx,
+                                          self.profile.network)
         self.sock = self._connect()
         self.scheduling = LoadScheduling(thread_ids(task_dir))
         self.register()  # the slot says BOOTING until the broker answers (below)
@@ -138,6 +144,8 @@ class Worker:
         # Replies flushed above may still be on their way; a broker that is gone
         # takes none, so leaving waits less for them.
         self.sock.close(linger=LEAVE_LINGER_MS if self.leave else 1000)
+        if self.grantor is not None:
+            self.grantor.close()
         self.ctx.term()
         return self.exit_code
 
@@ -292,9 +300,12 @@ class Worker:
         self._title(f"busy {meta.name or '<content>'}")
         if self.pending:  # held replies go out while the runner works, when due
             self.runner.flush_at = self.pending_since + REPLY_HOLD
+        grant = b""
+        if self.grantor is not None:
+            grant, self.granted = self.grantor.grant(job, meta, script, deadline)
         try:
             return self.runner.run(script, meta.code, data, meta.cookie, deadline,
-                                   meta.caller or p.LOCAL_CALLER)
+                                   meta.caller or p.LOCAL_CALLER, grant)
         except ZygoteFailed as exc:  # no sandbox left to run in: this worker goes
             log.error("%s: %s; leaving", self.title, exc)
             self.stop_requested = self.done = True
@@ -310,6 +321,9 @@ class Worker:
         if not self.pending:
             self.pending_since = time.monotonic()
         self.pending.append([job, status, error, out, run_us, *self.runner.warm_state()])
+        if self.granted is not None:  # (redis-cluster mode: nothing to revoke)
+            self.answered.append(self.granted)
+            self.granted = None
         if not self.hold_replies or not self.jobs or len(self.pending) >= REPLY_BATCH \
                 or time.monotonic() - self.pending_since >= REPLY_HOLD:
             self.flush_replies()
@@ -318,6 +332,9 @@ class Worker:
         if not self.pending:
             return
         pending, self.pending = self.pending, []
+        if self.grantor is not None:  # first: refused before anyone sees the replies
+            self.grantor.revoke(self.answered)
+            self.answered = []
         try:
             p.send_frames(self.sock, p.worker_replies_frames(pending))
         except zmq.Again:  # the broker takes nothing: let the pool start a worker it knows

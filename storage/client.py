@@ -19,6 +19,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import msgpack
 import zmq
@@ -37,7 +38,7 @@ from core.ids import key_id, parse_id
 from .ring import Ring
 from .router import make_router
 
-__all__ = ["Session", "Result", "StorageError", "NotFound", "StorageUnavailable",
+__all__ = ["Session", "Result", "StorageError", "NotFound", "StorageUnavailable", "Forbidden",
            "StorageClient", "storage_ready", "config_from_remote", "BadQuery"]
 
 DATA_TIMEOUT = 5.0    # seconds a storage node may take to answer a data call
@@ -78,6 +79,11 @@ class ReplicaWriteFailed(StorageError):
             + f"); stored in group(s) {', '.join(str(r.group) for r in self.stored)}")
 
 
+class Forbidden(StorageError, PermissionError):
+    """The node refused the call: the caller (for a script: its request's
+    capability, core/capability.py) lacks the right it needs."""
+
+
 class NodeUnavailable(BrokerUnavailable):
     """One storage node did not answer; the Session turns it into a Result."""
 
@@ -94,8 +100,10 @@ class StorageClient:
 
     def __init__(self, endpoint: str, name: str = "", group: int = 0,
                  ctx: zmq.Context | None = None, max_message: int | None = None,
-                 curve: security.Credentials | None = None):
+                 curve: security.Credentials | None = None,
+                 capability: Callable[[], bytes] | None = None):
         self.endpoint, self.name, self.group = endpoint, name, group
+        self.capability = capability  # a script's: each call carries the request's token
         self.max_message = max_message
         self.curve = curve
         self._sock = loop.client_socket(ctx or zmq.Context.instance(), endpoint, max_message,
@@ -110,7 +118,8 @@ class StorageClient:
         if self.max_message and len(data) > self.max_message:
             raise ValueError(f"value of {len(data)} bytes is larger than max_message "
                              f"({self.max_message} bytes): the storage node would not take it")
-        frames = sp.request_frames(cmd, rid, key_id, bytes(data))
+        frames = sp.request_frames(cmd, rid, key_id, bytes(data),
+                                   self.capability() if self.capability else b"")
         try:
             p.send_frames(self._sock, frames, noblock=True)
         except zmq.Again:  # not connected (yet): wait a little for the connection
@@ -169,6 +178,8 @@ class StorageClient:
         result = self.call(sp.SEARCH, data=sp.search_data(query, limit), wait=timeout)
         if result.status == p.BAD_REQUEST:
             raise BadQuery(result.error or "bad query")
+        if result.status == p.FORBIDDEN:
+            raise Forbidden(f"storage node {self.name or self.endpoint}: {result.error}")
         if not result.ok:
             raise NodeUnavailable(f"storage node {self.name or self.endpoint}: "
                                   f"{result.status}: {result.error}")
@@ -204,10 +215,11 @@ def storage_ready(endpoint: str, timeout: float = 0.5,
 
 
 def config_from_remote(endpoint: str, timeout: float = 5.0,
-                       curve: security.Credentials | None = None) -> cfg.Config:
+                       curve: security.Credentials | None = None,
+                       capability: Callable[[], bytes] | None = None) -> cfg.Config:
     """The cluster as the storage node at `endpoint` knows it (its ROUTES):
     how a client that knows one address finds every node, as Elliptics did."""
-    with StorageClient(endpoint, curve=curve) as client:
+    with StorageClient(endpoint, curve=curve, capability=capability) as client:
         nodes = client.routes(timeout)["nodes"]
     try:
         settings = tuple(cfg.NodeSettings(name=n["name"], group=n["group"],
@@ -251,8 +263,10 @@ class Session:
     def __init__(self, config: str | Path | cfg.Config = "config.toml",
                  timeout: float | None = None, max_message: int | None = None,
                  key: str | None = None, server_key: str | None = None,
-                 curve: security.Credentials | None = None):
+                 curve: security.Credentials | None = None,
+                 capability: Callable[[], bytes] | None = None):
         self.config = config if isinstance(config, cfg.Config) else cfg.load(config)
+        self.capability = capability  # a script's Session: see StorageClient
         self.router = make_router(self.config)
         self.ring = Ring(self.config)  # lmdb data calls: the owners of a key's id
         self.timeout = timeout
@@ -275,7 +289,8 @@ class Session:
         if client is None:
             node = self.config.node(name)
             client = StorageClient(node.storage, node.name, node.group,
-                                   max_message=self.max_message, curve=self.curve)
+                                   max_message=self.max_message, curve=self.curve,
+                                   capability=self.capability)
             self._stores[name] = client
         return client
 
@@ -483,6 +498,8 @@ class Session:
         what = f"key {key!r}" if key is not None else f"id {id}"
         detail = "; ".join(f"{r.node} (group {r.group}): {r.status}: {r.error}"
                            for r in failures)
+        if any(r.status == p.FORBIDDEN for r in failures):
+            raise Forbidden(f"{what}: forbidden ({detail})")
         if any(r.status == p.NOT_FOUND for r in failures):
             raise NotFound(f"{what} not found ({detail})")
         raise StorageUnavailable(f"no owner of {what} answered ({detail})")

@@ -27,14 +27,17 @@ client (storage/redis_store.py) that starts from the node's own Redis
 (``[[node]] redis`` of ``SRW_NODE``) and ``cluster.seeds``, built at the first
 call in each process like the Session.  ``add_remote`` and ``add_groups`` are
 accepted and ignored there (Redis replicates each shard itself); ``n.redis`` is
-the client itself, for any other command, logged in as the Redis user srw
-(``[security] redis_secret``, read here in the pool parent): Redis's ACL
-refuses it admin, dangerous and Lua commands (core/redis_auth.py).
+the client itself, for any other command, logged in as the Redis user the
+request's rights call for (srw-read or srw-write, handed to the runner with
+the request: core/redis_auth.py); Redis's ACL refuses them admin, dangerous
+and Lua commands, and srw-read every write.
 
 With CurveZMQ on, the handle connects with the node's scripts key
-(``[security] scripts_key``, read here in the pool parent): it may read and
-write, nothing more.  Every script can see that key; it is no secret from
-them, and it opens nothing a script could not already do.
+(``[security] scripts_key``, read here in the pool parent).  Every script can
+see that key; it is no secret from them, and alone it may do nothing: every
+call carries the running request's capability (core/capability.py), which
+grants its caller's rights (or a definer script's) until the request is
+answered.  A call the capability does not allow raises Forbidden.
 """
 from __future__ import annotations
 
@@ -43,12 +46,12 @@ import os
 
 from core import protocol as p
 from core import config as cfg
-from core import security
+from core import capability, security
 
-from .client import (NodeUnavailable, ReplicaWriteFailed, Session, StorageClient,
+from .client import (Forbidden, NodeUnavailable, ReplicaWriteFailed, Session, StorageClient,
                      StorageError, StorageUnavailable, config_from_remote)
 
-__all__ = ["StorageHandle"]
+__all__ = ["StorageHandle", "Forbidden"]
 
 
 log = logging.getLogger("srw.storage.handle")
@@ -78,18 +81,20 @@ class StorageHandle:
         except cfg.ConfigError as exc:  # no config, or curve on and no scripts key
             self._local, self._local_error = None, exc
         self._redis = self._redis_store()
+        # With curve, each call carries the running request's capability.
+        self._capability = capability.current if self._curve is not None else None
 
     def _redis_store(self):
         """The Redis Cluster store in redis-cluster mode, else None.  Imported here,
         in the pool parent: a sandboxed runner may not read the modules' files."""
         if self._local is None or not self._local.cluster.redis:
             return None
-        from core import redis_auth
         from .redis_store import RedisStore
         own = [self._local.node(self._node).redis] if self._node else []
-        # The password is read here, before the fork: no sandbox may read keys/.
-        return RedisStore(own + list(self._local.cluster.seeds),
-                          redis_auth.credentials(self._local), self.timeout)
+        # No password here: each request hands its runner the login of the Redis
+        # user its rights call for (runtime/grantor.py), which no sandbox could read.
+        return RedisStore(own + list(self._local.cluster.seeds), capability.redis_login,
+                          self.timeout)
 
     @property
     def redis(self):
@@ -121,7 +126,7 @@ class StorageHandle:
             # The node's own limit when its config is known; a remote's is not.
             limit = cluster.max_message if cluster is self._local else None
             session = Session(cluster, timeout=self.timeout, max_message=limit,
-                              curve=self._curve)
+                              curve=self._curve, capability=self._capability)
             self._use_groups = self._existing_groups(session)
             self._session, self._pid = session, os.getpid()
         return self._session
@@ -159,7 +164,8 @@ class StorageHandle:
         errors = []
         for endpoint in self.remotes:
             try:
-                return config_from_remote(endpoint, self.timeout or 5.0, self._curve)
+                return config_from_remote(endpoint, self.timeout or 5.0, self._curve,
+                                          self._capability)
             except NodeUnavailable as exc:
                 errors.append(str(exc))
         raise StorageUnavailable("no remote answered: " + "; ".join(errors))
@@ -201,6 +207,8 @@ class StorageHandle:
             self.log.error("write %r to node %s (group %d): %s: %s", key, r.node, r.group,
                            r.status, r.error)
         stored = [r for r in results if r.ok]
+        if any(r.status == p.FORBIDDEN for r in failed):
+            raise Forbidden(f"write of {key!r}: forbidden: {failed[0].error}")
         if stored:
             raise ReplicaWriteFailed(key, failed, stored)
         down = all(r.status == p.UNAVAILABLE for r in failed)
@@ -214,7 +222,11 @@ class StorageHandle:
             if self._redis.remove(key):
                 return self._redis_result()
             return [p.Result(self._node or "", 1, p.NOT_FOUND, b"", f"key {key!r} not found")]
-        return self.session().remove(key, groups=self._groups())
+        results = self.session().remove(key, groups=self._groups())
+        refused = [r for r in results if r.status == p.FORBIDDEN]
+        if refused:
+            raise Forbidden(f"remove of {key!r}: forbidden: {refused[0].error}")
+        return results
 
     def lookup(self, key: str | bytes) -> dict:
         """{"size", "mtime", ...}; raises like read_data.  Redis keeps no mtime:
@@ -245,6 +257,6 @@ class StorageHandle:
             node = self._local.node(self._node)
             self._own_store = StorageClient(node.storage, node.name, node.group,
                                             max_message=self._local.max_message,
-                                            curve=self._curve)
+                                            curve=self._curve, capability=self._capability)
             self._own_pid = os.getpid()
         return self._own_store

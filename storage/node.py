@@ -32,6 +32,7 @@ from core.config import START_ENV, Config, NodeSettings
 
 from . import protocol as sp
 from .fulltext import FullText
+from .grants import Grants
 from .indexer import Indexer
 from .store import DEFERRED, Store
 
@@ -154,12 +155,16 @@ class StorageNode:
             self.keyring.start(self.ctx)
             self.keyring.secure(self.front)
         self.front.bind(node.storage)
+        # With curve: the capabilities a script's calls carry (storage/grants.py).
+        self.grants = Grants(self.ctx, config, node, self.keyring) \
+            if self.keyring is not None else None
         self.relay = Relay(self.ctx, node, config.broker.request_timeout, self.broker_reply,
                            config.max_message, security.role_credentials(config, "node"))
         self.indexer = Indexer(self.store, self.fulltext, node.name, self.relay.exec,
                                self.reply)
         self.node_commands = {sp.STAT: self.stat, sp.ROUTES: self.routes,
-                              sp.SEARCH: self.search}
+                              sp.SEARCH: self.search, sp.REVOKE: self.no_capabilities,
+                              sp.REVOKE_PEER: self.no_capabilities}
         self.stopping = False
         self.close_at: float | None = None  # stopping, answered: when the sockets close
 
@@ -183,6 +188,8 @@ class StorageNode:
                 self.relay.read_replies(self.send)
             if self.front in events:
                 self.serve_clients()
+            if self.grants is not None:
+                self.grants.tick()
             now = time.monotonic()
             self.relay.expire(now)
             self.indexer.flush(now)   # script replies (and expired ones) -> one FTS5 commit
@@ -214,6 +221,8 @@ class StorageNode:
 
     def close(self) -> None:
         self.relay.close()
+        if self.grants is not None:
+            self.grants.close()
         self.front.close(linger=int(timeouts.STOP_LINGER * 1000))  # the last replies still leave
         self.fulltext.close()
         self.store.close()
@@ -258,8 +267,9 @@ class StorageNode:
                        error=f"node {self.node.name}: bad request: {exc}")
             return None
         if self.keyring is not None:
-            right = "write" if req.cmd in sp.MUTATING else "read"
-            refusal = self.keyring.refusal(user, (right,), req.name)
+            refusal = self.refusal(req, user)
+            if req.cmd in sp.REVOCATIONS and refusal is None:
+                return self.revoke(req)
             if refusal is not None:
                 self.reply(req.client, req.rid, bp.FORBIDDEN,
                            error=f"node {self.node.name}: {refusal}")
@@ -269,6 +279,18 @@ class StorageNode:
             return req
         self.reply(req.client, req.rid, *handler(req))
         return None
+
+    def refusal(self, req: sp.StorageRequest, user: str | None) -> str | None:
+        """None if the sender may do this; else the message of a ``forbidden`` reply.
+        The scripts key acts only through a capability (storage/grants.py)."""
+        if req.cmd in sp.REVOCATIONS:
+            return None if self.keyring.is_node(user) else \
+                "only the nodes' own key may revoke capabilities"
+        identity = self.keyring.identity(user)
+        if identity is not None and identity.name == "scripts":
+            return self.grants.refusal(req)
+        right = "write" if req.cmd in sp.MUTATING else "read"
+        return self.keyring.refusal(user, (right,), req.name)
 
     def relay_exec(self, req: bp.FrontRequest, user: str | None) -> None:
         """An exec or status for the broker, once the caller's rights allow it."""
@@ -282,6 +304,21 @@ class StorageNode:
             # The broker sees our key: it runs the exec for the caller we name.
             req = req._replace(meta=req.meta._replace(caller=user))
         self.relay.forward(req)
+
+    def revoke(self, req: sp.StorageRequest) -> None:
+        """A worker's (or a peer front's) answered requests: not answered when taken,
+        since no worker waits for it."""
+        try:
+            entries = sp.parse_revoke(req.data)
+        except sp.ProtocolError as exc:
+            self.reply(req.client, req.rid, bp.BAD_REQUEST, error=f"node {self.node.name}: {exc}")
+            return None
+        self.grants.revoke(entries, pass_on=req.cmd == sp.REVOKE)
+        return None
+
+    def no_capabilities(self, req: sp.StorageRequest):
+        return bp.BAD_REQUEST, b"", (f"node {self.node.name}: no capabilities to revoke: "
+                                     "[security] curve is off")
 
     def stat(self, req: sp.StorageRequest):
         return bp.OK, bp.pack({"name": self.node.name, "group": self.node.group,

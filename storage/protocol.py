@@ -2,13 +2,15 @@
 
 Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
 
-    request  [head, data]
+    request  [head, data] or [head, data, capability]
              head  cmd (1 byte) + id (64 bytes, data commands only) + rid
                    cmd   WRITE | READ | REMOVE | LOOKUP    data commands on one key
                          INDEXED_WRITE                     a write the node indexes
                          WRITE_IF                          a write only if the value is
                                                            still the one the caller read
                          STAT | ROUTES | SEARCH            about the node (no id)
+                         REVOKE | REVOKE_PEER              requests answered (no id;
+                                                           node key only, see below)
                    id    the key's id: sha512 of the key, or a hex id zero-padded
                    rid   client-chosen request id, echoed in the reply (<= 64 bytes)
              data  the value for WRITE; for INDEXED_WRITE len(key) (2 bytes, big-endian)
@@ -16,7 +18,11 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
                    (1 byte: 0 or 32) + expected + value, expected being the sha256
                    (32 bytes) of the value the caller read, empty for "must not
                    exist"; for SEARCH msgpack
-                   {"query": str, "limit": int}; empty otherwise
+                   {"query": str, "limit": int}; for REVOKE msgpack [[cap id,
+                   deadline], ...]; empty otherwise
+             capability  core/capability.py's token: what a script's call may do.
+                   With curve, a call from the scripts key needs one, and the
+                   right its command needs (NEEDS); other keys send none
     reply    [head, data]
              head  status (1 byte: its index in core.protocol.STATUSES)
                    + len(rid) (1 byte) + rid + error (UTF-8, empty when ok)
@@ -41,6 +47,11 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
                          index cannot parse) |
                          unavailable (the store failed: disk full, I/O error)
 
+REVOKE (from a worker, with the node key) names capabilities whose requests
+were answered: the front refuses them from then on, and passes them on to
+the other nodes' fronts as REVOKE_PEER (which go no further).  Neither is
+answered when accepted; from any other key, ``forbidden``.
+
 Two frames, not one per field: every frame costs a send and a receive on
 both sides, and on the data path that is most of the time spent in Python.
 
@@ -59,6 +70,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core import capability as cap
 from core import protocol as bp
 from core.protocol import ProtocolError
 
@@ -71,14 +83,21 @@ ROUTES = b"O"
 INDEXED_WRITE = b"I"
 SEARCH = b"S"
 WRITE_IF = b"C"
+REVOKE = cap.REVOKE            # defined in core/capability.py: workers send it too
+REVOKE_PEER = cap.REVOKE_PEER
+revoke_data, parse_revoke = cap.revoke_data, cap.parse_revoke
 
 DATA_COMMANDS = frozenset((WRITE, READ, REMOVE, LOOKUP, INDEXED_WRITE, WRITE_IF))
-NODE_COMMANDS = frozenset((STAT, ROUTES, SEARCH))
+NODE_COMMANDS = frozenset((STAT, ROUTES, SEARCH, REVOKE, REVOKE_PEER))
+REVOCATIONS = frozenset((REVOKE, REVOKE_PEER))
 MUTATING = frozenset((WRITE, REMOVE, INDEXED_WRITE, WRITE_IF))
 WITH_DATA = frozenset((WRITE, INDEXED_WRITE, WRITE_IF))
 NAMES = {WRITE: "write", READ: "read", REMOVE: "remove", LOOKUP: "lookup",
          STAT: "stat", ROUTES: "routes", INDEXED_WRITE: "indexed write", SEARCH: "search",
-         WRITE_IF: "write-if"}
+         WRITE_IF: "write-if", REVOKE: "revoke", REVOKE_PEER: "revoke"}
+# The right a script's capability needs for each command (core/capability.py).
+NEEDS = {WRITE: "write", REMOVE: "write", INDEXED_WRITE: "write", WRITE_IF: "write",
+         READ: "read", LOOKUP: "read", STAT: "read", SEARCH: "read", ROUTES: "read"}
 
 ID_BYTES = 64
 MAX_HITS = 1000     # results one SEARCH may ask for
@@ -99,6 +118,7 @@ class StorageRequest:
     rid: bytes
     id: bytes
     data: bytes
+    capability: bytes = b""
 
     @property
     def name(self) -> str:
@@ -106,11 +126,12 @@ class StorageRequest:
 
     @classmethod
     def from_frames(cls, frames: list[bytes]) -> "StorageRequest":
-        """[identity, head, data] -> StorageRequest, or ProtocolError saying why."""
-        if len(frames) != 3:
-            raise ProtocolError(f"expected 2 frames after the identity [head, data], "
-                                f"got {len(frames) - 1}")
-        client, head, data = frames
+        """[identity, head, data(, capability)] -> StorageRequest, or ProtocolError."""
+        if len(frames) not in (3, 4):
+            raise ProtocolError(f"expected 2 frames after the identity [head, data] (3 with "
+                                f"a capability), got {len(frames) - 1}")
+        client, head, data = frames[:3]
+        capability = frames[3] if len(frames) == 4 else b""
         cmd = head[:1]
         if cmd in DATA_COMMANDS:
             if len(head) < 1 + ID_BYTES:
@@ -128,7 +149,7 @@ class StorageRequest:
                                 "search S; exec and status as core.protocol requests)")
         if len(rid) > bp.MAX_RID:
             raise ProtocolError("request id longer than 64 bytes")
-        return cls(client, cmd, rid, key_id, data)
+        return cls(client, cmd, rid, key_id, data, capability)
 
 
 def indexed_value(key: bytes, value: bytes) -> bytes:
@@ -185,9 +206,13 @@ def parse_search(data: bytes) -> tuple[str, int]:
     return query, limit
 
 
-def request_frames(cmd: bytes, rid: bytes, key_id: bytes = b"", data: bytes = b"") -> list[bytes]:
+def request_frames(cmd: bytes, rid: bytes, key_id: bytes = b"", data: bytes = b"",
+                   capability: bytes = b"") -> list[bytes]:
     """What a client sends (its DEALER adds nothing)."""
+    if capability:
+        return [cmd + key_id + rid, data, capability]
     return [cmd + key_id + rid, data]
+
 
 
 def reply_frames(client: bytes, rid: bytes, status: str, data: bytes = b"",
@@ -209,7 +234,7 @@ def parse_reply(frames: list[bytes]) -> tuple[bytes, str, bytes, str | None]:
 
 def rid_of(frames: list[bytes]) -> bytes:
     """The request id of frames that failed to parse, when it can be told, else b""."""
-    if len(frames) == 3:
+    if len(frames) in (3, 4):
         head = frames[1]
         rid = head[1 + ID_BYTES:] if head[:1] in DATA_COMMANDS else head[1:]
         if len(rid) <= bp.MAX_RID:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Callable
 
 from redis import exceptions as rx
 from redis.backoff import NoBackoff
@@ -34,7 +35,7 @@ from redis.retry import Retry
 
 from core import protocol as p
 
-from .client import NotFound, StorageError, StorageUnavailable
+from .client import Forbidden, NotFound, StorageError, StorageUnavailable
 from .router import split_address
 
 __all__ = ["RedisStore", "ClusterUnavailable"]
@@ -67,6 +68,8 @@ def _refused(key):
     is a StorageError, which every caller of the store handles."""
     try:
         yield
+    except rx.NoPermissionError as exc:  # a script whose caller may not (README "Sandbox")
+        raise Forbidden(f"key {key!r}: redis: {exc}") from None
     except rx.ResponseError as exc:
         raise StorageError(f"key {key!r}: redis: {exc}") from None
 
@@ -87,10 +90,13 @@ class _Cluster(RedisCluster):
 class RedisStore:
     """read, write, remove on the cluster; ``client`` for anything else."""
 
-    def __init__(self, addresses: list[str] | tuple[str, ...], auth: tuple[str, str],
+    def __init__(self, addresses: list[str] | tuple[str, ...],
+                 auth: tuple[str, str] | Callable[[], tuple[str, str] | None],
                  timeout: float | None = None, max_value: int | None = None):
-        """`auth`: (user, password) to log in with (core/redis_auth.py); `max_value`:
-        the most bytes `read` returns (None: any)."""
+        """`auth`: (user, password) to log in with (core/redis_auth.py), or what
+        gives it when a client is built (a script's handle: the login its request
+        was handed; None: no store rights); `max_value`: the most bytes `read`
+        returns (None: any)."""
         if not addresses:
             raise StorageError("redis-cluster: no Redis node to start from (cluster.seeds)")
         self.addresses = list(dict.fromkeys(addresses))
@@ -98,18 +104,26 @@ class RedisStore:
         self.auth = auth
         self.max_value = max_value
         self._client: _Cluster | None = None
+        self._login: tuple[str, str] | None = None  # what _client logged in as
         self._pid = 0
         self._abandoned: list = []  # another process's clients: kept, never closed here
 
     @property
     def client(self) -> RedisCluster:
         """This process's cluster client, built (and the slot map read) on first use."""
-        if self._client is None or self._pid != os.getpid():
-            if self._client is not None:
+        login = self.auth() if callable(self.auth) else self.auth
+        if login is None:
+            raise Forbidden("this script's caller may neither read nor write (README "
+                            "\"Sandbox\", rights of scripts)")
+        if self._client is None or self._pid != os.getpid() or login != self._login:
+            if self._client is not None and self._pid == os.getpid():
+                self._client.close()  # another caller's login (isolation none)
+            elif self._client is not None:
                 # Closing it would shut sockets the parent still uses; GC would too.
                 self._abandoned.append(self._client)
             global _built_in
-            self._client, self._pid = self._connect(), os.getpid()
+            self._client, self._pid = self._connect(login), os.getpid()
+            self._login = login
             _built_in = self._pid
         return self._client
 
@@ -117,11 +131,11 @@ class RedisStore:
         """Whether this process holds a client (its sockets are expected, not leaks)."""
         return self._client is not None and self._pid == os.getpid()
 
-    def _connect(self) -> _Cluster:
+    def _connect(self, login: tuple[str, str]) -> _Cluster:
         nodes = [ClusterNode(*split_address(a)) for a in self.addresses]
         try:
             return _Cluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 0),
-                            username=self.auth[0], password=self.auth[1],
+                            username=login[0], password=login[1],
                             socket_connect_timeout=CONNECT_TIMEOUT,
                             socket_timeout=self.timeout)
         except (rx.RedisClusterException, *DOWN) as exc:

@@ -4,9 +4,13 @@ One two-node cluster (groups 1 and 2) with curve on serves most tests; its
 clients are made here: alice (exec, read), reader (read), dave (no rights in
 his certificate, read and write from [security.rights]), and the harness's
 admin (every right).  A script's side effect (a key it writes through the
-node's scripts key) shows whether anything ran."""
+node's scripts key) shows whether anything ran: mark.py is a definer script
+with read and write, so it writes whoever runs it (tests/test_capabilities.py
+has the callers' own rights)."""
 from __future__ import annotations
 
+import hashlib
+import textwrap
 import time
 import urllib.request
 import uuid
@@ -39,6 +43,10 @@ def cluster(tmp_path_factory):
                       [{"name": "n1", "group": 1}, {"name": "n2", "group": 2}],
                       {"workers": 1}, {}, {"mark.py": MARK}, INIT,
                       security={"rights": {"dave": ["read", "write"]}})
+    digest = hashlib.sha256(textwrap.dedent(MARK).encode()).hexdigest()
+    with open(cluster.path, "a") as f:
+        f.write(f'\n[security.definers]\n"mark.py" = {{ sha256 = "{digest}", '
+                'rights = ["read", "write"] }\n')
     cluster.add_client("alice", ("exec", "read"))
     cluster.add_client("reader", ("read",))
     cluster.add_client("dave", None)

@@ -54,7 +54,7 @@ ID = b"i" * 64
 
 
 @pytest.mark.parametrize("frames, words", [
-    ([b"c", b"R" + ID + b"r", b"", b"x"], "expected 2 frames"),
+    ([b"c", b"R" + ID + b"r", b"", b"x", b"y"], "expected 2 frames"),  # 3 with a capability
     ([b"c", b"R" + b"short", b""], "64-byte id"),
     ([b"c", b"R" + ID + b"r", b"data"], "data frame must be empty"),
     ([b"c", b"?r", b""], "unknown command"),
