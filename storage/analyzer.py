@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterator
-
 import Stemmer
 
 from core.config import SEARCH_LANGUAGES
@@ -107,10 +105,10 @@ class Analyzer:
         stem = self.stem
         return [stem(w, lang) for w in WORD.findall(fold(text))]
 
-    def spans(self, text: str, lang: str | None = None) -> Iterator[tuple[int, int, list[str]]]:
-        """(start, end, its terms) of each word as written in `text`: what a
-        snippet marks (one written word may fold into more than one)."""
-        for match in RAW_WORD.finditer(text):
-            terms = [self.stem(w, lang) for w in WORD.findall(fold(match.group()))]
-            if terms:
-                yield match.start(), match.end(), terms
+    def spans(self, text: str) -> list[tuple[int, int, str]]:
+        """(start, end, the word folded) of each word as written in `text`: what a
+        snippet marks (`terms` of the folded word tell whether it matches)."""
+        folded = fold(text)
+        if len(folded) == len(text):  # folding kept every character in place (most text)
+            return [(m.start(), m.end(), m.group()) for m in WORD.finditer(folded)]
+        return [(m.start(), m.end(), fold(m.group())) for m in RAW_WORD.finditer(text)]

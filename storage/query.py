@@ -51,7 +51,10 @@ class Query:
     prefixes: tuple[str, ...]    # ... and prefixes
 
     def matches(self, terms: list[str]) -> bool:
-        return any(t in self.terms or t.startswith(self.prefixes) for t in terms)
+        for term in terms:
+            if term in self.terms or (self.prefixes and term.startswith(self.prefixes)):
+                return True
+        return False
 
 
 _RAW_OPERATORS = frozenset(("and", "or", "not", "near"))
