@@ -172,7 +172,8 @@ def parser() -> argparse.ArgumentParser:
                             "--raw takes SQLite FTS5's own syntax. Prints score, key and "
                             "snippet per hit (terms in bold on a terminal, in [brackets] "
                             "otherwise), or JSON with --json. Exits 1 when nothing matches, "
-                            "2 when a node failed (the other nodes' hits are printed).")
+                            "2 when the query cannot be run or a node failed (the other "
+                            "nodes' hits are printed).")
     search.add_argument("query", metavar="QUERY")
     search.add_argument("--limit", type=int, default=10, help="hits at most (default 10)")
     search.add_argument("--offset", type=int, default=0, help="hits to skip (default 0)")
@@ -402,7 +403,8 @@ def cmd_write(config: cfg.Config, args) -> int:
 
 
 SEARCH_NOTHING = 1       # srw search found nothing (like grep)
-SEARCH_NODE_FAILED = 2   # srw search: a node failed; the others' hits are printed
+SEARCH_FAILED = 2        # srw search: the query cannot be run, or a node failed (the
+                         # other nodes' hits are printed), as grep's 2 for errors
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # never sent to a terminal as is
 
 
@@ -414,7 +416,7 @@ def cmd_search(config: cfg.Config, args) -> int:
                                   lang=args.lang, raw=args.raw)
         except BadQuery as exc:
             print(f"srw: bad_request: {exc}", file=sys.stderr)
-            return exits.FAILED
+            return SEARCH_FAILED
     if args.json:
         print(json.dumps({"hits": hits, "count": hits.count, "partial": hits.partial,
                           "failures": hits.failures}, ensure_ascii=False))
@@ -431,7 +433,7 @@ def cmd_search(config: cfg.Config, args) -> int:
         print("srw: search incomplete: a node reached its deadline (--timeout) and answered "
               "what it had ranked by then", file=sys.stderr)
     if hits.failures:
-        return SEARCH_NODE_FAILED
+        return SEARCH_FAILED
     if not hits:
         print(f"srw: no matches for {args.query[:80]!r}"
               + (f" past the first {args.offset}" if args.offset and hits.count else ""),

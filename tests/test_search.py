@@ -154,7 +154,7 @@ def test_typed_text_is_a_query_and_only_wordless_text_an_error(fts):
     status, _, body = http_search(fts, "+++")
     assert status == 400 and b"no words" in body and b"fts5" not in body
     out = fts.run("search", "")
-    assert out.returncode == 1 and out.stdout == b""
+    assert out.returncode == 2 and out.stdout == b""
     assert out.stderr.count(b"\n") == 1 and b"no words" in out.stderr, out.stderr
     with pytest.raises(BadQuery, match="only excludes"):
         s.search("-москва")

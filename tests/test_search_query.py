@@ -20,7 +20,7 @@ DOCS = {
     "fox": "The quick brown fox jumps over the lazy dog.",
     "foxes": "Foxes and dogs: foxes run, dogs bark.",
     "cat-ru": "Кошки спят на диване весь день.",
-    "moscow": "Прогулка по Москве-реке летом, Москва красивая.",
+    "moscow": "Прогулка по Москве-реке летом, красиво.",
     "hedgehog": "Ёжик в тумане ищет лошадку.",
     "mixed": "Кошка and the fox live together in Moscow.",
     "cafe": "Café naïve résumé, and nothing else.",
