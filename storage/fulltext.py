@@ -27,7 +27,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from .analyzer import Analyzer
+from .analyzer import Analyzer, fold
 from .query import BadQuery, Query, parse
 
 log = logging.getLogger("srw.storage.index")
@@ -35,7 +35,8 @@ log = logging.getLogger("srw.storage.index")
 INDEX_SCRIPT = "index.py"    # in the history dir: value -> the text to index
 SEARCH_SCRIPT = "search.py"  # n.search from a script, on the node that runs it
 FORMAT = 2                   # of the terms; bump when analyzer.py cuts or stems otherwise
-SNIPPET_WORDS = 12
+SNIPPET_CHARS = 120          # of the text in a snippet, about
+SNIPPET_CONTEXT = 30         # characters before the first matched word, when not at the start
 SNIPPET_MARK = ("[", "]")
 SNIPPET_SCAN = 64 * 1024     # characters of a document a snippet is looked for in
 CHUNK = 50_000               # rows (by rowid) ranked at a time: what a cut search has ranked
@@ -58,8 +59,8 @@ _TABLES = ("stamp", "meta", "docs")
 
 # One rowid range of the index: its best `limit` rows, ties by key.
 _RANKED = """
-SELECT bm25(docs) AS rank, meta.key, docs.rowid FROM docs JOIN meta ON meta.doc = docs.rowid
-WHERE docs MATCH ? AND docs.rowid BETWEEN ? AND ? ORDER BY rank, meta.key LIMIT ?
+SELECT bm25(docs) AS score, meta.key, docs.rowid FROM docs JOIN meta ON meta.doc = docs.rowid
+WHERE docs MATCH ? AND docs.rowid BETWEEN ? AND ? ORDER BY score, meta.key LIMIT ?
 """
 _COUNT = "SELECT count(*) FROM docs WHERE docs MATCH ? AND rowid BETWEEN ? AND ?"
 _SPACES = re.compile(r"\s+")
@@ -173,36 +174,53 @@ class FullText:
         return hits
 
     def snippet(self, body: str, query: Query) -> list[str]:
-        """The SNIPPET_WORDS words of `body` with the most query terms, as parts:
-        plain text at even indexes, the matched words at odd ones."""
-        spans = self.analyzer.spans(body[:SNIPPET_SCAN])
-        if not spans:
-            return [_SPACES.sub(" ", body[:200])]
-        verdicts: dict[str, bool] = {}   # a document repeats its words: each is stemmed once
-        stem, lang = self.analyzer.stem, query.lang
-        for _, _, word in spans:
-            if word not in verdicts:
-                verdicts[word] = query.matches([stem(word, lang)] if word.isalnum() else
-                                               self.analyzer.terms(word, lang))
-        hit = [verdicts[word] for _, _, word in spans]
-        first, found = 0, sum(hit[:SNIPPET_WORDS])
-        window = found
-        for i in range(1, max(1, len(spans) - SNIPPET_WORDS + 1)):
-            window += hit[i + SNIPPET_WORDS - 1] - hit[i - 1]
-            if window > found:
-                first, found = i, window
-        last = min(len(spans), first + SNIPPET_WORDS) - 1
-        parts = ["..." if first > 0 else ""]
-        at = spans[first][0]
-        for (start, end, _), matched in zip(spans[first:last + 1], hit[first:last + 1]):
-            if matched:
-                parts[-1] += body[at:start]
-                parts += [body[start:end], ""]
-                at = end
-        parts[-1] += body[at:spans[last][1]]
-        if last < len(spans) - 1 or len(body) > SNIPPET_SCAN:
-            parts[-1] += "..."
+        """About SNIPPET_CHARS of `body` around the most matched words, as parts:
+        plain text at even indexes, the matched words (as written) at odd ones."""
+        text = body[:SNIPPET_SCAN]
+        marks = self._marks(text, query)
+        first, most, last = 0, 0, 0
+        for i, (start, _) in enumerate(marks):   # the window with the most marks
+            while last < len(marks) and marks[last][1] <= start + SNIPPET_CHARS:
+                last += 1
+            if last - i > most:
+                first, most = i, last - i
+        begin = 0
+        if marks and marks[first][1] > SNIPPET_CHARS:  # not near the start: some words before
+            begin = text.find(" ", max(0, marks[first][0] - SNIPPET_CONTEXT), marks[first][0])
+            begin = marks[first][0] if begin < 0 else begin + 1
+        end = len(text)
+        if end > begin + SNIPPET_CHARS:  # cut at a space, past the window's first mark
+            end = text.rfind(" ", begin, begin + SNIPPET_CHARS)
+            end = begin + SNIPPET_CHARS if end <= begin else end
+            end = max(end, marks[first][1] if marks else 0)
+        parts, at = ["..." if begin > 0 else ""], begin
+        for start, stop in marks:
+            if begin <= start and stop <= end:
+                parts[-1] += text[at:start]
+                parts += [text[start:stop], ""]
+                at = stop
+        parts[-1] += text[at:end] + ("..." if end < len(body) else "")
         return [_SPACES.sub(" ", p) for p in parts]
+
+    def _marks(self, text: str, query: Query) -> list[tuple[int, int]]:
+        """(start, end) of each word of `text` that a query term matches.  Only the
+        words that begin as a term does are stemmed (a stem is its word's beginning,
+        but for the last letters), each distinct one once."""
+        verdicts: dict[str, bool] = {}
+        folded = fold(text)
+        if query.candidates is None:
+            return []
+        if len(folded) == len(text):  # folding kept every character in place (most text)
+            words = ((m.start(), m.end(), m.group()) for m in query.candidates.finditer(folded))
+        else:
+            words = iter(self.analyzer.spans(text))
+        marks = []
+        for start, end, word in words:
+            if word not in verdicts:
+                verdicts[word] = query.matches(self.analyzer.terms(word, query.lang))
+            if verdicts[word]:
+                marks.append((start, end))
+        return marks
 
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM meta").fetchone()[0]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from .analyzer import Analyzer
 
 MAX_TERMS = 64   # words in one query: each is a doclist FTS5 walks
+CANDIDATE_LETTERS = 3   # of a term that a word must begin with to be stemmed for a snippet
 _CHUNK = re.compile(r'-?"[^"]*"?|[^\s"]+')
 
 
@@ -49,6 +50,15 @@ class Query:
     lang: str | None             # the stemmer for every word, or None: by script
     terms: frozenset[str]        # what a snippet marks: the wanted terms ...
     prefixes: tuple[str, ...]    # ... and prefixes
+    candidates: re.Pattern | None = None   # folded words that may be marked (see below)
+
+    def __post_init__(self):
+        # A word whose term is t begins with t's first letters (Snowball strips and
+        # changes endings only), so only words that begin so need stemming.
+        starts = sorted({t[:CANDIDATE_LETTERS] for t in (*self.terms, *self.prefixes)})
+        if starts:
+            object.__setattr__(self, "candidates", re.compile(
+                r"(?<![^\W_])(?:" + "|".join(map(re.escape, starts)) + r")[^\W_]*"))
 
     def matches(self, terms: list[str]) -> bool:
         for term in terms:

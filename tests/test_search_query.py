@@ -130,7 +130,7 @@ def test_snippet_marks_the_matched_words_as_written(index):
     long = FullText.snippet(index, "pad " * 100 + "the narwhal here " + "pad " * 100,
                             _query(index, "narwhal"))
     assert long[0].startswith("...") and long[1] == "narwhal" and long[2].endswith("...")
-    assert len("".join(long).split()) <= 13
+    assert len("".join(long)) <= fulltext.SNIPPET_CHARS + 6   # and two "..."
 
 
 def _query(index, text):
