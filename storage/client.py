@@ -36,7 +36,7 @@ from .ring import Ring
 from .router import make_router
 
 __all__ = ["Session", "Result", "StorageError", "NotFound", "StorageUnavailable",
-           "StorageClient", "storage_ready", "config_from_remote", "BadQuery"]
+           "StorageClient", "storage_ready", "config_from_remote", "BadQuery", "Hits"]
 
 DATA_TIMEOUT = 5.0    # seconds a storage node may take to answer a data call
 # A read's reply usually comes within ~100 us.  A thread that sleeps until it

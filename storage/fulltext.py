@@ -33,7 +33,6 @@ from .query import BadQuery, Query, parse
 log = logging.getLogger("srw.storage.index")
 
 INDEX_SCRIPT = "index.py"    # in the history dir: value -> the text to index
-SEARCH_SCRIPT = "search.py"  # n.search from a script, on the node that runs it
 FORMAT = 2                   # of the terms; bump when analyzer.py cuts or stems otherwise
 SNIPPET_CHARS = 120          # of the text in a snippet, about
 SNIPPET_CONTEXT = 30         # characters before the first matched word, when not at the start
