@@ -155,7 +155,7 @@ class FullText:
                                                  limit)).fetchall()
                 count += self.db.execute(_COUNT, (query.fts, low, low + CHUNK - 1)).fetchone()[0]
             except sqlite3.OperationalError as exc:
-                if "interrupted" in str(exc):
+                if str(exc) == "interrupted":   # by the progress handler: the deadline
                     partial = True
                     break
                 raise BadQuery(f"cannot parse the query {query.text[:80]!r}: {exc}") from None
@@ -205,10 +205,10 @@ class FullText:
         """(start, end) of each word of `text` that a query term matches.  Only the
         words that begin as a term does are stemmed (a stem is its word's beginning,
         but for the last letters), each distinct one once."""
-        verdicts: dict[str, bool] = {}
-        folded = fold(text)
         if query.candidates is None:
             return []
+        verdicts: dict[str, bool] = {}
+        folded = fold(text)
         if len(folded) == len(text):  # folding kept every character in place (most text)
             words = ((m.start(), m.end(), m.group()) for m in query.candidates.finditer(folded))
         else:
