@@ -192,6 +192,16 @@ data_dir = "{fts.root / 'n4'}"
     assert b"n4" in out.stderr
 
 
+def test_terminal_gets_bold_terms_and_never_the_documents_control_bytes(fts):
+    indexed(fts.session, "tty-doc", "quokka \x1b]0;owned\x07 and \x1b[2J quokka again")
+    command = f"{sys.executable} -m srw search quokka --config {fts.path}"
+    out = subprocess.run(["script", "-qec", command, "/dev/null"], cwd=fts.root,
+                         capture_output=True, timeout=30)   # stdout on a pseudo-terminal
+    assert out.returncode == 0, out.stdout
+    assert b"\x1b[1mquokka\x1b[0m" in out.stdout, out.stdout
+    assert b"\x1b]" not in out.stdout and b"\x1b[2J" not in out.stdout, out.stdout
+
+
 def test_ties_go_by_key_and_pages_add_up(fts):
     # Equal scores need equal BM25 statistics: the same owner (n2; n3 holds group 2).
     s = fts.session
