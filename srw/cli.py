@@ -440,8 +440,8 @@ def cmd_search(config: cfg.Config, args) -> int:
               file=sys.stderr)
         return SEARCH_NOTHING
     if not args.json:
-        print(f"srw: {hits.count} matches; {args.offset + 1} to {args.offset + len(hits)} "
-              "shown", file=sys.stderr)
+        print(f"srw: {hits.count} match{'' if hits.count == 1 else 'es'}; {args.offset + 1} "
+              f"to {args.offset + len(hits)} shown", file=sys.stderr)
     return 0
 
 

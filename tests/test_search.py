@@ -169,7 +169,7 @@ def test_no_match_exits_1_and_a_failed_node_exits_2_with_the_others_hits(fts):
     indexed(fts.session, "ex-doc", "a xylophone in the hall")
     out = fts.run("search", "xylophone")
     assert out.returncode == 0 and b"[xylophone]" in out.stdout, out.stderr  # not a tty
-    assert b"1 matches" in out.stderr
+    assert b"1 match; 1 to 1 shown" in out.stderr
     out = fts.run("search", "zanzibarquux")
     assert out.returncode == 1 and out.stdout == b""
     assert out.stderr.startswith(b"srw: no matches"), out.stderr
