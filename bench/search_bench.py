@@ -5,17 +5,20 @@
 Generates N documents (default 100,000; seeded, so every run sees the same
 ones): words drawn by a Zipf law (s = 1.07, like English text) over a
 vocabulary of 30,000 made-up words, lengths log-normal around 120 words.
-Then, in one run, side by side:
+Then, in one run, side by side (the comparisons of issue 26):
 
-- **srw**: a one-node cluster (``srw serve``, 2 workers, in a temporary
-  folder) indexes every document (``Session.write(..., index=True)``, 16
-  writes in flight from 16 threads), then runs the queries
-  (``Session.search``) 16 in flight: indexing docs/s, search p50/p99 and
-  queries/s.
-- **sqlite FTS5 direct**: the node's own engine (``storage.fulltext``) in
-  this process on the same documents, committing every 256 (what a busy
-  node's batch does), then the same queries from 16 threads, one connection
-  each.
+- **indexing**: srw, a one-node cluster (``srw serve``, 2 workers, in a
+  temporary folder), indexes every document (``Session.write(...,
+  index=True)``, 16 writes in flight from 16 threads); **direct**, this
+  process puts every document into a FullText of its own with one insert and
+  one commit per document (``synchronous=FULL``, the node's durability).
+- **search**: srw runs the queries (``Session.search``, typed text, 16 in
+  flight); **direct**, this process runs, on the node's own index file, the
+  FTS5 query srw made of each (storage/query.py) with 16 threads, one
+  connection each: ``MATCH``, BM25 order, the 10 best keys.
+- **storage reads during a broad search**: the p50 of a ``Session.read``
+  while the node is idle, and while a search for the most common word runs
+  back to back (the search runs in the node's search thread, not its loop).
 - with ``--engines``, also **tantivy direct** (``pip install tantivy``),
   the alternative measured when the engine was chosen.
 
@@ -117,28 +120,44 @@ def timed_in_flight(call, items: list, threads: int = IN_FLIGHT) -> tuple[float,
 
 
 def row(name: str, docs: int, index_s: float, q_total: float, lat: list[float]) -> str:
+    """A line of the --engines table."""
     return (f"{name:24} {docs / index_s:>10,.0f} {pct(lat, 0.5) * 1e6:>9,.0f} "
             f"{pct(lat, 0.99) * 1e6:>9,.0f} {len(lat) / q_total:>10,.0f}")
 
 
 # Engines used directly -------------------------------------------------------
 
-def sqlite_direct(root: Path, docs: list[str], qs: list[str]) -> str:
+_DIRECT = """SELECT meta.key, bm25(docs) AS rank FROM docs JOIN meta ON meta.doc = docs.rowid
+WHERE docs MATCH ? ORDER BY rank LIMIT 10"""
+
+
+def index_direct(root: Path, docs: list[str]) -> float:
+    """docs/s of one insert and one commit per document, synced as a node syncs."""
     from storage.fulltext import FullText
-    index = FullText(root / "direct.sqlite")
+    index = FullText(root / "direct.sqlite", sync=True)
     start = time.perf_counter()
-    for at in range(0, len(docs), COMMIT_EVERY):
-        index.apply([(b"%064d" % i, f"doc{i}", 1, docs[i])
-                     for i in range(at, min(at + COMMIT_EVERY, len(docs)))], [])
-    index_s = time.perf_counter() - start
+    for i, text in enumerate(docs):
+        index.apply([(b"%064d" % i, f"doc{i}", 1, text)], [])
+    took = time.perf_counter() - start
+    index.close()
+    return len(docs) / took
+
+
+def search_direct(index_file: Path, qs: list[str]) -> tuple[float, list[float]]:
+    """The FTS5 query srw makes of each typed query, on srw's own index file."""
+    import sqlite3
+
+    from storage.analyzer import Analyzer
+    from storage.query import parse
+    analyzer = Analyzer(("english", "russian"))
+    fts = [parse(q, analyzer).fts for q in qs]
     local = threading.local()
 
     def search(q):
-        if not hasattr(local, "index"):
-            local.index = FullText(root / "direct.sqlite")
-        local.index.search(q, 10)
-    total, lat = timed_in_flight(search, qs)
-    return row("sqlite FTS5 direct", len(docs), index_s, total, lat)
+        if not hasattr(local, "db"):
+            local.db = sqlite3.connect(index_file, check_same_thread=False)
+        local.db.execute(_DIRECT, (q,)).fetchall()
+    return timed_in_flight(search, fts)
 
 
 def tantivy_direct(root: Path, docs: list[str], qs: list[str]) -> str:
@@ -179,9 +198,10 @@ def srw_cluster(root: Path):
     return config, proc
 
 
-def srw_run(root: Path, docs: list[str], qs: list[str]) -> str:
+def srw_run(root: Path, docs: list[str], qs: list[str]) -> dict:
     from storage.client import Session
     config, proc = srw_cluster(root)
+    out = {}
     try:
         probe = Session(config)
         wait_for(lambda: _answers(probe), 60, "srw node")
@@ -197,10 +217,41 @@ def srw_run(root: Path, docs: list[str], qs: list[str]) -> str:
             if not all(r.ok for r in results):
                 raise SystemExit(f"bench: indexed write failed: {results}")
         index_s, _ = timed_in_flight(write, list(range(len(docs))))
-        total, lat = timed_in_flight(lambda q: session().search(q, 10), qs)
-        return row("srw (1 node, 2 workers)", len(docs), index_s, total, lat)
+        out["index"] = len(docs) / index_s
+        out["search"] = timed_in_flight(lambda q: session().search(q, 10), qs)
+        out["direct"] = search_direct(root / "var" / "n1" / "index.sqlite", qs)
+        out["reads"] = reads_during_broad_search(probe, docs)
+        return out
     finally:
         stop(proc)
+
+
+def reads_during_broad_search(session, docs: list[str], count: int = 2000):
+    """(idle read p50, read p50 while the most common word is searched back to back,
+    searches that ran meanwhile)."""
+    keys = [f"doc{i}" for i in range(0, len(docs), max(1, len(docs) // count))][:count]
+    idle = [_timed(session.read, k) for k in keys]
+    broad = min(vocabulary(random.Random(SEED)), key=len)   # the most common word
+    stop_flag, searches = threading.Event(), []
+
+    def search():
+        from storage.client import Session
+        with Session(session.config) as s:
+            while not stop_flag.is_set():
+                searches.append(_timed(lambda: s.search(broad, 10, timeout=30.0)))
+    thread = threading.Thread(target=search)
+    thread.start()
+    time.sleep(0.2)
+    busy = [_timed(session.read, k) for k in keys]
+    stop_flag.set()
+    thread.join()
+    return pct(idle, 0.5), pct(busy, 0.5), searches
+
+
+def _timed(call, *args) -> float:
+    start = time.perf_counter()
+    call(*args)
+    return time.perf_counter() - start
 
 
 def _answers(session) -> bool:
@@ -213,22 +264,30 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--engines", action="store_true", help="also tantivy, directly")
-    parser.add_argument("--no-srw", action="store_true", help="only the engines, directly")
     args = parser.parse_args()
     start = time.perf_counter()
     docs = documents(args.docs)
     qs = queries(docs, args.queries)
     words = sum(len(d.split()) for d in docs)
     print(f"{len(docs):,} documents, {words:,} words ({words / len(docs):.0f} a document), "
-          f"{len(qs):,} queries; generated in {time.perf_counter() - start:.1f} s")
-    print(f"{'path':24} {'docs/s':>10} {'p50 us':>9} {'p99 us':>9} {'queries/s':>10}   "
-          f"(search: {IN_FLIGHT} in flight)")
+          f"{len(qs):,} queries; generated in {time.perf_counter() - start:.1f} s", flush=True)
     with tempfile.TemporaryDirectory(prefix="srw-search-bench-") as tmp:
         root = Path(tmp)
-        if not args.no_srw:
-            (root / "srw").mkdir()
-            print(srw_run(root / "srw", docs, qs), flush=True)
-        print(sqlite_direct(root, docs, qs), flush=True)
+        (root / "srw").mkdir()
+        srw = srw_run(root / "srw", docs, qs)
+        direct_index = index_direct(root, docs)
+        (total, lat), (d_total, d_lat) = srw["search"], srw["direct"]
+        print(f"indexing docs/s: srw {srw['index']:,.0f}, direct (commit per document) "
+              f"{direct_index:,.0f}: {srw['index'] / direct_index:.2f}x")
+        print(f"search ({IN_FLIGHT} in flight): srw p50 {pct(lat, .5) * 1e3:.1f} ms p99 "
+              f"{pct(lat, .99) * 1e3:.1f} ms {len(lat) / total:,.0f}/s; direct p50 "
+              f"{pct(d_lat, .5) * 1e3:.1f} ms p99 {pct(d_lat, .99) * 1e3:.1f} ms "
+              f"{len(d_lat) / d_total:,.0f}/s: p50 {pct(lat, .5) / pct(d_lat, .5):.2f}x, "
+              f"throughput {(len(lat) / total) / (len(d_lat) / d_total):.2f}x")
+        idle, busy, searches = srw["reads"]
+        print(f"storage read p50: idle {idle * 1e6:,.0f} us, during a broad search "
+              f"{busy * 1e6:,.0f} us ({busy / idle:.2f}x; {len(searches)} broad searches "
+              f"meanwhile, p50 {pct(searches, .5) * 1e3:.0f} ms)")
         if args.engines:
             print(tantivy_direct(root, docs, qs), flush=True)
     return 0

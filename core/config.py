@@ -149,6 +149,20 @@ class SecuritySettings:
     definers: dict[str, DefinerSettings] = field(default_factory=dict)
 
 
+# Snowball stemmers full-text search may use (storage/analyzer.py): name ->
+# (the script whose words it stems by default, the short name lang= also takes).
+SEARCH_LANGUAGES = {"english": ("latin", "en"), "russian": ("cyrillic", "ru")}
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Full-text search (storage/fulltext.py).  Changing `languages` changes
+    how documents are indexed: each node rebuilds its index at its next start."""
+    # Stemmers in use; a word is stemmed by the first whose script it is written in.
+    languages: tuple[str, ...] = ("english", "russian")
+    timeout: float = 1.0   # seconds a search may run on a node when the request gives none
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """`srw serve` as a service: its pid file and the socket `srw reload|resize|stop` use."""
@@ -173,6 +187,7 @@ class Config:
     security: SecuritySettings = field(default_factory=SecuritySettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
 
     def node(self, name: str) -> NodeSettings:
         for node in self.nodes:
@@ -218,7 +233,7 @@ CONFIG_ENV = "SRW_CONFIG"
 NODE_ENV = "SRW_NODE"
 SECTIONS = {"pool": PoolSettings, "broker": BrokerSettings, "proxy": ProxySettings,
             "log": LogSettings, "security": SecuritySettings, "serve": ServeSettings,
-            "cluster": ClusterSettings}
+            "cluster": ClusterSettings, "search": SearchSettings}
 RIGHTS = ("exec", "code", "read", "write")
 
 
@@ -301,6 +316,9 @@ def _check(config: Config) -> None:
         (1 <= config.pool.warm_per_caller <= config.pool.warm_runners,
          "pool.warm_per_caller must be from 1 to pool.warm_runners"),
         (config.broker.queue_limit >= 1, "broker.queue_limit must be at least 1"),
+        (set(config.search.languages) <= set(SEARCH_LANGUAGES),
+         f"search.languages: known are {', '.join(SEARCH_LANGUAGES)}"),
+        (0 < config.search.timeout <= 600, "search.timeout must be above 0 and at most 600 s"),
         (config.broker.request_timeout > 0, "broker.request_timeout must be > 0 seconds"),
         (config.broker.heartbeat_interval > 0, "broker.heartbeat_interval must be > 0 seconds"),
         (config.broker.liveness >= 2, "broker.liveness must be at least 2"),

@@ -2,7 +2,7 @@
 
     POST   /elliptics?exec&name=NAME[&id=HEX|&key=KEY][&groups=1:2]   run a named script
     POST   /elliptics?upload&name=KEY[&index=1]                       write (and index) the body
-    GET    /elliptics?search=QUERY[&limit=N]                          full-text search, JSON
+    GET    /elliptics?search=QUERY[&limit=N&offset=N&lang=L&raw=1&timeout=S]  search, JSON
     GET    /elliptics?name=KEY                                        read
     DELETE /elliptics?name=KEY                                        remove
     GET    /ping      200 when every configured node answers, else 503
@@ -252,21 +252,35 @@ async def remove_key(request: web.Request) -> web.Response:
 
 
 async def search(request: web.Request) -> web.Response:
-    """JSON [{"key", "score", "snippet"}], best first; 400 for a query that cannot be parsed."""
-    query = _query(request, ("search", "limit"))
+    """JSON {"hits": [{"key", "score", "snippet", "parts"}], "count", "partial",
+    "failures"}, best first; 400 for a query that cannot be run."""
+    query = _query(request, ("search", "limit", "offset", "lang", "raw", "timeout"))
     terms = query["search"]
     if not terms.strip():
         raise HTTPProblem(400, "search= is empty: give words, \"a phrase\" or a prefix*")
+    limit, offset = _number(query, "limit", 10), _number(query, "offset", 0)
+    timeout = _number(query, "timeout", None, float)
+    if query.get("raw", "0") not in ("0", "1"):
+        raise HTTPProblem(400, "raw= must be 1 (FTS5 syntax) or 0 (plain text)")
     try:
-        limit = int(query.get("limit", "10"))
-    except ValueError:
-        raise HTTPProblem(400, f"bad limit={query['limit'][:20]!r}: give a number") from None
-    try:
-        hits = await _storage(request.app[DATA].search(terms, limit), "search", terms)
+        hits = await _storage(request.app[DATA].search(
+            terms, limit, offset, timeout, query.get("lang"), query.get("raw") == "1"),
+            "search", terms)
     except ValueError as exc:  # BadQuery, or a limit out of range
         raise HTTPProblem(400, str(exc)) from None
-    return web.Response(text=json.dumps(hits, ensure_ascii=False),
+    return web.Response(text=json.dumps({"hits": hits, "count": hits.count,
+                                         "partial": hits.partial,
+                                         "failures": hits.failures}, ensure_ascii=False),
                         content_type="application/json")
+
+
+def _number(query: dict[str, str], name: str, default, kind=int):
+    if name not in query:
+        return default
+    try:
+        return kind(query[name])
+    except ValueError:
+        raise HTTPProblem(400, f"bad {name}={query[name][:20]!r}: give a number") from None
 
 
 async def _storage(call, verb: str, key: str):

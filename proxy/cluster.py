@@ -173,8 +173,11 @@ class DataStore:
     async def write(self, key: str, data: bytes, index: bool = False) -> list[Result]:
         return await self._run("write", key, data, None, None, index)
 
-    async def search(self, query: str, limit: int) -> list[dict]:
-        return await self._run("search", query, limit)
+    async def search(self, query: str, limit: int, offset: int = 0,
+                     timeout: float | None = None, lang: str | None = None,
+                     raw: bool = False):
+        """storage.client.Hits"""
+        return await self._run("search", query, limit, offset, None, timeout, lang, raw)
 
     async def remove(self, key: str) -> list[Result]:
         return await self._run("remove", key)

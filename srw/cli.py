@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -165,13 +166,26 @@ def parser() -> argparse.ArgumentParser:
                        help="also index the value for full-text search (history/index.py)")
     write.set_defaults(func=cmd_write)
     search = sub.add_parser("search", parents=[common], help="full-text search of indexed values",
-                            description="Search every node's index (SQLite FTS5 syntax: words, "
-                            "\"a phrase\", prefix*, OR, NOT); best first. Prints score, key "
-                            "and snippet per hit, or a JSON array with --json.")
+                            description="Search every node's index; best first. The query is "
+                            "plain text: words (stemmed: foxes finds fox), \"a phrase\", "
+                            "e-mail (a phrase of e and mail), prefix*, -excluded, a OR b; "
+                            "--raw takes SQLite FTS5's own syntax. Prints score, key and "
+                            "snippet per hit (terms in bold on a terminal, in [brackets] "
+                            "otherwise), or JSON with --json. Exits 1 when nothing matches, "
+                            "2 when the query cannot be run or a node failed (the other "
+                            "nodes' hits are printed).")
     search.add_argument("query", metavar="QUERY")
     search.add_argument("--limit", type=int, default=10, help="hits at most (default 10)")
+    search.add_argument("--offset", type=int, default=0, help="hits to skip (default 0)")
+    search.add_argument("--lang", help="stem every word with this stemmer (english, russian, "
+                        "en, ru, none); by default each word by its script's")
+    search.add_argument("--raw", action="store_true", help="the query is FTS5 syntax, "
+                        "run as given against the stemmed terms")
+    search.add_argument("--timeout", type=float, help="seconds each node may search "
+                        "(default [search] timeout); past it a node answers what it has")
     search.add_argument("--json", action="store_true",
-                        help='print [{"key", "score", "snippet"}, ...]')
+                        help='print {"hits": [{"key", "score", "snippet", "parts"}], "count", '
+                        '"partial", "failures"}')
     search.set_defaults(func=cmd_search)
     read = sub.add_parser("read", parents=[common], help="print a value (raw bytes)")
     read.add_argument("key", metavar="KEY")
@@ -388,19 +402,46 @@ def cmd_write(config: cfg.Config, args) -> int:
     return _report(results)
 
 
+SEARCH_NOTHING = 1       # srw search found nothing (like grep)
+SEARCH_FAILED = 2        # srw search: the query cannot be run, or a node failed (the
+                         # other nodes' hits are printed), as grep's 2 for errors
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # never sent to a terminal as is
+
+
 def cmd_search(config: cfg.Config, args) -> int:
     from storage.client import BadQuery
     with _session(config, args) as session:
         try:
-            hits = session.search(args.query, args.limit)
+            hits = session.search(args.query, args.limit, args.offset, timeout=args.timeout,
+                                  lang=args.lang, raw=args.raw)
         except BadQuery as exc:
             print(f"srw: bad_request: {exc}", file=sys.stderr)
-            return 1
+            return SEARCH_FAILED
     if args.json:
-        print(json.dumps(hits, ensure_ascii=False))
+        print(json.dumps({"hits": hits, "count": hits.count, "partial": hits.partial,
+                          "failures": hits.failures}, ensure_ascii=False))
     else:
+        marks = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("[", "]")
         for hit in hits:
-            print(f"{hit['score']:.3f}\t{hit['key']}\t{hit['snippet']}")
+            snippet = "".join(_CONTROL.sub(" ", part) if i % 2 == 0 else
+                              marks[0] + _CONTROL.sub(" ", part) + marks[1]
+                              for i, part in enumerate(hit["parts"]))
+            print(f"{hit['score']:.3f}\t{_CONTROL.sub('?', hit['key'])}\t{snippet}")
+    for failure in hits.failures:
+        print(f"srw: search incomplete: {failure}", file=sys.stderr)
+    if hits.partial and not hits.failures:
+        print("srw: search incomplete: a node reached its deadline (--timeout) and answered "
+              "what it had ranked by then", file=sys.stderr)
+    if hits.failures:
+        return SEARCH_FAILED
+    if not hits:
+        print(f"srw: no matches for {args.query[:80]!r}"
+              + (f" past the first {args.offset}" if args.offset and hits.count else ""),
+              file=sys.stderr)
+        return SEARCH_NOTHING
+    if not args.json:
+        print(f"srw: {hits.count} match{'' if hits.count == 1 else 'es'}; {args.offset + 1} "
+              f"to {args.offset + len(hits)} shown", file=sys.stderr)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import time
 from pathlib import Path
@@ -32,14 +31,14 @@ from core import config as cfg
 from core import security, timeouts
 
 from . import protocol as sp
-from .fulltext import SEARCH_SCRIPT, BadQuery
+from .query import BadQuery
 from core.ids import key_id, parse_id
 
 from .ring import Ring
 from .router import make_router
 
 __all__ = ["Session", "Result", "StorageError", "NotFound", "StorageUnavailable", "Forbidden",
-           "StorageClient", "storage_ready", "config_from_remote", "BadQuery"]
+           "StorageClient", "storage_ready", "config_from_remote", "BadQuery", "Hits"]
 
 DATA_TIMEOUT = 5.0    # seconds a storage node may take to answer a data call
 # A read's reply usually comes within ~100 us.  A thread that sleeps until it
@@ -175,7 +174,8 @@ class StorageClient:
 
     def search(self, query: str, limit: int, timeout: float = DATA_TIMEOUT) -> list[dict]:
         """This node's full-text hits, best first; BadQuery for a query it cannot parse."""
-        result = self.call(sp.SEARCH, data=sp.search_data(query, limit), wait=timeout)
+        result = self.call(sp.SEARCH, data=sp.search_data(sp.Search(query, limit)),
+                           wait=timeout)
         if result.status == p.BAD_REQUEST:
             raise BadQuery(result.error or "bad query")
         if result.status == p.FORBIDDEN:
@@ -183,7 +183,7 @@ class StorageClient:
         if not result.ok:
             raise NodeUnavailable(f"storage node {self.name or self.endpoint}: "
                                   f"{result.status}: {result.error}")
-        return msgpack.unpackb(result.data, raw=False)
+        return msgpack.unpackb(result.data, raw=False)["hits"]
 
     def close(self) -> None:
         self._sock.close()
@@ -230,25 +230,43 @@ def config_from_remote(endpoint: str, timeout: float = 5.0,
     return cfg.Config(path=Path(f"routes-of-{endpoint.replace('/', '')}"), nodes=settings)
 
 
-def merge_hits(results: list[Result], limit: int) -> list[dict]:
-    """The search script's replies of every node -> the best `limit` hits, each key
-    once.  Replicas give a key several scores (BM25 depends on each node's
-    documents); the best one stands for it."""
+class Hits(list):
+    """Session.search's answer: the hits, best first, and about them `count`
+    (documents that match, in the group with the most), `partial` (a node was
+    cut at the deadline or failed) and `failures` (one line per failed node)."""
+
+    def __init__(self, hits: list[dict], count: int, partial: bool, failures: list[str]):
+        super().__init__(hits)
+        self.count, self.partial, self.failures = count, partial, failures
+
+
+def merge_hits(results: list[Result], limit: int, offset: int = 0) -> Hits:
+    """Every node's SEARCH reply -> hits offset to offset + limit, each key once.
+    Replicas give a key several scores (BM25 depends on each node's documents);
+    the best one stands for it.  Ties go by key."""
     best: dict[str, dict] = {}
-    failures = []
+    failures, counts, partial = [], {}, False
     for r in results:
-        if not r.ok:
-            failures.append(f"{r.node} (group {r.group}): {r.status}: {r.error}")
+        if r.status == p.BAD_REQUEST:  # the query: every node would say the same
+            raise BadQuery(r.error or "bad query")
+        try:
+            reply = p.unpack_map(r.data) if r.ok else None
+        except p.ProtocolError:
+            reply = None
+        if reply is None:
+            failures.append(f"node {r.node} (group {r.group}): {r.status}: "
+                            f"{r.error or 'a reply that is not a search reply'}")
             continue
-        hits = json.loads(r.data)
-        if isinstance(hits, dict):  # {"error": why the query cannot be parsed}
-            raise BadQuery(hits.get("error") or "bad query")
-        for hit in hits:
+        partial = partial or bool(reply.get("partial"))
+        counts[r.group] = counts.get(r.group, 0) + int(reply.get("count", 0))
+        for hit in reply.get("hits", []):
             if hit["key"] not in best or hit["score"] > best[hit["key"]]["score"]:
                 best[hit["key"]] = hit
     if failures and len(failures) == len(results):
         raise StorageUnavailable("no node answered the search: " + "; ".join(failures))
-    return sorted(best.values(), key=lambda h: (-h["score"], h["key"]))[:limit]
+    ranked = sorted(best.values(), key=lambda h: (-h["score"], h["key"]))
+    return Hits(ranked[offset:offset + limit], max(counts.values(), default=0),
+                partial or bool(failures), failures)
 
 
 class Session:
@@ -360,20 +378,31 @@ class Session:
         return self._to_all(sp.INDEXED_WRITE, key, None, groups,
                             sp.indexed_value(raw_key, data), wait)
 
-    def search(self, query: str, limit: int = 10, groups: list[int] | None = None,
-               timeout: float | None = None) -> list[dict]:
-        """Full-text search: the search script on every node, hits merged by score.
+    def search(self, query: str, limit: int = 10, offset: int = 0,
+               groups: list[int] | None = None, timeout: float | None = None,
+               lang: str | None = None, raw: bool = False) -> Hits:
+        """Full-text search: a SEARCH to every node of the groups, hits merged by score.
 
-        Returns [{"key", "score", "snippet"}], best first, each key once (the
-        best of its replicas).  Raises BadQuery (a ValueError) for a query the
-        index cannot parse, StorageUnavailable when no node answered."""
+        `query` is typed text (storage/query.py), or FTS5's syntax with `raw`;
+        `lang` stems every word with one stemmer; `timeout` bounds each node's
+        search (else its [search] timeout), which answers what it has by then.
+        Returns Hits: [{"key", "score", "snippet", "parts"}], best first, each
+        key once (the best of its replicas), with .count, .partial and .failures.
+        Raises BadQuery (a ValueError) for a query that cannot be run,
+        StorageUnavailable when no node answered."""
         if self._redis_mode:
             raise StorageError('search needs cluster.engine = "lmdb"')
-        if not isinstance(limit, int) or not 0 < limit <= sp.MAX_HITS:
-            raise ValueError(f"limit must be 1 to {sp.MAX_HITS}, not {limit!r}")
-        request = json.dumps({"query": query, "limit": limit}).encode()
-        return merge_hits(self.exec(SEARCH_SCRIPT, request, groups=groups, timeout=timeout),
-                          limit)
+        if not isinstance(offset, int) or offset < 0 or not isinstance(limit, int) or \
+                not 0 < limit <= sp.MAX_HITS - offset:
+            raise ValueError(f"limit must be 1 or more and offset 0 or more, at most "
+                             f"{sp.MAX_HITS} together, not {limit!r} and {offset!r}")
+        if timeout is not None and not 0 < timeout <= sp.MAX_SEARCH_TIMEOUT:
+            raise ValueError(f"timeout must be above 0 and at most {sp.MAX_SEARCH_TIMEOUT:.0f} "
+                             f"seconds, not {timeout!r}")
+        data = sp.search_data(sp.Search(query, offset + limit, lang, raw, timeout))
+        nodes = [n for n in self.config.nodes if groups is None or n.group in groups]
+        wait = (timeout or self.config.search.timeout) + DATA_TIMEOUT
+        return merge_hits(self._send_all(nodes, sp.SEARCH, b"", data, wait), limit, offset)
 
     def remove(self, key: str | bytes | None = None, id: str | None = None,
                groups: list[int] | None = None) -> list[Result]:
@@ -463,7 +492,10 @@ class Session:
         """Sent to every owner first, then the replies collected: the nodes work
         in parallel, so the whole call takes the slowest node's time."""
         raw_id, targets = self._locate(key, id, groups)
-        wait = wait or self.timeout or DATA_TIMEOUT
+        return self._send_all(targets, cmd, raw_id, data, wait or self.timeout or DATA_TIMEOUT)
+
+    def _send_all(self, targets, cmd: bytes, raw_id: bytes, data: bytes,
+                  wait: float) -> list[Result]:
         sent = []
         for node in targets:
             client = self._store(node.name)

@@ -2,76 +2,116 @@
 
 Owned by the storage process (trusted, like a Redis module beside its data);
 scripts never open it.  Each indexed value is one row, keyed by its 64-byte
-id, holding the key's name and the *version* (the value's mtime in
+id, holding the key's name, the text and the *version* (the value's mtime in
 nanoseconds, as LMDB holds it) of the text it was made from.  That version
 is what lets the node tell, after a crash, whether a row still matches its
 value (storage/node.py, "index agrees with the data").
 
-Commits are durable before the storage node acknowledges anything that
-depends on them: WAL with ``synchronous=FULL`` when the node syncs.
+FTS5 indexes the text's *terms* (storage/analyzer.py: folded and stemmed), so
+its own tokenizer only splits them on spaces; the text itself is kept beside
+them for snippets.  The index file carries a stamp of how its terms were made
+(FORMAT and the configured languages): an index of another stamp is emptied
+at open, and the node's start-up reconcile indexes every document again.
 
-Queries use FTS5's syntax: words (all must match), ``"a phrase"``,
-``prefix*``, ``OR``, ``NOT``, ``NEAR(a b, 5)``, parentheses.  Text is
-tokenised by ``unicode61`` with diacritics removed, which case-folds
-Cyrillic and Latin alike.  Ranking is BM25; scores are negated so that
-higher is better.
+Commits are durable before the storage node acknowledges anything that
+depends on them: WAL with ``synchronous=FULL`` when the node syncs.  Searches
+run on reader connections of their own (storage/searcher.py), one per thread.
+Ranking is BM25, scores negated so that higher is better; ties go by key.
 """
 from __future__ import annotations
 
+import heapq
+import logging
+import re
 import sqlite3
+import time
 from pathlib import Path
 
+from .analyzer import Analyzer, fold
+from .query import BadQuery, Query, parse
+
+log = logging.getLogger("srw.storage.index")
+
 INDEX_SCRIPT = "index.py"    # in the history dir: value -> the text to index
-SEARCH_SCRIPT = "search.py"  # run on every node by Session.search
-SNIPPET_WORDS = 12
+FORMAT = 2                   # of the terms; bump when analyzer.py cuts or stems otherwise
+SNIPPET_CHARS = 120          # of the text in a snippet, about
+SNIPPET_CONTEXT = 30         # characters before the first matched word, when not at the start
 SNIPPET_MARK = ("[", "]")
+SNIPPET_SCAN = 64 * 1024     # characters of a document a snippet is looked for in
+CHUNK = 50_000               # rows (by rowid) ranked at a time: what a cut search has ranked
+PROGRESS_STEPS = 10_000      # SQLite VM steps between deadline checks within a chunk
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS stamp (value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (
     doc INTEGER PRIMARY KEY,
     id BLOB NOT NULL UNIQUE,
     key TEXT NOT NULL,
-    version INTEGER NOT NULL
+    version INTEGER NOT NULL,
+    body TEXT NOT NULL
 );
 CREATE VIRTUAL TABLE IF NOT EXISTS docs USING fts5(
-    body, tokenize = 'unicode61 remove_diacritics 2'
+    terms, tokenize = 'unicode61 remove_diacritics 0'
 );
 """
+_TABLES = ("stamp", "meta", "docs")
 
-_SEARCH = f"""
-SELECT meta.key, -bm25(docs) AS score,
-       snippet(docs, 0, '{SNIPPET_MARK[0]}', '{SNIPPET_MARK[1]}', '...', {SNIPPET_WORDS})
-FROM docs JOIN meta ON meta.doc = docs.rowid
-WHERE docs MATCH ? ORDER BY bm25(docs) LIMIT ?
+# One rowid range of the index: its best `limit` rows, ties by key.
+_RANKED = """
+SELECT bm25(docs) AS score, meta.key, docs.rowid FROM docs JOIN meta ON meta.doc = docs.rowid
+WHERE docs MATCH ? AND docs.rowid BETWEEN ? AND ? ORDER BY score, meta.key LIMIT ?
 """
-
-
-class BadQuery(ValueError):
-    """A query FTS5 cannot parse; the message says why."""
+_COUNT = "SELECT count(*) FROM docs WHERE docs MATCH ? AND rowid BETWEEN ? AND ?"
+_SPACES = re.compile(r"\s+")
 
 
 class FullText:
-    def __init__(self, path: str | Path, sync: bool = True):
+    def __init__(self, path: str | Path, sync: bool = True,
+                 languages: tuple[str, ...] = ("english", "russian"), reader: bool = False):
         self.path = str(path)
+        self.analyzer = Analyzer(languages)
+        self.stamp = f"{FORMAT} {' '.join(languages)}"
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if reader:
+            self.db.execute("PRAGMA query_only=1")
+            return
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
+        self._check_stamp()
+
+    def _check_stamp(self) -> None:
+        """An index whose terms were made otherwise (an older srw, other languages)
+        is emptied: reconcile then indexes every document again."""
+        have = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
+        stamp = None
+        if "stamp" in have:
+            stamp = (self.db.execute("SELECT value FROM stamp").fetchone() or (None,))[0]
+        if have & set(_TABLES) and stamp != self.stamp:
+            log.warning("index %s was made by %s, this node makes %s: emptied; every "
+                        "indexed document is indexed again", self.path,
+                        f"format {stamp!r}" if stamp else "an older srw", repr(self.stamp))
+            with self._transaction():
+                for table in _TABLES:
+                    self.db.execute(f"DROP TABLE IF EXISTS {table}")
         self.db.executescript(_SCHEMA)
+        if stamp != self.stamp:
+            self.db.execute("INSERT INTO stamp (value) VALUES (?)", (self.stamp,))
 
     # Changes: each call is one transaction, committed (and synced) on return --
 
     def apply(self, puts: list[tuple[bytes, str, int, str]], drops: list[bytes]) -> None:
         """Rows (id, key, version, text) replace any row of their id; ids in
         `drops` lose theirs.  One transaction for all."""
+        terms = [" ".join(self.analyzer.terms(text)) for _, _, _, text in puts]
         with self._transaction():
             for key_id in drops:
                 self._drop(key_id)
-            for key_id, key, version, text in puts:
+            for (key_id, key, version, text), words in zip(puts, terms):
                 self._drop(key_id)
-                cur = self.db.execute("INSERT INTO meta (id, key, version) VALUES (?, ?, ?)",
-                                      (key_id, key, version))
-                self.db.execute("INSERT INTO docs (rowid, body) VALUES (?, ?)",
-                                (cur.lastrowid, text))
+                cur = self.db.execute("INSERT INTO meta (id, key, version, body) "
+                                      "VALUES (?, ?, ?, ?)", (key_id, key, version, text))
+                self.db.execute("INSERT INTO docs (rowid, terms) VALUES (?, ?)",
+                                (cur.lastrowid, words))
 
     def _drop(self, key_id: bytes) -> None:
         row = self.db.execute("SELECT doc FROM meta WHERE id = ?", (key_id,)).fetchone()
@@ -88,14 +128,98 @@ class FullText:
         """id -> version of every row: what the start-up check compares with LMDB."""
         return dict(self.db.execute("SELECT id, version FROM meta"))
 
-    def search(self, query: str, limit: int) -> list[dict]:
-        """Best first: [{"key", "score", "snippet"}]; raises BadQuery."""
+    def search(self, text: str, limit: int, lang: str | None = None, raw: bool = False,
+               deadline: float | None = None) -> dict:
+        """{"hits": [{"key", "score", "snippet", "parts"}], best first, "count":
+        how many match, "partial": cut at `deadline` (time.monotonic()) with
+        what was ranked by then}.  Raises BadQuery."""
+        query = parse(text, self.analyzer, self.analyzer.language(lang), raw)
+        if deadline is not None:
+            self.db.set_progress_handler(lambda: time.monotonic() > deadline, PROGRESS_STEPS)
         try:
-            rows = self.db.execute(_SEARCH, (query, limit)).fetchall()
-        except sqlite3.OperationalError as exc:
-            raise BadQuery(f"cannot parse the query {query[:80]!r}: {exc}") from None
-        return [{"key": key, "score": score, "snippet": snippet}
-                for key, score, snippet in rows]
+            best, count, partial = self._rank(query, limit, deadline)
+        finally:
+            self.db.set_progress_handler(None, 0)
+        return {"hits": self._hits(best, query), "count": count, "partial": partial}
+
+    def _rank(self, query: Query, limit: int, deadline: float | None):
+        top = self.db.execute("SELECT max(doc) FROM meta").fetchone()[0] or 0
+        best: list[tuple] = []
+        count, partial = 0, False
+        for low in range(0, top + 1, CHUNK):
+            if deadline is not None and time.monotonic() > deadline:
+                partial = True
+                break
+            try:
+                rows = self.db.execute(_RANKED, (query.fts, low, low + CHUNK - 1,
+                                                 limit)).fetchall()
+                count += self.db.execute(_COUNT, (query.fts, low, low + CHUNK - 1)).fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if str(exc) == "interrupted":   # by the progress handler: the deadline
+                    partial = True
+                    break
+                raise BadQuery(f"cannot parse the query {query.text[:80]!r}: {exc}") from None
+            best = heapq.nsmallest(limit, best + rows)
+        return best, count, partial
+
+    def _hits(self, best: list[tuple], query: Query) -> list[dict]:
+        hits = []
+        for rank, key, doc in best:
+            body = self.db.execute("SELECT body FROM meta WHERE doc = ?", (doc,)).fetchone()
+            parts = self.snippet(body[0] if body else "", query)
+            hits.append({"key": key, "score": -rank, "parts": parts,
+                         "snippet": "".join(p if i % 2 == 0 else SNIPPET_MARK[0] + p +
+                                            SNIPPET_MARK[1] for i, p in enumerate(parts))})
+        return hits
+
+    def snippet(self, body: str, query: Query) -> list[str]:
+        """About SNIPPET_CHARS of `body` around the most matched words, as parts:
+        plain text at even indexes, the matched words (as written) at odd ones."""
+        text = body[:SNIPPET_SCAN]
+        marks = self._marks(text, query)
+        first, most, last = 0, 0, 0
+        for i, (start, _) in enumerate(marks):   # the window with the most marks
+            while last < len(marks) and marks[last][1] <= start + SNIPPET_CHARS:
+                last += 1
+            if last - i > most:
+                first, most = i, last - i
+        begin = 0
+        if marks and marks[first][1] > SNIPPET_CHARS:  # not near the start: some words before
+            begin = text.find(" ", max(0, marks[first][0] - SNIPPET_CONTEXT), marks[first][0])
+            begin = marks[first][0] if begin < 0 else begin + 1
+        end = len(text)
+        if end > begin + SNIPPET_CHARS:  # cut at a space, past the window's first mark
+            end = text.rfind(" ", begin, begin + SNIPPET_CHARS)
+            end = begin + SNIPPET_CHARS if end <= begin else end
+            end = max(end, marks[first][1] if marks else 0)
+        parts, at = ["..." if begin > 0 else ""], begin
+        for start, stop in marks:
+            if begin <= start and stop <= end:
+                parts[-1] += text[at:start]
+                parts += [text[start:stop], ""]
+                at = stop
+        parts[-1] += text[at:end] + ("..." if end < len(body) else "")
+        return [_SPACES.sub(" ", p) for p in parts]
+
+    def _marks(self, text: str, query: Query) -> list[tuple[int, int]]:
+        """(start, end) of each word of `text` that a query term matches.  Only the
+        words that begin as a term does are stemmed (a stem is its word's beginning,
+        but for the last letters), each distinct one once."""
+        if query.candidates is None:
+            return []
+        verdicts: dict[str, bool] = {}
+        folded = fold(text)
+        if len(folded) == len(text):  # folding kept every character in place (most text)
+            words = ((m.start(), m.end(), m.group()) for m in query.candidates.finditer(folded))
+        else:
+            words = iter(self.analyzer.spans(text))
+        marks = []
+        for start, end, word in words:
+            if word not in verdicts:
+                verdicts[word] = query.matches(self.analyzer.terms(word, query.lang))
+            if verdicts[word]:
+                marks.append((start, end))
+        return marks
 
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM meta").fetchone()[0]

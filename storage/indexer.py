@@ -30,8 +30,8 @@ import logging
 
 from core import protocol as bp
 
-from .fulltext import INDEX_SCRIPT, BadQuery, FullText
-from .store import Changes, IndexJob, Reply, Store
+from .fulltext import INDEX_SCRIPT, FullText
+from .store import Changes, IndexJob, Store
 
 log = logging.getLogger("srw.storage.index")
 
@@ -141,12 +141,3 @@ class Indexer:
         if self.reindexed % PROGRESS_EVERY == 0 or self.reindexed == self.reindex_total:
             log.info("index %s: indexed again %d of %d", self.node_name, self.reindexed,
                      self.reindex_total)
-
-    # Queries ---------------------------------------------------------------------
-
-    def search(self, query: str, limit: int) -> Reply:
-        try:
-            hits = self.fulltext.search(query, limit)
-        except BadQuery as exc:
-            return bp.BAD_REQUEST, b"", f"node {self.node_name}: {exc}"
-        return bp.OK, bp.pack(hits), ""

@@ -34,6 +34,7 @@ from . import protocol as sp
 from .fulltext import FullText
 from .grants import Grants
 from .indexer import Indexer
+from .searcher import Searcher
 from .store import DEFERRED, Store
 
 log = logging.getLogger("srw.storage")
@@ -144,7 +145,10 @@ class StorageNode:
         self.config, self.node = config, node
         self.store = Store(Path(node.data_dir) / "store", node.name, node.sync, node.max_value,
                            node.max_index_bytes)
-        self.fulltext = FullText(Path(node.data_dir) / "index.sqlite", node.sync)
+        index_path = Path(node.data_dir) / "index.sqlite"
+        self.fulltext = FullText(index_path, node.sync, config.search.languages)
+        self.searcher = Searcher(str(index_path), config.search.languages,
+                                 config.search.timeout, node.name)
         self.own_ctx = ctx is None  # ours to terminate when stopping
         self.ctx = ctx or zmq.Context()
         # With curve: who may connect (ZAP) and what each client may do.
@@ -173,7 +177,7 @@ class StorageNode:
     def run(self) -> None:
         wake_r, _ = loop.wake_on_signals(self._on_stop_signal, (signal.SIGTERM, signal.SIGINT))
         poller = zmq.Poller()
-        for sock in (self.front, self.relay.sock, wake_r):
+        for sock in (self.front, self.relay.sock, wake_r, self.searcher.wake_r):
             poller.register(sock, zmq.POLLIN)
         log.info("storage %s listening on %s, store %s (sync %s), exec relayed to %s",
                  self.node.name, self.node.storage, self.store.path,
@@ -190,6 +194,8 @@ class StorageNode:
                 self.serve_clients()
             if self.grants is not None:
                 self.grants.tick()
+            if self.searcher.wake_r in events:
+                self.searcher.drain(self.reply)
             now = time.monotonic()
             self.relay.expire(now)
             self.indexer.flush(now)   # script replies (and expired ones) -> one FTS5 commit
@@ -224,6 +230,7 @@ class StorageNode:
         if self.grants is not None:
             self.grants.close()
         self.front.close(linger=int(timeouts.STOP_LINGER * 1000))  # the last replies still leave
+        self.searcher.close()
         self.fulltext.close()
         self.store.close()
         if self.keyring is not None:
@@ -277,7 +284,9 @@ class StorageNode:
         handler = self.node_commands.get(req.cmd)
         if handler is None:
             return req
-        self.reply(req.client, req.rid, *handler(req))
+        reply = handler(req)
+        if reply is not DEFERRED:  # a search is answered by its thread (self.searcher)
+            self.reply(req.client, req.rid, *reply)
         return None
 
     def refusal(self, req: sp.StorageRequest, user: str | None) -> str | None:
@@ -332,12 +341,14 @@ class StorageNode:
                                           "ids": list(n.ids)} for n in self.config.nodes]}), ""
 
     def search(self, req: sp.StorageRequest):
-        """This node's index, best first (storage/fulltext.py has the query syntax)."""
+        """This node's index, best first, in a search thread (storage/searcher.py;
+        storage/query.py has the query syntax)."""
         try:
-            query, limit = sp.parse_search(req.data)
+            search = sp.parse_search(req.data)
         except sp.ProtocolError as exc:
             return bp.BAD_REQUEST, b"", f"node {self.node.name}: {exc}"
-        return self.indexer.search(query, limit)
+        self.searcher.submit(req.client, req.rid, search)
+        return DEFERRED
 
     def reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
               error: str = "") -> None:

@@ -18,8 +18,10 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
                    (1 byte: 0 or 32) + expected + value, expected being the sha256
                    (32 bytes) of the value the caller read, empty for "must not
                    exist"; for SEARCH msgpack
-                   {"query": str, "limit": int}; for REVOKE msgpack [[cap id,
-                   deadline], ...]; empty otherwise
+                   {"query": str, "limit": int, and optionally "lang": str (a stemmer
+                   for every word), "raw": bool (FTS5's own syntax), "timeout": float
+                   (seconds the node may search; else [search] timeout)}; for REVOKE
+                   msgpack [[cap id, deadline], ...]; empty otherwise
              capability  core/capability.py's token: what a script's call may do.
                    With curve, a call from the scripts key needs one, and the
                    right its command needs (NEEDS); other keys send none
@@ -39,7 +41,9 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
                                 there is none).  Checked and written in one LMDB write
                                 transaction, so two callers that read the same value
                                 cannot both write (compare-and-set)
-             SEARCH ok   data = msgpack [{"key", "score", "snippet"}, ...], best first
+             SEARCH ok   data = msgpack {"hits": [{"key", "score", "snippet", "parts"}, ...]
+                         best first, ties by key; "count": matches on the node;
+                         "partial": true when cut at the deadline}
              statuses    ok | not_found (READ, REMOVE, LOOKUP of a missing key) |
                          output_too_large (value above node.max_value, or an indexed
                          one above node.max_index_bytes) |
@@ -101,7 +105,8 @@ NEEDS = {WRITE: "write", REMOVE: "write", INDEXED_WRITE: "write", WRITE_IF: "wri
 
 ID_BYTES = 64
 MAX_HITS = 1000     # results one SEARCH may ask for
-MAX_QUERY = 4096    # characters of a SEARCH's query: a query runs in the storage loop
+MAX_QUERY = 4096    # characters of a SEARCH's query
+MAX_SEARCH_TIMEOUT = 600.0   # seconds a SEARCH may ask to run
 
 __all__ = ["ProtocolError", "StorageRequest", "request_frames", "WRITE", "READ", "REMOVE",
            "LOOKUP", "STAT", "ROUTES", "INDEXED_WRITE", "SEARCH", "WRITE_IF"]
@@ -186,24 +191,46 @@ def split_write_if(data: bytes) -> tuple[bytes | None, bytes]:
     return (bytes(data[1:1 + size]) or None), data[1 + size:]
 
 
-def search_data(query: str, limit: int) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Search:
+    """A SEARCH's data frame."""
+    query: str
+    limit: int
+    lang: str | None = None
+    raw: bool = False
+    timeout: float | None = None
+
+
+def search_data(search: Search) -> bytes:
     """The data frame of a SEARCH."""
-    return bp.pack({"query": query, "limit": limit})
+    fields = {"query": search.query, "limit": search.limit}
+    for name in ("lang", "raw", "timeout"):
+        if getattr(search, name):
+            fields[name] = getattr(search, name)
+    return bp.pack(fields)
 
 
-def parse_search(data: bytes) -> tuple[str, int]:
-    """(query, limit) of a SEARCH's data frame, or ProtocolError."""
+def parse_search(data: bytes) -> Search:
+    """A SEARCH's data frame, or ProtocolError."""
     try:
         fields = bp.unpack_map(data)
     except ProtocolError:
         raise ProtocolError("search: the data must be msgpack {query, limit}") from None
     query, limit = fields.get("query"), fields.get("limit")
+    lang, raw, timeout = fields.get("lang"), fields.get("raw", False), fields.get("timeout")
     if not isinstance(query, str) or not isinstance(limit, int) or not 0 < limit <= MAX_HITS:
         raise ProtocolError(f"search: query must be text and limit 1 to {MAX_HITS}")
     if len(query) > MAX_QUERY:
         raise ProtocolError(f"search: the query is {len(query)} characters; at most "
                             f"{MAX_QUERY}")
-    return query, limit
+    if not (lang is None or isinstance(lang, str) and len(lang) <= 40) or \
+            not isinstance(raw, bool):
+        raise ProtocolError("search: lang must be text (at most 40 characters), raw a bool")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout <= MAX_SEARCH_TIMEOUT):
+        raise ProtocolError(f"search: timeout must be above 0 and at most "
+                            f"{MAX_SEARCH_TIMEOUT:.0f} seconds")
+    return Search(query, limit, lang, raw, float(timeout) if timeout is not None else None)
 
 
 def request_frames(cmd: bytes, rid: bytes, key_id: bytes = b"", data: bytes = b"",

@@ -8,14 +8,16 @@ test starts a node of its own.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 
 import pytest
 
-from conftest import (Cluster, kill_tree, proxy_request, serving_with_proxy, set_node_keys,
-                      wait_until)
+from conftest import (Cluster, free_port, kill_tree, proxy_request, serving_with_proxy,
+                      set_node_keys, wait_until)
 from storage.client import BadQuery, NotFound, Session
 
 MAX_INDEX = 4096
@@ -34,12 +36,14 @@ def fts(tmp_path_factory):
             yield cluster
 
 
-def keys(hits: list[dict]) -> list[str]:
-    return [h["key"] for h in hits]
+def keys(hits: list[dict] | dict) -> list[str]:
+    """The keys of Session.search's hits, or of a JSON answer's (CLI --json, HTTP)."""
+    return [h["key"] for h in (hits["hits"] if isinstance(hits, dict) else hits)]
 
 
-def http_search(cluster: Cluster, query: str, limit: int = 10):
+def http_search(cluster: Cluster, query: str, limit: int = 10, **params):
     path = f"/elliptics?search={urllib.parse.quote(query)}&limit={limit}"
+    path += "".join(f"&{k}={urllib.parse.quote(str(v))}" for k, v in params.items())
     return proxy_request(cluster, "GET", path)
 
 
@@ -64,9 +68,11 @@ def test_found_from_every_front_end(fts):
     assert set(keys(json.loads(out.stdout))) == want
     status, headers, body = http_search(fts, "walrus")
     assert status == 200 and headers["Content-Type"].startswith("application/json")
-    hits = json.loads(body)
-    assert set(keys(hits)) == want
-    assert all(h["score"] > 0 and "[walrus]" in h["snippet"] for h in hits)
+    found = json.loads(body)
+    assert set(keys(found)) == want and found["count"] == 3 and not found["partial"]
+    hits = found["hits"]
+    assert all(h["score"] > 0 and "[walrus]" in h["snippet"] and "walrus" in h["parts"][1::2]
+               for h in hits)
     assert keys(s.search("walrus", limit=2)) == keys(hits)[:2]  # deduped: replicas count once
 
 
@@ -130,21 +136,87 @@ def test_russian_and_english_phrases_and_prefixes(fts):
     assert set(keys(s.search("jum* OR quic*"))) == {"en-fox", "en-dog"}
     status, _, body = http_search(fts, "ленив*")
     assert status == 200 and keys(json.loads(body)) == ["ru-fox"]
-    assert "[ленивую]" in json.loads(body)[0]["snippet"]
+    assert "[ленивую]" in json.loads(body)["hits"][0]["snippet"]
 
 
-def test_bad_query_is_a_bad_request_with_the_reason(fts):
-    status, _, body = http_search(fts, '"unbalanced quote')
+def test_typed_text_is_a_query_and_only_wordless_text_an_error(fts):
+    s = fts.session
+    indexed(s, "tq-dash", "Прогулка по Москве-реке, e-mail и C++")
+    indexed(s, "tq-mail", "an email to Москва")
+    status, _, body = http_search(fts, '"unbalanced quote')   # engine syntax once
+    assert status == 200 and json.loads(body)["hits"] == []
+    assert keys(json.loads(http_search(fts, "москва-река")[2])) == ["tq-dash"]
+    assert keys(s.search("C++ OR e-mail")) == ["tq-dash"]
+    assert set(keys(s.search("москва"))) == {"tq-dash", "tq-mail"}
+    assert keys(s.search("москва -e-mail")) == ["tq-mail"]
+    status, _, body = http_search(fts, "   ")
     assert status == 400
-    assert b"cannot parse" in body and b"unbalanced" in body
-    with pytest.raises(BadQuery, match="cannot parse"):
-        fts.session.search("AND OR")
-    out = fts.run("search", "(open")
-    assert out.returncode == 1 and b"bad_request" in out.stderr, out.stderr
-    assert http_search(fts, "   ")[0] == 400
+    status, _, body = http_search(fts, "+++")
+    assert status == 400 and b"no words" in body and b"fts5" not in body
+    out = fts.run("search", "")
+    assert out.returncode == 2 and out.stdout == b""
+    assert out.stderr.count(b"\n") == 1 and b"no words" in out.stderr, out.stderr
+    with pytest.raises(BadQuery, match="only excludes"):
+        s.search("-москва")
     assert http_search(fts, "x", limit=0)[0] == 400
     status, _, body = http_search(fts, "word " * 1000)
     assert status == 400 and b"at most 4096" in body
+    status, _, body = http_search(fts, "fox", lang="klingon")
+    assert status == 400 and b"unknown language" in body
+
+
+def test_no_match_exits_1_and_a_failed_node_exits_2_with_the_others_hits(fts):
+    indexed(fts.session, "ex-doc", "a xylophone in the hall")
+    out = fts.run("search", "xylophone")
+    assert out.returncode == 0 and b"[xylophone]" in out.stdout, out.stderr  # not a tty
+    assert b"1 match; 1 to 1 shown" in out.stderr
+    out = fts.run("search", "zanzibarquux")
+    assert out.returncode == 1 and out.stdout == b""
+    assert out.stderr.startswith(b"srw: no matches"), out.stderr
+    # A config that names one more node, which is not running.
+    dead = fts.root / "with-dead-node.toml"
+    dead.write_text(fts.path.read_text() + f"""
+[[node]]
+name = "n4"
+group = 3
+broker = "tcp://127.0.0.1:{free_port()}"
+storage = "tcp://127.0.0.1:{free_port()}"
+data_dir = "{fts.root / 'n4'}"
+""")
+    out = subprocess.run([sys.executable, "-m", "srw", "search", "xylophone", "--json",
+                          "--config", str(dead)], cwd=fts.root, capture_output=True, timeout=30)
+    assert out.returncode == 2, out.stderr
+    answer = json.loads(out.stdout)
+    assert keys(answer) == ["ex-doc"] and answer["partial"]
+    assert [f for f in answer["failures"] if "n4" in f] == answer["failures"]
+    assert b"n4" in out.stderr
+
+
+def test_terminal_gets_bold_terms_and_never_the_documents_control_bytes(fts):
+    indexed(fts.session, "tty-doc", "quokka \x1b]0;owned\x07 and \x1b[2J quokka again")
+    command = f"{sys.executable} -m srw search quokka --config {fts.path}"
+    out = subprocess.run(["script", "-qec", command, "/dev/null"], cwd=fts.root,
+                         capture_output=True, timeout=30)   # stdout on a pseudo-terminal
+    assert out.returncode == 0, out.stdout
+    assert b"\x1b[1mquokka\x1b[0m" in out.stdout, out.stdout
+    assert b"\x1b]" not in out.stdout and b"\x1b[2J" not in out.stdout, out.stdout
+
+
+def test_ties_go_by_key_and_pages_add_up(fts):
+    # Equal scores need equal BM25 statistics: the same owner (n2; n3 holds group 2).
+    s = fts.session
+    names = [on_node(s, f"page{i:02d}", "n2") for i in range(12)]
+    for name in reversed(names):
+        indexed(s, name, "identical okapi text")
+    hits = s.search("okapi", limit=12)
+    assert keys(hits) == names and hits.count == 12 and not hits.partial
+    pages = [keys(s.search("okapi", limit=5, offset=o)) for o in (0, 5, 10)]
+    assert sum(pages, []) == names
+    out = fts.run("search", "okapi", "--limit", "3", "--offset", "9", "--json")
+    answer = json.loads(out.stdout)
+    assert keys(answer) == names[9:] and answer["count"] == 12
+    out = fts.run("search", "okapi", "--offset", "12")
+    assert out.returncode == 1 and b"past the first 12" in out.stderr
 
 
 def test_binary_content_is_stored_but_not_indexed(fts):

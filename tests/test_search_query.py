@@ -1,0 +1,188 @@
+"""Typed queries, stemming, snippets, ties and deadlines on one FullText index,
+in this process (storage/query.py, storage/analyzer.py, storage/fulltext.py).
+The end-to-end paths (CLI, HTTP, exit statuses) are in test_search.py."""
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from storage import fulltext
+from storage.fulltext import FullText
+from storage.query import BadQuery
+
+DOCS = {
+    "walrus": "The walrus-tusk is ivory; a walrus tusk grows all its life.",
+    "tusk": "A tusk of ivory, and a walrus nearby.",
+    "cpp": "C++ and e-mail: how to send e-mail from C++ code.",
+    "email": "An email address, and mail for everyone.",
+    "fox": "The quick brown fox jumps over the lazy dog.",
+    "foxes": "Foxes and dogs: foxes run, dogs bark.",
+    "cat-ru": "Кошки спят на диване весь день.",
+    "moscow": "Прогулка по Москве-реке летом, красиво.",
+    "hedgehog": "Ёжик в тумане ищет лошадку.",
+    "mixed": "Кошка and the fox live together in Moscow.",
+    "cafe": "Café naïve résumé, and nothing else.",
+}
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    ft = FullText(tmp_path_factory.mktemp("fts") / "index.sqlite", sync=False)
+    ft.apply([(key.encode().ljust(64, b"\0"), key, 1, text) for key, text in DOCS.items()], [])
+    yield ft
+    ft.close()
+
+
+def found(ft: FullText, query: str, **kw) -> set[str]:
+    return {h["key"] for h in ft.search(query, 100, **kw)["hits"]}
+
+
+TYPED = [  # (what a person types, the keys it finds)
+    ("walrus-tusk", {"walrus"}),               # hyphenated: a phrase of its words
+    ("walrus tusk", {"walrus", "tusk"}),       # words: all must appear
+    ('"walrus tusk"', {"walrus"}),             # a phrase: in this order
+    ('"tusk walrus"', set()),
+    ('"tusk of ivory', {"tusk"}),              # an unclosed quote runs to the end
+    ("C++", {"cpp"}),                          # + separates words: c
+    ("C++ OR e-mail", {"cpp"}),
+    ("e-mail", {"cpp"}),                       # the phrase "e mail", not email
+    ("email OR fox", {"email", "fox", "foxes", "mixed"}),
+    ("tusk -walrus-tusk", {"tusk"}),           # -phrase excludes
+    ("walrus -ivory", set()),
+    ("fox -dog", {"mixed"}),                   # -word excludes; dog finds dogs too
+    ("ivor*", {"walrus", "tusk"}),             # prefix
+    ("кошка", {"cat-ru", "mixed"}),            # Russian stems: кошка finds Кошки
+    ("Москва", {"moscow"}),                    # Москва finds Москве
+    ("ежик", {"hedgehog"}),                    # е finds Ё
+    ("ЁЖИК", {"hedgehog"}),
+    ("foxes", {"fox", "foxes", "mixed"}),      # English stems: foxes finds fox
+    ("fox кошка", {"mixed"}),                  # mixed scripts, each word by its own
+    ("cafe naive resume", {"cafe"}),           # diacritics folded
+    ("AND OR NOT", {"cafe", "cpp", "email", "foxes", "mixed", "tusk"}),  # and OR not
+    ("NEAR(walrus tusk)", set()),              # the word near, then walrus tusk
+    ("walrus) OR (", {"walrus", "tusk"}),
+    ("col:walrus", set()),                     # no column filters: the phrase "col walrus"
+    ("*walrus*", {"walrus", "tusk"}),
+    ("walrus\x00 \x1b[\x7f", {"walrus", "tusk"}),  # control bytes are no words
+]
+ERRORS = [  # (what a person types, what the one-line error says)
+    ("", "no words"),
+    ("   ", "no words"),
+    ('"', "no words"),
+    ("-walrus", "only excludes"),
+    ("OR", "no words"),
+    ("+++ --- ***", "no words"),
+    ("w " * 65, "at most 64"),
+]
+
+
+@pytest.mark.parametrize("typed, keys", TYPED)
+def test_typed_query_finds_its_keys(index, typed, keys):
+    assert found(index, typed) == keys
+
+
+@pytest.mark.parametrize("typed, why", ERRORS)
+def test_typed_query_without_words_is_one_clear_error(index, typed, why):
+    with pytest.raises(BadQuery, match=why) as caught:
+        index.search(typed, 10)
+    assert "\n" not in str(caught.value)
+
+
+def test_junk_never_reaches_fts5_as_syntax(index):
+    """4 KiB of every ASCII punctuation mark and some words: an answer or a
+    BadQuery of ours, never sqlite3's error."""
+    punct = "".join(chr(c) for c in range(33, 127) if not chr(c).isalnum())
+    for i in range(len(punct)):
+        junk = (punct[i:] + " walrus " + punct[:i]) * 40
+        try:
+            index.search(junk[:4096], 10)
+        except BadQuery as exc:
+            assert "at most 64" in str(exc) or "no words" in str(exc)
+    with pytest.raises(BadQuery, match="no words"):
+        index.search(punct * 43, 10)
+
+
+def test_raw_query_is_fts5_and_its_errors_are_bad_queries(index):
+    assert {h["key"] for h in index.search("walrus NOT ivori", 10, raw=True)["hits"]} \
+        == {"mixed"} - {"mixed"}  # every walrus document says ivory
+    assert {h["key"] for h in index.search("fox NOT dog", 10, raw=True)["hits"]} == {"mixed"}
+    with pytest.raises(BadQuery, match="cannot parse"):
+        index.search('"unbalanced', 10, raw=True)
+
+
+def test_lang_stems_every_word_with_one_stemmer(index):
+    assert found(index, "fox", lang="none") == {"fox", "foxes", "mixed"}
+    assert found(index, "foxes", lang="none") == set()    # as written: foxes is not fox
+    assert found(index, "foxes", lang="en") == {"fox", "foxes", "mixed"}
+    assert found(index, "кошки", lang="english") == set()   # English leaves Кошки whole
+    with pytest.raises(ValueError, match="unknown language"):
+        index.search("fox", 10, lang="klingon")
+
+
+def test_snippet_marks_the_matched_words_as_written(index):
+    hit = index.search("кошка", 10)["hits"]
+    ru = next(h for h in hit if h["key"] == "cat-ru")
+    assert ru["parts"][1] == "Кошки" and ru["snippet"].startswith("[Кошки] спят")
+    (hit,) = index.search('"walrus tusk"', 10)["hits"]
+    assert hit["parts"][1::2] == ["walrus", "tusk", "walrus", "tusk"]
+    long = FullText.snippet(index, "pad " * 100 + "the narwhal here " + "pad " * 100,
+                            _query(index, "narwhal"))
+    assert long[0].startswith("...") and long[1] == "narwhal" and long[2].endswith("...")
+    assert len("".join(long)) <= fulltext.SNIPPET_CHARS + 6   # and two "..."
+
+
+def _query(index, text):
+    from storage.query import parse
+    return parse(text, index.analyzer)
+
+
+def test_ties_go_by_key_and_pages_add_up(tmp_path):
+    ft = FullText(tmp_path / "ties.sqlite", sync=False)
+    keys = [f"tie-{i:02d}" for i in range(30)]
+    # Inserted in reverse so that rowid order is not key order.
+    ft.apply([(k.encode().ljust(64, b"\0"), k, 1, "same words here") for k in reversed(keys)],
+             [])
+    hits = ft.search("same", 30)["hits"]
+    assert [h["key"] for h in hits] == keys
+    assert len({h["score"] for h in hits}) == 1
+    assert [h["key"] for h in ft.search("same", 7)["hits"]] == keys[:7]
+    assert ft.search("same", 7)["count"] == 30
+    ft.close()
+
+
+def test_a_search_past_its_deadline_answers_partial(tmp_path, monkeypatch):
+    monkeypatch.setattr(fulltext, "CHUNK", 10)   # rows ranked between deadline checks
+    ft = FullText(tmp_path / "big.sqlite", sync=False)
+    ft.apply([(i.to_bytes(64, "big"), f"k{i}", 1, "common word") for i in range(25)], [])
+    whole = ft.search("common", 5)
+    assert not whole["partial"] and whole["count"] == 25
+    cut = ft.search("common", 5, deadline=time.monotonic() - 1)
+    assert cut["partial"] and cut["count"] < 25
+    ft.close()
+
+
+def test_an_index_made_otherwise_is_emptied_for_reindexing(tmp_path):
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)  # the format before stemming: FTS5 over the text itself
+    old.executescript("""
+        CREATE TABLE meta (doc INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE,
+                           key TEXT NOT NULL, version INTEGER NOT NULL);
+        CREATE VIRTUAL TABLE docs USING fts5(body, tokenize = 'unicode61 remove_diacritics 2');
+        INSERT INTO meta VALUES (1, x'01', 'old', 7);
+        INSERT INTO docs (rowid, body) VALUES (1, 'foxes');
+    """)
+    old.commit()
+    old.close()
+    ft = FullText(path, sync=False)
+    assert ft.versions() == {}          # reconcile finds every document missing
+    ft.apply([(b"\x01", "old", 7, "foxes")], [])
+    assert found(ft, "fox") == {"old"}
+    ft.close()
+    ft = FullText(path, sync=False)     # the same stamp: kept
+    assert ft.versions() == {b"\x01": 7}
+    ft.close()
+    ft = FullText(path, sync=False, languages=("russian",))   # other languages: emptied
+    assert ft.versions() == {}
+    ft.close()
