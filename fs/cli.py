@@ -88,7 +88,8 @@ def cmd_put(fs: FsClient, args) -> None:
 
 def cmd_get(fs: FsClient, args) -> None:
     """get PATH: the file's contents on stdout."""
-    sys.stdout.buffer.write(fs.read_file(args.paths[0]))
+    for chunk in fs.stream(args.paths[0]):
+        sys.stdout.buffer.write(chunk)
     sys.stdout.flush()
 
 

@@ -37,8 +37,20 @@ __all__ = ["FsClient", "FsError", "Entry", "ROOT", "SCRIPT"]
 
 SCRIPT = "fs.py"
 ROOT = "root"
-DIR, DATA = "fs:d:", "fs:f:"
-PATH_MAX = 4096
+DIR, CHUNKS = "fs:d:", "fs:c:"
+# A file's contents are fixed-size chunks, `fs:c:{<ino>}:<n>` (the braces are a
+# Redis Cluster hash tag: a file's chunks share one slot).  1 MiB: the largest
+# write the kernel sends FUSE, so a sequential write is one store write per
+# request and its round trip is paid per MiB, not per 128 KiB; a random 4 KiB
+# read moves at most 1 MiB; and far under any max_value a node should have
+# (the mount refuses to start on a node with less).  A chunk never written,
+# or shorter than its share of the file, reads as zeros: sparse files cost
+# nothing.
+CHUNK = 1 << 20
+# The largest file (st_size) a write or truncate may reach; beyond it, EFBIG.
+# 16 TiB, as ext4 with 4 KiB blocks: 2**24 chunks, so removing even the largest
+# file is a bounded number of store removes.
+MAX_FILE = 1 << 44
 log = logging.getLogger("srw.fs")
 
 
@@ -54,11 +66,12 @@ ROOT_ENTRY = Entry(ROOT, "d", 0o755, 0, 0.0)
 
 def split_path(path: str) -> list[str]:
     """The path's components, ``.`` and ``..`` resolved; EINVAL, ENAMETOOLONG or
-    ENOENT (``..`` above the root) for a path no directory could hold."""
+    ENOENT (``..`` above the root) for a path no directory could hold.  The
+    whole path has no limit of its own: the kernel limits what a process
+    passes (PATH_MAX), and a path relative to a deep working directory can be
+    longer inside the tree."""
     if "\0" in path:
         raise FsError(errno.EINVAL, path)
-    if len(path.encode("utf-8", "surrogateescape")) > PATH_MAX:
-        raise FsError(errno.ENAMETOOLONG, path)
     parts: list[str] = []
     for part in path.split("/"):
         if part in ("", "."):
@@ -76,6 +89,16 @@ def split_path(path: str) -> list[str]:
             raise FsError(errno.ENAMETOOLONG, path)
         parts.append(part)
     return parts
+
+
+def chunk_key(ino: str, n: int) -> str:
+    return f"{CHUNKS}{{{ino}}}:{n}"
+
+
+def fit(chunk: bytes, length: int) -> bytes:
+    """A stored chunk as `length` bytes: cut, or padded with zeros (a chunk
+    never written, or written shorter; what lies past the size is not read)."""
+    return chunk[:length] if len(chunk) >= length else chunk + bytes(length - len(chunk))
 
 
 def new_ino() -> str:
@@ -168,16 +191,49 @@ class FsClient:
         return listing
 
     def read_file(self, path: str) -> bytes:
+        """The whole file, in memory: for small files (``srw fs get`` streams)."""
+        return b"".join(self.stream(path))
+
+    def stream(self, path: str):
+        """The file's contents, a chunk at a time."""
         entry = self.stat(path)
         if entry.is_dir:
             raise FsError(errno.EISDIR, path)
-        return self.read_data(entry.ino)
+        return self.chunks(entry)
 
-    def read_data(self, ino: str) -> bytes:
+    def chunks(self, entry: Entry):
+        for n in range(-(-entry.size // CHUNK)):
+            part = entry.size - n * CHUNK
+            yield fit(self.read_chunk(entry.ino, n), min(part, CHUNK))
+
+    def read_data(self, entry: Entry) -> bytes:
+        return b"".join(self.chunks(entry))
+
+    def read_chunk(self, ino: str, n: int) -> bytes:
+        """Chunk `n` as stored (b"" if never written): its length is not checked
+        here, the caller fits it to the file's size (``fit``)."""
         try:
-            return self.session.read(DATA + ino)
+            return self.session.read(chunk_key(ino, n))
         except NotFound:
-            return b""     # never written: empty
+            return b""
+
+    def write_chunk(self, path: str, ino: str, n: int, data: bytes) -> None:
+        """Chunk `n` in every group; EIO only if no group took it."""
+        failed = [r for r in self.session.write(chunk_key(ino, n), bytes(data)) if not r.ok]
+        if len(failed) == len(self.groups):
+            raise FsError(errno.EIO, f"{path}: {failed[0].status}: {failed[0].error}")
+
+    def drop_chunks(self, ino: str, start: int, size: int) -> None:
+        """Remove the chunks from `start` up to those of a file of `size` bytes
+        (absent ones included: nothing records which a sparse file has).  A
+        size beyond MAX_FILE is not one of ours (a hostile entry): its chunks
+        stay, with a line in the log, rather than millions of removes."""
+        if size > MAX_FILE:
+            log.warning("fs:c:{%s}: not removed: its size %d is over the largest file",
+                        ino, size)
+            return
+        for n in range(start, -(-size // CHUNK)):
+            self.session.remove(chunk_key(ino, n))
 
     # Changing ----------------------------------------------------------------------
 
@@ -200,6 +256,9 @@ class FsClient:
             raise bad(path, reply.get("why") or f"{self.script} on {DIR}{ino}: EIO")
         if reply["err"]:
             raise FsError(getattr(errno, reply["err"]), path)
+        if reply.get("gone"):           # a file this op removed or replaced
+            gone_ino, gone_size = reply["gone"]
+            self.drop_chunks(gone_ino, 0, gone_size)
         return reply
 
     def mkdir(self, path: str, mode: int = 0o755) -> Entry:
@@ -222,10 +281,14 @@ class FsClient:
         return self.write_data(path, entry, data)
 
     def write_data(self, path: str, entry: Entry, data: bytes) -> Entry:
-        failed = [r for r in self.session.write(DATA + entry.ino, bytes(data)) if not r.ok]
-        if len(failed) == len(self.groups):
-            raise FsError(errno.EIO, f"{path}: {failed[0].status}: {failed[0].error}")
-        return self.setattr(path, entry, size=len(data), mtime=time.time())
+        if len(data) > MAX_FILE:
+            raise FsError(errno.EFBIG, path)
+        view, old_size = memoryview(data), entry.size
+        for n in range(-(-len(data) // CHUNK)):
+            self.write_chunk(path, entry.ino, n, view[n * CHUNK:(n + 1) * CHUNK])
+        entry = self.setattr(path, entry, size=len(data), mtime=time.time())
+        self.drop_chunks(entry.ino, -(-len(data) // CHUNK), old_size)
+        return entry
 
     def setattr(self, path: str, entry: Entry, **fields) -> Entry:
         """Change size, mode or mtime; EINVAL for a value an entry cannot hold

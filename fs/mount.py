@@ -2,12 +2,16 @@
 
 One thread serves the kernel (mfusepy's ``nothreads``): the FsClient and its
 Session (ZeroMQ sockets) are not thread-safe, and every call is a network
-round trip anyway.  An open file's contents are held in memory from its first
-read or write to its flush (close-to-open, as NFS): a write is one store write
-of the whole file and one exec for its size, at flush.  Ctrl-C or
-``fusermount3 -u MOUNTPOINT`` unmounts; libfuse returns and the Session closes.
-A directory value in the store that is not one is EIO (FsClient checks every
-value it reads, ``fs/shape.py``; the reason goes to this process's log).
+round trip anyway.  A file is read and written in chunks (``fs.client.CHUNK``):
+a read or write touches only the chunks it covers.  Each open file (``Inode``,
+shared by every handle on it in this mount) holds at most DIRTY changed and
+CACHED read chunks, whatever the offsets; changed chunks are written when
+there are more than DIRTY, and all of them, then the size and mtime, at flush
+(close-to-open, as NFS).  Ctrl-C or ``fusermount3 -u MOUNTPOINT`` unmounts;
+libfuse returns and the Session closes.  Every error is answered at the call
+that caused it: a value in the store that is not what it should be is EIO
+(FsClient checks every value it reads, ``fs/shape.py``), a node that does not
+answer is EIO, and anything unexpected is EIO with one line in the log.
 """
 from __future__ import annotations
 
@@ -18,32 +22,44 @@ import os
 import stat
 import sys
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import mfusepy
 
 from broker.client import BrokerUnavailable
 from storage.client import StorageError
 
-from .client import Entry, FsClient, FsError
+from .client import CHUNK, MAX_FILE, Entry, FsClient, FsError, fit
 
 BLOCK = 4096
+DIRTY = 8       # changed chunks an open file holds before writing the oldest out
+CACHED = 4      # chunks read, kept per open file (re-reads of a chunk are free)
+# What utimensat's UTIME_NOW and UTIME_OMIT reach utimens as (libfuse passes
+# tv_sec 0 and the marker in tv_nsec; mfusepy gives sec * 1e9 + nsec).
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 log = logging.getLogger("srw.fs.mount")
 # fuse_main's status when its loop ended on SIGINT, SIGTERM or SIGHUP (libfuse3
 # helper.c: any non-zero loop result becomes 8); the mount is gone by then.
 ENDED_BY_SIGNAL = 8
 
 
-def storage_errors_as_eio(cls):
-    """A node that does not answer is EIO to the caller (and a line in the log),
-    not the EINVAL mfusepy gives an OSError without an errno."""
+def errors_at_the_call(cls):
+    """Every operation answers an errno, never mfusepy's "uncaught exception"
+    (a traceback and EINVAL): an FsError is its own errno; a node that does not
+    answer, or anything unexpected, is EIO and one line in the log."""
     def wrap(method):
         @functools.wraps(method)
         def call(self, path, *args):
             try:
                 return method(self, path, *args)
+            except FsError:
+                raise
             except (StorageError, BrokerUnavailable) as exc:
                 log.error("%s %s: %s", method.__name__, path, exc)
+                raise FsError(errno.EIO, path) from None
+            except Exception as exc:  # a bug of ours: EIO, not the mount's end
+                log.error("%s %s: %s: %s", method.__name__, path, type(exc).__name__, exc)
                 raise FsError(errno.EIO, path) from None
         return call
     for name, method in list(vars(cls).items()):
@@ -53,35 +69,41 @@ def storage_errors_as_eio(cls):
 
 
 @dataclass
-class OpenFile:
+class Inode:
+    """An open file's state in this mount, shared by its handles."""
     path: str
     entry: Entry
-    data: bytearray | None = None     # loaded at first use
-    dirty: bool = False
+    size: int
+    opens: int = 0
+    mtime: float | None = None     # to store at flush (a write, or utimens)
+    dirty: OrderedDict = field(default_factory=OrderedDict)    # n -> bytearray
+    clean: OrderedDict = field(default_factory=OrderedDict)    # n -> bytes, LRU
 
 
-@storage_errors_as_eio
+@errors_at_the_call
 class SrwOperations(mfusepy.Operations):
     use_ns = True   # utimens in nanoseconds
 
     def __init__(self, fs: FsClient):
         self.fs = fs
-        self.files: dict[int, OpenFile] = {}
+        self.inodes: dict[str, Inode] = {}     # ino -> state, while open
+        self.files: dict[int, str] = {}        # fh -> ino
         self.next_fh = 1
         self.uid, self.gid = os.getuid(), os.getgid()
 
     # Attributes ------------------------------------------------------------------
 
     def getattr(self, path, fh=None):
-        entry, size = self.fs.stat(path), None
-        for handle in self.files.values():     # an open file's size is its buffer's
-            if handle.entry.ino == entry.ino and handle.data is not None:
-                size = len(handle.data)
-        return self._attrs(entry, size)
+        entry = self.fs.stat(path)
+        inode = self.inodes.get(entry.ino)
+        if inode is not None:       # an open file: its size and mtime are here first
+            return self._attrs(entry, inode.size, inode.mtime)
+        return self._attrs(entry)
 
-    def _attrs(self, entry: Entry, size: int | None = None) -> dict:
+    def _attrs(self, entry: Entry, size: int | None = None,
+               mtime: float | None = None) -> dict:
         size = entry.size if size is None else size
-        mtime = int(entry.mtime * 1e9)
+        mtime = int((entry.mtime if mtime is None else mtime) * 1e9)
         return {"st_mode": entry.st_mode, "st_nlink": 2 if entry.is_dir else 1,
                 "st_size": size, "st_blocks": (size + 511) // 512, "st_blksize": BLOCK,
                 "st_uid": self.uid, "st_gid": self.gid,
@@ -98,8 +120,17 @@ class SrwOperations(mfusepy.Operations):
         return 0    # no owners: every entry belongs to whoever mounted
 
     def utimens(self, path, times=None):
-        mtime = times[1] / 1e9 if times else time.time()
-        self.fs.setattr(path, self.fs.stat(path), mtime=mtime)
+        if times is None or times[1] == UTIME_NOW:
+            mtime = time.time()
+        elif times[1] == UTIME_OMIT:    # touch -a: no atime is kept, nothing to change
+            return
+        else:
+            mtime = times[1] / 1e9
+        entry = self.fs.stat(path)
+        inode = self.inodes.get(entry.ino)
+        if inode is not None:       # open (cp -a, tar -x set it before close): kept at flush
+            inode.mtime = mtime
+        self.fs.setattr(path, entry, mtime=mtime)
 
     def statfs(self, path):
         return {"f_bsize": BLOCK, "f_frsize": BLOCK, "f_blocks": 1 << 30,
@@ -118,77 +149,149 @@ class SrwOperations(mfusepy.Operations):
 
     def rename(self, old, new):
         self.fs.rename(old, new)
-        for handle in self.files.values():     # open files follow their name
-            if handle.path == old or handle.path.startswith(old + "/"):
-                handle.path = new + handle.path[len(old):]
+        for inode in self.inodes.values():     # open files follow their name
+            if inode.path == old or inode.path.startswith(old + "/"):
+                inode.path = new + inode.path[len(old):]
 
     # Files -------------------------------------------------------------------------
 
     def create(self, path, mode, flags=0):
         entry = self.fs.create(path, stat.S_IMODE(mode), exclusive=bool(flags & os.O_EXCL))
-        return self._open(path, entry, bytearray())
+        fh = self._open(path, entry)
+        if entry.size:     # an existing file, created without O_EXCL: O_TRUNC still applies
+            if flags & os.O_TRUNC:
+                self._truncate(self.inodes[entry.ino], 0)
+        return fh
 
     def open(self, path, flags):
         entry = self.fs.stat(path)
         if entry.is_dir:
             raise FsError(errno.EISDIR, path)
-        handle = self._open(path, entry, bytearray() if flags & os.O_TRUNC else None)
-        self.files[handle].dirty = bool(flags & os.O_TRUNC) and entry.size > 0
-        return handle
-
-    def _open(self, path: str, entry: Entry, data: bytearray | None) -> int:
-        fh, self.next_fh = self.next_fh, self.next_fh + 1
-        self.files[fh] = OpenFile(path, entry, data)
+        fh = self._open(path, entry)
+        if flags & os.O_TRUNC:
+            self._truncate(self.inodes[entry.ino], 0)
         return fh
 
-    def _data(self, handle: OpenFile) -> bytearray:
-        if handle.data is None:
-            handle.data = bytearray(self.fs.read_data(handle.entry.ino))
-        return handle.data
+    def _open(self, path: str, entry: Entry) -> int:
+        inode = self.inodes.get(entry.ino)
+        if inode is None:
+            inode = self.inodes[entry.ino] = Inode(path, entry, entry.size)
+        inode.opens += 1
+        fh, self.next_fh = self.next_fh, self.next_fh + 1
+        self.files[fh] = entry.ino
+        return fh
 
     def read(self, path, size, offset, fh):
-        return bytes(self._data(self.files[fh])[offset:offset + size])
+        inode = self.inodes[self.files[fh]]
+        end = min(offset + size, inode.size)
+        out = bytearray()
+        while offset < end:
+            n, at = divmod(offset, CHUNK)
+            take = min(end - offset, CHUNK - at)
+            out += self._chunk(inode, n)[at:at + take]
+            offset += take
+        return bytes(out)
+
+    def _chunk(self, inode: Inode, n: int):
+        """Chunk `n` as the file's bytes (its share of the size, zeros where
+        never written): changed, cached, or read now and cached."""
+        if n in inode.dirty:
+            return inode.dirty[n]
+        if n in inode.clean:
+            inode.clean.move_to_end(n)
+            return inode.clean[n]
+        share = max(0, min(CHUNK, inode.size - n * CHUNK))
+        data = fit(self.fs.read_chunk(inode.entry.ino, n), share) if share else b""
+        inode.clean[n] = data
+        if len(inode.clean) > CACHED:
+            inode.clean.popitem(last=False)
+        return data
 
     def write(self, path, data, offset, fh):
-        handle = self.files[fh]
-        buf = self._data(handle)
-        if offset > len(buf):
-            buf.extend(bytes(offset - len(buf)))
-        buf[offset:offset + len(data)] = data
-        handle.dirty = True
+        inode = self.inodes[self.files[fh]]
+        end = offset + len(data)
+        if end > MAX_FILE:
+            raise FsError(errno.EFBIG, path)
+        view, done = memoryview(data), 0
+        while done < len(data):
+            n, at = divmod(offset + done, CHUNK)
+            take = min(len(data) - done, CHUNK - at)
+            chunk = self._changing(inode, n, whole=at == 0 and take == CHUNK)
+            if len(chunk) < at:
+                chunk.extend(bytes(at - len(chunk)))
+            chunk[at:at + take] = view[done:done + take]
+            done += take
+        inode.size = max(inode.size, end)
+        inode.mtime = time.time()
+        self._write_out(inode, keep=DIRTY)
         return len(data)
 
-    def truncate(self, path, length, fh=None):
-        if fh is None:
-            fh = self._open(path, self.fs.stat(path), None)
-            try:
-                self._truncate(self.files[fh], length)
-                self.flush(path, fh)
-            finally:
-                self.files.pop(fh)
-            return
-        self._truncate(self.files[fh], length)
+    def _changing(self, inode: Inode, n: int, whole: bool = False) -> bytearray:
+        """Chunk `n` to change, as a bytearray of its share of the size (empty
+        when the write covers it whole: nothing to read)."""
+        if n not in inode.dirty:
+            start = bytearray() if whole else bytearray(self._chunk(inode, n))
+            inode.clean.pop(n, None)
+            inode.dirty[n] = start
+        return inode.dirty[n]
 
-    def _truncate(self, handle: OpenFile, length: int) -> None:
-        buf = self._data(handle)
-        del buf[length:]
-        buf.extend(bytes(length - len(buf)))
-        handle.dirty = True
+    def _write_out(self, inode: Inode, keep: int = 0) -> None:
+        """Store changed chunks, oldest first, until `keep` are left."""
+        while len(inode.dirty) > keep:
+            n, data = inode.dirty.popitem(last=False)
+            self.fs.write_chunk(inode.path, inode.entry.ino, n, data)
+
+    def truncate(self, path, length, fh=None):
+        if length > MAX_FILE:
+            raise FsError(errno.EFBIG, path)
+        if fh is not None:
+            self._truncate(self.inodes[self.files[fh]], length)
+            return
+        entry = self.fs.stat(path)
+        if entry.is_dir:
+            raise FsError(errno.EISDIR, path)
+        fh = self._open(path, entry)
+        try:
+            self._truncate(self.inodes[entry.ino], length)
+        finally:
+            self.release(path, fh)
+
+    def _truncate(self, inode: Inode, length: int) -> None:
+        """Cut the chunk the new end falls in (so a later growth reads zeros)
+        and remove the chunks past it; growing stores nothing (sparse)."""
+        if length < inode.size:
+            n, at = divmod(length, CHUNK)
+            if at:
+                del self._changing(inode, n)[at:]
+            first_gone = n + (1 if at else 0)
+            for cached in (inode.dirty, inode.clean):
+                for k in [k for k in cached if k >= first_gone]:
+                    del cached[k]
+            self.fs.drop_chunks(inode.entry.ino, first_gone, inode.size)
+        inode.size = length
+        inode.mtime = time.time()
 
     def flush(self, path, fh):
-        handle = self.files[fh]
-        if handle.dirty:
-            handle.entry = self.fs.write_data(handle.path, handle.entry, bytes(handle.data))
-            handle.dirty = False
+        inode = self.inodes[self.files[fh]]
+        self._write_out(inode)
+        if inode.mtime is not None or inode.size != inode.entry.size:
+            inode.entry = self.fs.setattr(inode.path, inode.entry, size=inode.size,
+                                          mtime=inode.mtime)
+            inode.mtime = None
 
     def fsync(self, path, datasync, fh):
         self.flush(path, fh)
 
     def release(self, path, fh):
+        ino = self.files[fh]
         try:
             self.flush(path, fh)
         finally:
-            self.files.pop(fh, None)
+            del self.files[fh]
+            inode = self.inodes[ino]
+            inode.opens -= 1
+            if inode.opens == 0:
+                del self.inodes[ino]
 
 
 def mount(session_factory, mountpoint: str) -> int:
@@ -198,6 +301,11 @@ def mount(session_factory, mountpoint: str) -> int:
                       mountpoint)
     logging.basicConfig(level=logging.WARNING, format="srw mount: %(message)s")
     with session_factory() as session:
+        small = [n.name for n in session.config.nodes if n.max_value < CHUNK]
+        if small:
+            print(f"srw: {mountpoint}: node {small[0]}'s max_value is under {CHUNK} bytes, "
+                  "a file chunk (fs/client.py CHUNK): raise it to mount", file=sys.stderr)
+            return 1
         operations = SrwOperations(FsClient(session))
         try:
             mfusepy.FUSE(operations, mountpoint, foreground=True, nothreads=True,

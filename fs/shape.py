@@ -147,7 +147,8 @@ def intent(value) -> list:
 
 def reply(raw: bytes) -> dict:
     """The script's reply: {"err": "" or an errno name}, plus "entry" (an Entry),
-    "result" (None, "" or an errno name) and "why" (a string) when present."""
+    "result" (None, "" or an errno name), "why" (a string) and "gone" ([ino,
+    size] of a file whose contents the caller removes) when present."""
     r = _unpack(raw, "a reply")
     if not isinstance(r, dict) or "err" not in r:
         raise BadShape(f"the reply is {_show(r)}, not a map with err")
@@ -158,6 +159,12 @@ def reply(raw: bytes) -> dict:
         _errno_name(r["result"], "the reply's result")
     if not isinstance(r.get("why", ""), str):
         raise BadShape("the reply's why is not a string")
+    if r.get("gone") is not None:
+        gone = r["gone"]
+        if not (isinstance(gone, list) and len(gone) == 2 and type(gone[1]) is int
+                and 0 <= gone[1] < SIZE_LIMIT):
+            raise BadShape(f"the reply's gone is {_show(gone)}, not [ino, size]")
+        _ino(gone[0])
     return r
 
 

@@ -19,7 +19,9 @@
 #    "i": {iid: [name, entry, to_ino, to_name, replace_ino]}   renames out, half done
 #    "a": {iid: err}                                            renames in, applied
 #    "dead": bool}                                              removed (rmdir)
-# File contents live under "fs:f:<ino>", never moved by a rename.
+# File contents live in chunks under "fs:c:{<ino>}:<n>" (fs/client.py), never
+# moved by a rename.  This script never touches them: an op that removes or
+# replaces a file answers "gone": [ino, size], and the client removes them.
 #
 # Rename across directories, S/name -> T/to_name (intent id `iid`, random):
 #   1. take   on S: move the entry out of S's entries into S's intents, in one write.
@@ -37,7 +39,7 @@
 # one exec holding one lock, so opposite renames never deadlock.
 import msgpack
 
-DIR, DATA = "fs:d:", "fs:f:"
+DIR = "fs:d:"
 KIND, SIZE, MODE, MTIME = 1, 3, 2, 4
 
 
@@ -104,12 +106,19 @@ def conflict(d, to_name, entry, replace_ino):
     return "ENOTDIR" if entry[KIND] == "d" else ""
 
 
+def gone(entry):
+    """[ino, size] of a file whose contents the client is to remove."""
+    size = entry[SIZE]
+    return [entry[0], size if isinstance(size, int) and size >= 0 else 0]
+
+
 def put(d, to_name, entry):
-    """Place `entry` at `to_name`; a file it replaces loses its contents."""
+    """Place `entry` at `to_name`; the reply's "gone" for a file it replaces."""
     old = entry_at(d, to_name)
-    if old is not None and old[KIND] == "f" and old[0] != entry[0]:
-        fs_store.remove(DATA + old[0])
     d["e"][to_name] = entry
+    if old is not None and old[KIND] == "f" and old[0] != entry[0]:
+        return gone(old)
+    return None
 
 
 def op_mkdir(ino, d, r):
@@ -143,8 +152,7 @@ def op_unlink(ino, d, r):
         return {"err": "EISDIR"}
     del d["e"][r["name"]]
     save(ino, d)
-    fs_store.remove(DATA + old[0])
-    return {"err": ""}
+    return {"err": "", "gone": gone(old)}
 
 
 def op_kill(ino, d, r):
@@ -192,9 +200,9 @@ def op_rename(ino, d, r):
     if err or r["name"] == r["to_name"]:
         return {"err": err}
     del d["e"][r["name"]]
-    put(d, r["to_name"], entry)
+    replaced = put(d, r["to_name"], entry)
     save(ino, d)
-    return {"err": ""}
+    return {"err": "", "gone": replaced}
 
 
 def op_take(ino, d, r):
@@ -216,11 +224,10 @@ def op_apply(ino, d, r):
         return {"err": "", "result": None}
     name, entry, _to, to_name, replace_ino = intent
     err = "ENOENT" if d["dead"] else conflict(d, to_name, entry, replace_ino)
-    if not err:
-        put(d, to_name, entry)
+    replaced = None if err else put(d, to_name, entry)
     d["a"][iid] = err
     save(ino, d)
-    return {"err": "", "result": err}
+    return {"err": "", "result": err, "gone": replaced}
 
 
 def op_finish(ino, d, r):
