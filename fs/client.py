@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 
 import msgpack
@@ -61,7 +62,7 @@ class FsError(OSError):
         super().__init__(code, os.strerror(code), path)
 
 
-ROOT_ENTRY = Entry(ROOT, "d", 0o755, 0, 0.0)
+ROOT_ENTRY = Entry(ROOT, "d", 0o755, 0, 0.0, 0, 0, 0.0, 0.0, 0)
 
 
 def split_path(path: str) -> list[str]:
@@ -261,17 +262,48 @@ class FsClient:
             self.drop_chunks(gone_ino, 0, gone_size)
         return reply
 
-    def mkdir(self, path: str, mode: int = 0o755) -> Entry:
+    def mkdir(self, path: str, mode: int = 0o755, owner: tuple[int, int] = (0, 0)) -> Entry:
+        return self.make(path, "d", mode, owner)
+
+    def make(self, path: str, kind: str, mode: int, owner: tuple[int, int] = (0, 0),
+             extra: str | int = 0) -> Entry:
+        """A new entry of `kind` (shape.KINDS) at `path`; EEXIST if the name is
+        taken.  `owner` is (uid, gid) of the caller; see `_new`."""
         parent, name = self.parent(path)
-        entry = Entry(new_ino(), "d", mode & 0o7777, 0, time.time())
-        self.call(parent.ino, "mkdir", path, name=name, entry=list(entry))
+        entry = self._new(parent, kind, mode, owner, extra)
+        try:
+            shape.entry(list(entry))
+        except shape.BadShape:
+            raise FsError(errno.EINVAL, path) from None
+        self.call(parent.ino, "make", path, name=name, entry=list(entry))
         return entry
 
-    def create(self, path: str, mode: int = 0o644, exclusive: bool = False) -> Entry:
+    def symlink(self, path: str, target: str, owner: tuple[int, int] = (0, 0)) -> Entry:
+        if len(target.encode("utf-8", "surrogateescape")) > shape.TARGET_MAX:
+            raise FsError(errno.ENAMETOOLONG, path)
+        return self.make(path, "l", 0o777, owner, target)
+
+    @staticmethod
+    def _new(parent: Entry, kind: str, mode: int, owner: tuple[int, int],
+             extra: str | int = 0) -> Entry:
+        """A new entry in `parent`: in a set-group-ID directory it takes the
+        directory's group, and a directory the set-group-ID bit (as Linux)."""
+        uid, gid = owner
+        mode &= 0o7777
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if kind == "d":
+                mode |= stat.S_ISGID
+        now = time.time()
+        size = len(extra.encode("utf-8", "surrogateescape")) if kind == "l" else 0
+        return Entry(new_ino(), kind, mode, size, now, uid, gid, now, now, extra)
+
+    def create(self, path: str, mode: int = 0o644, exclusive: bool = False,
+               owner: tuple[int, int] = (0, 0)) -> Entry:
         """The file at `path`, made empty if it did not exist (EEXIST if `exclusive`)."""
         parent, name = self.parent(path)
-        entry = [new_ino(), "f", mode & 0o7777, 0, time.time()]
-        reply = self.call(parent.ino, "create", path, name=name, entry=entry,
+        entry = self._new(parent, "f", mode, owner)
+        reply = self.call(parent.ino, "create", path, name=name, entry=list(entry),
                           excl=exclusive)
         return reply["entry"]
 
@@ -291,8 +323,9 @@ class FsClient:
         return entry
 
     def setattr(self, path: str, entry: Entry, **fields) -> Entry:
-        """Change size, mode or mtime; EINVAL for a value an entry cannot hold
-        (readers would find the directory's entry bad and answer EIO)."""
+        """Change size, mode, uid, gid, atime, mtime or ctime; EINVAL for a value
+        an entry cannot hold (readers would find the directory's entry bad and
+        answer EIO)."""
         fields = {k: v for k, v in fields.items() if v is not None}
         try:
             shape.entry(list(entry._replace(**fields)))

@@ -31,6 +31,7 @@ from broker.client import BrokerUnavailable
 from storage.client import StorageError
 
 from .client import CHUNK, MAX_FILE, Entry, FsClient, FsError, fit
+from .shape import KINDS
 
 BLOCK = 4096
 DIRTY = 8       # changed chunks an open file holds before writing the oldest out
@@ -68,6 +69,20 @@ def errors_at_the_call(cls):
     return cls
 
 
+NO_ID = 2 ** 32 - 1     # chown's -1 as an unsigned uid_t/gid_t
+KIND_OF = {v: k for k, v in KINDS.items()}
+
+
+def ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def owner() -> tuple[int, int]:
+    """(uid, gid) of the process whose call this is."""
+    uid, gid, _pid = mfusepy.fuse_get_context()
+    return uid, gid
+
+
 @dataclass
 class Inode:
     """An open file's state in this mount, shared by its handles."""
@@ -76,6 +91,7 @@ class Inode:
     size: int
     opens: int = 0
     mtime: float | None = None     # to store at flush (a write, or utimens)
+    ctime: float | None = None     # likewise (a write or truncate)
     dirty: OrderedDict = field(default_factory=OrderedDict)    # n -> bytearray
     clean: OrderedDict = field(default_factory=OrderedDict)    # n -> bytes, LRU
 
@@ -89,7 +105,6 @@ class SrwOperations(mfusepy.Operations):
         self.inodes: dict[str, Inode] = {}     # ino -> state, while open
         self.files: dict[int, str] = {}        # fh -> ino
         self.next_fh = 1
-        self.uid, self.gid = os.getuid(), os.getgid()
 
     # Attributes ------------------------------------------------------------------
 
@@ -97,40 +112,54 @@ class SrwOperations(mfusepy.Operations):
         entry = self.fs.stat(path)
         inode = self.inodes.get(entry.ino)
         if inode is not None:       # an open file: its size and mtime are here first
-            return self._attrs(entry, inode.size, inode.mtime)
+            pending = {"size": inode.size}
+            if inode.mtime is not None:
+                pending["mtime"] = inode.mtime
+            if inode.ctime is not None:
+                pending["ctime"] = inode.ctime
+            return self._attrs(entry._replace(**pending))
         return self._attrs(entry)
 
-    def _attrs(self, entry: Entry, size: int | None = None,
-               mtime: float | None = None) -> dict:
-        size = entry.size if size is None else size
-        mtime = int((entry.mtime if mtime is None else mtime) * 1e9)
+    def _attrs(self, entry: Entry) -> dict:
+        size, mtime = entry.size, entry.mtime
         return {"st_mode": entry.st_mode, "st_nlink": 2 if entry.is_dir else 1,
                 "st_size": size, "st_blocks": (size + 511) // 512, "st_blksize": BLOCK,
-                "st_uid": self.uid, "st_gid": self.gid,
-                "st_mtime": mtime, "st_ctime": mtime, "st_atime": mtime}
+                "st_uid": entry.uid, "st_gid": entry.gid,
+                "st_rdev": entry.extra if entry.kind in ("c", "b") else 0,
+                "st_mtime": ns(mtime), "st_ctime": ns(entry.ctime),
+                "st_atime": ns(entry.atime)}
 
     def readdir(self, path, fh):
         listing = self.fs.readdir(path)
         return [".", ".."] + [(name, self._attrs(e), 0) for name, e in listing.items()]
 
+    def readlink(self, path):
+        entry = self.fs.stat(path)
+        if entry.kind != "l":
+            raise FsError(errno.EINVAL, path)
+        return entry.extra
+
     def chmod(self, path, mode):
-        self.fs.setattr(path, self.fs.stat(path), mode=stat.S_IMODE(mode))
+        self.fs.setattr(path, self.fs.stat(path), mode=stat.S_IMODE(mode), ctime=time.time())
 
     def chown(self, path, uid, gid):
-        return 0    # no owners: every entry belongs to whoever mounted
+        """-1 (as the unsigned 2**32-1 too) leaves that id as it is."""
+        uid = None if uid in (-1, NO_ID) else uid
+        gid = None if gid in (-1, NO_ID) else gid
+        self.fs.setattr(path, self.fs.stat(path), uid=uid, gid=gid, ctime=time.time())
 
     def utimens(self, path, times=None):
-        if times is None or times[1] == UTIME_NOW:
-            mtime = time.time()
-        elif times[1] == UTIME_OMIT:    # touch -a: no atime is kept, nothing to change
+        now = time.time()
+        atime, mtime = (UTIME_NOW, UTIME_NOW) if times is None else times
+        atime = None if atime == UTIME_OMIT else now if atime == UTIME_NOW else atime / 1e9
+        mtime = None if mtime == UTIME_OMIT else now if mtime == UTIME_NOW else mtime / 1e9
+        if atime is None and mtime is None:
             return
-        else:
-            mtime = times[1] / 1e9
         entry = self.fs.stat(path)
         inode = self.inodes.get(entry.ino)
-        if inode is not None:       # open (cp -a, tar -x set it before close): kept at flush
-            inode.mtime = mtime
-        self.fs.setattr(path, entry, mtime=mtime)
+        if inode is not None and mtime is not None:
+            inode.mtime = mtime     # open (cp -a, tar -x set it before close): kept at flush
+        self.fs.setattr(path, entry, atime=atime, mtime=mtime, ctime=now)
 
     def statfs(self, path):
         return {"f_bsize": BLOCK, "f_frsize": BLOCK, "f_blocks": 1 << 30,
@@ -139,7 +168,21 @@ class SrwOperations(mfusepy.Operations):
     # Directories -------------------------------------------------------------------
 
     def mkdir(self, path, mode):
-        self.fs.mkdir(path, stat.S_IMODE(mode))
+        self.fs.mkdir(path, stat.S_IMODE(mode), owner())
+
+    def mknod(self, path, mode, dev):
+        kind = KIND_OF.get(stat.S_IFMT(mode))
+        if kind is None:
+            raise FsError(errno.EINVAL, path)
+        if kind == "f":
+            self.fs.create(path, stat.S_IMODE(mode), exclusive=True, owner=owner())
+            return
+        self.fs.make(path, kind, stat.S_IMODE(mode), owner(),
+                     dev if kind in ("c", "b") else 0)
+
+    def symlink(self, target, source):
+        """mfusepy's order: the link `target` made, pointing at `source`."""
+        self.fs.symlink(target, source, owner())
 
     def rmdir(self, path):
         self.fs.rmdir(path)
@@ -156,7 +199,8 @@ class SrwOperations(mfusepy.Operations):
     # Files -------------------------------------------------------------------------
 
     def create(self, path, mode, flags=0):
-        entry = self.fs.create(path, stat.S_IMODE(mode), exclusive=bool(flags & os.O_EXCL))
+        entry = self.fs.create(path, stat.S_IMODE(mode), exclusive=bool(flags & os.O_EXCL),
+                               owner=owner())
         fh = self._open(path, entry)
         if entry.size:     # an existing file, created without O_EXCL: O_TRUNC still applies
             if flags & os.O_TRUNC:
@@ -222,7 +266,7 @@ class SrwOperations(mfusepy.Operations):
             chunk[at:at + take] = view[done:done + take]
             done += take
         inode.size = max(inode.size, end)
-        inode.mtime = time.time()
+        inode.mtime = inode.ctime = time.time()
         self._write_out(inode, keep=DIRTY)
         return len(data)
 
@@ -269,15 +313,15 @@ class SrwOperations(mfusepy.Operations):
                     del cached[k]
             self.fs.drop_chunks(inode.entry.ino, first_gone, inode.size)
         inode.size = length
-        inode.mtime = time.time()
+        inode.mtime = inode.ctime = time.time()
 
     def flush(self, path, fh):
         inode = self.inodes[self.files[fh]]
         self._write_out(inode)
         if inode.mtime is not None or inode.size != inode.entry.size:
             inode.entry = self.fs.setattr(inode.path, inode.entry, size=inode.size,
-                                          mtime=inode.mtime)
-            inode.mtime = None
+                                          mtime=inode.mtime, ctime=inode.ctime)
+            inode.mtime = inode.ctime = None
 
     def fsync(self, path, datasync, fh):
         self.flush(path, fh)
@@ -294,8 +338,11 @@ class SrwOperations(mfusepy.Operations):
                 del self.inodes[ino]
 
 
-def mount(session_factory, mountpoint: str) -> int:
-    """Serve the tree at `mountpoint` until it is unmounted; 0 on a clean unmount."""
+def mount(session_factory, mountpoint: str, allow_other: bool = False,
+          default_permissions: bool = False) -> int:
+    """Serve the tree at `mountpoint` until it is unmounted; 0 on a clean unmount.
+    `allow_other`: other users may use the mount; `default_permissions`: the
+    kernel checks each entry's mode and owner (see README)."""
     if not os.path.isdir(mountpoint):
         raise FsError(errno.ENOTDIR if os.path.exists(mountpoint) else errno.ENOENT,
                       mountpoint)
@@ -308,8 +355,9 @@ def mount(session_factory, mountpoint: str) -> int:
             return 1
         operations = SrwOperations(FsClient(session))
         try:
+            options = {"allow_other": True} if allow_other else {}
             mfusepy.FUSE(operations, mountpoint, foreground=True, nothreads=True,
-                         fsname="srw", default_permissions=False)
+                         fsname="srw", default_permissions=default_permissions, **options)
         except RuntimeError as exc:   # fuse_main's non-zero status
             if exc.args == (ENDED_BY_SIGNAL,):
                 return 0              # Ctrl-C or SIGTERM: libfuse has unmounted

@@ -15,7 +15,10 @@
 # touches are checked here, cheaply; readers check everything (fs/shape.py).
 #
 # Directory object under "fs:d:<ino>" (absent = empty directory):
-#   {"e": {name: [ino, kind "f"|"d", mode, size, mtime]},
+#   {"e": {name: [ino, kind, mode, size, mtime, uid, gid, atime, ctime, extra]},
+#         kind: f file, d directory, l symlink (extra: its target), p fifo,
+#         c/b device (extra: rdev), s socket; an entry of the first five fields
+#         alone is read as root's, atime and ctime its mtime (fs/shape.py)
 #    "i": {iid: [name, entry, to_ino, to_name, replace_ino]}   renames out, half done
 #    "a": {iid: err}                                            renames in, applied
 #    "dead": bool}                                              removed (rmdir)
@@ -40,7 +43,10 @@
 import msgpack
 
 DIR = "fs:d:"
-KIND, SIZE, MODE, MTIME = 1, 3, 2, 4
+KIND, SIZE, MODE, MTIME, UID, GID, ATIME, CTIME = 1, 3, 2, 4, 5, 6, 7, 8
+KINDS = ("f", "d", "l", "p", "c", "b", "s")
+SETTABLE = (("size", SIZE), ("mode", MODE), ("mtime", MTIME), ("uid", UID), ("gid", GID),
+            ("atime", ATIME), ("ctime", CTIME))
 
 
 class Bad(Exception):
@@ -64,11 +70,13 @@ def load(ino):
 
 
 def checked(entry, what):
-    """`entry` if it looks like [ino, kind, mode, size, mtime] (the fields this
-    script reads), else Bad."""
-    if not (isinstance(entry, list) and len(entry) == 5 and isinstance(entry[0], str)
-            and entry[KIND] in ("f", "d")):
-        raise Bad("%s is not [ino, kind, mode, size, mtime]" % what)
+    """`entry` if it looks like [ino, kind, mode, size, mtime, ...] (the fields
+    this script reads), else Bad; one of five fields is given the other five."""
+    if not (isinstance(entry, list) and len(entry) in (5, 10) and isinstance(entry[0], str)
+            and entry[KIND] in KINDS):
+        raise Bad("%s is not [ino, kind, mode, size, mtime, ...]" % what)
+    if len(entry) == 5:
+        entry.extend([0, 0, entry[MTIME], entry[MTIME], 0])
     return entry
 
 
@@ -107,7 +115,10 @@ def conflict(d, to_name, entry, replace_ino):
 
 
 def gone(entry):
-    """[ino, size] of a file whose contents the client is to remove."""
+    """[ino, size] of a file whose contents the client is to remove (None for
+    an entry of another kind: it has no contents)."""
+    if entry[KIND] != "f":
+        return None
     size = entry[SIZE]
     return [entry[0], size if isinstance(size, int) and size >= 0 else 0]
 
@@ -116,12 +127,11 @@ def put(d, to_name, entry):
     """Place `entry` at `to_name`; the reply's "gone" for a file it replaces."""
     old = entry_at(d, to_name)
     d["e"][to_name] = entry
-    if old is not None and old[KIND] == "f" and old[0] != entry[0]:
-        return gone(old)
-    return None
+    return gone(old) if old is not None and old[0] != entry[0] else None
 
 
-def op_mkdir(ino, d, r):
+def op_make(ino, d, r):
+    """mkdir, mknod, mkfifo, symlink: a new name, EEXIST if taken."""
     if d["dead"]:
         return {"err": "ENOENT"}
     if r["name"] in d["e"]:
@@ -129,6 +139,9 @@ def op_mkdir(ino, d, r):
     d["e"][r["name"]] = r["entry"]
     save(ino, d)
     return {"err": ""}
+
+
+op_mkdir = op_make
 
 
 def op_create(ino, d, r):
@@ -184,7 +197,7 @@ def op_setattr(ino, d, r):
     old = same_entry(d, r)
     if old is None:
         return {"err": "ENOENT"}
-    for field, index in (("size", SIZE), ("mode", MODE), ("mtime", MTIME)):
+    for field, index in SETTABLE:
         if r.get(field) is not None:
             old[index] = r[field]
     save(ino, d)

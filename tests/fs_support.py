@@ -38,10 +38,10 @@ def start_cluster(root: Path, groups: int, scripts: dict[str, str] | None = None
     return cluster
 
 
-def mount(cluster: Cluster, where: Path) -> subprocess.Popen:
-    """`srw mount` at `where` (made here), once the kernel shows it mounted."""
+def mount(cluster: Cluster, where: Path, *options: str) -> subprocess.Popen:
+    """`srw mount [OPTIONS] ` at `where` (made here), once the kernel shows it mounted."""
     where.mkdir()
-    proc = cluster.srw("mount", str(where))
+    proc = cluster.srw("mount", *options, str(where))
 
     def mounted():
         if proc.poll() is not None:

@@ -7,6 +7,7 @@ import itertools
 import os
 import random
 import signal
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -35,7 +36,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mounted(cluster):
     where = cluster.root / "mnt"
-    proc = mount(cluster, where)
+    proc = mount(cluster, where, "--allow-other", "--default-permissions")
     try:
         yield where, proc
     finally:
@@ -275,3 +276,66 @@ def test_a_relative_path_longer_than_path_max_inside_the_tree(mnt):
         os.close(out)
     finally:
         os.close(fd)
+
+
+# POSIX entries, owners, permissions ------------------------------------------------
+
+NOBODY = 65534
+
+
+def as_nobody(mnt: Path, *argv: str) -> subprocess.CompletedProcess:
+    """`argv` as uid and gid 65534 in the mount (entered as root: the test's
+    temp dirs above it are root's alone)."""
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                           "--clear-groups", *argv], capture_output=True, timeout=30, cwd=mnt)
+
+
+def test_symlinks_fifos_and_devices_round_trip(mnt):
+    (mnt / "kinds").mkdir()
+    (mnt / "kinds/target").write_bytes(b"pointed at")
+    os.symlink("target", mnt / "kinds/link")
+    os.symlink("/" + "x" * 2000, mnt / "kinds/dangling")
+    os.mkfifo(mnt / "kinds/fifo", 0o640)
+    os.mknod(mnt / "kinds/null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    assert os.readlink(mnt / "kinds/link") == "target"
+    assert (mnt / "kinds/link").read_bytes() == b"pointed at"
+    assert os.readlink(mnt / "kinds/dangling") == "/" + "x" * 2000
+    assert stat.S_ISLNK(os.lstat(mnt / "kinds/link").st_mode)
+    fifo, null = os.stat(mnt / "kinds/fifo"), os.stat(mnt / "kinds/null")
+    assert stat.S_ISFIFO(fifo.st_mode) and stat.S_IMODE(fifo.st_mode) == 0o640
+    assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
+    os.rename(mnt / "kinds/link", mnt / "kinds/moved")
+    assert os.readlink(mnt / "kinds/moved") == "target"
+    for name in ("moved", "dangling", "fifo", "null", "target"):
+        os.unlink(mnt / "kinds" / name)
+    assert os.listdir(mnt / "kinds") == []
+
+
+def test_owners_and_permissions_for_another_uid(mnt):
+    (mnt / "perm").mkdir()
+    (mnt / "perm/open").write_bytes(b"anyone")
+    (mnt / "perm/secret").write_bytes(b"root only")
+    os.chmod(mnt / "perm/secret", 0o600)
+    assert as_nobody(mnt, "cat", "perm/open").stdout == b"anyone"
+    assert b"Permission denied" in as_nobody(mnt, "cat", "perm/secret").stderr
+    assert b"Permission denied" in as_nobody(mnt, "touch", "perm/new").stderr
+    os.chown(mnt / "perm", NOBODY, NOBODY)
+    made = as_nobody(mnt, "bash", "-c", "echo mine > perm/new && chmod 600 perm/new")
+    assert made.returncode == 0, made.stderr
+    st = os.stat(mnt / "perm/new")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o600)
+    os.chown(mnt / "perm/new", 0, -1)       # -1: the group stays
+    assert (os.stat(mnt / "perm/new").st_uid, os.stat(mnt / "perm/new").st_gid) == (0, NOBODY)
+    assert b"Permission denied" in as_nobody(mnt, "cat", "perm/new").stderr
+
+
+def test_atime_mtime_ctime_of_their_own(mnt):
+    f = mnt / "times"
+    f.write_bytes(b"x")
+    os.utime(f, ns=(1_000_000_000_000_000_000, 1_100_000_000_000_000_000))
+    st = os.stat(f)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_000_000_000_000,
+                                                1_100_000_000_000_000_000)
+    assert st.st_ctime > 1_500_000_000         # set now, not the mtime given
+    os.utime(f, ns=(1_200_000_000_000_000_000, 1_100_000_000_000_000_000))
+    assert os.stat(f).st_atime_ns == 1_200_000_000_000_000_000
