@@ -102,6 +102,20 @@ def fit(chunk: bytes, length: int) -> bytes:
     return chunk[:length] if len(chunk) >= length else chunk + bytes(length - len(chunk))
 
 
+def own(entry: Entry, d: dict) -> Entry:
+    """A directory's entry with the attributes its own object holds, if any."""
+    m = d.get("m")
+    if m is None:
+        return entry
+    mode, uid, gid, atime, mtime, ctime = m
+    return entry._replace(mode=mode, uid=uid, gid=gid, atime=atime, mtime=mtime, ctime=ctime)
+
+
+def base(entry: Entry) -> list:
+    """A directory's attributes as an op on it carries them (history/fs.py "m")."""
+    return [entry.mode, entry.uid, entry.gid, entry.atime, entry.mtime, entry.ctime]
+
+
 def new_ino() -> str:
     return os.urandom(8).hex()
 
@@ -140,7 +154,9 @@ class FsClient:
             raise bad(path, f"{DIR}{ino}: {name!r}: {exc}") from None
 
     def walk(self, path: str, follow_last: bool = True) -> tuple[list[str], Entry]:
-        """(components, entry) of an existing path; ENOENT / ENOTDIR on the way."""
+        """(components, entry) of an existing path; ENOENT / ENOTDIR on the way.
+        A directory's entry carries its own attributes (``own``) where the walk
+        read its object; the last one's is not read here (``stat`` does)."""
         parts = split_path(path)
         entry = ROOT_ENTRY
         for part in parts if follow_last else parts[:-1]:
@@ -159,16 +175,27 @@ class FsClient:
         return d["e"]
 
     def parent(self, path: str) -> tuple[Entry, str]:
-        """(parent directory entry, last name) of a path that may not exist yet."""
+        """(parent directory entry, with its own attributes; last name) of a
+        path that may not exist yet."""
         parts, parent = self.walk(path, follow_last=False)
         if not parts:
             raise FsError(errno.EEXIST, path)       # the root itself
         if not parent.is_dir:
             raise FsError(errno.ENOTDIR, path)
-        return parent, parts[-1]
+        return own(parent, self.directory(parent.ino, path)), parts[-1]
 
     def stat(self, path: str) -> Entry:
-        return self.walk(path)[1]
+        return self.stat_links(path)[0]
+
+    def stat_links(self, path: str) -> tuple[Entry, int]:
+        """(entry, link count): a directory's own attributes, and 2 plus its
+        subdirectories; 1 for anything else (no hard links)."""
+        entry = self.walk(path)[1]
+        if not entry.is_dir:
+            return entry, 1
+        d = self.directory(entry.ino, path)
+        subdirs = sum(1 for v in d["e"].values() if type(v) is list and v[1:2] == ["d"])
+        return own(entry, d), 2 + subdirs
 
     def readdir(self, path: str) -> dict[str, Entry]:
         """Name -> Entry; half-done renames out of this directory are finished
@@ -240,7 +267,7 @@ class FsClient:
 
     def call(self, ino: str, op: str, path: str, /, **args) -> dict:
         """One exec of the script on directory `ino`; its errno raised as FsError."""
-        data = msgpack.packb({"op": op, "dir": ino, **args})
+        data = msgpack.packb({"op": op, "dir": ino, "now": time.time(), **args})
         result = None
         for group in self.groups:
             result = self.session.exec(self.script, data, key=DIR + ino, groups=[group])[0]
@@ -275,7 +302,7 @@ class FsClient:
             shape.entry(list(entry))
         except shape.BadShape:
             raise FsError(errno.EINVAL, path) from None
-        self.call(parent.ino, "make", path, name=name, entry=list(entry))
+        self.call(parent.ino, "make", path, name=name, entry=list(entry), base=base(parent))
         return entry
 
     def symlink(self, path: str, target: str, owner: tuple[int, int] = (0, 0)) -> Entry:
@@ -304,7 +331,7 @@ class FsClient:
         parent, name = self.parent(path)
         entry = self._new(parent, "f", mode, owner)
         reply = self.call(parent.ino, "create", path, name=name, entry=list(entry),
-                          excl=exclusive)
+                          excl=exclusive, base=base(parent))
         return reply["entry"]
 
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> Entry:
@@ -325,19 +352,23 @@ class FsClient:
     def setattr(self, path: str, entry: Entry, **fields) -> Entry:
         """Change size, mode, uid, gid, atime, mtime or ctime; EINVAL for a value
         an entry cannot hold (readers would find the directory's entry bad and
-        answer EIO)."""
+        answer EIO).  A directory's go into its own object."""
         fields = {k: v for k, v in fields.items() if v is not None}
         try:
             shape.entry(list(entry._replace(**fields)))
         except shape.BadShape:
             raise FsError(errno.EINVAL, path) from None
+        if entry.is_dir:
+            fields.pop("size", None)
+            reply = self.call(entry.ino, "dirattr", path, base=base(entry), **fields)
+            return own(entry, reply)
         parent, name = self.parent(path)
         reply = self.call(parent.ino, "setattr", path, name=name, ino=entry.ino, **fields)
         return reply["entry"]
 
     def unlink(self, path: str) -> None:
         parent, name = self.parent(path)
-        self.call(parent.ino, "unlink", path, name=name)
+        self.call(parent.ino, "unlink", path, name=name, base=base(parent))
 
     def rmdir(self, path: str) -> None:
         """Mark the directory dead if empty (no create can land in it after),
@@ -347,7 +378,7 @@ class FsClient:
         if not entry.is_dir:
             raise FsError(errno.ENOTDIR, path)
         self.call(entry.ino, "kill", path)
-        self.call(parent.ino, "drop", path, name=name, ino=entry.ino)
+        self.call(parent.ino, "drop", path, name=name, ino=entry.ino, base=base(parent))
 
     def rename(self, old: str, new: str) -> None:
         src_parent, name = self.parent(old)
@@ -358,13 +389,14 @@ class FsClient:
         replace_ino = self._replaceable(new, entry)
         if src_parent.ino == dst_parent.ino:
             self.call(src_parent.ino, "rename", old, name=name, to_name=to_name,
-                      replace_ino=replace_ino)
+                      replace_ino=replace_ino, base=base(src_parent))
             return
         iid = new_ino() + new_ino()
         self.call(src_parent.ino, "take", old, name=name, iid=iid, to=dst_parent.ino,
-                  to_name=to_name, replace_ino=replace_ino)
+                  to_name=to_name, replace_ino=replace_ino, base=base(src_parent))
         rejected = self.recover(src_parent.ino, {iid: [name, list(entry), dst_parent.ino,
-                                                       to_name, replace_ino]}, old)[iid]
+                                                       to_name, replace_ino]}, old,
+                                dst_parent)[iid]
         if rejected:
             raise FsError(getattr(errno, rejected), new)
 
@@ -399,14 +431,16 @@ class FsClient:
             if node.ino == entry.ino:
                 raise FsError(errno.EINVAL, new)
 
-    def recover(self, src: str, intents: dict, path: str = "") -> dict[str, str]:
+    def recover(self, src: str, intents: dict, path: str = "",
+                target: Entry | None = None) -> dict[str, str]:
         """Finish renames out of directory `src` (at `path`, for errors): apply
         on the target, drop the intent (putting the entry back if the target
         refused), forget.  Returns each intent's errno name ("" when applied or
         already finished)."""
         results = {}
         for iid, (_name, _entry, to, _to_name, _replace) in intents.items():
-            result = self.call(to, "apply", path, iid=iid, src=src)["result"]
+            known = {"base": base(target)} if target is not None and target.ino == to else {}
+            result = self.call(to, "apply", path, iid=iid, src=src, **known)["result"]
             self.call(src, "finish", path, iid=iid, rejected=bool(result))
             self.call(to, "forget", path, iid=iid)
             results[iid] = result or ""

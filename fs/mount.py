@@ -109,7 +109,7 @@ class SrwOperations(mfusepy.Operations):
     # Attributes ------------------------------------------------------------------
 
     def getattr(self, path, fh=None):
-        entry = self.fs.stat(path)
+        entry, links = self.fs.stat_links(path)
         inode = self.inodes.get(entry.ino)
         if inode is not None:       # an open file: its size and mtime are here first
             pending = {"size": inode.size}
@@ -118,11 +118,11 @@ class SrwOperations(mfusepy.Operations):
             if inode.ctime is not None:
                 pending["ctime"] = inode.ctime
             return self._attrs(entry._replace(**pending))
-        return self._attrs(entry)
+        return self._attrs(entry, links)
 
-    def _attrs(self, entry: Entry) -> dict:
+    def _attrs(self, entry: Entry, links: int = 1) -> dict:
         size, mtime = entry.size, entry.mtime
-        return {"st_mode": entry.st_mode, "st_nlink": 2 if entry.is_dir else 1,
+        return {"st_mode": entry.st_mode, "st_nlink": links,
                 "st_size": size, "st_blocks": (size + 511) // 512, "st_blksize": BLOCK,
                 "st_uid": entry.uid, "st_gid": entry.gid,
                 "st_rdev": entry.extra if entry.kind in ("c", "b") else 0,

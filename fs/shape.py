@@ -79,15 +79,19 @@ class Entry(NamedTuple):
 
 
 def directory(raw: bytes) -> dict:
-    """The directory object in `raw`: its four fields of the right types, its
-    intents and applied renames checked (there are few: renames in flight).
-    Its entries are only known to be a map: check them with `entry`/`listing`."""
+    """The directory object in `raw`: its four fields of the right types (and
+    "m", its own attributes, when present), its intents and applied renames
+    checked (there are few: renames in flight).  Its entries are only known
+    to be a map: check them with `entry`/`listing`."""
     d = _unpack(raw, "a directory object")
-    if not isinstance(d, dict) or d.keys() != set(FIELDS):
-        raise BadShape(f"not a directory object: {_show(d)}, not a map of {', '.join(FIELDS)}")
+    if not isinstance(d, dict) or d.keys() - {"m"} != set(FIELDS):
+        raise BadShape(f"not a directory object: {_show(d)}, not a map of {', '.join(FIELDS)}"
+                       " (and m)")
     if not (isinstance(d["e"], dict) and isinstance(d["i"], dict)
             and isinstance(d["a"], dict) and isinstance(d["dead"], bool)):
         raise BadShape("a directory's e, i, a are not maps or its dead is not a bool")
+    if "m" in d:
+        d["m"] = own(d["m"])
     for iid, value in d["i"].items():
         _iid(iid)
         intent(value)
@@ -95,6 +99,16 @@ def directory(raw: bytes) -> dict:
         _iid(iid)
         _errno_name(err, f"applied rename {iid}")
     return d
+
+
+def own(m) -> list:
+    """A directory's own [mode, uid, gid, atime, mtime, ctime], checked."""
+    if not (type(m) is list and len(m) == 6 and type(m[0]) is int and 0 <= m[0] <= 0o7777
+            and all(type(i) is int and 0 <= i < ID_LIMIT for i in m[1:3])
+            and all(_time_ok(t) for t in m[3:])):
+        raise BadShape(f"a directory's m is {_show(m)}, not [mode, uid, gid, atime, "
+                       "mtime, ctime] in range")
+    return m
 
 
 def entry(value) -> Entry:
@@ -219,6 +233,8 @@ def reply(raw: bytes) -> dict:
         _errno_name(r["result"], "the reply's result")
     if not isinstance(r.get("why", ""), str):
         raise BadShape("the reply's why is not a string")
+    if "m" in r:
+        r["m"] = own(r["m"])
     if r.get("gone") is not None:
         gone = r["gone"]
         if not (isinstance(gone, list) and len(gone) == 2 and type(gone[1]) is int

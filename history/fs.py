@@ -21,7 +21,11 @@
 #         alone is read as root's, atime and ctime its mtime (fs/shape.py)
 #    "i": {iid: [name, entry, to_ino, to_name, replace_ino]}   renames out, half done
 #    "a": {iid: err}                                            renames in, applied
-#    "dead": bool}                                              removed (rmdir)
+#    "dead": bool,                                              removed (rmdir)
+#    "m": [mode, uid, gid, atime, mtime, ctime]}   optional: the directory's own
+#         attributes, once set or once its entries changed (before that, its
+#         entry in the parent's).  An op on a directory carries "base" (those
+#         six as the client knows them) to start "m" from, and "now".
 # File contents live in chunks under "fs:c:{<ino>}:<n>" (fs/client.py), never
 # moved by a rename.  This script never touches them: an op that removes or
 # replaces a file answers "gone": [ino, size], and the client removes them.
@@ -62,11 +66,30 @@ def load(ino):
         d = msgpack.unpackb(raw, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types
         raise Bad("%s%s does not decode: %s" % (DIR, ino, (str(exc) or type(exc).__name__)[:80]))
-    if not (isinstance(d, dict) and len(d) == 4 and isinstance(d.get("e"), dict)
+    if not (isinstance(d, dict) and len(d) == 4 + ("m" in d) and isinstance(d.get("e"), dict)
             and isinstance(d.get("i"), dict) and isinstance(d.get("a"), dict)
-            and isinstance(d.get("dead"), bool)):
+            and isinstance(d.get("dead"), bool)
+            and (isinstance(d.get("m"), list) and len(d["m"]) == 6 or "m" not in d)):
         raise Bad("%s%s is not a directory object" % (DIR, ino))
     return d
+
+
+def own(d, r):
+    """The directory's own attributes, started from the request's base; None
+    if it has none yet and the request gave no base."""
+    if "m" not in d:
+        base = r.get("base")
+        if not (isinstance(base, list) and len(base) == 6):
+            return None
+        d["m"] = list(base)
+    return d["m"]
+
+
+def changed(d, r):
+    """Its entries changed: the directory's mtime and ctime are now."""
+    m, now = own(d, r), r.get("now")
+    if m is not None and isinstance(now, (int, float)):
+        m[4] = m[5] = now
 
 
 def checked(entry, what):
@@ -98,6 +121,19 @@ def intent_at(d, iid):
     return intent
 
 
+def op_dirattr(ino, d, r):
+    """chmod, chown, utimens of the directory itself."""
+    m = own(d, r)
+    if m is None:
+        return {"err": "EINVAL"}
+    for field, index in (("mode", 0), ("uid", 1), ("gid", 2), ("atime", 3), ("mtime", 4),
+                         ("ctime", 5)):
+        if r.get(field) is not None:
+            m[index] = r[field]
+    save(ino, d)
+    return {"err": "", "m": m}
+
+
 def save(ino, d):
     fs_store.write_data(DIR + ino, msgpack.packb(d))
 
@@ -123,9 +159,12 @@ def gone(entry):
     return [entry[0], size if isinstance(size, int) and size >= 0 else 0]
 
 
-def put(d, to_name, entry):
-    """Place `entry` at `to_name`; the reply's "gone" for a file it replaces."""
+def put(d, to_name, entry, r):
+    """Place `entry` at `to_name` (a moved entry's ctime is now); the reply's
+    "gone" for a file it replaces."""
     old = entry_at(d, to_name)
+    if isinstance(r.get("now"), (int, float)) and entry[KIND] != "d":
+        checked(entry, "the moved entry")[CTIME] = r["now"]
     d["e"][to_name] = entry
     return gone(old) if old is not None and old[0] != entry[0] else None
 
@@ -137,6 +176,7 @@ def op_make(ino, d, r):
     if r["name"] in d["e"]:
         return {"err": "EEXIST"}
     d["e"][r["name"]] = r["entry"]
+    changed(d, r)
     save(ino, d)
     return {"err": ""}
 
@@ -153,6 +193,7 @@ def op_create(ino, d, r):
             return {"err": "EEXIST"}
         return {"err": "EISDIR"} if old[KIND] == "d" else {"err": "", "entry": old}
     d["e"][r["name"]] = r["entry"]
+    changed(d, r)
     save(ino, d)
     return {"err": "", "entry": r["entry"]}
 
@@ -164,6 +205,7 @@ def op_unlink(ino, d, r):
     if old[KIND] == "d":
         return {"err": "EISDIR"}
     del d["e"][r["name"]]
+    changed(d, r)
     save(ino, d)
     return {"err": "", "gone": gone(old)}
 
@@ -189,6 +231,7 @@ def op_drop(ino, d, r):
     if same_entry(d, r) is None:
         return {"err": "ENOENT"}
     del d["e"][r["name"]]
+    changed(d, r)
     save(ino, d)
     return {"err": ""}
 
@@ -213,7 +256,8 @@ def op_rename(ino, d, r):
     if err or r["name"] == r["to_name"]:
         return {"err": err}
     del d["e"][r["name"]]
-    replaced = put(d, r["to_name"], entry)
+    replaced = put(d, r["to_name"], entry, r)
+    changed(d, r)
     save(ino, d)
     return {"err": "", "gone": replaced}
 
@@ -224,6 +268,7 @@ def op_take(ino, d, r):
         return {"err": "ENOENT"}
     del d["e"][r["name"]]
     d["i"][r["iid"]] = [r["name"], entry, r["to"], r["to_name"], r.get("replace_ino")]
+    changed(d, r)
     save(ino, d)
     return {"err": ""}
 
@@ -237,7 +282,9 @@ def op_apply(ino, d, r):
         return {"err": "", "result": None}
     name, entry, _to, to_name, replace_ino = intent
     err = "ENOENT" if d["dead"] else conflict(d, to_name, entry, replace_ino)
-    replaced = None if err else put(d, to_name, entry)
+    replaced = None if err else put(d, to_name, entry, r)
+    if not err:
+        changed(d, r)
     d["a"][iid] = err
     save(ino, d)
     return {"err": "", "result": err, "gone": replaced}
