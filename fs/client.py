@@ -38,7 +38,7 @@ __all__ = ["FsClient", "FsError", "Entry", "ROOT", "SCRIPT"]
 
 SCRIPT = "fs.py"
 ROOT = "root"
-DIR, CHUNKS = "fs:d:", "fs:c:"
+DIR, CHUNKS, INODE = "fs:d:", "fs:c:", "fs:i:"
 # A file's contents are fixed-size chunks, `fs:c:{<ino>}:<n>` (the braces are a
 # Redis Cluster hash tag: a file's chunks share one slot).  1 MiB: the largest
 # write the kernel sends FUSE, so a sequential write is one store write per
@@ -100,6 +100,14 @@ def fit(chunk: bytes, length: int) -> bytes:
     """A stored chunk as `length` bytes: cut, or padded with zeros (a chunk
     never written, or written shorter; what lies past the size is not read)."""
     return chunk[:length] if len(chunk) >= length else chunk + bytes(length - len(chunk))
+
+
+SAME = "same"     # _replaceable: the target is another name of the moved file
+
+
+def inode_key(ino: str) -> str:
+    """A hard-linked file's inode object (history/fs.py): the chunks' hash tag."""
+    return f"{INODE}{{{ino}}}"
 
 
 def own(entry: Entry, d: dict) -> Entry:
@@ -189,8 +197,10 @@ class FsClient:
 
     def stat_links(self, path: str) -> tuple[Entry, int]:
         """(entry, link count): a directory's own attributes, and 2 plus its
-        subdirectories; 1 for anything else (no hard links)."""
+        subdirectories; a hard-linked entry's from its inode object; else 1."""
         entry = self.walk(path)[1]
+        if entry.linked:
+            return self.node(entry, path)
         if not entry.is_dir:
             return entry, 1
         d = self.directory(entry.ino, path)
@@ -217,6 +227,18 @@ class FsClient:
             log.warning("%s%s: %d names no directory can hold left out of the listing: %s",
                         DIR, entry.ino, len(skipped), shape.show_names(skipped))
         return listing
+
+    def node(self, entry: Entry, path: str) -> tuple[Entry, int]:
+        """A hard-linked entry's attributes and link count (its inode object;
+        the entry itself, 1, if the object is gone: its last link went)."""
+        try:
+            raw = self.session.read(inode_key(entry.ino))
+        except NotFound:
+            return entry, 1
+        try:
+            return shape.inode(shape.unpack(raw, "an inode"), entry.ino)
+        except shape.BadShape as exc:
+            raise bad(path, f"{inode_key(entry.ino)}: {exc}") from None
 
     def read_file(self, path: str) -> bytes:
         """The whole file, in memory: for small files (``srw fs get`` streams)."""
@@ -267,10 +289,17 @@ class FsClient:
 
     def call(self, ino: str, op: str, path: str, /, **args) -> dict:
         """One exec of the script on directory `ino`; its errno raised as FsError."""
-        data = msgpack.packb({"op": op, "dir": ino, "now": time.time(), **args})
+        return self._exec(DIR + ino, {"op": op, "dir": ino, **args}, path)
+
+    def call_inode(self, ino: str, op: str, path: str, /, **args) -> dict:
+        """One exec of the script on hard-linked file `ino`'s inode object."""
+        return self._exec(inode_key(ino), {"op": op, "ino": ino, **args}, path)
+
+    def _exec(self, key: str, request: dict, path: str) -> dict:
+        data = msgpack.packb({**request, "now": time.time()})
         result = None
         for group in self.groups:
-            result = self.session.exec(self.script, data, key=DIR + ino, groups=[group])[0]
+            result = self.session.exec(self.script, data, key=key, groups=[group])[0]
             if result.status != p.UNAVAILABLE:
                 break
         if not result.ok:
@@ -279,14 +308,16 @@ class FsClient:
         try:
             reply = shape.reply(result.data)
         except shape.BadShape as exc:
-            raise bad(path, f"{self.script} on {DIR}{ino}: {exc}") from None
+            raise bad(path, f"{self.script} on {key}: {exc}") from None
         if reply["err"] == "EIO":
-            raise bad(path, reply.get("why") or f"{self.script} on {DIR}{ino}: EIO")
+            raise bad(path, reply.get("why") or f"{self.script} on {key}: EIO")
         if reply["err"]:
             raise FsError(getattr(errno, reply["err"]), path)
         if reply.get("gone"):           # a file this op removed or replaced
             gone_ino, gone_size = reply["gone"]
             self.drop_chunks(gone_ino, 0, gone_size)
+        if reply.get("unref"):          # a hard-linked file lost a name
+            self.call_inode(reply["unref"], "iref", path, delta=-1)
         return reply
 
     def mkdir(self, path: str, mode: int = 0o755, owner: tuple[int, int] = (0, 0)) -> Entry:
@@ -362,9 +393,41 @@ class FsClient:
             fields.pop("size", None)
             reply = self.call(entry.ino, "dirattr", path, base=base(entry), **fields)
             return own(entry, reply)
+        if entry.linked:
+            reply = self.call_inode(entry.ino, "iset", path, **fields)
+            return self._node_reply(reply, entry, path)
         parent, name = self.parent(path)
         reply = self.call(parent.ino, "setattr", path, name=name, ino=entry.ino, **fields)
+        if reply["entry"].linked:       # linked since `entry` was read: its inode holds them
+            return self.setattr(path, reply["entry"], **fields)
         return reply["entry"]
+
+    def _node_reply(self, reply: dict, entry: Entry, path: str) -> Entry:
+        try:
+            return shape.inode(reply.get("node"), entry.ino)[0]
+        except shape.BadShape as exc:
+            raise bad(path, f"{inode_key(entry.ino)}: {exc}") from None
+
+    def link(self, old: str, new: str) -> Entry:
+        """A second name for a file (not a directory: EPERM).  Its attributes
+        move into an inode object on its first link; the count is raised
+        before the new name is made, so a crash between leaks, never loses."""
+        entry = self.stat(old)
+        if entry.is_dir:
+            raise FsError(errno.EPERM, old)
+        parent, name = self.parent(new)
+        node = [*list(entry)[1:10], 1]
+        self.call_inode(entry.ino, "iref", new, delta=1, base=node)
+        if not entry.linked:
+            old_parent, old_name = self.parent(old)
+            self.call(old_parent.ino, "setattr", old, name=old_name, ino=entry.ino, linked=1)
+        made = entry._replace(linked=1)
+        try:
+            self.call(parent.ino, "make", new, name=name, entry=list(made), base=base(parent))
+        except FsError:
+            self.call_inode(entry.ino, "iref", new, delta=-1)
+            raise
+        return made
 
     def unlink(self, path: str) -> None:
         parent, name = self.parent(path)
@@ -386,7 +449,9 @@ class FsClient:
         entry = self.stat(old)
         if entry.is_dir:
             self._refuse_cycle(new, entry)
-        replace_ino = self._replaceable(new, entry)
+        replace_ino = self._replaceable(new, entry, old)
+        if replace_ino == SAME:
+            return                  # another name of the same file: nothing to do
         if src_parent.ino == dst_parent.ino:
             self.call(src_parent.ino, "rename", old, name=name, to_name=to_name,
                       replace_ino=replace_ino, base=base(src_parent))
@@ -400,7 +465,7 @@ class FsClient:
         if rejected:
             raise FsError(getattr(errno, rejected), new)
 
-    def _replaceable(self, new: str, entry: Entry) -> str | None:
+    def _replaceable(self, new: str, entry: Entry, old: str = "") -> str | None:
         """The ino of an empty directory at `new` that the move may replace (made
         dead first, so nothing lands in it); the errno when it cannot be replaced."""
         try:
@@ -409,6 +474,8 @@ class FsClient:
             if exc.errno == errno.ENOENT:
                 return None
             raise
+        if target.ino == entry.ino and split_path(new) != split_path(old):
+            return SAME
         if not target.is_dir or target.ino == entry.ino:
             if entry.is_dir and not target.is_dir:
                 raise FsError(errno.ENOTDIR, new)

@@ -73,6 +73,11 @@ NO_ID = 2 ** 32 - 1     # chown's -1 as an unsigned uid_t/gid_t
 KIND_OF = {v: k for k, v in KINDS.items()}
 
 
+def inode_number(ino: str) -> int:
+    """st_ino: the ino's 64 bits (the root's is 1)."""
+    return 1 if ino == "root" else int(ino, 16) or 2
+
+
 def ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
@@ -122,7 +127,8 @@ class SrwOperations(mfusepy.Operations):
 
     def _attrs(self, entry: Entry, links: int = 1) -> dict:
         size, mtime = entry.size, entry.mtime
-        return {"st_mode": entry.st_mode, "st_nlink": links,
+        return {"st_ino": inode_number(entry.ino), "st_mode": entry.st_mode,
+                "st_nlink": links,
                 "st_size": size, "st_blocks": (size + 511) // 512, "st_blksize": BLOCK,
                 "st_uid": entry.uid, "st_gid": entry.gid,
                 "st_rdev": entry.extra if entry.kind in ("c", "b") else 0,
@@ -179,6 +185,10 @@ class SrwOperations(mfusepy.Operations):
             return
         self.fs.make(path, kind, stat.S_IMODE(mode), owner(),
                      dev if kind in ("c", "b") else 0)
+
+    def link(self, target, source):
+        """mfusepy's order: the new name `target`, for the file at `source`."""
+        self.fs.link(source, target)
 
     def symlink(self, target, source):
         """mfusepy's order: the link `target` made, pointing at `source`."""
@@ -356,7 +366,7 @@ def mount(session_factory, mountpoint: str, allow_other: bool = False,
         operations = SrwOperations(FsClient(session))
         try:
             options = {"allow_other": True} if allow_other else {}
-            mfusepy.FUSE(operations, mountpoint, foreground=True, nothreads=True,
+            mfusepy.FUSE(operations, mountpoint, foreground=True, nothreads=True, use_ino=True,
                          fsname="srw", default_permissions=default_permissions, **options)
         except RuntimeError as exc:   # fuse_main's non-zero status
             if exc.args == (ENDED_BY_SIGNAL,):

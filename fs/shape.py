@@ -23,7 +23,8 @@ from typing import NamedTuple
 import msgpack
 
 __all__ = ["BadShape", "Entry", "directory", "entry", "listing", "intent", "reply",
-           "name_ok", "one_line", "show_names", "NAME_MAX", "MAX_ENTRIES"]
+           "name_ok", "one_line", "show_names", "NAME_MAX", "MAX_ENTRIES", "inode", "own",
+           "unpack", "KINDS"]
 
 NAME_MAX = 255
 # Entries (or intents) in one directory.  An entry FsClient writes takes over
@@ -68,6 +69,7 @@ class Entry(NamedTuple):
     atime: float = 0.0
     ctime: float = 0.0
     extra: str | int = 0
+    linked: int = 0    # 1: hard-linked, its attributes in its inode object (``inode``)
 
     @property
     def is_dir(self) -> bool:
@@ -99,6 +101,16 @@ def directory(raw: bytes) -> dict:
         _iid(iid)
         _errno_name(err, f"applied rename {iid}")
     return d
+
+
+def inode(value, ino: str) -> Entry:
+    """A hard-linked entry's inode object [kind, mode, size, mtime, uid, gid,
+    atime, ctime, extra, nlink] as (Entry, nlink), checked as an entry."""
+    if not (type(value) is list and len(value) == 10 and type(value[9]) is int
+            and 0 < value[9] < ID_LIMIT):
+        raise BadShape(f"an inode is {_show(value)}, not [kind, mode, size, mtime, uid, "
+                       "gid, atime, ctime, extra, nlink]")
+    return entry([ino, *value[:9], 1]), value[9]
 
 
 def own(m) -> list:
@@ -144,7 +156,7 @@ def listing(entries: dict) -> tuple[dict[str, Entry], list[str]]:
 def _entry_ok(value) -> bool:
     """The check of `entry`, kept to type tests and comparisons: a listing runs
     it on every entry (~2 us each).  A NaN fails the range test."""
-    if type(value) is not list or len(value) not in (5, 10):
+    if type(value) is not list or len(value) not in (5, 10, 11):
         return False
     ino, kind, mode, size, mtime = value[:5]
     if not (type(ino) is str and INO.fullmatch(ino) is not None and kind in KINDS
@@ -153,10 +165,15 @@ def _entry_ok(value) -> bool:
         return False
     if len(value) == 5:
         return True
-    uid, gid, atime, ctime, extra = value[5:]
-    return (type(uid) is int and 0 <= uid < ID_LIMIT and type(gid) is int
+    uid, gid, atime, ctime, extra = value[5:10]
+    return ((len(value) == 10 or _linked_ok(kind, value[10]))
+            and type(uid) is int and 0 <= uid < ID_LIMIT and type(gid) is int
             and 0 <= gid < ID_LIMIT and _time_ok(atime) and _time_ok(ctime)
             and _extra_ok(kind, extra))
+
+
+def _linked_ok(kind: str, linked) -> bool:
+    return type(linked) is int and (linked == 0 or linked == 1 and kind != "d")
 
 
 def _time_ok(t) -> bool:
@@ -182,7 +199,7 @@ def _target_ok(target: str) -> bool:
 
 def _entry_fault(value) -> str:
     """What is wrong with an entry `_entry_ok` refused."""
-    if not (isinstance(value, list) and len(value) in (5, 10)):
+    if not (isinstance(value, list) and len(value) in (5, 10, 11)):
         return (f"an entry is {_show(value)}, not [ino, kind, mode, size, mtime, "
                 "uid, gid, atime, ctime, extra]")
     ino, kind, mode, size, mtime = value[:5]
@@ -198,7 +215,9 @@ def _entry_fault(value) -> str:
         return f"an entry's mtime is {_show(mtime)}, not seconds within 2**34 of 1970"
     if len(value) == 5:
         return "an entry is not valid"
-    uid, gid, atime, ctime, extra = value[5:]
+    uid, gid, atime, ctime, extra = value[5:10]
+    if len(value) == 11 and not _linked_ok(kind, value[10]):
+        return f"an entry's linked is {_show(value[10])}, not 0 or 1 (and not a directory's)"
     if not all(type(i) is int and 0 <= i < ID_LIMIT for i in (uid, gid)):
         return f"an entry's uid or gid is {_show(uid)}/{_show(gid)}, not 0 to 2**32-1"
     if not (_time_ok(atime) and _time_ok(ctime)):
@@ -235,6 +254,8 @@ def reply(raw: bytes) -> dict:
         raise BadShape("the reply's why is not a string")
     if "m" in r:
         r["m"] = own(r["m"])
+    if r.get("unref") is not None:
+        _ino(r["unref"])
     if r.get("gone") is not None:
         gone = r["gone"]
         if not (isinstance(gone, list) and len(gone) == 2 and type(gone[1]) is int
@@ -272,9 +293,14 @@ def show_names(names: list, limit: int = 3) -> str:
 
 # Fields ---------------------------------------------------------------------------
 
+def unpack(raw: bytes, what: str):
+    """msgpack `raw` with this module's bounds; BadShape if it does not decode."""
+    return _unpack(raw, what)
+
+
 def _unpack(raw: bytes, what: str):
     try:
-        return msgpack.unpackb(raw, raw=False, max_array_len=10, max_map_len=MAX_ENTRIES)
+        return msgpack.unpackb(raw, raw=False, max_array_len=11, max_map_len=MAX_ENTRIES)
     except Exception as exc:  # msgpack raises several unrelated types
         why = str(exc) or type(exc).__name__
         raise BadShape(f"not {what}: the msgpack does not decode ({_show(why, 80)})") from None

@@ -30,6 +30,14 @@
 # moved by a rename.  This script never touches them: an op that removes or
 # replaces a file answers "gone": [ino, size], and the client removes them.
 #
+# Hard links: an entry of 11 fields whose last is 1 is "linked": its
+# attributes live in the inode object "fs:i:{<ino>}" (same hash tag as the
+# chunks), [kind, mode, size, mtime, uid, gid, atime, ctime, extra, nlink],
+# changed by the i* ops below exec'd with that key (so the inode's own lock
+# serializes them).  Removing a linked entry answers "unref": ino, and the
+# client then runs iref -1; the last reference removes the object and
+# answers "gone".
+#
 # Rename across directories, S/name -> T/to_name (intent id `iid`, random):
 #   1. take   on S: move the entry out of S's entries into S's intents, in one write.
 #   2. apply  on T: if S no longer holds the intent (read, no lock), or T already
@@ -95,7 +103,7 @@ def changed(d, r):
 def checked(entry, what):
     """`entry` if it looks like [ino, kind, mode, size, mtime, ...] (the fields
     this script reads), else Bad; one of five fields is given the other five."""
-    if not (isinstance(entry, list) and len(entry) in (5, 10) and isinstance(entry[0], str)
+    if not (isinstance(entry, list) and len(entry) in (5, 10, 11) and isinstance(entry[0], str)
             and entry[KIND] in KINDS):
         raise Bad("%s is not [ino, kind, mode, size, mtime, ...]" % what)
     if len(entry) == 5:
@@ -159,6 +167,20 @@ def gone(entry):
     return [entry[0], size if isinstance(size, int) and size >= 0 else 0]
 
 
+def linked(entry):
+    return len(entry) == 11 and entry[10] == 1
+
+
+def released(entry):
+    """What the reply says of an entry no name holds any more: its contents
+    to remove, or (linked) its inode to unreference."""
+    if entry is None:
+        return {}
+    if linked(entry):
+        return {"unref": entry[0]}
+    return {"gone": gone(entry)}
+
+
 def put(d, to_name, entry, r):
     """Place `entry` at `to_name` (a moved entry's ctime is now); the reply's
     "gone" for a file it replaces."""
@@ -166,7 +188,7 @@ def put(d, to_name, entry, r):
     if isinstance(r.get("now"), (int, float)) and entry[KIND] != "d":
         checked(entry, "the moved entry")[CTIME] = r["now"]
     d["e"][to_name] = entry
-    return gone(old) if old is not None and old[0] != entry[0] else None
+    return released(old) if old is not None and old[0] != entry[0] else {}
 
 
 def op_make(ino, d, r):
@@ -207,7 +229,7 @@ def op_unlink(ino, d, r):
     del d["e"][r["name"]]
     changed(d, r)
     save(ino, d)
-    return {"err": "", "gone": gone(old)}
+    return dict(released(old), err="")
 
 
 def op_kill(ino, d, r):
@@ -243,6 +265,8 @@ def op_setattr(ino, d, r):
     for field, index in SETTABLE:
         if r.get(field) is not None:
             old[index] = r[field]
+    if r.get("linked") and not linked(old):
+        old[10:] = [1]
     save(ino, d)
     return {"err": "", "entry": old}
 
@@ -253,13 +277,14 @@ def op_rename(ino, d, r):
     if entry is None:
         return {"err": "ENOENT"}
     err = conflict(d, r["to_name"], entry, r.get("replace_ino"))
-    if err or r["name"] == r["to_name"]:
-        return {"err": err}
+    target = entry_at(d, r["to_name"])
+    if err or target is not None and target[0] == entry[0]:
+        return {"err": err}         # onto itself, or another name of it: nothing to do
     del d["e"][r["name"]]
     replaced = put(d, r["to_name"], entry, r)
     changed(d, r)
     save(ino, d)
-    return {"err": "", "gone": replaced}
+    return dict(replaced, err="")
 
 
 def op_take(ino, d, r):
@@ -282,12 +307,12 @@ def op_apply(ino, d, r):
         return {"err": "", "result": None}
     name, entry, _to, to_name, replace_ino = intent
     err = "ENOENT" if d["dead"] else conflict(d, to_name, entry, replace_ino)
-    replaced = None if err else put(d, to_name, entry, r)
+    replaced = {} if err else put(d, to_name, entry, r)
     if not err:
         changed(d, r)
     d["a"][iid] = err
     save(ino, d)
-    return {"err": "", "result": err, "gone": replaced}
+    return dict(replaced, err="", result=err)
 
 
 def op_finish(ino, d, r):
@@ -311,17 +336,76 @@ def op_forget(ino, d, r):
     return {"err": ""}
 
 
+# Inodes of hard-linked entries -----------------------------------------------------
+
+INODE = "fs:i:"
+NLINK = 9
+NODE_FIELDS = (("mode", 1), ("size", 2), ("mtime", 3), ("uid", 4), ("gid", 5),
+               ("atime", 6), ("ctime", 7))
+
+
+def inode_key(ino):
+    return "%s{%s}" % (INODE, ino)
+
+
+def load_node(ino):
+    try:
+        raw = fs_store.read_data(inode_key(ino))
+    except KeyError:
+        return None
+    try:
+        node = msgpack.unpackb(raw, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise Bad("%s does not decode: %s" % (inode_key(ino), (str(exc) or type(exc).__name__)[:80]))
+    if not (isinstance(node, list) and len(node) == 10 and isinstance(node[NLINK], int)
+            and isinstance(node[2], int)):
+        raise Bad("%s is not an inode" % inode_key(ino))
+    return node
+
+
+def iop_iref(ino, r):
+    """A name more (+1, starting from "base") or fewer (-1) for the inode."""
+    node = load_node(ino)
+    if node is None:
+        node = r.get("base")
+        if r.get("delta") != 1 or not (isinstance(node, list) and len(node) == 10):
+            return {"err": "ENOENT"}
+    node[NLINK] += 1 if r["delta"] == 1 else -1
+    if isinstance(r.get("now"), (int, float)):
+        node[7] = r["now"]                  # a link or unlink changes its ctime
+    if node[NLINK] <= 0:
+        fs_store.remove(inode_key(ino))
+        return {"err": "", "gone": [ino, max(node[2], 0)] if node[0] == "f" else None}
+    fs_store.write_data(inode_key(ino), msgpack.packb(node))
+    return {"err": "", "node": node}
+
+
+def iop_iset(ino, r):
+    node = load_node(ino)
+    if node is None:
+        return {"err": "ENOENT"}
+    for field, index in NODE_FIELDS:
+        if r.get(field) is not None:
+            node[index] = r[field]
+    fs_store.write_data(inode_key(ino), msgpack.packb(node))
+    return {"err": "", "node": node}
+
+
 OPS = {name[3:]: f for name, f in list(globals().items()) if name.startswith("op_")}
+IOPS = {name[4:]: f for name, f in list(globals().items()) if name.startswith("iop_")}
 
 
 def answer(request):
-    handler = OPS.get(request.get("op"))
-    if handler is None:
-        return {"err": "EINVAL"}
+    op = request.get("op")
     try:
-        return handler(request["dir"], load(request["dir"]), request)
+        if op in IOPS:
+            return IOPS[op](request["ino"], request)
+        if op not in OPS:
+            return {"err": "EINVAL"}
+        return OPS[op](request["dir"], load(request["dir"]), request)
     except Bad as exc:
-        return {"err": "EIO", "why": "%s on %s%s: %s" % (request["op"], DIR, request["dir"], exc)}
+        where = inode_key(request["ino"]) if op in IOPS else DIR + request["dir"]
+        return {"err": "EIO", "why": "%s on %s: %s" % (op, where, exc)}
 
 
 __return_data = msgpack.packb(answer(msgpack.unpackb(__input_binary_data_tuple[0], raw=False)))

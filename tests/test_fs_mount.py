@@ -339,3 +339,34 @@ def test_atime_mtime_ctime_of_their_own(mnt):
     assert st.st_ctime > 1_500_000_000         # set now, not the mtime given
     os.utime(f, ns=(1_200_000_000_000_000_000, 1_100_000_000_000_000_000))
     assert os.stat(f).st_atime_ns == 1_200_000_000_000_000_000
+
+
+def test_hard_links_share_contents_attributes_and_count(mnt, fs):
+    (mnt / "hl").mkdir()
+    first, second, third = mnt / "hl/a", mnt / "hl/b", mnt / "hl/c"
+    first.write_bytes(b"one")
+    os.link(first, second)
+    os.link(second, third)
+    # The kernel caches each name's attributes for a second (libfuse's
+    # attr_timeout; each name is a node of its own): counts through FsClient.
+    assert os.stat(third).st_nlink == 3
+    assert [fs.stat_links(f"/hl/{n}")[1] for n in "abc"] == [3, 3, 3]
+    with open(second, "ab") as f:
+        f.write(b" two")
+    os.chmod(third, 0o640)
+    assert first.read_bytes() == b"one two"
+    assert stat.S_IMODE(os.stat(first).st_mode) == 0o640
+    assert os.stat(first).st_ino == os.stat(third).st_ino
+    os.unlink(first)
+    os.rename(third, second)          # over another name of the same file: nothing happens
+    assert fs.stat_links("/hl/b")[1] == 2 and third.read_bytes() == b"one two"
+    ino = fs.stat("/hl/b").ino
+    (mnt / "hl/other").write_bytes(b"x")
+    os.rename(mnt / "hl/other", third)      # replaces one name: the file keeps the other
+    assert fs.stat_links("/hl/b")[1] == 1 and second.read_bytes() == b"one two"
+    os.unlink(second)                       # the last name: contents and inode go
+    with pytest.raises(NotFound):
+        fs.session.read(chunk_key(ino, 0))
+    with pytest.raises(OSError) as raised:
+        os.link(mnt / "hl", mnt / "hl2")
+    assert raised.value.errno == errno.EPERM
