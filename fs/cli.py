@@ -35,6 +35,9 @@ def register(sub, common: argparse.ArgumentParser, session_factory) -> None:
                        "in /etc/fuse.conf); use with --default-permissions")
     mount.add_argument("--default-permissions", action="store_true",
                        help="the kernel enforces each entry's mode and owner")
+    mount.add_argument("--attr-timeout", type=float, default=1.0, metavar="SECONDS",
+                       help="how long the kernel keeps a name's attributes (default 1; "
+                       "0: a change through one hard link shows through the others at once)")
     mount.set_defaults(func=_mount(session_factory))
 
 
@@ -50,7 +53,8 @@ def _mount(session_factory):
     def command(config, args) -> int:
         from .mount import mount
         return _one_line(lambda: mount(lambda: session_factory(config, args), args.mountpoint,
-                                       args.allow_other, args.default_permissions))
+                                       args.allow_other, args.default_permissions,
+                                       args.attr_timeout))
     return command
 
 

@@ -349,10 +349,12 @@ class SrwOperations(mfusepy.Operations):
 
 
 def mount(session_factory, mountpoint: str, allow_other: bool = False,
-          default_permissions: bool = False) -> int:
+          default_permissions: bool = False, attr_timeout: float = 1.0) -> int:
     """Serve the tree at `mountpoint` until it is unmounted; 0 on a clean unmount.
     `allow_other`: other users may use the mount; `default_permissions`: the
-    kernel checks each entry's mode and owner (see README)."""
+    kernel checks each entry's mode and owner (see README); `attr_timeout`:
+    seconds the kernel keeps a name's attributes (each hard link is a name of
+    its own there)."""
     if not os.path.isdir(mountpoint):
         raise FsError(errno.ENOTDIR if os.path.exists(mountpoint) else errno.ENOENT,
                       mountpoint)
@@ -365,7 +367,11 @@ def mount(session_factory, mountpoint: str, allow_other: bool = False,
             return 1
         operations = SrwOperations(FsClient(session))
         try:
+            if not 0 <= attr_timeout <= 3600:
+                raise FsError(errno.EINVAL, f"--attr-timeout {attr_timeout}: 0 to 3600 s")
             options = {"allow_other": True} if allow_other else {}
+            if attr_timeout != 1.0:
+                options["attr_timeout"] = attr_timeout
             mfusepy.FUSE(operations, mountpoint, foreground=True, nothreads=True, use_ino=True,
                          fsname="srw", default_permissions=default_permissions, **options)
         except RuntimeError as exc:   # fuse_main's non-zero status
