@@ -363,6 +363,8 @@ class FsClient:
         entry = self._new(parent, "f", mode, owner)
         reply = self.call(parent.ino, "create", path, name=name, entry=list(entry),
                           excl=exclusive, base=base(parent))
+        if reply["entry"].linked:       # an existing hard-linked file: its inode's
+            return self.node(reply["entry"], path)[0]
         return reply["entry"]
 
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> Entry:
