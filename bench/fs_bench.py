@@ -1,19 +1,25 @@
 """Directories and the mount, next to a local tmpfs directory, in one run.
 
-    .venv/bin/python bench/fs_bench.py [--files N] [--big N] [--mb N]
+    .venv/bin/python bench/fs_bench.py [--files N] [--big N] [--mb N] [--gib N]
 
 Starts one node (`srw serve`, default profile, sync on) in a temporary folder
 and mounts it (`srw mount`), then times the same operations on the mount, on
 a tmpfs directory (/dev/shm) and, where it applies, through FsClient (the
 Python API, no kernel in between): creating N empty files in one directory,
 stat of each, listing a directory of `--big` entries (filled through
-FsClient), and writing and reading 1 MB files.  Not part of the test suite.
-Everything started is stopped and unmounted.
+FsClient), and writing and reading 1 MB files.  Then one large file
+(`--gib`, default 1 GiB): a sequential write and read (MB/s), random 4 KiB
+reads in it (ops/s), and `tar -x` of a source tree (this repository's
+tracked files), each also through a minimal mfusepy passthrough of a tmpfs
+directory (`Passthrough` below, its own process): what any FUSE filesystem
+in Python pays.  Not part of the test suite.  Everything started is stopped
+and unmounted.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -80,6 +86,140 @@ def fill(cfg: Path, path: str, n: int, threads: int = 4) -> float:
     for w in workers:
         w.join()
     return n / (time.perf_counter() - started)
+
+
+def big_write(folder: Path, size: int) -> float:
+    block = os.urandom(MB)
+
+    def write():
+        fd = os.open(folder / "large", os.O_CREAT | os.O_WRONLY | os.O_TRUNC)
+        try:
+            for _ in range(size // MB):
+                os.write(fd, block)
+        finally:
+            os.close(fd)
+    return size / MB / timed(write)
+
+
+def big_read(folder: Path, size: int) -> float:
+    def read():
+        fd = os.open(folder / "large", os.O_RDONLY)
+        try:
+            while os.read(fd, MB):
+                pass
+        finally:
+            os.close(fd)
+    return size / MB / timed(read)
+
+
+def random_reads(folder: Path, size: int, n: int = 2000) -> float:
+    rng = random.Random(1)
+    offsets = [rng.randrange(size // 4096) * 4096 for _ in range(n)]
+
+    def read():
+        fd = os.open(folder / "large", os.O_RDONLY)
+        try:
+            for at in offsets:
+                os.pread(fd, 4096, at)
+        finally:
+            os.close(fd)
+    return n / timed(read)
+
+
+def untar(folder: Path, tarball: Path, files: int) -> float:
+    (folder / "src").mkdir()
+    return files / timed(lambda: subprocess.run(["tar", "-C", str(folder / "src"), "-xf",
+                                                 str(tarball)], check=True))
+
+
+def source_tar(root: Path) -> tuple[Path, int]:
+    """This repository's tracked files as a tar (git archive), and their count."""
+    tarball = root / "src.tar"
+    subprocess.run(["git", "-C", str(REPO), "archive", "-o", str(tarball), "HEAD"], check=True)
+    files = subprocess.run(["tar", "-tf", str(tarball)], capture_output=True, text=True,
+                           check=True).stdout.split()
+    return tarball, sum(1 for f in files if not f.endswith("/"))
+
+
+def row3(what: str, mount: float, local: float, passthrough: float, unit: str) -> None:
+    print(f"{what:34} {mount:>12,.0f} {local:>12,.0f} {passthrough:>12,.0f}  {unit}"
+          f"   (mount/passthrough {mount / passthrough:.2f})")
+
+
+class Passthrough:
+    """The least a FUSE filesystem in Python does: every call passed to a
+    directory of tmpfs, one thread (as srw mount)."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def _p(self, path: str) -> str:
+        return self.root + path
+
+    def getattr(self, path, fh=None):
+        st = os.lstat(self._p(path))
+        return {k: getattr(st, k) for k in ("st_mode", "st_nlink", "st_size", "st_uid",
+                                            "st_gid", "st_atime", "st_mtime", "st_ctime")}
+
+    def readdir(self, path, fh):
+        return [".", ".."] + os.listdir(self._p(path))
+
+    def mkdir(self, path, mode):
+        os.mkdir(self._p(path), mode)
+
+    def unlink(self, path):
+        os.unlink(self._p(path))
+
+    def rmdir(self, path):
+        os.rmdir(self._p(path))
+
+    def rename(self, old, new):
+        os.rename(self._p(old), self._p(new))
+
+    def chmod(self, path, mode):
+        os.chmod(self._p(path), mode)
+
+    def chown(self, path, uid, gid):
+        os.chown(self._p(path), uid, gid)
+
+    def utimens(self, path, times=None):
+        os.utime(self._p(path), times)
+
+    def symlink(self, target, source):
+        os.symlink(source, self._p(target))
+
+    def readlink(self, path):
+        return os.readlink(self._p(path))
+
+    def create(self, path, mode, fi=None):
+        return os.open(self._p(path), os.O_CREAT | os.O_RDWR | os.O_TRUNC, mode)
+
+    def open(self, path, flags):
+        return os.open(self._p(path), flags)
+
+    def read(self, path, size, offset, fh):
+        return os.pread(fh, size, offset)
+
+    def write(self, path, data, offset, fh):
+        return os.pwrite(fh, data, offset)
+
+    def truncate(self, path, length, fh=None):
+        os.truncate(self._p(path), length)
+
+    def flush(self, path, fh):
+        return 0
+
+    def release(self, path, fh):
+        os.close(fh)
+
+    def fsync(self, path, datasync, fh):
+        return 0
+
+
+def passthrough_main(root: str, mountpoint: str) -> None:
+    import mfusepy
+    ops = type("PassthroughOps", (Passthrough, mfusepy.Operations), {"use_ns": True})(root)
+    mfusepy.FUSE(ops, mountpoint, foreground=True, nothreads=True, fsname="passthrough")
 
 
 def row(what: str, mount: float, local: float, api: float | None, unit: str) -> None:
@@ -150,6 +290,35 @@ def measure(args, cfg: Path, mnt: Path, shm: Path) -> None:
         None, "MB/s")
     row(f"read 1 MB files ({args.mb})", read_mb(mnt, args.mb), read_mb(shm, args.mb),
         None, "MB/s")
+    large(args, mnt, shm)
+
+
+def large(args, mnt: Path, shm: Path) -> None:
+    """The large-file and tar rows: the mount, tmpfs, and the passthrough."""
+    size = int(args.gib * (1 << 30)) // MB * MB
+    through = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    pmnt = Path(tempfile.mkdtemp())
+    proc = subprocess.Popen([sys.executable, __file__, "--passthrough", str(through),
+                             str(pmnt)], start_new_session=True)
+    try:
+        wait_for(lambda: os.path.ismount(pmnt), 30, "the passthrough mount")
+        tarball, files = source_tar(shm)
+        label = f"{size / (1 << 30):g} GiB"
+        print(f"{'operation':34} {'mount':>12} {'tmpfs':>12} {'passthrough':>12}")
+        results = {}
+        for name, folder in (("mount", mnt), ("tmpfs", shm), ("passthrough", pmnt)):
+            results[name] = (big_write(folder, size), big_read(folder, size),
+                             random_reads(folder, size), untar(folder, tarball, files))
+        for i, (what, unit) in enumerate(((f"sequential write, {label}", "MB/s"),
+                                          (f"sequential read, {label}", "MB/s"),
+                                          (f"random 4 KiB reads in {label}", "ops/s"),
+                                          (f"tar -x of {files} files", "files/s"))):
+            row3(what, results["mount"][i], results["tmpfs"][i], results["passthrough"][i],
+                 unit)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(pmnt)], timeout=30)
+        proc.wait(30)
+        shutil.rmtree(through, ignore_errors=True)
 
 
 def main() -> int:
@@ -157,7 +326,13 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=500)
     parser.add_argument("--big", type=int, default=10_000)
     parser.add_argument("--mb", type=int, default=20)
+    parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--passthrough", nargs=2, metavar=("ROOT", "MOUNTPOINT"),
+                        help=argparse.SUPPRESS)     # the passthrough's own process
     args = parser.parse_args()
+    if args.passthrough:
+        passthrough_main(*args.passthrough)
+        return 0
     procs: list[subprocess.Popen] = []
     root = Path(tempfile.mkdtemp(prefix="srw-fs-bench-"))
     try:

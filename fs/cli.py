@@ -30,6 +30,14 @@ def register(sub, common: argparse.ArgumentParser, session_factory) -> None:
                            description="Mount the cluster's tree at MOUNTPOINT in the "
                            "foreground; Ctrl-C or fusermount3 -u MOUNTPOINT unmounts.")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mount.add_argument("--allow-other", action="store_true",
+                       help="let other users use the mount (root, or user_allow_other "
+                       "in /etc/fuse.conf); use with --default-permissions")
+    mount.add_argument("--default-permissions", action="store_true",
+                       help="the kernel enforces each entry's mode and owner")
+    mount.add_argument("--attr-timeout", type=float, default=1.0, metavar="SECONDS",
+                       help="how long the kernel keeps a name's attributes (default 1; "
+                       "0: a change through one hard link shows through the others at once)")
     mount.set_defaults(func=_mount(session_factory))
 
 
@@ -44,7 +52,9 @@ def _run(func, session_factory):
 def _mount(session_factory):
     def command(config, args) -> int:
         from .mount import mount
-        return _one_line(lambda: mount(lambda: session_factory(config, args), args.mountpoint))
+        return _one_line(lambda: mount(lambda: session_factory(config, args), args.mountpoint,
+                                       args.allow_other, args.default_permissions,
+                                       args.attr_timeout))
     return command
 
 
@@ -88,7 +98,8 @@ def cmd_put(fs: FsClient, args) -> None:
 
 def cmd_get(fs: FsClient, args) -> None:
     """get PATH: the file's contents on stdout."""
-    sys.stdout.buffer.write(fs.read_file(args.paths[0]))
+    for chunk in fs.stream(args.paths[0]):
+        sys.stdout.buffer.write(chunk)
     sys.stdout.flush()
 
 

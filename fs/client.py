@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 
 import msgpack
@@ -37,8 +38,20 @@ __all__ = ["FsClient", "FsError", "Entry", "ROOT", "SCRIPT"]
 
 SCRIPT = "fs.py"
 ROOT = "root"
-DIR, DATA = "fs:d:", "fs:f:"
-PATH_MAX = 4096
+DIR, CHUNKS, INODE = "fs:d:", "fs:c:", "fs:i:"
+# A file's contents are fixed-size chunks, `fs:c:{<ino>}:<n>` (the braces are a
+# Redis Cluster hash tag: a file's chunks share one slot).  1 MiB: the largest
+# write the kernel sends FUSE, so a sequential write is one store write per
+# request and its round trip is paid per MiB, not per 128 KiB; a random 4 KiB
+# read moves at most 1 MiB; and far under any max_value a node should have
+# (the mount refuses to start on a node with less).  A chunk never written,
+# or shorter than its share of the file, reads as zeros: sparse files cost
+# nothing.
+CHUNK = 1 << 20
+# The largest file (st_size) a write or truncate may reach; beyond it, EFBIG.
+# 16 TiB, as ext4 with 4 KiB blocks: 2**24 chunks, so removing even the largest
+# file is a bounded number of store removes.
+MAX_FILE = 1 << 44
 log = logging.getLogger("srw.fs")
 
 
@@ -49,16 +62,17 @@ class FsError(OSError):
         super().__init__(code, os.strerror(code), path)
 
 
-ROOT_ENTRY = Entry(ROOT, "d", 0o755, 0, 0.0)
+ROOT_ENTRY = Entry(ROOT, "d", 0o755, 0, 0.0, 0, 0, 0.0, 0.0, 0)
 
 
 def split_path(path: str) -> list[str]:
     """The path's components, ``.`` and ``..`` resolved; EINVAL, ENAMETOOLONG or
-    ENOENT (``..`` above the root) for a path no directory could hold."""
+    ENOENT (``..`` above the root) for a path no directory could hold.  The
+    whole path has no limit of its own: the kernel limits what a process
+    passes (PATH_MAX), and a path relative to a deep working directory can be
+    longer inside the tree."""
     if "\0" in path:
         raise FsError(errno.EINVAL, path)
-    if len(path.encode("utf-8", "surrogateescape")) > PATH_MAX:
-        raise FsError(errno.ENAMETOOLONG, path)
     parts: list[str] = []
     for part in path.split("/"):
         if part in ("", "."):
@@ -76,6 +90,38 @@ def split_path(path: str) -> list[str]:
             raise FsError(errno.ENAMETOOLONG, path)
         parts.append(part)
     return parts
+
+
+def chunk_key(ino: str, n: int) -> str:
+    return f"{CHUNKS}{{{ino}}}:{n}"
+
+
+def fit(chunk: bytes, length: int) -> bytes:
+    """A stored chunk as `length` bytes: cut, or padded with zeros (a chunk
+    never written, or written shorter; what lies past the size is not read)."""
+    return chunk[:length] if len(chunk) >= length else chunk + bytes(length - len(chunk))
+
+
+SAME = "same"     # _replaceable: the target is another name of the moved file
+
+
+def inode_key(ino: str) -> str:
+    """A hard-linked file's inode object (history/fs.py): the chunks' hash tag."""
+    return f"{INODE}{{{ino}}}"
+
+
+def own(entry: Entry, d: dict) -> Entry:
+    """A directory's entry with the attributes its own object holds, if any."""
+    m = d.get("m")
+    if m is None:
+        return entry
+    mode, uid, gid, atime, mtime, ctime = m
+    return entry._replace(mode=mode, uid=uid, gid=gid, atime=atime, mtime=mtime, ctime=ctime)
+
+
+def base(entry: Entry) -> list:
+    """A directory's attributes as an op on it carries them (history/fs.py "m")."""
+    return [entry.mode, entry.uid, entry.gid, entry.atime, entry.mtime, entry.ctime]
 
 
 def new_ino() -> str:
@@ -116,7 +162,9 @@ class FsClient:
             raise bad(path, f"{DIR}{ino}: {name!r}: {exc}") from None
 
     def walk(self, path: str, follow_last: bool = True) -> tuple[list[str], Entry]:
-        """(components, entry) of an existing path; ENOENT / ENOTDIR on the way."""
+        """(components, entry) of an existing path; ENOENT / ENOTDIR on the way.
+        A directory's entry carries its own attributes (``own``) where the walk
+        read its object; the last one's is not read here (``stat`` does)."""
         parts = split_path(path)
         entry = ROOT_ENTRY
         for part in parts if follow_last else parts[:-1]:
@@ -135,16 +183,29 @@ class FsClient:
         return d["e"]
 
     def parent(self, path: str) -> tuple[Entry, str]:
-        """(parent directory entry, last name) of a path that may not exist yet."""
+        """(parent directory entry, with its own attributes; last name) of a
+        path that may not exist yet."""
         parts, parent = self.walk(path, follow_last=False)
         if not parts:
             raise FsError(errno.EEXIST, path)       # the root itself
         if not parent.is_dir:
             raise FsError(errno.ENOTDIR, path)
-        return parent, parts[-1]
+        return own(parent, self.directory(parent.ino, path)), parts[-1]
 
     def stat(self, path: str) -> Entry:
-        return self.walk(path)[1]
+        return self.stat_links(path)[0]
+
+    def stat_links(self, path: str) -> tuple[Entry, int]:
+        """(entry, link count): a directory's own attributes, and 2 plus its
+        subdirectories; a hard-linked entry's from its inode object; else 1."""
+        entry = self.walk(path)[1]
+        if entry.linked:
+            return self.node(entry, path)
+        if not entry.is_dir:
+            return entry, 1
+        d = self.directory(entry.ino, path)
+        subdirs = sum(1 for v in d["e"].values() if type(v) is list and v[1:2] == ["d"])
+        return own(entry, d), 2 + subdirs
 
     def readdir(self, path: str) -> dict[str, Entry]:
         """Name -> Entry; half-done renames out of this directory are finished
@@ -167,26 +228,78 @@ class FsClient:
                         DIR, entry.ino, len(skipped), shape.show_names(skipped))
         return listing
 
+    def node(self, entry: Entry, path: str) -> tuple[Entry, int]:
+        """A hard-linked entry's attributes and link count (its inode object;
+        the entry itself, 1, if the object is gone: its last link went)."""
+        try:
+            raw = self.session.read(inode_key(entry.ino))
+        except NotFound:
+            return entry, 1
+        try:
+            return shape.inode(shape.unpack(raw, "an inode"), entry.ino)
+        except shape.BadShape as exc:
+            raise bad(path, f"{inode_key(entry.ino)}: {exc}") from None
+
     def read_file(self, path: str) -> bytes:
+        """The whole file, in memory: for small files (``srw fs get`` streams)."""
+        return b"".join(self.stream(path))
+
+    def stream(self, path: str):
+        """The file's contents, a chunk at a time."""
         entry = self.stat(path)
         if entry.is_dir:
             raise FsError(errno.EISDIR, path)
-        return self.read_data(entry.ino)
+        return self.chunks(entry)
 
-    def read_data(self, ino: str) -> bytes:
+    def chunks(self, entry: Entry):
+        for n in range(-(-entry.size // CHUNK)):
+            part = entry.size - n * CHUNK
+            yield fit(self.read_chunk(entry.ino, n), min(part, CHUNK))
+
+    def read_data(self, entry: Entry) -> bytes:
+        return b"".join(self.chunks(entry))
+
+    def read_chunk(self, ino: str, n: int) -> bytes:
+        """Chunk `n` as stored (b"" if never written): its length is not checked
+        here, the caller fits it to the file's size (``fit``)."""
         try:
-            return self.session.read(DATA + ino)
+            return self.session.read(chunk_key(ino, n))
         except NotFound:
-            return b""     # never written: empty
+            return b""
+
+    def write_chunk(self, path: str, ino: str, n: int, data: bytes) -> None:
+        """Chunk `n` in every group; EIO only if no group took it."""
+        failed = [r for r in self.session.write(chunk_key(ino, n), bytes(data)) if not r.ok]
+        if len(failed) == len(self.groups):
+            raise FsError(errno.EIO, f"{path}: {failed[0].status}: {failed[0].error}")
+
+    def drop_chunks(self, ino: str, start: int, size: int) -> None:
+        """Remove the chunks from `start` up to those of a file of `size` bytes
+        (absent ones included: nothing records which a sparse file has).  A
+        size beyond MAX_FILE is not one of ours (a hostile entry): its chunks
+        stay, with a line in the log, rather than millions of removes."""
+        if size > MAX_FILE:
+            log.warning("fs:c:{%s}: not removed: its size %d is over the largest file",
+                        ino, size)
+            return
+        for n in range(start, -(-size // CHUNK)):
+            self.session.remove(chunk_key(ino, n))
 
     # Changing ----------------------------------------------------------------------
 
     def call(self, ino: str, op: str, path: str, /, **args) -> dict:
         """One exec of the script on directory `ino`; its errno raised as FsError."""
-        data = msgpack.packb({"op": op, "dir": ino, **args})
+        return self._exec(DIR + ino, {"op": op, "dir": ino, **args}, path)
+
+    def call_inode(self, ino: str, op: str, path: str, /, **args) -> dict:
+        """One exec of the script on hard-linked file `ino`'s inode object."""
+        return self._exec(inode_key(ino), {"op": op, "ino": ino, **args}, path)
+
+    def _exec(self, key: str, request: dict, path: str) -> dict:
+        data = msgpack.packb({**request, "now": time.time()})
         result = None
         for group in self.groups:
-            result = self.session.exec(self.script, data, key=DIR + ino, groups=[group])[0]
+            result = self.session.exec(self.script, data, key=key, groups=[group])[0]
             if result.status != p.UNAVAILABLE:
                 break
         if not result.ok:
@@ -195,25 +308,63 @@ class FsClient:
         try:
             reply = shape.reply(result.data)
         except shape.BadShape as exc:
-            raise bad(path, f"{self.script} on {DIR}{ino}: {exc}") from None
+            raise bad(path, f"{self.script} on {key}: {exc}") from None
         if reply["err"] == "EIO":
-            raise bad(path, reply.get("why") or f"{self.script} on {DIR}{ino}: EIO")
+            raise bad(path, reply.get("why") or f"{self.script} on {key}: EIO")
         if reply["err"]:
             raise FsError(getattr(errno, reply["err"]), path)
+        if reply.get("gone"):           # a file this op removed or replaced
+            gone_ino, gone_size = reply["gone"]
+            self.drop_chunks(gone_ino, 0, gone_size)
+        if reply.get("unref"):          # a hard-linked file lost a name
+            self.call_inode(reply["unref"], "iref", path, delta=-1)
         return reply
 
-    def mkdir(self, path: str, mode: int = 0o755) -> Entry:
+    def mkdir(self, path: str, mode: int = 0o755, owner: tuple[int, int] = (0, 0)) -> Entry:
+        return self.make(path, "d", mode, owner)
+
+    def make(self, path: str, kind: str, mode: int, owner: tuple[int, int] = (0, 0),
+             extra: str | int = 0) -> Entry:
+        """A new entry of `kind` (shape.KINDS) at `path`; EEXIST if the name is
+        taken.  `owner` is (uid, gid) of the caller; see `_new`."""
         parent, name = self.parent(path)
-        entry = Entry(new_ino(), "d", mode & 0o7777, 0, time.time())
-        self.call(parent.ino, "mkdir", path, name=name, entry=list(entry))
+        entry = self._new(parent, kind, mode, owner, extra)
+        try:
+            shape.entry(list(entry))
+        except shape.BadShape:
+            raise FsError(errno.EINVAL, path) from None
+        self.call(parent.ino, "make", path, name=name, entry=list(entry), base=base(parent))
         return entry
 
-    def create(self, path: str, mode: int = 0o644, exclusive: bool = False) -> Entry:
+    def symlink(self, path: str, target: str, owner: tuple[int, int] = (0, 0)) -> Entry:
+        if len(target.encode("utf-8", "surrogateescape")) > shape.TARGET_MAX:
+            raise FsError(errno.ENAMETOOLONG, path)
+        return self.make(path, "l", 0o777, owner, target)
+
+    @staticmethod
+    def _new(parent: Entry, kind: str, mode: int, owner: tuple[int, int],
+             extra: str | int = 0) -> Entry:
+        """A new entry in `parent`: in a set-group-ID directory it takes the
+        directory's group, and a directory the set-group-ID bit (as Linux)."""
+        uid, gid = owner
+        mode &= 0o7777
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if kind == "d":
+                mode |= stat.S_ISGID
+        now = time.time()
+        size = len(extra.encode("utf-8", "surrogateescape")) if kind == "l" else 0
+        return Entry(new_ino(), kind, mode, size, now, uid, gid, now, now, extra)
+
+    def create(self, path: str, mode: int = 0o644, exclusive: bool = False,
+               owner: tuple[int, int] = (0, 0)) -> Entry:
         """The file at `path`, made empty if it did not exist (EEXIST if `exclusive`)."""
         parent, name = self.parent(path)
-        entry = [new_ino(), "f", mode & 0o7777, 0, time.time()]
-        reply = self.call(parent.ino, "create", path, name=name, entry=entry,
-                          excl=exclusive)
+        entry = self._new(parent, "f", mode, owner)
+        reply = self.call(parent.ino, "create", path, name=name, entry=list(entry),
+                          excl=exclusive, base=base(parent))
+        if reply["entry"].linked:       # an existing hard-linked file: its inode's
+            return self.node(reply["entry"], path)[0]
         return reply["entry"]
 
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> Entry:
@@ -222,26 +373,67 @@ class FsClient:
         return self.write_data(path, entry, data)
 
     def write_data(self, path: str, entry: Entry, data: bytes) -> Entry:
-        failed = [r for r in self.session.write(DATA + entry.ino, bytes(data)) if not r.ok]
-        if len(failed) == len(self.groups):
-            raise FsError(errno.EIO, f"{path}: {failed[0].status}: {failed[0].error}")
-        return self.setattr(path, entry, size=len(data), mtime=time.time())
+        if len(data) > MAX_FILE:
+            raise FsError(errno.EFBIG, path)
+        view, old_size = memoryview(data), entry.size
+        for n in range(-(-len(data) // CHUNK)):
+            self.write_chunk(path, entry.ino, n, view[n * CHUNK:(n + 1) * CHUNK])
+        entry = self.setattr(path, entry, size=len(data), mtime=time.time())
+        self.drop_chunks(entry.ino, -(-len(data) // CHUNK), old_size)
+        return entry
 
     def setattr(self, path: str, entry: Entry, **fields) -> Entry:
-        """Change size, mode or mtime; EINVAL for a value an entry cannot hold
-        (readers would find the directory's entry bad and answer EIO)."""
+        """Change size, mode, uid, gid, atime, mtime or ctime; EINVAL for a value
+        an entry cannot hold (readers would find the directory's entry bad and
+        answer EIO).  A directory's go into its own object."""
         fields = {k: v for k, v in fields.items() if v is not None}
         try:
             shape.entry(list(entry._replace(**fields)))
         except shape.BadShape:
             raise FsError(errno.EINVAL, path) from None
+        if entry.is_dir:
+            fields.pop("size", None)
+            reply = self.call(entry.ino, "dirattr", path, base=base(entry), **fields)
+            return own(entry, reply)
+        if entry.linked:
+            reply = self.call_inode(entry.ino, "iset", path, **fields)
+            return self._node_reply(reply, entry, path)
         parent, name = self.parent(path)
         reply = self.call(parent.ino, "setattr", path, name=name, ino=entry.ino, **fields)
+        if reply["entry"].linked:       # linked since `entry` was read: its inode holds them
+            return self.setattr(path, reply["entry"], **fields)
         return reply["entry"]
+
+    def _node_reply(self, reply: dict, entry: Entry, path: str) -> Entry:
+        try:
+            return shape.inode(reply.get("node"), entry.ino)[0]
+        except shape.BadShape as exc:
+            raise bad(path, f"{inode_key(entry.ino)}: {exc}") from None
+
+    def link(self, old: str, new: str) -> Entry:
+        """A second name for a file (not a directory: EPERM).  Its attributes
+        move into an inode object on its first link; the count is raised
+        before the new name is made, so a crash between leaks, never loses."""
+        entry = self.stat(old)
+        if entry.is_dir:
+            raise FsError(errno.EPERM, old)
+        parent, name = self.parent(new)
+        node = [*list(entry)[1:10], 1]
+        self.call_inode(entry.ino, "iref", new, delta=1, base=node)
+        if not entry.linked:
+            old_parent, old_name = self.parent(old)
+            self.call(old_parent.ino, "setattr", old, name=old_name, ino=entry.ino, linked=1)
+        made = entry._replace(linked=1)
+        try:
+            self.call(parent.ino, "make", new, name=name, entry=list(made), base=base(parent))
+        except FsError:
+            self.call_inode(entry.ino, "iref", new, delta=-1)
+            raise
+        return made
 
     def unlink(self, path: str) -> None:
         parent, name = self.parent(path)
-        self.call(parent.ino, "unlink", path, name=name)
+        self.call(parent.ino, "unlink", path, name=name, base=base(parent))
 
     def rmdir(self, path: str) -> None:
         """Mark the directory dead if empty (no create can land in it after),
@@ -251,7 +443,7 @@ class FsClient:
         if not entry.is_dir:
             raise FsError(errno.ENOTDIR, path)
         self.call(entry.ino, "kill", path)
-        self.call(parent.ino, "drop", path, name=name, ino=entry.ino)
+        self.call(parent.ino, "drop", path, name=name, ino=entry.ino, base=base(parent))
 
     def rename(self, old: str, new: str) -> None:
         src_parent, name = self.parent(old)
@@ -259,20 +451,23 @@ class FsClient:
         entry = self.stat(old)
         if entry.is_dir:
             self._refuse_cycle(new, entry)
-        replace_ino = self._replaceable(new, entry)
+        replace_ino = self._replaceable(new, entry, old)
+        if replace_ino == SAME:
+            return                  # another name of the same file: nothing to do
         if src_parent.ino == dst_parent.ino:
             self.call(src_parent.ino, "rename", old, name=name, to_name=to_name,
-                      replace_ino=replace_ino)
+                      replace_ino=replace_ino, base=base(src_parent))
             return
         iid = new_ino() + new_ino()
         self.call(src_parent.ino, "take", old, name=name, iid=iid, to=dst_parent.ino,
-                  to_name=to_name, replace_ino=replace_ino)
+                  to_name=to_name, replace_ino=replace_ino, base=base(src_parent))
         rejected = self.recover(src_parent.ino, {iid: [name, list(entry), dst_parent.ino,
-                                                       to_name, replace_ino]}, old)[iid]
+                                                       to_name, replace_ino]}, old,
+                                dst_parent)[iid]
         if rejected:
             raise FsError(getattr(errno, rejected), new)
 
-    def _replaceable(self, new: str, entry: Entry) -> str | None:
+    def _replaceable(self, new: str, entry: Entry, old: str = "") -> str | None:
         """The ino of an empty directory at `new` that the move may replace (made
         dead first, so nothing lands in it); the errno when it cannot be replaced."""
         try:
@@ -281,6 +476,8 @@ class FsClient:
             if exc.errno == errno.ENOENT:
                 return None
             raise
+        if target.ino == entry.ino and split_path(new) != split_path(old):
+            return SAME
         if not target.is_dir or target.ino == entry.ino:
             if entry.is_dir and not target.is_dir:
                 raise FsError(errno.ENOTDIR, new)
@@ -303,14 +500,16 @@ class FsClient:
             if node.ino == entry.ino:
                 raise FsError(errno.EINVAL, new)
 
-    def recover(self, src: str, intents: dict, path: str = "") -> dict[str, str]:
+    def recover(self, src: str, intents: dict, path: str = "",
+                target: Entry | None = None) -> dict[str, str]:
         """Finish renames out of directory `src` (at `path`, for errors): apply
         on the target, drop the intent (putting the entry back if the target
         refused), forget.  Returns each intent's errno name ("" when applied or
         already finished)."""
         results = {}
         for iid, (_name, _entry, to, _to_name, _replace) in intents.items():
-            result = self.call(to, "apply", path, iid=iid, src=src)["result"]
+            known = {"base": base(target)} if target is not None and target.ino == to else {}
+            result = self.call(to, "apply", path, iid=iid, src=src, **known)["result"]
             self.call(src, "finish", path, iid=iid, rejected=bool(result))
             self.call(to, "forget", path, iid=iid)
             results[iid] = result or ""

@@ -2,12 +2,16 @@
 
 One thread serves the kernel (mfusepy's ``nothreads``): the FsClient and its
 Session (ZeroMQ sockets) are not thread-safe, and every call is a network
-round trip anyway.  An open file's contents are held in memory from its first
-read or write to its flush (close-to-open, as NFS): a write is one store write
-of the whole file and one exec for its size, at flush.  Ctrl-C or
-``fusermount3 -u MOUNTPOINT`` unmounts; libfuse returns and the Session closes.
-A directory value in the store that is not one is EIO (FsClient checks every
-value it reads, ``fs/shape.py``; the reason goes to this process's log).
+round trip anyway.  A file is read and written in chunks (``fs.client.CHUNK``):
+a read or write touches only the chunks it covers.  Each open file (``Inode``,
+shared by every handle on it in this mount) holds at most DIRTY changed and
+CACHED read chunks, whatever the offsets; changed chunks are written when
+there are more than DIRTY, and all of them, then the size and mtime, at flush
+(close-to-open, as NFS).  Ctrl-C or ``fusermount3 -u MOUNTPOINT`` unmounts;
+libfuse returns and the Session closes.  Every error is answered at the call
+that caused it: a value in the store that is not what it should be is EIO
+(FsClient checks every value it reads, ``fs/shape.py``), a node that does not
+answer is EIO, and anything unexpected is EIO with one line in the log.
 """
 from __future__ import annotations
 
@@ -18,32 +22,45 @@ import os
 import stat
 import sys
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import mfusepy
 
 from broker.client import BrokerUnavailable
 from storage.client import StorageError
 
-from .client import Entry, FsClient, FsError
+from .client import CHUNK, MAX_FILE, Entry, FsClient, FsError, fit
+from .shape import KINDS
 
 BLOCK = 4096
+DIRTY = 8       # changed chunks an open file holds before writing the oldest out
+CACHED = 4      # chunks read, kept per open file (re-reads of a chunk are free)
+# What utimensat's UTIME_NOW and UTIME_OMIT reach utimens as (libfuse passes
+# tv_sec 0 and the marker in tv_nsec; mfusepy gives sec * 1e9 + nsec).
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 log = logging.getLogger("srw.fs.mount")
 # fuse_main's status when its loop ended on SIGINT, SIGTERM or SIGHUP (libfuse3
 # helper.c: any non-zero loop result becomes 8); the mount is gone by then.
 ENDED_BY_SIGNAL = 8
 
 
-def storage_errors_as_eio(cls):
-    """A node that does not answer is EIO to the caller (and a line in the log),
-    not the EINVAL mfusepy gives an OSError without an errno."""
+def errors_at_the_call(cls):
+    """Every operation answers an errno, never mfusepy's "uncaught exception"
+    (a traceback and EINVAL): an FsError is its own errno; a node that does not
+    answer, or anything unexpected, is EIO and one line in the log."""
     def wrap(method):
         @functools.wraps(method)
         def call(self, path, *args):
             try:
                 return method(self, path, *args)
+            except FsError:
+                raise
             except (StorageError, BrokerUnavailable) as exc:
                 log.error("%s %s: %s", method.__name__, path, exc)
+                raise FsError(errno.EIO, path) from None
+            except Exception as exc:  # a bug of ours: EIO, not the mount's end
+                log.error("%s %s: %s: %s", method.__name__, path, type(exc).__name__, exc)
                 raise FsError(errno.EIO, path) from None
         return call
     for name, method in list(vars(cls).items()):
@@ -52,54 +69,103 @@ def storage_errors_as_eio(cls):
     return cls
 
 
+NO_ID = 2 ** 32 - 1     # chown's -1 as an unsigned uid_t/gid_t
+KIND_OF = {v: k for k, v in KINDS.items()}
+
+
+def inode_number(ino: str) -> int:
+    """st_ino: the ino's 64 bits (the root's is 1)."""
+    return 1 if ino == "root" else int(ino, 16) or 2
+
+
+def ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def owner() -> tuple[int, int]:
+    """(uid, gid) of the process whose call this is."""
+    uid, gid, _pid = mfusepy.fuse_get_context()
+    return uid, gid
+
+
 @dataclass
-class OpenFile:
+class Inode:
+    """An open file's state in this mount, shared by its handles."""
     path: str
     entry: Entry
-    data: bytearray | None = None     # loaded at first use
-    dirty: bool = False
+    size: int
+    opens: int = 0
+    mtime: float | None = None     # to store at flush (a write, or utimens)
+    ctime: float | None = None     # likewise (a write or truncate)
+    dirty: OrderedDict = field(default_factory=OrderedDict)    # n -> bytearray
+    clean: OrderedDict = field(default_factory=OrderedDict)    # n -> bytes, LRU
 
 
-@storage_errors_as_eio
+@errors_at_the_call
 class SrwOperations(mfusepy.Operations):
     use_ns = True   # utimens in nanoseconds
 
     def __init__(self, fs: FsClient):
         self.fs = fs
-        self.files: dict[int, OpenFile] = {}
+        self.inodes: dict[str, Inode] = {}     # ino -> state, while open
+        self.files: dict[int, str] = {}        # fh -> ino
         self.next_fh = 1
-        self.uid, self.gid = os.getuid(), os.getgid()
 
     # Attributes ------------------------------------------------------------------
 
     def getattr(self, path, fh=None):
-        entry, size = self.fs.stat(path), None
-        for handle in self.files.values():     # an open file's size is its buffer's
-            if handle.entry.ino == entry.ino and handle.data is not None:
-                size = len(handle.data)
-        return self._attrs(entry, size)
+        entry, links = self.fs.stat_links(path)
+        inode = self.inodes.get(entry.ino)
+        if inode is not None:       # an open file: its size and mtime are here first
+            pending = {"size": inode.size}
+            if inode.mtime is not None:
+                pending["mtime"] = inode.mtime
+            if inode.ctime is not None:
+                pending["ctime"] = inode.ctime
+            return self._attrs(entry._replace(**pending))
+        return self._attrs(entry, links)
 
-    def _attrs(self, entry: Entry, size: int | None = None) -> dict:
-        size = entry.size if size is None else size
-        mtime = int(entry.mtime * 1e9)
-        return {"st_mode": entry.st_mode, "st_nlink": 2 if entry.is_dir else 1,
+    def _attrs(self, entry: Entry, links: int = 1) -> dict:
+        size, mtime = entry.size, entry.mtime
+        return {"st_ino": inode_number(entry.ino), "st_mode": entry.st_mode,
+                "st_nlink": links,
                 "st_size": size, "st_blocks": (size + 511) // 512, "st_blksize": BLOCK,
-                "st_uid": self.uid, "st_gid": self.gid,
-                "st_mtime": mtime, "st_ctime": mtime, "st_atime": mtime}
+                "st_uid": entry.uid, "st_gid": entry.gid,
+                "st_rdev": entry.extra if entry.kind in ("c", "b") else 0,
+                "st_mtime": ns(mtime), "st_ctime": ns(entry.ctime),
+                "st_atime": ns(entry.atime)}
 
     def readdir(self, path, fh):
         listing = self.fs.readdir(path)
         return [".", ".."] + [(name, self._attrs(e), 0) for name, e in listing.items()]
 
+    def readlink(self, path):
+        entry = self.fs.stat(path)
+        if entry.kind != "l":
+            raise FsError(errno.EINVAL, path)
+        return entry.extra
+
     def chmod(self, path, mode):
-        self.fs.setattr(path, self.fs.stat(path), mode=stat.S_IMODE(mode))
+        self.fs.setattr(path, self.fs.stat(path), mode=stat.S_IMODE(mode), ctime=time.time())
 
     def chown(self, path, uid, gid):
-        return 0    # no owners: every entry belongs to whoever mounted
+        """-1 (as the unsigned 2**32-1 too) leaves that id as it is."""
+        uid = None if uid in (-1, NO_ID) else uid
+        gid = None if gid in (-1, NO_ID) else gid
+        self.fs.setattr(path, self.fs.stat(path), uid=uid, gid=gid, ctime=time.time())
 
     def utimens(self, path, times=None):
-        mtime = times[1] / 1e9 if times else time.time()
-        self.fs.setattr(path, self.fs.stat(path), mtime=mtime)
+        now = time.time()
+        atime, mtime = (UTIME_NOW, UTIME_NOW) if times is None else times
+        atime = None if atime == UTIME_OMIT else now if atime == UTIME_NOW else atime / 1e9
+        mtime = None if mtime == UTIME_OMIT else now if mtime == UTIME_NOW else mtime / 1e9
+        if atime is None and mtime is None:
+            return
+        entry = self.fs.stat(path)
+        inode = self.inodes.get(entry.ino)
+        if inode is not None and mtime is not None:
+            inode.mtime = mtime     # open (cp -a, tar -x set it before close): kept at flush
+        self.fs.setattr(path, entry, atime=atime, mtime=mtime, ctime=now)
 
     def statfs(self, path):
         return {"f_bsize": BLOCK, "f_frsize": BLOCK, "f_blocks": 1 << 30,
@@ -108,7 +174,25 @@ class SrwOperations(mfusepy.Operations):
     # Directories -------------------------------------------------------------------
 
     def mkdir(self, path, mode):
-        self.fs.mkdir(path, stat.S_IMODE(mode))
+        self.fs.mkdir(path, stat.S_IMODE(mode), owner())
+
+    def mknod(self, path, mode, dev):
+        kind = KIND_OF.get(stat.S_IFMT(mode))
+        if kind is None:
+            raise FsError(errno.EINVAL, path)
+        if kind == "f":
+            self.fs.create(path, stat.S_IMODE(mode), exclusive=True, owner=owner())
+            return
+        self.fs.make(path, kind, stat.S_IMODE(mode), owner(),
+                     dev if kind in ("c", "b") else 0)
+
+    def link(self, target, source):
+        """mfusepy's order: the new name `target`, for the file at `source`."""
+        self.fs.link(source, target)
+
+    def symlink(self, target, source):
+        """mfusepy's order: the link `target` made, pointing at `source`."""
+        self.fs.symlink(target, source, owner())
 
     def rmdir(self, path):
         self.fs.rmdir(path)
@@ -118,90 +202,178 @@ class SrwOperations(mfusepy.Operations):
 
     def rename(self, old, new):
         self.fs.rename(old, new)
-        for handle in self.files.values():     # open files follow their name
-            if handle.path == old or handle.path.startswith(old + "/"):
-                handle.path = new + handle.path[len(old):]
+        for inode in self.inodes.values():     # open files follow their name
+            if inode.path == old or inode.path.startswith(old + "/"):
+                inode.path = new + inode.path[len(old):]
 
     # Files -------------------------------------------------------------------------
 
     def create(self, path, mode, flags=0):
-        entry = self.fs.create(path, stat.S_IMODE(mode), exclusive=bool(flags & os.O_EXCL))
-        return self._open(path, entry, bytearray())
+        entry = self.fs.create(path, stat.S_IMODE(mode), exclusive=bool(flags & os.O_EXCL),
+                               owner=owner())
+        fh = self._open(path, entry)
+        if entry.size:     # an existing file, created without O_EXCL: O_TRUNC still applies
+            if flags & os.O_TRUNC:
+                self._truncate(self.inodes[entry.ino], 0)
+        return fh
 
     def open(self, path, flags):
         entry = self.fs.stat(path)
         if entry.is_dir:
             raise FsError(errno.EISDIR, path)
-        handle = self._open(path, entry, bytearray() if flags & os.O_TRUNC else None)
-        self.files[handle].dirty = bool(flags & os.O_TRUNC) and entry.size > 0
-        return handle
-
-    def _open(self, path: str, entry: Entry, data: bytearray | None) -> int:
-        fh, self.next_fh = self.next_fh, self.next_fh + 1
-        self.files[fh] = OpenFile(path, entry, data)
+        fh = self._open(path, entry)
+        if flags & os.O_TRUNC:
+            self._truncate(self.inodes[entry.ino], 0)
         return fh
 
-    def _data(self, handle: OpenFile) -> bytearray:
-        if handle.data is None:
-            handle.data = bytearray(self.fs.read_data(handle.entry.ino))
-        return handle.data
+    def _open(self, path: str, entry: Entry) -> int:
+        inode = self.inodes.get(entry.ino)
+        if inode is None:
+            inode = self.inodes[entry.ino] = Inode(path, entry, entry.size)
+        inode.opens += 1
+        fh, self.next_fh = self.next_fh, self.next_fh + 1
+        self.files[fh] = entry.ino
+        return fh
 
     def read(self, path, size, offset, fh):
-        return bytes(self._data(self.files[fh])[offset:offset + size])
+        inode = self.inodes[self.files[fh]]
+        end = min(offset + size, inode.size)
+        out = bytearray()
+        while offset < end:
+            n, at = divmod(offset, CHUNK)
+            take = min(end - offset, CHUNK - at)
+            out += self._chunk(inode, n)[at:at + take]
+            offset += take
+        return bytes(out)
+
+    def _chunk(self, inode: Inode, n: int):
+        """Chunk `n` as the file's bytes (its share of the size, zeros where
+        never written): changed, cached, or read now and cached."""
+        if n in inode.dirty:
+            return inode.dirty[n]
+        if n in inode.clean:
+            inode.clean.move_to_end(n)
+            return inode.clean[n]
+        share = max(0, min(CHUNK, inode.size - n * CHUNK))
+        data = fit(self.fs.read_chunk(inode.entry.ino, n), share) if share else b""
+        inode.clean[n] = data
+        if len(inode.clean) > CACHED:
+            inode.clean.popitem(last=False)
+        return data
 
     def write(self, path, data, offset, fh):
-        handle = self.files[fh]
-        buf = self._data(handle)
-        if offset > len(buf):
-            buf.extend(bytes(offset - len(buf)))
-        buf[offset:offset + len(data)] = data
-        handle.dirty = True
+        inode = self.inodes[self.files[fh]]
+        end = offset + len(data)
+        if end > MAX_FILE:
+            raise FsError(errno.EFBIG, path)
+        view, done = memoryview(data), 0
+        while done < len(data):
+            n, at = divmod(offset + done, CHUNK)
+            take = min(len(data) - done, CHUNK - at)
+            chunk = self._changing(inode, n, whole=at == 0 and take == CHUNK)
+            if len(chunk) < at:
+                chunk.extend(bytes(at - len(chunk)))
+            chunk[at:at + take] = view[done:done + take]
+            done += take
+        inode.size = max(inode.size, end)
+        inode.mtime = inode.ctime = time.time()
+        self._write_out(inode, keep=DIRTY)
         return len(data)
 
-    def truncate(self, path, length, fh=None):
-        if fh is None:
-            fh = self._open(path, self.fs.stat(path), None)
-            try:
-                self._truncate(self.files[fh], length)
-                self.flush(path, fh)
-            finally:
-                self.files.pop(fh)
-            return
-        self._truncate(self.files[fh], length)
+    def _changing(self, inode: Inode, n: int, whole: bool = False) -> bytearray:
+        """Chunk `n` to change, as a bytearray of its share of the size (empty
+        when the write covers it whole: nothing to read)."""
+        if n not in inode.dirty:
+            start = bytearray() if whole else bytearray(self._chunk(inode, n))
+            inode.clean.pop(n, None)
+            inode.dirty[n] = start
+        return inode.dirty[n]
 
-    def _truncate(self, handle: OpenFile, length: int) -> None:
-        buf = self._data(handle)
-        del buf[length:]
-        buf.extend(bytes(length - len(buf)))
-        handle.dirty = True
+    def _write_out(self, inode: Inode, keep: int = 0) -> None:
+        """Store changed chunks, oldest first, until `keep` are left."""
+        while len(inode.dirty) > keep:
+            n, data = inode.dirty.popitem(last=False)
+            self.fs.write_chunk(inode.path, inode.entry.ino, n, data)
+
+    def truncate(self, path, length, fh=None):
+        if length > MAX_FILE:
+            raise FsError(errno.EFBIG, path)
+        if fh is not None:
+            self._truncate(self.inodes[self.files[fh]], length)
+            return
+        entry = self.fs.stat(path)
+        if entry.is_dir:
+            raise FsError(errno.EISDIR, path)
+        fh = self._open(path, entry)
+        try:
+            self._truncate(self.inodes[entry.ino], length)
+        finally:
+            self.release(path, fh)
+
+    def _truncate(self, inode: Inode, length: int) -> None:
+        """Cut the chunk the new end falls in (so a later growth reads zeros)
+        and remove the chunks past it; growing stores nothing (sparse)."""
+        if length < inode.size:
+            n, at = divmod(length, CHUNK)
+            if at:
+                del self._changing(inode, n)[at:]
+            first_gone = n + (1 if at else 0)
+            for cached in (inode.dirty, inode.clean):
+                for k in [k for k in cached if k >= first_gone]:
+                    del cached[k]
+            self.fs.drop_chunks(inode.entry.ino, first_gone, inode.size)
+        inode.size = length
+        inode.mtime = inode.ctime = time.time()
 
     def flush(self, path, fh):
-        handle = self.files[fh]
-        if handle.dirty:
-            handle.entry = self.fs.write_data(handle.path, handle.entry, bytes(handle.data))
-            handle.dirty = False
+        inode = self.inodes[self.files[fh]]
+        self._write_out(inode)
+        if inode.mtime is not None or inode.size != inode.entry.size:
+            inode.entry = self.fs.setattr(inode.path, inode.entry, size=inode.size,
+                                          mtime=inode.mtime, ctime=inode.ctime)
+            inode.mtime = inode.ctime = None
 
     def fsync(self, path, datasync, fh):
         self.flush(path, fh)
 
     def release(self, path, fh):
+        ino = self.files[fh]
         try:
             self.flush(path, fh)
         finally:
-            self.files.pop(fh, None)
+            del self.files[fh]
+            inode = self.inodes[ino]
+            inode.opens -= 1
+            if inode.opens == 0:
+                del self.inodes[ino]
 
 
-def mount(session_factory, mountpoint: str) -> int:
-    """Serve the tree at `mountpoint` until it is unmounted; 0 on a clean unmount."""
+def mount(session_factory, mountpoint: str, allow_other: bool = False,
+          default_permissions: bool = False, attr_timeout: float = 1.0) -> int:
+    """Serve the tree at `mountpoint` until it is unmounted; 0 on a clean unmount.
+    `allow_other`: other users may use the mount; `default_permissions`: the
+    kernel checks each entry's mode and owner (see README); `attr_timeout`:
+    seconds the kernel keeps a name's attributes (each hard link is a name of
+    its own there)."""
     if not os.path.isdir(mountpoint):
         raise FsError(errno.ENOTDIR if os.path.exists(mountpoint) else errno.ENOENT,
                       mountpoint)
     logging.basicConfig(level=logging.WARNING, format="srw mount: %(message)s")
     with session_factory() as session:
+        small = [n.name for n in session.config.nodes if n.max_value < CHUNK]
+        if small:
+            print(f"srw: {mountpoint}: node {small[0]}'s max_value is under {CHUNK} bytes, "
+                  "a file chunk (fs/client.py CHUNK): raise it to mount", file=sys.stderr)
+            return 1
         operations = SrwOperations(FsClient(session))
         try:
-            mfusepy.FUSE(operations, mountpoint, foreground=True, nothreads=True,
-                         fsname="srw", default_permissions=False)
+            if not 0 <= attr_timeout <= 3600:
+                raise FsError(errno.EINVAL, f"--attr-timeout {attr_timeout}: 0 to 3600 s")
+            options = {"allow_other": True} if allow_other else {}
+            if attr_timeout != 1.0:
+                options["attr_timeout"] = attr_timeout
+            mfusepy.FUSE(operations, mountpoint, foreground=True, nothreads=True, use_ino=True,
+                         fsname="srw", default_permissions=default_permissions, **options)
         except RuntimeError as exc:   # fuse_main's non-zero status
             if exc.args == (ENDED_BY_SIGNAL,):
                 return 0              # Ctrl-C or SIGTERM: libfuse has unmounted

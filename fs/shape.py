@@ -23,7 +23,8 @@ from typing import NamedTuple
 import msgpack
 
 __all__ = ["BadShape", "Entry", "directory", "entry", "listing", "intent", "reply",
-           "name_ok", "one_line", "show_names", "NAME_MAX", "MAX_ENTRIES"]
+           "name_ok", "one_line", "show_names", "NAME_MAX", "MAX_ENTRIES", "inode", "own",
+           "unpack", "KINDS"]
 
 NAME_MAX = 255
 # Entries (or intents) in one directory.  An entry FsClient writes takes over
@@ -45,12 +46,30 @@ class BadShape(ValueError):
     """A value that is not what the tree needs; the message says what is wrong."""
 
 
+# An entry's kind: its file type.
+KINDS = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK, "p": stat.S_IFIFO,
+         "c": stat.S_IFCHR, "b": stat.S_IFBLK, "s": stat.S_IFSOCK}
+ID_LIMIT = 2 ** 32              # uid_t, gid_t
+RDEV_LIMIT = 2 ** 64            # dev_t
+TARGET_MAX = 4096               # a symlink's target, bytes (PATH_MAX)
+
+
 class Entry(NamedTuple):
+    """[ino, kind, mode, size, mtime, uid, gid, atime, ctime, extra]: `extra`
+    is a symlink's target, a device's rdev, else 0.  An entry of the first five
+    fields alone (written before owners and times were kept) is read as owned
+    by root, with atime and ctime its mtime."""
     ino: str
-    kind: str          # "f" or "d"
+    kind: str          # a key of KINDS
     mode: int          # permission bits
     size: int
     mtime: float
+    uid: int = 0
+    gid: int = 0
+    atime: float = 0.0
+    ctime: float = 0.0
+    extra: str | int = 0
+    linked: int = 0    # 1: hard-linked, its attributes in its inode object (``inode``)
 
     @property
     def is_dir(self) -> bool:
@@ -58,19 +77,23 @@ class Entry(NamedTuple):
 
     @property
     def st_mode(self) -> int:
-        return (stat.S_IFDIR if self.is_dir else stat.S_IFREG) | self.mode
+        return KINDS[self.kind] | self.mode
 
 
 def directory(raw: bytes) -> dict:
-    """The directory object in `raw`: its four fields of the right types, its
-    intents and applied renames checked (there are few: renames in flight).
-    Its entries are only known to be a map: check them with `entry`/`listing`."""
+    """The directory object in `raw`: its four fields of the right types (and
+    "m", its own attributes, when present), its intents and applied renames
+    checked (there are few: renames in flight).  Its entries are only known
+    to be a map: check them with `entry`/`listing`."""
     d = _unpack(raw, "a directory object")
-    if not isinstance(d, dict) or d.keys() != set(FIELDS):
-        raise BadShape(f"not a directory object: {_show(d)}, not a map of {', '.join(FIELDS)}")
+    if not isinstance(d, dict) or d.keys() - {"m"} != set(FIELDS):
+        raise BadShape(f"not a directory object: {_show(d)}, not a map of {', '.join(FIELDS)}"
+                       " (and m)")
     if not (isinstance(d["e"], dict) and isinstance(d["i"], dict)
             and isinstance(d["a"], dict) and isinstance(d["dead"], bool)):
         raise BadShape("a directory's e, i, a are not maps or its dead is not a bool")
+    if "m" in d:
+        d["m"] = own(d["m"])
     for iid, value in d["i"].items():
         _iid(iid)
         intent(value)
@@ -80,10 +103,37 @@ def directory(raw: bytes) -> dict:
     return d
 
 
+def inode(value, ino: str) -> Entry:
+    """A hard-linked entry's inode object [kind, mode, size, mtime, uid, gid,
+    atime, ctime, extra, nlink] as (Entry, nlink), checked as an entry."""
+    if not (type(value) is list and len(value) == 10 and type(value[9]) is int
+            and 0 < value[9] < ID_LIMIT):
+        raise BadShape(f"an inode is {_show(value)}, not [kind, mode, size, mtime, uid, "
+                       "gid, atime, ctime, extra, nlink]")
+    return entry([ino, *value[:9], 1]), value[9]
+
+
+def own(m) -> list:
+    """A directory's own [mode, uid, gid, atime, mtime, ctime], checked."""
+    if not (type(m) is list and len(m) == 6 and type(m[0]) is int and 0 <= m[0] <= 0o7777
+            and all(type(i) is int and 0 <= i < ID_LIMIT for i in m[1:3])
+            and all(_time_ok(t) for t in m[3:])):
+        raise BadShape(f"a directory's m is {_show(m)}, not [mode, uid, gid, atime, "
+                       "mtime, ctime] in range")
+    return m
+
+
 def entry(value) -> Entry:
-    """[ino, kind, mode, size, mtime] as an Entry, each field checked."""
+    """[ino, kind, mode, size, mtime, uid, gid, atime, ctime, extra] (or its
+    first five) as an Entry, each field checked."""
     if not _entry_ok(value):
         raise BadShape(_entry_fault(value))
+    return _made(value)
+
+
+def _made(value: list) -> Entry:
+    if len(value) == 5:
+        return Entry(*value, 0, 0, value[4], value[4], 0)
     return Entry(*value)
 
 
@@ -97,7 +147,7 @@ def listing(entries: dict) -> tuple[dict[str, Entry], list[str]]:
         if not name_ok(name):
             skipped.append(name)
         elif _entry_ok(value):
-            out[name] = Entry(*value)
+            out[name] = _made(value)
         else:
             raise BadShape(f"{_show(name)}: {_entry_fault(value)}")
     return out, skipped
@@ -105,31 +155,74 @@ def listing(entries: dict) -> tuple[dict[str, Entry], list[str]]:
 
 def _entry_ok(value) -> bool:
     """The check of `entry`, kept to type tests and comparisons: a listing runs
-    it on every entry (~1 us each).  A NaN fails the range test."""
-    if type(value) is not list or len(value) != 5:
+    it on every entry (~2 us each).  A NaN fails the range test."""
+    if type(value) is not list or len(value) not in (5, 10, 11):
         return False
-    ino, kind, mode, size, mtime = value
-    return (type(ino) is str and INO.fullmatch(ino) is not None
-            and (kind == "f" or kind == "d")
+    ino, kind, mode, size, mtime = value[:5]
+    if not (type(ino) is str and INO.fullmatch(ino) is not None and kind in KINDS
             and type(mode) is int and 0 <= mode <= 0o7777
-            and type(size) is int and 0 <= size < SIZE_LIMIT
-            and type(mtime) in (float, int) and -MTIME_LIMIT < mtime < MTIME_LIMIT)
+            and type(size) is int and 0 <= size < SIZE_LIMIT and _time_ok(mtime)):
+        return False
+    if len(value) == 5:
+        return True
+    uid, gid, atime, ctime, extra = value[5:10]
+    return ((len(value) == 10 or _linked_ok(kind, value[10]))
+            and type(uid) is int and 0 <= uid < ID_LIMIT and type(gid) is int
+            and 0 <= gid < ID_LIMIT and _time_ok(atime) and _time_ok(ctime)
+            and _extra_ok(kind, extra))
+
+
+def _linked_ok(kind: str, linked) -> bool:
+    return type(linked) is int and (linked == 0 or linked == 1 and kind != "d")
+
+
+def _time_ok(t) -> bool:
+    return type(t) in (float, int) and -MTIME_LIMIT < t < MTIME_LIMIT
+
+
+def _extra_ok(kind: str, extra) -> bool:
+    if kind == "l":
+        return type(extra) is str and 0 < len(extra) and _target_ok(extra)
+    if kind in ("c", "b"):
+        return type(extra) is int and 0 <= extra < RDEV_LIMIT
+    return extra == 0 and type(extra) is int
+
+
+def _target_ok(target: str) -> bool:
+    if "\0" in target:
+        return False
+    try:
+        return len(target.encode("utf-8")) <= TARGET_MAX
+    except UnicodeEncodeError:
+        return False
 
 
 def _entry_fault(value) -> str:
     """What is wrong with an entry `_entry_ok` refused."""
-    if not (isinstance(value, list) and len(value) == 5):
-        return f"an entry is {_show(value)}, not [ino, kind, mode, size, mtime]"
-    ino, kind, mode, size, mtime = value
+    if not (isinstance(value, list) and len(value) in (5, 10, 11)):
+        return (f"an entry is {_show(value)}, not [ino, kind, mode, size, mtime, "
+                "uid, gid, atime, ctime, extra]")
+    ino, kind, mode, size, mtime = value[:5]
     if not (type(ino) is str and INO.fullmatch(ino)):
         return f"an entry's ino is {_show(ino)}, not 'root' or 16 hex digits"
-    if kind not in ("f", "d"):
-        return f"an entry's kind is {_show(kind)}, not 'f' or 'd'"
+    if kind not in KINDS:
+        return f"an entry's kind is {_show(kind)}, not one of {''.join(KINDS)}"
     if not (type(mode) is int and 0 <= mode <= 0o7777):
         return f"an entry's mode is {_show(mode)}, not 0 to 0o7777"
     if not (type(size) is int and 0 <= size < SIZE_LIMIT):
         return f"an entry's size is {_show(size)}, not 0 to 2**63-1"
-    return f"an entry's mtime is {_show(mtime)}, not seconds within 2**34 of 1970"
+    if not _time_ok(mtime):
+        return f"an entry's mtime is {_show(mtime)}, not seconds within 2**34 of 1970"
+    if len(value) == 5:
+        return "an entry is not valid"
+    uid, gid, atime, ctime, extra = value[5:10]
+    if len(value) == 11 and not _linked_ok(kind, value[10]):
+        return f"an entry's linked is {_show(value[10])}, not 0 or 1 (and not a directory's)"
+    if not all(type(i) is int and 0 <= i < ID_LIMIT for i in (uid, gid)):
+        return f"an entry's uid or gid is {_show(uid)}/{_show(gid)}, not 0 to 2**32-1"
+    if not (_time_ok(atime) and _time_ok(ctime)):
+        return "an entry's atime or ctime is not seconds within 2**34 of 1970"
+    return f"an entry's extra is {_show(extra)}, not what a kind {kind!r} holds"
 
 
 def intent(value) -> list:
@@ -147,7 +240,8 @@ def intent(value) -> list:
 
 def reply(raw: bytes) -> dict:
     """The script's reply: {"err": "" or an errno name}, plus "entry" (an Entry),
-    "result" (None, "" or an errno name) and "why" (a string) when present."""
+    "result" (None, "" or an errno name), "why" (a string) and "gone" ([ino,
+    size] of a file whose contents the caller removes) when present."""
     r = _unpack(raw, "a reply")
     if not isinstance(r, dict) or "err" not in r:
         raise BadShape(f"the reply is {_show(r)}, not a map with err")
@@ -158,6 +252,16 @@ def reply(raw: bytes) -> dict:
         _errno_name(r["result"], "the reply's result")
     if not isinstance(r.get("why", ""), str):
         raise BadShape("the reply's why is not a string")
+    if "m" in r:
+        r["m"] = own(r["m"])
+    if r.get("unref") is not None:
+        _ino(r["unref"])
+    if r.get("gone") is not None:
+        gone = r["gone"]
+        if not (isinstance(gone, list) and len(gone) == 2 and type(gone[1]) is int
+                and 0 <= gone[1] < SIZE_LIMIT):
+            raise BadShape(f"the reply's gone is {_show(gone)}, not [ino, size]")
+        _ino(gone[0])
     return r
 
 
@@ -189,9 +293,14 @@ def show_names(names: list, limit: int = 3) -> str:
 
 # Fields ---------------------------------------------------------------------------
 
+def unpack(raw: bytes, what: str):
+    """msgpack `raw` with this module's bounds; BadShape if it does not decode."""
+    return _unpack(raw, what)
+
+
 def _unpack(raw: bytes, what: str):
     try:
-        return msgpack.unpackb(raw, raw=False, max_array_len=5, max_map_len=MAX_ENTRIES)
+        return msgpack.unpackb(raw, raw=False, max_array_len=11, max_map_len=MAX_ENTRIES)
     except Exception as exc:  # msgpack raises several unrelated types
         why = str(exc) or type(exc).__name__
         raise BadShape(f"not {what}: the msgpack does not decode ({_show(why, 80)})") from None

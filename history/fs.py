@@ -15,11 +15,28 @@
 # touches are checked here, cheaply; readers check everything (fs/shape.py).
 #
 # Directory object under "fs:d:<ino>" (absent = empty directory):
-#   {"e": {name: [ino, kind "f"|"d", mode, size, mtime]},
+#   {"e": {name: [ino, kind, mode, size, mtime, uid, gid, atime, ctime, extra]},
+#         kind: f file, d directory, l symlink (extra: its target), p fifo,
+#         c/b device (extra: rdev), s socket; an entry of the first five fields
+#         alone is read as root's, atime and ctime its mtime (fs/shape.py)
 #    "i": {iid: [name, entry, to_ino, to_name, replace_ino]}   renames out, half done
 #    "a": {iid: err}                                            renames in, applied
-#    "dead": bool}                                              removed (rmdir)
-# File contents live under "fs:f:<ino>", never moved by a rename.
+#    "dead": bool,                                              removed (rmdir)
+#    "m": [mode, uid, gid, atime, mtime, ctime]}   optional: the directory's own
+#         attributes, once set or once its entries changed (before that, its
+#         entry in the parent's).  An op on a directory carries "base" (those
+#         six as the client knows them) to start "m" from, and "now".
+# File contents live in chunks under "fs:c:{<ino>}:<n>" (fs/client.py), never
+# moved by a rename.  This script never touches them: an op that removes or
+# replaces a file answers "gone": [ino, size], and the client removes them.
+#
+# Hard links: an entry of 11 fields whose last is 1 is "linked": its
+# attributes live in the inode object "fs:i:{<ino>}" (same hash tag as the
+# chunks), [kind, mode, size, mtime, uid, gid, atime, ctime, extra, nlink],
+# changed by the i* ops below exec'd with that key (so the inode's own lock
+# serializes them).  Removing a linked entry answers "unref": ino, and the
+# client then runs iref -1; the last reference removes the object and
+# answers "gone".
 #
 # Rename across directories, S/name -> T/to_name (intent id `iid`, random):
 #   1. take   on S: move the entry out of S's entries into S's intents, in one write.
@@ -37,8 +54,11 @@
 # one exec holding one lock, so opposite renames never deadlock.
 import msgpack
 
-DIR, DATA = "fs:d:", "fs:f:"
-KIND, SIZE, MODE, MTIME = 1, 3, 2, 4
+DIR = "fs:d:"
+KIND, SIZE, MODE, MTIME, UID, GID, ATIME, CTIME = 1, 3, 2, 4, 5, 6, 7, 8
+KINDS = ("f", "d", "l", "p", "c", "b", "s")
+SETTABLE = (("size", SIZE), ("mode", MODE), ("mtime", MTIME), ("uid", UID), ("gid", GID),
+            ("atime", ATIME), ("ctime", CTIME))
 
 
 class Bad(Exception):
@@ -54,19 +74,40 @@ def load(ino):
         d = msgpack.unpackb(raw, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types
         raise Bad("%s%s does not decode: %s" % (DIR, ino, (str(exc) or type(exc).__name__)[:80]))
-    if not (isinstance(d, dict) and len(d) == 4 and isinstance(d.get("e"), dict)
+    if not (isinstance(d, dict) and len(d) == 4 + ("m" in d) and isinstance(d.get("e"), dict)
             and isinstance(d.get("i"), dict) and isinstance(d.get("a"), dict)
-            and isinstance(d.get("dead"), bool)):
+            and isinstance(d.get("dead"), bool)
+            and (isinstance(d.get("m"), list) and len(d["m"]) == 6 or "m" not in d)):
         raise Bad("%s%s is not a directory object" % (DIR, ino))
     return d
 
 
+def own(d, r):
+    """The directory's own attributes, started from the request's base; None
+    if it has none yet and the request gave no base."""
+    if "m" not in d:
+        base = r.get("base")
+        if not (isinstance(base, list) and len(base) == 6):
+            return None
+        d["m"] = list(base)
+    return d["m"]
+
+
+def changed(d, r):
+    """Its entries changed: the directory's mtime and ctime are now."""
+    m, now = own(d, r), r.get("now")
+    if m is not None and isinstance(now, (int, float)):
+        m[4] = m[5] = now
+
+
 def checked(entry, what):
-    """`entry` if it looks like [ino, kind, mode, size, mtime] (the fields this
-    script reads), else Bad."""
-    if not (isinstance(entry, list) and len(entry) == 5 and isinstance(entry[0], str)
-            and entry[KIND] in ("f", "d")):
-        raise Bad("%s is not [ino, kind, mode, size, mtime]" % what)
+    """`entry` if it looks like [ino, kind, mode, size, mtime, ...] (the fields
+    this script reads), else Bad; one of five fields is given the other five."""
+    if not (isinstance(entry, list) and len(entry) in (5, 10, 11) and isinstance(entry[0], str)
+            and entry[KIND] in KINDS):
+        raise Bad("%s is not [ino, kind, mode, size, mtime, ...]" % what)
+    if len(entry) == 5:
+        entry.extend([0, 0, entry[MTIME], entry[MTIME], 0])
     return entry
 
 
@@ -88,6 +129,19 @@ def intent_at(d, iid):
     return intent
 
 
+def op_dirattr(ino, d, r):
+    """chmod, chown, utimens of the directory itself."""
+    m = own(d, r)
+    if m is None:
+        return {"err": "EINVAL"}
+    for field, index in (("mode", 0), ("uid", 1), ("gid", 2), ("atime", 3), ("mtime", 4),
+                         ("ctime", 5)):
+        if r.get(field) is not None:
+            m[index] = r[field]
+    save(ino, d)
+    return {"err": "", "m": m}
+
+
 def save(ino, d):
     fs_store.write_data(DIR + ino, msgpack.packb(d))
 
@@ -104,22 +158,52 @@ def conflict(d, to_name, entry, replace_ino):
     return "ENOTDIR" if entry[KIND] == "d" else ""
 
 
-def put(d, to_name, entry):
-    """Place `entry` at `to_name`; a file it replaces loses its contents."""
+def gone(entry):
+    """[ino, size] of a file whose contents the client is to remove (None for
+    an entry of another kind: it has no contents)."""
+    if entry[KIND] != "f":
+        return None
+    size = entry[SIZE]
+    return [entry[0], size if isinstance(size, int) and size >= 0 else 0]
+
+
+def linked(entry):
+    return len(entry) == 11 and entry[10] == 1
+
+
+def released(entry):
+    """What the reply says of an entry no name holds any more: its contents
+    to remove, or (linked) its inode to unreference."""
+    if entry is None:
+        return {}
+    if linked(entry):
+        return {"unref": entry[0]}
+    return {"gone": gone(entry)}
+
+
+def put(d, to_name, entry, r):
+    """Place `entry` at `to_name` (a moved entry's ctime is now); the reply's
+    "gone" for a file it replaces."""
     old = entry_at(d, to_name)
-    if old is not None and old[KIND] == "f" and old[0] != entry[0]:
-        fs_store.remove(DATA + old[0])
+    if isinstance(r.get("now"), (int, float)) and entry[KIND] != "d":
+        checked(entry, "the moved entry")[CTIME] = r["now"]
     d["e"][to_name] = entry
+    return released(old) if old is not None and old[0] != entry[0] else {}
 
 
-def op_mkdir(ino, d, r):
+def op_make(ino, d, r):
+    """mkdir, mknod, mkfifo, symlink: a new name, EEXIST if taken."""
     if d["dead"]:
         return {"err": "ENOENT"}
     if r["name"] in d["e"]:
         return {"err": "EEXIST"}
     d["e"][r["name"]] = r["entry"]
+    changed(d, r)
     save(ino, d)
     return {"err": ""}
+
+
+op_mkdir = op_make
 
 
 def op_create(ino, d, r):
@@ -131,6 +215,7 @@ def op_create(ino, d, r):
             return {"err": "EEXIST"}
         return {"err": "EISDIR"} if old[KIND] == "d" else {"err": "", "entry": old}
     d["e"][r["name"]] = r["entry"]
+    changed(d, r)
     save(ino, d)
     return {"err": "", "entry": r["entry"]}
 
@@ -142,9 +227,9 @@ def op_unlink(ino, d, r):
     if old[KIND] == "d":
         return {"err": "EISDIR"}
     del d["e"][r["name"]]
+    changed(d, r)
     save(ino, d)
-    fs_store.remove(DATA + old[0])
-    return {"err": ""}
+    return dict(released(old), err="")
 
 
 def op_kill(ino, d, r):
@@ -168,6 +253,7 @@ def op_drop(ino, d, r):
     if same_entry(d, r) is None:
         return {"err": "ENOENT"}
     del d["e"][r["name"]]
+    changed(d, r)
     save(ino, d)
     return {"err": ""}
 
@@ -176,9 +262,11 @@ def op_setattr(ino, d, r):
     old = same_entry(d, r)
     if old is None:
         return {"err": "ENOENT"}
-    for field, index in (("size", SIZE), ("mode", MODE), ("mtime", MTIME)):
+    for field, index in SETTABLE:
         if r.get(field) is not None:
             old[index] = r[field]
+    if r.get("linked") and not linked(old):
+        old[10:] = [1]
     save(ino, d)
     return {"err": "", "entry": old}
 
@@ -189,12 +277,14 @@ def op_rename(ino, d, r):
     if entry is None:
         return {"err": "ENOENT"}
     err = conflict(d, r["to_name"], entry, r.get("replace_ino"))
-    if err or r["name"] == r["to_name"]:
-        return {"err": err}
+    target = entry_at(d, r["to_name"])
+    if err or target is not None and target[0] == entry[0]:
+        return {"err": err}         # onto itself, or another name of it: nothing to do
     del d["e"][r["name"]]
-    put(d, r["to_name"], entry)
+    replaced = put(d, r["to_name"], entry, r)
+    changed(d, r)
     save(ino, d)
-    return {"err": ""}
+    return dict(replaced, err="")
 
 
 def op_take(ino, d, r):
@@ -203,6 +293,7 @@ def op_take(ino, d, r):
         return {"err": "ENOENT"}
     del d["e"][r["name"]]
     d["i"][r["iid"]] = [r["name"], entry, r["to"], r["to_name"], r.get("replace_ino")]
+    changed(d, r)
     save(ino, d)
     return {"err": ""}
 
@@ -216,11 +307,12 @@ def op_apply(ino, d, r):
         return {"err": "", "result": None}
     name, entry, _to, to_name, replace_ino = intent
     err = "ENOENT" if d["dead"] else conflict(d, to_name, entry, replace_ino)
+    replaced = {} if err else put(d, to_name, entry, r)
     if not err:
-        put(d, to_name, entry)
+        changed(d, r)
     d["a"][iid] = err
     save(ino, d)
-    return {"err": "", "result": err}
+    return dict(replaced, err="", result=err)
 
 
 def op_finish(ino, d, r):
@@ -244,17 +336,76 @@ def op_forget(ino, d, r):
     return {"err": ""}
 
 
+# Inodes of hard-linked entries -----------------------------------------------------
+
+INODE = "fs:i:"
+NLINK = 9
+NODE_FIELDS = (("mode", 1), ("size", 2), ("mtime", 3), ("uid", 4), ("gid", 5),
+               ("atime", 6), ("ctime", 7))
+
+
+def inode_key(ino):
+    return "%s{%s}" % (INODE, ino)
+
+
+def load_node(ino):
+    try:
+        raw = fs_store.read_data(inode_key(ino))
+    except KeyError:
+        return None
+    try:
+        node = msgpack.unpackb(raw, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise Bad("%s does not decode: %s" % (inode_key(ino), (str(exc) or type(exc).__name__)[:80]))
+    if not (isinstance(node, list) and len(node) == 10 and isinstance(node[NLINK], int)
+            and isinstance(node[2], int)):
+        raise Bad("%s is not an inode" % inode_key(ino))
+    return node
+
+
+def iop_iref(ino, r):
+    """A name more (+1, starting from "base") or fewer (-1) for the inode."""
+    node = load_node(ino)
+    if node is None:
+        node = r.get("base")
+        if r.get("delta") != 1 or not (isinstance(node, list) and len(node) == 10):
+            return {"err": "ENOENT"}
+    node[NLINK] += 1 if r["delta"] == 1 else -1
+    if isinstance(r.get("now"), (int, float)):
+        node[7] = r["now"]                  # a link or unlink changes its ctime
+    if node[NLINK] <= 0:
+        fs_store.remove(inode_key(ino))
+        return {"err": "", "gone": [ino, max(node[2], 0)] if node[0] == "f" else None}
+    fs_store.write_data(inode_key(ino), msgpack.packb(node))
+    return {"err": "", "node": node}
+
+
+def iop_iset(ino, r):
+    node = load_node(ino)
+    if node is None:
+        return {"err": "ENOENT"}
+    for field, index in NODE_FIELDS:
+        if r.get(field) is not None:
+            node[index] = r[field]
+    fs_store.write_data(inode_key(ino), msgpack.packb(node))
+    return {"err": "", "node": node}
+
+
 OPS = {name[3:]: f for name, f in list(globals().items()) if name.startswith("op_")}
+IOPS = {name[4:]: f for name, f in list(globals().items()) if name.startswith("iop_")}
 
 
 def answer(request):
-    handler = OPS.get(request.get("op"))
-    if handler is None:
-        return {"err": "EINVAL"}
+    op = request.get("op")
     try:
-        return handler(request["dir"], load(request["dir"]), request)
+        if op in IOPS:
+            return IOPS[op](request["ino"], request)
+        if op not in OPS:
+            return {"err": "EINVAL"}
+        return OPS[op](request["dir"], load(request["dir"]), request)
     except Bad as exc:
-        return {"err": "EIO", "why": "%s on %s%s: %s" % (request["op"], DIR, request["dir"], exc)}
+        where = inode_key(request["ino"]) if op in IOPS else DIR + request["dir"]
+        return {"err": "EIO", "why": "%s on %s: %s" % (op, where, exc)}
 
 
 __return_data = msgpack.packb(answer(msgpack.unpackb(__input_binary_data_tuple[0], raw=False)))

@@ -13,18 +13,23 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from conftest import Cluster, wait_until
+from conftest import Cluster, set_node_keys, wait_until
 
 needs_fuse = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"),
     reason="FUSE is not available here: no /dev/fuse or no fusermount3 (make system-deps)")
 
 
-def start_cluster(root: Path, groups: int, scripts: dict[str, str] | None = None) -> Cluster:
+def start_cluster(root: Path, groups: int, scripts: dict[str, str] | None = None,
+                  **node_keys) -> Cluster:
     """Under the shipped default profile: its network "local" reaches every node's
-    storage port, so the directory scripts write each directory to every group."""
+    storage port, so the directory scripts write each directory to every group.
+    `node_keys` (e.g. max_value) go into every [[node]]."""
     nodes = [{"name": f"n{g}", "group": g} for g in range(1, groups + 1)]
     cluster = Cluster(root, nodes, {"workers": 2}, {}, scripts or {}, None)
+    for node in nodes:
+        if node_keys:
+            set_node_keys(cluster, node["name"], **node_keys)
     try:
         cluster.serve()
     except BaseException:
@@ -33,10 +38,10 @@ def start_cluster(root: Path, groups: int, scripts: dict[str, str] | None = None
     return cluster
 
 
-def mount(cluster: Cluster, where: Path) -> subprocess.Popen:
-    """`srw mount` at `where` (made here), once the kernel shows it mounted."""
+def mount(cluster: Cluster, where: Path, *options: str) -> subprocess.Popen:
+    """`srw mount [OPTIONS] ` at `where` (made here), once the kernel shows it mounted."""
     where.mkdir()
-    proc = cluster.srw("mount", str(where))
+    proc = cluster.srw("mount", *options, str(where))
 
     def mounted():
         if proc.poll() is not None:
@@ -151,7 +156,7 @@ class SrwTree:
                 out[child] = None
                 out.update(self.tree(child))
             else:
-                out[child] = self.fs.read_data(entry.ino)
+                out[child] = self.fs.read_data(entry)
         return out
 
 

@@ -1,16 +1,23 @@
 """`srw mount`: the same checks as test_fs.py, through the kernel (FUSE)."""
 from __future__ import annotations
 
+import errno
+import hashlib
 import itertools
 import os
 import random
 import signal
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 from hypothesis.stateful import run_state_machine_as_test
+
+from fs.client import CHUNK, MAX_FILE, FsClient, chunk_key
+from storage.client import NotFound, Session
 
 from fs_support import (RANDOM_OPS, LocalTree, SameTree, in_threads, mount, needs_fuse,
                         start_cluster, unmount)
@@ -20,19 +27,43 @@ pytestmark = needs_fuse
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = start_cluster(tmp_path_factory.mktemp("fsmount"), groups=1)
+    # max_value is one chunk: a file several times max_value must still work.
+    cluster = start_cluster(tmp_path_factory.mktemp("fsmount"), groups=1, max_value=CHUNK)
     yield cluster
     cluster.stop()
 
 
 @pytest.fixture(scope="module")
-def mnt(cluster):
+def mounted(cluster):
     where = cluster.root / "mnt"
-    proc = mount(cluster, where)
+    proc = mount(cluster, where, "--allow-other", "--default-permissions")
     try:
-        yield where
+        yield where, proc
     finally:
         unmount(proc, where)
+
+
+@pytest.fixture(scope="module")
+def mnt(mounted):
+    return mounted[0]
+
+
+@pytest.fixture
+def fs(cluster):
+    with Session(cluster.path) as session:
+        yield FsClient(session)
+
+
+def stored(fs: FsClient, path: str) -> list[int]:
+    """Which of the file's first 16 chunks are in the store."""
+    ino, found = fs.stat(path).ino, []
+    for n in range(16):
+        try:
+            fs.session.read(chunk_key(ino, n))
+            found.append(n)
+        except NotFound:
+            pass
+    return found
 
 
 def sh(script: str, cwd: Path) -> str:
@@ -131,3 +162,211 @@ def test_ctrl_c_unmounts(cluster):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(15) == 0, b"".join(proc.log).decode()
     assert not os.path.ismount(where)
+
+
+# Files in chunks, times, sizes -------------------------------------------------------
+
+def test_a_file_three_times_max_value_by_dd(mnt, fs, tmp_path):
+    source = tmp_path / "src"
+    source.write_bytes(os.urandom(3 * CHUNK + 12345))
+    sh(f"dd if={source} of=big bs=64K status=none", mnt)
+    copied = sh("dd if=big bs=128K status=none | sha256sum", mnt).split()[0]
+    assert copied == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert os.stat(mnt / "big").st_size == 3 * CHUNK + 12345
+    assert stored(fs, "/big") == [0, 1, 2, 3]
+    sh("cp big big2 && truncate -s 100 big2 && mv big2 big", mnt)   # replaces big
+    assert (mnt / "big").read_bytes() == source.read_bytes()[:100]
+    assert stored(fs, "/big") == [0]
+
+
+def test_sparse_write_at_10_gib_stores_one_chunk(mnt, fs, mounted):
+    at = 10 << 30
+    fd = os.open(mnt / "sparse", os.O_CREAT | os.O_RDWR)
+    try:
+        assert os.pwrite(fd, b"end", at) == 3
+        assert os.fstat(fd).st_size == at + 3
+        assert os.pread(fd, 8, at - 5) == bytes(5) + b"end"
+        assert os.pread(fd, 4096, 5 << 30) == bytes(4096)
+    finally:
+        os.close(fd)
+    sh("truncate -s 10G grown && echo -n x >> grown", mnt)
+    assert os.stat(mnt / "grown").st_size == at + 1
+    ino = fs.stat("/sparse").ino
+    fs.session.read(chunk_key(ino, at // CHUNK))
+    assert stored(fs, "/sparse") == [] and stored(fs, "/grown") == []
+    assert psutil.Process(mounted[1].pid).memory_info().rss < 300 << 20
+
+
+def test_efbig_at_the_write_past_the_largest_file(mnt):
+    fd = os.open(mnt / "huge", os.O_CREAT | os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as raised:
+            os.pwrite(fd, b"x", MAX_FILE)
+        assert raised.value.errno == errno.EFBIG
+        with pytest.raises(OSError) as raised:
+            os.ftruncate(fd, MAX_FILE + 1)
+        assert raised.value.errno == errno.EFBIG
+        assert os.pwrite(fd, b"x", MAX_FILE - 1) == 1        # up to the limit is fine
+    finally:
+        os.close(fd)
+    assert os.stat(mnt / "huge").st_size == MAX_FILE
+
+
+def test_touch_a_keeps_mtime_and_touch_m_sets_it(mnt):
+    f = mnt / "touched"
+    f.write_bytes(b"x")
+    os.utime(f, (1_000_000_000, 1_100_000_000))
+    sh("touch -a touched", mnt)
+    assert os.stat(f).st_mtime == 1_100_000_000
+    sh("touch -m -d @1200000000 touched", mnt)
+    assert os.stat(f).st_mtime == 1_200_000_000
+
+
+def test_tar_x_and_cp_a_keep_mtimes_and_modes(mnt, tmp_path):
+    src = tmp_path / "tree"
+    (src / "sub").mkdir(parents=True)
+    for i in range(12):
+        f = src / ("sub" if i % 2 else ".") / f"f{i}"
+        f.write_bytes(os.urandom(1000 * i))
+        f.chmod(0o600 + i % 8)
+        os.utime(f, (1_000_000_000 + i, 1_000_000_000 + 1000 * i))
+    sh(f"mkdir untarred copied && tar -C {src} -cf - . | tar -C untarred -xf - "
+       f"&& cp -a {src}/. copied/", mnt)
+
+    def seen(root):
+        out = {}
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                st = os.stat(os.path.join(dirpath, name))
+                rel = os.path.relpath(os.path.join(dirpath, name), root)
+                out[rel] = (int(st.st_mtime), st.st_mode, st.st_size)
+        return out
+    assert seen(mnt / "untarred") == seen(src) and seen(mnt / "copied") == seen(src)
+
+
+def test_concurrent_writers_to_one_file(mnt):
+    piece = CHUNK // 3 + 7       # pieces straddle chunk boundaries
+    os.close(os.open(mnt / "shared", os.O_CREAT | os.O_WRONLY))
+
+    def write(i):
+        fd = os.open(mnt / "shared", os.O_WRONLY)
+        try:
+            for k in range(i, 8, 4):
+                os.pwrite(fd, bytes([k]) * piece, k * piece)
+        finally:
+            os.close(fd)
+    in_threads(write, 4)
+    assert (mnt / "shared").read_bytes() == b"".join(bytes([k]) * piece for k in range(8))
+
+
+def test_a_relative_path_longer_than_path_max_inside_the_tree(mnt):
+    fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    name = "d" * 255
+    try:
+        for _ in range(17):       # 17 x 256 bytes: the tree's path passes 4096
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        out = os.open("f", os.O_CREAT | os.O_WRONLY, dir_fd=fd)
+        os.write(out, b"deep")
+        os.close(out)
+        out = os.open("f", os.O_RDONLY, dir_fd=fd)
+        assert os.read(out, 10) == b"deep"
+        os.close(out)
+    finally:
+        os.close(fd)
+
+
+# POSIX entries, owners, permissions ------------------------------------------------
+
+NOBODY = 65534
+
+
+def as_nobody(mnt: Path, *argv: str) -> subprocess.CompletedProcess:
+    """`argv` as uid and gid 65534 in the mount (entered as root: the test's
+    temp dirs above it are root's alone)."""
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                           "--clear-groups", *argv], capture_output=True, timeout=30, cwd=mnt)
+
+
+def test_symlinks_fifos_and_devices_round_trip(mnt):
+    (mnt / "kinds").mkdir()
+    (mnt / "kinds/target").write_bytes(b"pointed at")
+    os.symlink("target", mnt / "kinds/link")
+    os.symlink("/" + "x" * 2000, mnt / "kinds/dangling")
+    os.mkfifo(mnt / "kinds/fifo", 0o640)
+    os.mknod(mnt / "kinds/null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    assert os.readlink(mnt / "kinds/link") == "target"
+    assert (mnt / "kinds/link").read_bytes() == b"pointed at"
+    assert os.readlink(mnt / "kinds/dangling") == "/" + "x" * 2000
+    assert stat.S_ISLNK(os.lstat(mnt / "kinds/link").st_mode)
+    fifo, null = os.stat(mnt / "kinds/fifo"), os.stat(mnt / "kinds/null")
+    assert stat.S_ISFIFO(fifo.st_mode) and stat.S_IMODE(fifo.st_mode) == 0o640
+    assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
+    os.rename(mnt / "kinds/link", mnt / "kinds/moved")
+    assert os.readlink(mnt / "kinds/moved") == "target"
+    for name in ("moved", "dangling", "fifo", "null", "target"):
+        os.unlink(mnt / "kinds" / name)
+    assert os.listdir(mnt / "kinds") == []
+
+
+def test_owners_and_permissions_for_another_uid(mnt):
+    (mnt / "perm").mkdir()
+    (mnt / "perm/open").write_bytes(b"anyone")
+    (mnt / "perm/secret").write_bytes(b"root only")
+    os.chmod(mnt / "perm/secret", 0o600)
+    assert as_nobody(mnt, "cat", "perm/open").stdout == b"anyone"
+    assert b"Permission denied" in as_nobody(mnt, "cat", "perm/secret").stderr
+    assert b"Permission denied" in as_nobody(mnt, "touch", "perm/new").stderr
+    os.chown(mnt / "perm", NOBODY, NOBODY)
+    made = as_nobody(mnt, "bash", "-c", "echo mine > perm/new && chmod 600 perm/new")
+    assert made.returncode == 0, made.stderr
+    st = os.stat(mnt / "perm/new")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o600)
+    os.chown(mnt / "perm/new", 0, -1)       # -1: the group stays
+    assert (os.stat(mnt / "perm/new").st_uid, os.stat(mnt / "perm/new").st_gid) == (0, NOBODY)
+    assert b"Permission denied" in as_nobody(mnt, "cat", "perm/new").stderr
+
+
+def test_atime_mtime_ctime_of_their_own(mnt):
+    f = mnt / "times"
+    f.write_bytes(b"x")
+    os.utime(f, ns=(1_000_000_000_000_000_000, 1_100_000_000_000_000_000))
+    st = os.stat(f)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_000_000_000_000,
+                                                1_100_000_000_000_000_000)
+    assert st.st_ctime > 1_500_000_000         # set now, not the mtime given
+    os.utime(f, ns=(1_200_000_000_000_000_000, 1_100_000_000_000_000_000))
+    assert os.stat(f).st_atime_ns == 1_200_000_000_000_000_000
+
+
+def test_hard_links_share_contents_attributes_and_count(mnt, fs):
+    (mnt / "hl").mkdir()
+    first, second, third = mnt / "hl/a", mnt / "hl/b", mnt / "hl/c"
+    first.write_bytes(b"one")
+    os.link(first, second)
+    os.link(second, third)
+    # The kernel caches each name's attributes for a second (libfuse's
+    # attr_timeout; each name is a node of its own): counts through FsClient.
+    assert os.stat(third).st_nlink == 3
+    assert [fs.stat_links(f"/hl/{n}")[1] for n in "abc"] == [3, 3, 3]
+    with open(second, "ab") as f:
+        f.write(b" two")
+    os.chmod(third, 0o640)
+    assert first.read_bytes() == b"one two"
+    assert stat.S_IMODE(os.stat(first).st_mode) == 0o640
+    assert os.stat(first).st_ino == os.stat(third).st_ino
+    os.unlink(first)
+    os.rename(third, second)          # over another name of the same file: nothing happens
+    assert fs.stat_links("/hl/b")[1] == 2 and third.read_bytes() == b"one two"
+    ino = fs.stat("/hl/b").ino
+    (mnt / "hl/other").write_bytes(b"x")
+    os.rename(mnt / "hl/other", third)      # replaces one name: the file keeps the other
+    assert fs.stat_links("/hl/b")[1] == 1 and second.read_bytes() == b"one two"
+    os.unlink(second)                       # the last name: contents and inode go
+    with pytest.raises(NotFound):
+        fs.session.read(chunk_key(ino, 0))
+    with pytest.raises(OSError) as raised:
+        os.link(mnt / "hl", mnt / "hl2")
+    assert raised.value.errno == errno.EPERM
