@@ -18,6 +18,7 @@ import zmq
 from core import protocol as p
 from core.protocol import Result
 from core import timeouts
+from core.exits import UsageError
 from core.security import Credentials
 
 __all__ = ["Client", "AsyncClient", "Result", "BrokerUnavailable"]
@@ -43,7 +44,7 @@ def credentials(key: str | None, server_key: str | None,
     if given is not None or (key is None and server_key is None):
         return given
     if not (key and server_key):
-        raise ValueError("CurveZMQ needs both key (the client's NAME.key_secret) and "
+        raise UsageError("CurveZMQ needs both key (the client's NAME.key_secret) and "
                          "server_key (the server's public server.key)")
     return Credentials.from_files(key, server_key)
 
@@ -111,7 +112,7 @@ class _Base:
         if self.max_message:
             size = p.request_bytes(meta, data)
             if size > p.batch_limit(self.max_message):
-                raise ValueError(f"request of {size} bytes with its headers (data {len(data)}, "
+                raise UsageError(f"request of {size} bytes with its headers (data {len(data)}, "
                                  f"code {len(code)} chars) is larger than max_message "
                                  f"({self.max_message} bytes): the broker would not take it")
         return (p.EXEC, self._next_rid(), meta.check(), data), wait

@@ -56,6 +56,7 @@ REREGISTER now and then.  No frame may exceed Config.max_message.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -129,8 +130,8 @@ class ExecMeta(NamedTuple):
             raise ProtocolError("exec name, code and cookie must be strings")
         t = self.timeout
         if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool)
-                              or not t > 0):
-            raise ProtocolError("exec timeout must be a positive number of seconds")
+                              or not 0 < t < math.inf):
+            raise ProtocolError("exec timeout must be a finite positive number of seconds")
         if self.id is not None:
             try:
                 check_id(self.id)

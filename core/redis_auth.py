@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 
 from core.config import Config, ConfigError, plain_name
+from core.exits import UsageError
 from core.secrets import read_secret, write_secret
 
 SECRET = "redis.secret"            # the srw user's password
@@ -38,7 +39,7 @@ RIGHTS = "~* &* +@all -@admin -@dangerous -@scripting"
 def write_secrets(folder: str | Path, user: str = "srw") -> list[Path]:
     """The two passwords and redis.conf in `folder`; refuses to overwrite any."""
     if not plain_name(user):
-        raise ValueError(f"Redis user {user!r}: letters, digits, - and _ only")
+        raise UsageError(f"Redis user {user!r}: letters, digits, - and _ only")
     folder = Path(folder)
     paths = [folder / SECRET, folder / ADMIN_SECRET, folder / CONF]
     for path in paths:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -13,6 +14,7 @@ from core import __version__
 from core import config as cfg
 from core import logs
 from core import exits
+from core.exits import UsageError
 
 EXAMPLES = """examples:
   srw serve                                   start the nodes of ./config.toml
@@ -20,7 +22,7 @@ EXAMPLES = """examples:
   srw exec '' --code '__return_data = "x" * 3'
   srw status --scripts                        pools, workers and executions per script
   srw reload / srw resize 4 / srw stop      a running serve, through its control socket
-  srw scripts push history/count.py && srw scripts list   scripts kept in the cluster
+  srw scripts push examples/scripts/count.py && srw scripts list   scripts kept in the cluster
   echo -n value | srw write mykey --data -
   srw read mykey
   srw remove mykey
@@ -42,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         return exits.CONFIG
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # one line for people; tracebacks are for bugs in the log
+    except Exception as exc:  # one line for what the user can act on; a bug keeps its traceback
         from broker.client import BrokerUnavailable
-        from storage.client import StorageError
         from core.ids import BadId
-        if isinstance(exc, (BrokerUnavailable, BadId, ValueError, OSError, StorageError)):
+        from srw.pushed import PushError
+        from storage.client import StorageError
+        if isinstance(exc, (BrokerUnavailable, BadId, UsageError, PushError, OSError,
+                            StorageError)):
             print(f"srw: {exc}", file=sys.stderr)
             return exits.FAILED
         raise
@@ -93,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--data", metavar="FILE|-", help="request data from a file, or - for stdin")
     ex.add_argument("--code", default="", help="script content, run before the named script")
     ex.add_argument("--groups", help="only these groups, e.g. 1:2")
-    ex.add_argument("--timeout", type=float, help="seconds (default: broker.request_timeout)")
+    ex.add_argument("--timeout", type=seconds, help="seconds (default: broker.request_timeout)")
     ex.add_argument("--json", action="store_true", help="print results as a JSON array")
     ex.set_defaults(func=cmd_exec)
 
@@ -229,13 +233,24 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def seconds(text: str) -> float:
+    """--timeout: a finite number of seconds above 0 (float() takes inf and nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds above 0")
+    return value
+
+
 def parse_groups(text: str | None) -> list[int] | None:
     if not text:
         return None
     try:
         return [int(g) for g in text.split(":")]
     except ValueError:
-        raise ValueError(f"bad --groups {text!r}: use group numbers joined by ':', e.g. 1:2")
+        raise UsageError(f"bad --groups {text!r}: use group numbers joined by ':', e.g. 1:2")
 
 
 def read_data(source: str | None) -> bytes:
@@ -469,14 +484,14 @@ def _print_scripts(node: dict) -> None:
 
 def _control(config: cfg.Config, command: str) -> list[str]:
     """Send a command to every running `srw serve` of this config (srw/control.py);
-    the replies that say ok.  Raises ValueError with the reason when none does."""
+    the replies that say ok.  Raises UsageError with the reason when none does."""
     from srw.control import ControlUnavailable, send, socket_path, socket_paths
     if not config.serve.control:
-        raise ValueError(f"{config.path}: [serve] control is off; use signals instead "
+        raise UsageError(f"{config.path}: [serve] control is off; use signals instead "
                          "(HUP reload, TTIN/TTOU resize, TERM stop)")
     paths = socket_paths(config)
     if not paths:
-        raise ValueError(f"no srw serve of {config.path} is running (no control socket "
+        raise UsageError(f"no srw serve of {config.path} is running (no control socket "
                          f"at {socket_path(config)})")
     ok, errors = [], []
     for path in paths:
@@ -488,7 +503,7 @@ def _control(config: cfg.Config, command: str) -> list[str]:
         (ok if reply.startswith("ok") else errors).append(reply.removeprefix("ok: ")
                                                           .removeprefix("error: "))
     if not ok:
-        raise ValueError("; ".join(errors))
+        raise UsageError("; ".join(errors))
     return ok
 
 
@@ -496,12 +511,12 @@ def cmd_scripts_push(config: cfg.Config, args) -> int:
     from core import security
     from srw import pushed
     if args.init and len(args.files) != 1:
-        raise ValueError("--init takes one FILE: the python.init to push")
+        raise UsageError("--init takes one FILE: the python.init to push")
     files = {}
     for path in args.files:
         name = pushed.INIT if args.init else os.path.basename(path)
         if os.path.getsize(path) > pushed.MAX_SCRIPT:  # before reading it whole
-            raise ValueError(f"{path}: larger than {pushed.MAX_SCRIPT} bytes")
+            raise UsageError(f"{path}: larger than {pushed.MAX_SCRIPT} bytes")
         with open(path, "rb") as f:
             files[name] = f.read()
         pushed.check(name, files[name])
@@ -523,13 +538,17 @@ def cmd_scripts_push(config: cfg.Config, args) -> int:
               "again the other scripts it held (the nodes keep running them)", file=sys.stderr)
     try:
         replies = _control(config, "sync")
-    except ValueError as exc:  # no serve of this config here: the nodes poll
+    except UsageError as exc:  # no serve of this config here: the nodes poll
         print(f"srw: {exc}; running nodes take it within {pushed.SYNC_EVERY:g} s")
         return 1 if errors else 0
     behind = 0
     for reply in replies:  # "NODES: sequence N, ...": a node that refused it says why
-        print(f"srw: {reply}")
-        behind += f"sequence {stored.seq}," not in reply
+        if f"sequence {stored.seq}," in reply:
+            print(f"srw: {reply}")
+            continue
+        behind += 1  # its store lacks this push: "up to date" would read as a success
+        print(f"srw: {reply.replace('up to date', 'nothing newer in its store')}; not at "
+              f"sequence {stored.seq}", file=sys.stderr)
     return 1 if errors or behind else 0
 
 

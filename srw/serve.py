@@ -55,7 +55,14 @@ SUPERVISOR_ENV = "SRW_SUPERVISOR_PID"
 
 
 class StartError(RuntimeError):
-    """A node could not be started; the message says why."""
+    """A node could not be started; the message says why.  `status` is serve's exit
+    status: 2 (exits.CONFIG) for what the operator must change before a restart
+    helps (a taken port or control socket), which a unit's
+    RestartPreventExitStatus=2 then does not retry."""
+
+    def __init__(self, message: str, status: int = exits.FAILED):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -169,7 +176,7 @@ class Supervisor:
             return 0
         except StartError as exc:
             print(f"srw: {exc}", file=sys.stderr)
-            return exits.FAILED
+            return exc.status
         finally:
             self.notify("STOPPING=1")
             self.stop()
@@ -204,7 +211,7 @@ class Supervisor:
                 path = socket_path(self.config, "" if self.every_node else self.nodes[0].name)
                 self.control = ControlServer(path, self.on_command)
             except ControlUnavailable as exc:
-                raise StartError(f"[serve] control: {exc}") from None
+                raise StartError(f"[serve] control: {exc}", exits.CONFIG) from None
 
     def close_control(self) -> None:
         if self.control is not None:
@@ -350,7 +357,7 @@ class Supervisor:
                     sock.bind(("" if host == "*" else host, int(port)))
                 except OSError as exc:
                     raise StartError(f"{what} {address}: cannot listen there ({exc.strerror}); "
-                                     f"{_holder(int(port))}") from None
+                                     f"{_holder(int(port))}", exits.CONFIG) from None
 
     def watch_children(self) -> None:
         for child in self.children:

@@ -31,6 +31,7 @@ from core import security, timeouts
 
 from . import protocol as sp
 from .fulltext import SEARCH_SCRIPT, BadQuery
+from core.exits import UsageError
 from core.ids import key_id, parse_id
 
 from .ring import Ring
@@ -114,7 +115,7 @@ class StorageClient:
                     wait: float = DATA_TIMEOUT) -> tuple[bytes, float]:
         rid = self._prefix + next(self._ids).to_bytes(8, "little")
         if self.max_message and len(data) > self.max_message:
-            raise ValueError(f"value of {len(data)} bytes is larger than max_message "
+            raise UsageError(f"value of {len(data)} bytes is larger than max_message "
                              f"({self.max_message} bytes): the storage node would not take it")
         frames = sp.request_frames(cmd, rid, key_id, bytes(data))
         try:
@@ -345,7 +346,7 @@ class Session:
         if not index:
             return self._to_all(sp.WRITE, key, id, groups, data)
         if key is None:
-            raise ValueError("an indexed write needs the key (search answers with keys)")
+            raise UsageError("an indexed write needs the key (search answers with keys)")
         raw_key = key.encode() if isinstance(key, str) else bytes(key)
         wait = self.timeout or DATA_TIMEOUT + self.config.broker.request_timeout + timeouts.INDEX_GRACE
         return self._to_all(sp.INDEXED_WRITE, key, None, groups,
@@ -361,7 +362,7 @@ class Session:
         if self._redis_mode:
             raise StorageError('search needs cluster.engine = "lmdb"')
         if not isinstance(limit, int) or not 0 < limit <= sp.MAX_HITS:
-            raise ValueError(f"limit must be 1 to {sp.MAX_HITS}, not {limit!r}")
+            raise UsageError(f"limit must be 1 to {sp.MAX_HITS}, not {limit!r}")
         request = json.dumps({"query": query, "limit": limit}).encode()
         return merge_hits(self.exec(SEARCH_SCRIPT, request, groups=groups, timeout=timeout),
                           limit)
@@ -425,7 +426,7 @@ class Session:
     def _redis_key(self, key, id, groups) -> str | bytes:
         self.router.check_groups(groups)
         if id is not None or key is None:
-            raise ValueError('give the key: with cluster.engine = "redis-cluster" data is '
+            raise UsageError('give the key: with cluster.engine = "redis-cluster" data is '
                              "found by key, not by id")
         return key
 
@@ -445,7 +446,7 @@ class Session:
 
     def _locate(self, key, id, groups) -> tuple[bytes, list]:
         if (key is None) == (id is None):
-            raise ValueError("give a key or an id")
+            raise UsageError("give a key or an id")
         value = parse_id(id) if id is not None else key_id(key)
         return value.to_bytes(sp.ID_BYTES, "big"), self.ring.targets(value, groups)
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from core import redis_auth
 from core.config import Config, NodeSettings
+from core.exits import UsageError
 
 from core.ids import BadId, id_hex, key_id, parse_id
 
@@ -80,7 +81,7 @@ def make_router(config: Config):
 
 def _check_key(id, key) -> None:
     if id is not None and key is not None:
-        raise ValueError("give id or key, not both")
+        raise UsageError("give id or key, not both")
 
 
 class RingRouter:
@@ -241,7 +242,7 @@ class SlotRouter:
     def check_groups(groups: list[int] | None) -> None:
         unknown = [g for g in groups or () if g != 1]
         if unknown:
-            raise ValueError(f"no group {unknown[0]}: with cluster.engine = \"redis-cluster\" "
+            raise UsageError(f"no group {unknown[0]}: with cluster.engine = \"redis-cluster\" "
                              "there is one group, 1 (Redis replicates each shard)")
 
     def _by_slot(self, key: str | bytes) -> Route:

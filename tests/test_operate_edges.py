@@ -1,0 +1,44 @@
+"""The operator's rough edges (issue 27): what a command says and how it exits."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO
+from core import security
+from core.config import ConfigError
+from core.protocol import ExecMeta, ProtocolError
+from srw import cli
+
+CONFIG = str(REPO / "config.toml")
+
+
+def test_the_cli_says_a_usage_error_in_one_line_and_lets_a_bug_keep_its_traceback(
+        monkeypatch, capsys):
+    assert cli.main(["--config", CONFIG, "exec", "x.py", "--groups", "1:a"]) == 1
+    assert capsys.readouterr().err == "srw: bad --groups '1:a': use group numbers joined " \
+                                      "by ':', e.g. 1:2\n"
+
+    def buggy(config, args):
+        return int("not a number")  # a ValueError no one meant
+    monkeypatch.setattr(cli, "cmd_status", buggy)
+    with pytest.raises(ValueError, match="invalid literal"):
+        cli.main(["--config", CONFIG, "status"])
+
+
+@pytest.mark.parametrize("text", ["inf", "nan", "0", "soon"])
+def test_a_timeout_that_is_not_finite_and_positive_is_refused(text, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--config", CONFIG, "exec", "x.py", "--timeout", text])
+    assert exit.value.code == 2
+    assert "give a finite number of seconds above 0" in capsys.readouterr().err
+    if text in ("inf", "nan"):  # and on the wire, whoever sends it
+        with pytest.raises(ProtocolError, match="finite"):
+            ExecMeta(timeout=float(text)).check()
+    assert ExecMeta(timeout=1e6).check().timeout == 1e6
+
+
+def test_a_missing_key_names_the_command_that_makes_it(tmp_path):
+    with pytest.raises(ConfigError, match="`srw keys init` makes the node's own"):
+        security.load_pair(tmp_path / "server.key_secret", "[security] server_key")
+    with pytest.raises(ConfigError, match="keys/clients/NAME.key_secret"):
+        security.load_pair(tmp_path / "alice.key_secret", "client key")
