@@ -18,6 +18,8 @@ STORAGE_STOP = 3.0     # storage: relayed replies awaited when stopping
 POOL_STOP = 5.0        # pool: workers awaited after they were told to go, then SIGKILL
 SERVE_PROXY_WAIT = 5.0  # srw serve: the proxy's stop, then SIGKILL
 SERVE_STOP_WAIT = 8.0   # srw serve: pools' and storage's stop, then SIGKILL
+RELOAD_WAIT = 30.0      # srw serve: each pool's answer to a reload (python.init runs again)...
+RELOAD_CLIENT_WAIT = 35.0  # ...before `srw reload` stops waiting for serve's reply
 
 ORDER = [
     (RELAY_GRACE, CLIENT_GRACE, "a storage relay answers for its broker before the client "
@@ -27,6 +29,7 @@ ORDER = [
     (POOL_STOP, SERVE_STOP_WAIT, "serve lets a pool reap its workers before it kills it"),
     (STORAGE_STOP, SERVE_STOP_WAIT, "serve lets storage send its last replies"),
     (STOP_LINGER, STORAGE_STOP, "the linger fits in storage's stop"),
+    (RELOAD_WAIT, RELOAD_CLIENT_WAIT, "srw reload hears serve say which pool refused"),
 ]
 
 

@@ -111,8 +111,8 @@ def parser() -> argparse.ArgumentParser:
                             description="Ask the running `srw serve` of this config (through "
                             "[serve] control) to re-read the config and python.init and roll "
                             "every pool: a new worker is READY before an old one retires. A "
-                            "failing python.init or config keeps the old workers (the log "
-                            "says why).")
+                            "failing python.init or config keeps the old workers; then it "
+                            "exits 1 and names the node and the reason.")
     reload.set_defaults(func=cmd_reload)
     resize = sub.add_parser("resize", parents=[common], help="set the live worker count",
                             description="Set each pool (or --node's) to N workers without a "
@@ -485,6 +485,16 @@ def _print_scripts(node: dict) -> None:
 def _control(config: cfg.Config, command: str) -> list[str]:
     """Send a command to every running `srw serve` of this config (srw/control.py);
     the replies that say ok.  Raises UsageError with the reason when none does."""
+    ok, errors = _control_replies(config, command)
+    if not ok:
+        raise UsageError("; ".join(errors))
+    return ok
+
+
+def _control_replies(config: cfg.Config, command: str,
+                     timeout: float = 5.0) -> tuple[list[str], list[str]]:
+    """(replies that say ok, the others and the serves that did not answer), of
+    every running `srw serve` of this config; UsageError when there is none."""
     from srw.control import ControlUnavailable, send, socket_path, socket_paths
     if not config.serve.control:
         raise UsageError(f"{config.path}: [serve] control is off; use signals instead "
@@ -496,15 +506,13 @@ def _control(config: cfg.Config, command: str) -> list[str]:
     ok, errors = [], []
     for path in paths:
         try:
-            reply = send(path, command)
+            reply = send(path, command, timeout)
         except ControlUnavailable as exc:
             errors.append(str(exc))
             continue
         (ok if reply.startswith("ok") else errors).append(reply.removeprefix("ok: ")
                                                           .removeprefix("error: "))
-    if not ok:
-        raise UsageError("; ".join(errors))
-    return ok
+    return ok, errors
 
 
 def cmd_scripts_push(config: cfg.Config, args) -> int:
@@ -603,9 +611,15 @@ def cmd_scripts_list(config: cfg.Config, args) -> int:
 
 
 def cmd_reload(config: cfg.Config, args) -> int:
-    for reply in _control(config, "reload"):
+    """Exits 1 when any pool refused (systemctl reload then fails too): each
+    serve's reply names the node and the reason."""
+    from core.timeouts import RELOAD_CLIENT_WAIT
+    ok, refused = _control_replies(config, "reload", RELOAD_CLIENT_WAIT)
+    for reply in ok:
         print(f"srw: {reply}")
-    return 0
+    for reply in refused:
+        print(f"srw: {reply}", file=sys.stderr)
+    return 1 if refused else 0
 
 
 def cmd_resize(config: cfg.Config, args) -> int:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, wait_until
 from core import security
 from core.config import ConfigError
 from core.protocol import ExecMeta, ProtocolError
 from srw import cli
+from srw.control import send
 
 CONFIG = str(REPO / "config.toml")
 
@@ -42,3 +43,26 @@ def test_a_missing_key_names_the_command_that_makes_it(tmp_path):
         security.load_pair(tmp_path / "server.key_secret", "[security] server_key")
     with pytest.raises(ConfigError, match="keys/clients/NAME.key_secret"):
         security.load_pair(tmp_path / "alice.key_secret", "client key")
+
+
+def test_a_refused_reload_names_the_node_and_fails_on_the_cli_and_the_control_socket(
+        make_cluster):
+    cluster = make_cluster(pool={"workers": 1}, scripts={"which.py": "__return_data = started_by"})
+    cluster.serve()  # with the shipped python.init, which sets started_by = "srw"
+    assert "cannot open log file" not in cluster.log()  # it names no 2011 log file now
+    (cluster.history / "python.init").write_text("x = 1\nraise RuntimeError('broken init')\n")
+    done = cluster.run("reload")
+    assert done.returncode == 1, done
+    [line] = done.stderr.decode().splitlines()
+    assert line.startswith("srw: reload refused, old workers kept: node n1: ") and \
+        line.endswith("RuntimeError: broken init"), line
+    reply = send(str(cluster.root / "var" / "srw.ctl"), "reload", timeout=30)
+    assert reply.startswith("error: reload refused, old workers kept: node n1: "), reply
+    with cluster.client(timeout=5) as client:
+        assert client.exec("which.py").data == b"srw"  # the old workers serve on
+
+    (cluster.history / "python.init").write_text("started_by = 'v2'\n")
+    done = cluster.run("reload")
+    assert done.returncode == 0 and done.stdout == b"srw: node n1: rolling to generation 1\n", done
+    with cluster.client(timeout=5) as client:
+        wait_until(lambda: client.exec("which.py").data == b"v2", 10, "the new python.init")
