@@ -5,7 +5,7 @@ import pytest
 
 from conftest import REPO, wait_until
 from core import security
-from core.config import ConfigError
+from core.config import ConfigError, load
 from core.protocol import ExecMeta, ProtocolError
 from srw import cli
 from srw.control import send
@@ -66,3 +66,21 @@ def test_a_refused_reload_names_the_node_and_fails_on_the_cli_and_the_control_so
     assert done.returncode == 0 and done.stdout == b"srw: node n1: rolling to generation 1\n", done
     with cluster.client(timeout=5) as client:
         wait_until(lambda: client.exec("which.py").data == b"v2", 10, "the new python.init")
+
+
+def test_the_shipped_unit_writes_only_where_it_may_and_reloads_with_srw_reload():
+    """contrib/systemd: every path srw writes is absolute and inside the unit's
+    StateDirectory, RuntimeDirectory or LogsDirectory (relative ones landed
+    under /etc/srw); `systemctl reload` runs `srw reload`, which fails a refusal."""
+    unit = (REPO / "contrib" / "systemd" / "srw.service").read_text()
+    settings = dict(line.split("=", 1) for line in unit.splitlines()
+                    if "=" in line and not line.startswith("#"))
+    assert settings["ExecReload"].split()[1:3] == ["reload", "--config"]
+    assert settings["ProtectSystem"] == "strict"
+    config = load(REPO / "contrib" / "systemd" / "config.toml")
+    writable = [f"/var/lib/{settings['StateDirectory']}/", f"/run/{settings['RuntimeDirectory']}/",
+                f"/var/log/{settings['LogsDirectory']}/"]
+    written = [config.pool.history_dir, config.serve.pidfile, config.serve.control,
+               config.log.file] + [n.data_dir for n in config.nodes]
+    for path in written:
+        assert any(path.startswith(w) for w in writable), path
