@@ -547,6 +547,7 @@ class Broker:
                 "warm_runners": sum(w.warm for w in live),
                 "queued": self.d.waiting, "served": self.d.served,
                 "restarts": self.restarts,
+                "request_timeout": self.settings.request_timeout,  # how long a client waits
                 **self.stats.snapshot(),
                 "worker_rows": self.worker_rows(),
                 "start": os.environ.get(START_ENV, "")}

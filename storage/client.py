@@ -272,7 +272,9 @@ class Session:
     def _broker(self, name: str) -> Client:
         client = self._brokers.get(name)
         if client is None:
-            client = Client(self.config.node(name).broker, timeout=self.timeout,
+            # No timeout given: the config's request_timeout, which the client then waits for.
+            client = Client(self.config.node(name).broker,
+                            timeout=self.timeout or self.config.broker.request_timeout,
                             max_message=self.max_message, curve=self.curve)
             self._brokers[name] = client
         return client

@@ -84,3 +84,25 @@ def test_the_shipped_unit_writes_only_where_it_may_and_reloads_with_srw_reload()
                config.log.file] + [n.data_dir for n in config.nodes]
     for path in written:
         assert any(path.startswith(w) for w in writable), path
+
+
+def test_a_client_waits_as_long_as_the_node_may_work(make_cluster, monkeypatch):
+    """A script that runs past the client's built-in wait (set to 0.2 s here, so
+    the test is short) on a node whose request_timeout (6 s) allows it: a bare
+    Client learns that timeout from the broker's status, a Session sends its
+    config's, and both get the answer instead of giving up."""
+    from broker import client as broker_client
+    from storage.client import Session
+    monkeypatch.setattr(broker_client, "DEFAULT_WAIT", 0.2)
+    monkeypatch.setattr(broker_client, "_LEARNED", {}, raising=False)
+    cluster = make_cluster(pool={"workers": 1}, broker={"request_timeout": 6.0},
+                           scripts={"slow.py": "import time\ntime.sleep(2.5)\n"
+                                                "__return_data = 'done'"})
+    cluster.serve()
+    endpoint = cluster.node("n1")["broker"]
+    with broker_client.Client(endpoint) as client:
+        assert client.exec("slow.py").data == b"done"
+    assert broker_client._LEARNED == {endpoint: 6.0}  # asked once, kept for the node
+    with Session(str(cluster.path)) as session:
+        [result] = session.exec("slow.py")
+    assert result.data == b"done", result
