@@ -1,9 +1,11 @@
 """The operator's rough edges (issue 27): what a command says and how it exits."""
 from __future__ import annotations
 
+import signal
+
 import pytest
 
-from conftest import REPO, wait_until
+from conftest import REPO, proxy_request, serving_with_proxy, wait_until
 from core import security
 from core.config import ConfigError, load
 from core.protocol import ExecMeta, ProtocolError
@@ -106,3 +108,18 @@ def test_a_client_waits_as_long_as_the_node_may_work(make_cluster, monkeypatch):
     with Session(str(cluster.path)) as session:
         [result] = session.exec("slow.py")
     assert result.data == b"done", result
+
+
+def test_ping_names_a_dead_storage_process(make_cluster):
+    cluster = make_cluster(pool={"workers": 1})
+    with serving_with_proxy(cluster):
+        status, _, body = proxy_request(cluster, "GET", "/ping")
+        assert status == 200, body
+        [storage] = cluster.processes("srw: storage n1")
+        storage.send_signal(signal.SIGSTOP)  # alive but silent; serve would restart a dead one
+        try:
+            status, _, body = proxy_request(cluster, "GET", "/ping")
+        finally:
+            storage.send_signal(signal.SIGCONT)
+    assert status == 503, body
+    assert b"node n1 (group 1): DOWN: storage tcp://" in body and b"up: broker, pool" in body
