@@ -59,6 +59,12 @@ def _redis_conf(user: str, password: str, admin: str) -> str:
             "# it first: redis-server redis.conf --port 7000 ...  (core/redis_auth.py)\n"
             "# Scripts may write any key: give each node a maxmemory (with\n"
             "# maxmemory-policy noeviction), or a script can fill its memory.\n"
+            "# A shard whose master is down (and not yet failed over) stops only its own\n"
+            "# slots: the healthy shards keep serving.  The trade-off: while a shard has\n"
+            "# no master, its keys are unavailable (as with yes) and a client sees a\n"
+            "# cluster that holds only part of the keys (Redis's default, yes, stops\n"
+            "# every shard until the slots are covered again).\n"
+            "cluster-require-full-coverage no\n"
             f"requirepass {admin}\nmasterauth {admin}\n"
             f"user {user} on #{digest} {RIGHTS}\n")
 

@@ -123,3 +123,17 @@ def test_ping_names_a_dead_storage_process(make_cluster):
             storage.send_signal(signal.SIGCONT)
     assert status == 503, body
     assert b"node n1 (group 1): DOWN: storage tcp://" in body and b"up: broker, pool" in body
+
+
+def test_the_shipped_redis_conf_keeps_healthy_shards_serving_and_unavailable_is_one_line(
+        tmp_path):
+    from core import redis_auth
+    from core.statuses import Unavailable
+    from runtime.executor import _one_line
+    conf = redis_auth.write_secrets(tmp_path)[2].read_text()
+    assert "\ncluster-require-full-coverage no\n" in conf
+
+    class Down(Unavailable):
+        pass
+    assert _one_line(Down("CLUSTERDOWN The cluster is down\nretry")) == \
+        "Down: CLUSTERDOWN The cluster is down retry"
