@@ -106,8 +106,8 @@ class Cluster:
             else:
                 results = list(await asyncio.gather(
                     *(self._exec_one(n, name, data, cookie, hex_id) for n in targets)))
-            if hex_id is not None and any(r.status == p.UNAVAILABLE for r in results):
-                self.router.stale()  # its master may have failed over
+            if hex_id is not None and any(r.status == p.UNAVAILABLE or r.moved for r in results):
+                self.router.stale()  # a failover, or a slot moved: read the map again
             return results
         finally:
             self.in_flight -= 1

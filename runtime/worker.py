@@ -323,7 +323,8 @@ class Worker:
         none) are answered at once."""
         if not self.pending:
             self.pending_since = time.monotonic()
-        self.pending.append([job, status, error, out, run_us, *self.runner.warm_state()])
+        self.pending.append([job, status, error, out, run_us, *self.runner.warm_state(),
+                             self.runner.moved()])
         if not self.hold_replies or not self.jobs or len(self.pending) >= REPLY_BATCH \
                 or time.monotonic() - self.pending_since >= REPLY_HOLD:
             self.flush_replies()

@@ -311,8 +311,8 @@ class Session:
             except BrokerUnavailable as exc:  # not even connected: answer for it
                 calls.append(exc)
         results = self._collect(route.nodes, calls)
-        if key is not None and any(r.status == p.UNAVAILABLE for r in results):
-            self.router.stale()  # its master may have failed over: read the map again
+        if key is not None and any(r.status == p.UNAVAILABLE or r.moved for r in results):
+            self.router.stale()  # a failover, or a slot moved: read the map again (ourselves)
         return results
 
     @staticmethod

@@ -137,3 +137,15 @@ def test_the_shipped_redis_conf_keeps_healthy_shards_serving_and_unavailable_is_
         pass
     assert _one_line(Down("CLUSTERDOWN The cluster is down\nretry")) == \
         "Down: CLUSTERDOWN The cluster is down retry"
+
+
+def test_a_reply_carries_the_moved_hint_and_older_layouts_still_parse():
+    from core import protocol as p
+    _, frame, data = p.reply_frames(b"c", b"r", p.OK, "n1", 1, b"x", "", moved=True)
+    assert p.parse_reply([frame, data])[1].moved
+    _, frame, data = p.reply_frames(b"c", b"r", p.OK, "n1", 1, b"x", "")
+    assert not p.parse_reply([frame, data])[1].moved
+    entries = [p.reply_entry(b"a", p.OK, "n1", 1, b"", "", moved=True),
+               p.reply_entry(b"b", p.OK, "n1", 1, b"", "")]
+    [(_, first), (_, second)] = p.parse_reply_message(p.reply_batch_frames(b"c", entries)[1:])
+    assert first.moved and not second.moved
