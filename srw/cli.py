@@ -446,8 +446,10 @@ def cmd_status(config: cfg.Config, args) -> int:
     from broker.stats import uptime_text
     with _session(config, args) as session:
         nodes = session.status()
+        beside = _beside(config, session)
     print(f"{'node':10} {'group':>5} {'workers':>7} {'busy':>5} {'queued':>6} "
-          f"{'served':>9} {'restarts':>8} {'p50 us':>7} {'p99 us':>7}  uptime")
+          f"{'served':>9} {'restarts':>8} {'p50 us':>7} {'p99 us':>7}  uptime"
+          + ("      beside" if beside else ""))
     for n in nodes:
         if "error" in n:
             print(f"{n['name']:10} {n['group']:>5} {n['error']}")
@@ -455,7 +457,8 @@ def cmd_status(config: cfg.Config, args) -> int:
         lat = n["latency_us"]
         print(f"{n['name']:10} {n['group']:>5} {n['workers']:>7} {n['busy']:>5} "
               f"{n['queued']:>6} {n['served']:>9} {n['restarts']:>8} {lat['p50']:>7} "
-              f"{lat['p99']:>7}  {uptime_text(n['uptime'])}")
+              f"{lat['p99']:>7}  {uptime_text(n['uptime'])}"
+              + (f"  {beside.get(n['name'], '')}" if beside else ""))
     print("p50/p99: of each node's last ok replies (up to 2000); errors and timeouts are "
           "counted, not timed")
     if args.scripts:
@@ -463,6 +466,21 @@ def cmd_status(config: cfg.Config, args) -> int:
             if "error" not in n:
                 _print_scripts(n)
     return 1 if any("error" in n for n in nodes) else 0
+
+
+def _beside(config: cfg.Config, session) -> dict[str, str]:
+    """redis-cluster: node -> "master 127.0.0.1:7000", or "127.0.0.1:7003 (no slots)"
+    for a Redis node that owns none (a replica: execs by key run beside masters
+    only), from the slot map the router reads; lmdb: {}."""
+    if not config.cluster.redis:
+        return {}
+    session.router.refresh()
+    slot_map = session.router.map
+    if slot_map is None:
+        return {n.name: f"{n.redis} (no slot map: {session.router.error})" for n in config.nodes}
+    masters = set(slot_map.owner)
+    return {n.name: f"master {n.redis}" if n.redis in masters else f"{n.redis} (no slots)"
+            for n in config.nodes}
 
 
 def _print_scripts(node: dict) -> None:

@@ -237,6 +237,19 @@ def test_exec_by_key_runs_beside_the_master_of_its_slot(rc):
     assert [(r.node, r.redis) for r in everywhere] == [(n["name"], n["redis"]) for n in srw.nodes]
 
 
+def test_status_says_which_nodes_sit_beside_masters(rc):
+    redis, srw, _ = rc
+    done = srw.run("status")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.decode().splitlines()[1:]
+            if line.startswith("r")}
+    masters = {s["master"] for s in redis.shards()}
+    for node in srw.nodes:
+        said = "master " + node["redis"] if node["redis"] in masters else \
+            node["redis"] + " (no slots)"
+        assert rows[node["name"]].endswith(said), rows[node["name"]]
+
+
 def test_keys_of_many_slots_match_cluster_keyslot(rc):
     redis, srw, session = rc
     from redis.crc import key_slot
