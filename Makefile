@@ -1,13 +1,17 @@
-# srw: `make serve` installs everything and starts the default node;
+# srw: `make serve` installs everything and starts the nodes of CONFIG
+# (default config.toml: `make serve CONFIG=/etc/srw/config.toml`);
 # `make test` installs everything and runs the tests.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+CONFIG ?= config.toml
+SYSTEM_DEPS := wget redis-server libseccomp2 fuse3 libfuse3-3 chromium chromium-driver wrk
 
 .PHONY: serve test bench bench-sandbox loadtest system-deps clean cluster cluster-stop
 
 $(STAMP): pyproject.toml
+	@echo "make: installing srw and its Python dependencies (pyproject.toml, with [dev]) into $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -26,12 +30,12 @@ system-deps:
 	    ! command -v fusermount3 >/dev/null || ! ldconfig -p | grep -q libfuse3.so.3 || \
 	    ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || \
 	    ! command -v wrk >/dev/null; }; then \
+	    echo "make: installing Debian packages (apt-get): $(SYSTEM_DEPS)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	        wget redis-server libseccomp2 fuse3 libfuse3-3 chromium chromium-driver wrk \
-	        >/dev/null; fi
+	        $(SYSTEM_DEPS) >/dev/null; fi
 
 serve: system-deps $(STAMP)
-	$(VENV)/bin/srw serve --config config.toml
+	$(VENV)/bin/srw serve --config $(CONFIG)
 
 test: system-deps $(STAMP)
 	$(PY) -m pytest -q
@@ -42,7 +46,6 @@ bench: system-deps $(STAMP)
 
 # Load test: starts a node from CONFIG, runs locust headless, stops the node;
 # reports in loadtest/reports/.  Exits non-zero if any request failed.
-CONFIG     ?= config.toml
 USERS      ?= 50
 DURATION   ?= 60
 TAGS       ?=

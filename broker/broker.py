@@ -99,6 +99,7 @@ class Broker:
         self.memory = WorkerMemory()
         self.started = time.monotonic()
         self.stopping = False
+        self.moved = False  # the worker reply being handled said MOVED (on_worker)
         self.close_at: float | None = None  # stopping, answered: when the sockets close
         self.next_heartbeat = 0.0
         self.scheduling = LoadScheduling()
@@ -247,10 +248,10 @@ class Broker:
     def _answer(self, job: Job, status: str, data: bytes, error: str) -> None:
         """The dispatcher's answer to a job: counted, then sent (or batched)."""
         self.stats.record(job.meta.name, status, int((time.perf_counter() - job.received) * 1e6))
-        self.reply(job.client, job.rid, status, data, error, job.batched)
+        self.reply(job.client, job.rid, status, data, error, job.batched, self.moved)
 
     def reply(self, client: bytes, rid: bytes, status: str, data: bytes = b"",
-              error: str = "", batched: bool = False) -> None:
+              error: str = "", batched: bool = False, moved: bool = False) -> None:
         """Answer now, or, to a client that batches, with its other replies of this
         turn, in messages of at most max_message.  A reply too large to share one
         goes alone, its data in a frame of its own (clients take both layouts)."""
@@ -258,10 +259,11 @@ class Broker:
             size = len(data) + 4 * len(error) + self.reply_overhead  # at 4 bytes a character
             if size <= self.max_batch:
                 self.outbox.add(client, p.reply_entry(rid, status, self.node.name,
-                                                      self.node.group, data, error), size)
+                                                      self.node.group, data, error, moved),
+                                size)
                 return
         self._send_reply(p.reply_frames(client, rid, status, self.node.name, self.node.group,
-                                        data, error))
+                                        data, error, moved))
 
     def send_replies(self) -> None:
         if self.outbox:
@@ -299,9 +301,11 @@ class Broker:
         now = time.monotonic()
         worker.last_seen = now
         if cmd == p.REPLY:
-            for job_id, status, data, error, run_us, warm, hit in \
+            for job_id, status, data, error, run_us, warm, hit, moved in \
                     p.parse_worker_replies(frames):
+                self.moved = moved  # _answer, called from within, passes the hint on
                 self.d.replied(worker, job_id, status, data, error, run_us)
+                self.moved = False
                 worker.warm = warm
                 self.stats.found_warm(hit)
             if worker.draining and not worker.jobs:
@@ -394,6 +398,7 @@ class Broker:
         return {"name": self.node.name, "group": self.node.group, "version": __version__,
                 "uptime": round(time.monotonic() - self.started, 3),
                 **self.d.counts(), "restarts": self.restarts,
+                "request_timeout": self.settings.request_timeout,  # how long a client waits
                 **self.stats.snapshot(),
                 "worker_rows": worker_rows(self.workers.values(), self.jobs, self.memory),
                 "start": os.environ.get(START_ENV, "")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import time
 
@@ -19,11 +20,13 @@ from core import loop
 from core import protocol as p
 from core.protocol import Result
 from core import timeouts
+from core.exits import UsageError
 from core.security import Credentials
 
 __all__ = ["Client", "AsyncClient", "Result", "BrokerUnavailable"]
 
-DEFAULT_WAIT = 60.0     # when the request carries no timeout the broker's applies
+DEFAULT_WAIT = timeouts.CLIENT_DEFAULT_WAIT  # no timeout given, none learned (_learned_timeout)
+_LEARNED: dict[str, float] = {}  # endpoint -> its broker's request_timeout, from its status
 CONNECT_WAIT = 1.0      # how long a send waits for a connection to the broker
 SEND_RETRY = 0.005      # seconds between an AsyncClient's tries while it waits
 # An AsyncClient's batch: requests of one loop turn in one message, up to this
@@ -44,7 +47,7 @@ def credentials(key: str | None, server_key: str | None,
     if given is not None or (key is None and server_key is None):
         return given
     if not (key and server_key):
-        raise ValueError("CurveZMQ needs both key (the client's NAME.key_secret) and "
+        raise UsageError("CurveZMQ needs both key (the client's NAME.key_secret) and "
                          "server_key (the server's public server.key)")
     return Credentials.from_files(key, server_key)
 
@@ -93,15 +96,22 @@ class _Base:
         """((EXEC, rid, meta, data), how long to wait for the reply)."""
         timeout = timeout if timeout is not None else self.timeout
         meta = p.ExecMeta(name=name, code=code, cookie=cookie, timeout=timeout, id=id)
-        wait = (timeout if timeout is not None else DEFAULT_WAIT) + timeouts.CLIENT_GRACE
+        # No timeout: the broker's request_timeout applies, and the client waits for it.
+        works = timeout if timeout is not None else self._learned_timeout() or DEFAULT_WAIT
+        wait = timeouts.client_wait(works)
         data = bytes(data)
         if self.max_message:
             size = p.request_bytes(meta, data)
             if size > p.batch_limit(self.max_message):
-                raise ValueError(f"request of {size} bytes with its headers (data {len(data)}, "
+                raise UsageError(f"request of {size} bytes with its headers (data {len(data)}, "
                                  f"code {len(code)} chars) is larger than max_message "
                                  f"({self.max_message} bytes): the broker would not take it")
         return (p.EXEC, self._next_rid(), meta.check(), data), wait
+
+    def _learned_timeout(self) -> float | None:
+        """The node's request_timeout, as its broker said (an async client learns
+        none: give it a timeout)."""
+        return None
 
     def _unavailable(self, wait: float) -> BrokerUnavailable:
         return BrokerUnavailable(f"no reply from broker {self.endpoint} within {wait:.1f} s; "
@@ -163,6 +173,21 @@ class Client(_Base):
             self._renew_refused_socket()
             raise self._unreachable()
         p.send_frames(self._sock, frames, noblock=True)
+
+    def _learned_timeout(self) -> float | None:
+        """A client given no timeout (and no config) asks the broker's status once
+        per endpoint and process: a wait shorter than the node's request_timeout
+        gave up on scripts the node was still running."""
+        if self.endpoint not in _LEARNED:
+            try:
+                said = self.status(timeout=CONNECT_WAIT + 1.0).get("request_timeout")
+            except BrokerUnavailable:
+                return None  # not cached: the next request asks again
+            if not isinstance(said, (int, float)) or isinstance(said, bool) or \
+                    not 0 < said < math.inf:
+                said = DEFAULT_WAIT  # an older broker, or nonsense
+            _LEARNED[self.endpoint] = float(said)
+        return _LEARNED[self.endpoint]
 
     def status(self, timeout: float = 5.0) -> dict:
         """The node's pool: workers, busy, queued, served, restarts, latency_us."""

@@ -15,6 +15,15 @@ NO_SANDBOX = 5     # a worker's zygote failed: no sandbox left to run scripts in
 NO_BROKER = 6      # a worker's broker took no reply within SEND_TIMEOUT
 WORKER_FAILED = 7  # a worker that was serving raised (its traceback is in the log)
 
+
+
+class UsageError(ValueError):
+    """What the caller asked for cannot be done (a size over a limit, a missing
+    key, no serve running): a command prints its message as one line and exits
+    FAILED.  Any other exception reaching the command line is a bug and keeps
+    its traceback.  A ValueError, so callers that caught ValueError still do."""
+
+
 MAX_WAIT_STATUS = 0xFFFF  # what waitpid can report; anything else is not a status
 
 

@@ -18,13 +18,16 @@ Front (client DEALER -> broker ROUTER; the ROUTER adds the client identity)::
                               node keys alone (README "Sandbox", callers)
              data    the request's binary data, never decoded by the broker
     reply    [header, data]
-             header  msgpack [rid, status, node, group, error]
+             header  msgpack [rid, status, node, group, error(, moved)]
+                     moved    true when the script's Redis calls met MOVED: the
+                              client's slot map is old (a hint: the client's
+                              router reads the map itself; storage/router.py)
 
     A client may also send several requests in one message, and then gets
     their replies in batches too (one message per broker turn):
     requests [batch]  msgpack [[cmd, rid, name, code, cookie, timeout, id(, caller), data],
                                ...]
-    replies  [batch]  msgpack [[rid, status, node, group, error, data], ...]
+    replies  [batch]  msgpack [[rid, status, node, group, error, data(, moved)], ...]
     One frame is a batch, two frames are one request or reply.
 
 Back (worker DEALER, identity "node#slot:pid" -> broker ROUTER)::
@@ -35,9 +38,10 @@ Back (worker DEALER, identity "node#slot:pid" -> broker ROUTER)::
                                               (types and ranges: Ready.from_meta;
                                               token: core/trust.py)
                       [REPLY, replies]        msgpack [[job, status, error, data,
-                                                run_us, warm, hit], ...]; run_us: time
-                                                it ran; warm: runners it keeps warm
-                                                after it; hit: it found one warm
+                                                run_us, warm, hit(, moved)], ...]; run_us:
+                                                time it ran; warm: runners it keeps warm
+                                                after it; hit: it found one warm; moved:
+                                                its runner said MOVED (the hint above)
                       [HEARTBEAT]             sent while idle
                       [DRAIN]                 "give me no more work" (recycle, stop)
     broker -> worker  [REQUEST, jobs]         msgpack [[job, budget, name, code, cookie,
@@ -59,6 +63,7 @@ REREGISTER now and then.  No frame may exceed Config.max_message.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -142,8 +147,8 @@ class ExecMeta(NamedTuple):
             raise ProtocolError("exec name, code and cookie must be strings")
         t = self.timeout
         if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool)
-                              or not t > 0):
-            raise ProtocolError("exec timeout must be a positive number of seconds")
+                              or not 0 < t < math.inf):
+            raise ProtocolError("exec timeout must be a finite positive number of seconds")
         if self.id is not None:
             try:
                 check_id(self.id)
@@ -232,14 +237,14 @@ def batch_frames(requests: list[tuple[int, bytes, ExecMeta, bytes]]) -> list[byt
 
 
 def reply_frames(client: bytes, rid: bytes, status: str, node: str, group: int,
-                 data: bytes = b"", error: str = "") -> list[bytes]:
+                 data: bytes = b"", error: str = "", moved: bool = False) -> list[bytes]:
     """What the broker sends back through its ROUTER."""
-    return [client, pack([rid, status, node, group, error]), data]
+    return [client, pack([rid, status, node, group, error] + ([True] if moved else [])), data]
 
 
 def reply_entry(rid: bytes, status: str, node: str, group: int, data: bytes,
-                error: str) -> list:
-    return [rid, status, node, group, error, data]
+                error: str, moved: bool = False) -> list:
+    return [rid, status, node, group, error, data] + ([True] if moved else [])
 
 
 def reply_batch_frames(client: bytes, entries: list[list]) -> list[bytes]:
@@ -252,10 +257,11 @@ def parse_reply(frames: list[bytes]) -> tuple[bytes, Result]:
     if len(frames) != 2:
         raise ProtocolError(f"reply must have 2 frames, got {len(frames)}")
     header = _unpack_list(frames[0])
-    if len(header) != 5 or header[1] not in _STATUS_SET:
+    if len(header) not in (5, 6) or header[1] not in _STATUS_SET:
         raise ProtocolError("bad reply header")
-    rid, status, node, group, error = header
-    return rid, Result(node, group, status, frames[1], error or None)
+    rid, status, node, group, error = header[:5]
+    return rid, Result(node, group, status, frames[1], error or None,
+                       moved=header[5:] == (True,))
 
 
 def parse_reply_message(frames: list[bytes]) -> list[tuple[bytes, Result]]:
@@ -264,11 +270,12 @@ def parse_reply_message(frames: list[bytes]) -> list[tuple[bytes, Result]]:
         return [parse_reply(frames)]
     out = []
     for entry in _unpack_list(frames[0]):
-        if not (isinstance(entry, tuple) and len(entry) == 6 and isinstance(entry[1], str)
+        if not (isinstance(entry, tuple) and len(entry) in (6, 7) and isinstance(entry[1], str)
                 and entry[1] in _STATUS_SET and isinstance(entry[5], bytes)):
             raise ProtocolError("bad reply in a batch")
-        rid, status, node, group, error, data = entry
-        out.append((rid, Result(node, group, status, data, error or None)))
+        rid, status, node, group, error, data = entry[:6]
+        out.append((rid, Result(node, group, status, data, error or None,
+                                moved=entry[6:] == (True,))))
     return out
 
 
@@ -423,22 +430,23 @@ def worker_replies_frames(replies: list[list]) -> list[bytes]:
 
 
 def parse_worker_replies(frames: list[bytes]) -> list[tuple[bytes, str, bytes, str, float,
-                                                             int, bool]]:
+                                                             int, bool, bool]]:
     """Broker side: [identity, REPLY, replies] -> [(job, status, data, error, run_us,
-    warm, hit), ...]."""
+    warm, hit, moved), ...]."""
     if len(frames) != 3:
         raise ProtocolError("REPLY must have 1 frame after the command")
     replies = []
     for entry in _unpack_list(frames[2]):
-        if not (isinstance(entry, tuple) and len(entry) == 7 and isinstance(entry[0], bytes)
+        if not (isinstance(entry, tuple) and len(entry) in (7, 8) and isinstance(entry[0], bytes)
                 and isinstance(entry[1], str) and entry[1] in _STATUS_SET
                 and isinstance(entry[2], str) and isinstance(entry[3], bytes)
                 and isinstance(entry[4], (int, float)) and 0 <= entry[4] < 1e12
                 and type(entry[5]) is int and 0 <= entry[5] <= MAX_WARM
-                and type(entry[6]) is bool):
+                and type(entry[6]) is bool and all(type(m) is bool for m in entry[7:])):
             raise ProtocolError("bad REPLY entry")
-        job, status, error, data, run_us, warm, hit = entry
-        replies.append((job, status, data, error, float(run_us), warm, hit))
+        job, status, error, data, run_us, warm, hit = entry[:7]
+        replies.append((job, status, data, error, float(run_us), warm, hit,
+                        entry[7:] == (True,)))
     return replies
 
 

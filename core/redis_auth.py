@@ -33,6 +33,7 @@ import os
 from pathlib import Path
 
 from core.config import Config, ConfigError, plain_name
+from core.exits import UsageError
 from core.secrets import read_secret, write_secret
 
 SECRET = "redis.secret"            # the srw user's password
@@ -46,7 +47,7 @@ SCRIPT_USERS = {"write": RIGHTS, "read": RIGHTS + " -@write"}
 def write_secrets(folder: str | Path, user: str = "srw") -> list[Path]:
     """The two passwords and redis.conf in `folder`; refuses to overwrite any."""
     if not plain_name(user):
-        raise ValueError(f"Redis user {user!r}: letters, digits, - and _ only")
+        raise UsageError(f"Redis user {user!r}: letters, digits, - and _ only")
     folder = Path(folder)
     paths = [folder / SECRET, folder / ADMIN_SECRET, folder / CONF]
     for path in paths:
@@ -70,6 +71,12 @@ def _redis_conf(user: str, password: str, admin: str) -> str:
             "# it first: redis-server redis.conf --port 7000 ...  (core/redis_auth.py)\n"
             "# Scripts may write any key: give each node a maxmemory (with\n"
             "# maxmemory-policy noeviction), or a script can fill its memory.\n"
+            "# A shard whose master is down (and not yet failed over) stops only its own\n"
+            "# slots: the healthy shards keep serving.  The trade-off: while a shard has\n"
+            "# no master, its keys are unavailable (as with yes) and a client sees a\n"
+            "# cluster that holds only part of the keys (Redis's default, yes, stops\n"
+            "# every shard until the slots are covered again).\n"
+            "cluster-require-full-coverage no\n"
             f"requirepass {admin}\nmasterauth {admin}\n"
             f"user {user} on #{digest} {RIGHTS}\n" + scripts)
 

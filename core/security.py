@@ -67,7 +67,7 @@ def load_pair(path: str | Path, what: str) -> tuple[bytes, bytes]:
     public, secret = _load(path, what)
     if not secret:
         raise ConfigError(f"{what} {path} holds no secret key: give the NAME.key_secret "
-                          "file (srw keys new NAME)")
+                          "file (`srw keys init` makes the node's own, `srw keys new NAME` a client's)")
     return public, secret
 
 
@@ -80,8 +80,16 @@ def _load(path: str | Path, what: str) -> tuple[bytes, bytes | None]:
     try:
         return zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{what} {path}: cannot read a key from it ({exc}); make one with "
-                          "`srw keys new NAME` (README \"Security\")") from None
+        raise ConfigError(f"{what} {path}: cannot read a key from it ({exc}); {_maker(what)} "
+                          "(README \"Security\")") from None
+
+
+def _maker(what: str) -> str:
+    """Which command writes the key a message names: a client's comes from
+    `srw keys new`, the node's own (server, scripts, proxy) from `srw keys init`."""
+    if what.startswith("client"):
+        return "make one with `srw keys new NAME` (it writes keys/clients/NAME.key_secret)"
+    return "`srw keys init` makes the node's own keys (server, scripts, proxy)"
 
 
 def write_pair(folder: str | Path, name: str, rights: tuple[str, ...] | None = None) -> Path:
@@ -159,7 +167,7 @@ def client_credentials(config: Config, key: str | None = None,
     key = key or settings.key
     if not key:
         raise ConfigError(f"{config.path}: [security] curve is on: give a client key "
-                          "(--key keys/NAME.key_secret, or [security] key)")
+                          "(--key keys/clients/NAME.key_secret, or [security] key)")
     return Credentials.from_files(key, server_key or settings.server_key)
 
 

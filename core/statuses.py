@@ -38,6 +38,7 @@ class Result:
     data: bytes = b""
     error: str | None = None
     redis: str = ""  # redis-cluster: HOST:PORT of the Redis node beside the srw node
+    moved: bool = False  # its Redis calls met MOVED: the slot map it was routed by is old
 
     @property
     def ok(self) -> bool:

@@ -5,7 +5,8 @@
     GET    /elliptics?search=QUERY[&limit=N&offset=N&lang=L&raw=1&timeout=S]  search, JSON
     GET    /elliptics?name=KEY                                        read
     DELETE /elliptics?name=KEY                                        remove
-    GET    /ping      200 when every configured node answers, else 503
+    GET    /ping      200 when every role (broker, pool, storage) of every node answers,
+                      else 503; a line per node names what is down
     GET    /status    the nodes and their workers as HTML reloading itself every
                       ?refresh=N s, or JSON (Accept: application/json or ?format=json)
     GET    /metrics   Prometheus metrics of every node and of the proxy (proxy/metrics.py)
@@ -314,12 +315,16 @@ def _per_group_reply(done: str, what: str, results: list[Result], fine: set[str]
 # Ping and status --------------------------------------------------------------
 
 async def ping(request: web.Request) -> web.Response:
-    nodes = await request.app[CLUSTER].status()
-    down = [n for n in nodes if "error" in n]
-    if down:
-        return text(503, "\n".join(f"node {n['name']} (group {n['group']}) does not answer: "
-                                   f"{n['error']}" for n in down))
-    return text(200, f"ok: {len(nodes)} of {len(nodes)} nodes answer")
+    """200 when every role of every node answers (broker, pool, storage), else
+    503; a line per node either way, what is down first."""
+    nodes = await request.app[CLUSTER].ping()
+    lines = [f"node {node.name} (group {node.group}): "
+             + "; ".join([f"DOWN: {d}" for d in down] + (["up: " + ", ".join(up)] if up else []))
+             for node, up, down in nodes]
+    failing = sum(bool(down) for _, _, down in nodes)
+    if failing:
+        return text(503, f"{failing} of {len(nodes)} nodes have a role down\n" + "\n".join(lines))
+    return text(200, f"ok: {len(nodes)} of {len(nodes)} nodes answer\n" + "\n".join(lines))
 
 
 async def status(request: web.Request) -> web.Response:

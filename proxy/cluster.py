@@ -25,6 +25,7 @@ from broker.client import AsyncClient, BrokerUnavailable, Result
 from core.config import Config, ConfigError, NodeSettings
 from core.security import Credentials
 from core.sched import CALM_AFTER, LoadScheduling
+from storage.client import storage_ready
 from storage.router import RingRouter, Route, make_router
 
 DATA_THREADS = 4
@@ -107,8 +108,8 @@ class Cluster:
             else:
                 results = list(await asyncio.gather(
                     *(self._exec_one(n, name, data, cookie, hex_id) for n in targets)))
-            if hex_id is not None and any(r.status == p.UNAVAILABLE for r in results):
-                self.router.stale()  # its master may have failed over
+            if hex_id is not None and any(r.status == p.UNAVAILABLE or r.moved for r in results):
+                self.router.stale()  # a failover, or a slot moved: read the map again
             return results
         finally:
             self.in_flight -= 1
@@ -130,6 +131,32 @@ class Cluster:
     async def status(self) -> list[dict]:
         """Each node's pool status; a node that does not answer is {name, group, error}."""
         return list(await asyncio.gather(*(self._status_one(n) for n in self.config.nodes)))
+
+    async def ping(self) -> list[tuple[NodeSettings, list[str], list[str]]]:
+        """Each node with its roles that answer and those that do not, one phrase
+        each: its broker (status), its pool (live workers, as its broker counts
+        them), its storage process (lmdb: a stat; redis-cluster: its data is in
+        Redis, which srw does not watch)."""
+        return list(await asyncio.gather(*(self._ping_one(n) for n in self.config.nodes)))
+
+    async def _ping_one(self, node: NodeSettings) -> tuple[NodeSettings, list[str], list[str]]:
+        up, down = [], []
+        checks = [self._status_one(node)]
+        if not self.config.cluster.redis:
+            checks.append(asyncio.to_thread(storage_ready, node.storage, PING_TIMEOUT / 2,
+                                            self.curve))
+        status, *storage = await asyncio.gather(*checks)
+        if "error" in status:
+            down.append(f"broker {node.broker} does not answer (nor can it count the pool's "
+                        "workers)")
+        else:
+            up.append("broker")
+            workers = status.get("workers", 0)
+            (up if workers else down).append(f"pool ({workers} live workers)")
+        if storage:
+            (up if storage[0] else down).append(
+                "storage" if storage[0] else f"storage {node.storage} does not answer")
+        return node, up, down
 
     async def _status_one(self, node: NodeSettings) -> dict:
         try:

@@ -3,25 +3,48 @@
     scrape -> Cluster.status() (every node's broker, in parallel) -> NodesCollector
            -> a fresh CollectorRegistry -> prometheus_client's text format
 
-Nothing is kept between scrapes but the proxy's own request counter: the
-brokers count (broker/stats.py) and each scrape turns their status into
-metric families, so a node's counters live and reset with its broker (its
-``srw_uptime_seconds`` tells when).  A node that does not answer is
-``srw_node_up 0`` and contributes nothing else.
+Nothing is kept between scrapes but the proxy's own request counts and
+latencies: the brokers count (broker/stats.py) and each scrape turns their
+status into metric families, so a node's counters live and reset with its
+broker (its ``srw_start_time_seconds`` tells when).  A node that does not
+answer is ``srw_node_up 0`` and contributes nothing else.  Worker series are
+keyed by slot, not pid, so a reload adds none (``srw_worker_info`` maps a
+slot to its pid now); the proxy's own process figures come from
+prometheus_client's process, platform and GC collectors.
 """
 from __future__ import annotations
 
+import bisect
 import collections
+import time
+from dataclasses import dataclass, field
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR,
+                               CollectorRegistry, generate_latest)
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 NODE = ["node", "group"]
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
-RequestCounts = collections.Counter  # (method, route, code) -> requests answered
+# The proxy's request latency buckets, seconds (an exec of a tiny script: ~1 ms).
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0, 60.0)
+
+
+@dataclass
+class RequestCounts:
+    """What the proxy answered: (method, route, code) -> requests, and per
+    (method, route) the latency buckets (the last +Inf) and their sum."""
+    counts: collections.Counter = field(default_factory=collections.Counter)
+    latency: dict = field(default_factory=dict)
+
+    def add(self, method: str, path: str, code: int, seconds: float) -> None:
+        self.counts[(method, path, str(code))] += 1
+        buckets, total = self.latency.get((method, path), ([0] * (len(HTTP_BUCKETS) + 1), 0.0))
+        buckets[bisect.bisect_left(HTTP_BUCKETS, seconds)] += 1
+        self.latency[(method, path)] = (buckets, total + seconds)
 
 
 def count_requests(counts: RequestCounts):
@@ -30,7 +53,7 @@ def count_requests(counts: RequestCounts):
     "other" (any client can send any method and path)."""
     @web.middleware
     async def middleware(request: web.Request, handler):
-        code = 500
+        code, started = 500, time.perf_counter()
         try:
             response = await handler(request)
             code = response.status
@@ -42,7 +65,7 @@ def count_requests(counts: RequestCounts):
             resource = request.match_info.route.resource
             path = resource.canonical if resource is not None else "other"
             method = request.method if request.method in METHODS else "other"
-            counts[(method, path, str(code))] += 1
+            counts.add(method, path, code, time.perf_counter() - started)
     return middleware
 
 
@@ -60,9 +83,24 @@ class NodesCollector:
         http = CounterMetricFamily("srw_proxy_http_requests", "HTTP requests the proxy "
                                    "answered, by method, route and code",
                                    labels=["method", "path", "code"])
-        for (method, path, code), n in sorted(self.requests.items()):
+        for (method, path, code), n in sorted(self.requests.counts.items()):
             http.add_metric([method, path, code], n)
         yield http
+        latency = HistogramMetricFamily("srw_proxy_http_request_duration_seconds", "from a "
+                                        "request's headers to its response, by method and "
+                                        "route", labels=["method", "path"])
+        bounds = [f"{b:g}" for b in HTTP_BUCKETS] + ["+Inf"]
+        for (method, path), (buckets, total) in sorted(self.requests.latency.items()):
+            latency.add_metric([method, path], list(zip(bounds, _running(buckets))), total)
+        yield latency
+
+
+def _running(counts: list[int]) -> list[int]:
+    out, total = [], 0
+    for n in counts:
+        total += n
+        out.append(total)
+    return out
 
 
 def node_families() -> dict:
@@ -70,8 +108,8 @@ def node_families() -> dict:
     return {
         "up": g("srw_node_up", "1 when the node's broker answered this scrape", labels=NODE),
         "info": g("srw_node_info", "the node's srw version", labels=NODE + ["version"]),
-        "uptime": g("srw_uptime_seconds", "seconds since the node's broker started",
-                    labels=NODE),
+        "start": g("srw_start_time_seconds", "when the node's broker started (its counters "
+                   "start there), seconds since the epoch", labels=NODE),
         "execs": c("srw_executions", "exec requests answered, by script and status "
                    "(<content>: script content with no name; <other>: past 1000 names)",
                    labels=NODE + ["script", "status"]),
@@ -91,7 +129,9 @@ def node_families() -> dict:
                         "(found=yes) or took a fresh one (found=no)", labels=NODE + ["found"]),
         "uss": g("srw_worker_uss_bytes", "private memory of each worker (process=worker) "
                  "and of its zygote and runners (process=sandbox)",
-                 labels=NODE + ["slot", "pid", "process"]),
+                 labels=NODE + ["slot", "process"]),
+        "worker": g("srw_worker_info", "the pid of each slot's worker now",
+                    labels=NODE + ["slot", "pid"]),
     }
 
 
@@ -102,7 +142,7 @@ def add_node(families: dict, node: dict) -> None:
     if not up:
         return
     families["info"].add_metric(labels + [node["version"]], 1)
-    families["uptime"].add_metric(labels, node["uptime"])
+    families["start"].add_metric(labels, round(time.time() - node["uptime"], 3))
     for key in ("queued", "workers", "busy"):
         families[key].add_metric(labels, node[key])
     families["warm"].add_metric(labels, node["warm_runners"])
@@ -117,10 +157,12 @@ def add_node(families: dict, node: dict) -> None:
         families["latency"].add_metric(labels + [script], cumulative(stats["buckets"], bounds),
                                        stats["sum_us"] / 1e6)
     for row in node["worker_rows"]:
+        if row["state"] == "gone":  # its slot's new worker has the series now
+            continue
+        families["worker"].add_metric(labels + [str(row["slot"]), str(row["pid"])], 1)
         for process, key in (("worker", "uss"), ("sandbox", "sandbox_uss")):
             if row[key] is not None:
-                families["uss"].add_metric(labels + [str(row["slot"]), str(row["pid"]),
-                                                     process], row[key])
+                families["uss"].add_metric(labels + [str(row["slot"]), process], row[key])
 
 
 def cumulative(buckets: list[int], bounds_us: list[int]) -> list[tuple[str, int]]:
@@ -136,6 +178,8 @@ def exposition(nodes: list[dict], requests: RequestCounts) -> web.Response:
     """The /metrics response for one scrape."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodesCollector(nodes, requests))
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # the proxy's own
+        registry.register(collector)
     # The 0.0.4 text format: what every Prometheus version scrapes.
     return web.Response(body=generate_latest(registry),
                         headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})

@@ -42,6 +42,7 @@ STATUS_CODE = {status: i for i, status in enumerate(RUN_STATUSES)}
 # Reply flags: what the runner says of itself once the script is done.
 STALE = 1   # it could not reset what the script left: replace it
 ZEROMQ = 2  # it holds a ZeroMQ context (a storage session): two threads of its own
+MOVED = 4   # its Redis calls met MOVED: the client's slot map is old (a hint, no more)
 
 MAX_ERROR = 64 * 1024  # bytes of traceback a reply may carry
 FIRST = 64 * 1024  # a first read takes a small message whole (and stays below malloc's mmap)

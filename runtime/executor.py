@@ -56,7 +56,7 @@ class Executor:
         except RecursionError as exc:
             return statuses.SCRIPT_ERROR, b"", _format(exc, skip=1, limit=20)
         except statuses.Unavailable as exc:  # the store, not the script, failed: callers may retry
-            return statuses.UNAVAILABLE, b"", _format(exc, skip=1)
+            return statuses.UNAVAILABLE, b"", _one_line(exc)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the worker stays up
             return statuses.SCRIPT_ERROR, b"", _format(exc, skip=1)
         try:
@@ -90,6 +90,13 @@ class Executor:
         return (statuses.OUTPUT_TOO_LARGE, b"",
                 f"__return_data is {size} bytes; the sandbox profile allows "
                 f"{self.output_bytes} (output_bytes)")
+
+
+def _one_line(exc: BaseException, limit: int = 500) -> str:
+    """An unavailable store as one line (its type and message): the cause is the
+    cluster's, and a traceback through the handle helps no caller."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text[:limit]
 
 
 def _format(exc: BaseException, skip: int, limit: int | None = None) -> str:

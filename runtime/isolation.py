@@ -44,6 +44,7 @@ from core import protocol as p
 from . import channel, zygote
 from .cgroups import cpu_seconds, read_int
 from .executor import Executor
+from .runner import redis_moved
 from .sandbox import Sandbox
 from .scripts import Script, ScriptCache
 from .slots import SlotTable
@@ -89,6 +90,10 @@ class InlineRunner:
 
     def warm_state(self) -> tuple[int, bool]:
         return 0, False
+
+    def moved(self) -> bool:
+        """Whether the last request's Redis calls met MOVED (a hint for the client)."""
+        return redis_moved()
 
     def after(self) -> str:
         """Why this worker must be recycled after the request ("" = it need not)."""
@@ -161,6 +166,7 @@ class ProcessRunner:
         self.exits: dict[int, tuple[int, float]] = {}  # pid -> (wait status, CPU seconds)
         self.current: Runner | None = None
         self.found_warm = False
+        self.redirected = False  # the last reply's MOVED flag (moved())
         self.seq = 0
         # The worker's replies held while a request runs: flush() them at flush_at.
         self.flush: Callable[[], None] = lambda: None
@@ -222,6 +228,7 @@ class ProcessRunner:
                      code) if self.reuse else None
         self.current = self.warm.take(key) if key is not None else None
         self.found_warm = self.current is not None
+        self.redirected = False
         for attempt in range(2 + self.spares):  # a warm one and the spares may have died idle
             try:
                 runner = self.current or self._take(deadline)
@@ -263,6 +270,7 @@ class ProcessRunner:
             died = self._died(runner.pid)
             self._replace(runner, "")
             return died
+        self.redirected = bool(reply.flags & channel.MOVED)
         if not self.reuse:
             self._replace(runner, "")
         else:
@@ -448,6 +456,11 @@ class ProcessRunner:
     def warm_state(self) -> tuple[int, bool]:
         """(runners kept warm, whether the last request found its tenant's warm)."""
         return len(self.warm), self.found_warm
+
+    def moved(self) -> bool:
+        """Whether the last request's runner said its Redis calls met MOVED: what
+        the runner says, so a hint for the client's router and no more."""
+        return self.redirected
 
     def idle(self) -> None:
         """The worker is waiting: log what the sandbox wrote meanwhile, and replace a

@@ -19,8 +19,10 @@ with exit status 3 (the node refuses to start) instead of looping.
 Live changes, like gunicorn's: SIGHUP re-reads the config and python.init
 and rolls the pool (a worker of the new generation is READY before one of
 the old retires; a failing python.init or config keeps the old workers);
-SIGTTIN and SIGTTOU add or retire one worker; ``size N`` on the control pipe
-that ``srw serve`` hands over (CONTROL_FD_ENV) sets the size.  The pool owns
+SIGTTIN and SIGTTOU add or retire one worker.  On the control socket that
+``srw serve`` hands over (CONTROL_FD_ENV, a socketpair), ``size N`` sets the
+size and ``reload ID`` reloads as SIGHUP does, answered with ``reload ID ok
+generation N`` or ``reload ID refused REASON`` (one line).  The pool owns
 twice its ceiling of slots (PoolSettings.slots), so a full pool can roll.
 A retired worker drains: the broker gives it nothing more and it exits
 once it has answered what it holds.
@@ -62,6 +64,7 @@ log = logging.getLogger("srw.pool")
 MAX_BOOT_FAILURES = 3
 TICK = 0.05            # watchdog period, seconds
 RESPAWN_WAIT = 1.0     # at most this long for a dead worker's leftovers to go first
+MAX_ANSWER = 512       # bytes of a `reload` answer to serve
 SIZE_FILE = "pool.size"  # in data_dir: the size now, which a pool serve restarts resumes
 
 
@@ -87,6 +90,15 @@ def run_init(history_dir: Path) -> dict:
     finally:
         gc.enable()
     return context
+
+
+def one_line(text: str) -> str:
+    """An error for one line of the control socket: python.init's traceback
+    becomes its first line and its last (the exception)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if len(lines) <= 2:
+        return " ".join(lines)
+    return f"{lines[0]} {lines[-1]}"
 
 
 def _control_pipe() -> int:
@@ -135,6 +147,7 @@ class Pool:
         self.stopping = False
         self.reload_requested = False
         self.reopen_requested = False
+        self.reload_asks: list[str] = []   # `reload ID` lines from serve, answered after it
         self.resize_steps: list[int] = []  # TTIN +1, TTOU -1, in order, by the handler
         self.control = _control_pipe()  # fd, or -1 when started alone
         self.control_buf = b""
@@ -273,7 +286,8 @@ class Pool:
                 pass
 
     def read_control(self) -> None:
-        """Commands from `srw serve` on the control pipe: ``size N``, one per line."""
+        """Commands from `srw serve` on the control pipe, one per line: ``size N``,
+        and ``reload ID``, answered on the same socket (reload())."""
         if self.control < 0:
             return
         try:
@@ -290,6 +304,9 @@ class Pool:
             word, _, arg = line.decode("ascii", "replace").strip().partition(" ")
             if word == "size" and arg.isdigit():
                 self.resize(int(arg))
+            elif word == "reload" and arg.isalnum() and len(arg) <= 32:
+                self.reload_requested = True
+                self.reload_asks.append(arg)
             else:
                 log.warning("pool %s: unknown control command %r", self.node.name, line[:80])
 
@@ -458,6 +475,7 @@ class Pool:
         except (ConfigError, InitError) as exc:
             log.error("pool %s: reload refused, keeping the old workers: %s",
                       self.node.name, exc)
+            self._answer_reload(f"refused {one_line(str(exc))}")
             return
         gc.unfreeze()
         self.context = context
@@ -469,6 +487,16 @@ class Pool:
         self.generation += 1
         log.info("pool %s: python.init reloaded; rolling %d workers to generation %d",
                  self.node.name, self.size, self.generation)
+        self._answer_reload(f"ok generation {self.generation}")
+
+    def _answer_reload(self, outcome: str) -> None:
+        """`reload ID OUTCOME` to serve for each reload it asked for (a HUP asks none)."""
+        asks, self.reload_asks = self.reload_asks, []
+        for ask in asks:
+            try:
+                os.write(self.control, f"reload {ask} {outcome}".encode()[:MAX_ANSWER] + b"\n")
+            except OSError:  # serve went away or its end is full: it stops waiting on its own
+                return
 
     def _reread_config(self) -> Config:
         """The config file again; what the sandbox was built from must not change."""

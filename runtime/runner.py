@@ -68,7 +68,8 @@ def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: b
         _flush_stdio()
         if os.getpid() != pid:  # a copy the script forked came back from it: not ours
             os._exit(0)
-        flags = hygiene.check() if hygiene is not None else 0
+        flags = (hygiene.check() if hygiene is not None else 0) | \
+            (channel.MOVED if redis_moved() else 0)
         channel.write_reply(res_w, request.seq, status, flags, error, data)
         if hygiene is None:
             break
@@ -116,6 +117,13 @@ def redis_live() -> bool:
     Looked up, not imported: lmdb mode never loads redis."""
     store = sys.modules.get("storage.redis_store")
     return store is not None and store.client_in_this_process()
+
+
+def redis_moved() -> bool:
+    """Whether this request's Redis calls met MOVED (storage.redis_store.take_moved);
+    looked up like redis_live."""
+    store = sys.modules.get("storage.redis_store")
+    return store is not None and store.take_moved()
 
 
 class Hygiene:

@@ -320,7 +320,8 @@ class Worker:
         none) are answered at once."""
         if not self.pending:
             self.pending_since = time.monotonic()
-        self.pending.append([job, status, error, out, run_us, *self.runner.warm_state()])
+        self.pending.append([job, status, error, out, run_us, *self.runner.warm_state(),
+                             self.runner.moved()])
         if self.granted is not None:  # (redis-cluster mode: nothing to revoke)
             self.answered.append(self.granted)
             self.granted = None

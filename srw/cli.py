@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ from core import __version__
 from core import config as cfg
 from core import logs
 from core import exits
+from core.exits import UsageError
 
 EXAMPLES = """examples:
   srw serve                                   start the nodes of ./config.toml
@@ -21,7 +23,7 @@ EXAMPLES = """examples:
   srw exec '' --code '__return_data = "x" * 3'
   srw status --scripts                        pools, workers and executions per script
   srw reload / srw resize 4 / srw stop      a running serve, through its control socket
-  srw scripts push history/count.py && srw scripts list   scripts kept in the cluster
+  srw scripts push examples/scripts/count.py && srw scripts list   scripts kept in the cluster
   echo -n value | srw write mykey --data -
   srw read mykey
   srw remove mykey
@@ -43,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         return exits.CONFIG
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # one line for people; tracebacks are for bugs in the log
+    except Exception as exc:  # one line for what the user can act on; a bug keeps its traceback
         from broker.client import BrokerUnavailable
-        from storage.client import StorageError
         from core.ids import BadId
-        if isinstance(exc, (BrokerUnavailable, BadId, ValueError, OSError, StorageError)):
+        from srw.pushed import PushError
+        from storage.client import StorageError
+        if isinstance(exc, (BrokerUnavailable, BadId, UsageError, PushError, OSError,
+                            StorageError)):
             print(f"srw: {exc}", file=sys.stderr)
             return exits.FAILED
         raise
@@ -94,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--data", metavar="FILE|-", help="request data from a file, or - for stdin")
     ex.add_argument("--code", default="", help="script content, run before the named script")
     ex.add_argument("--groups", help="only these groups, e.g. 1:2")
-    ex.add_argument("--timeout", type=float, help="seconds (default: broker.request_timeout)")
+    ex.add_argument("--timeout", type=seconds, help="seconds (default: broker.request_timeout)")
     ex.add_argument("--json", action="store_true", help="print results as a JSON array")
     ex.set_defaults(func=cmd_exec)
 
@@ -108,8 +112,8 @@ def parser() -> argparse.ArgumentParser:
                             description="Ask the running `srw serve` of this config (through "
                             "[serve] control) to re-read the config and python.init and roll "
                             "every pool: a new worker is READY before an old one retires. A "
-                            "failing python.init or config keeps the old workers (the log "
-                            "says why).")
+                            "failing python.init or config keeps the old workers; then it "
+                            "exits 1 and names the node and the reason.")
     reload.set_defaults(func=cmd_reload)
     resize = sub.add_parser("resize", parents=[common], help="set the live worker count",
                             description="Set each pool (or --node's) to N workers without a "
@@ -243,13 +247,24 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def seconds(text: str) -> float:
+    """--timeout: a finite number of seconds above 0 (float() takes inf and nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds above 0")
+    return value
+
+
 def parse_groups(text: str | None) -> list[int] | None:
     if not text:
         return None
     try:
         return [int(g) for g in text.split(":")]
     except ValueError:
-        raise ValueError(f"bad --groups {text!r}: use group numbers joined by ':', e.g. 1:2")
+        raise UsageError(f"bad --groups {text!r}: use group numbers joined by ':', e.g. 1:2")
 
 
 def read_data(source: str | None) -> bytes:
@@ -472,8 +487,10 @@ def cmd_status(config: cfg.Config, args) -> int:
     from broker.stats import uptime_text
     with _session(config, args) as session:
         nodes = session.status()
+        beside = _beside(config, session)
     print(f"{'node':10} {'group':>5} {'workers':>7} {'busy':>5} {'queued':>6} "
-          f"{'served':>9} {'restarts':>8} {'p50 us':>7} {'p99 us':>7}  uptime")
+          f"{'served':>9} {'restarts':>8} {'p50 us':>7} {'p99 us':>7}  uptime"
+          + ("      beside" if beside else ""))
     for n in nodes:
         if "error" in n:
             print(f"{n['name']:10} {n['group']:>5} {n['error']}")
@@ -481,7 +498,8 @@ def cmd_status(config: cfg.Config, args) -> int:
         lat = n["latency_us"]
         print(f"{n['name']:10} {n['group']:>5} {n['workers']:>7} {n['busy']:>5} "
               f"{n['queued']:>6} {n['served']:>9} {n['restarts']:>8} {lat['p50']:>7} "
-              f"{lat['p99']:>7}  {uptime_text(n['uptime'])}")
+              f"{lat['p99']:>7}  {uptime_text(n['uptime'])}"
+              + (f"  {beside.get(n['name'], '')}" if beside else ""))
     print("p50/p99: of each node's last ok replies (up to 2000); errors and timeouts are "
           "counted, not timed")
     if args.scripts:
@@ -489,6 +507,21 @@ def cmd_status(config: cfg.Config, args) -> int:
             if "error" not in n:
                 _print_scripts(n)
     return 1 if any("error" in n for n in nodes) else 0
+
+
+def _beside(config: cfg.Config, session) -> dict[str, str]:
+    """redis-cluster: node -> "master 127.0.0.1:7000", or "127.0.0.1:7003 (no slots)"
+    for a Redis node that owns none (a replica: execs by key run beside masters
+    only), from the slot map the router reads; lmdb: {}."""
+    if not config.cluster.redis:
+        return {}
+    session.router.refresh()
+    slot_map = session.router.map
+    if slot_map is None:
+        return {n.name: f"{n.redis} (no slot map: {session.router.error})" for n in config.nodes}
+    masters = set(slot_map.owner)
+    return {n.name: f"master {n.redis}" if n.redis in masters else f"{n.redis} (no slots)"
+            for n in config.nodes}
 
 
 def _print_scripts(node: dict) -> None:
@@ -510,39 +543,47 @@ def _print_scripts(node: dict) -> None:
 
 def _control(config: cfg.Config, command: str) -> list[str]:
     """Send a command to every running `srw serve` of this config (srw/control.py);
-    the replies that say ok.  Raises ValueError with the reason when none does."""
+    the replies that say ok.  Raises UsageError with the reason when none does."""
+    ok, errors = _control_replies(config, command)
+    if not ok:
+        raise UsageError("; ".join(errors))
+    return ok
+
+
+def _control_replies(config: cfg.Config, command: str,
+                     timeout: float = 5.0) -> tuple[list[str], list[str]]:
+    """(replies that say ok, the others and the serves that did not answer), of
+    every running `srw serve` of this config; UsageError when there is none."""
     from srw.control import ControlUnavailable, send, socket_path, socket_paths
     if not config.serve.control:
-        raise ValueError(f"{config.path}: [serve] control is off; use signals instead "
+        raise UsageError(f"{config.path}: [serve] control is off; use signals instead "
                          "(HUP reload, TTIN/TTOU resize, TERM stop)")
     paths = socket_paths(config)
     if not paths:
-        raise ValueError(f"no srw serve of {config.path} is running (no control socket "
+        raise UsageError(f"no srw serve of {config.path} is running (no control socket "
                          f"at {socket_path(config)})")
     ok, errors = [], []
     for path in paths:
         try:
-            reply = send(path, command)
+            reply = send(path, command, timeout)
         except ControlUnavailable as exc:
             errors.append(str(exc))
             continue
         (ok if reply.startswith("ok") else errors).append(reply.removeprefix("ok: ")
                                                           .removeprefix("error: "))
-    if not ok:
-        raise ValueError("; ".join(errors))
-    return ok
+    return ok, errors
 
 
 def cmd_scripts_push(config: cfg.Config, args) -> int:
     from core import security
     from srw import pushed
     if args.init and len(args.files) != 1:
-        raise ValueError("--init takes one FILE: the python.init to push")
+        raise UsageError("--init takes one FILE: the python.init to push")
     files = {}
     for path in args.files:
         name = pushed.INIT if args.init else os.path.basename(path)
         if os.path.getsize(path) > pushed.MAX_SCRIPT:  # before reading it whole
-            raise ValueError(f"{path}: larger than {pushed.MAX_SCRIPT} bytes")
+            raise UsageError(f"{path}: larger than {pushed.MAX_SCRIPT} bytes")
         with open(path, "rb") as f:
             files[name] = f.read()
         pushed.check(name, files[name])
@@ -564,13 +605,17 @@ def cmd_scripts_push(config: cfg.Config, args) -> int:
               "again the other scripts it held (the nodes keep running them)", file=sys.stderr)
     try:
         replies = _control(config, "sync")
-    except ValueError as exc:  # no serve of this config here: the nodes poll
+    except UsageError as exc:  # no serve of this config here: the nodes poll
         print(f"srw: {exc}; running nodes take it within {pushed.SYNC_EVERY:g} s")
         return 1 if errors else 0
     behind = 0
     for reply in replies:  # "NODES: sequence N, ...": a node that refused it says why
-        print(f"srw: {reply}")
-        behind += f"sequence {stored.seq}," not in reply
+        if f"sequence {stored.seq}," in reply:
+            print(f"srw: {reply}")
+            continue
+        behind += 1  # its store lacks this push: "up to date" would read as a success
+        print(f"srw: {reply.replace('up to date', 'nothing newer in its store')}; not at "
+              f"sequence {stored.seq}", file=sys.stderr)
     return 1 if errors or behind else 0
 
 
@@ -625,9 +670,15 @@ def cmd_scripts_list(config: cfg.Config, args) -> int:
 
 
 def cmd_reload(config: cfg.Config, args) -> int:
-    for reply in _control(config, "reload"):
+    """Exits 1 when any pool refused (systemctl reload then fails too): each
+    serve's reply names the node and the reason."""
+    from core.timeouts import RELOAD_CLIENT_WAIT
+    ok, refused = _control_replies(config, "reload", RELOAD_CLIENT_WAIT)
+    for reply in ok:
         print(f"srw: {reply}")
-    return 0
+    for reply in refused:
+        print(f"srw: {reply}", file=sys.stderr)
+    return 1 if refused else 0
 
 
 def cmd_resize(config: cfg.Config, args) -> int:

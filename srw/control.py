@@ -6,7 +6,10 @@ uid (SO_PEERCRED: ours or root), so only the operator who started the node
 reaches it; no script does (runners run as other uids).  One command a
 connection, one line each way:
 
-    reload                  -> "ok: ..."     every pool re-reads config and python.init, rolls
+    reload                  -> "ok: node N: rolling to generation G; ..." every pool re-reads
+                               config and python.init and rolls; when any refused:
+                               "error: reload refused, old workers kept: node N: REASON; ..."
+                               (the answer waits for every pool: core/timeouts.RELOAD_WAIT)
     resize N [NODE]         -> "ok: ..."     pools (or NODE's) to N workers
     stop                    -> "ok: ... pid" drain and stop, like SIGTERM
     sync                    -> "ok: NODES: sequence N, took NAMES|up to date[; refused ...]"

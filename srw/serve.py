@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -55,7 +56,14 @@ READY_TIMEOUT = 60.0
 
 
 class StartError(RuntimeError):
-    """A node could not be started; the message says why."""
+    """A node could not be started; the message says why.  `status` is serve's exit
+    status: 2 (exits.CONFIG) for what the operator must change before a restart
+    helps (a taken port or control socket), which a unit's
+    RestartPreventExitStatus=2 then does not retry."""
+
+    def __init__(self, message: str, status: int = exits.FAILED):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -66,7 +74,8 @@ class Child:
     proc: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
-    control: int = -1         # a pool's: the write end of its control pipe
+    control: int = -1         # a pool's: serve's end of its control socket
+    answers: bytes = b""      # what the pool said on it, not yet a whole line
 
     @property
     def label(self) -> str:
@@ -75,10 +84,11 @@ class Child:
     def start(self) -> None:
         env = dict(os.environ, **{SUPERVISOR_ENV: str(os.getpid())}, **self.env)
         pass_fds = ()
-        if self.role == "pool":  # `size N` lines reach the pool through a pipe of its own
+        if self.role == "pool":  # `size N`, `reload ID` reach the pool on a socket of its own
             if self.control >= 0:
                 os.close(self.control)
-            read_end, self.control = os.pipe()
+            ours, theirs = socket.socketpair()
+            self.control, read_end, self.answers = ours.detach(), theirs.detach(), b""
             os.set_blocking(self.control, False)
             env[CONTROL_FD_ENV], pass_fds = str(read_end), (read_end,)
         # Its own session, without the operator's terminal and with stdin from
@@ -97,6 +107,21 @@ class Child:
             return os.write(self.control, line.encode() + b"\n") > 0
         except (BlockingIOError, BrokenPipeError, OSError):
             return False
+
+    def answer(self, ask: str) -> str | None:
+        """The pool's answer to `reload ASK` ("ok generation N" or "refused
+        REASON"), if it has come; older answers are dropped."""
+        try:
+            self.answers += os.read(self.control, 4096)
+        except (BlockingIOError, OSError):
+            pass
+        *lines, self.answers = self.answers.split(b"\n")
+        self.answers = self.answers[-4096:]
+        prefix = f"reload {ask} ".encode()
+        for line in lines:
+            if line.startswith(prefix):
+                return line[len(prefix):].decode("utf-8", "replace")
+        return None
 
     def signal(self, sig: int) -> None:
         if self.proc and self.proc.poll() is None:
@@ -138,6 +163,7 @@ class Supervisor:
         for child in self.children:
             child.env[START_ENV] = self.start_id
         self.stopping = False
+        self.reload_requested = False  # HUP: the main loop reloads
         self.control: ControlServer | None = None
         self.notify_socket = os.environ.pop("NOTIFY_SOCKET", "")  # ours, not the children's
         self.scripts = NodeSync(config, nodes, security.role_credentials(config, "node"))
@@ -161,6 +187,8 @@ class Supervisor:
             self.notify("READY=1\nSTATUS=" + ", ".join(n.name for n in self.nodes) + " ready")
             while not self.stopping:
                 self.watch_children()
+                if self.reload_requested:
+                    self.reload("SIGHUP")
                 self.took_scripts(self.scripts.poll(time.monotonic()))
                 if self.control is not None:
                     self.control.poll(0.1)
@@ -169,7 +197,7 @@ class Supervisor:
             return 0
         except StartError as exc:
             print(f"srw: {exc}", file=sys.stderr)
-            return exits.FAILED
+            return exc.status
         finally:
             self.notify("STOPPING=1")
             self.stop()
@@ -204,7 +232,7 @@ class Supervisor:
                 path = socket_path(self.config, "" if self.every_node else self.nodes[0].name)
                 self.control = ControlServer(path, self.on_command)
             except ControlUnavailable as exc:
-                raise StartError(f"[serve] control: {exc}") from None
+                raise StartError(f"[serve] control: {exc}", exits.CONFIG) from None
 
     def close_control(self) -> None:
         if self.control is not None:
@@ -220,9 +248,11 @@ class Supervisor:
         """One command from the control socket (srw/control.py); the reply line."""
         command, args = words[0], words[1:]
         if command == "reload" and not args:
-            self._on_reload(signal.SIGHUP, None)
-            return ("ok: every pool re-reads the config and python.init and rolls its "
-                    "workers; a failure keeps the old ones (see the log)")
+            rolled, refused = self.reload("srw reload")
+            if refused:
+                return ("error: reload refused, old workers kept: " + "; ".join(refused)
+                        + "".join(f"; {line}" for line in rolled))
+            return "ok: " + "; ".join(rolled)
         if command == "stop" and not args:
             self.stopping = True
             return f"ok: stopping (pid {os.getpid()})"
@@ -248,7 +278,7 @@ class Supervisor:
         """A new python.init rolls the pools (as HUP); other scripts need nothing:
         a worker reads a script again when its file changes."""
         if INIT in changed:
-            self._on_reload(signal.SIGHUP, None)
+            self.reload("a new python.init was pushed")
 
     def resize(self, size: int, node: str) -> str:
         ceiling = self.config.pool.ceiling
@@ -267,12 +297,44 @@ class Supervisor:
         self.stopping = True
 
     def _on_reload(self, signum, frame) -> None:
-        """HUP: every pool runs python.init again and recycles its workers (a failing
-        python.init keeps the old ones); the other roles have nothing to reload."""
-        log.info("SIGHUP: reloading python.init in every pool")
-        for child in self.children:
-            if child.role == "pool":
-                child.signal(signal.SIGHUP)
+        """HUP: the main loop reloads every pool (reload())."""
+        self.reload_requested = True
+
+    def reload(self, why: str) -> tuple[list[str], list[str]]:
+        """Every pool runs python.init again and rolls its workers (a failing
+        python.init or config keeps the old ones); the other roles have nothing
+        to reload.  Waits for each pool's answer (timeouts.RELOAD_WAIT) and
+        returns (NODE's line per pool that rolled, one per pool that did not).
+        Under systemd, RELOADING=1 before and READY=1 after, for
+        Type=notify-reload (systemd 253 and later)."""
+        self.reload_requested = False
+        self.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        log.info("%s: reloading python.init in every pool", why)
+        ask = os.urandom(8).hex()
+        pools = [c for c in self.children if c.role == "pool"]
+        waiting = {c.node: c for c in pools if c.tell(f"reload {ask}")}
+        rolled, refused = [], [f"node {c.node}: its pool did not take the command (it is "
+                               "restarting?)" for c in pools if c.node not in waiting]
+        deadline = time.monotonic() + timeouts.RELOAD_WAIT
+        while waiting and not self.stopping:
+            select.select([c.control for c in waiting.values()], [], [], 0.1)
+            for name, child in list(waiting.items()):
+                said = child.answer(ask)
+                if said is None and child.proc.poll() is None and time.monotonic() < deadline:
+                    continue
+                del waiting[name]
+                if said and said.startswith("ok "):
+                    rolled.append(f"node {name}: rolling to {said[3:]}")
+                else:
+                    refused.append(f"node {name}: " + (
+                        said.removeprefix("refused ") if said else
+                        f"its pool exited ({child.label})" if child.proc.poll() is not None
+                        else f"no answer within {timeouts.RELOAD_WAIT:g} s"))
+        refused += [f"node {name}: serve is stopping" for name in waiting]
+        for line in refused:
+            log.error("reload refused, old workers kept: %s", line)
+        self.notify("READY=1")
+        return rolled, refused
 
     def _on_resize_signal(self, signum, frame) -> None:
         """TTIN / TTOU: each pool adds / retires one worker."""
@@ -350,7 +412,7 @@ class Supervisor:
                     sock.bind(("" if host == "*" else host, int(port)))
                 except OSError as exc:
                     raise StartError(f"{what} {address}: cannot listen there ({exc.strerror}); "
-                                     f"{_holder(int(port))}") from None
+                                     f"{_holder(int(port))}", exits.CONFIG) from None
 
     def watch_children(self) -> None:
         for child in self.children:

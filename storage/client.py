@@ -32,6 +32,7 @@ from core import security, timeouts
 
 from . import protocol as sp
 from .query import BadQuery
+from core.exits import UsageError
 from core.ids import key_id, parse_id
 
 from .ring import Ring
@@ -115,7 +116,7 @@ class StorageClient:
                     wait: float = DATA_TIMEOUT) -> tuple[bytes, float]:
         rid = self._prefix + next(self._ids).to_bytes(8, "little")
         if self.max_message and len(data) > self.max_message:
-            raise ValueError(f"value of {len(data)} bytes is larger than max_message "
+            raise UsageError(f"value of {len(data)} bytes is larger than max_message "
                              f"({self.max_message} bytes): the storage node would not take it")
         frames = sp.request_frames(cmd, rid, key_id, bytes(data),
                                    self.capability() if self.capability else b"")
@@ -297,7 +298,9 @@ class Session:
     def _broker(self, name: str) -> Client:
         client = self._brokers.get(name)
         if client is None:
-            client = Client(self.config.node(name).broker, timeout=self.timeout,
+            # No timeout given: the config's request_timeout, which the client then waits for.
+            client = Client(self.config.node(name).broker,
+                            timeout=self.timeout or self.config.broker.request_timeout,
                             max_message=self.max_message, curve=self.curve)
             self._brokers[name] = client
         return client
@@ -335,8 +338,8 @@ class Session:
             except BrokerUnavailable as exc:  # not even connected: answer for it
                 calls.append(exc)
         results = self._collect(route.nodes, calls)
-        if key is not None and any(r.status == p.UNAVAILABLE for r in results):
-            self.router.stale()  # its master may have failed over: read the map again
+        if key is not None and any(r.status == p.UNAVAILABLE or r.moved for r in results):
+            self.router.stale()  # a failover, or a slot moved: read the map again (ourselves)
         return results
 
     @staticmethod
@@ -372,7 +375,7 @@ class Session:
         if not index:
             return self._to_all(sp.WRITE, key, id, groups, data)
         if key is None:
-            raise ValueError("an indexed write needs the key (search answers with keys)")
+            raise UsageError("an indexed write needs the key (search answers with keys)")
         raw_key = key.encode() if isinstance(key, str) else bytes(key)
         wait = self.timeout or DATA_TIMEOUT + self.config.broker.request_timeout + timeouts.INDEX_GRACE
         return self._to_all(sp.INDEXED_WRITE, key, None, groups,
@@ -394,10 +397,10 @@ class Session:
             raise StorageError('search needs cluster.engine = "lmdb"')
         if not isinstance(offset, int) or offset < 0 or not isinstance(limit, int) or \
                 not 0 < limit <= sp.MAX_HITS - offset:
-            raise ValueError(f"limit must be 1 or more and offset 0 or more, at most "
+            raise UsageError(f"limit must be 1 or more and offset 0 or more, at most "
                              f"{sp.MAX_HITS} together, not {limit!r} and {offset!r}")
         if timeout is not None and not 0 < timeout <= sp.MAX_SEARCH_TIMEOUT:
-            raise ValueError(f"timeout must be above 0 and at most {sp.MAX_SEARCH_TIMEOUT:.0f} "
+            raise UsageError(f"timeout must be above 0 and at most {sp.MAX_SEARCH_TIMEOUT:.0f} "
                              f"seconds, not {timeout!r}")
         data = sp.search_data(sp.Search(query, offset + limit, lang, raw, timeout))
         nodes = [n for n in self.config.nodes if groups is None or n.group in groups]
@@ -463,7 +466,7 @@ class Session:
     def _redis_key(self, key, id, groups) -> str | bytes:
         self.router.check_groups(groups)
         if id is not None or key is None:
-            raise ValueError('give the key: with cluster.engine = "redis-cluster" data is '
+            raise UsageError('give the key: with cluster.engine = "redis-cluster" data is '
                              "found by key, not by id")
         return key
 
@@ -483,7 +486,7 @@ class Session:
 
     def _locate(self, key, id, groups) -> tuple[bytes, list]:
         if (key is None) == (id is None):
-            raise ValueError("give a key or an id")
+            raise UsageError("give a key or an id")
         value = parse_id(id) if id is not None else key_id(key)
         return value.to_bytes(sp.ID_BYTES, "big"), self.ring.targets(value, groups)
 

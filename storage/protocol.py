@@ -77,6 +77,7 @@ from dataclasses import dataclass
 from core import capability as cap
 from core import protocol as bp
 from core.protocol import ProtocolError
+from core.exits import UsageError
 
 WRITE = b"W"
 READ = b"R"
@@ -160,7 +161,7 @@ class StorageRequest:
 def indexed_value(key: bytes, value: bytes) -> bytes:
     """The data frame of an INDEXED_WRITE."""
     if len(key) > 0xFFFF:
-        raise ValueError(f"key of {len(key)} bytes is too long to index (at most 65535)")
+        raise UsageError(f"key of {len(key)} bytes is too long to index (at most 65535)")
     return len(key).to_bytes(2, "big") + key + value
 
 

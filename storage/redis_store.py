@@ -49,6 +49,17 @@ DOWN = (rx.ConnectionError, rx.TimeoutError, rx.ClusterDownError, rx.TryAgainErr
 
 
 _built_in = 0  # the pid that last built a client: its sockets are no script's leftovers
+_moved = False  # a MOVED since take_moved(): the slot map a router used is old
+
+
+def take_moved() -> bool:
+    """Whether a command of this process met MOVED since the last call (the runner
+    asks after each request, runtime/runner.py).  Only a hint to the client's
+    router, which then reads the slot map itself (storage/router.py): anything a
+    script runs can set it."""
+    global _moved
+    moved, _moved = _moved, False
+    return moved
 
 
 def client_in_this_process() -> bool:
@@ -75,7 +86,20 @@ def _refused(key):
 
 
 class _Cluster(RedisCluster):
-    """RedisCluster whose commands raise ClusterUnavailable for a node down."""
+    """RedisCluster whose commands raise ClusterUnavailable for a node down, and
+    which notes a MOVED (take_moved).  An ASK is no hint: the slot belongs to
+    its old master until the move finishes, and then the next command meets
+    MOVED."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        follow = self.nodes_manager.move_slot  # redis-py calls it for each MOVED it follows
+
+        def move_slot(error):
+            global _moved
+            _moved = True
+            return follow(error)
+        self.nodes_manager.move_slot = move_slot
 
     def execute_command(self, *args, **kwargs):
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 
 from core.config import Config, NodeSettings
+from core.exits import UsageError
 from core.ids import ID_BITS, parse_id
 
 class Ring:
@@ -38,7 +39,7 @@ class Ring:
             return sorted(self.groups)
         unknown = [g for g in groups if g not in self.groups]
         if unknown:
-            raise ValueError(f"no group {unknown[0]} in the config (groups: "
+            raise UsageError(f"no group {unknown[0]} in the config (groups: "
                              f"{', '.join(map(str, sorted(self.groups)))})")
         return list(dict.fromkeys(groups))  # a group named twice is still one target
 

@@ -28,7 +28,9 @@ so a moved slot is followed within about EPOCH_EVERY plus the cluster bus's
 gossip delay, instead of REFRESH_EVERY.  Until then an exec may still run
 beside the old master: its script's Redis calls follow MOVED/ASK to the new
 owner (redis-py), so it reads and writes the right data, only from one hop
-further away.
+further away; and its reply says MOVED (Result.moved), so the caller's
+router reads the map before the next request (``stale``): a moved slot is
+followed on the next request, whatever the polls.
 ``route`` refreshes inline when the map is due; the proxy calls ``refresh``
 from a thread instead, so its event loop never waits on a Redis node.
 """
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 
 from core import redis_auth
 from core.config import Config, NodeSettings
+from core.exits import UsageError
 
 from core.ids import BadId, id_hex, key_id, parse_id
 
@@ -80,7 +83,7 @@ def make_router(config: Config):
 
 def _check_key(id, key) -> None:
     if id is not None and key is not None:
-        raise ValueError("give id or key, not both")
+        raise UsageError("give id or key, not both")
 
 
 class RingRouter:
@@ -175,6 +178,7 @@ class SlotRouter:
         self.ask = list(dict.fromkeys([*(n.redis for n in config.nodes),
                                        *config.cluster.seeds]))
         self.refresh_every = refresh_every
+        self.epoch_every = EPOCH_EVERY
         self.auth = redis_auth.credentials(config)  # ConfigError when there is no secret
         self.map: SlotMap | None = None
         self.error = ""             # why the last refresh failed, "" when it worked
@@ -189,10 +193,14 @@ class SlotRouter:
         """Whether `refresh` has something to do: the map, or just the epoch, is due."""
         now = time.monotonic()
         return now - self._tried >= REFRESH_AFTER and \
-            (now - self._fetched >= self.refresh_every or now - self._checked >= EPOCH_EVERY)
+            (now - self._fetched >= self.refresh_every or now - self._checked >= self.epoch_every)
 
     def stale(self) -> None:
-        """A caller met a node down: read the map again at the next chance."""
+        """A caller met a node down, or a reply said its script's Redis calls met
+        MOVED: read the map again at the next chance, at most once per
+        REFRESH_AFTER.  A MOVED comes from a runner, which anything a script
+        does can forge, so it only makes us read the map from Redis ourselves;
+        no address or map ever comes from a reply."""
         self._fetched = -float("inf")
 
     def refresh(self) -> None:
@@ -241,7 +249,7 @@ class SlotRouter:
     def check_groups(groups: list[int] | None) -> None:
         unknown = [g for g in groups or () if g != 1]
         if unknown:
-            raise ValueError(f"no group {unknown[0]}: with cluster.engine = \"redis-cluster\" "
+            raise UsageError(f"no group {unknown[0]}: with cluster.engine = \"redis-cluster\" "
                              "there is one group, 1 (Redis replicates each shard)")
 
     def _by_slot(self, key: str | bytes) -> Route:

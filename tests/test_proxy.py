@@ -230,7 +230,8 @@ def test_body_at_the_limit_is_accepted(web):
 
 def test_ping_and_status(web):
     status, _, body = request(web, "GET", "/ping")
-    assert status == 200 and body.startswith(b"ok")
+    assert status == 200 and body.startswith(b"ok"), body
+    assert b"node n1 (group 1): up: broker, pool (2 live workers), storage" in body
     status, headers, body = request(web, "GET", "/status",
                                     headers={"Accept": "application/json"})
     assert status == 200 and headers["Content-Type"].startswith("application/json")
@@ -240,7 +241,7 @@ def test_ping_and_status(web):
                              "warm_runners", "warm_execs",
                              "queued", "served", "restarts", "latency_us", "latency_window",
                              "statuses", "restart_causes", "latency_buckets_us", "scripts",
-                             "worker_rows", "start"}
+                             "worker_rows", "start", "request_timeout"}
     assert set(nodes[0]["latency_us"]) == {"p50", "p99"}
     assert nodes[0]["workers"] == 2 and nodes[0]["served"] >= 1
     status, headers, body = request(web, "GET", "/status")
@@ -378,7 +379,7 @@ def test_srw_proxy_alone_reports_a_node_that_is_down(make_cluster):
     assert got == {"n1": "ok", "n2": "unavailable"}
 
     status, _, body = request(cluster, "GET", "/ping")
-    assert status == 503 and b"node n2 (group 2) does not answer" in body
+    assert status == 503 and b"node n2 (group 2): DOWN: broker" in body
     status, _, body = request(cluster, "GET", "/status")
     assert status == 200 and b"node n2 (group 2)" in body and b"is the node running" in body
     nodes = json.loads(request(cluster, "GET", "/status",

@@ -237,6 +237,19 @@ def test_exec_by_key_runs_beside_the_master_of_its_slot(rc):
     assert [(r.node, r.redis) for r in everywhere] == [(n["name"], n["redis"]) for n in srw.nodes]
 
 
+def test_status_says_which_nodes_sit_beside_masters(rc):
+    redis, srw, _ = rc
+    done = srw.run("status")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.decode().splitlines()[1:]
+            if line.startswith("r")}
+    masters = {s["master"] for s in redis.shards()}
+    for node in srw.nodes:
+        said = "master " + node["redis"] if node["redis"] in masters else \
+            node["redis"] + " (no slots)"
+        assert rows[node["name"]].endswith(said), rows[node["name"]]
+
+
 def test_keys_of_many_slots_match_cluster_keyslot(rc):
     redis, srw, session = rc
     from redis.crc import key_slot
@@ -505,6 +518,45 @@ def test_execs_follow_a_slot_moved_under_load(rc):
           f"last {max(late, default=0):.2f} s after it (their Redis calls followed MOVED)")
 
 
+def test_a_moved_slot_is_followed_on_the_next_request_whatever_the_polls(rc):
+    """With the router's map and epoch polls set to an hour, a key whose slot
+    moved runs once more beside its old master (its script's Redis call meets
+    MOVED, and the reply says so), and its next exec runs beside the new one:
+    the router read the map itself on that hint."""
+    import subprocess
+    from redis.crc import key_slot
+    redis, srw, _ = rc
+    source, target = redis.shards()[1], redis.shards()[2]
+    slot = source["slots"][0]
+    tag = next(t for t in (f"h{i}" for i in range(100_000)) if key_slot(t.encode()) == slot)
+    ids = {}
+    for shard in (source, target):
+        with redis.conn(int(shard["master"].rsplit(":", 1)[1])) as r:
+            ids[shard["master"]] = r.execute_command("CLUSTER", "MYID")
+    old, new = beside(srw, source["master"]), beside(srw, target["master"])
+    with Session(srw.path, timeout=5.0) as session:
+        session.router.refresh_every = session.router.epoch_every = 3600.0
+        [before] = session.exec("reshard.py", b"{%s}:0" % tag.encode(), key="{%s}:0" % tag)
+        assert before.ok and before.node == old and not before.moved, before
+        subprocess.run(["redis-cli", "--cluster", "reshard", target["master"],
+                        "--cluster-from", ids[source["master"]],
+                        "--cluster-to", ids[target["master"]],
+                        "--cluster-slots", "1", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=30, env=redis.cli_env)
+        moved_at = time.monotonic()
+        assert slot in _slots(redis, target["master"])
+        results = []
+        for i in (1, 2):
+            key = "{%s}:%d" % (tag, i)
+            [result] = session.exec("reshard.py", key.encode(), key=key)
+            results.append((time.monotonic() - moved_at, result))
+    (_, hinted), (lag, followed) = results
+    assert hinted.ok and hinted.node == old and hinted.moved, hinted
+    assert followed.ok and followed.node == new and followed.redis == target["master"], followed
+    print(f"\nmoved slot {slot}: the exec after the move ran beside the old master and said "
+          f"MOVED; the next ran beside the new master {lag:.3f} s after redis-cli finished")
+
+
 # s from a finished slot move to srw running its execs beside the new master:
 # EPOCH_EVERY (0.5 s) plus the cluster bus spreading the new epoch to the node
 # the router asks (within cluster-node-timeout / 2 = 1 s here).
@@ -523,9 +575,14 @@ def test_master_killed_during_execs_fails_over_beside_the_replica(rc):
     soon as Redis promoted it (FOLLOW_WITHIN), within cluster-node-timeout + 2 s of
     the kill when Redis's own failover allows it (see FAILOVER_SLACK)."""
     redis, srw, session = rc
-    shard = redis.shards()[0]
+    shard, *others = redis.shards()
     master, replica = shard["master"], shard["replicas"][0]
-    log, killed_at = stream_with_a_kill(redis, session, shard, kill_after=20)
+    healthy = []  # an exec on another shard's key beside each: the shipped redis.conf's
+    log, killed_at = stream_with_a_kill(redis, session, shard, kill_after=20,
+                                        beside=(others[0], healthy))
+    # cluster-require-full-coverage no: a shard without its master stops no other.
+    assert len(healthy) == len(log) and all(r.ok for r in healthy), \
+        [(r.node, r.status, r.error) for r in healthy if not r.ok][:3]
     statuses = {r.status for _, _, r in log}
     assert statuses <= {p.OK, p.UNAVAILABLE}, [r for _, _, r in log if not r.ok][:3]
     assert all(r.ok and r.node == beside(srw, master) for s, _, r in log if s is None)
@@ -537,7 +594,8 @@ def test_master_killed_during_execs_fails_over_beside_the_replica(rc):
     first_ok = min(s for s, _, r in log if s is not None and r.ok)
     print(f"\nfailover: Redis promoted the replica {promoted:.2f} s after the kill, "
           f"srw ran beside it {first_ok:.2f} s after; {len(log)} execs, "
-          f"{sum(1 for *_, r in log if not r.ok)} unavailable")
+          f"{sum(1 for *_, r in log if not r.ok)} unavailable; on a healthy shard "
+          f"{sum(1 for r in healthy if not r.ok)} of {len(healthy)}")
     assert first_ok <= NODE_TIMEOUT + 2.0 + FAILOVER_SLACK
     assert_each_ran_at_most_once(redis, srw, replica, log)
 
@@ -551,11 +609,14 @@ FOLLOW_WITHIN = 1.0
 FAILOVER_SLACK = 1.0
 
 
-def stream_with_a_kill(redis, session, shard, kill_after: int):
+def stream_with_a_kill(redis, session, shard, kill_after: int, beside=None):
     """Execs by key, one at a time, on keys of `shard`; its master SIGKILLed after
     `kill_after` of them; until 10 execs ran past timeout + 3 s.  Returns
-    ([(seconds since the kill or None, key, Result)], when it was killed)."""
+    ([(seconds since the kill or None, key, Result)], when it was killed).
+    `beside` (other shard, list): an exec on that shard's key after each, its
+    Result appended to the list."""
     tag = key_in(shard, "t")
+    other = key_in(beside[0], "o") if beside else ""
     log, killed_at = [], None
     deadline = time.monotonic() + 30
     for i in range(100_000):
@@ -567,6 +628,9 @@ def stream_with_a_kill(redis, session, shard, kill_after: int):
         [result] = session.exec("count.py", key.encode(), key=key)
         since = None if killed_at is None else time.time() - killed_at
         log.append((since, key, result))
+        if beside:  # a write there, where CLUSTERDOWN would show
+            mine = "{%s}:%d" % (other, i)
+            beside[1].extend(session.exec("count.py", mine.encode(), key=mine))
         if sum(1 for s, _, _ in log if s and s > NODE_TIMEOUT + 3.0) >= 10:
             return log, killed_at
         time.sleep(0.01)  # a steady stream, not a spin

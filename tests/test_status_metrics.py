@@ -7,6 +7,7 @@ its proxy, shared by the module; the down-node case runs a proxy alone.
 from __future__ import annotations
 
 import json
+import time
 import threading
 
 import psutil
@@ -129,14 +130,25 @@ def test_metrics_count_executions_by_script_and_status(web):
                                        path="/elliptics", code="200") == 7
     assert sample(after, "srw_node_up", **node) == 1
     assert sample(after, "srw_node_info", **node, version=core.__version__) == 1
-    assert sample(after, "srw_uptime_seconds", **node) > sample(before, "srw_uptime_seconds",
-                                                                **node) > 0
+    started = sample(after, "srw_start_time_seconds", **node)
+    assert abs(started - sample(before, "srw_start_time_seconds", **node)) < 1 and \
+        time.time() - 600 < started < time.time()
+    assert sample(after, "srw_proxy_http_request_duration_seconds_count", method="POST",
+                  path="/elliptics") - sample(before, "srw_proxy_http_request_duration_seconds_count",
+                                              method="POST", path="/elliptics") == 9
+    assert sample(after, "process_resident_memory_bytes") > 0  # the proxy's own
+    assert sample(after, "process_start_time_seconds") > 0
     assert sample(after, "srw_workers", **node) == 2
     assert sample(after, "srw_queue_depth", **node) == 0
-    uss = {int(dict(labels)["pid"]) for (name, labels), value in after.items()
+    # Worker series are keyed by slot (a reload adds none); srw_worker_info maps slot -> pid.
+    pids = {dict(labels)["slot"]: int(dict(labels)["pid"]) for (name, labels), _ in after.items()
+            if name == "srw_worker_info"}
+    uss = {dict(labels)["slot"] for (name, labels), value in after.items()
            if name == "srw_worker_uss_bytes" and dict(labels)["process"] == "worker"
            and value > 0}
-    assert uss == worker_pids(web)
+    assert set(pids.values()) == worker_pids(web) and uss == set(pids)
+    assert not any("pid" in dict(labels) for (name, labels) in after
+                   if name == "srw_worker_uss_bytes")
 
 
 def test_a_replaced_worker_is_counted_by_cause(web):

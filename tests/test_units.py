@@ -175,14 +175,17 @@ def test_back_messages_carry_batches_and_refuse_bad_entries():
                                   p.job_entry(b"j2", 1.0, meta, b"")])
     assert p.parse_jobs(frames[1:]) == [(b"j1", 2.5, meta, b"d1"), (b"j2", 1.0, meta, b"")]
     replies = p.worker_replies_frames([[b"j1", p.OK, "", b"out", 12.5, 3, True],
-                                       [b"j2", p.TIMEOUT, "late", b"", 3, 0, False]])
-    assert p.parse_worker_replies([b"w", *replies]) == [
-        (b"j1", "ok", b"out", "", 12.5, 3, True), (b"j2", "timeout", b"", "late", 3.0, 0, False)]
+                                       [b"j2", p.TIMEOUT, "late", b"", 3, 0, False, True]])
+    assert p.parse_worker_replies([b"w", *replies]) == [  # the 8th: MOVED (a hint)
+        (b"j1", "ok", b"out", "", 12.5, 3, True, False),
+        (b"j2", "timeout", b"", "late", 3.0, 0, False, True)]
     for entries in ([[b"j", "nonsense", "", b"", 1, 0, False]], [[b"j", {}, "", b"", 1, 0, False]],
                     [[{}, "ok", "", b"", 1, 0, False]], [[b"j", "ok", "", "not bytes", 1, 0, False]],
                     [[b"j", "ok", "", b"", -1, 0, False]], [[b"j", "ok", "", b"", "1", 0, False]],
                     [[b"j", "ok", "", b"", 1, -1, False]], [[b"j", "ok", "", b"", 1, 10**6, True]],
                     [[b"j", "ok", "", b"", 1, True, True]], [[b"j", "ok", "", b"", 1, 0, 1]],
+                    [[b"j", "ok", "", b"", 1, 0, False, 1]],
+                    [[b"j", "ok", "", b"", 1, 0, False, True, True]],
                     [[b"j", "ok", "", b""]], {"j": 1}, [1]):
         with pytest.raises(p.ProtocolError):
             p.parse_worker_replies([b"w", p.REPLY, msgpack.packb(entries)])
