@@ -67,7 +67,8 @@ def load_pair(path: str | Path, what: str) -> tuple[bytes, bytes]:
     public, secret = _load(path, what)
     if not secret:
         raise ConfigError(f"{what} {path} holds no secret key: give the NAME.key_secret "
-                          "file (`srw keys init` makes the node's own, `srw keys new NAME` a client's)")
+                          "file (`srw keys init` makes the node's own, `srw keys new NAME` "
+                          "a client's)")
     return public, secret
 
 

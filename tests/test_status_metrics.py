@@ -133,9 +133,9 @@ def test_metrics_count_executions_by_script_and_status(web):
     started = sample(after, "srw_start_time_seconds", **node)
     assert abs(started - sample(before, "srw_start_time_seconds", **node)) < 1 and \
         time.time() - 600 < started < time.time()
-    assert sample(after, "srw_proxy_http_request_duration_seconds_count", method="POST",
-                  path="/elliptics") - sample(before, "srw_proxy_http_request_duration_seconds_count",
-                                              method="POST", path="/elliptics") == 9
+    timed = "srw_proxy_http_request_duration_seconds_count"
+    assert sample(after, timed, method="POST", path="/elliptics") - \
+        sample(before, timed, method="POST", path="/elliptics") == 9
     assert sample(after, "process_resident_memory_bytes") > 0  # the proxy's own
     assert sample(after, "process_start_time_seconds") > 0
     assert sample(after, "srw_workers", **node) == 2
