@@ -42,7 +42,7 @@ from .protocol import ProtocolError, pack, unpack_list
 VERSION = 1
 MAC_BYTES = 32
 ID_BYTES = 8
-MAX_TOKEN = 512    # bytes: a caller (128) and a node name and job id fit with room
+MAX_TOKEN = 1024   # bytes: a caller (128), a node name and a job id fit with room
 LABEL = b"srw capability key v1"
 
 # Storage commands (storage/protocol.py): a worker's answered requests, and the

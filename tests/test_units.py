@@ -62,6 +62,14 @@ def test_config_defaults_and_relative_paths(tmp_path):
     ("[proxy]\nmax_connections = 0\n" + NODE, "proxy.max_connections must be at least 1"),
     ("[proxy]\nmax_connections = 1.5\n" + NODE, "proxy.max_connections must be int"),
     ("not toml [", "not valid TOML"),
+    ("[security.definers]\n'a.py' = { sha256 = 'abc', rights = ['write'] }\n" + NODE,
+     "security.definers.a.py.sha256 must be the script's SHA-256"),
+    ("[security.definers]\n'a.py' = { sha256 = '" + "0" * 64 + "', rights = ['root'] }\n"
+     + NODE, "security.definers.a.py.rights: unknown right 'root'"),
+    ("[security.definers]\n'a.py' = { rights = ['read'] }\n" + NODE,
+     "security.definers.a.py needs key 'sha256'"),
+    ("[security.definers]\n'a.py' = 'read'\n" + NODE,
+     "[security.definers.a.py] must be a table"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, words):
     with pytest.raises(cfg.ConfigError) as err:
