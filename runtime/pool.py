@@ -150,6 +150,7 @@ class Pool:
         self.boot_failures = 0
         self.stopping = False
         self.reload_requested = False
+        self.reopen_requested = False  # USR1, acted on in the loop
         self.resize_steps: list[int] = []  # TTIN +1, TTOU -1, in order, by the handler
         self.control = _control_pipe()  # fd, or -1 when started alone
         self.control_buf = b""
@@ -202,10 +203,8 @@ class Pool:
             self.reload_requested = True
         elif signum in (signal.SIGTTIN, signal.SIGTTOU):
             self.resize_steps.append(1 if signum == signal.SIGTTIN else -1)
-        elif signum == signal.SIGUSR1:  # logrotate: our log file, and the workers'
-            logs.reopen()
-            for pid in list(self.pids):
-                self._signal(pid, signal.SIGUSR1)
+        elif signum == signal.SIGUSR1:
+            self.reopen_requested = True
 
     def spawn(self, slot: int) -> None:
         predecessor = self.predecessors.pop(slot, Predecessor())
@@ -264,6 +263,8 @@ class Pool:
             self.reap_workers()
             self.watchdog()
             self.kill_strays()
+            if self.reopen_requested:
+                self.reopen_logs()
             if self.reload_requested:
                 self.reload()
             while self.resize_steps:  # one by one: each clamped as it comes
@@ -463,6 +464,13 @@ class Pool:
                 self.slots.read(self.pids[pid])[1] == BUSY, -self.pids[pid]))
             for pid in by_preference[:len(current) - self.size]:
                 self.retire(pid)
+
+    def reopen_logs(self) -> None:
+        """USR1 (logrotate): our log file, and the workers'."""
+        self.reopen_requested = False
+        logs.reopen()
+        for pid in list(self.pids):
+            self._signal(pid, signal.SIGUSR1)
 
     def retire(self, pid: int) -> None:
         """SIGTERM: the worker drains (DRAIN to the broker), then exits 0."""

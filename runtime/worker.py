@@ -106,6 +106,7 @@ class Worker:
         task_dir = open_thread_list()
         self.ctx = zmq.Context(io_threads=1)
         self.sock = self._connect()
+        self.poller = self._poller()
         self.scheduling = LoadScheduling(thread_ids(task_dir))
         self.register()  # the slot says BOOTING until the broker answers (below)
         handlers = {p.REQUEST: self.on_request, p.HEARTBEAT: self.on_heartbeat,
@@ -179,10 +180,27 @@ class Worker:
                 self.runner.idle()
                 logs.flush()
                 self.scheduling.relax()
-                if not self.sock.poll(wait_ms):
-                    return None
+                events = dict(self.poller.poll(wait_ms))
+                if self.wake_r in events:
+                    os.read(self.wake_r, 512)
+                if self.sock not in events:
+                    return None  # a signal (the stop) or the heartbeat's turn
             frames = p.recv_frames_nowait(self.sock)
         return frames
+
+    def _poller(self) -> zmq.Poller:
+        """The idle wait: the broker's socket, and a pipe a signal writes to, so
+        that TERM or USR2 ends the wait at once rather than at the next heartbeat
+        (ZeroMQ's poll resumes after a signal).  Made after the zygote's fork."""
+        wake_r, wake_w = os.pipe()
+        for fd in (wake_r, wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self.wake_r = wake_r
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(wake_r, zmq.POLLIN)
+        return poller
 
     def _title(self, state: str) -> None:
         # setproctitle costs a system call: only on a change, and "idle" only
