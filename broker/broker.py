@@ -101,6 +101,7 @@ class Broker:
         self.stopping = False
         self.moved = False  # the worker reply being handled said MOVED (on_worker)
         self.close_at: float | None = None  # stopping, answered: when the sockets close
+        self.replied_at = float("-inf")  # the last reply to a client left then (STOP_LINGER)
         self.next_heartbeat = 0.0
         self.scheduling = LoadScheduling()
         # Strangers on the back socket are warned about once a second (and answered
@@ -163,9 +164,11 @@ class Broker:
                 if self.jobs and now > drain_until:
                     self.d.answer_all(p.UNAVAILABLE, f"node {self.node.name} stopped")
                     self.send_replies()
-                # Answered: stay connected a moment, so that clients read the last
-                # replies before the connection drops (see STOP_LINGER).
-                self.close_at = self.close_at or (None if self.jobs else now + timeouts.STOP_LINGER)
+                # Answered: stay connected a moment after the last reply, so that
+                # clients read it before the connection drops (see STOP_LINGER); an
+                # idle broker has sent none lately and closes at once.
+                self.close_at = self.close_at or (
+                    None if self.jobs else max(now, self.replied_at + timeouts.STOP_LINGER))
                 if self.close_at is not None and now >= self.close_at:
                     break
         log.info("broker %s stopped after %d requests", self.node.name, self.d.served)
@@ -272,6 +275,7 @@ class Broker:
                 self._send_reply(p.reply_batch_frames(client, entries))
 
     def _send_reply(self, frames: list[bytes]) -> None:
+        self.replied_at = time.monotonic()
         try:
             p.send_frames(self.front, frames, noblock=True)
         except zmq.ZMQError as exc:  # client gone or its queue full: nothing to do

@@ -62,7 +62,7 @@ def wake_on_signals(handler: Callable, signals: Iterable[int]) -> tuple[int, int
     wake_r, wake_w = os.pipe()
     for fd in (wake_r, wake_w):
         os.set_blocking(fd, False)
-    signal.set_wakeup_fd(wake_w)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)  # a flood: one wake is enough
     for sig in signals:
         signal.signal(sig, handler)
     return wake_r, wake_w

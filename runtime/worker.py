@@ -55,6 +55,7 @@ SEND_TIMEOUT_MS = 10_000  # a reply the broker cannot take within this: the work
 REPLY_HOLD = 0.002  # copy, fork: a reply waits at most this long to share a message
 REPLY_BATCH = 16    # ... with at most this many others
 LEAVE_LINGER_MS = 100
+REGISTER_RETRY_MS = 50  # a READY that could not be sent at start (no broker yet): again
 
 
 class Worker:
@@ -102,8 +103,9 @@ class Worker:
         self.grantor = Grantor.for_config(self.config, self.node, self.ctx,
                                           self.profile.network)
         self.sock = self._connect()
+        self.poller = self._poller()
         self.scheduling = LoadScheduling(thread_ids(task_dir))
-        self.register()  # the slot says BOOTING until the broker answers (below)
+        unsent = not self.register()  # the slot says BOOTING until the broker answers
         handlers = {p.REQUEST: self.on_request, p.HEARTBEAT: self.on_heartbeat,
                     p.REREGISTER: self.on_reregister, p.BYE: self.on_bye}
         last_heard = next_hb = time.monotonic()
@@ -114,8 +116,8 @@ class Worker:
                 # A request kept us from listening, not the broker from talking:
                 # what it sent meanwhile is queued, so count silence from here.
                 last_heard = time.monotonic()
-            else:
-                frames = self._next_message(wait_ms)
+            else:  # a READY not sent yet (no broker yet): try again soon
+                frames = self._next_message(REGISTER_RETRY_MS if unsent else wait_ms)
                 if frames is not None and not self.registered:
                     self.slots.idle(self.slot, self.pid, self.served)  # the pool sees us up
                     self.registered = True
@@ -134,7 +136,9 @@ class Worker:
                 except zmq.Again:  # no broker connected: its silence is counted below
                     pass
                 next_hb = now + self.hb_interval
-            if now - last_heard > self.silence_limit and not self.draining:
+            if unsent and not self.registered and not self.draining:
+                unsent = not self.register()
+            elif now - last_heard > self.silence_limit and not self.draining:
                 log.info("%s: broker silent for %.1f s, registering again", self.title,
                          now - last_heard)
                 self.register()
@@ -177,10 +181,27 @@ class Worker:
                 self.runner.idle()
                 logs.flush()
                 self.scheduling.relax()
-                if not self.sock.poll(wait_ms):
-                    return None
+                events = dict(self.poller.poll(wait_ms))
+                if self.wake_r in events:
+                    os.read(self.wake_r, 512)
+                if self.sock not in events:
+                    return None  # a signal (the stop) or the heartbeat's turn
             frames = p.recv_frames_nowait(self.sock)
         return frames
+
+    def _poller(self) -> zmq.Poller:
+        """The idle wait: the broker's socket, and a pipe a signal writes to, so
+        that TERM or USR2 ends the wait at once rather than at the next heartbeat
+        (ZeroMQ's poll resumes after a signal).  Made after the zygote's fork."""
+        wake_r, wake_w = os.pipe()
+        for fd in (wake_r, wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self.wake_r = wake_r
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(wake_r, zmq.POLLIN)
+        return poller
 
     def _title(self, state: str) -> None:
         # setproctitle costs a system call: only on a change, and "idle" only
@@ -196,15 +217,16 @@ class Worker:
         sock.connect(self.endpoint)
         return sock
 
-    def register(self) -> None:
+    def register(self) -> bool:
         """READY, with the token the broker wrote beside its socket (read each time:
-        a restarted broker has a new one).  No broker yet: the next silence check
-        registers again."""
+        a restarted broker has a new one); False if not sent.  No broker yet: at
+        start, tried again every REGISTER_RETRY_MS (the broker starts beside us);
+        later, at the next silence check."""
         try:
             token = trust.read_worker_token(self.endpoint)
         except trust.TokenUnavailable as exc:
-            log.info("%s: not registering yet: %s", self.title, exc)
-            return
+            log.debug("%s: not registering yet: %s", self.title, exc)
+            return False
         pre = self.predecessor
         ready = p.Ready(slot=self.slot, pid=self.pid, credits=self.config.pool.credits,
                         token=token, pool=os.getppid(),
@@ -212,8 +234,9 @@ class Worker:
                         job=pre.job, job_status=pre.job_status, served=pre.served)
         try:
             p.send_frames(self.sock, ready.to_frames(), noblock=True)
-        except zmq.Again:  # not connected yet: the next silence check registers again
-            pass
+        except zmq.Again:  # not connected yet
+            return False
+        return True
 
     def _restore_signals(self) -> None:
         # getsignal reads Python's own table; only a change costs a system call.

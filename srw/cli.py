@@ -705,13 +705,36 @@ def cmd_stop(config: cfg.Config, args) -> int:
     for reply in _control(config, "stop"):
         pid = int(reply.rsplit("pid ", 1)[1].rstrip(")"))
         print(f"srw: {reply}; waiting for it to answer what is in flight and exit", flush=True)
-        while _running(pid):
-            if time.monotonic() > deadline:
-                print(f"srw: pid {pid} still runs after {args.wait:g} s", file=sys.stderr)
-                return 1
-            time.sleep(0.1)
+        if not _exited_by(pid, deadline):
+            print(f"srw: pid {pid} still runs after {args.wait:g} s", file=sys.stderr)
+            return 1
     print("srw: stopped")
     return 0
+
+
+def _exited_by(pid: int, deadline: float) -> bool:
+    """Wait for `pid` to exit, until `deadline`: woken by its exit (a pidfd),
+    not at a poll interval."""
+    import select
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:  # no pidfd (Linux < 5.3): poll
+        while _running(pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+    try:
+        while _running(pid):  # readable once it exited (a zombie too)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([fd], [], [], left)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _running(pid: int) -> bool:

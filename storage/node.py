@@ -171,6 +171,7 @@ class StorageNode:
                               sp.REVOKE_PEER: self.no_capabilities}
         self.stopping = False
         self.close_at: float | None = None  # stopping, answered: when the sockets close
+        self.replied_at = float("-inf")  # the last reply to a client left then (STOP_LINGER)
 
     # Main loop ---------------------------------------------------------------
 
@@ -205,11 +206,12 @@ class StorageNode:
             if self.stopping and stop_at is None:
                 stop_at = now + timeouts.STORAGE_STOP
             # Relayed replies in, then a moment for clients to read the last
-            # replies before the connection drops (timeouts.STOP_LINGER).
+            # replies before the connection drops (timeouts.STOP_LINGER): counted
+            # from the last reply, so an idle node closes at once.
             if stop_at is not None and self.close_at is None and \
                     (not self.relay.pending or now >= stop_at):
                 self.relay.answer_all(f"node {self.node.name} stopped")
-                self.close_at = now + timeouts.STOP_LINGER
+                self.close_at = max(now, self.replied_at + timeouts.STOP_LINGER)
         self.indexer.flush(time.monotonic())
         self.close()
         log.info("storage %s stopped", self.node.name)
@@ -362,6 +364,7 @@ class StorageNode:
                                   error))
 
     def send(self, frames: list[bytes]) -> None:
+        self.replied_at = time.monotonic()
         try:
             bp.send_frames(self.front, frames, noblock=True)
         except zmq.ZMQError as exc:  # client gone or its queue full: nothing to do

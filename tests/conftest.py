@@ -9,6 +9,7 @@ process it ever saw in the tree.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 import signal
@@ -181,6 +182,14 @@ class Cluster:
             wait_until(ready, READY_TIMEOUT, f"node {node['name']} with {want} workers")
         self.track_tree()
 
+    def at_full_strength(self) -> bool:
+        """serve runs, and each node has its workers registered and no other."""
+        if not self.procs or self.procs[-1].poll() is not None:
+            return False
+        want = self.pool["workers"]
+        return all((self.status(n["name"]) or {}).get("workers") == want and
+                   len(self.workers(n["name"])) == want for n in self.nodes)
+
     def add_client(self, name: str, rights: tuple[str, ...] | None) -> Path:
         """A client key pair in keys/clients; returns its .key_secret."""
         return sec.write_pair(self.root / "keys" / "clients", name, rights)
@@ -310,6 +319,46 @@ def node(make_cluster):
     cluster = make_cluster()
     cluster.serve()
     return cluster
+
+
+@pytest.fixture(scope="module")
+def shared_clusters(tmp_path_factory):
+    """Running clusters a module's tests share, one per set of settings: for tests
+    that leave a cluster as they found them (they add scripts and keys of their
+    own, but kill, stop, resize or reconfigure nothing).  A cluster found not at
+    full strength (serve gone, a worker short or one still retiring: a test did
+    disturb it) is stopped and a new one started, so no test depends on another."""
+    made: dict[str, Cluster] = {}
+
+    def get(nodes=({"name": "n1"},), pool=None, broker=None, scripts=None, init=None,
+            proxy=None, log_level="info", security=None, serve=None,
+            with_proxy: bool = False) -> Cluster:
+        key = repr((nodes, pool, broker, init, proxy, log_level, security, serve, with_proxy))
+        cluster = made.get(key)
+        if cluster is not None and not cluster.at_full_strength():
+            cluster.stop()
+            cluster = None
+        if cluster is None:
+            root = tmp_path_factory.mktemp("shared")
+            cluster = Cluster(root, list(nodes), pool or {}, broker or {}, {}, init,
+                              proxy, log_level, security, serve)
+            made[key] = cluster
+            cluster.serve()
+            if with_proxy:
+                wait_proxy(cluster)
+        for name, body in (scripts or {}).items():  # read again when the file changes
+            (cluster.history / name).write_text(textwrap.dedent(body))
+        return cluster
+
+    yield get
+    for cluster in made.values():
+        cluster.stop()
+
+
+@pytest.fixture
+def shared_node(shared_clusters):
+    """The module's node with 2 workers (see shared_clusters), ready."""
+    return shared_clusters()
 
 
 # HTTP proxy --------------------------------------------------------------------
@@ -470,3 +519,38 @@ class FakeWorker:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# The `pure` marker ----------------------------------------------------------------
+
+# Words in a test's source, or in that of a fixture of ours it uses, that mean
+# it starts processes (or reaches a server): such a test is not pure.
+PROCESS_WORDS = ("subprocess", "Popen", "os.fork", "Cluster(", "serve(", "make_cluster",
+                 "shared_clusters", "redis", "multiprocessing", "zmq.", "socket.")
+
+
+def _starts_processes(func) -> bool:
+    try:
+        source = inspect.getsource(func)
+    except (OSError, TypeError):
+        return True
+    return any(word in source for word in PROCESS_WORDS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`pytest -m pure`: the tests that start no process and open no socket (units,
+    parsers, state machines), in seconds.  Conservative: a test that uses any
+    fixture of this folder (they start nodes, mounts, browsers) or whose source
+    names a process or socket word is not pure; the rest is `-m "not pure"`."""
+    tests_dir = str(REPO / "tests")
+    for item in items:
+        ours = False
+        for defs in item._fixtureinfo.name2fixturedefs.values():
+            for fixturedef in defs:
+                try:
+                    ours |= (inspect.getsourcefile(fixturedef.func) or "").startswith(tests_dir)
+                except TypeError:
+                    ours = True
+        function = getattr(item, "function", None)
+        if not ours and function is not None and not _starts_processes(function):
+            item.add_marker(pytest.mark.pure)

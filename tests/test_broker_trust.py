@@ -44,12 +44,12 @@ def echo_all(cluster, n: int = 10) -> None:
 
 # Registration -------------------------------------------------------------------
 
-def test_registering_takes_the_token_from_beside_the_socket(node):
+def test_registering_takes_the_token_from_beside_the_socket(shared_node):
     """Without the token, or with a wrong one, a peer never registers; with the
     one read from the file (as root), it does: the check is real."""
     for name, fields in (("none", None), ("wrong", {"token": os.urandom(trust.TOKEN_BYTES)}),
                          ("short", {"token": b"x"})):
-        with FakeWorker(node, identity=b"fake-" + name.encode()) as fake:
+        with FakeWorker(shared_node, identity=b"fake-" + name.encode()) as fake:
             if fields is None:
                 meta = msgpack.unpackb(fake.ready()[1])
                 del meta["token"]
@@ -59,13 +59,13 @@ def test_registering_takes_the_token_from_beside_the_socket(node):
             fake.send([p.HEARTBEAT])
             # Unregistered: its heartbeat is answered "I do not know you", first thing.
             assert fake.wait_for(p.REREGISTER) == [[p.REREGISTER]], name
-        assert node.status()["workers"] == 2
-    with FakeWorker(node, identity=b"fake-right") as fake:
+        assert shared_node.status()["workers"] == 2
+    with FakeWorker(shared_node, identity=b"fake-right") as fake:
         fake.register(3)
         fake.send([p.HEARTBEAT])
         fake.send([p.DRAIN])  # it holds nothing: drained at once
         assert {f[0] for f in fake.wait_for(p.BYE)[:-1]} <= {p.HEARTBEAT}  # then BYE
-    echo_all(node)
+    echo_all(shared_node)
 
 
 def probe_as_nobody(path: str) -> dict:
@@ -114,16 +114,16 @@ def probe_as_nobody(path: str) -> dict:
     return json.loads(data)
 
 
-def test_another_uid_cannot_connect_nor_read_the_token(node):
+def test_another_uid_cannot_connect_nor_read_the_token(shared_node):
     """A process of an unprivileged uid cannot connect to the workers' socket
     or read the token, and what it sends never registers."""
-    out = probe_as_nobody(trust.socket_path(workers_endpoint(node)))
+    out = probe_as_nobody(trust.socket_path(workers_endpoint(shared_node)))
     assert out["uid"] == NOBODY and out["groups"] == []
     assert out["connect"] in (errno.EACCES, errno.ECONNREFUSED), out
     assert out["token"] == errno.EACCES, out
     assert out["answered"] is False
-    assert node.status()["workers"] == 2
-    echo_all(node)
+    assert shared_node.status()["workers"] == 2
+    echo_all(shared_node)
 
 
 # A registered worker that misbehaves ----------------------------------------------
@@ -146,17 +146,19 @@ MISCHIEF = {
 
 
 @pytest.mark.parametrize("what", list(MISCHIEF))
-def test_a_registered_worker_that_misbehaves_is_dropped(node, what):
-    broker = broker_process(node)
-    with FakeWorker(node) as fake:
+def test_a_registered_worker_that_misbehaves_is_dropped(shared_node, what):
+    broker = broker_process(shared_node)
+    seen = len(shared_node.log())  # the node is shared: this test's lines come after
+    with FakeWorker(shared_node) as fake:
         fake.register(3)
         fake.send(MISCHIEF[what](fake))
         fake.wait_for(p.BYE)
-        wait_until(lambda: node.status()["workers"] == 2, 10, "the fake worker dropped")
-    assert broker.is_running() and broker_process(node).pid == broker.pid
-    echo_all(node)
-    wait_until(lambda: "worker n1#99 (pid" in node.log() and "sent a bad message" in node.log(),
-               5, "one warning naming the worker")
+        wait_until(lambda: shared_node.status()["workers"] == 2, 10, "the fake worker dropped")
+    assert broker.is_running() and broker_process(shared_node).pid == broker.pid
+    echo_all(shared_node)
+    wait_until(lambda: "worker n1#99 (pid" in shared_node.log()[seen:] and
+               "sent a bad message" in shared_node.log()[seen:], 5,
+               "one warning naming the worker")
 
 
 def busy_worker(cluster) -> tuple[int, int]:

@@ -18,8 +18,8 @@ from conftest import wait_until
 ORIGINAL_REPLY = b"its nothing I can do for you without cookies: this is some data in POST request"
 
 
-def test_cli_runs_the_2011_example(node):
-    out = node.run("exec", "test_script.py", "--id", "0123456789", "--data", "-",
+def test_cli_runs_the_2011_example(shared_node):
+    out = shared_node.run("exec", "test_script.py", "--id", "0123456789", "--data", "-",
                    input=b"this is some data in POST request")
     assert out.returncode == 0, out.stderr
     assert out.stdout == ORIGINAL_REPLY
@@ -77,9 +77,9 @@ def test_rebinding_a_global_does_not_leak(make_cluster):
         assert c.exec("").data == b"unused"
 
 
-def test_script_error_returns_traceback_and_worker_survives(node):
-    with node.client() as c:
-        pids = {p.pid for p in node.workers()}
+def test_script_error_returns_traceback_and_worker_survives(shared_node):
+    with shared_node.client() as c:
+        pids = {p.pid for p in shared_node.workers()}
         r = c.exec("", code="def f():\n    raise KeyError('nope')\nf()\n")
         assert r.status == "script_error"
         assert "KeyError: 'nope'" in r.error and 'line 2, in f' in r.error
@@ -87,11 +87,11 @@ def test_script_error_returns_traceback_and_worker_survives(node):
         r = c.exec("", code="raise SystemExit(3)")
         assert r.status == "script_error" and "SystemExit" in r.error
         assert c.exec("echo.py", b"still here").data == b"still here"
-        assert {p.pid for p in node.workers()} == pids
+        assert {p.pid for p in shared_node.workers()} == pids
 
 
-def test_bad_names_and_unknown_scripts(node):
-    with node.client() as c:
+def test_bad_names_and_unknown_scripts(shared_node):
+    with shared_node.client() as c:
         for name in ("../config.toml", "/etc/passwd", ".hidden", "a/b.py", "x\0y",
                      "..", "n" * 10_000):
             r = c.exec(name)
@@ -101,23 +101,23 @@ def test_bad_names_and_unknown_scripts(node):
         assert r.status == "not_found" and "no_such_script.py" in r.error
 
 
-def test_return_data_types(node):
-    with node.client() as c:
+def test_return_data_types(shared_node):
+    with shared_node.client() as c:
         assert c.exec("", code="__return_data = b'\\xff\\x00'").data == b"\xff\x00"
         assert c.exec("", code="__return_data = 'h\\u00e9'").data == "hé".encode()
         r = c.exec("", code="__return_data = 42")
         assert r.status == "script_error" and "str or bytes" in r.error
 
 
-def test_script_content_runs_before_named_script_in_one_context(node):
-    with node.client() as c:
+def test_script_content_runs_before_named_script_in_one_context(shared_node):
+    with shared_node.client() as c:
         r = c.exec("test_script.py", b"data", code="__cookie_string = 'sid=1'")
         assert r.data == b"cookie: sid=1: data"
 
 
-def test_named_script_recompiled_when_changed(node):
-    path = node.history / "changing.py"
-    with node.client() as c:
+def test_named_script_recompiled_when_changed(shared_node):
+    path = shared_node.history / "changing.py"
+    with shared_node.client() as c:
         for version in range(3):
             path.write_text(f"__return_data = 'v{version}' + ' ' * {version}\n")
             assert {c.exec("changing.py").data for _ in range(4)} == \
@@ -423,18 +423,18 @@ def test_id_lock_survives_the_death_of_the_worker_running_its_execs(make_cluster
     assert counter.read_text() == "5"
 
 
-def test_a_runner_that_died_idle_is_replaced_before_the_next_request_reaches_it(node):
+def test_a_runner_that_died_idle_is_replaced_before_the_next_request_reaches_it(shared_node):
     """The request never reached it, so it runs on a new runner: ok, not killed."""
-    with node.client() as c:
+    with shared_node.client() as c:
         assert all(c.exec("echo.py", b"warm").ok for _ in range(4))
-        trusted = node.trusted_pids()
-        runners = node.runners()  # the warm ones and the spares
+        trusted = shared_node.trusted_pids()
+        runners = shared_node.runners()  # the warm ones and the spares
         for runner in runners:
             runner.kill()
         psutil.wait_procs(runners, timeout=5)  # SIGKILL lands a moment later
         replies = [c.exec("echo.py", b"after %d" % i) for i in range(4)]
     assert [(r.status, r.data) for r in replies] == [("ok", b"after %d" % i) for i in range(4)]
-    assert node.trusted_pids() == trusted
+    assert shared_node.trusted_pids() == trusted
 
 
 def test_many_scripts_each_get_a_runner_and_the_warm_ones_stay_bounded(make_cluster):

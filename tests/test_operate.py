@@ -86,9 +86,13 @@ def rotations_under_load_lose_no_line(cluster, serve):
         "a rotation came after the load"
 
 
-def test_quit_stops_every_process_at_once(make_cluster):
-    cluster = make_cluster()
+def test_quit_stops_every_process_at_once_and_leaves_no_pidfile_or_socket(make_cluster):
+    """QUIT kills every process at once, and nothing is left that a later
+    `kill $(cat pidfile)` or `srw stop` could send to a pid that is not ours."""
+    cluster = make_cluster(serve={"pidfile": "srw.pid"})
     serve = cluster.serve()
+    pidfile, control = cluster.root / "srw.pid", cluster.root / "var" / "srw.ctl"
+    assert pidfile.read_text() == f"{serve.pid}\n" and control.exists()
     tree = [serve.pid] + [c.pid for c in psutil.Process(serve.pid).children(recursive=True)]
     serve.send_signal(signal.SIGQUIT)
     serve.wait(5)
@@ -96,6 +100,65 @@ def test_quit_stops_every_process_at_once(make_cluster):
                                psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
                                for pid in tree), 5, "every process of the node gone")
     assert b"SIGQUIT: stopping at once" in serve.stderr.read()
+    assert not pidfile.exists() and not control.exists()
+    assert log_lines(cluster, "serve", "SIGQUIT: ") == ["SIGQUIT: stopping at once"]
+
+
+def log_lines(cluster, tag: str, start: str) -> list[str]:
+    """The messages of the node's log lines from `tag` (e.g. "serve") that start with `start`."""
+    out = []
+    for line in cluster.log().splitlines():
+        message = line.split(" INFO ", 1)[-1]
+        if f" {tag}[" in line and message.startswith(start):
+            out.append(message)
+    return out
+
+
+def log_time(line: str) -> float:
+    """Seconds of the day of a log line ("2026-12-07 04:27:08,064 ...")."""
+    clock = line.split(" ")[1]
+    h, m, rest = clock.split(":")
+    return int(h) * 3600 + int(m) * 60 + float(rest.replace(",", "."))
+
+
+def test_every_signal_is_logged_once_and_term_on_an_idle_node_stops_in_order(make_cluster):
+    """Each signal serve takes is logged once, by its loop (the handlers only
+    record); USR2, which means nothing here, is logged and ignored rather than
+    killing serve.  TERM on an idle node: serve's line, then the broker's stop,
+    then the workers', then serve's last line; the time between the first and
+    the last is in the node's own log (no timing assert: the machine is shared)."""
+    cluster = make_cluster(pool={"workers": 1, "max_workers": 2}, log_level="debug")
+    serve = cluster.serve()
+    for sig in (signal.SIGUSR2, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP):
+        serve.send_signal(sig)
+        name = signal.Signals(sig).name
+        wait_until(lambda: log_lines(cluster, "serve", f"{name}: "), 10, f"{name} in the log")
+    wait_until(lambda: "python.init reloaded" in cluster.log(), 20, "the reload")
+    cluster.wait_ready(serve)
+    # The rolled and retired workers gone: one left, whose exit TERM brings.
+    [worker] = wait_until(lambda: len(cluster.workers()) == 1 and cluster.workers(), 20,
+                          "one worker after the roll")
+    assert serve.poll() is None
+    serve.send_signal(signal.SIGTERM)
+    assert serve.wait(15) == 0
+    for name, what in (("SIGUSR2", "ignored (no meaning here)"),
+                       ("SIGUSR1", "reopening the log files"),
+                       ("SIGTTIN", "one more worker per pool"),
+                       ("SIGTTOU", "one worker fewer per pool"),
+                       ("SIGHUP", "reloading python.init in every pool"),
+                       ("SIGTERM", "draining, then stopping")):
+        assert log_lines(cluster, "serve", f"{name}: ") == [f"{name}: {what}"]
+    lines = cluster.log().splitlines()
+
+    def first(text: str) -> int:
+        return next(i for i, line in enumerate(lines) if text in line)
+    term = max(i for i, line in enumerate(lines) if "SIGTERM: draining" in line)
+    broker = first("INFO broker n1 stopped")
+    worker_exit = first(f"(pid {worker.pid}) exited (retired)")
+    last = first("every process stopped")
+    assert term < broker < worker_exit < last and first("INFO storage n1 stopped") < last
+    took = log_time(lines[last]) - log_time(lines[term])
+    print(f"TERM on an idle node: stopped {took:.3f} s after serve logged it")
 
 
 def test_a_taken_port_or_a_missing_history_dir_stops_serve_with_one_line(make_cluster):
