@@ -13,7 +13,9 @@ Then, in one run, side by side (the comparisons of issue 26):
   process puts every document into a FullText of its own with one insert and
   one commit per document (``synchronous=FULL``, the node's durability).
 - **search**: srw runs the queries (``Session.search``, typed text, 16 in
-  flight); **direct**, this process runs, on the node's own index file, the
+  flight) with a timeout no query reaches (the same work as direct), then
+  again with the node's default deadline (1 s), counting the partial
+  answers; **direct**, this process runs, on the node's own index file, the
   FTS5 query srw made of each (storage/query.py) with 16 threads, one
   connection each: ``MATCH``, BM25 order, the 10 best keys.
 - **storage reads during a broad search**: the p50 of a ``Session.read``
@@ -218,7 +220,13 @@ def srw_run(root: Path, docs: list[str], qs: list[str]) -> dict:
                 raise SystemExit(f"bench: indexed write failed: {results}")
         index_s, _ = timed_in_flight(write, list(range(len(docs))))
         out["index"] = len(docs) / index_s
-        out["search"] = timed_in_flight(lambda q: session().search(q, 10), qs)
+        # Unbounded (a deadline no query reaches: the same work as direct), then
+        # with the node's default deadline ([search] timeout, 1 s), counting cut ones.
+        out["search"] = timed_in_flight(lambda q: session().search(q, 10, timeout=60.0), qs)
+        partial = []
+        out["search_default"] = timed_in_flight(
+            lambda q: partial.append(session().search(q, 10).partial), qs)
+        out["partial"] = sum(partial)
         out["direct"] = search_direct(root / "var" / "n1" / "index.sqlite", qs)
         out["reads"] = reads_during_broad_search(probe, docs)
         return out
@@ -275,19 +283,23 @@ def main() -> int:
         root = Path(tmp)
         (root / "srw").mkdir()
         srw = srw_run(root / "srw", docs, qs)
-        direct_index = index_direct(root, docs)
         (total, lat), (d_total, d_lat) = srw["search"], srw["direct"]
-        print(f"indexing docs/s: srw {srw['index']:,.0f}, direct (commit per document) "
-              f"{direct_index:,.0f}: {srw['index'] / direct_index:.2f}x")
         print(f"search ({IN_FLIGHT} in flight): srw p50 {pct(lat, .5) * 1e3:.1f} ms p99 "
               f"{pct(lat, .99) * 1e3:.1f} ms {len(lat) / total:,.0f}/s; direct p50 "
               f"{pct(d_lat, .5) * 1e3:.1f} ms p99 {pct(d_lat, .99) * 1e3:.1f} ms "
               f"{len(d_lat) / d_total:,.0f}/s: p50 {pct(lat, .5) / pct(d_lat, .5):.2f}x, "
               f"throughput {(len(lat) / total) / (len(d_lat) / d_total):.2f}x")
+        (c_total, c_lat) = srw["search_default"]
+        print(f"search with the default 1 s deadline: srw p50 {pct(c_lat, .5) * 1e3:.1f} ms "
+              f"p99 {pct(c_lat, .99) * 1e3:.1f} ms {len(c_lat) / c_total:,.0f}/s, "
+              f"{srw['partial']} of {len(c_lat)} answers partial")
         idle, busy, searches = srw["reads"]
         print(f"storage read p50: idle {idle * 1e6:,.0f} us, during a broad search "
               f"{busy * 1e6:,.0f} us ({busy / idle:.2f}x; {len(searches)} broad searches "
-              f"meanwhile, p50 {pct(searches, .5) * 1e3:.0f} ms)")
+              f"meanwhile, p50 {pct(searches, .5) * 1e3:.0f} ms)", flush=True)
+        direct_index = index_direct(root, docs)
+        print(f"indexing docs/s: srw {srw['index']:,.0f}, direct (commit per document) "
+              f"{direct_index:,.0f}: {srw['index'] / direct_index:.2f}x", flush=True)
         if args.engines:
             print(tantivy_direct(root, docs, qs), flush=True)
     return 0
