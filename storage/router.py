@@ -54,6 +54,9 @@ __all__ = ["Route", "make_router", "RingRouter", "SlotRouter", "SLOTS", "split_a
 SLOTS = 16384
 REFRESH_EVERY = 5.0    # s between slot-map reads when nothing went wrong
 REFRESH_AFTER = 0.1    # s: the soonest a refresh follows the previous one after stale()
+# s a stale() keeps the map due while reads find it unchanged: the node asked may
+# not have heard of a moved slot yet (the cluster bus: cluster-node-timeout / 2)
+STALE_FOR = 2.0
 EPOCH_EVERY = 0.5      # s between config-epoch checks (CLUSTER INFO) between map reads
 ASK_TIMEOUT = 0.5      # s per Redis node asked for CLUSTER SHARDS
 
@@ -185,6 +188,8 @@ class SlotRouter:
         self._fetched = -float("inf")
         self._checked = -float("inf")   # the last epoch check (or map read)
         self._tried = -float("inf")
+        self._stale_since: float | None = None  # a stale() no read has answered yet
+        self._avoid = ""  # a node whose map read as before after a stale(): asked last
         self._lock = threading.Lock()  # the proxy refreshes from a thread
 
     # The slot map -----------------------------------------------------------------
@@ -202,6 +207,8 @@ class SlotRouter:
         does can forge, so it only makes us read the map from Redis ourselves;
         no address or map ever comes from a reply."""
         self._fetched = -float("inf")
+        if self._stale_since is None:
+            self._stale_since = time.monotonic()
 
     def refresh(self) -> None:
         """Read the slot map from the first Redis node that answers; keep the old
@@ -217,18 +224,32 @@ class SlotRouter:
                     pass  # that node is gone: read the map from any
             errors = []
             last = self.map.source if self.map else ""  # it answered last time: first
-            for address in sorted(self.ask, key=lambda a: a != last):
+            for address in sorted(self.ask, key=lambda a: (a == self._avoid, a != last)):
                 try:
-                    self.map = read_slot_map(address, self.auth)
+                    old, self.map = self.map, read_slot_map(address, self.auth)
                 except (self._redis_error, OSError, KeyError, TypeError, StopIteration,
                         ValueError) as exc:
                     errors.append(f"{address}: {exc}")
                     continue
                 self._fetched = self._checked = time.monotonic()
                 self.error = ""
+                self._still_stale(old, address)
                 return
             self.error = "no Redis node answered CLUSTER SHARDS (" + "; ".join(errors) + ")"
             log.warning("slot map: %s", self.error)
+
+    def _still_stale(self, old: SlotMap | None, address: str) -> None:
+        """After a stale(), a map that reads as before may come from a node that
+        has not heard of the change yet: keep the map due (once per REFRESH_AFTER,
+        for STALE_FOR at most), asking the other nodes first."""
+        since = self._stale_since
+        unchanged = old is not None and old.owner == self.map.owner and \
+            old.failing == self.map.failing
+        if since is None or not unchanged or time.monotonic() - since >= STALE_FOR:
+            self._stale_since, self._avoid = None, ""
+            return
+        self._fetched = -float("inf")
+        self._avoid = address  # ask the other nodes first next time
 
     # Routing ----------------------------------------------------------------------
 
