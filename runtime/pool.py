@@ -537,7 +537,7 @@ class Pool:
                 break
             if pid in workers:
                 self._kill_leftovers(pid, workers[pid].slot)
-                self.roster.exited(pid, status, 0, 0, b"", time.monotonic())
+                self.roster.exited(pid, status, BOOTING, 0, b"", time.monotonic())  # forgotten
         self.sandbox.cgroups.remove()
         if self.uids:
             self.uids.release()
