@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -63,8 +64,12 @@ def test_blocks_with_running_processes_or_accounts_are_skipped(tmp_path):
 def test_a_node_configured_onto_a_running_deployments_uids_refuses_to_start(make_cluster):
     first = make_cluster()
     first.serve()
-    runners = wait_until(first.runners, 10, "the first deployment's runners")
-    taken = min(r.uids().real for r in runners) - 1  # the block's first uid
+    wait_until(first.runners, 10, "the first deployment's runners")
+    # The block's first uid, as the pool logged its claim (a runner's uid tells
+    # it only for seat 0 of slot 1, and that runner may have been replaced).
+    claimed = wait_until(lambda: re.search(r"\(claimed (\d+)-\d+\)", first.log()), 5,
+                         "the pool's claim in the log")
+    taken = int(claimed.group(1))
     second = make_cluster()
     set_node_keys(second, "n1", uids=taken)
     proc = second.serve(wait=False)
