@@ -23,18 +23,17 @@ from typing import Callable
 import msgpack
 import zmq
 
+from core import config as cfg
 from core import loop
 from core import protocol as p
+from core import security, timeouts
+from core.exits import UsageError
+from core.ids import key_id, parse_id
 from broker.client import (CONNECT_WAIT, BrokerUnavailable, Client, Result, gather,
                            unreachable_hint)
-from core import config as cfg
-from core import security, timeouts
 
 from . import protocol as sp
 from .query import BadQuery
-from core.exits import UsageError
-from core.ids import key_id, parse_id
-
 from .ring import Ring
 from .router import make_router
 
