@@ -342,6 +342,9 @@ def test_reload_resize_and_stop_under_load_fail_nothing(make_cluster):
         serve.send_signal(signal.SIGTTIN)
         wait_until(lambda: live_workers(cluster) == 3, 10, "3 live workers after TTIN")
         serve.send_signal(signal.SIGTTIN)  # beyond pool.max_workers: stays at 3
+        # Sent back to back, the two can reach the pool in either order (seen in CI:
+        # TTOU first, 3 -> 2, then TTIN, 2 -> 3): TTOU once the pool refused the 4th.
+        wait_until(lambda: "4 workers asked" in cluster.log(), 10, "the pool's refusal of a 4th")
         serve.send_signal(signal.SIGTTOU)
         wait_until(lambda: live_workers(cluster) == 2, 10, "2 live workers after TTOU")
         done = cluster.run("resize", "1")
