@@ -4,14 +4,9 @@
 
 The broker keeps the sockets, the timers (heartbeats, the stop) and who may
 connect and register; what runs where is the Dispatcher's (broker/dispatch.py,
-no sockets).  Dispatch is credit based: a READY worker announces N credits, so
-up to N requests wait at each worker and none sits idle during a round trip;
-what a worker is given at once travels in one message.  A short request joins
-a worker that is already busy, any other the worker holding the fewest
-(`choose_worker`).  Requests beyond the credits wait in a bounded queue
-(full -> ``busy``).  Execs with the same id run one at a time, in order: the
-worker that runs one also gets those waiting for it (broker/idlocks.py).  A
-client that sends batches gets its replies in batches, one message per loop turn.
+no sockets: credits, the bounded queue, `choose_worker`, execs with the same
+id in order).  A client that sends batches gets its replies in batches, one
+message per loop turn, as a worker gets what it is given at once.
 Every request gets exactly one reply: the worker's, ``timeout`` at its
 deadline, ``killed`` when its worker died (learned from the replacement's
 READY, or from a missed heartbeat) or was dropped, or ``bad_request`` for
@@ -129,9 +124,8 @@ class Broker:
     def run(self) -> None:
         wake_r, _ = loop.wake_on_signals(self._on_stop_signal, (signal.SIGTERM, signal.SIGINT))
         poller = zmq.Poller()
-        poller.register(self.front, zmq.POLLIN)
-        poller.register(self.back, zmq.POLLIN)
-        poller.register(wake_r, zmq.POLLIN)
+        for source in (self.front, self.back, wake_r):
+            poller.register(source, zmq.POLLIN)
         log.info("broker %s listening on %s, workers on %s, messages up to %d bytes",
                  self.node.name, self.node.broker, self.node.workers_endpoint, self.max_message)
         try:
@@ -180,8 +174,7 @@ class Broker:
         now = time.monotonic()
         until = min(self.next_heartbeat, self.close_at or self.next_heartbeat)
         deadline = self.d.next_deadline()
-        if deadline is not None:
-            until = min(until, deadline)
+        until = until if deadline is None else min(until, deadline)
         if self.scheduling.batch:  # wake to restore the default policy when calm
             until = min(until, now + CALM_AFTER)
         return max(0, int((until - now) * 1000) + 1)
@@ -346,9 +339,8 @@ class Broker:
     def reject(self, identity: bytes, exc: Exception) -> None:
         """What `identity` sent did not parse or made no sense: a registered worker
         is dropped; about anyone else the broker only warns, once a second."""
-        what = f"{type(exc).__name__}: {exc}" if not isinstance(exc, p.ProtocolError) \
-            else str(exc)
-        what = what[:200]
+        what = (str(exc) if isinstance(exc, p.ProtocolError)
+                else f"{type(exc).__name__}: {exc}")[:200]
         worker = self.workers.get(identity)
         if worker is not None:
             self.drop_worker(worker, f"{worker} sent a bad message ({what})")
@@ -397,8 +389,7 @@ class Broker:
     # Status ------------------------------------------------------------------
 
     def status(self) -> dict:
-        """The node's status (docs/DESIGN.md "Status"): pool counts, a row per
-        worker, per-script counters and the latency window."""
+        """The node's status (docs/DESIGN.md "Status"): counts, workers, scripts, latency."""
         return {"name": self.node.name, "group": self.node.group, "version": __version__,
                 "uptime": round(time.monotonic() - self.started, 3),
                 **self.d.counts(), "restarts": self.restarts,

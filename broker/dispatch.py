@@ -9,7 +9,9 @@
                                    began goes to others, what it held is answered killed
     gone(worker, why)              a worker dropped: what it held is answered killed
     check_liveness(now, expiry)    a heartbeat tick: silent and dead workers are gone
-Every job is answered exactly once, through the `answer` callback the broker
+A READY worker announces N credits: up to N requests wait at it, so none idles
+during a round trip; beyond the credits they wait in a bounded queue (full ->
+``busy``).  Every job is answered exactly once, through the `answer` callback the broker
 gives (it sends the reply).  The execs of one id run one at a time, in arrival
 order (broker/idlocks.py).  The broker keeps the sockets, the timers and the
 token a READY must carry; tests/test_dispatch.py drives this class alone, with
