@@ -33,11 +33,14 @@ from broker.client import (CONNECT_WAIT, BrokerUnavailable, Client, Result, gath
                            unreachable_hint)
 
 from . import protocol as sp
+from .errors import (Forbidden, NodeUnavailable, NotFound, ReplicaWriteFailed, StorageError,
+                     StorageUnavailable)
 from .query import BadQuery
 from .ring import Ring
 from .router import make_router
 
 __all__ = ["Session", "Result", "StorageError", "NotFound", "StorageUnavailable", "Forbidden",
+           "ReplicaWriteFailed", "NodeUnavailable",
            "StorageClient", "storage_ready", "config_from_remote", "BadQuery", "Hits"]
 
 DATA_TIMEOUT = 5.0    # seconds a storage node may take to answer a data call
@@ -47,44 +50,6 @@ DATA_TIMEOUT = 5.0    # seconds a storage node may take to answer a data call
 # first cut the read p50 by a third here.  Bounded, and only for reads.
 SPIN = 0.0002
 _SPIN_COMMANDS = frozenset((sp.READ, sp.LOOKUP))
-
-
-class StorageError(Exception):
-    """Base of the errors a data call raises; per-node statuses are data, not errors."""
-
-
-class NotFound(StorageError, KeyError):
-    """No group has the key (every owner that answered said not_found)."""
-
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0]) if self.args else "not found"
-
-
-class StorageUnavailable(StorageError, ConnectionError):
-    """No owner of the key answered (all down, or their stores failed)."""
-
-
-class ReplicaWriteFailed(StorageError):
-    """A write that some groups stored and others did not: the value is on fewer
-    replicas than asked.  ``failed`` and ``stored`` are the Results of each side
-    (one per group); the caller decides whether to write again."""
-
-    def __init__(self, key, failed: list, stored: list):
-        self.key, self.failed, self.stored = key, list(failed), list(stored)
-        super().__init__(
-            f"write of {key!r} failed in group(s) "
-            f"{', '.join(str(r.group) for r in self.failed)} ("
-            + "; ".join(f"{r.node}: {r.status}: {r.error}" for r in self.failed)
-            + f"); stored in group(s) {', '.join(str(r.group) for r in self.stored)}")
-
-
-class Forbidden(StorageError, PermissionError):
-    """The node refused the call: the caller (for a script: its request's
-    capability, core/capability.py) lacks the right it needs."""
-
-
-class NodeUnavailable(BrokerUnavailable):
-    """One storage node did not answer; the Session turns it into a Result."""
 
 
 class StorageClient:
