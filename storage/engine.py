@@ -2,6 +2,7 @@
 
     Session (CLI, Python API, proxy data calls) --.
     StorageHandle (a script's ``n``) -------------+--> engine_class(config)(config, ...)
+    ScriptStore, NodeSync (pushed scripts) -------+        |
     Supervisor (srw serve), proxy's Cluster ------'        |
                                                            +-- "lmdb": LmdbEngine
                                                            |   (storage/engine_lmdb.py)
@@ -16,7 +17,8 @@ What differs between engines is data, not code paths in the callers:
 ``roles`` (the processes `srw serve` starts per node), the router
 (placement: which nodes answer an exec by key, by id, or with neither,
 storage/router.py), one Result per group (lmdb) or one for the cluster
-(redis).
+(redis), and ``places``: where a value every node shares (the pushed scripts'
+map, srw/pushed.py) is kept: a copy in each node's own store, or one key.
 
 A third engine is a module beside the two with a class that implements this
 interface, and one line in ENGINES; core/config.py learns its name and its
@@ -31,7 +33,7 @@ from typing import Callable
 from core import config as cfg
 from core import security
 
-__all__ = ["Engine", "engine_class", "ENGINES"]
+__all__ = ["Engine", "Place", "UNREADABLE", "engine_class", "ENGINES"]
 
 ENGINES = {cfg.LMDB: "storage.engine_lmdb:LmdbEngine",
            cfg.REDIS_CLUSTER: "storage.engine_redis:RedisEngine"}
@@ -42,6 +44,44 @@ def engine_class(config: cfg.Config) -> type[Engine]:
     handle calls this in the pool parent: a sandboxed runner may not read files)."""
     module, _, name = ENGINES[config.cluster.engine].partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+class _Unreadable:
+    def __repr__(self) -> str:
+        return "UNREADABLE"
+
+
+#: What `Place.read` met when a value is there that it may not read (a script
+#: stored a list, or more than the reader takes): `write_if` can expect it.
+UNREADABLE = _Unreadable()
+
+
+class Place(abc.ABC):
+    """Where one copy of a value every node shares lives: a node's own store
+    (lmdb) or the cluster's one key (redis).  ``name`` names it in logs;
+    ``node`` is the node whose store it is (None: every node's)."""
+    name: str = ""
+    node: cfg.NodeSettings | None = None
+
+    @abc.abstractmethod
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The value; raises NotFound, StorageUnavailable (no answer) or
+        StorageError (a value is there that this reader may not take)."""
+
+    @abc.abstractmethod
+    def write(self, key: str, value: bytes) -> None:
+        """Store `value`; raises StorageUnavailable or StorageError."""
+
+    @abc.abstractmethod
+    def write_if(self, key: str, value: bytes, expected) -> str:
+        """Compare-and-set: store `value` only if the place still holds
+        `expected` (bytes as read, None: nothing, or UNREADABLE); "ok" (also when
+        it already holds `value`), "busy" when another value came first, or why
+        not.  Raises StorageUnavailable."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close what this process opened."""
 
 
 class Engine(abc.ABC):
@@ -127,6 +167,13 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def ready(cls, node: cfg.NodeSettings, curve, start: str) -> bool:
         """Whether `node`'s storage role (if any) answers, started with `start`."""
+
+    @classmethod
+    @abc.abstractmethod
+    def places(cls, config: cfg.Config, nodes, curve, timeout: float,
+               max_value: int) -> list[Place]:
+        """Where `nodes` keep a value every node shares, in the order every
+        writer writes them; `max_value`: the most bytes a read takes."""
 
     @abc.abstractmethod
     def close(self) -> None:

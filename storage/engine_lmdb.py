@@ -12,6 +12,7 @@ use in the process that uses them.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Callable
 
@@ -24,7 +25,7 @@ from core.ids import key_id, parse_id
 from broker.client import BrokerUnavailable, Result
 
 from . import protocol as sp
-from .engine import Engine
+from .engine import Engine, Place
 from .errors import (Forbidden, NodeUnavailable, NotFound, StorageError,
                      StorageUnavailable)
 from .node_client import DATA_TIMEOUT, StorageClient, storage_ready
@@ -228,7 +229,60 @@ class LmdbEngine(Engine):
     def ready(cls, node: cfg.NodeSettings, curve, start: str) -> bool:
         return storage_ready(node.storage, curve=curve, start=start)
 
+    @classmethod
+    def places(cls, config: cfg.Config, nodes, curve, timeout: float,
+               max_value: int) -> list[Place]:
+        """Each node's own store, in config order."""
+        return [NodePlace(node, config, curve, timeout) for node in nodes]
+
     def close(self) -> None:
         for client in self._stores.values():
             client.close()
         self._stores.clear()
+
+
+class NodePlace(Place):
+    """One node's own store, asked directly (not through the Ring).  A read
+    takes what the node holds: the node's max_value bounds it."""
+
+    def __init__(self, node: cfg.NodeSettings, config: cfg.Config, curve, timeout: float):
+        self.name, self.node, self.timeout = node.name, node, timeout
+        self._config, self._curve = config, curve
+        self._client: StorageClient | None = None
+
+    def _call(self, cmd: bytes, key: str, data: bytes = b"") -> Result:
+        if self._client is None:
+            self._client = StorageClient(self.node.storage, self.node.name, self.node.group,
+                                         curve=self._curve,
+                                         max_message=self._config.max_message)
+        try:
+            return self._client.call(cmd, hashlib.sha512(key.encode()).digest(), data,
+                                     wait=self.timeout)
+        except NodeUnavailable as exc:
+            raise StorageUnavailable(str(exc)) from None
+
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
+        result = self._call(sp.READ, key)
+        if result.status == p.NOT_FOUND:
+            raise NotFound(key)
+        if not result.ok:
+            raise StorageUnavailable(f"{self.name}: {result.status}: {result.error}")
+        return result.data
+
+    def write(self, key: str, value: bytes) -> None:
+        result = self._call(sp.WRITE, key, value)
+        if not result.ok:
+            raise StorageError(f"{result.status}: {result.error}")
+
+    def write_if(self, key: str, value: bytes, expected) -> str:
+        # A node's read never meets UNREADABLE (it answers a value or a status).
+        digest = hashlib.sha256(expected).digest() if isinstance(expected, bytes) else None
+        result = self._call(sp.WRITE_IF, key, sp.write_if_data(digest, value))
+        if result.status == p.BUSY:  # its data: the sha256 hex of what the node holds
+            return "ok" if result.data == hashlib.sha256(value).hexdigest().encode() else "busy"
+        return "ok" if result.ok else f"{self.name}: {result.status}: {result.error}"
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None

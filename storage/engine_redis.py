@@ -25,8 +25,8 @@ from core import redis_auth, security
 from core.exits import UsageError
 from broker.client import Result
 
-from .engine import Engine
-from .errors import StorageError, StorageUnavailable
+from .engine import UNREADABLE, Engine, Place
+from .errors import NotFound, StorageError, StorageUnavailable
 from .redis_store import RedisStore
 from .router import SlotRouter
 
@@ -143,6 +143,62 @@ class RedisEngine(Engine):
     @classmethod
     def ready(cls, node: cfg.NodeSettings, curve, start: str) -> bool:
         return True  # nothing of ours to ask: the data is in Redis
+
+    @classmethod
+    def places(cls, config: cfg.Config, nodes, curve, timeout: float,
+               max_value: int) -> list[Place]:
+        """One key in the cluster, whichever nodes ask."""
+        return [KeyPlace(config, timeout, max_value)]
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class _Changed(Exception):
+    """Raised inside a watched write: the key holds another value than expected."""
+
+    def __init__(self, outcome: str):
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+class KeyPlace(Place):
+    """One key of the cluster, reached as srw's own Redis user; compare-and-set
+    by WATCH/MULTI/EXEC on the key's master (the srw user may run no Lua)."""
+    name = "redis"
+
+    def __init__(self, config: cfg.Config, timeout: float, max_value: int):
+        own = [n.redis for n in config.nodes if n.redis]
+        self.store = RedisStore(list(config.cluster.seeds) + own,
+                                redis_auth.credentials(config), timeout, max_value=max_value)
+
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
+        return self.store.read(key, max_bytes)
+
+    def write(self, key: str, value: bytes) -> None:
+        self.store.write(key, value)
+
+    def write_if(self, key: str, value: bytes, expected) -> str:
+        def make() -> bytes:  # run while the key is watched
+            held = self._held(key)
+            if held != expected:
+                raise _Changed("ok" if held == value else "busy")
+            return value
+
+        try:
+            return "ok" if self.store.write_watched(key, make) else "busy"
+        except _Changed as changed:
+            return changed.outcome
+
+    def _held(self, key: str):
+        try:
+            return self.store.read(key)
+        except NotFound:
+            return None
+        except StorageUnavailable:
+            raise
+        except StorageError:  # a script stored a list there, or too much
+            return UNREADABLE
 
     def close(self) -> None:
         self.store.close()

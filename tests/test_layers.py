@@ -139,9 +139,6 @@ SEAM = {"storage/engine.py", "storage/engine_lmdb.py", "storage/engine_redis.py"
 CHOOSE_ON_THEIR_OWN = {
     "core/config.py": "below storage: it defines the choice and checks each engine's settings",
     "runtime/grantor.py": "below storage: a request's rights as a Redis login, not a capability",
-    "srw/pushed.py": "not behind the seam yet: the pushed map is a copy in each node's store "
-                     "(lmdb) or one key (redis), pushed by different algorithms",
-    "srw/pushsync.py": "not behind the seam yet: reads those copies (see srw/pushed.py)",
 }
 ENGINE_NAMES = {"RedisStore", "RingRouter", "SlotRouter", "REDIS_CLUSTER", "LMDB",
                 "LmdbEngine", "RedisEngine"}
