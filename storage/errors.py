@@ -1,8 +1,8 @@
 """The errors of the storage layer, in a module that imports none of its engines.
 
-Both engines raise them (storage/client.py, storage/redis_store.py), and every
-caller catches them; living here, neither engine imports the other to reach
-them.  Per-node statuses are data (``Result``), not errors: only a call that
+Both engines raise them (storage/engine_lmdb.py, storage/engine_redis.py and
+its storage/redis_store.py), and every caller catches them; living here, no
+engine imports the Session (storage/client.py) to reach them.  Per-node statuses are data (``Result``), not errors: only a call that
 no node could answer raises.
 """
 from __future__ import annotations
