@@ -245,9 +245,9 @@ def srw_latency(config: Path, name: str, keys: list[str], n: int) -> list[float]
 async def srw_rate(config: Path, name: str, keys: list[str], n: int) -> float:
     from broker.client import AsyncClient
     from core import config as cfg
-    from storage.router import make_router
+    from storage.engine import engine_class
     settings = cfg.load(config)
-    router = make_router(settings)
+    router = engine_class(settings).make_router(settings)
     router.refresh()
     clients = {node.name: AsyncClient(node.broker) for node in settings.nodes}
     routes = [router.route(key=k, refresh=False) for k in keys]

@@ -2,10 +2,12 @@
 
 Exec is the hot path: one ``AsyncClient`` per node (many requests in flight on
 one socket), routed by the engine's router (storage/router.py, as ``Session``
-routes), fanned out with ``asyncio.gather``.  In redis-cluster mode a task
-re-reads the slot map in a thread when it is due, so no request waits on Redis.  A
-node that does not answer becomes a Result with status ``unavailable``, so an
-HTTP request always gets one answer per target.
+routes), fanned out with ``asyncio.gather``; the placement and result logic is
+``Session.exec``'s (storage/execs.py), only the waiting is async.  When the
+router's placement moves (redis-cluster's slot map) a task re-reads it in a
+thread when it is due, so no request waits on Redis.  A node that does not
+answer becomes a Result with status ``unavailable``, so an HTTP request always
+gets one answer per target.
 
 Data calls (read, write, remove) go through the blocking
 ``storage.client.Session``: each runs in a small thread pool, one Session per
@@ -20,13 +22,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from core import protocol as p
 from broker.client import AsyncClient, BrokerUnavailable, Result
 from core.config import Config, ConfigError, NodeSettings
 from core.security import Credentials
 from core.sched import CALM_AFTER, LoadScheduling
-from storage.client import storage_ready
-from storage.router import RingRouter, Route, make_router
+from storage import execs
+from storage.engine import engine_class
+from storage.node_client import storage_ready
+from storage.router import Route
 
 DATA_THREADS = 4
 PING_TIMEOUT = 2.0
@@ -52,7 +55,8 @@ class Cluster:
     def __init__(self, config: Config, curve: Credentials | None = None):
         self.config = config
         self.curve = curve
-        self.router = make_router(config)
+        self.engine = engine_class(config)  # chosen once: its router and its roles
+        self.router = self.engine.make_router(config)
         self.groups = allowed_groups(config)
         self.clients: dict[str, AsyncClient] = {}
         self.in_flight = 0
@@ -60,8 +64,8 @@ class Cluster:
         self._slot_map_task: asyncio.Task | None = None
         # lmdb: the ring is the config, so a route is the same every time (and
         # working it out cost ~10 us an exec); a slot map changes, so no cache.
-        self._kept_route = (functools.lru_cache(ROUTES_KEPT)(self._route)
-                            if isinstance(self.router, RingRouter) else None)
+        self._kept_route = (None if self.router.moves else
+                            functools.lru_cache(ROUTES_KEPT)(self._route))
 
     def start(self) -> None:
         timeout = self.config.broker.request_timeout
@@ -69,7 +73,7 @@ class Cluster:
         self.clients = {n.name: AsyncClient(n.broker, timeout=timeout, curve=self.curve,
                                             max_message=self.config.max_message)
                         for n in self.config.nodes}
-        if self.config.cluster.redis:
+        if self.router.moves:
             self.router.refresh()  # at start-up, before the first request
             self._slot_map_task = asyncio.get_running_loop().create_task(self._keep_slot_map())
 
@@ -95,11 +99,11 @@ class Cluster:
         return self.router.route(id, key, list(groups), refresh=False)
 
     async def exec(self, route: Route, name: str, data: bytes, cookie: str) -> list[Result]:
-        """One Result per target, in route order; never raises for a node that is down."""
+        """One Result per target, in route order; never raises for a node that is down.
+        The placement and result logic is Session.exec's (storage/execs.py)."""
+        if (unplaced := execs.nowhere(self.router, route)) is not None:
+            return unplaced
         targets, hex_id = route.nodes, route.hex_id
-        if not targets:  # redis-cluster: nothing beside the key's master now
-            self.router.stale()
-            return [Result("", 1, p.UNAVAILABLE, b"", route.error, route.redis)]
         self.in_flight += 1
         self.scheduling.update(self.in_flight > BUSY_IN_FLIGHT, time.monotonic())
         try:
@@ -108,9 +112,7 @@ class Cluster:
             else:
                 results = list(await asyncio.gather(
                     *(self._exec_one(n, name, data, cookie, hex_id) for n in targets)))
-            if hex_id is not None and any(r.status == p.UNAVAILABLE or r.moved for r in results):
-                self.router.stale()  # a failover, or a slot moved: read the map again
-            return results
+            return execs.settle(self.router, route, results)
         finally:
             self.in_flight -= 1
             if not self.in_flight and self.scheduling.batch:
@@ -123,10 +125,10 @@ class Cluster:
     async def _exec_one(self, node: NodeSettings, name: str, data: bytes, cookie: str,
                         hex_id: str | None) -> Result:
         try:
-            result = await self.clients[node.name].exec(name, data, cookie=cookie, id=hex_id)
+            outcome = await self.clients[node.name].exec(name, data, cookie=cookie, id=hex_id)
         except BrokerUnavailable as exc:
-            result = Result(node.name, node.group, p.UNAVAILABLE, b"", str(exc))
-        return dataclasses.replace(result, redis=node.redis) if node.redis else result
+            outcome = exc
+        return execs.answer(node, outcome)
 
     async def status(self) -> list[dict]:
         """Each node's pool status; a node that does not answer is {name, group, error}."""
@@ -142,7 +144,7 @@ class Cluster:
     async def _ping_one(self, node: NodeSettings) -> tuple[NodeSettings, list[str], list[str]]:
         up, down = [], []
         checks = [self._status_one(node)]
-        if not self.config.cluster.redis:
+        if "storage" in self.engine.roles:
             checks.append(asyncio.to_thread(storage_ready, node.storage, PING_TIMEOUT / 2,
                                             self.curve))
         status, *storage = await asyncio.gather(*checks)

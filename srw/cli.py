@@ -487,7 +487,7 @@ def cmd_status(config: cfg.Config, args) -> int:
     from broker.stats import uptime_text
     with _session(config, args) as session:
         nodes = session.status()
-        beside = _beside(config, session)
+        beside = session.router.beside()
     print(f"{'node':10} {'group':>5} {'workers':>7} {'busy':>5} {'queued':>6} "
           f"{'served':>9} {'restarts':>8} {'p50 us':>7} {'p99 us':>7}  uptime"
           + ("      beside" if beside else ""))
@@ -507,21 +507,6 @@ def cmd_status(config: cfg.Config, args) -> int:
             if "error" not in n:
                 _print_scripts(n)
     return 1 if any("error" in n for n in nodes) else 0
-
-
-def _beside(config: cfg.Config, session) -> dict[str, str]:
-    """redis-cluster: node -> "master 127.0.0.1:7000", or "127.0.0.1:7003 (no slots)"
-    for a Redis node that owns none (a replica: execs by key run beside masters
-    only), from the slot map the router reads; lmdb: {}."""
-    if not config.cluster.redis:
-        return {}
-    session.router.refresh()
-    slot_map = session.router.map
-    if slot_map is None:
-        return {n.name: f"{n.redis} (no slot map: {session.router.error})" for n in config.nodes}
-    masters = set(slot_map.owner)
-    return {n.name: f"master {n.redis}" if n.redis in masters else f"{n.redis} (no slots)"
-            for n in config.nodes}
 
 
 def _print_scripts(node: dict) -> None:
@@ -805,11 +790,12 @@ def cmd_proxy(config: cfg.Config, args) -> int:
 
 def cmd_storage(config: cfg.Config, args) -> int:
     import setproctitle
+    from storage.engine import engine_class
     from storage.node import StorageNode
     node = config.node(args.node)
-    if config.cluster.redis:
+    if "storage" not in engine_class(config).roles:
         print(f'srw: node {node.name} has no storage role with cluster.engine = '
-              f'"redis-cluster": its data is in Redis ({node.redis})', file=sys.stderr)
+              f'"{config.cluster.engine}": its data is in Redis ({node.redis})', file=sys.stderr)
         return exits.REFUSED
     setproctitle.setproctitle(f"srw: storage {node.name}")
     logs.setup(config.log, f"storage {node.name}")

@@ -2,7 +2,8 @@
 
     srw scripts push FILE...  ──► the store, key "srw:scripts": one sealed msgpack
                                   [sequence, {name: [name, version, sha256, content]}]
-                                  (lmdb: on every node's own store, each by WRITE_IF;
+                                  on each of the engine's places (storage/engine.py;
+                                  lmdb: every node's own store, each by WRITE_IF;
                                   redis: one key, by WATCH/MULTI/EXEC)
                               └─► "sync" on each control socket of this host
     srw serve  ── every SYNC_EVERY s (when the stamp, the map's sha256 written
@@ -61,9 +62,8 @@ import msgpack
 from runtime.scripts import ScriptNameError, check_name
 from core.config import Config, NodeSettings
 from core.secrets import read_secret
-from storage import protocol as sp
-from storage.client import (NodeUnavailable, NotFound, StorageClient, StorageError,
-                            StorageUnavailable)
+from storage.engine import UNREADABLE, Place, engine_class
+from storage.errors import NotFound, StorageError, StorageUnavailable
 
 KEY = "srw:scripts"
 STAMP = "srw:scripts:stamp"     # sha256 of the map, written after it: what nodes poll
@@ -337,43 +337,83 @@ def taken_by(answer: bytes) -> tuple[int, str]:
 # The store -------------------------------------------------------------------
 
 class ScriptStore:
-    """The map in the cluster.  lmdb: a copy on every node's own store (each node
-    reads its own); redis-cluster: one key, which every node reads."""
+    """The map in the cluster, where the engine keeps a value every node shares
+    (storage/engine.py ``places``): lmdb: a copy on every node's own store (each
+    node reads its own); redis-cluster: one key, which every node reads.  One
+    push writes every place in config order, each by compare-and-set."""
 
     def __init__(self, config: Config, curve=None, timeout: float = STORE_TIMEOUT):
         self.config, self.curve, self.timeout = config, curve, timeout
         self.secret = load_secret(config)
-        self._redis = None
-        self._stores: dict = {}
+        self.places: list[Place] = engine_class(config).places(config, config.nodes, curve,
+                                                               timeout, MAX_MAP)
+
+    def places_of(self, nodes: list[NodeSettings]) -> list[Place]:
+        """The places where `nodes` keep the map (the shared one counts for all)."""
+        return [place for place in self.places if place.node is None or place.node in nodes]
 
     def read(self, node: NodeSettings | None = None) -> Stored | None:
-        """The map as `node` sees it (lmdb; default the first node), or the cluster's
-        (redis); None when none is stored.  Raises StorageError, PushError."""
-        value = self.read_raw(node)
-        return None if value is None else open_map(value, self.secret)
+        """The map as `node`'s place holds it (default the first node's); None when
+        none is stored.  Raises StorageError, PushError."""
+        value = self.read_raw(self.places_of([node or self.config.nodes[0]])[0])
+        return None if value is None or value is UNREADABLE else open_map(value, self.secret)
 
-    def read_raw(self, node: NodeSettings | None = None) -> bytes | None:
-        """The stored value, unchecked; None when there is none.  Raises StorageError."""
+    def read_raw(self, place: Place, key: str = KEY) -> bytes | None:
+        """The stored value, unchecked; None when there is none.  Raises
+        StorageError (a value this reader may not take: a script stored a list,
+        or more than MAX_MAP; a stamp is 64 hex digits)."""
         try:
-            return self._read_raw(node or self.config.nodes[0])
+            return place.read(key, None if key == KEY else len(_stamp(b"")))
         except NotFound:
             return None
 
     def push(self, files: dict[str, bytes], floor: tuple[int, str] = (0, "")
              ) -> tuple[Stored, list[str], list[str]]:
         """Store `files` (name -> content) with the next versions, as the stored
-        sequence plus one; returns the map stored, in lmdb mode the nodes that did
-        not take it (why), and the stored maps that are not built on and are
-        replaced (why: a script may have written the key, or written back an
-        older map than `floor`, the (sequence, stamp) a node took; the scripts
-        they held keep their files on the nodes, but leave the map until pushed
-        again).  Raises PushConflict when another push wrote between our read
-        and our write: then nothing of ours is stored."""
+        sequence plus one; returns the map stored, the places that did not take
+        it (why), and the stored maps that are not built on and are replaced
+        (why: a script may have written the key, or written back an older map
+        than `floor`, the (sequence, stamp) a node took; the scripts they held
+        keep their files on the nodes, but leave the map until pushed again).
+        Raises PushConflict when another push wrote the first place between our
+        read and our write: then nothing of ours is stored."""
         for name, content in files.items():
             check(name, content)
-        if self.config.cluster.redis:
-            return self._push_redis(files, floor)
-        return self._push_lmdb(files, floor)
+        raws, errors, replaced, maps = {}, [], [], []
+        for place in self.places:
+            try:
+                raws[place.name] = raw = self.read_raw(place)
+            except StorageUnavailable as exc:
+                errors.append(f"{place.name}: {exc}")
+                continue
+            except StorageError as exc:  # written over, compared with what is there
+                raws[place.name], raw = UNREADABLE, None
+                replaced.append(f"{KEY}: {exc}")
+            if raw is not None:
+                try:
+                    maps.append(open_map(raw, self.secret))
+                except PushError as exc:
+                    replaced.append(f"{place.name}: {exc}")
+        current, why = base(newest(maps), floor)
+        stored, value = self._next(current, files)
+        replaced += [why] if why else []
+        # Every pusher writes the places in config order: the first one that
+        # answers decides which of two racing pushes takes the sequence.
+        first = True
+        for place in self.places:
+            if place.name not in raws:
+                continue
+            try:
+                error = self.write_if(place, value, raws[place.name])
+            except PushConflict:
+                if first:
+                    raise PushConflict(f"another push took sequence {stored.seq}; run push "
+                                       "again") from None
+                error = self._write_over_older(place, stored, value)
+            if error:
+                errors.append(error)
+            first = False
+        return stored, errors, replaced
 
     def _next(self, current: Stored | None, files: dict[str, bytes]) -> tuple[Stored, bytes]:
         """The map after `current` with `files` pushed, and its sealed value."""
@@ -384,133 +424,53 @@ class ScriptStore:
         value = self._sealed(seq, merged)
         return Stored(seq, merged, _stamp(value).decode()), value
 
-    def _push_redis(self, files: dict[str, bytes], floor: tuple[int, str]
-                    ) -> tuple[Stored, list[str], list[str]]:
-        made: list[Stored] = []
-        replaced: list[str] = []
-
-        def next_value() -> bytes:  # read while the key is watched
-            try:
-                current = self.read()
-            except StorageUnavailable:
-                raise
-            except (StorageError, PushError) as exc:
-                current, replaced[:] = None, [f"{KEY}: {exc}"]
-            current, why = base(current, floor)
-            replaced[:] = [why] if why else replaced
-            stored, value = self._next(current, files)
-            made.append(stored)
-            return value
-
-        if not self._redis_store().write_watched(KEY, next_value):
-            raise PushConflict(f"another push took sequence {made[-1].seq}; run push again")
-        self._redis_store().write(STAMP, made[-1].stamp.encode())
-        return made[-1], [], replaced
-
-    def _push_lmdb(self, files: dict[str, bytes], floor: tuple[int, str]
-                   ) -> tuple[Stored, list[str], list[str]]:
-        raws, errors, replaced, maps = {}, [], [], []
-        for node in self.config.nodes:
-            try:
-                raws[node.name] = raw = self.read_raw(node)
-            except StorageError as exc:
-                errors.append(f"{node.name}: {exc}")
-                continue
-            if raw is not None:
-                try:
-                    maps.append(open_map(raw, self.secret))
-                except PushError as exc:
-                    replaced.append(f"{node.name}: {exc}")
-        current, why = base(newest(maps), floor)
-        stored, value = self._next(current, files)
-        replaced += [why] if why else []
-        # Every pusher writes the nodes in config order: the first one that
-        # answers decides which of two racing pushes takes the sequence.
-        first = True
-        for node in self.config.nodes:
-            if node.name not in raws:
-                continue
-            try:
-                error = self.write_if(node, value, raws[node.name])
-            except PushConflict:
-                if first:
-                    raise PushConflict(f"another push took sequence {stored.seq}; run push "
-                                       "again") from None
-                error = self._write_over_older(node, stored, value)
-            if error:
-                errors.append(error)
-            first = False
-        return stored, errors, replaced
-
-    def _write_over_older(self, node: NodeSettings, stored: Stored, value: bytes) -> str:
-        """lmdb: `node` changed since we read it (a push that came after ours wrote
-        it first, or a node's catch-up): write over it while it holds an older map."""
+    def _write_over_older(self, place: Place, stored: Stored, value: bytes) -> str:
+        """`place` changed since we read it (a push that came after ours wrote it
+        first, or a node's catch-up): write over it while it holds an older map."""
         for _ in range(3):
             try:
-                raw = self.read_raw(node)
+                raw = self.read_raw(place)
                 held = None if raw is None else open_map(raw, self.secret)
-            except StorageError as exc:
-                return f"{node.name}: {exc}"
+            except StorageUnavailable as exc:
+                return f"{place.name}: {exc}"
+            except StorageError:
+                raw, held = UNREADABLE, None
             except PushError:
                 held = None  # a value no node takes: ours replaces it
             if held is not None and (held.seq, held.stamp) >= (stored.seq, stored.stamp):
                 return "" if held.stamp == stored.stamp else \
-                    f"{node.name}: holds a newer push (sequence {held.seq})"
+                    f"{place.name}: holds a newer push (sequence {held.seq})"
             try:
-                return self.write_if(node, value, raw)
+                return self.write_if(place, value, raw)
             except PushConflict:
                 continue
-        return f"{node.name}: {KEY} kept changing while we wrote it"
+        return f"{place.name}: {KEY} kept changing while we wrote it"
 
-    def write_if(self, node: NodeSettings, value: bytes, read: bytes | None) -> str:
-        """lmdb: `value` onto `node`'s store if it still holds `read` (None: no map),
-        then its stamp; why not, or "".  Raises PushConflict when another value
-        came first (not when it is this very value)."""
-        expected = None if read is None else hashlib.sha256(read).digest()
+    def write_if(self, place: Place, value: bytes, read) -> str:
+        """`value` onto `place` if it still holds `read` (bytes, None: no map, or
+        UNREADABLE), then its stamp; why not, or "".  Raises PushConflict when
+        another value came first (not when it is this very value)."""
         try:
-            result = self._store(node).call(sp.WRITE_IF, _key_id(KEY),
-                                            sp.write_if_data(expected, value), wait=self.timeout)
-            if result.status == "busy" and result.data != _stamp(value):
-                raise PushConflict(f"{node.name}: another writer changed {KEY} since it was "
-                                   "read; not stored")
-            if not result.ok and result.status != "busy":
-                return f"{node.name}: {result.status}: {result.error}"
-            result = self._store(node).call(sp.WRITE, _key_id(STAMP), _stamp(value),
-                                            wait=self.timeout)
-        except NodeUnavailable as exc:
-            return f"{node.name}: {exc}"
-        return "" if result.ok else f"{node.name}: {result.status}: {result.error}"
+            outcome = place.write_if(KEY, value, read)
+            if outcome == "busy":
+                raise PushConflict(f"{place.name}: another writer changed {KEY} since it "
+                                   "was read; not stored")
+            if outcome != "ok":
+                return outcome
+            place.write(STAMP, _stamp(value))
+        except StorageError as exc:
+            return f"{place.name}: {exc}"
+        return ""
 
-    def put_back(self, node: NodeSettings | None, value: bytes, seen: bytes | None) -> str:
-        """A node's sync: `value`, the map it took, into the store again over a map
-        it refused (lmdb: `node`'s store, if it still holds `seen`; redis: the key,
-        while it holds no map a node may take).  What happened, for its log."""
-        if not self.config.cluster.redis:
-            try:
-                error = self.write_if(node, value, seen)
-            except PushConflict:
-                return "a push came meanwhile"
-            return error or "put back the map this node took"
-        taken = open_map(value, self.secret)
-
-        def still_refused() -> bytes:
-            try:
-                current = self.read()
-            except (StorageUnavailable, PushConflict):
-                raise
-            except (StorageError, PushError):
-                return value
-            if current is not None and not refusal(current, taken.seq, taken.stamp):
-                raise PushConflict("a push came meanwhile")
-            return value
-
+    def put_back(self, place: Place, value: bytes, seen) -> str:
+        """A node's sync: `value`, the map it took, into `place` again over a map
+        it refused, if the place still holds `seen`, what the sync read.  What
+        happened, for its log."""
         try:
-            if not self._redis_store().write_watched(KEY, still_refused):
-                return "a push came meanwhile"
-        except PushConflict as exc:
-            return str(exc)
-        self._redis_store().write(STAMP, _stamp(value))
-        return "put back the map this node took"
+            error = self.write_if(place, value, seen)
+        except PushConflict:
+            return "a push came meanwhile"
+        return error or "put back the map this node took"
 
     def _sealed(self, seq: int, scripts: dict[str, Pushed]) -> bytes:
         value = seal(pack(seq, scripts), self.secret)
@@ -519,56 +479,14 @@ class ScriptStore:
                             f"{MAX_MAP}")
         return value
 
-    def stamp(self, node: NodeSettings | None = None) -> bytes:
-        """The stamp of the map as `node` (lmdb) or the cluster (redis) has it; b""
-        when nothing was pushed.  Raises StorageError."""
-        try:
-            return self._read_raw(node or self.config.nodes[0], STAMP)
-        except NotFound:
-            return b""
-
-    def _read_raw(self, node: NodeSettings, key: str = KEY) -> bytes:
-        if self.config.cluster.redis:  # a stamp is 64 hex digits; a script may store more
-            return self._redis_store().read(key, None if key == KEY else len(_stamp(b"")))
-        try:
-            result = self._store(node).call(sp.READ, _key_id(key), wait=self.timeout)
-        except NodeUnavailable as exc:
-            raise StorageUnavailable(str(exc)) from None
-        if result.status == "not_found":
-            raise NotFound(key)
-        if not result.ok:
-            raise StorageUnavailable(f"{node.name}: {result.status}: {result.error}")
-        return result.data
-
-    def _store(self, node: NodeSettings) -> StorageClient:
-        client = self._stores.get(node.name)
-        if client is None:
-            client = StorageClient(node.storage, node.name, node.group, curve=self.curve,
-                                   max_message=self.config.max_message)
-            self._stores[node.name] = client
-        return client
-
-    def _redis_store(self):
-        if self._redis is None:
-            from core import redis_auth
-            from storage.redis_store import RedisStore
-            own = [n.redis for n in self.config.nodes if n.redis]
-            self._redis = RedisStore(list(self.config.cluster.seeds) + own,
-                                     redis_auth.credentials(self.config), self.timeout,
-                                     max_value=MAX_MAP)
-        return self._redis
+    def stamp(self, place: Place) -> bytes:
+        """The stamp of the map as `place` has it; b"" when nothing was pushed.
+        Raises StorageError."""
+        return self.read_raw(place, STAMP) or b""
 
     def close(self) -> None:
-        for client in self._stores.values():
-            client.close()
-        self._stores.clear()
-        if self._redis is not None:
-            self._redis.close()
-            self._redis = None
-
-
-def _key_id(key: str) -> bytes:
-    return hashlib.sha512(key.encode()).digest()
+        for place in self.places:
+            place.close()
 
 
 def _stamp(raw: bytes) -> bytes:

@@ -1,8 +1,9 @@
 """Each `srw serve`'s side of pushed scripts (srw/pushed.py): the sync.
 
     every SYNC_EVERY s, when the stamp moved (and on "sync"):
-      the store ──► the map(s): lmdb: our nodes' own copies (every CATCH_UP_EVERY s
-                    the others' too: a newer one is copied into ours); redis: the key
+      the store ──► the map(s) in our nodes' places (storage/engine.py; lmdb: their
+                    own stores, and every CATCH_UP_EVERY s the other nodes' too: a
+                    newer one is copied into ours; redis: the one key)
                 ──► refused, logged once: an older sequence than the one taken, the
                     same sequence with another content, no map, no seal
                 ──► the newest map left ──► history dir (pushed.sync_dir)
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import Config, NodeSettings
-from storage.client import StorageError, StorageUnavailable
+from storage.engine import UNREADABLE, Place
+from storage.errors import StorageError, StorageUnavailable
 
 from .pushed import (CATCH_UP_EVERY, KEY, MAX_MAP, MAX_SEQ, SYNC_EVERY, PushConflict,
                      PushError, ScriptStore, Stored, newest, open_map, refusal, replace_file,
@@ -58,9 +60,9 @@ def read_state(data_dir: str | Path) -> tuple[int, str]:
 @dataclass(frozen=True, slots=True)
 class Copy:
     """One copy of the map as a sync found it."""
-    source: str                   # a node's name, "redis", or "catch-up"
-    node: NodeSettings | None     # lmdb: whose store holds it
-    raw: bytes | None             # the value read (None: no map)
+    source: str                   # its place's name (a node's, "redis"), or "catch-up"
+    place: Place | None           # where it is (None: a catch-up, copied into ours)
+    raw: object                   # the value read (None: no map; UNREADABLE)
     stored: Stored | None         # its map, when sealed and sound
     problem: str = ""             # why it is no map at all (unsealed, unreadable)
     readable: bool = True         # whether `raw` is what the store holds
@@ -72,9 +74,13 @@ class NodeSync:
 
     def __init__(self, config: Config, nodes: list[NodeSettings], curve=None):
         self.config, self.nodes = config, nodes
+        self.own: list[Place] = []     # where our nodes keep the map
+        self.others: list[Place] = []  # where the other nodes keep theirs (catch-up)
         try:
             self.store: ScriptStore | None = ScriptStore(config, curve, timeout=0.5)
             self.off = ""
+            self.own = self.store.places_of(nodes)
+            self.others = [place for place in self.store.places if place not in self.own]
         except PushError as exc:  # no secret: nothing pushed can be trusted, so none is taken
             self.store, self.off = None, str(exc)
             log.info("pushed scripts are off: %s", exc)
@@ -93,16 +99,14 @@ class NodeSync:
         OSError (each logged once by `poll`).  With `if_changed`, nothing is read
         but the stamps while they have not moved.  lmdb, with `catch_up`: also
         read the other nodes' copies, and keep a newer one in our own stores (we
-        missed a push while we were down)."""
+        missed a push while we were down; with one shared place there are none)."""
         if self.store is None:
             raise PushError(self.off)
         notes: list[str] = []
-        stamps = tuple(self._stamp(node, notes) for node in
-                       ([None] if self.config.cluster.redis else self.nodes))
+        stamps = tuple(self._stamp(place, notes) for place in self.own)
         if if_changed and not catch_up and stamps == self._synced:
             return []
-        copies = [self._redis_copy()] if self.config.cluster.redis else \
-            self._lmdb_copies(catch_up)
+        copies = self._copies(catch_up)
         usable, refused = [], []
         for copy in copies:
             why = copy.problem or self._refusal(copy.stored)
@@ -114,15 +118,15 @@ class NodeSync:
         self._last_error, self._synced = "", stamps
         return changed
 
-    def _stamp(self, node: NodeSettings | None, notes: list[str]) -> bytes:
+    def _stamp(self, place: Place, notes: list[str]) -> bytes:
         """The stamp, or what stands for one a script spoiled (it only says when to
         read the map; the put-back mends it)."""
         try:
-            return self.store.stamp(node)
+            return self.store.stamp(place)
         except StorageUnavailable:
             raise
         except StorageError as exc:
-            notes.append(f"{node.name if node else 'redis'}: {exc}")
+            notes.append(f"{place.name}: {exc}")
             return b"?" + str(exc).encode()
 
     def _refusal(self, stored: Stored | None) -> str:
@@ -148,14 +152,13 @@ class NodeSync:
 
     def _put_back(self, copy: Copy) -> str:
         """Over a refused copy in our store, the map we took; what happened."""
-        if not (self.taken[0] and copy.source != "catch-up") or \
-                (copy.node is not None and not copy.readable):  # lmdb: compares with raw
+        if not (self.taken[0] and copy.place is not None):
             return ""
         kept = self._kept()
         if kept is None:
             return f"; no copy of sequence {self.taken[0]} in {KEPT} to put back"
         try:
-            return "; " + self.store.put_back(copy.node, kept, copy.raw)
+            return "; " + self.store.put_back(copy.place, kept, copy.raw)
         except (StorageError, PushError) as exc:
             return f"; not put back: {exc}"
 
@@ -178,34 +181,30 @@ class NodeSync:
                 log.warning("pushed scripts: %s", note)
         self.notes, self._noted = notes, set(notes)
 
-    def _copy(self, source: str, node: NodeSettings | None) -> Copy:
-        """One store's copy; raises StorageUnavailable."""
+    def _copy(self, source: str, place: Place) -> Copy:
+        """One place's copy; raises StorageUnavailable."""
         try:
-            raw = self.store.read_raw(node)
+            raw = self.store.read_raw(place)
         except StorageUnavailable:
             raise
         except StorageError as exc:  # e.g. redis: a list where the map should be
-            return Copy(source, node, None, None, str(exc), readable=False)
+            return Copy(source, place, UNREADABLE, None, str(exc), readable=False)
         try:
             stored = None if raw is None else open_map(raw, self.store.secret)
         except PushError as exc:  # e.g. not sealed: said, and left out
-            return Copy(source, node, raw, None, str(exc))
+            return Copy(source, place, raw, None, str(exc))
         if stored is not None:
             self._values[stored.stamp] = raw
-        return Copy(source, node, raw, stored)
+        return Copy(source, place, raw, stored)
 
-    def _redis_copy(self) -> Copy:
-        self._values = {}
-        return self._copy("redis", None)
-
-    def _lmdb_copies(self, catch_up: bool) -> list[Copy]:
+    def _copies(self, catch_up: bool) -> list[Copy]:
         self._values = {}
         copies, down = [], []
-        for node in self.nodes:
+        for place in self.own:
             try:
-                copies.append(self._copy(node.name, node))
+                copies.append(self._copy(place.name, place))
             except StorageUnavailable as exc:
-                down.append(f"{node.name}: {exc}")
+                down.append(f"{place.name}: {exc}")
         if not copies and down:
             raise StorageUnavailable("; ".join(down))
         if catch_up:
@@ -213,15 +212,13 @@ class NodeSync:
         return copies
 
     def _catch_up(self, own: list[Copy]) -> list[Copy]:
-        """lmdb: a newer map than ours on another node, which we may take, copied
-        into our stores (we missed a push while we were down)."""
+        """A newer map than ours in another node's place, which we may take, copied
+        into our places (we missed a push while we were down)."""
         mine = newest([c.stored for c in own if c.stored is not None])
         best = None
-        for node in self.config.nodes:
-            if node in self.nodes:
-                continue
+        for place in self.others:
             try:
-                copy = self._copy("catch-up", node)
+                copy = self._copy("catch-up", place)
             except StorageError:
                 continue
             if copy.stored is not None and not self._refusal(copy.stored) and \
@@ -236,7 +233,7 @@ class NodeSync:
             if not copy.readable:
                 continue
             try:
-                if error := self.store.write_if(copy.node, best.raw, copy.raw):
+                if error := self.store.write_if(copy.place, best.raw, copy.raw):
                     log.warning("pushed scripts: %s", error)
             except PushConflict as exc:  # a push came meanwhile: the next sync sees it
                 log.info("pushed scripts: %s", exc)

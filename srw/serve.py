@@ -41,13 +41,14 @@ from pathlib import Path
 import psutil
 
 from broker.client import BrokerUnavailable, Client
-from core import exits, logs, loop, redis_auth, security, timeouts
+from core import exits, logs, loop, security, timeouts
 from core.config import (CONTROL_FD_ENV, RESUME_ENV, START_ENV, SUPERVISOR_ENV, Config,
                          NodeSettings)
 from srw.control import COMMANDS, ControlServer, ControlUnavailable, socket_path
 from srw.pushed import INIT, PushError
 from srw.pushsync import NodeSync
-from storage.client import StorageError, storage_ready
+from storage.engine import engine_class
+from storage.errors import StorageError
 
 log = logging.getLogger("srw.serve")
 
@@ -162,13 +163,10 @@ class Supervisor:
                  every_node: bool = True):
         self.config, self.nodes = config, nodes
         self.every_node = every_node  # else `serve --node`: its control socket is per node
-        self.children: list[Child] = []
-        for node in nodes:
-            if not config.cluster.redis:
-                self.children.append(Child("storage", node.name,
-                                           child_argv("storage", config, node.name)))
-            self.children.append(Child("broker", node.name, child_argv("broker", config, node.name)))
-            self.children.append(Child("pool", node.name, child_argv("pool", config, node.name)))
+        self.engine = engine_class(config)  # chosen once: the roles each node runs
+        self.engine.check_config(config)  # e.g. no Redis password: said once, not per pool
+        self.children: list[Child] = [Child(role, node.name, child_argv(role, config, node.name))
+                                      for node in nodes for role in self.engine.roles]
         self.children += list(extra)
         self.start_id = os.urandom(8).hex()  # our children answer with it (START_ENV)
         for child in self.children:
@@ -179,8 +177,6 @@ class Supervisor:
         self.control: ControlServer | None = None
         self.notify_socket = os.environ.pop("NOTIFY_SOCKET", "")  # ours, not the children's
         self.scripts = NodeSync(config, nodes, security.role_credentials(config, "node"))
-        if config.cluster.redis:  # no Redis password: say what to do once, not per pool
-            redis_auth.credentials(config)
 
     def run(self, with_proxy: bool = False) -> int:
         self._setup_signals()
@@ -438,9 +434,9 @@ class Supervisor:
                 client.close()
 
     def _storage_ready(self, node: NodeSettings, curve) -> bool:
-        """lmdb: the node's own storage answers; redis-cluster: nothing of ours to ask."""
-        return self.config.cluster.redis or \
-            storage_ready(node.storage, curve=curve, start=self.start_id)
+        """The node's storage role answers (the engine's: lmdb's own storage process;
+        redis-cluster: nothing of ours to ask)."""
+        return self.engine.ready(node, curve, self.start_id)
 
     def check_ports(self, with_proxy: bool) -> None:
         """Every TCP address we are about to listen on is free: one taken by another

@@ -48,8 +48,11 @@ from core import protocol as p
 from core import config as cfg
 from core import capability, security
 
-from .client import (Forbidden, NodeUnavailable, ReplicaWriteFailed, Session, StorageClient,
-                     StorageError, StorageUnavailable, config_from_remote)
+from .client import Session
+from .engine import engine_class
+from .errors import (Forbidden, NodeUnavailable, ReplicaWriteFailed, StorageError,
+                     StorageUnavailable)
+from .node_client import StorageClient, config_from_remote
 
 __all__ = ["StorageHandle", "Forbidden"]
 
@@ -80,32 +83,17 @@ class StorageHandle:
             self._curve = security.role_credentials(self._local, "scripts")
         except cfg.ConfigError as exc:  # no config, or curve on and no scripts key
             self._local, self._local_error = None, exc
-        self._redis = self._redis_store()
+        # The engine's module is imported now, in the pool parent: a sandboxed
+        # runner may not read the modules' files.
+        self._engine = engine_class(self._local) if self._local is not None else None
         # With curve, each call carries the running request's capability.
         self._capability = capability.current if self._curve is not None else None
-
-    def _redis_store(self):
-        """The Redis Cluster store in redis-cluster mode, else None.  Imported here,
-        in the pool parent: a sandboxed runner may not read the modules' files."""
-        if self._local is None or not self._local.cluster.redis:
-            return None
-        from .redis_store import RedisStore
-        own = [self._local.node(self._node).redis] if self._node else []
-        # No password here: each request hands its runner the login of the Redis
-        # user its rights call for (runtime/grantor.py), which no sandbox could read.
-        return RedisStore(own + list(self._local.cluster.seeds), capability.redis_login,
-                          self.timeout)
 
     @property
     def redis(self):
         """The redis-py ``RedisCluster`` of this process (redis-cluster mode only);
         a node down raises storage.redis_store.ClusterUnavailable."""
-        if self._redis is None:
-            raise StorageError('n.redis needs [cluster] engine = "redis-cluster"')
-        return self._redis.client
-
-    def _redis_result(self) -> list:
-        return [p.Result(self._node or "", 1, p.OK)]
+        return self.session().engine.client
 
     # Where the cluster is --------------------------------------------------------
 
@@ -126,23 +114,21 @@ class StorageHandle:
             # The node's own limit when its config is known; a remote's is not.
             limit = cluster.max_message if cluster is self._local else None
             session = Session(cluster, timeout=self.timeout, max_message=limit,
-                              curve=self._curve, capability=self._capability)
+                              curve=self._curve, capability=self._capability,
+                              script_node=self._node or "")
             self._use_groups = self._existing_groups(session)
             self._session, self._pid = session, os.getpid()
         return self._session
 
     def _existing_groups(self, session: Session) -> list[int] | None:
-        """The asked-for groups the cluster has.  As in Elliptics, a group with no
-        node is no error (its copies just cannot be made): it is left out, once
-        logged; asking only for groups the cluster lacks is an error."""
-        if not self.groups:
-            return None
-        have = [g for g in self.groups if g in session.ring.groups]
-        missing = [g for g in self.groups if g not in session.ring.groups]
-        if not have:
+        """The asked-for groups the cluster has (the engine's rule); those it
+        lacks are logged once."""
+        try:
+            have = session.engine.use_groups(self.groups, session.ring.groups)
+        except StorageError:
             session.close()
-            raise StorageError(f"none of the groups {self.groups} is in the cluster "
-                               f"(groups: {sorted(session.ring.groups)})")
+            raise
+        missing = [g for g in self.groups or () if have is not None and g not in have]
         if missing:
             log.warning("storage handle: groups %s are not in the cluster; using %s",
                         missing, have)
@@ -157,7 +143,9 @@ class StorageHandle:
             self._session = None
 
     def _cluster(self):
-        if not self.remotes:
+        """The config: the remotes' when given and the nodes keep a store of srw's
+        own (their storage addresses answer ROUTES), else the node's."""
+        if not self.remotes or "storage" not in self._engine_roles():
             if self._local is None:
                 raise StorageError(f"storage handle: {self._local_error}")
             return self._local
@@ -170,6 +158,9 @@ class StorageHandle:
                 errors.append(str(exc))
         raise StorageUnavailable("no remote answered: " + "; ".join(errors))
 
+    def _engine_roles(self) -> tuple[str, ...]:
+        return self._engine.roles if self._engine is not None else ("storage",)
+
     # Data ----------------------------------------------------------------------
 
     def _groups(self) -> list[int] | None:
@@ -179,10 +170,7 @@ class StorageHandle:
     def read_data(self, key: str | bytes, offset: int = 0, size: int = 0) -> bytes:
         """The value (``size`` bytes from ``offset``, 0 = to the end); raises
         storage.client.NotFound or StorageUnavailable."""
-        if self._redis is not None:
-            data = self._redis.read(key)
-        else:
-            data = self.session().read(key, groups=self._groups())
+        data = self.session().read(key, groups=self._groups())
         self.log.debug("read %r: %d bytes", key, len(data))
         if offset or size:
             return data[offset:offset + size] if size else data[offset:]
@@ -196,9 +184,6 @@ class StorageHandle:
         So a script that lets it out is answered non-ok, not ``ok`` with fewer
         copies than asked."""
         raw = data.encode() if isinstance(data, str) else bytes(data)
-        if self._redis is not None:  # raises ClusterUnavailable when its master is down
-            self._redis.write(key, raw)
-            return self._redis_result()
         results = self.session().write(key, raw, groups=self._groups())
         failed = [r for r in results if not r.ok]
         if not failed:
@@ -218,10 +203,6 @@ class StorageHandle:
 
     def remove(self, key: str | bytes) -> list:
         """Remove from every group; one Result per group (``not_found`` where absent)."""
-        if self._redis is not None:
-            if self._redis.remove(key):
-                return self._redis_result()
-            return [p.Result(self._node or "", 1, p.NOT_FOUND, b"", f"key {key!r} not found")]
         results = self.session().remove(key, groups=self._groups())
         refused = [r for r in results if r.status == p.FORBIDDEN]
         if refused:
@@ -231,8 +212,6 @@ class StorageHandle:
     def lookup(self, key: str | bytes) -> dict:
         """{"size", "mtime", ...}; raises like read_data.  Redis keeps no mtime:
         there, {"size"} only."""
-        if self._redis is not None:
-            return {"size": self._redis.size(key)}
         return self.session().lookup(key, groups=self._groups())
 
     # This node's full-text index -------------------------------------------------
@@ -245,9 +224,8 @@ class StorageHandle:
 
     def _own_node(self) -> StorageClient:
         """The storage node of the pool that made this handle, whatever the remotes."""
-        if self._redis is not None:
-            raise StorageError('n.search needs [cluster] engine = "lmdb" (the full-text '
-                               "index lives in each node's storage process)")
+        if self._engine is not None:
+            self._engine.check_search()
         if self._own_store is None or self._own_pid != os.getpid():
             if self._own_store is not None:  # another process's (before a fork): left alone
                 self._abandoned.append(self._own_store)

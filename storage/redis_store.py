@@ -35,7 +35,7 @@ from redis.retry import Retry
 
 from core import protocol as p
 
-from .client import Forbidden, NotFound, StorageError, StorageUnavailable
+from .errors import Forbidden, NotFound, StorageError, StorageUnavailable
 from .router import split_address
 
 __all__ = ["RedisStore", "ClusterUnavailable"]

@@ -1,8 +1,8 @@
 """Placement: which srw nodes an exec goes to, for either engine.
 
     Session (CLI, Python API) --.
-                                 +--> make_router(config).route(id, key, groups) -> Route
-    proxy/cluster.py -----------'         |
+                                 +--> engine.router.route(id, key, groups) -> Route
+    proxy/cluster.py -----------'         |   (the engine's, storage/engine.py)
                                           +-- lmdb: RingRouter, the Ring (sha512 ranges per group)
                                           '-- redis-cluster: SlotRouter
                                                key -> slot (CRC16, hash tags) -> master
@@ -49,7 +49,7 @@ from core.ids import BadId, id_hex, key_id, parse_id
 
 from .ring import Ring
 
-__all__ = ["Route", "make_router", "RingRouter", "SlotRouter", "SLOTS", "split_address"]
+__all__ = ["Route", "RingRouter", "SlotRouter", "SLOTS", "split_address"]
 
 SLOTS = 16384
 REFRESH_EVERY = 5.0    # s between slot-map reads when nothing went wrong
@@ -80,10 +80,6 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def make_router(config: Config):
-    return SlotRouter(config) if config.cluster.redis else RingRouter(config)
-
-
 def _check_key(id, key) -> None:
     if id is not None and key is not None:
         raise UsageError("give id or key, not both")
@@ -91,6 +87,7 @@ def _check_key(id, key) -> None:
 
 class RingRouter:
     """lmdb: the owner of the id in each requested group (storage/ring.py)."""
+    moves = False  # the ring is the config: a route is the same every time
 
     def __init__(self, config: Config):
         self.ring = Ring(config)
@@ -111,6 +108,10 @@ class RingRouter:
 
     def due(self) -> bool:
         return False
+
+    def beside(self) -> dict[str, str]:
+        """Nothing: srw nodes sit beside no other store."""
+        return {}
 
 
 @dataclass
@@ -170,6 +171,7 @@ def read_epoch(address: str, auth: tuple[str, str], timeout: float = ASK_TIMEOUT
 
 class SlotRouter:
     """redis-cluster: the srw node beside the master of the key's slot."""
+    moves = True  # slots move and masters fail over: keep the map fresh (refresh)
 
     def __init__(self, config: Config, refresh_every: float = REFRESH_EVERY):
         from redis.crc import key_slot  # CRC16 with {hash tags}, as CLUSTER KEYSLOT
@@ -250,6 +252,17 @@ class SlotRouter:
             return
         self._fetched = -float("inf")
         self._avoid = address  # ask the other nodes first next time
+
+    def beside(self) -> dict[str, str]:
+        """node -> "master 127.0.0.1:7000", or "127.0.0.1:7003 (no slots)" for a
+        Redis node that owns none (a replica: execs by key run beside masters
+        only), from a slot map read now."""
+        self.refresh()
+        if self.map is None:
+            return {n.name: f"{n.redis} (no slot map: {self.error})" for n in self.nodes}
+        masters = set(self.map.owner)
+        return {n.name: f"master {n.redis}" if n.redis in masters else f"{n.redis} (no slots)"
+                for n in self.nodes}
 
     # Routing ----------------------------------------------------------------------
 
