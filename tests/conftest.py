@@ -75,6 +75,17 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
+def _log_start(seconds: float, nodes: int) -> None:
+    """With SRW_TEST_STARTS=FILE, a line per cluster made ready: seconds since its
+    last `srw` process started, nodes, test id (which tests start nodes, and how
+    long it takes: see the README's tests)."""
+    path = os.environ.get("SRW_TEST_STARTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{seconds:.3f} {nodes} "
+                    f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}\n")
+
+
 class Cluster:
     def __init__(self, root: Path, nodes: list[dict], pool: dict, broker: dict,
                  scripts: dict[str, str], init: str | None, proxy: dict | None = None,
@@ -121,6 +132,7 @@ class Cluster:
         self.path.write_text(self._toml(log_level))
         self.procs: list[subprocess.Popen] = []
         self.seen: set[psutil.Process] = set()
+        self.started = time.monotonic()  # of the last `srw` process
 
     def _toml(self, log_level: str) -> str:
         def value(v):
@@ -155,6 +167,7 @@ class Cluster:
         proc = subprocess.Popen([sys.executable, "-m", "srw", *args, "--config", str(self.path)],
                                 cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True, **kw)
+        self.started = time.monotonic()
         self.procs.append(proc)
         self._track(proc.pid)
         return proc
@@ -181,6 +194,7 @@ class Cluster:
                 return status and status["workers"] >= want
             wait_until(ready, READY_TIMEOUT, f"node {node['name']} with {want} workers")
         self.track_tree()
+        _log_start(time.monotonic() - self.started, len(self.nodes))
 
     def at_full_strength(self) -> bool:
         """serve runs, and each node has its workers registered and no other."""
@@ -271,10 +285,18 @@ class Cluster:
         return pids
 
     def stop(self) -> None:
+        self.begin_stop()
+        self.finish_stop()
+
+    def begin_stop(self) -> None:
+        """SIGTERM to every serve (and role) started, its whole tree noted."""
         self.track_tree()
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+
+    def finish_stop(self) -> None:
+        """Wait for what begin_stop signalled; SIGKILL every process ever seen."""
         deadline = time.monotonic() + 15
         for proc in self.procs:
             try:
@@ -295,6 +317,32 @@ class Cluster:
                     stream.close()
 
 
+# Clusters a fixture is done with: SIGTERMed, their wait and SIGKILL still due.
+_stopping: list[Cluster] = []
+
+
+def retire(clusters) -> None:
+    """Stop `clusters` in the background of the next test: finish the clusters
+    retired before (by then their processes have exited), then SIGTERM these.
+    A node's stop (drain, then every process gone) takes 0.3-0.6 s, which the
+    suite would otherwise wait for once per cluster."""
+    finish_retired()
+    for cluster in clusters:
+        cluster.begin_stop()
+        _stopping.append(cluster)
+
+
+def finish_retired() -> None:
+    while _stopping:
+        _stopping.pop().finish_stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_retired_at_the_end():
+    yield
+    finish_retired()
+
+
 @pytest.fixture
 def make_cluster(tmp_path):
     made: list[Cluster] = []
@@ -309,8 +357,7 @@ def make_cluster(tmp_path):
         return cluster
 
     yield make
-    for cluster in made:
-        cluster.stop()
+    retire(made)
 
 
 @pytest.fixture
@@ -351,8 +398,7 @@ def shared_clusters(tmp_path_factory):
         return cluster
 
     yield get
-    for cluster in made.values():
-        cluster.stop()
+    retire(made.values())
 
 
 @pytest.fixture
