@@ -368,11 +368,12 @@ def node(make_cluster):
     return cluster
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_clusters(tmp_path_factory):
-    """Running clusters a module's tests share, one per set of settings: for tests
+    """Running clusters the suite's tests share, one per set of settings: for tests
     that leave a cluster as they found them (they add scripts and keys of their
-    own, but kill, stop, resize or reconfigure nothing).  A cluster found not at
+    own, but kill, stop, resize or reconfigure nothing; they read the log from
+    where it was when they began, and no key another test writes).  A cluster found not at
     full strength (serve gone, a worker short or one still retiring: a test did
     disturb it) is stopped and a new one started, so no test depends on another."""
     made: dict[str, Cluster] = {}
@@ -403,7 +404,7 @@ def shared_clusters(tmp_path_factory):
 
 @pytest.fixture
 def shared_node(shared_clusters):
-    """The module's node with 2 workers (see shared_clusters), ready."""
+    """The suite's node with 2 workers (see shared_clusters), ready."""
     return shared_clusters()
 
 
