@@ -408,6 +408,20 @@ def shared_node(shared_clusters):
     return shared_clusters()
 
 
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory):
+    """A Redis Cluster (3 masters, 3 replicas: redis_support.RedisNodes) the suite's
+    tests share, started once (5-7 s): for modules that kill, move and reconfigure
+    nothing in it.  `keys_into(folder)` gives an srw cluster its passwords."""
+    from redis_support import RedisNodes
+    root = tmp_path_factory.mktemp("redis")
+    redis = RedisNodes(root / "nodes", root / "keys")
+    try:
+        yield redis.start()
+    finally:
+        redis.stop()
+
+
 # HTTP proxy --------------------------------------------------------------------
 
 @contextlib.contextmanager
