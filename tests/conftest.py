@@ -337,10 +337,8 @@ def finish_retired() -> None:
         _stopping.pop().finish_stop()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _stop_retired_at_the_end():
-    yield
-    finish_retired()
+def pytest_sessionfinish(session, exitstatus):
+    finish_retired()  # after the session fixtures retired theirs
 
 
 @pytest.fixture
