@@ -424,13 +424,13 @@ def shared_redis(tmp_path_factory):
 
 @contextlib.contextmanager
 def serving_with_proxy(cluster: Cluster):
-    """`srw serve` with its proxy up for the block; everything stopped after it."""
+    """`srw serve` with its proxy up for the block; stopped after it (retire)."""
     try:
         cluster.serve()
         wait_proxy(cluster)
         yield cluster
     finally:
-        cluster.stop()
+        retire([cluster])
 
 
 def proxy_url(cluster: Cluster, path: str = "") -> str:
