@@ -24,7 +24,7 @@ from storage import protocol as sp
 from storage.client import NotFound, Session, StorageClient
 from core.ids import key_id
 
-from conftest import Cluster, wait_until
+from conftest import Cluster, retire, wait_until
 
 INIT = """
 import json
@@ -81,7 +81,7 @@ def cluster(tmp_path_factory):
     cluster.srw("serve")
     cluster.wait_ready()
     yield cluster
-    cluster.stop()
+    retire([cluster])
 
 
 def run(cluster: Cluster, client: str, script: str, data: str, node: str = "n1"):
