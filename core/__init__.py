@@ -14,9 +14,19 @@
 Layers, each importing only those below it (tests/test_layers.py):
 front-ends (srw, proxy, fs) > storage > broker > runtime > core.
 """
-from importlib import metadata
 
-try:
-    __version__ = metadata.version("srw")  # pyproject.toml's, defined there once
-except metadata.PackageNotFoundError:  # run from a checkout that was never installed
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> str:
+    """`core.__version__`, pyproject.toml's (defined there once), read when first
+    asked: importing importlib.metadata costs 50-110 ms (its email parser), paid
+    by every srw process at start while only the CLI's --version, the broker's
+    status and the proxy's status page need it."""
+    if name != "__version__":
+        raise AttributeError(f"module 'core' has no attribute {name!r}")
+    from importlib import metadata
+    try:
+        version = metadata.version("srw")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        version = "0+unknown"
+    globals()["__version__"] = version
+    return version

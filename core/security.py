@@ -37,7 +37,6 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from core.config import RIGHTS, Config, ConfigError, NodeSettings, SecuritySettings
 from core.logs import Throttle
@@ -217,7 +216,7 @@ class Keyring:
         self.clients: dict[str, Identity] = {}
         self._scanned = 0.0
         self._signature: tuple = ()
-        self._auth: ThreadAuthenticator | None = None
+        self._auth = None  # zmq.auth.thread.ThreadAuthenticator, once started
         self._refusals = Throttle(WARN_EVERY)
         # The ZAP thread's forced rescan and the node loop's both write the table: one
         # at a time, or a slower scan of the old folder could put back a removed key.
@@ -232,6 +231,9 @@ class Keyring:
         sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no ZAP handler: refuse, not admit
 
     def start(self, ctx: zmq.Context) -> None:
+        # Here, not at the top: it imports asyncio (tens of ms), which the processes
+        # that only read keys (every CLI call, the pool) never need.
+        from zmq.auth.thread import ThreadAuthenticator
         self._auth = ThreadAuthenticator(ctx, log=logging.getLogger("srw.zap"))
         self._auth.start()
         self._auth.configure_curve_callback(DOMAIN, self)

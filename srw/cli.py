@@ -11,7 +11,6 @@ import signal
 import sys
 import time
 
-from core import __version__
 from core import config as cfg
 from core import logs
 from core import exits
@@ -57,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+class _Version(argparse.Action):
+    """--version: the version is read only when asked (core.__version__ is lazy:
+    importlib.metadata would slow every srw process's start)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from core import __version__
+        print(f"srw {__version__}")
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     # --config is accepted before and after the subcommand; the subcommand's
     # copy must not overwrite a value given before it with its default.
@@ -71,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--config", default="config.toml",
                      help="config file (default: ./config.toml)")
-    top.add_argument("--version", action="version", version=f"srw {__version__}")
+    top.add_argument("--version", action=_Version, nargs=0)
     top.add_argument("--key", dest="client_key", default=None, metavar="FILE",
                      help="this client's CurveZMQ key, NAME.key_secret (default: the "
                           "config's [security] key)")

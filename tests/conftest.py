@@ -75,6 +75,17 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
+def _log_start(seconds: float, nodes: int) -> None:
+    """With SRW_TEST_STARTS=FILE, a line per cluster made ready: seconds since its
+    last `srw` process started, nodes, test id (which tests start nodes, and how
+    long it takes: see the README's tests)."""
+    path = os.environ.get("SRW_TEST_STARTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{seconds:.3f} {nodes} "
+                    f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}\n")
+
+
 class Cluster:
     def __init__(self, root: Path, nodes: list[dict], pool: dict, broker: dict,
                  scripts: dict[str, str], init: str | None, proxy: dict | None = None,
@@ -121,6 +132,7 @@ class Cluster:
         self.path.write_text(self._toml(log_level))
         self.procs: list[subprocess.Popen] = []
         self.seen: set[psutil.Process] = set()
+        self.started = time.monotonic()  # of the last `srw` process
 
     def _toml(self, log_level: str) -> str:
         def value(v):
@@ -155,6 +167,7 @@ class Cluster:
         proc = subprocess.Popen([sys.executable, "-m", "srw", *args, "--config", str(self.path)],
                                 cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True, **kw)
+        self.started = time.monotonic()
         self.procs.append(proc)
         self._track(proc.pid)
         return proc
@@ -181,6 +194,7 @@ class Cluster:
                 return status and status["workers"] >= want
             wait_until(ready, READY_TIMEOUT, f"node {node['name']} with {want} workers")
         self.track_tree()
+        _log_start(time.monotonic() - self.started, len(self.nodes))
 
     def at_full_strength(self) -> bool:
         """serve runs, and each node has its workers registered and no other."""
@@ -271,10 +285,18 @@ class Cluster:
         return pids
 
     def stop(self) -> None:
+        self.begin_stop()
+        self.finish_stop()
+
+    def begin_stop(self) -> None:
+        """SIGTERM to every serve (and role) started, its whole tree noted."""
         self.track_tree()
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+
+    def finish_stop(self) -> None:
+        """Wait for what begin_stop signalled; SIGKILL every process ever seen."""
         deadline = time.monotonic() + 15
         for proc in self.procs:
             try:
@@ -295,6 +317,30 @@ class Cluster:
                     stream.close()
 
 
+# Clusters a fixture is done with: SIGTERMed, their wait and SIGKILL still due.
+_stopping: list[Cluster] = []
+
+
+def retire(clusters) -> None:
+    """Stop `clusters` in the background of the next test: finish the clusters
+    retired before (by then their processes have exited), then SIGTERM these.
+    A node's stop (drain, then every process gone) takes 0.3-0.6 s, which the
+    suite would otherwise wait for once per cluster."""
+    finish_retired()
+    for cluster in clusters:
+        cluster.begin_stop()
+        _stopping.append(cluster)
+
+
+def finish_retired() -> None:
+    while _stopping:
+        _stopping.pop().finish_stop()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    finish_retired()  # after the session fixtures retired theirs
+
+
 @pytest.fixture
 def make_cluster(tmp_path):
     made: list[Cluster] = []
@@ -309,8 +355,7 @@ def make_cluster(tmp_path):
         return cluster
 
     yield make
-    for cluster in made:
-        cluster.stop()
+    retire(made)
 
 
 @pytest.fixture
@@ -321,11 +366,12 @@ def node(make_cluster):
     return cluster
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_clusters(tmp_path_factory):
-    """Running clusters a module's tests share, one per set of settings: for tests
+    """Running clusters the suite's tests share, one per set of settings: for tests
     that leave a cluster as they found them (they add scripts and keys of their
-    own, but kill, stop, resize or reconfigure nothing).  A cluster found not at
+    own, but kill, stop, resize or reconfigure nothing; they read the log from
+    where it was when they began, and no key another test writes).  A cluster found not at
     full strength (serve gone, a worker short or one still retiring: a test did
     disturb it) is stopped and a new one started, so no test depends on another."""
     made: dict[str, Cluster] = {}
@@ -351,27 +397,40 @@ def shared_clusters(tmp_path_factory):
         return cluster
 
     yield get
-    for cluster in made.values():
-        cluster.stop()
+    retire(made.values())
 
 
 @pytest.fixture
 def shared_node(shared_clusters):
-    """The module's node with 2 workers (see shared_clusters), ready."""
+    """The suite's node with 2 workers (see shared_clusters), ready."""
     return shared_clusters()
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory):
+    """A Redis Cluster (3 masters, 3 replicas: redis_support.RedisNodes) the suite's
+    tests share, started once (5-7 s): for modules that kill, move and reconfigure
+    nothing in it.  `keys_into(folder)` gives an srw cluster its passwords."""
+    from redis_support import RedisNodes
+    root = tmp_path_factory.mktemp("redis")
+    redis = RedisNodes(root / "nodes", root / "keys")
+    try:
+        yield redis.start()
+    finally:
+        redis.stop()
 
 
 # HTTP proxy --------------------------------------------------------------------
 
 @contextlib.contextmanager
 def serving_with_proxy(cluster: Cluster):
-    """`srw serve` with its proxy up for the block; everything stopped after it."""
+    """`srw serve` with its proxy up for the block; stopped after it (retire)."""
     try:
         cluster.serve()
         wait_proxy(cluster)
         yield cluster
     finally:
-        cluster.stop()
+        retire([cluster])
 
 
 def proxy_url(cluster: Cluster, path: str = "") -> str:

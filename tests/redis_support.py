@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -29,7 +30,8 @@ READY_TIMEOUT = 30.0
 
 class RedisNodes:
     def __init__(self, root: Path, keys: Path, count: int = 6, node_timeout_ms: int = 2000):
-        self.root, self.count, self.node_timeout_ms = root, count, node_timeout_ms
+        self.root, self.keys, self.count = root, keys, count
+        self.node_timeout_ms = node_timeout_ms
         if not (keys / redis_auth.CONF).exists():
             redis_auth.write_secrets(keys)
         self.conf = keys / redis_auth.CONF
@@ -37,6 +39,12 @@ class RedisNodes:
         self.cli_env = {**os.environ, "REDISCLI_AUTH": self.admin}  # redis-cli logs in
         self.ports = [free_port() for _ in range(count)]
         self.procs: dict[int, subprocess.Popen] = {}
+
+    def keys_into(self, folder: Path) -> None:
+        """The Redis passwords and redis.conf into an srw cluster's keys folder."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in (redis_auth.SECRET, redis_auth.ADMIN_SECRET, redis_auth.CONF):
+            shutil.copy2(self.keys / name, folder / name)
 
     @property
     def addresses(self) -> list[str]:

@@ -72,10 +72,10 @@ GARBAGE = [
 ]
 
 
-def test_garbage_on_the_front_is_answered_or_dropped(node):
+def test_garbage_on_the_front_is_answered_or_dropped(shared_node):
     ctx = zmq.Context()
     try:
-        sock = raw_socket(ctx, zmq.DEALER, node.node("n1")["broker"])
+        sock = raw_socket(ctx, zmq.DEALER, shared_node.node("n1")["broker"])
         for frames in GARBAGE:
             sock.send_multipart(frames)
         replies = []
@@ -87,19 +87,19 @@ def test_garbage_on_the_front_is_answered_or_dropped(node):
         statuses = {rid: result.status for rid, result in map(p.parse_reply, replies)}
         for rid in (b"r1", b"r2", b"r3", b"r4", b"r5", b"r6"):
             assert statuses.get(rid) == "bad_request", rid
-        with node.client() as c:
+        with shared_node.client() as c:
             assert c.exec("echo.py", b"fine").data == b"fine"
     finally:
         ctx.destroy()
 
 
-def test_a_batch_is_answered_entry_by_entry(node):
+def test_a_batch_is_answered_entry_by_entry(shared_node):
     """Requests sent as one batch get one reply each, in batches; a bad entry is
     answered bad_request and spoils nothing else; a batch that is not msgpack,
     or whose entries have no readable rid, is dropped."""
     ctx = zmq.Context()
     try:
-        sock = raw_socket(ctx, zmq.DEALER, node.node("n1")["broker"])
+        sock = raw_socket(ctx, zmq.DEALER, shared_node.node("n1")["broker"])
         sock.send_multipart([b"\xc1 not msgpack"])
         sock.send_multipart([msgpack.packb([[1, {"rid": 1}]] + [7] * 3)])
         good = [[1, b"g%d" % i, "echo.py", "", "", None, None, b"%d" % i] for i in range(5)]
@@ -119,15 +119,15 @@ def test_a_batch_is_answered_entry_by_entry(node):
             dict.fromkeys((b"b1", b"b2", b"b3", b"b4"), "bad_request")
         with pytest.raises(zmq.Again):
             sock.recv_multipart()  # nothing more: the two broken batches were dropped
-        assert node.status()["workers"] == 2
+        assert shared_node.status()["workers"] == 2
     finally:
         ctx.destroy()
 
 
-def test_garbage_on_the_back_is_dropped(node):
+def test_garbage_on_the_back_is_dropped(shared_node):
     """An unregistered peer's frames, READYs without the token among them, are
     ignored: it never registers, and the node keeps serving."""
-    with FakeWorker(node, identity=b"intruder") as fake:
+    with FakeWorker(shared_node, identity=b"intruder") as fake:
         good = fake.ready()
         for frames in [
             [p.READY], [p.READY, b"\xc1"], [p.READY, msgpack.packb({"slot": 1})],
@@ -144,21 +144,21 @@ def test_garbage_on_the_back_is_dropped(node):
             [p.DRAIN], [b"\x99"],
         ]:
             fake.send(frames)
-        with node.client() as c:
+        with shared_node.client() as c:
             assert [c.exec("echo.py", b"%d" % i).data for i in range(20)] == \
                 [b"%d" % i for i in range(20)]
-        assert node.status()["workers"] == 2
+        assert shared_node.status()["workers"] == 2
 
 
-def test_fake_worker_that_never_answers_cannot_steal_requests_forever(node):
+def test_fake_worker_that_never_answers_cannot_steal_requests_forever(shared_node):
     """A peer that registers and then dies is dropped after missed heartbeats."""
-    fake = FakeWorker(node, identity=b"n1#99:1")
+    fake = FakeWorker(shared_node, identity=b"n1#99:1")
     try:
         fake.register(3, pid=1)
     finally:
         fake.close()
-    wait_until(lambda: node.status()["workers"] == 2, 10, "fake worker expired")
-    with node.client() as c:
+    wait_until(lambda: shared_node.status()["workers"] == 2, 10, "fake worker expired")
+    with shared_node.client() as c:
         assert all(c.exec("echo.py", b"x").ok for _ in range(10))
 
 

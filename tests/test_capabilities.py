@@ -24,7 +24,7 @@ from storage import protocol as sp
 from storage.client import NotFound, Session, StorageClient
 from core.ids import key_id
 
-from conftest import Cluster, wait_until
+from conftest import Cluster, retire, wait_until
 
 INIT = """
 import json
@@ -81,7 +81,7 @@ def cluster(tmp_path_factory):
     cluster.srw("serve")
     cluster.wait_ready()
     yield cluster
-    cluster.stop()
+    retire([cluster])
 
 
 def run(cluster: Cluster, client: str, script: str, data: str, node: str = "n1"):
@@ -232,14 +232,13 @@ def test_the_nodes_own_indexing_needs_no_store_rights_and_search_needs_read(clus
 # Redis-cluster mode: per-rights Redis users, handed to each tenant's runner ------
 
 @pytest.fixture(scope="module")
-def redis_srw(tmp_path_factory):
-    """One srw node with curve beside a six-node Redis Cluster; stopped by pid."""
-    from redis_support import RedisNodes
+def redis_srw(tmp_path_factory, shared_redis):
+    """One srw node with curve beside the suite's Redis Cluster; stopped by pid."""
     root = tmp_path_factory.mktemp("caps-redis")
-    redis = RedisNodes(root / "redis", root / "srw" / "keys")
+    redis = shared_redis
+    redis.keys_into(root / "srw" / "keys")
     srw = None
     try:
-        redis.start()
         srw = Cluster(root / "srw", [{"name": "r0", "redis": redis.addresses[0]}],
                       {"workers": 1}, {}, SCRIPTS, INIT, security={},
                       cluster={"engine": "redis-cluster", "seeds": redis.addresses[:3]})
@@ -254,7 +253,6 @@ def redis_srw(tmp_path_factory):
     finally:
         if srw is not None:
             srw.stop()
-        redis.stop()
 
 
 def test_redis_scripts_log_in_as_the_user_their_rights_call_for(redis_srw):

@@ -6,28 +6,28 @@ import subprocess
 import sys
 
 
-def test_exec_json_and_exit_codes(node):
-    out = node.run("exec", "echo.py", "--data", "-", "--json", input=b"\xff\x00")
+def test_exec_json_and_exit_codes(shared_node):
+    out = shared_node.run("exec", "echo.py", "--data", "-", "--json", input=b"\xff\x00")
     assert out.returncode == 0
     [result] = json.loads(out.stdout)
     assert result["node"] == "n1" and result["group"] == 1 and result["status"] == "ok"
     assert result["data_base64"] == "/wA=" and "data" not in result
 
-    out = node.run("exec", "", "--code", "raise ValueError('nope')")
+    out = shared_node.run("exec", "", "--code", "raise ValueError('nope')")
     assert out.returncode == 1
     assert out.stderr.decode().strip() == \
         "srw: node n1 (group 1): script_error: ValueError: nope (<script content>, line 1)"
 
 
-def test_exec_reads_data_from_a_file(node, tmp_path):
+def test_exec_reads_data_from_a_file(shared_node, tmp_path):
     data = tmp_path / "in.bin"
     data.write_bytes(b"from a file")
-    out = node.run("exec", "echo.py", "--data", str(data))
+    out = shared_node.run("exec", "echo.py", "--data", str(data))
     assert out.returncode == 0 and out.stdout == b"from a file"
 
 
-def test_status_lists_the_pool(node):
-    out = node.run("status")
+def test_status_lists_the_pool(shared_node):
+    out = shared_node.run("status")
     assert out.returncode == 0
     line = out.stdout.decode().splitlines()[1].split()
     assert line[:3] == ["n1", "1", "2"]

@@ -15,6 +15,7 @@ from hypothesis.stateful import run_state_machine_as_test
 from fs.client import FsClient, FsError
 from storage.client import Session
 
+from conftest import retire
 from fs_support import RANDOM_OPS, LocalTree, SameTree, SrwTree, in_threads, start_cluster
 
 THREADS = 8
@@ -24,7 +25,7 @@ THREADS = 8
 def cluster(tmp_path_factory):
     cluster = start_cluster(tmp_path_factory.mktemp("fs"), groups=2)
     yield cluster
-    cluster.stop()
+    retire([cluster])
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from fs import shape
 from fs.client import FsClient, FsError
 from storage.client import NotFound, Session
 
-from conftest import wait_until
+from conftest import retire, wait_until
 from fs_support import mount, needs_fuse, start_cluster, unmount
 
 # A script that answers whatever reply the request carries: the client must
@@ -85,7 +85,7 @@ def cluster(tmp_path_factory):
     cluster = start_cluster(tmp_path_factory.mktemp("fshostile"), groups=1,
                             scripts={"liar.py": LIAR})
     yield cluster
-    cluster.stop()
+    retire([cluster])
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from hypothesis.stateful import run_state_machine_as_test
 from fs.client import CHUNK, MAX_FILE, FsClient, chunk_key
 from storage.client import NotFound, Session
 
+from conftest import retire
 from fs_support import (RANDOM_OPS, LocalTree, SameTree, in_threads, mount, needs_fuse,
                         start_cluster, unmount)
 
@@ -30,7 +31,7 @@ def cluster(tmp_path_factory):
     # max_value is one chunk: a file several times max_value must still work.
     cluster = start_cluster(tmp_path_factory.mktemp("fsmount"), groups=1, max_value=CHUNK)
     yield cluster
-    cluster.stop()
+    retire([cluster])
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,19 @@ from storage.client import NotFound, Session
 
 from conftest import REPO, Cluster
 from fs_support import mount, needs_fuse, unmount
-from redis_support import RedisNodes
 
 pytestmark = needs_fuse
 
 
 @pytest.fixture(scope="module")
-def rc(tmp_path_factory):
-    """(srw cluster, mount point): everything stopped at the end, by pid."""
+def rc(tmp_path_factory, shared_redis):
+    """(srw cluster, mount point) beside the suite's Redis Cluster: stopped at the
+    end, by pid."""
     root = tmp_path_factory.mktemp("fsrc")
-    redis = RedisNodes(root / "redis", root / "srw" / "keys")
+    redis = shared_redis
+    redis.keys_into(root / "srw" / "keys")
     srw = proc = None
     try:
-        redis.start()
         nodes = [{"name": f"r{i}", "redis": a} for i, a in enumerate(redis.addresses)]
         srw = Cluster(root / "srw", nodes, {"workers": 1}, {"request_timeout": 5.0}, {},
                       (REPO / "history" / "python.init").read_text(),
@@ -40,7 +40,6 @@ def rc(tmp_path_factory):
             unmount(proc, where)
         if srw is not None:
             srw.stop()
-        redis.stop()
 
 
 def test_files_links_and_renames_on_redis_cluster(rc, tmp_path):

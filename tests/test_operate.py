@@ -183,9 +183,9 @@ def test_a_taken_port_or_a_missing_history_dir_stops_serve_with_one_line(make_cl
     assert "pool.history_dir" in line and "is not a directory" in line
 
 
-def test_cli_version_and_a_script_error_with_its_file_and_line(node):
-    (node.history / "fail.py").write_text(FAIL)
-    done = node.run("exec", "fail.py")
+def test_cli_version_and_a_script_error_with_its_file_and_line(shared_node):
+    (shared_node.history / "fail.py").write_text(FAIL)
+    done = shared_node.run("exec", "fail.py")
     assert done.returncode == 1
     assert b"script_error: RuntimeError: boom 1 (fail.py, line 3)" in done.stderr
     version = subprocess.run([sys.executable, "-m", "srw", "--version"], capture_output=True,

@@ -97,13 +97,13 @@ def test_node_refuses_to_start_with_a_profile_it_cannot_honour(make_cluster):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="uids per runner and cgroups need root")
-def test_each_runner_has_its_own_uid_and_cgroups_workers_stay_out(node):
-    with node.client() as c:
+def test_each_runner_has_its_own_uid_and_cgroups_workers_stay_out(shared_node):
+    with shared_node.client() as c:
         seen = {c.exec("", code="import os\n__return_data = repr((os.getuid(), "
                                  "os.getgroups(), os.getpid()))").data for _ in range(6)}
     # Per worker a spare; the worker(s) that ran the requests keep this tenant's warm.
     def three_or_more():
-        runners = node.runners()
+        runners = shared_node.runners()
         return runners if len(runners) >= 3 else None
     runners = wait_until(three_or_more, 5, "a spare per worker and a warm runner")
     uids = sorted(r.uids().real for r in runners)
@@ -125,7 +125,7 @@ def test_each_runner_has_its_own_uid_and_cgroups_workers_stay_out(node):
             assert all(f"{c}:/srw-n1-" in cgroups for c in ("memory", "pids", "cpuacct"))
             assert where in cgroups.split("pids:", 1)[1].splitlines()[0]
         assert "CapBnd:\t00000000000000e0" in open(f"/proc/{zygote.pid}/status").read()
-    for worker in node.workers():  # trusted: root, no filter, outside the slot's limits
+    for worker in shared_node.workers():  # trusted: root, no filter, outside the slot's limits
         assert worker.uids().real == 0
         assert "Seccomp:\t0" in open(f"/proc/{worker.pid}/status").read()
         assert "/srw-n1-" not in open(f"/proc/{worker.pid}/cgroup").read()

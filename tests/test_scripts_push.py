@@ -372,14 +372,14 @@ def test_two_pushes_racing_never_take_the_same_sequence(make_cluster):
         assert on_nodes == [stored, stored]  # the loser wrote nowhere
 
 
-def test_write_if_compares_and_sets_in_one_transaction(node):
+def test_write_if_compares_and_sets_in_one_transaction(shared_node):
     """The storage command under the push: written only over the value expected."""
     import hashlib
 
     from storage import protocol as sp
     from storage.client import StorageClient
     key = hashlib.sha512(b"cas").digest()
-    with StorageClient(node.node("n1")["storage"]) as client:
+    with StorageClient(shared_node.node("n1")["storage"]) as client:
         def write_if(expected, value):
             return client.call(sp.WRITE_IF, key, sp.write_if_data(expected, value))
         assert write_if(None, b"one").ok                        # must not exist: it did not

@@ -24,7 +24,7 @@ from core import config as cfg
 from core import security as sec
 from storage.client import NodeUnavailable, NotFound, Session, StorageClient
 
-from conftest import Cluster, proxy_url, wait_proxy, wait_until
+from conftest import Cluster, proxy_url, retire, wait_proxy, wait_until
 
 MARK = """
 key = __input_binary_data_tuple[0].decode()
@@ -54,7 +54,7 @@ def cluster(tmp_path_factory):
     cluster.wait_ready()
     wait_proxy(cluster)
     yield cluster
-    cluster.stop()
+    retire([cluster])
 
 
 def session(cluster: Cluster, client: str = "admin") -> Session:

@@ -111,8 +111,8 @@ def test_log_file_that_cannot_be_opened_falls_back_to_the_node_log(tmp_path, cap
 
 # One node --------------------------------------------------------------------
 
-def test_session_data_calls_and_cli(node):
-    with Session(node.path) as s:
+def test_session_data_calls_and_cli(shared_node):
+    with Session(shared_node.path) as s:
         [result] = s.write("key", b"\x00\xffvalue")
         assert (result.node, result.group, result.status) == ("n1", 1, "ok")
         assert s.read("key") == b"\x00\xffvalue" and s.read(b"key") == b"\x00\xffvalue"
@@ -125,13 +125,13 @@ def test_session_data_calls_and_cli(node):
             s.read("key")
         with pytest.raises(KeyError):
             s.lookup("key")
-    assert node.run("write", "cli key", "--data", "-", input=b"from\nstdin").returncode == 0
-    out = node.run("read", "cli key")
+    assert shared_node.run("write", "cli key", "--data", "-", input=b"from\nstdin").returncode == 0
+    out = shared_node.run("read", "cli key")
     assert out.returncode == 0 and out.stdout == b"from\nstdin"
-    assert node.run("remove", "cli key").returncode == 0
-    missing = node.run("read", "cli key")
+    assert shared_node.run("remove", "cli key").returncode == 0
+    missing = shared_node.run("read", "cli key")
     assert missing.returncode == 1 and b"not found" in missing.stderr
-    assert node.processes("srw: storage n1")
+    assert shared_node.processes("srw: storage n1")
 
 
 def test_storage_node_answers_bad_input_and_keeps_serving(make_cluster):
@@ -180,8 +180,8 @@ def test_storage_node_answers_bad_input_and_keeps_serving(make_cluster):
     assert b"Address already in use" in second.stderr
 
 
-def test_exec_through_the_storage_endpoint(node):
-    with Client(node.node("n1")["storage"], timeout=5) as c:
+def test_exec_through_the_storage_endpoint(shared_node):
+    with Client(shared_node.node("n1")["storage"], timeout=5) as c:
         assert c.exec("echo.py", b"relayed").data == b"relayed"
         r = c.exec("", code="raise ValueError('from the script')")
         assert r.status == "script_error" and "from the script" in r.error

@@ -11,7 +11,7 @@ import os
 import psutil
 import pytest
 
-from conftest import Cluster, proxy_request, wait_proxy
+from conftest import Cluster, proxy_request, retire, wait_proxy
 
 HOOK = """
 import os, sys
@@ -39,7 +39,7 @@ def curve_node(tmp_path_factory):
     cluster.wait_ready()
     wait_proxy(cluster)
     yield cluster
-    cluster.stop()
+    retire([cluster])
 
 
 def test_callers_never_share_a_runner_with_curve(curve_node):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import REPO, Cluster, wait_until
+from conftest import REPO, Cluster, retire, wait_until
 
 SECRET = "srw-test-secret-5f1c0e"
 WORKERS = 2
@@ -98,4 +98,4 @@ def start(profile: str, tmp_path_factory):
         cluster.wait_ready(proc)
         yield Hostile(cluster, profile)
     finally:
-        cluster.stop()
+        retire([cluster])
