@@ -38,7 +38,7 @@ from typing import Callable
 
 import psutil
 
-from core import capability, exits
+from core import capability, exits, logs
 from core import protocol as p
 
 from . import channel, zygote
@@ -305,6 +305,11 @@ class ProcessRunner:
         next_tick = time.monotonic() + TICK
         while True:
             wait = min(deadline, next_tick, self.flush_at) - time.monotonic()
+            lines_due = logs.due()  # the exec lines of the requests before this one
+            if lines_due <= 0:
+                logs.flush()
+            else:
+                wait = min(wait, lines_due)
             ready = {fd for fd, _ in runner.poller.poll(max(0.0, wait) * 1000)}
             if self.output.fd in ready:  # first: the runner wrote it before its reply
                 self.output.drain()
