@@ -18,7 +18,7 @@ copy, fork:
        `warm_runners` of them warm and replaces one when it breaks the
        protocol, dies, or is left with threads, memory or anything it cannot
        reset (runner.Hygiene).  fork: a fresh runner for every request; the
-       zygote kills the used one and forks the next.  Each runner has a seat
+       worker kills the used one and the zygote forks the next.  Each runner has a seat
        of its own in its slot: its own uid and cgroups (zygote.py), so limits,
        CPU and leftovers are counted per runner.
 """
@@ -165,6 +165,7 @@ class ProcessRunner:
         self.ready: collections.deque[tuple[int, int, int, int]] = collections.deque()
         self.exits: dict[int, tuple[int, float]] = {}  # pid -> (wait status, CPU seconds)
         self.current: Runner | None = None
+        self.doomed: list[int] = []  # runners to kill once the reply is on its way
         self.found_warm = False
         self.redirected = False  # the last reply's MOVED flag (moved())
         self.seq = 0
@@ -214,12 +215,13 @@ class ProcessRunner:
             log.exception("%s: failed to handle its runner; replacing it",
                           self.title.removeprefix("srw: "))
             if self.current is not None:
-                self._replace(self.current, "the worker could not make sense of it", kill=True)
+                self._replace(self.current, "the worker could not make sense of it")
             return (p.KILLED, b"", "the worker could not make sense of what the request's "
                     "runner did; the runner is replaced")
 
     def _run(self, script: Script | None, code: str, data: bytes, cookie: str,
              deadline: float, caller: str, grant: bytes) -> tuple[str, bytes, str]:
+        self._end_doomed()
         self.output.new_request()
         # Unpredictable, so that a script cannot write the reply to a later request
         # (the `random` module's state is in the runner's memory too).
@@ -241,9 +243,9 @@ class ProcessRunner:
                 self._send(runner, script, code, cookie, grant, data, deadline)
                 break
             except BrokenPipeError:  # it died idle, and never read this: a new runner
-                self._replace(runner, "it was gone when a request came", kill=True)
+                self._replace(runner, "it was gone when a request came")
             except TimeoutError:
-                self._replace(runner, "it took no request", kill=True)
+                self._replace(runner, "it took no request")
                 return (p.TIMEOUT, b"", "request ran past its deadline before its runner "
                         "took it")
         else:
@@ -258,25 +260,25 @@ class ProcessRunner:
             return (p.SCRIPT_ERROR, b"", "the script garbled its runner's reply "
                     f"({exc}); the runner is replaced")
         except TimeoutError:
-            self._replace(runner, "", kill=True)
+            self._replace(runner, "")
             return (p.TIMEOUT, b"", "request ran past its deadline (wall limit "
                     f"{self.profile.wall_seconds:g} s or the request timeout)")
         except CpuExceeded:
-            self._replace(runner, "", kill=True)
+            self._replace(runner, "")
             return (p.TIMEOUT, b"", f"request used more than {self.profile.cpu_seconds:g} s "
                     "of CPU (sandbox cpu_seconds, its child processes included)")
         except (EOFError, BrokenPipeError):  # how it died first: the zygote tells it until "D"
-            zygote.kill_group(runner.pid)
+            kill_group(runner.pid)
             died = self._died(runner.pid)
             self._replace(runner, "")
             return died
         self.redirected = bool(reply.flags & channel.MOVED)
-        if not self.reuse:
-            self._replace(runner, "")
+        if not self.reuse:  # ended when this reply is on its way, not before it
+            self._replace(runner, "", at_once=False)
         else:
             stale = self._stale(runner, reply.flags, extra)
             if stale:
-                self._replace(runner, stale, kill=True)
+                self._replace(runner, stale)
             else:
                 self._keep_warm(key, runner)
         return reply.status, reply.data, reply.error
@@ -286,7 +288,7 @@ class ProcessRunner:
         goes (runtime/tenants.py)."""
         self.current = None
         for old in self.warm.keep(key, runner):
-            self._replace(old, "", kill=True)
+            self._replace(old, "")
 
     def _send(self, runner: Runner, script: Script | None, code: str, cookie: str,
               grant: bytes, data: bytes, deadline: float) -> None:
@@ -408,20 +410,30 @@ class ProcessRunner:
                 runner.stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
                 runner.statm_fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:  # it died waiting: the next one
-                self._replace(runner, "it was gone before it was taken", kill=True)
+                self._replace(runner, "it was gone before it was taken")
                 return self._take(deadline)
         return runner
 
-    def _replace(self, runner: Runner, why: str, kill: bool = False) -> None:
-        """Done with this runner: the zygote ends its process group and forks the next."""
-        if kill:
-            zygote.kill_group(runner.pid)
+    def _replace(self, runner: Runner, why: str, at_once: bool = True) -> None:
+        """Done with this runner: its process group is killed (at once, or with
+        `at_once` False when the worker next starts a request or goes idle, so
+        that the kill's cost does not delay the reply), and the zygote forks the
+        next.  "D" goes first: a death after it is no news the zygote sends."""
         if why:
             log.info("%s (pid %d) replaced: %s", self.title.removeprefix("srw: "),
                      runner.pid, why)
         runner.close()
         self.current = None
         self.zsock.send(b"D %d" % runner.pid)
+        if at_once:
+            kill_group(runner.pid)
+        else:
+            self.doomed.append(runner.pid)
+
+    def _end_doomed(self) -> None:
+        for pid in self.doomed:
+            kill_group(pid)
+        self.doomed.clear()
 
     def _receive(self, deadline: float) -> bool:
         """One message from the zygote: a ready runner or a runner's exit.  False
@@ -471,6 +483,7 @@ class ProcessRunner:
         """The worker is waiting: log what the sandbox wrote meanwhile, and replace a
         warm runner that burns CPU with no request in hand (a script that
         answered early to run on past its limits)."""
+        self._end_doomed()
         self.output.drain()
         burning = []
         for runner in self.warm.values():
@@ -480,7 +493,22 @@ class ProcessRunner:
             runner.idle_cpu = used
         for runner in burning:
             self.warm.discard(runner)
-            self._replace(runner, "it used CPU with no request in hand", kill=True)
+            self._replace(runner, "it used CPU with no request in hand")
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL a runner's process group: the runner and all it started.
+
+    The worker is the one owner of this kill (the zygote forks and reaps runners,
+    and never kills one): a runner's uid, cgroups and seccomp filter are nested in
+    its zygote's sandbox, whose CPU it shares, so a runner may starve or outlive a
+    zygote's kill; the worker is outside the sandbox, and nothing a script does
+    slows or stops it.  (A runner that ended by itself is reaped by the zygote,
+    and its pid could in theory come back, pid_max forks later, before this.)"""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 class CpuExceeded(Exception):
