@@ -271,11 +271,12 @@ class Node:
     def __init__(self, config: Path, workers: int, tree: Path | None = None):
         import tomllib
         self.endpoint = tomllib.loads(config.read_text())["node"][0]["broker"]
-        # Another tree's code: first on the path, before the editable install.
-        env = dict(os.environ, PYTHONPATH=str(tree)) if tree else None
+        # This tree's code or another's: first on the path, before the editable
+        # install; run from the node's directory (`-m` puts the cwd first).
+        env = dict(os.environ, PYTHONPATH=str(tree or REPO))
         self.proc = subprocess.Popen([sys.executable, "-m", "srw", "serve", "--config",
                                       str(config)], stdout=subprocess.DEVNULL,
-                                     start_new_session=True, env=env)
+                                     start_new_session=True, env=env, cwd=config.parent)
         deadline = time.monotonic() + 60
         self.curve = curve_of(config)
         with Client(self.endpoint, curve=self.curve) as c:
