@@ -321,25 +321,25 @@ class Worker:
     def _run(self, job: bytes, meta: p.ExecMeta, data: bytes,
              deadline: float) -> tuple[str, bytes, str]:
         backstop = 0.0 if self.profile.isolation == "none" else timeouts.WORKER_BACKSTOP
-        if self.runner.holds(job):  # written ahead to its runner: it has started
+        try:
+            if self.runner.holds(job):  # written ahead to its runner: it has started
+                self._busy(meta, deadline + backstop)
+                self.granted = self.grants.pop(job, None)
+                return self.runner.run_held(job, deadline)
+            try:
+                script = self.scripts.get(meta.name) if meta.name else None
+            except ScriptNameError as exc:
+                return p.BAD_REQUEST, b"", str(exc)
+            except ScriptNotFound as exc:
+                return p.NOT_FOUND, b"", str(exc)
+            ahead = self._ahead(meta, script)
+            # The last request that may be written to the runner: if this worker
+            # dies, the broker counts it and those before as started (none runs twice).
+            self.last_written = ahead[-1].job if ahead else job
             self._busy(meta, deadline + backstop)
-            self.granted = self.grants.pop(job, None)
-            return self.runner.run_held(job, deadline)
-        try:
-            script = self.scripts.get(meta.name) if meta.name else None
-        except ScriptNameError as exc:
-            return p.BAD_REQUEST, b"", str(exc)
-        except ScriptNotFound as exc:
-            return p.NOT_FOUND, b"", str(exc)
-        ahead = self._ahead(meta, script)
-        # The last request that may be written to the runner: if this worker dies,
-        # the broker counts it and those before it as started (never run twice).
-        self.last_written = ahead[-1].job if ahead else job
-        self._busy(meta, deadline + backstop)
-        grant = b""
-        if self.grantor is not None:
-            grant, self.granted = self.grantor.grant(job, meta, script, deadline)
-        try:
+            grant = b""
+            if self.grantor is not None:
+                grant, self.granted = self.grantor.grant(job, meta, script, deadline)
             return self.runner.run(script, meta.code, data, meta.cookie, deadline,
                                    meta.caller or p.LOCAL_CALLER, grant, job, ahead)
         except ZygoteFailed as exc:  # no sandbox left to run in: this worker goes
