@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import os
+import time
 
 import psutil
 import pytest
@@ -225,3 +226,21 @@ def test_a_runner_that_dies_answers_the_requests_written_ahead_to_it_killed(make
         assert all("replaced before it answered" in r.error for r in results)
         assert c.exec("", b"next", code=code).data == b"next"
     assert [w.pid for w in cluster.workers()] == [worker]
+
+
+def test_requests_written_ahead_are_never_run_again_after_their_worker_dies(make_cluster):
+    """The slot record names the last request written to the runner, so when the
+    worker dies the broker counts those written ahead as started: answered
+    `killed`, not handed to the replacement to run a second time."""
+    cluster = make_cluster(pool={"workers": 1})
+    cluster.serve()
+    worker = cluster.workers()[0]
+    with cluster.client(timeout=20) as c:
+        hold = c.submit("", b"0.5", code=SLEEP)
+        chain = [c.submit("", data, code=SLEEP + "\n# chain\n")
+                 for data in (b"3", b"0", b"0")]
+        assert c.result(*hold).ok
+        time.sleep(0.5)  # the first of the chain sleeps 3 s, the others written behind it
+        worker.kill()
+        results = [c.result(*handle) for handle in chain]
+    assert [r.status for r in results] == ["killed"] * 3, [r.error for r in results]
