@@ -1,6 +1,7 @@
 """Exec benchmark: srw next to its baselines, all measured in one run.
 
-    python bench/exec_bench.py [--requests 20000] [--workers 2]
+    python bench/exec_bench.py [--requests 20000] [--workers 2] [--only-srw]
+                               [--tree DIR ...] [--paths]
 
 Prints, side by side:
   * bare pyzmq DEALER <-> ROUTER echo, one hop over ipc (the transport floor);
@@ -15,6 +16,10 @@ Prints, side by side:
     `warning` (no line per exec); the nodes run side by side and take turns
     (--rounds), so their ratio comes from the same moments of the machine;
   * the same with CurveZMQ on (keys, ZAP, encryption; README "Security").
+  * with --tree DIR (a checkout of another commit: `git worktree add --detach
+    DIR 98980e6`), the shipped and warning rows on that code too, in the same turns;
+  * with --paths, per process (client, broker, worker, runner): CPU, context
+    switches and system calls per request over one more throughput run.
 For each: p50/p99 of one-at-a-time requests, and requests/s with 64 in flight
 (pipelined on one socket; an srw row gives its best round).  Then memory: a python.init holding ~100 MB of
 Python objects, the private memory (USS) of each worker, zygote and runner
@@ -54,7 +59,7 @@ IN_FLIGHT = 64
 
 
 def row(name: str, lat_us: list[float], rate: float) -> str:
-    return (f"{name:44} {pct(lat_us, 0.5):8.0f} {pct(lat_us, 0.99):8.0f} "
+    return (f"{name:60} {pct(lat_us, 0.5):8.0f} {pct(lat_us, 0.99):8.0f} "
             f"{rate:10,.0f}")
 
 
@@ -215,7 +220,7 @@ def bench_redis_async(server: RedisServer, n: int) -> tuple[list[float], float]:
 # srw ------------------------------------------------------------------------------
 
 def write_config(root: Path, workers: int, init: str | None = None,
-                 curve: bool = False, level: str = "warning") -> Path:
+                 curve: bool = False, level: str = "warning", tree: Path | None = None) -> Path:
     history = root / "history"
     shutil.copytree(REPO / "history", history)
     if init is not None:
@@ -263,12 +268,15 @@ def curve_of(config: Path) -> security.Credentials | None:
 class Node:
     """`srw serve` on a temporary config, ready when all workers registered."""
 
-    def __init__(self, config: Path, workers: int):
+    def __init__(self, config: Path, workers: int, tree: Path | None = None):
         import tomllib
         self.endpoint = tomllib.loads(config.read_text())["node"][0]["broker"]
+        # This tree's code or another's: first on the path, before the editable
+        # install; run from the node's directory (`-m` puts the cwd first).
+        env = dict(os.environ, PYTHONPATH=str(tree or REPO))
         self.proc = subprocess.Popen([sys.executable, "-m", "srw", "serve", "--config",
                                       str(config)], stdout=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, env=env, cwd=config.parent)
         deadline = time.monotonic() + 60
         self.curve = curve_of(config)
         with Client(self.endpoint, curve=self.curve) as c:
@@ -339,8 +347,8 @@ class Exec:
         self.node.stop()
 
 
-def bench_srw(tmp: Path, n: int, workers: int, rounds: int, variants: dict[str, dict]
-              ) -> dict[str, tuple[list[float], list[float], list[float]]]:
+def bench_srw(tmp: Path, n: int, workers: int, rounds: int, variants: dict[str, dict],
+              paths: bool = False) -> dict[str, tuple[list[float], list[float], list[float]]]:
     """Each variant (name: write_config keywords) on its own node, all started
     at once; they take turns, `rounds` times, in the reverse order every other
     round: latency, then throughput.
@@ -349,16 +357,100 @@ def bench_srw(tmp: Path, n: int, workers: int, rounds: int, variants: dict[str, 
     try:
         for name, kwargs in variants.items():
             root = tmp / f"node{len(execs)}"
-            execs[name] = Exec(Node(write_config(root, workers, **kwargs), workers))
+            execs[name] = Exec(Node(write_config(root, workers, **kwargs), workers,
+                                    kwargs.get("tree")))
         results = {v: ([], [], ex.cpu_us) for v, ex in execs.items()}
         for i in range(rounds):
             for name, ex in list(execs.items())[::-1 if i % 2 else 1]:
                 results[name][0].extend(ex.latency(n // 4 // rounds))
                 results[name][1].append(ex.throughput(n))
+        if paths:
+            for name, ex in execs.items():
+                print_paths(name, ex, n)
         return results
     finally:
         for ex in execs.values():
             ex.close()
+
+
+ROLES = ("broker", "worker", "runner", "zygote", "pool")
+
+
+def role_pids(ex: Exec) -> dict[str, list[int]]:
+    """The node's processes by role (their titles), and this process: the client."""
+    roles: dict[str, list[int]] = {"client": [os.getpid()]}
+    serve = psutil.Process(ex.node.proc.pid)
+    for proc in serve.children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        for role in ROLES:
+            if title.startswith(f"srw: {role}"):
+                roles.setdefault(role, []).append(proc.pid)
+    return roles
+
+
+def task_totals(pids: list[int]) -> tuple[float, int]:
+    """(CPU seconds, context switches) of every thread of these processes."""
+    cpu, switches = 0.0, 0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                stat = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+                status = open(f"/proc/{pid}/task/{tid}/status").read()
+            except OSError:
+                continue
+            cpu += (int(stat[11]) + int(stat[12])) / tick
+            switches += sum(int(line.split()[1]) for line in status.splitlines()
+                            if "ctxt_switches:" in line)
+    return cpu, switches
+
+
+def print_paths(name: str, ex: Exec, n: int) -> None:
+    """Per role, per request over one throughput run: CPU (/proc, all threads),
+    context switches (voluntary + not, /proc), and system calls (perf stat's
+    raw_syscalls:sys_enter, a second run: perf's counting costs a little)."""
+    roles = role_pids(ex)
+    before = {role: task_totals(pids) for role, pids in roles.items()}
+    throughput(ex.sock, ex.frames, n)
+    after = {role: task_totals(pids) for role, pids in roles.items()}
+    calls = perf_syscalls(ex, roles, n)
+    print(f"\nper request, by process ({name}; {n} requests, 64 in flight):")
+    print(f"  {'path':8} {'CPU us':>8} {'ctx sw':>8} {'syscalls':>9}  processes")
+    for role, pids in roles.items():
+        cpu = (after[role][0] - before[role][0]) / n * 1e6
+        switches = (after[role][1] - before[role][1]) / n
+        syscalls = f"{calls[role] / n:9.1f}" if role in calls else f"{'-':>9}"
+        print(f"  {role:8} {cpu:8.1f} {switches:8.2f} {syscalls}  {len(pids)}")
+
+
+def perf_syscalls(ex: Exec, roles: dict[str, list[int]], n: int) -> dict[str, int]:
+    """System calls per role over one more throughput run; {} without perf."""
+    perf = shutil.which("perf")
+    if perf is None:
+        return {}
+    procs = {role: subprocess.Popen([perf, "stat", "-x,", "-e", "raw_syscalls:sys_enter",
+                                     "-p", ",".join(map(str, pids))],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True)
+             for role, pids in roles.items()}
+    time.sleep(0.5)  # perf attaches
+    throughput(ex.sock, ex.frames, n)
+    out = {}
+    for role, proc in procs.items():
+        proc.send_signal(subprocess.signal.SIGINT)
+        try:
+            err = proc.communicate(timeout=10)[1]
+            out[role] = int(err.strip().splitlines()[-1].split(",")[0])
+        except (subprocess.TimeoutExpired, ValueError, IndexError):
+            proc.kill()
+    return out
 
 
 def median(values: list[float]) -> float:
@@ -400,6 +492,12 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--only-srw", action="store_true",
                     help="srw info and warning, redis.asyncio: a quicker A/B")
+    ap.add_argument("--tree", type=Path, action="append", default=[],
+                    help="another checkout (git worktree) whose code runs as extra srw rows "
+                         "(shipped and warning), in turns with this one's; repeatable")
+    ap.add_argument("--paths", action="store_true",
+                    help="then CPU, context switches and system calls per request for "
+                         "each process of each srw row (client, broker, worker, runner)")
     args = ap.parse_args()
     n = args.requests
     print(f"exec bench: {os.cpu_count()} CPUs, {len(PAYLOAD)} B payload, "
@@ -428,10 +526,13 @@ def main() -> None:
         variants = {SRW_INFO: {"level": "info"}, SRW: {}}
         if not args.only_srw:
             variants[SRW_CURVE] = {"curve": True}
-        srw = bench_srw(tmp, n, args.workers, args.rounds, variants)
+        for tree in args.tree:
+            variants[f"{SRW_INFO} @ {tree.name}"] = {"level": "info", "tree": tree.resolve()}
+            variants[f"{SRW} @ {tree.name}"] = {"tree": tree.resolve()}
+        srw = bench_srw(tmp, n, args.workers, args.rounds, variants, args.paths)
         for name, (lat, rates, _) in srw.items():
             results[name] = (lat, max(rates))
-        print(f"\n{'path':44} {'p50 us':>8} {'p99 us':>8} {'req/s':>10}")
+        print(f"\n{'path':60} {'p50 us':>8} {'p99 us':>8} {'req/s':>10}")
         for name, (lat, rate) in results.items():
             print(row(name, lat, rate))
         report_ratios(results, srw)
@@ -449,6 +550,14 @@ def report_ratios(results: dict, srw: dict) -> None:
     cpu = [i / w for i, w in zip(srw[SRW_INFO][2], srw[SRW][2])]
     print(f"info / warning CPU per exec by round: {', '.join(f'{r:.3f}' for r in cpu)}; "
           f"median {median(cpu):.3f}")
+    for name in srw:
+        if name.startswith(f"{SRW_INFO} @ ") or name.startswith(f"{SRW} @ "):
+            ours = name.split(" @ ")[0]
+            rates = [a / b for a, b in zip(srw[ours][1], srw[name][1])]
+            print(f"this tree / {name.split(' @ ')[1]}, {ours.split(', ', 1)[1]}: p50 "
+                  f"{pct(results[ours][0], 0.5) / pct(results[name][0], 0.5):.2f}, "
+                  f"req/s by round {', '.join(f'{r:.2f}' for r in rates)} "
+                  f"(median {median(rates):.2f})")
     srw_lat, srw_rate = results[SRW]
     if SRW_CURVE in srw:
         curve = [c / w for c, w in zip(srw[SRW_CURVE][1], srw[SRW][1])]

@@ -17,6 +17,7 @@ LogRecord is 37% of it, the Formatter 25%, handler locks and filters 18%),
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -227,6 +228,16 @@ def reopen() -> None:
 def on_reopen_signal(signum, frame) -> None:
     """SIGUSR1 in every srw process that logs to a file: `reopen`."""
     reopen()
+
+
+def due() -> float:
+    """Seconds until the oldest buffered exec line must be written (BUFFER_SECONDS
+    after it was logged; inf when none waits): a worker waiting on a long script
+    writes it then rather than when the script ends."""
+    handler = _hot
+    if handler is None or not handler.lines:
+        return math.inf
+    return handler.oldest + BUFFER_SECONDS - time.time()
 
 
 def flush() -> None:

@@ -13,13 +13,17 @@
                     runner gets it (source_len 0 afterwards)
     REPLY header    <QBBHIQ   seq, status, flags, spare, error_len, data_len
 
+In copy isolation the worker may write a runner its tenant's next requests
+while it runs the current one (runtime/isolation.py: held requests); the
+runner reads them one at a time and answers each in order.
+
 The worker is trusted and the runner is not: every reply is read against a
 deadline, its header is checked (the sequence number it answers, which the
 worker draws at random for each request, a status a script run can earn,
 lengths within the caps) before the rest of it is read, and nothing the
 runner writes is ever unpickled or unmarshalled.  A reply that breaks a rule
 is `Garbled`, and the worker replaces the runner; so it does when more than
-the reply was waiting.
+the reply was waiting and no request was written ahead.
 """
 from __future__ import annotations
 
@@ -83,16 +87,22 @@ class Reply:
 
 # Worker side -----------------------------------------------------------------
 
-def send_request(fd: int, seq: int, version: int, name: str, source: bytes, code: str,
-                 cookie: str, capability: bytes, data: bytes, deadline: float) -> None:
-    """Write one request to a non-blocking pipe; TimeoutError past `deadline`."""
+def request_bytes(seq: int, version: int, name: str, source: bytes, code: str,
+                  cookie: str, capability: bytes, data: bytes) -> list[bytes]:
+    """One request's header and fields, in the order they go down the pipe."""
     raw_name, raw_code = name.encode(), code.encode("utf-8", "surrogatepass")
     raw_cookie = cookie.encode("utf-8", "surrogatepass")
-    parts = (raw_name, source, raw_code, raw_cookie, capability, data)
+    parts = [raw_name, source, raw_code, raw_cookie, capability, data]
     header = REQUEST.pack(seq, version, len(raw_name), len(source), len(raw_code),
                           len(raw_cookie), len(capability), len(data))
-    if len(data) + len(source) < FIRST:  # one write, usually done at once
-        message = b"".join((header, *parts))
+    return [header, *parts]
+
+
+def send_request(fd: int, parts: list[bytes], deadline: float) -> None:
+    """Write requests (request_bytes, one or more joined) to a non-blocking pipe;
+    TimeoutError past `deadline`."""
+    if sum(map(len, parts)) < FIRST:  # one write, usually done at once
+        message = b"".join(parts)
         try:
             written = os.write(fd, message)
         except BlockingIOError:
@@ -100,15 +110,26 @@ def send_request(fd: int, seq: int, version: int, name: str, source: bytes, code
         if written < len(message):
             _write_all(fd, [memoryview(message)[written:]], deadline)
         return
-    _write_all(fd, [header, *parts], deadline)
+    _write_all(fd, parts, deadline)
 
 
-def read_reply(fd: int, seq: int, output_cap: int, deadline: float) -> tuple[Reply, bool]:
+def reply_waiting(raw: bytes) -> bool:
+    """Whether `raw` (bytes read ahead of a reply) holds that whole reply, or at
+    least a header read_reply will refuse: read_reply needs no more from the pipe."""
+    if len(raw) < REPLY.size:
+        return False
+    _, status, _, _, error_len, data_len = REPLY.unpack_from(raw)
+    return status >= len(RUN_STATUSES) or error_len > MAX_ERROR or \
+        len(raw) >= REPLY.size + error_len + data_len
+
+
+def read_reply(fd: int, seq: int, output_cap: int, deadline: float,
+               raw: bytes = b"") -> tuple[Reply, bytes]:
     """The runner's reply to request `seq`, checked before its body is read, and
-    whether more bytes than the reply were waiting (the runner is then replaced
-    before they can pass for a later answer).  Raises Garbled, TimeoutError, or
-    EOFError (the runner is gone).  A small reply takes one read."""
-    raw = _read_some(fd, deadline)
+    the bytes read past it (the next reply's, when requests were written ahead;
+    anything else is the runner's fault).  `raw`: bytes already read past the
+    last reply.  Raises Garbled, TimeoutError, or EOFError (the runner is gone).
+    A small reply takes one read."""
     while len(raw) < REPLY.size:
         raw += _read_some(fd, deadline)
     got, status, flags, _, error_len, data_len = REPLY.unpack_from(raw)
@@ -126,7 +147,7 @@ def read_reply(fd: int, seq: int, output_cap: int, deadline: float) -> tuple[Rep
     body = memoryview(raw)
     error = str(body[REPLY.size:REPLY.size + error_len], "utf-8", "replace")
     return Reply(RUN_STATUSES[status], flags, error, bytes(body[REPLY.size + error_len:end])), \
-        len(raw) > end
+        raw[end:]
 
 
 def _write_all(fd: int, parts: list[bytes], deadline: float) -> None:
@@ -178,31 +199,38 @@ def _wait(poller: select.poll, deadline: float) -> None:
 
 # Runner side (blocking pipes) ------------------------------------------------------
 
-def read_request(fd: int) -> Request | None:
-    """The next request, or None when the worker has closed the pipe.  A small
-    request takes one read."""
-    try:
-        raw = os.read(fd, FIRST)
-        while len(raw) < REQUEST.size:
-            more = os.read(fd, FIRST)
-            if not more:
-                raise EOFError
-            raw += more
-    except EOFError:
-        return None
-    if not raw:
-        return None
-    seq, version, *lengths = REQUEST.unpack_from(raw)
-    end = REQUEST.size + sum(lengths)
-    if len(raw) < end:
-        raw += _read_exactly(fd, end - len(raw), None)
-    fields, at = [], REQUEST.size
-    for length in lengths:
-        fields.append(raw[at:at + length])
-        at += length
-    name, source, code, cookie, capability, data = fields
-    return Request(seq, version, name.decode(), source, code.decode("utf-8", "surrogatepass"),
-                   cookie.decode("utf-8", "surrogatepass"), capability, data)
+class RequestReader:
+    """The runner's end of the request pipe: one request at a time, from reads
+    that may hold more than one (the worker writes its tenant's next requests
+    ahead).  A small request takes one read."""
+
+    def __init__(self, fd: int):
+        self.fd, self.raw = fd, b""
+
+    def next(self) -> Request | None:
+        """The next request, or None when the worker has closed the pipe."""
+        raw = self.raw
+        try:
+            while len(raw) < REQUEST.size:
+                more = os.read(self.fd, FIRST)
+                if not more:
+                    raise EOFError
+                raw += more
+        except EOFError:
+            return None
+        seq, version, *lengths = REQUEST.unpack_from(raw)
+        end = REQUEST.size + sum(lengths)
+        if len(raw) < end:
+            raw += _read_exactly(self.fd, end - len(raw), None)
+        self.raw = raw[end:]
+        fields, at = [], REQUEST.size
+        for length in lengths:
+            fields.append(raw[at:at + length])
+            at += length
+        name, source, code, cookie, capability, data = fields
+        return Request(seq, version, name.decode(), source,
+                       code.decode("utf-8", "surrogatepass"),
+                       cookie.decode("utf-8", "surrogatepass"), capability, data)
 
 
 def write_reply(fd: int, seq: int, status: str, flags: int, error: str, data: bytes) -> None:

@@ -18,7 +18,7 @@ copy, fork:
        `warm_runners` of them warm and replaces one when it breaks the
        protocol, dies, or is left with threads, memory or anything it cannot
        reset (runner.Hygiene).  fork: a fresh runner for every request; the
-       zygote kills the used one and forks the next.  Each runner has a seat
+       worker kills the used one and the zygote forks the next.  Each runner has a seat
        of its own in its slot: its own uid and cgroups (zygote.py), so limits,
        CPU and leftovers are counted per runner.
 """
@@ -38,7 +38,7 @@ from typing import Callable
 
 import psutil
 
-from core import capability, exits
+from core import capability, exits, logs
 from core import protocol as p
 
 from . import channel, zygote
@@ -62,6 +62,20 @@ OUTPUT_BUDGET = 64 * 1024  # bytes of script output logged per request; the rest
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+AHEAD = 8  # requests written ahead to a runner, at most ...
+AHEAD_BYTES = 16 * 1024  # ... and at most this much with the current one: a pipe
+# holds 64 KiB, so the write never waits for the runner
+
+
+@dataclass(frozen=True, slots=True)
+class Ahead:
+    """A request queued behind the current one, of the same caller and code."""
+    job: bytes
+    data: bytes
+    cookie: str
+    grant: Callable[[], bytes]  # its capability, minted when it is written
+
+
 class ZygoteFailed(RuntimeError):
     """The slot's zygote died or spoke nonsense: the worker cannot go on."""
 
@@ -76,8 +90,12 @@ class InlineRunner:
     def start(self) -> None:
         self.pid = os.getpid()  # the worker's; getpid is a system call, once is enough
 
+    def holds(self, job: bytes) -> bool:
+        return False  # requests run one at a time, here
+
     def run(self, script: Script | None, code: str, data: bytes, cookie: str,
-            deadline: float, caller: str, grant: bytes = b"") -> tuple[str, bytes, str]:
+            deadline: float, caller: str, grant: bytes = b"", job: bytes = b"",
+            ahead: list | None = None) -> tuple[str, bytes, str]:
         named = (lambda: self.scripts.code(script)) if script is not None else None
         capability.CURRENT = grant  # trusted scripts: they could mint their own anyway
         try:
@@ -141,6 +159,8 @@ class Runner:
     sent: set[int] = field(default_factory=set)  # script versions it has the source of
     vsize: int = 0  # its address space after its first request
     idle_cpu: float | None = None  # its CPU when the worker last saw it idle
+    leftover: bytes = b""  # read past the last reply: the next held request's reply
+    stale: int = 0  # a held request's reply said STALE: judged after the last one
 
     def close(self) -> None:
         for fd in (self.req_w, self.res_r, self.stat_fd, self.statm_fd, self.cpu_fd,
@@ -165,6 +185,13 @@ class ProcessRunner:
         self.ready: collections.deque[tuple[int, int, int, int]] = collections.deque()
         self.exits: dict[int, tuple[int, float]] = {}  # pid -> (wait status, CPU seconds)
         self.current: Runner | None = None
+        self.doomed: list[int] = []  # runners to kill once the reply is on its way
+        # Requests written ahead to self.current, in order: (job, seq) ...
+        self.held: collections.deque[tuple[bytes, int]] = collections.deque()
+        self.held_jobs: set[bytes] = set()
+        self.held_key = None  # ... their tenant
+        self.lost: dict[bytes, str] = {}  # held, and their runner replaced: why
+        self.seqs: list[int] = []
         self.found_warm = False
         self.redirected = False  # the last reply's MOVED flag (moved())
         self.seq = 0
@@ -202,28 +229,63 @@ class ProcessRunner:
     # A request ------------------------------------------------------------------
 
     def run(self, script: Script | None, code: str, data: bytes, cookie: str,
-            deadline: float, caller: str, grant: bytes = b"") -> tuple[str, bytes, str]:
-        """(status, data, error) of one request; `grant` is its capability token.  Whatever the runner did, only the
-        runner pays: a failure to make sense of it replaces the runner, and the
-        worker answers the request and goes on (ZygoteFailed alone ends it)."""
+            deadline: float, caller: str, grant: bytes = b"", job: bytes = b"",
+            ahead: list[Ahead] | None = None) -> tuple[str, bytes, str]:
+        """(status, data, error) of one request; `grant` is its capability token.
+        `ahead`: the requests queued behind it for the same tenant, written to its
+        runner now (copy isolation) so that the runner goes from one to the next
+        without waiting for the worker; each is then held (`holds`) and counts as
+        started: run_held answers it, `killed` if its runner was replaced first.
+        Whatever the runner did, only the runner pays: a failure to make sense
+        of it replaces the runner, and the worker answers the request and goes on
+        (ZygoteFailed alone ends it)."""
         try:
-            return self._run(script, code, data, cookie, deadline, caller, grant)
+            return self._run(script, code, data, cookie, deadline, caller, grant, ahead or [])
         except ZygoteFailed:
             raise
         except Exception:
-            log.exception("%s: failed to handle its runner; replacing it",
-                          self.title.removeprefix("srw: "))
-            if self.current is not None:
-                self._replace(self.current, "the worker could not make sense of it", kill=True)
-            return (p.KILLED, b"", "the worker could not make sense of what the request's "
-                    "runner did; the runner is replaced")
+            return self._confused()
+
+    def holds(self, job: bytes) -> bool:
+        """Whether `job` was written ahead to a runner: run it with run_held."""
+        return job in self.held_jobs or job in self.lost
+
+    def run_held(self, job: bytes, deadline: float) -> tuple[str, bytes, str]:
+        """The reply to a request written ahead (held), in the order they were."""
+        why = self.lost.pop(job, None)
+        if why is not None:
+            return (p.KILLED, b"", "its runner was replaced before it answered "
+                    f"({why or 'an earlier request of the same caller and code failed'})")
+        try:
+            held_job, seq = self.held.popleft()
+            self.held_jobs.discard(held_job)
+            if held_job != job or self.current is None:
+                raise RuntimeError(f"held request {job!r} is not next")
+            self._end_doomed()
+            self.output.new_request()
+            self.seq, self.found_warm, self.redirected = seq, True, False
+            return self._finish(self.current, self.held_key, deadline)
+        except ZygoteFailed:
+            raise
+        except Exception:
+            return self._confused()
+
+    def _confused(self) -> tuple[str, bytes, str]:
+        log.exception("%s: failed to handle its runner; replacing it",
+                      self.title.removeprefix("srw: "))
+        if self.current is not None:
+            self._replace(self.current, "the worker could not make sense of it")
+        return (p.KILLED, b"", "the worker could not make sense of what the request's "
+                "runner did; the runner is replaced")
 
     def _run(self, script: Script | None, code: str, data: bytes, cookie: str,
-             deadline: float, caller: str, grant: bytes) -> tuple[str, bytes, str]:
+             deadline: float, caller: str, grant: bytes, ahead: list[Ahead]
+             ) -> tuple[str, bytes, str]:
+        self._end_doomed()
+        if self.held and self.current is not None:  # the worker runs held ones first
+            self._replace(self.current, "a request came before those written ahead to it")
         self.output.new_request()
-        # Unpredictable, so that a script cannot write the reply to a later request
-        # (the `random` module's state is in the runner's memory too).
-        self.seq = int.from_bytes(os.urandom(8), "little")
+        self.seq = self._new_seq()
         key = tenant(caller, script.name if script else "", script.sha256 if script else b"",
                      code) if self.reuse else None
         self.current = self.warm.take(key) if key is not None else None
@@ -238,16 +300,31 @@ class ProcessRunner:
             self.current = runner
             runner.idle_cpu = None
             try:
-                self._send(runner, script, code, cookie, grant, data, deadline)
+                self._send(runner, script, code, cookie, grant, data, deadline,
+                           ahead if self.reuse else [])
                 break
             except BrokenPipeError:  # it died idle, and never read this: a new runner
-                self._replace(runner, "it was gone when a request came", kill=True)
+                self._replace(runner, "it was gone when a request came")
             except TimeoutError:
-                self._replace(runner, "it took no request", kill=True)
+                self._replace(runner, "it took no request")
                 return (p.TIMEOUT, b"", "request ran past its deadline before its runner "
                         "took it")
         else:
             return p.KILLED, b"", "every runner tried was gone before it took the request"
+        self.held_key = key
+        return self._finish(runner, key, deadline)
+
+    def _new_seq(self) -> int:
+        """Unpredictable, so that a script cannot write the reply to a later request
+        (the `random` module's state is in the runner's memory too); drawn from
+        the kernel 64 at a time."""
+        if not self.seqs:
+            raw = os.urandom(8 * 64)
+            self.seqs = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
+        return self.seqs.pop()
+
+    def _finish(self, runner: Runner, key, deadline: float) -> tuple[str, bytes, str]:
+        """The runner's reply to the request self.seq, and what becomes of the runner."""
         try:
             reply, extra = self._wait(runner, deadline)
         except channel.TooLarge as exc:
@@ -258,25 +335,29 @@ class ProcessRunner:
             return (p.SCRIPT_ERROR, b"", "the script garbled its runner's reply "
                     f"({exc}); the runner is replaced")
         except TimeoutError:
-            self._replace(runner, "", kill=True)
+            self._replace(runner, "")
             return (p.TIMEOUT, b"", "request ran past its deadline (wall limit "
                     f"{self.profile.wall_seconds:g} s or the request timeout)")
         except CpuExceeded:
-            self._replace(runner, "", kill=True)
+            self._replace(runner, "")
             return (p.TIMEOUT, b"", f"request used more than {self.profile.cpu_seconds:g} s "
                     "of CPU (sandbox cpu_seconds, its child processes included)")
         except (EOFError, BrokenPipeError):  # how it died first: the zygote tells it until "D"
-            zygote.kill_group(runner.pid)
+            kill_group(runner.pid)
             died = self._died(runner.pid)
             self._replace(runner, "")
             return died
         self.redirected = bool(reply.flags & channel.MOVED)
-        if not self.reuse:
-            self._replace(runner, "")
+        if not self.reuse:  # ended when this reply is on its way, not before it
+            self._replace(runner, "", at_once=False)
+        elif self.held:  # it runs the next already: judged after the last one
+            runner.leftover = extra
+            runner.stale |= reply.flags & channel.STALE
         else:
-            stale = self._stale(runner, reply.flags, extra)
+            stale = self._stale(runner, reply.flags | runner.stale, bool(extra))
+            runner.leftover, runner.stale = b"", 0
             if stale:
-                self._replace(runner, stale, kill=True)
+                self._replace(runner, stale)
             else:
                 self._keep_warm(key, runner)
         return reply.status, reply.data, reply.error
@@ -286,30 +367,54 @@ class ProcessRunner:
         goes (runtime/tenants.py)."""
         self.current = None
         for old in self.warm.keep(key, runner):
-            self._replace(old, "", kill=True)
+            self._replace(old, "")
 
     def _send(self, runner: Runner, script: Script | None, code: str, cookie: str,
-              grant: bytes, data: bytes, deadline: float) -> None:
+              grant: bytes, data: bytes, deadline: float, ahead: list[Ahead]) -> None:
+        """The request, and those of `ahead` that fit AHEAD_BYTES, in one write."""
         version, source = 0, b""
         if script is not None:
             version = script.version
             source = b"" if version in runner.sent else script.source
-        channel.send_request(runner.req_w, self.seq, version, script.name if script else "",
-                             source, code, cookie, grant, data, deadline)
+        name = script.name if script else ""
+        parts = channel.request_bytes(self.seq, version, name, source, code, cookie, grant,
+                                      data)
+        size, held = sum(map(len, parts)), []
+        for req in ahead:
+            size += len(req.data) + len(req.cookie) + len(code) + 512  # + name, capability
+            if size > AHEAD_BYTES:
+                break
+            seq = self._new_seq()
+            parts += channel.request_bytes(seq, version, name, b"", code, req.cookie,
+                                           req.grant(), req.data)
+            held.append((req.job, seq))
+        channel.send_request(runner.req_w, parts, deadline)
         if script is not None:
             runner.sent.add(version)
+        self.held.extend(held)
+        self.held_jobs.update(job for job, _ in held)
 
-    def _wait(self, runner: Runner, deadline: float) -> tuple[channel.Reply, bool]:
+    def _wait(self, runner: Runner, deadline: float) -> tuple[channel.Reply, bytes]:
         """The reply, while the output is logged and the CPU watched."""
         cpu_base = None
         next_tick = time.monotonic() + TICK
         while True:
             wait = min(deadline, next_tick, self.flush_at) - time.monotonic()
-            ready = {fd for fd, _ in runner.poller.poll(max(0.0, wait) * 1000)}
+            lines_due = logs.due()  # the exec lines of the requests before this one
+            if lines_due <= 0:
+                logs.flush()
+            else:
+                wait = min(wait, lines_due)
+            if channel.reply_waiting(runner.leftover):  # read with the last reply
+                ready = set()
+            else:
+                ready = {fd for fd, _ in runner.poller.poll(max(0.0, wait) * 1000)}
             if self.output.fd in ready:  # first: the runner wrote it before its reply
                 self.output.drain()
-            if runner.res_r in ready:
-                reply = channel.read_reply(runner.res_r, self.seq, self.output_cap, deadline)
+            if runner.res_r in ready or not ready and channel.reply_waiting(runner.leftover):
+                reply = channel.read_reply(runner.res_r, self.seq, self.output_cap, deadline,
+                                           runner.leftover)
+                runner.leftover = b""
                 self.output.report()
                 return reply
             now = time.monotonic()
@@ -403,20 +508,35 @@ class ProcessRunner:
                 runner.stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
                 runner.statm_fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:  # it died waiting: the next one
-                self._replace(runner, "it was gone before it was taken", kill=True)
+                self._replace(runner, "it was gone before it was taken")
                 return self._take(deadline)
         return runner
 
-    def _replace(self, runner: Runner, why: str, kill: bool = False) -> None:
-        """Done with this runner: the zygote ends its process group and forks the next."""
-        if kill:
-            zygote.kill_group(runner.pid)
+    def _replace(self, runner: Runner, why: str, at_once: bool = True) -> None:
+        """Done with this runner: its process group is killed (at once, or with
+        `at_once` False when the worker next starts a request or goes idle, so
+        that the kill's cost does not delay the reply), and the zygote forks the
+        next.  "D" goes first: a death after it is no news the zygote sends."""
         if why:
             log.info("%s (pid %d) replaced: %s", self.title.removeprefix("srw: "),
                      runner.pid, why)
         runner.close()
+        if runner is self.current:
+            for job, _ in self.held:  # written to it: started, and never to run again
+                self.lost[job] = why
+            self.held.clear()
+            self.held_jobs.clear()
         self.current = None
         self.zsock.send(b"D %d" % runner.pid)
+        if at_once:
+            kill_group(runner.pid)
+        else:
+            self.doomed.append(runner.pid)
+
+    def _end_doomed(self) -> None:
+        for pid in self.doomed:
+            kill_group(pid)
+        self.doomed.clear()
 
     def _receive(self, deadline: float) -> bool:
         """One message from the zygote: a ready runner or a runner's exit.  False
@@ -466,6 +586,7 @@ class ProcessRunner:
         """The worker is waiting: log what the sandbox wrote meanwhile, and replace a
         warm runner that burns CPU with no request in hand (a script that
         answered early to run on past its limits)."""
+        self._end_doomed()
         self.output.drain()
         burning = []
         for runner in self.warm.values():
@@ -475,7 +596,22 @@ class ProcessRunner:
             runner.idle_cpu = used
         for runner in burning:
             self.warm.discard(runner)
-            self._replace(runner, "it used CPU with no request in hand", kill=True)
+            self._replace(runner, "it used CPU with no request in hand")
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL a runner's process group: the runner and all it started.
+
+    The worker is the one owner of this kill (the zygote forks and reaps runners,
+    and never kills one): a runner's uid, cgroups and seccomp filter are nested in
+    its zygote's sandbox, whose CPU it shares, so a runner may starve or outlive a
+    zygote's kill; the worker is outside the sandbox, and nothing a script does
+    slows or stops it.  (A runner that ended by itself is reaped by the zygote,
+    and its pid could in theory come back, pid_max forks later, before this.)"""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 class CpuExceeded(Exception):

@@ -57,8 +57,9 @@ def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: b
     hygiene = Hygiene({0, 1, 2, req_r, res_w}, not limits_fixed, not tasks_watched) \
         if reuse else None
     named: dict[int, object] = {}
+    requests = channel.RequestReader(req_r)
     while True:
-        request = channel.read_request(req_r)
+        request = requests.next()
         if request is None:
             return  # the worker is done with us
         capability.CURRENT = request.capability  # what the script's store calls carry

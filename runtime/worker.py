@@ -10,7 +10,10 @@ record and the request's deadline, and runs no script (except in isolation
 zygote (before any socket or request exists in it), then opens its own
 ZeroMQ context (nothing ZeroMQ crosses the fork), announces READY with its
 credits and the broker's token, and loops: take the jobs of each REQUEST
-(one or more), run them one by one in that order through the runner, reply
+(one or more), run them one by one in that order through the runner (in copy
+isolation the requests queued behind the current one for the same tenant are
+written to its runner with it, so that it goes from one to the next without
+waiting for the worker: isolation.Ahead), reply
 to each as it ends (in copy and fork isolation several replies may share a
 REPLY, held at most REPLY_HOLD), heartbeat while idle.  If the broker goes silent
 it announces READY again, so a restarted broker gets its workers back.  On
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import _signal
 import collections
+import functools
+import itertools
 import logging
 import os
 import signal
@@ -38,10 +43,10 @@ from core.sched import LoadScheduling, open_thread_list, pin_to_cpu, thread_ids
 
 from .executor import Executor
 from .grantor import Grantor
-from .isolation import InlineRunner, ProcessRunner, ZygoteFailed
+from .isolation import AHEAD, Ahead, InlineRunner, ProcessRunner, ZygoteFailed
 from .profile import Profile
 from .sandbox import Sandbox, die_with_parent
-from .scripts import NAME_RE, ScriptCache, ScriptNameError, ScriptNotFound
+from .scripts import NAME_RE, Script, ScriptCache, ScriptNameError, ScriptNotFound
 from .roster import Predecessor
 from .slots import SlotTable
 
@@ -56,6 +61,7 @@ REPLY_HOLD = 0.002  # copy, fork: a reply waits at most this long to share a mes
 REPLY_BATCH = 16    # ... with at most this many others
 LEAVE_LINGER_MS = 100
 REGISTER_RETRY_MS = 50  # a READY that could not be sent at start (no broker yet): again
+AHEAD_MARGIN = 0.05  # seconds: a request this close to its deadline is not written ahead
 
 
 class Worker:
@@ -85,6 +91,8 @@ class Worker:
         self.pending: list[list] = []  # replies held to share a message (see reply)
         self.answered: list = []  # their capabilities, revoked as they are sent
         self.granted = None  # the running request's (id, deadline), for self.answered
+        self.grants: dict[bytes, tuple] = {}  # the same, of requests written ahead
+        self.last_written = b""  # the last request written to the runner (slot record)
         self.pending_since = 0.0
         self.hold_replies = self.profile.isolation != "none"
 
@@ -112,6 +120,8 @@ class Worker:
         wait_ms = int(self.hb_interval * 1000)
         while not self.done:
             if self.jobs:
+                if self.profile.isolation == "copy" and len(self.jobs) <= AHEAD:
+                    self._take_waiting(handlers)
                 self.run_next()
                 # A request kept us from listening, not the broker from talking:
                 # what it sent meanwhile is queued, so count silence from here.
@@ -169,6 +179,20 @@ class Worker:
         runner.start(self.executor, self.slots)
         runner.flush = self.flush_replies
         return runner
+
+    def _take_waiting(self, handlers: dict) -> None:
+        """What the broker sent while the last request ran, so that the requests
+        queued behind the next one can be written ahead to its runner (_ahead):
+        one system call when nothing waits."""
+        for _ in range(AHEAD):
+            frames = p.recv_frames_nowait(self.sock)
+            if frames is None:
+                return
+            handler = handlers.get(frames[0])
+            if handler is None:
+                log.warning("%s: unknown command %r from broker", self.title, frames[0][:16])
+            else:
+                handler(frames)
 
     def _next_message(self, wait_ms: int) -> list[bytes] | None:
         # Requests usually wait in the socket (credits): poll only when none does.
@@ -293,7 +317,7 @@ class Worker:
         now = time.monotonic()
         shown = meta.name if NAME_RE.fullmatch(meta.name) else "<content>" if not meta.name \
             else "<bad name>"
-        if now >= deadline:  # the broker has answered it already
+        if now >= deadline and not self.runner.holds(job):  # the broker answered it
             status, out, error = p.TIMEOUT, b"", "the request's deadline passed before it started"
         else:
             status, out, error = self._run(job, meta, data, min(deadline,
@@ -312,28 +336,72 @@ class Worker:
 
     def _run(self, job: bytes, meta: p.ExecMeta, data: bytes,
              deadline: float) -> tuple[str, bytes, str]:
-        try:
-            script = self.scripts.get(meta.name) if meta.name else None
-        except ScriptNameError as exc:
-            return p.BAD_REQUEST, b"", str(exc)
-        except ScriptNotFound as exc:
-            return p.NOT_FOUND, b"", str(exc)
         backstop = 0.0 if self.profile.isolation == "none" else timeouts.WORKER_BACKSTOP
-        self.slots.busy(self.slot, self.pid, deadline + backstop, self.served, job)
-        self._title(f"busy {meta.name or '<content>'}")
-        if self.pending:  # held replies go out while the runner works, when due
-            self.runner.flush_at = self.pending_since + REPLY_HOLD
-        grant = b""
-        if self.grantor is not None:
-            grant, self.granted = self.grantor.grant(job, meta, script, deadline)
         try:
+            if self.runner.holds(job):  # written ahead to its runner: it has started
+                self._busy(meta, deadline + backstop)
+                self.granted = self.grants.pop(job, None)
+                return self.runner.run_held(job, deadline)
+            try:
+                script = self.scripts.get(meta.name) if meta.name else None
+            except ScriptNameError as exc:
+                return p.BAD_REQUEST, b"", str(exc)
+            except ScriptNotFound as exc:
+                return p.NOT_FOUND, b"", str(exc)
+            ahead = self._ahead(meta, script)
+            # The last request that may be written to the runner: if this worker
+            # dies, the broker counts it and those before as started (none runs twice).
+            self.last_written = ahead[-1].job if ahead else job
+            self._busy(meta, deadline + backstop)
+            grant = b""
+            if self.grantor is not None:
+                grant, self.granted = self.grantor.grant(job, meta, script, deadline)
             return self.runner.run(script, meta.code, data, meta.cookie, deadline,
-                                   meta.caller or p.LOCAL_CALLER, grant)
+                                   meta.caller or p.LOCAL_CALLER, grant, job, ahead)
         except ZygoteFailed as exc:  # no sandbox left to run in: this worker goes
             log.error("%s: %s; leaving", self.title, exc)
             self.stop_requested = self.done = True
             self.exit_code = exits.NO_SANDBOX
             return p.KILLED, b"", f"{exc}; the worker is replaced"
+
+    def _busy(self, meta: p.ExecMeta, kill_at: float) -> None:
+        self.slots.busy(self.slot, self.pid, kill_at, self.served, self.last_written)
+        self._title(f"busy {meta.name or '<content>'}")
+        if self.pending:  # held replies go out while the runner works, when due
+            self.runner.flush_at = self.pending_since + REPLY_HOLD
+
+    def _ahead(self, meta: p.ExecMeta, script: Script | None) -> list[Ahead]:
+        """The requests queued behind this one that its runner may take next: the
+        same caller, script and content (the same tenant), in order, at most
+        AHEAD, none close to its deadline (written ahead, a request counts as
+        started, and is answered `timeout` rather than refused)."""
+        if self.profile.isolation != "copy" or not self.jobs:
+            return []
+        out: list[Ahead] = []
+        now = time.monotonic()
+        caller = meta.caller or p.LOCAL_CALLER
+        for job, deadline, other, data in itertools.islice(self.jobs, AHEAD):
+            if other.name != meta.name or other.code != meta.code or \
+                    (other.caller or p.LOCAL_CALLER) != caller or deadline - now < AHEAD_MARGIN:
+                break
+            if script is not None:
+                try:
+                    if self.scripts.get(other.name) is not script:
+                        break
+                except (ScriptNameError, ScriptNotFound):
+                    break
+            wall = min(deadline, now + self.profile.wall_seconds)
+            out.append(Ahead(job, data, other.cookie,
+                             functools.partial(self._grant_ahead, job, other, script, wall)))
+        return out
+
+    def _grant_ahead(self, job: bytes, meta: p.ExecMeta, script: Script | None,
+                     deadline: float) -> bytes:
+        """The capability of a request written ahead, kept to revoke at its reply."""
+        if self.grantor is None:
+            return b""
+        grant, self.grants[job] = self.grantor.grant(job, meta, script, deadline)
+        return grant
 
     def reply(self, job: bytes, status: str, out: bytes, error: str, run_us: float) -> None:
         """Send a reply, or in copy and fork isolation hold it while more requests

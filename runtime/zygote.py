@@ -3,7 +3,7 @@
     worker (trusted) ──fork, before any socket or request──► zygote (sandboxed)
                      ◄── "R pid seat" + its two pipe ends (SCM_RIGHTS) ──  forks runners,
                      ──  "T pid": taken, "D pid": done with it ──►         each in a seat:
-                     ◄── "X pid status cpu": it exited before "D" ──       killpg, fork the next
+                     ◄── "X pid status cpu": it exited before "D" ──       reap, fork the next
 
 The zygote is forked from the worker before the worker opens any socket or
 sees any request, so what it and its runners inherit is python.init's
@@ -41,7 +41,7 @@ from .sandbox import PR_SET_CHILD_SUBREAPER, Sandbox, _libc, _prctl, die_with_pa
 
 log = logging.getLogger("srw.zygote")
 RETRY = 0.05    # seconds before the zygote tries a refused fork again
-SETTLE = 0.002  # seconds after a request before its runner is killed and the next forked
+SETTLE = 0.002  # seconds after a runner is taken before its spare is forked
 WARN_EVERY = 10.0  # seconds between two warnings about refused forks
 
 
@@ -111,12 +111,9 @@ class Zygote:
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         missing = self.spares
-        due: list[tuple[float, int]] = []  # (when, pid): runners to end
         fork_at = retry_at = 0.0
         while True:
             now = time.monotonic()
-            while due and due[0][0] <= now:
-                kill_group(due.pop(0)[1])
             # No runner waiting at all: fork now rather than after the settling delay.
             next_fork = max(retry_at, fork_at if missing < self.spares else 0.0)
             if missing and now >= next_fork:
@@ -125,8 +122,7 @@ class Zygote:
                 else:  # refused for now: a script's leftovers still hold the process limit
                     retry_at = now + RETRY
                 continue
-            timers = [t for t, _ in due[:1]] + ([next_fork] if missing else [])
-            wait = max(0.0, min(timers) - now) if timers else None
+            wait = max(0.0, next_fork - now) if missing else None
             ready = select.select([self.sock, self.wake_r], [], [], wait)[0]
             if self.wake_r in ready:
                 os.read(self.wake_r, 4096)
@@ -138,18 +134,15 @@ class Zygote:
                 kind, pid = _parse(msg)
                 if pid not in self.out or (kind == b"T" and pid in self.taken):
                     continue
-                # Ending a runner and forking one cost a couple of milliseconds of CPU:
-                # done at once, they would slow the reply on its way to the client on
-                # a small machine.
-                when = time.monotonic() + SETTLE
                 if kind == b"T":  # the worker took it: a spare to fork in its place
+                    # Forking costs a couple of milliseconds of CPU: done at once, it
+                    # would slow the reply on its way to the client on a small machine.
                     self.taken.add(pid)
                     missing += 1
-                    fork_at = when
-                else:  # "D": done with it
+                    fork_at = time.monotonic() + SETTLE
+                else:  # "D": done with it; the worker kills it (isolation.kill_group)
                     self.out.discard(pid)
                     self.taken.discard(pid)
-                    due.append((when, pid))
 
     def free_seat(self) -> int | None:
         """A seat with no runner and nothing left in its cgroup (a seat's task
@@ -226,9 +219,3 @@ def _parse(msg: bytes) -> tuple[bytes, int]:
     kind, _, pid = msg.partition(b" ")
     return kind, int(pid) if kind in (b"T", b"D") and pid.isdigit() else 0
 
-
-def kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

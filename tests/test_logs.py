@@ -125,3 +125,24 @@ def test_reopen_in_the_middle_of_buffered_lines_loses_none(worker_log):
     texts = worker_log.read_text() + worker_log.with_suffix(".1").read_text()
     assert sorted(int(line.rsplit(" ", 1)[1], 16) for line in texts.splitlines()) \
         == list(range(20))
+
+
+def test_a_worker_busy_with_a_long_script_writes_the_lines_before_it(make_cluster):
+    """The exec lines of requests that ended reach the file within BUFFER_SECONDS
+    even while the worker waits on a long script (it writes them from its wait),
+    not when that script ends."""
+    from conftest import wait_until
+    cluster = make_cluster(pool={"workers": 1})
+    cluster.serve()
+    marker = "exec echo.py 37 B -> 37 B ok"
+    with cluster.client(timeout=20) as c:
+        assert c.exec("echo.py", b"warm").ok
+        # The first holds the worker, so the next two wait in its queue: the
+        # worker goes from the quick one straight to the slow one, never idle.
+        held = [c.submit("", code="import time; time.sleep(0.5)"),
+                c.submit("echo.py", b"q" * 37),
+                c.submit("", code="import time; time.sleep(4); __return_data = 'slow'")]
+        assert c.result(*held[0]).ok and c.result(*held[1]).ok
+        wait_until(lambda: marker in cluster.log(), 3, "the quick request's exec line")
+        slow = c.result(*held[2])
+        assert slow.data == b"slow"  # the line came while the slow one ran

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import os
+import time
 
 import psutil
 import pytest
@@ -176,3 +177,70 @@ def test_only_a_node_may_name_the_caller_it_relays_for(curve_node):
     finally:
         sock.close()
         ctx.term()
+
+
+SLEEP = "import time; time.sleep(float(__input_binary_data_tuple[0]))"
+
+
+def test_requests_queued_together_are_written_ahead_only_to_their_own_tenant(curve_node):
+    """A worker writes a runner the requests queued behind its current one while it
+    runs it, but only those of the same caller and code: alice's and bob's requests
+    queued in one worker, interleaved, each land in their own tenant's runner."""
+    c = curve_node
+    code = HOOK + "# queued together\n"
+    with c.client(curve=c.curve("alice"), timeout=20) as alice, \
+            c.client(curve=c.curve("bob"), timeout=20) as bob:
+        hold = alice.submit("", b"0.5", code=SLEEP)  # the one worker is busy: the rest queue
+        sent = [(who, data, who.submit("", data, code=code)) for who, data in
+                [(alice, b"alice 1"), (alice, b"alice 2"), (bob, b"bob 1"),
+                 (alice, b"alice 3"), (bob, b"bob 2")]]
+        assert alice.result(*hold).ok
+        seen = {}
+        for who, data, handle in sent:
+            pid, lines = planted(who.result(*handle))
+            seen.setdefault(who is alice, set()).add(pid)
+            assert lines[-1] == data.decode()
+            assert all(line.startswith("alice" if who is alice else "bob") for line in lines)
+        assert len(seen[True]) == len(seen[False]) == 1 and seen[True] != seen[False]
+
+
+def test_a_runner_that_dies_answers_the_requests_written_ahead_to_it_killed(make_cluster):
+    """Written ahead, a request has started: if its runner dies first, it is
+    answered `killed`, never run again elsewhere; the worker goes on."""
+    cluster = make_cluster(pool={"workers": 1})
+    cluster.serve()
+    code = ("import os, time\n"
+            "if __input_binary_data_tuple[0] == b'die':\n"
+            "    time.sleep(0.2)\n"
+            "    os.kill(os.getpid(), 9)\n"
+            "__return_data = __input_binary_data_tuple[0]\n")
+    worker = cluster.workers()[0].pid
+    with cluster.client(timeout=20) as c:
+        hold = c.submit("", b"0.5", code=SLEEP)
+        die = c.submit("", b"die", code=code)
+        behind = [c.submit("", b"after %d" % i, code=code) for i in range(3)]
+        assert c.result(*hold).ok
+        assert c.result(*die).status == "killed"
+        results = [c.result(*handle) for handle in behind]
+        assert [r.status for r in results] == ["killed"] * 3, [r.error for r in results]
+        assert all("replaced before it answered" in r.error for r in results)
+        assert c.exec("", b"next", code=code).data == b"next"
+    assert [w.pid for w in cluster.workers()] == [worker]
+
+
+def test_requests_written_ahead_are_never_run_again_after_their_worker_dies(make_cluster):
+    """The slot record names the last request written to the runner, so when the
+    worker dies the broker counts those written ahead as started: answered
+    `killed`, not handed to the replacement to run a second time."""
+    cluster = make_cluster(pool={"workers": 1})
+    cluster.serve()
+    worker = cluster.workers()[0]
+    with cluster.client(timeout=20) as c:
+        hold = c.submit("", b"0.5", code=SLEEP)
+        chain = [c.submit("", data, code=SLEEP + "\n# chain\n")
+                 for data in (b"3", b"0", b"0")]
+        assert c.result(*hold).ok
+        time.sleep(0.5)  # the first of the chain sleeps 3 s, the others written behind it
+        worker.kill()
+        results = [c.result(*handle) for handle in chain]
+    assert [r.status for r in results] == ["killed"] * 3, [r.error for r in results]
