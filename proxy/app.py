@@ -48,7 +48,7 @@ HTTP_STATUS = {
 CLUSTER = web.AppKey("cluster", Cluster)
 DATA = web.AppKey("data", DataStore)
 CONFIG = web.AppKey("config", Config)
-REQUESTS = web.AppKey("requests", metrics.RequestCounts)
+REQUESTS = metrics.COUNTS  # counted by the server's access logger (proxy/server.py)
 
 OCTETS = "application/octet-stream"
 
@@ -408,8 +408,7 @@ def _problem_response(exc: HTTPProblem) -> web.Response:
 def make_app(config: Config) -> web.Application:
     """The proxy's aiohttp application for `config`; clients connect at startup."""
     requests = metrics.RequestCounts()
-    app = web.Application(client_max_size=config.proxy.max_body,
-                          middlewares=[metrics.count_requests(requests)])
+    app = web.Application(client_max_size=config.proxy.max_body)
     app[CONFIG] = config
     app[REQUESTS] = requests
     curve = security.role_credentials(config, "proxy")  # the proxy's own key: never "code"
