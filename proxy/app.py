@@ -137,9 +137,13 @@ async def _body(request: web.Request) -> bytes:
     """The whole body, within proxy.max_body and proxy.body_timeout (else 413, 408)."""
     settings = request.app[CONFIG].proxy
     _check_length(request, settings.max_body)
+    content = request.content
+    if content.is_eof():  # all in already (most requests): no timer, no read loop
+        data = content.read_nowait()
+        if len(data) > settings.max_body:  # a chunked body (no Content-Length to check)
+            raise HTTPProblem(413, _too_large(settings.max_body), close=True)
+        return data
     try:
-        if request.content.is_eof():  # all in already (most requests): no timer to set
-            return await request.read()
         async with asyncio.timeout(settings.body_timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:  # a chunked body that outgrew the limit
