@@ -2,7 +2,8 @@
 
 Starts its own node and proxy (`srw serve` on a temporary config with free
 loopback ports), a redis-server, and two baseline handlers served through the
-same server machinery as the proxy (`proxy.server.run`, same logging):
+same server machinery as the proxy (`proxy.server.run`, same logging, uvloop; with
+--stock-baselines on asyncio's own loop, as stock aiohttp runs):
 
     bare HTTP        POST /bare  -> constant 79 B
     aiohttp+Redis    POST /redis -> redis.asyncio (hiredis) EVAL "return ARGV[1]" 0 <reply>,
@@ -74,7 +75,8 @@ end
 
 # The baseline handlers, each run by a child process of the bench ---------------------
 
-def baseline_server(kind: str, listen: str, config_path: str, redis_port: str) -> int:
+def baseline_server(kind: str, listen: str, config_path: str, redis_port: str,
+                    stock_loop: bool = False) -> int:
     """bare: a constant reply; redis: the reply from a Redis EVAL.  Both through
     proxy.server.run with the proxy's logging."""
     from aiohttp import web
@@ -106,7 +108,7 @@ def baseline_server(kind: str, listen: str, config_path: str, redis_port: str) -
             await app[REDIS].aclose()
         app.cleanup_ctx.append(connect)
         app.router.add_post("/redis", evaluate)
-    return run(app, listen, title=f"srw: bench {kind} handler")
+    return run(app, listen, title=f"srw: bench {kind} handler", stock_loop=stock_loop)
 
 
 # Load ---------------------------------------------------------------------------
@@ -237,11 +239,14 @@ def main() -> int:
                         help="[log] level of the node and proxy (info logs every request)")
     parser.add_argument("--clients", default="wrk,aiohttp,zmq",
                         help="which load generators, comma-separated (wrk, aiohttp, zmq)")
+    parser.add_argument("--stock-baselines", action="store_true",
+                        help="run the baseline handlers on asyncio's own event loop (as "
+                             "stock aiohttp does), not on uvloop as the proxy")
     parser.add_argument("--baseline", nargs=4, metavar=("KIND", "HOST:PORT", "CONFIG", "REDIS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline:
-        return baseline_server(*args.baseline)
+        return baseline_server(*args.baseline, stock_loop=args.stock_baselines)
     clients = args.clients.split(",")
     for tool in (["wrk"] if "wrk" in clients else []) + ["redis-server"]:
         if shutil.which(tool) is None:
@@ -265,7 +270,8 @@ def main() -> int:
             for kind in ("bare", "redis"):
                 procs.append(subprocess.Popen(
                     [sys.executable, __file__, "--baseline", kind, listen[kind],
-                     str(config.path), redis_port], process_group=0,
+                     str(config.path), redis_port]
+                    + (["--stock-baselines"] if args.stock_baselines else []), process_group=0,
                     stdout=subprocess.DEVNULL))
             wait_for(lambda: node_ready(node.broker, args.workers), 60, "node n1")
             wait_for(lambda: accepting(config.proxy.listen), 30, "the proxy")
@@ -319,7 +325,8 @@ def run(args, clients: list[str], config, listen: dict, script: Path,
     print(f"srw HTTP bench: {IN_FLIGHT} connections or in flight, {args.seconds:g} s per path "
           f"after 1 s warm-up, {args.rounds} rounds, {args.workers} workers, "
           f"{os.cpu_count()} CPUs, 33 B request, 79 B reply, log level {args.log_level}; "
-          f"wrk {WRK_THREADS} threads")
+          f"wrk {WRK_THREADS} threads; baselines on "
+          f"{'asyncio' if args.stock_baselines else 'uvloop'}")
     print(HEADER)
     for url in {url for _, _, url, _ in todo if url}:
         check_reply(url)

@@ -5,10 +5,11 @@
 
 Nothing is kept between scrapes but the proxy's own request counts and
 latencies (counted by the server's access logger, proxy/server.py: a counter
-and a bucket per request, no object): the brokers count (broker/stats.py) and each scrape turns their
-status into metric families, so a node's counters live and reset with its
-broker (its ``srw_start_time_seconds`` tells when).  A node that does not
-answer is ``srw_node_up 0`` and contributes nothing else.  Worker series are
+and a bucket per request, no object): the brokers count (broker/stats.py)
+and each scrape turns their status into metric families, so a node's
+counters live and reset with its broker (its ``srw_start_time_seconds``
+tells when).  A node that does not answer is ``srw_node_up 0`` and
+contributes nothing else.  Worker series are
 keyed by slot, not pid, so a reload adds none (``srw_worker_info`` maps a
 slot to its pid now); the proxy's own process figures come from
 prometheus_client's process, platform and GC collectors.

@@ -114,8 +114,10 @@ async def _flush_logs() -> None:
 
 
 def run(app: web.Application, listen: str, title: str = "srw: proxy",
-        limits: ProxySettings | None = None) -> int:
-    """Blocking: set the process title, serve, return an exit status."""
+        limits: ProxySettings | None = None, stock_loop: bool = False) -> int:
+    """Blocking: set the process title, serve, return an exit status.
+    `stock_loop`: asyncio's own event loop instead of uvloop (a benchmark's
+    baseline as stock aiohttp runs it)."""
     import setproctitle
     setproctitle.setproctitle(title)
 
@@ -129,7 +131,8 @@ def run(app: web.Application, listen: str, title: str = "srw: proxy",
     try:
         # uvloop: transports, callbacks and timers in C where asyncio's are
         # Python, and much of a request's cost is loop work (read, write, wake).
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        loop_factory = None if stock_loop else uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(serve(app, listen, ready, limits))
     except OSError as exc:  # the port is taken, or the address is not ours
         print(f"{title} cannot listen on {listen}: {exc.strerror or exc}", file=sys.stderr)
