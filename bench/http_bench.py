@@ -2,7 +2,8 @@
 
 Starts its own node and proxy (`srw serve` on a temporary config with free
 loopback ports), a redis-server, and two baseline handlers served through the
-same server machinery as the proxy (`proxy.server.run`, same logging):
+same server machinery as the proxy (`proxy.server.run`, same logging, uvloop; with
+--stock-baselines on asyncio's own loop, as stock aiohttp runs):
 
     bare HTTP        POST /bare  -> constant 79 B
     aiohttp+Redis    POST /redis -> redis.asyncio (hiredis) EVAL "return ARGV[1]" 0 <reply>,
@@ -20,8 +21,10 @@ Each HTTP path is driven by two clients, 64 connections each:
              more than the bare handler, so it caps that baseline
 
 and the ZeroMQ paths by `AsyncClient` (64 in flight on one socket).  Per path:
-req/s, p50/p99 latency and the CPU time per request of each server process
-(read from /proc before and after).  The paths take turns for --rounds rounds;
+req/s, p50/p99 latency and the CPU time per request of each process by role
+(utime+stime from /proc/PID/stat before and after: the load generator, the proxy
+or baseline handler, redis-server, the broker, the workers, and the runners
+with their zygotes).  The paths take turns for --rounds rounds;
 ratios are taken per round and the median round is shown.  Everything it
 started is stopped at the end.
 
@@ -52,7 +55,9 @@ DATA = b"this is some data in POST request"
 REPLY = b"its nothing I can do for you without cookies: this is some data in POST request"
 IN_FLIGHT = 64
 WRK_THREADS = 2
-ROLES = ("load", "proxy", "bare", "redis handler", "redis-server", "broker", "worker")
+ROLES = ("load", "proxy", "bare", "redis handler", "redis-server", "broker", "worker",
+         "runner")
+TICK = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat counts CPU time in these
 
 # The POST and a `done` hook printing what the bench reads (latencies in us).
 WRK_SCRIPT = """
@@ -70,7 +75,8 @@ end
 
 # The baseline handlers, each run by a child process of the bench ---------------------
 
-def baseline_server(kind: str, listen: str, config_path: str, redis_port: str) -> int:
+def baseline_server(kind: str, listen: str, config_path: str, redis_port: str,
+                    stock_loop: bool = False) -> int:
     """bare: a constant reply; redis: the reply from a Redis EVAL.  Both through
     proxy.server.run with the proxy's logging."""
     from aiohttp import web
@@ -102,7 +108,7 @@ def baseline_server(kind: str, listen: str, config_path: str, redis_port: str) -
             await app[REDIS].aclose()
         app.cleanup_ctx.append(connect)
         app.router.add_post("/redis", evaluate)
-    return run(app, listen, title=f"srw: bench {kind} handler")
+    return run(app, listen, title=f"srw: bench {kind} handler", stock_loop=stock_loop)
 
 
 # Load ---------------------------------------------------------------------------
@@ -233,11 +239,14 @@ def main() -> int:
                         help="[log] level of the node and proxy (info logs every request)")
     parser.add_argument("--clients", default="wrk,aiohttp,zmq",
                         help="which load generators, comma-separated (wrk, aiohttp, zmq)")
+    parser.add_argument("--stock-baselines", action="store_true",
+                        help="run the baseline handlers on asyncio's own event loop (as "
+                             "stock aiohttp does), not on uvloop as the proxy")
     parser.add_argument("--baseline", nargs=4, metavar=("KIND", "HOST:PORT", "CONFIG", "REDIS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline:
-        return baseline_server(*args.baseline)
+        return baseline_server(*args.baseline, stock_loop=args.stock_baselines)
     clients = args.clients.split(",")
     for tool in (["wrk"] if "wrk" in clients else []) + ["redis-server"]:
         if shutil.which(tool) is None:
@@ -261,7 +270,8 @@ def main() -> int:
             for kind in ("bare", "redis"):
                 procs.append(subprocess.Popen(
                     [sys.executable, __file__, "--baseline", kind, listen[kind],
-                     str(config.path), redis_port], process_group=0,
+                     str(config.path), redis_port]
+                    + (["--stock-baselines"] if args.stock_baselines else []), process_group=0,
                     stdout=subprocess.DEVNULL))
             wait_for(lambda: node_ready(node.broker, args.workers), 60, "node n1")
             wait_for(lambda: accepting(config.proxy.listen), 30, "the proxy")
@@ -303,8 +313,10 @@ def paths(clients: list[str], config, listen: dict, script: Path, s: float) -> l
 
 
 HEADER = (f"{'client':7} {'path':33} {'requests':>8} {'req/s':>7} {'p50 us':>7} {'p99 us':>7}"
-          "   CPU us per request: load, front (proxy|handler), redis-server, broker, "
-          "workers+runners")
+          f"   CPU us/request: {'load':>5} {'front':>5} {'redis':>5} {'broker':>6} "
+          f"{'worker':>6} {'runner':>6}")
+# front: the proxy, or the baseline handler; redis: redis-server; runner: the
+# workers' zygotes and runners (a runner that exited counts in its zygote's cutime).
 
 
 def run(args, clients: list[str], config, listen: dict, script: Path,
@@ -313,7 +325,8 @@ def run(args, clients: list[str], config, listen: dict, script: Path,
     print(f"srw HTTP bench: {IN_FLIGHT} connections or in flight, {args.seconds:g} s per path "
           f"after 1 s warm-up, {args.rounds} rounds, {args.workers} workers, "
           f"{os.cpu_count()} CPUs, 33 B request, 79 B reply, log level {args.log_level}; "
-          f"wrk {WRK_THREADS} threads")
+          f"wrk {WRK_THREADS} threads; baselines on "
+          f"{'asyncio' if args.stock_baselines else 'uvloop'}")
     print(HEADER)
     for url in {url for _, _, url, _ in todo if url}:
         check_reply(url)
@@ -332,9 +345,10 @@ def run(args, clients: list[str], config, listen: dict, script: Path,
             row = {"rate": result.requests / result.seconds, "cpu": cpu,
                    "front": cpu["proxy"] + cpu["bare"] + cpu["redis handler"]}
             row["line"] = (f"{client:7} {label:33} {result.requests:>8} {row['rate']:>7.0f} "
-                           f"{result.p50:>7.0f} {result.p99:>7.0f}   {cpu['load']:>5.0f} "
-                           f"{row['front']:>5.0f} {cpu['redis-server']:>5.0f} "
-                           f"{cpu['broker']:>5.0f} {cpu['worker']:>5.0f}")
+                           f"{result.p50:>7.0f} {result.p99:>7.0f}   {'':15} "
+                           f"{cpu['load']:>5.0f} {row['front']:>5.0f} "
+                           f"{cpu['redis-server']:>5.0f} {cpu['broker']:>6.0f} "
+                           f"{cpu['worker']:>6.0f} {cpu['runner']:>6.0f}")
             measured.setdefault((client, label), []).append(row)
             print(f"{row['line']}   (round {round_no})", flush=True)
     print(f"\nmedian round per path:\n{HEADER}")
@@ -360,38 +374,57 @@ def print_ratios(client: str, measured: dict) -> None:
 
 
 def cpu_by_role(procs: list[subprocess.Popen]) -> dict[str, float]:
-    """CPU seconds used so far by role: load (this process), proxy, bare, redis handler,
-    redis-server, broker, worker (with its zygote and runners)."""
-    import psutil
+    """CPU seconds used so far by role (ROLES), from /proc/PID/stat utime+stime
+    of this process and of every descendant of `procs`."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = proc_stat(int(entry))
+            if stat is not None:
+                stats[int(entry)] = stat
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
     out = dict.fromkeys(ROLES, 0.0)
-    me = psutil.Process()
-    tree = [me]
-    for proc in procs:
-        try:
-            root = psutil.Process(proc.pid)
-            tree += [root] + root.children(recursive=True)
-        except psutil.Error:
-            pass
-    for proc in tree:
-        try:
-            title = " ".join(proc.cmdline())
-            name = proc.name()
-            times = proc.cpu_times()
-        except psutil.Error:
+    todo = [proc.pid for proc in procs]
+    out["load"] = sum(stats[os.getpid()][1:]) / TICK if os.getpid() in stats else 0.0
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        if pid not in stats:
             continue
-        role = "load" if proc.pid == me.pid else next(
-            (r for r in ("proxy", "broker", "worker") if title.startswith(f"srw: {r}")), None)
-        if title.startswith(("srw: runner", "srw: zygote")):
-            role = "worker"  # a worker's sandbox: its runners and their zygote
-        elif title.startswith("srw: bench bare"):
-            role = "bare"
-        elif title.startswith("srw: bench redis"):
-            role = "redis handler"
-        elif name.startswith("redis-server"):
-            role = "redis-server"
+        role = role_of(pid)
         if role:
-            out[role] += times.user + times.system
+            _, own, reaped = stats[pid]
+            # A zygote reaps its runners: what exited runners used is in its cutime.
+            out[role] += (own + (reaped if role == "runner" else 0)) / TICK
     return out
+
+
+def proc_stat(pid: int) -> tuple[int, int, int] | None:
+    """(ppid, utime+stime, cutime+cstime) in ticks, or None for a process gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the name may hold spaces
+    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def role_of(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    for prefix, role in (("srw: proxy", "proxy"), ("srw: broker", "broker"),
+                         ("srw: worker", "worker"), ("srw: runner", "runner"),
+                         ("srw: zygote", "runner"), ("srw: bench bare", "bare"),
+                         ("srw: bench redis", "redis handler")):
+        if title.startswith(prefix):
+            return role
+    return "redis-server" if title.split(" ")[0].endswith("redis-server") else None
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ HTTP_STATUS = {
 CLUSTER = web.AppKey("cluster", Cluster)
 DATA = web.AppKey("data", DataStore)
 CONFIG = web.AppKey("config", Config)
-REQUESTS = web.AppKey("requests", metrics.RequestCounts)
+REQUESTS = metrics.COUNTS  # counted by the server's access logger (proxy/server.py)
 
 OCTETS = "application/octet-stream"
 
@@ -137,9 +137,13 @@ async def _body(request: web.Request) -> bytes:
     """The whole body, within proxy.max_body and proxy.body_timeout (else 413, 408)."""
     settings = request.app[CONFIG].proxy
     _check_length(request, settings.max_body)
+    content = request.content
+    if content.is_eof():  # all in already (most requests): no timer, no read loop
+        data = content.read_nowait()
+        if len(data) > settings.max_body:  # a chunked body (no Content-Length to check)
+            raise HTTPProblem(413, _too_large(settings.max_body), close=True)
+        return data
     try:
-        if request.content.is_eof():  # all in already (most requests): no timer to set
-            return await request.read()
         async with asyncio.timeout(settings.body_timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:  # a chunked body that outgrew the limit
@@ -408,8 +412,7 @@ def _problem_response(exc: HTTPProblem) -> web.Response:
 def make_app(config: Config) -> web.Application:
     """The proxy's aiohttp application for `config`; clients connect at startup."""
     requests = metrics.RequestCounts()
-    app = web.Application(client_max_size=config.proxy.max_body,
-                          middlewares=[metrics.count_requests(requests)])
+    app = web.Application(client_max_size=config.proxy.max_body)
     app[CONFIG] = config
     app[REQUESTS] = requests
     curve = security.role_credentials(config, "proxy")  # the proxy's own key: never "code"

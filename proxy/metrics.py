@@ -4,10 +4,12 @@
            -> a fresh CollectorRegistry -> prometheus_client's text format
 
 Nothing is kept between scrapes but the proxy's own request counts and
-latencies: the brokers count (broker/stats.py) and each scrape turns their
-status into metric families, so a node's counters live and reset with its
-broker (its ``srw_start_time_seconds`` tells when).  A node that does not
-answer is ``srw_node_up 0`` and contributes nothing else.  Worker series are
+latencies (counted by the server's access logger, proxy/server.py: a counter
+and a bucket per request, no object): the brokers count (broker/stats.py)
+and each scrape turns their status into metric families, so a node's
+counters live and reset with its broker (its ``srw_start_time_seconds``
+tells when).  A node that does not answer is ``srw_node_up 0`` and
+contributes nothing else.  Worker series are
 keyed by slot, not pid, so a reload adds none (``srw_worker_info`` maps a
 slot to its pid now); the proxy's own process figures come from
 prometheus_client's process, platform and GC collectors.
@@ -41,32 +43,29 @@ class RequestCounts:
     latency: dict = field(default_factory=dict)
 
     def add(self, method: str, path: str, code: int, seconds: float) -> None:
-        self.counts[(method, path, str(code))] += 1
-        buckets, total = self.latency.get((method, path), ([0] * (len(HTTP_BUCKETS) + 1), 0.0))
-        buckets[bisect.bisect_left(HTTP_BUCKETS, seconds)] += 1
-        self.latency[(method, path)] = (buckets, total + seconds)
+        self.counts[(method, path, code)] += 1
+        timed = self.latency.get((method, path))
+        if timed is None:
+            timed = self.latency[(method, path)] = [[0] * (len(HTTP_BUCKETS) + 1), 0.0]
+        timed[0][bisect.bisect_left(HTTP_BUCKETS, seconds)] += 1
+        timed[1] += seconds
+
+    def answered(self, request: web.BaseRequest, code: int, seconds: float) -> None:
+        """Count a request the application answered (the server's access logger
+        calls this for every response).  Labels stay bounded: a method outside
+        METHODS and a path with no route count as "other" (any client can send
+        any method and path).  A request that did not parse never reached the
+        application and is not counted."""
+        info = getattr(request, "_match_info", None)  # set when the app routed it
+        if info is None:
+            return
+        resource = info.route.resource
+        self.add(request.method if request.method in METHODS else "other",
+                 resource.canonical if resource is not None else "other", code, seconds)
 
 
-def count_requests(counts: RequestCounts):
-    """A middleware that counts every request the application answers.  Labels
-    stay bounded: a method outside METHODS and a path with no route count as
-    "other" (any client can send any method and path)."""
-    @web.middleware
-    async def middleware(request: web.Request, handler):
-        code, started = 500, time.perf_counter()
-        try:
-            response = await handler(request)
-            code = response.status
-            return response
-        except web.HTTPException as exc:
-            code = exc.status
-            raise
-        finally:
-            resource = request.match_info.route.resource
-            path = resource.canonical if resource is not None else "other"
-            method = request.method if request.method in METHODS else "other"
-            counts.add(method, path, code, time.perf_counter() - started)
-    return middleware
+# Where the server (proxy/server.py) finds the application's counts.
+COUNTS = web.AppKey("request_counts", RequestCounts)
 
 
 class NodesCollector:
@@ -84,7 +83,7 @@ class NodesCollector:
                                    "answered, by method, route and code",
                                    labels=["method", "path", "code"])
         for (method, path, code), n in sorted(self.requests.counts.items()):
-            http.add_metric([method, path, code], n)
+            http.add_metric([method, path, str(code)], n)
         yield http
         latency = HistogramMetricFamily("srw_proxy_http_request_duration_seconds", "from a "
                                         "request's headers to its response, by method and "

@@ -3,7 +3,8 @@
 ``run(app, listen)`` is the one piece of server machinery: HTTP/1.1 with
 keep-alive, an access log line per request with the time taken
 (``127.0.0.1 "POST /elliptics?exec&name=x HTTP/1.1" 200 79 B 812 us``, logger
-``srw.proxy.access`` at info), SIGTERM or SIGINT to stop (requests in flight
+``srw.proxy.access`` at info) and the application's request counts for /metrics
+(``metrics.COUNTS``) kept by the same hook, SIGTERM or SIGINT to stop (requests in flight
 are answered first), and the bounds of ``proxy.bounds`` (header timeout,
 connection cap, throttled accept errors, raised open-files limit) from the
 ``[proxy]`` settings given.  The benchmark runs its bare handler through the
@@ -17,6 +18,7 @@ import logging
 import signal
 import sys
 
+import uvloop
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
@@ -24,6 +26,7 @@ from core import logs, timeouts
 from core.config import ProxySettings
 
 from .bounds import Gate, raise_fd_limit
+from .metrics import COUNTS, RequestCounts
 
 MAX_LINE = 64 * 1024      # request line: a 10 kB script name gets our own 400, not the parser's
 BACKLOG = 1024
@@ -34,16 +37,28 @@ BACKLOG = 1024
 GC_THRESHOLD = 20_000
 
 
+ACCESS = logging.getLogger("srw.proxy.access")
+access_line = logs.HotLine(ACCESS, '%s "%s %s HTTP/%d.%d" %d %d B %d us')
+
+
 class AccessLog(AbstractAccessLogger):
-    """One line per request, formatted only when info is enabled (cheaper than
-    aiohttp's format-string logger, which parses its format on every line)."""
+    """Called by aiohttp once per response: the application's request counts
+    (``counts``, for /metrics) and an access line at info, put in the log
+    buffer unformatted (core.logs.HotLine; aiohttp's own logger parses its
+    format on every line)."""
+    counts: RequestCounts | None = None  # set in a subclass per application (serve)
+
+    @property
+    def enabled(self) -> bool:
+        return True  # every response is counted, whatever the log level
 
     def log(self, request, response, time: float) -> None:
+        if self.counts is not None:
+            self.counts.answered(request, response.status, time)
         size = response.content_length
-        self.logger.info('%s "%s %s HTTP/%d.%d" %d %d B %d us', request.remote, request.method,
-                         request.rel_url, request.version.major, request.version.minor,
-                         response.status, response.body_length if size is None else size,
-                         time * 1e6)
+        access_line(request.remote, request.method, request.rel_url, request.version.major,
+                    request.version.minor, response.status,
+                    response.body_length if size is None else size, time * 1e6)
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -61,8 +76,8 @@ async def serve(app: web.Application, listen: str, ready=None,
     limits = limits or ProxySettings()
     host, port = split_listen(listen)
     # The keyword arguments of each connection's web.RequestHandler (made by the gate).
-    handler_args = dict(access_log=logging.getLogger("srw.proxy.access"),
-                        access_log_class=AccessLog, max_line_size=MAX_LINE,
+    counting = type("AccessLog", (AccessLog,), {"counts": app.get(COUNTS)})
+    handler_args = dict(access_log=ACCESS, access_log_class=counting, max_line_size=MAX_LINE,
                         # A body the handler refused to read (413) is not drained
                         # for seconds: the connection closes after the answer.
                         lingering_time=0)
@@ -99,8 +114,10 @@ async def _flush_logs() -> None:
 
 
 def run(app: web.Application, listen: str, title: str = "srw: proxy",
-        limits: ProxySettings | None = None) -> int:
-    """Blocking: set the process title, serve, return an exit status."""
+        limits: ProxySettings | None = None, stock_loop: bool = False) -> int:
+    """Blocking: set the process title, serve, return an exit status.
+    `stock_loop`: asyncio's own event loop instead of uvloop (a benchmark's
+    baseline as stock aiohttp runs it)."""
     import setproctitle
     setproctitle.setproctitle(title)
 
@@ -112,7 +129,11 @@ def run(app: web.Application, listen: str, title: str = "srw: proxy",
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD)
     try:
-        asyncio.run(serve(app, listen, ready, limits))
+        # uvloop: transports, callbacks and timers in C where asyncio's are
+        # Python, and much of a request's cost is loop work (read, write, wake).
+        loop_factory = None if stock_loop else uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(app, listen, ready, limits))
     except OSError as exc:  # the port is taken, or the address is not ours
         print(f"{title} cannot listen on {listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1
