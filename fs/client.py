@@ -48,10 +48,6 @@ DIR, CHUNKS, INODE = "fs:d:", "fs:c:", "fs:i:"
 # or shorter than its share of the file, reads as zeros: sparse files cost
 # nothing.
 CHUNK = 1 << 20
-# The largest file (st_size) a write or truncate may reach; beyond it, EFBIG.
-# 16 TiB, as ext4 with 4 KiB blocks: 2**24 chunks, so removing even the largest
-# file is a bounded number of store removes.
-MAX_FILE = 1 << 44
 log = logging.getLogger("srw.fs")
 
 
@@ -147,6 +143,8 @@ class FsClient:
     def __init__(self, session: Session, script: str = SCRIPT):
         self.session, self.script = session, script
         self.groups = sorted(session.ring.groups)   # execs go to the first that answers
+        # The largest file a write or truncate may reach ([fs] max_file); beyond, EFBIG.
+        self.max_file = session.config.fs.max_file
 
     # Reading ---------------------------------------------------------------------
 
@@ -337,9 +335,10 @@ class FsClient:
     def drop_chunks(self, ino: str, start: int, size: int) -> None:
         """Remove the chunks from `start` up to those of a file of `size` bytes
         (absent ones included: nothing records which a sparse file has).  A
-        size beyond MAX_FILE is not one of ours (a hostile entry): its chunks
-        stay, with a line in the log, rather than millions of removes."""
-        if size > MAX_FILE:
+        size beyond max_file is not one of ours (a hostile entry, or a file
+        from before max_file was lowered): its chunks stay, with a line in the
+        log, rather than millions of removes."""
+        if size > self.max_file:
             log.warning("fs:c:{%s}: not removed: its size %d is over the largest file",
                         ino, size)
             return
@@ -434,7 +433,7 @@ class FsClient:
         return self.write_data(path, entry, data)
 
     def write_data(self, path: str, entry: Entry, data: bytes) -> Entry:
-        if len(data) > MAX_FILE:
+        if len(data) > self.max_file:
             raise FsError(errno.EFBIG, path)
         view, old_size = memoryview(data), entry.size
         for n in range(-(-len(data) // CHUNK)):

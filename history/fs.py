@@ -224,6 +224,7 @@ def load(ino):
             and isinstance(head["a"], dict) and isinstance(head["dead"], bool)
             and isinstance(head["k"], bytes) and len(head["k"]) == SALT
             and isinstance(head["n"], int) and isinstance(head["s"], int)
+            and head["n"] >= 0 <= head["s"]
             and isinstance(head["b"], bytes) and map_ok(head["b"])
             and (isinstance(head.get("m"), list) and len(head["m"]) == 6 or "m" not in head)):
         raise Bad("%s%s is not a directory head" % (DIR, ino))

@@ -12,23 +12,29 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import msgpack
 import psutil
 import pytest
 from hypothesis.stateful import run_state_machine_as_test
 
-from fs.client import CHUNK, MAX_FILE, FsClient, chunk_key
+from fs.client import CHUNK, FsClient, bucket_key, chunk_key
 from storage.client import NotFound, Session
 
 from fs_support import (RANDOM_OPS, LocalTree, SameTree, in_threads, mount, needs_fuse,
                         start_cluster, unmount)
 
 pytestmark = needs_fuse
+# [fs] max_file of the module's cluster: past 10 GiB (the sparse write), and
+# no default's.
+MAX_FILE = (12 << 30) + 12345
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     # max_value is one chunk: a file several times max_value must still work.
     cluster = start_cluster(tmp_path_factory.mktemp("fsmount"), groups=1, max_value=CHUNK)
+    with cluster.path.open("a") as config:     # read by the mount and by Session
+        config.write(f"\n[fs]\nmax_file = {MAX_FILE}\n")
     yield cluster
     cluster.stop()
 
@@ -370,3 +376,59 @@ def test_hard_links_share_contents_attributes_and_count(mnt, fs):
     with pytest.raises(OSError) as raised:
         os.link(mnt / "hl", mnt / "hl2")
     assert raised.value.errno == errno.EPERM
+
+
+def test_a_directory_of_10000_entries(mnt, fs):
+    """Made through FsClient (the mount creates ~300 files/s here); the kernel
+    lists all of them, looks some up, and every op it does costs what it does
+    in an empty directory: the head and one bucket of at most 128 entries."""
+    fs.mkdir("/big")
+    names = [f"e{i:05d}" for i in range(10_000)]
+    for name in names:
+        fs.create(f"/big/{name}", exclusive=True)
+    assert sorted(os.listdir(mnt / "big")) == names
+    ino = fs.stat("/big").ino
+    head = msgpack.unpackb(fs.session.read(f"fs:d:{ino}"), raw=False)
+    assert head["n"] == 10_000 and len(head["b"]) >= 64         # split into buckets
+    for at in {(d, i) for i, d in enumerate(head["b"]) if i < 1 << d}:
+        assert len(msgpack.unpackb(fs.session.read(bucket_key(ino, *at)))) <= 128
+    for name in random.Random(1).sample(names, 20):
+        assert stat.S_ISREG(os.stat(mnt / "big" / name).st_mode)
+    (mnt / "big" / "e00007").write_bytes(b"seven")
+    os.mkdir(mnt / "big" / "sub")
+    assert os.stat(mnt / "big").st_nlink == 3
+    with pytest.raises(OSError) as full:
+        os.rmdir(mnt / "big")
+    assert full.value.errno == errno.ENOTEMPTY
+    os.rename(mnt / "big" / "e00007", mnt / "big" / "sub" / "seven")
+    assert (mnt / "big" / "sub" / "seven").read_bytes() == b"seven"
+    for name in names[:5]:
+        os.unlink(mnt / "big" / name)
+    for name in names[8:]:
+        fs.unlink(f"/big/{name}")
+    assert sorted(os.listdir(mnt / "big")) == ["e00005", "e00006", "sub"]
+    for name in ("e00005", "e00006", "sub/seven"):
+        os.unlink(mnt / "big" / name)
+    os.rmdir(mnt / "big" / "sub")
+    os.rmdir(mnt / "big")
+    assert not (mnt / "big").exists()
+
+
+def test_a_directory_of_the_old_form_is_read_then_moved_into_buckets(mnt, fs):
+    """One value {"e", "i", "a", "dead"} (before buckets) under the head's key:
+    read as it is; its first write moves its entries into buckets."""
+    fs.mkdir("/old")
+    ino = fs.stat("/old").ino
+    files = {f"o{i}": [f"{i + 1:016x}", "f", 0o644, 0, 1.7e9] for i in range(200)}
+    files["d"] = ["00000000000000ff", "d", 0o755, 0, 1.7e9]
+    old = msgpack.packb({"e": files, "i": {}, "a": {}, "dead": False})
+    assert all(r.ok for r in fs.session.write(f"fs:d:{ino}", old))
+    assert sorted(os.listdir(mnt / "old")) == sorted(files)
+    assert os.stat(mnt / "old" / "o7").st_mtime == 1.7e9
+    assert os.stat(mnt / "old").st_nlink == 3
+    (mnt / "old" / "new").write_bytes(b"new")
+    head = msgpack.unpackb(fs.session.read(f"fs:d:{ino}"), raw=False)
+    assert "e" not in head and head["n"] == 202 and head["s"] == 1
+    assert sorted(os.listdir(mnt / "old")) == sorted([*files, "new"])
+    assert (mnt / "old" / "new").read_bytes() == b"new"
+    assert os.stat(mnt / "old").st_nlink == 3
