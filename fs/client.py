@@ -225,7 +225,8 @@ class FsClient:
                 found = self.bucket(ino, (depth, prefix), path)
             except NotFound:
                 latest = self.directory(ino, path)
-                if latest["e"] is not None or (depth, prefix) in shape.buckets(latest):
+                m = latest["b"]
+                if latest["e"] is not None or prefix < len(m) and m[prefix] == depth:
                     continue            # absent and still named: empty
                 todo += [(dd, p) for dd, p in shape.buckets(latest)
                          if dd > depth and p % (1 << depth) == prefix]

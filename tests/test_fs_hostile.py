@@ -340,7 +340,7 @@ def test_a_hostile_bucket_is_eio(session, tree, fs, bucket):
     with planted(session, key, bucket):
         eio(lambda: fs.readdir("/sub"))
         eio(lambda: fs.stat("/sub/f"))
-        eio(lambda: fs.create("/sub/new"))
+        eio(lambda: fs.create("/sub/f"))        # the script reads f's bucket
         assert set(fs.readdir("/")) == {"sub", "other", "third"}
     assert fs.read_file("/sub/f") == b"hello"
 
