@@ -1,7 +1,8 @@
-"""The shape of what FsClient reads: directory objects and the script's replies.
+"""The shape of what FsClient reads: directory heads and buckets (and the old
+one-value form), inode objects, and the script's replies.
 
-Directory objects live under ``fs:d:<ino>`` in the same store that every
-script and client with the ``write`` right can write, so each one is hostile
+Directory heads live under ``fs:d:<ino>``, buckets beside them, in the same
+store that every script and client with the ``write`` right can write, so each one is hostile
 until this module has checked it; ``history/fs.py``'s reply is checked too.
 A value of the wrong shape raises ``BadShape`` saying what is wrong (FsClient
 turns it into EIO).  The format is in ``history/fs.py``'s header.
@@ -25,7 +26,7 @@ import msgpack
 
 __all__ = ["BadShape", "Entry", "directory", "entry", "listing", "intent", "reply",
            "name_ok", "one_line", "show_names", "NAME_MAX", "MAX_ENTRIES", "inode", "own",
-           "unpack", "KINDS"]
+           "unpack", "KINDS", "bucket", "buckets", "where", "slot", "MAX_DEPTH"]
 
 NAME_MAX = 255
 # Entries (or intents) in one directory.  An entry FsClient writes takes over

@@ -80,6 +80,10 @@ SETTABLE = (("size", SIZE), ("mode", MODE), ("mtime", MTIME), ("uid", UID), ("gi
 BUCKET = 128        # entries in a bucket before it splits (~60 KiB at most: names <= 255 B)
 MAX_DEPTH = 16      # 65,536 buckets (8 million entries) before buckets grow past BUCKET
 SALT = 8
+# The most entries an old-form directory may have to be moved into buckets (in
+# one exec, within the profile's limits: 10,000 took ~1 s here); a larger one
+# stays in the old form, written whole by each op as before.
+MOVE_MAX = 20_000
 HEAD = ("b", "k", "n", "s", "i", "a", "dead")
 
 
@@ -112,8 +116,8 @@ class Dir:
     """A directory as this op sees it: its head, the buckets read so far, and
     what `save` writes (changed buckets, then the head, then removed buckets)."""
 
-    def __init__(self, ino, head):
-        self.ino, self.head = ino, head
+    def __init__(self, ino, head, old=False):
+        self.ino, self.head, self.old = ino, head, old     # old: the old form, kept
         self.buckets, self.dirty, self.gone = {}, set(), set()
 
     def __getitem__(self, field):
@@ -140,9 +144,14 @@ class Dir:
         return self.buckets[where]
 
     def get(self, name):
+        if self.old:
+            return self.head["e"].get(name)
         return self.bucket(self.where(name)).get(name)
 
     def put(self, name, entry):
+        if self.old:
+            self.head["e"][name] = entry
+            return
         where = self.where(name)
         b = self.bucket(where)
         old = b.get(name)
@@ -154,6 +163,9 @@ class Dir:
             self.split(where)
 
     def drop(self, name):
+        if self.old:
+            self.head["e"].pop(name, None)
+            return
         where = self.where(name)
         self.count(self.bucket(where).pop(name, None), -1)
         self.dirty.add(where)
@@ -193,6 +205,8 @@ class Dir:
 
     def names(self):
         """Every entry's name (rmdir's check: it reads every bucket)."""
+        if self.old:
+            return list(self.head["e"])
         out = []
         m = self.head["b"]
         for i in range(len(m)):
@@ -239,21 +253,33 @@ def map_ok(m):
 
 def migrated(ino, old):
     """A directory of the old form, its entries moved into buckets (written by
-    the op's save, if it saves)."""
+    the op's save, if it saves): each name hashed once into buckets of a depth
+    that holds them half full, so that a large one moves in one exec (100,000
+    entries: 2,048 buckets written)."""
     if not (len(old) == 4 + ("m" in old) and isinstance(old.get("e"), dict)
             and isinstance(old.get("i"), dict) and isinstance(old.get("a"), dict)
             and isinstance(old.get("dead"), bool)
             and (isinstance(old.get("m"), list) and len(old["m"]) == 6 or "m" not in old)):
         raise Bad("%s%s is not a directory object" % (DIR, ino))
-    d = Dir(ino, {"b": b"\0", "k": os.urandom(SALT), "n": 0, "s": 0, "i": old["i"],
-                  "a": old["a"], "dead": old["dead"]})
+    entries = old["e"]
+    if len(entries) > MOVE_MAX:
+        return Dir(ino, old, old=True)
+    depth = 0                     # buckets half full on average: one in ~10**9 splits
+    while len(entries) > (BUCKET // 2) << depth and depth < MAX_DEPTH:
+        depth += 1
+    d = Dir(ino, {"b": bytes([depth]) * (1 << depth), "k": os.urandom(SALT), "n": 0, "s": 0,
+                  "i": old["i"], "a": old["a"], "dead": old["dead"]})
     if "m" in old:
         d.head["m"] = old["m"]
-    d.buckets[(0, 0)] = {}
-    d.dirty.add((0, 0))
-    for name, entry in old["e"].items():
+    for prefix in range(1 << depth):
+        d.buckets[(depth, prefix)] = {}
+        d.dirty.add((depth, prefix))
+    for name, entry in entries.items():
         if isinstance(name, str):     # names no directory can hold: readers skip them
-            d.put(name, entry)
+            d.buckets[(depth, slot(d.head["k"], name) % (1 << depth))][name] = entry
+            d.count(entry, 1)
+    for where in [w for w, b in d.buckets.items() if len(b) > BUCKET]:
+        d.split(where)
     return d
 
 

@@ -384,13 +384,13 @@ def test_a_directory_of_10000_entries(mnt, fs):
     through the kernel moves them into buckets, in one exec.  Then the kernel
     lists all of them, looks some up, creates, renames and unlinks in it, and
     every bucket holds at most 128 entries."""
-    fs.mkdir("/big")
-    ino = fs.stat("/big").ino
+    fs.mkdir("/tenk")
+    ino = fs.stat("/tenk").ino
     names = [f"e{i:05d}" for i in range(10_000)]
     files = {name: [f"{i + 1:016x}", "f", 0o644, 0, 1.7e9] for i, name in enumerate(names)}
     old = msgpack.packb({"e": files, "i": {}, "a": {}, "dead": False})
     assert all(r.ok for r in fs.session.write(f"fs:d:{ino}", old))
-    (mnt / "big" / "first").write_bytes(b"first")
+    (mnt / "tenk" / "first").write_bytes(b"first")
     head = msgpack.unpackb(fs.session.read(f"fs:d:{ino}"), raw=False)
     assert head["n"] == 10_001 and len(head["b"]) >= 64         # split into buckets
     held = 0
@@ -399,26 +399,26 @@ def test_a_directory_of_10000_entries(mnt, fs):
         assert len(bucket) <= 128
         held += len(bucket)
     assert held == 10_001
-    assert sorted(os.listdir(mnt / "big")) == sorted([*names, "first"])
+    assert sorted(os.listdir(mnt / "tenk")) == sorted([*names, "first"])
     rng = random.Random(1)
     for name in rng.sample(names, 20):
-        assert os.stat(mnt / "big" / name).st_mtime == 1.7e9
+        assert os.stat(mnt / "tenk" / name).st_mtime == 1.7e9
     for i in range(20):
-        (mnt / "big" / f"new{i}").write_bytes(b"%d" % i)
-    os.mkdir(mnt / "big" / "sub")
-    assert os.stat(mnt / "big").st_nlink == 3
+        (mnt / "tenk" / f"new{i}").write_bytes(b"%d" % i)
+    os.mkdir(mnt / "tenk" / "sub")
+    assert os.stat(mnt / "tenk").st_nlink == 3
     with pytest.raises(OSError) as full:
-        os.rmdir(mnt / "big")
+        os.rmdir(mnt / "tenk")
     assert full.value.errno == errno.ENOTEMPTY
-    os.rename(mnt / "big" / "new7", mnt / "big" / "sub" / "seven")
-    os.rename(mnt / "big" / "new8", mnt / "big" / "e00008")
-    assert (mnt / "big" / "sub" / "seven").read_bytes() == b"7"
-    assert (mnt / "big" / "e00008").read_bytes() == b"8"
+    os.rename(mnt / "tenk" / "new7", mnt / "tenk" / "sub" / "seven")
+    os.rename(mnt / "tenk" / "new8", mnt / "tenk" / "e00008")
+    assert (mnt / "tenk" / "sub" / "seven").read_bytes() == b"7"
+    assert (mnt / "tenk" / "e00008").read_bytes() == b"8"
     gone = rng.sample(names, 50)
     for name in gone:
-        os.unlink(mnt / "big" / name)
-        assert not (mnt / "big" / name).exists()
-    listed = set(os.listdir(mnt / "big"))
+        os.unlink(mnt / "tenk" / name)
+        assert not (mnt / "tenk" / name).exists()
+    listed = set(os.listdir(mnt / "tenk"))
     assert len(listed) == 10_000 + 1 + 20 + 1 - 2 - 50 and listed.isdisjoint(gone)
     head = msgpack.unpackb(fs.session.read(f"fs:d:{ino}"), raw=False)
     assert head["n"] == len(listed) and head["s"] == 1
