@@ -26,7 +26,7 @@ import msgpack
 
 __all__ = ["BadShape", "Entry", "directory", "entry", "listing", "intent", "reply",
            "name_ok", "one_line", "show_names", "NAME_MAX", "MAX_ENTRIES", "inode", "own",
-           "unpack", "KINDS", "bucket", "buckets", "where", "slot", "MAX_DEPTH"]
+           "unpack", "KINDS", "bucket", "buckets", "where", "slot", "MAX_DEPTH", "layout"]
 
 NAME_MAX = 255
 # Entries (or intents) in one directory.  An entry FsClient writes takes over
@@ -144,6 +144,23 @@ def buckets(d: dict) -> list[tuple[int, int]]:
     """(depth, prefix) of each bucket the map of head `d` names, once each."""
     m = d["b"]
     return [(m[i], i) for i in range(len(m)) if i < 1 << m[i]]
+
+
+def layout(entries: dict, salt: bytes) -> tuple[dict, dict]:
+    """(head, {(depth, prefix): bucket}) of a directory of `entries`, as
+    history/fs.py lays out one it moves from the old form: buckets of one
+    depth, half full on average.  For tests and benches that need a large
+    directory without an exec per entry."""
+    depth = 0
+    while len(entries) > 64 << depth and depth < MAX_DEPTH:
+        depth += 1
+    buckets = {(depth, prefix): {} for prefix in range(1 << depth)}
+    for name, value in entries.items():
+        buckets[(depth, slot(salt, name) % (1 << depth))][name] = value
+    subdirs = sum(1 for v in entries.values() if v[1] == "d")
+    head = {"b": bytes([depth]) * (1 << depth), "k": salt, "n": len(entries), "s": subdirs,
+            "i": {}, "a": {}, "dead": False}
+    return head, buckets
 
 
 def bucket(raw: bytes) -> dict:

@@ -81,9 +81,10 @@ BUCKET = 128        # entries in a bucket before it splits (~60 KiB at most: nam
 MAX_DEPTH = 16      # 65,536 buckets (8 million entries) before buckets grow past BUCKET
 SALT = 8
 # The most entries an old-form directory may have to be moved into buckets (in
-# one exec, within the profile's limits: 10,000 took ~1 s here); a larger one
-# stays in the old form, written whole by each op as before.
-MOVE_MAX = 20_000
+# one exec, within the request's deadline: 200 entries take ~0.1 s here, and
+# 10,000 (256 bucket writes) 1-2 s idle but over 5 s on a loaded machine); a
+# larger one stays in the old form, written whole by each op as before.
+MOVE_MAX = 5_000
 HEAD = ("b", "k", "n", "s", "i", "a", "dead")
 
 
@@ -254,8 +255,7 @@ def map_ok(m):
 def migrated(ino, old):
     """A directory of the old form, its entries moved into buckets (written by
     the op's save, if it saves): each name hashed once into buckets of a depth
-    that holds them half full, so that a large one moves in one exec (100,000
-    entries: 2,048 buckets written)."""
+    that holds them half full (fs/shape.py `layout` does the same)."""
     if not (len(old) == 4 + ("m" in old) and isinstance(old.get("e"), dict)
             and isinstance(old.get("i"), dict) and isinstance(old.get("a"), dict)
             and isinstance(old.get("dead"), bool)
