@@ -1,6 +1,7 @@
 """Directories and the mount, next to a local tmpfs directory, in one run.
 
     .venv/bin/python bench/fs_bench.py [--files N] [--big N] [--mb N] [--gib N]
+                                       [--huge N] [--dirs-only]
 
 Starts one node (`srw serve`, default profile, sync on) in a temporary folder
 and mounts it (`srw mount`), then times the same operations on the mount, on
@@ -12,7 +13,10 @@ FsClient), and writing and reading 1 MB files.  Then one large file
 reads in it (ops/s), and `tar -x` of a source tree (this repository's
 tracked files), each also through a minimal mfusepy passthrough of a tmpfs
 directory (`Passthrough` below, its own process): what any FUSE filesystem
-in Python pays.  Not part of the test suite.  Everything started is stopped
+in Python pays.  First (`--huge`, default 100,000 entries; `--dirs-only` for
+these rows alone) creates and lookups in a directory of that many entries
+against an empty one (creates) and one of 100 (lookups), through FsClient
+and the mount.  Not part of the test suite.  Everything started is stopped
 and unmounted.
 """
 from __future__ import annotations
@@ -33,7 +37,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from common import wait_for, write_config  # noqa: E402
 
-from fs.client import FsClient  # noqa: E402
+import msgpack  # noqa: E402
+
+from fs import shape  # noqa: E402
+from fs.client import FsClient, bucket_key  # noqa: E402
 from storage.client import Session  # noqa: E402
 
 MB = 1 << 20
@@ -86,6 +93,54 @@ def fill(cfg: Path, path: str, n: int, threads: int = 4) -> float:
     for w in workers:
         w.join()
     return n / (time.perf_counter() - started)
+
+
+def scale(args, cfg: Path, mnt: Path) -> None:
+    """Create and lookup in a directory of --huge entries against an empty one
+    (a create) or one of 100 (a lookup), through FsClient and the mount, the
+    two directories taking turns in rounds so that load hits both alike."""
+    with Session(cfg) as session:
+        fs = FsClient(session)
+        for where in ("/huge", "/empty", "/small"):
+            fs.mkdir(where)
+        fill(cfg, "/small", 100, threads=1)
+        made = timed(lambda: plant(session, fs.stat("/huge").ino, args.huge))
+        print(f"(/huge: {args.huge:,} entries written straight into buckets in {made:.1f} s)")
+        print(f"{'operation':34} {'huge':>12} {'empty/100':>12} {'ratio':>12}")
+        rounds, n = 5, args.files // 5
+        spent = {"/huge": [0.0, 0.0, 0.0, 0.0], "/empty": [0.0, 0.0, 0.0, 0.0]}
+        rng = random.Random(1)
+        for r in range(rounds):
+            for where, full in (("/huge", "/huge"), ("/empty", "/small")):
+                t = spent[where]
+                t[0] += timed(lambda: [fs.create(f"{where}/api{r}-{i}") for i in range(n)])
+                t[1] += timed(lambda: [creates_in(mnt / where[1:], f"m{r}-{i}")
+                                       for i in range(n)])
+                names = [f"e{rng.randrange(args.huge if full == '/huge' else 100)}"
+                         for _ in range(n)]
+                t[2] += timed(lambda: [fs.stat(f"{full}/{name}") for name in names])
+                t[3] += timed(lambda: [os.stat(mnt / full[1:] / f"{name}") for name in
+                                       names])  # a name the kernel may have cached: see README
+        total = rounds * n
+        for i, what in enumerate(("create (FsClient)", "create (mount)", "lookup (FsClient)",
+                                  "lookup, stat (mount)")):
+            huge, small = total / spent["/huge"][i], total / spent["/empty"][i]
+            print(f"{what:34} {huge:>12,.0f} {small:>12,.0f} {huge / small:>12.2f}  ops/s")
+
+
+def plant(session: Session, ino: str, n: int) -> None:
+    """Directory `ino` with entries e0..e{n-1}, written straight into buckets
+    (`shape.layout`): 100,000 creates take minutes, hours on a loaded machine."""
+    entries = {f"e{i}": [f"{i + 1:016x}", "f", 0o644, 0, 1.7e9] for i in range(n)}
+    head, buckets = shape.layout(entries, os.urandom(shape.SALT))
+    assert max(map(len, buckets.values())) <= 128, "a bucket over 128: run again"
+    for at, bucket in buckets.items():
+        session.write(bucket_key(ino, *at), msgpack.packb(bucket))
+    session.write(f"fs:d:{ino}", msgpack.packb(head))
+
+
+def creates_in(folder: Path, name: str) -> None:
+    open(folder / name, "wb").close()
 
 
 def big_write(folder: Path, size: int) -> float:
@@ -242,7 +297,10 @@ def run(args, root: Path, procs: list) -> None:
     wait_for(lambda: os.path.ismount(mnt), 30, "the mount")
     shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
     try:
-        measure(args, cfg, mnt, shm)
+        if args.huge:
+            scale(args, cfg, mnt)
+        if not args.dirs_only:
+            measure(args, cfg, mnt, shm)
     finally:
         shutil.rmtree(shm, ignore_errors=True)
         subprocess.run(["fusermount3", "-u", str(mnt)], timeout=30)
@@ -327,6 +385,10 @@ def main() -> int:
     parser.add_argument("--big", type=int, default=10_000)
     parser.add_argument("--mb", type=int, default=20)
     parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--huge", type=int, default=100_000,
+                        help="entries of the large directory of the scale rows (0: none)")
+    parser.add_argument("--dirs-only", action="store_true",
+                        help="only the scale rows (create and lookup in --huge)")
     parser.add_argument("--passthrough", nargs=2, metavar=("ROOT", "MOUNTPOINT"),
                         help=argparse.SUPPRESS)     # the passthrough's own process
     args = parser.parse_args()

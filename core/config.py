@@ -164,6 +164,15 @@ class SearchSettings:
 
 
 @dataclass(frozen=True)
+class FsSettings:
+    """The tree of directories and files (fs/, `srw fs`, `srw mount`)."""
+    # The largest file (st_size) a write or truncate may reach; beyond it, EFBIG.
+    # Default 16 TiB, as ext4 with 4 KiB blocks: 2**24 chunks of 1 MiB, so
+    # removing even the largest file is a bounded number of store removes.
+    max_file: int = 1 << 44
+
+
+@dataclass(frozen=True)
 class ServeSettings:
     """`srw serve` as a service: its pid file and the socket `srw reload|resize|stop` use."""
     pidfile: str = ""               # "" = none
@@ -188,6 +197,7 @@ class Config:
     serve: ServeSettings = field(default_factory=ServeSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     search: SearchSettings = field(default_factory=SearchSettings)
+    fs: FsSettings = field(default_factory=FsSettings)
 
     def node(self, name: str) -> NodeSettings:
         for node in self.nodes:
@@ -233,7 +243,7 @@ CONFIG_ENV = "SRW_CONFIG"
 NODE_ENV = "SRW_NODE"
 SECTIONS = {"pool": PoolSettings, "broker": BrokerSettings, "proxy": ProxySettings,
             "log": LogSettings, "security": SecuritySettings, "serve": ServeSettings,
-            "cluster": ClusterSettings, "search": SearchSettings}
+            "cluster": ClusterSettings, "search": SearchSettings, "fs": FsSettings}
 RIGHTS = ("exec", "code", "read", "write")
 
 
@@ -309,6 +319,7 @@ def _check(config: Config) -> None:
     rules = [
         (1 <= config.pool.workers < 500, "pool.workers must be from 1 to 499"),
         (config.pool.credits >= 1, "pool.credits must be at least 1"),
+        (0 < config.fs.max_file < 1 << 63, "fs.max_file must be from 1 to 2**63-1 bytes"),
         (config.pool.max_workers == 0 or config.pool.workers <= config.pool.max_workers < 500,
          "pool.max_workers must be 0 (4 x workers) or from pool.workers to 499"),
         (config.pool.max_requests >= 0, "pool.max_requests must be 0 (no limit) or more"),

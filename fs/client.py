@@ -48,10 +48,6 @@ DIR, CHUNKS, INODE = "fs:d:", "fs:c:", "fs:i:"
 # or shorter than its share of the file, reads as zeros: sparse files cost
 # nothing.
 CHUNK = 1 << 20
-# The largest file (st_size) a write or truncate may reach; beyond it, EFBIG.
-# 16 TiB, as ext4 with 4 KiB blocks: 2**24 chunks, so removing even the largest
-# file is a bounded number of store removes.
-MAX_FILE = 1 << 44
 log = logging.getLogger("srw.fs")
 
 
@@ -90,6 +86,12 @@ def split_path(path: str) -> list[str]:
             raise FsError(errno.ENAMETOOLONG, path)
         parts.append(part)
     return parts
+
+
+def bucket_key(ino: str, depth: int, prefix: int) -> str:
+    """A directory's bucket of entries (history/fs.py's header): the braces
+    put a directory's buckets in one Redis Cluster slot."""
+    return f"{DIR}{{{ino}}}:{depth}.{prefix}"
 
 
 def chunk_key(ino: str, n: int) -> str:
@@ -141,6 +143,8 @@ class FsClient:
     def __init__(self, session: Session, script: str = SCRIPT):
         self.session, self.script = session, script
         self.groups = sorted(session.ring.groups)   # execs go to the first that answers
+        # The largest file a write or truncate may reach ([fs] max_file); beyond, EFBIG.
+        self.max_file = session.config.fs.max_file
 
     # Reading ---------------------------------------------------------------------
 
@@ -170,17 +174,69 @@ class FsClient:
         for part in parts if follow_last else parts[:-1]:
             if not entry.is_dir:
                 raise FsError(errno.ENOTDIR, path)
-            raw = self._entries(entry.ino, path).get(part)
+            raw = self.lookup(entry.ino, part, path)
             if raw is None:
                 raise FsError(errno.ENOENT, path)
             entry = self.entry(raw, entry.ino, part, path)
         return parts, entry
 
-    def _entries(self, ino: str, path: str) -> dict:
+    def lookup(self, ino: str, name: str, path: str):
+        """Directory `ino`'s entry `name` as stored (None if none): its head, then
+        the one bucket the head names.  A bucket gone since the head was read
+        was split: the head is read again (a bucket the latest head names and
+        that is absent is empty).  ENOENT if the directory was removed."""
         d = self.directory(ino, path)
-        if d["dead"]:
-            raise FsError(errno.ENOENT, path)
-        return d["e"]
+        for _ in range(shape.MAX_DEPTH + 2):
+            if d["dead"]:
+                raise FsError(errno.ENOENT, path)
+            if d["e"] is not None:
+                return d["e"].get(name)
+            at = shape.where(d, name)
+            try:
+                return self.bucket(ino, at, path).get(name)
+            except NotFound:
+                d = self.directory(ino, path)
+                if d["e"] is None and shape.where(d, name) == at:
+                    return None
+        raise bad(path, f"{DIR}{ino}: its buckets kept splitting under the lookup of {name!r}")
+
+    def bucket(self, ino: str, at: tuple[int, int], path: str) -> dict:
+        """A bucket (NotFound if absent), its shape checked; EIO if it is not one."""
+        key = bucket_key(ino, *at)
+        try:
+            return shape.bucket(self.session.read(key))
+        except shape.BadShape as exc:
+            raise bad(path, f"{key}: {exc}") from None
+
+    def entries(self, ino: str, d: dict, path: str) -> tuple[dict, list]:
+        """(every entry of directory `ino` as stored, names in a bucket they do
+        not belong in): each bucket of head `d` in turn; one gone since `d` was
+        read was split, and its halves are read from the latest head."""
+        if d["e"] is not None:
+            return d["e"], []
+        out, misplaced, todo, latest = {}, [], shape.buckets(d), d
+        reads = 0
+        while todo:
+            depth, prefix = todo.pop()
+            reads += 1
+            if reads > (1 << shape.MAX_DEPTH) * 2:
+                raise bad(path, f"{DIR}{ino}: its buckets kept splitting under a listing")
+            try:
+                found = self.bucket(ino, (depth, prefix), path)
+            except NotFound:
+                latest = self.directory(ino, path)
+                m = latest["b"]
+                if latest["e"] is not None or prefix < len(m) and m[prefix] == depth:
+                    continue            # absent and still named: empty
+                todo += [(dd, p) for dd, p in shape.buckets(latest)
+                         if dd > depth and p % (1 << depth) == prefix]
+                continue
+            for name, value in found.items():
+                if type(name) is str and shape.slot(d["k"], name) % (1 << depth) != prefix:
+                    misplaced.append(name)
+                else:
+                    out[name] = value
+        return out, misplaced
 
     def parent(self, path: str) -> tuple[Entry, str]:
         """(parent directory entry, with its own attributes; last name) of a
@@ -204,6 +260,8 @@ class FsClient:
         if not entry.is_dir:
             return entry, 1
         d = self.directory(entry.ino, path)
+        if d["e"] is None:
+            return own(entry, d), 2 + d["s"]
         subdirs = sum(1 for v in d["e"].values() if type(v) is list and v[1:2] == ["d"])
         return own(entry, d), 2 + subdirs
 
@@ -219,10 +277,12 @@ class FsClient:
             d = self.directory(entry.ino, path)
         if d["dead"]:
             raise FsError(errno.ENOENT, path)
+        found, misplaced = self.entries(entry.ino, d, path)
         try:
-            listing, skipped = shape.listing(d["e"])
+            listing, skipped = shape.listing(found)
         except shape.BadShape as exc:
             raise bad(path, f"{DIR}{entry.ino}: {exc}") from None
+        skipped += misplaced
         if skipped:
             log.warning("%s%s: %d names no directory can hold left out of the listing: %s",
                         DIR, entry.ino, len(skipped), shape.show_names(skipped))
@@ -276,9 +336,10 @@ class FsClient:
     def drop_chunks(self, ino: str, start: int, size: int) -> None:
         """Remove the chunks from `start` up to those of a file of `size` bytes
         (absent ones included: nothing records which a sparse file has).  A
-        size beyond MAX_FILE is not one of ours (a hostile entry): its chunks
-        stay, with a line in the log, rather than millions of removes."""
-        if size > MAX_FILE:
+        size beyond max_file is not one of ours (a hostile entry, or a file
+        from before max_file was lowered): its chunks stay, with a line in the
+        log, rather than millions of removes."""
+        if size > self.max_file:
             log.warning("fs:c:{%s}: not removed: its size %d is over the largest file",
                         ino, size)
             return
@@ -373,7 +434,7 @@ class FsClient:
         return self.write_data(path, entry, data)
 
     def write_data(self, path: str, entry: Entry, data: bytes) -> Entry:
-        if len(data) > MAX_FILE:
+        if len(data) > self.max_file:
             raise FsError(errno.EFBIG, path)
         view, old_size = memoryview(data), entry.size
         for n in range(-(-len(data) // CHUNK)):
@@ -493,7 +554,7 @@ class FsClient:
         parts = split_path(new)[:-1]
         node = ROOT_ENTRY
         for part in parts:
-            raw = self.directory(node.ino, new)["e"].get(part)
+            raw = self.lookup(node.ino, part, new)
             if raw is None:
                 return
             node = self.entry(raw, node.ino, part, new)

@@ -30,7 +30,7 @@ import mfusepy
 from broker.client import BrokerUnavailable
 from storage.client import StorageError
 
-from .client import CHUNK, MAX_FILE, Entry, FsClient, FsError, fit
+from .client import CHUNK, Entry, FsClient, FsError, fit
 from .shape import KINDS
 
 BLOCK = 4096
@@ -264,7 +264,7 @@ class SrwOperations(mfusepy.Operations):
     def write(self, path, data, offset, fh):
         inode = self.inodes[self.files[fh]]
         end = offset + len(data)
-        if end > MAX_FILE:
+        if end > self.fs.max_file:
             raise FsError(errno.EFBIG, path)
         view, done = memoryview(data), 0
         while done < len(data):
@@ -296,7 +296,7 @@ class SrwOperations(mfusepy.Operations):
             self.fs.write_chunk(inode.path, inode.entry.ino, n, data)
 
     def truncate(self, path, length, fh=None):
-        if length > MAX_FILE:
+        if length > self.fs.max_file:
             raise FsError(errno.EFBIG, path)
         if fh is not None:
             self._truncate(self.inodes[self.files[fh]], length)

@@ -1,7 +1,8 @@
-"""The shape of what FsClient reads: directory objects and the script's replies.
+"""The shape of what FsClient reads: directory heads and buckets (and the old
+one-value form), inode objects, and the script's replies.
 
-Directory objects live under ``fs:d:<ino>`` in the same store that every
-script and client with the ``write`` right can write, so each one is hostile
+Directory heads live under ``fs:d:<ino>``, buckets beside them, in the same
+store that every script and client with the ``write`` right can write, so each one is hostile
 until this module has checked it; ``history/fs.py``'s reply is checked too.
 A value of the wrong shape raises ``BadShape`` saying what is wrong (FsClient
 turns it into EIO).  The format is in ``history/fs.py``'s header.
@@ -16,6 +17,7 @@ writer cannot make ``ls`` show ``..`` or ``x/y``.
 from __future__ import annotations
 
 import errno
+import hashlib
 import re
 import stat
 from typing import NamedTuple
@@ -24,7 +26,7 @@ import msgpack
 
 __all__ = ["BadShape", "Entry", "directory", "entry", "listing", "intent", "reply",
            "name_ok", "one_line", "show_names", "NAME_MAX", "MAX_ENTRIES", "inode", "own",
-           "unpack", "KINDS"]
+           "unpack", "KINDS", "bucket", "buckets", "where", "slot", "MAX_DEPTH", "layout"]
 
 NAME_MAX = 255
 # Entries (or intents) in one directory.  An entry FsClient writes takes over
@@ -39,7 +41,12 @@ SIZE_LIMIT = 2 ** 63            # st_size is an off_t
 INO = re.compile(r"root|[0-9a-f]{16}")        # ROOT, or FsClient's new_ino()
 IID = re.compile(r"[0-9A-Za-z_-]{1,64}")      # a rename's intent id
 ERRNO_NAMES = frozenset(name for name in dir(errno) if name.startswith("E"))
-FIELDS = ("e", "i", "a", "dead")
+FIELDS = ("e", "i", "a", "dead")             # a directory of the old form, one value
+HEAD = ("b", "k", "n", "s", "i", "a", "dead")  # a directory's head (its entries in buckets)
+# Buckets (history/fs.py's header): a map of 2**D bytes, D at most MAX_DEPTH,
+# each a bucket's depth; a name's slot is its keyed blake2b (SALT bytes of key).
+MAX_DEPTH = 16
+SALT = 8
 
 
 class BadShape(ValueError):
@@ -81,15 +88,19 @@ class Entry(NamedTuple):
 
 
 def directory(raw: bytes) -> dict:
-    """The directory object in `raw`: its four fields of the right types (and
-    "m", its own attributes, when present), its intents and applied renames
-    checked (there are few: renames in flight).  Its entries are only known
-    to be a map: check them with `entry`/`listing`."""
+    """The directory head in `raw` (or a whole directory of the old form, with
+    "e"; a head gets "e": None): its fields of the right types (and "m", its
+    own attributes, when present), its bucket map, intents and applied renames
+    checked (there are few: renames in flight).  Entries are only known to be
+    a map: check them with `entry`/`listing`."""
     d = _unpack(raw, "a directory object")
-    if not isinstance(d, dict) or d.keys() - {"m"} != set(FIELDS):
-        raise BadShape(f"not a directory object: {_show(d)}, not a map of {', '.join(FIELDS)}"
-                       " (and m)")
-    if not (isinstance(d["e"], dict) and isinstance(d["i"], dict)
+    if isinstance(d, dict) and d.keys() - {"m"} == set(HEAD):
+        _head(d)
+        d["e"] = None
+    elif not isinstance(d, dict) or d.keys() - {"m"} != set(FIELDS):
+        raise BadShape(f"not a directory object: {_show(d)}, not a map of {', '.join(HEAD)}"
+                       f" (or {', '.join(FIELDS)}) and m")
+    if not ((d["e"] is None or isinstance(d["e"], dict)) and isinstance(d["i"], dict)
             and isinstance(d["a"], dict) and isinstance(d["dead"], bool)):
         raise BadShape("a directory's e, i, a are not maps or its dead is not a bool")
     if "m" in d:
@@ -101,6 +112,63 @@ def directory(raw: bytes) -> dict:
         _iid(iid)
         _errno_name(err, f"applied rename {iid}")
     return d
+
+
+def _head(d: dict) -> None:
+    m, salt, n, subdirs = d["b"], d["k"], d["n"], d["s"]
+    depth = len(m).bit_length() - 1 if type(m) is bytes else -1
+    if not (0 <= depth <= MAX_DEPTH and len(m) == 1 << depth and max(m) <= depth):
+        raise BadShape(f"a directory's bucket map is {_show(m)}, not 2**D bytes of "
+                       f"depths up to D <= {MAX_DEPTH}")
+    if not (type(salt) is bytes and len(salt) == SALT):
+        raise BadShape(f"a directory's salt is {_show(salt)}, not {SALT} bytes")
+    if not (type(n) is int and type(subdirs) is int and 0 <= subdirs <= n < SIZE_LIMIT):
+        raise BadShape(f"a directory's counts are {_show(n)}/{_show(subdirs)}, not "
+                       "entries >= subdirectories >= 0")
+
+
+def where(d: dict, name: str) -> tuple[int, int]:
+    """(depth, prefix) of the bucket of directory head `d` for `name`."""
+    h = slot(d["k"], name)
+    depth = d["b"][h % len(d["b"])]
+    return depth, h % (1 << depth)
+
+
+def slot(salt: bytes, name: str) -> int:
+    """A name's slot (history/fs.py's `slot`, the same)."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogatepass"), key=salt,
+                                          digest_size=8).digest(), "little")
+
+
+def buckets(d: dict) -> list[tuple[int, int]]:
+    """(depth, prefix) of each bucket the map of head `d` names, once each."""
+    m = d["b"]
+    return [(m[i], i) for i in range(len(m)) if i < 1 << m[i]]
+
+
+def layout(entries: dict, salt: bytes) -> tuple[dict, dict]:
+    """(head, {(depth, prefix): bucket}) of a directory of `entries`, as
+    history/fs.py lays out one it moves from the old form: buckets of one
+    depth, half full on average.  For tests and benches that need a large
+    directory without an exec per entry."""
+    depth = 0
+    while len(entries) > 64 << depth and depth < MAX_DEPTH:
+        depth += 1
+    buckets = {(depth, prefix): {} for prefix in range(1 << depth)}
+    for name, value in entries.items():
+        buckets[(depth, slot(salt, name) % (1 << depth))][name] = value
+    subdirs = sum(1 for v in entries.values() if v[1] == "d")
+    head = {"b": bytes([depth]) * (1 << depth), "k": salt, "n": len(entries), "s": subdirs,
+            "i": {}, "a": {}, "dead": False}
+    return head, buckets
+
+
+def bucket(raw: bytes) -> dict:
+    """A bucket: a map of entries (each checked where it is used)."""
+    b = _unpack(raw, "a bucket")
+    if not isinstance(b, dict):
+        raise BadShape(f"a bucket is {_show(b)}, not a map of entries")
+    return b
 
 
 def inode(value, ino: str) -> Entry:

@@ -14,8 +14,23 @@
 # is {"err": "EIO", "why": "..."}: the object and each entry or intent an op
 # touches are checked here, cheaply; readers check everything (fs/shape.py).
 #
-# Directory object under "fs:d:<ino>" (absent = empty directory):
-#   {"e": {name: [ino, kind, mode, size, mtime, uid, gid, atime, ctime, extra]},
+# A directory is a head under "fs:d:<ino>" (absent = empty directory) and its
+# entries in buckets, so that an op costs the same in a directory of 100,000
+# entries as in an empty one: it reads and writes the head and one bucket.
+# Head: {"b": map, "k": salt, "n": entries, "s": subdirectories, "i", "a",
+#        "dead", "m" as below}.  A name's slot is blake2b(name, key=salt, 8
+# bytes) little-endian, h; the map is bytes of 2**D (D its global depth), and
+# map[h % 2**D] is the depth d of the bucket holding the name, stored under
+# "fs:d:{<ino>}:<d>.<h % 2**d>" (absent = empty; the braces: one Redis slot for
+# a directory's buckets) as {name: entry}.  A bucket of more than BUCKET
+# entries splits in two by the next bit of h (extendible hashing): the two new
+# buckets are written, then the head, then the old bucket removed, so a reader
+# that finds a bucket gone reads the head again (fs/client.py).  No bucket is
+# ever merged; an emptied one is removed.  The old form of a directory, before
+# buckets (until srw 2026-12), is one value {"e": {name: entry}, "i", "a",
+# "dead", "m"}: it is read as it is, and moved into buckets by its first op
+# that writes.  Entries:
+#   {name: [ino, kind, mode, size, mtime, uid, gid, atime, ctime, extra]},
 #         kind: f file, d directory, l symlink (extra: its target), p fifo,
 #         c/b device (extra: rdev), s socket; an entry of the first five fields
 #         alone is read as root's, atime and ctime its mtime (fs/shape.py)
@@ -52,6 +67,9 @@
 # second apply; once step 3 has dropped the intent, step 2 sees it gone in S.
 # Step 4 only runs after step 3, so no apply can find neither.  Each step is
 # one exec holding one lock, so opposite renames never deadlock.
+import hashlib
+import os
+
 import msgpack
 
 DIR = "fs:d:"
@@ -59,26 +77,209 @@ KIND, SIZE, MODE, MTIME, UID, GID, ATIME, CTIME = 1, 3, 2, 4, 5, 6, 7, 8
 KINDS = ("f", "d", "l", "p", "c", "b", "s")
 SETTABLE = (("size", SIZE), ("mode", MODE), ("mtime", MTIME), ("uid", UID), ("gid", GID),
             ("atime", ATIME), ("ctime", CTIME))
+BUCKET = 128        # entries in a bucket before it splits (~60 KiB at most: names <= 255 B)
+MAX_DEPTH = 16      # 65,536 buckets (8 million entries) before buckets grow past BUCKET
+SALT = 8
+# The most entries an old-form directory may have to be moved into buckets (in
+# one exec, within the request's deadline: 200 entries take ~0.1 s here, and
+# 10,000 (256 bucket writes) 1-2 s idle but over 5 s on a loaded machine); a
+# larger one stays in the old form, written whole by each op as before.
+MOVE_MAX = 5_000
+HEAD = ("b", "k", "n", "s", "i", "a", "dead")
 
 
 class Bad(Exception):
     """A stored value that is not what it should be: the exec answers EIO."""
 
 
-def load(ino):
+def slot(salt, name):
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogatepass"), key=salt,
+                                          digest_size=8).digest(), "little")
+
+
+def bucket_key(ino, depth, prefix):
+    return "%s{%s}:%d.%d" % (DIR, ino, depth, prefix)
+
+
+def unpack(key):
+    """The value under `key` decoded, None if absent; Bad if it does not decode."""
     try:
-        raw = fs_store.read_data(DIR + ino)
+        raw = fs_store.read_data(key)
     except KeyError:
-        return {"e": {}, "i": {}, "a": {}, "dead": False}
+        return None
     try:
-        d = msgpack.unpackb(raw, raw=False)
+        return msgpack.unpackb(raw, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise Bad("%s%s does not decode: %s" % (DIR, ino, (str(exc) or type(exc).__name__)[:80]))
-    if not (isinstance(d, dict) and len(d) == 4 + ("m" in d) and isinstance(d.get("e"), dict)
-            and isinstance(d.get("i"), dict) and isinstance(d.get("a"), dict)
-            and isinstance(d.get("dead"), bool)
-            and (isinstance(d.get("m"), list) and len(d["m"]) == 6 or "m" not in d)):
+        raise Bad("%s does not decode: %s" % (key, (str(exc) or type(exc).__name__)[:80]))
+
+
+class Dir:
+    """A directory as this op sees it: its head, the buckets read so far, and
+    what `save` writes (changed buckets, then the head, then removed buckets)."""
+
+    def __init__(self, ino, head, old=False):
+        self.ino, self.head, self.old = ino, head, old     # old: the old form, kept
+        self.buckets, self.dirty, self.gone = {}, set(), set()
+
+    def __getitem__(self, field):
+        return self.head[field]
+
+    def __setitem__(self, field, value):
+        self.head[field] = value
+
+    def __contains__(self, field):
+        return field in self.head
+
+    def where(self, name):
+        """(depth, prefix) of the bucket for `name`."""
+        h = slot(self.head["k"], name)
+        depth = self.head["b"][h % len(self.head["b"])]
+        return depth, h % (1 << depth)
+
+    def bucket(self, where):
+        if where not in self.buckets:
+            b = unpack(bucket_key(self.ino, *where))
+            if b is not None and not isinstance(b, dict):
+                raise Bad("%s is not a map of entries" % bucket_key(self.ino, *where))
+            self.buckets[where] = b or {}
+        return self.buckets[where]
+
+    def get(self, name):
+        if self.old:
+            return self.head["e"].get(name)
+        return self.bucket(self.where(name)).get(name)
+
+    def put(self, name, entry):
+        if self.old:
+            self.head["e"][name] = entry
+            return
+        where = self.where(name)
+        b = self.bucket(where)
+        old = b.get(name)
+        self.count(old, -1)
+        self.count(entry, 1)
+        b[name] = entry
+        self.dirty.add(where)
+        if len(b) > BUCKET:
+            self.split(where)
+
+    def drop(self, name):
+        if self.old:
+            self.head["e"].pop(name, None)
+            return
+        where = self.where(name)
+        self.count(self.bucket(where).pop(name, None), -1)
+        self.dirty.add(where)
+
+    def count(self, entry, sign):
+        if entry is not None:
+            self.head["n"] = max(0, self.head["n"] + sign)
+            if isinstance(entry, list) and entry[1:2] == ["d"]:
+                self.head["s"] = max(0, self.head["s"] + sign)
+
+    def split(self, where):
+        """Split the bucket in two by the next bit of each name's slot, again
+        while one half is over BUCKET (names that share their low bits)."""
+        depth, prefix = where
+        while depth < MAX_DEPTH:
+            b = self.buckets.pop((depth, prefix))
+            self.dirty.discard((depth, prefix))
+            self.gone.add((depth, prefix))
+            halves = ({}, {})
+            for name, entry in b.items():
+                halves[slot(self.head["k"], name) >> depth & 1][name] = entry
+            if depth == len(self.head["b"]).bit_length() - 1:     # D grows
+                self.head["b"] = self.head["b"] * 2
+            m = bytearray(self.head["b"])
+            for i in range(prefix, len(m), 1 << depth):
+                m[i] = depth + 1
+            self.head["b"] = bytes(m)
+            for bit in (0, 1):
+                half = (depth + 1, prefix | bit << depth)
+                self.buckets[half] = halves[bit]
+                self.dirty.add(half)
+                self.gone.discard(half)
+            bit = 0 if len(halves[0]) > BUCKET else 1 if len(halves[1]) > BUCKET else None
+            if bit is None:
+                return
+            depth, prefix = depth + 1, prefix | bit << depth
+
+    def names(self):
+        """Every entry's name (rmdir's check: it reads every bucket)."""
+        if self.old:
+            return list(self.head["e"])
+        out = []
+        m = self.head["b"]
+        for i in range(len(m)):
+            if i < 1 << m[i]:
+                out.extend(self.bucket((m[i], i)))
+        return out
+
+    def save(self):
+        for where in self.dirty:
+            b = self.buckets[where]
+            if b:
+                fs_store.write_data(bucket_key(self.ino, *where), msgpack.packb(b))
+            else:
+                fs_store.remove(bucket_key(self.ino, *where))
+        fs_store.write_data(DIR + self.ino, msgpack.packb(self.head))
+        for where in self.gone:
+            fs_store.remove(bucket_key(self.ino, *where))
+
+
+def load(ino):
+    head = unpack(DIR + ino)
+    if head is None:
+        return Dir(ino, {"b": b"\0", "k": os.urandom(SALT), "n": 0, "s": 0, "i": {}, "a": {},
+                         "dead": False})
+    if isinstance(head, dict) and "e" in head:
+        return migrated(ino, head)
+    if not (isinstance(head, dict) and len(head) == len(HEAD) + ("m" in head)
+            and all(f in head for f in HEAD) and isinstance(head["i"], dict)
+            and isinstance(head["a"], dict) and isinstance(head["dead"], bool)
+            and isinstance(head["k"], bytes) and len(head["k"]) == SALT
+            and isinstance(head["n"], int) and isinstance(head["s"], int)
+            and head["n"] >= 0 <= head["s"]
+            and isinstance(head["b"], bytes) and map_ok(head["b"])
+            and (isinstance(head.get("m"), list) and len(head["m"]) == 6 or "m" not in head)):
+        raise Bad("%s%s is not a directory head" % (DIR, ino))
+    return Dir(ino, head)
+
+
+def map_ok(m):
+    """A bucket map: 2**D bytes (D <= MAX_DEPTH), none deeper than D."""
+    depth = len(m).bit_length() - 1
+    return 0 < len(m) == 1 << depth and depth <= MAX_DEPTH and max(m) <= depth
+
+
+def migrated(ino, old):
+    """A directory of the old form, its entries moved into buckets (written by
+    the op's save, if it saves): each name hashed once into buckets of a depth
+    that holds them half full (fs/shape.py `layout` does the same)."""
+    if not (len(old) == 4 + ("m" in old) and isinstance(old.get("e"), dict)
+            and isinstance(old.get("i"), dict) and isinstance(old.get("a"), dict)
+            and isinstance(old.get("dead"), bool)
+            and (isinstance(old.get("m"), list) and len(old["m"]) == 6 or "m" not in old)):
         raise Bad("%s%s is not a directory object" % (DIR, ino))
+    entries = old["e"]
+    if len(entries) > MOVE_MAX:
+        return Dir(ino, old, old=True)
+    depth = 0                     # buckets half full on average: one in ~10**9 splits
+    while len(entries) > (BUCKET // 2) << depth and depth < MAX_DEPTH:
+        depth += 1
+    d = Dir(ino, {"b": bytes([depth]) * (1 << depth), "k": os.urandom(SALT), "n": 0, "s": 0,
+                  "i": old["i"], "a": old["a"], "dead": old["dead"]})
+    if "m" in old:
+        d.head["m"] = old["m"]
+    for prefix in range(1 << depth):
+        d.buckets[(depth, prefix)] = {}
+        d.dirty.add((depth, prefix))
+    for name, entry in entries.items():
+        if isinstance(name, str):     # names no directory can hold: readers skip them
+            d.buckets[(depth, slot(d.head["k"], name) % (1 << depth))][name] = entry
+            d.count(entry, 1)
+    for where in [w for w, b in d.buckets.items() if len(b) > BUCKET]:
+        d.split(where)
     return d
 
 
@@ -113,7 +314,7 @@ def checked(entry, what):
 
 def entry_at(d, name):
     """The entry under `name`, None when there is none."""
-    old = d["e"].get(name)
+    old = d.get(name)
     return None if old is None else checked(old, "entry %r" % name[:40])
 
 
@@ -138,12 +339,8 @@ def op_dirattr(ino, d, r):
                          ("ctime", 5)):
         if r.get(field) is not None:
             m[index] = r[field]
-    save(ino, d)
+    d.save()
     return {"err": "", "m": m}
-
-
-def save(ino, d):
-    fs_store.write_data(DIR + ino, msgpack.packb(d))
 
 
 def conflict(d, to_name, entry, replace_ino):
@@ -187,7 +384,7 @@ def put(d, to_name, entry, r):
     old = entry_at(d, to_name)
     if isinstance(r.get("now"), (int, float)) and entry[KIND] != "d":
         checked(entry, "the moved entry")[CTIME] = r["now"]
-    d["e"][to_name] = entry
+    d.put(to_name, entry)
     return released(old) if old is not None and old[0] != entry[0] else {}
 
 
@@ -195,11 +392,11 @@ def op_make(ino, d, r):
     """mkdir, mknod, mkfifo, symlink: a new name, EEXIST if taken."""
     if d["dead"]:
         return {"err": "ENOENT"}
-    if r["name"] in d["e"]:
+    if d.get(r["name"]) is not None:
         return {"err": "EEXIST"}
-    d["e"][r["name"]] = r["entry"]
+    d.put(r["name"], r["entry"])
     changed(d, r)
-    save(ino, d)
+    d.save()
     return {"err": ""}
 
 
@@ -214,9 +411,9 @@ def op_create(ino, d, r):
         if r["excl"]:
             return {"err": "EEXIST"}
         return {"err": "EISDIR"} if old[KIND] == "d" else {"err": "", "entry": old}
-    d["e"][r["name"]] = r["entry"]
+    d.put(r["name"], r["entry"])
     changed(d, r)
-    save(ino, d)
+    d.save()
     return {"err": "", "entry": r["entry"]}
 
 
@@ -226,19 +423,19 @@ def op_unlink(ino, d, r):
         return {"err": "ENOENT"}
     if old[KIND] == "d":
         return {"err": "EISDIR"}
-    del d["e"][r["name"]]
+    d.drop(r["name"])
     changed(d, r)
-    save(ino, d)
+    d.save()
     return dict(released(old), err="")
 
 
 def op_kill(ino, d, r):
     """rmdir, step 1, on the directory itself: refuse new entries from now on."""
-    if d["e"] or d["i"]:
+    if d["i"] or d.names():
         return {"err": "ENOTEMPTY"}
     if not d["dead"]:
         d["dead"] = True
-        save(ino, d)
+        d.save()
     return {"err": ""}
 
 
@@ -252,9 +449,9 @@ def op_drop(ino, d, r):
     """rmdir, step 2, on the parent: forget the (dead) directory's entry."""
     if same_entry(d, r) is None:
         return {"err": "ENOENT"}
-    del d["e"][r["name"]]
+    d.drop(r["name"])
     changed(d, r)
-    save(ino, d)
+    d.save()
     return {"err": ""}
 
 
@@ -267,7 +464,8 @@ def op_setattr(ino, d, r):
             old[index] = r[field]
     if r.get("linked") and not linked(old):
         old[10:] = [1]
-    save(ino, d)
+    d.put(r["name"], old)
+    d.save()
     return {"err": "", "entry": old}
 
 
@@ -280,10 +478,10 @@ def op_rename(ino, d, r):
     target = entry_at(d, r["to_name"])
     if err or target is not None and target[0] == entry[0]:
         return {"err": err}         # onto itself, or another name of it: nothing to do
-    del d["e"][r["name"]]
+    d.drop(r["name"])
     replaced = put(d, r["to_name"], entry, r)
     changed(d, r)
-    save(ino, d)
+    d.save()
     return dict(replaced, err="")
 
 
@@ -291,10 +489,10 @@ def op_take(ino, d, r):
     entry = entry_at(d, r["name"])
     if entry is None:
         return {"err": "ENOENT"}
-    del d["e"][r["name"]]
+    d.drop(r["name"])
     d["i"][r["iid"]] = [r["name"], entry, r["to"], r["to_name"], r.get("replace_ino")]
     changed(d, r)
-    save(ino, d)
+    d.save()
     return {"err": ""}
 
 
@@ -311,7 +509,7 @@ def op_apply(ino, d, r):
     if not err:
         changed(d, r)
     d["a"][iid] = err
-    save(ino, d)
+    d.save()
     return dict(replaced, err="", result=err)
 
 
@@ -322,17 +520,17 @@ def op_finish(ino, d, r):
     del d["i"][r["iid"]]
     if r["rejected"]:                       # put it back, under another name if taken
         name, entry = intent[0], intent[1]
-        if name in d["e"]:
+        if d.get(name) is not None:
             name = "%s.srw-restored-%s" % (name, r["iid"][:8])
-        d["e"][name] = entry
-    save(ino, d)
+        d.put(name, entry)
+    d.save()
     return {"err": ""}
 
 
 def op_forget(ino, d, r):
     if r["iid"] in d["a"]:
         del d["a"][r["iid"]]
-        save(ino, d)
+        d.save()
     return {"err": ""}
 
 

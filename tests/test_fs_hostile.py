@@ -14,7 +14,7 @@ import msgpack
 import pytest
 
 from fs import shape
-from fs.client import FsClient, FsError
+from fs.client import FsClient, FsError, bucket_key
 from storage.client import NotFound, Session
 
 from conftest import retire, wait_until
@@ -33,6 +33,13 @@ GOOD = ["0123456789abcdef", "f", 0o644, 5, 1.7e9]
 def directory(entries: dict | None = None, **fields) -> bytes:
     return msgpack.packb({"e": {"f": GOOD} if entries is None else entries,
                           "i": {}, "a": {}, "dead": False, **fields})
+
+
+def head(**fields) -> bytes:
+    """A directory head (entries in buckets) of depth 0: its one bucket is the
+    real directory's own (a directory of up to 128 entries has one)."""
+    return msgpack.packb({"b": b"\0", "k": bytes(8), "n": 1, "s": 0, "i": {}, "a": {},
+                          "dead": False, **fields})
 
 
 def f_with(index: int, value) -> bytes:
@@ -75,6 +82,13 @@ HOSTILE = {
     "applied not an errno": (directory(a={"x1": "__name__"}), "read"),
     "name not a string": (directory({"f": GOOD, b"g": GOOD}), "listing"),
     "another entry bad": (directory({"f": GOOD, "g": [1, 2]}), "listing"),
+    "head map of 3": (head(b=b"\0\0\0"), "value"),
+    "head map too deep": (head(b=b"\1"), "value"),
+    "head map 2**17": (head(b=bytes(1 << 17)), "value"),
+    "head map a list": (head(b=[0]), "value"),
+    "head salt short": (head(k=b"salt"), "value"),
+    "head count negative": (head(n=-1), "value"),
+    "head and old form": (head(e={}), "value"),
 }
 
 BAD_NAMES = ["..", ".", "", "x/y", "a\x00b", "n" * 256, "\u00e9" * 128, "h" * 1_000_000]
@@ -317,3 +331,34 @@ def test_a_name_is_held_by_its_utf8_bytes(name, ok):
 def test_a_hostile_string_stays_one_printable_log_line():
     line = shape.one_line("a\nb\x1b[31m\u202e" + "x" * 1000)
     assert line.isprintable() and len(line) < 350 and line.startswith("a\\nb\\x1b[31m")
+
+
+@pytest.mark.parametrize("bucket", [msgpack.packb([1]), b"\xc1", msgpack.packb({"f": 7})])
+def test_a_hostile_bucket_is_eio(session, tree, fs, bucket):
+    """A bucket of /sub (its only one: depth 0) that is not a map of entries."""
+    key = bucket_key(tree["/sub"][len("fs:d:"):], 0, 0)
+    with planted(session, key, bucket):
+        eio(lambda: fs.readdir("/sub"))
+        eio(lambda: fs.stat("/sub/f"))
+        eio(lambda: fs.create("/sub/f"))        # the script reads f's bucket
+        assert set(fs.readdir("/")) == {"sub", "other", "third"}
+    assert fs.read_file("/sub/f") == b"hello"
+
+
+def test_a_name_in_a_bucket_it_does_not_hash_to_is_skipped(session, tree, fs):
+    """A head of depth 1 over /sub's one bucket: the names that hash to the
+    other half are left out of the listing (and not found there)."""
+    salt = bytes(8)
+    half = shape.slot(salt, "f") % 2
+    planted_head = head(b=bytes([1, 1]), k=salt)
+    ino = tree["/sub"][len("fs:d:"):]
+    entry = msgpack.unpackb(session.read(bucket_key(ino, 0, 0)), raw=False)["f"]
+    g = next(name for name in (f"g{i}" for i in range(100)) if shape.slot(salt, name) % 2 == half)
+    with planted(session, tree["/sub"], planted_head), \
+            planted(session, bucket_key(ino, 1, half), msgpack.packb({"f": entry})), \
+            planted(session, bucket_key(ino, 1, 1 - half), msgpack.packb({g: entry})):
+        assert set(fs.readdir("/sub")) == {"f"}
+        assert fs.stat("/sub/f").ino == entry[0]
+        with pytest.raises(FsError) as missing:
+            fs.stat(f"/sub/{g}")
+        assert missing.value.errno == errno.ENOENT

@@ -12,11 +12,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import msgpack
 import psutil
 import pytest
 from hypothesis.stateful import run_state_machine_as_test
 
-from fs.client import CHUNK, MAX_FILE, FsClient, chunk_key
+from fs import shape
+from fs.client import CHUNK, FsClient, bucket_key, chunk_key
 from storage.client import NotFound, Session
 
 from conftest import retire
@@ -24,12 +26,17 @@ from fs_support import (RANDOM_OPS, LocalTree, SameTree, in_threads, mount, need
                         start_cluster, unmount)
 
 pytestmark = needs_fuse
+# [fs] max_file of the module's cluster: past 10 GiB (the sparse write), and
+# no default's.
+MAX_FILE = (12 << 30) + 12345
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     # max_value is one chunk: a file several times max_value must still work.
     cluster = start_cluster(tmp_path_factory.mktemp("fsmount"), groups=1, max_value=CHUNK)
+    with cluster.path.open("a") as config:     # read by the mount and by Session
+        config.write(f"\n[fs]\nmax_file = {MAX_FILE}\n")
     yield cluster
     retire([cluster])
 
@@ -371,3 +378,70 @@ def test_hard_links_share_contents_attributes_and_count(mnt, fs):
     with pytest.raises(OSError) as raised:
         os.link(mnt / "hl", mnt / "hl2")
     assert raised.value.errno == errno.EPERM
+
+
+def test_a_directory_of_10000_entries(mnt, fs):
+    """10,000 entries written straight into buckets as fs.py lays them out
+    (10,000 creates, an exec each, take minutes on a loaded 2-core machine).
+    Then the kernel lists all of them, looks some up, creates, renames and
+    unlinks in it (buckets split), and every bucket holds at most 128 entries."""
+    fs.mkdir("/tenk")
+    ino = fs.stat("/tenk").ino
+    names = [f"e{i:05d}" for i in range(10_000)]
+    files = {name: [f"{i + 1:016x}", "f", 0o644, 0, 1.7e9] for i, name in enumerate(names)}
+    head, buckets = shape.layout(files, os.urandom(shape.SALT))
+    for at, bucket in buckets.items():
+        assert all(r.ok for r in fs.session.write(bucket_key(ino, *at), msgpack.packb(bucket)))
+    assert all(r.ok for r in fs.session.write(f"fs:d:{ino}", msgpack.packb(head)))
+    (mnt / "tenk" / "first").write_bytes(b"first")
+    head = msgpack.unpackb(fs.session.read(f"fs:d:{ino}"), raw=False)
+    assert head["n"] == 10_001 and len(head["b"]) >= 64
+    held = 0
+    for at in {(d, i) for i, d in enumerate(head["b"]) if i < 1 << d}:
+        bucket = msgpack.unpackb(fs.session.read(bucket_key(ino, *at)), raw=False)
+        assert len(bucket) <= 128
+        held += len(bucket)
+    assert held == 10_001
+    assert sorted(os.listdir(mnt / "tenk")) == sorted([*names, "first"])
+    rng = random.Random(1)
+    for name in rng.sample(names, 20):
+        assert os.stat(mnt / "tenk" / name).st_mtime == 1.7e9
+    for i in range(10):
+        (mnt / "tenk" / f"new{i}").write_bytes(b"%d" % i)
+    os.mkdir(mnt / "tenk" / "sub")
+    assert os.stat(mnt / "tenk").st_nlink == 3
+    with pytest.raises(OSError) as full:
+        os.rmdir(mnt / "tenk")
+    assert full.value.errno == errno.ENOTEMPTY
+    os.rename(mnt / "tenk" / "new7", mnt / "tenk" / "sub" / "seven")
+    os.rename(mnt / "tenk" / "new8", mnt / "tenk" / "e00008")
+    assert (mnt / "tenk" / "sub" / "seven").read_bytes() == b"7"
+    assert (mnt / "tenk" / "e00008").read_bytes() == b"8"
+    gone = rng.sample(names, 20)
+    for name in gone:
+        os.unlink(mnt / "tenk" / name)
+        assert not (mnt / "tenk" / name).exists()
+    listed = set(os.listdir(mnt / "tenk"))
+    assert len(listed) == 10_000 + 1 + 10 + 1 - 2 - 20 and listed.isdisjoint(gone)
+    head = msgpack.unpackb(fs.session.read(f"fs:d:{ino}"), raw=False)
+    assert head["n"] == len(listed) and head["s"] == 1
+
+
+def test_a_directory_of_the_old_form_is_read_then_moved_into_buckets(mnt, fs):
+    """One value {"e", "i", "a", "dead"} (before buckets) under the head's key:
+    read as it is; its first write moves its entries into buckets."""
+    fs.mkdir("/old")
+    ino = fs.stat("/old").ino
+    files = {f"o{i}": [f"{i + 1:016x}", "f", 0o644, 0, 1.7e9] for i in range(200)}
+    files["d"] = ["00000000000000ff", "d", 0o755, 0, 1.7e9]
+    old = msgpack.packb({"e": files, "i": {}, "a": {}, "dead": False})
+    assert all(r.ok for r in fs.session.write(f"fs:d:{ino}", old))
+    assert sorted(os.listdir(mnt / "old")) == sorted(files)
+    assert os.stat(mnt / "old" / "o7").st_mtime == 1.7e9
+    assert os.stat(mnt / "old").st_nlink == 3
+    (mnt / "old" / "new").write_bytes(b"new")
+    head = msgpack.unpackb(fs.session.read(f"fs:d:{ino}"), raw=False)
+    assert "e" not in head and head["n"] == 202 and head["s"] == 1
+    assert sorted(os.listdir(mnt / "old")) == sorted([*files, "new"])
+    assert (mnt / "old" / "new").read_bytes() == b"new"
+    assert os.stat(mnt / "old").st_nlink == 3
