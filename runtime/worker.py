@@ -94,6 +94,8 @@ class Worker:
         self.grants: dict[bytes, tuple] = {}  # the same, of requests written ahead
         self.last_written = b""  # the last request written to the runner (slot record)
         self.pending_since = 0.0
+        self.pending_bytes = 0  # what the held replies add up to (at most reply_limit)
+        self.reply_limit = p.batch_limit(config.max_message)
         self.hold_replies = self.profile.isolation != "none"
 
     # Lifecycle ---------------------------------------------------------------
@@ -408,9 +410,14 @@ class Worker:
         are queued here, for at most REPLY_HOLD: a runner's request costs a
         round trip, and a message per reply would wake the broker (and its
         clients) for each one.  Scripts that run in the worker (isolation
-        none) are answered at once."""
+        none) are answered at once.  Held replies share a message only within
+        max_message: the broker's socket drops a worker that sends more."""
+        size = len(out) + 4 * len(error) + p.ENTRY_OVERHEAD
+        if self.pending and self.pending_bytes + size > self.reply_limit:
+            self.flush_replies()
         if not self.pending:
             self.pending_since = time.monotonic()
+        self.pending_bytes += size
         self.pending.append([job, status, error, out, run_us, *self.runner.warm_state(),
                              self.runner.moved()])
         if self.granted is not None:  # (redis-cluster mode: nothing to revoke)
@@ -423,7 +430,7 @@ class Worker:
     def flush_replies(self) -> None:
         if not self.pending:
             return
-        pending, self.pending = self.pending, []
+        pending, self.pending, self.pending_bytes = self.pending, [], 0
         if self.grantor is not None:  # first: refused before anyone sees the replies
             self.grantor.revoke(self.answered)
             self.answered = []
