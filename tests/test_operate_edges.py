@@ -79,6 +79,9 @@ def test_the_shipped_unit_writes_only_where_it_may_and_reloads_with_srw_reload()
                     if "=" in line and not line.startswith("#"))
     assert settings["ExecReload"].split()[1:3] == ["reload", "--config"]
     assert settings["ProtectSystem"] == "strict"
+    # libzmq binds through getifaddrs() (netlink) and aborts without it: the
+    # broker and storage died at start under a real systemd before this
+    assert "AF_NETLINK" in settings["RestrictAddressFamilies"].split()
     config = load(REPO / "contrib" / "systemd" / "config.toml")
     writable = [f"/var/lib/{settings['StateDirectory']}/", f"/run/{settings['RuntimeDirectory']}/",
                 f"/var/log/{settings['LogsDirectory']}/"]
