@@ -139,7 +139,10 @@ class Connection(web.RequestHandler):
             self._waiter = waiter
         if self.fast is not None:  # in order: start() waits until its reply is written
             return
-        if self._start_idle(waiter) and len(self._messages) == 1 and self._take_fast():
+        # A client that does not read its replies (the transport's buffer is
+        # full) is left to aiohttp, whose response waits for the buffer to drain.
+        if not self.writing_paused and self._start_idle(waiter) and \
+                len(self._messages) == 1 and self._take_fast():
             return
         self._wake(waiter)
 
