@@ -54,6 +54,15 @@ these respects in 3.9.5 and 3.14.5; tests/test_proxy_bounds.py exercises each):
 - ``force_close()`` closes the connection (its ``start()`` loop ends);
 - a request it cannot parse is answered 400 and reported through its
   ``log_exception(..., exc_info=HttpProcessingError)``.
+
+The fast path (``Connection.data_received``, proxy/fastexec.py) relies on
+more of it, as in 3.14.5 (tests/test_proxy.py's fast-path tests exercise
+each): ``data_received`` parses into the deque ``_messages`` and wakes
+``start()`` through the future ``_waiter`` (None while ``start()`` is busy);
+``_request_count`` counts the requests parsed; ``_request_in_progress`` and
+``_handler_waiter`` are what a shutdown waits on; ``start()`` moves
+``_next_keepalive_close_time`` after each response; ``writing_paused`` is
+true while the transport's buffer is over its high-water mark.
 """
 from __future__ import annotations
 
