@@ -195,8 +195,9 @@ class Connection(web.RequestHandler):
         request (or start() takes the one that came meanwhile)."""
         self.fast = None
         self._request_in_progress = False
-        if self._handler_waiter is not None and not self._handler_waiter.done():
-            self._handler_waiter.set_result(None)  # a shutdown waiting for this reply
+        shutdown = getattr(self, "_handler_waiter", None)  # aiohttp >= 3.10
+        if shutdown is not None and not shutdown.done():
+            shutdown.set_result(None)  # a shutdown waiting for this reply
         if self.transport is None:  # closed meanwhile: the client left, or a shutdown
             return
         self.transport.write(response)
