@@ -493,6 +493,24 @@ def test_srw_proxy_alone_reports_a_node_that_is_down(make_cluster):
     assert nodes[1]["name"] == "n2" and "error" in nodes[1]
 
 
+def test_sigterm_answers_the_fast_exec_in_flight_before_the_proxy_exits(make_cluster):
+    cluster = make_cluster(scripts={"slow.py": "import time\ntime.sleep(1.0)\n"
+                                               "__return_data = b'slept'\n"})
+    cluster.srw("broker", "--node", "n1")
+    cluster.srw("pool", "--node", "n1")
+    proxy = cluster.srw("proxy")
+    wait_until(lambda: (cluster.status("n1") or {}).get("workers") == 2, 30, "n1 ready")
+    wait_proxy(cluster)
+    host, port = cluster.proxy["listen"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(_plain("exec&name=slow.py", b""))
+        wait_until(lambda: (cluster.status("n1") or {}).get("busy", 0) >= 1, 5, "slow.py runs")
+        proxy.send_signal(signal.SIGTERM)
+        reply = _responses(sock, 1)[0]
+    assert (reply[0], reply[2]) == (b"HTTP/1.1 200 OK", b"slept")
+    assert proxy.wait(15) == 0
+
+
 def test_proxy_refuses_a_taken_port(make_cluster):
     cluster = make_cluster()
     host, port = cluster.proxy["listen"].rsplit(":", 1)
