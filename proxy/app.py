@@ -68,9 +68,14 @@ def text(code: int, message: str, headers: dict | None = None) -> web.Response:
 # Query parameters -------------------------------------------------------------
 
 def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
-    """The query as a plain dict; unknown or repeated parameters are a 400."""
+    return query_dict(request.rel_url.query, allowed)
+
+
+def query_dict(query, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The query (a URL's MultiDict) as a plain dict; unknown or repeated
+    parameters are a 400."""
     out = {}
-    for key, value in request.rel_url.query.items():
+    for key, value in query.items():
         if key not in allowed:
             raise HTTPProblem(400, f"unknown query parameter {key[:40]!r}; this request "
                                    f"takes {', '.join(allowed)}")
@@ -181,15 +186,21 @@ async def expect_continue(request: web.Request):
 
 # Exec -------------------------------------------------------------------------
 
-async def exec_script(request: web.Request) -> web.StreamResponse:
-    query = _query(request, ("exec", "name", "id", "key", "groups"))
+def exec_target(cluster: Cluster, query) -> tuple[Route, str]:
+    """(where, script name) of an exec, from its URL's query; HTTPProblem if bad.
+    The one check of an exec's query, for this handler and proxy/fastexec.py."""
+    query = query_dict(query, ("exec", "name", "id", "key", "groups"))
     name = _name(query, "script name")
     try:
         check_name(name)
     except ScriptNameError as exc:
         raise HTTPProblem(400, str(exc)) from None
+    return _route(cluster, query), name
+
+
+async def exec_script(request: web.Request) -> web.StreamResponse:
     cluster = request.app[CLUSTER]
-    route = _route(cluster, query)
+    route, name = exec_target(cluster, request.rel_url.query)
     data = await _body(request)
     cookie = _cookie_string(request, request.app[CONFIG].proxy.cookies)
     results = await cluster.exec(route, name, data, cookie)

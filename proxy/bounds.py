@@ -54,6 +54,15 @@ these respects in 3.9.5 and 3.14.5; tests/test_proxy_bounds.py exercises each):
 - ``force_close()`` closes the connection (its ``start()`` loop ends);
 - a request it cannot parse is answered 400 and reported through its
   ``log_exception(..., exc_info=HttpProcessingError)``.
+
+The fast path (``Connection.data_received``, proxy/fastexec.py) relies on
+more of it, as in 3.14.5 (tests/test_proxy.py's fast-path tests exercise
+each): ``data_received`` parses into the deque ``_messages`` and wakes
+``start()`` through the future ``_waiter`` (None while ``start()`` is busy);
+``_request_count`` counts the requests parsed; ``_request_in_progress`` and
+``_handler_waiter`` are what a shutdown waits on; ``start()`` moves
+``_next_keepalive_close_time`` after each response; ``writing_paused`` is
+true while the transport's buffer is over its high-water mark.
 """
 from __future__ import annotations
 
@@ -117,11 +126,85 @@ class Connection(web.RequestHandler):
         super().__init__(gate.server, loop=gate.loop, **kwargs)
         self.gate = gate
         self.counted = True  # in gate.open; cleared by the gate's release()
+        self.fast: asyncio.Task | bool | None = None  # the fast path's exec in flight
+        self.remote = "?"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, (tuple, list)) else str(peer)
         if not self.counted:  # the gate closed it to make room before it was made
             self.force_close()
+
+    def data_received(self, data: bytes) -> None:
+        """aiohttp parses; a plain exec is the fast path's (gate.fast), anything
+        else wakes start() as aiohttp would have."""
+        if self.gate.fast is None:
+            return super().data_received(data)
+        waiter, self._waiter = self._waiter, None  # start()'s, while it waits for a request
+        try:
+            super().data_received(data)
+        finally:
+            self._waiter = waiter
+        if self.fast is not None:  # in order: start() waits until its reply is written
+            return
+        # A client that does not read its replies (the transport's buffer is
+        # full) is left to aiohttp, whose response waits for the buffer to drain.
+        if not self.writing_paused and self._start_idle(waiter) and \
+                len(self._messages) == 1 and self._take_fast():
+            return
+        self._wake(waiter)
+
+    def _start_idle(self, waiter: asyncio.Future | None) -> bool:
+        """start() has no request: it waits for one and was not woken, or it
+        has not run yet and the one queued is the connection's first."""
+        if waiter is None:
+            return getattr(self, "_request_count", 0) == 1 and len(self._messages) == 1
+        return not waiter.done()
+
+    def _take_fast(self) -> bool:
+        """Offer the one queued request to the fast path; True if it took it."""
+        # Out of the queue while it is offered: reading its body may resume
+        # reading, and call data_received again (aiohttp's resume_reading).
+        message, payload = self._messages.popleft()
+        self.fast = True  # meanwhile, that call leaves what it parses to wait
+        try:
+            taken = self.gate.fast.take(self, message, payload)
+        finally:
+            if self.fast is True:
+                self.fast = None
+        if not taken:
+            self._messages.appendleft((message, payload))
+        elif hasattr(self._parser, "message_consumed"):  # aiohttp >= 3.13: a parser slot
+            self._parser.message_consumed()
+        return taken
+
+    def _wake(self, waiter: asyncio.Future | None) -> None:
+        if self._messages and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def fast_started(self, task: asyncio.Task) -> None:
+        """The fast path took a request: no longer idle, and in progress (a
+        shutdown waits for its reply as for the handler's)."""
+        self.gate.idle.pop(self, None)
+        self.fast = task
+        self._request_in_progress = True
+
+    def fast_finished(self, response: bytes) -> None:
+        """Write the fast path's response; the connection waits for its next
+        request (or start() takes the one that came meanwhile)."""
+        self.fast = None
+        self._request_in_progress = False
+        shutdown = getattr(self, "_handler_waiter", None)  # aiohttp >= 3.10
+        if shutdown is not None and not shutdown.done():
+            shutdown.set_result(None)  # a shutdown waiting for this reply
+        if self.transport is None:  # closed meanwhile: the client left, or a shutdown
+            return
+        self.transport.write(response)
+        # aiohttp's keep-alive clock, as start() moves it after a response.
+        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        self.gate.waiting(self)
+        self._wake(self._waiter)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.gate.release(self)
@@ -156,8 +239,9 @@ class Gate:
     """The listening sockets and the protocol factory (see the module's docstring)."""
 
     def __init__(self, server: web.Server, handler_args: dict, header_timeout: float,
-                 max_connections: int):
+                 max_connections: int, fast=None):
         self.server = server
+        self.fast = fast  # takes plain execs past aiohttp (proxy/fastexec.py), or None
         self.handler_args = handler_args
         self.header_timeout = header_timeout
         self.limit = max_connections

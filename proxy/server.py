@@ -70,9 +70,10 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 async def serve(app: web.Application, listen: str, ready=None,
-                limits: ProxySettings | None = None) -> None:
+                limits: ProxySettings | None = None, fast=None) -> None:
     """Serve `app` on `listen` (HOST:PORT) until SIGTERM or SIGINT, within the
-    header_timeout and max_connections of `limits` (default: the defaults)."""
+    header_timeout and max_connections of `limits` (default: the defaults);
+    `fast`, if given, answers the requests it takes past aiohttp (proxy/fastexec.py)."""
     limits = limits or ProxySettings()
     host, port = split_listen(listen)
     # The keyword arguments of each connection's web.RequestHandler (made by the gate).
@@ -89,7 +90,8 @@ async def serve(app: web.Application, listen: str, ready=None,
     try:
         # The gate listens, not a web.TCPSite; the runner's Server still
         # manages the connections (and closes them at cleanup).
-        gate = Gate(runner.server, handler_args, limits.header_timeout, limits.max_connections)
+        gate = Gate(runner.server, handler_args, limits.header_timeout, limits.max_connections,
+                    fast)
         await gate.listen(host, port, BACKLOG)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -114,10 +116,10 @@ async def _flush_logs() -> None:
 
 
 def run(app: web.Application, listen: str, title: str = "srw: proxy",
-        limits: ProxySettings | None = None, stock_loop: bool = False) -> int:
+        limits: ProxySettings | None = None, stock_loop: bool = False, fast=None) -> int:
     """Blocking: set the process title, serve, return an exit status.
     `stock_loop`: asyncio's own event loop instead of uvloop (a benchmark's
-    baseline as stock aiohttp runs it)."""
+    baseline as stock aiohttp runs it); `fast` as for serve."""
     import setproctitle
     setproctitle.setproctitle(title)
 
@@ -133,7 +135,7 @@ def run(app: web.Application, listen: str, title: str = "srw: proxy",
         # Python, and much of a request's cost is loop work (read, write, wake).
         loop_factory = None if stock_loop else uvloop.new_event_loop
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(serve(app, listen, ready, limits))
+            runner.run(serve(app, listen, ready, limits, fast))
     except OSError as exc:  # the port is taken, or the address is not ours
         print(f"{title} cannot listen on {listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -791,10 +791,12 @@ def cmd_proxy(config: cfg.Config, args) -> int:
     import setproctitle
     setproctitle.setproctitle("srw: proxy")  # before the imports: serve's callers look for it
     from proxy.app import make_app
+    from proxy.fastexec import FastExec
     from proxy.server import run
     logs.setup(config.log, "proxy", buffered=True)
     _supervised()
-    return run(make_app(config), config.proxy.listen, limits=config.proxy)
+    app = make_app(config)
+    return run(app, config.proxy.listen, limits=config.proxy, fast=FastExec(app))
 
 
 def cmd_storage(config: cfg.Config, args) -> int:

@@ -179,6 +179,111 @@ def test_timed_out_script_is_504(web):
     assert web.trusted_pids() == trusted
 
 
+# The fast path (proxy/fastexec.py) -------------------------------------------------
+
+def _plain(query: str, body: bytes) -> bytes:
+    """An exec the fast path takes: HTTP/1.1, keep-alive, the body with the headers."""
+    return (b"POST /elliptics?%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            % (query.encode(), len(body), body))
+
+
+def _chunked(query: str, body: bytes) -> bytes:
+    """The same exec with a chunked body: always aiohttp's and app.exec_script's."""
+    return (b"POST /elliptics?%s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"%x\r\n%s\r\n0\r\n\r\n" % (query.encode(), len(body), body))
+
+
+def _responses(sock: socket.socket, count: int) -> list[tuple[bytes, list[bytes], bytes]]:
+    """`count` responses read off one connection: (status line, header lines
+    without Date, body)."""
+    reader = sock.makefile("rb")
+    out = []
+    for _ in range(count):
+        status, headers = reader.readline().rstrip(), []
+        while (line := reader.readline().rstrip()):
+            headers.append(line)
+        length = next(int(h.split(b":")[1]) for h in headers
+                      if h.lower().startswith(b"content-length:"))
+        out.append((status, [h for h in headers if not h.startswith(b"Date:")],
+                    reader.read(length)))
+    return out
+
+
+def _exchange(cluster: Cluster, requests: list[bytes], at_once: bool = False) -> list:
+    """Send `requests` on one keep-alive connection, one by one (or in one
+    write: pipelined), and read their responses."""
+    host, port = cluster.proxy["listen"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        if at_once:
+            sock.sendall(b"".join(requests))
+            return _responses(sock, len(requests))
+        out = []
+        for req in requests:
+            sock.sendall(req)
+            out += _responses(sock, 1)
+        return out
+
+
+@pytest.mark.parametrize("query", ["exec&name=test_script.py",
+                                   "exec&name=test_script.py&id=0123456789",
+                                   "exec&name=no_such_script.py", "exec&name=raise.py"])
+def test_fast_path_answers_byte_for_byte_as_the_handler(web, query):
+    # Plain requests on a keep-alive connection go the fast way, chunked ones
+    # the handler's: the same status, headers (but Date) and body.
+    plain = _exchange(web, [_plain(query, DATA)] * 3)
+    handled = _exchange(web, [_chunked(query, DATA)] * 2)
+    assert plain[0] == plain[1] == plain[2] == handled[0] == handled[1]
+    expected = {"test_script": b"200", "no_such": b"404", "raise": b"500"}
+    code = next(c for part, c in expected.items() if part in query)
+    assert plain[0][0].startswith(b"HTTP/1.1 " + code), plain[0]
+
+
+def test_pipelined_requests_are_answered_in_order_by_either_path(web):
+    requests = [_plain("exec&name=echo.py", b"one"), _plain("exec&name=../x", b"two"),
+                _plain("exec&name=echo.py", b"three"), _chunked("exec&name=echo.py", b"four"),
+                _plain("exec&name=echo.py", b"five")]
+    for at_once in (True, False):
+        replies = _exchange(web, requests, at_once)
+        assert [(r[0].split()[1], r[2][:5]) for r in replies] == [
+            (b"200", b"one"), (b"400", b"bad s"), (b"200", b"three"), (b"200", b"four"),
+            (b"200", b"five")], at_once
+
+
+def test_a_request_behind_a_fast_exec_in_flight_waits_its_turn(web):
+    # sleep.py times out (504) after request_timeout; echo.py, sent while it
+    # runs, is answered after it, not before.
+    host, port = web.proxy["listen"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(_plain("exec&name=sleep.py", b""))
+        wait_until(lambda: _busy(web) >= 1, 5, "sleep.py running")
+        sock.sendall(_plain("exec&name=echo.py", b"next"))
+        replies = _responses(sock, 2)
+    assert [(r[0].split()[1], r[2][:4]) for r in replies] == [(b"504", b"time"),
+                                                              (b"200", b"next")]
+
+
+def _busy(cluster: Cluster) -> int:
+    status, _, body = request(cluster, "GET", "/status?format=json")
+    return json.loads(body)["nodes"][0]["busy"] if status == 200 else 0
+
+
+def test_fast_path_counts_and_logs_each_exec(web):
+    before = _exec_count(web)
+    replies = _exchange(web, [_plain("exec&name=echo.py&key=fastlogged", b"x")] * 3)
+    assert [r[0] for r in replies] == [b"HTTP/1.1 200 OK"] * 3
+    assert _exec_count(web) == before + 3
+    wait_until(lambda: web.log().count('"POST /elliptics?exec&name=echo.py&key=fastlogged '
+                                       'HTTP/1.1" 200 1 B') == 3, 5, "three access lines")
+
+
+def _exec_count(cluster: Cluster) -> int:
+    status, _, body = request(cluster, "GET", "/metrics")
+    assert status == 200
+    line = [l for l in body.decode().splitlines() if l.startswith(
+        'srw_proxy_http_requests_total{code="200",method="POST",path="/elliptics"}')]
+    return int(float(line[0].split()[-1])) if line else 0
+
+
 # Body size -----------------------------------------------------------------------
 
 def _raw(cluster: Cluster, head: bytes, body: bytes = b"", timeout: float = 10.0) -> bytes:
@@ -386,6 +491,24 @@ def test_srw_proxy_alone_reports_a_node_that_is_down(make_cluster):
                                headers={"Accept": "application/json"})[2])["nodes"]
     assert nodes[0]["name"] == "n1" and nodes[0]["workers"] == 2
     assert nodes[1]["name"] == "n2" and "error" in nodes[1]
+
+
+def test_sigterm_answers_the_fast_exec_in_flight_before_the_proxy_exits(make_cluster):
+    cluster = make_cluster(scripts={"slow.py": "import time\ntime.sleep(1.0)\n"
+                                               "__return_data = b'slept'\n"})
+    cluster.srw("broker", "--node", "n1")
+    cluster.srw("pool", "--node", "n1")
+    proxy = cluster.srw("proxy")
+    wait_until(lambda: (cluster.status("n1") or {}).get("workers") == 2, 30, "n1 ready")
+    wait_proxy(cluster)
+    host, port = cluster.proxy["listen"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(_plain("exec&name=slow.py", b""))
+        wait_until(lambda: (cluster.status("n1") or {}).get("busy", 0) >= 1, 5, "slow.py runs")
+        proxy.send_signal(signal.SIGTERM)
+        reply = _responses(sock, 1)[0]
+    assert (reply[0], reply[2]) == (b"HTTP/1.1 200 OK", b"slept")
+    assert proxy.wait(15) == 0
 
 
 def test_proxy_refuses_a_taken_port(make_cluster):
