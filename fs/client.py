@@ -42,11 +42,11 @@ DIR, CHUNKS, INODE = "fs:d:", "fs:c:", "fs:i:"
 # A file's contents are fixed-size chunks, `fs:c:{<ino>}:<n>` (the braces are a
 # Redis Cluster hash tag: a file's chunks share one slot).  1 MiB: the largest
 # write the kernel sends FUSE, so a sequential write is one store write per
-# request and its round trip is paid per MiB, not per 128 KiB; a random 4 KiB
-# read moves at most 1 MiB; and far under any max_value a node should have
-# (the mount refuses to start on a node with less).  A chunk never written,
-# or shorter than its share of the file, reads as zeros: sparse files cost
-# nothing.
+# request and its round trip is paid per MiB, not per 128 KiB; a read that is
+# not sequential moves only its own bytes (``read_part``); and far under any
+# max_value a node should have (the mount refuses to start on a node with
+# less).  A chunk never written, or shorter than its share of the file, reads
+# as zeros: sparse files cost nothing.
 CHUNK = 1 << 20
 log = logging.getLogger("srw.fs")
 
@@ -326,6 +326,14 @@ class FsClient:
             return self.session.read(chunk_key(ino, n))
         except NotFound:
             return b""
+
+    def read_part(self, ino: str, n: int, at: int, length: int) -> bytes:
+        """`length` bytes of chunk `n` from `at` (a ranged read: only those cross
+        the network), zeros where the chunk was never written or is shorter."""
+        try:
+            return fit(self.session.read_range(chunk_key(ino, n), at, length), length)
+        except NotFound:
+            return bytes(length)
 
     def write_chunk(self, path: str, ino: str, n: int, data: bytes) -> None:
         """Chunk `n` in every group; EIO only if no group took it."""

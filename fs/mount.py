@@ -3,7 +3,8 @@
 One thread serves the kernel (mfusepy's ``nothreads``): the FsClient and its
 Session (ZeroMQ sockets) are not thread-safe, and every call is a network
 round trip anyway.  A file is read and written in chunks (``fs.client.CHUNK``):
-a read or write touches only the chunks it covers.  Each open file (``Inode``,
+a read or write touches only the chunks it covers, and a read that is not
+sequential only its own bytes (a ranged read).  Each open file (``Inode``,
 shared by every handle on it in this mount) holds at most DIRTY changed and
 CACHED read chunks, whatever the offsets; changed chunks are written when
 there are more than DIRTY, and all of them, then the size and mtime, at flush
@@ -97,6 +98,7 @@ class Inode:
     opens: int = 0
     mtime: float | None = None     # to store at flush (a write, or utimens)
     ctime: float | None = None     # likewise (a write or truncate)
+    next_read: int = 0             # where the last read ended: the next is sequential
     dirty: OrderedDict = field(default_factory=OrderedDict)    # n -> bytearray
     clean: OrderedDict = field(default_factory=OrderedDict)    # n -> bytes, LRU
 
@@ -236,15 +238,22 @@ class SrwOperations(mfusepy.Operations):
         return fh
 
     def read(self, path, size, offset, fh):
+        """A sequential read (from where the last one ended) takes whole chunks
+        and keeps them; any other reads only its own bytes from the store (a
+        ranged read), unless its chunk is held already."""
         inode = self.inodes[self.files[fh]]
         end = min(offset + size, inode.size)
-        out = bytearray()
+        sequential, inode.next_read = offset == inode.next_read, max(end, offset)
+        parts = []
         while offset < end:
             n, at = divmod(offset, CHUNK)
             take = min(end - offset, CHUNK - at)
-            out += self._chunk(inode, n)[at:at + take]
+            if sequential or n in inode.dirty or n in inode.clean:
+                parts.append(self._chunk(inode, n)[at:at + take])
+            else:
+                parts.append(self.fs.read_part(inode.entry.ino, n, at, take))
             offset += take
-        return bytes(out)
+        return b"".join(parts)
 
     def _chunk(self, inode: Inode, n: int):
         """Chunk `n` as the file's bytes (its share of the size, zeros where

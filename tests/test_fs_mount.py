@@ -187,6 +187,48 @@ def test_a_file_three_times_max_value_by_dd(mnt, fs, tmp_path):
     assert stored(fs, "/big") == [0]
 
 
+def received(pid: int) -> int:
+    """Bytes the process's TCP connections have received (its store replies),
+    from the kernel's tcp_info (`ss`, iproute2)."""
+    out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=10,
+                         check=True).stdout.splitlines()
+    total = 0
+    for head, info in zip(out[::2], out[1::2]):
+        if f"pid={pid}," in head:
+            total += sum(int(f.split(":")[1]) for f in info.split()
+                         if f.startswith("bytes_received:"))
+    return total
+
+
+def test_random_reads_move_only_their_own_bytes(mnt, fs, mounted):
+    """Reads that are not sequential are ranged reads: a few KiB each, never a
+    1 MiB chunk, at chunk edges, past the end, in a hole and in a chunk stored
+    shorter than its share (zeros)."""
+    data = bytearray(os.urandom(6 * CHUNK + 5000))
+    fs.write_file("/ranged", bytes(data))      # through the API: not in the mount's cache
+    ino = fs.stat("/ranged").ino
+    fs.session.remove(chunk_key(ino, 2))       # a hole
+    data[2 * CHUNK:3 * CHUNK] = bytes(CHUNK)
+    fs.session.write(chunk_key(ino, 3), bytes(data[3 * CHUNK:3 * CHUNK + 100]))
+    data[3 * CHUNK + 100:4 * CHUNK] = bytes(CHUNK - 100)
+    rng = random.Random(5)
+    reads = [(CHUNK - 4096, 8192), (2 * CHUNK + 4096, 4096), (3 * CHUNK, 8192),
+             (len(data) - 100, 4096), (len(data) + 10, 4096), (5 * CHUNK - 4096, 12288)]
+    reads += [(rng.randrange(1, len(data) // 4096) * 4096, 4096) for _ in range(40)]
+    pid = mounted[1].pid
+    fd = os.open(mnt / "ranged", os.O_RDONLY)
+    try:
+        before = received(pid)
+        for at, size in reads:
+            assert os.pread(fd, size, at) == data[at:at + size], (at, size)
+        moved = received(pid) - before
+    finally:
+        os.close(fd)
+    asked = sum(size for _, size in reads)
+    assert moved < asked + 64 * 1024, (moved, asked)   # whole chunks: over 6 MiB
+    assert (mnt / "ranged").read_bytes() == data        # sequential: whole chunks
+
+
 def test_sparse_write_at_10_gib_stores_one_chunk(mnt, fs, mounted):
     at = 10 << 30
     fd = os.open(mnt / "sparse", os.O_CREAT | os.O_RDWR)
