@@ -19,6 +19,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from fs import shape
 from fs.client import CHUNK, FsClient, bucket_key, chunk_key
+from fs.mount import DIRTY, SENDING
 from storage.client import NotFound, Session
 
 from conftest import retire
@@ -227,6 +228,32 @@ def test_random_reads_move_only_their_own_bytes(mnt, fs, mounted):
     asked = sum(size for _, size in reads)
     assert moved < asked + 64 * 1024, (moved, asked)   # whole chunks: over 6 MiB
     assert (mnt / "ranged").read_bytes() == data        # sequential: whole chunks
+
+
+def test_a_chunk_written_out_that_fails_is_eio_at_a_later_write_or_close(mnt, cluster):
+    """Write-behind: with the store stopped, a chunk the courier could not store
+    is EIO at a later write or at the close, never lost in silence; the store
+    back, the mount serves on."""
+    [storage] = cluster.processes("srw: storage n1")
+    block, errors = os.urandom(CHUNK), []
+    fd = os.open(mnt / "lost", os.O_CREAT | os.O_WRONLY)
+    storage.suspend()
+    try:
+        for _ in range(DIRTY + SENDING + 2):
+            try:
+                os.write(fd, block)
+            except OSError as exc:
+                errors.append(exc.errno)
+                break
+    finally:
+        storage.resume()
+        try:
+            os.close(fd)
+        except OSError as exc:
+            errors.append(exc.errno)
+    assert errors and set(errors) == {errno.EIO}, errors
+    (mnt / "after").write_bytes(block)
+    assert (mnt / "after").read_bytes() == block
 
 
 def test_sparse_write_at_10_gib_stores_one_chunk(mnt, fs, mounted):
