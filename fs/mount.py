@@ -106,7 +106,7 @@ class Inode:
     mtime: float | None = None     # to store at flush (a write, or utimens)
     ctime: float | None = None     # likewise (a write or truncate)
     next_read: int = 0             # where the last read ended: the next is sequential
-    dirty: OrderedDict = field(default_factory=OrderedDict)    # n -> bytearray
+    dirty: OrderedDict = field(default_factory=OrderedDict)    # n -> bytearray (bytes: whole)
     sending: OrderedDict = field(default_factory=OrderedDict)  # n -> (Future, bytearray)
     clean: OrderedDict = field(default_factory=OrderedDict)    # n -> bytes, LRU
     ahead: tuple | None = None     # (n, Future): the chunk a sequential read comes to next
@@ -311,10 +311,14 @@ class SrwOperations(mfusepy.Operations):
         while done < len(data):
             n, at = divmod(offset + done, CHUNK)
             take = min(len(data) - done, CHUNK - at)
-            chunk = self._changing(inode, n, whole=at == 0 and take == CHUNK)
-            if len(chunk) < at:
-                chunk.extend(bytes(at - len(chunk)))
-            chunk[at:at + take] = view[done:done + take]
+            if take == CHUNK:       # a whole chunk: kept as the kernel gave it, not copied
+                self._changing(inode, n, whole=True)
+                inode.dirty[n] = data if take == len(data) else bytes(view[done:done + take])
+            else:
+                chunk = self._changing(inode, n)
+                if len(chunk) < at:
+                    chunk.extend(bytes(at - len(chunk)))
+                chunk[at:at + take] = view[done:done + take]
             done += take
         inode.size = max(inode.size, end)
         inode.mtime = inode.ctime = time.time()
@@ -330,6 +334,8 @@ class SrwOperations(mfusepy.Operations):
             if inode.ahead is not None and inode.ahead[0] == n:
                 inode.ahead = None
             inode.dirty[n] = start
+        elif type(inode.dirty[n]) is bytes:     # a whole chunk as written, now changed in part
+            inode.dirty[n] = bytearray(inode.dirty[n])
         return inode.dirty[n]
 
     def _write_out(self, inode: Inode, keep: int = 0) -> None:

@@ -19,7 +19,7 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
                    (1 byte: 0 or 32) + expected + value, expected being the sha256
                    (32 bytes) of the value the caller read, empty for "must not
                    exist"; for READ_RANGE offset (8 bytes) + length (4 bytes), both
-                   big-endian unsigned, offset below 2**63 (RANGE); for SEARCH msgpack
+                   big-endian unsigned, offset below 2**63 (range_data); for SEARCH msgpack
                    {"query": str, "limit": int, and optionally "lang": str (a stemmer
                    for every word), "raw": bool (FTS5's own syntax), "timeout": float
                    (seconds the node may search; else [search] timeout)}; for REVOKE
@@ -106,10 +106,12 @@ MUTATING = frozenset((WRITE, REMOVE, INDEXED_WRITE, WRITE_IF))
 WITH_DATA = frozenset((WRITE, INDEXED_WRITE, WRITE_IF, READ_RANGE))
 NAMES = {WRITE: "write", READ: "read", REMOVE: "remove", LOOKUP: "lookup",
          STAT: "stat", ROUTES: "routes", INDEXED_WRITE: "indexed write", SEARCH: "search",
-         WRITE_IF: "write-if", READ_RANGE: "ranged read", REVOKE: "revoke", REVOKE_PEER: "revoke"}
+         WRITE_IF: "write-if", READ_RANGE: "ranged read", REVOKE: "revoke",
+         REVOKE_PEER: "revoke"}
 # The right a script's capability needs for each command (core/capability.py).
 NEEDS = {WRITE: "write", REMOVE: "write", INDEXED_WRITE: "write", WRITE_IF: "write",
-         READ: "read", READ_RANGE: "read", LOOKUP: "read", STAT: "read", SEARCH: "read", ROUTES: "read"}
+         READ: "read", READ_RANGE: "read", LOOKUP: "read", STAT: "read", SEARCH: "read",
+         ROUTES: "read"}
 
 ID_BYTES = 64
 MAX_HITS = 1000     # results one SEARCH may ask for
@@ -158,8 +160,8 @@ class StorageRequest:
             key_id, rid = b"", head[1:]
         else:
             raise ProtocolError(f"unknown command {cmd!r} (known: write W, read R, remove D, "
-                                "lookup L, indexed write I, write-if C, ranged read G, stat T, routes O, "
-                                "search S; exec and status as core.protocol requests)")
+                                "lookup L, indexed write I, write-if C, ranged read G, stat T, "
+                                "routes O, search S; exec and status as core.protocol requests)")
         if len(rid) > bp.MAX_RID:
             raise ProtocolError("request id longer than 64 bytes")
         return cls(client, cmd, rid, key_id, data, capability)
