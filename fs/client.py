@@ -211,16 +211,19 @@ class FsClient:
     def entries(self, ino: str, d: dict, path: str) -> tuple[dict, list]:
         """(every entry of directory `ino` as stored, names in a bucket they do
         not belong in): each bucket of head `d` in turn; one gone since `d` was
-        read was split, and its halves are read from the latest head."""
+        read was split or merged, and the buckets that now hold its names are
+        read from the latest head (a merged one once)."""
         if d["e"] is not None:
             return d["e"], []
         out, misplaced, todo, latest = {}, [], shape.buckets(d), d
-        reads = 0
+        reads, done = 0, set()
         while todo:
             depth, prefix = todo.pop()
+            if (depth, prefix) in done:
+                continue
             reads += 1
             if reads > (1 << shape.MAX_DEPTH) * 2:
-                raise bad(path, f"{DIR}{ino}: its buckets kept splitting under a listing")
+                raise bad(path, f"{DIR}{ino}: its buckets kept changing under a listing")
             try:
                 found = self.bucket(ino, (depth, prefix), path)
             except NotFound:
@@ -229,8 +232,10 @@ class FsClient:
                 if latest["e"] is not None or prefix < len(m) and m[prefix] == depth:
                     continue            # absent and still named: empty
                 todo += [(dd, p) for dd, p in shape.buckets(latest)
-                         if dd > depth and p % (1 << depth) == prefix]
+                         if (p % (1 << depth) == prefix if dd > depth
+                             else prefix % (1 << dd) == p)]
                 continue
+            done.add((depth, prefix))
             for name, value in found.items():
                 if type(name) is str and shape.slot(d["k"], name) % (1 << depth) != prefix:
                     misplaced.append(name)
