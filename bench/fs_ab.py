@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -97,13 +96,7 @@ def main() -> int:
     finally:
         for mnt in mounts.values():
             subprocess.run(["fusermount3", "-u", str(mnt)], timeout=30)
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        fs_bench.stop(procs)
         for root in roots:
             shutil.rmtree(root, ignore_errors=True)
     return 0
