@@ -449,6 +449,31 @@ def test_hard_links_share_contents_attributes_and_count(mnt, fs):
     assert raised.value.errno == errno.EPERM
 
 
+def test_a_listing_is_not_disturbed_by_creates_and_removes_under_it(mnt, fs):
+    """An open directory is listed from one snapshot (libfuse's high-level API
+    keeps what the first readdir answered, and the kernel asks from offsets
+    in it): while a listing of 3,000 names is read, 100 of them removed and
+    100 made change nothing in it: each name listed once."""
+    fs.mkdir("/snap")
+    ino = fs.stat("/snap").ino
+    files = {f"e{i:04d}": [f"{i + 1:016x}", "f", 0o644, 0, 1.7e9] for i in range(3000)}
+    head, buckets = shape.layout(files, os.urandom(shape.SALT))
+    for at, bucket in buckets.items():
+        fs.session.write(bucket_key(ino, *at), msgpack.packb(bucket))
+    fs.session.write(f"fs:d:{ino}", msgpack.packb(head))
+    seen = []
+    with os.scandir(mnt / "snap") as listing:     # getdents of 32 KiB: many calls
+        for i, entry in enumerate(listing):
+            seen.append(entry.name)
+            if i == 10:
+                for k in range(100):
+                    fs.unlink(f"/snap/e{2999 - k:04d}")
+                    fs.create(f"/snap/new{k}")
+    assert len(seen) == len(set(seen)) == 3000 and set(seen) == set(files)
+    now = set(os.listdir(mnt / "snap"))
+    assert len(now) == 3000 and "new0" in now and "e2999" not in now
+
+
 def test_a_directory_of_10000_entries(mnt, fs):
     """10,000 entries written straight into buckets as fs.py lays them out
     (10,000 creates, an exec each, take minutes on a loaded 2-core machine).
