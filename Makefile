@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= config.toml
-SYSTEM_DEPS := wget redis-server libseccomp2 fuse3 libfuse3-3 chromium chromium-driver wrk
+SYSTEM_DEPS := wget redis-server libseccomp2 fuse3 libfuse3-3 chromium chromium-driver wrk iproute2
 
 .PHONY: serve test bench bench-sandbox loadtest system-deps clean cluster cluster-stop
 
@@ -29,7 +29,7 @@ system-deps:
 	    ! command -v redis-server >/dev/null || ! ldconfig -p | grep -q libseccomp.so.2 || \
 	    ! command -v fusermount3 >/dev/null || ! ldconfig -p | grep -q libfuse3.so.3 || \
 	    ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || \
-	    ! command -v wrk >/dev/null; }; then \
+	    ! command -v wrk >/dev/null || ! command -v ss >/dev/null; }; then \
 	    echo "make: installing Debian packages (apt-get): $(SYSTEM_DEPS)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	        $(SYSTEM_DEPS) >/dev/null; fi

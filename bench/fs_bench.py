@@ -400,15 +400,20 @@ def main() -> int:
     try:
         run(args, root, procs)
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop(procs)
         shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process started, last first (SIGKILL after 20 s)."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 if __name__ == "__main__":

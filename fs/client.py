@@ -42,11 +42,11 @@ DIR, CHUNKS, INODE = "fs:d:", "fs:c:", "fs:i:"
 # A file's contents are fixed-size chunks, `fs:c:{<ino>}:<n>` (the braces are a
 # Redis Cluster hash tag: a file's chunks share one slot).  1 MiB: the largest
 # write the kernel sends FUSE, so a sequential write is one store write per
-# request and its round trip is paid per MiB, not per 128 KiB; a random 4 KiB
-# read moves at most 1 MiB; and far under any max_value a node should have
-# (the mount refuses to start on a node with less).  A chunk never written,
-# or shorter than its share of the file, reads as zeros: sparse files cost
-# nothing.
+# request and its round trip is paid per MiB, not per 128 KiB; a read that is
+# not sequential moves only its own bytes (``read_part``); and far under any
+# max_value a node should have (the mount refuses to start on a node with
+# less).  A chunk never written, or shorter than its share of the file, reads
+# as zeros: sparse files cost nothing.
 CHUNK = 1 << 20
 log = logging.getLogger("srw.fs")
 
@@ -211,16 +211,19 @@ class FsClient:
     def entries(self, ino: str, d: dict, path: str) -> tuple[dict, list]:
         """(every entry of directory `ino` as stored, names in a bucket they do
         not belong in): each bucket of head `d` in turn; one gone since `d` was
-        read was split, and its halves are read from the latest head."""
+        read was split or merged, and the buckets that now hold its names are
+        read from the latest head (a merged one once)."""
         if d["e"] is not None:
             return d["e"], []
         out, misplaced, todo, latest = {}, [], shape.buckets(d), d
-        reads = 0
+        reads, done = 0, set()
         while todo:
             depth, prefix = todo.pop()
+            if (depth, prefix) in done:
+                continue
             reads += 1
             if reads > (1 << shape.MAX_DEPTH) * 2:
-                raise bad(path, f"{DIR}{ino}: its buckets kept splitting under a listing")
+                raise bad(path, f"{DIR}{ino}: its buckets kept changing under a listing")
             try:
                 found = self.bucket(ino, (depth, prefix), path)
             except NotFound:
@@ -229,8 +232,10 @@ class FsClient:
                 if latest["e"] is not None or prefix < len(m) and m[prefix] == depth:
                     continue            # absent and still named: empty
                 todo += [(dd, p) for dd, p in shape.buckets(latest)
-                         if dd > depth and p % (1 << depth) == prefix]
+                         if (p % (1 << depth) == prefix if dd > depth
+                             else prefix % (1 << dd) == p)]
                 continue
+            done.add((depth, prefix))
             for name, value in found.items():
                 if type(name) is str and shape.slot(d["k"], name) % (1 << depth) != prefix:
                     misplaced.append(name)
@@ -326,6 +331,14 @@ class FsClient:
             return self.session.read(chunk_key(ino, n))
         except NotFound:
             return b""
+
+    def read_part(self, ino: str, n: int, at: int, length: int) -> bytes:
+        """`length` bytes of chunk `n` from `at` (a ranged read: only those cross
+        the network), zeros where the chunk was never written or is shorter."""
+        try:
+            return fit(self.session.read_range(chunk_key(ino, n), at, length), length)
+        except NotFound:
+            return bytes(length)
 
     def write_chunk(self, path: str, ino: str, n: int, data: bytes) -> None:
         """Chunk `n` in every group; EIO only if no group took it."""

@@ -3,15 +3,21 @@
 One thread serves the kernel (mfusepy's ``nothreads``): the FsClient and its
 Session (ZeroMQ sockets) are not thread-safe, and every call is a network
 round trip anyway.  A file is read and written in chunks (``fs.client.CHUNK``):
-a read or write touches only the chunks it covers.  Each open file (``Inode``,
-shared by every handle on it in this mount) holds at most DIRTY changed and
-CACHED read chunks, whatever the offsets; changed chunks are written when
-there are more than DIRTY, and all of them, then the size and mtime, at flush
-(close-to-open, as NFS).  Ctrl-C or ``fusermount3 -u MOUNTPOINT`` unmounts;
-libfuse returns and the Session closes.  Every error is answered at the call
-that caused it: a value in the store that is not what it should be is EIO
-(FsClient checks every value it reads, ``fs/shape.py``), a node that does not
-answer is EIO, and anything unexpected is EIO with one line in the log.
+a read or write touches only the chunks it covers, and a read that is not
+sequential only its own bytes (a ranged read).  Each open file (``Inode``,
+shared by every handle on it in this mount) holds at most DIRTY changed,
+SENDING written out and CACHED read chunks, and one read ahead, whatever the
+offsets.  The waits for the store that the kernel need not see are the
+courier's (``fs/courier.py``, a thread of its own): changed chunks are handed
+to it when there are more than DIRTY (write-behind), and a sequential read
+has it fetch the next chunk (read-ahead).  At flush every changed chunk is
+stored, then the size and mtime (close-to-open, as NFS); a chunk written out
+that failed is EIO at the file's next write, fsync or close.  Ctrl-C or
+``fusermount3 -u MOUNTPOINT`` unmounts; libfuse returns and the Sessions
+close.  Every other error is answered at the call that caused it: a value
+in the store that is not what it should be is EIO (FsClient checks every
+value it reads, ``fs/shape.py``), a node that does not answer is EIO, and
+anything unexpected is EIO with one line in the log.
 """
 from __future__ import annotations
 
@@ -31,10 +37,12 @@ from broker.client import BrokerUnavailable
 from storage.client import StorageError
 
 from .client import CHUNK, Entry, FsClient, FsError, fit
+from .courier import Courier
 from .shape import KINDS
 
 BLOCK = 4096
 DIRTY = 8       # changed chunks an open file holds before writing the oldest out
+SENDING = 2     # chunks written out, not yet stored, per open file (write-behind)
 CACHED = 4      # chunks read, kept per open file (re-reads of a chunk are free)
 # What utimensat's UTIME_NOW and UTIME_OMIT reach utimens as (libfuse passes
 # tv_sec 0 and the marker in tv_nsec; mfusepy gives sec * 1e9 + nsec).
@@ -97,16 +105,20 @@ class Inode:
     opens: int = 0
     mtime: float | None = None     # to store at flush (a write, or utimens)
     ctime: float | None = None     # likewise (a write or truncate)
-    dirty: OrderedDict = field(default_factory=OrderedDict)    # n -> bytearray
+    next_read: int = 0             # where the last read ended: the next is sequential
+    dirty: OrderedDict = field(default_factory=OrderedDict)    # n -> bytearray (bytes: whole)
+    sending: OrderedDict = field(default_factory=OrderedDict)  # n -> (Future, bytearray)
     clean: OrderedDict = field(default_factory=OrderedDict)    # n -> bytes, LRU
+    ahead: tuple | None = None     # (n, Future): the chunk a sequential read comes to next
+    failed: Exception | None = None    # a write-out that failed: EIO at the next call
 
 
 @errors_at_the_call
 class SrwOperations(mfusepy.Operations):
     use_ns = True   # utimens in nanoseconds
 
-    def __init__(self, fs: FsClient):
-        self.fs = fs
+    def __init__(self, fs: FsClient, courier: Courier):
+        self.fs, self.courier = fs, courier
         self.inodes: dict[str, Inode] = {}     # ino -> state, while open
         self.files: dict[int, str] = {}        # fh -> ino
         self.next_fh = 1
@@ -198,9 +210,11 @@ class SrwOperations(mfusepy.Operations):
         self.fs.rmdir(path)
 
     def unlink(self, path):
+        self._settle_all()
         self.fs.unlink(path)
 
     def rename(self, old, new):
+        self._settle_all()      # a file it replaces loses its chunks
         self.fs.rename(old, new)
         for inode in self.inodes.values():     # open files follow their name
             if inode.path == old or inode.path.startswith(old + "/"):
@@ -236,26 +250,52 @@ class SrwOperations(mfusepy.Operations):
         return fh
 
     def read(self, path, size, offset, fh):
+        """A sequential read (from where the last one ended) takes whole chunks
+        and keeps them; any other reads only its own bytes from the store (a
+        ranged read), unless its chunk is held already."""
         inode = self.inodes[self.files[fh]]
         end = min(offset + size, inode.size)
-        out = bytearray()
+        sequential, inode.next_read = offset == inode.next_read, max(end, offset)
+        parts, n = [], offset // CHUNK
         while offset < end:
             n, at = divmod(offset, CHUNK)
             take = min(end - offset, CHUNK - at)
-            out += self._chunk(inode, n)[at:at + take]
+            if sequential or self._held(inode, n):
+                part = self._chunk(inode, n)[at:at + take]
+                parts.append(part if len(part) == take else fit(part, take))
+            else:
+                parts.append(self.fs.read_part(inode.entry.ino, n, at, take))
             offset += take
-        return bytes(out)
+        if sequential:
+            self._read_ahead(inode, n + 1)
+        return b"".join(parts)
+
+    @staticmethod
+    def _held(inode: Inode, n: int) -> bool:
+        return n in inode.dirty or n in inode.sending or n in inode.clean or \
+            inode.ahead is not None and inode.ahead[0] == n
+
+    def _read_ahead(self, inode: Inode, n: int) -> None:
+        """Chunk `n` fetched by the courier while the kernel takes this one."""
+        if n * CHUNK < inode.size and not self._held(inode, n):
+            inode.ahead = (n, self.courier.read(inode.entry.ino, n))
 
     def _chunk(self, inode: Inode, n: int):
         """Chunk `n` as the file's bytes (its share of the size, zeros where
         never written): changed, cached, or read now and cached."""
         if n in inode.dirty:
             return inode.dirty[n]
+        if n in inode.sending:
+            return inode.sending[n][1]
         if n in inode.clean:
             inode.clean.move_to_end(n)
             return inode.clean[n]
         share = max(0, min(CHUNK, inode.size - n * CHUNK))
-        data = fit(self.fs.read_chunk(inode.entry.ino, n), share) if share else b""
+        if inode.ahead is not None and inode.ahead[0] == n:
+            stored, inode.ahead = inode.ahead[1].result(), None
+        else:
+            stored = self.fs.read_chunk(inode.entry.ino, n) if share else b""
+        data = fit(stored, share) if share else b""
         inode.clean[n] = data
         if len(inode.clean) > CACHED:
             inode.clean.popitem(last=False)
@@ -263,6 +303,7 @@ class SrwOperations(mfusepy.Operations):
 
     def write(self, path, data, offset, fh):
         inode = self.inodes[self.files[fh]]
+        self._raise_failed(inode)
         end = offset + len(data)
         if end > self.fs.max_file:
             raise FsError(errno.EFBIG, path)
@@ -270,10 +311,14 @@ class SrwOperations(mfusepy.Operations):
         while done < len(data):
             n, at = divmod(offset + done, CHUNK)
             take = min(len(data) - done, CHUNK - at)
-            chunk = self._changing(inode, n, whole=at == 0 and take == CHUNK)
-            if len(chunk) < at:
-                chunk.extend(bytes(at - len(chunk)))
-            chunk[at:at + take] = view[done:done + take]
+            if take == CHUNK:       # a whole chunk: kept as the kernel gave it, not copied
+                self._changing(inode, n, whole=True)
+                inode.dirty[n] = data if take == len(data) else bytes(view[done:done + take])
+            else:
+                chunk = self._changing(inode, n)
+                if len(chunk) < at:
+                    chunk.extend(bytes(at - len(chunk)))
+                chunk[at:at + take] = view[done:done + take]
             done += take
         inode.size = max(inode.size, end)
         inode.mtime = inode.ctime = time.time()
@@ -286,14 +331,48 @@ class SrwOperations(mfusepy.Operations):
         if n not in inode.dirty:
             start = bytearray() if whole else bytearray(self._chunk(inode, n))
             inode.clean.pop(n, None)
+            if inode.ahead is not None and inode.ahead[0] == n:
+                inode.ahead = None
             inode.dirty[n] = start
+        elif type(inode.dirty[n]) is bytes:     # a whole chunk as written, now changed in part
+            inode.dirty[n] = bytearray(inode.dirty[n])
         return inode.dirty[n]
 
     def _write_out(self, inode: Inode, keep: int = 0) -> None:
-        """Store changed chunks, oldest first, until `keep` are left."""
+        """Hand changed chunks to the courier, oldest first, until `keep` are
+        left; at most SENDING of them in flight (write-behind)."""
         while len(inode.dirty) > keep:
             n, data = inode.dirty.popitem(last=False)
-            self.fs.write_chunk(inode.path, inode.entry.ino, n, data)
+            if n in inode.sending:      # an older copy: stored first, its error kept
+                self._settle(inode, keep=0, only=n)
+            inode.sending[n] = (self.courier.write(inode.path, inode.entry.ino, n, data), data)
+            self._settle(inode, keep=SENDING)
+
+    def _settle(self, inode: Inode, keep: int = 0, only: int | None = None) -> None:
+        """Let go of chunks the courier stored, waiting (oldest first) until at
+        most `keep` are in flight; the first that failed is kept in
+        `inode.failed`, answered EIO by the next write, fsync or close."""
+        for n, (sent, _) in list(inode.sending.items()):
+            if only is not None and n != only:
+                continue
+            if len(inode.sending) <= keep and not sent.done():
+                break
+            del inode.sending[n]
+            if sent.exception() is not None and inode.failed is None:
+                inode.failed = sent.exception()
+
+    @staticmethod
+    def _raise_failed(inode: Inode) -> None:
+        failed, inode.failed = inode.failed, None
+        if failed is not None:
+            log.error("write %s: a chunk written out failed: %s", inode.path, failed)
+            raise FsError(errno.EIO, inode.path)
+
+    def _settle_all(self) -> None:
+        """Every open file's chunks stored, before an op that may remove a file's
+        chunks (none may land after they are removed)."""
+        for inode in self.inodes.values():
+            self._settle(inode)
 
     def truncate(self, path, length, fh=None):
         if length > self.fs.max_file:
@@ -313,7 +392,9 @@ class SrwOperations(mfusepy.Operations):
     def _truncate(self, inode: Inode, length: int) -> None:
         """Cut the chunk the new end falls in (so a later growth reads zeros)
         and remove the chunks past it; growing stores nothing (sparse)."""
+        inode.ahead = None
         if length < inode.size:
+            self._settle(inode)     # no chunk written out lands after the removes
             n, at = divmod(length, CHUNK)
             if at:
                 del self._changing(inode, n)[at:]
@@ -328,6 +409,8 @@ class SrwOperations(mfusepy.Operations):
     def flush(self, path, fh):
         inode = self.inodes[self.files[fh]]
         self._write_out(inode)
+        self._settle(inode)
+        self._raise_failed(inode)
         if inode.mtime is not None or inode.size != inode.entry.size:
             inode.entry = self.fs.setattr(inode.path, inode.entry, size=inode.size,
                                           mtime=inode.mtime, ctime=inode.ctime)
@@ -365,7 +448,8 @@ def mount(session_factory, mountpoint: str, allow_other: bool = False,
             print(f"srw: {mountpoint}: node {small[0]}'s max_value is under {CHUNK} bytes, "
                   "a file chunk (fs/client.py CHUNK): raise it to mount", file=sys.stderr)
             return 1
-        operations = SrwOperations(FsClient(session))
+        courier = Courier(session_factory)
+        operations = SrwOperations(FsClient(session), courier)
         try:
             if not 0 <= attr_timeout <= 3600:
                 raise FsError(errno.EINVAL, f"--attr-timeout {attr_timeout}: 0 to 3600 s")
@@ -380,4 +464,6 @@ def mount(session_factory, mountpoint: str, allow_other: bool = False,
             print(f"srw: {mountpoint}: libfuse could not serve it (fuse_main: {exc}); "
                   "its reason is on the line above", file=sys.stderr)
             return 1
+        finally:
+            courier.close()
     return 0

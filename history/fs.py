@@ -25,8 +25,12 @@
 # a directory's buckets) as {name: entry}.  A bucket of more than BUCKET
 # entries splits in two by the next bit of h (extendible hashing): the two new
 # buckets are written, then the head, then the old bucket removed, so a reader
-# that finds a bucket gone reads the head again (fs/client.py).  No bucket is
-# ever merged; an emptied one is removed.  The old form of a directory, before
+# that finds a bucket gone reads the head again (fs/client.py).  A bucket left
+# with its buddy (the bucket that differs in its deepest bit) holding MERGE
+# entries or fewer between them is merged back into one of a bit less, and the
+# map halved while no bucket is as deep as it (`merge`): the merged bucket and
+# the head are written, then the halves removed, so a reader that finds a
+# bucket gone reads the head again here too.  The old form of a directory, before
 # buckets (until srw 2026-12), is one value {"e": {name: entry}, "i", "a",
 # "dead", "m"}: it is read as it is, and moved into buckets by its first op
 # that writes.  Entries:
@@ -78,6 +82,7 @@ KINDS = ("f", "d", "l", "p", "c", "b", "s")
 SETTABLE = (("size", SIZE), ("mode", MODE), ("mtime", MTIME), ("uid", UID), ("gid", GID),
             ("atime", ATIME), ("ctime", CTIME))
 BUCKET = 128        # entries in a bucket before it splits (~60 KiB at most: names <= 255 B)
+MERGE = BUCKET // 4  # entries two buddy buckets may hold together to be merged back
 MAX_DEPTH = 16      # 65,536 buckets (8 million entries) before buckets grow past BUCKET
 SALT = 8
 # The most entries an old-form directory may have to be moved into buckets (in
@@ -170,6 +175,7 @@ class Dir:
         where = self.where(name)
         self.count(self.bucket(where).pop(name, None), -1)
         self.dirty.add(where)
+        self.merge(where)
 
     def count(self, entry, sign):
         if entry is not None:
@@ -203,6 +209,38 @@ class Dir:
             if bit is None:
                 return
             depth, prefix = depth + 1, prefix | bit << depth
+
+    def merge(self, where):
+        """Merge the bucket with its buddy (same depth, the other value of its
+        deepest bit) while the two hold at most MERGE entries, and halve the map
+        while no bucket is as deep as it: a directory emptied goes back to one
+        bucket.  The halves are removed after the head is written (as a split's
+        old bucket), so a reader with the old head still finds them, as changed
+        by this op."""
+        depth, prefix = where
+        while depth > 0:
+            bit = 1 << (depth - 1)
+            buddy = (depth, prefix ^ bit)
+            m = bytearray(self.head["b"])
+            if m[buddy[1]] != depth:                    # split deeper: not now
+                return
+            try:
+                halves = self.bucket(where), self.bucket(buddy)
+            except Bad:                                 # readers say EIO for it
+                return
+            if len(halves[0]) + len(halves[1]) > MERGE:
+                return
+            merged = (depth - 1, prefix & (bit - 1))
+            self.buckets[merged] = {**halves[0], **halves[1]}
+            self.dirty.add(merged)
+            self.gone.discard(merged)
+            self.gone.update((where, buddy))
+            for i in range(merged[1], len(m), bit):
+                m[i] = depth - 1
+            while len(m) > 1 and max(m) < len(m).bit_length() - 1:
+                m = m[:len(m) // 2]
+            self.head["b"] = bytes(m)
+            where, (depth, prefix) = merged, merged
 
     def names(self):
         """Every entry's name (rmdir's check: it reads every bucket)."""

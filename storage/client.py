@@ -149,6 +149,14 @@ class Session:
         answered."""
         return self.engine.read(key, id, groups)
 
+    def read_range(self, key: str | bytes | None = None, offset: int = 0, length: int = 0,
+                   id: str | None = None, groups: list[int] | None = None) -> bytes:
+        """At most `length` bytes of the value from `offset`: fewer where it ends,
+        none past its end; only those bytes cross the network.  Raises like
+        read, and ValueError for a negative offset or length, or one too large
+        for the wire (storage/protocol.py range_data)."""
+        return self.engine.read_range(key, id, groups, offset, length)
+
     def lookup(self, key: str | bytes | None = None, id: str | None = None,
                groups: list[int] | None = None) -> dict:
         """{"size", "mtime", "id", "node", "group"} of the key; raises like read.

@@ -123,6 +123,12 @@ class Engine(abc.ABC):
         StorageUnavailable (no owner answered), Forbidden."""
 
     @abc.abstractmethod
+    def read_range(self, key, id, groups, offset: int, length: int) -> bytes:
+        """At most `length` bytes of the value from `offset` (fewer where it ends,
+        none past its end), from the first group whose owner has it; raises like
+        read, and ValueError for a negative or huge range (storage/protocol.py)."""
+
+    @abc.abstractmethod
     def write(self, key, data: bytes, id, groups, index: bool = False) -> list:
         """Store in every group: one Result per group (one for a store that
         replicates itself); `index`: also into the full-text index."""

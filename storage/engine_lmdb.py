@@ -140,6 +140,9 @@ class LmdbEngine(Engine):
     def read(self, key, id, groups) -> bytes:
         return self._first(sp.READ, key, id, groups).data
 
+    def read_range(self, key, id, groups, offset: int, length: int) -> bytes:
+        return self._first(sp.READ_RANGE, key, id, groups, sp.range_data(offset, length)).data
+
     def lookup(self, key, id, groups) -> dict:
         result = self._first(sp.LOOKUP, key, id, groups)
         return {**p.unpack_map(result.data), "node": result.node, "group": result.group}
@@ -202,13 +205,13 @@ class LmdbEngine(Engine):
                 results.append(Result(node.name, node.group, p.UNAVAILABLE, b"", str(exc)))
         return results
 
-    def _first(self, cmd: bytes, key, id, groups) -> Result:
+    def _first(self, cmd: bytes, key, id, groups, data: bytes = b"") -> Result:
         raw_id, targets = self._locate(key, id, groups)
         wait = self.timeout or DATA_TIMEOUT
         failures = []
         for node in targets:
             try:
-                result = self._store(node.name).call(cmd, raw_id, wait=wait)
+                result = self._store(node.name).call(cmd, raw_id, data, wait=wait)
             except BrokerUnavailable as exc:
                 result = Result(node.name, node.group, p.UNAVAILABLE, b"", str(exc))
             if result.ok:

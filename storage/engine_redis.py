@@ -25,6 +25,7 @@ from core import redis_auth, security
 from core.exits import UsageError
 from broker.client import Result
 
+from . import protocol as sp
 from .engine import UNREADABLE, Engine, Place
 from .errors import NotFound, StorageError, StorageUnavailable
 from .redis_store import RedisStore
@@ -75,6 +76,10 @@ class RedisEngine(Engine):
 
     def read(self, key, id, groups) -> bytes:
         return self.store.read(self._key(key, id, groups))
+
+    def read_range(self, key, id, groups, offset: int, length: int) -> bytes:
+        sp.range_data(offset, length)   # the same bounds as lmdb's (ValueError)
+        return self.store.read_range(self._key(key, id, groups), offset, length)
 
     def lookup(self, key, id, groups) -> dict:
         """{"size", "node", "group", "redis"}: Redis keeps no mtime ({"size"} for a

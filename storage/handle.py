@@ -48,6 +48,7 @@ from core import protocol as p
 from core import config as cfg
 from core import capability, security
 
+from . import protocol as sp
 from .client import Session
 from .engine import engine_class
 from .errors import (Forbidden, NodeUnavailable, ReplicaWriteFailed, StorageError,
@@ -169,7 +170,13 @@ class StorageHandle:
 
     def read_data(self, key: str | bytes, offset: int = 0, size: int = 0) -> bytes:
         """The value (``size`` bytes from ``offset``, 0 = to the end); raises
-        storage.client.NotFound or StorageUnavailable."""
+        storage.client.NotFound or StorageUnavailable.  With a size, only those
+        bytes are read (a ranged read)."""
+        if size > 0 and 0 <= offset <= sp.MAX_OFFSET:
+            data = self.session().read_range(key, offset, min(size, sp.MAX_LENGTH),
+                                             groups=self._groups())
+            self.log.debug("read %r: %d bytes from %d", key, len(data), offset)
+            return data
         data = self.session().read(key, groups=self._groups())
         self.log.debug("read %r: %d bytes", key, len(data))
         if offset or size:

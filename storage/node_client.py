@@ -34,7 +34,7 @@ DATA_TIMEOUT = 5.0    # seconds a storage node may take to answer a data call
 # thread already costs one); looking for it without sleeping for this long
 # first cut the read p50 by a third here.  Bounded, and only for reads.
 SPIN = 0.0002
-_SPIN_COMMANDS = frozenset((sp.READ, sp.LOOKUP))
+_SPIN_COMMANDS = frozenset((sp.READ, sp.READ_RANGE, sp.LOOKUP))
 
 
 class StorageClient:

@@ -5,6 +5,7 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
     request  [head, data] or [head, data, capability]
              head  cmd (1 byte) + id (64 bytes, data commands only) + rid
                    cmd   WRITE | READ | REMOVE | LOOKUP    data commands on one key
+                         READ_RANGE                        part of a value (see data)
                          INDEXED_WRITE                     a write the node indexes
                          WRITE_IF                          a write only if the value is
                                                            still the one the caller read
@@ -17,7 +18,8 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
                    + key + value, sha512(key) being the id; for WRITE_IF len(expected)
                    (1 byte: 0 or 32) + expected + value, expected being the sha256
                    (32 bytes) of the value the caller read, empty for "must not
-                   exist"; for SEARCH msgpack
+                   exist"; for READ_RANGE offset (8 bytes) + length (4 bytes), both
+                   big-endian unsigned, offset below 2**63 (range_data); for SEARCH msgpack
                    {"query": str, "limit": int, and optionally "lang": str (a stemmer
                    for every word), "raw": bool (FTS5's own syntax), "timeout": float
                    (seconds the node may search; else [search] timeout)}; for REVOKE
@@ -29,6 +31,8 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
              head  status (1 byte: its index in core.protocol.STATUSES)
                    + len(rid) (1 byte) + rid + error (UTF-8, empty when ok)
              READ ok     data = the value
+             READ_RANGE ok   data = the value's bytes from offset, at most length
+                         of them: fewer where the value ends, none from past its end
              LOOKUP ok   data = msgpack {"size": int, "mtime": float (Unix seconds),
                                          "id": hex str}
              STAT ok     data = msgpack {"name", "group", "entries", "bytes", "map_size",
@@ -44,7 +48,8 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
              SEARCH ok   data = msgpack {"hits": [{"key", "score", "snippet", "parts"}, ...]
                          best first, ties by key; "count": matches on the node;
                          "partial": true when cut at the deadline}
-             statuses    ok | not_found (READ, REMOVE, LOOKUP of a missing key) |
+             statuses    ok | not_found (READ, READ_RANGE, REMOVE, LOOKUP of a
+                         missing key) |
                          output_too_large (value above node.max_value, or an indexed
                          one above node.max_index_bytes) |
                          bad_request (malformed frames, unknown command, a query the
@@ -72,6 +77,7 @@ ran on the value and the index committed its row (storage/node.py).
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from core import capability as cap
@@ -88,21 +94,24 @@ ROUTES = b"O"
 INDEXED_WRITE = b"I"
 SEARCH = b"S"
 WRITE_IF = b"C"
+READ_RANGE = b"G"
 REVOKE = cap.REVOKE            # defined in core/capability.py: workers send it too
 REVOKE_PEER = cap.REVOKE_PEER
 revoke_data, parse_revoke = cap.revoke_data, cap.parse_revoke
 
-DATA_COMMANDS = frozenset((WRITE, READ, REMOVE, LOOKUP, INDEXED_WRITE, WRITE_IF))
+DATA_COMMANDS = frozenset((WRITE, READ, REMOVE, LOOKUP, INDEXED_WRITE, WRITE_IF, READ_RANGE))
 NODE_COMMANDS = frozenset((STAT, ROUTES, SEARCH, REVOKE, REVOKE_PEER))
 REVOCATIONS = frozenset((REVOKE, REVOKE_PEER))
 MUTATING = frozenset((WRITE, REMOVE, INDEXED_WRITE, WRITE_IF))
-WITH_DATA = frozenset((WRITE, INDEXED_WRITE, WRITE_IF))
+WITH_DATA = frozenset((WRITE, INDEXED_WRITE, WRITE_IF, READ_RANGE))
 NAMES = {WRITE: "write", READ: "read", REMOVE: "remove", LOOKUP: "lookup",
          STAT: "stat", ROUTES: "routes", INDEXED_WRITE: "indexed write", SEARCH: "search",
-         WRITE_IF: "write-if", REVOKE: "revoke", REVOKE_PEER: "revoke"}
+         WRITE_IF: "write-if", READ_RANGE: "ranged read", REVOKE: "revoke",
+         REVOKE_PEER: "revoke"}
 # The right a script's capability needs for each command (core/capability.py).
 NEEDS = {WRITE: "write", REMOVE: "write", INDEXED_WRITE: "write", WRITE_IF: "write",
-         READ: "read", LOOKUP: "read", STAT: "read", SEARCH: "read", ROUTES: "read"}
+         READ: "read", READ_RANGE: "read", LOOKUP: "read", STAT: "read", SEARCH: "read",
+         ROUTES: "read"}
 
 ID_BYTES = 64
 MAX_HITS = 1000     # results one SEARCH may ask for
@@ -110,7 +119,7 @@ MAX_QUERY = 4096    # characters of a SEARCH's query
 MAX_SEARCH_TIMEOUT = 600.0   # seconds a SEARCH may ask to run
 
 __all__ = ["ProtocolError", "StorageRequest", "request_frames", "WRITE", "READ", "REMOVE",
-           "LOOKUP", "STAT", "ROUTES", "INDEXED_WRITE", "SEARCH", "WRITE_IF"]
+           "LOOKUP", "STAT", "ROUTES", "INDEXED_WRITE", "SEARCH", "WRITE_IF", "READ_RANGE"]
 
 
 _STATUS_CODE = {status: bytes([i]) for i, status in enumerate(bp.STATUSES)}
@@ -151,8 +160,8 @@ class StorageRequest:
             key_id, rid = b"", head[1:]
         else:
             raise ProtocolError(f"unknown command {cmd!r} (known: write W, read R, remove D, "
-                                "lookup L, indexed write I, write-if C, stat T, routes O, "
-                                "search S; exec and status as core.protocol requests)")
+                                "lookup L, indexed write I, write-if C, ranged read G, stat T, "
+                                "routes O, search S; exec and status as core.protocol requests)")
         if len(rid) > bp.MAX_RID:
             raise ProtocolError("request id longer than 64 bytes")
         return cls(client, cmd, rid, key_id, data, capability)
@@ -190,6 +199,32 @@ def split_write_if(data: bytes) -> tuple[bytes | None, bytes]:
         raise ProtocolError("write-if: the data must be len(expected) (1 byte, 0 or 32), "
                             "the expected value's sha256 and the value")
     return (bytes(data[1:1 + size]) or None), data[1 + size:]
+
+
+# A READ_RANGE's data frame: offset (u64, below 2**63: Redis's GETRANGE takes a
+# signed 64-bit end) and length (u32: one reply is bounded whatever is asked).
+_RANGE = struct.Struct(">QI")
+MAX_OFFSET = (1 << 63) - 1
+MAX_LENGTH = (1 << 32) - 1
+
+
+def range_data(offset: int, length: int) -> bytes:
+    """The data frame of a READ_RANGE; ValueError for a range no node takes."""
+    if not (0 <= offset <= MAX_OFFSET and 0 <= length <= MAX_LENGTH):
+        raise ValueError(f"ranged read: offset must be 0 to {MAX_OFFSET} and length 0 to "
+                         f"{MAX_LENGTH}, not {offset!r} and {length!r}")
+    return _RANGE.pack(offset, length)
+
+
+def split_range(data: bytes) -> tuple[int, int]:
+    """(offset, length) of a READ_RANGE's data frame, or ProtocolError."""
+    if len(data) != _RANGE.size:
+        raise ProtocolError(f"ranged read: the data must be offset (8 bytes) and length "
+                            f"(4 bytes), got {len(data)} bytes")
+    offset, length = _RANGE.unpack(data)
+    if offset > MAX_OFFSET:
+        raise ProtocolError(f"ranged read: offset {offset} is above {MAX_OFFSET}")
+    return offset, length
 
 
 @dataclass(frozen=True, slots=True)

@@ -184,6 +184,23 @@ class RedisStore:
                                "reader takes")
         return value
 
+    def read_range(self, key: str | bytes, offset: int, length: int) -> bytes:
+        """At most `length` bytes from `offset` (GETRANGE: no more is read), and
+        no more than ``max_value``; NotFound when the key is absent."""
+        if self.max_value is not None:
+            length = min(length, self.max_value)
+        if not length:
+            value = b""
+        else:
+            with _refused(key):
+                end = min(offset + length - 1, (1 << 63) - 1)   # Redis takes a signed end
+                value = self.client.getrange(key, offset, end)
+        if not value:
+            with _refused(key):
+                if not self.client.exists(key):
+                    raise NotFound(f"key {key!r} not found")
+        return value
+
     def write(self, key: str | bytes, data: bytes) -> None:
         with _refused(key):
             self.client.set(key, data)

@@ -79,7 +79,8 @@ class Store:
         self._batch_changes = Changes()
         self._handlers = {sp.WRITE: self._write, sp.READ: self._read,
                           sp.REMOVE: self._remove, sp.LOOKUP: self._lookup,
-                          sp.INDEXED_WRITE: self._indexed_write, sp.WRITE_IF: self._write_if}
+                          sp.INDEXED_WRITE: self._indexed_write, sp.WRITE_IF: self._write_if,
+                          sp.READ_RANGE: self._read_range}
 
     def apply(self, requests: list[StorageRequest]) -> list[Reply]:
         """One reply per request, in order (DEFERRED for an indexed write, which
@@ -202,6 +203,19 @@ class Store:
         if value is None:
             return self._missing(req)
         return bp.OK, bytes(value[_HEADER.size:]), ""
+
+    def _read_range(self, txn, req: StorageRequest) -> Reply:
+        """Part of a value, sliced in the transaction's buffer: only the bytes
+        asked for are copied."""
+        try:
+            offset, length = sp.split_range(req.data)
+        except sp.ProtocolError as exc:
+            return bp.BAD_REQUEST, b"", f"node {self.name}: {exc}"
+        value = txn.get(req.id)
+        if value is None:
+            return self._missing(req)
+        start = _HEADER.size + min(offset, len(value) - _HEADER.size)
+        return bp.OK, bytes(value[start:start + length]), ""
 
     def _remove(self, txn, req: StorageRequest) -> Reply:
         if not txn.delete(req.id):

@@ -12,8 +12,9 @@ import msgpack
 import pytest
 from hypothesis.stateful import run_state_machine_as_test
 
+from fs import shape
 from fs.client import FsClient, FsError, bucket_key
-from storage.client import Session
+from storage.client import NotFound, Session
 
 from conftest import retire
 from fs_support import RANDOM_OPS, LocalTree, SameTree, SrwTree, in_threads, start_cluster
@@ -197,3 +198,42 @@ def test_cli_put_ls_get_mv_stat(cluster, tmp_path):
     listing = cluster.run("fs", "ls", "-l", "/cli").stdout.decode()
     assert listing.split()[:2] == ["-rw-r--r--", "8000"] and listing.endswith(" g\n")
     assert cluster.run("fs", "stat", "/cli").stdout.decode().startswith("/cli: drwxr-xr-x")
+
+
+def test_an_emptied_directory_merges_back_into_one_bucket(cluster, fs):
+    """Buckets merge back as names go (history/fs.py `merge`), down to one; a
+    listing made meanwhile holds every name that stays.  The directory is
+    planted as one that grew to 8 buckets (before merges, buckets only split)."""
+    fs.mkdir("/shrink")
+    ino = fs.stat("/shrink").ino
+    entries = {f"f{i}": [f"{i + 1:016x}", "f", 0o644, 0, 1.7e9] for i in range(40)}
+    head, buckets = shape.layout(entries, b"12345678")
+    head["b"] = bytes([3]) * 8
+    buckets = {(3, p): {} for p in range(8)}
+    for name, value in entries.items():
+        buckets[(3, shape.slot(head["k"], name) % 8)][name] = value
+    for at, bucket in buckets.items():
+        fs.session.write(bucket_key(ino, *at), msgpack.packb(bucket))
+    fs.session.write(f"fs:d:{ino}", msgpack.packb(head))
+    stays, done, listings = {f"f{i}" for i in range(20, 40)}, [], []
+
+    def list_meanwhile(c, i):
+        if i == 0:
+            for name in sorted(entries.keys() - stays):
+                c.unlink(f"/shrink/{name}")
+            done.append(True)
+        while not done and len(listings) < 200:
+            listings.append(set(c.readdir("/shrink")))
+    with_clients(cluster, list_meanwhile, count=2)
+    assert listings and all(stays <= listed for listed in listings)
+    assert set(fs.readdir("/shrink")) == stays
+    head, buckets = stored(fs, ino, 1)
+    assert len(head["b"]) < 8 and {n for b in buckets.values() for n in b} == stays
+    for name in stays:
+        fs.unlink(f"/shrink/{name}")
+    for group in (1, 2):
+        head = msgpack.unpackb(fs.session.read(f"fs:d:{ino}", groups=[group]), raw=False)
+        assert head["b"] == b"\0" and head["n"] == 0
+        with pytest.raises(NotFound):       # emptied: removed
+            fs.session.read(bucket_key(ino, 0, 0), groups=[group])
+    assert fs.readdir("/shrink") == {}

@@ -19,6 +19,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from fs import shape
 from fs.client import CHUNK, FsClient, bucket_key, chunk_key
+from fs.mount import DIRTY, SENDING
 from storage.client import NotFound, Session
 
 from conftest import retire
@@ -185,6 +186,74 @@ def test_a_file_three_times_max_value_by_dd(mnt, fs, tmp_path):
     sh("cp big big2 && truncate -s 100 big2 && mv big2 big", mnt)   # replaces big
     assert (mnt / "big").read_bytes() == source.read_bytes()[:100]
     assert stored(fs, "/big") == [0]
+
+
+def received(pid: int) -> int:
+    """Bytes the process's TCP connections have received (its store replies),
+    from the kernel's tcp_info (`ss`, iproute2)."""
+    out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=10,
+                         check=True).stdout.splitlines()
+    total = 0
+    for head, info in zip(out[::2], out[1::2]):
+        if f"pid={pid}," in head:
+            total += sum(int(f.split(":")[1]) for f in info.split()
+                         if f.startswith("bytes_received:"))
+    return total
+
+
+def test_random_reads_move_only_their_own_bytes(mnt, fs, mounted):
+    """Reads that are not sequential are ranged reads: a few KiB each, never a
+    1 MiB chunk, at chunk edges, past the end, in a hole and in a chunk stored
+    shorter than its share (zeros)."""
+    data = bytearray(os.urandom(6 * CHUNK + 5000))
+    fs.write_file("/ranged", bytes(data))      # through the API: not in the mount's cache
+    ino = fs.stat("/ranged").ino
+    fs.session.remove(chunk_key(ino, 2))       # a hole
+    data[2 * CHUNK:3 * CHUNK] = bytes(CHUNK)
+    fs.session.write(chunk_key(ino, 3), bytes(data[3 * CHUNK:3 * CHUNK + 100]))
+    data[3 * CHUNK + 100:4 * CHUNK] = bytes(CHUNK - 100)
+    rng = random.Random(5)
+    reads = [(CHUNK - 4096, 8192), (2 * CHUNK + 4096, 4096), (3 * CHUNK, 8192),
+             (len(data) - 100, 4096), (len(data) + 10, 4096), (5 * CHUNK - 4096, 12288)]
+    reads += [(rng.randrange(1, len(data) // 4096) * 4096, 4096) for _ in range(40)]
+    pid = mounted[1].pid
+    fd = os.open(mnt / "ranged", os.O_RDONLY)
+    try:
+        before = received(pid)
+        for at, size in reads:
+            assert os.pread(fd, size, at) == data[at:at + size], (at, size)
+        moved = received(pid) - before
+    finally:
+        os.close(fd)
+    asked = sum(size for _, size in reads)
+    assert moved < asked + 64 * 1024, (moved, asked)   # whole chunks: over 6 MiB
+    assert (mnt / "ranged").read_bytes() == data        # sequential: whole chunks
+
+
+def test_a_chunk_written_out_that_fails_is_eio_at_a_later_write_or_close(mnt, cluster):
+    """Write-behind: with the store stopped, a chunk the courier could not store
+    is EIO at a later write or at the close, never lost in silence; the store
+    back, the mount serves on."""
+    [storage] = cluster.processes("srw: storage n1")
+    block, errors = os.urandom(CHUNK), []
+    fd = os.open(mnt / "lost", os.O_CREAT | os.O_WRONLY)
+    storage.suspend()
+    try:
+        for _ in range(DIRTY + SENDING + 2):
+            try:
+                os.write(fd, block)
+            except OSError as exc:
+                errors.append(exc.errno)
+                break
+    finally:
+        storage.resume()
+        try:
+            os.close(fd)
+        except OSError as exc:
+            errors.append(exc.errno)
+    assert errors and set(errors) == {errno.EIO}, errors
+    (mnt / "after").write_bytes(block)
+    assert (mnt / "after").read_bytes() == block
 
 
 def test_sparse_write_at_10_gib_stores_one_chunk(mnt, fs, mounted):
@@ -378,6 +447,31 @@ def test_hard_links_share_contents_attributes_and_count(mnt, fs):
     with pytest.raises(OSError) as raised:
         os.link(mnt / "hl", mnt / "hl2")
     assert raised.value.errno == errno.EPERM
+
+
+def test_a_listing_is_not_disturbed_by_creates_and_removes_under_it(mnt, fs):
+    """An open directory is listed from one snapshot (libfuse's high-level API
+    keeps what the first readdir answered, and the kernel asks from offsets
+    in it): while a listing of 3,000 names is read, 100 of them removed and
+    100 made change nothing in it: each name listed once."""
+    fs.mkdir("/snap")
+    ino = fs.stat("/snap").ino
+    files = {f"e{i:04d}": [f"{i + 1:016x}", "f", 0o644, 0, 1.7e9] for i in range(3000)}
+    head, buckets = shape.layout(files, os.urandom(shape.SALT))
+    for at, bucket in buckets.items():
+        fs.session.write(bucket_key(ino, *at), msgpack.packb(bucket))
+    fs.session.write(f"fs:d:{ino}", msgpack.packb(head))
+    seen = []
+    with os.scandir(mnt / "snap") as listing:     # getdents of 32 KiB: many calls
+        for i, entry in enumerate(listing):
+            seen.append(entry.name)
+            if i == 10:
+                for k in range(100):
+                    fs.unlink(f"/snap/e{2999 - k:04d}")
+                    fs.create(f"/snap/new{k}")
+    assert len(seen) == len(set(seen)) == 3000 and set(seen) == set(files)
+    now = set(os.listdir(mnt / "snap"))
+    assert len(now) == 3000 and "new0" in now and "e2999" not in now
 
 
 def test_a_directory_of_10000_entries(mnt, fs):

@@ -20,6 +20,7 @@ from core.ids import BadId
 
 from conftest import REPO, Cluster, proxy_request, wait_proxy, wait_until
 from redis_support import RedisNodes
+from test_storage import check_ranged_reads
 
 NODE_TIMEOUT = 2.0  # s, --cluster-node-timeout
 
@@ -274,6 +275,16 @@ def test_default_script_reads_keys_of_every_shard(rc):
     assert removed.ok
     with pytest.raises(KeyError):
         session.read(keys[1])
+
+
+def test_ranged_reads_are_getrange(rc):
+    redis, srw, session = rc
+    check_ranged_reads(session)
+    # A script's list where a value was expected: refused, as a read is.
+    [spoiled] = session.exec("", code="n.redis.lpush('ranged-list', 'x')", key="x")
+    assert spoiled.ok, spoiled.error
+    with pytest.raises(StorageError, match="WRONGTYPE"):
+        session.read_range("ranged-list", 0, 4)
 
 
 def test_http_data_calls_reach_redis(rc):

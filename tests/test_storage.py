@@ -134,6 +134,48 @@ def test_session_data_calls_and_cli(shared_node):
     assert shared_node.processes("srw: storage n1")
 
 
+RANGES = {(0, 4): b"0123", (3, 4): b"3456", (8, 100): b"89", (10, 5): b"", (5, 0): b"",
+          (1 << 40, 5): b"", (0, sp.MAX_LENGTH): b"0123456789",
+          (sp.MAX_OFFSET, sp.MAX_LENGTH): b""}
+BAD_RANGES = ((-1, 4), (0, -1), (sp.MAX_OFFSET + 1, 1), (0, sp.MAX_LENGTH + 1))
+
+
+def check_ranged_reads(session: Session) -> None:
+    """Ranges of a 10-byte value: cut where it ends, empty past it; a range no
+    node takes is a ValueError before anything is sent; an absent key NotFound.
+    A script's ``read_data(key, offset, size)`` reads the same range."""
+    session.write("ranged", b"0123456789")
+    for (offset, length), want in RANGES.items():
+        assert session.read_range("ranged", offset, length) == want, (offset, length)
+    for offset, length in BAD_RANGES:
+        with pytest.raises(ValueError, match="ranged read"):
+            session.read_range("ranged", offset, length)
+    with pytest.raises(NotFound):
+        session.read_range("no such key", 0, 4)
+    [result] = session.exec("", code="__return_data = fs_store.read_data('ranged', 3, 4)",
+                            key="ranged")
+    assert (result.status, result.data) == ("ok", b"3456"), result.error
+
+
+def test_ranged_reads(shared_node):
+    with Session(shared_node.path) as s:
+        check_ranged_reads(s)
+
+
+def test_store_ranged_reads_refuse_bad_frames(tmp_path):
+    store = Store(tmp_path / "s", "n1")
+    replies = store.apply([req(sp.WRITE, data=b"0123456789"),
+                           req(sp.READ_RANGE, data=sp.range_data(2, 3)),
+                           req(sp.READ_RANGE, data=sp.range_data(2, 3)[:-1]),
+                           req(sp.READ_RANGE, data=(1 << 63).to_bytes(8, "big") + bytes(4)),
+                           req(sp.READ_RANGE, b"absent", sp.range_data(0, 1))])
+    assert [r[:2] for r in replies] == [("ok", b""), ("ok", b"234"), ("bad_request", b""),
+                                        ("bad_request", b""), ("not_found", b"")]
+    assert "offset (8 bytes)" in replies[2][2]
+    assert "above" in replies[3][2]
+    store.close()
+
+
 def test_storage_node_answers_bad_input_and_keeps_serving(make_cluster):
     cluster = make_cluster()
     set_node_keys(cluster, "n1", max_value=1000)
@@ -154,6 +196,9 @@ def test_storage_node_answers_bad_input_and_keeps_serving(make_cluster):
         ([b"R" + an_id + b"r5", b""], b"r5", "not_found", "no value"),
         ([b""], b"", "bad_request", "expected 2 frames"),
         ([b"\xff" * 3, b"x" * 100, b"", b""], b"", "bad_request", "expected 2 frames"),
+        ([b"G" + an_id + b"r7", b"short"], b"r7", "bad_request", "offset (8 bytes)"),
+        ([b"G" + an_id + b"r8", b"\xff" * 12], b"r8", "bad_request", "is above"),
+        ([b"G" + an_id + b"r9", sp.range_data(0, 5)], b"r9", "not_found", "no value"),
     ]
     try:
         for frames, rid, status, words in cases:

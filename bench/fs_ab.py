@@ -1,0 +1,106 @@
+"""Two trees' mounts and the mfusepy passthrough, side by side, measured in turns.
+
+    .venv/bin/python bench/fs_ab.py OLD_TREE [NEW_TREE] [--mib 256] [--rounds 6]
+
+Starts one node and one mount from each tree (`PYTHONPATH=<tree> srw serve`
+and `srw mount`, so e.g. a `git worktree add --detach` of the parent commit
+against this one), and fs_bench.py's passthrough of a tmpfs directory; then,
+round after round, each of the three writes a file of `--mib` MiB, reads it
+back, and makes 1,000 random 4 KiB reads in it (fs_bench.py's rows).  Taking
+turns within one run puts both trees under the same load, which on a shared
+machine moves every figure more than any change; the medians of the
+per-round ratios to the passthrough are printed last.  Not part of the test
+suite.  Everything started is stopped and unmounted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import fs_bench
+from common import REPO, wait_for, write_config
+
+ROWS = (("write MB/s", fs_bench.big_write), ("read MB/s", fs_bench.big_read),
+        ("random 4 KiB ops/s", lambda folder, size: fs_bench.random_reads(folder, size, 1000)))
+
+
+def start(tree: Path, procs: list, roots: list) -> Path:
+    """A node and its mount, both running `tree`'s code; the mount point."""
+    root = Path(tempfile.mkdtemp(prefix="srw-fs-ab-"))
+    roots.append(root)
+    cfg = write_config(root, workers=2, log_level="warning")
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    procs.append(subprocess.Popen([sys.executable, "-m", "srw", "serve", "--config", str(cfg)],
+                                  cwd=root, env=env, stdout=subprocess.DEVNULL,
+                                  start_new_session=True))
+    wait_for(lambda: fs_bench.ready(cfg), 90, f"srw serve of {tree}")
+    mnt = root / "mnt"
+    mnt.mkdir()
+    procs.append(subprocess.Popen([sys.executable, "-m", "srw", "mount", str(mnt), "--config",
+                                   str(cfg)], cwd=root, env=env, start_new_session=True))
+    wait_for(lambda: os.path.ismount(mnt), 30, f"the mount of {tree}")
+    return mnt
+
+
+def passthrough(procs: list, roots: list) -> Path:
+    through, mnt = Path(tempfile.mkdtemp(dir="/dev/shm")), Path(tempfile.mkdtemp())
+    roots += [through, mnt]
+    procs.append(subprocess.Popen([sys.executable, fs_bench.__file__, "--passthrough",
+                                   str(through), str(mnt)], start_new_session=True))
+    wait_for(lambda: os.path.ismount(mnt), 30, "the passthrough mount")
+    return mnt
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def measure(mounts: dict[str, Path], size: int, rounds: int) -> None:
+    results = {name: [] for name in mounts}
+    for r in range(rounds):
+        print(f"round {r + 1}, load {load()}", flush=True)
+        for name, mnt in mounts.items():
+            row = [measure_row(mnt, size) for measure_row in (f for _, f in ROWS)]
+            results[name].append(row)
+            print(f"  {name:12}" + "".join(f"  {what} {value:8,.0f}"
+                                           for (what, _), value in zip(ROWS, row)), flush=True)
+    print(f"load at the end {load()}; median of the per-round ratios to the passthrough:")
+    for i, (what, _) in enumerate(ROWS):
+        ratios = {name: statistics.median(results[name][r][i] / results["passthrough"][r][i]
+                                          for r in range(rounds))
+                  for name in ("old", "new")}
+        print(f"  {what:20} old {ratios['old']:.2f}   new {ratios['new']:.2f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("old", type=Path)
+    parser.add_argument("new", type=Path, nargs="?", default=REPO)
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    procs: list[subprocess.Popen] = []
+    roots: list[Path] = []
+    mounts: dict[str, Path] = {}
+    try:
+        mounts["old"] = start(args.old.resolve(), procs, roots)
+        mounts["new"] = start(args.new.resolve(), procs, roots)
+        mounts["passthrough"] = passthrough(procs, roots)
+        measure(mounts, args.mib << 20, args.rounds)
+    finally:
+        for mnt in mounts.values():
+            subprocess.run(["fusermount3", "-u", str(mnt)], timeout=30)
+        fs_bench.stop(procs)
+        for root in roots:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
