@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml
 # libfuse3-3 (`srw mount`: fusermount3 and the library mfusepy loads),
 # chromium and chromium-driver (the status page test's headless browser),
 # wrk (bench/http_bench.py's C load generator: the aiohttp client spends more
-# CPU per request than the handlers it measures, so it caps their figures).
+# CPU per request than the handlers it measures, so it caps their figures),
+# iproute2 (ss: the mount's ranged-read test counts the bytes its TCP connections moved).
 system-deps:
 	@if command -v apt-get >/dev/null && { ! command -v wget >/dev/null || \
 	    ! command -v redis-server >/dev/null || ! ldconfig -p | grep -q libseccomp.so.2 || \
