@@ -144,7 +144,7 @@ class Cluster:
     async def _ping_one(self, node: NodeSettings) -> tuple[NodeSettings, list[str], list[str]]:
         up, down = [], []
         checks = [self._status_one(node)]
-        if "storage" in self.engine.roles:
+        if "storage" in self.engine.roles_of(node):
             checks.append(asyncio.to_thread(storage_ready, node.storage, PING_TIMEOUT / 2,
                                             self.curve))
         status, *storage = await asyncio.gather(*checks)

@@ -800,11 +800,12 @@ def cmd_proxy(config: cfg.Config, args) -> int:
 def cmd_storage(config: cfg.Config, args) -> int:
     import setproctitle
     from storage.engine import engine_class
-    from storage.node import StorageNode
     node = config.node(args.node)
-    if "storage" not in engine_class(config).roles:
+    engine = engine_class(config)
+    if "storage" not in engine.roles_of(node):
         print(f'srw: node {node.name} has no storage role with cluster.engine = '
-              f'"{config.cluster.engine}": its data is in Redis ({node.redis})', file=sys.stderr)
+              f'"{config.cluster.engine}": its data is in Redis ({node.redis}), and it has '
+              "no storage address for a search front-end", file=sys.stderr)
         return exits.REFUSED
     setproctitle.setproctitle(f"srw: storage {node.name}")
     logs.setup(config.log, f"storage {node.name}")
@@ -812,7 +813,7 @@ def cmd_storage(config: cfg.Config, args) -> int:
     try:
         _check_security(config, node)
         os.makedirs(node.data_dir, exist_ok=True)
-        storage = StorageNode(config, node)
+        storage = engine.storage_node()(config, node)
     except Exception as exc:  # lmdb.Error, zmq.ZMQError (address in use), OSError
         print(f"srw: node {node.name} refuses to start: storage at {node.storage}, "
               f"store in {node.data_dir}: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -150,8 +150,8 @@ REDIS = '[cluster]\nengine = "redis-cluster"\nseeds = ["127.0.0.1:7000"]\n'
                                              "HOST:PORT"),
     (REDIS.replace("7000", "70000") + NODE + 'redis = "127.0.0.1:7000"\n',
      "cluster.seeds is '127.0.0.1:70000'"),
-    (REDIS + NODE + 'redis = "127.0.0.1:7000"\nstorage = "tcp://127.0.0.1:1025"\n',
-     "node n1: storage is not used with"),
+    (REDIS + NODE + 'redis = "127.0.0.1:7000"\nstorage = "127.0.0.1:1025"\n',
+     "node n1: storage must be a tcp:// or ipc:// address"),
     (NODE + 'redis = "127.0.0.1:7000"\n', 'node n1: redis is for cluster.engine = '
                                           '"redis-cluster"'),
     (NODE, "node[0] needs key 'storage'"),

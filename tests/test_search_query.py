@@ -30,7 +30,7 @@ DOCS = {
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
     ft = FullText(tmp_path_factory.mktemp("fts") / "index.sqlite", sync=False)
-    ft.apply([(key.encode().ljust(64, b"\0"), key, 1, text) for key, text in DOCS.items()], [])
+    ft.apply([(key.encode().ljust(64, b"\0"), key, 1, text, None) for key, text in DOCS.items()], [])
     yield ft
     ft.close()
 
@@ -142,7 +142,7 @@ def test_ties_go_by_key_and_pages_add_up(tmp_path):
     ft = FullText(tmp_path / "ties.sqlite", sync=False)
     keys = [f"tie-{i:02d}" for i in range(30)]
     # Inserted in reverse so that rowid order is not key order.
-    ft.apply([(k.encode().ljust(64, b"\0"), k, 1, "same words here") for k in reversed(keys)],
+    ft.apply([(k.encode().ljust(64, b"\0"), k, 1, "same words here", None) for k in reversed(keys)],
              [])
     hits = ft.search("same", 30)["hits"]
     assert [h["key"] for h in hits] == keys
@@ -155,7 +155,7 @@ def test_ties_go_by_key_and_pages_add_up(tmp_path):
 def test_a_search_past_its_deadline_answers_partial(tmp_path, monkeypatch):
     monkeypatch.setattr(fulltext, "CHUNK", 10)   # rows ranked between deadline checks
     ft = FullText(tmp_path / "big.sqlite", sync=False)
-    ft.apply([(i.to_bytes(64, "big"), f"k{i}", 1, "common word") for i in range(25)], [])
+    ft.apply([(i.to_bytes(64, "big"), f"k{i}", 1, "common word", None) for i in range(25)], [])
     whole = ft.search("common", 5)
     assert not whole["partial"] and whole["count"] == 25
     cut = ft.search("common", 5, deadline=time.monotonic() - 1)
@@ -177,7 +177,7 @@ def test_an_index_made_otherwise_is_emptied_for_reindexing(tmp_path):
     old.close()
     ft = FullText(path, sync=False)
     assert ft.versions() == {}          # reconcile finds every document missing
-    ft.apply([(b"\x01", "old", 7, "foxes")], [])
+    ft.apply([(b"\x01", "old", 7, "foxes", None)], [])
     assert found(ft, "fox") == {"old"}
     ft.close()
     ft = FullText(path, sync=False)     # the same stamp: kept

@@ -1,0 +1,279 @@
+"""redis-cluster mode: one srw node's index of the slots its Redis node serves.
+
+    own Redis node ──CLUSTER SHARDS (every MAP_EVERY)──► owned slots
+         │                 gained: rebuild from the slot's index hash, then ready
+         │                 lost:   its rows dropped, no longer ready
+         ├──PUBLISH srw:index <slot> (a hint) ─┐
+         └──XLEN of every ready slot's log ────┴► tail: XRANGE the log, read each
+                 (every SWEEP_EVERY: a missed hint)   key and its lang, FTS5 rows in
+                                                      step, XDEL what was done
+
+A thread of the node's search front (storage/search_node.py), with the index's
+one writer connection; searches read it from their own threads.  ``ready`` is
+the set of slots whose rows agree with Redis as of the last rebuild or tail:
+the front says which (a search's "slots"), and a client that does not see
+every slot covered marks its results partial.
+
+What it reads was written by anyone with write rights (storage/redis_index.py),
+so every read is bounded: a log or hash larger than MAX_STRUCTURE bytes
+(MEMORY USAGE) is not read (a log is dropped and its slot rebuilt; a hash
+leaves its slot unindexed and said so in the log), keys longer than
+MAX_KEY are skipped, values are read up to node.max_index_bytes (GETRANGE),
+a lang that is not configured means "by script", and a hint is a slot
+number or nothing.  The rows put are always the key's value as Redis holds
+it, so a script can make the index hold no text it could not store itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+
+from redis import Redis
+from redis import exceptions as rx
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.retry import Retry
+
+from core import redis_auth
+from core.config import Config, NodeSettings
+
+from . import redis_index as ix
+from .analyzer import UnknownLanguage, language_name
+from .fulltext import FullText
+from .router import read_slot_map, split_address
+
+log = logging.getLogger("srw.storage.index")
+
+MAP_EVERY = 0.5          # s between reads of the slot map (our own Redis node's)
+SWEEP_EVERY = 5.0        # s between XLEN sweeps of every ready slot (a hint may be lost)
+HINT_WAIT = 0.1          # s a turn waits for hints
+MAX_HINTS = 10_000       # hints taken per turn
+REBUILD_BATCH = 256      # slots rebuilt in one transaction, then ready
+TAIL_BATCH = 1000        # log entries read per slot per turn
+READ_BATCH = 500         # keys read per pipeline
+MAX_KEY = 4096           # bytes of a key indexed; longer ones are skipped
+MAX_STRUCTURE = 256 * 1024 * 1024   # bytes of a slot's hash or log read at most
+DOWN_AFTER = 3           # slot-map reads failed in a row before the index is let go
+COMMAND_TIMEOUT = 5.0
+
+
+class SlotIndexer(threading.Thread):
+    def __init__(self, config: Config, node: NodeSettings, fulltext: FullText):
+        super().__init__(name=f"index-{node.name}", daemon=True)
+        self.node, self.fulltext = node, fulltext
+        self.languages = config.search.languages
+        self.auth = redis_auth.credentials(config)
+        self.ready: frozenset[int] = frozenset()   # read by the front's loop
+        self.stopping = threading.Event()
+        self._dirty: set[int] = set()
+        self._conn: Redis | None = None
+        self._pubsub = None
+        self._map_at = self._swept_at = -float("inf")
+        self._failures = 0
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.turn()
+            except (rx.RedisError, OSError) as exc:
+                self._lost_redis(exc)
+                self.stopping.wait(MAP_EVERY)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10.0)
+        self._close()
+
+    # One turn --------------------------------------------------------------------
+
+    def turn(self) -> None:
+        now = time.monotonic()
+        if now - self._map_at >= MAP_EVERY:
+            self._map_at = now
+            self._follow_slots()
+        self._dirty |= self._hints()
+        if now - self._swept_at >= SWEEP_EVERY:
+            self._swept_at = now
+            self._dirty |= self._sweep()
+        dirty, self._dirty = self._dirty & self.ready, set()
+        for slot in sorted(dirty):
+            self._tail(slot)
+
+    def _follow_slots(self) -> None:
+        owned = {slot for slot, master in
+                 enumerate(read_slot_map(self.node.redis, self.auth).owner)
+                 if master == self.node.redis}
+        self._failures = 0
+        lost = self.ready - owned
+        if lost:
+            self.fulltext.apply([], [], versions=lost)
+            self.ready -= lost
+            log.info("index %s: %d slots gone to another master, their rows dropped",
+                     self.node.name, len(lost))
+        gained = sorted(owned - self.ready)
+        for start in range(0, len(gained), REBUILD_BATCH):
+            self._rebuild(gained[start:start + REBUILD_BATCH])
+        if gained:
+            log.info("index %s: %d slots taken and indexed from Redis; %d documents in "
+                     "the index", self.node.name, len(gained), self.fulltext.count())
+
+    def _lost_redis(self, exc: Exception) -> None:
+        """Our Redis node is unreachable: after DOWN_AFTER turns, nothing we hold
+        can be said to agree with it (its slots may have failed over)."""
+        self._failures += 1
+        self._close()
+        if self._failures == DOWN_AFTER and self.ready:
+            log.warning("index %s: Redis %s unreachable (%s): the index of its %d slots "
+                        "is dropped until it answers again", self.node.name, self.node.redis,
+                        exc, len(self.ready))
+            self.fulltext.apply([], [], versions=self.ready)
+            self.ready = frozenset()
+
+    # Connections -----------------------------------------------------------------
+
+    @property
+    def conn(self) -> Redis:
+        if self._conn is None:
+            host, port = split_address(self.node.redis)
+            self._conn = Redis(host, port, username=self.auth[0], password=self.auth[1],
+                               socket_timeout=COMMAND_TIMEOUT, socket_connect_timeout=1.0,
+                               retry=Retry(NoBackoff(), 0))
+        return self._conn
+
+    def _hints(self) -> set[int]:
+        """Slots named by PUBLISH srw:index since the last turn (waits HINT_WAIT)."""
+        if self._pubsub is None:
+            self._pubsub = self.conn.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(ix.CHANNEL)
+            self._swept_at = -float("inf")  # hints before the subscription: sweep
+        slots = set()
+        wait = HINT_WAIT
+        for _ in range(MAX_HINTS):
+            message = self._pubsub.get_message(timeout=wait)
+            if message is None:
+                break
+            wait = 0.0
+            data = message.get("data")
+            if isinstance(data, bytes) and data.isdigit() and len(data) <= 5 and \
+                    int(data) < ix.SLOTS:
+                slots.add(int(data))
+        return slots
+
+    def _close(self) -> None:
+        for thing in (self._pubsub, self._conn):
+            if thing is not None:
+                try:
+                    thing.close()
+                except (rx.RedisError, OSError):
+                    pass
+        self._pubsub = self._conn = None
+
+    # Reading Redis, bounded --------------------------------------------------------
+
+    def _sweep(self) -> set[int]:
+        """Ready slots whose log is not empty."""
+        slots = sorted(self.ready)
+        pipe = self.conn.pipeline(transaction=False)
+        for slot in slots:
+            pipe.exists(ix.log_key(slot))
+        return {slot for slot, there in zip(slots, pipe.execute(raise_on_error=False))
+                if there is True or there == 1}
+
+    def _sizes(self, keys: list[bytes]) -> list[int | None]:
+        """MEMORY USAGE of each key (0: none; None: Redis refused, e.g. MOVED)."""
+        pipe = self.conn.pipeline(transaction=False)
+        for key in keys:
+            pipe.execute_command("MEMORY", "USAGE", key, "SAMPLES", "0")
+        return [None if isinstance(r, Exception) else int(r or 0)  # nil: no such key
+                for r in pipe.execute(raise_on_error=False)]
+
+    def _documents(self, slot: int, keys: list[bytes]) -> tuple[list, list[bytes]]:
+        """(rows to put, ids to drop) for `keys` of `slot` as Redis holds them now."""
+        puts, drops = [], []
+        index = ix.index_key(slot)
+        for start in range(0, len(keys), READ_BATCH):
+            chunk = keys[start:start + READ_BATCH]
+            pipe = self.conn.pipeline(transaction=False)
+            for key in chunk:
+                pipe.hget(index, key)
+                pipe.getrange(key, 0, self.node.max_index_bytes - 1)
+            replies = pipe.execute(raise_on_error=False)
+            for key, lang, value in zip(chunk, replies[::2], replies[1::2]):
+                key_id = hashlib.sha512(key).digest()
+                if not isinstance(lang, bytes) or not isinstance(value, bytes) or not value:
+                    drops.append(key_id)   # not indexed (any more), gone, or not a string
+                    continue
+                puts.append((key_id, key.decode(errors="replace"), slot, ix.text_of(value),
+                             self._language(lang)))
+        return puts, drops
+
+    def _language(self, lang: bytes) -> str | None:
+        try:
+            return language_name(lang.decode(errors="replace")[:40], self.languages)
+        except UnknownLanguage:
+            return None  # a script's, or config changed since: by script
+
+    # Rebuild and tail --------------------------------------------------------------
+
+    def _rebuild(self, slots: list[int]) -> None:
+        """Index `slots` again from their hashes; their old rows go in the same commit.
+        The logs go first: what changes after is logged anew."""
+        pipe = self.conn.pipeline(transaction=False)
+        for slot in slots:
+            pipe.delete(ix.log_key(slot))
+        pipe.execute(raise_on_error=False)
+        sizes = self._sizes([ix.index_key(s) for s in slots])
+        puts, drops, done = [], [], []
+        for slot, size in zip(slots, sizes):
+            if size is None:
+                continue   # not ours after all (MOVED): the next map read tells
+            if size > MAX_STRUCTURE:
+                log.warning("index %s: slot %d's index hash holds %d bytes, more than %d: "
+                            "not indexed", self.node.name, slot, size, MAX_STRUCTURE)
+                continue
+            keys = self._indexed_keys(slot) if size else []
+            more_puts, more_drops = self._documents(slot, keys)
+            puts += more_puts
+            drops += more_drops
+            done.append(slot)
+        self.fulltext.apply(puts, drops, versions=done)
+        self.ready |= set(done)
+
+    def _indexed_keys(self, slot: int) -> list[bytes]:
+        keys = []
+        try:
+            for key, _ in self.conn.hscan_iter(ix.index_key(slot), count=READ_BATCH):
+                if len(key) <= MAX_KEY and key_slot(key) == slot:
+                    keys.append(key)
+        except rx.ResponseError as exc:   # WRONGTYPE: a script made it something else
+            log.warning("index %s: slot %d's index hash: %s", self.node.name, slot, exc)
+        return keys
+
+    def _tail(self, slot: int) -> None:
+        """The slot's log since it was last read: each key as Redis holds it now."""
+        logged = ix.log_key(slot)
+        [size] = self._sizes([logged])
+        entries, length = [], 0
+        try:
+            entries = self.conn.xrange(logged, count=TAIL_BATCH) \
+                if size and size <= MAX_STRUCTURE else []
+            length = self.conn.xlen(logged) if size else 0
+        except rx.ResponseError:   # WRONGTYPE: a script's; the hash is still the truth
+            size = MAX_STRUCTURE + 1
+        if size and size > MAX_STRUCTURE or length >= ix.LOG_MAX * 9 // 10:
+            self._rebuild([slot])  # a log cut by MAXLEN may have lost entries
+            return
+        keys, ids = [], []
+        for entry_id, fields in entries:
+            key = fields.get(ix.LOG_FIELD) if isinstance(fields, dict) else None
+            ids.append(entry_id)
+            if isinstance(key, bytes) and len(key) <= MAX_KEY and key_slot(key) == slot:
+                keys.append(key)
+        puts, drops = self._documents(slot, list(dict.fromkeys(keys)))
+        self.fulltext.apply(puts, drops)
+        if ids:
+            self.conn.xdel(logged, *ids)
+        if length > len(ids):
+            self._dirty.add(slot)
