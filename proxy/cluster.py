@@ -199,8 +199,9 @@ class DataStore:
     async def read(self, key: str) -> bytes:
         return await self._run("read", key)
 
-    async def write(self, key: str, data: bytes, index: bool = False) -> list[Result]:
-        return await self._run("write", key, data, None, None, index)
+    async def write(self, key: str, data: bytes, index: bool = False,
+                    lang: str | None = None) -> list[Result]:
+        return await self._run("write", key, data, None, None, index, lang)
 
     async def search(self, query: str, limit: int, offset: int = 0,
                      timeout: float | None = None, lang: str | None = None,

@@ -177,6 +177,9 @@ def parser() -> argparse.ArgumentParser:
     write.add_argument("--data", metavar="FILE|-", help="the value from a file, or - for stdin")
     write.add_argument("--index", action="store_true",
                        help="also index the value for full-text search (history/index.py)")
+    write.add_argument("--lang", help="with --index: stem the document's words with this "
+                       "stemmer (english, russian, en, ru, none), kept with it; by default "
+                       "each word by its script's")
     write.set_defaults(func=cmd_write)
     search = sub.add_parser("search", parents=[common], help="full-text search of indexed values",
                             description="Search every node's index; best first. The query is "
@@ -419,7 +422,9 @@ def _report(results, quiet_status: str = "") -> int:
 def cmd_write(config: cfg.Config, args) -> int:
     data = read_data(args.data)
     with _session(config, args) as session:
-        results = session.write(args.key, data, index=args.index)
+        if args.lang is not None and not args.index:
+            raise UsageError("--lang is for an indexed write (--index)")
+        results = session.write(args.key, data, index=args.index, lang=args.lang)
     for r in results:
         if r.ok and r.data:  # an indexed write that was stored but not indexed says why
             print(f"srw: node {r.node} (group {r.group}): {r.data.decode()}", file=sys.stderr)

@@ -24,6 +24,7 @@ from core.ids import key_id, parse_id
 from broker.client import BrokerUnavailable, Result
 
 from . import protocol as sp
+from .analyzer import UnknownLanguage, language_name
 from .engine import Engine, Place
 from .errors import Forbidden, NodeUnavailable, NotFound, StorageError, StorageUnavailable
 from .hits import Hits, merge_hits, search_data, send_all
@@ -80,10 +81,14 @@ class LmdbEngine(Engine):
         if key is None:
             raise UsageError("an indexed write needs the key (search answers with keys)")
         raw_key = key.encode() if isinstance(key, str) else bytes(key)
+        try:
+            lang = language_name(lang, self.config.search.languages)
+        except UnknownLanguage as exc:
+            raise UsageError(str(exc)) from None
         wait = self.timeout or DATA_TIMEOUT + self.config.broker.request_timeout + \
             timeouts.INDEX_GRACE
         return self._to_all(sp.INDEXED_WRITE, key, None, groups,
-                            sp.indexed_value(raw_key, data), wait)
+                            sp.indexed_value(raw_key, data, lang or ""), wait)
 
     def search(self, query: str, limit: int, offset: int, groups, timeout, lang,
                raw) -> Hits:

@@ -28,7 +28,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from .analyzer import Analyzer, fold
+from .analyzer import Analyzer, UnknownLanguage, fold
 from .query import BadQuery, Query, parse
 
 log = logging.getLogger("srw.storage.index")
@@ -105,7 +105,7 @@ class FullText:
         """Rows (id, key, version, text, lang) replace any row of their id (`lang`:
         the stemmer for every word, None: by script); ids in `drops`, and every
         row of a version in `versions`, lose theirs.  One transaction for all."""
-        terms = [" ".join(self.analyzer.terms(text, self.analyzer.language(lang)))
+        terms = [" ".join(self.analyzer.terms(text, self._stemmer(lang)))
                  for _, _, _, text, lang in puts]
         with self._transaction():
             if versions:
@@ -118,6 +118,13 @@ class FullText:
                                       "VALUES (?, ?, ?, ?)", (key_id, key, version, text))
                 self.db.execute("INSERT INTO docs (rowid, terms) VALUES (?, ?)",
                                 (cur.lastrowid, words))
+
+    def _stemmer(self, lang: str | None) -> str | None:
+        """A stored lang -> the stemmer; one no longer configured: by script."""
+        try:
+            return self.analyzer.language(lang)
+        except UnknownLanguage:
+            return None
 
     def _drop_versions(self, versions: list[int]) -> None:
         for start in range(0, len(versions), 500):  # SQLite's bound on parameters

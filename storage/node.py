@@ -144,7 +144,7 @@ class StorageNode:
     def __init__(self, config: Config, node: NodeSettings, ctx: zmq.Context | None = None):
         self.config, self.node = config, node
         self.store = Store(Path(node.data_dir) / "store", node.name, node.sync, node.max_value,
-                           node.max_index_bytes)
+                           node.max_index_bytes, config.search.languages)
         index_path = Path(node.data_dir) / "index.sqlite"
         self.fulltext = FullText(index_path, node.sync, config.search.languages)
         self.searcher = Searcher(str(index_path), config.search.languages,

@@ -40,8 +40,8 @@ from core import redis_auth
 from core.config import Config, NodeSettings
 
 from . import redis_index as ix
-from .analyzer import UnknownLanguage, language_name
 from .fulltext import FullText
+from .protocol import MAX_LANG
 from .router import read_slot_map, split_address
 
 log = logging.getLogger("srw.storage.index")
@@ -63,7 +63,6 @@ class SlotIndexer(threading.Thread):
     def __init__(self, config: Config, node: NodeSettings, fulltext: FullText):
         super().__init__(name=f"index-{node.name}", daemon=True)
         self.node, self.fulltext = node, fulltext
-        self.languages = config.search.languages
         self.auth = redis_auth.credentials(config)
         self.ready: frozenset[int] = frozenset()   # read by the front's loop
         self.stopping = threading.Event()
@@ -205,15 +204,10 @@ class SlotIndexer(threading.Thread):
                 if not isinstance(lang, bytes) or not isinstance(value, bytes) or not value:
                     drops.append(key_id)   # not indexed (any more), gone, or not a string
                     continue
+                # A lang that is no configured one (a script's) means by script.
                 puts.append((key_id, key.decode(errors="replace"), slot, ix.text_of(value),
-                             self._language(lang)))
+                             lang[:MAX_LANG].decode(errors="replace")))
         return puts, drops
-
-    def _language(self, lang: bytes) -> str | None:
-        try:
-            return language_name(lang.decode(errors="replace")[:40], self.languages)
-        except UnknownLanguage:
-            return None  # a script's, or config changed since: by script
 
     # Rebuild and tail --------------------------------------------------------------
 
