@@ -458,7 +458,11 @@ def cmd_search(config: cfg.Config, args) -> int:
             print(f"{hit['score']:.3f}\t{_CONTROL.sub('?', hit['key'])}\t{snippet}")
     for failure in hits.failures:
         print(f"srw: search incomplete: {failure}", file=sys.stderr)
-    if hits.partial and not hits.failures:
+    if hits.unindexed:
+        print(f"srw: search incomplete: {hits.unindexed} slots are not indexed yet (a node "
+              "is indexing slots it took, a shard fails over, or the srw node beside a "
+              "master is down or has no storage address)", file=sys.stderr)
+    elif hits.partial and not hits.failures:
         print("srw: search incomplete: a node reached its deadline (--timeout) and answered "
               "what it had ranked by then", file=sys.stderr)
     if hits.failures:

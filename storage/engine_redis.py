@@ -8,8 +8,8 @@
 
 One group, 1: Redis replicates each shard itself, so a write or remove returns
 one Result, named for the srw node beside the key's master.  Data is found by
-key, never by id.  srw keeps no data of its own here: a node's storage role, when it has a
-storage address, is its search front-end.
+key, never by id.  srw keeps no data of its own here: a node's storage role,
+when it has a storage address, is its search front-end.
 
 Made for a script's handle (`script_node`), the engine logs in as the Redis user
 the running request's rights call for (core/capability.py, core/redis_auth.py),

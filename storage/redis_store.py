@@ -219,7 +219,11 @@ class RedisStore:
         in the same MULTI, and its log says so (storage/redis_index.py)."""
         slot = self.client.keyslot(key)
         with _refused(key):
-            if not self.client.hexists(ix.index_key(slot), key):
+            try:
+                indexed = self.client.hexists(ix.index_key(slot), key)
+            except rx.ResponseError:  # a script made the hash something else: not indexed
+                indexed = False
+            if not indexed:
                 return bool(self.client.delete(key))
 
         def queue(pipe):

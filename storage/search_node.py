@@ -12,7 +12,8 @@ Redis node serves as master, and answers SEARCH with it (the same wire
 messages as lmdb's storage node, storage/protocol.py) plus "slots": the
 ranges of slots whose index was ready when the search began.  STAT says how
 much is indexed; every other command is ``bad_request`` (data calls go to
-Redis).  With curve, a search needs the read right, as on lmdb's nodes.
+Redis).  With curve, a search needs the read right, as on lmdb's nodes, and
+the scripts key is refused (no capability checks here: n.search is lmdb's).
 """
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ import zmq
 
 from core import loop
 from core import protocol as bp
-from core import security, timeouts
+from core import timeouts
 from core.config import START_ENV, Config, NodeSettings
 
 from . import protocol as sp
 from .fulltext import FullText
+from .node import bind_front
 from .searcher import Searcher
 from .slot_indexer import SlotIndexer
 
@@ -60,13 +62,7 @@ class SearchNode:
                                  config.search.timeout, node.name)
         self.indexer = SlotIndexer(config, node, self.fulltext)
         self.ctx = zmq.Context()
-        self.keyring = security.keyring(config)
-        self.front = loop.socket(self.ctx, zmq.ROUTER, config.max_message)
-        self.front.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        if self.keyring is not None:
-            self.keyring.start(self.ctx)
-            self.keyring.secure(self.front)
-        self.front.bind(node.storage)
+        self.keyring, self.front = bind_front(self.ctx, config, node.storage)
         self.commands = {sp.STAT: self.stat, sp.SEARCH: self.search}
         self.stopping = False
 
@@ -121,8 +117,7 @@ class SearchNode:
                        error=f"node {self.node.name}: bad request: {exc}")
             return
         handler = self.commands.get(req.cmd)
-        refusal = None if self.keyring is None else \
-            self.keyring.refusal(user, ("read",), req.name)
+        refusal = None if self.keyring is None else self.refusal(user, req.name)
         if refusal is not None:
             self.reply(req.client, req.rid, bp.FORBIDDEN, error=f"node {self.node.name}: "
                                                                 f"{refusal}")
@@ -132,6 +127,14 @@ class SearchNode:
                              f"({self.node.redis}); this node answers search and stat only")
         else:
             handler(req)
+
+    def refusal(self, user: str | None, what: str) -> str | None:
+        """With curve: the read right, and never the scripts key, which acts only
+        for a caller (its capabilities are checked by lmdb's fronts alone)."""
+        identity = self.keyring.identity(user)
+        if identity is not None and identity.name == "scripts":
+            return "scripts search with n.search, which needs cluster.engine = \"lmdb\""
+        return self.keyring.refusal(user, ("read",), what)
 
     def stat(self, req: sp.StorageRequest) -> None:
         self.reply(req.client, req.rid, bp.OK, bp.pack({

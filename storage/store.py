@@ -14,10 +14,11 @@ only the requests that fail get an error.
 
 Indexed values (INDEXED_WRITE) also get a row in the ``fulltext`` sub-database,
 written in the same transaction as the value: id -> the value's version (its
-mtime in nanoseconds), the lang its write named, and the key.  It says what the full-text index must
-hold, so the index can be checked against it after a crash; a plain write or
-a remove of the id deletes the row in its own transaction.  ``changes``
-tells the caller, after each ``apply``, what the full-text index must do.
+mtime in nanoseconds), the lang its write named, and the key.  It says what
+the full-text index must hold, so the index can be checked against it after
+a crash; a plain write or a remove of the id deletes the row in its own
+transaction.  ``changes`` tells the caller, after each ``apply``, what the
+full-text index must do.
 
 The environment is opened by the storage process itself, after any fork,
 and never handed to a child.

@@ -30,7 +30,8 @@ DOCS = {
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
     ft = FullText(tmp_path_factory.mktemp("fts") / "index.sqlite", sync=False)
-    ft.apply([(key.encode().ljust(64, b"\0"), key, 1, text, None) for key, text in DOCS.items()], [])
+    ft.apply([(key.encode().ljust(64, b"\0"), key, 1, text, None)
+              for key, text in DOCS.items()], [])
     yield ft
     ft.close()
 
@@ -186,3 +187,49 @@ def test_an_index_made_otherwise_is_emptied_for_reindexing(tmp_path):
     ft = FullText(path, sync=False, languages=("russian",))   # other languages: emptied
     assert ft.versions() == {}
     ft.close()
+
+
+# redis-cluster mode's pure parts -----------------------------------------------------
+
+def test_every_slot_has_a_tag_in_that_slot():
+    from redis.crc import key_slot
+    from storage import redis_index as ix
+    assert all(key_slot(b"{" + ix.tag(s) + b"}") == s and
+               key_slot(ix.index_key(s)) == key_slot(ix.log_key(s)) == s
+               for s in range(ix.SLOTS))
+
+
+def test_slots_a_node_answers_decide_partial():
+    from broker.client import Result
+    from core import protocol as p
+    from storage.hits import merge_hits
+    from storage.search_node import slot_ranges
+    assert slot_ranges({0, 1, 2, 7, 9, 10}) == [[0, 2], [7, 7], [9, 10]]
+
+    def reply(node, ranges, keys):
+        hits = [{"key": k, "score": 1.0, "snippet": k, "parts": [k]} for k in keys]
+        return Result(node, 1, p.OK, p.pack({"hits": hits, "count": len(hits),
+                                              "partial": False, "slots": ranges}), None)
+    whole = merge_hits([reply("a", [[0, 99]], ["x"]), reply("b", [[100, 199]], ["y"])], 10,
+                       slots=200)
+    assert not whole.partial and whole.unindexed == 0 and [h["key"] for h in whole] == ["x", "y"]
+    # Overlapping (a slot mid-move), a gap, and junk from a confused node.
+    part = merge_hits([reply("a", [[0, 120]], ["x"]), reply("b", [[100, 150], "junk",
+                                                                   [190, 10**9]], ["x"])],
+                      10, slots=200)
+    assert part.partial and part.unindexed == 39 and [h["key"] for h in part] == ["x"]
+
+
+def test_lang_rides_the_indexed_write_and_old_rows_still_read():
+    from storage import protocol as sp
+    from storage import store
+    data = sp.indexed_value(b"k\x00ey", b"\x00value", "ru")
+    assert sp.split_indexed(data) == (b"k\x00ey", "ru", b"\x00value")
+    assert sp.split_indexed(sp.indexed_value(b"k", b"v")) == (b"k", "", b"v")
+    for bad in (b"\x00\x01k", b"\x00\x01k\x29" + b"x" * 41, b"\x00\x00\x00v"):
+        with pytest.raises(sp.ProtocolError):
+            sp.split_indexed(bad)
+    assert store._split_row(store._row(123, "russian", b"key")) == (123, "russian", b"key")
+    assert store._split_row(store._row(123, None, b"key")) == (123, None, b"key")
+    old = (123).to_bytes(8, "big") + b"\xffkey"   # a row an older node wrote
+    assert store._split_row(old) == (123, None, b"\xffkey")

@@ -10,13 +10,12 @@ import time
 import pytest
 from redis.crc import key_slot
 
-from conftest import Cluster, wait_until
+from conftest import wait_until
 from core import config as cfg
 from core import redis_auth
 from core.exits import UsageError
-from redis_support import RedisNodes
+from redis_support import srw_beside_redis
 from storage import redis_index as ix
-from storage.client import Session
 from storage.errors import NotFound, StorageError
 from storage.slot_indexer import MAX_KEY
 
@@ -29,23 +28,9 @@ WORDS = ["walrus", "tusk", "harbour", "lantern", "meadow", "copper", "falcon", "
 @pytest.fixture(scope="module")
 def rs(tmp_path_factory):
     """(redis nodes, srw cluster, session); everything stopped at the end, by pid."""
-    root = tmp_path_factory.mktemp("rs")
-    redis = RedisNodes(root / "redis", root / "srw" / "keys",
-                       node_timeout_ms=int(NODE_TIMEOUT * 1000))
-    srw = None
-    try:
-        redis.start()
-        nodes = [{"name": f"s{i}", "redis": a, "search": True}
-                 for i, a in enumerate(redis.addresses)]
-        srw = Cluster(root / "srw", nodes, {"workers": 1}, {"request_timeout": 5.0}, {}, None,
-                      cluster={"engine": "redis-cluster", "seeds": redis.addresses[:3]})
-        srw.serve()
-        with Session(srw.path, timeout=5.0) as session:
-            yield redis, srw, session
-    finally:
-        if srw is not None:
-            srw.stop()
-        redis.stop()
+    with srw_beside_redis(tmp_path_factory.mktemp("rs"), NODE_TIMEOUT, search=True,
+                          timeout=5.0) as rs:
+        yield rs
 
 
 def found(session, query: str, keys: set[str], lang: str | None = None) -> bool:
