@@ -52,6 +52,7 @@ HINT_WAIT = 0.1          # s a turn waits for hints
 MAX_HINTS = 10_000       # hints taken per turn
 REBUILD_BATCH = 256      # slots rebuilt in one transaction, then ready
 TAIL_BATCH = 1000        # log entries read per slot per turn
+TURN_DOCS = 5000         # documents read and indexed per turn, in one commit
 READ_BATCH = 500         # keys read per pipeline
 MAX_KEY = 4096           # bytes of a key indexed; longer ones are skipped
 MAX_STRUCTURE = 256 * 1024 * 1024   # bytes of a slot's hash or log read at most
@@ -97,8 +98,8 @@ class SlotIndexer(threading.Thread):
             self._swept_at = now
             self._dirty |= self._sweep()
         dirty, self._dirty = self._dirty & self.ready, set()
-        for slot in sorted(dirty):
-            self._tail(slot)
+        if dirty:
+            self._tail(sorted(dirty))
 
     def _follow_slots(self) -> None:
         owned = {slot for slot, master in
@@ -245,29 +246,54 @@ class SlotIndexer(threading.Thread):
             log.warning("index %s: slot %d's index hash: %s", self.node.name, slot, exc)
         return keys
 
-    def _tail(self, slot: int) -> None:
-        """The slot's log since it was last read: each key as Redis holds it now."""
-        logged = ix.log_key(slot)
-        [size] = self._sizes([logged])
-        entries, length = [], 0
-        try:
-            entries = self.conn.xrange(logged, count=TAIL_BATCH) \
-                if size and size <= MAX_STRUCTURE else []
-            length = self.conn.xlen(logged) if size else 0
-        except rx.ResponseError:   # WRONGTYPE: a script's; the hash is still the truth
-            size = MAX_STRUCTURE + 1
-        if size and size > MAX_STRUCTURE or length >= ix.LOG_MAX * 9 // 10:
-            self._rebuild([slot])  # a log cut by MAXLEN may have lost entries
-            return
+    def _tail(self, slots: list[int]) -> None:
+        """The slots' logs since they were last read, each key as Redis holds it
+        now: one pipeline per step for every slot, one FTS5 commit for all."""
+        logs = [ix.log_key(slot) for slot in slots]
+        sizes = self._sizes(logs)
+        pipe = self.conn.pipeline(transaction=False)
+        for logged in logs:
+            pipe.xrange(logged, count=TAIL_BATCH)
+            pipe.xlen(logged)
+        replies = pipe.execute(raise_on_error=False)
+        puts, drops, read, spoiled = [], [], [], []
+        for slot, logged, size, entries, length in zip(slots, logs, sizes, replies[::2],
+                                                       replies[1::2]):
+            if size is None or not size:
+                continue   # not ours (MOVED: the next map read tells), or nothing logged
+            if len(puts) + len(drops) >= TURN_DOCS:
+                self._dirty.add(slot)   # enough in one commit: the next turn
+                continue
+            if size > MAX_STRUCTURE or not isinstance(length, int) or \
+                    not isinstance(entries, list) or length >= ix.LOG_MAX * 9 // 10:
+                spoiled.append(slot)   # a script's, or cut by MAXLEN: the hash is the truth
+                continue
+            keys, ids = self._logged_keys(slot, entries)
+            more_puts, more_drops = self._documents(slot, keys)
+            puts += more_puts
+            drops += more_drops
+            read.append((logged, ids))
+            if length > len(ids):
+                self._dirty.add(slot)
+        self.fulltext.apply(puts, drops)
+        pipe = self.conn.pipeline(transaction=False)
+        for logged, ids in read:
+            if ids:
+                pipe.xdel(logged, *ids)
+        pipe.execute(raise_on_error=False)
+        if spoiled:
+            self._rebuild(spoiled)
+
+    @staticmethod
+    def _logged_keys(slot: int, entries: list) -> tuple[list[bytes], list]:
+        """(keys of `slot` named by the log entries, once each; every entry's id)."""
         keys, ids = [], []
-        for entry_id, fields in entries:
+        for entry in entries:
+            entry_id, fields = entry if isinstance(entry, (list, tuple)) and len(entry) == 2 \
+                else (None, None)
             key = fields.get(ix.LOG_FIELD) if isinstance(fields, dict) else None
-            ids.append(entry_id)
+            if entry_id is not None:
+                ids.append(entry_id)
             if isinstance(key, bytes) and len(key) <= MAX_KEY and key_slot(key) == slot:
                 keys.append(key)
-        puts, drops = self._documents(slot, list(dict.fromkeys(keys)))
-        self.fulltext.apply(puts, drops)
-        if ids:
-            self.conn.xdel(logged, *ids)
-        if length > len(ids):
-            self._dirty.add(slot)
+        return list(dict.fromkeys(keys)), ids
