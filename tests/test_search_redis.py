@@ -4,13 +4,14 @@ resharding.  One cluster of its own (6 Redis nodes, 6 srw nodes with a search
 front-end each): the last tests move a slot and SIGKILL a master."""
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
 import pytest
 from redis.crc import key_slot
 
-from conftest import wait_until
+from conftest import proxy_request, wait_proxy, wait_until
 from core import config as cfg
 from core import redis_auth
 from core.exits import UsageError
@@ -69,6 +70,29 @@ def test_indexed_writes_on_every_shard_are_found_with_snippets(rs):
     assert "[walrus]" in hits[0]["snippet"] and "[foxes]" in hits[0]["snippet"]
     paged = session.search("foxes", limit=10, offset=10)
     assert [h["key"] for h in paged] == [h["key"] for h in session.search("foxes", 30)][10:20]
+
+
+def test_cli_and_http_write_and_search_as_in_lmdb_mode(rs):
+    """srw write --index / srw search and HTTP upload&index=1 / search=: the same
+    commands and answers as lmdb's (test_search.py), here through Redis."""
+    _, srw, session = rs
+    wait_proxy(srw)
+    out = srw.run("write", "cli-doc", "--data", "-", "--index", input=b"narwhal from the cli")
+    assert out.returncode == 0, out.stderr
+    status, _, body = proxy_request(srw, "POST", "/elliptics?upload&name=http-doc&index=1",
+                                    b"narwhal from http")
+    assert status == 200, body
+    wait_found(session, "narwhal", {"cli-doc", "http-doc"})
+    out = srw.run("search", "narwhal", "--json")
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert sorted(h["key"] for h in answer["hits"]) == ["cli-doc", "http-doc"]
+    assert answer["count"] == 2 and not answer["partial"] and not answer["failures"]
+    status, _, body = proxy_request(srw, "GET", "/elliptics?search=narwhal")
+    assert status == 200 and sorted(h["key"] for h in json.loads(body)["hits"]) == \
+        ["cli-doc", "http-doc"]
+    out = srw.run("search", "unicorn")
+    assert out.returncode == 1 and b"no matches" in out.stderr
 
 
 def test_lang_at_write_is_kept_with_the_document(rs):
