@@ -172,10 +172,6 @@ class Engine(abc.ABC):
         once by `srw serve`, before any child starts)."""
 
     @classmethod
-    def check_search(cls) -> None:
-        """Raises StorageError when nodes keep no full-text index."""
-
-    @classmethod
     @abc.abstractmethod
     def ready(cls, node: cfg.NodeSettings, curve, start: str) -> bool:
         """Whether `node`'s storage role (if any) answers, started with `start`."""

@@ -184,11 +184,6 @@ class RedisEngine(Engine):
         redis_auth.credentials(config)  # ConfigError: no password, and what to do
 
     @classmethod
-    def check_search(cls) -> None:
-        raise StorageError('n.search needs [cluster] engine = "lmdb" (the full-text '
-                           "index lives in each node's storage process)")
-
-    @classmethod
     def ready(cls, node: cfg.NodeSettings, curve, start: str) -> bool:
         """Its search front-end answers (none: nothing of ours to ask)."""
         return not node.storage or storage_ready(node.storage, curve=curve, start=start)

@@ -12,8 +12,9 @@ Redis node serves as master, and answers SEARCH with it (the same wire
 messages as lmdb's storage node, storage/protocol.py) plus "slots": the
 ranges of slots whose index was ready when the search began.  STAT says how
 much is indexed; every other command is ``bad_request`` (data calls go to
-Redis).  With curve, a search needs the read right, as on lmdb's nodes, and
-the scripts key is refused (no capability checks here: n.search is lmdb's).
+Redis).  With curve, a search needs the read right, as on lmdb's nodes; a
+script's (n.search, the scripts key) needs the Redis login its request was
+handed, which only a caller with read or write gets.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from pathlib import Path
 
 import zmq
 
-from core import loop
+from core import capability, loop
 from core import protocol as bp
+from core import redis_auth
 from core import timeouts
 from core.config import START_ENV, Config, NodeSettings
 
@@ -117,7 +119,7 @@ class SearchNode:
                        error=f"node {self.node.name}: bad request: {exc}")
             return
         handler = self.commands.get(req.cmd)
-        refusal = None if self.keyring is None else self.refusal(user, req.name)
+        refusal = None if self.keyring is None else self.refusal(req, user)
         if refusal is not None:
             self.reply(req.client, req.rid, bp.FORBIDDEN, error=f"node {self.node.name}: "
                                                                 f"{refusal}")
@@ -128,13 +130,17 @@ class SearchNode:
         else:
             handler(req)
 
-    def refusal(self, user: str | None, what: str) -> str | None:
-        """With curve: the read right, and never the scripts key, which acts only
-        for a caller (its capabilities are checked by lmdb's fronts alone)."""
+    def refusal(self, req: sp.StorageRequest, user: str | None) -> str | None:
+        """With curve: the read right; the scripts key acts only for a caller, with
+        the Redis login its request was handed (srw-read or srw-write: a caller
+        with read or write; core/redis_auth.py)."""
         identity = self.keyring.identity(user)
-        if identity is not None and identity.name == "scripts":
-            return "scripts search with n.search, which needs cluster.engine = \"lmdb\""
-        return self.keyring.refusal(user, ("read",), what)
+        if identity is None or identity.name != "scripts":
+            return self.keyring.refusal(user, ("read",), req.name)
+        login = capability.parse_redis_grant(req.capability)
+        if login is None or not redis_auth.is_script_login(self.indexer.auth, login):
+            return "a script's search needs a caller that may read"
+        return None
 
     def stat(self, req: sp.StorageRequest) -> None:
         self.reply(req.client, req.rid, bp.OK, bp.pack({

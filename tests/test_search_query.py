@@ -220,6 +220,20 @@ def test_slots_a_node_answers_decide_partial():
     assert part.partial and part.unindexed == 39 and [h["key"] for h in part] == ["x"]
 
 
+def test_only_a_login_handed_to_scripts_may_search_for_one():
+    """The redis-cluster search front takes the scripts key's search only with a
+    login script_login hands out (a caller with read or write)."""
+    from core import redis_auth
+    from core.capability import parse_redis_grant, redis_grant
+    srw = ("srw", "f" * 64)
+    for rights in (("read",), ("write",), ("read", "write")):
+        login = parse_redis_grant(redis_grant(redis_auth.script_login(srw, rights)))
+        assert redis_auth.is_script_login(srw, login)
+    for forged in (srw, ("srw-read", "0" * 64), ("srw-write", "")):
+        assert not redis_auth.is_script_login(srw, forged)
+    assert parse_redis_grant(b"") is None and parse_redis_grant(b"\x01token") is None
+
+
 def test_lang_rides_the_indexed_write_and_old_rows_still_read():
     from storage import protocol as sp
     from storage import store

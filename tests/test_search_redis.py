@@ -93,6 +93,10 @@ def test_cli_and_http_write_and_search_as_in_lmdb_mode(rs):
         ["cli-doc", "http-doc"]
     out = srw.run("search", "unicorn")
     assert out.returncode == 1 and b"no matches" in out.stderr
+    # n.search in a script: its own node's index, which holds its key's slot.
+    [result] = session.exec("", code="__return_data = json.dumps([h['key'] for h in "
+                                      "n.search('narwhal', 10)])", key="cli-doc")
+    assert result.ok and "cli-doc" in json.loads(result.data), result
 
 
 def test_lang_at_write_is_kept_with_the_document(rs):
