@@ -145,7 +145,7 @@ class SearchNode:
     def stat(self, req: sp.StorageRequest) -> None:
         self.reply(req.client, req.rid, bp.OK, bp.pack({
             "name": self.node.name, "group": self.node.group, "redis": self.node.redis,
-            "indexed": self.fulltext.count(), "slots": len(self.indexer.ready),
+            "indexed": self.indexer.documents, "slots": len(self.indexer.ready),
             "start": os.environ.get(START_ENV, "")}))
 
     def search(self, req: sp.StorageRequest) -> None:

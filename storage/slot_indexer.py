@@ -4,7 +4,7 @@
          │                 gained: rebuild from the slot's index hash, then ready
          │                 lost:   its rows dropped, no longer ready
          ├──PUBLISH srw:index <slot> (a hint) ─┐
-         └──XLEN of every ready slot's log ────┴► tail: XRANGE the log, read each
+         └──EXISTS of every ready slot's log ──┴► tail: XRANGE the logs, read each
                  (every SWEEP_EVERY: a missed hint)   key and its lang, FTS5 rows in
                                                       step, XDEL what was done
 
@@ -17,10 +17,11 @@ every slot covered marks its results partial.
 What it reads was written by anyone with write rights (storage/redis_index.py),
 so every read is bounded: a log or hash larger than MAX_STRUCTURE bytes
 (MEMORY USAGE) is not read (a log is dropped and its slot rebuilt; a hash
-leaves its slot unindexed and said so in the log), keys longer than
-MAX_KEY are skipped, values are read up to node.max_index_bytes (GETRANGE),
-a lang that is not configured means "by script", and a hint is a slot
-number or nothing.  The rows put are always the key's value as Redis holds
+leaves its slot unindexed, logged, and is measured again after REFUSED_FOR),
+keys longer than MAX_KEY are skipped, values are read up to
+node.max_index_bytes (GETRANGE), READ_BATCH at a time, and what was read is
+committed every PENDING_BYTES of text; a lang that is not configured means
+"by script", and a hint is a slot number or nothing.  The rows put are always the key's value as Redis holds
 it, so a script can make the index hold no text it could not store itself.
 """
 from __future__ import annotations
@@ -47,13 +48,15 @@ from .router import read_slot_map, split_address
 log = logging.getLogger("srw.storage.index")
 
 MAP_EVERY = 0.5          # s between reads of the slot map (our own Redis node's)
-SWEEP_EVERY = 5.0        # s between XLEN sweeps of every ready slot (a hint may be lost)
+SWEEP_EVERY = 5.0        # s between sweeps of every ready slot's log (a hint may be lost)
 HINT_WAIT = 0.1          # s a turn waits for hints
 MAX_HINTS = 10_000       # hints taken per turn
-REBUILD_BATCH = 256      # slots rebuilt in one transaction, then ready
+REBUILD_BATCH = 256      # slots rebuilt at once, then ready
 TAIL_BATCH = 1000        # log entries read per slot per turn
-TURN_DOCS = 5000         # documents read and indexed per turn, in one commit
-READ_BATCH = 500         # keys read per pipeline
+TURN_DOCS = 5000         # documents read and indexed per turn
+READ_BATCH = 64          # keys read per pipeline (each value up to max_index_bytes)
+PENDING_BYTES = 32 * 1024 * 1024   # of text held before it is committed
+REFUSED_FOR = 60.0       # s before an oversized index hash is measured again
 MAX_KEY = 4096           # bytes of a key indexed; longer ones are skipped
 MAX_STRUCTURE = 256 * 1024 * 1024   # bytes of a slot's hash or log read at most
 DOWN_AFTER = 3           # slot-map reads failed in a row before the index is let go
@@ -66,19 +69,28 @@ class SlotIndexer(threading.Thread):
         self.node, self.fulltext = node, fulltext
         self.auth = redis_auth.credentials(config)
         self.ready: frozenset[int] = frozenset()   # read by the front's loop
+        self.documents = 0   # rows in the index as of the last turn (the front's STAT)
         self.stopping = threading.Event()
         self._dirty: set[int] = set()
         self._conn: Redis | None = None
         self._pubsub = None
         self._map_at = self._swept_at = -float("inf")
         self._failures = 0
+        self._refused: dict[int, float] = {}   # slot -> when its hash is tried again
 
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
                 self.turn()
-            except (rx.RedisError, OSError) as exc:
+            except (rx.RedisError, OSError, KeyError, TypeError, StopIteration,
+                    ValueError) as exc:   # what read_slot_map and redis-py raise
                 self._lost_redis(exc)
+                self.stopping.wait(MAP_EVERY)
+            except Exception:   # a bug or a broken index file: index everything again
+                log.exception("index %s: indexing failed; every slot is indexed again",
+                              self.node.name)
+                self.ready = frozenset()
+                self._close()
                 self.stopping.wait(MAP_EVERY)
 
     def stop(self) -> None:
@@ -100,6 +112,8 @@ class SlotIndexer(threading.Thread):
         dirty, self._dirty = self._dirty & self.ready, set()
         if dirty:
             self._tail(sorted(dirty))
+        if dirty or now == self._map_at:
+            self.documents = self.fulltext.count()  # the index's connection is this thread's
 
     def _follow_slots(self) -> None:
         owned = {slot for slot, master in
@@ -112,12 +126,14 @@ class SlotIndexer(threading.Thread):
             self.ready -= lost
             log.info("index %s: %d slots gone to another master, their rows dropped",
                      self.node.name, len(lost))
-        gained = sorted(owned - self.ready)
+        now = time.monotonic()
+        gained = sorted(s for s in owned - self.ready if self._refused.get(s, 0) <= now)
         for start in range(0, len(gained), REBUILD_BATCH):
             self._rebuild(gained[start:start + REBUILD_BATCH])
         if gained:
-            log.info("index %s: %d slots taken and indexed from Redis; %d documents in "
-                     "the index", self.node.name, len(gained), self.fulltext.count())
+            log.info("index %s: took %d slots, %d of them indexed from Redis; %d documents "
+                     "in the index", self.node.name, len(gained),
+                     len(self.ready.intersection(gained)), self.fulltext.count())
 
     def _lost_redis(self, exc: Exception) -> None:
         """Our Redis node is unreachable: after DOWN_AFTER turns, nothing we hold
@@ -189,9 +205,10 @@ class SlotIndexer(threading.Thread):
         return [None if isinstance(r, Exception) else int(r or 0)  # nil: no such key
                 for r in pipe.execute(raise_on_error=False)]
 
-    def _documents(self, slot: int, keys: list[bytes]) -> tuple[list, list[bytes]]:
-        """(rows to put, ids to drop) for `keys` of `slot` as Redis holds them now."""
-        puts, drops = [], []
+    def _read(self, slot: int, keys: list[bytes], pending: "_Pending") -> None:
+        """`keys` of `slot` as Redis holds them now, into `pending` (which commits
+        whenever it holds PENDING_BYTES of text: a script may index many large
+        values)."""
         index = ix.index_key(slot)
         for start in range(0, len(keys), READ_BATCH):
             chunk = keys[start:start + READ_BATCH]
@@ -203,79 +220,83 @@ class SlotIndexer(threading.Thread):
             for key, lang, value in zip(chunk, replies[::2], replies[1::2]):
                 key_id = hashlib.sha512(key).digest()
                 if not isinstance(lang, bytes) or not isinstance(value, bytes) or not value:
-                    drops.append(key_id)   # not indexed (any more), gone, or not a string
+                    pending.drop(key_id)   # not indexed (any more), gone, or not a string
                     continue
                 # A lang that is no configured one (a script's) means by script.
-                puts.append((key_id, key.decode(errors="replace"), slot, ix.text_of(value),
+                pending.put((key_id, key.decode(errors="replace"), slot, ix.text_of(value),
                              lang[:MAX_LANG].decode(errors="replace")))
-        return puts, drops
 
     # Rebuild and tail --------------------------------------------------------------
 
     def _rebuild(self, slots: list[int]) -> None:
-        """Index `slots` again from their hashes; their old rows go in the same commit.
-        The logs go first: what changes after is logged anew."""
+        """Index `slots` again from their hashes, not ready meanwhile: their old rows
+        go first, the logs too (what changes after is logged anew)."""
+        self.ready -= set(slots)
         pipe = self.conn.pipeline(transaction=False)
         for slot in slots:
             pipe.delete(ix.log_key(slot))
         pipe.execute(raise_on_error=False)
+        self.fulltext.apply([], [], versions=slots)
         sizes = self._sizes([ix.index_key(s) for s in slots])
-        puts, drops, done = [], [], []
+        pending, done = _Pending(self.fulltext), []
         for slot, size in zip(slots, sizes):
             if size is None:
                 continue   # not ours after all (MOVED): the next map read tells
             if size > MAX_STRUCTURE:
                 log.warning("index %s: slot %d's index hash holds %d bytes, more than %d: "
-                            "not indexed", self.node.name, slot, size, MAX_STRUCTURE)
+                            "not indexed; tried again in %.0f s", self.node.name, slot, size,
+                            MAX_STRUCTURE, REFUSED_FOR)
+                self._refused[slot] = time.monotonic() + REFUSED_FOR
                 continue
-            keys = self._indexed_keys(slot) if size else []
-            more_puts, more_drops = self._documents(slot, keys)
-            puts += more_puts
-            drops += more_drops
+            for keys in self._indexed_keys(slot) if size else ():
+                self._read(slot, keys, pending)
             done.append(slot)
-        self.fulltext.apply(puts, drops, versions=done)
+        pending.commit()
         self.ready |= set(done)
 
-    def _indexed_keys(self, slot: int) -> list[bytes]:
+    def _indexed_keys(self, slot: int):
+        """The slot's indexed keys (its hash's fields), READ_BATCH at a time."""
         keys = []
         try:
             for key, _ in self.conn.hscan_iter(ix.index_key(slot), count=READ_BATCH):
                 if len(key) <= MAX_KEY and key_slot(key) == slot:
                     keys.append(key)
+                if len(keys) >= READ_BATCH:
+                    yield keys
+                    keys = []
         except rx.ResponseError as exc:   # WRONGTYPE: a script made it something else
             log.warning("index %s: slot %d's index hash: %s", self.node.name, slot, exc)
-        return keys
+        yield keys
 
     def _tail(self, slots: list[int]) -> None:
         """The slots' logs since they were last read, each key as Redis holds it
-        now: one pipeline per step for every slot, one FTS5 commit for all."""
+        now: one pipeline per step for every slot, one FTS5 commit for all.  A
+        log is measured before it is read."""
         logs = [ix.log_key(slot) for slot in slots]
-        sizes = self._sizes(logs)
+        sizes = self._sizes(logs)   # None: not ours (MOVED: the next map read tells)
+        spoiled = [slot for slot, size in zip(slots, sizes) if size and size > MAX_STRUCTURE]
+        todo = [(slot, logged) for slot, logged, size in zip(slots, logs, sizes)
+                if size and size <= MAX_STRUCTURE]
         pipe = self.conn.pipeline(transaction=False)
-        for logged in logs:
+        for _, logged in todo:
             pipe.xrange(logged, count=TAIL_BATCH)
             pipe.xlen(logged)
         replies = pipe.execute(raise_on_error=False)
-        puts, drops, read, spoiled = [], [], [], []
-        for slot, logged, size, entries, length in zip(slots, logs, sizes, replies[::2],
-                                                       replies[1::2]):
-            if size is None or not size:
-                continue   # not ours (MOVED: the next map read tells), or nothing logged
-            if len(puts) + len(drops) >= TURN_DOCS:
-                self._dirty.add(slot)   # enough in one commit: the next turn
+        pending, read = _Pending(self.fulltext), []
+        for (slot, logged), entries, length in zip(todo, replies[::2], replies[1::2]):
+            if pending.documents >= TURN_DOCS:
+                self._dirty.add(slot)   # enough for one turn
                 continue
-            if size > MAX_STRUCTURE or not isinstance(length, int) or \
-                    not isinstance(entries, list) or length >= ix.LOG_MAX * 9 // 10:
+            if not isinstance(length, int) or not isinstance(entries, list) or \
+                    length >= ix.LOG_MAX * 9 // 10:
                 spoiled.append(slot)   # a script's, or cut by MAXLEN: the hash is the truth
                 continue
             keys, ids = self._logged_keys(slot, entries)
-            more_puts, more_drops = self._documents(slot, keys)
-            puts += more_puts
-            drops += more_drops
+            self._read(slot, keys, pending)
             read.append((logged, ids))
             if length > len(ids):
                 self._dirty.add(slot)
-        self.fulltext.apply(puts, drops)
+        pending.commit()   # before the log entries go
         pipe = self.conn.pipeline(transaction=False)
         for logged, ids in read:
             if ids:
@@ -297,3 +318,30 @@ class SlotIndexer(threading.Thread):
             if isinstance(key, bytes) and len(key) <= MAX_KEY and key_slot(key) == slot:
                 keys.append(key)
         return list(dict.fromkeys(keys)), ids
+
+
+class _Pending:
+    """Rows read and not yet committed, committed whenever they hold
+    PENDING_BYTES of text (and at ``commit``)."""
+
+    def __init__(self, fulltext: FullText):
+        self.fulltext = fulltext
+        self.puts: list[tuple] = []
+        self.drops: list[bytes] = []
+        self.bytes = self.documents = 0
+
+    def put(self, row: tuple) -> None:
+        self.puts.append(row)
+        self.bytes += len(row[3])
+        self.documents += 1
+        if self.bytes >= PENDING_BYTES:
+            self.commit()
+
+    def drop(self, key_id: bytes) -> None:
+        self.drops.append(key_id)
+        self.documents += 1
+
+    def commit(self) -> None:
+        if self.puts or self.drops:
+            self.fulltext.apply(self.puts, self.drops)
+        self.puts, self.drops, self.bytes = [], [], 0
