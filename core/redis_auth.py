@@ -100,9 +100,11 @@ def script_login(credentials: tuple[str, str], rights) -> tuple[str, str] | None
 def is_script_login(credentials: tuple[str, str], login: tuple[str, str]) -> bool:
     """Whether `login` is one script_login hands out (so its request's caller had
     read or write): what a trusted process that sees a script's login checks."""
-    return any(hmac.compare_digest(repr(login).encode(),
-                                   repr(script_login(credentials, (right,))).encode())
-               for right in ("read", "write"))
+    for right in ("read", "write"):
+        user, password = script_login(credentials, (right,))
+        if login[0] == user and hmac.compare_digest(login[1].encode(), password.encode()):
+            return True
+    return False
 
 
 def credentials(config: Config) -> tuple[str, str]:

@@ -420,10 +420,10 @@ def _report(results, quiet_status: str = "") -> int:
 
 
 def cmd_write(config: cfg.Config, args) -> int:
+    if args.lang is not None and not args.index:
+        raise UsageError("--lang is for an indexed write (--index)")
     data = read_data(args.data)
     with _session(config, args) as session:
-        if args.lang is not None and not args.index:
-            raise UsageError("--lang is for an indexed write (--index)")
         results = session.write(args.key, data, index=args.index, lang=args.lang)
     for r in results:
         if r.ok and r.data:  # an indexed write that was stored but not indexed says why

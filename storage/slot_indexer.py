@@ -60,6 +60,7 @@ REFUSED_FOR = 60.0       # s before an oversized index hash is measured again
 MAX_KEY = 4096           # bytes of a key indexed; longer ones are skipped
 MAX_STRUCTURE = 256 * 1024 * 1024   # bytes of a slot's hash or log read at most
 DOWN_AFTER = 3           # slot-map reads failed in a row before the index is let go
+MAP_TIMEOUT = 2.0        # s a slot-map read may take (a loaded node is no dead one)
 COMMAND_TIMEOUT = 5.0
 
 
@@ -117,7 +118,7 @@ class SlotIndexer(threading.Thread):
 
     def _follow_slots(self) -> None:
         owned = {slot for slot, master in
-                 enumerate(read_slot_map(self.node.redis, self.auth).owner)
+                 enumerate(read_slot_map(self.node.redis, self.auth, MAP_TIMEOUT).owner)
                  if master == self.node.redis}
         self._failures = 0
         lost = self.ready - owned
