@@ -209,23 +209,40 @@ class SlotIndexer(threading.Thread):
     def _read(self, slot: int, keys: list[bytes], pending: "_Pending") -> None:
         """`keys` of `slot` as Redis holds them now, into `pending` (which commits
         whenever it holds PENDING_BYTES of text: a script may index many large
-        values)."""
+        values).  A lang is read only when it is short enough to be one."""
         index = ix.index_key(slot)
         for start in range(0, len(keys), READ_BATCH):
             chunk = keys[start:start + READ_BATCH]
             pipe = self.conn.pipeline(transaction=False)
             for key in chunk:
-                pipe.hget(index, key)
+                pipe.hexists(index, key)
+                pipe.hstrlen(index, key)
                 pipe.getrange(key, 0, self.node.max_index_bytes - 1)
             replies = pipe.execute(raise_on_error=False)
-            for key, lang, value in zip(chunk, replies[::2], replies[1::2]):
+            langs = self._langs(index, chunk, replies[1::3])
+            for key, indexed, lang, value in zip(chunk, replies[::3], langs, replies[2::3]):
                 key_id = hashlib.sha512(key).digest()
-                if not isinstance(lang, bytes) or not isinstance(value, bytes) or not value:
+                if indexed is not True and indexed != 1 or not isinstance(value, bytes) or \
+                        not value:
                     pending.drop(key_id)   # not indexed (any more), gone, or not a string
                     continue
-                # A lang that is no configured one (a script's) means by script.
                 pending.put((key_id, key.decode(errors="replace"), slot, ix.text_of(value),
-                             lang[:MAX_LANG].decode(errors="replace")))
+                             lang))
+
+    def _langs(self, index: bytes, keys: list[bytes], sizes: list) -> list[str]:
+        """The lang of each key from the slot's hash; one longer than MAX_LANG is
+        not read ("": by script, as one not configured is in FullText)."""
+        wanted = [i for i, size in enumerate(sizes) if isinstance(size, int) and
+                  0 < size <= MAX_LANG]
+        langs = [""] * len(keys)
+        if wanted:
+            pipe = self.conn.pipeline(transaction=False)
+            for i in wanted:
+                pipe.hget(index, keys[i])
+            for i, lang in zip(wanted, pipe.execute(raise_on_error=False)):
+                if isinstance(lang, bytes):
+                    langs[i] = lang[:MAX_LANG].decode(errors="replace")
+        return langs
 
     # Rebuild and tail --------------------------------------------------------------
 

@@ -126,7 +126,8 @@ def test_remove_and_rewrite_change_what_is_found(rs):
 def test_what_a_script_may_write_cannot_break_or_lie_to_the_indexer(rs):
     """With the login of scripts that may write (core/redis_auth.py), a script can
     spoil the index keys of a slot: an oversized and an out-of-slot key, a junk
-    lang, junk log entries and hints, a log that is a string.  The indexer reads
+    lang and a 100 kB one, a list where a value is, junk log entries and hints,
+    a log that is a string.  The indexer reads
     within bounds, indexes only text Redis holds under a key, and keeps going."""
     from redis.cluster import ClusterNode, RedisCluster
     redis, srw, session = rs
@@ -137,19 +138,24 @@ def test_what_a_script_may_write_cannot_break_or_lie_to_the_indexer(rs):
     try:
         slot = key_slot(b"victim")
         script.set("victim", b"unindexed yak")       # a plain write: not indexed
+        script.set("{victim}:2", b"another yak")
+        script.lpush("{victim}:list", b"listed yak")
         script.hset(ix.index_key(slot), mapping={b"victim": b"klingon",
+                                                 b"{victim}:2": b"x" * 100_000,
+                                                 b"{victim}:list": b"",
                                                  b"x" * (MAX_KEY + 1): b"",
                                                  b"not-in-this-slot": b""})
-        script.xadd(ix.log_key(slot), {b"k": b"victim"})
+        for key in (b"victim", b"{victim}:2", b"{victim}:list"):
+            script.xadd(ix.log_key(slot), {b"k": key})
         script.xadd(ix.log_key(slot), {b"junk": b"x" * 1000})
         other = (slot + 1) % ix.SLOTS
         script.set(ix.log_key(other), b"a string, not a stream")
         for junk in (b"-1", b"99999", b"x" * 100, str(slot).encode()):
             script.publish(ix.CHANNEL, junk)
-        # The victim's own value is what gets indexed, with its junk lang by script.
-        wait_found(session, "yak", {"victim"})
+        # What Redis holds under each key is what gets indexed, junk langs by script.
+        wait_found(session, "yak", {"victim", "{victim}:2"})
         assert session.write("after", b"sturdy yak", index=True)[0].ok
-        wait_found(session, "yak", {"victim", "after"})
+        wait_found(session, "yak", {"victim", "{victim}:2", "after"})
         # A slot whose log a script made a string: the indexed write there says
         # WRONGTYPE (MULTI runs the rest: value and index entry are stored), and
         # its hint makes the indexer drop the log and index the slot again.
@@ -158,7 +164,7 @@ def test_what_a_script_may_write_cannot_break_or_lie_to_the_indexer(rs):
             session.write(spoiled, b"still a yak", index=True)
     finally:
         script.close()
-    wait_found(session, "yak", {"victim", "after", spoiled})
+    wait_found(session, "yak", {"victim", "{victim}:2", "after", spoiled})
     assert session.write(spoiled, b"a calm yak", index=True)[0].ok   # the log is whole again
     wait_found(session, "calm", {spoiled})
 
