@@ -169,6 +169,26 @@ def test_what_a_script_may_write_cannot_break_or_lie_to_the_indexer(rs):
     wait_found(session, "calm", {spoiled})
 
 
+def test_a_killed_search_front_makes_its_index_again_from_redis(rs):
+    """The index is derived: a master's search front loses its index file and is
+    SIGKILLed; serve starts it again, and it indexes its slots from Redis."""
+    redis, srw, session = rs
+    shard = redis.shards()[0]
+    node = next(n["name"] for n in srw.nodes if n["redis"] == shard["master"])
+    keys = set(keys_on(redis, shard, "rb", 10))
+    for key in keys:
+        assert session.write(key, b"phoenix rising", index=True)[0].ok
+    wait_found(session, "phoenix", keys)
+    [front] = srw.processes(f"srw: storage {node}")
+    for path in (srw.root / "var" / node).glob("index.sqlite*"):
+        path.unlink()   # first: the front started again must find no index
+    front.kill()
+    took = wait_found(session, "phoenix", keys, within=FOUND_WITHIN)
+    assert srw.log().count(f"index {node}: took ") >= 2
+    print(f"\nsearch front of {node} killed, its index gone: every document found again "
+          f"{took:.2f} s later")
+
+
 # Resharding and failover: the last tests, they change the cluster -----------------
 
 def _node_id(redis, address: str) -> str:
