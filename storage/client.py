@@ -122,10 +122,10 @@ class Session:
         with the document.  lmdb: each group's owner runs its indexing script on
         the value and answers once the text is in its full-text index (a
         Result's data says why when it was not: binary content).  redis-cluster:
-        answered once Redis holds the value and its index entry (one MULTI); the
-        node beside the key's master indexes it within moments (README
-        "Full-text search").  Above max_index_bytes nothing is stored
-        (``output_too_large``)."""
+        Redis takes the value and its index entry in one MULTI, and the call
+        returns once the node beside the key's master indexed it (its data says
+        so when that took longer than the timeout; README "Full-text search").
+        Above max_index_bytes nothing is stored (``output_too_large``)."""
         return self.engine.write(key, data, id, groups, index, lang)
 
     def search(self, query: str, limit: int = 10, offset: int = 0,

@@ -98,7 +98,11 @@ class RedisEngine(Engine):
             return [Result(node, 1, p.OUTPUT_TOO_LARGE, b"", f"an indexed value of "
                            f"{len(data)} bytes is above {limit} (node.max_index_bytes); "
                            "nothing was stored", redis)]
-        return [self._call("write_indexed", key, id, groups, bytes(data), lang or "")]
+        # Answered once indexed, as in lmdb mode, where a node beside the master indexes.
+        name = self._beside(self._key(key, id, groups))[0]
+        wait = self.store.timeout if any(n.name == name and n.storage
+                                         for n in self.config.nodes) else 0.0
+        return [self._call("write_indexed", key, id, groups, bytes(data), lang or "", wait)]
 
     def remove(self, key, id, groups) -> list[Result]:
         return [self._call("remove", key, id, groups)]
@@ -175,7 +179,8 @@ class RedisEngine(Engine):
             return Result(node, 1, p.UNAVAILABLE, b"", str(exc), redis)
         if found is False:
             return Result(node, 1, p.NOT_FOUND, b"", f"key {key!r} not found", redis)
-        return Result(node, 1, p.OK, b"", None, redis)
+        # An indexed write's data says why it is not indexed yet (as lmdb's does).
+        return Result(node, 1, p.OK, found if isinstance(found, bytes) else b"", None, redis)
 
     # The nodes -------------------------------------------------------------------
 

@@ -6,13 +6,15 @@
         HSET srw:index:{T} key lang                   HDEL srw:index:{T} key
         XADD srw:index:log:{T} MAXLEN ~ LOG_MAX       XADD srw:index:log:{T} ...  k=key
              k=key
-      EXEC, then PUBLISH srw:index <slot>: a hint   EXEC, then PUBLISH
+        PUBLISH srw:index <slot>: a hint              PUBLISH srw:index <slot>
+      EXEC; then the writer waits until its log entry is gone
                           |
                           v
       the srw node beside the slot's master (storage/slot_indexer.py) tails the
-      log, reads the key and its lang, and keeps its FTS5 index in step
+      log, reads the key and its lang, keeps its FTS5 index in step, and deletes
+      the entries it committed
 
-{T} is the slot's own hash tag (TAGS: four letters whose CRC16 is the slot),
+{T} is the slot's own hash tag (_tags: four letters whose CRC16 is the slot),
 so a value, its slot's index hash and its slot's log are on one master and
 one MULTI covers all three: the index hash is the truth (which keys of the
 slot are indexed, each with its language), the log only says what changed

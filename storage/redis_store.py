@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Callable
 
 from redis import exceptions as rx
@@ -43,6 +44,7 @@ __all__ = ["RedisStore", "ClusterUnavailable"]
 
 CONNECT_TIMEOUT = 1.0   # s; on loopback a live node accepts in microseconds
 COMMAND_TIMEOUT = 5.0   # s; like a storage node's DATA_TIMEOUT
+INDEXED_POLL = 0.005    # s: the first pause of an indexed write waiting for its indexer
 
 # What redis-py raises when the cluster, not the command, is at fault.
 DOWN = (rx.ConnectionError, rx.TimeoutError, rx.ClusterDownError, rx.TryAgainError,
@@ -232,16 +234,30 @@ class RedisStore:
             self._logged(pipe, key, slot)
         return bool(self._on_master(key, queue)[0])
 
-    def write_indexed(self, key: str | bytes, data: bytes, lang: str) -> None:
+    def write_indexed(self, key: str | bytes, data: bytes, lang: str, wait: float) -> bytes:
         """Store and mark indexed (with `lang`, "" for by script) in one MULTI on
-        the key's master; the srw node beside it indexes it (slot_indexer.py)."""
+        the key's master; the srw node beside it indexes it (slot_indexer.py).
+        Then, for up to `wait` seconds, wait until that node took its log entry
+        (it deletes an entry once its rows committed).  b"", or why it is not
+        indexed yet."""
         slot = self.client.keyslot(key)
 
         def queue(pipe):
             pipe.set(key, data)
             pipe.hset(ix.index_key(slot), key, lang)
             self._logged(pipe, key, slot)
-        self._on_master(key, queue)
+        entry = self._on_master(key, queue)[2]
+        deadline, pause = time.monotonic() + wait, INDEXED_POLL
+        while wait > 0:
+            with _refused(key):
+                if not self.client.xrange(ix.log_key(slot), min=entry, max=entry):
+                    return b""
+            if time.monotonic() >= deadline:
+                return (f"stored, not indexed yet after {wait:.0f} s: the search front-end "
+                        "beside the key's master has not read it (is it running?)").encode()
+            time.sleep(pause)
+            pause = min(pause * 2, INDEXED_POLL * 4)
+        return b""
 
     @staticmethod
     def _logged(pipe, key, slot: int) -> None:
