@@ -137,7 +137,8 @@ class Cluster:
     async def ping(self) -> list[tuple[NodeSettings, list[str], list[str]]]:
         """Each node with its roles that answer and those that do not, one phrase
         each: its broker (status), its pool (live workers, as its broker counts
-        them), its storage process (lmdb: a stat; redis-cluster: its data is in
+        them), its storage process (lmdb: a stat; redis-cluster: its search
+        front-end's stat where it has a storage address; its data is in
         Redis, which srw does not watch)."""
         return list(await asyncio.gather(*(self._ping_one(n) for n in self.config.nodes)))
 

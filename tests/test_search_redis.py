@@ -95,6 +95,8 @@ def test_cli_and_http_write_and_search_as_in_lmdb_mode(rs):
         ["cli-doc", "http-doc"]
     out = srw.run("search", "unicorn")
     assert out.returncode == 1 and b"no matches" in out.stderr
+    status, _, body = proxy_request(srw, "GET", "/ping")   # the search fronts answer too
+    assert status == 200 and body.count(b"storage") == len(srw.nodes), body
     # n.search in a script: its own node's index, which holds its key's slot.
     [result] = session.exec("", code="__return_data = json.dumps([h['key'] for h in "
                                       "n.search('narwhal', 10)])", key="cli-doc")
