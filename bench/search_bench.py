@@ -139,7 +139,7 @@ def index_direct(root: Path, docs: list[str]) -> float:
     index = FullText(root / "direct.sqlite", sync=True)
     start = time.perf_counter()
     for i, text in enumerate(docs):
-        index.apply([(b"%064d" % i, f"doc{i}", 1, text)], [])
+        index.apply([(b"%064d" % i, f"doc{i}", 1, text, None)], [])
     took = time.perf_counter() - start
     index.close()
     return len(docs) / took

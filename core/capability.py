@@ -74,10 +74,15 @@ def redis_grant(login: tuple[str, str] | None) -> bytes:
 def redis_login() -> tuple[str, str] | None:
     """The running request's Redis login, None when its caller may neither read
     nor write (or no request is running)."""
-    if not CURRENT.startswith(REDIS_LOGIN):
+    return parse_redis_grant(CURRENT)
+
+
+def parse_redis_grant(token: bytes) -> tuple[str, str] | None:
+    """(user, password) of a redis_grant token, None for anything else."""
+    if not token.startswith(REDIS_LOGIN):
         return None
-    user, _, password = CURRENT[len(REDIS_LOGIN):].partition(b"\0")
-    return user.decode(), password.decode()
+    user, _, password = token[len(REDIS_LOGIN):].partition(b"\0")
+    return user.decode(errors="replace"), password.decode(errors="replace")
 
 
 class Refused(ValueError):

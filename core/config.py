@@ -90,7 +90,9 @@ class NodeSettings:
     group: int
     broker: str
     data_dir: str      # the workers' socket; lmdb: also the store (data_dir/store)
-    storage: str = ""  # lmdb: the storage front-end; required there, unused in redis-cluster
+    # lmdb: the storage front-end (required); redis-cluster: the search front-end,
+    # which indexes the slots of the node's Redis (optional: without it, no search)
+    storage: str = ""
     redis: str = ""    # redis-cluster: HOST:PORT of the Redis node this node sits beside
     ids: tuple[str, ...] = ()
     sync: bool = True
@@ -378,8 +380,10 @@ def _check(config: Config) -> None:
         rules.append((node.uids == 0 or 1000 <= node.uids < 2**31 - 2000,
                       f"node {node.name}: uids must be 0 (find a free block) or a uid "
                       "from 1000 up"))
-        for key in ("broker",) if config.cluster.redis else ("storage", "broker"):
+        for key in ("storage", "broker"):
             endpoint = getattr(node, key)
+            if key == "storage" and not endpoint:  # redis-cluster: optional (lmdb: see above)
+                continue
             if endpoint.startswith("tcp://"):
                 rules.append(_address_rule(f"node {node.name}: {key}", endpoint[len("tcp://"):],
                                            "tcp://HOST:PORT"))
@@ -422,9 +426,6 @@ def _cluster_rules(config: Config) -> list[tuple[bool, str]]:
                                         'Redis node it sits beside, redis = "HOST:PORT"'))
         if node.redis:
             rules.append(_address_rule(f"node {node.name}: redis", node.redis, "HOST:PORT"))
-        rules.append((not node.storage, f"node {node.name}: storage is not used with "
-                                        'cluster.engine = "redis-cluster" (the data is in '
-                                        "Redis); remove it"))
         # Redis Cluster replicates each shard itself: srw's groups would be a second,
         # unsynchronised replication on top (README "Redis Cluster").
         rules.append((node.group == 1, f"node {node.name}: group must be 1 with "

@@ -97,6 +97,16 @@ def script_login(credentials: tuple[str, str], rights) -> tuple[str, str] | None
     return f"{user}-{kind}", script_password(password, f"{user}-{kind}")
 
 
+def is_script_login(credentials: tuple[str, str], login: tuple[str, str]) -> bool:
+    """Whether `login` is one script_login hands out (so its request's caller had
+    read or write): what a trusted process that sees a script's login checks."""
+    for right in ("read", "write"):
+        user, password = script_login(credentials, (right,))
+        if login[0] == user and hmac.compare_digest(login[1].encode(), password.encode()):
+            return True
+    return False
+
+
 def credentials(config: Config) -> tuple[str, str]:
     """(user, password) srw logs in to Redis with; ConfigError saying what to do
     when the secret is missing or short."""

@@ -1,7 +1,7 @@
 """HTTP front-end: the aiohttp application (DESIGN.md "HTTP proxy", "Statuses").
 
     POST   /elliptics?exec&name=NAME[&id=HEX|&key=KEY][&groups=1:2]   run a named script
-    POST   /elliptics?upload&name=KEY[&index=1]                       write (and index) the body
+    POST   /elliptics?upload&name=KEY[&index=1[&lang=L]]              write (and index) the body
     GET    /elliptics?search=QUERY[&limit=N&offset=N&lang=L&raw=1&timeout=S]  search, JSON
     GET    /elliptics?name=KEY                                        read
     DELETE /elliptics?name=KEY                                        remove
@@ -31,6 +31,7 @@ from broker.client import Result
 from runtime.scripts import ScriptNameError, check_name
 from core import security
 from core.config import Config
+from core.exits import UsageError
 from core.ids import BadId, parse_id
 from storage.router import Route
 
@@ -247,13 +248,18 @@ async def read_key(request: web.Request) -> web.Response:
 
 
 async def upload_key(request: web.Request) -> web.Response:
-    query = _query(request, ("upload", "name", "index"))
+    query = _query(request, ("upload", "name", "index", "lang"))
     key = _name(query, "key")
     if query.get("index", "0") not in ("0", "1"):
         raise HTTPProblem(400, "index= must be 1 (index the body for search) or 0")
+    if "lang" in query and query.get("index") != "1":
+        raise HTTPProblem(400, "lang= is for an indexed write (index=1)")
     data = await _body(request)
-    results = await _storage(request.app[DATA].write(key, data, query.get("index") == "1"),
-                             "write", key)
+    try:
+        results = await _storage(request.app[DATA].write(
+            key, data, query.get("index") == "1", query.get("lang")), "write", key)
+    except UsageError as exc:  # a lang that is no configured language
+        raise HTTPProblem(400, str(exc)) from None
     return _per_group_reply(f"wrote {len(data)} B to {key[:80]!r}", f"write of {key[:80]!r}",
                             results, {p.OK})
 

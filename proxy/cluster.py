@@ -137,14 +137,15 @@ class Cluster:
     async def ping(self) -> list[tuple[NodeSettings, list[str], list[str]]]:
         """Each node with its roles that answer and those that do not, one phrase
         each: its broker (status), its pool (live workers, as its broker counts
-        them), its storage process (lmdb: a stat; redis-cluster: its data is in
+        them), its storage process (lmdb: a stat; redis-cluster: its search
+        front-end's stat where it has a storage address; its data is in
         Redis, which srw does not watch)."""
         return list(await asyncio.gather(*(self._ping_one(n) for n in self.config.nodes)))
 
     async def _ping_one(self, node: NodeSettings) -> tuple[NodeSettings, list[str], list[str]]:
         up, down = [], []
         checks = [self._status_one(node)]
-        if "storage" in self.engine.roles:
+        if "storage" in self.engine.roles_of(node):
             checks.append(asyncio.to_thread(storage_ready, node.storage, PING_TIMEOUT / 2,
                                             self.curve))
         status, *storage = await asyncio.gather(*checks)
@@ -199,8 +200,9 @@ class DataStore:
     async def read(self, key: str) -> bytes:
         return await self._run("read", key)
 
-    async def write(self, key: str, data: bytes, index: bool = False) -> list[Result]:
-        return await self._run("write", key, data, None, None, index)
+    async def write(self, key: str, data: bytes, index: bool = False,
+                    lang: str | None = None) -> list[Result]:
+        return await self._run("write", key, data, None, None, index, lang)
 
     async def search(self, query: str, limit: int, offset: int = 0,
                      timeout: float | None = None, lang: str | None = None,

@@ -177,6 +177,9 @@ def parser() -> argparse.ArgumentParser:
     write.add_argument("--data", metavar="FILE|-", help="the value from a file, or - for stdin")
     write.add_argument("--index", action="store_true",
                        help="also index the value for full-text search (history/index.py)")
+    write.add_argument("--lang", help="with --index: stem the document's words with this "
+                       "stemmer (english, russian, en, ru, none), kept with it; by default "
+                       "each word by its script's")
     write.set_defaults(func=cmd_write)
     search = sub.add_parser("search", parents=[common], help="full-text search of indexed values",
                             description="Search every node's index; best first. The query is "
@@ -417,9 +420,11 @@ def _report(results, quiet_status: str = "") -> int:
 
 
 def cmd_write(config: cfg.Config, args) -> int:
+    if args.lang is not None and not args.index:
+        raise UsageError("--lang is for an indexed write (--index)")
     data = read_data(args.data)
     with _session(config, args) as session:
-        results = session.write(args.key, data, index=args.index)
+        results = session.write(args.key, data, index=args.index, lang=args.lang)
     for r in results:
         if r.ok and r.data:  # an indexed write that was stored but not indexed says why
             print(f"srw: node {r.node} (group {r.group}): {r.data.decode()}", file=sys.stderr)
@@ -453,7 +458,11 @@ def cmd_search(config: cfg.Config, args) -> int:
             print(f"{hit['score']:.3f}\t{_CONTROL.sub('?', hit['key'])}\t{snippet}")
     for failure in hits.failures:
         print(f"srw: search incomplete: {failure}", file=sys.stderr)
-    if hits.partial and not hits.failures:
+    if hits.unindexed:
+        print(f"srw: search incomplete: {hits.unindexed} slots are not indexed yet (a node "
+              "is indexing slots it took, a shard fails over, or the srw node beside a "
+              "master is down or has no storage address)", file=sys.stderr)
+    elif hits.partial and not hits.failures:
         print("srw: search incomplete: a node reached its deadline (--timeout) and answered "
               "what it had ranked by then", file=sys.stderr)
     if hits.failures:
@@ -802,11 +811,12 @@ def cmd_proxy(config: cfg.Config, args) -> int:
 def cmd_storage(config: cfg.Config, args) -> int:
     import setproctitle
     from storage.engine import engine_class
-    from storage.node import StorageNode
     node = config.node(args.node)
-    if "storage" not in engine_class(config).roles:
+    engine = engine_class(config)
+    if "storage" not in engine.roles_of(node):
         print(f'srw: node {node.name} has no storage role with cluster.engine = '
-              f'"{config.cluster.engine}": its data is in Redis ({node.redis})', file=sys.stderr)
+              f'"{config.cluster.engine}": its data is in Redis ({node.redis}), and it has '
+              "no storage address for a search front-end", file=sys.stderr)
         return exits.REFUSED
     setproctitle.setproctitle(f"srw: storage {node.name}")
     logs.setup(config.log, f"storage {node.name}")
@@ -814,7 +824,7 @@ def cmd_storage(config: cfg.Config, args) -> int:
     try:
         _check_security(config, node)
         os.makedirs(node.data_dir, exist_ok=True)
-        storage = StorageNode(config, node)
+        storage = engine.storage_node()(config, node)
     except Exception as exc:  # lmdb.Error, zmq.ZMQError (address in use), OSError
         print(f"srw: node {node.name} refuses to start: storage at {node.storage}, "
               f"store in {node.data_dir}: {type(exc).__name__}: {exc}", file=sys.stderr)

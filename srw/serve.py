@@ -166,7 +166,7 @@ class Supervisor:
         self.engine = engine_class(config)  # chosen once: the roles each node runs
         self.engine.check_config(config)  # e.g. no Redis password: said once, not per pool
         self.children: list[Child] = [Child(role, node.name, child_argv(role, config, node.name))
-                                      for node in nodes for role in self.engine.roles]
+                                      for node in nodes for role in self.engine.roles_of(node)]
         self.children += list(extra)
         self.start_id = os.urandom(8).hex()  # our children answer with it (START_ENV)
         for child in self.children:

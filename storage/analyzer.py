@@ -50,6 +50,22 @@ def fold(text: str) -> str:
     return text.replace(_KEEP_SHORT_I, "й")
 
 
+def language_name(lang: str | None, languages: tuple[str, ...]) -> str | None:
+    """A lang= (one of `languages`, its short name, or 'none') -> its stemmer's name;
+    None or "" -> None (each word by its script); UnknownLanguage otherwise.  Also
+    what an indexed write's lang= is checked with, before anything is stored."""
+    if lang is None or lang == "":
+        return None
+    names = {NO_STEMMING: NO_STEMMING}
+    for name in languages:
+        names[name] = names[SEARCH_LANGUAGES[name][1]] = name
+    found = names.get(lang.lower()) if isinstance(lang, str) else None
+    if found is None:
+        raise UnknownLanguage(f"unknown language {str(lang)[:40]!r}: known are "
+                              f"{', '.join(sorted(names))}")
+    return found
+
+
 def _script(word: str) -> str | None:
     if _CYRILLIC.search(word):
         return "cyrillic"
@@ -66,20 +82,11 @@ class Analyzer:
         for name in self.languages:
             self._by_script.setdefault(SEARCH_LANGUAGES[name][0], name)
         self._cache: dict[str, str] = {}   # folded word -> term, by script
-        self._names = {NO_STEMMING: NO_STEMMING}
-        for name in self.languages:
-            self._names[name] = self._names[SEARCH_LANGUAGES[name][1]] = name
 
     def language(self, lang: str | None) -> str | None:
         """A lang= as given (a stemmer, its short name or 'none') -> its stemmer's name;
         None (by script) stays None.  UnknownLanguage for anything else."""
-        if lang is None or lang == "":
-            return None
-        name = self._names.get(lang.lower())
-        if name is None:
-            known = ", ".join(sorted(self._names))
-            raise UnknownLanguage(f"unknown language {lang[:40]!r}: known are {known}")
-        return name
+        return language_name(lang, self.languages)
 
     def stem(self, word: str, lang: str | None = None) -> str:
         """A folded word -> its term.  `lang` is a name language() returned."""

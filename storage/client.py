@@ -35,8 +35,8 @@ __all__ = ["Session", "Result", "StorageError", "NotFound", "StorageUnavailable"
 
 
 def __getattr__(name: str):
-    if name == "Hits":  # lmdb's search answer; imported only when asked for
-        from .engine_lmdb import Hits
+    if name == "Hits":  # the search answer; imported only when asked for
+        from .hits import Hits
         return Hits
     raise AttributeError(name)
 
@@ -111,21 +111,28 @@ class Session:
     # Data (storage/engine.py) --------------------------------------------------
 
     def write(self, key: str | bytes | None = None, data: bytes = b"", id: str | None = None,
-              groups: list[int] | None = None, index: bool = False) -> list[Result]:
+              groups: list[int] | None = None, index: bool = False,
+              lang: str | None = None) -> list[Result]:
         """Store `data` under the key in every group; one Result per group (one in
         redis-cluster mode).
 
-        With `index` (lmdb), each group's owner also runs its indexing script on
-        the value and answers once the text is in its full-text index (a Result's
-        data says why when it was not: binary content); above the node's
-        max_index_bytes nothing is stored (``output_too_large``)."""
-        return self.engine.write(key, data, id, groups, index)
+        With `index`, the value's text also goes into the full-text index, its
+        words stemmed by `lang` (a configured [search] language, its short name,
+        or "none"; None: each word by the stemmer of its script), which is kept
+        with the document.  lmdb: each group's owner runs its indexing script on
+        the value and answers once the text is in its full-text index (a
+        Result's data says why when it was not: binary content).  redis-cluster:
+        Redis takes the value and its index entry in one MULTI, and the call
+        returns once the node beside the key's master indexed it (its data says
+        so when that took longer than the timeout; README "Full-text search").
+        Above max_index_bytes nothing is stored (``output_too_large``)."""
+        return self.engine.write(key, data, id, groups, index, lang)
 
     def search(self, query: str, limit: int = 10, offset: int = 0,
                groups: list[int] | None = None, timeout: float | None = None,
                lang: str | None = None, raw: bool = False):
-        """Full-text search (lmdb): a SEARCH to every node of the groups, hits merged
-        by score.
+        """Full-text search: a SEARCH to every node of the groups (redis-cluster:
+        every node's search front-end), hits merged by score.
 
         `query` is typed text (storage/query.py), or FTS5's syntax with `raw`;
         `lang` stems every word with one stemmer; `timeout` bounds each node's

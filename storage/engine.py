@@ -94,6 +94,16 @@ class Engine(abc.ABC):
     #: the processes `srw serve` starts for each node, in start order
     roles: tuple[str, ...] = ()
 
+    @classmethod
+    def roles_of(cls, node: cfg.NodeSettings) -> tuple[str, ...]:
+        """The roles `node` runs: ``roles``, less those its config leaves out."""
+        return cls.roles
+
+    @classmethod
+    @abc.abstractmethod
+    def storage_node(cls) -> type:
+        """The class of the storage role's process (``run()``), made with (config, node)."""
+
     @abc.abstractmethod
     def __init__(self, config: cfg.Config, timeout: float | None = None,
                  max_message: int | None = None,
@@ -129,9 +139,11 @@ class Engine(abc.ABC):
         read, and ValueError for a negative or huge range (storage/protocol.py)."""
 
     @abc.abstractmethod
-    def write(self, key, data: bytes, id, groups, index: bool = False) -> list:
+    def write(self, key, data: bytes, id, groups, index: bool = False,
+              lang: str | None = None) -> list:
         """Store in every group: one Result per group (one for a store that
-        replicates itself); `index`: also into the full-text index."""
+        replicates itself); `index`: also into the full-text index, its words
+        stemmed by `lang` (None: each by its script; UsageError: not configured)."""
 
     @abc.abstractmethod
     def remove(self, key, id, groups) -> list:
@@ -164,10 +176,6 @@ class Engine(abc.ABC):
     def check_config(cls, config: cfg.Config) -> None:
         """Raises ConfigError for what the engine needs and the node lacks (checked
         once by `srw serve`, before any child starts)."""
-
-    @classmethod
-    def check_search(cls) -> None:
-        """Raises StorageError when nodes keep no full-text index."""
 
     @classmethod
     @abc.abstractmethod

@@ -13,7 +13,6 @@ use in the process that uses them.
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Callable
 
 
@@ -25,54 +24,15 @@ from core.ids import key_id, parse_id
 from broker.client import BrokerUnavailable, Result
 
 from . import protocol as sp
+from .analyzer import UnknownLanguage, language_name
 from .engine import Engine, Place
-from .errors import (Forbidden, NodeUnavailable, NotFound, StorageError,
-                     StorageUnavailable)
+from .errors import Forbidden, NodeUnavailable, NotFound, StorageError, StorageUnavailable
+from .hits import Hits, merge_hits, search_data, send_all
 from .node_client import DATA_TIMEOUT, StorageClient, storage_ready
-from .query import BadQuery
 from .ring import Ring
 from .router import RingRouter
 
-__all__ = ["LmdbEngine", "Hits", "merge_hits"]
-
-
-class Hits(list):
-    """Session.search's answer: the hits, best first, and about them `count`
-    (documents that match, in the group with the most), `partial` (a node was
-    cut at the deadline or failed) and `failures` (one line per failed node)."""
-
-    def __init__(self, hits: list[dict], count: int, partial: bool, failures: list[str]):
-        super().__init__(hits)
-        self.count, self.partial, self.failures = count, partial, failures
-
-
-def merge_hits(results: list[Result], limit: int, offset: int = 0) -> Hits:
-    """Every node's SEARCH reply -> hits offset to offset + limit, each key once.
-    Replicas give a key several scores (BM25 depends on each node's documents);
-    the best one stands for it.  Ties go by key."""
-    best: dict[str, dict] = {}
-    failures, counts, partial = [], {}, False
-    for r in results:
-        if r.status == p.BAD_REQUEST:  # the query: every node would say the same
-            raise BadQuery(r.error or "bad query")
-        try:
-            reply = p.unpack_map(r.data) if r.ok else None
-        except p.ProtocolError:
-            reply = None
-        if reply is None:
-            failures.append(f"node {r.node} (group {r.group}): {r.status}: "
-                            f"{r.error or 'a reply that is not a search reply'}")
-            continue
-        partial = partial or bool(reply.get("partial"))
-        counts[r.group] = counts.get(r.group, 0) + int(reply.get("count", 0))
-        for hit in reply.get("hits", []):
-            if hit["key"] not in best or hit["score"] > best[hit["key"]]["score"]:
-                best[hit["key"]] = hit
-    if failures and len(failures) == len(results):
-        raise StorageUnavailable("no node answered the search: " + "; ".join(failures))
-    ranked = sorted(best.values(), key=lambda h: (-h["score"], h["key"]))
-    return Hits(ranked[offset:offset + limit], max(counts.values(), default=0),
-                partial or bool(failures), failures)
+__all__ = ["LmdbEngine"]
 
 
 class LmdbEngine(Engine):
@@ -88,6 +48,11 @@ class LmdbEngine(Engine):
         self.ring = Ring(config)
         self._router = RingRouter(config)
         self._stores: dict[str, StorageClient] = {}
+
+    @classmethod
+    def storage_node(cls) -> type:
+        from .node import StorageNode  # the storage process only: LMDB, FTS5
+        return StorageNode
 
     @classmethod
     def make_router(cls, config: cfg.Config) -> RingRouter:
@@ -109,27 +74,25 @@ class LmdbEngine(Engine):
 
     # Data ------------------------------------------------------------------------
 
-    def write(self, key, data: bytes, id, groups, index: bool = False) -> list[Result]:
+    def write(self, key, data: bytes, id, groups, index: bool = False,
+              lang: str | None = None) -> list[Result]:
         if not index:
             return self._to_all(sp.WRITE, key, id, groups, data)
         if key is None:
             raise UsageError("an indexed write needs the key (search answers with keys)")
         raw_key = key.encode() if isinstance(key, str) else bytes(key)
+        try:
+            lang = language_name(lang, self.config.search.languages)
+        except UnknownLanguage as exc:
+            raise UsageError(str(exc)) from None
         wait = self.timeout or DATA_TIMEOUT + self.config.broker.request_timeout + \
             timeouts.INDEX_GRACE
         return self._to_all(sp.INDEXED_WRITE, key, None, groups,
-                            sp.indexed_value(raw_key, data), wait)
+                            sp.indexed_value(raw_key, data, lang or ""), wait)
 
     def search(self, query: str, limit: int, offset: int, groups, timeout, lang,
                raw) -> Hits:
-        if not isinstance(offset, int) or offset < 0 or not isinstance(limit, int) or \
-                not 0 < limit <= sp.MAX_HITS - offset:
-            raise UsageError(f"limit must be 1 or more and offset 0 or more, at most "
-                             f"{sp.MAX_HITS} together, not {limit!r} and {offset!r}")
-        if timeout is not None and not 0 < timeout <= sp.MAX_SEARCH_TIMEOUT:
-            raise UsageError(f"timeout must be above 0 and at most {sp.MAX_SEARCH_TIMEOUT:.0f} "
-                             f"seconds, not {timeout!r}")
-        data = sp.search_data(sp.Search(query, offset + limit, lang, raw, timeout))
+        data = search_data(query, limit, offset, timeout, lang, raw)
         nodes = [n for n in self.config.nodes if groups is None or n.group in groups]
         wait = (timeout or self.config.search.timeout) + DATA_TIMEOUT
         return merge_hits(self._send_all(nodes, sp.SEARCH, b"", data, wait), limit, offset)
@@ -186,24 +149,8 @@ class LmdbEngine(Engine):
 
     def _send_all(self, targets, cmd: bytes, raw_id: bytes, data: bytes,
                   wait: float) -> list[Result]:
-        sent = []
-        for node in targets:
-            client = self._store(node.name)
-            try:
-                sent.append((client, *client.submit_data(cmd, raw_id, data, wait)))
-            except NodeUnavailable as exc:
-                sent.append(exc)
-        deadline = time.monotonic() + wait
-        results = []
-        for node, call in zip(targets, sent):
-            try:
-                if isinstance(call, NodeUnavailable):
-                    raise call
-                client, rid, _ = call
-                results.append(client.result(rid, max(0.0, deadline - time.monotonic())))
-            except NodeUnavailable as exc:
-                results.append(Result(node.name, node.group, p.UNAVAILABLE, b"", str(exc)))
-        return results
+        return send_all([(node, self._store(node.name)) for node in targets], cmd, raw_id,
+                        data, wait)
 
     def _first(self, cmd: bytes, key, id, groups, data: bytes = b"") -> Result:
         raw_id, targets = self._locate(key, id, groups)

@@ -3,10 +3,13 @@
     data call ──► key ──► RedisStore (storage/redis_store.py): redis-py's cluster
                           client, at most once, bounded reads of hostile values
     exec ──► SlotRouter (storage/router.py): the srw node beside the key's master
+    search ──► every node's search front-end (storage/search_node.py: the index
+               of the slots its Redis node serves) ──► hits merged (storage/hits.py)
 
 One group, 1: Redis replicates each shard itself, so a write or remove returns
 one Result, named for the srw node beside the key's master.  Data is found by
-key, never by id.  srw runs no storage process of its own here.
+key, never by id.  srw keeps no data of its own here: a node's storage role,
+when it has a storage address, is its search front-end.
 
 Made for a script's handle (`script_node`), the engine logs in as the Redis user
 the running request's rights call for (core/capability.py, core/redis_auth.py),
@@ -26,8 +29,12 @@ from core.exits import UsageError
 from broker.client import Result
 
 from . import protocol as sp
+from .analyzer import UnknownLanguage, language_name
 from .engine import UNREADABLE, Engine, Place
 from .errors import NotFound, StorageError, StorageUnavailable
+from .hits import Hits, merge_hits, search_data, send_all
+from .node_client import DATA_TIMEOUT, StorageClient, storage_ready
+from .redis_index import SLOTS
 from .redis_store import RedisStore
 from .router import SlotRouter
 
@@ -43,6 +50,8 @@ class RedisEngine(Engine):
                  capability: Callable[[], bytes] | None = None,
                  script_node: str | None = None):
         self.config, self.node = config, script_node
+        self.max_message, self.curve, self.capability = max_message, curve, capability
+        self._fronts: dict[str, StorageClient] = {}
         if script_node is None:
             self._router: SlotRouter | None = SlotRouter(config)
             self.store = RedisStore(self._router.ask, self._router.auth, timeout,
@@ -52,6 +61,16 @@ class RedisEngine(Engine):
             own = [config.node(script_node).redis] if script_node else []
             self.store = RedisStore(own + list(config.cluster.seeds), capabilities.redis_login,
                                     timeout)
+
+    @classmethod
+    def roles_of(cls, node: cfg.NodeSettings) -> tuple[str, ...]:
+        """The search front-end first, where the node has a storage address."""
+        return ("storage", *cls.roles) if node.storage else cls.roles
+
+    @classmethod
+    def storage_node(cls) -> type:
+        from .search_node import SearchNode  # its process only: FTS5, the indexer
+        return SearchNode
 
     @classmethod
     def make_router(cls, config: cfg.Config) -> SlotRouter:
@@ -65,11 +84,25 @@ class RedisEngine(Engine):
 
     # Data ------------------------------------------------------------------------
 
-    def write(self, key, data: bytes, id, groups, index: bool = False) -> list[Result]:
-        if index:
-            raise StorageError('indexed writes need cluster.engine = "lmdb" (the '
-                               "full-text index lives in each node's storage process)")
-        return [self._call("write", key, id, groups, bytes(data))]
+    def write(self, key, data: bytes, id, groups, index: bool = False,
+              lang: str | None = None) -> list[Result]:
+        if not index:
+            return [self._call("write", key, id, groups, bytes(data))]
+        try:
+            lang = language_name(lang, self.config.search.languages)
+        except UnknownLanguage as exc:
+            raise UsageError(str(exc)) from None
+        limit = min(n.max_index_bytes for n in self.config.nodes)
+        if len(data) > limit:
+            node, redis = self._beside(self._key(key, id, groups))
+            return [Result(node, 1, p.OUTPUT_TOO_LARGE, b"", f"an indexed value of "
+                           f"{len(data)} bytes is above {limit} (node.max_index_bytes); "
+                           "nothing was stored", redis)]
+        # Answered once indexed, as in lmdb mode, where a node beside the master indexes.
+        name = self._beside(self._key(key, id, groups))[0]
+        wait = self.store.timeout if any(n.name == name and n.storage
+                                         for n in self.config.nodes) else 0.0
+        return [self._call("write_indexed", key, id, groups, bytes(data), lang or "", wait)]
 
     def remove(self, key, id, groups) -> list[Result]:
         return [self._call("remove", key, id, groups)]
@@ -95,8 +128,26 @@ class RedisEngine(Engine):
                  "error": "no srw store: the data is in Redis (INFO keyspace there)"}
                 for n in self.config.nodes]
 
-    def search(self, query: str, limit: int, offset: int, groups, timeout, lang, raw):
-        raise StorageError('search needs cluster.engine = "lmdb"')
+    def search(self, query: str, limit: int, offset: int, groups, timeout, lang,
+               raw) -> Hits:
+        """Every search front-end at once; partial unless they covered every slot."""
+        SlotRouter.check_groups(groups)
+        data = search_data(query, limit, offset, timeout, lang, raw)
+        nodes = [n for n in self.config.nodes if n.storage]
+        if not nodes:
+            raise StorageError("no node has a storage address: in redis-cluster mode a "
+                               "node's storage address is its search front-end")
+        wait = (timeout or self.config.search.timeout) + DATA_TIMEOUT
+        results = send_all([(n, self._front(n)) for n in nodes], sp.SEARCH, b"", data, wait)
+        return merge_hits(results, limit, offset, slots=SLOTS)
+
+    def _front(self, node: cfg.NodeSettings) -> StorageClient:
+        client = self._fronts.get(node.name)
+        if client is None:
+            client = self._fronts[node.name] = StorageClient(
+                node.storage, node.name, node.group, max_message=self.max_message,
+                curve=self.curve, capability=self.capability)
+        return client
 
     def use_groups(self, asked: list[int] | None, groups: set[int]) -> list[int] | None:
         return None  # a script's groups are ignored: Redis replicates each shard itself
@@ -132,7 +183,8 @@ class RedisEngine(Engine):
             return Result(node, 1, p.UNAVAILABLE, b"", str(exc), redis)
         if found is False:
             return Result(node, 1, p.NOT_FOUND, b"", f"key {key!r} not found", redis)
-        return Result(node, 1, p.OK, b"", None, redis)
+        # An indexed write's data says why it is not indexed yet (as lmdb's does).
+        return Result(node, 1, p.OK, found if isinstance(found, bytes) else b"", None, redis)
 
     # The nodes -------------------------------------------------------------------
 
@@ -141,13 +193,9 @@ class RedisEngine(Engine):
         redis_auth.credentials(config)  # ConfigError: no password, and what to do
 
     @classmethod
-    def check_search(cls) -> None:
-        raise StorageError('n.search needs [cluster] engine = "lmdb" (the full-text '
-                           "index lives in each node's storage process)")
-
-    @classmethod
     def ready(cls, node: cfg.NodeSettings, curve, start: str) -> bool:
-        return True  # nothing of ours to ask: the data is in Redis
+        """Its search front-end answers (none: nothing of ours to ask)."""
+        return not node.storage or storage_ready(node.storage, curve=curve, start=start)
 
     @classmethod
     def places(cls, config: cfg.Config, nodes, curve, timeout: float,
@@ -157,6 +205,9 @@ class RedisEngine(Engine):
 
     def close(self) -> None:
         self.store.close()
+        for client in self._fronts.values():
+            client.close()
+        self._fronts.clear()
 
 
 class _Changed(Exception):

@@ -2,10 +2,11 @@
 
 Owned by the storage process (trusted, like a Redis module beside its data);
 scripts never open it.  Each indexed value is one row, keyed by its 64-byte
-id, holding the key's name, the text and the *version* (the value's mtime in
-nanoseconds, as LMDB holds it) of the text it was made from.  That version
-is what lets the node tell, after a crash, whether a row still matches its
-value (storage/node.py, "index agrees with the data").
+id, holding the key's name, the text and the *version* (lmdb: the value's
+mtime in nanoseconds, as LMDB holds it, of the text it was made from; that
+version is what lets the node tell, after a crash, whether a row still
+matches its value, storage/indexer.py.  redis-cluster: the key's slot, which
+tells the rows a slot that moved away takes with it, storage/slot_indexer.py).
 
 FTS5 indexes the text's *terms* (storage/analyzer.py: folded and stemmed), so
 its own tokenizer only splits them on spaces; the text itself is kept beside
@@ -27,7 +28,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from .analyzer import Analyzer, fold
+from .analyzer import Analyzer, UnknownLanguage, fold
 from .query import BadQuery, Query, parse
 
 log = logging.getLogger("srw.storage.index")
@@ -99,19 +100,39 @@ class FullText:
 
     # Changes: each call is one transaction, committed (and synced) on return --
 
-    def apply(self, puts: list[tuple[bytes, str, int, str]], drops: list[bytes]) -> None:
-        """Rows (id, key, version, text) replace any row of their id; ids in
-        `drops` lose theirs.  One transaction for all."""
-        terms = [" ".join(self.analyzer.terms(text)) for _, _, _, text in puts]
+    def apply(self, puts: list[tuple[bytes, str, int, str, str | None]], drops: list[bytes],
+              versions=()) -> None:
+        """Rows (id, key, version, text, lang) replace any row of their id (`lang`:
+        the stemmer for every word, None: by script); ids in `drops`, and every
+        row of a version in `versions`, lose theirs.  One transaction for all."""
+        terms = [" ".join(self.analyzer.terms(text, self._stemmer(lang)))
+                 for _, _, _, text, lang in puts]
         with self._transaction():
+            if versions:
+                self._drop_versions(sorted(versions))
             for key_id in drops:
                 self._drop(key_id)
-            for (key_id, key, version, text), words in zip(puts, terms):
+            for (key_id, key, version, text, _), words in zip(puts, terms):
                 self._drop(key_id)
                 cur = self.db.execute("INSERT INTO meta (id, key, version, body) "
                                       "VALUES (?, ?, ?, ?)", (key_id, key, version, text))
                 self.db.execute("INSERT INTO docs (rowid, terms) VALUES (?, ?)",
                                 (cur.lastrowid, words))
+
+    def _stemmer(self, lang: str | None) -> str | None:
+        """A stored lang -> the stemmer; one no longer configured: by script."""
+        try:
+            return self.analyzer.language(lang)
+        except UnknownLanguage:
+            return None
+
+    def _drop_versions(self, versions: list[int]) -> None:
+        for start in range(0, len(versions), 500):  # SQLite's bound on parameters
+            chunk = versions[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            self.db.execute(f"DELETE FROM docs WHERE rowid IN (SELECT doc FROM meta WHERE "
+                            f"version IN ({marks}))", chunk)
+            self.db.execute(f"DELETE FROM meta WHERE version IN ({marks})", chunk)
 
     def _drop(self, key_id: bytes) -> None:
         row = self.db.execute("SELECT doc FROM meta WHERE id = ?", (key_id,)).fetchone()

@@ -231,8 +231,6 @@ class StorageHandle:
 
     def _own_node(self) -> StorageClient:
         """The storage node of the pool that made this handle, whatever the remotes."""
-        if self._engine is not None:
-            self._engine.check_search()
         if self._own_store is None or self._own_pid != os.getpid():
             if self._own_store is not None:  # another process's (before a fork): left alone
                 self._abandoned.append(self._own_store)
@@ -240,6 +238,9 @@ class StorageHandle:
                 raise StorageError("n.search works in scripts run by a node (srw serve): "
                                    f"{self._local_error or 'no node named in ' + cfg.NODE_ENV}")
             node = self._local.node(self._node)
+            if not node.storage:
+                raise StorageError(f"n.search: node {node.name} has no storage address (in "
+                                   "redis-cluster mode: its search front-end)")
             self._own_store = StorageClient(node.storage, node.name, node.group,
                                             max_message=self._local.max_message,
                                             curve=self._curve, capability=self._capability)

@@ -108,7 +108,8 @@ class Indexer:
             if current and result.ok and result.data:
                 # The script's answer, bounded like the documents themselves.
                 text = result.data[:self.store.max_index_bytes].decode(errors="replace")
-                puts.append((job.id, job.key.decode(errors="replace"), job.version, text))
+                puts.append((job.id, job.key.decode(errors="replace"), job.version, text,
+                             job.lang))
             answers.append((job, result, tries, current))
         self.fulltext.apply(puts, [])
         for job, result, tries, current in answers:

@@ -138,27 +138,33 @@ class Relay:
         self.sock.close()
 
 
+def bind_front(ctx: zmq.Context, config: Config, address: str):
+    """(keyring, ROUTER bound at `address`): with curve, the keyring says who may
+    connect (ZAP) and what each client may do; without, None."""
+    keyring = security.keyring(config)
+    front = loop.socket(ctx, zmq.ROUTER, config.max_message)
+    front.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    if keyring is not None:
+        keyring.start(ctx)
+        keyring.secure(front)
+    front.bind(address)
+    return keyring, front
+
+
 class StorageNode:
     """One node's storage front-end; ``run()`` until SIGTERM/SIGINT."""
 
     def __init__(self, config: Config, node: NodeSettings, ctx: zmq.Context | None = None):
         self.config, self.node = config, node
         self.store = Store(Path(node.data_dir) / "store", node.name, node.sync, node.max_value,
-                           node.max_index_bytes)
+                           node.max_index_bytes, config.search.languages)
         index_path = Path(node.data_dir) / "index.sqlite"
         self.fulltext = FullText(index_path, node.sync, config.search.languages)
         self.searcher = Searcher(str(index_path), config.search.languages,
                                  config.search.timeout, node.name)
         self.own_ctx = ctx is None  # ours to terminate when stopping
         self.ctx = ctx or zmq.Context()
-        # With curve: who may connect (ZAP) and what each client may do.
-        self.keyring = security.keyring(config)
-        self.front = loop.socket(self.ctx, zmq.ROUTER, config.max_message)
-        self.front.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        if self.keyring is not None:
-            self.keyring.start(self.ctx)
-            self.keyring.secure(self.front)
-        self.front.bind(node.storage)
+        self.keyring, self.front = bind_front(self.ctx, config, node.storage)
         # With curve: the capabilities a script's calls carry (storage/grants.py).
         self.grants = Grants(self.ctx, config, node, self.keyring) \
             if self.keyring is not None else None

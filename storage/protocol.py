@@ -15,7 +15,9 @@ Front (client DEALER -> storage ROUTER; the ROUTER adds the client identity)::
                    id    the key's id: sha512 of the key, or a hex id zero-padded
                    rid   client-chosen request id, echoed in the reply (<= 64 bytes)
              data  the value for WRITE; for INDEXED_WRITE len(key) (2 bytes, big-endian)
-                   + key + value, sha512(key) being the id; for WRITE_IF len(expected)
+                   + key + len(lang) (1 byte) + lang (ASCII: a [search] language,
+                   its short name or "none"; empty: each word by its script)
+                   + value, sha512(key) being the id; for WRITE_IF len(expected)
                    (1 byte: 0 or 32) + expected + value, expected being the sha256
                    (32 bytes) of the value the caller read, empty for "must not
                    exist"; for READ_RANGE offset (8 bytes) + length (4 bytes), both
@@ -117,6 +119,7 @@ ID_BYTES = 64
 MAX_HITS = 1000     # results one SEARCH may ask for
 MAX_QUERY = 4096    # characters of a SEARCH's query
 MAX_SEARCH_TIMEOUT = 600.0   # seconds a SEARCH may ask to run
+MAX_LANG = 40       # bytes of an INDEXED_WRITE's or a SEARCH's lang
 
 __all__ = ["ProtocolError", "StorageRequest", "request_frames", "WRITE", "READ", "REMOVE",
            "LOOKUP", "STAT", "ROUTES", "INDEXED_WRITE", "SEARCH", "WRITE_IF", "READ_RANGE"]
@@ -167,20 +170,27 @@ class StorageRequest:
         return cls(client, cmd, rid, key_id, data, capability)
 
 
-def indexed_value(key: bytes, value: bytes) -> bytes:
+def indexed_value(key: bytes, value: bytes, lang: str = "") -> bytes:
     """The data frame of an INDEXED_WRITE."""
     if len(key) > 0xFFFF:
         raise UsageError(f"key of {len(key)} bytes is too long to index (at most 65535)")
-    return len(key).to_bytes(2, "big") + key + value
+    raw_lang = lang.encode()
+    if len(raw_lang) > MAX_LANG:
+        raise UsageError(f"lang {lang[:40]!r} is longer than {MAX_LANG} bytes")
+    return len(key).to_bytes(2, "big") + key + bytes([len(raw_lang)]) + raw_lang + value
 
 
-def split_indexed(data: bytes) -> tuple[bytes, bytes]:
-    """(key, value) of an INDEXED_WRITE's data frame, or ProtocolError."""
+def split_indexed(data: bytes) -> tuple[bytes, str, bytes]:
+    """(key, lang, value) of an INDEXED_WRITE's data frame, or ProtocolError."""
     size = int.from_bytes(data[:2], "big")
-    if len(data) < 2 + size or not size:
-        raise ProtocolError("indexed write: the data must be len(key) (2 bytes), the key "
-                            "and the value")
-    return bytes(data[2:2 + size]), data[2 + size:]
+    lang_at = 2 + size
+    lang_size = data[lang_at] if len(data) > lang_at else -1
+    if not size or lang_size < 0 or lang_size > MAX_LANG or \
+            len(data) < lang_at + 1 + lang_size:
+        raise ProtocolError("indexed write: the data must be len(key) (2 bytes), the key, "
+                            f"len(lang) (1 byte, at most {MAX_LANG}), the lang and the value")
+    lang = bytes(data[lang_at + 1:lang_at + 1 + lang_size]).decode("ascii", errors="replace")
+    return bytes(data[2:lang_at]), lang, data[lang_at + 1 + lang_size:]
 
 
 def write_if_data(expected: bytes | None, value: bytes) -> bytes:
@@ -259,7 +269,7 @@ def parse_search(data: bytes) -> Search:
     if len(query) > MAX_QUERY:
         raise ProtocolError(f"search: the query is {len(query)} characters; at most "
                             f"{MAX_QUERY}")
-    if not (lang is None or isinstance(lang, str) and len(lang) <= 40) or \
+    if not (lang is None or isinstance(lang, str) and len(lang) <= MAX_LANG) or \
             not isinstance(raw, bool):
         raise ProtocolError("search: lang must be text (at most 40 characters), raw a bool")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Callable
 
 from redis import exceptions as rx
@@ -35,6 +36,7 @@ from redis.retry import Retry
 
 from core import protocol as p
 
+from . import redis_index as ix
 from .errors import Forbidden, NotFound, StorageError, StorageUnavailable
 from .router import split_address
 
@@ -42,6 +44,7 @@ __all__ = ["RedisStore", "ClusterUnavailable"]
 
 CONNECT_TIMEOUT = 1.0   # s; on loopback a live node accepts in microseconds
 COMMAND_TIMEOUT = 5.0   # s; like a storage node's DATA_TIMEOUT
+INDEXED_POLL = 0.005    # s: the first pause of an indexed write waiting for its indexer
 
 # What redis-py raises when the cluster, not the command, is at fault.
 DOWN = (rx.ConnectionError, rx.TimeoutError, rx.ClusterDownError, rx.TryAgainError,
@@ -66,6 +69,10 @@ def client_in_this_process() -> bool:
     """Whether a handle built its cluster client in this process (runtime/runner.py
     then lets its sockets stay open between requests, like a ZeroMQ session's)."""
     return _built_in == os.getpid()
+
+
+class _SlotMoved(Exception):
+    """A transaction met MOVED or ASK: nothing of it ran."""
 
 
 class ClusterUnavailable(StorageUnavailable, p.Unavailable, rx.ConnectionError):
@@ -227,9 +234,79 @@ class RedisStore:
                                          f"{type(exc).__name__}: {exc}") from exc
 
     def remove(self, key: str | bytes) -> bool:
-        """Whether the key was there."""
+        """Whether the key was there.  An indexed key leaves its slot's index hash
+        in the same MULTI, and its log says so (storage/redis_index.py)."""
+        slot = self.client.keyslot(key)
         with _refused(key):
-            return bool(self.client.delete(key))
+            try:
+                indexed = self.client.hexists(ix.index_key(slot), key)
+            except rx.ResponseError:  # a script made the hash something else: not indexed
+                indexed = False
+            if not indexed:
+                return bool(self.client.delete(key))
+
+        def queue(pipe):
+            pipe.delete(key)
+            pipe.hdel(ix.index_key(slot), key)
+            self._logged(pipe, key, slot)
+        return bool(self._on_master(key, queue)[0])
+
+    def write_indexed(self, key: str | bytes, data: bytes, lang: str, wait: float) -> bytes:
+        """Store and mark indexed (with `lang`, "" for by script) in one MULTI on
+        the key's master; the srw node beside it indexes it (slot_indexer.py).
+        Then, for up to `wait` seconds, wait until that node took its log entry
+        (it deletes an entry once its rows committed).  b"", or why it is not
+        indexed yet."""
+        slot = self.client.keyslot(key)
+
+        def queue(pipe):
+            pipe.set(key, data)
+            pipe.hset(ix.index_key(slot), key, lang)
+            self._logged(pipe, key, slot)
+        entry = self._on_master(key, queue)[2]
+        deadline, pause = time.monotonic() + wait, INDEXED_POLL
+        while wait > 0:
+            with _refused(key):
+                if not self.client.xrange(ix.log_key(slot), min=entry, max=entry):
+                    return b""
+            if time.monotonic() >= deadline:
+                return (f"stored, not indexed yet after {wait:.0f} s: the search front-end "
+                        "beside the key's master has not read it (is it running?)").encode()
+            time.sleep(pause)
+            pause = min(pause * 2, INDEXED_POLL * 4)
+        return b""
+
+    @staticmethod
+    def _logged(pipe, key, slot: int) -> None:
+        pipe.xadd(ix.log_key(slot), {ix.LOG_FIELD: key}, maxlen=ix.LOG_MAX, approximate=True)
+        pipe.publish(ix.CHANNEL, slot)  # a hint to the indexer; its sweep finds it anyway
+
+    def _on_master(self, key, queue) -> list:
+        """`queue(pipe)`'s commands in one MULTI/EXEC on the key's master.  A
+        MOVED or ASK aborts the whole transaction (nothing ran): the slot map
+        is read again and the transaction sent once more."""
+        try:
+            return self._transaction(key, queue)
+        except _SlotMoved:
+            self.client.nodes_manager.initialize()
+        try:
+            return self._transaction(key, queue)
+        except _SlotMoved as exc:
+            raise ClusterUnavailable(f"redis cluster: {key!r}: its slot is moving: {exc}") \
+                from None
+
+    def _transaction(self, key, queue) -> list:
+        with _refused(key):
+            try:
+                node = self.client.get_node_from_key(key)
+                with self.client.get_redis_connection(node).pipeline(transaction=True) as pipe:
+                    queue(pipe)
+                    return pipe.execute()
+            except rx.AskError as exc:  # and MovedError, an AskError: nothing ran
+                raise _SlotMoved(str(exc)) from None
+            except DOWN as exc:
+                raise ClusterUnavailable(f"redis cluster: {key!r}: "
+                                         f"{type(exc).__name__}: {exc}") from exc
 
     def size(self, key: str | bytes) -> int:
         with _refused(key):

@@ -48,9 +48,11 @@ class Searcher:
         for thread in self.threads:
             thread.start()
 
-    def submit(self, client: bytes, rid: bytes, search: sp.Search) -> None:
+    def submit(self, client: bytes, rid: bytes, search: sp.Search, extra: dict | None = None
+               ) -> None:
+        """`extra`: fields the reply carries beside the hits (redis-cluster: "slots")."""
         deadline = time.monotonic() + (search.timeout or self.default_timeout)
-        self.jobs.put((client, rid, search, deadline))
+        self.jobs.put((client, rid, search, deadline, extra or {}))
 
     def drain(self, reply) -> None:
         """Send every finished search's reply: `reply(client, rid, status, data, error)`."""
@@ -65,8 +67,8 @@ class Searcher:
         fulltext = FullText(self.path, languages=self.languages, reader=True)
         try:
             while (job := self.jobs.get()) is not None:
-                client, rid, search, deadline = job
-                self.done.append((client, rid, *self._run(fulltext, search, deadline)))
+                client, rid, search, deadline, extra = job
+                self.done.append((client, rid, *self._run(fulltext, search, deadline, extra)))
                 try:
                     os.write(self._wake_w, b"s")
                 except OSError:  # full: the loop is woken already; closed: stopping
@@ -74,7 +76,7 @@ class Searcher:
         finally:
             fulltext.close()
 
-    def _run(self, fulltext: FullText, search: sp.Search, deadline: float):
+    def _run(self, fulltext: FullText, search: sp.Search, deadline: float, extra: dict):
         try:
             found = fulltext.search(search.query, search.limit, search.lang, search.raw,
                                     deadline)
@@ -83,7 +85,7 @@ class Searcher:
         except Exception as exc:  # a broken index file: say so, keep the thread
             log.exception("search on node %s failed", self.node_name)
             return bp.UNAVAILABLE, b"", f"node {self.node_name}: the search failed: {exc}"
-        return bp.OK, bp.pack(found), ""
+        return bp.OK, bp.pack({**found, **extra}), ""
 
     def close(self) -> None:
         for _ in self.threads:

@@ -14,10 +14,11 @@ only the requests that fail get an error.
 
 Indexed values (INDEXED_WRITE) also get a row in the ``fulltext`` sub-database,
 written in the same transaction as the value: id -> the value's version (its
-mtime in nanoseconds) and the key.  It says what the full-text index must
-hold, so the index can be checked against it after a crash; a plain write or
-a remove of the id deletes the row in its own transaction.  ``changes``
-tells the caller, after each ``apply``, what the full-text index must do.
+mtime in nanoseconds), the lang its write named, and the key.  It says what
+the full-text index must hold, so the index can be checked against it after
+a crash; a plain write or a remove of the id deletes the row in its own
+transaction.  ``changes`` tells the caller, after each ``apply``, what the
+full-text index must do.
 
 The environment is opened by the storage process itself, after any fork,
 and never handed to a child.
@@ -36,6 +37,7 @@ import lmdb
 from core import protocol as bp
 
 from . import protocol as sp
+from .analyzer import UnknownLanguage, language_name
 from .protocol import StorageRequest
 
 # Address space reserved for the map, not disk space: LMDB grows the file as
@@ -43,6 +45,9 @@ from .protocol import StorageRequest
 MAP_SIZE = 1 << 40
 _HEADER = struct.Struct(">Q")
 
+# A fulltext row's version with this bit set: a lang (1 byte of length, then the
+# name) comes before the key.  Rows of older nodes have it clear: no lang.
+_WITH_LANG = 1 << 63
 Reply = tuple[str, bytes, str]   # (status, data, error)
 DEFERRED: Reply = ("", b"", "")   # an indexed write: answered once its text is indexed
 FULLTEXT_DB = b"fulltext"
@@ -50,12 +55,14 @@ FULLTEXT_DB = b"fulltext"
 
 @dataclass(frozen=True, slots=True)
 class IndexJob:
-    """An indexed value waiting for its text: the request (None at start-up)."""
+    """An indexed value waiting for its text: the request (None at start-up), the
+    stemmer its write named (None: each word by its script)."""
     id: bytes
     key: bytes
     version: int
     value: bytes
     request: StorageRequest | None = None
+    lang: str | None = None
 
 
 @dataclass
@@ -67,10 +74,11 @@ class Changes:
 
 class Store:
     def __init__(self, path: str | Path, name: str, sync: bool = True,
-                 max_value: int = 64 * 1024 * 1024, max_index_bytes: int = 1024 * 1024):
+                 max_value: int = 64 * 1024 * 1024, max_index_bytes: int = 1024 * 1024,
+                 languages: tuple[str, ...] = ("english", "russian")):
         os.makedirs(path, exist_ok=True)
         self.path, self.name, self.sync, self.max_value = str(path), name, sync, max_value
-        self.max_index_bytes = max_index_bytes
+        self.max_index_bytes, self.languages = max_index_bytes, languages
         self.env = lmdb.open(self.path, map_size=MAP_SIZE, subdir=True, sync=sync,
                              metasync=sync, max_dbs=1)
         self.env.reader_check()  # reader slots left behind by a killed process
@@ -113,14 +121,15 @@ class Store:
         out = {}
         with self.env.begin(db=self.fulltext) as txn:
             for key_id, row in txn.cursor():
-                out[key_id] = (_HEADER.unpack(row[:_HEADER.size])[0], row[_HEADER.size:])
+                version, _, key = _split_row(row)
+                out[key_id] = (version, key)
         return out
 
     def is_current(self, key_id: bytes, version: int) -> bool:
         """Whether the value of `key_id` is still the indexed one of that version."""
         with self.env.begin(db=self.fulltext) as txn:
             row = txn.get(key_id)
-        return row is not None and _HEADER.unpack(row[:_HEADER.size])[0] == version
+        return row is not None and _split_row(row)[0] == version
 
     def job(self, key_id: bytes) -> IndexJob | None:
         """The indexed value of `key_id` as an IndexJob (start-up re-indexing)."""
@@ -128,8 +137,8 @@ class Store:
             row, value = txn.get(key_id, db=self.fulltext), txn.get(key_id)
         if row is None or value is None:
             return None
-        (version,) = _HEADER.unpack(row[:_HEADER.size])
-        return IndexJob(key_id, row[_HEADER.size:], version, value[_HEADER.size:])
+        version, lang, key = _split_row(row)
+        return IndexJob(key_id, key, version, value[_HEADER.size:], lang=lang)
 
     def stats(self) -> dict:
         stat = self.env.stat()
@@ -175,8 +184,9 @@ class Store:
 
     def _indexed_write(self, txn, req: StorageRequest) -> Reply:
         try:
-            key, value = sp.split_indexed(req.data)
-        except sp.ProtocolError as exc:
+            key, lang, value = sp.split_indexed(req.data)
+            lang = language_name(lang, self.languages)
+        except (sp.ProtocolError, UnknownLanguage) as exc:
             return bp.BAD_REQUEST, b"", f"node {self.name}: {exc}"
         if hashlib.sha512(key).digest() != bytes(req.id):
             return bp.BAD_REQUEST, b"", f"node {self.name}: indexed write: the id is not sha512(key)"
@@ -189,9 +199,9 @@ class Store:
             return refused
         version = time.time_ns()
         txn.put(req.id, _HEADER.pack(version) + value)
-        txn.put(req.id, _HEADER.pack(version) + key, db=self.fulltext)
+        txn.put(req.id, _row(version, lang, key), db=self.fulltext)
         self._batch_changes.to_index.append(IndexJob(bytes(req.id), key, version,
-                                                     bytes(value), req))
+                                                     bytes(value), req, lang))
         return DEFERRED
 
     def _unindex(self, txn, key_id) -> None:
@@ -233,3 +243,22 @@ class Store:
 
     def _missing(self, req: StorageRequest) -> Reply:
         return bp.NOT_FOUND, b"", f"node {self.name}: no value with id {req.id.hex()[:16]}..."
+
+
+def _row(version: int, lang: str | None, key: bytes) -> bytes:
+    """A fulltext row: version, then (with a lang) its length and name, then the key."""
+    if lang is None:
+        return _HEADER.pack(version) + key
+    raw = lang.encode()
+    return _HEADER.pack(version | _WITH_LANG) + bytes([len(raw)]) + raw + key
+
+
+def _split_row(row: bytes) -> tuple[int, str | None, bytes]:
+    """(version, lang or None, key) of a fulltext row."""
+    (version,) = _HEADER.unpack(row[:_HEADER.size])
+    if not version & _WITH_LANG:
+        return version, None, bytes(row[_HEADER.size:])
+    size = row[_HEADER.size]
+    start = _HEADER.size + 1
+    return (version & ~_WITH_LANG, bytes(row[start:start + size]).decode(),
+            bytes(row[start + size:]))

@@ -117,9 +117,11 @@ class Cluster:
         self.nodes = []
         for spec in nodes:
             name = spec["name"]
-            # A node beside a Redis node (spec "redis") has no storage of its own.
-            store = {"redis": spec["redis"]} if "redis" in spec else \
-                {"storage": f"tcp://127.0.0.1:{free_port()}"}
+            # A node beside a Redis node (spec "redis") has no storage of its own;
+            # with spec "search", a storage address for its search front-end.
+            store = {"redis": spec["redis"]} if "redis" in spec else {}
+            if "redis" not in spec or spec.get("search"):
+                store["storage"] = f"tcp://127.0.0.1:{free_port()}"
             self.nodes.append({
                 "name": name, "group": spec.get("group", 1), **store,
                 "broker": f"tcp://127.0.0.1:{free_port()}",

@@ -12,6 +12,7 @@ throw-away.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
@@ -22,8 +23,9 @@ from pathlib import Path
 
 from redis import Redis
 
-from conftest import free_port, wait_until
+from conftest import Cluster, free_port, wait_until
 from core import redis_auth
+from storage.client import Session
 
 READY_TIMEOUT = 30.0
 
@@ -155,3 +157,30 @@ class RedisNodes:
         deadline = time.monotonic() + 10
         for proc in self.procs.values():
             proc.wait(max(0.1, deadline - time.monotonic()))
+
+
+@contextlib.contextmanager
+def srw_beside_redis(root: Path, node_timeout: float, scripts: dict | None = None,
+                     init: str | None = None, search: bool = False,
+                     timeout: float | None = None):
+    """(redis nodes, srw cluster, session): a Redis Cluster of six, an srw node
+    beside each (with a search front-end if `search`), served; everything
+    stopped at the end, by pid."""
+    # The Redis passwords where the srw config's [security] redis_secret looks.
+    redis = RedisNodes(root / "redis", root / "srw" / "keys",
+                       node_timeout_ms=int(node_timeout * 1000))
+    srw = None
+    try:
+        redis.start()
+        nodes = [{"name": f"r{i}", "redis": a, "search": search}
+                 for i, a in enumerate(redis.addresses)]
+        srw = Cluster(root / "srw", nodes, {"workers": 1}, {"request_timeout": 5.0},
+                      scripts or {}, init,
+                      cluster={"engine": "redis-cluster", "seeds": redis.addresses[:3]})
+        srw.serve()
+        with Session(srw.path, timeout=timeout) as session:
+            yield redis, srw, session
+    finally:
+        if srw is not None:
+            srw.stop()
+        redis.stop()

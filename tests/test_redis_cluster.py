@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,7 @@ from storage.client import Session, StorageError
 from core.ids import BadId
 
 from conftest import REPO, Cluster, proxy_request, wait_proxy, wait_until
-from redis_support import RedisNodes
+from redis_support import srw_beside_redis
 from test_storage import check_ranged_reads
 
 NODE_TIMEOUT = 2.0  # s, --cluster-node-timeout
@@ -103,23 +102,8 @@ __return_data = json.dumps([NODE, value, replicas])
 @pytest.fixture(scope="module")
 def rc(tmp_path_factory):
     """(redis nodes, srw cluster, session): everything stopped at the end, by pid."""
-    root = tmp_path_factory.mktemp("rc")
-    # The Redis passwords where the srw config's [security] redis_secret looks.
-    redis = RedisNodes(root / "redis", root / "srw" / "keys",
-                       node_timeout_ms=int(NODE_TIMEOUT * 1000))
-    srw = None
-    try:
-        redis.start()
-        nodes = [{"name": f"r{i}", "redis": a} for i, a in enumerate(redis.addresses)]
-        srw = Cluster(root / "srw", nodes, {"workers": 1}, {"request_timeout": 5.0}, SCRIPTS,
-                      INIT, cluster={"engine": "redis-cluster", "seeds": redis.addresses[:3]})
-        srw.serve()
-        with Session(srw.path) as session:
-            yield redis, srw, session
-    finally:
-        if srw is not None:
-            srw.stop()
-        redis.stop()
+    with srw_beside_redis(tmp_path_factory.mktemp("rc"), NODE_TIMEOUT, SCRIPTS, INIT) as rc:
+        yield rc
 
 
 def beside(srw: Cluster, address: str) -> str:
@@ -151,8 +135,8 @@ REDIS = '[cluster]\nengine = "redis-cluster"\nseeds = ["127.0.0.1:7000"]\n'
                                              "HOST:PORT"),
     (REDIS.replace("7000", "70000") + NODE + 'redis = "127.0.0.1:7000"\n',
      "cluster.seeds is '127.0.0.1:70000'"),
-    (REDIS + NODE + 'redis = "127.0.0.1:7000"\nstorage = "tcp://127.0.0.1:1025"\n',
-     "node n1: storage is not used with"),
+    (REDIS + NODE + 'redis = "127.0.0.1:7000"\nstorage = "127.0.0.1:1025"\n',
+     "node n1: storage must be a tcp:// or ipc:// address"),
     (NODE + 'redis = "127.0.0.1:7000"\n', 'node n1: redis is for cluster.engine = '
                                           '"redis-cluster"'),
     (NODE, "node[0] needs key 'storage'"),

@@ -108,6 +108,32 @@ def on_node(session: Session, prefix: str, node: str) -> str:
     raise AssertionError(f"no key {prefix}-N on {node} in 1000 tries")
 
 
+def test_lang_at_write_from_every_front_end_and_refused_when_unknown(fts):
+    """lang= at write stems the document with that stemmer: "none" keeps
+    "running" as written, so only an unstemmed query finds it."""
+    s = fts.session
+    assert all(r.ok for r in s.write("lang-session", b"running geese", index=True,
+                                     lang="none"))
+    out = fts.run("write", "lang-cli", "--data", "-", "--index", "--lang", "none",
+                  input=b"running geese")
+    assert out.returncode == 0, out.stderr
+    status, _, body = proxy_request(fts, "POST", "/elliptics?upload&name=lang-http&index=1"
+                                    "&lang=none", b"running geese")
+    assert status == 200, body
+    indexed(s, "lang-default", "running geese")
+    assert keys(s.search("run")) == ["lang-default"]
+    assert sorted(keys(s.search("running", lang="none"))) == ["lang-cli", "lang-http",
+                                                             "lang-session"]
+    out = fts.run("write", "lang-bad", "--data", "-", "--index", "--lang", "klingon",
+                  input=b"x")
+    assert out.returncode != 0 and b"unknown language 'klingon'" in out.stderr
+    status, _, body = proxy_request(fts, "POST", "/elliptics?upload&name=lang-bad&index=1"
+                                    "&lang=klingon", b"x")
+    assert status == 400 and b"unknown language" in body
+    with pytest.raises(NotFound):
+        s.read("lang-bad")
+
+
 def test_ranking_puts_the_most_matches_first(fts):
     # BM25 weighs a word by how rare it is among each node's own documents, so
     # the three share an owner (n2 in group 1; n3 holds group 2).
@@ -278,6 +304,7 @@ def test_sigkill_during_indexing_loses_no_acknowledged_document(make_cluster):
                     acked.append(f"kill-{i}")
 
     with Session(cluster.path) as s:
+        assert s.write("kill-lang", b"running survivor", index=True, lang="none")[0].ok
         indexed(s, "kill-removed", "survivor removed")
         indexed(s, "kill-overwritten", "survivor overwritten")
         assert all(r.ok for r in s.remove("kill-removed"))
@@ -297,3 +324,13 @@ def test_sigkill_during_indexing_loses_no_acknowledged_document(make_cluster):
         assert {"kill-removed", "kill-overwritten"}.isdisjoint(found)
         assert keys(s.search("replaced")) == ["kill-overwritten"]
     assert "index n1:" in cluster.log()
+    # The lang is kept with the document: an index made again from the store
+    # stems it as its write asked.
+    cluster.stop()
+    for path in (cluster.root / "var" / "n1").glob("index.sqlite*"):
+        path.unlink()
+    cluster.serve()
+    with Session(cluster.path) as s:
+        wait_until(lambda: "kill-lang" in keys(s.search("running", lang="none")), 10,
+                   "the index made again")
+        assert "kill-lang" not in keys(s.search("run", limit=1000))

@@ -30,7 +30,8 @@ DOCS = {
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
     ft = FullText(tmp_path_factory.mktemp("fts") / "index.sqlite", sync=False)
-    ft.apply([(key.encode().ljust(64, b"\0"), key, 1, text) for key, text in DOCS.items()], [])
+    ft.apply([(key.encode().ljust(64, b"\0"), key, 1, text, None)
+              for key, text in DOCS.items()], [])
     yield ft
     ft.close()
 
@@ -142,7 +143,7 @@ def test_ties_go_by_key_and_pages_add_up(tmp_path):
     ft = FullText(tmp_path / "ties.sqlite", sync=False)
     keys = [f"tie-{i:02d}" for i in range(30)]
     # Inserted in reverse so that rowid order is not key order.
-    ft.apply([(k.encode().ljust(64, b"\0"), k, 1, "same words here") for k in reversed(keys)],
+    ft.apply([(k.encode().ljust(64, b"\0"), k, 1, "same words here", None) for k in reversed(keys)],
              [])
     hits = ft.search("same", 30)["hits"]
     assert [h["key"] for h in hits] == keys
@@ -155,7 +156,7 @@ def test_ties_go_by_key_and_pages_add_up(tmp_path):
 def test_a_search_past_its_deadline_answers_partial(tmp_path, monkeypatch):
     monkeypatch.setattr(fulltext, "CHUNK", 10)   # rows ranked between deadline checks
     ft = FullText(tmp_path / "big.sqlite", sync=False)
-    ft.apply([(i.to_bytes(64, "big"), f"k{i}", 1, "common word") for i in range(25)], [])
+    ft.apply([(i.to_bytes(64, "big"), f"k{i}", 1, "common word", None) for i in range(25)], [])
     whole = ft.search("common", 5)
     assert not whole["partial"] and whole["count"] == 25
     cut = ft.search("common", 5, deadline=time.monotonic() - 1)
@@ -177,7 +178,7 @@ def test_an_index_made_otherwise_is_emptied_for_reindexing(tmp_path):
     old.close()
     ft = FullText(path, sync=False)
     assert ft.versions() == {}          # reconcile finds every document missing
-    ft.apply([(b"\x01", "old", 7, "foxes")], [])
+    ft.apply([(b"\x01", "old", 7, "foxes", None)], [])
     assert found(ft, "fox") == {"old"}
     ft.close()
     ft = FullText(path, sync=False)     # the same stamp: kept
@@ -186,3 +187,63 @@ def test_an_index_made_otherwise_is_emptied_for_reindexing(tmp_path):
     ft = FullText(path, sync=False, languages=("russian",))   # other languages: emptied
     assert ft.versions() == {}
     ft.close()
+
+
+# redis-cluster mode's pure parts -----------------------------------------------------
+
+def test_every_slot_has_a_tag_in_that_slot():
+    from redis.crc import key_slot
+    from storage import redis_index as ix
+    assert all(key_slot(b"{" + ix.tag(s) + b"}") == s and
+               key_slot(ix.index_key(s)) == key_slot(ix.log_key(s)) == s
+               for s in range(ix.SLOTS))
+
+
+def test_slots_a_node_answers_decide_partial():
+    from broker.client import Result
+    from core import protocol as p
+    from storage.hits import merge_hits
+    from storage.search_node import slot_ranges
+    assert slot_ranges({0, 1, 2, 7, 9, 10}) == [[0, 2], [7, 7], [9, 10]]
+
+    def reply(node, ranges, keys):
+        hits = [{"key": k, "score": 1.0, "snippet": k, "parts": [k]} for k in keys]
+        return Result(node, 1, p.OK, p.pack({"hits": hits, "count": len(hits),
+                                              "partial": False, "slots": ranges}), None)
+    whole = merge_hits([reply("a", [[0, 99]], ["x"]), reply("b", [[100, 199]], ["y"])], 10,
+                       slots=200)
+    assert not whole.partial and whole.unindexed == 0 and [h["key"] for h in whole] == ["x", "y"]
+    # Overlapping (a slot mid-move), a gap, and junk from a confused node.
+    part = merge_hits([reply("a", [[0, 120]], ["x"]), reply("b", [[100, 150], "junk",
+                                                                   [190, 10**9]], ["x"])],
+                      10, slots=200)
+    assert part.partial and part.unindexed == 39 and [h["key"] for h in part] == ["x"]
+
+
+def test_only_a_login_handed_to_scripts_may_search_for_one():
+    """The redis-cluster search front takes the scripts key's search only with a
+    login script_login hands out (a caller with read or write)."""
+    from core import redis_auth
+    from core.capability import parse_redis_grant, redis_grant
+    srw = ("srw", "f" * 64)
+    for rights in (("read",), ("write",), ("read", "write")):
+        login = parse_redis_grant(redis_grant(redis_auth.script_login(srw, rights)))
+        assert redis_auth.is_script_login(srw, login)
+    for forged in (srw, ("srw-read", "0" * 64), ("srw-write", "")):
+        assert not redis_auth.is_script_login(srw, forged)
+    assert parse_redis_grant(b"") is None and parse_redis_grant(b"\x01token") is None
+
+
+def test_lang_rides_the_indexed_write_and_old_rows_still_read():
+    from storage import protocol as sp
+    from storage import store
+    data = sp.indexed_value(b"k\x00ey", b"\x00value", "ru")
+    assert sp.split_indexed(data) == (b"k\x00ey", "ru", b"\x00value")
+    assert sp.split_indexed(sp.indexed_value(b"k", b"v")) == (b"k", "", b"v")
+    for bad in (b"\x00\x01k", b"\x00\x01k\x29" + b"x" * 41, b"\x00\x00\x00v"):
+        with pytest.raises(sp.ProtocolError):
+            sp.split_indexed(bad)
+    assert store._split_row(store._row(123, "russian", b"key")) == (123, "russian", b"key")
+    assert store._split_row(store._row(123, None, b"key")) == (123, None, b"key")
+    old = (123).to_bytes(8, "big") + b"\xffkey"   # a row an older node wrote
+    assert store._split_row(old) == (123, None, b"\xffkey")
