@@ -266,7 +266,9 @@ class Cluster:
         out = []
         for proc in list(self.seen):
             try:
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and \
+                if not proc.is_running():  # gone for good (psutil checks the start
+                    self.seen.discard(proc)  # time): a long-lived node's runners pile up
+                elif proc.status() != psutil.STATUS_ZOMBIE and \
                         " ".join(proc.cmdline()).startswith(title_prefix):
                     out.append(proc)
             except psutil.Error:
