@@ -625,7 +625,7 @@ def kill_group(pid: int) -> None:
     """SIGKILL a runner's process group: the runner and all it started.
 
     The worker is the one owner of this kill (the zygote forks and reaps runners,
-    and never kills one): a runner's uid, cgroups and seccomp filter are nested in
+    and kills none it handed over: zygote.fork_runner): a runner's uid, cgroups and seccomp filter are nested in
     its zygote's sandbox, whose CPU it shares, so a runner may starve or outlive a
     zygote's kill; the worker is outside the sandbox, and nothing a script does
     slows or stops it.  (A runner that ended by itself is reaped by the zygote,
