@@ -1,8 +1,8 @@
 """Shared nodes for the hostile-script suite: one node per profile for the run
 (per pytest-xdist process), which every case leaves as it found it
 (Hostile.expect: the same trusted processes, every worker back, bystanders
-served).  Modules of their own once hid a zygote lost under load (the kernel's
-cap on descriptors in flight, runtime/zygote.py): a long-lived node shows it.
+served).  Kept for a whole run, a strict node used to lose zygotes to the
+kernel's cap on descriptors in flight (runtime/zygote.py, fixed).
 
 Each node runs with the shipped profile's restrictions but small limits
 (written into the cluster's own sandbox_profiles/, which is looked up
