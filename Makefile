@@ -38,8 +38,10 @@ system-deps:
 serve: system-deps $(STAMP)
 	$(VENV)/bin/srw serve --config $(CONFIG)
 
+# Three pytest processes (pytest-xdist), a test module each at a time: most of
+# the suite waits on node starts and sockets.  `$(PY) -m pytest -q` runs it serially.
 test: system-deps $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 3 --dist loadfile
 
 bench: system-deps $(STAMP)
 	$(PY) bench/exec_bench.py

@@ -195,6 +195,7 @@ class ProcessRunner:
         self.found_warm = False
         self.redirected = False  # the last reply's MOVED flag (moved())
         self.seq = 0
+        self.failed: ZygoteFailed | None = None  # found by _receive_sent while idle
         # The worker's replies held while a request runs: flush() them at flush_at.
         self.flush: Callable[[], None] = lambda: None
         self.flush_at = math.inf
@@ -488,6 +489,7 @@ class ProcessRunner:
     # Runners from the zygote ------------------------------------------------------
 
     def _take(self, deadline: float) -> Runner:
+        self._receive_sent()
         while not self.ready:
             if not self._receive(deadline):
                 raise TimeoutError
@@ -538,6 +540,22 @@ class ProcessRunner:
             kill_group(pid)
         self.doomed.clear()
 
+    def _receive_sent(self) -> None:
+        """Every message the zygote has sent by now, taken in: a runner's pipe ends
+        count against a per-user kernel cap while they wait in the socket (uid 0:
+        every zygote of the machine; zygote.fork_runner).  A failure found while
+        idle is raised at the next request's _take."""
+        if self.failed is not None:
+            raise self.failed
+        for _ in range(64):  # a few per runner forked: a bound, not a count
+            if not select.select([self.zsock], [], [], 0)[0]:
+                return
+            try:
+                self._receive(time.monotonic() + 1.0)
+            except ZygoteFailed as exc:
+                self.failed = exc
+                raise
+
     def _receive(self, deadline: float) -> bool:
         """One message from the zygote: a ready runner or a runner's exit.  False
         once `deadline` (monotonic) passes."""
@@ -587,6 +605,10 @@ class ProcessRunner:
         warm runner that burns CPU with no request in hand (a script that
         answered early to run on past its limits)."""
         self._end_doomed()
+        try:
+            self._receive_sent()
+        except ZygoteFailed:
+            pass  # the next request ends the worker with it
         self.output.drain()
         burning = []
         for runner in self.warm.values():
@@ -603,7 +625,7 @@ def kill_group(pid: int) -> None:
     """SIGKILL a runner's process group: the runner and all it started.
 
     The worker is the one owner of this kill (the zygote forks and reaps runners,
-    and never kills one): a runner's uid, cgroups and seccomp filter are nested in
+    and kills none it handed over: zygote.fork_runner): a runner's uid, cgroups and seccomp filter are nested in
     its zygote's sandbox, whose CPU it shares, so a runner may starve or outlive a
     zygote's kill; the worker is outside the sandbox, and nothing a script does
     slows or stops it.  (A runner that ended by itself is reaped by the zygote,

@@ -22,6 +22,7 @@ share a uid or a cgroup, not even with a dead one's leftovers.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -186,11 +187,23 @@ class Zygote:
                 os._exit(code)
         os.close(req_r)
         os.close(res_w)
-        self.children[pid] = seat
+        self.children[pid] = seat  # its seat is free once it is reaped
+        try:
+            socket.send_fds(self.sock, [b"R %d %d" % (pid, seat)], [req_w, res_r])
+        except OSError as exc:
+            if exc.errno != errno.ETOOMANYREFS:
+                raise
+            # The kernel refuses descriptors in flight in unix sockets beyond the
+            # sender's RLIMIT_NOFILE (the profile's open_files), counted for its
+            # user, uid 0: every root process of the machine.  Not the worker's to
+            # kill: it never had this runner, which has run nothing yet.
+            self._warn(f"cannot hand a runner to the worker yet ({exc.strerror})")
+            os.kill(pid, signal.SIGKILL)
+            return False
+        finally:
+            os.close(req_w)
+            os.close(res_r)
         self.out.add(pid)
-        socket.send_fds(self.sock, [b"R %d %d" % (pid, seat)], [req_w, res_r])
-        os.close(req_w)
-        os.close(res_r)
         return True
 
     def _warn(self, what: str) -> None:

@@ -39,6 +39,20 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def _port_range() -> tuple[int, int]:
+    """20000 up to the kernel's ephemeral range; under pytest-xdist (`make test`)
+    a slice of it per worker process (gw0, gw1, ...), so that two workers never
+    hand out the same port between its check and the moment a node binds it."""
+    low, high = 20000, _ephemeral_low() - 1
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and count > 1:
+        size = (high - low + 1) // count
+        low += int(worker[2:]) % count * size
+        high = low + size - 1
+    return low, high
+
+
 _handed_out: set[int] = set()
 
 
@@ -48,7 +62,7 @@ def free_port() -> int:
     A port from that range (what binding port 0 gives) can be taken by any
     outgoing connection between now and the moment a node binds it: a node's
     own connection to its neighbour once did, and the node refused to start."""
-    low, high = 20000, _ephemeral_low() - 1
+    low, high = _port_range()
     for _ in range(1000):
         port = random.randint(low, high)
         if port in _handed_out:
@@ -254,7 +268,9 @@ class Cluster:
         out = []
         for proc in list(self.seen):
             try:
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and \
+                if not proc.is_running():  # gone for good (psutil checks the start
+                    self.seen.discard(proc)  # time): a long-lived node's runners pile up
+                elif proc.status() != psutil.STATUS_ZOMBIE and \
                         " ".join(proc.cmdline()).startswith(title_prefix):
                     out.append(proc)
             except psutil.Error:

@@ -158,3 +158,40 @@ def test_seccomp_denies_terminal_injection_even_on_a_terminal_the_script_holds()
     finally:
         os.close(master)
         os.close(slave)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the zygote runs as root with its capabilities dropped")
+def test_zygote_waits_out_the_kernels_cap_on_descriptors_in_flight(make_cluster):
+    """A runner's pipe ends go from the zygote to the worker over a unix socket,
+    which the kernel refuses (ETOOMANYREFS) while more descriptors than the
+    sender's open_files are in flight for its user (uid 0: any root process of
+    the machine; under a loaded suite it happened).  The zygote used to die of
+    it, and its worker's next requests failed; now it tries again later."""
+    import socket
+
+    from runtime.isolation import FORK_SPARES
+    cluster = make_cluster(pool={"profile": "strict", "workers": 1})  # open_files 64
+    cluster.serve()
+    worker = cluster.workers()[0].pid
+    wait_until(lambda: len(cluster.runners()) >= FORK_SPARES, 15, "the zygote's spares")
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        with open(os.devnull) as null, cluster.client() as c:
+            socket.send_fds(a, [b"held"], [null.fileno()] * 100)  # root's count past 64
+            # A spare (or, if one was still on its way, no runner in time); the
+            # runner forked in its place cannot be handed over yet.
+            assert c.exec("echo.py", b"taken", timeout=3).status in ("ok", "timeout")
+            wait_until(lambda: "cannot hand a runner to the worker yet" in cluster.log()
+                       or not cluster.processes("srw: zygote n1#"), 10,
+                       "the zygote's warning (or its end)")
+            a.close()
+            b.close()  # nothing in flight any more
+            for i in range(12):  # more than the spares forked before: new ones get through
+                r = c.exec("echo.py", b"%d" % i)
+                assert (r.status, r.data) == ("ok", b"%d" % i), r.error
+    finally:
+        a.close()
+        b.close()
+    assert [w.pid for w in cluster.workers()] == [worker]
+    assert "the zygote of n1#1 failed" not in cluster.log()
+    assert "cannot hand a runner to the worker yet" in cluster.log()

@@ -1,4 +1,8 @@
-"""Shared nodes for the hostile-script suite: one node per profile per module.
+"""Shared nodes for the hostile-script suite: one node per profile for the run
+(per pytest-xdist process), which every case leaves as it found it
+(Hostile.expect: the same trusted processes, every worker back, bystanders
+served).  Kept for a whole run, a strict node used to lose zygotes to the
+kernel's cap on descriptors in flight (runtime/zygote.py, fixed).
 
 Each node runs with the shipped profile's restrictions but small limits
 (written into the cluster's own sandbox_profiles/, which is looked up
@@ -78,12 +82,40 @@ class Hostile:
             assert (r.status, r.data) == ("ok", b"next %d" % i), (r.status, r.error)
 
 
-@pytest.fixture(scope="module", params=["default", "strict"])
-def hostile(request, tmp_path_factory):
-    yield from start(request.param, tmp_path_factory)
+@pytest.fixture(scope="session")
+def hostile_nodes(tmp_path_factory):
+    """get(profile): the run's running node under that profile; one found not at
+    full strength (a case did disturb it) is stopped and a new one started, so
+    no case depends on another."""
+    made: dict[str, Hostile] = {}
+
+    def get(profile: str) -> Hostile:
+        node = made.get(profile)
+        if node is not None and not node.cluster.at_full_strength():
+            node.cluster.stop()
+            node = None
+        if node is None:
+            node = made[profile] = Hostile(serve(profile, tmp_path_factory), profile)
+        return node
+    yield get
+    retire([node.cluster for node in made.values()])
+
+
+@pytest.fixture(params=["default", "strict"])
+def hostile(request, hostile_nodes):
+    return hostile_nodes(request.param)
 
 
 def start(profile: str, tmp_path_factory):
+    """A node of its own under `profile` for the block (a generator: next() it)."""
+    cluster = serve(profile, tmp_path_factory)
+    try:
+        yield Hostile(cluster, profile)
+    finally:
+        retire([cluster])
+
+
+def serve(profile: str, tmp_path_factory) -> Cluster:
     root = tmp_path_factory.mktemp(f"hostile-{profile}")
     cluster = Cluster(root, [{"name": "n1"}], {"workers": WORKERS, "credits": 1,
                                                "profile": profile},
@@ -96,6 +128,7 @@ def start(profile: str, tmp_path_factory):
     try:
         proc = cluster.srw("serve", env=dict(os.environ, SRW_TEST_SECRET=SECRET))
         cluster.wait_ready(proc)
-        yield Hostile(cluster, profile)
-    finally:
-        retire([cluster])
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
