@@ -67,10 +67,16 @@ AHEAD_BYTES = 16 * 1024  # ... and at most this much with the current one: a pip
 # holds 64 KiB, so the write never waits for the runner
 
 
+def ahead_bytes(data: bytes, cookie: str, code: str) -> int:
+    """What a request adds to the runner's write, at most (with its name and capability)."""
+    return len(data) + len(cookie) + len(code) + 512
+
+
 @dataclass(frozen=True, slots=True)
 class Ahead:
     """A request queued behind the current one, of the same caller and code."""
     job: bytes
+    position: int  # in the order the broker sent them (worker.Worker.begun)
     data: bytes
     cookie: str
     grant: Callable[[], bytes]  # its capability, minted when it is written
@@ -371,7 +377,8 @@ class ProcessRunner:
 
     def _send(self, runner: Runner, script: Script | None, code: str, cookie: str,
               grant: bytes, data: bytes, deadline: float, ahead: list[Ahead]) -> None:
-        """The request, and those of `ahead` that fit AHEAD_BYTES, in one write."""
+        """The request, and those of `ahead` (the worker keeps them within AHEAD_BYTES),
+        in one write."""
         version, source = 0, b""
         if script is not None:
             version = script.version
@@ -379,11 +386,8 @@ class ProcessRunner:
         name = script.name if script else ""
         parts = channel.request_bytes(self.seq, version, name, source, code, cookie, grant,
                                       data)
-        size, held = sum(map(len, parts)), []
+        held = []
         for req in ahead:
-            size += len(req.data) + len(req.cookie) + len(code) + 512  # + name, capability
-            if size > AHEAD_BYTES:
-                break
             seq = self._new_seq()
             parts += channel.request_bytes(seq, version, name, b"", code, req.cookie,
                                            req.grant(), req.data)
