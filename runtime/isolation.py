@@ -179,8 +179,11 @@ class ProcessRunner:
     """Copy and fork isolation: requests run in runner processes, one at a time."""
 
     def __init__(self, sandbox: Sandbox, slot: int, node: str, history_dir: str,
-                 output_cap: int, warm: int = 8, warm_per_caller: int = 4):
+                 output_cap: int, warm: int = 8, warm_per_caller: int = 4,
+                 cpu: int | None = None):
+        """`cpu`: the worker's, which each runner takes once set up (None: any)."""
         self.sandbox, self.slot, self.history_dir = sandbox, slot, history_dir
+        self.cpu = cpu
         self.profile = sandbox.profile
         self.reuse = self.profile.isolation == "copy"
         self.spares = COPY_SPARES if self.reuse else FORK_SPARES
@@ -219,7 +222,7 @@ class ProcessRunner:
                 slots.close()  # the pool's bookkeeping is no business of the sandbox
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 zygote.start(theirs, out_w, executor, self.sandbox, self.slot,
-                             self.history_dir, self.title, self.spares, self.reuse)
+                             self.history_dir, self.title, self.spares, self.reuse, self.cpu)
                 code = 0
             finally:
                 os._exit(code)

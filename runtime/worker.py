@@ -40,7 +40,7 @@ from core import protocol as p
 from core import trust
 from core import exits, logs, loop, timeouts
 from core.config import Config, NodeSettings
-from core.sched import LoadScheduling, open_thread_list, pin_to_cpu, thread_ids
+from core.sched import LoadScheduling, open_thread_list, pin_to_cpu, slot_cpu, thread_ids
 
 from .executor import Executor
 from .grantor import Grantor
@@ -189,13 +189,16 @@ class Worker:
             runner.start()
             return runner
         die_with_parent()
-        if self.config.pool.pin and self.profile.isolation == "copy":
-            pin_to_cpu(self.slot)  # before the zygote: its runners inherit the CPU
         pool = self.config.pool
+        cpu = slot_cpu(self.slot) if pool.pin and self.profile.isolation == "copy" else None
         runner = ProcessRunner(self.sandbox, self.slot, self.node.name, pool.history_dir,
                                self.executor.output_bytes, pool.warm_runners,
-                               pool.warm_per_caller)
+                               pool.warm_per_caller, cpu)
         runner.start(self.executor, self.slots)
+        # After the zygote's fork: it forks and sets up runners on any CPU (a new
+        # tenant's fork need not wait for this one), each runner then joins us.
+        if cpu is not None:
+            pin_to_cpu(cpu)
         runner.flush = self.flush_replies
         return runner
 

@@ -64,3 +64,7 @@ def test_copy_isolation_pins_each_worker_and_its_runner_to_a_cpu(make_cluster, p
             assert len(cpus) == 1 and len(next(iter(cpus))) == 1, cpus
         else:
             assert cpus == {frozenset(everything)}
+        # The zygote forks and sets up runners on any CPU: a new tenant's fork
+        # need not wait for its worker's CPU.
+        for zygote in cluster.processes(f"srw: zygote n1#{slot}"):
+            assert os.sched_getaffinity(zygote.pid) == everything
