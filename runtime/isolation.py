@@ -499,7 +499,7 @@ class ProcessRunner:
             if not self._receive(deadline):
                 raise TimeoutError
         pid, seat, req_w, res_r = self.ready.popleft()
-        self.zsock.send(b"T %d" % pid)  # the zygote forks a spare in its place
+        self._tell(b"T %d" % pid)  # the zygote forks a spare in its place
         os.set_blocking(req_w, False)
         os.set_blocking(res_r, False)
         poller = select.poll()
@@ -534,7 +534,7 @@ class ProcessRunner:
             self.held.clear()
             self.held_jobs.clear()
         self.current = None
-        self.zsock.send(b"D %d" % runner.pid)
+        self._tell(b"D %d" % runner.pid)
         if at_once:
             kill_group(runner.pid)
         else:
@@ -545,13 +545,26 @@ class ProcessRunner:
             kill_group(pid)
         self.doomed.clear()
 
+    def _failed(self, why: str) -> ZygoteFailed:
+        return ZygoteFailed(f"the zygote of {self.title.removeprefix('srw: runner ')} "
+                            f"failed: {why}")
+
+    def _tell(self, msg: bytes) -> None:
+        try:
+            self.zsock.send(msg)
+        except OSError as exc:  # it died with our last message unread: ECONNRESET
+            raise self._failed(f"it is gone ({exc.strerror})") from None
+
     def _receive(self, deadline: float) -> bool:
         """One message from the zygote: a ready runner or a runner's exit.  False
         once `deadline` (monotonic) passes."""
         wait = deadline - time.monotonic()
         if wait <= 0 or not select.select([self.zsock], [], [], wait)[0]:
             return False
-        msg, fds, _, _ = socket.recv_fds(self.zsock, 64, 2)
+        try:
+            msg, fds, _, _ = socket.recv_fds(self.zsock, 64, 2)
+        except OSError as exc:  # ECONNRESET: it died with our last message unread
+            raise self._failed(f"it is gone ({exc.strerror})") from None
         fields = msg.split()
         try:
             if not msg:
@@ -574,8 +587,7 @@ class ProcessRunner:
         except ValueError as exc:
             for fd in fds:
                 os.close(fd)
-            raise ZygoteFailed(f"the zygote of {self.title.removeprefix('srw: runner ')} "
-                               f"failed: {exc}") from None
+            raise self._failed(str(exc)) from None
 
     def after(self) -> str:
         return ""
