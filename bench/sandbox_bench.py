@@ -1,6 +1,7 @@
 """What the sandbox costs: trivial exec under no sandbox, `default` and `strict`, in one run.
 
     python bench/sandbox_bench.py [--requests 2000] [--throughput 4000] [--baseline DIR]
+                                  [--only-tenants] [--rounds 3]
 
 Starts one node per profile (2 workers each, loopback, its own temp dir) and
 measures, one profile at a time, against the same broker code:
@@ -13,9 +14,11 @@ measures, one profile at a time, against the same broker code:
 - tenants under `default` (a runner per caller and code: README "Sandbox"):
   throughput of script content from 1, 4 and 64 tenants interleaved, with
   the share of requests that found their tenant's runner warm, and the
-  private memory per warm runner and per worker slot.  With `--baseline DIR`
-  (a checkout of another commit, e.g. `git worktree add DIR HEAD~3`) the same
-  rows run against that code too, in turns with ours.
+  private memory per warm runner and per worker slot; beside them `strict`
+  with the 64 tenants' load (a fresh runner per request either way).  With
+  `--baseline DIR` (a checkout of another commit, e.g. `git worktree add DIR
+  HEAD~3`) the same rows run against that code too.  The nodes take turns,
+  `--rounds` times; each ratio printed is the median of the same round's.
 Targets (issue 11, the trust boundary): default p50 <= 1.25 x trusted and
 default throughput >= 0.8 x trusted; strict p50 <= 1.5 ms and >= 1,000 execs/s.
 These are benchmark figures, not test asserts.
@@ -190,20 +193,33 @@ def warm_figures(endpoint: str) -> tuple[dict, float | None, float | None]:
     return status.get("warm_execs", {}), per_runner, per_slot
 
 
-def tenant_rows(nodes: list[tuple[str, str]], n: int) -> list[tuple]:
-    """Rows of (label, req/s, warm share) for each node and tenant count, in turns."""
-    out = []
-    for tenants in (1, 4, 64):
-        for label, endpoint in nodes:
-            before, _, _ = warm_figures(endpoint)
-            rps = tenants_throughput(endpoint, n, tenants)
-            after, per_runner, per_slot = warm_figures(endpoint)
-            found = after.get("found", 0) - before.get("found", 0)
-            missed = after.get("missed", 0) - before.get("missed", 0)
-            share = found / (found + missed) if found + missed else None
-            out.append((f"{label}, {tenants} tenant{'s' * (tenants > 1)}", rps, share,
-                        per_runner, per_slot))
-    return out
+FEW_TENANTS_ONLY = ("strict",)  # nodes whose rows are 64 tenants alone (a fresh runner each)
+
+
+def tenant_rows(nodes: list[tuple[str, str]], n: int, rounds: int) -> list[tuple]:
+    """Rows of (label, req/s of each round, warm share, USS per warm runner, per
+    slot) for each node and tenant count.  Each round runs every row once, the
+    nodes taking turns (in the reverse order every other round); 64 tenants
+    (a fork per request) run n // 4 requests."""
+    rates: dict[str, list[float]] = {}
+    found: dict[str, list[int]] = {}
+    memory: dict[str, tuple] = {}
+    for i in range(rounds):
+        for tenants in (1, 4, 64):
+            for label, endpoint in nodes[::-1 if i % 2 else 1]:
+                if label.startswith(FEW_TENANTS_ONLY) and tenants != 64:
+                    continue
+                row = f"{label}, {tenants} tenant{'s' * (tenants > 1)}"
+                before, _, _ = warm_figures(endpoint)
+                rates.setdefault(row, []).append(
+                    tenants_throughput(endpoint, n // 4 if tenants == 64 else n, tenants))
+                after, *figures = warm_figures(endpoint)
+                memory.setdefault(row, figures)  # the first round's: after that row alone
+                counts = found.setdefault(row, [0, 0])
+                counts[0] += after.get("found", 0) - before.get("found", 0)
+                counts[1] += after.get("missed", 0) - before.get("missed", 0)
+    return [(row, rps, found[row][0] / sum(found[row]) if sum(found[row]) else None,
+             *memory[row]) for row, rps in rates.items()]
 
 
 def main() -> int:
@@ -214,6 +230,7 @@ def main() -> int:
     ap.add_argument("--baseline", type=Path, help="another checkout to run the tenant rows "
                     "against, in turns with this one")
     ap.add_argument("--only-tenants", action="store_true", help="the tenant rows alone")
+    ap.add_argument("--rounds", type=int, default=3, help="turns the tenant rows take")
     args = ap.parse_args()
     rows, base, rates = [], {}, {}
     profiles = (("no sandbox (trusted)", "trusted"), ("default", "default"),
@@ -249,7 +266,10 @@ def main() -> int:
             if args.baseline:
                 old = stack.enter_context(Node(root / "base", "default", args.baseline))
                 nodes.append((f"default @ {args.baseline.name}", old.broker))
-            tenant_table = tenant_rows(nodes, args.throughput)
+            (root / "strict").mkdir()
+            nodes.append(("strict (fork)", stack.enter_context(Node(root / "strict",
+                                                                    "strict")).broker))
+            tenant_table = tenant_rows(nodes, args.throughput, args.rounds)
     if not args.only_tenants:
         print_profiles(rows, base, rates)
     print_tenants(tenant_table, rates.get("strict"))
@@ -270,19 +290,41 @@ def print_profiles(rows: list, base: dict, rates: dict) -> None:
 
 
 def print_tenants(tenant_table: list, strict: float | None) -> None:
-    print(f"\n{'script content, 64 in flight':40} {'req/s':>8} {'warm':>6} "
-          f"{'USS/warm runner':>16} {'sandbox USS/slot':>17}")
+    """The rows (median req/s, and each round's), then the targets' ratios, each
+    the median of the ratios within a round."""
+    print(f"\n{'script content, 64 in flight':36} {'req/s':>7} {'warm':>5} "
+          f"{'USS/warm runner':>15} {'USS/slot':>9}  req/s by round")
+    rates = {}
     for label, rps, share, per_runner, per_slot in tenant_table:
-        print(f"{label:40} {rps:8.0f} {f'{share:.0%}' if share is not None else '-':>6} "
-              f"{f'{per_runner / 2**20:.1f} MB' if per_runner else '-':>16} "
-              f"{f'{per_slot / 2**20:.1f} MB' if per_slot else '-':>17}")
-    one = {label.rsplit(",", 1)[0]: rps for label, rps, *_ in tenant_table if label.endswith(" 1 tenant")}
-    for label, rps, *_ in tenant_table:
-        node = label.rsplit(",", 1)[0]
-        if not label.endswith(" 1 tenant"):
-            print(f"{label}: {rps / one[node]:.2f} x its 1 tenant")
-    print("targets (issue 23): 4 tenants >= 0.8 x 1 tenant; 64 tenants >= strict"
-          + (f" ({strict:.0f}/s)" if strict else "") + "; 1 tenant >= 0.95 x the baseline's")
+        rates[label] = rps
+        print(f"{label:36} {median(rps):7.0f} {f'{share:.0%}' if share is not None else '-':>5} "
+              f"{f'{per_runner / 2**20:.1f} MB' if per_runner else '-':>15} "
+              f"{f'{per_slot / 2**20:.1f} MB' if per_slot else '-':>9}  "
+              + " ".join(f"{x:.0f}" for x in rps))
+
+    def ratio(a: str, b: str) -> str:
+        if a not in rates or b not in rates:
+            return "-"
+        by_round = [x / y for x, y in zip(rates[a], rates[b])]
+        return f"{median(by_round):.2f} (rounds: {' '.join(f'{r:.2f}' for r in by_round)})"
+    for node in dict.fromkeys(label.rsplit(",", 1)[0] for label in rates):
+        if node.startswith(FEW_TENANTS_ONLY):
+            continue
+        print(f"{node}: 4 tenants / 1 tenant = {ratio(f'{node}, 4 tenants', f'{node}, 1 tenant')}"
+              f" (target >= 0.8); 64 tenants / strict = "
+              f"{ratio(f'{node}, 64 tenants', 'strict (fork), 64 tenants')} (target >= 1)")
+        base = next((b for b in rates if b.endswith(", 1 tenant") and b.startswith(f"{node} @")),
+                    None)
+        if base:
+            print(f"{node}: 1 tenant / {base} = {ratio(f'{node}, 1 tenant', base)} "
+                  "(target >= 0.95)")
+    if strict:
+        print(f"strict (fork), echo.py above: {strict:.0f}/s")
+
+
+def median(values: list[float]) -> float:
+    s = sorted(values)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
 if __name__ == "__main__":

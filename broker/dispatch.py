@@ -103,10 +103,12 @@ def choose_worker(workers, cost_us: float) -> Worker | None:
 def never_started(dead: Worker, ready: p.Ready) -> list[bytes]:
     """The requests a dead worker held but had not begun, from its replacement's READY.
 
-    A worker runs its requests one by one in the order they were sent.  If it
-    died running one (the pool read it from the slot table), everything sent
-    after that one never started.  If it died between requests, it had
-    finished `served` of them; those whose replies we have not counted yet may
+    The worker's slot record names how far into its requests, in the order
+    they were sent, it has begun any (run, or written to a runner; a worker
+    may run some out of turn, runtime/worker.py): the last one begun, while
+    it is busy, and their count `served`.  If that request is still ours,
+    everything sent after it never started.  Otherwise the first `served` it
+    was sent have begun; those whose replies we have not counted yet may
     still be on their way, and the rest never started.  Those can go to
     another worker: they cannot have had side effects."""
     order = list(dead.jobs)

@@ -303,7 +303,7 @@ class Ready:
     restarts: int = 0      # unplanned worker deaths in this pool so far
     job: bytes = b""       # the request that worker was running when it went away,
     job_status: str = ""   # and the status it earned: killed, or timeout for a wall or CPU kill
-    served: int = 0        # replies that worker had sent: tells which requests never started
+    served: int = 0        # how many of its requests, in the order sent, that worker had begun
 
     def to_frames(self) -> list[bytes]:
         return [READY, pack({name: getattr(self, name) for name in _READY_FIELDS})]
@@ -396,7 +396,10 @@ class Batches:
 
 
 def job_entry(job: bytes, budget: float, meta: ExecMeta, data: bytes) -> list:
-    return [job, budget, meta.name, meta.code, meta.cookie, meta.caller, list(meta.rights), data]
+    """A request for a worker; its id only tells the worker that the request runs in
+    its id's order (a worker may run other requests out of turn)."""
+    return [job, budget, meta.name, meta.code, meta.cookie, meta.caller, list(meta.rights), data,
+            meta.id]
 
 
 def jobs_frames(worker: bytes, entries: list[list]) -> list[bytes]:
@@ -410,12 +413,13 @@ def parse_jobs(frames: list[bytes]) -> list[tuple[bytes, float, ExecMeta, bytes]
         raise ProtocolError("REQUEST must have 1 frame after the command")
     jobs = []
     for entry in _unpack_list(frames[1]):
-        if not (isinstance(entry, tuple) and len(entry) == 8 and isinstance(entry[5], str)
+        if not (isinstance(entry, tuple) and len(entry) == 9 and isinstance(entry[5], str)
                 and isinstance(entry[6], tuple) and isinstance(entry[7], bytes)
+                and isinstance(entry[8], (str, type(None)))
                 and all(r in _RIGHTS for r in entry[6])):
             raise ProtocolError("bad REQUEST entry")
-        job, budget, name, code, cookie, caller, rights, data = entry
-        jobs.append((job, float(budget), ExecMeta(name, code, cookie, caller=caller,
+        job, budget, name, code, cookie, caller, rights, data, rid = entry
+        jobs.append((job, float(budget), ExecMeta(name, code, cookie, id=rid, caller=caller,
                                                   rights=rights), data))
     return jobs
 

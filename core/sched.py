@@ -85,10 +85,15 @@ def thread_ids(fd: int) -> list[int] | None:
         os.close(fd)
 
 
-def pin_to_cpu(slot: int) -> None:
-    """This process (and what it starts from now on) on one CPU: the slot-th of
-    those it may use, round robin.  A worker and its runner then hand each
-    request over on one CPU: measured here, a wake-up across CPUs costs the
-    pipe round trip ~40 us more, as the hypervisor relays it."""
+def slot_cpu(slot: int) -> int:
+    """The CPU of a slot's worker and runners: the slot-th of those this process
+    may use, round robin.  A worker and its runner then hand each request over
+    on one CPU: measured here, a wake-up across CPUs costs the pipe round trip
+    ~40 us more, as the hypervisor relays it."""
     cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpus[(slot - 1) % len(cpus)]})
+    return cpus[(slot - 1) % len(cpus)]
+
+
+def pin_to_cpu(cpu: int) -> None:
+    """This process (and what it starts from now on) on `cpu` alone."""
+    os.sched_setaffinity(0, {cpu})

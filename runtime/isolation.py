@@ -67,10 +67,16 @@ AHEAD_BYTES = 16 * 1024  # ... and at most this much with the current one: a pip
 # holds 64 KiB, so the write never waits for the runner
 
 
+def ahead_bytes(data: bytes, cookie: str, code: str) -> int:
+    """What a request adds to the runner's write, at most (with its name and capability)."""
+    return len(data) + len(cookie) + len(code) + 512
+
+
 @dataclass(frozen=True, slots=True)
 class Ahead:
     """A request queued behind the current one, of the same caller and code."""
     job: bytes
+    position: int  # in the order the broker sent them (worker.Worker.begun)
     data: bytes
     cookie: str
     grant: Callable[[], bytes]  # its capability, minted when it is written
@@ -173,8 +179,11 @@ class ProcessRunner:
     """Copy and fork isolation: requests run in runner processes, one at a time."""
 
     def __init__(self, sandbox: Sandbox, slot: int, node: str, history_dir: str,
-                 output_cap: int, warm: int = 8, warm_per_caller: int = 4):
+                 output_cap: int, warm: int = 8, warm_per_caller: int = 4,
+                 cpu: int | None = None):
+        """`cpu`: the worker's, which each runner takes once set up (None: any)."""
         self.sandbox, self.slot, self.history_dir = sandbox, slot, history_dir
+        self.cpu = cpu
         self.profile = sandbox.profile
         self.reuse = self.profile.isolation == "copy"
         self.spares = COPY_SPARES if self.reuse else FORK_SPARES
@@ -214,7 +223,7 @@ class ProcessRunner:
                 slots.close()  # the pool's bookkeeping is no business of the sandbox
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 zygote.start(theirs, out_w, executor, self.sandbox, self.slot,
-                             self.history_dir, self.title, self.spares, self.reuse)
+                             self.history_dir, self.title, self.spares, self.reuse, self.cpu)
                 code = 0
             finally:
                 os._exit(code)
@@ -372,7 +381,8 @@ class ProcessRunner:
 
     def _send(self, runner: Runner, script: Script | None, code: str, cookie: str,
               grant: bytes, data: bytes, deadline: float, ahead: list[Ahead]) -> None:
-        """The request, and those of `ahead` that fit AHEAD_BYTES, in one write."""
+        """The request, and those of `ahead` (the worker keeps them within AHEAD_BYTES),
+        in one write."""
         version, source = 0, b""
         if script is not None:
             version = script.version
@@ -380,11 +390,8 @@ class ProcessRunner:
         name = script.name if script else ""
         parts = channel.request_bytes(self.seq, version, name, source, code, cookie, grant,
                                       data)
-        size, held = sum(map(len, parts)), []
+        held = []
         for req in ahead:
-            size += len(req.data) + len(req.cookie) + len(code) + 512  # + name, capability
-            if size > AHEAD_BYTES:
-                break
             seq = self._new_seq()
             parts += channel.request_bytes(seq, version, name, b"", code, req.cookie,
                                            req.grant(), req.data)
@@ -494,7 +501,7 @@ class ProcessRunner:
             if not self._receive(deadline):
                 raise TimeoutError
         pid, seat, req_w, res_r = self.ready.popleft()
-        self.zsock.send(b"T %d" % pid)  # the zygote forks a spare in its place
+        self._tell(b"T %d" % pid)  # the zygote forks a spare in its place
         os.set_blocking(req_w, False)
         os.set_blocking(res_r, False)
         poller = select.poll()
@@ -529,7 +536,7 @@ class ProcessRunner:
             self.held.clear()
             self.held_jobs.clear()
         self.current = None
-        self.zsock.send(b"D %d" % runner.pid)
+        self._tell(b"D %d" % runner.pid)
         if at_once:
             kill_group(runner.pid)
         else:
@@ -556,13 +563,26 @@ class ProcessRunner:
                 self.failed = exc
                 raise
 
+    def _failed(self, why: str) -> ZygoteFailed:
+        return ZygoteFailed(f"the zygote of {self.title.removeprefix('srw: runner ')} "
+                            f"failed: {why}")
+
+    def _tell(self, msg: bytes) -> None:
+        try:
+            self.zsock.send(msg)
+        except OSError as exc:  # it died with our last message unread: ECONNRESET
+            raise self._failed(f"it is gone ({exc.strerror})") from None
+
     def _receive(self, deadline: float) -> bool:
         """One message from the zygote: a ready runner or a runner's exit.  False
         once `deadline` (monotonic) passes."""
         wait = deadline - time.monotonic()
         if wait <= 0 or not select.select([self.zsock], [], [], wait)[0]:
             return False
-        msg, fds, _, _ = socket.recv_fds(self.zsock, 64, 2)
+        try:
+            msg, fds, _, _ = socket.recv_fds(self.zsock, 64, 2)
+        except OSError as exc:  # ECONNRESET: it died with our last message unread
+            raise self._failed(f"it is gone ({exc.strerror})") from None
         fields = msg.split()
         try:
             if not msg:
@@ -585,8 +605,7 @@ class ProcessRunner:
         except ValueError as exc:
             for fd in fds:
                 os.close(fd)
-            raise ZygoteFailed(f"the zygote of {self.title.removeprefix('srw: runner ')} "
-                               f"failed: {exc}") from None
+            raise self._failed(str(exc)) from None
 
     def after(self) -> str:
         return ""

@@ -11,9 +11,9 @@ zygote (before any socket or request exists in it), then opens its own
 ZeroMQ context (nothing ZeroMQ crosses the fork), announces READY with its
 credits and the broker's token, and loops: take the jobs of each REQUEST
 (one or more), run them one by one in that order through the runner (in copy
-isolation the requests queued behind the current one for the same tenant are
-written to its runner with it, so that it goes from one to the next without
-waiting for the worker: isolation.Ahead), reply
+isolation the requests queued for the current one's tenant are written to its
+runner with it, so that it goes from one to the next without waiting for the
+worker, and they run next, out of turn: Worker._ahead, isolation.Ahead), reply
 to each as it ends (in copy and fork isolation several replies may share a
 REPLY, held at most REPLY_HOLD), heartbeat while idle.  If the broker goes silent
 it announces READY again, so a restarted broker gets its workers back.  On
@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import time
+from typing import NamedTuple
 
 import setproctitle
 import zmq
@@ -39,11 +40,12 @@ from core import protocol as p
 from core import trust
 from core import exits, logs, loop, timeouts
 from core.config import Config, NodeSettings
-from core.sched import LoadScheduling, open_thread_list, pin_to_cpu, thread_ids
+from core.sched import LoadScheduling, open_thread_list, pin_to_cpu, slot_cpu, thread_ids
 
 from .executor import Executor
 from .grantor import Grantor
-from .isolation import AHEAD, Ahead, InlineRunner, ProcessRunner, ZygoteFailed
+from .isolation import AHEAD, AHEAD_BYTES, Ahead, InlineRunner, ProcessRunner, ZygoteFailed, \
+    ahead_bytes
 from .profile import Profile
 from .sandbox import Sandbox, die_with_parent
 from .scripts import NAME_RE, Script, ScriptCache, ScriptNameError, ScriptNotFound
@@ -62,6 +64,16 @@ REPLY_BATCH = 16    # ... with at most this many others
 LEAVE_LINGER_MS = 100
 REGISTER_RETRY_MS = 50  # a READY that could not be sent at start (no broker yet): again
 AHEAD_MARGIN = 0.05  # seconds: a request this close to its deadline is not written ahead
+AHEAD_SCAN = 64  # queued requests looked through for those of the current one's tenant
+
+
+class Queued(NamedTuple):
+    """A request the broker gave this worker, not yet run."""
+    job: bytes
+    deadline: float  # monotonic
+    meta: p.ExecMeta
+    data: bytes
+    position: int  # from 1, in the order the broker sent them (Worker.begun)
 
 
 class Worker:
@@ -78,8 +90,13 @@ class Worker:
         self.endpoint = node.workers_endpoint  # read as root: the name depends on who asks
         self.hb_interval = config.broker.heartbeat_interval
         self.silence_limit = self.hb_interval * config.broker.liveness
-        self.served = 0  # requests run, replied or not: the broker reads it after a death
-        self.jobs: collections.deque = collections.deque()  # received, not yet run
+        self.served = 0  # requests run, replied or not (max_requests)
+        self.jobs: collections.deque[Queued] = collections.deque()  # received, not yet run
+        self.received = 0  # requests received: the last one's position
+        # The furthest position begun (run, or written to a runner): the slot
+        # record's count, so that after a death the broker requeues only the
+        # requests after it (broker/dispatch.never_started).
+        self.begun = 0
         self.state = ""  # the title's last word(s)
         self.stop_requested = False
         self.leave = False  # SIGUSR2: the pool stops; no drain handshake
@@ -92,7 +109,7 @@ class Worker:
         self.answered: list = []  # their capabilities, revoked as they are sent
         self.granted = None  # the running request's (id, deadline), for self.answered
         self.grants: dict[bytes, tuple] = {}  # the same, of requests written ahead
-        self.last_written = b""  # the last request written to the runner (slot record)
+        self.last_written = b""  # the request at position self.begun (slot record)
         self.pending_since = 0.0
         self.pending_bytes = 0  # what the held replies add up to (at most reply_limit)
         self.reply_limit = p.batch_limit(config.max_message)
@@ -131,7 +148,7 @@ class Worker:
             else:  # a READY not sent yet (no broker yet): try again soon
                 frames = self._next_message(REGISTER_RETRY_MS if unsent else wait_ms)
                 if frames is not None and not self.registered:
-                    self.slots.idle(self.slot, self.pid, self.served)  # the pool sees us up
+                    self.slots.idle(self.slot, self.pid, self.begun)  # the pool sees us up
                     self.registered = True
                 if frames is not None:
                     handler = handlers.get(frames[0])
@@ -172,13 +189,16 @@ class Worker:
             runner.start()
             return runner
         die_with_parent()
-        if self.config.pool.pin and self.profile.isolation == "copy":
-            pin_to_cpu(self.slot)  # before the zygote: its runners inherit the CPU
         pool = self.config.pool
+        cpu = slot_cpu(self.slot) if pool.pin and self.profile.isolation == "copy" else None
         runner = ProcessRunner(self.sandbox, self.slot, self.node.name, pool.history_dir,
                                self.executor.output_bytes, pool.warm_runners,
-                               pool.warm_per_caller)
+                               pool.warm_per_caller, cpu)
         runner.start(self.executor, self.slots)
+        # After the zygote's fork: it forks and sets up runners on any CPU (a new
+        # tenant's fork need not wait for this one), each runner then joins us.
+        if cpu is not None:
+            pin_to_cpu(cpu)
         runner.flush = self.flush_replies
         return runner
 
@@ -309,12 +329,14 @@ class Worker:
             return
         self.scripts.new_batch()
         for job, budget, meta, data in jobs:
-            self.jobs.append((job, received + budget, meta, data))
+            self.received += 1
+            self.jobs.append(Queued(job, received + budget, meta, data, self.received))
         # A backlog: the node is loaded, so take messages in batches (core.sched).
         self.scheduling.update(len(self.jobs) > 1, received)
 
     def run_next(self) -> None:
-        job, deadline, meta, data = self.jobs.popleft()
+        job, deadline, meta, data, position = self.jobs.popleft()
+        self._begin(job, position)
         started = time.perf_counter()
         now = time.monotonic()
         shown = meta.name if NAME_RE.fullmatch(meta.name) else "<content>" if not meta.name \
@@ -326,7 +348,7 @@ class Worker:
                                                                 now + self.profile.wall_seconds))
         run_us = (time.perf_counter() - started) * 1e6
         self.served += 1
-        self.slots.idle(self.slot, self.pid, self.served)
+        self.slots.idle(self.slot, self.pid, self.begun)
         self.reply(job, status, out, error, run_us)
         if self.profile.isolation == "none":
             self._restore_signals()  # the script ran here and may have changed them
@@ -350,10 +372,9 @@ class Worker:
                 return p.BAD_REQUEST, b"", str(exc)
             except ScriptNotFound as exc:
                 return p.NOT_FOUND, b"", str(exc)
-            ahead = self._ahead(meta, script)
-            # The last request that may be written to the runner: if this worker
-            # dies, the broker counts it and those before as started (none runs twice).
-            self.last_written = ahead[-1].job if ahead else job
+            ahead = self._ahead(meta, script, data)
+            for req in ahead:  # recorded before they are written: none runs twice
+                self._begin(req.job, req.position)
             self._busy(meta, deadline + backstop)
             grant = b""
             if self.grantor is not None:
@@ -367,35 +388,61 @@ class Worker:
             return p.KILLED, b"", f"{exc}; the worker is replaced"
 
     def _busy(self, meta: p.ExecMeta, kill_at: float) -> None:
-        self.slots.busy(self.slot, self.pid, kill_at, self.served, self.last_written)
+        self.slots.busy(self.slot, self.pid, kill_at, self.begun, self.last_written)
         self._title(f"busy {meta.name or '<content>'}")
         if self.pending:  # held replies go out while the runner works, when due
             self.runner.flush_at = self.pending_since + REPLY_HOLD
 
-    def _ahead(self, meta: p.ExecMeta, script: Script | None) -> list[Ahead]:
-        """The requests queued behind this one that its runner may take next: the
-        same caller, script and content (the same tenant), in order, at most
-        AHEAD, none close to its deadline (written ahead, a request counts as
-        started, and is answered `timeout` rather than refused)."""
+    def _begin(self, job: bytes, position: int) -> None:
+        """`job` has begun: if this worker dies, the broker counts it and every
+        request it sent before it as begun (answered, never run again)."""
+        if position > self.begun:
+            self.begun, self.last_written = position, job
+
+    def _ahead(self, meta: p.ExecMeta, script: Script | None, data: bytes) -> list[Ahead]:
+        """The requests queued for this one's tenant (the same caller, script and
+        content) that its runner may take next, in the order they came: at most
+        AHEAD of them and AHEAD_BYTES in all, none close to its deadline (written
+        ahead, a request counts as started, and is answered `timeout` rather than
+        refused).  They move to the front of the queue, so that a worker serving
+        several tenants wakes a runner once for a run of its requests; the other
+        tenants' requests wait at most AHEAD requests longer."""
         if self.profile.isolation != "copy" or not self.jobs:
             return []
-        out: list[Ahead] = []
+        picked: list[Queued] = []
         now = time.monotonic()
         caller = meta.caller or p.LOCAL_CALLER
-        for job, deadline, other, data in itertools.islice(self.jobs, AHEAD):
+        size = ahead_bytes(data, meta.cookie, meta.code) + (len(script.source) if script else 0)
+        for at, queued in enumerate(itertools.islice(self.jobs, AHEAD_SCAN)):
+            other = queued.meta
             if other.name != meta.name or other.code != meta.code or \
-                    (other.caller or p.LOCAL_CALLER) != caller or deadline - now < AHEAD_MARGIN:
-                break
+                    (other.caller or p.LOCAL_CALLER) != caller:
+                continue
             if script is not None:
                 try:
                     if self.scripts.get(other.name) is not script:
-                        break
+                        continue
                 except (ScriptNameError, ScriptNotFound):
-                    break
-            wall = min(deadline, now + self.profile.wall_seconds)
-            out.append(Ahead(job, data, other.cookie,
-                             functools.partial(self._grant_ahead, job, other, script, wall)))
-        return out
+                    continue
+            size += ahead_bytes(queued.data, other.cookie, other.code)
+            # The tenant's later requests wait too, so that its own stay in order;
+            # one with an id never runs before a request sent earlier (its lock's order).
+            if queued.deadline - now < AHEAD_MARGIN or size > AHEAD_BYTES or \
+                    (other.id is not None and at > len(picked)):
+                break
+            picked.append(queued)
+            if len(picked) == AHEAD:
+                break
+        if not picked:
+            return []
+        if picked[-1] is not self.jobs[len(picked) - 1]:  # not the head of the queue
+            moved = set(map(id, picked))
+            self.jobs = collections.deque(picked + [q for q in self.jobs if id(q) not in moved])
+        wall = now + self.profile.wall_seconds
+        return [Ahead(q.job, q.position, q.data, q.meta.cookie,
+                      functools.partial(self._grant_ahead, q.job, q.meta, script,
+                                        min(q.deadline, wall)))
+                for q in picked]
 
     def _grant_ahead(self, job: bytes, meta: p.ExecMeta, script: Script | None,
                      deadline: float) -> bytes:

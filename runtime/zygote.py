@@ -47,7 +47,7 @@ WARN_EVERY = 10.0  # seconds between two warnings about refused forks
 
 
 def start(sock: socket.socket, out_w: int, executor: Executor, sandbox: Sandbox, slot: int,
-          history_dir: str, title: str, spares: int, reuse: bool) -> None:
+          history_dir: str, title: str, spares: int, reuse: bool, cpu: int | None) -> None:
     """In the forked zygote: keep only what it needs, close the sandbox, serve."""
     setproctitle.setproctitle(title.replace("runner", "zygote"))
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -60,7 +60,7 @@ def start(sock: socket.socket, out_w: int, executor: Executor, sandbox: Sandbox,
     close_all_but(keep)
     logs.to_stderr(f"sandbox {title.split()[-1]}")
     sandbox.enter_zygote(slot)
-    Zygote(sock, executor, sandbox, slot, seats, history_dir, title, spares, reuse).run()
+    Zygote(sock, executor, sandbox, slot, seats, history_dir, title, spares, reuse, cpu).run()
 
 
 def out_of_the_way(seats: list[tuple[int, tuple[int, ...]]]) -> list[tuple[int, tuple[int, ...]]]:
@@ -93,8 +93,9 @@ def close_all_but(keep: set[int]) -> None:
 class Zygote:
     def __init__(self, sock: socket.socket, executor: Executor, sandbox: Sandbox, slot: int,
                  seats: list[tuple[int, tuple[int, ...]]], history_dir: str, title: str,
-                 spares: int, reuse: bool):
+                 spares: int, reuse: bool, cpu: int | None):
         self.sock, self.executor, self.sandbox, self.slot = sock, executor, sandbox, slot
+        self.cpu = cpu  # the worker's: a runner set up goes there (None: it stays anywhere)
         self.history_dir, self.title = history_dir, title
         self.spares, self.reuse = spares, reuse
         self.seats = seats                       # (task count fd, cgroup.procs fds) per seat
@@ -179,6 +180,8 @@ class Zygote:
                 setproctitle.setproctitle(self.title)
                 self.sandbox.enter_runner(self.reuse, self.slot, seat)
                 self.executor.warm_up()
+                if self.cpu is not None:
+                    os.sched_setaffinity(0, {self.cpu})
                 runner.serve(self.executor, self.history_dir, req_r, res_w, self.reuse,
                              limits_fixed=self.sandbox.runner_seccomp is not None,
                              tasks_watched=self.sandbox.cgroups.enabled)

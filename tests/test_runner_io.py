@@ -64,3 +64,27 @@ def test_copy_isolation_pins_each_worker_and_its_runner_to_a_cpu(make_cluster, p
             assert len(cpus) == 1 and len(next(iter(cpus))) == 1, cpus
         else:
             assert cpus == {frozenset(everything)}
+        # The zygote forks and sets up runners on any CPU: a new tenant's fork
+        # need not wait for its worker's CPU.
+        for zygote in cluster.processes(f"srw: zygote n1#{slot}"):
+            assert os.sched_getaffinity(zygote.pid) == everything
+
+
+def test_a_zygote_that_dies_with_a_message_unread_ends_its_worker(make_cluster):
+    """A zygote gone with the worker's last message unread resets their socket
+    (ECONNRESET): the next request that needs a runner is answered `killed`
+    naming the zygote, and the worker is replaced, so the one after is served."""
+    cluster = make_cluster(pool={"workers": 1})
+    cluster.serve()
+    worker = cluster.workers()[0].pid
+    zygote = cluster.processes("srw: zygote n1#1")[0]
+    with cluster.client(timeout=20) as c:
+        zygote.suspend()
+        assert c.exec("", b"a", code="__return_data = b'a'").ok  # takes the spare: "T" unread
+        zygote.kill()
+        wait_until(lambda: zygote.status() == "zombie", 10, "the zygote's death")
+        r = c.exec("", b"b", code="__return_data = b'b'")  # no spare left: from the zygote
+        assert r.status == "killed" and "zygote of n1#1 failed" in r.error, (r.status, r.error)
+        assert wait_until(lambda: c.exec("echo.py", b"next").data == b"next", 20,
+                          "a replacement worker")
+    assert [w.pid for w in cluster.workers()] != [worker]

@@ -204,6 +204,31 @@ def test_requests_queued_together_are_written_ahead_only_to_their_own_tenant(cur
         assert len(seen[True]) == len(seen[False]) == 1 and seen[True] != seen[False]
 
 
+CLOCK = "import time\n__return_data = repr(time.monotonic())  # %s\n"
+
+
+def test_a_tenants_queued_requests_run_together_but_an_ids_stay_in_order(curve_node):
+    """A worker writes a runner every request queued for its tenant, not only those
+    right behind the current one, and runs them next: code a's second request runs
+    before code b's, sent before it.  Requests with an id never run before one
+    sent earlier: its lock's order holds across tenants.  (One client: its
+    requests reach the broker in the order sent.)"""
+    c = curve_node
+    with c.client(curve=c.curve("alice"), timeout=20) as alice:
+        def ran_at(rid):
+            hold = alice.submit("", b"0.5", code=SLEEP)  # the one worker is busy: they queue
+            handles = [alice.submit("", b"", code=CLOCK % tenant, id=rid) for tenant in "aba"]
+            assert alice.result(*hold).ok
+            results = [alice.result(*handle) for handle in handles]
+            assert all(r.ok for r in results), [r.error for r in results]
+            return [float(r.data) for r in results]
+
+        a1, b1, a2 = ran_at(None)
+        assert a1 < a2 < b1
+        a1, b1, a2 = ran_at("0123")
+        assert a1 < b1 < a2
+
+
 def test_a_runner_that_dies_answers_the_requests_written_ahead_to_it_killed(make_cluster):
     """Written ahead, a request has started: if its runner dies first, it is
     answered `killed`, never run again elsewhere; the worker goes on."""
