@@ -210,7 +210,7 @@ async def exec_script(request: web.Request) -> web.StreamResponse:
     return multipart_reply(results)
 
 
-def _node_headers(r: Result) -> dict[str, str]:
+def node_headers(r: Result) -> dict[str, str]:
     return {"X-Srw-Node": r.node, "X-Srw-Group": str(r.group), "X-Srw-Status": r.status}
 
 
@@ -223,8 +223,8 @@ def describe(r: Result) -> str:
 
 def single_reply(r: Result) -> web.Response:
     if r.ok:
-        return web.Response(body=r.data, content_type=OCTETS, headers=_node_headers(r))
-    return text(HTTP_STATUS.get(r.status, 500), describe(r), _node_headers(r))
+        return web.Response(body=r.data, content_type=OCTETS, headers=node_headers(r))
+    return text(HTTP_STATUS.get(r.status, 500), describe(r), node_headers(r))
 
 
 def multipart_reply(results: list[Result]) -> web.Response:
@@ -232,10 +232,10 @@ def multipart_reply(results: list[Result]) -> web.Response:
     writer = MultipartWriter("mixed")
     for r in results:
         if r.ok:
-            writer.append(r.data, {"Content-Type": OCTETS, **_node_headers(r)})
+            writer.append(r.data, {"Content-Type": OCTETS, **node_headers(r)})
         else:
             writer.append(describe(r).encode(), {"Content-Type": "text/plain; charset=utf-8",
-                                                 **_node_headers(r)})
+                                                 **node_headers(r)})
     return web.Response(body=writer)
 
 

@@ -43,7 +43,7 @@ from storage.router import Route
 
 from . import server
 from .app import CLUSTER, CONFIG, HTTP_STATUS, OCTETS, REQUESTS, HTTPProblem, describe, \
-    exec_target
+    exec_target, node_headers
 
 log = logging.getLogger("srw.proxy")
 
@@ -123,7 +123,7 @@ class FastExec:
 
     def reply(self, r: Result) -> tuple[int, bytes, bytes]:
         """(status, head, body) as app.single_reply answers `r`."""
-        node = f"X-Srw-Node: {r.node}\r\nX-Srw-Group: {r.group}\r\nX-Srw-Status: {r.status}\r\n"
+        node = "".join(f"{name}: {value}\r\n" for name, value in node_headers(r).items())
         if r.ok:
             return 200, self.head(200, OCTETS, node, len(r.data)), r.data
         return self.text(HTTP_STATUS.get(r.status, 500), describe(r), node)
