@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import logging
 import os
 import resource
@@ -107,6 +108,9 @@ class Zygote:
     def run(self) -> None:
         die_with_parent()
         _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of scripts come here to be reaped
+        # What the worker and this setup allocated stays out of the runners' garbage
+        # collections, which would otherwise write to (and copy) every page of it.
+        gc.freeze()
         _libc.malloc_trim(0)  # fewer pages to copy on every fork
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
