@@ -158,10 +158,10 @@ class Runner:
     req_w: int
     res_r: int
     poller: select.poll
-    stat_fd: int = -1   # copy isolation: its /proc/PID/stat (threads), statm (size)
-    statm_fd: int = -1
-    cpu_fd: int = -1    # its seat's cgroup: CPU used and tasks (-1 without cgroups)
-    tasks_fd: int = -1
+    stat_fd: int = -1   # copy isolation: its /proc/PID/stat (threads, without cgroups)
+    statm_fd: int = -1  # ... and statm (size)
+    cpu_fd: int = -1    # its seat's cgroup: CPU used and tasks (-1 without cgroups),
+    tasks_fd: int = -1  # the ProcessRunner's (seat_fds), not closed with the runner
     sent: set[int] = field(default_factory=set)  # script versions it has the source of
     vsize: int = 0  # its address space after its first request
     idle_cpu: float | None = None  # its CPU when the worker last saw it idle
@@ -169,8 +169,7 @@ class Runner:
     stale: int = 0  # a held request's reply said STALE: judged after the last one
 
     def close(self) -> None:
-        for fd in (self.req_w, self.res_r, self.stat_fd, self.statm_fd, self.cpu_fd,
-                   self.tasks_fd):
+        for fd in (self.req_w, self.res_r, self.stat_fd, self.statm_fd):
             if fd >= 0:
                 os.close(fd)
 
@@ -235,6 +234,11 @@ class ProcessRunner:
         # slot's cgroup, opened once rather than for each request's runner.
         cgroups = self.sandbox.cgroups
         self.slot_cpu_fd = -1 if cgroups.seats else cgroups.cpu_usage_file(self.slot, 0)
+        # Each seat's CPU and task count, opened once: a runner per request (64
+        # tenants cycling) would otherwise pay two path lookups in kernfs each.
+        self.seat_fds = [(cgroups.cpu_usage_file(self.slot, seat),
+                          cgroups.tasks_file(self.slot, seat))
+                         for seat in range(cgroups.seats if cgroups.enabled else 0)]
 
     # A request ------------------------------------------------------------------
 
@@ -508,13 +512,12 @@ class ProcessRunner:
         poller.register(res_r, select.POLLIN)
         poller.register(self.output.fd, select.POLLIN)
         runner = Runner(pid, seat, req_w, res_r, poller)
-        cgroups = self.sandbox.cgroups
-        if cgroups.seats:
-            runner.cpu_fd = cgroups.cpu_usage_file(self.slot, seat)
-            runner.tasks_fd = cgroups.tasks_file(self.slot, seat)
+        if seat < len(self.seat_fds):
+            runner.cpu_fd, runner.tasks_fd = self.seat_fds[seat]
         if self.reuse:
             try:
-                runner.stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+                if runner.tasks_fd < 0:
+                    runner.stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
                 runner.statm_fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:  # it died waiting: the next one
                 self._replace(runner, "it was gone before it was taken")
@@ -707,3 +710,4 @@ class ScriptOutput:
             text = "".join(ch if ch.isprintable() or ch == "\t" else repr(ch)[1:-1]
                            for ch in text)
         log.info("%s: %s%s", self.label, text, " [...]" if len(line) > LINE_MAX else "")
+
