@@ -116,6 +116,19 @@ file = "{root / 'srw.log'}"
                 time.sleep(0.05)
         return self
 
+    def cpu(self) -> float:
+        """CPU seconds of this node's processes, with the children each has reaped
+        (so runners that came and went count, in their zygote)."""
+        total = 0
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        return total / os.sysconf("SC_CLK_TCK")
+
     def zygote_uss(self) -> float | None:
         """The private memory (USS, bytes) of this node's zygotes, the largest."""
         sizes = [uss(pid) for pid in descendants(self.proc.pid)
@@ -246,30 +259,34 @@ def warm_figures(endpoint: str) -> tuple[dict, float | None, float | None]:
 FEW_TENANTS_ONLY = ("strict",)  # nodes whose rows are 64 tenants alone (a fresh runner each)
 
 
-def tenant_rows(nodes: list[tuple[str, str]], n: int, rounds: int) -> list[tuple]:
+def tenant_rows(nodes: list[tuple[str, "Node"]], n: int, rounds: int) -> list[tuple]:
     """Rows of (label, req/s of each round, warm share, USS per warm runner, per
-    slot) for each node and tenant count.  Each round runs every row once, the
-    nodes taking turns (in the reverse order every other round); 64 tenants
-    (a fork per request) run n // 4 requests."""
+    slot, CPU per request of each round) for each node and tenant count.  Each
+    round runs every row once, the nodes taking turns (in the reverse order
+    every other round); 64 tenants (a fork per request) run n // 4 requests."""
     rates: dict[str, list[float]] = {}
     found: dict[str, list[int]] = {}
     memory: dict[str, tuple] = {}
+    cpu: dict[str, list[float]] = {}
     for i in range(rounds):
         for tenants in (1, 4, 64):
-            for label, endpoint in nodes[::-1 if i % 2 else 1]:
+            for label, node in nodes[::-1 if i % 2 else 1]:
                 if label.startswith(FEW_TENANTS_ONLY) and tenants != 64:
                     continue
                 row = f"{label}, {tenants} tenant{'s' * (tenants > 1)}"
-                before, _, _ = warm_figures(endpoint)
-                rates.setdefault(row, []).append(
-                    tenants_throughput(endpoint, n // 4 if tenants == 64 else n, tenants))
-                after, *figures = warm_figures(endpoint)
+                before, _, _ = warm_figures(node.broker)
+                count = n // 4 if tenants == 64 else n
+                cpu_before = node.cpu()
+                rates.setdefault(row, []).append(tenants_throughput(node.broker, count, tenants))
+                # The node's processes (and the runners they reaped), warm-up requests included.
+                cpu.setdefault(row, []).append((node.cpu() - cpu_before) / (count + 2 * tenants))
+                after, *figures = warm_figures(node.broker)
                 memory.setdefault(row, figures)  # the first round's: after that row alone
                 counts = found.setdefault(row, [0, 0])
                 counts[0] += after.get("found", 0) - before.get("found", 0)
                 counts[1] += after.get("missed", 0) - before.get("missed", 0)
     return [(row, rps, found[row][0] / sum(found[row]) if sum(found[row]) else None,
-             *memory[row]) for row, rps in rates.items()]
+             *memory[row], cpu[row]) for row, rps in rates.items()]
 
 
 def main() -> int:
@@ -296,13 +313,12 @@ def main() -> int:
         root.mkdir()
         (root / "base").mkdir()
         with contextlib.ExitStack() as stack:
-            nodes = [("default", stack.enter_context(Node(root, "default")).broker)]
+            nodes = [("default", stack.enter_context(Node(root, "default")))]
             if args.baseline:
                 old = stack.enter_context(Node(root / "base", "default", args.baseline))
-                nodes.append((f"default @ {args.baseline.name}", old.broker))
+                nodes.append((f"default @ {args.baseline.name}", old))
             (root / "strict").mkdir()
-            nodes.append(("strict (fork)", stack.enter_context(Node(root / "strict",
-                                                                    "strict")).broker))
+            nodes.append(("strict (fork)", stack.enter_context(Node(root / "strict", "strict"))))
             tenant_table = tenant_rows(nodes, args.throughput, args.rounds)
     for suffix, (rows, base, rates) in figures.items():
         print_profiles(rows, base, rates, suffix)
@@ -364,23 +380,30 @@ def print_profiles(rows: list, base: dict, rates: dict, suffix: str) -> None:
 
 
 def print_tenants(tenant_table: list, strict: float | None) -> None:
-    """The rows (median req/s, and each round's), then the targets' ratios, each
-    the median of the ratios within a round."""
-    print(f"\n{'script content, 64 in flight':36} {'req/s':>7} {'warm':>5} "
-          f"{'USS/warm runner':>15} {'USS/slot':>9}  req/s by round")
-    rates = {}
-    for label, rps, share, per_runner, per_slot in tenant_table:
-        rates[label] = rps
-        print(f"{label:36} {median(rps):7.0f} {f'{share:.0%}' if share is not None else '-':>5} "
+    """The rows (median req/s and the node's CPU per request, and each round's),
+    then the targets' ratios, each the median of the ratios within a round.  The
+    CPU per request (the node's processes, client apart) moves less with the
+    machine's load than the rate does."""
+    print(f"\n{'script content, 64 in flight':36} {'req/s':>7} {'CPU/req':>8} {'warm':>5} "
+          f"{'USS/warm runner':>15} {'USS/slot':>9}  req/s, CPU us/req by round")
+    rates, cpus = {}, {}
+    for label, rps, share, per_runner, per_slot, cpu in tenant_table:
+        rates[label], cpus[label] = rps, [1 / c if c else 0.0 for c in cpu]
+        print(f"{label:36} {median(rps):7.0f} {median(cpu) * 1e6:5.0f} us "
+              f"{f'{share:.0%}' if share is not None else '-':>5} "
               f"{f'{per_runner / 2**20:.1f} MB' if per_runner else '-':>15} "
               f"{f'{per_slot / 2**20:.1f} MB' if per_slot else '-':>9}  "
-              + " ".join(f"{x:.0f}" for x in rps))
+              + " ".join(f"{x:.0f}" for x in rps) + ", "
+              + " ".join(f"{x * 1e6:.0f}" for x in cpu))
 
     def ratio(a: str, b: str) -> str:
+        """Of the rates, then of the inverse CPU per request (requests per CPU second)."""
         if a not in rates or b not in rates:
             return "-"
         by_round = [x / y for x, y in zip(rates[a], rates[b])]
-        return f"{median(by_round):.2f} (rounds: {' '.join(f'{r:.2f}' for r in by_round)})"
+        per_cpu = [x / y if y else 0.0 for x, y in zip(cpus[a], cpus[b])]
+        return (f"{median(by_round):.2f} (rounds: {' '.join(f'{r:.2f}' for r in by_round)}; "
+                f"per CPU second {median(per_cpu):.2f})")
     for node in dict.fromkeys(label.rsplit(",", 1)[0] for label in rates):
         if node.startswith(FEW_TENANTS_ONLY):
             continue
