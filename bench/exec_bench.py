@@ -501,7 +501,8 @@ def main() -> None:
     args = ap.parse_args()
     n = args.requests
     print(f"exec bench: {os.cpu_count()} CPUs, {len(PAYLOAD)} B payload, "
-          f"{args.workers} workers, {IN_FLIGHT} in flight for req/s")
+          f"{args.workers} workers, {IN_FLIGHT} in flight for req/s, "
+          f"load average {load_average()}")
     with tempfile.TemporaryDirectory(prefix="srw-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         results = {}
@@ -536,8 +537,13 @@ def main() -> None:
         for name, (lat, rate) in results.items():
             print(row(name, lat, rate))
         report_ratios(results, srw)
+        print(f"load average at the end: {load_average()}")
         if not args.skip_memory and not args.only_srw:
             bench_memory(tmp, args.workers)
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def report_ratios(results: dict, srw: dict) -> None:
@@ -568,7 +574,14 @@ def report_ratios(results: dict, srw: dict) -> None:
     if REDIS_ASYNC in results:
         async_rate = results[REDIS_ASYNC][1]
         print(f"srw req/s / redis.asyncio EVAL req/s: shipped (info) "
-              f"{results[SRW_INFO][1] / async_rate:.2f}, warning {srw_rate / async_rate:.2f}")
+              f"{results[SRW_INFO][1] / async_rate:.2f}, warning {srw_rate / async_rate:.2f} "
+              "(target >= 1.5)")
+    if FLOOR in results:  # issue 28's latency targets, on the shipped settings
+        floor_lat, info_lat = results[FLOOR][0], results[SRW_INFO][0]
+        print(f"shipped p50 / four-hop floor p50 = "
+              f"{pct(info_lat, 0.5) / pct(floor_lat, 0.5):.2f} (target <= 1.5); "
+              f"p99 / floor p99 = {pct(info_lat, 0.99) / pct(floor_lat, 0.99):.2f} "
+              "(target <= 2.5)")
     if REDIS in results:
         redis_lat = results[REDIS][0]
         floor = pct(results[FLOOR][0], 0.5) / pct(redis_lat, 0.5)
