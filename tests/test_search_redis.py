@@ -125,6 +125,11 @@ def test_remove_and_rewrite_change_what_is_found(rs):
     assert session.write("gone2", b"steadfast wombat", index=True)[0].ok
     wait_found(session, "quokka", set())
     wait_found(session, "wombat", {"gone2"})
+    # A plain (unindexed) overwrite takes the document out of the index, as in lmdb mode.
+    assert session.write("gone2", b"plain numbat")[0].ok
+    wait_found(session, "wombat", set())
+    wait_found(session, "numbat", set())
+    assert session.read("gone2") == b"plain numbat"
 
 
 def test_what_a_script_may_write_cannot_break_or_lie_to_the_indexer(rs):
