@@ -1,6 +1,7 @@
 """Full-text search bench: indexing and search through srw, next to the engine used directly.
 
-    .venv/bin/python bench/search_bench.py [--docs N] [--queries Q] [--engines]
+    .venv/bin/python bench/search_bench.py [--docs N] [--queries Q] [--rounds R]
+                                           [--tree DIR] [--engines]
 
 Generates N documents (default 100,000; seeded, so every run sees the same
 ones): words drawn by a Zipf law (s = 1.07, like English text) over a
@@ -8,16 +9,23 @@ vocabulary of 30,000 made-up words, lengths log-normal around 120 words.
 Then, in one run, side by side (the comparisons of issue 26):
 
 - **indexing**: srw, a one-node cluster (``srw serve``, 2 workers, in a
-  temporary folder), indexes every document (``Session.write(...,
-  index=True)``, 16 writes in flight from 16 threads); **direct**, this
-  process puts every document into a FullText of its own with one insert and
-  one commit per document (``synchronous=FULL``, the node's durability).
-- **search**: srw runs the queries (``Session.search``, typed text, 16 in
-  flight) with a timeout no query reaches (the same work as direct), then
-  again with the node's default deadline (1 s), counting the partial
-  answers; **direct**, this process runs, on the node's own index file, the
-  FTS5 query srw made of each (storage/query.py) with 16 threads, one
-  connection each: ``MATCH``, BM25 order, the 10 best keys.
+  temporary folder; ``--tree DIR`` runs that tree's srw), indexes every
+  document through its real indexed-write path (``Session.write(...,
+  index=True)``, 64 writes in flight from 64 threads: bulk loading), timed
+  over the first ``--direct-docs`` documents and over all; **direct**, this
+  process puts those first ``--direct-docs`` documents into a FullText of its
+  own with one insert and one commit per document (``synchronous=FULL``, the
+  node's durability).
+- **search**, ``--rounds`` rounds, srw and direct interleaved in each: srw
+  runs the queries (``Session.search``, typed text) with a timeout no query
+  reaches, 16 in flight and then one at a time; **direct**, this process
+  runs, on the node's own index file, the FTS5 query srw made of each
+  (storage/query.py), 16 threads with a connection each and then one: the 10
+  best keys by BM25, ties by key, and the count of matches -- what srw
+  answers, but for the snippets (srw's extra work: it makes them, direct
+  does not).  Then once with the node's default deadline (1 s), counting
+  the partial answers.  The load average is printed with every round: under
+  load the figures mean little; compare rounds of one run only.
 - **storage reads during a broad search**: the p50 of a ``Session.read``
   while the node is idle, and while a search for the most common word runs
   back to back (the search runs in the node's search thread, not its loop).
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import subprocess
 import sys
@@ -49,6 +58,7 @@ SEED = 2011
 VOCABULARY = 30_000
 ZIPF_S = 1.07
 IN_FLIGHT = 16
+WRITES_IN_FLIGHT = 64
 COMMIT_EVERY = 256
 SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "si", "vo", "de", "pa", "zu", "ri", "on",
              "el", "ba", "qu", "ter", "san", "dor", "vel", "mar", "lin", "gro", "fen")
@@ -129,8 +139,10 @@ def row(name: str, docs: int, index_s: float, q_total: float, lat: list[float]) 
 
 # Engines used directly -------------------------------------------------------
 
+# What srw answers but the snippets: the 10 best keys (ties by key) and the count.
 _DIRECT = """SELECT meta.key, bm25(docs) AS rank FROM docs JOIN meta ON meta.doc = docs.rowid
-WHERE docs MATCH ? ORDER BY rank LIMIT 10"""
+WHERE docs MATCH ? ORDER BY rank, meta.key LIMIT 10"""
+_DIRECT_COUNT = "SELECT count(*) FROM docs WHERE docs MATCH ?"
 
 
 def index_direct(root: Path, docs: list[str]) -> float:
@@ -145,7 +157,8 @@ def index_direct(root: Path, docs: list[str]) -> float:
     return len(docs) / took
 
 
-def search_direct(index_file: Path, qs: list[str]) -> tuple[float, list[float]]:
+def search_direct(index_file: Path, qs: list[str], threads: int = IN_FLIGHT
+                  ) -> tuple[float, list[float]]:
     """The FTS5 query srw makes of each typed query, on srw's own index file."""
     import sqlite3
 
@@ -159,7 +172,8 @@ def search_direct(index_file: Path, qs: list[str]) -> tuple[float, list[float]]:
         if not hasattr(local, "db"):
             local.db = sqlite3.connect(index_file, check_same_thread=False)
         local.db.execute(_DIRECT, (q,)).fetchall()
-    return timed_in_flight(search, fts)
+        local.db.execute(_DIRECT_COUNT, (q,)).fetchone()
+    return timed_in_flight(search, fts, threads)
 
 
 def tantivy_direct(root: Path, docs: list[str], qs: list[str]) -> str:
@@ -192,18 +206,19 @@ def tantivy_direct(root: Path, docs: list[str], qs: list[str]) -> str:
 
 # srw -------------------------------------------------------------------------
 
-def srw_cluster(root: Path):
+def srw_cluster(root: Path, tree: Path):
     config = write_config(root, workers=2, log_level="warning")
     proc = subprocess.Popen([sys.executable, "-m", "srw", "serve", "--config", str(config)],
                             cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(tree)},
                             start_new_session=True)
     return config, proc
 
 
-def srw_run(root: Path, docs: list[str], qs: list[str]) -> dict:
+def srw_run(root: Path, docs: list[str], qs: list[str], args) -> dict:
     from storage.client import Session
-    config, proc = srw_cluster(root)
-    out = {}
+    config, proc = srw_cluster(root, args.tree)
+    out: dict = {"rounds": []}
     try:
         probe = Session(config)
         wait_for(lambda: _answers(probe), 60, "srw node")
@@ -218,20 +233,49 @@ def srw_run(root: Path, docs: list[str], qs: list[str]) -> dict:
             results = session().write(f"doc{i}", docs[i].encode(), index=True)
             if not all(r.ok for r in results):
                 raise SystemExit(f"bench: indexed write failed: {results}")
-        index_s, _ = timed_in_flight(write, list(range(len(docs))))
-        out["index"] = len(docs) / index_s
-        # Unbounded (a deadline no query reaches: the same work as direct), then
-        # with the node's default deadline ([search] timeout, 1 s), counting cut ones.
-        out["search"] = timed_in_flight(lambda q: session().search(q, 10, timeout=60.0), qs)
+        sample = min(len(docs), args.direct_docs)
+        first_s, _ = timed_in_flight(write, list(range(sample)), WRITES_IN_FLIGHT)
+        rest_s, _ = timed_in_flight(write, list(range(sample, len(docs))), WRITES_IN_FLIGHT)
+        out["index_first"], out["index"] = sample / first_s, len(docs) / (first_s + rest_s)
+        print(f"indexed {len(docs):,} documents through srw in {first_s + rest_s:.0f} s "
+              f"({out['index']:,.0f}/s); load {_load()}", flush=True)
+        index_file = root / "var" / "n1" / "index.sqlite"
+        for r in range(args.rounds):
+            # A deadline no query reaches: the same work as direct.
+            one = {"load": _load(),
+                   "srw": timed_in_flight(lambda q: session().search(q, 10, timeout=60.0), qs),
+                   "direct": search_direct(index_file, qs)}
+            serial = qs[:args.serial]
+            one["srw1"] = timed_in_flight(lambda q: session().search(q, 10, timeout=60.0),
+                                          serial, 1)
+            one["direct1"] = search_direct(index_file, serial, 1)
+            one["load_end"] = _load()
+            print_round(r + 1, one)
+            out["rounds"].append(one)
         partial = []
         out["search_default"] = timed_in_flight(
             lambda q: partial.append(session().search(q, 10).partial), qs)
         out["partial"] = sum(partial)
-        out["direct"] = search_direct(root / "var" / "n1" / "index.sqlite", qs)
         out["reads"] = reads_during_broad_search(probe, docs)
         return out
     finally:
         stop(proc)
+
+
+def print_round(number: int, one: dict) -> None:
+    for label, srw, direct in (("16 in flight", "srw", "direct"),
+                               ("one at a time", "srw1", "direct1")):
+        (total, lat), (d_total, d_lat) = one[srw], one[direct]
+        print(f"round {number}, {label}: srw p50 {pct(lat, .5) * 1e3:.1f} ms p99 "
+              f"{pct(lat, .99) * 1e3:.1f} ms {len(lat) / total:,.0f}/s; direct p50 "
+              f"{pct(d_lat, .5) * 1e3:.1f} ms p99 {pct(d_lat, .99) * 1e3:.1f} ms "
+              f"{len(d_lat) / d_total:,.0f}/s: p50 {pct(lat, .5) / pct(d_lat, .5):.2f}x, "
+              f"throughput {(len(lat) / total) / (len(d_lat) / d_total):.2f}x "
+              f"(load {one['load']} .. {one['load_end']})", flush=True)
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def reads_during_broad_search(session, docs: list[str], count: int = 2000):
@@ -271,6 +315,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3, help="search rounds, srw and direct "
+                        "interleaved in each")
+    parser.add_argument("--serial", type=int, default=400,
+                        help="queries of each round run one at a time too")
+    parser.add_argument("--direct-docs", type=int, default=20_000,
+                        help="documents indexing is compared over (the first ones)")
+    parser.add_argument("--tree", type=Path, default=REPO,
+                        help="the srw tree `srw serve` runs (default: this one)")
     parser.add_argument("--engines", action="store_true", help="also tantivy, directly")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -282,13 +334,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="srw-search-bench-") as tmp:
         root = Path(tmp)
         (root / "srw").mkdir()
-        srw = srw_run(root / "srw", docs, qs)
-        (total, lat), (d_total, d_lat) = srw["search"], srw["direct"]
-        print(f"search ({IN_FLIGHT} in flight): srw p50 {pct(lat, .5) * 1e3:.1f} ms p99 "
-              f"{pct(lat, .99) * 1e3:.1f} ms {len(lat) / total:,.0f}/s; direct p50 "
-              f"{pct(d_lat, .5) * 1e3:.1f} ms p99 {pct(d_lat, .99) * 1e3:.1f} ms "
-              f"{len(d_lat) / d_total:,.0f}/s: p50 {pct(lat, .5) / pct(d_lat, .5):.2f}x, "
-              f"throughput {(len(lat) / total) / (len(d_lat) / d_total):.2f}x")
+        sample = min(len(docs), args.direct_docs)
+        direct_index = index_direct(root, docs[:sample])
+        print(f"direct indexing, commit per document: {direct_index:,.0f} docs/s over "
+              f"{sample:,}; load {_load()}", flush=True)
+        srw = srw_run(root / "srw", docs, qs, args)
+        print(f"indexing docs/s over the first {sample:,}: srw {srw['index_first']:,.0f}, "
+              f"direct {direct_index:,.0f}: {srw['index_first'] / direct_index:.2f}x "
+              f"(srw over all {len(docs):,}: {srw['index']:,.0f})")
         (c_total, c_lat) = srw["search_default"]
         print(f"search with the default 1 s deadline: srw p50 {pct(c_lat, .5) * 1e3:.1f} ms "
               f"p99 {pct(c_lat, .99) * 1e3:.1f} ms {len(c_lat) / c_total:,.0f}/s, "
@@ -296,10 +349,7 @@ def main() -> int:
         idle, busy, searches = srw["reads"]
         print(f"storage read p50: idle {idle * 1e6:,.0f} us, during a broad search "
               f"{busy * 1e6:,.0f} us ({busy / idle:.2f}x; {len(searches)} broad searches "
-              f"meanwhile, p50 {pct(searches, .5) * 1e3:.0f} ms)", flush=True)
-        direct_index = index_direct(root, docs)
-        print(f"indexing docs/s: srw {srw['index']:,.0f}, direct (commit per document) "
-              f"{direct_index:,.0f}: {srw['index'] / direct_index:.2f}x", flush=True)
+              f"meanwhile, p50 {pct(searches, .5) * 1e3:.0f} ms); load {_load()}", flush=True)
         if args.engines:
             print(tantivy_direct(root, docs, qs), flush=True)
     return 0

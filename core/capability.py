@@ -65,10 +65,13 @@ def current() -> bytes:
 REDIS_LOGIN = b"redis-login\0"
 
 
-def redis_grant(login: tuple[str, str] | None) -> bytes:
+def redis_grant(login: tuple[str, str] | None, read_proof: str = "") -> bytes:
+    """`read_proof`: redis_auth.read_proof when the caller may read (what search
+    checks: srw-write is handed to callers that may write but not read)."""
     if login is None:
         return b""
-    return REDIS_LOGIN + login[0].encode() + b"\0" + login[1].encode()
+    return REDIS_LOGIN + login[0].encode() + b"\0" + login[1].encode() + \
+        (b"\0" + read_proof.encode() if read_proof else b"")
 
 
 def redis_login() -> tuple[str, str] | None:
@@ -81,8 +84,16 @@ def parse_redis_grant(token: bytes) -> tuple[str, str] | None:
     """(user, password) of a redis_grant token, None for anything else."""
     if not token.startswith(REDIS_LOGIN):
         return None
-    user, _, password = token[len(REDIS_LOGIN):].partition(b"\0")
-    return user.decode(errors="replace"), password.decode(errors="replace")
+    user, _, rest = token[len(REDIS_LOGIN):].partition(b"\0")
+    return user.decode(errors="replace"), rest.partition(b"\0")[0].decode(errors="replace")
+
+
+def redis_read_proof(token: bytes) -> str:
+    """The read proof a redis_grant token carries ("" for none)."""
+    if not token.startswith(REDIS_LOGIN):
+        return ""
+    fields = token[len(REDIS_LOGIN):].split(b"\0", 2)
+    return fields[2].decode(errors="replace") if len(fields) == 3 else ""
 
 
 class Refused(ValueError):

@@ -107,6 +107,21 @@ def is_script_login(credentials: tuple[str, str], login: tuple[str, str]) -> boo
     return False
 
 
+def read_proof(credentials: tuple[str, str], login_user: str) -> str:
+    """What a script's grant carries beside its login when its caller may read.
+    srw-write is handed to callers with `write` alone too (Redis cannot split the
+    two), so the search front-end, which Redis's ACL does not guard, asks for
+    this: a MAC with srw's password, which no runner holds."""
+    return hmac.new(credentials[1].encode(), b"may read\0" + login_user.encode(),
+                    hashlib.sha256).hexdigest()
+
+
+def may_read(credentials: tuple[str, str], login: tuple[str, str], proof: str) -> bool:
+    """Whether `login` is one script_login hands out and `proof` says its caller may read."""
+    return is_script_login(credentials, login) and hmac.compare_digest(
+        proof.encode(), read_proof(credentials, login[0]).encode())
+
+
 def credentials(config: Config) -> tuple[str, str]:
     """(user, password) srw logs in to Redis with; ConfigError saying what to do
     when the secret is missing or short."""

@@ -119,8 +119,11 @@ class RedisGrantor(Grantor):
 
     def grant(self, job: bytes, meta: p.ExecMeta, script: Script | None,
               deadline: float) -> tuple[bytes, None]:
-        login = redis_auth.script_login(self.credentials, self.rights(meta, script))
-        return capability.redis_grant(login), None
+        rights = self.rights(meta, script)
+        login = redis_auth.script_login(self.credentials, rights)
+        proof = redis_auth.read_proof(self.credentials, login[0]) \
+            if login and "read" in rights else ""
+        return capability.redis_grant(login, proof), None
 
     def revoke(self, answered: list) -> None:
         pass

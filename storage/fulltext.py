@@ -39,8 +39,10 @@ SNIPPET_CHARS = 120          # of the text in a snippet, about
 SNIPPET_CONTEXT = 30         # characters before the first matched word, when not at the start
 SNIPPET_MARK = ("[", "]")
 SNIPPET_SCAN = 64 * 1024     # characters of a document a snippet is looked for in
-CHUNK = 50_000               # rows (by rowid) ranked at a time: what a cut search has ranked
+CHUNK = 100_000              # matching rows ranked at a time: what a cut search has ranked
 PROGRESS_STEPS = 10_000      # SQLite VM steps between deadline checks within a chunk
+READER_MMAP = 1 << 30        # bytes of the index file a reader maps (pages shared, no copies)
+READER_CACHE_KIB = 16 * 1024  # a reader's page cache
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS stamp (value TEXT NOT NULL);
@@ -57,12 +59,18 @@ CREATE VIRTUAL TABLE IF NOT EXISTS docs USING fts5(
 """
 _TABLES = ("stamp", "meta", "docs")
 
-# One rowid range of the index: its best `limit` rows, ties by key.
+# One rowid range of the index: its best rows by score alone (FTS5 only: no row of
+# meta read per match), and, when a tie crosses the cut, by score then key.
+_BEST = """
+SELECT bm25(docs) AS score, rowid FROM docs
+WHERE docs MATCH ? AND rowid BETWEEN ? AND ? ORDER BY score LIMIT ?
+"""
 _RANKED = """
-SELECT bm25(docs) AS score, meta.key, docs.rowid FROM docs JOIN meta ON meta.doc = docs.rowid
+SELECT bm25(docs) AS score, docs.rowid FROM docs JOIN meta ON meta.doc = docs.rowid
 WHERE docs MATCH ? AND docs.rowid BETWEEN ? AND ? ORDER BY score, meta.key LIMIT ?
 """
-_COUNT = "SELECT count(*) FROM docs WHERE docs MATCH ? AND rowid BETWEEN ? AND ?"
+_COUNT = "SELECT count(*) FROM docs WHERE docs MATCH ?"   # cheap: no score, no row read
+_SPAN = "SELECT (SELECT min(doc) FROM meta), (SELECT max(doc) FROM meta)"  # two seeks, no scan
 _SPACES = re.compile(r"\s+")
 
 
@@ -75,6 +83,8 @@ class FullText:
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         if reader:
             self.db.execute("PRAGMA query_only=1")
+            self.db.execute(f"PRAGMA mmap_size={READER_MMAP}")
+            self.db.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
             return
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
@@ -155,33 +165,55 @@ class FullText:
         how many match, "partial": cut at `deadline` (time.monotonic()) with
         what was ranked by then}.  Raises BadQuery."""
         query = parse(text, self.analyzer, self.analyzer.language(lang), raw)
-        if deadline is not None:
-            self.db.set_progress_handler(lambda: time.monotonic() > deadline, PROGRESS_STEPS)
+        self.db.execute("BEGIN")   # one snapshot: the count, every chunk and the bodies agree
         try:
-            best, count, partial = self._rank(query, limit, deadline)
+            if deadline is not None:
+                self.db.set_progress_handler(lambda: time.monotonic() > deadline,
+                                             PROGRESS_STEPS)
+            try:
+                best, count, partial = self._rank(query, limit, deadline)
+            finally:
+                self.db.set_progress_handler(None, 0)
+            return {"hits": self._hits(best, query), "count": count, "partial": partial}
         finally:
-            self.db.set_progress_handler(None, 0)
-        return {"hits": self._hits(best, query), "count": count, "partial": partial}
+            self.db.execute("COMMIT")
 
     def _rank(self, query: Query, limit: int, deadline: float | None):
-        top = self.db.execute("SELECT max(doc) FROM meta").fetchone()[0] or 0
+        """(the best `limit` (score, key, doc), best first, how many match, cut).
+        Counting is cheap (no score, no row read); ranking costs per match, so
+        the rowid range is ranked in chunks of about CHUNK matches, and a search
+        cut at its deadline keeps what the finished chunks ranked."""
         best: list[tuple] = []
-        count, partial = 0, False
-        for low in range(0, top + 1, CHUNK):
+        count = 0
+        try:
             if deadline is not None and time.monotonic() > deadline:
-                partial = True
-                break
-            try:
-                rows = self.db.execute(_RANKED, (query.fts, low, low + CHUNK - 1,
-                                                 limit)).fetchall()
-                count += self.db.execute(_COUNT, (query.fts, low, low + CHUNK - 1)).fetchone()[0]
-            except sqlite3.OperationalError as exc:
-                if str(exc) == "interrupted":   # by the progress handler: the deadline
-                    partial = True
-                    break
-                raise BadQuery(f"cannot parse the query {query.text[:80]!r}: {exc}") from None
-            best = heapq.nsmallest(limit, best + rows)
-        return best, count, partial
+                return best, count, True
+            count = self.db.execute(_COUNT, (query.fts,)).fetchone()[0]
+            if count == 0:
+                return best, count, False
+            low, top = self.db.execute(_SPAN).fetchone()
+            step = (top - low) // -(-count // CHUNK) + 1
+            for start in range(low, top + 1, step):
+                if deadline is not None and time.monotonic() > deadline:
+                    return best, count, True
+                best = heapq.nsmallest(limit, best + self._best(query.fts, start,
+                                                                start + step - 1, limit))
+        except sqlite3.OperationalError as exc:
+            if str(exc) == "interrupted":   # by the progress handler: the deadline
+                return best, count, True
+            raise BadQuery(f"cannot parse the query {query.text[:80]!r}: {exc}") from None
+        return best, count, False
+
+    def _best(self, fts: str, low: int, high: int, limit: int) -> list[tuple]:
+        """The best `limit` (score, key, doc) of rowids `low` to `high`, ties by key.
+        By score alone first; only when the row past the cut ties the last one
+        kept may another key belong in its place: then ranked by score and key."""
+        rows = self.db.execute(_BEST, (fts, low, high, limit + 1)).fetchall()
+        if len(rows) > limit and rows[limit][0] == rows[limit - 1][0]:
+            rows = self.db.execute(_RANKED, (fts, low, high, limit)).fetchall()
+        key = "SELECT key FROM meta WHERE doc = ?"
+        return [(score, self.db.execute(key, (doc,)).fetchone()[0], doc)
+                for score, doc in rows[:limit]]
 
     def _hits(self, best: list[tuple], query: Query) -> list[dict]:
         hits = []

@@ -209,8 +209,20 @@ class RedisStore:
         return value
 
     def write(self, key: str | bytes, data: bytes) -> None:
-        with _refused(key):
-            self.client.set(key, data)
+        """A plain write; an indexed key it overwrites leaves its slot's index
+        hash in the same MULTI (one round trip, as a SET), and then its log
+        says so, so the old text is no longer found (storage/redis_index.py)."""
+        slot = self.client.keyslot(key)
+
+        def queue(pipe):
+            pipe.set(key, data)
+            pipe.hdel(ix.index_key(slot), key)
+        stored, unindexed = self._on_master(key, queue, raise_on_error=False)
+        if isinstance(stored, Exception):
+            with _refused(key):
+                raise stored
+        if unindexed == 1:   # an error here: a script made the hash something else
+            self._on_master(key, lambda pipe: self._logged(pipe, key, slot))
 
     def write_watched(self, key: str | bytes, make) -> bool:
         """Compare-and-set: `make()` (which reads what it needs) gives the value,
@@ -281,27 +293,28 @@ class RedisStore:
         pipe.xadd(ix.log_key(slot), {ix.LOG_FIELD: key}, maxlen=ix.LOG_MAX, approximate=True)
         pipe.publish(ix.CHANNEL, slot)  # a hint to the indexer; its sweep finds it anyway
 
-    def _on_master(self, key, queue) -> list:
+    def _on_master(self, key, queue, raise_on_error: bool = True) -> list:
         """`queue(pipe)`'s commands in one MULTI/EXEC on the key's master.  A
         MOVED or ASK aborts the whole transaction (nothing ran): the slot map
-        is read again and the transaction sent once more."""
+        is read again and the transaction sent once more.  Without
+        `raise_on_error`, a command Redis refused is its Exception in the list."""
         try:
-            return self._transaction(key, queue)
+            return self._transaction(key, queue, raise_on_error)
         except _SlotMoved:
             self.client.nodes_manager.initialize()
         try:
-            return self._transaction(key, queue)
+            return self._transaction(key, queue, raise_on_error)
         except _SlotMoved as exc:
             raise ClusterUnavailable(f"redis cluster: {key!r}: its slot is moving: {exc}") \
                 from None
 
-    def _transaction(self, key, queue) -> list:
+    def _transaction(self, key, queue, raise_on_error: bool = True) -> list:
         with _refused(key):
             try:
                 node = self.client.get_node_from_key(key)
                 with self.client.get_redis_connection(node).pipeline(transaction=True) as pipe:
                     queue(pipe)
-                    return pipe.execute()
+                    return pipe.execute(raise_on_error=raise_on_error)
             except rx.AskError as exc:  # and MovedError, an AskError: nothing ran
                 raise _SlotMoved(str(exc)) from None
             except DOWN as exc:

@@ -14,7 +14,7 @@ ranges of slots whose index was ready when the search began.  STAT says how
 much is indexed; every other command is ``bad_request`` (data calls go to
 Redis).  With curve, a search needs the read right, as on lmdb's nodes; a
 script's (n.search, the scripts key) needs the Redis login its request was
-handed, which only a caller with read or write gets.
+handed and the read proof beside it, which only a caller with read gets.
 """
 from __future__ import annotations
 
@@ -131,14 +131,16 @@ class SearchNode:
             handler(req)
 
     def refusal(self, req: sp.StorageRequest, user: str | None) -> str | None:
-        """With curve: the read right; the scripts key acts only for a caller, with
-        the Redis login its request was handed (srw-read or srw-write: a caller
-        with read or write; core/redis_auth.py)."""
+        """With curve: the read right; the scripts key acts only for a caller that
+        may read: the Redis login its request was handed and the read proof
+        handed with it (core/redis_auth.py read_proof; srw-write alone is handed
+        to callers that may write but not read)."""
         identity = self.keyring.identity(user)
         if identity is None or identity.name != "scripts":
             return self.keyring.refusal(user, ("read",), req.name)
         login = capability.parse_redis_grant(req.capability)
-        if login is None or not redis_auth.is_script_login(self.indexer.auth, login):
+        if login is None or not redis_auth.may_read(
+                self.indexer.auth, login, capability.redis_read_proof(req.capability)):
             return "a script's search needs a caller that may read"
         return None
 

@@ -234,6 +234,39 @@ def test_only_a_login_handed_to_scripts_may_search_for_one():
     assert parse_redis_grant(b"") is None and parse_redis_grant(b"\x01token") is None
 
 
+def test_a_scripts_search_in_redis_mode_needs_a_caller_that_may_read():
+    """srw-write is handed to a caller with `write` alone too (Redis's ACL cannot
+    split reading from writing), so the search front-end asks the grant for the
+    read proof its worker adds only for a caller with `read`."""
+    from types import SimpleNamespace
+    from core import capability
+    from core import protocol as bp
+    from runtime.grantor import RedisGrantor
+    from storage.search_node import SearchNode
+    srw = ("srw", "f" * 64)
+    grantor = RedisGrantor.__new__(RedisGrantor)
+    grantor.credentials, grantor.definers, grantor.warned = srw, {}, set()
+    scripts = SimpleNamespace(identity=lambda user: SimpleNamespace(name="scripts"))
+    front = SimpleNamespace(keyring=scripts, indexer=SimpleNamespace(auth=srw))
+
+    def refusal(rights) -> str | None:
+        meta = bp.ExecMeta(name="search.py", rights=rights)
+        token, _ = grantor.grant(b"job", meta, None, time.time() + 5)
+        req = SimpleNamespace(capability=token, name="search")
+        return SearchNode.refusal(front, req, "scripts-user")
+
+    assert refusal(("read",)) is None and refusal(("read", "write")) is None
+    assert "may read" in refusal(("write",))           # srw-write, no proof
+    assert "may read" in refusal(("exec",))            # no login at all
+    write_only, _ = grantor.grant(b"job", bp.ExecMeta(name="s", rights=("write",)), None, 0)
+    reader, _ = grantor.grant(b"job", bp.ExecMeta(name="s", rights=("read",)), None, 0)
+    # A proof is bound to its login: srw-read's does not make srw-write's a reader's.
+    forged = write_only + b"\0" + capability.redis_read_proof(reader).encode()
+    req = SimpleNamespace(capability=forged, name="search")
+    assert SearchNode.refusal(front, req, "scripts-user") is not None
+    assert capability.parse_redis_grant(reader)[0] == "srw-read"   # the login still parses
+
+
 def test_lang_rides_the_indexed_write_and_old_rows_still_read():
     from storage import protocol as sp
     from storage import store

@@ -125,6 +125,27 @@ def test_remove_and_rewrite_change_what_is_found(rs):
     assert session.write("gone2", b"steadfast wombat", index=True)[0].ok
     wait_found(session, "quokka", set())
     wait_found(session, "wombat", {"gone2"})
+    # A plain (unindexed) overwrite takes the document out of the index, as in lmdb mode.
+    assert session.write("gone2", b"plain numbat")[0].ok
+    wait_found(session, "wombat", set())
+    wait_found(session, "numbat", set())
+    assert session.read("gone2") == b"plain numbat"
+
+
+def test_a_custom_index_script_is_not_run_in_redis_mode(rs):
+    """The text indexed is the value's own UTF-8 text (README: a slot is indexed
+    again from Redis on every failover, reshard and restart, by a thread of the
+    search front-end, with no runner)."""
+    _, srw, session = rs
+    index = srw.history / "index.py"
+    shipped = index.read_text()
+    index.write_text("__return_data = b'scriptword'\n")
+    try:
+        assert session.write("custom-ix", b"valueword here", index=True)[0].ok
+        wait_found(session, "valueword", {"custom-ix"})
+        assert found(session, "scriptword", set())
+    finally:
+        index.write_text(shipped)
 
 
 def test_what_a_script_may_write_cannot_break_or_lie_to_the_indexer(rs):
