@@ -461,10 +461,7 @@ class FsClient:
         an entry cannot hold (readers would find the directory's entry bad and
         answer EIO).  A directory's go into its own object."""
         fields = {k: v for k, v in fields.items() if v is not None}
-        try:
-            shape.entry(list(entry._replace(**fields)))
-        except shape.BadShape:
-            raise FsError(errno.EINVAL, path) from None
+        self.check(path, entry._replace(**fields))
         if entry.is_dir:
             fields.pop("size", None)
             reply = self.call(entry.ino, "dirattr", path, base=base(entry), **fields)
@@ -477,6 +474,14 @@ class FsClient:
         if reply["entry"].linked:       # linked since `entry` was read: its inode holds them
             return self.setattr(path, reply["entry"], **fields)
         return reply["entry"]
+
+    @staticmethod
+    def check(path: str, entry: Entry) -> None:
+        """EINVAL for an entry no directory can hold (a time or id out of range)."""
+        try:
+            shape.entry(list(entry))
+        except shape.BadShape:
+            raise FsError(errno.EINVAL, path) from None
 
     def _node_reply(self, reply: dict, entry: Entry, path: str) -> Entry:
         try:

@@ -44,6 +44,7 @@ BLOCK = 4096
 DIRTY = 8       # changed chunks an open file holds before writing the oldest out
 SENDING = 2     # chunks written out, not yet stored, per open file (write-behind)
 CACHED = 4      # chunks read, kept per open file (re-reads of a chunk are free)
+VERSIONS = 4096     # files whose version the kernel's cached pages are of (see kept)
 # What utimensat's UTIME_NOW and UTIME_OMIT reach utimens as (libfuse passes
 # tv_sec 0 and the marker in tv_nsec; mfusepy gives sec * 1e9 + nsec).
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
@@ -103,14 +104,22 @@ class Inode:
     entry: Entry
     size: int
     opens: int = 0
-    mtime: float | None = None     # to store at flush (a write, or utimens)
-    ctime: float | None = None     # likewise (a write or truncate)
+    # Attributes to store at flush, with the size (mtime and ctime of a write or
+    # truncate; mode, owner and times set on the open file): one exec at close
+    # for what tar -x and cp -a set one call at a time.
+    changes: dict = field(default_factory=dict)
     next_read: int = 0             # where the last read ended: the next is sequential
     dirty: OrderedDict = field(default_factory=OrderedDict)    # n -> bytearray (bytes: whole)
     sending: OrderedDict = field(default_factory=OrderedDict)  # n -> (Future, bytearray)
     clean: OrderedDict = field(default_factory=OrderedDict)    # n -> bytes, LRU
     ahead: tuple | None = None     # (n, Future): the chunk a sequential read comes to next
     failed: Exception | None = None    # a write-out that failed: EIO at the next call
+
+
+def version(entry: Entry) -> tuple:
+    """What changes whenever a file's contents do, by any client (a write
+    stamps mtime and ctime, a utimens ctime)."""
+    return entry.mtime, entry.ctime, entry.size
 
 
 @errors_at_the_call
@@ -122,19 +131,18 @@ class SrwOperations(mfusepy.Operations):
         self.inodes: dict[str, Inode] = {}     # ino -> state, while open
         self.files: dict[int, str] = {}        # fh -> ino
         self.next_fh = 1
+        # ino -> version (stored mtime, ctime, size) the kernel's pages of it are
+        # of, LRU; and the handles opened on such a version (``_kept``).
+        self.versions: OrderedDict = OrderedDict()
+        self.keep: set[int] = set()
 
     # Attributes ------------------------------------------------------------------
 
     def getattr(self, path, fh=None):
         entry, links = self.fs.stat_links(path)
         inode = self.inodes.get(entry.ino)
-        if inode is not None:       # an open file: its size and mtime are here first
-            pending = {"size": inode.size}
-            if inode.mtime is not None:
-                pending["mtime"] = inode.mtime
-            if inode.ctime is not None:
-                pending["ctime"] = inode.ctime
-            return self._attrs(entry._replace(**pending))
+        if inode is not None:       # an open file: its size and changes are here first
+            return self._attrs(entry._replace(size=inode.size, **inode.changes), links)
         return self._attrs(entry, links)
 
     def _attrs(self, entry: Entry, links: int = 1) -> dict:
@@ -158,13 +166,25 @@ class SrwOperations(mfusepy.Operations):
         return entry.extra
 
     def chmod(self, path, mode):
-        self.fs.setattr(path, self.fs.stat(path), mode=stat.S_IMODE(mode), ctime=time.time())
+        self._setattr(path, self.fs.stat(path), mode=stat.S_IMODE(mode), ctime=time.time())
 
     def chown(self, path, uid, gid):
         """-1 (as the unsigned 2**32-1 too) leaves that id as it is."""
         uid = None if uid in (-1, NO_ID) else uid
         gid = None if gid in (-1, NO_ID) else gid
-        self.fs.setattr(path, self.fs.stat(path), uid=uid, gid=gid, ctime=time.time())
+        self._setattr(path, self.fs.stat(path), uid=uid, gid=gid, ctime=time.time())
+
+    def _setattr(self, path: str, entry: Entry, **fields) -> None:
+        """Attributes of a file open here are kept with it and stored at its
+        flush, with its size (checked now: EINVAL at this call); any other
+        entry's are stored now."""
+        inode = self.inodes.get(entry.ino)
+        if inode is None:
+            self.fs.setattr(path, entry, **fields)
+            return
+        changes = {**inode.changes, **{k: v for k, v in fields.items() if v is not None}}
+        self.fs.check(path, entry._replace(size=inode.size, **changes))
+        inode.changes = changes
 
     def utimens(self, path, times=None):
         now = time.time()
@@ -173,11 +193,7 @@ class SrwOperations(mfusepy.Operations):
         mtime = None if mtime == UTIME_OMIT else now if mtime == UTIME_NOW else mtime / 1e9
         if atime is None and mtime is None:
             return
-        entry = self.fs.stat(path)
-        inode = self.inodes.get(entry.ino)
-        if inode is not None and mtime is not None:
-            inode.mtime = mtime     # open (cp -a, tar -x set it before close): kept at flush
-        self.fs.setattr(path, entry, atime=atime, mtime=mtime, ctime=now)
+        self._setattr(path, self.fs.stat(path), atime=atime, mtime=mtime, ctime=now)
 
     def statfs(self, path):
         return {"f_bsize": BLOCK, "f_frsize": BLOCK, "f_blocks": 1 << 30,
@@ -236,9 +252,28 @@ class SrwOperations(mfusepy.Operations):
         if entry.is_dir:
             raise FsError(errno.EISDIR, path)
         fh = self._open(path, entry)
+        if self.versions.get(entry.ino) == version(entry) and not flags & os.O_TRUNC:
+            self.keep.add(fh)
+        self._seen(entry)
         if flags & os.O_TRUNC:
             self._truncate(self.inodes[entry.ino], 0)
         return fh
+
+    def _kept(self, fh: int) -> bool:
+        """Whether the kernel may keep the pages it holds of the file just opened
+        as `fh` (close-to-open, as NFS): only if they are of the version now
+        stored, the one this mount last opened or closed it at.  Otherwise
+        the kernel drops them, and a file another client changed is read anew."""
+        kept = fh in self.keep
+        self.keep.discard(fh)
+        return kept
+
+    def _seen(self, entry: Entry) -> None:
+        """The kernel's pages of `entry.ino` are of its version now."""
+        self.versions[entry.ino] = version(entry)
+        self.versions.move_to_end(entry.ino)
+        if len(self.versions) > VERSIONS:
+            self.versions.popitem(last=False)
 
     def _open(self, path: str, entry: Entry) -> int:
         inode = self.inodes.get(entry.ino)
@@ -321,7 +356,7 @@ class SrwOperations(mfusepy.Operations):
                 chunk[at:at + take] = view[done:done + take]
             done += take
         inode.size = max(inode.size, end)
-        inode.mtime = inode.ctime = time.time()
+        inode.changes.update(mtime=(now := time.time()), ctime=now)
         self._write_out(inode, keep=DIRTY)
         return len(data)
 
@@ -404,31 +439,46 @@ class SrwOperations(mfusepy.Operations):
                     del cached[k]
             self.fs.drop_chunks(inode.entry.ino, first_gone, inode.size)
         inode.size = length
-        inode.mtime = inode.ctime = time.time()
+        inode.changes.update(mtime=(now := time.time()), ctime=now)
 
     def flush(self, path, fh):
         inode = self.inodes[self.files[fh]]
         self._write_out(inode)
         self._settle(inode)
         self._raise_failed(inode)
-        if inode.mtime is not None or inode.size != inode.entry.size:
+        if inode.changes or inode.size != inode.entry.size:
             inode.entry = self.fs.setattr(inode.path, inode.entry, size=inode.size,
-                                          mtime=inode.mtime, ctime=inode.ctime)
-            inode.mtime = inode.ctime = None
+                                          **inode.changes)
+            inode.changes = {}
 
     def fsync(self, path, datasync, fh):
         self.flush(path, fh)
 
     def release(self, path, fh):
-        ino = self.files[fh]
+        ino, flushed = self.files[fh], False
         try:
             self.flush(path, fh)
+            flushed = True
         finally:
             del self.files[fh]
             inode = self.inodes[ino]
             inode.opens -= 1
             if inode.opens == 0:
                 del self.inodes[ino]
+            if flushed:         # what the kernel wrote through to its pages is stored
+                self._seen(inode.entry)
+            else:
+                self.versions.pop(ino, None)
+
+
+class Fuse(mfusepy.FUSE):
+    """mfusepy's FUSE, telling the kernel at each open whether it may keep the
+    pages it holds of the file (``SrwOperations._kept``)."""
+
+    def open(self, path, fip):
+        status = super().open(path, fip)
+        fip.contents.keep_cache = self.operations._kept(fip.contents.fh)
+        return status
 
 
 def mount(session_factory, mountpoint: str, allow_other: bool = False,
@@ -456,7 +506,7 @@ def mount(session_factory, mountpoint: str, allow_other: bool = False,
             options = {"allow_other": True} if allow_other else {}
             if attr_timeout != 1.0:
                 options["attr_timeout"] = attr_timeout
-            mfusepy.FUSE(operations, mountpoint, foreground=True, nothreads=True, use_ino=True,
+            Fuse(operations, mountpoint, foreground=True, nothreads=True, use_ino=True,
                          fsname="srw", default_permissions=default_permissions, **options)
         except RuntimeError as exc:   # fuse_main's non-zero status
             if exc.args == (ENDED_BY_SIGNAL,):
