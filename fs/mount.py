@@ -103,6 +103,8 @@ class Inode:
     path: str
     entry: Entry
     size: int
+    links: int | None = None       # its link count, while no link or unlink since
+    walked: float = 0.0            # when its path was last resolved (time.monotonic)
     opens: int = 0
     # Attributes to store at flush, with the size (mtime and ctime of a write or
     # truncate; mode, owner and times set on the open file): one exec at close
@@ -126,8 +128,8 @@ def version(entry: Entry) -> tuple:
 class SrwOperations(mfusepy.Operations):
     use_ns = True   # utimens in nanoseconds
 
-    def __init__(self, fs: FsClient, courier: Courier):
-        self.fs, self.courier = fs, courier
+    def __init__(self, fs: FsClient, courier: Courier, attr_timeout: float = 1.0):
+        self.fs, self.courier, self.attr_timeout = fs, courier, attr_timeout
         self.inodes: dict[str, Inode] = {}     # ino -> state, while open
         self.files: dict[int, str] = {}        # fh -> ino
         self.next_fh = 1
@@ -139,11 +141,30 @@ class SrwOperations(mfusepy.Operations):
     # Attributes ------------------------------------------------------------------
 
     def getattr(self, path, fh=None):
-        entry, links = self.fs.stat_links(path)
-        inode = self.inodes.get(entry.ino)
-        if inode is not None:       # an open file: its size and changes are here first
-            return self._attrs(entry._replace(size=inode.size, **inode.changes), links)
-        return self._attrs(entry, links)
+        """A file open here is answered from what this mount holds of it (the
+        entry as opened or last flushed, and the changes since) with no walk,
+        while its path was resolved within the attribute timeout (``_fresh``)."""
+        inode = self._fresh(path, fh)
+        if inode is None:
+            entry, links = self.fs.stat_links(path)
+            inode = self.inodes.get(entry.ino)
+            if inode is None:
+                return self._attrs(entry, links)
+            inode.links, inode.walked = links, time.monotonic()
+        return self._attrs(inode.entry._replace(size=inode.size, **inode.changes), inode.links)
+
+    def _fresh(self, path: str, fh: int | None) -> Inode | None:
+        """The open file of handle `fh`, or at `path`, if its path was resolved
+        less than the attribute timeout ago (the time the kernel itself keeps a
+        name and its attributes) and its link count is known: tar -x, cp -a
+        and libfuse's answers after each change then cost no walk."""
+        inode = self.inodes.get(self.files.get(fh))
+        if inode is None:
+            inode = next((i for i in self.inodes.values() if i.path == path), None)
+        if inode is None or inode.links is None or \
+                time.monotonic() - inode.walked >= self.attr_timeout:
+            return None
+        return inode
 
     def _attrs(self, entry: Entry, links: int = 1) -> dict:
         size, mtime = entry.size, entry.mtime
@@ -165,19 +186,22 @@ class SrwOperations(mfusepy.Operations):
             raise FsError(errno.EINVAL, path)
         return entry.extra
 
-    def chmod(self, path, mode):
-        self._setattr(path, self.fs.stat(path), mode=stat.S_IMODE(mode), ctime=time.time())
+    def chmod(self, path, mode, fh=None):
+        self._setattr(path, fh, mode=stat.S_IMODE(mode), ctime=time.time())
 
-    def chown(self, path, uid, gid):
+    def chown(self, path, uid, gid, fh=None):
         """-1 (as the unsigned 2**32-1 too) leaves that id as it is."""
         uid = None if uid in (-1, NO_ID) else uid
         gid = None if gid in (-1, NO_ID) else gid
-        self._setattr(path, self.fs.stat(path), uid=uid, gid=gid, ctime=time.time())
+        self._setattr(path, fh, uid=uid, gid=gid, ctime=time.time())
 
-    def _setattr(self, path: str, entry: Entry, **fields) -> None:
+    def _setattr(self, path: str, fh: int | None, **fields) -> None:
         """Attributes of a file open here are kept with it and stored at its
         flush, with its size (checked now: EINVAL at this call); any other
-        entry's are stored now."""
+        entry's are stored now.  Given a handle (fchmod, fchown, futimens),
+        its file needs no walk."""
+        inode = self._fresh(path, fh)
+        entry = inode.entry if inode is not None else self.fs.stat(path)
         inode = self.inodes.get(entry.ino)
         if inode is None:
             self.fs.setattr(path, entry, **fields)
@@ -186,14 +210,14 @@ class SrwOperations(mfusepy.Operations):
         self.fs.check(path, entry._replace(size=inode.size, **changes))
         inode.changes = changes
 
-    def utimens(self, path, times=None):
+    def utimens(self, path, times=None, fh=None):
         now = time.time()
         atime, mtime = (UTIME_NOW, UTIME_NOW) if times is None else times
         atime = None if atime == UTIME_OMIT else now if atime == UTIME_NOW else atime / 1e9
         mtime = None if mtime == UTIME_OMIT else now if mtime == UTIME_NOW else mtime / 1e9
         if atime is None and mtime is None:
             return
-        self._setattr(path, self.fs.stat(path), atime=atime, mtime=mtime, ctime=now)
+        self._setattr(path, fh, atime=atime, mtime=mtime, ctime=now)
 
     def statfs(self, path):
         return {"f_bsize": BLOCK, "f_frsize": BLOCK, "f_blocks": 1 << 30,
@@ -216,7 +240,13 @@ class SrwOperations(mfusepy.Operations):
 
     def link(self, target, source):
         """mfusepy's order: the new name `target`, for the file at `source`."""
+        self._forget_links()
         self.fs.link(source, target)
+
+    def _forget_links(self) -> None:
+        """Link counts of open files are read anew after a link, unlink or rename."""
+        for inode in self.inodes.values():
+            inode.links = None
 
     def symlink(self, target, source):
         """mfusepy's order: the link `target` made, pointing at `source`."""
@@ -226,10 +256,12 @@ class SrwOperations(mfusepy.Operations):
         self.fs.rmdir(path)
 
     def unlink(self, path):
+        self._forget_links()
         self._settle_all()
         self.fs.unlink(path)
 
     def rename(self, old, new):
+        self._forget_links()
         self._settle_all()      # a file it replaces loses its chunks
         self.fs.rename(old, new)
         for inode in self.inodes.values():     # open files follow their name
@@ -242,16 +274,19 @@ class SrwOperations(mfusepy.Operations):
         entry = self.fs.create(path, stat.S_IMODE(mode), exclusive=bool(flags & os.O_EXCL),
                                owner=owner())
         fh = self._open(path, entry)
+        if not entry.linked:
+            self.inodes[entry.ino].links = 1
         if entry.size:     # an existing file, created without O_EXCL: O_TRUNC still applies
             if flags & os.O_TRUNC:
                 self._truncate(self.inodes[entry.ino], 0)
         return fh
 
     def open(self, path, flags):
-        entry = self.fs.stat(path)
+        entry, links = self.fs.stat_links(path)
         if entry.is_dir:
             raise FsError(errno.EISDIR, path)
         fh = self._open(path, entry)
+        self.inodes[entry.ino].links = links
         if self.versions.get(entry.ino) == version(entry) and not flags & os.O_TRUNC:
             self.keep.add(fh)
         self._seen(entry)
@@ -276,10 +311,12 @@ class SrwOperations(mfusepy.Operations):
             self.versions.popitem(last=False)
 
     def _open(self, path: str, entry: Entry) -> int:
+        """A handle on the file at `path`, just resolved to `entry`."""
         inode = self.inodes.get(entry.ino)
         if inode is None:
             inode = self.inodes[entry.ino] = Inode(path, entry, entry.size)
         inode.opens += 1
+        inode.walked = time.monotonic()
         fh, self.next_fh = self.next_fh, self.next_fh + 1
         self.files[fh] = entry.ino
         return fh
@@ -480,6 +517,26 @@ class Fuse(mfusepy.FUSE):
         fip.contents.keep_cache = self.operations._kept(fip.contents.fh)
         return status
 
+    # fchmod, fchown, futimens: their handle too (mfusepy passes only the path).
+
+    def chmod_fuse_3(self, path, mode, fip):
+        return self.operations.chmod(self._path(path), mode, _fh(fip))
+
+    def chown_fuse_3(self, path, uid, gid, fip):
+        return self.operations.chown(self._path(path), uid, gid, _fh(fip))
+
+    def utimens_fuse_3(self, path, buf, fip):
+        times = None if not buf else (mfusepy.time_of_timespec(buf.contents.actime, use_ns=True),
+                                      mfusepy.time_of_timespec(buf.contents.modtime, use_ns=True))
+        return self.operations.utimens(self._path(path), times, _fh(fip))
+
+    def _path(self, path: bytes | None) -> str | None:
+        return None if path is None else path.decode(self.encoding, self.errors)
+
+
+def _fh(fip) -> int | None:
+    return fip.contents.fh if fip else None
+
 
 def mount(session_factory, mountpoint: str, allow_other: bool = False,
           default_permissions: bool = False, attr_timeout: float = 1.0) -> int:
@@ -499,7 +556,7 @@ def mount(session_factory, mountpoint: str, allow_other: bool = False,
                   "a file chunk (fs/client.py CHUNK): raise it to mount", file=sys.stderr)
             return 1
         courier = Courier(session_factory)
-        operations = SrwOperations(FsClient(session), courier)
+        operations = SrwOperations(FsClient(session), courier, attr_timeout)
         try:
             if not 0 <= attr_timeout <= 3600:
                 raise FsError(errno.EINVAL, f"--attr-timeout {attr_timeout}: 0 to 3600 s")
@@ -507,7 +564,7 @@ def mount(session_factory, mountpoint: str, allow_other: bool = False,
             if attr_timeout != 1.0:
                 options["attr_timeout"] = attr_timeout
             Fuse(operations, mountpoint, foreground=True, nothreads=True, use_ino=True,
-                         fsname="srw", default_permissions=default_permissions, **options)
+                 fsname="srw", default_permissions=default_permissions, **options)
         except RuntimeError as exc:   # fuse_main's non-zero status
             if exc.args == (ENDED_BY_SIGNAL,):
                 return 0              # Ctrl-C or SIGTERM: libfuse has unmounted
