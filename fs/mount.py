@@ -219,6 +219,12 @@ class SrwOperations(mfusepy.Operations):
             return
         self._setattr(path, fh, atime=atime, mtime=mtime, ctime=now)
 
+    def getxattr(self, path, name, position=0):
+        """No extended attributes.  ENOSYS, not mfusepy's ENOTSUP: the kernel
+        then stops asking (it asks for security.capability before every write)
+        and answers EOPNOTSUPP itself."""
+        raise FsError(errno.ENOSYS, path)
+
     def statfs(self, path):
         return {"f_bsize": BLOCK, "f_frsize": BLOCK, "f_blocks": 1 << 30,
                 "f_bfree": 1 << 30, "f_bavail": 1 << 30, "f_namemax": 255}
