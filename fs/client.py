@@ -243,15 +243,15 @@ class FsClient:
                     out[name] = value
         return out, misplaced
 
-    def parent(self, path: str) -> tuple[Entry, str]:
-        """(parent directory entry, with its own attributes; last name) of a
-        path that may not exist yet."""
+    def parent(self, path: str, attrs: bool = True) -> tuple[Entry, str]:
+        """(parent directory entry, with its own attributes unless not `attrs`
+        (one read less); last name) of a path that may not exist yet."""
         parts, parent = self.walk(path, follow_last=False)
         if not parts:
             raise FsError(errno.EEXIST, path)       # the root itself
         if not parent.is_dir:
             raise FsError(errno.ENOTDIR, path)
-        return own(parent, self.directory(parent.ino, path)), parts[-1]
+        return own(parent, self.directory(parent.ino, path)) if attrs else parent, parts[-1]
 
     def stat(self, path: str) -> Entry:
         return self.stat_links(path)[0]
@@ -469,7 +469,7 @@ class FsClient:
         if entry.linked:
             reply = self.call_inode(entry.ino, "iset", path, **fields)
             return self._node_reply(reply, entry, path)
-        parent, name = self.parent(path)
+        parent, name = self.parent(path, attrs=False)    # its ino alone
         reply = self.call(parent.ino, "setattr", path, name=name, ino=entry.ino, **fields)
         if reply["entry"].linked:       # linked since `entry` was read: its inode holds them
             return self.setattr(path, reply["entry"], **fields)
