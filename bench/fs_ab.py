@@ -8,7 +8,7 @@ against this one), and fs_bench.py's passthrough of a tmpfs directory; then,
 round after round, each of the three writes a file of `--mib` MiB, reads it
 back, and makes 1,000 random 4 KiB reads in it (fs_bench.py's rows), each
 read with the file's pages dropped from the kernel's cache first and then
-again as it is.  Taking
+again as it is; then `tar -x` of this repository's files.  Taking
 turns within one run puts both trees under the same load, which on a shared
 machine moves every figure more than any change; the medians of the
 per-round ratios to the passthrough are printed last.  Not part of the test
@@ -39,6 +39,16 @@ ROWS = (("write MB/s", fs_bench.big_write), ("read MB/s", fs_bench.cold(fs_bench
         ("read again MB/s", fs_bench.big_read),
         ("random 4 KiB ops/s", fs_bench.cold(random_reads)),
         ("random again ops/s", random_reads))
+TARBALL: list = []      # (this repository's tracked files as a tar, their count), made once
+
+
+def tar_x(folder: Path, size: int) -> float:
+    """`tar -x` of this repository (fs_bench.source_tar) into a fresh directory."""
+    shutil.rmtree(folder / "src", ignore_errors=True)
+    return fs_bench.untar(folder, *TARBALL)
+
+
+ROWS += (("tar -x files/s", tar_x),)
 
 
 def start(tree: Path, procs: list, roots: list) -> Path:
@@ -104,6 +114,7 @@ def main() -> int:
         mounts["old"] = start(args.old.resolve(), procs, roots)
         mounts["new"] = start(args.new.resolve(), procs, roots)
         mounts["passthrough"] = passthrough(procs, roots)
+        TARBALL.extend(fs_bench.source_tar(roots[0]))   # a plain directory
         measure(mounts, args.mib << 20, args.rounds)
     finally:
         for mnt in mounts.values():
