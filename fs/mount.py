@@ -105,6 +105,7 @@ class Inode:
     size: int
     links: int | None = None       # its link count, while no link or unlink since
     walked: float = 0.0            # when its path was last resolved (time.monotonic)
+    pages: tuple = ()              # the version the kernel's pages of it are of (version)
     opens: int = 0
     # Attributes to store at flush, with the size (mtime and ctime of a write or
     # truncate; mode, owner and times set on the open file): one exec at close
@@ -150,7 +151,7 @@ class SrwOperations(mfusepy.Operations):
             inode = self.inodes.get(entry.ino)
             if inode is None:
                 return self._attrs(entry, links)
-            inode.links, inode.walked = links, time.monotonic()
+            inode.entry, inode.links, inode.walked = entry, links, time.monotonic()
         return self._attrs(inode.entry._replace(size=inode.size, **inode.changes), inode.links)
 
     def _fresh(self, path: str, fh: int | None) -> Inode | None:
@@ -206,6 +207,7 @@ class SrwOperations(mfusepy.Operations):
         if inode is None:
             self.fs.setattr(path, entry, **fields)
             return
+        inode.entry = entry     # as stored now, if just walked
         changes = {**inode.changes, **{k: v for k, v in fields.items() if v is not None}}
         self.fs.check(path, entry._replace(size=inode.size, **changes))
         inode.changes = changes
@@ -295,7 +297,7 @@ class SrwOperations(mfusepy.Operations):
         self.inodes[entry.ino].links = links
         if self.versions.get(entry.ino) == version(entry) and not flags & os.O_TRUNC:
             self.keep.add(fh)
-        self._seen(entry)
+        self._seen(entry.ino, version(entry))
         if flags & os.O_TRUNC:
             self._truncate(self.inodes[entry.ino], 0)
         return fh
@@ -309,10 +311,10 @@ class SrwOperations(mfusepy.Operations):
         self.keep.discard(fh)
         return kept
 
-    def _seen(self, entry: Entry) -> None:
-        """The kernel's pages of `entry.ino` are of its version now."""
-        self.versions[entry.ino] = version(entry)
-        self.versions.move_to_end(entry.ino)
+    def _seen(self, ino: str, pages: tuple) -> None:
+        """The kernel's pages of file `ino` are of version `pages` now."""
+        self.versions[ino] = pages
+        self.versions.move_to_end(ino)
         if len(self.versions) > VERSIONS:
             self.versions.popitem(last=False)
 
@@ -322,7 +324,7 @@ class SrwOperations(mfusepy.Operations):
         if inode is None:
             inode = self.inodes[entry.ino] = Inode(path, entry, entry.size)
         inode.opens += 1
-        inode.walked = time.monotonic()
+        inode.walked, inode.pages = time.monotonic(), version(entry)    # kept, or read anew
         fh, self.next_fh = self.next_fh, self.next_fh + 1
         self.files[fh] = entry.ino
         return fh
@@ -492,7 +494,7 @@ class SrwOperations(mfusepy.Operations):
         if inode.changes or inode.size != inode.entry.size:
             inode.entry = self.fs.setattr(inode.path, inode.entry, size=inode.size,
                                           **inode.changes)
-            inode.changes = {}
+            inode.changes, inode.pages = {}, version(inode.entry)
 
     def fsync(self, path, datasync, fh):
         self.flush(path, fh)
@@ -509,7 +511,7 @@ class SrwOperations(mfusepy.Operations):
             if inode.opens == 0:
                 del self.inodes[ino]
             if flushed:         # what the kernel wrote through to its pages is stored
-                self._seen(inode.entry)
+                self._seen(ino, inode.pages)
             else:
                 self.versions.pop(ino, None)
 

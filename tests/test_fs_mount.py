@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import msgpack
@@ -245,6 +246,13 @@ def test_a_reread_is_served_by_the_kernel_until_another_client_changes_the_file(
     fs.write_data("/kept", fs.stat("/kept"), second)     # another client, same size
     assert (mnt / "kept").read_bytes() == second
     assert received(pid) - before > 3 * CHUNK
+    third = os.urandom(3 * CHUNK)          # changed while open here, and stat'd after it
+    with open(mnt / "kept", "rb") as held:
+        assert held.read() == second
+        fs.write_data("/kept", fs.stat("/kept"), third)
+        time.sleep(1.1)                    # past the attribute timeout: the stat walks
+        os.stat(mnt / "kept")
+    assert (mnt / "kept").read_bytes() == third
 
 
 def test_attributes_set_on_an_open_file_are_seen_at_once_and_stored_at_close(mnt, fs):
