@@ -8,7 +8,7 @@ sequential only its own bytes (a ranged read).  Each open file (``Inode``,
 shared by every handle on it in this mount) holds at most DIRTY changed,
 SENDING written out and CACHED read chunks, and one read ahead, whatever the
 offsets.  The waits for the store that the kernel need not see are the
-courier's (``fs/courier.py``, a thread of its own): changed chunks are handed
+courier's (``fs/courier.py``, threads of its own): changed chunks are handed
 to it when there are more than DIRTY (write-behind), and a sequential read
 has it fetch the next chunk (read-ahead).  At flush every changed chunk is
 stored, then the size and mtime (close-to-open, as NFS); a chunk written out
