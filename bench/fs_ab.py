@@ -6,7 +6,9 @@ Starts one node and one mount from each tree (`PYTHONPATH=<tree> srw serve`
 and `srw mount`, so e.g. a `git worktree add --detach` of the parent commit
 against this one), and fs_bench.py's passthrough of a tmpfs directory; then,
 round after round, each of the three writes a file of `--mib` MiB, reads it
-back, and makes 1,000 random 4 KiB reads in it (fs_bench.py's rows).  Taking
+back, and makes 1,000 random 4 KiB reads in it (fs_bench.py's rows), each
+read with the file's pages dropped from the kernel's cache first and then
+again as it is; then `tar -x` of this repository's files.  Taking
 turns within one run puts both trees under the same load, which on a shared
 machine moves every figure more than any change; the medians of the
 per-round ratios to the passthrough are printed last.  Not part of the test
@@ -26,8 +28,27 @@ from pathlib import Path
 import fs_bench
 from common import REPO, wait_for, write_config
 
-ROWS = (("write MB/s", fs_bench.big_write), ("read MB/s", fs_bench.big_read),
-        ("random 4 KiB ops/s", lambda folder, size: fs_bench.random_reads(folder, size, 1000)))
+def random_reads(folder: Path, size: int) -> float:
+    return fs_bench.random_reads(folder, size, 1000)
+
+
+# Each read row first drops the file's pages from the kernel's cache (the way to
+# the store: what the issue's targets are about); its "again" row reads the same
+# once more as it is (the page cache, if the mount keeps it from one open to the next).
+ROWS = (("write MB/s", fs_bench.big_write), ("read MB/s", fs_bench.cold(fs_bench.big_read)),
+        ("read again MB/s", fs_bench.big_read),
+        ("random 4 KiB ops/s", fs_bench.cold(random_reads)),
+        ("random again ops/s", random_reads))
+TARBALL: list = []      # (this repository's tracked files as a tar, their count), made once
+
+
+def tar_x(folder: Path, size: int) -> float:
+    """`tar -x` of this repository (fs_bench.source_tar) into a fresh directory."""
+    shutil.rmtree(folder / "src", ignore_errors=True)
+    return fs_bench.untar(folder, *TARBALL)
+
+
+ROWS += (("tar -x files/s", tar_x),)
 
 
 def start(tree: Path, procs: list, roots: list) -> Path:
@@ -68,8 +89,9 @@ def measure(mounts: dict[str, Path], size: int, rounds: int) -> None:
         for name, mnt in mounts.items():
             row = [measure_row(mnt, size) for measure_row in (f for _, f in ROWS)]
             results[name].append(row)
-            print(f"  {name:12}" + "".join(f"  {what} {value:8,.0f}"
-                                           for (what, _), value in zip(ROWS, row)), flush=True)
+            print(f"  {name:12}" + "".join(f"  {what.split()[0]}{'+' * ('again' in what)} "
+                                           f"{value:8,.0f}" for (what, _), value in zip(ROWS, row)),
+                  flush=True)
     print(f"load at the end {load()}; median of the per-round ratios to the passthrough:")
     for i, (what, _) in enumerate(ROWS):
         ratios = {name: statistics.median(results[name][r][i] / results["passthrough"][r][i]
@@ -92,6 +114,7 @@ def main() -> int:
         mounts["old"] = start(args.old.resolve(), procs, roots)
         mounts["new"] = start(args.new.resolve(), procs, roots)
         mounts["passthrough"] = passthrough(procs, roots)
+        TARBALL.extend(fs_bench.source_tar(roots[0]))   # a plain directory
         measure(mounts, args.mib << 20, args.rounds)
     finally:
         for mnt in mounts.values():

@@ -10,7 +10,9 @@ Python API, no kernel in between): creating N empty files in one directory,
 stat of each, listing a directory of `--big` entries (filled through
 FsClient), and writing and reading 1 MB files.  Then one large file
 (`--gib`, default 1 GiB): a sequential write and read (MB/s), random 4 KiB
-reads in it (ops/s), and `tar -x` of a source tree (this repository's
+reads in it (ops/s), each read first with the file's pages dropped from the
+kernel's cache (`uncached`) and then again as it is (the mount keeps them
+from one open to the next), and `tar -x` of a source tree (this repository's
 tracked files), each also through a minimal mfusepy passthrough of a tmpfs
 directory (`Passthrough` below, its own process): what any FUSE filesystem
 in Python pays.  First (`--huge`, default 100,000 entries; `--dirs-only` for
@@ -165,6 +167,25 @@ def big_read(folder: Path, size: int) -> float:
         finally:
             os.close(fd)
     return size / MB / timed(read)
+
+
+def uncached(folder: Path) -> None:
+    """Drop the kernel's pages of the large file (on every mount alike): a read
+    row then measures the way to the file's store, not the page cache, which
+    srw's mount keeps from one open to the next (close-to-open)."""
+    fd = os.open(folder / "large", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cold(measure):
+    """`measure(folder, size, ...)` with the large file's pages dropped first."""
+    def run(folder: Path, size: int, *args) -> float:
+        uncached(folder)
+        return measure(folder, size, *args)
+    return run
 
 
 def random_reads(folder: Path, size: int, n: int = 2000) -> float:
@@ -365,11 +386,14 @@ def large(args, mnt: Path, shm: Path) -> None:
         print(f"{'operation':34} {'mount':>12} {'tmpfs':>12} {'passthrough':>12}")
         results = {}
         for name, folder in (("mount", mnt), ("tmpfs", shm), ("passthrough", pmnt)):
-            results[name] = (big_write(folder, size), big_read(folder, size),
+            results[name] = (big_write(folder, size), cold(big_read)(folder, size),
+                             big_read(folder, size), cold(random_reads)(folder, size),
                              random_reads(folder, size), untar(folder, tarball, files))
         for i, (what, unit) in enumerate(((f"sequential write, {label}", "MB/s"),
                                           (f"sequential read, {label}", "MB/s"),
+                                          ("  read again (page cache kept?)", "MB/s"),
                                           (f"random 4 KiB reads in {label}", "ops/s"),
+                                          ("  the same again", "ops/s"),
                                           (f"tar -x of {files} files", "files/s"))):
             row3(what, results["mount"][i], results["tmpfs"][i], results["passthrough"][i],
                  unit)

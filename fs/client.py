@@ -243,15 +243,15 @@ class FsClient:
                     out[name] = value
         return out, misplaced
 
-    def parent(self, path: str) -> tuple[Entry, str]:
-        """(parent directory entry, with its own attributes; last name) of a
-        path that may not exist yet."""
+    def parent(self, path: str, attrs: bool = True) -> tuple[Entry, str]:
+        """(parent directory entry, with its own attributes unless not `attrs`
+        (one read less); last name) of a path that may not exist yet."""
         parts, parent = self.walk(path, follow_last=False)
         if not parts:
             raise FsError(errno.EEXIST, path)       # the root itself
         if not parent.is_dir:
             raise FsError(errno.ENOTDIR, path)
-        return own(parent, self.directory(parent.ino, path)), parts[-1]
+        return own(parent, self.directory(parent.ino, path)) if attrs else parent, parts[-1]
 
     def stat(self, path: str) -> Entry:
         return self.stat_links(path)[0]
@@ -461,10 +461,7 @@ class FsClient:
         an entry cannot hold (readers would find the directory's entry bad and
         answer EIO).  A directory's go into its own object."""
         fields = {k: v for k, v in fields.items() if v is not None}
-        try:
-            shape.entry(list(entry._replace(**fields)))
-        except shape.BadShape:
-            raise FsError(errno.EINVAL, path) from None
+        self.check(path, entry._replace(**fields))
         if entry.is_dir:
             fields.pop("size", None)
             reply = self.call(entry.ino, "dirattr", path, base=base(entry), **fields)
@@ -472,11 +469,19 @@ class FsClient:
         if entry.linked:
             reply = self.call_inode(entry.ino, "iset", path, **fields)
             return self._node_reply(reply, entry, path)
-        parent, name = self.parent(path)
+        parent, name = self.parent(path, attrs=False)    # its ino alone
         reply = self.call(parent.ino, "setattr", path, name=name, ino=entry.ino, **fields)
         if reply["entry"].linked:       # linked since `entry` was read: its inode holds them
             return self.setattr(path, reply["entry"], **fields)
         return reply["entry"]
+
+    @staticmethod
+    def check(path: str, entry: Entry) -> None:
+        """EINVAL for an entry no directory can hold (a time or id out of range)."""
+        try:
+            shape.entry(list(entry))
+        except shape.BadShape:
+            raise FsError(errno.EINVAL, path) from None
 
     def _node_reply(self, reply: dict, entry: Entry, path: str) -> Entry:
         try:

@@ -8,7 +8,7 @@ sequential only its own bytes (a ranged read).  Each open file (``Inode``,
 shared by every handle on it in this mount) holds at most DIRTY changed,
 SENDING written out and CACHED read chunks, and one read ahead, whatever the
 offsets.  The waits for the store that the kernel need not see are the
-courier's (``fs/courier.py``, a thread of its own): changed chunks are handed
+courier's (``fs/courier.py``, threads of its own): changed chunks are handed
 to it when there are more than DIRTY (write-behind), and a sequential read
 has it fetch the next chunk (read-ahead).  At flush every changed chunk is
 stored, then the size and mtime (close-to-open, as NFS); a chunk written out
@@ -44,6 +44,7 @@ BLOCK = 4096
 DIRTY = 8       # changed chunks an open file holds before writing the oldest out
 SENDING = 2     # chunks written out, not yet stored, per open file (write-behind)
 CACHED = 4      # chunks read, kept per open file (re-reads of a chunk are free)
+VERSIONS = 4096     # files whose version the kernel's cached pages are of (see kept)
 # What utimensat's UTIME_NOW and UTIME_OMIT reach utimens as (libfuse passes
 # tv_sec 0 and the marker in tv_nsec; mfusepy gives sec * 1e9 + nsec).
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
@@ -102,9 +103,14 @@ class Inode:
     path: str
     entry: Entry
     size: int
+    links: int | None = None       # its link count, while no link or unlink since
+    walked: float = 0.0            # when its path was last resolved (time.monotonic)
+    pages: tuple = ()              # the version the kernel's pages of it are of (version)
     opens: int = 0
-    mtime: float | None = None     # to store at flush (a write, or utimens)
-    ctime: float | None = None     # likewise (a write or truncate)
+    # Attributes to store at flush, with the size (mtime and ctime of a write or
+    # truncate; mode, owner and times set on the open file): one exec at close
+    # for what tar -x and cp -a set one call at a time.
+    changes: dict = field(default_factory=dict)
     next_read: int = 0             # where the last read ended: the next is sequential
     dirty: OrderedDict = field(default_factory=OrderedDict)    # n -> bytearray (bytes: whole)
     sending: OrderedDict = field(default_factory=OrderedDict)  # n -> (Future, bytearray)
@@ -113,29 +119,53 @@ class Inode:
     failed: Exception | None = None    # a write-out that failed: EIO at the next call
 
 
+def version(entry: Entry) -> tuple:
+    """What changes whenever a file's contents do, by any client (a write
+    stamps mtime and ctime, a utimens ctime)."""
+    return entry.mtime, entry.ctime, entry.size
+
+
 @errors_at_the_call
 class SrwOperations(mfusepy.Operations):
     use_ns = True   # utimens in nanoseconds
 
-    def __init__(self, fs: FsClient, courier: Courier):
-        self.fs, self.courier = fs, courier
+    def __init__(self, fs: FsClient, courier: Courier, attr_timeout: float = 1.0):
+        self.fs, self.courier, self.attr_timeout = fs, courier, attr_timeout
         self.inodes: dict[str, Inode] = {}     # ino -> state, while open
         self.files: dict[int, str] = {}        # fh -> ino
         self.next_fh = 1
+        # ino -> version (stored mtime, ctime, size) the kernel's pages of it are
+        # of, LRU; and the handles opened on such a version (``_kept``).
+        self.versions: OrderedDict = OrderedDict()
+        self.keep: set[int] = set()
 
     # Attributes ------------------------------------------------------------------
 
     def getattr(self, path, fh=None):
-        entry, links = self.fs.stat_links(path)
-        inode = self.inodes.get(entry.ino)
-        if inode is not None:       # an open file: its size and mtime are here first
-            pending = {"size": inode.size}
-            if inode.mtime is not None:
-                pending["mtime"] = inode.mtime
-            if inode.ctime is not None:
-                pending["ctime"] = inode.ctime
-            return self._attrs(entry._replace(**pending))
-        return self._attrs(entry, links)
+        """A file open here is answered from what this mount holds of it (the
+        entry as opened or last flushed, and the changes since) with no walk,
+        while its path was resolved within the attribute timeout (``_fresh``)."""
+        inode = self._fresh(path, fh)
+        if inode is None:
+            entry, links = self.fs.stat_links(path)
+            inode = self.inodes.get(entry.ino)
+            if inode is None:
+                return self._attrs(entry, links)
+            inode.entry, inode.links, inode.walked = entry, links, time.monotonic()
+        return self._attrs(inode.entry._replace(size=inode.size, **inode.changes), inode.links)
+
+    def _fresh(self, path: str, fh: int | None) -> Inode | None:
+        """The open file of handle `fh`, or at `path`, if its path was resolved
+        less than the attribute timeout ago (the time the kernel itself keeps a
+        name and its attributes) and its link count is known: tar -x, cp -a
+        and libfuse's answers after each change then cost no walk."""
+        inode = self.inodes.get(self.files.get(fh))
+        if inode is None:
+            inode = next((i for i in self.inodes.values() if i.path == path), None)
+        if inode is None or inode.links is None or \
+                time.monotonic() - inode.walked >= self.attr_timeout:
+            return None
+        return inode
 
     def _attrs(self, entry: Entry, links: int = 1) -> dict:
         size, mtime = entry.size, entry.mtime
@@ -157,27 +187,45 @@ class SrwOperations(mfusepy.Operations):
             raise FsError(errno.EINVAL, path)
         return entry.extra
 
-    def chmod(self, path, mode):
-        self.fs.setattr(path, self.fs.stat(path), mode=stat.S_IMODE(mode), ctime=time.time())
+    def chmod(self, path, mode, fh=None):
+        self._setattr(path, fh, mode=stat.S_IMODE(mode), ctime=time.time())
 
-    def chown(self, path, uid, gid):
+    def chown(self, path, uid, gid, fh=None):
         """-1 (as the unsigned 2**32-1 too) leaves that id as it is."""
         uid = None if uid in (-1, NO_ID) else uid
         gid = None if gid in (-1, NO_ID) else gid
-        self.fs.setattr(path, self.fs.stat(path), uid=uid, gid=gid, ctime=time.time())
+        self._setattr(path, fh, uid=uid, gid=gid, ctime=time.time())
 
-    def utimens(self, path, times=None):
+    def _setattr(self, path: str, fh: int | None, **fields) -> None:
+        """Attributes of a file open here are kept with it and stored at its
+        flush, with its size (checked now: EINVAL at this call); any other
+        entry's are stored now.  Given a handle (fchmod, fchown, futimens),
+        its file needs no walk."""
+        inode = self._fresh(path, fh)
+        entry = inode.entry if inode is not None else self.fs.stat(path)
+        inode = self.inodes.get(entry.ino)
+        if inode is None:
+            self.fs.setattr(path, entry, **fields)
+            return
+        inode.entry = entry     # as stored now, if just walked
+        changes = {**inode.changes, **{k: v for k, v in fields.items() if v is not None}}
+        self.fs.check(path, entry._replace(size=inode.size, **changes))
+        inode.changes = changes
+
+    def utimens(self, path, times=None, fh=None):
         now = time.time()
         atime, mtime = (UTIME_NOW, UTIME_NOW) if times is None else times
         atime = None if atime == UTIME_OMIT else now if atime == UTIME_NOW else atime / 1e9
         mtime = None if mtime == UTIME_OMIT else now if mtime == UTIME_NOW else mtime / 1e9
         if atime is None and mtime is None:
             return
-        entry = self.fs.stat(path)
-        inode = self.inodes.get(entry.ino)
-        if inode is not None and mtime is not None:
-            inode.mtime = mtime     # open (cp -a, tar -x set it before close): kept at flush
-        self.fs.setattr(path, entry, atime=atime, mtime=mtime, ctime=now)
+        self._setattr(path, fh, atime=atime, mtime=mtime, ctime=now)
+
+    def getxattr(self, path, name, position=0):
+        """No extended attributes.  ENOSYS, not mfusepy's ENOTSUP: the kernel
+        then stops asking (it asks for security.capability before every write)
+        and answers EOPNOTSUPP itself."""
+        raise FsError(errno.ENOSYS, path)
 
     def statfs(self, path):
         return {"f_bsize": BLOCK, "f_frsize": BLOCK, "f_blocks": 1 << 30,
@@ -200,7 +248,13 @@ class SrwOperations(mfusepy.Operations):
 
     def link(self, target, source):
         """mfusepy's order: the new name `target`, for the file at `source`."""
+        self._forget_links()
         self.fs.link(source, target)
+
+    def _forget_links(self) -> None:
+        """Link counts of open files are read anew after a link, unlink or rename."""
+        for inode in self.inodes.values():
+            inode.links = None
 
     def symlink(self, target, source):
         """mfusepy's order: the link `target` made, pointing at `source`."""
@@ -210,10 +264,12 @@ class SrwOperations(mfusepy.Operations):
         self.fs.rmdir(path)
 
     def unlink(self, path):
+        self._forget_links()
         self._settle_all()
         self.fs.unlink(path)
 
     def rename(self, old, new):
+        self._forget_links()
         self._settle_all()      # a file it replaces loses its chunks
         self.fs.rename(old, new)
         for inode in self.inodes.values():     # open files follow their name
@@ -226,25 +282,49 @@ class SrwOperations(mfusepy.Operations):
         entry = self.fs.create(path, stat.S_IMODE(mode), exclusive=bool(flags & os.O_EXCL),
                                owner=owner())
         fh = self._open(path, entry)
+        if not entry.linked:
+            self.inodes[entry.ino].links = 1
         if entry.size:     # an existing file, created without O_EXCL: O_TRUNC still applies
             if flags & os.O_TRUNC:
                 self._truncate(self.inodes[entry.ino], 0)
         return fh
 
     def open(self, path, flags):
-        entry = self.fs.stat(path)
+        entry, links = self.fs.stat_links(path)
         if entry.is_dir:
             raise FsError(errno.EISDIR, path)
         fh = self._open(path, entry)
+        self.inodes[entry.ino].links = links
+        if self.versions.get(entry.ino) == version(entry) and not flags & os.O_TRUNC:
+            self.keep.add(fh)
+        self._seen(entry.ino, version(entry))
         if flags & os.O_TRUNC:
             self._truncate(self.inodes[entry.ino], 0)
         return fh
 
+    def _kept(self, fh: int) -> bool:
+        """Whether the kernel may keep the pages it holds of the file just opened
+        as `fh` (close-to-open, as NFS): only if they are of the version now
+        stored, the one this mount last opened or closed it at.  Otherwise
+        the kernel drops them, and a file another client changed is read anew."""
+        kept = fh in self.keep
+        self.keep.discard(fh)
+        return kept
+
+    def _seen(self, ino: str, pages: tuple) -> None:
+        """The kernel's pages of file `ino` are of version `pages` now."""
+        self.versions[ino] = pages
+        self.versions.move_to_end(ino)
+        if len(self.versions) > VERSIONS:
+            self.versions.popitem(last=False)
+
     def _open(self, path: str, entry: Entry) -> int:
+        """A handle on the file at `path`, just resolved to `entry`."""
         inode = self.inodes.get(entry.ino)
         if inode is None:
             inode = self.inodes[entry.ino] = Inode(path, entry, entry.size)
         inode.opens += 1
+        inode.walked, inode.pages = time.monotonic(), version(entry)    # kept, or read anew
         fh, self.next_fh = self.next_fh, self.next_fh + 1
         self.files[fh] = entry.ino
         return fh
@@ -321,7 +401,7 @@ class SrwOperations(mfusepy.Operations):
                 chunk[at:at + take] = view[done:done + take]
             done += take
         inode.size = max(inode.size, end)
-        inode.mtime = inode.ctime = time.time()
+        inode.changes.update(mtime=(now := time.time()), ctime=now)
         self._write_out(inode, keep=DIRTY)
         return len(data)
 
@@ -404,31 +484,66 @@ class SrwOperations(mfusepy.Operations):
                     del cached[k]
             self.fs.drop_chunks(inode.entry.ino, first_gone, inode.size)
         inode.size = length
-        inode.mtime = inode.ctime = time.time()
+        inode.changes.update(mtime=(now := time.time()), ctime=now)
 
     def flush(self, path, fh):
         inode = self.inodes[self.files[fh]]
         self._write_out(inode)
         self._settle(inode)
         self._raise_failed(inode)
-        if inode.mtime is not None or inode.size != inode.entry.size:
+        if inode.changes or inode.size != inode.entry.size:
             inode.entry = self.fs.setattr(inode.path, inode.entry, size=inode.size,
-                                          mtime=inode.mtime, ctime=inode.ctime)
-            inode.mtime = inode.ctime = None
+                                          **inode.changes)
+            inode.changes, inode.pages = {}, version(inode.entry)
 
     def fsync(self, path, datasync, fh):
         self.flush(path, fh)
 
     def release(self, path, fh):
-        ino = self.files[fh]
+        ino, flushed = self.files[fh], False
         try:
             self.flush(path, fh)
+            flushed = True
         finally:
             del self.files[fh]
             inode = self.inodes[ino]
             inode.opens -= 1
             if inode.opens == 0:
                 del self.inodes[ino]
+            if flushed:         # what the kernel wrote through to its pages is stored
+                self._seen(ino, inode.pages)
+            else:
+                self.versions.pop(ino, None)
+
+
+class Fuse(mfusepy.FUSE):
+    """mfusepy's FUSE, telling the kernel at each open whether it may keep the
+    pages it holds of the file (``SrwOperations._kept``)."""
+
+    def open(self, path, fip):
+        status = super().open(path, fip)
+        fip.contents.keep_cache = self.operations._kept(fip.contents.fh)
+        return status
+
+    # fchmod, fchown, futimens: their handle too (mfusepy passes only the path).
+
+    def chmod_fuse_3(self, path, mode, fip):
+        return self.operations.chmod(self._path(path), mode, _fh(fip))
+
+    def chown_fuse_3(self, path, uid, gid, fip):
+        return self.operations.chown(self._path(path), uid, gid, _fh(fip))
+
+    def utimens_fuse_3(self, path, buf, fip):
+        times = None if not buf else (mfusepy.time_of_timespec(buf.contents.actime, use_ns=True),
+                                      mfusepy.time_of_timespec(buf.contents.modtime, use_ns=True))
+        return self.operations.utimens(self._path(path), times, _fh(fip))
+
+    def _path(self, path: bytes | None) -> str | None:
+        return None if path is None else path.decode(self.encoding, self.errors)
+
+
+def _fh(fip) -> int | None:
+    return fip.contents.fh if fip else None
 
 
 def mount(session_factory, mountpoint: str, allow_other: bool = False,
@@ -449,15 +564,15 @@ def mount(session_factory, mountpoint: str, allow_other: bool = False,
                   "a file chunk (fs/client.py CHUNK): raise it to mount", file=sys.stderr)
             return 1
         courier = Courier(session_factory)
-        operations = SrwOperations(FsClient(session), courier)
+        operations = SrwOperations(FsClient(session), courier, attr_timeout)
         try:
             if not 0 <= attr_timeout <= 3600:
                 raise FsError(errno.EINVAL, f"--attr-timeout {attr_timeout}: 0 to 3600 s")
             options = {"allow_other": True} if allow_other else {}
             if attr_timeout != 1.0:
                 options["attr_timeout"] = attr_timeout
-            mfusepy.FUSE(operations, mountpoint, foreground=True, nothreads=True, use_ino=True,
-                         fsname="srw", default_permissions=default_permissions, **options)
+            Fuse(operations, mountpoint, foreground=True, nothreads=True, use_ino=True,
+                 fsname="srw", default_permissions=default_permissions, **options)
         except RuntimeError as exc:   # fuse_main's non-zero status
             if exc.args == (ENDED_BY_SIGNAL,):
                 return 0              # Ctrl-C or SIGTERM: libfuse has unmounted

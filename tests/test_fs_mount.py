@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import msgpack
@@ -228,6 +229,53 @@ def test_random_reads_move_only_their_own_bytes(mnt, fs, mounted):
     asked = sum(size for _, size in reads)
     assert moved < asked + 64 * 1024, (moved, asked)   # whole chunks: over 6 MiB
     assert (mnt / "ranged").read_bytes() == data        # sequential: whole chunks
+
+
+def test_a_reread_is_served_by_the_kernel_until_another_client_changes_the_file(mnt, fs,
+                                                                               mounted):
+    """Close-to-open: the kernel keeps a file's pages from one open to the next
+    (a re-read moves nothing from the store) while the stored file is the one
+    it read; a write by another client, even of the same size, is read anew."""
+    first, second = os.urandom(3 * CHUNK), os.urandom(3 * CHUNK)
+    (mnt / "kept").write_bytes(first)
+    assert (mnt / "kept").read_bytes() == first
+    pid = mounted[1].pid
+    before = received(pid)
+    assert (mnt / "kept").read_bytes() == first
+    assert received(pid) - before < 64 * 1024            # the kernel's pages
+    fs.write_data("/kept", fs.stat("/kept"), second)     # another client, same size
+    assert (mnt / "kept").read_bytes() == second
+    assert received(pid) - before > 3 * CHUNK
+    third = os.urandom(3 * CHUNK)          # changed while open here, and stat'd after it
+    with open(mnt / "kept", "rb") as held:
+        assert held.read() == second
+        fs.write_data("/kept", fs.stat("/kept"), third)
+        time.sleep(1.1)                    # past the attribute timeout: the stat walks
+        os.stat(mnt / "kept")
+    assert (mnt / "kept").read_bytes() == third
+
+
+def test_attributes_set_on_an_open_file_are_seen_at_once_and_stored_at_close(mnt, fs):
+    """As tar -x does: write, futimens, fchown, fchmod, close.  The mount holds
+    them with the open file (stat and fstat see them) and stores them with its
+    size at the close."""
+    fd = os.open(mnt / "attrs", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, b"x" * 5000)
+        os.utime(fd, ns=(1_000_000_000_000_000_000, 1_100_000_000_000_000_000))
+        os.chown(fd, NOBODY, NOBODY)
+        os.chmod(fd, 0o4751)
+        for st in (os.fstat(fd), os.stat(mnt / "attrs")):
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
+                    st.st_mtime_ns) == (0o4751, NOBODY, NOBODY, 5000, 1_100_000_000_000_000_000)
+        with pytest.raises(OSError) as refused:     # no entry can hold it: at the call
+            os.utime(fd, (0, float(2 ** 35)))   # past shape.MTIME_LIMIT
+        assert refused.value.errno == errno.EINVAL
+    finally:
+        os.close(fd)
+    entry = fs.stat("/attrs")
+    assert (entry.mode, entry.uid, entry.gid, entry.size, entry.mtime) == \
+        (0o4751, NOBODY, NOBODY, 5000, 1_100_000_000)
 
 
 def test_a_chunk_written_out_that_fails_is_eio_at_a_later_write_or_close(mnt, cluster):
