@@ -173,8 +173,13 @@ async def drive(call, seconds: float, started) -> Run:
                 latencies.append(end - start)
 
     async def mark():
+        nonlocal warm_until, stop_at
         await asyncio.sleep(warm_until - time.perf_counter())
         started()
+        # The measured seconds start once started() returned (--counts: it starts
+        # perf, which on a loaded machine takes a while, blocking this loop).
+        warm_until = time.perf_counter()
+        stop_at = warm_until + seconds
 
     await asyncio.gather(mark(), *(loop() for _ in range(IN_FLIGHT)))
     latencies.sort()
