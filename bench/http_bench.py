@@ -33,12 +33,21 @@ With --tree DIR (repeatable), the proxy of another checkout (e.g. a
 same node, and its HTTP exec is a row of its own: old and new proxy measured
 in the same run.
 
+With --counts, also the context switches per request of each role (every
+thread's, from /proc/PID/task/*/status) and, where `perf` runs, its system
+calls per request (`perf stat -e raw_syscalls:sys_enter`, attached to the
+role's processes for the measured seconds; the counting costs the processes a
+little CPU, so the CPU columns of such a run read a little high).  The load
+column is the bench's own process: the aiohttp client (under wrk, "-").
+
 Usage: python bench/http_bench.py [--seconds 5] [--rounds 3] [--workers 2] [--tree DIR]
+                                  [--clients wrk,aiohttp,zmq] [--counts]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -164,8 +173,13 @@ async def drive(call, seconds: float, started) -> Run:
                 latencies.append(end - start)
 
     async def mark():
+        nonlocal warm_until, stop_at
         await asyncio.sleep(warm_until - time.perf_counter())
         started()
+        # The measured seconds start once started() returned (--counts: it starts
+        # perf, which on a loaded machine takes a while, blocking this loop).
+        warm_until = time.perf_counter()
+        stop_at = warm_until + seconds
 
     await asyncio.gather(mark(), *(loop() for _ in range(IN_FLIGHT)))
     latencies.sort()
@@ -250,6 +264,9 @@ def main() -> int:
     parser.add_argument("--tree", type=Path, action="append", default=[],
                         help="also run the proxy of this checkout (same node), as a row "
                              "of its own; repeatable")
+    parser.add_argument("--counts", action="store_true",
+                        help="also context switches and (with perf) system calls per "
+                             "request of each role")
     parser.add_argument("--baseline", nargs=4, metavar=("KIND", "HOST:PORT", "CONFIG", "REDIS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -369,12 +386,19 @@ def run(args, clients: list[str], config, listen: dict, script: Path,
     for url in {url for _, _, url, _ in todo if url}:
         check_reply(url)
     measured: dict[tuple[str, str], list[dict]] = {}
+    counter = Counts(procs) if args.counts else None
     for round_no in range(1, args.rounds + 1):
         # Paths alternate round by round, so a slow spell of the machine
         # does not land on one path only.
         for client, label, _, measure in todo:
             before = {}
-            result = measure(lambda: before.update(cpu_by_role(procs)))
+
+            def started():
+                before.update(cpu_by_role(procs))
+                if counter is not None:
+                    counter.start()
+            result = measure(started)
+            counted = counter.stop(result.requests) if counter is not None else None
             after = cpu_by_role(procs)
             cpu = {role: (after[role] - before[role]) / max(1, result.requests) * 1e6
                    for role in ROLES}
@@ -387,11 +411,20 @@ def run(args, clients: list[str], config, listen: dict, script: Path,
                            f"{cpu['load']:>5.0f} {row['front']:>5.0f} "
                            f"{cpu['redis-server']:>5.0f} {cpu['broker']:>6.0f} "
                            f"{cpu['worker']:>6.0f} {cpu['runner']:>6.0f}")
+            if counted is not None:
+                if client == "wrk":
+                    counted["load"] = (None, None)  # wrk is not the bench's process
+                row["counts"] = counts_line(client, label, counted)
             measured.setdefault((client, label), []).append(row)
             print(f"{row['line']}   (round {round_no})", flush=True)
     print(f"\nmedian round per path:\n{HEADER}")
     for runs in measured.values():
         print(sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]["line"])
+    if counter is not None:
+        print(f"\nper request, median round by req/s: context switches | system calls "
+              f"({'perf stat' if counter.perf else 'no perf: -'})\n{COUNTS_HEADER}")
+        for runs in measured.values():
+            print(sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]["counts"])
     for client in ("wrk", "aiohttp"):
         if (client, EXEC) in measured:
             print_ratios(client, measured)
@@ -424,6 +457,106 @@ def print_tree_ratios(client: str, measured: dict) -> None:
               f"{', '.join(f'{v:.2f}' for v in rates)} (median {statistics.median(rates):.2f}); "
               f"proxy CPU per request {', '.join(f'{v:.2f}' for v in cpus)} "
               f"(median {statistics.median(cpus):.2f})")
+
+
+COUNTED = ("load", "proxy", "bare", "redis handler", "broker", "worker", "runner")
+COUNTS_HEADER = (f"{'client':7} {'path':33}   switches: " + " ".join(
+    f"{r.split()[0][:6]:>6}" for r in COUNTED) + "   syscalls: " + " ".join(
+    f"{r.split()[0][:6]:>6}" for r in COUNTED))
+
+
+def counts_line(client: str, label: str, counted: dict) -> str:
+    def cell(v):
+        return f"{'-' if v is None else f'{v:.1f}':>6}"
+    return (f"{client:7} {label:33}             " + " ".join(cell(counted[r][0]) for r in COUNTED)
+            + "             " + " ".join(cell(counted[r][1]) for r in COUNTED))
+
+
+class Counts:
+    """Context switches and system calls per request of each role, over the
+    measured seconds (see the module's docstring, --counts)."""
+
+    def __init__(self, procs: list[subprocess.Popen]):
+        self.procs = procs
+        self.perf = shutil.which("perf") is not None and subprocess.run(
+            ["perf", "stat", "-e", "raw_syscalls:sys_enter", "true"],
+            capture_output=True).returncode == 0
+        self.pids: dict[str, list[int]] = {}
+        self.switches: dict[str, int] = {}
+        self.running: dict[str, tuple[subprocess.Popen, str]] = {}
+
+    def start(self) -> None:
+        self.pids = pids_by_role(self.procs)
+        self.switches = {role: switches(pids) for role, pids in self.pids.items()}
+        if not self.perf:
+            return
+        for role, pids in self.pids.items():
+            fd, out = tempfile.mkstemp(prefix="srw-http-bench-perf-")
+            os.close(fd)
+            self.running[role] = (subprocess.Popen(
+                ["perf", "stat", "-x,", "-o", out, "-e", "raw_syscalls:sys_enter",
+                 "-p", ",".join(map(str, pids))], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL), out)
+
+    def stop(self, requests: int) -> dict[str, tuple[float | None, float | None]]:
+        per = max(1, requests)
+        out = {role: (None, None) for role in COUNTED}
+        for role, pids in self.pids.items():
+            out[role] = ((switches(pids) - self.switches[role]) / per, None)
+        for role, (proc, path) in self.running.items():
+            proc.send_signal(signal.SIGINT)
+            proc.wait(10)
+            try:
+                with open(path) as f:
+                    calls = next(int(line.split(",")[0]) for line in f
+                                 if "raw_syscalls:sys_enter" in line)
+                out[role] = (out[role][0], calls / per)
+            except (OSError, StopIteration, ValueError):
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        self.running = {}
+        return out
+
+
+def pids_by_role(procs: list[subprocess.Popen]) -> dict[str, list[int]]:
+    """The live processes of each counted role: the descendants of `procs`, by
+    title, and this process as the load generator."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = proc_stat(int(entry))
+            if stat is not None:
+                parents.setdefault(stat[0], []).append(int(entry))
+    out: dict[str, list[int]] = {"load": [os.getpid()]}
+    todo = [proc.pid for proc in procs]
+    while todo:
+        pid = todo.pop()
+        todo += parents.get(pid, [])
+        role = role_of(pid)
+        if role in COUNTED:
+            out.setdefault(role, []).append(pid)
+    return out
+
+
+def switches(pids: list[int]) -> int:
+    """Voluntary and involuntary context switches so far of every thread of `pids`."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/status") as f:
+                    for line in f:
+                        if "ctxt_switches" in line:  # voluntary_ and nonvoluntary_
+                            total += int(line.split()[-1])
+            except OSError:
+                continue
+    return total
 
 
 def cpu_by_role(procs: list[subprocess.Popen]) -> dict[str, float]:

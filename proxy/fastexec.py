@@ -52,6 +52,7 @@ PREFIX = PATH + "?"
 TEXT = "text/plain; charset=utf-8"
 TARGETS_KEPT = 4096       # targets remembered by the request's path and query ...
 TARGET_CHARS_KEPT = 256   # ... up to this long: memory stays bounded whatever clients send
+HEADS_KEPT = 256          # response heads by (code, type, node headers): nodes x statuses
 SERVER = f"Server: {SERVER_SOFTWARE}\r\n\r\n".encode()  # as aiohttp's responses say
 
 
@@ -69,6 +70,7 @@ class FastExec:
         self.keep = not self.cluster.router.moves
         self.kept: dict[str, tuple[Route, str]] = {}  # request path -> target, oldest first
         self._date = (0, b"")
+        self._heads: dict[tuple, bytes] = {}  # status line to Content-Type, made once
 
     def target(self, path: str, url) -> tuple[Route, str]:
         """exec_target of the request's query; HTTPProblem if bad (never kept)."""
@@ -123,19 +125,29 @@ class FastExec:
 
     def reply(self, r: Result) -> tuple[int, bytes, bytes]:
         """(status, head, body) as app.single_reply answers `r`."""
-        node = "".join(f"{name}: {value}\r\n" for name, value in node_headers(r).items())
         if r.ok:
-            return 200, self.head(200, OCTETS, node, len(r.data)), r.data
-        return self.text(HTTP_STATUS.get(r.status, 500), describe(r), node)
+            return 200, self.head(200, OCTETS, r, len(r.data)), r.data
+        return self.text(HTTP_STATUS.get(r.status, 500), describe(r), r)
 
-    def text(self, code: int, message: str, extra: str = "") -> tuple[int, bytes, bytes]:
+    def text(self, code: int, message: str, r: Result | None = None
+             ) -> tuple[int, bytes, bytes]:
         body = (message.rstrip("\n") + "\n").encode()
-        return code, self.head(code, TEXT, extra, len(body)), body
+        return code, self.head(code, TEXT, r, len(body)), body
 
-    def head(self, code: int, content_type: str, extra: str, length: int) -> bytes:
-        return (f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\n{extra}Content-Type: "
-                f"{content_type}\r\nContent-Length: {length}\r\n").encode() + self.date() + \
-            SERVER
+    def head(self, code: int, content_type: str, r: Result | None, length: int) -> bytes:
+        """The response's head; its first lines, the same for every reply of one
+        node, status and type, are made once (a few us an exec)."""
+        which = (code, content_type) if r is None else (code, content_type, r.node, r.group,
+                                                         r.status)
+        start = self._heads.get(which)
+        if start is None:
+            node = "" if r is None else "".join(f"{name}: {value}\r\n"
+                                                for name, value in node_headers(r).items())
+            start = (f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\n{node}Content-Type: "
+                     f"{content_type}\r\n").encode()
+            if len(self._heads) < HEADS_KEPT:
+                self._heads[which] = start
+        return start + b"Content-Length: %d\r\n" % length + self.date() + SERVER
 
     def date(self) -> bytes:
         """The Date header, made once a second."""

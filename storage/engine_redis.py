@@ -60,7 +60,7 @@ class RedisEngine(Engine):
             self._router = None
             own = [config.node(script_node).redis] if script_node else []
             self.store = RedisStore(own + list(config.cluster.seeds), capabilities.redis_login,
-                                    timeout)
+                                    timeout, direct=own[0] if own else None)
 
     @classmethod
     def roles_of(cls, node: cfg.NodeSettings) -> tuple[str, ...]:

@@ -30,7 +30,9 @@ accepted and ignored there (Redis replicates each shard itself); ``n.redis`` is
 the client itself, for any other command, logged in as the Redis user the
 request's rights call for (srw-read or srw-write, handed to the runner with
 the request: core/redis_auth.py); Redis's ACL refuses them admin, dangerous
-and Lua commands, and srw-read every write.
+and Lua commands, and srw-read every write.  Its one-key commands of the slots
+the node's own master serves go straight to that master, as the same user
+(storage/redis_store.py, "The own master").
 
 With CurveZMQ on, the handle connects with the node's scripts key
 (``[security] scripts_key``, read here in the pool parent).  Every script can

@@ -16,6 +16,16 @@ node down raises ``ClusterUnavailable`` (a ``StorageUnavailable`` and a
 ``core.protocol.Unavailable``): out of a script, the exec is answered
 ``unavailable``, and its effect may or may not have happened.
 
+The own master, directly.  A script's handle starts from the node's own Redis,
+the master beside it, which serves the keys the node's execs are routed by.
+For a command of one key (ONE_KEY) whose slot that master serves by the
+client's slot map, the client skips redis-py's cluster routing (about half of
+a call's CPU) and sends it on one connection of its own to that master,
+logged in as the same ACL user.  A MOVED or ASK there says it did not run:
+the command then goes the cluster client's way, which follows it and notes
+the MOVED.  Anything else (another master's key, other commands) goes that
+way from the start.
+
 Hostile values.  Scripts write any key, so what ``read`` meets may be a list
 where a string was expected, or a 512 MB string: a wrong type is a
 StorageError like any other, and with ``max_value`` set (the trusted
@@ -30,6 +40,7 @@ import time
 from typing import Callable
 
 from redis import exceptions as rx
+from redis import Redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
@@ -50,6 +61,17 @@ INDEXED_POLL = 0.005    # s: the first pause of an indexed write waiting for its
 DOWN = (rx.ConnectionError, rx.TimeoutError, rx.ClusterDownError, rx.TryAgainError,
         rx.MasterDownError, rx.SlotNotCoveredError, rx.ClusterError)
 
+
+# Commands whose one key is their first argument, whatever follows it: those the
+# client may send straight to the key's master (_Cluster.execute_command).
+ONE_KEY = frozenset("""
+    GET SET SETNX SETEX PSETEX GETSET GETDEL GETEX GETRANGE SETRANGE STRLEN APPEND
+    INCR INCRBY INCRBYFLOAT DECR DECRBY TYPE TTL PTTL EXPIRE PEXPIRE PERSIST
+    HGET HSET HSETNX HMGET HGETALL HDEL HEXISTS HINCRBY HKEYS HVALS HLEN
+    LPUSH RPUSH LPOP RPOP LRANGE LLEN LINDEX SADD SREM SMEMBERS SISMEMBER SCARD
+    ZADD ZREM ZSCORE ZINCRBY ZCARD""".split())
+# One key only when given one: DEL a b may span slots.
+ONE_KEY_IF_ALONE = frozenset(("DEL", "UNLINK", "EXISTS"))
 
 _built_in = 0  # the pid that last built a client: its sockets are no script's leftovers
 _moved = False  # a MOVED since take_moved(): the slot map a router used is old
@@ -96,9 +118,13 @@ class _Cluster(RedisCluster):
     """RedisCluster whose commands raise ClusterUnavailable for a node down, and
     which notes a MOVED (take_moved).  An ASK is no hint: the slot belongs to
     its old master until the move finishes, and then the next command meets
-    MOVED."""
+    MOVED.  With `direct` ("host:port" of a master), a one-key command of a
+    slot that master serves goes to it on a connection of its own (the module's
+    doc, "The own master")."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, direct: str | None = None, **kwargs):
+        self._direct_name = None   # none while redis-py's __init__ asks COMMAND
+        self._direct: Redis | None = None   # built at its first command
         super().__init__(*args, **kwargs)
         follow = self.nodes_manager.move_slot  # redis-py calls it for each MOVED it follows
 
@@ -107,9 +133,17 @@ class _Cluster(RedisCluster):
             _moved = True
             return follow(error)
         self.nodes_manager.move_slot = move_slot
+        self._direct_name = direct
+        self._direct_login = (kwargs.get("username"), kwargs.get("password"))
+        self._timeouts = (kwargs.get("socket_connect_timeout"), kwargs.get("socket_timeout"))
 
     def execute_command(self, *args, **kwargs):
         try:
+            if self._direct_name is not None and self._is_direct(args, kwargs):
+                try:
+                    return self._send_direct(args, kwargs)
+                except rx.AskError:  # MOVED too: not run there; the cluster way follows it
+                    pass
             return super().execute_command(*args, **kwargs)
         except ClusterUnavailable:
             raise
@@ -117,23 +151,61 @@ class _Cluster(RedisCluster):
             raise ClusterUnavailable(f"redis cluster: {args[0] if args else '?'}: "
                                      f"{type(exc).__name__}: {exc}") from exc
 
+    def _is_direct(self, args, kwargs) -> bool:
+        """Whether the command has one key, of a slot the direct master serves."""
+        if len(args) < 2 or kwargs.get("target_nodes") is not None:
+            return False
+        if args[0] not in ONE_KEY and not (args[0] in ONE_KEY_IF_ALONE and len(args) == 2):
+            return False
+        nodes = self.nodes_manager.slots_cache.get(self.keyslot(args[1]))
+        return bool(nodes) and nodes[0].name == self._direct_name
+
+    def _send_direct(self, args, kwargs):
+        if self._direct is None:
+            host, port = split_address(self._direct_name)
+            # One connection, no pool: no lock or liveness poll per command; no retry
+            # (at most once, as the cluster client).
+            self._direct = Redis(host, port, username=self._direct_login[0],
+                                 password=self._direct_login[1],
+                                 socket_connect_timeout=self._timeouts[0],
+                                 socket_timeout=self._timeouts[1], retry=Retry(NoBackoff(), 0),
+                                 single_connection_client=True)
+        try:
+            return self._direct.execute_command(*args, **kwargs)
+        except rx.ResponseError:
+            raise   # Redis answered: the connection is in step
+        except BaseException:
+            # A reply may still be on its way (an exception between send and read):
+            # the next command must not read it as its own.
+            self._direct.connection.disconnect()
+            raise
+
+    def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
+        super().close()
+
 
 class RedisStore:
     """read, write, remove on the cluster; ``client`` for anything else."""
 
     def __init__(self, addresses: list[str] | tuple[str, ...],
                  auth: tuple[str, str] | Callable[[], tuple[str, str] | None],
-                 timeout: float | None = None, max_value: int | None = None):
+                 timeout: float | None = None, max_value: int | None = None,
+                 direct: str | None = None):
         """`auth`: (user, password) to log in with (core/redis_auth.py), or what
         gives it when a client is built (a script's handle: the login its request
         was handed; None: no store rights); `max_value`: the most bytes `read`
-        returns (None: any)."""
+        returns (None: any); `direct`: a master ("host:port", a script's handle:
+        the node's own) that one-key commands of its slots go to directly."""
         if not addresses:
             raise StorageError("redis-cluster: no Redis node to start from (cluster.seeds)")
         self.addresses = list(dict.fromkeys(addresses))
         self.timeout = timeout or COMMAND_TIMEOUT
         self.auth = auth
         self.max_value = max_value
+        self.direct = direct
         self._client: _Cluster | None = None
         self._login: tuple[str, str] | None = None  # what _client logged in as
         self._pid = 0
@@ -168,7 +240,7 @@ class RedisStore:
             return _Cluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 0),
                             username=login[0], password=login[1],
                             socket_connect_timeout=CONNECT_TIMEOUT,
-                            socket_timeout=self.timeout)
+                            socket_timeout=self.timeout, direct=self.direct)
         except (rx.RedisClusterException, *DOWN) as exc:
             raise ClusterUnavailable(f"no Redis node of {', '.join(self.addresses)} "
                                      f"answered: {exc}") from exc

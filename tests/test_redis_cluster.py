@@ -337,6 +337,45 @@ def test_scripts_cannot_administer_redis(rc):
         redis.conn(int(master.rsplit(":", 1)[1]), password="guess").ping()
 
 
+def test_one_key_commands_go_straight_to_the_own_master_as_the_callers_user(rc):
+    """A script's store (direct = its node's own master) sends a one-key command
+    of a slot that master serves on a connection of its own, logged in as the
+    same ACL user: srw-read may not SET there either.  Another master's key goes
+    the cluster way, and with a stale map (MOVED there: not run) the command
+    goes the cluster way, which follows the MOVED and notes it."""
+    from core import redis_auth
+    from redis import exceptions as rx
+    from storage import redis_store
+    redis, srw, _ = rc
+    creds = redis_auth.credentials(cfg.load(srw.path))
+    own, other = redis.shards()[0], redis.shards()[1]
+    mine, theirs = key_in(own, "direct"), key_in(other, "direct")
+    stores = {right: redis_store.RedisStore([own["master"]],
+                                            redis_auth.script_login(creds, (right,)),
+                                            direct=own["master"])
+              for right in ("read", "write")}
+    reader, writer = stores["read"].client, stores["write"].client
+    try:
+        assert writer.set(mine, b"mine") and writer.get(mine) == b"mine"
+        assert writer._direct.connection.username == "srw-write"
+        with pytest.raises(rx.NoPermissionError):
+            reader.set(mine, b"not yours")
+        assert reader.get(mine) == b"mine"
+        assert reader._direct.connection.username == "srw-read"
+        # The other master's key, then the same with the map saying it is ours.
+        redis_store.take_moved()
+        assert writer.set(theirs, b"1") and not redis_store.take_moved()
+        slot = redis.keyslot(theirs)
+        writer.nodes_manager.slots_cache[slot] = [writer.get_node(node_name=own["master"])]
+        assert writer.incr(theirs) == 2 and redis_store.take_moved()
+        assert writer.nodes_manager.slots_cache[slot][0].name == other["master"]
+        with redis.conn(int(other["master"].rsplit(":", 1)[1])) as admin:
+            assert admin.get(theirs) == "2"
+    finally:
+        for store in stores.values():
+            store.close()
+
+
 def test_exec_by_id_is_refused_with_a_reason(rc):
     redis, srw, session = rc
     with pytest.raises(BadId, match="exec by id .* needs cluster.engine"):
