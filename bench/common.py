@@ -1,6 +1,8 @@
-"""Helpers every bench uses: loopback ports, percentiles, bounded waits."""
+"""Helpers every bench uses: loopback ports, percentiles, bounded waits, CPU and
+context switches of processes from /proc."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import time
@@ -53,3 +55,24 @@ level = "{log_level}"
 file = "{root / 'srw.log'}"
 """)
     return path
+
+
+def task_totals(pids: list[int]) -> tuple[float, int]:
+    """(CPU seconds, context switches) of every thread of these processes."""
+    cpu, switches = 0.0, 0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                stat = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+                status = open(f"/proc/{pid}/task/{tid}/status").read()
+            except OSError:
+                continue
+            cpu += (int(stat[11]) + int(stat[12])) / tick
+            switches += sum(int(line.split()[1]) for line in status.splitlines()
+                            if "ctxt_switches:" in line)
+    return cpu, switches

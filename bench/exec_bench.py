@@ -41,7 +41,7 @@ import zmq
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from common import free_port, pct  # noqa: E402
+from common import free_port, pct, task_totals  # noqa: E402
 
 from core import protocol as p  # noqa: E402
 from broker.client import BrokerUnavailable, Client  # noqa: E402
@@ -389,27 +389,6 @@ def role_pids(ex: Exec) -> dict[str, list[int]]:
             if title.startswith(f"srw: {role}"):
                 roles.setdefault(role, []).append(proc.pid)
     return roles
-
-
-def task_totals(pids: list[int]) -> tuple[float, int]:
-    """(CPU seconds, context switches) of every thread of these processes."""
-    cpu, switches = 0.0, 0
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                stat = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
-                status = open(f"/proc/{pid}/task/{tid}/status").read()
-            except OSError:
-                continue
-            cpu += (int(stat[11]) + int(stat[12])) / tick
-            switches += sum(int(line.split()[1]) for line in status.splitlines()
-                            if "ctxt_switches:" in line)
-    return cpu, switches
 
 
 def print_paths(name: str, ex: Exec, n: int) -> None:

@@ -63,7 +63,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from common import free_port, wait_for, write_config  # noqa: E402
+from common import free_port, task_totals, wait_for, write_config  # noqa: E402
 
 DATA = b"this is some data in POST request"
 REPLY = b"its nothing I can do for you without cookies: this is some data in POST request"
@@ -487,7 +487,7 @@ class Counts:
 
     def start(self) -> None:
         self.pids = pids_by_role(self.procs)
-        self.switches = {role: switches(pids) for role, pids in self.pids.items()}
+        self.switches = {role: task_totals(pids)[1] for role, pids in self.pids.items()}
         if not self.perf:
             return
         for role, pids in self.pids.items():
@@ -502,7 +502,7 @@ class Counts:
         per = max(1, requests)
         out = {role: (None, None) for role in COUNTED}
         for role, pids in self.pids.items():
-            out[role] = ((switches(pids) - self.switches[role]) / per, None)
+            out[role] = ((task_totals(pids)[1] - self.switches[role]) / per, None)
         for role, (proc, path) in self.running.items():
             proc.send_signal(signal.SIGINT)
             proc.wait(10)
@@ -538,25 +538,6 @@ def pids_by_role(procs: list[subprocess.Popen]) -> dict[str, list[int]]:
         if role in COUNTED:
             out.setdefault(role, []).append(pid)
     return out
-
-
-def switches(pids: list[int]) -> int:
-    """Voluntary and involuntary context switches so far of every thread of `pids`."""
-    total = 0
-    for pid in pids:
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                with open(f"/proc/{pid}/task/{task}/status") as f:
-                    for line in f:
-                        if "ctxt_switches" in line:  # voluntary_ and nonvoluntary_
-                            total += int(line.split()[-1])
-            except OSError:
-                continue
-    return total
 
 
 def cpu_by_role(procs: list[subprocess.Popen]) -> dict[str, float]:

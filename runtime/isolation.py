@@ -710,4 +710,3 @@ class ScriptOutput:
             text = "".join(ch if ch.isprintable() or ch == "\t" else repr(ch)[1:-1]
                            for ch in text)
         log.info("%s: %s%s", self.label, text, " [...]" if len(line) > LINE_MAX else "")
-
