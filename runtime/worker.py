@@ -361,12 +361,14 @@ class Worker:
         exec_line(shown, len(data), len(out), status, run_us, job.decode("ascii", "replace"))
 
     def _shown(self, name: str) -> str:
-        """`name` as the exec line shows it; the script names seen are kept (at most
-        SHOWN_NAMES: names come from clients)."""
-        shown = name if NAME_RE.fullmatch(name) else "<content>" if not name else "<bad name>"
+        """`name` as the exec line shows it.  Valid names seen are kept (at most
+        SHOWN_NAMES of at most 255 characters: names come from clients, and a bad
+        one may be as long as a message)."""
+        if not NAME_RE.fullmatch(name):
+            return "<content>" if not name else "<bad name>"
         if len(self.shown) < SHOWN_NAMES:
-            self.shown[name] = shown
-        return shown
+            self.shown[name] = name
+        return name
 
     def _run(self, job: bytes, meta: p.ExecMeta, data: bytes,
              deadline: float) -> tuple[str, bytes, str]:
