@@ -225,7 +225,9 @@ class Broker:
                            error=f"node {self.node.name}: {refusal}", batched=batched)
                 return
         caller = security.caller(self.keyring, user, meta.caller, self.node.name)
-        meta = meta._replace(caller=caller, rights=security.rights_of(self.keyring, caller))
+        # Built whole: namedtuple's _replace costs ~3x a constructor call.
+        meta = p.ExecMeta(meta.name, meta.code, meta.cookie, meta.timeout, meta.id, caller,
+                          security.rights_of(self.keyring, caller))
         if req.cmd == p.STATUS:
             self.reply(req.client, req.rid, p.OK, p.pack(self.status()), batched=batched)
             return
