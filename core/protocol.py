@@ -107,6 +107,13 @@ def pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+# packb builds a Packer per call (2-3x the cost of packing a small header); one
+# Packer, kept, is reused for headers of bounded size only: it keeps the largest
+# buffer it ever needed.  Its pack holds the GIL throughout (plain types, no
+# `default` hook), so threads cannot interleave in it.
+_pack_header = msgpack.Packer(use_bin_type=True).pack
+
+
 def unpack_map(raw: bytes) -> dict:
     return _unpack(raw, dict, "map")
 
@@ -117,7 +124,13 @@ def unpack_list(raw: bytes) -> tuple:
 
 
 def _unpack_list(raw: bytes) -> tuple:
-    return _unpack(raw, tuple, "array")
+    try:
+        obj = msgpack.unpackb(raw, use_list=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"not msgpack: {exc}") from None
+    if type(obj) is not tuple:
+        raise ProtocolError("expected a msgpack array")
+    return obj
 
 
 def _unpack(raw: bytes, kind: type, name: str):
@@ -239,7 +252,9 @@ def batch_frames(requests: list[tuple[int, bytes, ExecMeta, bytes]]) -> list[byt
 def reply_frames(client: bytes, rid: bytes, status: str, node: str, group: int,
                  data: bytes = b"", error: str = "", moved: bool = False) -> list[bytes]:
     """What the broker sends back through its ROUTER."""
-    return [client, pack([rid, status, node, group, error] + ([True] if moved else [])), data]
+    header = [rid, status, node, group, error, True] if moved else [rid, status, node, group,
+                                                                     error]
+    return [client, _pack_header(header), data]
 
 
 def reply_entry(rid: bytes, status: str, node: str, group: int, data: bytes,
@@ -413,14 +428,16 @@ def parse_jobs(frames: list[bytes]) -> list[tuple[bytes, float, ExecMeta, bytes]
         raise ProtocolError("REQUEST must have 1 frame after the command")
     jobs = []
     for entry in _unpack_list(frames[1]):
-        if not (isinstance(entry, tuple) and len(entry) == 9 and isinstance(entry[5], str)
-                and isinstance(entry[6], tuple) and isinstance(entry[7], bytes)
-                and isinstance(entry[8], (str, type(None)))
-                and all(r in _RIGHTS for r in entry[6])):
+        try:  # (msgpack makes exact types: `type(x) is` is isinstance here)
+            job, budget, name, code, cookie, caller, rights, data, rid = entry
+            ok = type(entry) is tuple and type(caller) is str and type(rights) is tuple and _RIGHTS.issuperset(rights) \
+                and type(data) is bytes and (rid is None or type(rid) is str)
+        except (TypeError, ValueError):  # not a 9-item array, or unhashable rights
+            ok = False
+        if not ok:
             raise ProtocolError("bad REQUEST entry")
-        job, budget, name, code, cookie, caller, rights, data, rid = entry
-        jobs.append((job, float(budget), ExecMeta(name, code, cookie, id=rid, caller=caller,
-                                                  rights=rights), data))
+        jobs.append((job, float(budget), ExecMeta(name, code, cookie, None, rid, caller, rights),
+                     data))
     return jobs
 
 
@@ -441,17 +458,22 @@ def parse_worker_replies(frames: list[bytes]) -> list[tuple[bytes, str, bytes, s
         raise ProtocolError("REPLY must have 1 frame after the command")
     replies = []
     for entry in _unpack_list(frames[2]):
-        if not (isinstance(entry, tuple) and len(entry) in (7, 8) and isinstance(entry[0], bytes)
-                and isinstance(entry[1], str) and entry[1] in _STATUS_SET
-                and isinstance(entry[2], str) and isinstance(entry[3], bytes)
-                and isinstance(entry[4], (int, float)) and 0 <= entry[4] < 1e12
-                and type(entry[5]) is int and 0 <= entry[5] <= MAX_WARM
-                and type(entry[6]) is bool and all(type(m) is bool for m in entry[7:])):
+        # (msgpack makes exact types: `type(x) is` is isinstance here, and bool no int)
+        if not (type(entry) is tuple and 7 <= len(entry) <= 8):
             raise ProtocolError("bad REPLY entry")
         job, status, error, data, run_us, warm, hit = entry[:7]
-        replies.append((job, status, data, error, float(run_us), warm, hit,
-                        entry[7:] == (True,)))
+        moved = entry[7] if len(entry) == 8 else False
+        if not (type(job) is bytes and type(status) is str and status in _STATUS_SET
+                and type(error) is str and type(data) is bytes
+                and type(run_us) in _NUMBERS and 0 <= run_us < 1e12
+                and type(warm) is int and 0 <= warm <= MAX_WARM
+                and type(hit) is bool and type(moved) is bool):
+            raise ProtocolError("bad REPLY entry")
+        replies.append((job, status, data, error, float(run_us), warm, hit, moved))
     return replies
+
+
+_NUMBERS = (int, float)
 
 
 # Transport ------------------------------------------------------------------
@@ -468,9 +490,10 @@ _send, _recv, _get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backe
 
 def send_frames(sock, frames: list[bytes], noblock: bool = False) -> None:
     flags = _NOBLOCK if noblock else 0
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        _send(sock, frame, flags if i == last else flags | _SNDMORE)
+    more = flags | _SNDMORE
+    for frame in frames[:-1]:
+        _send(sock, frame, more)
+    _send(sock, frames[-1], flags)
 
 
 def recv_frames(sock) -> list[bytes]:
