@@ -123,21 +123,19 @@ class Broker:
 
     def run(self) -> None:
         wake_r, _ = loop.wake_on_signals(self._on_stop_signal, (signal.SIGTERM, signal.SIGINT))
-        poller = zmq.Poller()
-        for source in (self.front, self.back, wake_r):
-            poller.register(source, zmq.POLLIN)
+        sources = [(source, zmq.POLLIN) for source in (self.front, self.back, wake_r)]
         log.info("broker %s listening on %s, workers on %s, messages up to %d bytes",
                  self.node.name, self.node.broker, self.node.workers_endpoint, self.max_message)
         try:
-            self._serve(poller, wake_r)
+            self._serve(sources, wake_r)
         finally:
             self.close()
 
-    def _serve(self, poller: zmq.Poller, wake_r: int) -> None:
+    def _serve(self, sources: list[tuple], wake_r: int) -> None:
         drain_until = None
         while True:
             logs.flush()  # buffered lines go out before the broker waits
-            events = dict(poller.poll(self._poll_timeout_ms()))
+            events = dict(p.poll(sources, self._poll_timeout_ms()))
             if wake_r in events:
                 os.read(wake_r, 512)
             if self.back in events:

@@ -225,7 +225,7 @@ class Worker:
         if frames is None:
             # Under steady load the next batch comes within IDLE_AFTER: only a worker
             # that waits longer pays for the idle title and the log write.
-            if not self.sock.poll(IDLE_AFTER_MS):
+            if not p.poll(self.sock_only, IDLE_AFTER_MS):
                 self._title("idle")
                 self.runner.idle()
                 logs.flush()
@@ -250,6 +250,7 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
+        self.sock_only = [(self.sock, zmq.POLLIN)]  # the short wait for the next batch
         return poller
 
     def _title(self, state: str) -> None:
