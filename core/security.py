@@ -27,6 +27,7 @@ Without curve, a node listens in plain text on loopback addresses only
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -191,6 +192,11 @@ class Identity:
     name: str
     rights: frozenset[str]
 
+    @functools.cached_property
+    def ordered_rights(self) -> tuple[str, ...]:
+        """Its rights in RIGHTS' order (rights_of, once per exec: made once)."""
+        return tuple(r for r in RIGHTS if r in self.rights)
+
 
 class Keyring:
     """A node's side: the server key, the identities it knows, the ZAP thread.
@@ -202,7 +208,8 @@ class Keyring:
     def __init__(self, settings: SecuritySettings):
         self.settings = settings
         self.public, self.secret = load_pair(settings.server_key, "[security] server_key")
-        self.fixed = {self.public.decode(): Identity("node", frozenset(RIGHTS))}
+        self.node_user = self.public.decode()  # the nodes' own User-Id (is_node)
+        self.fixed = {self.node_user: Identity("node", frozenset(RIGHTS))}
         for name, path, rights in (("scripts", settings.scripts_key, ("read", "write")),
                                    ("proxy", settings.proxy_key, settings.proxy_rights)):
             key = public_path(path)
@@ -298,15 +305,19 @@ class Keyring:
 
     def is_node(self, user_id: str | None) -> bool:
         """Whether the key is the nodes' own (what a storage front relays with)."""
-        return user_id is not None and user_id == self.public.decode()
+        return user_id is not None and user_id == self.node_user
 
     def request_refusal(self, user_id: str | None, is_exec: bool, meta) -> str | None:
         """None if the caller may send this exec or status request (`meta`: its
         core.protocol.ExecMeta); else the message of a ``forbidden`` reply."""
-        refusal = self.refusal(user_id, *rights_for(is_exec, meta))
-        if refusal is None and meta.caller is not None and not self.is_node(user_id):
+        identity = self.identity(user_id)  # checked first: the refusal's text costs more
+        if identity is None or not identity.rights.issuperset(rights_needed(is_exec, meta)):
+            refusal = self.refusal(user_id, *rights_for(is_exec, meta))
+            if refusal is not None:  # (None: the ZAP thread's rescan just added the key)
+                return refusal
+        if meta.caller is not None and not self.is_node(user_id):
             return "only a node of the cluster may name the caller it relays for"
-        return refusal
+        return None
 
     def refusal(self, user_id: str | None, needed: tuple[str, ...], what: str) -> str | None:
         """None if the caller may do `what`; else the message of a ``forbidden`` reply."""
@@ -343,17 +354,26 @@ def rights_of(keyring: Keyring | None, caller: str) -> tuple[str, ...]:
     identity = keyring.identity(caller)
     if identity is None or identity.name == "node":  # node:NAME, or a removed key
         return ()
-    return tuple(r for r in RIGHTS if r in identity.rights)
+    return identity.ordered_rights
+
+
+def rights_needed(is_exec: bool, meta) -> tuple[str, ...]:
+    """The rights a request needs; `meta` is a core.protocol.ExecMeta.  A status
+    request needs only a known key."""
+    if not is_exec:
+        return ()
+    if meta.code:
+        return ("exec", "code") if meta.name else ("code",)
+    return ("exec",)
 
 
 def rights_for(is_exec: bool, meta) -> tuple[tuple[str, ...], str]:
-    """(the rights a request needs, what it does) for Keyring.refusal; `meta`
-    is a core.protocol.ExecMeta.  A status request needs only a known key."""
+    """(rights_needed, what the request does) for Keyring.refusal."""
     if not is_exec:
-        return (), "ask for status"
-    if meta.code:
-        return ("exec", "code") if meta.name else ("code",), "send script content"
-    return ("exec",), f"run script {meta.name!r}"
+        what = "ask for status"
+    else:
+        what = "send script content" if meta.code else f"run script {meta.name!r}"
+    return rights_needed(is_exec, meta), what
 
 
 def keyring(config: Config) -> Keyring | None:
