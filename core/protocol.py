@@ -430,8 +430,9 @@ def parse_jobs(frames: list[bytes]) -> list[tuple[bytes, float, ExecMeta, bytes]
     for entry in _unpack_list(frames[1]):
         try:  # (msgpack makes exact types: `type(x) is` is isinstance here)
             job, budget, name, code, cookie, caller, rights, data, rid = entry
-            ok = type(entry) is tuple and type(caller) is str and type(rights) is tuple and _RIGHTS.issuperset(rights) \
-                and type(data) is bytes and (rid is None or type(rid) is str)
+            ok = type(entry) is tuple and type(caller) is str and type(rights) is tuple \
+                and _RIGHTS.issuperset(rights) and type(data) is bytes \
+                and (rid is None or type(rid) is str)
         except (TypeError, ValueError):  # not a 9-item array, or unhashable rights
             ok = False
         if not ok:
