@@ -1,8 +1,8 @@
-"""Searches off the storage loop: threads with a reader connection each.
+"""Searches off the storage loop, narrow ones first: threads with a reader connection each.
 
     StorageNode loop --submit(req, search)--> queue --> thread: FullText (its own
-          ^                                                 sqlite connection) .search
-          |                                                        |
+          ^                                                 sqlite connection) .search,
+          |                                                 while it holds a turn
           +---- drain(): replies, sent from the loop <-- done + a byte on the wake pipe
 
 A broad query may take long; the loop keeps serving data calls meanwhile
@@ -11,10 +11,25 @@ the ZeroMQ sockets, so a thread hands its reply back and wakes the loop
 through a pipe the loop polls.  A search runs until its deadline (the
 request's timeout, else ``[search] timeout``) and answers what it ranked by
 then, marked partial.
+
+Order: THREADS searches are begun at once (the rest wait in arrival order),
+but only TURNS of them run; the others wait for a turn, least key first.
+A search's key is its estimated finish: its arrival, plus, once its count
+is known (counting comes first and is cheap), count x ROW_SECONDS capped at
+half its time to the deadline.  A running search checks every few
+milliseconds of SQLite's work (its progress handler) whether a search of a
+smaller key waits, and hands it its turn if so.  So a narrow search passes
+a broad one that runs, but only one that arrived less than the broad one's
+estimated cost after it: shortest first with aging, and a broad search
+never waits past half its time for later ones.  SQLite ranks each search
+as before (no slicing, no rows through Python); pausing one is a thread
+blocked in its progress handler.
 """
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import logging
 import os
 import queue
@@ -30,7 +45,22 @@ from .query import BadQuery
 
 log = logging.getLogger("srw.storage.search")
 
-THREADS = 2   # searches at once; more wait in the queue (a 2-core node gains nothing more)
+THREADS = 16         # searches begun at once, each with a thread and a reader connection
+TURNS = 2            # of them running at once (a 2-core node gains nothing more)
+AGING = 50e-6        # seconds a search yields to later ones per document it matches
+
+
+class _Job:
+    def __init__(self, client: bytes, rid: bytes, search: sp.Search, deadline: float,
+                 extra: dict, lock: threading.Lock):
+        self.client, self.rid, self.search, self.extra = client, rid, search, extra
+        self.arrival, self.deadline = time.monotonic(), deadline
+        self.key = self.arrival
+        self.granted = threading.Condition(lock)
+        self.turn = False
+
+    def estimate(self, count: int) -> None:
+        self.key = self.arrival + min(count * AGING, (self.deadline - self.arrival) / 2)
 
 
 class Searcher:
@@ -39,6 +69,11 @@ class Searcher:
         self.path, self.languages = path, languages
         self.default_timeout, self.node_name = default_timeout, node_name
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.running = 0                 # searches holding a turn
+        self.waiting: list[tuple] = []   # heap of (key, seq, job) waiting for a turn
+        self.seq = itertools.count()
+        self.stopping = False
         self.done: collections.deque = collections.deque()
         self.wake_r, self._wake_w = os.pipe()
         for fd in (self.wake_r, self._wake_w):
@@ -52,7 +87,7 @@ class Searcher:
                ) -> None:
         """`extra`: fields the reply carries beside the hits (redis-cluster: "slots")."""
         deadline = time.monotonic() + (search.timeout or self.default_timeout)
-        self.jobs.put((client, rid, search, deadline, extra or {}))
+        self.jobs.put(_Job(client, rid, search, deadline, extra or {}, self.lock))
 
     def drain(self, reply) -> None:
         """Send every finished search's reply: `reply(client, rid, status, data, error)`."""
@@ -67,8 +102,17 @@ class Searcher:
         fulltext = FullText(self.path, languages=self.languages, reader=True)
         try:
             while (job := self.jobs.get()) is not None:
-                client, rid, search, deadline, extra = job
-                self.done.append((client, rid, *self._run(fulltext, search, deadline, extra)))
+                if self.stopping:
+                    continue
+                with self.lock:
+                    self._wait_turn(job)
+                try:
+                    answer = self._run(fulltext, job)
+                finally:
+                    with self.lock:
+                        self.running -= 1
+                        self._grant()
+                self.done.append((job.client, job.rid, *answer))
                 try:
                     os.write(self._wake_w, b"s")
                 except OSError:  # full: the loop is woken already; closed: stopping
@@ -76,21 +120,55 @@ class Searcher:
         finally:
             fulltext.close()
 
-    def _run(self, fulltext: FullText, search: sp.Search, deadline: float, extra: dict):
+    def _run(self, fulltext: FullText, job: _Job):
+        search = job.search
         try:
             found = fulltext.search(search.query, search.limit, search.lang, search.raw,
-                                    deadline)
+                                    job.deadline, lambda count: self._pause(job, count))
         except (BadQuery, UnknownLanguage) as exc:
             return bp.BAD_REQUEST, b"", f"node {self.node_name}: {exc}"
         except Exception as exc:  # a broken index file: say so, keep the thread
             log.exception("search on node %s failed", self.node_name)
             return bp.UNAVAILABLE, b"", f"node {self.node_name}: the search failed: {exc}"
-        return bp.OK, bp.pack({**found, **extra}), ""
+        return bp.OK, bp.pack({**found, **job.extra}), ""
+
+    # Turns (each with the lock held) -----------------------------------------
+
+    def _wait_turn(self, job: _Job) -> None:
+        """Until `job` holds a turn: at once if one is free and no one waits."""
+        if self.running < TURNS and not self.waiting:
+            self.running += 1
+            return
+        job.turn = False
+        heapq.heappush(self.waiting, (job.key, next(self.seq), job))
+        self._grant()
+        while not job.turn:
+            job.granted.wait()
+
+    def _grant(self) -> None:
+        """Free turns to the waiting searches of least key."""
+        while self.waiting and self.running < TURNS:
+            job = heapq.heappop(self.waiting)[2]
+            job.turn = True
+            self.running += 1
+            job.granted.notify()
+
+    def _pause(self, job: _Job, count: int | None) -> None:
+        """From `job`'s search, which holds a turn: its count once known (None at
+        each progress check); hands the turn over while a smaller key waits."""
+        if count is not None:
+            job.estimate(count)
+        with self.lock:
+            if self.waiting and self.waiting[0][0] < job.key:
+                self.running -= 1
+                self._wait_turn(job)
 
     def close(self) -> None:
+        self.stopping = True   # searches not begun are dropped: the node stops
         for _ in self.threads:
             self.jobs.put(None)
+        deadline = time.monotonic() + 5.0
         for thread in self.threads:
-            thread.join(5.0)
+            thread.join(max(0.0, deadline - time.monotonic()))
         os.close(self.wake_r)
         os.close(self._wake_w)

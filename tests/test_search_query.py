@@ -3,12 +3,15 @@ in this process (storage/query.py, storage/analyzer.py, storage/fulltext.py).
 The end-to-end paths (CLI, HTTP, exit statuses) are in test_search.py."""
 from __future__ import annotations
 
+import select
 import sqlite3
 import time
 
 import pytest
 
-from storage import fulltext
+from core import protocol as bp
+from storage import fulltext, searcher
+from storage import protocol as sp
 from storage.fulltext import FullText
 from storage.query import BadQuery
 
@@ -280,3 +283,50 @@ def test_lang_rides_the_indexed_write_and_old_rows_still_read():
     assert store._split_row(store._row(123, None, b"key")) == (123, None, b"key")
     old = (123).to_bytes(8, "big") + b"\xffkey"   # a row an older node wrote
     assert store._split_row(old) == (123, None, b"\xffkey")
+
+
+def test_a_narrow_search_passes_a_broad_one_that_runs(tmp_path, monkeypatch):
+    """One turn: a broad search has counted and runs; a narrow one that comes
+    meanwhile takes the turn at the broad one's next progress check and is
+    answered first; the broad one then finishes, whole."""
+    path = tmp_path / "turns.sqlite"
+    ft = FullText(path, sync=False)
+    ft.apply([(i.to_bytes(64, "big"), f"k{i}", 1, "common word" + " rare" * (i == 7), None)
+              for i in range(3000)], [])
+    ft.close()
+    monkeypatch.setattr(searcher, "TURNS", 1)
+    s = searcher.Searcher(str(path), ("english", "russian"), 1.0, "n1")
+    pause = s._pause
+
+    def paused(job, count):   # the broad one, counted: holds until the narrow one waits
+        if count is not None and job.search.query == "common":
+            deadline = time.monotonic() + 10
+            while not s.waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
+        pause(job, count)
+    monkeypatch.setattr(s, "_pause", paused)
+    replies = []
+    try:
+        s.submit(b"c", b"broad", sp.Search("common", 10, None, False, 20.0))
+        s.submit(b"c", b"narrow", sp.Search("rare", 10, None, False, 20.0))
+        deadline = time.monotonic() + 10
+        while len(replies) < 2 and time.monotonic() < deadline:
+            select.select([s.wake_r], [], [], 0.5)
+            s.drain(lambda client, rid, status, data, error: replies.append((rid, data)))
+    finally:
+        s.close()
+    assert [rid for rid, _ in replies] == [b"narrow", b"broad"]
+    narrow, broad = (bp.unpack_map(data) for _, data in replies)
+    assert [h["key"] for h in narrow["hits"]] == ["k7"]
+    assert broad["count"] == 3000 and not broad["partial"] and len(broad["hits"]) == 10
+
+
+def test_a_broad_search_yields_only_to_searches_not_much_later():
+    """Its key is its arrival plus its estimated cost (AGING per match), at most
+    half its time to the deadline: later narrow searches pass it only so long."""
+    job = searcher._Job(b"c", b"r", sp.Search("x", 10, None, False, 1.0), 0.0, {}, None)
+    job.arrival, job.deadline = 100.0, 101.0
+    job.estimate(1000)
+    assert job.key == pytest.approx(100.0 + 1000 * searcher.AGING)
+    job.estimate(10 ** 9)
+    assert job.key == pytest.approx(100.5)
