@@ -13,22 +13,20 @@ request's timeout, else ``[search] timeout``) and answers what it ranked by
 then, marked partial.
 
 Order: THREADS searches are begun at once (the rest wait in arrival order),
-but only TURNS of them run; the others wait for a turn, least key first.
-A search's key is its estimated finish: its arrival, plus, once its count
-is known (counting comes first and is cheap), count x ROW_SECONDS capped at
-half its time to the deadline.  A running search checks every few
-milliseconds of SQLite's work (its progress handler) whether a search of a
-smaller key waits, and hands it its turn if so.  So a narrow search passes
-a broad one that runs, but only one that arrived less than the broad one's
-estimated cost after it: shortest first with aging, and a broad search
-never waits past half its time for later ones.  SQLite ranks each search
-as before (no slicing, no rows through Python); pausing one is a thread
-blocked in its progress handler.
+but only TURNS of them run; the others wait for a turn, and the next turn
+goes to the search that matches the fewest documents (counting comes first
+and is cheap; one not counted yet counts first, in arrival order).  A
+running search checks every few milliseconds of SQLite's work (its progress
+handler) whether one that ranks before it waits, and hands it its turn if
+so: a narrow search passes a broad one that runs.  A search still waiting
+at half its time to the deadline is urgent and goes before all others
+(urgent ones by deadline), so a broad one is not starved past its deadline.
+SQLite ranks each search as before (no slicing, no rows through Python):
+pausing one is a thread blocked in its progress handler.
 """
 from __future__ import annotations
 
 import collections
-import heapq
 import itertools
 import logging
 import os
@@ -47,20 +45,23 @@ log = logging.getLogger("srw.storage.search")
 
 THREADS = 16         # searches begun at once, each with a thread and a reader connection
 TURNS = 2            # of them running at once (a 2-core node gains nothing more)
-AGING = 50e-6        # seconds a search yields to later ones per document it matches
 
 
 class _Job:
     def __init__(self, client: bytes, rid: bytes, search: sp.Search, deadline: float,
-                 extra: dict, lock: threading.Lock):
+                 extra: dict, lock: threading.Lock, seq: int):
         self.client, self.rid, self.search, self.extra = client, rid, search, extra
-        self.arrival, self.deadline = time.monotonic(), deadline
-        self.key = self.arrival
+        arrival = time.monotonic()
+        self.deadline, self.urgent = deadline, arrival + (deadline - arrival) / 2
+        self.count, self.seq = 0, seq   # 0 until counted: counting comes first
         self.granted = threading.Condition(lock)
         self.turn = False
 
-    def estimate(self, count: int) -> None:
-        self.key = self.arrival + min(count * AGING, (self.deadline - self.arrival) / 2)
+    def rank(self, now: float) -> tuple:
+        """Who runs first: urgent ones by deadline, then by how many documents match."""
+        if now >= self.urgent:
+            return 0, self.deadline, self.seq
+        return 1, self.count, self.seq
 
 
 class Searcher:
@@ -71,7 +72,7 @@ class Searcher:
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.running = 0                 # searches holding a turn
-        self.waiting: list[tuple] = []   # heap of (key, seq, job) waiting for a turn
+        self.waiting: list[_Job] = []    # at most THREADS
         self.seq = itertools.count()
         self.stopping = False
         self.done: collections.deque = collections.deque()
@@ -87,7 +88,8 @@ class Searcher:
                ) -> None:
         """`extra`: fields the reply carries beside the hits (redis-cluster: "slots")."""
         deadline = time.monotonic() + (search.timeout or self.default_timeout)
-        self.jobs.put(_Job(client, rid, search, deadline, extra or {}, self.lock))
+        self.jobs.put(_Job(client, rid, search, deadline, extra or {}, self.lock,
+                           next(self.seq)))
 
     def drain(self, reply) -> None:
         """Send every finished search's reply: `reply(client, rid, status, data, error)`."""
@@ -140,26 +142,31 @@ class Searcher:
             self.running += 1
             return
         job.turn = False
-        heapq.heappush(self.waiting, (job.key, next(self.seq), job))
+        self.waiting.append(job)
         self._grant()
         while not job.turn:
             job.granted.wait()
 
     def _grant(self) -> None:
-        """Free turns to the waiting searches of least key."""
+        """Free turns to the waiting searches that rank first."""
         while self.waiting and self.running < TURNS:
-            job = heapq.heappop(self.waiting)[2]
+            job = self._first(time.monotonic())
+            self.waiting.remove(job)
             job.turn = True
             self.running += 1
             job.granted.notify()
 
+    def _first(self, now: float) -> _Job:
+        return min(self.waiting, key=lambda job: job.rank(now))
+
     def _pause(self, job: _Job, count: int | None) -> None:
         """From `job`'s search, which holds a turn: its count once known (None at
-        each progress check); hands the turn over while a smaller key waits."""
-        if count is not None:
-            job.estimate(count)
+        each progress check); hands the turn over while one that ranks first waits."""
         with self.lock:
-            if self.waiting and self.waiting[0][0] < job.key:
+            if count is not None:
+                job.count = count
+            now = time.monotonic()
+            if self.waiting and self._first(now).rank(now) < job.rank(now):
                 self.running -= 1
                 self._wait_turn(job)
 

@@ -321,12 +321,16 @@ def test_a_narrow_search_passes_a_broad_one_that_runs(tmp_path, monkeypatch):
     assert broad["count"] == 3000 and not broad["partial"] and len(broad["hits"]) == 10
 
 
-def test_a_broad_search_yields_only_to_searches_not_much_later():
-    """Its key is its arrival plus its estimated cost (AGING per match), at most
-    half its time to the deadline: later narrow searches pass it only so long."""
-    job = searcher._Job(b"c", b"r", sp.Search("x", 10, None, False, 1.0), 0.0, {}, None)
-    job.arrival, job.deadline = 100.0, 101.0
-    job.estimate(1000)
-    assert job.key == pytest.approx(100.0 + 1000 * searcher.AGING)
-    job.estimate(10 ** 9)
-    assert job.key == pytest.approx(100.5)
+def test_turns_go_to_the_fewest_matches_and_urgent_ones_by_deadline():
+    """Not counted yet (0) before narrow before broad; a search waiting past half
+    its time to the deadline before all of them, the earliest deadline first."""
+    def job(seq, count, timeout):
+        one = searcher._Job(b"c", b"r", sp.Search("x", 10, None, False, timeout),
+                            100.0 + timeout, {}, None, seq)
+        one.urgent, one.count = 100.0 + timeout / 2, count
+        return one
+    new, narrow, broad = job(3, 0, 10.0), job(1, 5, 10.0), job(0, 90_000, 10.0)
+    late, later = job(4, 90_000, 1.0), job(2, 90_000, 2.0)
+    jobs = [broad, later, narrow, new, late]
+    assert sorted(jobs, key=lambda j: j.rank(100.1)) == [new, narrow, broad, later, late]
+    assert sorted(jobs, key=lambda j: j.rank(101.5)) == [late, later, new, narrow, broad]
