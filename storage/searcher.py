@@ -19,8 +19,9 @@ and is cheap; one not counted yet counts first, in arrival order).  A
 running search checks every few milliseconds of SQLite's work (its progress
 handler) whether one that ranks before it waits, and hands it its turn if
 so: a narrow search passes a broad one that runs.  A search still waiting
-at half its time to the deadline is urgent and goes before all others
-(urgent ones by deadline), so a broad one is not starved past its deadline.
+PATIENCE after its arrival (or half its time to the deadline, if sooner) is
+urgent and goes before all others (urgent ones by deadline), so a broad one
+is not starved: it waits for narrower ones at most that long.
 SQLite ranks each search as before (no slicing, no rows through Python):
 pausing one is a thread blocked in its progress handler.
 """
@@ -45,6 +46,7 @@ log = logging.getLogger("srw.storage.search")
 
 THREADS = 16         # searches begun at once, each with a thread and a reader connection
 TURNS = 2            # of them running at once (a 2-core node gains nothing more)
+PATIENCE = 1.0       # seconds a search waits for narrower ones at most (or half its time)
 
 
 class _Job:
@@ -52,7 +54,8 @@ class _Job:
                  extra: dict, lock: threading.Lock, seq: int):
         self.client, self.rid, self.search, self.extra = client, rid, search, extra
         arrival = time.monotonic()
-        self.deadline, self.urgent = deadline, arrival + (deadline - arrival) / 2
+        self.deadline = deadline
+        self.urgent = arrival + min(PATIENCE, (deadline - arrival) / 2)
         self.count, self.seq = 0, seq   # 0 until counted: counting comes first
         self.granted = threading.Condition(lock)
         self.turn = False

@@ -322,8 +322,9 @@ def test_a_narrow_search_passes_a_broad_one_that_runs(tmp_path, monkeypatch):
 
 
 def test_turns_go_to_the_fewest_matches_and_urgent_ones_by_deadline():
-    """Not counted yet (0) before narrow before broad; a search waiting past half
-    its time to the deadline before all of them, the earliest deadline first."""
+    """Not counted yet (0) before narrow before broad; a search waiting past
+    PATIENCE or half its time to the deadline before all of them, the earliest
+    deadline first."""
     def job(seq, count, timeout):
         one = searcher._Job(b"c", b"r", sp.Search("x", 10, None, False, timeout),
                             100.0 + timeout, {}, None, seq)
@@ -332,5 +333,8 @@ def test_turns_go_to_the_fewest_matches_and_urgent_ones_by_deadline():
     new, narrow, broad = job(3, 0, 10.0), job(1, 5, 10.0), job(0, 90_000, 10.0)
     late, later = job(4, 90_000, 1.0), job(2, 90_000, 2.0)
     jobs = [broad, later, narrow, new, late]
+    fresh = searcher._Job(b"c", b"r", sp.Search("x", 10, None, False, 60.0),
+                          time.monotonic() + 60.0, {}, None, 5)
+    assert fresh.urgent <= time.monotonic() + searcher.PATIENCE
     assert sorted(jobs, key=lambda j: j.rank(100.1)) == [new, narrow, broad, later, late]
     assert sorted(jobs, key=lambda j: j.rank(101.5)) == [late, later, new, narrow, broad]
