@@ -51,6 +51,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -398,6 +399,7 @@ def main() -> int:
                         "later run with the same --docs searches it without indexing again")
     parser.add_argument("--engines", action="store_true", help="also tantivy, directly")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # stop srw on the way out
     start = time.perf_counter()
     docs = documents(args.docs)
     qs = queries(docs, args.queries)
