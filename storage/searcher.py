@@ -17,11 +17,13 @@ but only TURNS of them run; the others wait for a turn, and the next turn
 goes to the search that matches the fewest documents (counting comes first
 and is cheap; one not counted yet counts first, in arrival order).  A
 running search checks every few milliseconds of SQLite's work (its progress
-handler) whether one that ranks before it waits, and hands it its turn if
+handler) whether one that goes before it waits, and hands it its turn if
 so: a narrow search passes a broad one that runs.  A search still waiting
 PATIENCE after its arrival (or half its time to the deadline, if sooner) is
-urgent and goes before all others (urgent ones by deadline), so a broad one
-is not starved: it waits for narrower ones at most that long.
+urgent and goes before the others (urgent ones by deadline), so a broad one
+is not starved; but urgent searches hold at most TURNS - 1 turns, and the
+last goes by fewest matches alone, so narrow searches always have a lane,
+even when broad ones come faster than the node can rank them.
 SQLite ranks each search as before (no slicing, no rows through Python):
 pausing one is a thread blocked in its progress handler.
 """
@@ -74,7 +76,7 @@ class Searcher:
         self.default_timeout, self.node_name = default_timeout, node_name
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()
-        self.running = 0                 # searches holding a turn
+        self.running: list[_Job] = []    # searches holding a turn
         self.waiting: list[_Job] = []    # at most THREADS
         self.seq = itertools.count()
         self.stopping = False
@@ -115,7 +117,7 @@ class Searcher:
                     answer = self._run(fulltext, job)
                 finally:
                     with self.lock:
-                        self.running -= 1
+                        self.running.remove(job)
                         self._grant()
                 self.done.append((job.client, job.rid, *answer))
                 try:
@@ -141,8 +143,8 @@ class Searcher:
 
     def _wait_turn(self, job: _Job) -> None:
         """Until `job` holds a turn: at once if one is free and no one waits."""
-        if self.running < TURNS and not self.waiting:
-            self.running += 1
+        if len(self.running) < TURNS and not self.waiting:
+            self.running.append(job)
             return
         job.turn = False
         self.waiting.append(job)
@@ -152,15 +154,22 @@ class Searcher:
 
     def _grant(self) -> None:
         """Free turns to the waiting searches that rank first."""
-        while self.waiting and self.running < TURNS:
-            job = self._first(time.monotonic())
+        while self.waiting and len(self.running) < TURNS:
+            now = time.monotonic()
+            order = self._order(self.running, now)
+            job = min(self.waiting, key=order)
             self.waiting.remove(job)
             job.turn = True
-            self.running += 1
+            self.running.append(job)
             job.granted.notify()
 
-    def _first(self, now: float) -> _Job:
-        return min(self.waiting, key=lambda job: job.rank(now))
+    @staticmethod
+    def _order(running: list[_Job], now: float):
+        """Who gets the next turn: by rank, unless urgent searches hold TURNS - 1
+        turns already: the last one goes by fewest matches (narrow ones' lane)."""
+        if sum(job.urgent <= now for job in running) >= TURNS - 1:
+            return lambda job: (job.count, job.seq)
+        return lambda job: job.rank(now)
 
     def _pause(self, job: _Job, count: int | None) -> None:
         """From `job`'s search, which holds a turn: its count once known (None at
@@ -168,9 +177,11 @@ class Searcher:
         with self.lock:
             if count is not None:
                 job.count = count
-            now = time.monotonic()
-            if self.waiting and self._first(now).rank(now) < job.rank(now):
-                self.running -= 1
+            if not self.waiting:
+                return
+            order = self._order([j for j in self.running if j is not job], time.monotonic())
+            if order(min(self.waiting, key=order)) < order(job):
+                self.running.remove(job)
                 self._wait_turn(job)
 
     def close(self) -> None:

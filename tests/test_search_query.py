@@ -324,7 +324,7 @@ def test_a_narrow_search_passes_a_broad_one_that_runs(tmp_path, monkeypatch):
 def test_turns_go_to_the_fewest_matches_and_urgent_ones_by_deadline():
     """Not counted yet (0) before narrow before broad; a search waiting past
     PATIENCE or half its time to the deadline before all of them, the earliest
-    deadline first."""
+    deadline first, but never in the last turn (narrow searches' lane)."""
     def job(seq, count, timeout):
         one = searcher._Job(b"c", b"r", sp.Search("x", 10, None, False, timeout),
                             100.0 + timeout, {}, None, seq)
@@ -338,3 +338,8 @@ def test_turns_go_to_the_fewest_matches_and_urgent_ones_by_deadline():
     assert fresh.urgent <= time.monotonic() + searcher.PATIENCE
     assert sorted(jobs, key=lambda j: j.rank(100.1)) == [new, narrow, broad, later, late]
     assert sorted(jobs, key=lambda j: j.rank(101.5)) == [late, later, new, narrow, broad]
+    # Two turns: while an urgent search holds one, the other goes by fewest matches.
+    order = searcher.Searcher._order([late], 101.5)
+    assert sorted([broad, later, narrow, new], key=order) == [new, narrow, broad, later]
+    assert searcher.Searcher._order([narrow], 101.5)(later) < \
+        searcher.Searcher._order([narrow], 101.5)(new)
