@@ -236,7 +236,7 @@ def srw_session(root: Path, tree: Path):
     config, proc = srw_cluster(root, tree)
     try:
         probe = Session(config)
-        wait_for(lambda: _answers(probe), 60, "srw node")
+        wait_for(lambda: _answers(probe), 180, "srw node")   # slow under load
         local = threading.local()
 
         def session():
