@@ -1,7 +1,8 @@
 """Full-text search bench: indexing and search through srw, next to the engine used directly.
 
     .venv/bin/python bench/search_bench.py [--docs N] [--queries Q] [--rounds R]
-                                           [--tree DIR] [--engines]
+                                           [--tree DIR] [--baseline DIR] [--keep DIR]
+                                           [--engines]
 
 Generates N documents (default 100,000; seeded, so every run sees the same
 ones): words drawn by a Zipf law (s = 1.07, like English text) over a
@@ -25,7 +26,14 @@ Then, in one run, side by side (the comparisons of issue 26):
   answers, but for the snippets (srw's extra work: it makes them, direct
   does not).  Then once with the node's default deadline (1 s), counting
   the partial answers.  The load average is printed with every round: under
-  load the figures mean little; compare rounds of one run only.
+  load the figures mean little; compare rounds of one run only.  Each
+  ``--baseline DIR`` tree's srw is searched in turn with ``--tree``'s in
+  every round, on the same data (srw restarted per tree), each next to its
+  own direct run; at the end, issue 26's targets per tree, with every
+  round's figure and whether every round meets them.
+- ``--keep DIR`` keeps the node's data there: a later run with the same
+  ``--docs`` searches it without indexing again (and without the indexing
+  row).
 - **storage reads during a broad search**: the p50 of a ``Session.read``
   while the node is idle, and while a search for the most common word runs
   back to back (the search runs in the node's search thread, not its loop).
@@ -38,9 +46,12 @@ from a document, and a prefix.  Not run by the test suite.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -180,6 +191,7 @@ def tantivy_direct(root: Path, docs: list[str], qs: list[str]) -> str:
     import tantivy
     schema = (tantivy.SchemaBuilder().add_text_field("key", stored=True)
               .add_text_field("body", stored=True).build())
+    shutil.rmtree(root / "tantivy", ignore_errors=True)
     (root / "tantivy").mkdir()
     index = tantivy.Index(schema, path=str(root / "tantivy"))
     writer = index.writer()
@@ -207,6 +219,8 @@ def tantivy_direct(root: Path, docs: list[str], qs: list[str]) -> str:
 # srw -------------------------------------------------------------------------
 
 def srw_cluster(root: Path, tree: Path):
+    """`srw serve` of `tree` on root's data (kept between runs: a new config, new ports)."""
+    shutil.rmtree(root / "history", ignore_errors=True)
     config = write_config(root, workers=2, log_level="warning")
     proc = subprocess.Popen([sys.executable, "-m", "srw", "serve", "--config", str(config)],
                             cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -215,20 +229,28 @@ def srw_cluster(root: Path, tree: Path):
     return config, proc
 
 
-def srw_run(root: Path, docs: list[str], qs: list[str], args) -> dict:
+@contextlib.contextmanager
+def srw_session(root: Path, tree: Path):
+    """A running srw of `tree` on root's data and a Session per calling thread."""
     from storage.client import Session
-    config, proc = srw_cluster(root, args.tree)
-    out: dict = {"rounds": []}
+    config, proc = srw_cluster(root, tree)
     try:
         probe = Session(config)
-        wait_for(lambda: _answers(probe), 60, "srw node")
+        wait_for(lambda: _answers(probe), 180, "srw node")   # slow under load
         local = threading.local()
 
         def session():
             if not hasattr(local, "s"):
                 local.s = Session(config)
             return local.s
+        yield probe, session
+    finally:
+        stop(proc)
 
+
+def srw_index(root: Path, docs: list[str], args) -> tuple[float, float]:
+    """(docs/s over the first --direct-docs, over all): bulk indexing through srw."""
+    with srw_session(root, args.tree) as (_, session):
         def write(i):
             results = session().write(f"doc{i}", docs[i].encode(), index=True)
             if not all(r.ok for r in results):
@@ -236,42 +258,89 @@ def srw_run(root: Path, docs: list[str], qs: list[str], args) -> dict:
         sample = min(len(docs), args.direct_docs)
         first_s, _ = timed_in_flight(write, list(range(sample)), WRITES_IN_FLIGHT)
         rest_s, _ = timed_in_flight(write, list(range(sample, len(docs))), WRITES_IN_FLIGHT)
-        out["index_first"], out["index"] = sample / first_s, len(docs) / (first_s + rest_s)
-        print(f"indexed {len(docs):,} documents through srw in {first_s + rest_s:.0f} s "
-              f"({out['index']:,.0f}/s); load {_load()}", flush=True)
-        index_file = root / "var" / "n1" / "index.sqlite"
-        for r in range(args.rounds):
-            # A deadline no query reaches: the same work as direct.
-            one = {"load": _load(),
-                   "srw": timed_in_flight(lambda q: session().search(q, 10, timeout=60.0), qs),
-                   "direct": search_direct(index_file, qs)}
-            serial = qs[:args.serial]
-            one["srw1"] = timed_in_flight(lambda q: session().search(q, 10, timeout=60.0),
-                                          serial, 1)
-            one["direct1"] = search_direct(index_file, serial, 1)
-            one["load_end"] = _load()
-            print_round(r + 1, one)
-            out["rounds"].append(one)
+    print(f"indexed {len(docs):,} documents through srw in {first_s + rest_s:.0f} s "
+          f"({len(docs) / (first_s + rest_s):,.0f}/s); load {_load()}", flush=True)
+    return sample / first_s, len(docs) / (first_s + rest_s)
+
+
+def srw_round(root: Path, tree: Path, docs: list[str], qs: list[str], args) -> dict:
+    """One round on `tree`'s srw, direct interleaved: 16 in flight, one at a time
+    (a deadline no query reaches: the same work as direct), then the default
+    deadline (partial answers counted) and reads during a broad search."""
+    index_file = root / "var" / "n1" / "index.sqlite"
+    with srw_session(root, tree) as (probe, session):
+        one = {"load": _load(),
+               "srw": timed_in_flight(lambda q: session().search(q, 10, timeout=60.0), qs),
+               "direct": search_direct(index_file, qs)}
+        serial = qs[:args.serial]
+        one["srw1"] = timed_in_flight(lambda q: session().search(q, 10, timeout=60.0),
+                                      serial, 1)
+        one["direct1"] = search_direct(index_file, serial, 1)
         partial = []
-        out["search_default"] = timed_in_flight(
+        one["default"] = timed_in_flight(
             lambda q: partial.append(session().search(q, 10).partial), qs)
-        out["partial"] = sum(partial)
-        out["reads"] = reads_during_broad_search(probe, docs)
-        return out
-    finally:
-        stop(proc)
+        one["partial"] = sum(partial)
+        one["reads"] = reads_during_broad_search(probe, docs)
+        one["load_end"] = _load()
+    return one
 
 
-def print_round(number: int, one: dict) -> None:
+def print_round(number: int, name: str, one: dict) -> None:
     for label, srw, direct in (("16 in flight", "srw", "direct"),
                                ("one at a time", "srw1", "direct1")):
         (total, lat), (d_total, d_lat) = one[srw], one[direct]
-        print(f"round {number}, {label}: srw p50 {pct(lat, .5) * 1e3:.1f} ms p99 "
+        print(f"round {number} {name}, {label}: srw p50 {pct(lat, .5) * 1e3:.1f} ms p99 "
               f"{pct(lat, .99) * 1e3:.1f} ms {len(lat) / total:,.0f}/s; direct p50 "
               f"{pct(d_lat, .5) * 1e3:.1f} ms p99 {pct(d_lat, .99) * 1e3:.1f} ms "
-              f"{len(d_lat) / d_total:,.0f}/s: p50 {pct(lat, .5) / pct(d_lat, .5):.2f}x, "
-              f"throughput {(len(lat) / total) / (len(d_lat) / d_total):.2f}x "
-              f"(load {one['load']} .. {one['load_end']})", flush=True)
+              f"{len(d_lat) / d_total:,.0f}/s: p50 {_p50_ratio(one, srw, direct):.2f}x, "
+              f"throughput {_rate_ratio(one, srw, direct):.2f}x", flush=True)
+    total, lat = one["default"]
+    idle, busy, searches = one["reads"]
+    print(f"round {number} {name}, default 1 s deadline, 16 in flight: p50 "
+          f"{pct(lat, .5) * 1e3:.1f} ms p99 {pct(lat, .99) * 1e3:.1f} ms "
+          f"{len(lat) / total:,.0f}/s, {one['partial']} of {len(lat)} partial; storage read "
+          f"p50 idle {idle * 1e6:,.0f} us, during a broad search {busy * 1e6:,.0f} us "
+          f"({busy / idle:.2f}x; {len(searches)} broad searches, p50 "
+          f"{pct(searches, .5) * 1e3:.0f} ms) (load {one['load']} .. {one['load_end']})",
+          flush=True)
+
+
+def _p50_ratio(one: dict, srw: str, direct: str) -> float:
+    return pct(one[srw][1], .5) / pct(one[direct][1], .5)
+
+
+def _rate_ratio(one: dict, srw: str, direct: str) -> float:
+    (total, lat), (d_total, d_lat) = one[srw], one[direct]
+    return (len(lat) / total) / (len(d_lat) / d_total)
+
+
+# Issue 26's targets: (what, the figure of a round, the bound, "max" or "min").
+TARGETS = (
+    ("search p50, 16 in flight / direct", lambda o: _p50_ratio(o, "srw", "direct"), 1.5, "max"),
+    ("throughput, 16 in flight / direct", lambda o: _rate_ratio(o, "srw", "direct"), 0.7, "min"),
+    ("search p50, one at a time / direct", lambda o: _p50_ratio(o, "srw1", "direct1"), 1.5,
+     "max"),
+    ("throughput, one at a time / direct", lambda o: _rate_ratio(o, "srw1", "direct1"), 0.7,
+     "min"),
+    ("read p50 during a broad search / idle", lambda o: o["reads"][1] / o["reads"][0], 2.0,
+     "max"),
+)
+
+
+def print_targets(name: str, rounds: list[dict], indexing: float | None) -> None:
+    """Each target with every round's figure and whether every round meets it."""
+    print(f"targets, {name}:")
+    rows = [(what, [figure(o) for o in rounds], bound, side)
+            for what, figure, bound, side in TARGETS]
+    if indexing is not None:
+        rows.append(("indexing throughput / direct", [indexing], 0.5, "min"))
+    for what, figures, bound, side in rows:
+        met = all(f <= bound if side == "max" else f >= bound for f in figures)
+        print(f"  {what:40} {', '.join(f'{f:.2f}' for f in figures):18} "
+              f"{'<=' if side == 'max' else '>='} {bound}: {'met' if met else 'NOT met'}")
+    print(f"  {'partial answers at the default deadline':40} "
+          f"{', '.join(str(o['partial']) for o in rounds)} (of {len(rounds[0]['default'][1])})",
+          flush=True)
 
 
 def _load() -> str:
@@ -316,43 +385,63 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3, help="search rounds, srw and direct "
-                        "interleaved in each")
+                        "interleaved in each (and every tree in turn)")
     parser.add_argument("--serial", type=int, default=400,
                         help="queries of each round run one at a time too")
     parser.add_argument("--direct-docs", type=int, default=20_000,
                         help="documents indexing is compared over (the first ones)")
     parser.add_argument("--tree", type=Path, default=REPO,
                         help="the srw tree `srw serve` runs (default: this one)")
+    parser.add_argument("--baseline", type=Path, action="append", default=[],
+                        help="another srw tree, searched in turn with --tree in every round "
+                        "(on the same data); may be repeated")
+    parser.add_argument("--keep", type=Path, help="a folder for the node's data, kept: a "
+                        "later run with the same --docs searches it without indexing again")
     parser.add_argument("--engines", action="store_true", help="also tantivy, directly")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # stop srw on the way out
     start = time.perf_counter()
     docs = documents(args.docs)
     qs = queries(docs, args.queries)
     words = sum(len(d.split()) for d in docs)
     print(f"{len(docs):,} documents, {words:,} words ({words / len(docs):.0f} a document), "
           f"{len(qs):,} queries; generated in {time.perf_counter() - start:.1f} s", flush=True)
-    with tempfile.TemporaryDirectory(prefix="srw-search-bench-") as tmp:
-        root = Path(tmp)
-        (root / "srw").mkdir()
+    with contextlib.ExitStack() as stack:
+        root = args.keep or Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="srw-search-bench-")))
+        run(root, docs, qs, args)
+    return 0
+
+
+def run(root: Path, docs: list[str], qs: list[str], args) -> None:
+    data, built = root / "srw", root / "srw" / "built"
+    indexing = None
+    if built.exists() and built.read_text() == f"{len(docs)} {SEED}":
+        print(f"searching the {len(docs):,} documents indexed in {data} by an earlier run")
+    else:
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
+        (root / "direct.sqlite").unlink(missing_ok=True)
         sample = min(len(docs), args.direct_docs)
         direct_index = index_direct(root, docs[:sample])
         print(f"direct indexing, commit per document: {direct_index:,.0f} docs/s over "
               f"{sample:,}; load {_load()}", flush=True)
-        srw = srw_run(root / "srw", docs, qs, args)
-        print(f"indexing docs/s over the first {sample:,}: srw {srw['index_first']:,.0f}, "
-              f"direct {direct_index:,.0f}: {srw['index_first'] / direct_index:.2f}x "
-              f"(srw over all {len(docs):,}: {srw['index']:,.0f})")
-        (c_total, c_lat) = srw["search_default"]
-        print(f"search with the default 1 s deadline: srw p50 {pct(c_lat, .5) * 1e3:.1f} ms "
-              f"p99 {pct(c_lat, .99) * 1e3:.1f} ms {len(c_lat) / c_total:,.0f}/s, "
-              f"{srw['partial']} of {len(c_lat)} answers partial")
-        idle, busy, searches = srw["reads"]
-        print(f"storage read p50: idle {idle * 1e6:,.0f} us, during a broad search "
-              f"{busy * 1e6:,.0f} us ({busy / idle:.2f}x; {len(searches)} broad searches "
-              f"meanwhile, p50 {pct(searches, .5) * 1e3:.0f} ms); load {_load()}", flush=True)
-        if args.engines:
-            print(tantivy_direct(root, docs, qs), flush=True)
-    return 0
+        first, _ = srw_index(data, docs, args)
+        indexing = first / direct_index
+        print(f"indexing docs/s over the first {sample:,}: srw {first:,.0f}, direct "
+              f"{direct_index:,.0f}: {indexing:.2f}x", flush=True)
+        built.write_text(f"{len(docs)} {SEED}")
+    trees = [(f"tree {t}", t) for t in [args.tree, *args.baseline]]
+    rounds: dict[str, list[dict]] = {name: [] for name, _ in trees}
+    for number in range(1, args.rounds + 1):
+        for name, tree in trees:
+            one = srw_round(data, tree, docs, qs, args)
+            print_round(number, name, one)
+            rounds[name].append(one)
+    for name, _ in trees:
+        print_targets(name, rounds[name], indexing if name == trees[0][0] else None)
+    if args.engines:
+        print(tantivy_direct(root, docs, qs), flush=True)
 
 
 if __name__ == "__main__":

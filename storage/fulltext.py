@@ -160,25 +160,27 @@ class FullText:
         return dict(self.db.execute("SELECT id, version FROM meta"))
 
     def search(self, text: str, limit: int, lang: str | None = None, raw: bool = False,
-               deadline: float | None = None) -> dict:
+               deadline: float | None = None, pause=None) -> dict:
         """{"hits": [{"key", "score", "snippet", "parts"}], best first, "count":
         how many match, "partial": cut at `deadline` (time.monotonic()) with
-        what was ranked by then}.  Raises BadQuery."""
+        what was ranked by then}.  Raises BadQuery.  `pause(count)` is called
+        once the count is known and `pause(None)` every PROGRESS_STEPS of SQLite's
+        work: it may block while other searches run (storage/searcher.py)."""
         query = parse(text, self.analyzer, self.analyzer.language(lang), raw)
         self.db.execute("BEGIN")   # one snapshot: the count, every chunk and the bodies agree
         try:
-            if deadline is not None:
-                self.db.set_progress_handler(lambda: time.monotonic() > deadline,
+            if deadline is not None or pause is not None:
+                self.db.set_progress_handler(lambda: _progress(pause, deadline),
                                              PROGRESS_STEPS)
             try:
-                best, count, partial = self._rank(query, limit, deadline)
+                best, count, partial = self._rank(query, limit, deadline, pause)
             finally:
                 self.db.set_progress_handler(None, 0)
             return {"hits": self._hits(best, query), "count": count, "partial": partial}
         finally:
             self.db.execute("COMMIT")
 
-    def _rank(self, query: Query, limit: int, deadline: float | None):
+    def _rank(self, query: Query, limit: int, deadline: float | None, pause=None):
         """(the best `limit` (score, key, doc), best first, how many match, cut).
         Counting is cheap (no score, no row read); ranking costs per match, so
         the rowid range is ranked in chunks of about CHUNK matches, and a search
@@ -191,6 +193,8 @@ class FullText:
             count = self.db.execute(_COUNT, (query.fts,)).fetchone()[0]
             if count == 0:
                 return best, count, False
+            if pause is not None:
+                pause(count)
             low, top = self.db.execute(_SPAN).fetchone()
             step = (top - low) // -(-count // CHUNK) + 1
             for start in range(low, top + 1, step):
@@ -279,6 +283,13 @@ class FullText:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _progress(pause, deadline: float | None) -> bool:
+    """SQLite's progress handler: True interrupts the statement (the deadline)."""
+    if pause is not None:
+        pause(None)
+    return deadline is not None and time.monotonic() > deadline
 
 
 class _Transaction:

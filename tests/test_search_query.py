@@ -3,12 +3,15 @@ in this process (storage/query.py, storage/analyzer.py, storage/fulltext.py).
 The end-to-end paths (CLI, HTTP, exit statuses) are in test_search.py."""
 from __future__ import annotations
 
+import select
 import sqlite3
 import time
 
 import pytest
 
-from storage import fulltext
+from core import protocol as bp
+from storage import fulltext, searcher
+from storage import protocol as sp
 from storage.fulltext import FullText
 from storage.query import BadQuery
 
@@ -280,3 +283,63 @@ def test_lang_rides_the_indexed_write_and_old_rows_still_read():
     assert store._split_row(store._row(123, None, b"key")) == (123, None, b"key")
     old = (123).to_bytes(8, "big") + b"\xffkey"   # a row an older node wrote
     assert store._split_row(old) == (123, None, b"\xffkey")
+
+
+def test_a_narrow_search_passes_a_broad_one_that_runs(tmp_path, monkeypatch):
+    """One turn: a broad search has counted and runs; a narrow one that comes
+    meanwhile takes the turn at the broad one's next progress check and is
+    answered first; the broad one then finishes, whole."""
+    path = tmp_path / "turns.sqlite"
+    ft = FullText(path, sync=False)
+    ft.apply([(i.to_bytes(64, "big"), f"k{i}", 1, "common word" + " rare" * (i == 7), None)
+              for i in range(3000)], [])
+    ft.close()
+    monkeypatch.setattr(searcher, "TURNS", 1)
+    s = searcher.Searcher(str(path), ("english", "russian"), 1.0, "n1")
+    pause = s._pause
+
+    def paused(job, count):   # the broad one, counted: holds until the narrow one waits
+        if count is not None and job.search.query == "common":
+            deadline = time.monotonic() + 10
+            while not s.waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
+        pause(job, count)
+    monkeypatch.setattr(s, "_pause", paused)
+    replies = []
+    try:
+        s.submit(b"c", b"broad", sp.Search("common", 10, None, False, 20.0))
+        s.submit(b"c", b"narrow", sp.Search("rare", 10, None, False, 20.0))
+        deadline = time.monotonic() + 10
+        while len(replies) < 2 and time.monotonic() < deadline:
+            select.select([s.wake_r], [], [], 0.5)
+            s.drain(lambda client, rid, status, data, error: replies.append((rid, data)))
+    finally:
+        s.close()
+    assert [rid for rid, _ in replies] == [b"narrow", b"broad"]
+    narrow, broad = (bp.unpack_map(data) for _, data in replies)
+    assert [h["key"] for h in narrow["hits"]] == ["k7"]
+    assert broad["count"] == 3000 and not broad["partial"] and len(broad["hits"]) == 10
+
+
+def test_turns_go_to_the_fewest_matches_and_urgent_ones_by_deadline():
+    """Not counted yet (0) before narrow before broad; a search waiting past
+    PATIENCE or half its time to the deadline before all of them, the earliest
+    deadline first, but never in the last turn (narrow searches' lane)."""
+    def job(seq, count, timeout):
+        one = searcher._Job(b"c", b"r", sp.Search("x", 10, None, False, timeout),
+                            100.0 + timeout, {}, None, seq)
+        one.urgent, one.count = 100.0 + timeout / 2, count
+        return one
+    new, narrow, broad = job(3, 0, 10.0), job(1, 5, 10.0), job(0, 90_000, 10.0)
+    late, later = job(4, 90_000, 1.0), job(2, 90_000, 2.0)
+    jobs = [broad, later, narrow, new, late]
+    fresh = searcher._Job(b"c", b"r", sp.Search("x", 10, None, False, 60.0),
+                          time.monotonic() + 60.0, {}, None, 5)
+    assert fresh.urgent <= time.monotonic() + searcher.PATIENCE
+    assert sorted(jobs, key=lambda j: j.rank(100.1)) == [new, narrow, broad, later, late]
+    assert sorted(jobs, key=lambda j: j.rank(101.5)) == [late, later, new, narrow, broad]
+    # Two turns: while an urgent search holds one, the other goes by fewest matches.
+    order = searcher.Searcher._order([late], 101.5)
+    assert sorted([broad, later, narrow, new], key=order) == [new, narrow, broad, later]
+    assert searcher.Searcher._order([narrow], 101.5)(later) < \
+        searcher.Searcher._order([narrow], 101.5)(new)
