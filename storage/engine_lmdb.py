@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 from typing import Callable
 
-
 from core import config as cfg
 from core import protocol as p
 from core import security, timeouts
@@ -173,6 +172,13 @@ class LmdbEngine(Engine):
             raise NotFound(f"{what} not found ({detail})")
         raise StorageUnavailable(f"no owner of {what} answered ({detail})")
 
+    def local_reads(self):
+        """Reads straight from the stores of this host's nodes
+        (storage/local_read.py), or None when no node's store here is the one
+        it serves and may be read.  Imported here: LMDB only for who asks."""
+        from .local_read import LocalReads
+        return LocalReads.open(self.config, self.ring, self._store)
+
     # The nodes -------------------------------------------------------------------
 
     @classmethod
@@ -236,3 +242,4 @@ class NodePlace(Place):
         if self._client is not None:
             self._client.close()
             self._client = None
+
