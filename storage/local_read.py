@@ -6,6 +6,7 @@ data is in Redis, whose memory no client can read.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -50,6 +51,8 @@ class LocalReads:
 
     def __init__(self, ring: Ring, envs: dict):
         self.ring, self._envs = ring, envs
+        # key -> (its first owner, its id): a file's chunks are read again and again
+        self._place = functools.lru_cache(maxsize=4096)(self._placed)
 
     @classmethod
     def open(cls, config: cfg.Config, ring: Ring, client) -> LocalReads | None:
@@ -69,14 +72,13 @@ class LocalReads:
     def read(self, key: str | bytes, offset: int = 0, length: int | None = None) -> bytes | None:
         """The value's bytes from `offset` (at most `length`), or None: read it
         over the network."""
-        value = key_id(key)
-        owner = self.ring.targets(value, None)[0].name
+        owner, raw_id = self._place(key)
         env = self._envs.get(owner)
         if env is None:
             return None
         try:
             with env.begin(buffers=True) as txn:
-                stored = txn.get(value.to_bytes(sp.ID_BYTES, "big"))
+                stored = txn.get(raw_id)
                 if stored is None:
                     return None
                 start = VALUE_HEADER + min(offset, len(stored) - VALUE_HEADER)
@@ -86,6 +88,10 @@ class LocalReads:
                 log.warning("node %s's store read here failed (%s: %s): read over the network "
                             "from now on", owner, type(exc).__name__, exc)
             return None
+
+    def _placed(self, key: str | bytes) -> tuple[str, bytes]:
+        value = key_id(key)
+        return self.ring.targets(value, None)[0].name, value.to_bytes(sp.ID_BYTES, "big")
 
     def close(self) -> None:
         for env in self._envs.values():
