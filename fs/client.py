@@ -48,6 +48,7 @@ DIR, CHUNKS, INODE = "fs:d:", "fs:c:", "fs:i:"
 # less).  A chunk never written, or shorter than its share of the file, reads
 # as zeros: sparse files cost nothing.
 CHUNK = 1 << 20
+REMOVES = 128   # chunk removes sent before their replies are waited for (drop_chunks)
 log = logging.getLogger("srw.fs")
 
 
@@ -370,8 +371,10 @@ class FsClient:
             log.warning("fs:c:{%s}: not removed: its size %d is over the largest file",
                         ino, size)
             return
-        for n in range(start, -(-size // CHUNK)):
-            self.session.remove(chunk_key(ino, n))
+        end = -(-size // CHUNK)
+        for first in range(start, end, REMOVES):
+            self.session.engine.remove_keys([chunk_key(ino, n)
+                                             for n in range(first, min(end, first + REMOVES))])
 
     # Changing ----------------------------------------------------------------------
 
