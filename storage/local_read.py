@@ -103,9 +103,10 @@ def _local_env(node: cfg.NodeSettings, client: StorageClient):
     """The node's environment opened read-only, if its store is on this host and
     is the one the node serves: a random value written to the node must be read
     back from it (a copy of the directory, or another host's node with the same
-    path, would not have it).  None otherwise (also without the right to write)."""
+    path, would not have it).  None otherwise, and for a client without the
+    right to write and read there (CurveZMQ keys: the node's grants)."""
     path = Path(node.data_dir) / "store"
-    if not node.data_dir or not (path / "data.mdb").is_file():
+    if not node.data_dir or not os.path.isfile(path / "data.mdb"):   # (False if not ours)
         return None
     try:
         env = lmdb.open(str(path), readonly=True, lock=True, subdir=True, map_size=MAP_SIZE,
@@ -118,8 +119,9 @@ def _local_env(node: cfg.NodeSettings, client: StorageClient):
         if client.call(sp.WRITE, probe, nonce).ok:
             with env.begin() as txn:
                 seen = txn.get(probe)
+            may_read = client.call(sp.READ, probe).ok   # what the node would let us read
             client.call(sp.REMOVE, probe)
-            if seen is not None and seen[VALUE_HEADER:] == nonce:
+            if may_read and seen is not None and seen[VALUE_HEADER:] == nonce:
                 return env
     except (lmdb.Error, BrokerUnavailable):
         pass
