@@ -111,7 +111,7 @@ class LmdbEngine(Engine):
                     sent.append((client, *client.submit_data(sp.REMOVE, raw_id, wait=wait)))
                 except NodeUnavailable:
                     pass        # not connected: as remove's ``unavailable``, not told
-        for client, rid, wait in sent:
+        for client, rid, _ in sent:
             try:
                 client.result(rid, wait)
             except NodeUnavailable:
@@ -260,4 +260,3 @@ class NodePlace(Place):
         if self._client is not None:
             self._client.close()
             self._client = None
-

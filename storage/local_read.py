@@ -106,7 +106,7 @@ def _local_env(node: cfg.NodeSettings, client: StorageClient):
     path, would not have it).  None otherwise, and for a client without the
     right to write and read there (CurveZMQ keys: the node's grants)."""
     path = Path(node.data_dir) / "store"
-    if not node.data_dir or not os.path.isfile(path / "data.mdb"):   # (False if not ours)
+    if not node.data_dir or not os.path.isfile(path / "data.mdb"):  # False: not ours to enter
         return None
     try:
         env = lmdb.open(str(path), readonly=True, lock=True, subdir=True, map_size=MAP_SIZE,

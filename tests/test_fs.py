@@ -2,19 +2,23 @@
 on one started two-group cluster shared by the module (groups are replicas)."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import random
 import tempfile
 from pathlib import Path
 
+import lmdb
 import msgpack
 import pytest
 from hypothesis.stateful import run_state_machine_as_test
 
+from core import config as cfg
 from fs import shape
-from fs.client import FsClient, FsError, bucket_key
+from fs.client import FsClient, FsError, bucket_key, chunk_key
 from storage.client import NotFound, Session
+from storage.engine_lmdb import LmdbEngine
 
 from conftest import retire
 from fs_support import RANDOM_OPS, LocalTree, SameTree, SrwTree, in_threads, start_cluster
@@ -244,12 +248,6 @@ def test_local_reads_come_from_the_served_store_never_from_a_copy(cluster, fs, t
     this host; a read whose first owner is one of them never goes over the
     network, sees at once what a write just acknowledged, and a store the node
     does not serve (a copy of its directory) is never read."""
-    import dataclasses
-    import lmdb
-    from core import config as cfg
-    from fs.client import chunk_key
-    from storage.engine_lmdb import LmdbEngine
-
     with Session(cluster.path) as session:
         local = session.engine.local_reads()
         assert local.nodes == ["n1", "n2"]
