@@ -565,8 +565,7 @@ def mount(session_factory, mountpoint: str, allow_other: bool = False,
             print(f"srw: {mountpoint}: node {small[0]}'s max_value is under {CHUNK} bytes, "
                   "a file chunk (fs/client.py CHUNK): raise it to mount", file=sys.stderr)
             return 1
-        local = None if session.config.cluster.redis or not local_reads \
-            else session.engine.local_reads()
+        local = session.engine.local_reads() if local_reads else None
         courier = Courier(session_factory, local)
         operations = SrwOperations(FsClient(session, local=local), courier, attr_timeout)
         try:
