@@ -1,6 +1,7 @@
 """Two trees' mounts and the mfusepy passthrough, side by side, measured in turns.
 
     .venv/bin/python bench/fs_ab.py OLD_TREE [NEW_TREE] [--mib 256] [--rounds 6]
+        [--new-option=--no-local-reads]
 
 Starts one node and one mount from each tree (`PYTHONPATH=<tree> srw serve`
 and `srw mount`, so e.g. a `git worktree add --detach` of the parent commit
@@ -51,8 +52,9 @@ def tar_x(folder: Path, size: int) -> float:
 ROWS += (("tar -x files/s", tar_x),)
 
 
-def start(tree: Path, procs: list, roots: list) -> Path:
-    """A node and its mount, both running `tree`'s code; the mount point."""
+def start(tree: Path, procs: list, roots: list, options: list[str]) -> Path:
+    """A node and its mount (`srw mount OPTIONS`), both running `tree`'s code;
+    the mount point."""
     root = Path(tempfile.mkdtemp(prefix="srw-fs-ab-"))
     roots.append(root)
     cfg = write_config(root, workers=2, log_level="warning")
@@ -64,7 +66,8 @@ def start(tree: Path, procs: list, roots: list) -> Path:
     mnt = root / "mnt"
     mnt.mkdir()
     procs.append(subprocess.Popen([sys.executable, "-m", "srw", "mount", str(mnt), "--config",
-                                   str(cfg)], cwd=root, env=env, start_new_session=True))
+                                   str(cfg), *options], cwd=root, env=env,
+                                  start_new_session=True))
     wait_for(lambda: os.path.ismount(mnt), 30, f"the mount of {tree}")
     return mnt
 
@@ -106,13 +109,16 @@ def main() -> int:
     parser.add_argument("new", type=Path, nargs="?", default=REPO)
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--new-option", action="append", default=[], metavar="OPTION",
+                        help="an option of the new tree's `srw mount` (repeatable), "
+                        "e.g. --new-option=--no-local-reads")
     args = parser.parse_args()
     procs: list[subprocess.Popen] = []
     roots: list[Path] = []
     mounts: dict[str, Path] = {}
     try:
-        mounts["old"] = start(args.old.resolve(), procs, roots)
-        mounts["new"] = start(args.new.resolve(), procs, roots)
+        mounts["old"] = start(args.old.resolve(), procs, roots, [])
+        mounts["new"] = start(args.new.resolve(), procs, roots, args.new_option)
         mounts["passthrough"] = passthrough(procs, roots)
         TARBALL.extend(fs_bench.source_tar(roots[0]))   # a plain directory
         measure(mounts, args.mib << 20, args.rounds)

@@ -42,6 +42,9 @@ def register(sub, common: argparse.ArgumentParser, session_factory) -> None:
     mount.add_argument("--attr-timeout", type=float, default=1.0, metavar="SECONDS",
                        help="how long the kernel keeps a name's attributes (default 1; "
                        "0: a change through one hard link shows through the others at once)")
+    mount.add_argument("--no-local-reads", dest="local_reads", action="store_false",
+                       help="read every value over the network, even from a node on "
+                       "this host whose store this process may read")
     mount.set_defaults(func=_mount(session_factory))
 
 
@@ -59,7 +62,7 @@ def _mount(session_factory):
         from .mount import mount
         return _one_line(lambda: mount(lambda: session_factory(config, args), args.mountpoint,
                                        args.allow_other, args.default_permissions,
-                                       args.attr_timeout))
+                                       args.attr_timeout, args.local_reads))
     return command
 
 

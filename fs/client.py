@@ -48,6 +48,7 @@ DIR, CHUNKS, INODE = "fs:d:", "fs:c:", "fs:i:"
 # less).  A chunk never written, or shorter than its share of the file, reads
 # as zeros: sparse files cost nothing.
 CHUNK = 1 << 20
+REMOVES = 128   # chunk removes sent before their replies are waited for (drop_chunks)
 log = logging.getLogger("srw.fs")
 
 
@@ -138,21 +139,35 @@ def bad(path: str, why: str) -> FsError:
 
 
 class FsClient:
-    """The tree of one cluster.  Not thread-safe (one Session)."""
+    """The tree of one cluster.  Not thread-safe (one Session).  With `local`
+    (storage/local_read.py, may be shared by threads), values whose first owner
+    is a node on this host are read from its store in this process."""
 
-    def __init__(self, session: Session, script: str = SCRIPT):
-        self.session, self.script = session, script
+    def __init__(self, session: Session, script: str = SCRIPT, local=None):
+        self.session, self.script, self.local = session, script, local
         self.groups = sorted(session.ring.groups)   # execs go to the first that answers
         # The largest file a write or truncate may reach ([fs] max_file); beyond, EFBIG.
         self.max_file = session.config.fs.max_file
 
     # Reading ---------------------------------------------------------------------
 
+    def read(self, key: str, at: int = 0, length: int | None = None) -> bytes:
+        """The stored value (from `at`, at most `length` bytes): from this host's
+        node if it is the key's first owner, else over the network (a ranged
+        read when `length` is given); NotFound like Session.read."""
+        if self.local is not None:
+            value = self.local.read(key, at, length)
+            if value is not None:
+                return value
+        if length is None:
+            return self.session.read(key)
+        return self.session.read_range(key, at, length)
+
     def directory(self, ino: str, path: str = "") -> dict:
         """A directory's object as last written (an absent one is empty), its
         shape checked (``shape.directory``: not yet each entry); EIO if it is not one."""
         try:
-            return shape.directory(self.session.read(DIR + ino))
+            return shape.directory(self.read(DIR + ino))
         except NotFound:
             return {"e": {}, "i": {}, "a": {}, "dead": False}
         except shape.BadShape as exc:
@@ -204,7 +219,7 @@ class FsClient:
         """A bucket (NotFound if absent), its shape checked; EIO if it is not one."""
         key = bucket_key(ino, *at)
         try:
-            return shape.bucket(self.session.read(key))
+            return shape.bucket(self.read(key))
         except shape.BadShape as exc:
             raise bad(path, f"{key}: {exc}") from None
 
@@ -297,7 +312,7 @@ class FsClient:
         """A hard-linked entry's attributes and link count (its inode object;
         the entry itself, 1, if the object is gone: its last link went)."""
         try:
-            raw = self.session.read(inode_key(entry.ino))
+            raw = self.read(inode_key(entry.ino))
         except NotFound:
             return entry, 1
         try:
@@ -328,7 +343,7 @@ class FsClient:
         """Chunk `n` as stored (b"" if never written): its length is not checked
         here, the caller fits it to the file's size (``fit``)."""
         try:
-            return self.session.read(chunk_key(ino, n))
+            return self.read(chunk_key(ino, n))
         except NotFound:
             return b""
 
@@ -336,7 +351,7 @@ class FsClient:
         """`length` bytes of chunk `n` from `at` (a ranged read: only those cross
         the network), zeros where the chunk was never written or is shorter."""
         try:
-            return fit(self.session.read_range(chunk_key(ino, n), at, length), length)
+            return fit(self.read(chunk_key(ino, n), at, length), length)
         except NotFound:
             return bytes(length)
 
@@ -356,8 +371,10 @@ class FsClient:
             log.warning("fs:c:{%s}: not removed: its size %d is over the largest file",
                         ino, size)
             return
-        for n in range(start, -(-size // CHUNK)):
-            self.session.remove(chunk_key(ino, n))
+        end = -(-size // CHUNK)
+        for first in range(start, end, REMOVES):
+            self.session.engine.remove_keys([chunk_key(ino, n)
+                                             for n in range(first, min(end, first + REMOVES))])
 
     # Changing ----------------------------------------------------------------------
 

@@ -23,9 +23,10 @@ LANES = 2
 
 
 class Courier:
-    def __init__(self, session_factory):
-        """`session_factory()`: a new Session (a context manager), for each thread."""
-        self._lanes = [_Lane(session_factory) for _ in range(LANES)]
+    def __init__(self, session_factory, local=None):
+        """`session_factory()`: a new Session (a context manager), for each thread;
+        `local`: FsClient's, shared."""
+        self._lanes = [_Lane(session_factory, local) for _ in range(LANES)]
 
     def write(self, path: str, ino: str, n: int, data) -> Future:
         """Chunk `n` stored in every group (FsClient.write_chunk); `data` is not
@@ -45,14 +46,14 @@ class Courier:
 class _Lane:
     """One thread and its Session."""
 
-    def __init__(self, session_factory):
-        self._factory, self._session, self._fs = session_factory, None, None
+    def __init__(self, session_factory, local):
+        self._factory, self._local, self._session, self._fs = session_factory, local, None, None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="srw-courier",
                                         initializer=self._start)
 
     def _start(self) -> None:
         self._session = self._factory().__enter__()
-        self._fs = FsClient(self._session)      # used by this thread alone
+        self._fs = FsClient(self._session, local=self._local)   # used by this thread alone
 
     def submit(self, job) -> Future:
         return self._pool.submit(lambda: job(self._fs))

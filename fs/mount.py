@@ -547,12 +547,14 @@ def _fh(fip) -> int | None:
 
 
 def mount(session_factory, mountpoint: str, allow_other: bool = False,
-          default_permissions: bool = False, attr_timeout: float = 1.0) -> int:
+          default_permissions: bool = False, attr_timeout: float = 1.0,
+          local_reads: bool = True) -> int:
     """Serve the tree at `mountpoint` until it is unmounted; 0 on a clean unmount.
     `allow_other`: other users may use the mount; `default_permissions`: the
     kernel checks each entry's mode and owner (see README); `attr_timeout`:
     seconds the kernel keeps a name's attributes (each hard link is a name of
-    its own there)."""
+    its own there); `local_reads`: read from the stores of this host's nodes in
+    this process where it may (storage/local_read.py)."""
     if not os.path.isdir(mountpoint):
         raise FsError(errno.ENOTDIR if os.path.exists(mountpoint) else errno.ENOENT,
                       mountpoint)
@@ -563,8 +565,9 @@ def mount(session_factory, mountpoint: str, allow_other: bool = False,
             print(f"srw: {mountpoint}: node {small[0]}'s max_value is under {CHUNK} bytes, "
                   "a file chunk (fs/client.py CHUNK): raise it to mount", file=sys.stderr)
             return 1
-        courier = Courier(session_factory)
-        operations = SrwOperations(FsClient(session), courier, attr_timeout)
+        local = session.engine.local_reads() if local_reads else None
+        courier = Courier(session_factory, local)
+        operations = SrwOperations(FsClient(session, local=local), courier, attr_timeout)
         try:
             if not 0 <= attr_timeout <= 3600:
                 raise FsError(errno.EINVAL, f"--attr-timeout {attr_timeout}: 0 to 3600 s")
@@ -581,4 +584,6 @@ def mount(session_factory, mountpoint: str, allow_other: bool = False,
             return 1
         finally:
             courier.close()
+            if local is not None:
+                local.close()
     return 0

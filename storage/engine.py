@@ -149,6 +149,19 @@ class Engine(abc.ABC):
     def remove(self, key, id, groups) -> list:
         """Remove from every group; ``not_found`` where it was absent."""
 
+    def local_reads(self):
+        """What reads values from the stores of this host's nodes in this process
+        (storage/local_read.py), or None: this engine has no such thing
+        (redis-cluster: the data is in Redis's memory)."""
+        return None
+
+    def remove_keys(self, keys: list) -> None:
+        """Remove each key from every group, not waiting for one before sending
+        the next where the engine can (a truncated file's chunks); what each
+        answered is not told."""
+        for key in keys:
+            self.remove(key, None, None)
+
     @abc.abstractmethod
     def lookup(self, key, id, groups) -> dict:
         """{"size", ...} of the key (what else the store knows); raises like read."""

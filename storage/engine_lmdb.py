@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 from typing import Callable
 
-
 from core import config as cfg
 from core import protocol as p
 from core import security, timeouts
@@ -100,6 +99,24 @@ class LmdbEngine(Engine):
     def remove(self, key, id, groups) -> list[Result]:
         return self._to_all(sp.REMOVE, key, id, groups)
 
+    def remove_keys(self, keys: list) -> None:
+        """Every remove sent before any reply is waited for: a node takes those
+        waiting as one batch, one commit (and fsync) instead of one each."""
+        wait, sent = self.timeout or DATA_TIMEOUT, []
+        for key in keys:
+            raw_id, targets = self._locate(key, None, None)
+            for node in targets:
+                client = self._store(node.name)
+                try:
+                    sent.append((client, *client.submit_data(sp.REMOVE, raw_id, wait=wait)))
+                except NodeUnavailable:
+                    pass        # not connected: as remove's ``unavailable``, not told
+        for client, rid, _ in sent:
+            try:
+                client.result(rid, wait)
+            except NodeUnavailable:
+                pass
+
     def read(self, key, id, groups) -> bytes:
         return self._first(sp.READ, key, id, groups).data
 
@@ -172,6 +189,13 @@ class LmdbEngine(Engine):
         if any(r.status == p.NOT_FOUND for r in failures):
             raise NotFound(f"{what} not found ({detail})")
         raise StorageUnavailable(f"no owner of {what} answered ({detail})")
+
+    def local_reads(self):
+        """Reads straight from the stores of this host's nodes
+        (storage/local_read.py), or None when no node's store here is the one
+        it serves and may be read.  Imported here: LMDB only for who asks."""
+        from .local_read import LocalReads
+        return LocalReads.open(self.config, self.ring, self._store)
 
     # The nodes -------------------------------------------------------------------
 

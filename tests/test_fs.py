@@ -2,19 +2,23 @@
 on one started two-group cluster shared by the module (groups are replicas)."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import random
 import tempfile
 from pathlib import Path
 
+import lmdb
 import msgpack
 import pytest
 from hypothesis.stateful import run_state_machine_as_test
 
+from core import config as cfg
 from fs import shape
-from fs.client import FsClient, FsError, bucket_key
+from fs.client import FsClient, FsError, bucket_key, chunk_key
 from storage.client import NotFound, Session
+from storage.engine_lmdb import LmdbEngine
 
 from conftest import retire
 from fs_support import RANDOM_OPS, LocalTree, SameTree, SrwTree, in_threads, start_cluster
@@ -237,3 +241,39 @@ def test_an_emptied_directory_merges_back_into_one_bucket(cluster, fs):
         with pytest.raises(NotFound):       # emptied: removed
             fs.session.read(bucket_key(ino, 0, 0), groups=[group])
     assert fs.readdir("/shrink") == {}
+
+
+def test_local_reads_come_from_the_served_store_never_from_a_copy(cluster, fs, tmp_path):
+    """Short-circuit reads (storage/local_read.py): both nodes' stores are on
+    this host; a read whose first owner is one of them never goes over the
+    network, sees at once what a write just acknowledged, and a store the node
+    does not serve (a copy of its directory) is never read."""
+    with Session(cluster.path) as session:
+        local = session.engine.local_reads()
+        assert local.nodes == ["n1", "n2"]
+        mine = FsClient(session, local=local)
+        session.read = session.read_range = None      # any network read would fail
+        data = random.Random(3).randbytes(3000)
+        fs.write_file("/local", data)
+        ino = fs.stat("/local").ino
+        assert mine.read_part(ino, 0, 100, 50) == data[100:150]
+        assert mine.read_chunk(ino, 0) == data and mine.stat("/local").size == 3000
+        fs.write_file("/local", b"new")
+        assert mine.read_chunk(ino, 0) == b"new" and local.read(chunk_key(ino, 1)) is None
+        local.close()
+
+    config = cfg.load(cluster.path)
+    n1 = config.nodes[0]
+    copy = tmp_path / "copy"
+    with lmdb.open(str(Path(n1.data_dir) / "store"), readonly=True, max_dbs=1) as env:
+        (copy / "store").mkdir(parents=True)
+        env.copy(str(copy / "store"))
+    stale = dataclasses.replace(config, nodes=(dataclasses.replace(n1, data_dir=str(copy)),
+                                               *config.nodes[1:]))
+    engine = LmdbEngine(stale)
+    try:
+        local = engine.local_reads()
+        assert local.nodes == ["n2"]
+        local.close()
+    finally:
+        engine.close()
