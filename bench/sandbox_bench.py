@@ -1,7 +1,7 @@
 """What the sandbox costs: trivial exec under no sandbox, `default` and `strict`, in one run.
 
     python bench/sandbox_bench.py [--requests 2000] [--throughput 4000] [--baseline DIR]
-                                  [--only-tenants] [--rounds 3]
+                                  [--only-tenants] [--rounds 3] [--tenants 1,4,64]
 
 Starts one node per profile (2 workers each, loopback, its own temp dir) and
 measures, one profile at a time, against the same broker code:
@@ -15,7 +15,9 @@ measures, one profile at a time, against the same broker code:
   throughput of script content from 1, 4 and 64 tenants interleaved, with
   the share of requests that found their tenant's runner warm, and the
   private memory per warm runner and per worker slot; beside them `strict`
-  with the 64 tenants' load (a fresh runner per request either way).  With
+  with the 64 tenants' load (a fresh runner per request either way), and
+  each row's CPU per request by role (worker, zygote, runners, broker...,
+  from /proc; `--tenants 64` runs that count alone).  With
   `--baseline DIR` (a checkout of another commit, e.g. `git worktree add DIR
   HEAD~3`) the same rows run against that code too.  The nodes take turns,
   `--rounds` times; each ratio printed is the median of the same round's.

@@ -96,7 +96,7 @@ class Zygote:
                  seats: list[tuple[int, tuple[int, ...]]], history_dir: str, title: str,
                  spares: int, reuse: bool, cpu: int | None):
         self.sock, self.executor, self.sandbox, self.slot = sock, executor, sandbox, slot
-        self.cpu = cpu  # the worker's: a runner kept warm goes there (None: it stays anywhere)
+        self.cpu = cpu  # the worker's: a runner goes there after its first reply (None: stays)
         self.history_dir, self.title = history_dir, title
         self.spares, self.reuse = spares, reuse
         self.seats = seats                       # (task count fd, cgroup.procs fds) per seat
