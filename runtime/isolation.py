@@ -133,12 +133,12 @@ class InlineRunner:
         pass
 
 
-# copy: runners waiting for new tenants.  A fresh runner's move into its seat's
-# cgroups waits for an RCU grace period (the kernel's cgroup_threadgroup_rwsem):
-# ~50 us of CPU but 2-10 ms of wall time on this VM under load, so with one spare
-# a worker serving new tenants back to back waited for it (4.5-7.4 ms per fresh
-# runner at load 16, against 2.7-3.4 with four); several spares wait side by side.
-COPY_SPARES = 4
+# copy: a runner waiting for a new tenant.  Four (tried again 2026-12-07: a
+# worker serving new tenants back to back waited 2.7-3.4 ms per fresh runner
+# instead of 4.5-7.4 at load 16) left the 64-tenant rate unchanged once the
+# machine was quieter (CPU-bound: it follows the CPU per fresh runner), and
+# cost ~1.8 MB of private memory per spare.
+COPY_SPARES = 1
 # fork: runners waiting, so that requests back to back do not wait for a fork
 # (measured: 2 -> 4 took one-at-a-time p50 from 2.2 to 1.8 ms here)
 FORK_SPARES = 4
