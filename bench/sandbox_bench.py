@@ -1,7 +1,7 @@
 """What the sandbox costs: trivial exec under no sandbox, `default` and `strict`, in one run.
 
     python bench/sandbox_bench.py [--requests 2000] [--throughput 4000] [--baseline DIR]
-                                  [--only-tenants] [--rounds 3]
+                                  [--only-tenants] [--rounds 3] [--tenants 1,4,64]
 
 Starts one node per profile (2 workers each, loopback, its own temp dir) and
 measures, one profile at a time, against the same broker code:
@@ -15,7 +15,9 @@ measures, one profile at a time, against the same broker code:
   throughput of script content from 1, 4 and 64 tenants interleaved, with
   the share of requests that found their tenant's runner warm, and the
   private memory per warm runner and per worker slot; beside them `strict`
-  with the 64 tenants' load (a fresh runner per request either way).  With
+  with the 64 tenants' load (a fresh runner per request either way), and
+  each row's CPU per request by role (worker, zygote, runners, broker...,
+  from /proc; `--tenants 64` runs that count alone).  With
   `--baseline DIR` (a checkout of another commit, e.g. `git worktree add DIR
   HEAD~3`) the same rows run against that code too.  The nodes take turns,
   `--rounds` times; each ratio printed is the median of the same round's.
@@ -116,18 +118,26 @@ file = "{root / 'srw.log'}"
                 time.sleep(0.05)
         return self
 
-    def cpu(self) -> float:
-        """CPU seconds of this node's processes, with the children each has reaped
-        (so runners that came and went count, in their zygote)."""
-        total = 0
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds of this node's processes by role (the word after "srw: " in
+        their title), with the children each has reaped: the runners that came
+        and went count under "runner" (their zygote reaped them)."""
+        roles: dict[str, float] = {}
+        tick = os.sysconf("SC_CLK_TCK")
         for pid in [self.proc.pid, *descendants(self.proc.pid)]:
             try:
                 with open(f"/proc/{pid}/stat", "rb") as f:
                     fields = f.read().rsplit(b")", 1)[1].split()
             except (OSError, IndexError):
                 continue
-            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-        return total / os.sysconf("SC_CLK_TCK")
+            title = _cmdline(pid).split(b"\0", 1)[0]
+            role = title[5:].split(maxsplit=1)[0].decode(errors="replace") \
+                if title.startswith(b"srw: ") and title[5:].strip() else "serve"
+            own, reaped = sum(map(int, fields[11:13])), sum(map(int, fields[13:15]))
+            roles[role] = roles.get(role, 0.0) + own / tick
+            reaper = "runner" if role == "zygote" else role
+            roles[reaper] = roles.get(reaper, 0.0) + reaped / tick
+        return roles
 
     def zygote_uss(self) -> float | None:
         """The private memory (USS, bytes) of this node's zygotes, the largest."""
@@ -259,7 +269,8 @@ def warm_figures(endpoint: str) -> tuple[dict, float | None, float | None]:
 FEW_TENANTS_ONLY = ("strict",)  # nodes whose rows are 64 tenants alone (a fresh runner each)
 
 
-def tenant_rows(nodes: list[tuple[str, "Node"]], n: int, rounds: int) -> list[tuple]:
+def tenant_rows(nodes: list[tuple[str, "Node"]], n: int, rounds: int,
+                tenant_counts: tuple[int, ...] = (1, 4, 64)) -> list[tuple]:
     """Rows of (label, req/s of each round, warm share, USS per warm runner, per
     slot, CPU per request of each round) for each node and tenant count.  Each
     round runs every row once, the nodes taking turns (in the reverse order
@@ -269,7 +280,7 @@ def tenant_rows(nodes: list[tuple[str, "Node"]], n: int, rounds: int) -> list[tu
     memory: dict[str, tuple] = {}
     cpu: dict[str, list[float]] = {}
     for i in range(rounds):
-        for tenants in (1, 4, 64):
+        for tenants in tenant_counts:
             for label, node in nodes[::-1 if i % 2 else 1]:
                 if label.startswith(FEW_TENANTS_ONLY) and tenants != 64:
                     continue
@@ -279,7 +290,10 @@ def tenant_rows(nodes: list[tuple[str, "Node"]], n: int, rounds: int) -> list[tu
                 cpu_before = node.cpu()
                 rates.setdefault(row, []).append(tenants_throughput(node.broker, count, tenants))
                 # The node's processes (and the runners they reaped), warm-up requests included.
-                cpu.setdefault(row, []).append((node.cpu() - cpu_before) / (count + 2 * tenants))
+                cpu_after = node.cpu()
+                cpu.setdefault(row, []).append(
+                    {role: (cpu_after[role] - cpu_before.get(role, 0.0)) / (count + 2 * tenants)
+                     for role in cpu_after})
                 after, *figures = warm_figures(node.broker)
                 memory.setdefault(row, figures)  # the first round's: after that row alone
                 counts = found.setdefault(row, [0, 0])
@@ -298,6 +312,7 @@ def main() -> int:
                     "against, in turns with this one")
     ap.add_argument("--only-tenants", action="store_true", help="the tenant rows alone")
     ap.add_argument("--rounds", type=int, default=3, help="turns the tenant rows take")
+    ap.add_argument("--tenants", default="1,4,64", help="the tenant rows' tenant counts")
     args = ap.parse_args()
     trees = [("", REPO)] + ([(f" @ {args.baseline.name}", args.baseline)]
                             if args.baseline else [])
@@ -319,7 +334,8 @@ def main() -> int:
                 nodes.append((f"default @ {args.baseline.name}", old))
             (root / "strict").mkdir()
             nodes.append(("strict (fork)", stack.enter_context(Node(root / "strict", "strict"))))
-            tenant_table = tenant_rows(nodes, args.throughput, args.rounds)
+            tenant_table = tenant_rows(nodes, args.throughput, args.rounds,
+                                       tuple(int(x) for x in args.tenants.split(",")))
     for suffix, (rows, base, rates) in figures.items():
         print_profiles(rows, base, rates, suffix)
     print_tenants(tenant_table, figures[""][2].get("strict") if figures else None)
@@ -386,8 +402,10 @@ def print_tenants(tenant_table: list, strict: float | None) -> None:
     machine's load than the rate does."""
     print(f"\n{'script content, 64 in flight':36} {'req/s':>7} {'CPU/req':>8} {'warm':>5} "
           f"{'USS/warm runner':>15} {'USS/slot':>9}  req/s, CPU us/req by round")
-    rates, cpus = {}, {}
-    for label, rps, share, per_runner, per_slot, cpu in tenant_table:
+    rates, cpus, roles = {}, {}, {}
+    for label, rps, share, per_runner, per_slot, by_role in tenant_table:
+        cpu = [sum(r.values()) for r in by_role]
+        roles[label] = by_role
         rates[label], cpus[label] = rps, [1 / c if c else 0.0 for c in cpu]
         print(f"{label:36} {median(rps):7.0f} {median(cpu) * 1e6:5.0f} us "
               f"{f'{share:.0%}' if share is not None else '-':>5} "
@@ -417,6 +435,19 @@ def print_tenants(tenant_table: list, strict: float | None) -> None:
                   "(target >= 0.95)")
     if strict:
         print(f"strict (fork), echo.py above: {strict:.0f}/s")
+    print_roles(roles)
+
+
+ROLES = ("worker", "zygote", "runner", "broker", "pool", "storage", "proxy", "serve")
+
+
+def print_roles(roles: dict[str, list[dict[str, float]]]) -> None:
+    """CPU per request by role (median of the rounds), runners including those
+    their zygote reaped."""
+    print(f"\n{'CPU us per request, by role':36} " + " ".join(f"{r:>7}" for r in ROLES))
+    for label, by_round in roles.items():
+        print(f"{label:36} " + " ".join(
+            f"{median([r.get(role, 0.0) for r in by_round]) * 1e6:7.0f}" for role in ROLES))
 
 
 def median(values: list[float]) -> float:

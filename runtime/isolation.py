@@ -133,7 +133,12 @@ class InlineRunner:
         pass
 
 
-COPY_SPARES = 1    # copy: a runner waiting for a new tenant
+# copy: a runner waiting for a new tenant.  Four (tried again 2026-12-07: a
+# worker serving new tenants back to back waited 2.7-3.4 ms per fresh runner
+# instead of 4.5-7.4 at load 16) left the 64-tenant rate unchanged once the
+# machine was quieter (CPU-bound: it follows the CPU per fresh runner), and
+# cost ~1.8 MB of private memory per spare.
+COPY_SPARES = 1
 # fork: runners waiting, so that requests back to back do not wait for a fork
 # (measured: 2 -> 4 took one-at-a-time p50 from 2.2 to 1.8 ms here)
 FORK_SPARES = 4

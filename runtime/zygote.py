@@ -96,7 +96,7 @@ class Zygote:
                  seats: list[tuple[int, tuple[int, ...]]], history_dir: str, title: str,
                  spares: int, reuse: bool, cpu: int | None):
         self.sock, self.executor, self.sandbox, self.slot = sock, executor, sandbox, slot
-        self.cpu = cpu  # the worker's: a runner set up goes there (None: it stays anywhere)
+        self.cpu = cpu  # the worker's: a runner goes there after its first reply (None: stays)
         self.history_dir, self.title = history_dir, title
         self.spares, self.reuse = spares, reuse
         self.seats = seats                       # (task count fd, cgroup.procs fds) per seat
@@ -184,11 +184,9 @@ class Zygote:
                 setproctitle.setproctitle(self.title)
                 self.sandbox.enter_runner(self.reuse, self.slot, seat)
                 self.executor.warm_up()
-                if self.cpu is not None:
-                    os.sched_setaffinity(0, {self.cpu})
                 runner.serve(self.executor, self.history_dir, req_r, res_w, self.reuse,
                              limits_fixed=self.sandbox.runner_seccomp is not None,
-                             tasks_watched=self.sandbox.cgroups.enabled)
+                             tasks_watched=self.sandbox.cgroups.enabled, cpu=self.cpu)
                 code = 0
             finally:
                 os._exit(code)

@@ -12,6 +12,7 @@ import psutil
 
 
 from broker.client import AsyncClient
+from runtime import isolation
 
 from conftest import wait_until
 
@@ -351,9 +352,10 @@ def test_sighup_reloads_python_init(make_cluster):
 def test_serve_stops_everything_on_sigterm(node):
     serve = node.procs[0]
     # storage, broker, pool, proxy (which may still be setting its title) and, per
-    # worker, its zygote and its runner
-    tree = wait_until(lambda: len(t := node.processes("srw: ")) == 10 and t, 10,
-                      "storage, broker, pool, proxy, 2 workers, 2 zygotes, 2 runners")
+    # worker, its zygote and its spare runners
+    spares = isolation.COPY_SPARES
+    tree = wait_until(lambda: len(t := node.processes("srw: ")) == 8 + 2 * spares and t, 10,
+                      f"storage, broker, pool, proxy, 2 workers, 2 zygotes, {2 * spares} runners")
     serve.send_signal(signal.SIGTERM)
     assert serve.wait(20) == 0
     wait_until(lambda: not any(p.is_running() and p.status() != "zombie" for p in tree), 10,

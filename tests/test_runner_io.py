@@ -55,19 +55,27 @@ def test_copy_isolation_pins_each_worker_and_its_runner_to_a_cpu(make_cluster, p
     cluster.serve()
     with cluster.client() as c:
         assert all(c.exec("echo.py", b"x").ok for _ in range(4))
-    everything = os.sched_getaffinity(0)
+    everything = frozenset(os.sched_getaffinity(0))
+
+    def affinities(title: str) -> set[frozenset]:
+        return {frozenset(os.sched_getaffinity(p.pid)) for p in cluster.processes(title)}
+    cpus = {}
     for slot in (1, 2):
-        procs = cluster.processes(f"srw: worker n1#{slot}") + \
-            cluster.processes(f"srw: runner n1#{slot}")
-        cpus = {frozenset(os.sched_getaffinity(p.pid)) for p in procs}
-        if pin:
-            assert len(cpus) == 1 and len(next(iter(cpus))) == 1, cpus
-        else:
-            assert cpus == {frozenset(everything)}
         # The zygote forks and sets up runners on any CPU: a new tenant's fork
         # need not wait for its worker's CPU.
-        for zygote in cluster.processes(f"srw: zygote n1#{slot}"):
-            assert os.sched_getaffinity(zygote.pid) == everything
+        assert affinities(f"srw: zygote n1#{slot}") == {everything}
+        workers = affinities(f"srw: worker n1#{slot}")
+        if not pin:
+            assert workers | affinities(f"srw: runner n1#{slot}") == {everything}
+            continue
+        assert len(workers) == 1 and len(cpu := next(iter(workers))) == 1, workers
+        cpus[slot] = cpu
+        # A runner joins its worker's CPU after its first reply; spares (and runners
+        # of one request) stay on any CPU.
+        assert affinities(f"srw: runner n1#{slot}") <= {cpu, everything}
+    if pin:  # the runners that served the requests have joined (just after replying)
+        wait_until(lambda: any(cpu in affinities(f"srw: runner n1#{slot}")
+                               for slot, cpu in cpus.items()), 5, "a runner on its worker's CPU")
 
 
 def test_a_zygote_that_dies_with_a_message_unread_ends_its_worker(make_cluster):
