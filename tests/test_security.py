@@ -1,9 +1,9 @@
 """The front door: CurveZMQ on every node endpoint, and rights per client.
 
 One two-node cluster (groups 1 and 2) with curve on serves most tests; its
-clients are made here: alice (exec, read), reader (read), dave (no rights in
-his certificate, read and write from [security.rights]), and the harness's
-admin (every right).  A script's side effect (a key it writes through the
+clients are made here: alice (exec, read), reader (read), writer (write), dave
+(no rights in his certificate, read and write from [security.rights]), and the
+harness's admin (every right).  A script's side effect (a key it writes through the
 node's scripts key) shows whether anything ran: mark.py is a definer script
 with read and write, so it writes whoever runs it (tests/test_capabilities.py
 has the callers' own rights)."""
@@ -49,6 +49,7 @@ def cluster(tmp_path_factory):
                 'rights = ["read", "write"] }\n')
     cluster.add_client("alice", ("exec", "read"))
     cluster.add_client("reader", ("read",))
+    cluster.add_client("writer", ("write",))
     cluster.add_client("dave", None)
     cluster.srw("serve")
     cluster.wait_ready()
@@ -253,3 +254,19 @@ def test_key_files_and_rights(tmp_path):
                                ("tcp://localhost:1", True), ("tcp://0.0.0.0:1", False),
                                ("tcp://*:1", False), ("tcp://10.0.0.1:1", False)):
         assert sec.is_loopback(endpoint) is loopback, endpoint
+
+
+@pytest.mark.parametrize("client, local", [("admin", True), ("writer", False),
+                                           ("reader", False)])
+def test_only_a_client_that_may_read_and_write_reads_a_store_on_this_host(cluster, client,
+                                                                          local):
+    """Local reads (storage/local_read.py) check at start what the node grants:
+    the probe is written and read back over the network, so a key without read
+    (or without write to probe) never reads the node's store in-process."""
+    with session(cluster, client) as s:
+        reads = s.engine.local_reads()
+        try:
+            assert (reads is not None and reads.nodes == ["n1", "n2"]) is local
+        finally:
+            if reads is not None:
+                reads.close()
