@@ -54,8 +54,8 @@ class Job:
 
 
 class Worker:
-    __slots__ = ("identity", "name", "slot", "pid", "pool", "credits", "jobs", "expired",
-                 "replied", "last_seen", "draining", "gone_at", "warm")
+    __slots__ = ("identity", "name", "slot", "pid", "pool", "credits", "jobs", "load",
+                 "expired", "replied", "last_seen", "draining", "gone_at", "warm")
 
     def __init__(self, identity: bytes, ready: p.Ready, now: float, node: str = ""):
         self.identity, self.slot, self.pid = identity, ready.slot, ready.pid
@@ -63,7 +63,9 @@ class Worker:
         self.pool = ready.pool
         self.credits = ready.credits
         # job id -> its expected run time (us), in dispatch order: the order it runs them
+        # (changed through hold and drop only, which keep `load`, their sum)
         self.jobs: dict[bytes, float] = {}
+        self.load = 0.0
         # jobs answered 'timeout' while it held them -> the id lock each still
         # holds (None: no id): its late reply is no error, and frees the lock
         self.expired: dict[bytes, str | None] = {}
@@ -75,6 +77,23 @@ class Worker:
 
     def __repr__(self):
         return self.name
+
+    def hold(self, job_id: bytes, cost_us: float) -> None:
+        self.jobs[job_id] = cost_us
+        self.load += cost_us
+
+    def drop(self, job_id: bytes) -> bool:
+        """Forget a job it held; False if it held none by that id."""
+        cost = self.jobs.pop(job_id, None)
+        if cost is None:
+            return False
+        # Exact zero when empty: the float sum drifts, and an idle worker must not look busy.
+        self.load = self.load - cost if self.jobs else 0.0
+        return True
+
+    def drop_all(self) -> None:
+        self.jobs.clear()
+        self.load = 0.0
 
 
 def choose_worker(workers, cost_us: float) -> Worker | None:
@@ -91,7 +110,7 @@ def choose_worker(workers, cost_us: float) -> Worker | None:
         held = len(worker.jobs)
         if held >= worker.credits or worker.draining:
             continue
-        if held and sum(worker.jobs.values()) + cost_us <= PACK_US:
+        if held and worker.load + cost_us <= PACK_US:
             key = (0, -held)  # awake, and the wait is short: pack
         else:
             key = (1, held)
@@ -212,7 +231,7 @@ class Dispatcher:
         passes on only when the last of its holders there is answered."""
         locks = set()
         for job_id in reversed(job_ids):
-            worker.jobs.pop(job_id, None)
+            worker.drop(job_id)
             job = self.jobs.get(job_id)
             if job is None:
                 continue
@@ -233,7 +252,7 @@ class Dispatcher:
             log.warning("%s; answering its %d request(s) 'killed'", why, len(worker.jobs))
         for job_id in list(worker.jobs):
             self.finish(job_id, p.KILLED, error=why)
-        worker.jobs.clear()
+        worker.drop_all()
         for job_id, lock in worker.expired.items():  # it runs nothing any more
             if lock is not None:
                 self._release(lock, job_id)
@@ -280,8 +299,7 @@ class Dispatcher:
                f"{ready.reason or 'it registered again'}")
         if ready.replaces == old.pid:
             self.requeue(old, never_started(old, ready))
-        if ready.job in old.jobs and ready.job_status:
-            del old.jobs[ready.job]
+        if ready.job_status and old.drop(ready.job):
             self.finish(ready.job, ready.job_status, error=why)
         self.gone(old, why)
 
@@ -367,7 +385,7 @@ class Dispatcher:
     def _give(self, worker: Worker, job_id: bytes, job: Job, cost: float, now: float,
               batches: p.Batches) -> None:
         job.worker = worker
-        worker.jobs[job_id] = cost
+        worker.hold(job_id, cost)
         batches.add(worker, p.job_entry(job_id, job.deadline - now, job.meta, job.data),
                     job.size)
 
@@ -414,7 +432,7 @@ class Dispatcher:
                 # Its id stays locked until that reply (or the worker's end): the
                 # worker's clock runs from when the request reached it, a little
                 # later, and the next exec of the id must not start before it stops.
-                held = job.worker is not None and job.worker.jobs.pop(job_id, None) is not None
+                held = job.worker is not None and job.worker.drop(job_id)
                 if held:
                     job.worker.expired[job_id] = job.lock
                 self.finish(job_id, p.TIMEOUT, keep_lock=held,
@@ -430,8 +448,7 @@ class Dispatcher:
         """One entry of a worker's REPLY.  Raises ProtocolError for a job it was
         never given (one answered timeout while it held it is no error)."""
         worker.replied += 1
-        if job_id in worker.jobs:
-            del worker.jobs[job_id]
+        if worker.drop(job_id):
             job = self.jobs.get(job_id)
             if job is not None:
                 self.learn(job.meta.name, run_us)

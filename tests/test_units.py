@@ -226,6 +226,7 @@ class _FakeWorker:
     def __init__(self, held: int, each_us: float = 20.0, credits: int = 16,
                  draining: bool = False):
         self.jobs = dict.fromkeys(range(held), each_us)
+        self.load = held * each_us
         self.credits, self.draining = credits, draining
 
 
@@ -241,6 +242,24 @@ def test_short_requests_pack_onto_an_awake_worker_slow_ones_spread():
     assert choose_worker([_FakeWorker(2), _FakeWorker(1)], 5000.0).jobs.keys() == {0}
     # never a full or draining worker
     assert choose_worker([full, _FakeWorker(0, draining=True)], 20.0) is None
+
+
+def test_a_workers_load_is_the_sum_of_what_it_holds():
+    """choose_worker reads the running total, not a sum per request: it must not drift."""
+    from broker.dispatch import Worker
+    ready = p.Ready(slot=1, pid=1, credits=16, token=b"", pool=1)
+    worker = Worker(b"w", ready, 0.0)
+    for i in range(1000):
+        worker.hold(b"%d" % i, 0.1 * (i % 7) + 1e-3)
+        if i % 3 == 0:
+            assert worker.drop(b"%d" % (i // 2))
+    assert not worker.drop(b"never given")
+    assert worker.load == pytest.approx(sum(worker.jobs.values()))
+    for job in list(worker.jobs)[:-1]:
+        worker.drop(job)
+    assert worker.load == pytest.approx(sum(worker.jobs.values()))
+    worker.drop(next(iter(worker.jobs)))
+    assert worker.load == 0.0 and not worker.jobs
 
 
 def test_load_scheduling_switches_the_given_threads_by_load():
