@@ -67,6 +67,12 @@ AHEAD_BYTES = 16 * 1024  # ... and at most this much with the current one: a pip
 # holds 64 KiB, so the write never waits for the runner
 
 
+# Tenant digests kept per worker (ProcessRunner._tenant): a SHA-256 per request
+# was ~6% of a busy worker's time, and the same few tenants come again and again.
+TENANT_DIGESTS = 256
+TENANT_CODE_MAX = 4096  # content longer than this is hashed each time: kept keys stay small
+
+
 def ahead_bytes(data: bytes, cookie: str, code: str) -> int:
     """What a request adds to the runner's write, at most (with its name and capability)."""
     return len(data) + len(cookie) + len(code) + 512
@@ -205,6 +211,7 @@ class ProcessRunner:
         self.held_key = None  # ... their tenant
         self.lost: dict[bytes, str] = {}  # held, and their runner replaced: why
         self.seqs: list[int] = []
+        self.tenants: dict[tuple, tuple] = {}  # _tenant's digests
         self.found_warm = False
         self.redirected = False  # the last reply's MOVED flag (moved())
         self.seq = 0
@@ -305,8 +312,7 @@ class ProcessRunner:
             self._replace(self.current, "a request came before those written ahead to it")
         self.output.new_request()
         self.seq = self._new_seq()
-        key = tenant(caller, script.name if script else "", script.sha256 if script else b"",
-                     code) if self.reuse else None
+        key = self._tenant(caller, script, code) if self.reuse else None
         self.current = self.warm.take(key) if key is not None else None
         self.found_warm = self.current is not None
         self.redirected = False
@@ -332,6 +338,21 @@ class ProcessRunner:
             return p.KILLED, b"", "every runner tried was gone before it took the request"
         self.held_key = key
         return self._finish(runner, key, deadline)
+
+    def _tenant(self, caller: str, script: Script | None, code: str):
+        """The request's tenant (tenants.tenant), its digest kept under everything
+        the digest covers: new bytes of a script (a push) or new content is a new
+        key, so a kept digest is always the one tenant() would compute."""
+        name, sha256 = (script.name, script.sha256) if script is not None else ("", b"")
+        key = (caller, name, sha256, code)
+        found = self.tenants.get(key)
+        if found is None:
+            found = tenant(caller, name, sha256, code)
+            if len(code) <= TENANT_CODE_MAX:
+                if len(self.tenants) >= TENANT_DIGESTS:
+                    self.tenants.clear()
+                self.tenants[key] = found
+        return found
 
     def _new_seq(self) -> int:
         """Unpredictable, so that a script cannot write the reply to a later request

@@ -84,6 +84,12 @@ def test_without_curve_code_keeps_callers_apart(make_cluster):
         named_pid, seen = planted(c.exec("hook.py", b"z 1"))
         assert seen == ["z 1"] and named_pid not in (pid, other_pid)
         assert planted(c.exec("", b"x 2", code=HOOK)) == (pid, ["x 1", "x 2"])
+        assert planted(c.exec("hook.py", b"z 2")) == (named_pid, ["z 1", "z 2"])
+        # New bytes under the same name (an edit or a push): a new tenant, though
+        # the worker keeps the digests of tenants it has seen.
+        (cluster.history / "hook.py").write_text(HOOK + "# edited\n")
+        edited_pid, seen = planted(c.exec("hook.py", b"z 3"))
+        assert seen == ["z 3"] and edited_pid not in (pid, other_pid, named_pid)
 
 
 PROBE = """
