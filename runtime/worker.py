@@ -141,7 +141,7 @@ class Worker:
         wait_ms = int(self.hb_interval * 1000)
         while not self.done:
             if self.jobs:
-                if self.profile.isolation == "copy" and len(self.jobs) <= AHEAD:
+                if self._may_write_ahead():
                     self._take_waiting(handlers)
                 self.run_next()
                 # A request kept us from listening, not the broker from talking:
@@ -203,6 +203,13 @@ class Worker:
             pin_to_cpu(cpu)
         runner.flush = self.flush_replies
         return runner
+
+    def _may_write_ahead(self) -> bool:
+        """Whether the next request may take others with it to its runner (_ahead):
+        copy isolation, few queued, and not itself written ahead already (then
+        nothing is written now, and what waits in the socket can wait too)."""
+        return self.profile.isolation == "copy" and len(self.jobs) <= AHEAD and \
+            not self.runner.holds(self.jobs[0].job)
 
     def _take_waiting(self, handlers: dict) -> None:
         """What the broker sent while the last request ran, so that the requests
