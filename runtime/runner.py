@@ -158,7 +158,8 @@ class Hygiene:
     def check(self) -> int:
         """Undo what can be undone; flags for the reply (STALE, ZEROMQ).  Why a
         runner is stale goes to its stderr, which the worker logs."""
-        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+        # _signal's: signal's wraps the old mask it returns in enums (~1.5 us more)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         for timer in TIMERS if self.check_limits else TIMERS[:1]:
             signal.setitimer(timer, 0)
         for sig, handler in self.handlers.items():
