@@ -70,7 +70,7 @@ AHEAD_BYTES = 16 * 1024  # ... and at most this much with the current one: a pip
 # Tenant digests kept per worker (ProcessRunner._tenant): a SHA-256 per request
 # was ~6% of a busy worker's time, and the same few tenants come again and again.
 TENANT_DIGESTS = 256
-TENANT_CODE_MAX = 4096  # content longer than this is hashed each time: kept keys stay small
+TENANT_CODE_MAX = 1024  # longer content is hashed each time: kept keys stay small (~256 KiB)
 
 
 def ahead_bytes(data: bytes, cookie: str, code: str) -> int:
