@@ -41,6 +41,8 @@ log = logging.getLogger("srw.storage")
 
 BATCH = 256          # requests read before the batch is run; bounds reply latency
 STATUS_WAIT = 5.0    # seconds a relayed status request may take
+VIEW_FROM = 64 * 1024    # a value this large is not copied out of its message (recv_request)
+_recv = zmq.backend.Socket.recv     # pyzmq's Cython recv, as core.protocol calls it
 
 
 class Relay:
@@ -151,6 +153,29 @@ def bind_front(ctx: zmq.Context, config: Config, address: str):
     return keyring, front
 
 
+def recv_request(sock, with_user: bool) -> tuple[list, str | None] | None:
+    """A waiting message's frames and, `with_user`, its sender's ZAP User-Id
+    (as core.protocol.recv_frames_from); None if none waits.  A write's value of
+    VIEW_FROM bytes or more is a memoryview of the message libzmq received, not
+    a copy of it: a file's 1 MiB chunk is copied into LMDB anyway."""
+    try:
+        first = _recv(sock, zmq.NOBLOCK, False)
+    except zmq.Again:
+        return None
+    parts = [first]
+    while parts[-1].more:
+        parts.append(_recv(sock, 0, False))
+    view = 2 if len(parts) > 2 and len(parts[2]) >= VIEW_FROM and \
+        parts[1].bytes[:1] in sp.WITH_VALUE else -1
+    frames = [part.buffer if i == view else part.bytes for i, part in enumerate(parts)]
+    if not with_user:
+        return frames, None
+    try:
+        return frames, first.get("User-Id")
+    except zmq.ZMQError:  # a connection without ZAP has no User-Id
+        return frames, None
+
+
 class StorageNode:
     """One node's storage front-end; ``run()`` until SIGTERM/SIGINT."""
 
@@ -252,10 +277,7 @@ class StorageNode:
         batch: list[sp.StorageRequest] = []
         front, user = self.front, None
         while len(batch) < BATCH:
-            if self.keyring is None:
-                frames = bp.recv_frames_nowait(front)
-            else:  # with its sender's ZAP User-Id
-                frames, user = bp.recv_frames_from(front) or (None, None)
+            frames, user = recv_request(front, self.keyring is not None) or (None, None)
             if frames is None:
                 break
             request = self.on_frames(frames, user)
