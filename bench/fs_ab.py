@@ -1,7 +1,7 @@
 """Two trees' mounts and the mfusepy passthrough, side by side, measured in turns.
 
     .venv/bin/python bench/fs_ab.py OLD_TREE [NEW_TREE] [--mib 256] [--rounds 6]
-        [--new-option=--no-local-reads]
+        [--new-option=--no-local-reads] [--write-only]
 
 Starts one node and one mount from each tree (`PYTHONPATH=<tree> srw serve`
 and `srw mount`, so e.g. a `git worktree add --detach` of the parent commit
@@ -9,7 +9,10 @@ against this one), and fs_bench.py's passthrough of a tmpfs directory; then,
 round after round, each of the three writes a file of `--mib` MiB, reads it
 back, and makes 1,000 random 4 KiB reads in it (fs_bench.py's rows), each
 read with the file's pages dropped from the kernel's cache first and then
-again as it is; then `tar -x` of this repository's files.  Taking
+again as it is; then `tar -x` of this repository's files (`--write-only`:
+the write alone).  Each tree's write row also says how many LMDB write
+transactions (each one synced commit under `sync = true`) its node made per
+MiB written (the truncation and the size at close included).  Taking
 turns within one run puts both trees under the same load, which on a shared
 machine moves every figure more than any change; the medians of the
 per-round ratios to the passthrough are printed last.  Not part of the test
@@ -25,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import lmdb
 
 import fs_bench
 from common import REPO, wait_for, write_config
@@ -49,7 +54,7 @@ def tar_x(folder: Path, size: int) -> float:
     return fs_bench.untar(folder, *TARBALL)
 
 
-ROWS += (("tar -x files/s", tar_x),)
+ROWS = [*ROWS, ("tar -x files/s", tar_x)]
 
 
 def start(tree: Path, procs: list, roots: list, options: list[str]) -> Path:
@@ -85,16 +90,31 @@ def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def commits(mnt: Path):
+    """A function giving the number of write transactions committed so far by
+    the store of the node behind `mnt` (start's layout; LMDB's last txnid),
+    or None for the passthrough."""
+    store = mnt.parent / "var" / "n1" / "store"
+    if not store.is_dir():
+        return None
+    env = lmdb.open(str(store), readonly=True, max_dbs=1)
+    return lambda: env.info()["last_txnid"]
+
+
 def measure(mounts: dict[str, Path], size: int, rounds: int) -> None:
     results = {name: [] for name in mounts}
+    counters = {name: commits(mnt) for name, mnt in mounts.items()}
     for r in range(rounds):
         print(f"round {r + 1}, load {load()}", flush=True)
         for name, mnt in mounts.items():
-            row = [measure_row(mnt, size) for measure_row in (f for _, f in ROWS)]
+            count, before = counters[name], counters[name] and counters[name]()
+            row = [ROWS[0][1](mnt, size)]   # the write, its commits counted
+            synced = f"  ({(count() - before) / (size >> 20):.2f} commits/MiB)" if count else ""
+            row += [measure_row(mnt, size) for measure_row in (f for _, f in ROWS[1:])]
             results[name].append(row)
             print(f"  {name:12}" + "".join(f"  {what.split()[0]}{'+' * ('again' in what)} "
-                                           f"{value:8,.0f}" for (what, _), value in zip(ROWS, row)),
-                  flush=True)
+                                           f"{value:8,.0f}" for (what, _), value in zip(ROWS, row))
+                  + synced, flush=True)
     print(f"load at the end {load()}; median of the per-round ratios to the passthrough:")
     for i, (what, _) in enumerate(ROWS):
         ratios = {name: statistics.median(results[name][r][i] / results["passthrough"][r][i]
@@ -109,10 +129,14 @@ def main() -> int:
     parser.add_argument("new", type=Path, nargs="?", default=REPO)
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--write-only", action="store_true",
+                        help="only the sequential write row (more rounds in the same time)")
     parser.add_argument("--new-option", action="append", default=[], metavar="OPTION",
                         help="an option of the new tree's `srw mount` (repeatable), "
                         "e.g. --new-option=--no-local-reads")
     args = parser.parse_args()
+    if args.write_only:
+        del ROWS[1:]
     procs: list[subprocess.Popen] = []
     roots: list[Path] = []
     mounts: dict[str, Path] = {}

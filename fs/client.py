@@ -357,9 +357,18 @@ class FsClient:
 
     def write_chunk(self, path: str, ino: str, n: int, data: bytes) -> None:
         """Chunk `n` in every group; EIO only if no group took it."""
-        failed = [r for r in self.session.write(chunk_key(ino, n), bytes(data)) if not r.ok]
-        if len(failed) == len(self.groups):
-            raise FsError(errno.EIO, f"{path}: {failed[0].status}: {failed[0].error}")
+        self.write_chunks(path, ino, [(n, data)])
+
+    def write_chunks(self, path: str, ino: str, chunks: list) -> None:
+        """Each (n, data) in every group, all sent before any reply is awaited (a
+        node commits, and fsyncs, those it finds waiting together); EIO if any
+        chunk was taken by no group."""
+        replies = self.session.engine.write_keys([(chunk_key(ino, n), bytes(data))
+                                                  for n, data in chunks])
+        for results in replies:
+            failed = [r for r in results if not r.ok]
+            if len(failed) == len(self.groups):
+                raise FsError(errno.EIO, f"{path}: {failed[0].status}: {failed[0].error}")
 
     def drop_chunks(self, ino: str, start: int, size: int) -> None:
         """Remove the chunks from `start` up to those of a file of `size` bytes

@@ -5,13 +5,15 @@ store, the kernel waits for it.  The Courier takes the waits it can off that
 thread: a changed chunk written out (write-behind) and the next chunk of a
 sequential read fetched (read-ahead), each a ``Future``.  It has LANES
 threads, each with its own Session (ZeroMQ sockets and Redis clients are not
-shared between threads), made there; chunk `n` always goes to lane
-``n % LANES``, which runs one job at a time in the order given: writes of
-one chunk land in order, and a read sent after a write of its chunk sees
-that write.  Two lanes put the two chunks a file may have in flight
-(fs/mount.py SENDING) before the node together, and a node that finds both
-waiting commits (and fsyncs) them as one batch.  What a job raises is
-raised by its ``Future.result()``.
+shared between threads), made there; each runs one job at a time in the
+order given.  A write job is GROUP chunks of one file, all sent before any
+reply is awaited: a node commits (and fsyncs) the writes it finds waiting
+together, so a sequential write pays one synced commit per few MiB, not per
+MiB; two lanes keep the next group on its way while the node commits one.
+Order between jobs is the mount's (fs/mount.py): it sends no chunk while an
+older write of it is in flight, and reads no chunk from the store while it
+is being written (it has the bytes).  Chunk `n`'s read-ahead goes to lane
+``n % LANES``.  What a job raises is raised by its ``Future.result()``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from .client import FsClient
 
 LANES = 2
+GROUP = 4   # chunks a lane writes out together (fs/mount.py)
 
 
 class Courier:
@@ -28,10 +31,11 @@ class Courier:
         `local`: FsClient's, shared."""
         self._lanes = [_Lane(session_factory, local) for _ in range(LANES)]
 
-    def write(self, path: str, ino: str, n: int, data) -> Future:
-        """Chunk `n` stored in every group (FsClient.write_chunk); `data` is not
-        changed by the caller after."""
-        return self._lanes[n % LANES].submit(lambda fs: fs.write_chunk(path, ino, n, data))
+    def write(self, path: str, ino: str, chunks: list) -> Future:
+        """Each (n, data) stored in every group, sent together (FsClient.write_chunks),
+        by the lane of the first; no data is changed by the caller after."""
+        return self._lanes[chunks[0][0] // GROUP % LANES].submit(
+            lambda fs: fs.write_chunks(path, ino, chunks))
 
     def read(self, ino: str, n: int) -> Future:
         """Chunk `n` as stored (FsClient.read_chunk)."""

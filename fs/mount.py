@@ -9,7 +9,8 @@ shared by every handle on it in this mount) holds at most DIRTY changed,
 SENDING written out and CACHED read chunks, and one read ahead, whatever the
 offsets.  The waits for the store that the kernel need not see are the
 courier's (``fs/courier.py``, threads of its own): changed chunks are handed
-to it when there are more than DIRTY (write-behind), and a sequential read
+to it GROUP at a time when there are more than DIRTY (write-behind: a node
+commits the writes it finds waiting together), and a sequential read
 has it fetch the next chunk (read-ahead).  At flush every changed chunk is
 stored, then the size and mtime (close-to-open, as NFS); a chunk written out
 that failed is EIO at the file's next write, fsync or close.  Ctrl-C or
@@ -37,12 +38,12 @@ from broker.client import BrokerUnavailable
 from storage.client import StorageError
 
 from .client import CHUNK, Entry, FsClient, FsError, fit
-from .courier import Courier
+from .courier import GROUP, Courier
 from .shape import KINDS
 
 BLOCK = 4096
 DIRTY = 8       # changed chunks an open file holds before writing the oldest out
-SENDING = 2     # chunks written out, not yet stored, per open file (write-behind)
+SENDING = 2 * GROUP     # chunks written out, not yet stored, per open file (write-behind)
 CACHED = 4      # chunks read, kept per open file (re-reads of a chunk are free)
 VERSIONS = 4096     # files whose version the kernel's cached pages are of (see kept)
 # What utimensat's UTIME_NOW and UTIME_OMIT reach utimens as (libfuse passes
@@ -419,13 +420,18 @@ class SrwOperations(mfusepy.Operations):
         return inode.dirty[n]
 
     def _write_out(self, inode: Inode, keep: int = 0) -> None:
-        """Hand changed chunks to the courier, oldest first, until `keep` are
-        left; at most SENDING of them in flight (write-behind)."""
+        """Hand changed chunks to the courier, oldest first and GROUP at a time,
+        until at most `keep` are left; at most SENDING of them in flight
+        (write-behind)."""
         while len(inode.dirty) > keep:
-            n, data = inode.dirty.popitem(last=False)
-            if n in inode.sending:      # an older copy: stored first, its error kept
-                self._settle(inode, keep=0, only=n)
-            inode.sending[n] = (self.courier.write(inode.path, inode.entry.ino, n, data), data)
+            chunks = [inode.dirty.popitem(last=False)
+                      for _ in range(min(GROUP, len(inode.dirty)))]
+            for n, _ in chunks:
+                if n in inode.sending:  # an older copy: stored first, its error kept
+                    self._settle(inode, keep=0, only=n)
+            sent = self.courier.write(inode.path, inode.entry.ino, chunks)
+            for n, data in chunks:
+                inode.sending[n] = (sent, data)
             self._settle(inode, keep=SENDING)
 
     def _settle(self, inode: Inode, keep: int = 0, only: int | None = None) -> None:

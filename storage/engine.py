@@ -162,6 +162,12 @@ class Engine(abc.ABC):
         for key in keys:
             self.remove(key, None, None)
 
+    def write_keys(self, items: list) -> list[list]:
+        """Store each (key, data) in every group, not waiting for one before
+        sending the next where the engine can (a file's changed chunks): each
+        key's Results, as write's, in order."""
+        return [self.write(key, data, None, None) for key, data in items]
+
     @abc.abstractmethod
     def lookup(self, key, id, groups) -> dict:
         """{"size", ...} of the key (what else the store knows); raises like read."""

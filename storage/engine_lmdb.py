@@ -13,6 +13,7 @@ use in the process that uses them.
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Callable
 
 from core import config as cfg
@@ -26,7 +27,7 @@ from . import protocol as sp
 from .analyzer import UnknownLanguage, language_name
 from .engine import Engine, Place
 from .errors import Forbidden, NodeUnavailable, NotFound, StorageError, StorageUnavailable
-from .hits import Hits, merge_hits, search_data, send_all
+from .hits import Hits, collect_all, merge_hits, search_data, send_all, submit_all
 from .node_client import DATA_TIMEOUT, StorageClient, storage_ready
 from .ring import Ring
 from .router import RingRouter
@@ -102,20 +103,24 @@ class LmdbEngine(Engine):
     def remove_keys(self, keys: list) -> None:
         """Every remove sent before any reply is waited for: a node takes those
         waiting as one batch, one commit (and fsync) instead of one each."""
+        self._pipelined(sp.REMOVE, [(key, b"") for key in keys])
+
+    def write_keys(self, items: list) -> list[list[Result]]:
+        """Every write sent before any reply is waited for, as remove_keys: a
+        node commits those it finds waiting together, and answers each after
+        that commit."""
+        return self._pipelined(sp.WRITE, items)
+
+    def _pipelined(self, cmd: bytes, items: list) -> list[list[Result]]:
+        """`cmd` for each (key, data) to every owner, all sent before the replies
+        are collected: each key's Results, in order."""
         wait, sent = self.timeout or DATA_TIMEOUT, []
-        for key in keys:
+        for key, data in items:
             raw_id, targets = self._locate(key, None, None)
-            for node in targets:
-                client = self._store(node.name)
-                try:
-                    sent.append((client, *client.submit_data(sp.REMOVE, raw_id, wait=wait)))
-                except NodeUnavailable:
-                    pass        # not connected: as remove's ``unavailable``, not told
-        for client, rid, _ in sent:
-            try:
-                client.result(rid, wait)
-            except NodeUnavailable:
-                pass
+            sent.append(submit_all([(node, self._store(node.name)) for node in targets],
+                                   cmd, raw_id, data, wait))
+        deadline = time.monotonic() + wait
+        return [collect_all(calls, deadline) for calls in sent]
 
     def read(self, key, id, groups) -> bytes:
         return self._first(sp.READ, key, id, groups).data

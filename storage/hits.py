@@ -19,7 +19,7 @@ from . import protocol as sp
 from .errors import NodeUnavailable, StorageUnavailable
 from .query import BadQuery
 
-__all__ = ["Hits", "merge_hits", "search_data", "send_all"]
+__all__ = ["Hits", "merge_hits", "search_data", "send_all", "submit_all", "collect_all"]
 
 
 class Hits(list):
@@ -96,18 +96,30 @@ def send_all(targets, cmd: bytes, raw_id: bytes, data: bytes, wait: float) -> li
     """`cmd` to each (node, its StorageClient) at once, then the replies collected:
     the nodes work in parallel, so the whole call takes the slowest node's time.
     A node that does not answer by `wait` gives a Result ``unavailable``."""
+    sent = submit_all(targets, cmd, raw_id, data, wait)
+    return collect_all(sent, time.monotonic() + wait)
+
+
+def submit_all(targets, cmd: bytes, raw_id: bytes, data: bytes, wait: float) -> list:
+    """`cmd` sent to each (node, its StorageClient), no reply waited for: what
+    collect_all takes."""
     sent = []
-    for _, client in targets:
+    for node, client in targets:
         try:
-            sent.append((client, *client.submit_data(cmd, raw_id, data, wait)))
+            sent.append((node, client, *client.submit_data(cmd, raw_id, data, wait)))
         except NodeUnavailable as exc:
-            sent.append(exc)
-    deadline = time.monotonic() + wait
+            sent.append((node, exc))
+    return sent
+
+
+def collect_all(sent: list, deadline: float) -> list[Result]:
+    """The replies to submit_all's requests, in order; ``unavailable`` for a node
+    not reached or not answering by `deadline` (time.monotonic)."""
     results = []
-    for (node, _), call in zip(targets, sent):
+    for node, *call in sent:
         try:
-            if isinstance(call, NodeUnavailable):
-                raise call
+            if len(call) == 1:
+                raise call[0]
             client, rid, _ = call
             results.append(client.result(rid, max(0.0, deadline - time.monotonic())))
         except NodeUnavailable as exc:

@@ -106,6 +106,7 @@ NODE_COMMANDS = frozenset((STAT, ROUTES, SEARCH, REVOKE, REVOKE_PEER))
 REVOCATIONS = frozenset((REVOKE, REVOKE_PEER))
 MUTATING = frozenset((WRITE, REMOVE, INDEXED_WRITE, WRITE_IF))
 WITH_DATA = frozenset((WRITE, INDEXED_WRITE, WRITE_IF, READ_RANGE))
+WITH_VALUE = frozenset((WRITE, INDEXED_WRITE, WRITE_IF))   # their data frame holds a value
 NAMES = {WRITE: "write", READ: "read", REMOVE: "remove", LOOKUP: "lookup",
          STAT: "stat", ROUTES: "routes", INDEXED_WRITE: "indexed write", SEARCH: "search",
          WRITE_IF: "write-if", READ_RANGE: "ranged read", REVOKE: "revoke",

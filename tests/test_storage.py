@@ -323,3 +323,61 @@ def test_a_full_store_fails_only_the_writes_that_do_not_fit(tmp_path, monkeypatc
     assert "MapFullError" in replies[1][2] and "disk full" in replies[1][2]
     assert replies[2][1] == b"s"
     assert store.apply([req(sp.READ, b"big")])[0][0] == "not_found"
+
+
+def test_a_large_value_is_taken_from_its_message_and_nothing_else(tmp_path):
+    """recv_request: the value frame of a write (WRITE, WRITE_IF, INDEXED_WRITE) of
+    VIEW_FROM bytes or more is a view of the received message, stored intact;
+    every other frame (a read's, an exec's for the relay, a small value) is bytes."""
+    from storage.node import VIEW_FROM, recv_request
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        router.bind("inproc://views")
+        dealer.connect("inproc://views")
+        big, an_id = os.urandom(VIEW_FROM), hashlib.sha512(b"k").digest()
+        sent = [(sp.request_frames(sp.WRITE, b"r1", an_id, big), memoryview),
+                (sp.request_frames(sp.WRITE_IF, b"r2", an_id, sp.write_if_data(None, big)),
+                 memoryview),
+                (sp.request_frames(sp.WRITE, b"r3", an_id, big[:-1]), bytes),
+                (sp.request_frames(sp.READ_RANGE, b"r4", an_id, sp.range_data(0, 1)), bytes),
+                (bp.request_frames(bp.EXEC, b"r5", bp.ExecMeta(name="echo.py"), big), bytes)]
+        for frames, _ in sent:
+            dealer.send_multipart(frames)
+        got = []
+        for _ in range(len(sent)):
+            assert router.poll(5000)
+            frames, user = recv_request(router, with_user=False)
+            assert user is None and all(type(f) is bytes for f in frames[:2])
+            got.append(frames)
+        for frames, (want, kind) in zip(got, sent):
+            assert type(frames[2]) is kind and bytes(frames[2]) == want[1]
+        store = Store(tmp_path / "s", "n1")
+        requests = [sp.StorageRequest.from_frames(frames) for frames in got[:2]]
+        replies = store.apply([requests[0], req(sp.READ, b"k"), requests[1]])
+        assert replies[:2] == [("ok", b"", ""), ("ok", big, "")]
+        assert replies[2][0] == "busy"      # "must not exist", and it does
+        store.close()
+    finally:
+        dealer.close(linger=0)
+        router.close(linger=0)
+        ctx.term()
+
+
+def test_write_keys_answers_each_key_in_order(make_cluster):
+    """Engine.write_keys (lmdb): every write sent before a reply is awaited, each
+    key answered as its own write would be (a value over max_value refused
+    alone), the others stored and read back."""
+    cluster = make_cluster()
+    set_node_keys(cluster, "n1", max_value=300_000)
+    cluster.srw("storage", "--node", "n1")
+    wait_storage(cluster)
+    values = {"a": os.urandom(200_000), "b": os.urandom(300_001), "c": b"small",
+              "d": os.urandom(300_000)}
+    with Session(cluster.path) as s:
+        results = s.engine.write_keys(list(values.items()))
+        assert [[r.status for r in rs] for rs in results] == \
+            [["ok"], ["output_too_large"], ["ok"], ["ok"]]
+        assert {k: s.read(k) for k in "acd"} == {k: values[k] for k in "acd"}
+        with pytest.raises(NotFound):
+            s.read("b")
