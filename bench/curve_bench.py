@@ -9,7 +9,10 @@ In one run, in turns (A B A B, the order reversed every other round):
     zmq_proxy, curve on both of its sides).  Curve against plaintext there is
     libzmq's crypto alone: srw cannot take that part away;
   * srw exec echo.py (`warning`, as exec_bench's curve row) plaintext and with
-    curve on, on this tree and on each --tree DIR (its code on PYTHONPATH).
+    curve on, on this tree and on each --tree DIR (its code on PYTHONPATH);
+  * with --store, also an exec whose script makes one store call (read1.py:
+    n.read_data of 100 bytes), curve on: what a request that needs its
+    capability pays (minted, asked for, revoked).
 Per row: p50/p99 one at a time, req/s with 64 in flight (best round), CPU per
 exec of the node's processes; with --paths, per process (client, broker,
 worker, runner, storage front) CPU and context switches per exec.
@@ -34,6 +37,26 @@ sys.path.insert(0, str(REPO / "bench"))
 from common import free_port, pct, task_totals  # noqa: E402
 from exec_bench import (PAYLOAD, Exec, Node, latency, median, throughput,  # noqa: E402
                         write_config)
+
+from core import protocol as p  # noqa: E402
+
+READ1 = """
+try:
+    __return_data = n.read_data("curve-bench-key")
+except Exception:  # the first request stores it
+    n.write_data("curve-bench-key", b"v" * 100)
+    __return_data = b"stored"
+"""
+
+
+def store_exec(root: Path, tree: Path | None) -> Exec:
+    """A curve node whose execs run read1.py (one store read each)."""
+    config = write_config(root, 2, curve=True, tree=tree)
+    (root / "history" / "read1.py").write_text(READ1)
+    ex = Exec(Node(config, 2, tree))
+    ex.frames = p.request_frames(p.EXEC, b"r", p.ExecMeta(name="read1.py"), PAYLOAD)
+    latency(ex.sock, ex.frames, 200)  # warm: store connections of the runners
+    return ex
 
 # A ROUTER echo; with a server secret (z85) as argv[2], a curve server.
 ECHO = """
@@ -148,6 +171,8 @@ def main() -> None:
     ap.add_argument("--paths", action="store_true",
                     help="then CPU and context switches per exec for each process")
     ap.add_argument("--skip-echo", action="store_true")
+    ap.add_argument("--store", action="store_true",
+                    help="also execs that make one store call each (curve on)")
     args = ap.parse_args()
     n = args.requests
     print(f"curve bench: load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
@@ -166,6 +191,10 @@ def main() -> None:
                 name = f"srw exec, {'CurveZMQ' if curve else 'plaintext'}{suffix}"
                 rows[name] = lambda root=root, curve=curve, tree=tree: Exec(
                     Node(write_config(root, 2, curve=curve, tree=tree), 2, tree))
+            if args.store:
+                root = Path(tmp) / f"node{len(rows)}"
+                rows[f"srw exec read1.py, CurveZMQ{suffix}"] = \
+                    lambda root=root, tree=tree: store_exec(root, tree)
         runs = {}
         try:
             for name, make in rows.items():
@@ -183,7 +212,7 @@ def main() -> None:
                       f"{max(rate[name]):8,.0f}  {', '.join(f'{c:.0f}' for c in cpu)}")
             print()
             pairs = [(name, name.replace("CurveZMQ", "plaintext")) for name in runs
-                     if "CurveZMQ" in name]
+                     if "CurveZMQ" in name and name.replace("CurveZMQ", "plaintext") in runs]
             for curve, plain in pairs:
                 ratios = [c / p for c, p in zip(rate[curve], rate[plain])]
                 extra = pct(lat[curve], 0.5) - pct(lat[plain], 0.5)
@@ -191,6 +220,13 @@ def main() -> None:
                       f"{pct(lat[curve], 0.5) / pct(lat[plain], 0.5):.2f} (+{extra:.0f} us), "
                       f"req/s by round {', '.join(f'{r:.2f}' for r in ratios)} "
                       f"(median {median(ratios):.2f})")
+            for name in runs:
+                if " @ " in name:
+                    ours = name.split(" @ ")[0]
+                    ratios = [a / b for a, b in zip(rate[ours], rate[name])]
+                    print(f"{ours} this tree / {name.split(' @ ')[1]}: p50 "
+                          f"{pct(lat[ours], 0.5) / pct(lat[name], 0.5):.2f}, req/s by round "
+                          f"{', '.join(f'{r:.2f}' for r in ratios)}")
             if args.paths:
                 for name, run in runs.items():
                     if name.startswith("srw"):
