@@ -28,15 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import zmq
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from common import free_port, pct, task_totals  # noqa: E402
-from exec_bench import (PAYLOAD, Exec, Node, latency, median, throughput,  # noqa: E402
-                        write_config)
+import exec_bench  # noqa: E402
+from exec_bench import (PAYLOAD, Exec, Node, latency, median, role_pids,  # noqa: E402
+                        throughput, write_config)
 
 from core import protocol as p  # noqa: E402
 
@@ -128,20 +128,8 @@ class Echo:
             proc.wait()
 
 
-ROLES = ("broker", "worker", "runner", "storage")
-
-
-def role_pids(ex: Exec) -> dict[str, list[int]]:
-    roles: dict[str, list[int]] = {"client": [os.getpid()]}
-    for proc in psutil.Process(ex.node.proc.pid).children(recursive=True):
-        try:
-            title = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        for role in ROLES:
-            if title.startswith(f"srw: {role}"):
-                roles.setdefault(role, []).append(proc.pid)
-    return roles
+# exec_bench's roles and the storage front (curve's revocations went there).
+exec_bench.ROLES = exec_bench.ROLES + ("storage",)
 
 
 def paths(name: str, ex: Exec, n: int) -> None:
