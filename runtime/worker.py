@@ -108,7 +108,8 @@ class Worker:
         self.exit_code = 0
         self.pending: list[list] = []  # replies held to share a message (see reply)
         self.answered: list = []  # their capabilities, revoked as they are sent
-        self.granted = None  # the running request's (id, deadline), for self.answered
+        # Tokens minted, by job, until its reply: (token, (id, deadline) to revoke).
+        self.grants: dict[bytes, tuple[bytes, tuple]] = {}
         self.last_written = b""  # the request at position self.begun (slot record)
         self.pending_since = 0.0
         self.pending_bytes = 0  # what the held replies add up to (at most reply_limit)
@@ -462,11 +463,14 @@ class Worker:
     def _grant(self, job: bytes, meta: p.ExecMeta, script: Script | None, deadline: float,
                asked: bool) -> bytes:
         """The request's token: what goes with it, or (asked) what its script gets,
-        while it runs; a minted one is revoked at its reply (self.granted)."""
-        offer = self.grantor.grant if asked else self.grantor.offer
+        while it runs; one minted is the request's only one, revoked at its reply."""
+        minted = self.grants.get(job)
+        if minted is not None:
+            return minted[0]
+        offer = self.grantor.ask if asked else self.grantor.offer
         token, entry = offer(job, meta, script, deadline)
-        if entry is not None:
-            self.granted = entry
+        if entry is not None:  # (redis-cluster mode: nothing to revoke)
+            self.grants[job] = (token, entry)
         return token
 
     def reply(self, job: bytes, status: str, out: bytes, error: str, run_us: float) -> None:
@@ -484,9 +488,9 @@ class Worker:
         self.pending_bytes += size
         self.pending.append([job, status, error, out, run_us, *self.runner.warm_state(),
                              self.runner.moved()])
-        if self.granted is not None:  # (redis-cluster mode: nothing to revoke)
-            self.answered.append(self.granted)
-            self.granted = None
+        minted = self.grants.pop(job, None)
+        if minted is not None:
+            self.answered.append(minted[1])
         if not self.hold_replies or not self.jobs or len(self.pending) >= REPLY_BATCH \
                 or time.monotonic() - self.pending_since >= REPLY_HOLD:
             self.flush_replies()

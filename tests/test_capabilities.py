@@ -66,6 +66,13 @@ UNASKED = """
 from core import capability
 __return_data = capability.CURRENT
 """
+# Whether its token came with the request (its script asked before) or was asked for.
+AGAIN = """
+from core import capability
+before = capability.CURRENT
+token = capability.current()
+__return_data = (b"up front " if before else b"asked ") + token
+"""
 # Asks its worker for the token twice, past current()'s once.
 GREEDY = """
 from core import capability
@@ -74,7 +81,8 @@ ask()
 ask()
 """
 SCRIPTS = {"read.py": READ, "write.py": WRITE, "definer.py": WRITE, "keep.py": KEEP,
-           "token.py": TOKEN, "unasked.py": UNASKED, "greedy.py": GREEDY}
+           "token.py": TOKEN, "unasked.py": UNASKED, "greedy.py": GREEDY,
+           "again.py": AGAIN}
 
 
 def sha256(text: str) -> str:
@@ -177,6 +185,10 @@ def test_a_script_gets_its_token_when_it_asks_and_only_once(cluster):
     key = new_key()
     assert run(cluster, "writer", "write.py", key).status == p.OK
     assert stored(cluster, key, 1) == b"written"
+    # A script that asked gets its next requests' tokens up front, each its own.
+    first, second = (run(cluster, "writer", "again.py", "") for _ in range(2))
+    assert first.data.startswith(b"asked ") and second.data.startswith(b"up front ")
+    assert first.data.split(b" ", 1)[1] != second.data.split(b" ", 2)[2]
 
 
 def test_requests_written_ahead_ask_for_their_own_tokens(cluster):
