@@ -93,16 +93,25 @@ class LineHandler(logging.Handler):
             pass  # a full disk or a closed stderr must not take the process down
 
     def _text(self, lines: list[str | tuple]) -> str:
-        """The buffer as text, a line each, HotLine's formatted as logging would."""
-        stamp = self.formatter.stamp if isinstance(self.formatter, LineFormatter) else str
+        """The buffer as text, a line each, HotLine's formatted as logging would:
+        one `%` per line, into a head (date and time, tag, level) made once per
+        second of lines and format (as LineFormatter.stamp)."""
+        formatter = self.formatter if isinstance(self.formatter, LineFormatter) \
+            else LineFormatter("")
         out = []
+        key, head = None, ""
         for line in lines:
             if line.__class__ is tuple:
                 created, tag, fmt, args = line
+                second = int(created)
+                if key != (second, tag, fmt):
+                    key = (second, tag, fmt)
+                    head = f"{formatter.date(second)},%03d {tag.replace('%', '%%')} INFO {fmt}"
                 try:
-                    line = f"{stamp(created)} {tag} INFO {fmt % args}"
+                    line = head % (int((created - second) * 1000), *args)
                 except Exception:  # a bad line is shown, and the others written
-                    line = f"{stamp(created)} {tag} INFO {fmt!r} % {args!r}: bad arguments"
+                    line = f"{formatter.stamp(created)} {tag} INFO {fmt!r} % {args!r}: " \
+                        "bad arguments"
             out.append(line)
         out.append("")
         return "\n".join(out)
@@ -124,10 +133,14 @@ class LineFormatter(logging.Formatter):
     def stamp(self, created: float) -> str:
         """`created` (time.time()) as logging prints it: local time, milliseconds."""
         second = int(created)
+        return f"{self.date(second)},{int((created - second) * 1000):03d}"
+
+    def date(self, second: int) -> str:
+        """The date and time of a second, local time (kept for the next call)."""
         if self._stamp[0] != second:
             self._stamp = (second, time.strftime(self.default_time_format,
                                                  self.converter(second)))
-        return f"{self._stamp[1]},{int((created - second) * 1000):03d}"
+        return self._stamp[1]
 
 
 class HotLine:

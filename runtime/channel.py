@@ -13,6 +13,13 @@
                     runner gets it (source_len 0 afterwards)
     REPLY header    <QBBHIQ   seq, status, flags, spare, error_len, data_len
 
+    worker <--res pipe--  runner      ASK      REPLY header, status ASK, lengths 0:
+                                               the running request's capability,
+                                               once, at its script's first store call
+    worker --req pipe-->  runner      GRANT    REQUEST header, version GRANT, only
+                                               capability_len set: the answer (it may
+                                               follow requests written ahead)
+
 In copy isolation the worker may write a runner its tenant's next requests
 while it runs the current one (runtime/isolation.py: held requests); the
 runner reads them one at a time and answers each in order.
@@ -42,6 +49,9 @@ REPLY = struct.Struct("<QBBHIQ")
 RUN_STATUSES = (statuses.OK, statuses.SCRIPT_ERROR, statuses.MEMORY, statuses.OUTPUT_TOO_LARGE,
                 statuses.UNAVAILABLE)  # a script's store was down (protocol.Unavailable)
 STATUS_CODE = {status: i for i, status in enumerate(RUN_STATUSES)}
+ASK = 255           # a REPLY header's status: not a reply, the capability asked for
+ASKED = "asked"     # what read_reply returns for an ASK
+GRANT = 2**64 - 1   # a REQUEST header's version: not a request, the ASK's answer
 
 # Reply flags: what the runner says of itself once the script is done.
 STALE = 1   # it could not reset what the script left: replace it
@@ -135,6 +145,8 @@ def read_reply(fd: int, seq: int, output_cap: int, deadline: float,
     got, status, flags, _, error_len, data_len = REPLY.unpack_from(raw)
     if got != seq:
         raise Garbled(f"reply to request {got}, expected {seq}")
+    if status == ASK and not error_len and not data_len:  # (ASKED, the bytes after it)
+        return ASKED, raw[REPLY.size:]
     if status >= len(RUN_STATUSES):
         raise Garbled(f"unknown status code {status}")
     if error_len > MAX_ERROR:
@@ -148,6 +160,11 @@ def read_reply(fd: int, seq: int, output_cap: int, deadline: float,
     error = str(body[REPLY.size:REPLY.size + error_len], "utf-8", "replace")
     return Reply(RUN_STATUSES[status], flags, error, bytes(body[REPLY.size + error_len:end])), \
         raw[end:]
+
+
+def grant_bytes(seq: int, capability: bytes) -> bytes:
+    """The answer to request `seq`'s ASK."""
+    return REQUEST.pack(seq, GRANT, 0, 0, 0, 0, len(capability), 0) + capability
 
 
 def _write_all(fd: int, parts: list[bytes], deadline: float) -> None:
@@ -204,11 +221,26 @@ class RequestReader:
     that may hold more than one (the worker writes its tenant's next requests
     ahead).  A small request takes one read."""
 
-    def __init__(self, fd: int):
-        self.fd, self.raw = fd, b""
+    def __init__(self, fd: int, res_w: int = -1):
+        self.fd, self.raw, self.res_w = fd, b"", res_w
+        self.early: list[Request] = []  # written ahead, read while waiting for a GRANT
+
+    def ask(self, seq: int) -> bytes:
+        """Request `seq`'s capability, asked of the worker (b"" if it is gone)."""
+        write_reply(self.res_w, seq, ASK, 0, "", b"")
+        while True:
+            got = self._read()
+            if got is None:
+                return b""
+            if got.version == GRANT and got.seq == seq:
+                return got.capability
+            self.early.append(got)
 
     def next(self) -> Request | None:
         """The next request, or None when the worker has closed the pipe."""
+        return self.early.pop(0) if self.early else self._read()
+
+    def _read(self) -> Request | None:
         raw = self.raw
         try:
             while len(raw) < REQUEST.size:
@@ -233,9 +265,11 @@ class RequestReader:
                        cookie.decode("utf-8", "surrogatepass"), capability, data)
 
 
-def write_reply(fd: int, seq: int, status: str, flags: int, error: str, data: bytes) -> None:
+def write_reply(fd: int, seq: int, status: str | int, flags: int, error: str,
+                data: bytes) -> None:
     raw_error = error.encode("utf-8", "replace")[:MAX_ERROR]
-    header = REPLY.pack(seq, STATUS_CODE[status], flags, 0, len(raw_error), len(data))
+    code = status if status == ASK else STATUS_CODE[status]
+    header = REPLY.pack(seq, code, flags, 0, len(raw_error), len(data))
     views = [memoryview(x) for x in (header, raw_error, data) if x]
     while views:
         _consume(views, os.writev(fd, views))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import _thread
 import collections
+import functools
 import logging
 import math
 import os
@@ -78,6 +79,15 @@ def ahead_bytes(data: bytes, cookie: str, code: str) -> int:
     return len(data) + len(cookie) + len(code) + 512
 
 
+# A request's capability: grant(False) is what goes with the request (b"" when
+# it is minted on demand), grant(True) what the script gets when it asks.
+Grant = Callable[[bool], bytes]
+
+
+def no_grant(asked: bool) -> bytes:
+    return b""
+
+
 @dataclass(frozen=True, slots=True)
 class Ahead:
     """A request queued behind the current one, of the same caller and code."""
@@ -85,7 +95,7 @@ class Ahead:
     position: int  # in the order the broker sent them (worker.Worker.begun)
     data: bytes
     cookie: str
-    grant: Callable[[], bytes]  # its capability, minted when it is written
+    grant: Grant  # its capability (see ProcessRunner.run)
 
 
 class ZygoteFailed(RuntimeError):
@@ -106,14 +116,15 @@ class InlineRunner:
         return False  # requests run one at a time, here
 
     def run(self, script: Script | None, code: str, data: bytes, cookie: str,
-            deadline: float, caller: str, grant: bytes = b"", job: bytes = b"",
+            deadline: float, caller: str, grant: Grant = no_grant, job: bytes = b"",
             ahead: list | None = None) -> tuple[str, bytes, str]:
         named = (lambda: self.scripts.code(script)) if script is not None else None
-        capability.CURRENT = grant  # trusted scripts: they could mint their own anyway
+        # Trusted scripts: they could mint their own anyway.
+        capability.running(grant(False), functools.partial(grant, True))
         try:
             reply = self.executor.run(named, code, data, cookie)
         finally:
-            capability.CURRENT = b""
+            capability.running(b"", None)
         if os.getpid() != self.pid:  # a copy the script forked came back from it: not us
             os._exit(0)
         return reply
@@ -205,8 +216,8 @@ class ProcessRunner:
         self.exits: dict[int, tuple[int, float]] = {}  # pid -> (wait status, CPU seconds)
         self.current: Runner | None = None
         self.doomed: list[int] = []  # runners to kill once the reply is on its way
-        # Requests written ahead to self.current, in order: (job, seq) ...
-        self.held: collections.deque[tuple[bytes, int]] = collections.deque()
+        # Requests written ahead to self.current, in order: (job, seq, grant) ...
+        self.held: collections.deque[tuple[bytes, int, Grant]] = collections.deque()
         self.held_jobs: set[bytes] = set()
         self.held_key = None  # ... their tenant
         self.lost: dict[bytes, str] = {}  # held, and their runner replaced: why
@@ -215,6 +226,7 @@ class ProcessRunner:
         self.found_warm = False
         self.redirected = False  # the last reply's MOVED flag (moved())
         self.seq = 0
+        self.grant: Grant | None = no_grant  # self.seq's, None once its runner asked
         self.failed: ZygoteFailed | None = None  # found by _receive_sent while idle
         # The worker's replies held while a request runs: flush() them at flush_at.
         self.flush: Callable[[], None] = lambda: None
@@ -255,9 +267,11 @@ class ProcessRunner:
     # A request ------------------------------------------------------------------
 
     def run(self, script: Script | None, code: str, data: bytes, cookie: str,
-            deadline: float, caller: str, grant: bytes = b"", job: bytes = b"",
+            deadline: float, caller: str, grant: Grant = no_grant, job: bytes = b"",
             ahead: list[Ahead] | None = None) -> tuple[str, bytes, str]:
-        """(status, data, error) of one request; `grant` is its capability token.
+        """(status, data, error) of one request; `grant` gives its capability
+        token: what goes with the request, and what its runner asks for (once,
+        at the script's first store call; runtime/channel.py ASK).
         `ahead`: the requests queued behind it for the same tenant, written to its
         runner now (copy isolation) so that the runner goes from one to the next
         without waiting for the worker; each is then held (`holds`) and counts as
@@ -283,13 +297,13 @@ class ProcessRunner:
             return (p.KILLED, b"", "its runner was replaced before it answered "
                     f"({why or 'an earlier request of the same caller and code failed'})")
         try:
-            held_job, seq = self.held.popleft()
+            held_job, seq, grant = self.held.popleft()
             self.held_jobs.discard(held_job)
             if held_job != job or self.current is None:
                 raise RuntimeError(f"held request {job!r} is not next")
             self._end_doomed()
             self.output.new_request()
-            self.seq, self.found_warm, self.redirected = seq, True, False
+            self.seq, self.grant, self.found_warm, self.redirected = seq, grant, True, False
             return self._finish(self.current, self.held_key, deadline)
         except ZygoteFailed:
             raise
@@ -305,13 +319,13 @@ class ProcessRunner:
                 "runner did; the runner is replaced")
 
     def _run(self, script: Script | None, code: str, data: bytes, cookie: str,
-             deadline: float, caller: str, grant: bytes, ahead: list[Ahead]
+             deadline: float, caller: str, grant: Grant, ahead: list[Ahead]
              ) -> tuple[str, bytes, str]:
         self._end_doomed()
         if self.held and self.current is not None:  # the worker runs held ones first
             self._replace(self.current, "a request came before those written ahead to it")
         self.output.new_request()
-        self.seq = self._new_seq()
+        self.seq, self.grant = self._new_seq(), grant
         key = self._tenant(caller, script, code) if self.reuse else None
         self.current = self.warm.take(key) if key is not None else None
         self.found_warm = self.current is not None
@@ -410,7 +424,7 @@ class ProcessRunner:
             self._replace(old, "")
 
     def _send(self, runner: Runner, script: Script | None, code: str, cookie: str,
-              grant: bytes, data: bytes, deadline: float, ahead: list[Ahead]) -> None:
+              grant: Grant, data: bytes, deadline: float, ahead: list[Ahead]) -> None:
         """The request, and those of `ahead` (the worker keeps them within AHEAD_BYTES),
         in one write."""
         version, source = 0, b""
@@ -418,19 +432,19 @@ class ProcessRunner:
             version = script.version
             source = b"" if version in runner.sent else script.source
         name = script.name if script else ""
-        parts = channel.request_bytes(self.seq, version, name, source, code, cookie, grant,
-                                      data)
+        parts = channel.request_bytes(self.seq, version, name, source, code, cookie,
+                                      grant(False), data)
         held = []
         for req in ahead:
             seq = self._new_seq()
             parts += channel.request_bytes(seq, version, name, b"", code, req.cookie,
-                                           req.grant(), req.data)
-            held.append((req.job, seq))
+                                           req.grant(False), req.data)
+            held.append((req.job, seq, req.grant))
         channel.send_request(runner.req_w, parts, deadline)
         if script is not None:
             runner.sent.add(version)
         self.held.extend(held)
-        self.held_jobs.update(job for job, _ in held)
+        self.held_jobs.update(job for job, _, _ in held)
 
     def _wait(self, runner: Runner, deadline: float) -> tuple[channel.Reply, bytes]:
         """The reply, while the output is logged and the CPU watched."""
@@ -453,6 +467,10 @@ class ProcessRunner:
                 reply = channel.read_reply(runner.res_r, self.seq, self.output_cap, deadline,
                                            runner.leftover)
                 runner.leftover = b""
+                if reply[0] is channel.ASKED:
+                    runner.leftover = reply[1]
+                    self._answer(runner, deadline)
+                    continue
                 self.output.report()
                 return reply
             now = time.monotonic()
@@ -468,6 +486,15 @@ class ProcessRunner:
                 elif used - cpu_base > self.profile.cpu_seconds:
                     raise CpuExceeded
                 next_tick = now + TICK
+
+    def _answer(self, runner: Runner, deadline: float) -> None:
+        """The capability the running request's script asked for: minted now,
+        once per request (a second ask is the script's doing)."""
+        if self.grant is None:
+            raise channel.Garbled("the runner asked twice for its request's capability")
+        grant, self.grant = self.grant, None
+        channel.send_request(runner.req_w, [channel.grant_bytes(self.seq, grant(True))],
+                             deadline)
 
     def _cpu_used(self, runner: Runner) -> float:
         fd = runner.cpu_fd if runner.cpu_fd >= 0 else self.slot_cpu_fd
@@ -560,7 +587,7 @@ class ProcessRunner:
                      runner.pid, why)
         runner.close()
         if runner is self.current:
-            for job, _ in self.held:  # written to it: started, and never to run again
+            for job, _, _ in self.held:  # written to it: started, and never to run again
                 self.lost[job] = why
             self.held.clear()
             self.held_jobs.clear()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import _signal
 import _thread
+import functools
 import logging
 import os
 import resource
@@ -62,15 +63,16 @@ def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: b
     hygiene = Hygiene({0, 1, 2, req_r, res_w}, not limits_fixed, not tasks_watched) \
         if reuse else None
     named: dict[int, object] = {}
-    requests = channel.RequestReader(req_r)
+    requests = channel.RequestReader(req_r, res_w)
     while True:
         request = requests.next()
         if request is None:
             return  # the worker is done with us
-        capability.CURRENT = request.capability  # what the script's store calls carry
+        # What the script's store calls carry: asked of the worker when first needed.
+        capability.running(request.capability, functools.partial(requests.ask, request.seq))
         status, data, error = executor.run(_named(request, named, history_dir), request.code,
                                            request.data, request.cookie)
-        capability.CURRENT = b""
+        capability.running(b"", None)
         _flush_stdio()
         if os.getpid() != pid:  # a copy the script forked came back from it: not ours
             os._exit(0)

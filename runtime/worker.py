@@ -45,7 +45,7 @@ from core.sched import LoadScheduling, open_thread_list, pin_to_cpu, slot_cpu, t
 from .executor import Executor
 from .grantor import Grantor
 from .isolation import AHEAD, AHEAD_BYTES, Ahead, InlineRunner, ProcessRunner, ZygoteFailed, \
-    ahead_bytes
+    ahead_bytes, no_grant
 from .profile import Profile
 from .sandbox import Sandbox, die_with_parent
 from .scripts import NAME_RE, Script, ScriptCache, ScriptNameError, ScriptNotFound
@@ -108,8 +108,8 @@ class Worker:
         self.exit_code = 0
         self.pending: list[list] = []  # replies held to share a message (see reply)
         self.answered: list = []  # their capabilities, revoked as they are sent
-        self.granted = None  # the running request's (id, deadline), for self.answered
-        self.grants: dict[bytes, tuple] = {}  # the same, of requests written ahead
+        # Tokens minted, by job, until its reply: (token, (id, deadline) to revoke).
+        self.grants: dict[bytes, tuple[bytes, tuple]] = {}
         self.last_written = b""  # the request at position self.begun (slot record)
         self.pending_since = 0.0
         self.pending_bytes = 0  # what the held replies add up to (at most reply_limit)
@@ -384,7 +384,6 @@ class Worker:
         try:
             if self.runner.holds(job):  # written ahead to its runner: it has started
                 self._busy(meta, deadline + backstop)
-                self.granted = self.grants.pop(job, None)
                 return self.runner.run_held(job, deadline)
             try:
                 script = self.scripts.get(meta.name) if meta.name else None
@@ -396,11 +395,9 @@ class Worker:
             for req in ahead:  # recorded before they are written: none runs twice
                 self._begin(req.job, req.position)
             self._busy(meta, deadline + backstop)
-            grant = b""
-            if self.grantor is not None:
-                grant, self.granted = self.grantor.grant(job, meta, script, deadline)
             return self.runner.run(script, meta.code, data, meta.cookie, deadline,
-                                   meta.caller or p.LOCAL_CALLER, grant, job, ahead)
+                                   meta.caller or p.LOCAL_CALLER,
+                                   self._granter(job, meta, script, deadline), job, ahead)
         except ZygoteFailed as exc:  # no sandbox left to run in: this worker goes
             log.error("%s: %s; leaving", self.title, exc)
             self.stop_requested = self.done = True
@@ -460,17 +457,28 @@ class Worker:
             self.jobs = collections.deque(picked + [q for q in self.jobs if id(q) not in moved])
         wall = now + self.profile.wall_seconds
         return [Ahead(q.job, q.position, q.data, q.meta.cookie,
-                      functools.partial(self._grant_ahead, q.job, q.meta, script,
-                                        min(q.deadline, wall)))
+                      self._granter(q.job, q.meta, script, min(q.deadline, wall)))
                 for q in picked]
 
-    def _grant_ahead(self, job: bytes, meta: p.ExecMeta, script: Script | None,
-                     deadline: float) -> bytes:
-        """The capability of a request written ahead, kept to revoke at its reply."""
+    def _granter(self, job: bytes, meta: p.ExecMeta, script: Script | None,
+                 deadline: float):
+        """The request's runtime.isolation.Grant (no_grant without a grantor)."""
         if self.grantor is None:
-            return b""
-        grant, self.grants[job] = self.grantor.grant(job, meta, script, deadline)
-        return grant
+            return no_grant
+        return functools.partial(self._grant, job, meta, script, deadline)
+
+    def _grant(self, job: bytes, meta: p.ExecMeta, script: Script | None, deadline: float,
+               asked: bool) -> bytes:
+        """The request's token: what goes with it, or (asked) what its script gets,
+        while it runs; one minted is the request's only one, revoked at its reply."""
+        minted = self.grants.get(job)
+        if minted is not None:
+            return minted[0]
+        offer = self.grantor.ask if asked else self.grantor.offer
+        token, entry = offer(job, meta, script, deadline)
+        if entry is not None:  # (redis-cluster mode: nothing to revoke)
+            self.grants[job] = (token, entry)
+        return token
 
     def reply(self, job: bytes, status: str, out: bytes, error: str, run_us: float) -> None:
         """Send a reply, or in copy and fork isolation hold it while more requests
@@ -487,9 +495,9 @@ class Worker:
         self.pending_bytes += size
         self.pending.append([job, status, error, out, run_us, *self.runner.warm_state(),
                              self.runner.moved()])
-        if self.granted is not None:  # (redis-cluster mode: nothing to revoke)
-            self.answered.append(self.granted)
-            self.granted = None
+        minted = self.grants.pop(job, None)
+        if minted is not None:
+            self.answered.append(minted[1])
         if not self.hold_replies or not self.jobs or len(self.pending) >= REPLY_BATCH \
                 or time.monotonic() - self.pending_since >= REPLY_HOLD:
             self.flush_replies()

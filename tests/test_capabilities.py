@@ -8,7 +8,9 @@ the harness's admin reads and writes to check what happened.  definer.py is
 a definer script with read and write."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 import textwrap
 import time
 import uuid
@@ -16,11 +18,12 @@ import uuid
 import msgpack
 import pytest
 
-from broker.client import Client
+from broker.client import AsyncClient, Client
 from core import capability
 from core import protocol as p
 from core import security as sec
 from storage import protocol as sp
+from runtime import channel
 from storage.client import NotFound, Session, StorageClient
 from core.ids import key_id
 
@@ -47,7 +50,7 @@ from core import capability
 key = __input_binary_data_tuple[0].decode()
 kept = getattr(builtins, "kept_capability", None)
 if kept is None:
-    builtins.kept_capability = capability.CURRENT
+    builtins.kept_capability = capability.current()
 else:
     capability.CURRENT = kept
 n.write_data(key, b"kept")
@@ -56,10 +59,30 @@ __return_data = "wrote " + key
 # Hands its capability out, as a leftover process or a copy could keep it.
 TOKEN = """
 from core import capability
+__return_data = capability.current()
+"""
+# What a request holds before its script calls the store: no token yet.
+UNASKED = """
+from core import capability
 __return_data = capability.CURRENT
 """
+# Whether its token came with the request (its script asked before) or was asked for.
+AGAIN = """
+from core import capability
+before = capability.CURRENT
+token = capability.current()
+__return_data = (b"up front " if before else b"asked ") + token
+"""
+# Asks its worker for the token twice, past current()'s once.
+GREEDY = """
+from core import capability
+ask = capability.ASK
+ask()
+ask()
+"""
 SCRIPTS = {"read.py": READ, "write.py": WRITE, "definer.py": WRITE, "keep.py": KEEP,
-           "token.py": TOKEN}
+           "token.py": TOKEN, "unasked.py": UNASKED, "greedy.py": GREEDY,
+           "again.py": AGAIN}
 
 
 def sha256(text: str) -> str:
@@ -150,6 +173,52 @@ def test_content_sent_with_a_definer_does_not_get_its_rights(cluster):
         result = c.exec("definer.py", key.encode(), code="x = 1")
     assert result.status == p.SCRIPT_ERROR and "may not write" in result.error
     assert stored(cluster, key, 1) is None
+
+
+def test_a_script_gets_its_token_when_it_asks_and_only_once(cluster):
+    """Minted at the first store call (most scripts make none: no MAC, no
+    revocation); a runner that asks again is replaced, and the worker goes on."""
+    result = run(cluster, "writer", "unasked.py", "")
+    assert (result.status, result.data) == (p.OK, b"")
+    result = run(cluster, "writer", "greedy.py", "")
+    assert result.status == p.SCRIPT_ERROR and "asked twice" in result.error, result
+    key = new_key()
+    assert run(cluster, "writer", "write.py", key).status == p.OK
+    assert stored(cluster, key, 1) == b"written"
+    # A script that asked gets its next requests' tokens up front, each its own.
+    first, second = (run(cluster, "writer", "again.py", "") for _ in range(2))
+    assert first.data.startswith(b"asked ") and second.data.startswith(b"up front ")
+    assert first.data.split(b" ", 1)[1] != second.data.split(b" ", 2)[2]
+
+
+def test_requests_written_ahead_ask_for_their_own_tokens(cluster):
+    """One tenant's requests in a burst: the worker writes the next ones to the
+    runner ahead, so an ask's answer may come after them in the pipe."""
+    keys = [new_key() for _ in range(24)]
+
+    async def burst():
+        async with AsyncClient(cluster.node("n1")["broker"], timeout=10,
+                               curve=cluster.curve("writer")) as c:
+            return await asyncio.gather(*(c.exec("write.py", k.encode()) for k in keys))
+
+    assert [r.status for r in asyncio.run(burst())] == [p.OK] * len(keys)
+    assert all(stored(cluster, k, 1) == b"written" for k in keys)
+
+
+def test_a_runner_reads_requests_written_before_its_grant_in_order():
+    req_r, req_w = os.pipe()
+    res_r, res_w = os.pipe()
+    try:
+        reader = channel.RequestReader(req_r, res_w)
+        later = channel.request_bytes(8, 1, "w.py", b"", "", "", b"", b"next")
+        os.write(req_w, b"".join(later) + channel.grant_bytes(7, b"token"))
+        assert reader.ask(7) == b"token"
+        asked = channel.read_reply(res_r, 7, 0, time.monotonic() + 1)
+        assert asked == (channel.ASKED, b"")
+        assert reader.next().data == b"next"
+    finally:
+        for fd in (req_r, req_w, res_r, res_w):
+            os.close(fd)
 
 
 def test_a_capability_kept_past_its_request_is_refused(cluster):
