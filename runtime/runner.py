@@ -71,14 +71,14 @@ def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: b
         if reuse else None
     named: dict[int, object] = {}
     requests = channel.RequestReader(req_r)
-    served = False
+    served = zeromq = False
     while True:
         request = requests.next()
         if request is None:
             return  # the worker is done with us
         stale = 0
         if served and hygiene is not None:
-            stale = hygiene.check()
+            stale = hygiene.check(zeromq)
             if cpu is not None:  # not a limit: a script may move itself anywhere
                 _join_cpu(cpu)
                 cpu = None
@@ -89,8 +89,8 @@ def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: b
         _flush_stdio()
         if os.getpid() != pid:  # a copy the script forked came back from it: not ours
             os._exit(0)
-        flags = stale | (channel.ZEROMQ if hygiene is not None and zeromq_live() else 0) | \
-            (channel.MOVED if redis_moved() else 0)
+        zeromq = hygiene is not None and zeromq_live()
+        flags = stale | (channel.ZEROMQ if zeromq else 0) | (channel.MOVED if redis_moved() else 0)
         channel.write_reply(res_w, request.seq, status, flags, error, data)
         if hygiene is None:
             break
@@ -170,16 +170,17 @@ class Hygiene:
         self.threads = _thread._count()
         self.free_fd = lowest_free_fd()
 
-    def check(self) -> int:
-        """Undo what can be undone; STALE when the runner should be replaced.  Why
-        a runner is stale goes to its stderr, which the worker logs."""
+    def check(self, zeromq: bool) -> int:
+        """Undo what can be undone; STALE when the runner should be replaced.
+        `zeromq`: whether the last request left a ZeroMQ context (zeromq_live).
+        Why a runner is stale goes to its stderr, which the worker logs."""
         signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         for timer in TIMERS if self.check_limits else TIMERS[:1]:
             signal.setitimer(timer, 0)
         for sig, handler in self.handlers.items():
             if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
-        stale = self._why_stale(zeromq_live() or redis_live())
+        stale = self._why_stale(zeromq or redis_live())
         if stale:
             log.info("runner stale after the last request: %s", stale)
         return channel.STALE if stale else 0
