@@ -58,7 +58,7 @@ def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: b
 
     What a request left is checked when the next one comes, not after its
     reply, and the worker's CPU (`cpu`) is joined then too: a runner that
-    serves one request (new tenants one after another, each soon evicted)
+    serves one request (new tenants one after another, each soon retired)
     pays for neither.  The check's first run in a fresh runner cost ~0.3 ms
     of CPU and made its exit dearer (pages it wrote: copy-on-write), and
     joining the worker's busy CPU at once waited ~2.5 ms at load 20.  A
