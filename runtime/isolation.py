@@ -407,6 +407,8 @@ class ProcessRunner:
         elif self.held:  # it runs the next already: judged after the last one
             runner.leftover = extra
             runner.stale |= reply.flags & channel.STALE
+        elif not self.warm.admits(key):  # turned away (tenants.py): ended, not judged
+            self._replace(runner, "", at_once=False)
         else:
             stale = self._stale(runner, reply.flags | runner.stale, bool(extra))
             runner.leftover, runner.stale = b"", 0
@@ -514,6 +516,8 @@ class ProcessRunner:
         if extra:
             return "it wrote more than its reply"
         try:
+            if runner.statm_fd < 0:  # once it is to be kept warm: most runners of new
+                self._open_proc(runner)  # tenants, one after another, never are
             tasks = self._tasks(runner)
             vsize = int(os.pread(runner.statm_fd, 64, 0).split(maxsplit=1)[0]) * PAGE
         except (OSError, ValueError, IndexError):  # ESRCH: it replied, then went
@@ -567,15 +571,16 @@ class ProcessRunner:
         runner = Runner(pid, seat, req_w, res_r, poller)
         if seat < len(self.seat_fds):
             runner.cpu_fd, runner.tasks_fd = self.seat_fds[seat]
-        if self.reuse:
-            try:
-                if runner.tasks_fd < 0:
-                    runner.stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-                runner.statm_fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:  # it died waiting: the next one
-                self._replace(runner, "it was gone before it was taken")
-                return self._take(deadline)
         return runner
+
+    @staticmethod
+    def _open_proc(runner: Runner) -> None:
+        """Its /proc files (copy isolation), opened after its first reply: a runner
+        that died meanwhile was reaped by the zygote, and its pid comes back only
+        pid_max forks later (as for kill_group)."""
+        if runner.tasks_fd < 0:
+            runner.stat_fd = os.open(f"/proc/{runner.pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        runner.statm_fd = os.open(f"/proc/{runner.pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
 
     def _replace(self, runner: Runner, why: str, at_once: bool = True) -> None:
         """Done with this runner: its process group is killed (at once, or with

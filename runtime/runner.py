@@ -49,25 +49,40 @@ SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGALRM, signal.SIGCHLD, signa
 
 
 def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: bool,
-          limits_fixed: bool, tasks_watched: bool, cpu: int | None = None) -> None:
+          limits_fixed: bool, tasks_watched: bool, cpu: int | None = None,
+          mask: set[signal.Signals] | None = None) -> None:
     """Answer requests until the worker closes the pipe (copy) or after one (fork).
     `limits_fixed`: seccomp keeps the script from changing its rlimits,
     personality and CPU timers, so they need no check; `tasks_watched`: the
-    worker counts the slot's tasks (processes and threads) itself.  `cpu`: the
-    worker's, joined after the first reply, so that the round trips of a warm
-    runner's later requests stay on one CPU, while a runner that serves one
-    request (new tenants, one after another) is set up, answers and dies on
-    whichever CPU is free: joining at once waited ~2.5 ms for the worker's busy
-    CPU at load 20, on the first request's path."""
+    worker counts the slot's tasks (processes and threads) itself; `mask`: the
+    signal mask the runner was forked with (its zygote's).
+
+    What a request left is checked when the next one comes, not after its
+    reply, and the worker's CPU (`cpu`) is joined then too: a runner that
+    serves one request (new tenants one after another, each soon retired)
+    pays for neither.  The check's first run in a fresh runner cost ~0.3 ms
+    of CPU and made its exit dearer (pages it wrote: copy-on-write), and
+    joining the worker's busy CPU at once waited ~2.5 ms at load 20.  A
+    later request of the same tenant meets its runner as the check leaves
+    it: reset, or, when stale, the request runs and its reply says STALE,
+    so the worker replaces the runner after it (as for the requests written
+    ahead to it: isolation.ProcessRunner._finish)."""
     pid = os.getpid()
-    hygiene = Hygiene({0, 1, 2, req_r, res_w}, not limits_fixed, not tasks_watched) \
+    hygiene = Hygiene({0, 1, 2, req_r, res_w}, not limits_fixed, not tasks_watched, mask) \
         if reuse else None
     named: dict[int, object] = {}
     requests = channel.RequestReader(req_r, res_w)
+    served = zeromq = False
     while True:
         request = requests.next()
         if request is None:
             return  # the worker is done with us
+        stale = 0
+        if served and hygiene is not None:
+            stale = hygiene.check(zeromq)
+            if cpu is not None:  # not a limit: a script may move itself anywhere
+                _join_cpu(cpu)
+                cpu = None
         # What the script's store calls carry: asked of the worker when first needed.
         capability.running(request.capability, functools.partial(requests.ask, request.seq))
         status, data, error = executor.run(_named(request, named, history_dir), request.code,
@@ -76,14 +91,12 @@ def serve(executor: Executor, history_dir: str, req_r: int, res_w: int, reuse: b
         _flush_stdio()
         if os.getpid() != pid:  # a copy the script forked came back from it: not ours
             os._exit(0)
-        flags = (hygiene.check() if hygiene is not None else 0) | \
-            (channel.MOVED if redis_moved() else 0)
+        zeromq = hygiene is not None and zeromq_live()
+        flags = stale | (channel.ZEROMQ if zeromq else 0) | (channel.MOVED if redis_moved() else 0)
         channel.write_reply(res_w, request.seq, status, flags, error, data)
         if hygiene is None:
             break
-        if cpu is not None:  # not a limit: a script may move itself anywhere
-            _join_cpu(cpu)
-            cpu = None
+        served = True
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT])
     while True:  # fork isolation: the zygote kills us (and our group) now
         time.sleep(3600)
@@ -145,21 +158,24 @@ def redis_moved() -> bool:
 
 
 class Hygiene:
-    """The runner's state after it started, and the check after each request."""
+    """The runner's state after it started, and the check before each later request."""
 
-    def __init__(self, own_fds: set[int], check_limits: bool, check_children: bool):
+    def __init__(self, own_fds: set[int], check_limits: bool, check_children: bool,
+                 mask: set[signal.Signals] | None = None):
         self.own_fds, self.check_limits, self.check_children = \
             own_fds, check_limits, check_children
-        self.limits = [resource.getrlimit(r) for r in LIMITS]
-        self.personality = _libc.personality(0xFFFFFFFF)
-        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        if check_limits:  # else seccomp keeps them (and asking costs a fresh runner)
+            self.limits = [resource.getrlimit(r) for r in LIMITS]
+            self.personality = _libc.personality(0xFFFFFFFF)
+        self.mask = mask if mask is not None else signal.pthread_sigmask(signal.SIG_BLOCK, [])
         self.handlers = {sig: _signal.getsignal(sig) for sig in SIGNALS}
         self.threads = _thread._count()
         self.free_fd = lowest_free_fd()
 
-    def check(self) -> int:
-        """Undo what can be undone; flags for the reply (STALE, ZEROMQ).  Why a
-        runner is stale goes to its stderr, which the worker logs."""
+    def check(self, zeromq: bool) -> int:
+        """Undo what can be undone; STALE when the runner should be replaced.
+        `zeromq`: whether the last request left a ZeroMQ context (zeromq_live).
+        Why a runner is stale goes to its stderr, which the worker logs."""
         # _signal's: signal's wraps the old mask it returns in enums (~1.5 us more)
         _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         for timer in TIMERS if self.check_limits else TIMERS[:1]:
@@ -167,11 +183,10 @@ class Hygiene:
         for sig, handler in self.handlers.items():
             if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
-        zeromq = zeromq_live()
         stale = self._why_stale(zeromq or redis_live())
         if stale:
-            log.info("runner stale after this request: %s", stale)
-        return (channel.STALE if stale else 0) | (channel.ZEROMQ if zeromq else 0)
+            log.info("runner stale after the last request: %s", stale)
+        return channel.STALE if stale else 0
 
     def _why_stale(self, session: bool) -> str:
         if self.check_children and self._children():

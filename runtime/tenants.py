@@ -16,6 +16,14 @@ recently used goes), and at most `most` in all (past it, the least recently
 used of the caller holding the most goes; at a tie, the caller just served).
 So a caller cycling fresh contents evicts its own warm runners, and another
 caller's only while that one holds more than it does.
+
+A caller's tenant not seen lately does not displace that caller's warm
+runners once it holds `per_caller`: its runner goes after its request, and
+the tenant is remembered (the last `most` such), so that it is kept when it
+comes again soon.  Without this, a caller's tenants taking turns, more of
+them than it may keep warm (LRU's worst case), evicted every runner before
+its tenant came back, and each request paid for a fresh runner and for
+evicting another; now the runners kept stay warm and are found.
 """
 from __future__ import annotations
 
@@ -44,6 +52,7 @@ class WarmRunners(Generic[Runner]):
         self.most, self.per_caller = most, per_caller
         self.runners: OrderedDict[Tenant, Runner] = OrderedDict()
         self.callers: dict[str, int] = {}  # caller -> its warm runners
+        self.seen: OrderedDict[Tenant, None] = OrderedDict()  # turned away lately
 
     def take(self, key: Tenant) -> Runner | None:
         """The tenant's warm runner, out of the set while it runs (None: none warm)."""
@@ -52,8 +61,20 @@ class WarmRunners(Generic[Runner]):
             self._count(key[0], -1)
         return runner
 
+    def admits(self, key: Tenant) -> bool:
+        """Whether a runner of `key` may be kept warm (keep); a tenant turned away
+        (see above) is remembered, and admitted when it comes again soon."""
+        if self.callers.get(key[0], 0) < self.per_caller or key in self.seen:
+            return True
+        self.seen[key] = None
+        if len(self.seen) > self.most:
+            self.seen.popitem(last=False)
+        return False
+
     def keep(self, key: Tenant, runner: Runner) -> list[Runner]:
-        """Keep `runner` warm for `key`; returns the runners evicted to make room."""
+        """Keep `runner` warm for `key` (admitted); returns the runners evicted to
+        make room."""
+        self.seen.pop(key, None)
         self.runners[key] = runner
         self._count(key[0], +1)
         evicted = []

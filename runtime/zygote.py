@@ -116,6 +116,7 @@ class Zygote:
         os.set_blocking(self.wake_w, False)
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # what each runner starts with
         missing = self.spares
         fork_at = retry_at = 0.0
         while True:
@@ -186,7 +187,8 @@ class Zygote:
                 self.executor.warm_up()
                 runner.serve(self.executor, self.history_dir, req_r, res_w, self.reuse,
                              limits_fixed=self.sandbox.runner_seccomp is not None,
-                             tasks_watched=self.sandbox.cgroups.enabled, cpu=self.cpu)
+                             tasks_watched=self.sandbox.cgroups.enabled, cpu=self.cpu,
+                             mask=self.mask)
                 code = 0
             finally:
                 os._exit(code)

@@ -440,8 +440,9 @@ def test_a_runner_that_died_idle_is_replaced_before_the_next_request_reaches_it(
 
 
 def test_many_scripts_each_get_a_runner_and_the_warm_ones_stay_bounded(make_cluster):
-    """A runner per tenant: more scripts than warm runners all answer, the first
-    ones again after they were evicted, and the warm ones stay at the cap."""
+    """A runner per tenant: more scripts than warm runners all answer, the ones
+    kept warm are found again (those past the cap, new, did not evict them:
+    runtime/tenants.py), and the warm ones stay at the cap."""
     count = 8
     cluster = make_cluster(pool={"workers": 1, "warm_runners": 3, "warm_per_caller": 3},
                            scripts={f"s{i}.py": f"__return_data = '{i}'\n" for i in range(count)})
@@ -451,5 +452,5 @@ def test_many_scripts_each_get_a_runner_and_the_warm_ones_stay_bounded(make_clus
             r = c.exec(f"s{i}.py")
             assert (r.status, r.data) == ("ok", str(i).encode()), (i, r.error)
     status = cluster.status()
-    assert status["warm_runners"] == 3 and status["warm_execs"] == {"found": 0, "missed": 11}
+    assert status["warm_runners"] == 3 and status["warm_execs"] == {"found": 3, "missed": 8}
     assert len(cluster.runners()) <= 3 + 1 + 4  # warm, a spare, some still dying

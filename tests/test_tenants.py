@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from conftest import Cluster, proxy_request, retire, wait_proxy
+from conftest import Cluster, proxy_request, retire, wait_proxy, wait_until
 
 HOOK = """
 import os, sys
@@ -90,6 +90,30 @@ def test_without_curve_code_keeps_callers_apart(make_cluster):
         (cluster.history / "hook.py").write_text(HOOK + "# edited\n")
         edited_pid, seen = planted(c.exec("hook.py", b"z 3"))
         assert seen == ["z 3"] and edited_pid not in (pid, other_pid, named_pid)
+
+
+LEAK = """
+import os
+os.open("/dev/null", os.O_RDONLY)  # left open
+__return_data = str(os.getpid())
+"""
+
+
+def test_what_a_request_left_is_judged_when_its_tenant_comes_again(make_cluster):
+    """A runner checks what a request left when the next request of its tenant
+    comes, not after the reply: that request still runs there (the same
+    caller's same code), and the runner is replaced after it."""
+    cluster = make_cluster(pool={"workers": 1})
+    cluster.serve()
+    with cluster.client() as c:
+        pids = []
+        for _ in range(3):
+            r = c.exec("", code=LEAK)
+            assert r.ok, r.error
+            pids.append(int(r.data))
+    assert pids[0] == pids[1] != pids[2]
+    wait_until(lambda: "stale after the last request: the script left files open"
+               in cluster.log(), 5, "the runner's word on why it is stale, logged")
 
 
 PROBE = """

@@ -559,25 +559,47 @@ def test_a_kept_pool_size_is_a_small_clamped_number_or_nothing(tmp_path, content
     assert read_size(path, ceiling=8) == size
 
 
+def _keep(warm, key, runner) -> list:
+    """What the worker does with a runner after its request: the runners retired."""
+    return warm.keep(key, runner) if warm.admits(key) else [runner]
+
+
 def test_warm_runners_a_caller_cycling_code_evicts_its_own():
     from runtime.tenants import WarmRunners, tenant
     warm = WarmRunners(most=3, per_caller=2)
-    assert warm.keep(tenant("bob", "", b"", "b"), "bob's") == []
-    evicted = []
-    for i in range(5):
-        evicted += warm.keep(tenant("alice", "", b"", str(i)), f"alice {i}")
-    assert evicted == ["alice 0", "alice 1", "alice 2"] and len(warm) == 3
+    assert _keep(warm, tenant("bob", "", b"", "b"), "bob's") == []
+    retired = []
+    for i in range(4):
+        retired += _keep(warm, tenant("alice", "", b"", str(i)), f"alice {i}")
+    # alice's third and fourth are new when she holds her two: turned away
+    assert retired == ["alice 2", "alice 3"] and len(warm) == 3
+    # seen lately: kept, and her least recently used goes
+    assert _keep(warm, tenant("alice", "", b"", "3"), "alice 3 again") == ["alice 0"]
     assert warm.take(tenant("bob", "", b"", "b")) == "bob's"
     assert warm.take(tenant("bob", "", b"", "b")) is None  # out while it runs
     # past `most` at a tie, the caller just served gives one up; else the busiest
     warm = WarmRunners(most=2, per_caller=2)
-    warm.keep(tenant("a", "", b"", "1"), "a1")
-    warm.keep(tenant("b", "", b"", "1"), "b1")
-    assert warm.keep(tenant("c", "", b"", "1"), "c1") == ["c1"]
-    warm.keep(tenant("a", "", b"", "2"), "a2")
+    _keep(warm, tenant("a", "", b"", "1"), "a1")
+    _keep(warm, tenant("b", "", b"", "1"), "b1")
+    assert _keep(warm, tenant("c", "", b"", "1"), "c1") == ["c1"]
+    _keep(warm, tenant("a", "", b"", "2"), "a2")
     assert sorted(warm.values()) == ["a2", "b1"]  # a held the most: its oldest went
     assert tenant("x", "n", b"", "c") != tenant("y", "n", b"", "c")  # the caller counts
     assert tenant("x", "ab", b"", "") != tenant("x", "a", b"", "b")  # no two splits alike
+
+
+def test_warm_runners_keep_their_tenants_when_more_take_turns():
+    """More tenants than warm runners, in turns (LRU's worst case): the runners
+    kept stay and are found; the others go after their request."""
+    from runtime.tenants import WarmRunners, tenant
+    warm = WarmRunners(most=4, per_caller=4)
+    found = 0
+    for i in range(3 * 16):
+        key = tenant("one", "", b"", str(i % 16))
+        runner = warm.take(key)
+        found += runner is not None
+        _keep(warm, key, runner or f"runner {i}")
+    assert found == 2 * 4 and len(warm) == 4  # plain LRU: none found
 
 
 def test_an_exec_caller_is_short_ascii_or_refused():
