@@ -99,8 +99,8 @@ def test_node_refuses_to_start_with_a_profile_it_cannot_honour(make_cluster):
 @pytest.mark.skipif(os.geteuid() != 0, reason="uids per runner and cgroups need root")
 def test_each_runner_has_its_own_uid_and_cgroups_workers_stay_out(shared_node):
     with shared_node.client() as c:
-        seen = {c.exec("", code="import os\n__return_data = repr((os.getuid(), "
-                                 "os.getgroups(), os.getpid()))").data for _ in range(6)}
+        seen = [c.exec("", code="import os\n__return_data = repr((os.getuid(), "
+                                 "os.getgroups(), os.getpid()))").data for _ in range(6)]
     # Per worker a spare; the worker(s) that ran the requests keep this tenant's warm.
     def three_or_more():
         runners = shared_node.runners()
@@ -111,8 +111,10 @@ def test_each_runner_has_its_own_uid_and_cgroups_workers_stay_out(shared_node):
     assert len(set(uids)) == len(uids) and block >= 61000
     assert all(block < uid < block + 1000 for uid in uids)
     seen = [eval(x) for x in seen]
-    assert {(uid, tuple(groups)) for uid, groups, _ in seen} <= {(uid, ()) for uid in uids}
-    assert {pid for _, _, pid in seen} <= {r.pid for r in runners}
+    assert all(block < uid < block + 1000 and groups == [] for uid, groups, _ in seen)
+    # The last one's runner is kept warm (an earlier one may have been turned away
+    # when the caller already held its share of warm runners: tenants.py).
+    assert (seen[-1][0], seen[-1][2]) in {(r.uids().real, r.pid) for r in runners}
     for runner in runners:
         zygote = runner.parent()
         assert zygote.cmdline()[0].startswith("srw: zygote n1#")
