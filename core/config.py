@@ -32,7 +32,7 @@ class PoolSettings:
     pin: bool = True   # copy isolation: each worker and its runner on a CPU of their own
     max_workers: int = 0  # the most TTIN / `srw resize` may grow a pool to; 0: 4 x workers
     warm_runners: int = 8     # copy isolation: runners kept warm per worker, one per tenant
-    warm_per_caller: int = 4  # ... of which one caller may hold at most this many
+    warm_per_caller: int = 4  # ... of which each caller keeps this many whatever the others do
 
     @property
     def ceiling(self) -> int:

@@ -11,16 +11,18 @@ python.init, so a reload's new workers start with no warm runners at all.
 A runner serves one tenant only: whatever a script leaves behind in it (a
 hook, a thread, a changed module) meets only later requests of the same
 caller running the same code.  WarmRunners keeps a worker's runners between
-requests: at most `per_caller` for one caller (past it, that caller's least
-recently used goes), and at most `most` in all (past it, the least recently
-used of the caller holding the most goes; at a tie, the caller just served).
-So a caller cycling fresh contents evicts its own warm runners, and another
-caller's only while that one holds more than it does.
+requests: at most `most` in all (past it, the least recently used of the
+caller holding the most goes; at a tie, the caller just served).  So a
+caller cycling fresh contents evicts its own warm runners, and another
+caller's only while that one holds more than it does: each caller keeps
+`per_caller` of them whatever the others do, and one caller alone may use
+all `most` (the room no other caller needs; a lone caller is the rule
+without curve, where every client is "local").
 
-A caller's tenant not seen lately does not displace that caller's warm
-runners once it holds `per_caller`: its runner goes after its request, and
-the tenant is remembered (the last `most` such), so that it is kept when it
-comes again soon.  Without this, a caller's tenants taking turns, more of
+A caller's tenant not seen lately does not displace warm runners once its
+caller holds `per_caller` and the set is full: its runner goes after its
+request, and the tenant is remembered (the last `most` such), so that it is
+kept when it comes again soon.  Without this, a caller's tenants taking turns, more of
 them than it may keep warm (LRU's worst case), evicted every runner before
 its tenant came back, and each request paid for a fresh runner and for
 evicting another; now the runners kept stay warm and are found.
@@ -64,7 +66,8 @@ class WarmRunners(Generic[Runner]):
     def admits(self, key: Tenant) -> bool:
         """Whether a runner of `key` may be kept warm (keep); a tenant turned away
         (see above) is remembered, and admitted when it comes again soon."""
-        if self.callers.get(key[0], 0) < self.per_caller or key in self.seen:
+        if self.callers.get(key[0], 0) < self.per_caller or len(self.runners) < self.most \
+                or key in self.seen:
             return True
         self.seen[key] = None
         if len(self.seen) > self.most:
@@ -78,8 +81,6 @@ class WarmRunners(Generic[Runner]):
         self.runners[key] = runner
         self._count(key[0], +1)
         evicted = []
-        while self.callers[key[0]] > self.per_caller:
-            evicted.append(self._evict(key[0]))
         while len(self.runners) > self.most:  # the busiest caller pays, this one at a tie
             most = max(self.callers.values())
             busiest = key[0] if self.callers.get(key[0]) == most else \

@@ -588,6 +588,22 @@ def test_warm_runners_a_caller_cycling_code_evicts_its_own():
     assert tenant("x", "ab", b"", "") != tenant("x", "a", b"", "b")  # no two splits alike
 
 
+def test_warm_runners_a_lone_caller_uses_the_room_others_do_not_need():
+    from runtime.tenants import WarmRunners, tenant
+    warm = WarmRunners(most=4, per_caller=2)
+    for i in range(4):  # past per_caller: no one else needs the room
+        assert _keep(warm, tenant("alice", "", b"", str(i)), f"alice {i}") == []
+    assert _keep(warm, tenant("alice", "", b"", "4"), "alice 4") == ["alice 4"]  # full
+    # bob, under his share, takes room back from the caller holding the most
+    assert _keep(warm, tenant("bob", "", b"", "1"), "bob 1") == ["alice 0"]
+    assert _keep(warm, tenant("bob", "", b"", "2"), "bob 2") == ["alice 1"]
+    # at his share with the set full, bob's new tenant is turned away; alice's
+    # two are hers whatever bob does
+    assert _keep(warm, tenant("bob", "", b"", "3"), "bob 3") == ["bob 3"]
+    assert _keep(warm, tenant("bob", "", b"", "3"), "bob 3") == ["bob 1"]  # seen: his own goes
+    assert sorted(warm.values()) == ["alice 2", "alice 3", "bob 2", "bob 3"]
+
+
 def test_warm_runners_keep_their_tenants_when_more_take_turns():
     """More tenants than warm runners, in turns (LRU's worst case): the runners
     kept stay and are found; the others go after their request."""
