@@ -244,6 +244,36 @@ def test_short_requests_pack_onto_an_awake_worker_slow_ones_spread():
     assert choose_worker([full, _FakeWorker(0, draining=True)], 20.0) is None
 
 
+def test_a_tenant_keeps_to_its_worker_within_the_slack():
+    """broker/affinity.py: tenants get the live slots in turn, and keep them while
+    their worker has credit, is not draining and is not SLACK ahead of the rest."""
+    from broker.affinity import SLACK, TenantAffinity
+    a, b = _FakeWorker(0), _FakeWorker(0)
+    by_slot = {2: b, 1: a}
+    affinity = TenantAffinity()
+
+    def meta(code, caller="local", name=""):
+        return p.ExecMeta(name=name, code=code, caller=caller)
+    picks = [affinity.worker(meta(f"t{i}"), by_slot, [a, b]) for i in range(4)]
+    assert picks == [a, b, a, b]  # in turn, by slot
+    assert affinity.worker(meta("t2"), by_slot, [a, b]) is a  # kept
+    # another caller's is another tenant, with the next slot in turn
+    assert affinity.worker(meta("t2", caller="bob"), by_slot, [a, b]) is a
+    assert len(affinity.slots) == 5
+    a.jobs = dict.fromkeys(range(SLACK + 1), 20.0)
+    assert affinity.worker(meta("t0"), by_slot, [a, b]) is None  # too far ahead: choose_worker
+    b.jobs = dict.fromkeys(range(1), 20.0)
+    assert affinity.worker(meta("t0"), by_slot, [a, b]) is a  # within SLACK of the least busy
+    a.draining = True
+    assert affinity.worker(meta("t0"), by_slot, [a, b]) is None
+    del by_slot[1]  # gone: its tenants get another slot
+    assert affinity.worker(meta("t0"), by_slot, [b]) is b
+    # long content is known by its length and ends: the same tenant, not a copy of it
+    long = "x" * 5000
+    first = affinity.worker(meta(long + "1"), {1: a, 2: b}, [a, b])
+    assert affinity.worker(meta(long + "1"), {1: a, 2: b}, [a, b]) is first
+
+
 def test_a_workers_load_is_the_sum_of_what_it_holds():
     """choose_worker reads the running total, not a sum per request: it must not drift."""
     from broker.dispatch import Worker

@@ -1,0 +1,59 @@
+"""Which worker a tenant's requests go to, so that they find its warm runner.
+
+In copy isolation each worker keeps up to pool.warm_runners runners warm, one
+per tenant (runtime/tenants.py).  Spread over the workers by load alone,
+every tenant visits every worker, and a node keeps warm no more tenants than
+one worker does; sent to one worker each, the node keeps warm_runners times
+its workers.  A tenant gets a worker slot when first seen, the slots taken in
+turn; its requests go there while that worker has credit, is not draining
+and holds no more than SLACK requests beyond the least busy worker.  Past
+that they go where `choose_worker` says, so a busy tenant still uses every
+worker.  A preference, not a rule: nothing depends on it but warm hits.
+"""
+from __future__ import annotations
+
+SLACK = 2         # requests a tenant's worker may hold beyond the least busy one
+TENANTS = 4096    # tenants whose slot is remembered (then all are forgotten)
+CODE_WHOLE = 1024  # script content compared whole up to this many characters
+
+
+def tenant_key(meta) -> tuple:
+    """The broker's view of runtime/tenants.tenant (the caller, the script's name,
+    its content): longer content by its length and ends, as a hint needs no digest."""
+    code = meta.code
+    if len(code) > CODE_WHOLE:
+        code = (len(code), code[:CODE_WHOLE // 2], code[-CODE_WHOLE // 2:])
+    return meta.caller, meta.name, code
+
+
+class TenantAffinity:
+    def __init__(self):
+        self.slots: dict[tuple, int] = {}
+        self.turn = 0
+
+    def worker(self, meta, by_slot: dict, workers):
+        """The tenant's worker if it should take `meta`'s request now, else None.
+        `by_slot`: the live workers by slot; `workers`: all of them."""
+        key = tenant_key(meta)
+        slot = self.slots.get(key)
+        if slot not in by_slot:
+            slot = self._assign(key, by_slot)
+            if slot is None:
+                return None
+        worker = by_slot[slot]
+        held = len(worker.jobs)
+        if held >= worker.credits or worker.draining:
+            return None
+        if held > SLACK and held > SLACK + min(len(w.jobs) for w in workers if not w.draining):
+            return None
+        return worker
+
+    def _assign(self, key: tuple, by_slot: dict) -> int | None:
+        slots = sorted(slot for slot, worker in by_slot.items() if not worker.draining)
+        if not slots:
+            return None
+        if len(self.slots) >= TENANTS:
+            self.slots.clear()
+        slot = self.slots[key] = slots[self.turn % len(slots)]
+        self.turn += 1
+        return slot
