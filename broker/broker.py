@@ -5,7 +5,8 @@
 The broker keeps the sockets, the timers (heartbeats, the stop) and who may
 connect and register; what runs where is the Dispatcher's (broker/dispatch.py,
 no sockets: credits, the bounded queue, `choose_worker`, execs with the same
-id in order).  A client that sends batches gets its replies in batches, one
+id in order; in copy isolation a tenant's requests to one worker,
+broker/affinity.py).  A client that sends batches gets its replies in batches, one
 message per loop turn, as a worker gets what it is given at once.
 Every request gets exactly one reply: the worker's, ``timeout`` at its
 deadline, ``killed`` when its worker died (learned from the replacement's
@@ -31,10 +32,12 @@ import zmq
 
 from core import __version__, logs, loop, security, timeouts, trust
 from core import protocol as p
-from core.config import START_ENV, Config, NodeSettings
+from core.config import START_ENV, Config, ConfigError, NodeSettings
 from core.logs import Throttle
 from core.sched import CALM_AFTER, LoadScheduling
+from runtime import profile as profiles
 
+from .affinity import TenantAffinity
 from .dispatch import Dispatcher, Job, Worker
 from .stats import ExecStats, WorkerMemory, worker_rows
 
@@ -54,6 +57,16 @@ def back_hwm(credits: int) -> int:
     broker has read half the HWM: at credits + 8 that cost 0.5 us per request
     (measured in process, 16 credits), at 4x nothing measurable."""
     return 4 * (credits + 8)
+
+
+def keeps_tenants_warm(config: Config) -> bool:
+    """Whether the pool's workers keep runners warm per tenant (copy isolation),
+    so that a tenant's requests should go to one worker (broker/affinity.py)."""
+    try:
+        isolation = profiles.load(config.pool.profile, config.path.parent).isolation
+    except ConfigError:  # the pool refuses to start with it, and says why
+        return False
+    return isolation == "copy" and config.pool.warm_runners > 0
 
 
 class Broker:
@@ -85,7 +98,8 @@ class Broker:
         except BaseException:
             self.close()
             raise
-        self.d = Dispatcher(node.name, self.max_batch, self._answer, self.settings.queue_limit)
+        self.d = Dispatcher(node.name, self.max_batch, self._answer, self.settings.queue_limit,
+                            affinity=TenantAffinity() if keeps_tenants_warm(config) else None)
         # The dispatcher's registry and jobs, read here (status, heartbeats, stop).
         self.workers, self.jobs = self.d.workers, self.d.jobs
         self.outbox = p.Batches(self.max_batch)  # replies to clients that batch, this turn

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import itertools
 import logging
 import time
 from typing import Callable
@@ -29,6 +30,7 @@ from core import protocol as p
 from core.exits import process_alive
 from core.ids import lock_key
 
+from .affinity import TenantAffinity
 from .idlocks import IdLocks
 
 log = logging.getLogger("srw.broker")
@@ -39,6 +41,7 @@ SERVICE_NAMES = 1024  # scripts whose average run time is kept (then all are for
 REREGISTER_MAX = 1024  # strangers answered REREGISTER per heartbeat tick
 DEADLINES_SLACK = 1024  # answered requests' deadlines kept before the heap is rebuilt
 REPLACEMENT_WAIT = 10.0  # seconds a dead worker of a live pool waits for its replacement
+AFFINITY_SCAN = 64  # queued jobs looked through for one of a worker's own tenants
 
 class Job:
     __slots__ = ("client", "rid", "deadline", "received", "meta", "data", "worker", "lock",
@@ -141,8 +144,10 @@ def never_started(dead: Worker, ready: p.Ready) -> list[bytes]:
 class Dispatcher:
     def __init__(self, node: str, max_batch: int,
                  answer: Callable[["Job", str, bytes, str], None], queue_limit: int = 10_000,
-                 alive: Callable[[int], bool] = process_alive):
+                 alive: Callable[[int], bool] = process_alive,
+                 affinity: TenantAffinity | None = None):
         self.node, self.max_batch, self.answer = node, max_batch, answer
+        self.affinity = affinity  # copy isolation: a tenant's requests to its worker
         self.queue_limit = queue_limit
         self.alive = alive  # whether a pid runs (a test's clock plays processes too)
         self.workers: dict[bytes, Worker] = {}
@@ -363,15 +368,19 @@ class Dispatcher:
     # Dispatch and deadlines ------------------------------------------------
 
     def dispatch(self, now: float) -> p.Batches:
-        """Each waiting request to a worker within its credits (`choose_worker`),
-        in batches: each worker gets what it was given in one message, or in as
-        few as max_message allows."""
+        """Each waiting request to a worker within its credits (its tenant's,
+        broker/affinity.py, or `choose_worker`'s pick), in batches: each worker
+        gets what it was given in one message, or in as few as max_message allows."""
         queue = self.queue
         batches = p.Batches(self.max_batch)
+        affine = self.affinity is not None
         while queue:
-            job_id, job = next(iter(queue.items()))
+            if affine:
+                job_id, job, worker, affine = self._affine()
+            else:
+                (job_id, job), worker = next(iter(queue.items())), None
             cost = self.expected_us(job)
-            worker = choose_worker(self.workers.values(), cost)
+            worker = worker or choose_worker(self.workers.values(), cost)
             if worker is None:
                 break
             del queue[job_id]
@@ -381,6 +390,26 @@ class Dispatcher:
         for lock in self.locks.joinable():
             self._chain(lock, now, batches)
         return batches
+
+    def _affine(self) -> tuple[bytes, Job, Worker | None, bool]:
+        """The next queued job, its tenant's worker (broker/affinity.py) if that
+        worker takes it now, and whether to ask again for the next one.  When
+        the first job's worker cannot and another has credit, a job of one of
+        that other worker's own tenants among the next AFFINITY_SCAN goes first
+        (a tenant's jobs keep their order; an id's execs are queued one at a
+        time); if there is none, the first job (worker None), and the rest of
+        this dispatch goes by load: a scan that found nothing is not repeated."""
+        workers, by_slot = self.workers.values(), self.by_slot
+        first_id, first = next(iter(self.queue.items()))
+        worker = self.affinity.worker(first.meta, by_slot, workers)
+        if worker is not None or not any(len(w.jobs) < w.credits and not w.draining
+                                         for w in workers):
+            return first_id, first, worker, True
+        for job_id, job in itertools.islice(self.queue.items(), 1, AFFINITY_SCAN):
+            worker = self.affinity.worker(job.meta, by_slot, workers)
+            if worker is not None:
+                return job_id, job, worker, True
+        return first_id, first, None, False
 
     def _give(self, worker: Worker, job_id: bytes, job: Job, cost: float, now: float,
               batches: p.Batches) -> None:

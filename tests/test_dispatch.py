@@ -14,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import pytest
 
+from broker.affinity import TenantAffinity
 from broker.dispatch import REPLACEMENT_WAIT, Dispatcher, Worker
 from core import protocol as p
 
@@ -68,9 +69,9 @@ class Node(RuleBasedStateMachine):
         if self.id_of[job] is not None:
             self.started[self.id_of[job]].append(job)
 
-    @rule(id=st.sampled_from(IDS), timeout=st.floats(0.5, 5.0))
-    def request(self, id, timeout):
-        meta = p.ExecMeta(name="echo.py", id=id)
+    @rule(id=st.sampled_from(IDS), timeout=st.floats(0.5, 5.0), tenant=st.sampled_from("abc"))
+    def request(self, id, timeout, tenant):
+        meta = p.ExecMeta(name="echo.py", id=id, code=f"# {tenant}")
         job = self.d.admit(b"client", b"", meta, b"", 64, self.clock + timeout, False)
         # The rid is the job id, so answers can be told apart.
         self.d.jobs[job].rid = job
@@ -184,3 +185,16 @@ class Node(RuleBasedStateMachine):
 
 TestNode = Node.TestCase
 TestNode.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+class AffineNode(Node):
+    """The same promises with each tenant's requests sent to its worker (copy
+    isolation, broker/affinity.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.d.affinity = TenantAffinity()
+
+
+TestAffineNode = AffineNode.TestCase
+TestAffineNode.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)

@@ -184,6 +184,24 @@ def test_runners_are_counted_in_status(make_cluster):
     assert psutil.pid_exists(cluster.workers()[0].pid)
 
 
+def test_each_tenant_keeps_to_one_worker_so_the_node_keeps_more_warm(make_cluster):
+    """Two workers keeping two runners warm each, four tenants one at a time in
+    turn: each goes to its own worker (broker/affinity.py), so after their first
+    request all are found warm.  Spread by load alone, all four would go to
+    the first idle worker and evict each other there."""
+    cluster = make_cluster(pool={"workers": 2, "warm_runners": 2, "warm_per_caller": 2},
+                           scripts={f"s{i}.py": f"__return_data = '{i}'\n" for i in range(4)})
+    cluster.serve()
+    with cluster.client() as c:
+        for _ in range(3):
+            for i in range(4):
+                r = c.exec(f"s{i}.py")
+                assert (r.status, r.data) == ("ok", str(i).encode()), (i, r.error)
+    status = cluster.status()
+    assert status["warm_execs"] == {"found": 8, "missed": 4}, status["warm_execs"]
+    assert sorted(row["warm_runners"] for row in status["worker_rows"]) == [2, 2]
+
+
 def test_only_a_node_may_name_the_caller_it_relays_for(curve_node):
     """The relay field is hostile input from anyone but the nodes' own key:
     alice naming bob as the caller is refused, and nothing runs."""
