@@ -1,7 +1,7 @@
 """What the sandbox costs: trivial exec under no sandbox, `default` and `strict`, in one run.
 
     python bench/sandbox_bench.py [--requests 2000] [--throughput 4000] [--baseline DIR]
-                                  [--only-tenants] [--rounds 3] [--tenants 1,4,64]
+                                  [--only-tenants] [--rounds 3] [--tenants 1,4,16,64]
 
 Starts one node per profile (2 workers each, loopback, its own temp dir) and
 measures, one profile at a time, against the same broker code:
@@ -12,7 +12,8 @@ measures, one profile at a time, against the same broker code:
   exits at once (end to end, one request at a time), and the same fork+exit
   timed inside the worker;
 - tenants under `default` (a runner per caller and code: README "Sandbox"):
-  throughput of script content from 1, 4 and 64 tenants interleaved, with
+  throughput of script content from 1, 4, 16 and 64 tenants interleaved
+  (16: what two workers keep warm, twice what one does), with
   the share of requests that found their tenant's runner warm, and the
   private memory per warm runner and per worker slot; beside them `strict`
   with the 64 tenants' load (a fresh runner per request either way), and
@@ -312,7 +313,7 @@ def main() -> int:
                     "against, in turns with this one")
     ap.add_argument("--only-tenants", action="store_true", help="the tenant rows alone")
     ap.add_argument("--rounds", type=int, default=3, help="turns the tenant rows take")
-    ap.add_argument("--tenants", default="1,4,64", help="the tenant rows' tenant counts")
+    ap.add_argument("--tenants", default="1,4,16,64", help="the tenant rows' tenant counts")
     args = ap.parse_args()
     trees = [("", REPO)] + ([(f" @ {args.baseline.name}", args.baseline)]
                             if args.baseline else [])
