@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .client import FsClient
+from .client import GROUP, FsClient
 
 LANES = 2
-GROUP = 4   # chunks a lane writes out together (fs/mount.py)
 
 
 class Courier:

@@ -16,7 +16,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from core import config as cfg
 from fs import shape
-from fs.client import FsClient, FsError, bucket_key, chunk_key
+from fs.client import CHUNK, GROUP, FsClient, FsError, bucket_key, chunk_key
 from storage.client import NotFound, Session
 from storage.engine_lmdb import LmdbEngine
 
@@ -202,6 +202,24 @@ def test_cli_put_ls_get_mv_stat(cluster, tmp_path):
     listing = cluster.run("fs", "ls", "-l", "/cli").stdout.decode()
     assert listing.split()[:2] == ["-rw-r--r--", "8000"] and listing.endswith(" g\n")
     assert cluster.run("fs", "stat", "/cli").stdout.decode().startswith("/cli: drwxr-xr-x")
+
+
+def test_a_file_of_many_chunks_is_written_in_groups_and_read_back(cluster, fs):
+    """write_data sends GROUP chunks before it waits for their replies: a file of
+    two groups and a part reads back whole, in every group of nodes; a shorter
+    file written over it leaves none of the old chunks past its end."""
+    data = random.Random(5).randbytes((2 * GROUP + 1) * CHUNK + 123)
+    entry = fs.write_file("/many", data)
+    assert entry.size == len(data) and fs.read_file("/many") == data
+    with Session(cluster.path) as session:
+        for group in (1, 2):
+            last = 2 * GROUP + 1  # the part: in the third group of chunks sent
+            assert session.read(chunk_key(entry.ino, last), groups=[group]) == \
+                data[last * CHUNK:]
+    fs.write_file("/many", data[:CHUNK + 5])
+    assert fs.read_file("/many") == data[:CHUNK + 5]
+    with Session(cluster.path) as session, pytest.raises(NotFound):
+        session.read(chunk_key(entry.ino, 2))
 
 
 def test_an_emptied_directory_merges_back_into_one_bucket(cluster, fs):
