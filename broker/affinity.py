@@ -12,6 +12,8 @@ worker.  A preference, not a rule: nothing depends on it but warm hits.
 """
 from __future__ import annotations
 
+import collections
+
 SLACK = 2         # requests a tenant's worker may hold beyond the least busy one
 TENANTS = 4096    # tenants whose slot is remembered (then all are forgotten)
 CODE_WHOLE = 1024  # script content compared whole up to this many characters
@@ -29,23 +31,31 @@ def tenant_key(meta) -> tuple:
 class TenantAffinity:
     def __init__(self):
         self.slots: dict[tuple, int] = {}
+        self.assigned: collections.Counter[int] = collections.Counter()  # tenants per slot
         self.turn = 0
+
+    def has_tenants(self, slot: int) -> bool:
+        """Whether any tenant was given `slot` (a worker with none has no own
+        requests to look for in the queue)."""
+        return self.assigned[slot] > 0
 
     def worker(self, meta, by_slot: dict, workers):
         """The tenant's worker if it should take `meta`'s request now, else None.
         `by_slot`: the live workers by slot; `workers`: all of them."""
         key = tenant_key(meta)
-        slot = self.slots.get(key)
-        if slot not in by_slot:
+        worker = by_slot.get(self.slots.get(key))
+        if worker is None:
             slot = self._assign(key, by_slot)
             if slot is None:
                 return None
-        worker = by_slot[slot]
+            worker = by_slot[slot]
         held = len(worker.jobs)
         if held >= worker.credits or worker.draining:
             return None
-        if held > SLACK and held > SLACK + min(len(w.jobs) for w in workers if not w.draining):
-            return None
+        if held > SLACK:  # (a loop, not min(): this runs for every request dispatched)
+            for other in workers:
+                if len(other.jobs) + SLACK < held and not other.draining:
+                    return None
         return worker
 
     def _assign(self, key: tuple, by_slot: dict) -> int | None:
@@ -54,6 +64,8 @@ class TenantAffinity:
             return None
         if len(self.slots) >= TENANTS:
             self.slots.clear()
+            self.assigned.clear()
         slot = self.slots[key] = slots[self.turn % len(slots)]
+        self.assigned[slot] += 1
         self.turn += 1
         return slot

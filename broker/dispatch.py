@@ -397,14 +397,17 @@ class Dispatcher:
         the first job's worker cannot and another has credit, a job of one of
         that other worker's own tenants among the next AFFINITY_SCAN goes first
         (a tenant's jobs keep their order; an id's execs are queued one at a
-        time); if there is none, the first job (worker None), and the rest of
-        this dispatch goes by load: a scan that found nothing is not repeated."""
+        time); if there is none, or no worker with credit has tenants (one
+        tenant, all on one worker), the first job (worker None), and the rest
+        of this dispatch goes by load: a scan that found nothing is not repeated."""
         workers, by_slot = self.workers.values(), self.by_slot
         first_id, first = next(iter(self.queue.items()))
         worker = self.affinity.worker(first.meta, by_slot, workers)
-        if worker is not None or not any(len(w.jobs) < w.credits and not w.draining
-                                         for w in workers):
+        if worker is not None:
             return first_id, first, worker, True
+        if not any(self.affinity.has_tenants(w.slot) for w in workers
+                   if len(w.jobs) < w.credits and not w.draining):
+            return first_id, first, None, False  # none with credit has tenants: by load
         for job_id, job in itertools.islice(self.queue.items(), 1, AFFINITY_SCAN):
             worker = self.affinity.worker(job.meta, by_slot, workers)
             if worker is not None:

@@ -256,6 +256,7 @@ def test_a_tenant_keeps_to_its_worker_within_the_slack():
         return p.ExecMeta(name=name, code=code, caller=caller)
     picks = [affinity.worker(meta(f"t{i}"), by_slot, [a, b]) for i in range(4)]
     assert picks == [a, b, a, b]  # in turn, by slot
+    assert affinity.has_tenants(1) and not affinity.has_tenants(3)
     assert affinity.worker(meta("t2"), by_slot, [a, b]) is a  # kept
     # another caller's is another tenant, with the next slot in turn
     assert affinity.worker(meta("t2", caller="bob"), by_slot, [a, b]) is a
