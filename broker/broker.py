@@ -6,8 +6,8 @@ The broker keeps the sockets, the timers (heartbeats, the stop) and who may
 connect and register; what runs where is the Dispatcher's (broker/dispatch.py,
 no sockets: credits, the bounded queue, `choose_worker`, execs with the same
 id in order; in copy isolation a tenant's requests to one worker,
-broker/affinity.py).  A client that sends batches gets its replies in batches, one
-message per loop turn, as a worker gets what it is given at once.
+broker/affinity.py).  A client that sends batches gets its replies in
+batches, one message per loop turn, as a worker gets what it is given at once.
 Every request gets exactly one reply: the worker's, ``timeout`` at its
 deadline, ``killed`` when its worker died (learned from the replacement's
 READY, or from a missed heartbeat) or was dropped, or ``bad_request`` for

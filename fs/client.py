@@ -480,10 +480,11 @@ class FsClient:
             raise FsError(errno.EFBIG, path)
         view, old_size, count = memoryview(data), entry.size, -(-len(data) // CHUNK)
         for first in range(0, count, GROUP):
+            group = range(first, min(count, first + GROUP))
             self.write_chunks(path, entry.ino, [(n, view[n * CHUNK:(n + 1) * CHUNK])
-                                                for n in range(first, min(count, first + GROUP))])
+                                                for n in group])
         entry = self.setattr(path, entry, size=len(data), mtime=time.time())
-        self.drop_chunks(entry.ino, -(-len(data) // CHUNK), old_size)
+        self.drop_chunks(entry.ino, count, old_size)
         return entry
 
     def setattr(self, path: str, entry: Entry, **fields) -> Entry:
