@@ -209,15 +209,15 @@ def test_a_file_of_many_chunks_is_written_in_groups_and_read_back(cluster, fs):
     two groups and a part reads back whole, in every group of nodes; a shorter
     file written over it leaves none of the old chunks past its end."""
     data = random.Random(5).randbytes((2 * GROUP + 1) * CHUNK + 123)
-    entry = fs.write_file("/many", data)
-    assert entry.size == len(data) and fs.read_file("/many") == data
+    entry = fs.write_file("/grouped", data)
+    assert entry.size == len(data) and fs.read_file("/grouped") == data
     with Session(cluster.path) as session:
         for group in (1, 2):
             last = 2 * GROUP + 1  # the part: in the third group of chunks sent
             assert session.read(chunk_key(entry.ino, last), groups=[group]) == \
                 data[last * CHUNK:]
-    fs.write_file("/many", data[:CHUNK + 5])
-    assert fs.read_file("/many") == data[:CHUNK + 5]
+    fs.write_file("/grouped", data[:CHUNK + 5])
+    assert fs.read_file("/grouped") == data[:CHUNK + 5]
     with Session(cluster.path) as session, pytest.raises(NotFound):
         session.read(chunk_key(entry.ino, 2))
 
