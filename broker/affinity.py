@@ -6,15 +6,21 @@ every tenant visits every worker, and a node keeps warm no more tenants than
 one worker does; sent to one worker each, the node keeps warm_runners times
 its workers.  A tenant gets a worker slot when first seen, the slots taken in
 turn; its requests go there while that worker has credit, is not draining
-and holds no more than SLACK requests beyond the least busy worker.  Past
-that they go where `choose_worker` says, so a busy tenant still uses every
-worker.  A preference, not a rule: nothing depends on it but warm hits.
+and holds no more than SLACK requests, and WAIT_US of expected run time,
+beyond the least busy worker.  Past that they go where `choose_worker`
+says, so a busy tenant still uses every worker, and a worker stuck in a slow
+script does not keep its tenants waiting.  A preference, not a rule:
+nothing depends on it but warm hits.
 """
 from __future__ import annotations
 
 import collections
 
 SLACK = 2         # requests a tenant's worker may hold beyond the least busy one
+# ... and expected run time (us, dispatch.Worker.load): about what a fresh runner on
+# another worker costs (a fork and its page faults), so that a tenant's requests do
+# not wait long behind a slow one of its own while another worker has room.
+WAIT_US = 1000.0
 TENANTS = 4096    # tenants whose slot is remembered (then all are forgotten)
 CODE_WHOLE = 1024  # script content compared whole up to this many characters
 
@@ -52,9 +58,10 @@ class TenantAffinity:
         held = len(worker.jobs)
         if held >= worker.credits or worker.draining:
             return None
-        if held > SLACK:  # (a loop, not min(): this runs for every request dispatched)
+        if held > SLACK or worker.load > WAIT_US:  # (a loop, not min(): it runs per request)
             for other in workers:
-                if len(other.jobs) + SLACK < held and not other.draining:
+                if (len(other.jobs) + SLACK < held or other.load + WAIT_US < worker.load) \
+                        and not other.draining:
                     return None
         return worker
 

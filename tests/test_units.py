@@ -246,7 +246,8 @@ def test_short_requests_pack_onto_an_awake_worker_slow_ones_spread():
 
 def test_a_tenant_keeps_to_its_worker_within_the_slack():
     """broker/affinity.py: tenants get the live slots in turn, and keep them while
-    their worker has credit, is not draining and is not SLACK ahead of the rest."""
+    their worker has credit, is not draining and is not SLACK requests (or
+    WAIT_US of expected run time) ahead of the rest."""
     from broker.affinity import SLACK, TenantAffinity
     a, b = _FakeWorker(0), _FakeWorker(0)
     by_slot = {2: b, 1: a}
@@ -265,6 +266,8 @@ def test_a_tenant_keeps_to_its_worker_within_the_slack():
     assert affinity.worker(meta("t0"), by_slot, [a, b]) is None  # too far ahead: choose_worker
     b.jobs = dict.fromkeys(range(1), 20.0)
     assert affinity.worker(meta("t0"), by_slot, [a, b]) is a  # within SLACK of the least busy
+    slow = _FakeWorker(1, each_us=30e6)  # one request of a script that runs 30 s
+    assert affinity.worker(meta("t0"), {1: slow, 2: b}, [slow, b]) is None
     a.draining = True
     assert affinity.worker(meta("t0"), by_slot, [a, b]) is None
     del by_slot[1]  # gone: its tenants get another slot
