@@ -7,6 +7,7 @@ the line before (``srw: fs:d:<ino>: ...``, from the client's log).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import stat
 import sys
@@ -96,14 +97,25 @@ def cmd_mv(fs: FsClient, args) -> None:
 
 
 def cmd_put(fs: FsClient, args) -> None:
-    """put LOCAL PATH: a local file (- for stdin) into the tree."""
+    """put LOCAL PATH: a local file (- for stdin) into the tree, a few chunks
+    at a time (a file larger than memory too)."""
+    from .client import FsError
     local, path = args.paths
     try:
-        data = sys.stdin.buffer.read() if local == "-" else open(local, "rb").read()
+        source = sys.stdin.buffer if local == "-" else open(local, "rb")
     except OSError as exc:
-        from .client import FsError
         raise FsError(exc.errno, local) from None
-    fs.write_file(path, data)
+    with contextlib.nullcontext() if local == "-" else source:
+        fs.write_file(path, _pieces(source, local))
+
+
+def _pieces(source, local: str):
+    """`source` in whole chunks (fs/client.py whole_chunks); a read error names it."""
+    from .client import FsError, whole_chunks
+    try:
+        yield from whole_chunks(source)
+    except OSError as exc:
+        raise FsError(exc.errno, local) from None
 
 
 def cmd_get(fs: FsClient, args) -> None:

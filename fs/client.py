@@ -21,6 +21,7 @@ log, and a name no directory can hold is left out of listings.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -96,6 +97,16 @@ def bucket_key(ino: str, depth: int, prefix: int) -> str:
     """A directory's bucket of entries (history/fs.py's header): the braces
     put a directory's buckets in one Redis Cluster slot."""
     return f"{DIR}{{{ino}}}:{depth}.{prefix}"
+
+
+def whole_chunks(stream):
+    """A binary stream's contents in pieces of CHUNK bytes, the last one shorter:
+    a read may return less than it was asked (a pipe), and a short piece in the
+    middle of a file would move every byte after it."""
+    while piece := stream.read(CHUNK):
+        while len(piece) < CHUNK and (more := stream.read(CHUNK - len(piece))):
+            piece += more
+        yield piece
 
 
 def chunk_key(ino: str, n: int) -> str:
@@ -470,20 +481,29 @@ class FsClient:
             return self.node(reply["entry"], path)[0]
         return reply["entry"]
 
-    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> Entry:
-        """Create or replace the file's contents: data first, then its size."""
+    def write_file(self, path: str, data, mode: int = 0o644) -> Entry:
+        """Create or replace the file's contents (write_data): data first, then its size."""
         entry = self.create(path, mode)
         return self.write_data(path, entry, data)
 
-    def write_data(self, path: str, entry: Entry, data: bytes) -> Entry:
-        if len(data) > self.max_file:
-            raise FsError(errno.EFBIG, path)
-        view, old_size, count = memoryview(data), entry.size, -(-len(data) // CHUNK)
-        for first in range(0, count, GROUP):
-            group = range(first, min(count, first + GROUP))
-            self.write_chunks(path, entry.ino, [(n, view[n * CHUNK:(n + 1) * CHUNK])
-                                                for n in group])
-        entry = self.setattr(path, entry, size=len(data), mtime=time.time())
+    def write_data(self, path: str, entry: Entry, data) -> Entry:
+        """The file's contents: `data` as bytes, or an iterable of its pieces,
+        each CHUNK bytes but the last (`whole_chunks`: a file larger than memory
+        goes a group at a time).  GROUP chunks are sent before their replies are
+        awaited; the size is set last, and old chunks past it are removed."""
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            if len(data) > self.max_file:
+                raise FsError(errno.EFBIG, path)
+            view = memoryview(data)
+            data = (view[at:at + CHUNK] for at in range(0, len(view), CHUNK))
+        old_size, size, count = entry.size, 0, 0
+        while group := list(itertools.islice(data, GROUP)):
+            size += sum(map(len, group))
+            if size > self.max_file:
+                raise FsError(errno.EFBIG, path)
+            self.write_chunks(path, entry.ino, list(enumerate(group, count)))
+            count += len(group)
+        entry = self.setattr(path, entry, size=size, mtime=time.time())
         self.drop_chunks(entry.ino, count, old_size)
         return entry
 

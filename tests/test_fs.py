@@ -6,7 +6,10 @@ import dataclasses
 import errno
 import itertools
 import random
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import lmdb
@@ -187,6 +190,13 @@ def test_bad_input_is_one_line_and_exit_1(cluster, fs):
         out = cluster.run("fs", *args)
         assert out.returncode == 1, (args, out)
         assert out.stderr.decode() == f"srw: {args[-1]}: {reason}\n", args
+    for local, reason in ((cluster.root / "missing", "No such file or directory"),
+                          (cluster.root, "Is a directory")):
+        out = cluster.run("fs", "put", str(local), "/bad/new")
+        assert (out.returncode, out.stderr.decode()) == (1, f"srw: {local}: {reason}\n")
+    with pytest.raises(FsError) as absent:   # nothing made of a file that could not be read
+        fs.stat("/bad/new")
+    assert absent.value.errno == errno.ENOENT
     with pytest.raises(FsError) as nul:
         fs.mkdir("/bad/a\0b")
     assert nul.value.errno == errno.EINVAL
@@ -220,6 +230,38 @@ def test_a_file_of_many_chunks_is_written_in_groups_and_read_back(cluster, fs):
     assert fs.read_file("/grouped") == data[:CHUNK + 5]
     with Session(cluster.path) as session, pytest.raises(NotFound):
         session.read(chunk_key(entry.ino, 2))
+
+
+def test_cli_put_streams_a_file_larger_than_it_holds_in_memory(cluster, fs, tmp_path):
+    """`srw fs put -` reads a pipe (short reads) a few chunks at a time: a 96 MiB
+    file goes in with the command's peak memory well below the file's size (it
+    held the whole file before), and reads back whole."""
+    local = tmp_path / "big"
+    local.write_bytes(random.Random(7).randbytes(96 * CHUNK + 77))
+    pipe = subprocess.Popen(["cat", str(local)], stdout=subprocess.PIPE)
+    put = subprocess.Popen([sys.executable, "-m", "srw", "fs", "put", "-", "/streamed",
+                            "--config", str(cluster.path)], cwd=cluster.root,
+                           stdin=pipe.stdout, stderr=subprocess.PIPE)
+    pipe.stdout.close()
+    peak_kib, deadline = 0, time.monotonic() + 120
+    while put.poll() is None and time.monotonic() < deadline:
+        peak_kib = max(peak_kib, high_water_kib(put.pid))  # (ru_maxrss counts the fork)
+        time.sleep(0.02)
+    if put.poll() is None:
+        put.kill()
+    pipe.wait(10)
+    assert put.wait(10) == 0, put.stderr.read()
+    assert 0 < peak_kib < 80 * 1024, f"peak RSS {peak_kib // 1024} MiB for a 96 MiB file"
+    assert fs.read_file("/streamed") == local.read_bytes()
+
+
+def high_water_kib(pid: int) -> int:
+    """The process's peak resident memory since its exec (VmHWM), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
 
 
 def test_an_emptied_directory_merges_back_into_one_bucket(cluster, fs):
