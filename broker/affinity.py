@@ -8,9 +8,10 @@ its workers.  A tenant gets a worker slot when first seen, the slots taken in
 turn; its requests go there while that worker has credit, is not draining
 and holds no more than SLACK requests, and WAIT_US of expected run time,
 beyond the least busy worker.  Past that they go where `choose_worker`
-says, so a busy tenant still uses every worker, and a worker stuck in a slow
-script does not keep its tenants waiting.  A preference, not a rule:
-nothing depends on it but warm hits.
+says, so a busy tenant still uses every worker, and a worker running a
+script known to be slow (dispatch.Worker.load: learned run times; a script
+never timed counts PACK_US) keeps its tenants' next requests off it.  A
+preference, not a rule: nothing depends on it but warm hits.
 """
 from __future__ import annotations
 
